@@ -1,0 +1,1 @@
+"""The CNN in explicit NumPy: every layer's forward and backward written out by hand."""

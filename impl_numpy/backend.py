@@ -1,0 +1,65 @@
+"""The training-loop interface (see shared/backend.py) for the NumPy implementation."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from impl_numpy import model, optim
+from shared.spec import Arch, Params
+
+State = tuple[Params, Params]  # (parameters, momentum buffers), updated in place
+
+
+class Backend:
+    name = "numpy"
+
+    def __init__(
+        self,
+        arch: Arch,
+        *,
+        dtype: np.dtype,
+        momentum: float,
+        weight_decay: float,
+        label_smoothing: float,
+    ):
+        self.arch, self.dtype = arch, dtype
+        self.momentum, self.weight_decay = momentum, weight_decay
+        self.label_smoothing = label_smoothing
+
+    def _cast(self, tensors: Params) -> Params:
+        return {k: np.array(v, dtype=self.dtype) for k, v in tensors.items()}
+
+    def init_state(self, params: Params, velocity: Params | None = None) -> State:
+        params = self._cast(params)
+        velocity = optim.init_velocity(params) if velocity is None else self._cast(velocity)
+        return params, velocity
+
+    def train_step(self, state: State, x: np.ndarray, y: np.ndarray, lr: float):
+        params, velocity = state
+        loss, grads, logits = model.loss_grads_and_logits(
+            params, x.astype(self.dtype, copy=False), y, self.arch, self.label_smoothing
+        )
+        optim.sgd_step(params, grads, velocity, lr, self.momentum, self.weight_decay)
+        return state, loss, int((logits.argmax(axis=1) == y).sum())
+
+    def predict(self, state: State, x: np.ndarray) -> np.ndarray:
+        return model.forward(state[0], x.astype(self.dtype, copy=False), self.arch)
+
+    def params(self, state: State) -> Params:
+        return {k: v.copy() for k, v in state[0].items()}
+
+    def velocity(self, state: State) -> Params:
+        return {k: v.copy() for k, v in state[1].items()}
+
+    def activations(self, params: Params, x: np.ndarray) -> dict[str, np.ndarray]:
+        return model.activations(self._cast(params), x.astype(self.dtype), self.arch)
+
+    def loss_and_grads(self, params: Params, x: np.ndarray, y: np.ndarray) -> tuple[float, Params]:
+        return model.loss_and_grads(
+            self._cast(params), x.astype(self.dtype), y, self.arch, self.label_smoothing
+        )
+
+    def input_grad(self, params: Params, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return model.input_grad(
+            self._cast(params), x.astype(self.dtype), y, self.arch, self.label_smoothing
+        )

@@ -1,0 +1,1 @@
+"""What the three implementations share: data, metrics, model spec, checkpoints, training loop."""

@@ -1,0 +1,83 @@
+"""The one interface the training loop and the cross-check drive, whatever the framework.
+
+Each `impl_*/backend.py` defines a `Backend` class with these methods; arrays go in and come
+out as NumPy, parameters as the canonical dict. Training state stays in the framework's own
+form between steps (no conversions in the hot path).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol
+
+import numpy as np
+
+from shared.errors import UsageError
+from shared.spec import Arch, Params
+
+IMPLEMENTATIONS = ("numpy", "jax", "torch")
+_FRAMEWORK = {"numpy": "numpy", "jax": "jax", "torch": "torch"}
+
+
+class Backend(Protocol):
+    name: str
+    arch: Arch
+    dtype: np.dtype
+
+    def init_state(self, params: Params, velocity: Params | None = None) -> Any:
+        """Training state from canonical parameters and (optionally) momentum buffers."""
+
+    def train_step(
+        self, state: Any, x: np.ndarray, y: np.ndarray, lr: float
+    ) -> tuple[Any, float, int]:
+        """One SGD step on x (B, 1, 28, 28), y (B,) -> (new state, mean loss, correct count)."""
+
+    def predict(self, state: Any, x: np.ndarray) -> np.ndarray:
+        """Logits (B, 10) of the state's parameters."""
+
+    def params(self, state: Any) -> Params:
+        """Canonical parameters of a state, as NumPy arrays."""
+
+    def velocity(self, state: Any) -> Params:
+        """Momentum buffers of a state, keyed like the parameters."""
+
+    def activations(self, params: Params, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Every layer's output by layer name."""
+
+    def loss_and_grads(self, params: Params, x: np.ndarray, y: np.ndarray) -> tuple[float, Params]:
+        """Mean loss and the gradient of every canonical parameter."""
+
+    def input_grad(self, params: Params, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Gradient of the loss with respect to the images x."""
+
+
+def load_backend(
+    impl: str,
+    arch: Arch,
+    *,
+    dtype: Any = np.float32,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    label_smoothing: float = 0.0,
+) -> Backend:
+    """Import `impl_<impl>` and build its Backend; a missing framework affects that impl alone."""
+    if impl not in IMPLEMENTATIONS:
+        raise UsageError(
+            f"unknown implementation {impl!r}; choose from {', '.join(IMPLEMENTATIONS)}"
+        )
+    try:
+        module = importlib.import_module(f"impl_{impl}.backend")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in {_FRAMEWORK[impl], "jaxlib", "optax"}:
+            raise UsageError(
+                f"--impl {impl}: {e.name} is not installed (run scripts/setup.sh); "
+                "the other implementations still work"
+            ) from None
+        raise
+    return module.Backend(
+        arch,
+        dtype=np.dtype(dtype),
+        momentum=momentum,
+        weight_decay=weight_decay,
+        label_smoothing=label_smoothing,
+    )

@@ -1,0 +1,17 @@
+"""The project's own errors: each carries a one-line message for the user, never a traceback."""
+
+
+class ThreefoldError(Exception):
+    """Base class: a problem the user can fix, described in one line."""
+
+
+class DataError(ThreefoldError):
+    """A data file is missing, corrupt, truncated or inconsistent."""
+
+
+class CheckpointError(ThreefoldError):
+    """A checkpoint is unreadable or does not fit the architecture."""
+
+
+class UsageError(ThreefoldError):
+    """A flag or argument has a value that cannot work."""
