@@ -16,7 +16,7 @@ Cache = Any
 
 def _im2col(x: np.ndarray, kernel_size: int, padding: int) -> np.ndarray:
     """x (N, C, H, W) -> columns (N, C*k*k, H'*W'), row order (c, i, j) as in OIHW weights."""
-    n, c, h, w = x.shape
+    n, c = x.shape[:2]
     xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
     windows = sliding_window_view(xp, (kernel_size, kernel_size), axis=(2, 3))
     ho, wo = windows.shape[2:4]
@@ -103,7 +103,7 @@ def max_pool_forward(x: np.ndarray, size: int) -> tuple[np.ndarray, Cache]:
 def max_pool_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray]:
     """dout (N, C, H//size, W//size) -> dx (N, C, H, W), routed to each window's maximum."""
     x_shape, argmax, size = cache
-    n, c, h, w = x_shape
+    n, c = x_shape[:2]
     ho, wo = dout.shape[2:]
     dwindows = np.zeros((n, c, ho, wo, size * size), dtype=dout.dtype)
     np.put_along_axis(dwindows, argmax[..., None], dout[..., None], axis=-1)

@@ -168,7 +168,7 @@ def load_dataset(data_dir: str | Path | None = None) -> Dataset:
     test_images, test_labels = load_images_and_labels(
         folder, FILES["test_images"], FILES["test_labels"]
     )
-    n_val = int(round(len(train_labels) * VALIDATION_FRACTION))
+    n_val = round(len(train_labels) * VALIDATION_FRACTION)
     n_train = len(train_labels) - n_val
     if n_train < 1 or n_val < 1 or len(test_labels) < 1:
         raise DataError(f"{folder}: too few images to split ({len(train_labels)} training)")
