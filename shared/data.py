@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.errors import DataError
+from shared.errors import DataError, UsageError
 
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 DATA_DIR_ENV = "THREEFOLD_DATA"
@@ -96,7 +96,7 @@ def find_data_dir(data_dir: str | Path | None = None) -> Path:
     else:
         chosen, source = DEFAULT_DATA_DIR, "the default location"
     if not chosen.is_dir():
-        raise DataError(
+        raise UsageError(
             f"{chosen} ({source}): no such folder; install Fashion-MNIST with "
             "'apt-get install dataset-fashion-mnist' or pass --data-dir FOLDER"
         )

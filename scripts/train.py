@@ -1,0 +1,8 @@
+"""Train the CNN: python scripts/train.py --impl {numpy,jax,torch} [--help for all flags]."""
+
+import sys
+
+from shared.cli import train_main
+
+if __name__ == "__main__":
+    sys.exit(train_main())

@@ -1,0 +1,37 @@
+"""Figures written by training runs."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from shared.io import atomic_write  # noqa: E402
+
+
+def save_figure(fig, path: Path) -> None:
+    """Render to PNG in memory, then write atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(Path(path), lambda f: f.write(buffer.getvalue()))
+
+
+def plot_curves(history: list[dict], title: str, path: Path) -> None:
+    """Loss and accuracy per epoch, train and validation, side by side."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for split, style in (("train", "-o"), ("val", "--s")):
+        ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], style, label=split, ms=3)
+        ax_acc.plot(epochs, [100 * h[f"{split}_acc"] for h in history], style, label=split, ms=3)
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    save_figure(fig, path)

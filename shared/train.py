@@ -1,0 +1,185 @@
+"""The training loop, written once: any implementation supplies its step through a Backend."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from shared import metrics
+from shared.backend import Backend, load_backend
+from shared.checkpoint import save_checkpoint
+from shared.data import NUM_CLASSES, Dataset, Split, iterate_batches, num_batches
+from shared.errors import ThreefoldError, UsageError
+from shared.io import write_json
+from shared.plots import plot_curves
+from shared.spec import get_arch, init_params
+
+SCHEDULES = ("constant", "cosine")
+DTYPES = ("float32", "float64")
+CHECKPOINT_NAME = "checkpoint.npz"
+METRICS_NAME = "metrics.json"
+CURVES_NAME = "curves.png"
+
+
+class TrainingDiverged(ThreefoldError):
+    """The loss stopped being a finite number."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    impl: str = "numpy"
+    arch: str = "lab"
+    init: str = "he"
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    label_smoothing: float = 0.0
+    seed: int = 0
+    limit: int | None = None
+    dtype: str = "float32"
+
+
+def learning_rate(step: int, total_steps: int, base_lr: float, schedule: str) -> float:
+    """The learning rate of optimizer step `step` (0-based) out of `total_steps`."""
+    if schedule == "constant":
+        return base_lr
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+    raise UsageError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+
+
+def make_backend(config: TrainConfig) -> Backend:
+    return load_backend(
+        config.impl,
+        get_arch(config.arch),
+        dtype=np.dtype(config.dtype),
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        label_smoothing=config.label_smoothing,
+    )
+
+
+def predict(backend: Backend, state: Any, split: Split, batch_size: int = 1000) -> np.ndarray:
+    """Logits (N, 10) for every image of a split, computed in batches."""
+    return np.concatenate(
+        [
+            backend.predict(state, split.x[i : i + batch_size])
+            for i in range(0, len(split), batch_size)
+        ]
+    )
+
+
+def train_split(config: TrainConfig, data: Dataset) -> Split:
+    if config.limit is None:
+        return data.train
+    if config.limit > len(data.train):
+        raise UsageError(f"--limit {config.limit} exceeds the {len(data.train)} training images")
+    return data.train.head(config.limit)
+
+
+def run_epoch(
+    backend: Backend, state: Any, config: TrainConfig, split: Split, epoch: int
+) -> tuple[Any, float, float]:
+    """One pass over `split` in the (seed, epoch) order -> (state, mean loss, accuracy)."""
+    steps = num_batches(len(split), config.batch_size)
+    batches = iterate_batches(split, config.batch_size, seed=config.seed, epoch=epoch)
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(
+        batches, total=steps, desc=f"{backend.name} epoch {epoch}", leave=False, disable=None
+    )
+    for i, (x, y) in enumerate(bar):
+        step = (epoch - 1) * steps + i
+        lr = learning_rate(step, config.epochs * steps, config.lr, config.schedule)
+        state, loss, n_correct = backend.train_step(state, x, y, lr)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss} at step {step + 1} (epoch {epoch}, batch {i + 1}) "
+                f"with learning rate {lr:.6g}; lower --lr"
+            )
+        loss_sum, correct, seen = loss_sum + loss * len(y), correct + n_correct, seen + len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+    return state, loss_sum / seen, correct / seen
+
+
+def train(
+    config: TrainConfig,
+    data: Dataset,
+    out_dir: Path | None = None,
+    log: Callable[[str], None] = tqdm.write,
+) -> dict[str, Any]:
+    """Train from the seeded initial weights, evaluate on validation each epoch and on test
+    at the end. With `out_dir`: a checkpoint after every epoch, then metrics.json and curves.png.
+
+    Returns the run's record (configuration, per-epoch history, test metrics).
+    """
+    arch = get_arch(config.arch)
+    backend = make_backend(config)
+    split = train_split(config, data)
+    state = backend.init_state(init_params(arch, config.init, config.seed, np.dtype(config.dtype)))
+    record: dict[str, Any] = {"config": dataclasses.asdict(config), "history": []}
+    for epoch in range(1, config.epochs + 1):
+        start = time.perf_counter()
+        state, train_loss, train_acc = run_epoch(backend, state, config, split, epoch)
+        train_seconds = time.perf_counter() - start
+        val_logits = predict(backend, state, data.val)
+        seconds = time.perf_counter() - start
+        entry = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "val_loss": metrics.cross_entropy(val_logits, data.val.y),
+            "val_acc": metrics.accuracy(val_logits, data.val.y),
+            "train_seconds": train_seconds,
+            "epoch_seconds": seconds,
+        }
+        record["history"].append(entry)
+        log(
+            metrics.epoch_line(
+                backend.name,
+                epoch,
+                train_loss,
+                train_acc,
+                entry["val_loss"],
+                entry["val_acc"],
+                seconds,
+            )
+        )
+        if out_dir is not None:
+            meta = {
+                "arch": arch.name,
+                "impl": backend.name,
+                "epoch": epoch,
+                "metrics": entry,
+                "config": record["config"],
+            }
+            save_checkpoint(
+                out_dir / CHECKPOINT_NAME, backend.params(state), meta, backend.velocity(state)
+            )
+    test_logits = predict(backend, state, data.test)
+    predicted = test_logits.argmax(axis=1)
+    cm = metrics.confusion_matrix(predicted, data.test.y, NUM_CLASSES)
+    record["test"] = {
+        "loss": metrics.cross_entropy(test_logits, data.test.y),
+        "acc": metrics.accuracy(test_logits, data.test.y),
+        "confusion_matrix": cm.tolist(),
+        "per_class_acc": metrics.per_class_accuracy(cm).tolist(),
+    }
+    if out_dir is not None:
+        write_json(out_dir / METRICS_NAME, record)
+        plot_curves(
+            record["history"],
+            f"{backend.name} | {arch.name} | seed {config.seed}",
+            out_dir / CURVES_NAME,
+        )
+    return record
