@@ -8,9 +8,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from shared.io import atomic_write  # noqa: E402
+from shared.io import atomic_write
 
 
 def save_figure(fig, path: Path) -> None:
