@@ -40,7 +40,7 @@ class TrainConfig:
     init: str = "he"
     epochs: int = 15
     batch_size: int = 128
-    lr: float = 0.05
+    lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"

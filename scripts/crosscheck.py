@@ -1,0 +1,8 @@
+"""Compare the three implementations tensor by tensor: python scripts/crosscheck.py [--help]."""
+
+import sys
+
+from shared.crosscheck_cli import crosscheck_main
+
+if __name__ == "__main__":
+    sys.exit(crosscheck_main())

@@ -1,0 +1,268 @@
+"""Proof that the three implementations compute the same thing, tensor by tensor.
+
+For identical weights and batches every pair of implementations is compared on each layer's
+activations, the loss, every parameter gradient and the input gradient; then on an SGD run
+in lockstep; and the NumPy gradients against central finite differences.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from shared.backend import IMPLEMENTATIONS, Backend, load_backend
+from shared.data import Dataset, iterate_batches
+from shared.spec import Arch, Params, init_params
+from shared.train import TrainConfig, learning_rate
+
+# Relative error is max|a - b| / max|b|: the worst difference measured against the tensor's
+# own scale, so tiny entries of a large tensor do not dominate.
+# float64: differences are round-off (unit round-off 1.1e-16) grown by sums of at most 6272
+# terms and a few layers, so 1e-9 is far above them and far below any real bug.
+# float32: unit round-off 6e-8; a 6272-term sum in another order, then several layers,
+# leaves ~1e-6 relative; 1e-4 keeps a 100x margin while a wrong factor or layout gives O(1).
+# In lockstep, differences compound over steps (and through momentum), hence 1e-3 in float32.
+# Finite differences with step 1e-6 in float64 are accurate to ~1e-9 relative to the gradient.
+TOLERANCES = {
+    ("float64", "pass"): 1e-9,
+    ("float64", "lockstep"): 1e-9,
+    ("float32", "pass"): 1e-4,
+    ("float32", "lockstep"): 1e-3,
+    ("float64", "finite-diff"): 1e-6,
+}
+FD_STEP = 1e-6
+
+
+@dataclass(frozen=True)
+class Comparison:
+    dtype: str
+    arch: str
+    check: str
+    pair: str
+    max_abs: float
+    max_rel: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel <= self.tolerance
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(max |a - b|, max |a - b| / max |b|); shapes must match exactly."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return float("inf"), float("inf")
+    if a.size == 0:
+        return 0.0, 0.0
+    diff = float(np.max(np.abs(a - b)))
+    scale = float(max(np.max(np.abs(a)), np.max(np.abs(b))))
+    if not np.isfinite(diff):
+        return float("inf"), float("inf")
+    return diff, (diff / scale if scale > 0 else 0.0)
+
+
+def sample_batches(data: Dataset | None, batch_size: int, steps: int, seed: int):
+    """`steps` training batches in epoch-1 order, or seeded random images when data is None."""
+    if data is not None:
+        return list(
+            itertools.islice(iterate_batches(data.train, batch_size, seed=seed, epoch=1), steps)
+        )
+    rng = np.random.default_rng(seed)
+    return [
+        (
+            rng.standard_normal((batch_size, 1, 28, 28)).astype(np.float32),
+            rng.integers(0, 10, batch_size),
+        )
+        for _ in range(steps)
+    ]
+
+
+def _pairs(results: dict[str, object]) -> Iterator[tuple[str, object, object]]:
+    for a, b in itertools.combinations(results, 2):
+        yield f"{a}-{b}", results[a], results[b]
+
+
+def single_pass(
+    backends: dict[str, Backend], arch: Arch, params: Params, x: np.ndarray, y: np.ndarray
+) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
+    """(check, pair, a, b) for activations, loss, parameter and input gradients."""
+    acts = {name: b.activations(params, x) for name, b in backends.items()}
+    grads = {name: b.loss_and_grads(params, x, y) for name, b in backends.items()}
+    dx = {name: b.input_grad(params, x, y) for name, b in backends.items()}
+    for pair, a, b in _pairs(acts):
+        for layer in arch.layers:
+            label = "logits" if layer is arch.layers[-1] else f"activation {layer.name}"
+            yield label, pair, a[layer.name], b[layer.name]
+    for pair, (loss_a, grads_a), (loss_b, grads_b) in _pairs(grads):
+        yield "loss", pair, np.array(loss_a), np.array(loss_b)
+        for name in params:
+            yield f"grad {name}", pair, grads_a[name], grads_b[name]
+    for pair, a, b in _pairs(dx):
+        yield "grad input", pair, a, b
+
+
+def lockstep(
+    backends: dict[str, Backend], params: Params, batches, config: TrainConfig
+) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
+    """Run SGD from the same start on the same batches; compare losses, weights, buffers."""
+    steps = len(batches)
+    runs = {}
+    for name, backend in backends.items():
+        state, losses = backend.init_state(params), []
+        for step, (x, y) in enumerate(batches):
+            lr = learning_rate(step, steps, config.lr, config.schedule)
+            state, loss, _ = backend.train_step(state, x, y, lr)
+            losses.append(loss)
+        runs[name] = (np.array(losses), backend.params(state), backend.velocity(state))
+    for pair, (losses_a, p_a, v_a), (losses_b, p_b, v_b) in _pairs(runs):
+        yield f"lockstep loss x{steps}", pair, losses_a, losses_b
+        for name in params:
+            yield f"lockstep {name}", pair, p_a[name], p_b[name]
+            yield f"lockstep momentum {name}", pair, v_a[name], v_b[name]
+
+
+def finite_difference_grads(
+    backend: Backend, params: Params, x: np.ndarray, y: np.ndarray, per_tensor: int, seed: int
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(tensor, analytic, numeric) on `per_tensor` random entries of every parameter and of x.
+
+    The images get a little noise first: a uniform background gives exact ties in max-pool
+    windows, where the loss has a kink and no finite difference agrees with any gradient.
+    """
+    rng = np.random.default_rng(seed)
+    x = x + rng.normal(scale=1e-2, size=x.shape)
+    _, grads = backend.loss_and_grads(params, x, y)
+    tensors = {**params, "input": x}
+    analytic_of = {**grads, "input": backend.input_grad(params, x, y)}
+    for name, tensor in tensors.items():
+        picks = rng.choice(tensor.size, size=min(per_tensor, tensor.size), replace=False)
+        numeric = []
+        for flat in picks:
+            losses = []
+            for sign in (1, -1):
+                shifted = tensor.copy()
+                shifted.flat[flat] += sign * FD_STEP
+                p, xx = (params, shifted) if name == "input" else ({**params, name: shifted}, x)
+                losses.append(backend.loss_and_grads(p, xx, y)[0])
+            numeric.append((losses[0] - losses[1]) / (2 * FD_STEP))
+        yield name, analytic_of[name].flat[picks], np.array(numeric)
+
+
+def run_crosscheck(
+    archs: list[Arch],
+    dtypes: list[str],
+    data: Dataset | None,
+    *,
+    steps: int = 20,
+    batch_size: int = 32,
+    seed: int = 0,
+    config: TrainConfig | None = None,
+    impls: tuple[str, ...] = IMPLEMENTATIONS,
+) -> list[Comparison]:
+    """Every comparison for every architecture and dtype, with the training defaults'
+    optimizer settings (momentum, weight decay, schedule, label smoothing)."""
+    config = config or TrainConfig()
+    batches = sample_batches(data, batch_size, steps, seed)
+    x, y = batches[0]
+    results = []
+    for dtype, arch in itertools.product(dtypes, archs):
+        backends = {
+            impl: load_backend(
+                impl,
+                arch,
+                dtype=np.dtype(dtype),
+                momentum=config.momentum,
+                weight_decay=config.weight_decay,
+                label_smoothing=config.label_smoothing,
+            )
+            for impl in impls
+        }
+        params = init_params(arch, config.init, seed, np.dtype(dtype))
+        xs = [(xb.astype(dtype), yb) for xb, yb in batches]
+        checks = [
+            ("pass", single_pass(backends, arch, params, xs[0][0], y)),
+            ("lockstep", lockstep(backends, params, xs, config)),
+        ]
+        for kind, rows in checks:
+            for check, pair, a, b in rows:
+                results.append(
+                    Comparison(
+                        dtype, arch.name, check, pair, *compare(a, b), TOLERANCES[(dtype, kind)]
+                    )
+                )
+        if dtype == "float64" and "numpy" in backends:
+            for name, analytic, numeric in finite_difference_grads(
+                backends["numpy"], params, xs[0][0][:4], y[:4], per_tensor=8, seed=seed
+            ):
+                results.append(
+                    Comparison(
+                        dtype,
+                        arch.name,
+                        f"finite-diff {name}",
+                        "numpy-fd",
+                        *compare(analytic, numeric),
+                        TOLERANCES[(dtype, "finite-diff")],
+                    )
+                )
+    return results
+
+
+def format_table(results: list[Comparison]) -> str:
+    """One line a comparison, grouped by dtype and architecture."""
+    header = f"{'check':<34} {'pair':<12} {'max abs':>10} {'max rel':>10} {'tol':>8}  result"
+    lines = []
+    for (dtype, arch), group in itertools.groupby(results, key=lambda r: (r.dtype, r.arch)):
+        lines += ["", f"== {dtype} | arch {arch}", header]
+        for r in group:
+            lines.append(
+                f"{r.check:<34} {r.pair:<12} {r.max_abs:10.2e} {r.max_rel:10.2e} "
+                f"{r.tolerance:8.0e}  {'pass' if r.passed else 'FAIL'}"
+            )
+    return "\n".join(lines)
+
+
+def checkpoint_agreement(
+    params: Params, arch: Arch, images: np.ndarray, impls: tuple[str, ...] = IMPLEMENTATIONS
+) -> list[Comparison]:
+    """Load the same weights into every implementation (float32) and compare test logits and
+    predicted classes. A differing argmax counts only where neither side has a near-tie:
+    top-two logits closer than the float32 tolerance times the logits' scale."""
+    tolerance = TOLERANCES[("float32", "pass")]
+    logits = {}
+    for impl in impls:
+        backend = load_backend(impl, arch)
+        state = backend.init_state(params)
+        logits[impl] = np.concatenate(
+            [backend.predict(state, images[i : i + 1000]) for i in range(0, len(images), 1000)]
+        )
+    results = []
+    for pair, a, b in _pairs(logits):
+        results.append(
+            Comparison("float32", arch.name, "checkpoint logits", pair, *compare(a, b), tolerance)
+        )
+        differ = a.argmax(axis=1) != b.argmax(axis=1)
+        scale = max(np.abs(a).max(), np.abs(b).max())
+        near_tie = np.zeros(len(a), dtype=bool)
+        for side in (a, b):
+            top2 = np.sort(side, axis=1)[:, -2:]
+            near_tie |= (top2[:, 1] - top2[:, 0]) <= tolerance * scale
+        unexplained = int((differ & ~near_tie).sum())
+        results.append(
+            Comparison(
+                "float32",
+                arch.name,
+                f"checkpoint argmax ({int(differ.sum())}/{len(a)} differ)",
+                pair,
+                float(unexplained),
+                unexplained / len(a),
+                0.0,
+            )
+        )
+    return results

@@ -1,0 +1,62 @@
+"""Fixtures: generated IDX datasets, the real Fashion-MNIST, and framework converters."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.data import FILES, Dataset, load_dataset
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array as an IDX file: magic 0x0000 08 ndim, big-endian dims, data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
+    raw = idx_bytes(array)
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    return path
+
+
+def make_dataset_dir(folder: Path, n_train: int = 120, n_test: int = 30, seed: int = 0) -> Path:
+    """Four gzip IDX files of random 28x28 images whose class sets a bright stripe, so that
+    a network can learn them."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        images[np.arange(n), 2 + 2 * labels] = 255
+        write_idx(folder / f"{FILES[f'{split}_images']}.gz", images)
+        write_idx(folder / f"{FILES[f'{split}_labels']}.gz", labels)
+    return folder
+
+
+@pytest.fixture
+def tiny_data_dir(tmp_path: Path) -> Path:
+    return make_dataset_dir(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Dataset:
+    """The real Fashion-MNIST; scripts/setup.sh installs it, so its absence is a failure."""
+    return load_dataset()
+
+
+def to_native(impl: str, array):
+    if impl == "jax":
+        import jax.numpy as jnp
+
+        return jnp.asarray(array)
+    if impl == "torch":
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(array))
+    return array

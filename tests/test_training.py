@@ -1,0 +1,147 @@
+"""The training loop, checkpoints and the train.py command, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared import metrics
+from shared.checkpoint import load_checkpoint, save_checkpoint
+from shared.errors import CheckpointError
+from shared.spec import ARCHS, init_params
+from shared.train import TrainConfig, learning_rate, make_backend, predict, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / args[0]), *args[1:]],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def test_short_real_run_lowers_the_loss(real_data):
+    config = TrainConfig(impl="numpy", epochs=2, limit=5000)
+    backend = make_backend(config)
+    state = backend.init_state(init_params(ARCHS["lab"], "he", config.seed))
+    initial = metrics.cross_entropy(predict(backend, state, real_data.val), real_data.val.y)
+    record = train(config, real_data, log=lambda _: None)
+    history = record["history"]
+    assert history[-1]["val_loss"] < 0.6 * initial
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    assert record["test"]["acc"] > 0.75
+
+
+def test_cosine_schedule_runs_from_peak_to_zero():
+    assert learning_rate(0, 100, 0.1, "cosine") == 0.1
+    assert learning_rate(50, 100, 0.1, "cosine") == pytest.approx(0.05)
+    assert learning_rate(100, 100, 0.1, "cosine") == pytest.approx(0.0)
+    assert learning_rate(37, 100, 0.1, "constant") == 0.1
+
+
+@pytest.mark.parametrize("impl", ["numpy", "jax", "torch"])
+def test_train_script_writes_all_outputs(tiny_data_dir, tmp_path, impl):
+    out = tmp_path / "run"
+    result = run_script(
+        "train.py",
+        "--impl",
+        impl,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--data-dir",
+        str(tiny_data_dir),
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "| Epoch:" in line]
+    assert len(lines) == 2 and lines[0].startswith(f"{impl} | Epoch:  1 | Train Loss:")
+    assert "Test Acc:" in result.stdout
+    record = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in record["history"]] == [1, 2]
+    assert record["config"]["impl"] == impl
+    assert np.array(record["test"]["confusion_matrix"]).sum() == 30
+    ckpt = load_checkpoint(out / "checkpoint.npz")
+    assert ckpt.meta["epoch"] == 2 and ckpt.meta["impl"] == impl and ckpt.velocity is not None
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "curves.png", "metrics.json"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--epochs", "0", "--epochs"),
+        ("--batch-size", "-3", "--batch-size"),
+        ("--lr", "0", "--lr"),
+        ("--lr", "abc", "--lr"),
+        ("--impl", "tensorflow", "--impl"),
+        ("--arch", "resnet", "--arch"),
+        ("--init", "xavier", "--init"),
+        ("--momentum", "1.5", "--momentum"),
+    ],
+)
+def test_bad_flag_value_is_a_usage_error(flag, value, message):
+    result = run_script("train.py", flag, value)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_data_folder_and_unwritable_out_are_usage_errors(tmp_path, tiny_data_dir):
+    result = run_script("train.py", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path))
+    assert result.returncode == 2 and "apt-get install dataset-fashion-mnist" in result.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run_script("train.py", "--data-dir", str(tiny_data_dir), "--out", str(blocker / "x"))
+    assert result.returncode == 2 and f"--out {blocker / 'x'}" in result.stderr
+    result = run_script(
+        "train.py", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "o"), "--limit", "101"
+    )
+    assert result.returncode == 2 and "--limit 101 exceeds the 100 training images" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_corrupt_data_is_a_one_line_error(tiny_data_dir, tmp_path):
+    (tiny_data_dir / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8bgarbage")
+    result = run_script("train.py", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "o"))
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "t10k-labels-idx1-ubyte.gz" in result.stderr
+
+
+def test_checkpoint_round_trip_and_atomicity(tmp_path):
+    params = init_params(ARCHS["pool"], "he", 0)
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, params, {"arch": "pool", "epoch": 3}, velocity=params)
+    ckpt = load_checkpoint(path)
+    assert ckpt.meta == {"arch": "pool", "epoch": 3}
+    for name in params:
+        np.testing.assert_array_equal(ckpt.params[name], params[name])
+        np.testing.assert_array_equal(ckpt.velocity[name], params[name])
+    assert np.load(path)["conv.weight"].shape == (8, 1, 3, 3)  # readable without this project
+    assert [p.name for p in tmp_path.iterdir()] == ["c.npz"]  # no temporary left behind
+
+
+def test_checkpoint_of_another_shape_names_the_tensor(tmp_path):
+    params = init_params(ARCHS["lab"], "he", 0)
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, params, {"arch": "pool"})
+    with pytest.raises(
+        CheckpointError,
+        match=r"fc1.weight has shape \(128, 6272\), arch 'pool' "
+        r"expects \(128, 1568\)",
+    ):
+        load_checkpoint(path)
+    path.write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(path)
