@@ -170,7 +170,7 @@ def run_crosscheck(
     optimizer settings (momentum, weight decay, schedule, label smoothing)."""
     config = config or TrainConfig()
     batches = sample_batches(data, batch_size, steps, seed)
-    x, y = batches[0]
+    y = batches[0][1]
     results = []
     for dtype, arch in itertools.product(dtypes, archs):
         backends = {

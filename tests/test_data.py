@@ -57,7 +57,7 @@ def test_load_rejects_label_out_of_range(tmp_path):
     labels = np.zeros(30, np.uint8)
     labels[17] = 10
     write_idx(folder / "t10k-labels-idx1-ubyte.gz", labels)
-    with pytest.raises(DataError, match="label 10 at index 17 is outside 0..9"):
+    with pytest.raises(DataError, match=r"label 10 at index 17 is outside 0\.\.9"):
         data.load_dataset(folder)
 
 
@@ -72,7 +72,7 @@ def test_missing_folder_and_file_say_how_to_get_the_data(tmp_path, monkeypatch):
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     with pytest.raises(UsageError, match="apt-get install dataset-fashion-mnist"):
         data.load_dataset(tmp_path / "nowhere")
-    with pytest.raises(DataError, match="train-images-idx3-ubyte.*missing"):
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.*missing"):
         data.load_dataset(tmp_path)
 
 
