@@ -55,7 +55,7 @@ class Backend:
 
     def train_step(self, state, x: np.ndarray, y: np.ndarray, lr: float):
         state, loss, correct = self._step(
-            state, x.astype(self.dtype, copy=False), y, jnp.asarray(lr, self.dtype)
+            state, x.astype(self.dtype, copy=False), y, np.asarray(lr, self.dtype)
         )
         return state, float(loss), int(correct)
 

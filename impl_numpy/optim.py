@@ -20,10 +20,16 @@ def sgd_step(
     momentum: float,
     weight_decay: float,
 ) -> None:
-    """d = g + wd * p;  v = momentum * v + d;  p -= lr * v  (in place, as torch.optim.SGD)."""
+    """d = g + wd * p;  v = momentum * v + d;  p -= lr * v  (in place, as torch.optim.SGD).
+
+    The gradients are overwritten (they become d), and one scratch array per tensor serves
+    both products, so a step allocates nothing as large as fc1's weights more than once.
+    """
     for name, p in params.items():
-        d = grads[name] + weight_decay * p if weight_decay else grads[name]
-        v = velocity[name]
+        d, v = grads[name], velocity[name]
+        scratch = np.empty_like(p)
+        if weight_decay:
+            d += np.multiply(p, weight_decay, out=scratch)
         v *= momentum
         v += d
-        p -= lr * v
+        p -= np.multiply(v, lr, out=scratch)

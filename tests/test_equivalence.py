@@ -221,3 +221,25 @@ def test_checks_catch_a_bias_gradient_off_by_a_factor(monkeypatch):
     } <= failed
     assert ("grad fc1.weight", "numpy-jax") not in failed
     assert not any(pair == "jax-torch" for _, pair in failed)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_jax_im2col_conv_equals_xla_convolution(seed):
+    """impl_jax computes conv as im2col @ w for speed; XLA's own convolution is the oracle."""
+    from jax import lax
+
+    from impl_jax.layers import conv2d
+
+    rng, n, c, o, h, w, k, p = random_case(seed)
+    x, wt, b = (
+        rng.standard_normal((n, c, h, w)),
+        rng.standard_normal((o, c, k, k)),
+        rng.standard_normal(o),
+    )
+    expected = (
+        lax.conv_general_dilated(
+            x, wt, (1, 1), ((p, p), (p, p)), dimension_numbers=("NCHW", "OIHW", "NCHW")
+        )
+        + b[None, :, None, None]
+    )
+    assert_same(np.asarray(conv2d(x, wt, b, p)), np.asarray(expected), "jax conv vs lax.conv")

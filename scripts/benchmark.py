@@ -1,0 +1,8 @@
+"""Time the three implementations side by side: python scripts/benchmark.py [--help]."""
+
+import sys
+
+from shared.benchmark import benchmark_main
+
+if __name__ == "__main__":
+    sys.exit(benchmark_main())

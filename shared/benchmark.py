@@ -1,0 +1,250 @@
+"""Training throughput of the three implementations, side by side, against the machine's
+measured float32 matmul ceiling. Each implementation runs in its own process, so its peak
+memory is its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from shared.backend import IMPLEMENTATIONS, load_backend
+from shared.data import iterate_batches, load_dataset
+from shared.spec import Arch, Conv, Linear, MaxPool, get_arch, init_params
+
+EPOCH_IMAGES = 50_000
+
+
+def flops_per_image(arch: Arch) -> int:
+    """Floating-point operations (multiply and add counted apart) to train on one image:
+    forward, parameter gradients, and input gradients for every layer but the first (nothing
+    needs the gradient of the images). Element-wise work (ReLU, pooling, bias) is left out:
+    it is memory traffic, not arithmetic that a matmul ceiling measures."""
+    total, shape = 0, (1, 28, 28)
+    for depth, layer in enumerate(arch.layers):
+        match layer:
+            case Conv(_, c, o, k, p):
+                h, w = shape[1] + 2 * p - k + 1, shape[2] + 2 * p - k + 1
+                macs = o * c * k * k * h * w
+                shape = (o, h, w)
+            case Linear(_, i, o):
+                macs, shape = i * o, (o,)
+            case MaxPool(_, size):
+                macs, shape = 0, (shape[0], shape[1] // size, shape[2] // size)
+            case _:
+                macs = 0
+        passes = 2 if depth == 0 else 3  # forward, dW, and dX unless first
+        total += 2 * macs * passes
+    return total
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 n x n matmul throughput of NumPy and PyTorch on this machine, GFLOP/s."""
+    import torch
+
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    t = torch.from_numpy(a)
+    best = 0.0
+    for product in (lambda: a @ a, lambda: t @ t):
+        product()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product()
+            best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def measure(impl: str, arch_name: str, batch_size: int, steps: int, repeats: int) -> dict:
+    """Time `repeats` runs of `steps` training steps after warm-up; runs in the worker."""
+    arch = get_arch(arch_name)
+    data = load_dataset()
+    backend = load_backend(impl, arch, momentum=0.9, weight_decay=5e-4)
+    state = backend.init_state(init_params(arch, "he", 0))
+
+    def run(n: int, epoch: int) -> float:
+        nonlocal state
+        start, done = time.perf_counter(), 0
+        while done < n:
+            for x, y in iterate_batches(data.train, batch_size, seed=0, epoch=epoch):
+                if len(y) != batch_size:
+                    continue  # one shape only: a ragged batch would time a second compile
+                state, _, _ = backend.train_step(state, x, y, 0.01)
+                done += 1
+                if done == n:
+                    break
+        return time.perf_counter() - start
+
+    warmup = run(1, 0) + run(4, 0)  # the first step compiles (JAX) or allocates
+    seconds = [run(steps, r + 1) for r in range(repeats)]
+    images_per_s = steps * batch_size / statistics.median(seconds)
+    return {
+        "impl": impl,
+        "batch_size": batch_size,
+        "steps": steps,
+        "repeats": repeats,
+        "warmup_seconds": warmup,
+        "images_per_s": images_per_s,
+        "epoch_seconds": EPOCH_IMAGES / images_per_s,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run_worker(impl: str, arch: str, batch_size: int, steps: int, repeats: int) -> dict:
+    """`measure` in a fresh process, so frameworks and memory do not mix."""
+    command = [
+        sys.executable,
+        "-m",
+        "shared.benchmark",
+        "--worker",
+        impl,
+        arch,
+        str(batch_size),
+        str(steps),
+        str(repeats),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark of {impl} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def add_derived(rows: list[dict], flops: int, ceiling: float) -> list[dict]:
+    """Ratio to PyTorch at the same batch size, GFLOP/s and share of the ceiling."""
+    torch_time = {r["batch_size"]: r["epoch_seconds"] for r in rows if r["impl"] == "torch"}
+    for r in rows:
+        r["ratio_to_torch"] = r["epoch_seconds"] / torch_time.get(r["batch_size"], float("nan"))
+        r["gflops"] = r["images_per_s"] * flops / 1e9
+        r["ceiling_share"] = r["gflops"] / ceiling
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| impl | batch | images/s | s / 50k epoch | ratio to torch | warm-up + compile s "
+        "| peak MB | GFLOP/s | share of ceiling |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['impl']} | {r['batch_size']} | {r['images_per_s']:,.0f} | "
+            f"{r['epoch_seconds']:.2f} | {r['ratio_to_torch']:.2f} | {r['warmup_seconds']:.2f} | "
+            f"{r['peak_mb']:,.0f} | {r['gflops']:.1f} | {100 * r['ceiling_share']:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def bar_chart(rows: list[dict], path: Path) -> None:
+    from shared.plots import plt, save_figure
+
+    sizes = sorted({r["batch_size"] for r in rows})
+    impls = [i for i in IMPLEMENTATIONS if any(r["impl"] == i for r in rows)]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / len(impls)
+    for k, impl in enumerate(impls):
+        values = [
+            next(
+                (r["epoch_seconds"] for r in rows if r["impl"] == impl and r["batch_size"] == b), 0
+            )
+            for b in sizes
+        ]
+        xs = np.arange(len(sizes)) + (k - (len(impls) - 1) / 2) * width
+        bars = ax.bar(xs, values, width, label=impl)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(np.arange(len(sizes)), [f"batch {b}" for b in sizes])
+    ax.set_ylabel("seconds per 50,000-image epoch")
+    ax.set_title("training time, lab network, float32 (lower is better)")
+    ax.legend()
+    save_figure(fig, path)
+
+
+def benchmark_main(argv: list[str] | None = None) -> int:
+    from shared.cli import positive_int, run_cli
+    from shared.io import atomic_write
+
+    parser = argparse.ArgumentParser(prog="benchmark.py", description=__doc__)
+    parser.add_argument(
+        "--impl",
+        action="append",
+        choices=IMPLEMENTATIONS,
+        help="implementation to time (repeatable; default: all three)",
+    )
+    parser.add_argument("--arch", default="lab")
+    parser.add_argument(
+        "--batch-sizes", default="128", help="comma-separated batch sizes, e.g. 32,128,512"
+    )
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="timed steps per repeat (default: one 50,000-image epoch)",
+    )
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("docs/benchmark"),
+        help="folder for benchmark.md, benchmark.json and benchmark.png",
+    )
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        from shared.cli import prepare_out_dir
+        from shared.errors import UsageError
+
+        try:
+            sizes = [positive_int(s) for s in args.batch_sizes.split(",")]
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"--batch-sizes: {e}") from None
+        get_arch(args.arch)
+        out = prepare_out_dir(args.out)
+        ceiling = matmul_gflops()
+        flops = flops_per_image(get_arch(args.arch))
+        print(
+            f"float32 matmul ceiling: {ceiling:.1f} GFLOP/s; "
+            f"work per image: {flops / 1e6:.2f} MFLOP (forward + backward)"
+        )
+        rows = []
+        for b in sizes:
+            steps = args.steps or EPOCH_IMAGES // b
+            for impl in args.impl or IMPLEMENTATIONS:
+                rows.append(run_worker(impl, args.arch, b, steps, args.repeats))
+                print(
+                    f"  {impl:5} batch {b:4}: {rows[-1]['epoch_seconds']:.2f} s/epoch", flush=True
+                )
+        rows = add_derived(rows, flops, ceiling)
+        table = markdown_table(rows)
+        print("\n" + table)
+        header = (
+            f"Lab network (`--arch {args.arch}`), float32, "
+            f"{args.repeats} repeats (median). float32 matmul ceiling {ceiling:.1f} GFLOP/s; "
+            f"{flops / 1e6:.2f} MFLOP per image.\n\n"
+        )
+        atomic_write(out / "benchmark.md", lambda f: f.write((header + table + "\n").encode()))
+        atomic_write(
+            out / "benchmark.json",
+            lambda f: f.write(
+                json.dumps(
+                    {"ceiling_gflops": ceiling, "flops_per_image": flops, "rows": rows}, indent=2
+                ).encode()
+            ),
+        )
+        bar_chart(rows, out / "benchmark.png")
+        print(f"\nwrote {out / 'benchmark.md'}, {out / 'benchmark.json'}, {out / 'benchmark.png'}")
+        return 0
+
+    return run_cli(parser, body)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        impl, arch, batch, steps, repeats = sys.argv[2:7]
+        print(json.dumps(measure(impl, arch, int(batch), int(steps), int(repeats))))
+    else:
+        sys.exit(benchmark_main())
