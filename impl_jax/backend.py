@@ -34,8 +34,9 @@ class Backend:
         self._loss_and_grads = jax.jit(partial(model.loss_and_grads, **fns))
         self._input_grad = jax.jit(partial(model.input_grad, **fns))
 
-    def _train_step(self, state, x, y, lr):
+    def _train_step(self, state, data, idx, lr):
         params, opt_state = state
+        x, y = data[0][idx], data[1][idx]  # the gather runs on the device, in the step
         loss, grads, logits = model.loss_grads_and_logits(
             params, x, y, self.arch, self.label_smoothing
         )
@@ -53,10 +54,13 @@ class Backend:
             opt_state = optim.with_velocity(opt_state, self._device(velocity))
         return params, opt_state
 
-    def train_step(self, state, x: np.ndarray, y: np.ndarray, lr: float):
-        state, loss, correct = self._step(
-            state, x.astype(self.dtype, copy=False), y, np.asarray(lr, self.dtype)
-        )
+    def put_data(self, x: np.ndarray, y: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        # Resident on the device for the whole run: a step then transfers only its indices.
+        return jnp.asarray(x, self.dtype), jnp.asarray(y)
+
+    def train_step(self, state, data, idx: np.ndarray, lr: float):
+        state, loss, correct = self._step(state, data, idx, np.asarray(lr, self.dtype))
+        loss, correct = jax.device_get((loss, correct))  # one transfer back, not two
         return state, float(loss), int(correct)
 
     def predict(self, state, x: np.ndarray) -> np.ndarray:

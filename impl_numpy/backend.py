@@ -34,10 +34,14 @@ class Backend:
         velocity = optim.init_velocity(params) if velocity is None else self._cast(velocity)
         return params, velocity
 
-    def train_step(self, state: State, x: np.ndarray, y: np.ndarray, lr: float):
+    def put_data(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return x.astype(self.dtype, copy=False), y
+
+    def train_step(self, state: State, data, idx: np.ndarray, lr: float):
         params, velocity = state
+        x, y = data[0][idx], data[1][idx]
         loss, grads, logits = model.loss_grads_and_logits(
-            params, x.astype(self.dtype, copy=False), y, self.arch, self.label_smoothing
+            params, x, y, self.arch, self.label_smoothing
         )
         optim.sgd_step(params, grads, velocity, lr, self.momentum, self.weight_decay)
         return state, loss, int((logits.argmax(axis=1) == y).sum())

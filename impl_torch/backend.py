@@ -49,8 +49,12 @@ class Backend:
             optim.with_velocity(optimizer, net.named_parameters(), self._tensors(velocity))
         return State(net, optimizer)
 
-    def train_step(self, state: State, x: np.ndarray, y: np.ndarray, lr: float):
-        x, y = self._tensor(x), torch.from_numpy(y)
+    def put_data(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._tensor(x), torch.from_numpy(y)
+
+    def train_step(self, state: State, data, idx: np.ndarray, lr: float):
+        rows = torch.from_numpy(idx)
+        x, y = data[0][rows], data[1][rows]
         state.optimizer.zero_grad(set_to_none=True)
         logits = state.net(x)
         loss = layers.cross_entropy(logits, y, self.label_smoothing)

@@ -27,10 +27,13 @@ class Backend(Protocol):
     def init_state(self, params: Params, velocity: Params | None = None) -> Any:
         """Training state from canonical parameters and (optionally) momentum buffers."""
 
+    def put_data(self, x: np.ndarray, y: np.ndarray) -> Any:
+        """Images x (N, 1, 28, 28) and labels y (N,) moved into the framework once per run."""
+
     def train_step(
-        self, state: Any, x: np.ndarray, y: np.ndarray, lr: float
+        self, state: Any, data: Any, idx: np.ndarray, lr: float
     ) -> tuple[Any, float, int]:
-        """One SGD step on x (B, 1, 28, 28), y (B,) -> (new state, mean loss, correct count)."""
+        """One SGD step on the rows idx (B,) of `data` -> (new state, mean loss, correct count)."""
 
     def predict(self, state: Any, x: np.ndarray) -> np.ndarray:
         """Logits (B, 10) of the state's parameters."""

@@ -117,13 +117,15 @@ def lockstep(
     backends: dict[str, Backend], params: Params, batches, config: TrainConfig
 ) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
     """Run SGD from the same start on the same batches; compare losses, weights, buffers."""
-    steps = len(batches)
+    steps, size = len(batches), len(batches[0][1])
+    x, y = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
     runs = {}
     for name, backend in backends.items():
-        state, losses = backend.init_state(params), []
-        for step, (x, y) in enumerate(batches):
+        state, losses, data = backend.init_state(params), [], backend.put_data(x, y)
+        for step in range(steps):
             lr = learning_rate(step, steps, config.lr, config.schedule)
-            state, loss, _ = backend.train_step(state, x, y, lr)
+            idx = np.arange(step * size, (step + 1) * size)
+            state, loss, _ = backend.train_step(state, data, idx, lr)
             losses.append(loss)
         runs[name] = (np.array(losses), backend.params(state), backend.velocity(state))
     for pair, (losses_a, p_a, v_a), (losses_b, p_b, v_b) in _pairs(runs):

@@ -186,16 +186,23 @@ def batch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def iterate_batches(
-    split: Split, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (x (B, 1, 28, 28) float32, y (B,) int64) batches; the last one may be smaller.
+def batch_indices(
+    n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True
+) -> Iterator[np.ndarray]:
+    """Yield the rows (B,) of each batch of an epoch; the last batch may be smaller.
 
     The order depends only on (seed, epoch), so every implementation sees the same batches.
     """
-    order = batch_order(len(split), seed, epoch) if shuffle else np.arange(len(split))
-    for start in range(0, len(split), batch_size):
-        idx = order[start : start + batch_size]
+    order = batch_order(n, seed, epoch) if shuffle else np.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def iterate_batches(
+    split: Split, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (x (B, 1, 28, 28) float32, y (B,) int64) batches in `batch_indices` order."""
+    for idx in batch_indices(len(split), batch_size, seed=seed, epoch=epoch, shuffle=shuffle):
         yield split.x[idx], split.y[idx]
 
 

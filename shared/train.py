@@ -16,7 +16,7 @@ from tqdm import tqdm
 from shared import metrics
 from shared.backend import Backend, load_backend
 from shared.checkpoint import save_checkpoint
-from shared.data import NUM_CLASSES, Dataset, Split, iterate_batches, num_batches
+from shared.data import NUM_CLASSES, Dataset, Split, batch_indices, num_batches
 from shared.errors import ThreefoldError, UsageError
 from shared.io import write_json
 from shared.plots import plot_curves
@@ -89,25 +89,26 @@ def train_split(config: TrainConfig, data: Dataset) -> Split:
 
 
 def run_epoch(
-    backend: Backend, state: Any, config: TrainConfig, split: Split, epoch: int
+    backend: Backend, state: Any, data: Any, n: int, config: TrainConfig, epoch: int
 ) -> tuple[Any, float, float]:
-    """One pass over `split` in the (seed, epoch) order -> (state, mean loss, accuracy)."""
-    steps = num_batches(len(split), config.batch_size)
-    batches = iterate_batches(split, config.batch_size, seed=config.seed, epoch=epoch)
+    """One pass over the n images of `data` (from backend.put_data) in the (seed, epoch)
+    order -> (state, mean loss, accuracy)."""
+    steps = num_batches(n, config.batch_size)
+    batches = batch_indices(n, config.batch_size, seed=config.seed, epoch=epoch)
     loss_sum, correct, seen = 0.0, 0, 0
     bar = tqdm(
         batches, total=steps, desc=f"{backend.name} epoch {epoch}", leave=False, disable=None
     )
-    for i, (x, y) in enumerate(bar):
+    for i, idx in enumerate(bar):
         step = (epoch - 1) * steps + i
         lr = learning_rate(step, config.epochs * steps, config.lr, config.schedule)
-        state, loss, n_correct = backend.train_step(state, x, y, lr)
+        state, loss, n_correct = backend.train_step(state, data, idx, lr)
         if not math.isfinite(loss):
             raise TrainingDiverged(
                 f"loss became {loss} at step {step + 1} (epoch {epoch}, batch {i + 1}) "
                 f"with learning rate {lr:.6g}; lower --lr"
             )
-        loss_sum, correct, seen = loss_sum + loss * len(y), correct + n_correct, seen + len(y)
+        loss_sum, correct, seen = loss_sum + loss * len(idx), correct + n_correct, seen + len(idx)
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
     return state, loss_sum / seen, correct / seen
 
@@ -127,10 +128,13 @@ def train(
     backend = make_backend(config)
     split = train_split(config, data)
     state = backend.init_state(init_params(arch, config.init, config.seed, np.dtype(config.dtype)))
+    train_data = backend.put_data(split.x, split.y)
     record: dict[str, Any] = {"config": dataclasses.asdict(config), "history": []}
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
-        state, train_loss, train_acc = run_epoch(backend, state, config, split, epoch)
+        state, train_loss, train_acc = run_epoch(
+            backend, state, train_data, len(split), config, epoch
+        )
         train_seconds = time.perf_counter() - start
         val_logits = predict(backend, state, data.val)
         seconds = time.perf_counter() - start
