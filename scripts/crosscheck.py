@@ -2,7 +2,7 @@
 
 import sys
 
-from shared.crosscheck_cli import crosscheck_main
+from shared.cli import crosscheck_main
 
 if __name__ == "__main__":
     sys.exit(crosscheck_main())

@@ -8,10 +8,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from shared.backend import IMPLEMENTATIONS
+from shared.checkpoint import load_checkpoint
+from shared.crosscheck import checkpoint_agreement, format_table, run_crosscheck
 from shared.data import load_dataset
 from shared.errors import ThreefoldError, UsageError
-from shared.spec import ARCHS, INITS
+from shared.io import write_json
+from shared.spec import ARCHS, INITS, get_arch
 from shared.train import CHECKPOINT_NAME, DTYPES, SCHEDULES, TrainConfig, train
 
 
@@ -151,6 +156,114 @@ def train_main(argv: list[str] | None = None) -> int:
             f"{config.impl} | Test Loss: {test['loss']:7.4f} | Test Acc: {100 * test['acc']:7.4f}"
         )
         print(f"wrote {out / CHECKPOINT_NAME}, {out / 'metrics.json'}, {out / 'curves.png'}")
+        return 0
+
+    return run_cli(parser, body)
+
+
+def crosscheck_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="crosscheck.py",
+        description="Show, tensor by tensor, that the NumPy, JAX and PyTorch networks agree.",
+    )
+    parser.add_argument(
+        "--arch",
+        action="append",
+        choices=list(ARCHS),
+        help="architecture to check (repeatable; default: lab and pool)",
+    )
+    parser.add_argument(
+        "--dtype",
+        action="append",
+        choices=DTYPES,
+        help="precision to check (repeatable; default: float64 and float32)",
+    )
+    parser.add_argument("--steps", type=positive_int, default=20, help="SGD steps run in lockstep")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="also load this checkpoint into all three and compare test predictions",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        data = load_dataset(args.data_dir)
+        archs = [get_arch(a) for a in (args.arch or ["lab", "pool"])]
+        results = run_crosscheck(
+            archs,
+            args.dtype or ["float64", "float32"],
+            data,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+        if args.checkpoint is not None:
+            ckpt = load_checkpoint(args.checkpoint)
+            arch = get_arch(ckpt.meta["arch"])
+            results += checkpoint_agreement(ckpt.params, arch, data.test.x)
+        print(format_table(results))
+        failed = [r for r in results if not r.passed]
+        print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
+        if args.json is not None:
+            write_json(args.json, [r.as_dict() for r in results])
+        return 1 if failed else 0
+
+    return run_cli(parser, body)
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description="Test accuracy, per-class accuracy, a confusion matrix and the misclassified "
+        "images of a checkpoint written by any implementation, computed by any of them.",
+    )
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument(
+        "--impl",
+        choices=IMPLEMENTATIONS,
+        default="numpy",
+        help="implementation that computes the predictions",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for confusion.png, misclassified.png and evaluation.json "
+        "(default: the checkpoint's folder)",
+    )
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        from shared.evaluate import evaluate_checkpoint, plot_confusion, plot_misclassified
+
+        out = prepare_out_dir(args.out or args.checkpoint.parent)
+        test = load_dataset(args.data_dir).test
+        result = evaluate_checkpoint(args.checkpoint, args.impl, test)
+        logits = result.pop("logits")
+        print(
+            f"{args.checkpoint} (arch {result['arch']}, written by {result['written_by']}, "
+            f"evaluated by {args.impl})"
+        )
+        print(f"test accuracy {100 * result['acc']:.2f}%, loss {result['loss']:.4f}")
+        for name, acc in result["per_class_acc"].items():
+            print(f"  {name:<12} {100 * acc:6.2f}%")
+        cm = result["confusion_matrix"]
+        plot_confusion(
+            np.array(cm),
+            f"{result['arch']} | test accuracy {100 * result['acc']:.2f}% | {args.impl}",
+            out / "confusion.png",
+        )
+        plot_misclassified(test, logits.argmax(axis=1), out / "misclassified.png")
+        write_json(out / "evaluation.json", result)
+        print(
+            f"wrote {out / 'confusion.png'}, {out / 'misclassified.png'}, {out / 'evaluation.json'}"
+        )
         return 0
 
     return run_cli(parser, body)

@@ -1,0 +1,75 @@
+"""Evaluation of a checkpoint on the test set, by any implementation, with figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared import metrics
+from shared.backend import load_backend
+from shared.checkpoint import load_checkpoint
+from shared.data import CLASS_NAMES, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD, Split
+from shared.plots import plt, save_figure
+from shared.spec import get_arch
+from shared.train import predict
+
+
+def evaluate_checkpoint(path: Path, impl: str, test: Split) -> dict[str, Any]:
+    """Test loss, accuracy, confusion matrix and per-class accuracy of a checkpoint, computed
+    by `impl` whatever implementation wrote it; also the logits (N, 10)."""
+    ckpt = load_checkpoint(path)
+    backend = load_backend(impl, get_arch(ckpt.meta["arch"]))
+    logits = predict(backend, backend.init_state(ckpt.params), test)
+    cm = metrics.confusion_matrix(logits.argmax(axis=1), test.y, NUM_CLASSES)
+    return {
+        "checkpoint": str(path),
+        "written_by": ckpt.meta.get("impl"),
+        "evaluated_by": impl,
+        "arch": ckpt.meta["arch"],
+        "loss": metrics.cross_entropy(logits, test.y),
+        "acc": metrics.accuracy(logits, test.y),
+        "confusion_matrix": cm.tolist(),
+        "per_class_acc": dict(
+            zip(CLASS_NAMES, metrics.per_class_accuracy(cm).tolist(), strict=True)
+        ),
+        "logits": logits,
+    }
+
+
+def plot_confusion(cm: np.ndarray, title: str, path: Path) -> None:
+    """Counts of true (rows) against predicted (columns) classes, with the class names."""
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(NUM_CLASSES), CLASS_NAMES, rotation=45, ha="right")
+    ax.set_yticks(range(NUM_CLASSES), CLASS_NAMES)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    threshold = cm.max() / 2
+    for i in range(NUM_CLASSES):
+        for j in range(NUM_CLASSES):
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if cm[i, j] > threshold else "black",
+            )
+    save_figure(fig, path)
+
+
+def plot_misclassified(test: Split, predicted: np.ndarray, path: Path, count: int = 36) -> None:
+    """A grid of the first `count` misclassified test images, titled true -> predicted."""
+    wrong = np.flatnonzero(predicted != test.y)[:count]
+    cols = 6
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.1), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong, strict=False):
+        ax.imshow(test.x[i, 0] * PIXEL_STD + PIXEL_MEAN, cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(f"{CLASS_NAMES[test.y[i]]}\n-> {CLASS_NAMES[predicted[i]]}", fontsize=7)
+    fig.suptitle(f"misclassified test images ({len(wrong)} shown): true -> predicted")
+    save_figure(fig, path)
