@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from impl_numpy import model, optim
+from impl_numpy.augment import augment
+from shared.data import BACKGROUND, Batch
 from shared.spec import Arch, Params
 
 State = tuple[Params, Params]  # (parameters, momentum buffers), updated in place
@@ -37,9 +39,11 @@ class Backend:
     def put_data(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return x.astype(self.dtype, copy=False), y
 
-    def train_step(self, state: State, data, idx: np.ndarray, lr: float):
+    def train_step(self, state: State, data, batch: Batch, lr: float):
         params, velocity = state
-        x, y = data[0][idx], data[1][idx]
+        x, y = data[0][batch.idx], data[1][batch.idx]
+        if batch.rows is not None:
+            x = augment(x, batch.rows, batch.cols, batch.pad, BACKGROUND)
         loss, grads, logits = model.loss_grads_and_logits(
             params, x, y, self.arch, self.label_smoothing
         )

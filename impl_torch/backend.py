@@ -6,6 +6,8 @@ import numpy as np
 import torch
 
 from impl_torch import layers, model, optim
+from impl_torch.augment import augment
+from shared.data import BACKGROUND, Batch
 from shared.spec import Arch, Params
 
 _TORCH_DTYPE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
@@ -52,9 +54,12 @@ class Backend:
     def put_data(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return self._tensor(x), torch.from_numpy(y)
 
-    def train_step(self, state: State, data, idx: np.ndarray, lr: float):
-        rows = torch.from_numpy(idx)
-        x, y = data[0][rows], data[1][rows]
+    def train_step(self, state: State, data, batch: Batch, lr: float):
+        idx = torch.from_numpy(batch.idx)
+        x, y = data[0][idx], data[1][idx]
+        if batch.rows is not None:
+            rows, cols = torch.from_numpy(batch.rows), torch.from_numpy(batch.cols)
+            x = augment(x, rows, cols, batch.pad, BACKGROUND)
         state.optimizer.zero_grad(set_to_none=True)
         logits = state.net(x)
         loss = layers.cross_entropy(logits, y, self.label_smoothing)

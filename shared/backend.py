@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from shared.data import Batch
 from shared.errors import UsageError
 from shared.spec import Arch, Params
 
@@ -30,10 +31,9 @@ class Backend(Protocol):
     def put_data(self, x: np.ndarray, y: np.ndarray) -> Any:
         """Images x (N, 1, 28, 28) and labels y (N,) moved into the framework once per run."""
 
-    def train_step(
-        self, state: Any, data: Any, idx: np.ndarray, lr: float
-    ) -> tuple[Any, float, int]:
-        """One SGD step on the rows idx (B,) of `data` -> (new state, mean loss, correct count)."""
+    def train_step(self, state: Any, data: Any, batch: Batch, lr: float) -> tuple[Any, float, int]:
+        """One SGD step on a batch of `data`, augmented as the batch says
+        -> (new state, mean loss, correct count)."""
 
     def predict(self, state: Any, x: np.ndarray) -> np.ndarray:
         """Logits (B, 10) of the state's parameters."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.backend import IMPLEMENTATIONS, load_backend
-from shared.data import batch_indices, load_dataset
+from shared.data import Batch, batch_indices, load_dataset
 from shared.spec import Arch, Conv, Linear, MaxPool, get_arch, init_params
 
 EPOCH_IMAGES = 50_000
@@ -76,15 +76,15 @@ def measure(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
         for epoch in itertools.count():
             for idx in batch_indices(len(data.train), batch_size, seed=0, epoch=epoch):
                 if len(idx) == batch_size:  # one shape only: a ragged batch would compile again
-                    yield idx
+                    yield Batch(idx)
 
     stream = batches()
 
     def run(n: int) -> float:
         nonlocal state
         start = time.perf_counter()
-        for idx in itertools.islice(stream, n):
-            state, _, _ = backend.train_step(state, train_data, idx, 0.01)
+        for batch in itertools.islice(stream, n):
+            state, _, _ = backend.train_step(state, train_data, batch, 0.01)
         return time.perf_counter() - start
 
     first_step = run(1)  # JAX compiles here

@@ -79,6 +79,18 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
     )
     parser.add_argument("--label-smoothing", type=_fraction, default=d.label_smoothing)
     parser.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=d.flip,
+        help="augment: flip training images horizontally with probability 1/2",
+    )
+    parser.add_argument(
+        "--shift",
+        type=non_negative_int,
+        default=d.shift,
+        help="augment: translate training images by up to N pixels (0: off)",
+    )
+    parser.add_argument(
         "--seed",
         type=non_negative_int,
         default=d.seed,

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from shared.backend import IMPLEMENTATIONS, Backend, load_backend
-from shared.data import Dataset, iterate_batches
+from shared.data import Dataset, iterate_batches, training_batches
 from shared.spec import Arch, Params, init_params
 from shared.train import TrainConfig, learning_rate
 
@@ -119,13 +119,18 @@ def lockstep(
     """Run SGD from the same start on the same batches; compare losses, weights, buffers."""
     steps, size = len(batches), len(batches[0][1])
     x, y = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+    # The concatenated batches in order, augmented as training would augment them.
+    plan = list(
+        training_batches(
+            len(y), size, seed=0, epoch=0, flip=config.flip, shift=config.shift, shuffle=False
+        )
+    )
     runs = {}
     for name, backend in backends.items():
         state, losses, data = backend.init_state(params), [], backend.put_data(x, y)
-        for step in range(steps):
+        for step, batch in enumerate(plan):
             lr = learning_rate(step, steps, config.lr, config.schedule)
-            idx = np.arange(step * size, (step + 1) * size)
-            state, loss, _ = backend.train_step(state, data, idx, lr)
+            state, loss, _ = backend.train_step(state, data, batch, lr)
             losses.append(loss)
         runs[name] = (np.array(losses), backend.params(state), backend.velocity(state))
     for pair, (losses_a, p_a, v_a), (losses_b, p_b, v_b) in _pairs(runs):

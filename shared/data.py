@@ -198,6 +198,58 @@ def batch_indices(
         yield order[start : start + batch_size]
 
 
+# A pixel of value 0 after normalisation: what a shifted image is padded with.
+BACKGROUND = -PIXEL_MEAN / PIXEL_STD
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One training step: the rows `idx` (B,) of the data and, when augmenting, where each
+    output pixel comes from in the image padded by `pad` on every side: `rows` (B, H) and
+    `cols` (B, W). Every implementation applies the same maps, so augmentation is identical."""
+
+    idx: np.ndarray
+    rows: np.ndarray | None = None
+    cols: np.ndarray | None = None
+    pad: int = 0
+
+
+def augmentation_maps(
+    rng: np.random.Generator, n: int, height: int, width: int, flip: bool, shift: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Source rows (n, height) and columns (n, width), in images padded by `shift`, for a
+    horizontal flip with probability 1/2 (when `flip`) followed by a translation of up to
+    `shift` pixels each way; what moves in from outside is background."""
+    dy = rng.integers(-shift, shift + 1, n)[:, None]
+    dx = rng.integers(-shift, shift + 1, n)[:, None]
+    flipped = (rng.random(n) < 0.5)[:, None] if flip else np.zeros((n, 1), dtype=bool)
+    i, j = np.arange(height)[None, :], np.arange(width)[None, :]
+    rows = shift + i - dy
+    cols = shift + np.where(flipped, width - 1 - j + dx, j - dx)
+    return rows, cols
+
+
+def training_batches(
+    n: int,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    flip: bool = False,
+    shift: int = 0,
+    shuffle: bool = True,
+    image_size: tuple[int, int] = (28, 28),
+) -> Iterator[Batch]:
+    """The batches of one epoch, with their augmentation; all randomness from (seed, epoch)."""
+    rng = np.random.default_rng([seed, epoch, 1])
+    for idx in batch_indices(n, batch_size, seed=seed, epoch=epoch, shuffle=shuffle):
+        if flip or shift:
+            rows, cols = augmentation_maps(rng, len(idx), *image_size, flip, shift)
+            yield Batch(idx, rows, cols, shift)
+        else:
+            yield Batch(idx)
+
+
 def iterate_batches(
     split: Split, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from shared import metrics
 from shared.backend import Backend, load_backend
 from shared.checkpoint import save_checkpoint
-from shared.data import NUM_CLASSES, Dataset, Split, batch_indices, num_batches
+from shared.data import NUM_CLASSES, Dataset, Split, num_batches, training_batches
 from shared.errors import ThreefoldError, UsageError
 from shared.io import write_json
 from shared.plots import plot_curves
@@ -45,6 +45,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     label_smoothing: float = 0.0
+    flip: bool = True
+    shift: int = 2
     seed: int = 0
     limit: int | None = None
     dtype: str = "float32"
@@ -94,21 +96,24 @@ def run_epoch(
     """One pass over the n images of `data` (from backend.put_data) in the (seed, epoch)
     order -> (state, mean loss, accuracy)."""
     steps = num_batches(n, config.batch_size)
-    batches = batch_indices(n, config.batch_size, seed=config.seed, epoch=epoch)
+    batches = training_batches(
+        n, config.batch_size, seed=config.seed, epoch=epoch, flip=config.flip, shift=config.shift
+    )
     loss_sum, correct, seen = 0.0, 0, 0
     bar = tqdm(
         batches, total=steps, desc=f"{backend.name} epoch {epoch}", leave=False, disable=None
     )
-    for i, idx in enumerate(bar):
+    for i, batch in enumerate(bar):
         step = (epoch - 1) * steps + i
         lr = learning_rate(step, config.epochs * steps, config.lr, config.schedule)
-        state, loss, n_correct = backend.train_step(state, data, idx, lr)
+        state, loss, n_correct = backend.train_step(state, data, batch, lr)
         if not math.isfinite(loss):
             raise TrainingDiverged(
                 f"loss became {loss} at step {step + 1} (epoch {epoch}, batch {i + 1}) "
                 f"with learning rate {lr:.6g}; lower --lr"
             )
-        loss_sum, correct, seen = loss_sum + loss * len(idx), correct + n_correct, seen + len(idx)
+        size = len(batch.idx)
+        loss_sum, correct, seen = loss_sum + loss * size, correct + n_correct, seen + size
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
     return state, loss_sum / seen, correct / seen
 

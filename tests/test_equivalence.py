@@ -243,3 +243,20 @@ def test_jax_im2col_conv_equals_xla_convolution(seed):
         + b[None, :, None, None]
     )
     assert_same(np.asarray(conv2d(x, wt, b, p)), np.asarray(expected), "jax conv vs lax.conv")
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("shift", [0, 3])
+def test_augmentation_agrees(flip, shift):
+    from shared.data import BACKGROUND, augmentation_maps
+
+    rng = np.random.default_rng(shift)
+    x = rng.standard_normal((11, 2, 28, 28))
+    rows, cols = augmentation_maps(rng, 11, 28, 28, flip, shift)
+    out = {}
+    for impl in IMPLEMENTATIONS:
+        mod = importlib.import_module(f"impl_{impl}.augment")
+        native = [to_native(impl, a) for a in (x, rows, cols)]
+        out[impl] = np.asarray(mod.augment(*native, shift, BACKGROUND))
+    for a, b in PAIRS:
+        assert_same(out[a], out[b], f"augment {a}-{b}", tol=0.0)

@@ -30,7 +30,7 @@ def run_script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 def test_short_real_run_lowers_the_loss(real_data):
-    config = TrainConfig(impl="numpy", epochs=2, limit=5000)
+    config = TrainConfig(impl="numpy", epochs=2, limit=5000, flip=False, shift=0)
     backend = make_backend(config)
     state = backend.init_state(init_params(ARCHS["lab"], "he", config.seed))
     initial = metrics.cross_entropy(predict(backend, state, real_data.val), real_data.val.y)
