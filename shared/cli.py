@@ -279,3 +279,53 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_cli(parser, body)
+
+
+def experiments_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="experiments.py",
+        description="Rerun the lab's claims as controlled comparisons in every implementation "
+        "and write EXPERIMENTS.md with tables and learning curves.",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a reduced run: 1,000 images, 2 epochs, one seed (for tests)",
+    )
+    parser.add_argument(
+        "--impl",
+        action="append",
+        choices=IMPLEMENTATIONS,
+        help="implementation to run (repeatable; default: all three)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for EXPERIMENTS.md and experiments/ (default: docs, or "
+        "runs/experiments-quick with --quick)",
+    )
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        from shared.experiments import run_experiments
+
+        impls = tuple(args.impl or IMPLEMENTATIONS)
+        quick = dict(
+            base=TrainConfig(epochs=2, limit=1000), budgets=(1, 2), seeds=(0,), lab_batch=500
+        )
+        out = prepare_out_dir(args.out or Path("runs/experiments-quick" if args.quick else "docs"))
+        command = "python scripts/experiments.py" + (" --quick" if args.quick else "")
+        run_experiments(
+            load_dataset(args.data_dir),
+            out,
+            impls=impls,
+            command=command,
+            progress=lambda s: print(s, flush=True),
+            **(quick if args.quick else {}),
+        )
+        print(f"wrote {out / 'EXPERIMENTS.md'} and {out / 'experiments'}/")
+        return 0
+
+    return run_cli(parser, body)

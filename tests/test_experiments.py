@@ -1,0 +1,77 @@
+"""experiments.py and evaluate.py, end to end on a tiny generated dataset."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from shared.data import CLASS_NAMES, load_dataset
+from shared.experiments import run_experiments
+from shared.train import TrainConfig, train
+from tests.test_training import run_script
+
+
+def test_experiments_write_every_table_and_plot(tiny_data_dir, tmp_path):
+    data = load_dataset(tiny_data_dir)
+    out = tmp_path / "docs"
+    results = run_experiments(
+        data,
+        out,
+        base=TrainConfig(epochs=2, batch_size=16),
+        budgets=(1, 2),
+        seeds=(0, 1),
+        lab_batch=50,
+        progress=lambda _: None,
+    )
+    report = (out / "EXPERIMENTS.md").read_text()
+    for title in (
+        "Initialisation",
+        "Convolution",
+        "Max-pooling",
+        "Training setup",
+        "Epochs",
+        "Accuracy over seeds",
+        "Agreement in training",
+    ):
+        assert f"## {title}" in report
+    for slug in ("initialisation", "convolution", "max-pooling", "training-setup", "epochs"):
+        assert (out / "experiments" / f"{slug}.png").read_bytes()[:4] == b"\x89PNG"
+    # Seeds: two for jax and torch, one for numpy; every accuracy a real fraction.
+    assert [len(v) for v in results["seeds"].values()] == [1, 2, 2, 1, 2, 2]
+    saved = json.loads((out / "experiments" / "results.json").read_text())
+    by_impl = saved["comparisons"]["Epochs"]["1 epochs"]
+    assert set(by_impl) == {"numpy", "jax", "torch"}
+    assert all(0 <= s["test_acc"] <= 1 and len(s["val_curve"]) == 1 for s in by_impl.values())
+
+
+def test_evaluate_any_checkpoint_with_any_implementation(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    train(
+        TrainConfig(impl="torch", arch="pool", epochs=1, batch_size=16),
+        load_dataset(tiny_data_dir),
+        out,
+        log=lambda _: None,
+    )
+    accs = []
+    for impl in ("numpy", "jax", "torch"):
+        result = run_script(
+            "evaluate.py",
+            str(out / "checkpoint.npz"),
+            "--impl",
+            impl,
+            "--data-dir",
+            str(tiny_data_dir),
+            "--out",
+            str(tmp_path / impl),
+        )
+        assert result.returncode == 0, result.stderr
+        assert all(name in result.stdout for name in CLASS_NAMES)
+        evaluation = json.loads((tmp_path / impl / "evaluation.json").read_text())
+        assert evaluation["written_by"] == "torch" and evaluation["evaluated_by"] == impl
+        assert np.array(evaluation["confusion_matrix"]).sum() == 30
+        for name in ("confusion.png", "misclassified.png"):
+            assert (tmp_path / impl / name).read_bytes()[:4] == b"\x89PNG"
+        accs.append(evaluation["acc"])
+    assert len(set(accs)) == 1
