@@ -10,7 +10,7 @@ import numpy as np
 
 from impl_jax import model, optim
 from impl_jax.augment import augment
-from shared.data import BACKGROUND, Batch
+from shared.data import Batch
 from shared.spec import Arch, Params
 
 
@@ -29,18 +29,18 @@ class Backend:
         self.arch, self.dtype = arch, dtype
         self.label_smoothing = label_smoothing
         self.optimizer = optim.make_optimizer(momentum, weight_decay)
-        self._step = jax.jit(self._train_step, donate_argnums=0, static_argnames="pad")
+        self._step = jax.jit(self._train_step, donate_argnums=0, static_argnames=("pad", "fill"))
         self._predict = jax.jit(partial(model.forward, arch=arch))
         fns = dict(arch=arch, label_smoothing=label_smoothing)
         self._activations = jax.jit(partial(model.activations, arch=arch))
         self._loss_and_grads = jax.jit(partial(model.loss_and_grads, **fns))
         self._input_grad = jax.jit(partial(model.input_grad, **fns))
 
-    def _train_step(self, state, data, idx, rows, cols, lr, pad):
+    def _train_step(self, state, data, idx, rows, cols, lr, pad, fill):
         params, opt_state = state
         x, y = data[0][idx], data[1][idx]  # the gather runs on the device, in the step
         if rows is not None:
-            x = augment(x, rows, cols, pad, BACKGROUND)
+            x = augment(x, rows, cols, pad, fill)
         loss, grads, logits = model.loss_grads_and_logits(
             params, x, y, self.arch, self.label_smoothing
         )
@@ -71,6 +71,7 @@ class Backend:
             batch.cols,
             np.asarray(lr, self.dtype),
             pad=batch.pad,
+            fill=batch.fill,
         )
         loss, correct = jax.device_get((loss, correct))  # one transfer back, not two
         return state, float(loss), int(correct)

@@ -6,7 +6,7 @@ import numpy as np
 
 from impl_numpy import model, optim
 from impl_numpy.augment import augment
-from shared.data import BACKGROUND, Batch
+from shared.data import Batch
 from shared.spec import Arch, Params
 
 State = tuple[Params, Params]  # (parameters, momentum buffers), updated in place
@@ -43,7 +43,7 @@ class Backend:
         params, velocity = state
         x, y = data[0][batch.idx], data[1][batch.idx]
         if batch.rows is not None:
-            x = augment(x, batch.rows, batch.cols, batch.pad, BACKGROUND)
+            x = augment(x, batch.rows, batch.cols, batch.pad, batch.fill)
         loss, grads, logits = model.loss_grads_and_logits(
             params, x, y, self.arch, self.label_smoothing
         )

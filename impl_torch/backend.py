@@ -7,7 +7,7 @@ import torch
 
 from impl_torch import layers, model, optim
 from impl_torch.augment import augment
-from shared.data import BACKGROUND, Batch
+from shared.data import Batch
 from shared.spec import Arch, Params
 
 _TORCH_DTYPE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
@@ -59,7 +59,7 @@ class Backend:
         x, y = data[0][idx], data[1][idx]
         if batch.rows is not None:
             rows, cols = torch.from_numpy(batch.rows), torch.from_numpy(batch.cols)
-            x = augment(x, rows, cols, batch.pad, BACKGROUND)
+            x = augment(x, rows, cols, batch.pad, batch.fill)
         state.optimizer.zero_grad(set_to_none=True)
         logits = state.net(x)
         loss = layers.cross_entropy(logits, y, self.label_smoothing)

@@ -255,8 +255,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         from shared.evaluate import evaluate_checkpoint, plot_confusion, plot_misclassified
 
         out = prepare_out_dir(args.out or args.checkpoint.parent)
-        test = load_dataset(args.data_dir).test
-        result = evaluate_checkpoint(args.checkpoint, args.impl, test)
+        data = load_dataset(args.data_dir)
+        result = evaluate_checkpoint(args.checkpoint, args.impl, data)
         logits = result.pop("logits")
         print(
             f"{args.checkpoint} (arch {result['arch']}, written by {result['written_by']}, "
@@ -265,13 +265,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         print(f"test accuracy {100 * result['acc']:.2f}%, loss {result['loss']:.4f}")
         for name, acc in result["per_class_acc"].items():
             print(f"  {name:<12} {100 * acc:6.2f}%")
-        cm = result["confusion_matrix"]
-        plot_confusion(
-            np.array(cm),
-            f"{result['arch']} | test accuracy {100 * result['acc']:.2f}% | {args.impl}",
-            out / "confusion.png",
-        )
-        plot_misclassified(test, logits.argmax(axis=1), out / "misclassified.png")
+        title = f"{result['arch']} | test accuracy {100 * result['acc']:.2f}% | {args.impl}"
+        cm = np.array(result["confusion_matrix"])
+        plot_confusion(cm, data.spec.class_names, title, out / "confusion.png")
+        plot_misclassified(data, logits.argmax(axis=1), out / "misclassified.png")
         write_json(out / "evaluation.json", result)
         print(
             f"wrote {out / 'confusion.png'}, {out / 'misclassified.png'}, {out / 'evaluation.json'}"

@@ -91,13 +91,25 @@ def train_split(config: TrainConfig, data: Dataset) -> Split:
 
 
 def run_epoch(
-    backend: Backend, state: Any, data: Any, n: int, config: TrainConfig, epoch: int
+    backend: Backend,
+    state: Any,
+    data: Any,
+    n: int,
+    config: TrainConfig,
+    epoch: int,
+    fill: float,
 ) -> tuple[Any, float, float]:
     """One pass over the n images of `data` (from backend.put_data) in the (seed, epoch)
-    order -> (state, mean loss, accuracy)."""
+    order, shifted images padded with `fill` -> (state, mean loss, accuracy)."""
     steps = num_batches(n, config.batch_size)
     batches = training_batches(
-        n, config.batch_size, seed=config.seed, epoch=epoch, flip=config.flip, shift=config.shift
+        n,
+        config.batch_size,
+        seed=config.seed,
+        epoch=epoch,
+        flip=config.flip,
+        shift=config.shift,
+        fill=fill,
     )
     loss_sum, correct, seen = 0.0, 0, 0
     bar = tqdm(
@@ -138,7 +150,7 @@ def train(
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
         state, train_loss, train_acc = run_epoch(
-            backend, state, train_data, len(split), config, epoch
+            backend, state, train_data, len(split), config, epoch, data.spec.background
         )
         train_seconds = time.perf_counter() - start
         val_logits = predict(backend, state, data.val)

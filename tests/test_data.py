@@ -83,7 +83,7 @@ def test_lookup_order(tmp_path, monkeypatch):
     assert data.find_data_dir(flag_dir) == flag_dir
     assert data.find_data_dir() == env_dir
     monkeypatch.delenv(data.DATA_DIR_ENV)
-    assert data.find_data_dir() == data.DEFAULT_DATA_DIR
+    assert data.find_data_dir() == data.FASHION_MNIST.default_dir
 
 
 def test_split_is_the_last_sixth_and_deterministic(tiny_data_dir):
@@ -131,7 +131,7 @@ def apply_maps(x, flip, shift, seed=0):
     from impl_numpy.augment import augment
 
     rows, cols = data.augmentation_maps(np.random.default_rng(seed), len(x), 28, 28, flip, shift)
-    return augment(x, rows, cols, shift, data.BACKGROUND), rows, cols
+    return augment(x, rows, cols, shift, data.FASHION_MNIST.background), rows, cols
 
 
 def test_augmentation_maps_flip_and_shift_as_documented():
@@ -146,7 +146,7 @@ def test_augmentation_maps_flip_and_shift_as_documented():
     for o, xi, r, c in zip(out, x, rows, cols, strict=True):
         dy, dx = 2 - r[0], 2 - c[0]  # rows = shift + i - dy
         assert -2 <= dy <= 2 and -2 <= dx <= 2
-        shifted = np.full_like(xi, data.BACKGROUND)
+        shifted = np.full_like(xi, data.FASHION_MNIST.background)
         src = xi[:, max(0, -dy) : 28 - max(0, dy), max(0, -dx) : 28 - max(0, dx)]
         shifted[:, max(0, dy) : 28 - max(0, -dy), max(0, dx) : 28 - max(0, -dx)] = src
         np.testing.assert_array_equal(o, shifted)

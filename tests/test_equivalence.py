@@ -248,7 +248,7 @@ def test_jax_im2col_conv_equals_xla_convolution(seed):
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("shift", [0, 3])
 def test_augmentation_agrees(flip, shift):
-    from shared.data import BACKGROUND, augmentation_maps
+    from shared.data import FASHION_MNIST, augmentation_maps
 
     rng = np.random.default_rng(shift)
     x = rng.standard_normal((11, 2, 28, 28))
@@ -257,6 +257,6 @@ def test_augmentation_agrees(flip, shift):
     for impl in IMPLEMENTATIONS:
         mod = importlib.import_module(f"impl_{impl}.augment")
         native = [to_native(impl, a) for a in (x, rows, cols)]
-        out[impl] = np.asarray(mod.augment(*native, shift, BACKGROUND))
+        out[impl] = np.asarray(mod.augment(*native, shift, FASHION_MNIST.background))
     for a, b in PAIRS:
         assert_same(out[a], out[b], f"augment {a}-{b}", tol=0.0)
