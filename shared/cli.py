@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from shared.backend import IMPLEMENTATIONS
-from shared.checkpoint import load_checkpoint
+from shared.checkpoint import Checkpoint, load_checkpoint
 from shared.crosscheck import checkpoint_agreement, format_table, run_crosscheck
-from shared.data import load_dataset
-from shared.errors import ThreefoldError, UsageError
+from shared.data import DATASETS, get_dataset_spec, load_dataset
+from shared.errors import CheckpointError, ThreefoldError, UsageError
 from shared.io import write_json
 from shared.spec import ARCHS, INITS, get_arch
-from shared.train import CHECKPOINT_NAME, DTYPES, SCHEDULES, TrainConfig, train
+from shared.train import CHECKPOINT_NAME, DTYPES, SCHEDULES, Interrupted, TrainConfig, train
 
 
 def _number(kind: type, minimum: float, inclusive: bool) -> Callable[[str], float]:
@@ -101,6 +101,12 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
     )
     parser.add_argument("--dtype", choices=DTYPES, default=d.dtype)
     parser.add_argument(
+        "--dataset",
+        choices=list(DATASETS),
+        default=d.dataset,
+        help="mnist reads the original digits from --data-dir",
+    )
+    parser.add_argument(
         "--data-dir",
         default=None,
         help="folder with the four IDX files (default: $THREEFOLD_DATA, "
@@ -131,12 +137,36 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[], int]) -> int:
         return body()
     except UsageError as e:
         parser.error(str(e))
+    except Interrupted as e:
+        print(f"\n{parser.prog}: {e}", file=sys.stderr)
+        return 130
     except ThreefoldError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\n{parser.prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def _resumed_config(
+    args: argparse.Namespace, defaults: TrainConfig
+) -> tuple[TrainConfig, Checkpoint]:
+    """The configuration and last checkpoint of the run in --resume DIR; training flags given
+    beside it would change the run, so they are refused."""
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in TrainConfig.__dataclass_fields__
+        if getattr(args, name) != getattr(defaults, name)
+    ]
+    if given:
+        raise UsageError(f"--resume continues a run with its own configuration; drop {given[0]}")
+    path = args.resume / CHECKPOINT_NAME
+    if not path.is_file():
+        raise UsageError(f"--resume {args.resume}: no {CHECKPOINT_NAME} there to continue from")
+    ckpt = load_checkpoint(path)
+    if "history" not in ckpt.meta or ckpt.velocity is None:
+        raise CheckpointError(f"{path}: written without its run history; cannot resume")
+    return TrainConfig(**ckpt.meta["config"]), ckpt
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -152,17 +182,50 @@ def train_main(argv: list[str] | None = None) -> int:
         default=None,
         help="folder for metrics.json, checkpoint.npz and curves.png (default: runs/IMPL-ARCH)",
     )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="continue the run in DIR from its last completed epoch",
+    )
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch the four official files first, verify their checksums and "
+        "put them in --data-dir (default: ~/.local/share/threefold/DATASET)",
+    )
+    parser.add_argument(
+        "--download-url",
+        default=None,
+        help="base address to download from (default: $THREEFOLD_DOWNLOAD_URL, "
+        "then the authors' official source)",
+    )
     args = parser.parse_args(argv)
 
     def body() -> int:
-        config = config_from_args(args)
-        out = prepare_out_dir(args.out or Path("runs") / f"{config.impl}-{config.arch}")
-        data = load_dataset(args.data_dir)
+        ckpt = None
+        if args.resume is not None:
+            config, ckpt = _resumed_config(args, defaults)
+            out = prepare_out_dir(args.out or args.resume)
+        else:
+            config = config_from_args(args)
+            out = prepare_out_dir(args.out or Path("runs") / f"{config.impl}-{config.arch}")
+        data_dir = args.data_dir
+        if args.download:
+            from shared.download import download_dataset
+
+            spec = get_dataset_spec(config.dataset)
+            data_dir = download_dataset(spec, data_dir, args.download_url)
+            print(f"downloaded and verified {spec.name} in {data_dir}")
+        data = load_dataset(data_dir, config.dataset)
         print(
             f"{config.impl} | {config.arch} | {len(data.train)} train, {len(data.val)} "
             f"validation, {len(data.test)} test images from {data.source}"
         )
-        record = train(config, data, out)
+        if ckpt is not None:
+            print(f"resuming after epoch {ckpt.meta['epoch']} of {config.epochs}")
+        record = train(config, data, out, resume=ckpt)
         test = record["test"]
         print(
             f"{config.impl} | Test Loss: {test['loss']:7.4f} | Test Acc: {100 * test['acc']:7.4f}"
@@ -255,8 +318,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         from shared.evaluate import evaluate_checkpoint, plot_confusion, plot_misclassified
 
         out = prepare_out_dir(args.out or args.checkpoint.parent)
-        data = load_dataset(args.data_dir)
-        result = evaluate_checkpoint(args.checkpoint, args.impl, data)
+        ckpt = load_checkpoint(args.checkpoint)
+        data = load_dataset(args.data_dir, ckpt.meta.get("dataset", "fashion-mnist"))
+        result = {"checkpoint": str(args.checkpoint), **evaluate_checkpoint(ckpt, args.impl, data)}
         logits = result.pop("logits")
         print(
             f"{args.checkpoint} (arch {result['arch']}, written by {result['written_by']}, "

@@ -9,23 +9,21 @@ import numpy as np
 
 from shared import metrics
 from shared.backend import load_backend
-from shared.checkpoint import load_checkpoint
+from shared.checkpoint import Checkpoint
 from shared.data import NUM_CLASSES, Dataset
 from shared.plots import plt, save_figure
 from shared.spec import get_arch
 from shared.train import predict
 
 
-def evaluate_checkpoint(path: Path, impl: str, data: Dataset) -> dict[str, Any]:
+def evaluate_checkpoint(ckpt: Checkpoint, impl: str, data: Dataset) -> dict[str, Any]:
     """Test loss, accuracy, confusion matrix and per-class accuracy of a checkpoint, computed
     by `impl` whatever implementation wrote it; also the logits (N, 10)."""
-    ckpt = load_checkpoint(path)
     backend = load_backend(impl, get_arch(ckpt.meta["arch"]))
     logits = predict(backend, backend.init_state(ckpt.params), data.test)
     cm = metrics.confusion_matrix(logits.argmax(axis=1), data.test.y, NUM_CLASSES)
     per_class = metrics.per_class_accuracy(cm).tolist()
     return {
-        "checkpoint": str(path),
         "written_by": ckpt.meta.get("impl"),
         "evaluated_by": impl,
         "arch": ckpt.meta["arch"],

@@ -33,3 +33,11 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 def write_json(path: Path, data: Any) -> None:
     """Atomically write `data` as indented JSON."""
     atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete what `atomic_write` leaves when its process is killed mid-write: hidden
+    `.NAME.*.tmp` files, which never look like data but should not pile up."""
+    for leftover in Path(folder).glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()

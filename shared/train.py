@@ -15,10 +15,10 @@ from tqdm import tqdm
 
 from shared import metrics
 from shared.backend import Backend, load_backend
-from shared.checkpoint import save_checkpoint
+from shared.checkpoint import Checkpoint, save_checkpoint
 from shared.data import NUM_CLASSES, Dataset, Split, num_batches, training_batches
 from shared.errors import ThreefoldError, UsageError
-from shared.io import write_json
+from shared.io import remove_stale_temporaries, write_json
 from shared.plots import plot_curves
 from shared.spec import get_arch, init_params
 
@@ -50,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     limit: int | None = None
     dtype: str = "float32"
+    dataset: str = "fashion-mnist"
 
 
 def learning_rate(step: int, total_steps: int, base_lr: float, schedule: str) -> float:
@@ -130,72 +131,122 @@ def run_epoch(
     return state, loss_sum / seen, correct / seen
 
 
+class Interrupted(ThreefoldError):
+    """The user stopped the run (Ctrl-C)."""
+
+
+def _saved(out_dir: Path | None, last_epoch: int) -> str:
+    if out_dir is None or last_epoch < 1:
+        return "no epoch was completed, so nothing was saved"
+    return f"{out_dir / CHECKPOINT_NAME} holds epoch {last_epoch}, intact"
+
+
+def evaluate_epoch(
+    backend: Backend,
+    state: Any,
+    data: Dataset,
+    epoch: int,
+    train_loss: float,
+    train_acc: float,
+    start: float,
+) -> dict[str, Any]:
+    """The history entry of an epoch: its training figures, validation loss and accuracy."""
+    train_seconds = time.perf_counter() - start
+    val_logits = predict(backend, state, data.val)
+    return {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "val_loss": metrics.cross_entropy(val_logits, data.val.y),
+        "val_acc": metrics.accuracy(val_logits, data.val.y),
+        "train_seconds": train_seconds,
+        "epoch_seconds": time.perf_counter() - start,
+    }
+
+
+def test_metrics(backend: Backend, state: Any, data: Dataset) -> dict[str, Any]:
+    logits = predict(backend, state, data.test)
+    cm = metrics.confusion_matrix(logits.argmax(axis=1), data.test.y, NUM_CLASSES)
+    return {
+        "loss": metrics.cross_entropy(logits, data.test.y),
+        "acc": metrics.accuracy(logits, data.test.y),
+        "confusion_matrix": cm.tolist(),
+        "per_class_acc": metrics.per_class_accuracy(cm).tolist(),
+    }
+
+
 def train(
     config: TrainConfig,
     data: Dataset,
     out_dir: Path | None = None,
     log: Callable[[str], None] = tqdm.write,
+    resume: Checkpoint | None = None,
 ) -> dict[str, Any]:
-    """Train from the seeded initial weights, evaluate on validation each epoch and on test
-    at the end. With `out_dir`: a checkpoint after every epoch, then metrics.json and curves.png.
+    """Train from the seeded initial weights (or from `resume`, a checkpoint of this run),
+    evaluate on validation each epoch and on test at the end. With `out_dir`: after every
+    epoch the checkpoint and metrics.json, at the end curves.png, each written atomically.
 
     Returns the run's record (configuration, per-epoch history, test metrics).
     """
     arch = get_arch(config.arch)
     backend = make_backend(config)
     split = train_split(config, data)
-    state = backend.init_state(init_params(arch, config.init, config.seed, np.dtype(config.dtype)))
-    train_data = backend.put_data(split.x, split.y)
     record: dict[str, Any] = {"config": dataclasses.asdict(config), "history": []}
-    for epoch in range(1, config.epochs + 1):
-        start = time.perf_counter()
-        state, train_loss, train_acc = run_epoch(
-            backend, state, train_data, len(split), config, epoch, data.spec.background
-        )
-        train_seconds = time.perf_counter() - start
-        val_logits = predict(backend, state, data.val)
-        seconds = time.perf_counter() - start
-        entry = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "train_acc": train_acc,
-            "val_loss": metrics.cross_entropy(val_logits, data.val.y),
-            "val_acc": metrics.accuracy(val_logits, data.val.y),
-            "train_seconds": train_seconds,
-            "epoch_seconds": seconds,
-        }
-        record["history"].append(entry)
-        log(
-            metrics.epoch_line(
-                backend.name,
-                epoch,
-                train_loss,
-                train_acc,
-                entry["val_loss"],
-                entry["val_acc"],
-                seconds,
+    if resume is None:
+        params = init_params(arch, config.init, config.seed, np.dtype(config.dtype))
+        state = backend.init_state(params)
+    else:
+        state = backend.init_state(resume.params, resume.velocity)
+        record["history"] = resume.meta["history"]
+    train_data = backend.put_data(split.x, split.y)
+    done = len(record["history"])
+    if out_dir is not None:
+        remove_stale_temporaries(out_dir)
+    try:
+        for epoch in range(done + 1, config.epochs + 1):
+            start = time.perf_counter()
+            state, train_loss, train_acc = run_epoch(
+                backend, state, train_data, len(split), config, epoch, data.spec.background
             )
-        )
-        if out_dir is not None:
-            meta = {
-                "arch": arch.name,
-                "impl": backend.name,
-                "epoch": epoch,
-                "metrics": entry,
-                "config": record["config"],
-            }
-            save_checkpoint(
-                out_dir / CHECKPOINT_NAME, backend.params(state), meta, backend.velocity(state)
+            entry = evaluate_epoch(backend, state, data, epoch, train_loss, train_acc, start)
+            record["history"].append(entry)
+            log(
+                metrics.epoch_line(
+                    backend.name,
+                    epoch,
+                    train_loss,
+                    train_acc,
+                    entry["val_loss"],
+                    entry["val_acc"],
+                    entry["epoch_seconds"],
+                )
             )
-    test_logits = predict(backend, state, data.test)
-    predicted = test_logits.argmax(axis=1)
-    cm = metrics.confusion_matrix(predicted, data.test.y, NUM_CLASSES)
-    record["test"] = {
-        "loss": metrics.cross_entropy(test_logits, data.test.y),
-        "acc": metrics.accuracy(test_logits, data.test.y),
-        "confusion_matrix": cm.tolist(),
-        "per_class_acc": metrics.per_class_accuracy(cm).tolist(),
-    }
+            if out_dir is not None:
+                meta = {
+                    "arch": arch.name,
+                    "impl": backend.name,
+                    "epoch": epoch,
+                    "dataset": data.spec.name,
+                    "config": record["config"],
+                    "history": record["history"],
+                }
+                save_checkpoint(
+                    out_dir / CHECKPOINT_NAME, backend.params(state), meta, backend.velocity(state)
+                )
+                write_json(out_dir / METRICS_NAME, record)
+            done = epoch
+    except KeyboardInterrupt:
+        resume_hint = (
+            f"; continue with: python scripts/train.py --resume {out_dir}"
+            if out_dir is not None and done
+            else ""
+        )
+        raise Interrupted(
+            f"interrupted in epoch {done + 1}; {_saved(out_dir, done)}{resume_hint}"
+        ) from None
+    except TrainingDiverged as e:
+        raise TrainingDiverged(f"{e}; {_saved(out_dir, done)}") from None
+    record["test"] = test_metrics(backend, state, data)
     if out_dir is not None:
         write_json(out_dir / METRICS_NAME, record)
         plot_curves(

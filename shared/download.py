@@ -1,0 +1,122 @@
+"""The one network access of the project: an explicit, checksummed download of the four
+official files, on request (--download), into the user's data folder."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+from shared.data import FILES, DatasetSpec, parse_idx, read_idx_bytes
+from shared.errors import DataError, UsageError
+
+DOWNLOAD_URL_ENV = "THREEFOLD_DOWNLOAD_URL"
+TIMEOUT_SECONDS = 60
+
+
+def _fetch(url: str, target: Path, progress: bool) -> None:
+    """Stream `url` into `target`; an HTTP error, a dropped connection or a body shorter than
+    its Content-Length is a DataError naming the address."""
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            received = 0
+            with (
+                open(target, "wb") as f,
+                tqdm(
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    desc=Path(url).name,
+                    disable=not progress,
+                    leave=False,
+                ) as bar,
+            ):
+                while chunk := response.read(1 << 16):
+                    f.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+    except urllib.error.HTTPError as e:
+        raise DataError(f"{url}: the server answered HTTP {e.code} ({e.reason})") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise DataError(f"{url}: download failed ({reason})") from None
+    if total is not None and received != total:
+        raise DataError(f"{url}: download cut short ({received} of {total} bytes)")
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_download(
+    path: Path,
+    stem: str,
+    spec: DatasetSpec,
+    gzip_md5: dict[str, str],
+    content_sha256: dict[str, str],
+) -> None:
+    """The published MD5 of the .gz, then the SHA-256 of its IDX content, then its header."""
+    expected_md5 = gzip_md5.get(stem)
+    if expected_md5 and (actual := _md5(path)) != expected_md5:
+        raise DataError(
+            f"{path.name}: MD5 {actual} differs from the published {expected_md5}; "
+            "the download is damaged or not the official file"
+        )
+    raw = read_idx_bytes(path)
+    expected_sha = content_sha256.get(stem)
+    if expected_sha and (actual := hashlib.sha256(raw).hexdigest()) != expected_sha:
+        raise DataError(
+            f"{path.name}: SHA-256 of the IDX content {actual[:16]}... differs from "
+            f"the official {expected_sha[:16]}..."
+        )
+    parse_idx(raw, path.name)
+
+
+def download_dataset(
+    spec: DatasetSpec,
+    dest: Path | None = None,
+    base_url: str | None = None,
+    *,
+    gzip_md5: dict[str, str] | None = None,
+    content_sha256: dict[str, str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Fetch the four .gz files into a hidden staging folder inside `dest`, verify every one,
+    and only then move them into place: a failed or partial download leaves nothing that
+    looks like data. Returns `dest` (default: the dataset's user folder)."""
+    base_url = base_url or os.environ.get(DOWNLOAD_URL_ENV) or spec.download_url
+    if not base_url:
+        raise UsageError(f"--download: no official source is known for {spec.name}")
+    dest = Path(dest or spec.user_dir)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=dest, prefix=".download-"))
+    except OSError as e:
+        raise UsageError(f"--download: cannot write to {dest} ({e.strerror or e})") from None
+    try:
+        names = [f"{stem}.gz" for stem in FILES.values()]
+        for name in names:
+            _fetch(f"{base_url.rstrip('/')}/{name}", staging / name, progress)
+            verify_download(
+                staging / name,
+                name[:-3],
+                spec,
+                spec.gzip_md5 if gzip_md5 is None else gzip_md5,
+                spec.content_sha256 if content_sha256 is None else content_sha256,
+            )
+        for name in names:
+            os.replace(staging / name, dest / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest

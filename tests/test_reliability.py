@@ -1,0 +1,398 @@
+"""Bad data, interrupted runs, divergence and misuse: clear errors, nothing lost on disk."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.checkpoint import load_checkpoint
+from shared.data import FASHION_MNIST, FILES, load_dataset
+from shared.download import download_dataset
+from shared.errors import CheckpointError, DataError
+from shared.train import TrainConfig, TrainingDiverged, train
+from tests.conftest import idx_bytes, make_dataset_dir, write_idx
+from tests.test_training import ROOT, run_script
+
+IMPLS = ["numpy", "jax", "torch"]
+
+
+# --- resume -------------------------------------------------------------------------------
+
+
+class StopAfter:
+    """A log callback that presses Ctrl-C once `epochs` epoch lines have been logged."""
+
+    def __init__(self, epochs: int):
+        self.left = epochs
+
+    def __call__(self, line: str) -> None:
+        self.left -= 1
+        if self.left == 0:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_resume_ends_with_exactly_the_uninterrupted_parameters(impl, tiny_data_dir, tmp_path):
+    data = load_dataset(tiny_data_dir)
+    config = TrainConfig(
+        impl=impl,
+        arch="pool",
+        epochs=4,
+        batch_size=16,
+        dtype="float64",
+        flip=True,
+        shift=2,
+        label_smoothing=0.1,
+    )
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    whole.mkdir(), part.mkdir()
+    train(config, data, whole, log=lambda _: None)
+    with pytest.raises(Exception, match="interrupted in epoch 3") as stopped:
+        train(config, data, part, log=StopAfter(3))  # stops before epoch 3 is saved
+    assert "holds epoch 2" in str(stopped.value)
+    ckpt = load_checkpoint(part / "checkpoint.npz")
+    assert ckpt.meta["epoch"] == 2
+    record = train(config, data, part, log=lambda _: None, resume=ckpt)
+    assert [h["epoch"] for h in record["history"]] == [1, 2, 3, 4]
+    expected, resumed = (
+        load_checkpoint(whole / "checkpoint.npz"),
+        load_checkpoint(part / "checkpoint.npz"),
+    )
+    for name, value in expected.params.items():
+        assert value.dtype == np.float64
+        np.testing.assert_array_equal(resumed.params[name], value, err_msg=name)
+        np.testing.assert_array_equal(resumed.velocity[name], expected.velocity[name])
+
+
+def test_resume_command_continues_and_refuses_changed_flags(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ["--data-dir", str(tiny_data_dir)]
+    assert (
+        run_script(
+            "train.py", "--epochs", "2", "--batch-size", "16", "--out", str(out), *common
+        ).returncode
+        == 0
+    )
+    result = run_script("train.py", "--resume", str(out), "--lr", "0.5", *common)
+    assert result.returncode == 2 and "drop --lr" in result.stderr
+    result = run_script("train.py", "--resume", str(tmp_path / "nothing"), *common)
+    assert result.returncode == 2 and "no checkpoint.npz there" in result.stderr
+    result = run_script("train.py", "--resume", str(out), *common)
+    assert result.returncode == 0, result.stderr
+    assert "resuming after epoch 2 of 2" in result.stdout and "| Epoch:" not in result.stdout
+
+
+# --- interruption and kills ---------------------------------------------------------------
+
+
+def start_training(out: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "train.py"),
+            "--impl",
+            "numpy",
+            "--epochs",
+            "400",
+            "--batch-size",
+            "32",
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(out),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def wait_for(path: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_ctrl_c_stops_with_a_message_and_keeps_the_checkpoint(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = start_training(out, tiny_data_dir)
+    wait_for(out / "checkpoint.npz")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted in epoch" in stderr and f"--resume {out}" in stderr
+    assert "Traceback" not in stderr
+    ckpt = load_checkpoint(out / "checkpoint.npz")
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert ckpt.meta["epoch"] == len(history) >= 1
+
+
+def test_killed_mid_write_never_leaves_a_corrupt_file(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        proc = start_training(
+            out,
+            tiny_data_dir,
+            *(["--resume", str(out)] if (out / "checkpoint.npz").exists() else []),
+        )
+        wait_for(out / "checkpoint.npz")
+        time.sleep(rng.uniform(0.05, 1.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        ckpt = load_checkpoint(out / "checkpoint.npz")  # loads, whole, every time
+        record = json.loads((out / "metrics.json").read_text())
+        assert ckpt.meta["epoch"] in (len(record["history"]), len(record["history"]) + 1)
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} <= {
+        "checkpoint.npz",
+        "metrics.json",
+    }
+
+
+# --- divergence ---------------------------------------------------------------------------
+
+
+def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tiny_data_dir, tmp_path):
+    from impl_numpy.backend import Backend
+
+    data = load_dataset(tiny_data_dir)
+    calls = {"n": 0}
+    step = Backend.train_step
+
+    def blows_up_in_epoch_2(self, state, d, batch, lr):
+        calls["n"] += 1
+        state, loss, correct = step(self, state, d, batch, lr)
+        return state, (float("nan") if calls["n"] == 9 else loss), correct
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Backend, "train_step", blows_up_in_epoch_2)
+        with pytest.raises(TrainingDiverged) as err:
+            train(TrainConfig(epochs=3, batch_size=16), data, out, log=lambda _: None)
+    message = str(err.value)
+    assert "loss became nan at step 9 (epoch 2, batch 2)" in message and "learning rate" in message
+    assert "holds epoch 1, intact" in message
+    assert load_checkpoint(out / "checkpoint.npz").meta["epoch"] == 1
+
+
+def test_divergent_learning_rate_ends_with_a_clear_error(tiny_data_dir, tmp_path):
+    result = run_script(
+        "train.py",
+        "--lr",
+        "1e30",
+        "--epochs",
+        "2",
+        "--data-dir",
+        str(tiny_data_dir),
+        "--out",
+        str(tmp_path / "run"),
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "loss became" in result.stderr and "lower --lr" in result.stderr
+
+
+# --- misuse -------------------------------------------------------------------------------
+
+
+def test_unknown_dataset_is_a_usage_error():
+    result = run_script("train.py", "--dataset", "cifar")
+    assert result.returncode == 2 and "--dataset" in result.stderr
+
+
+def test_a_missing_framework_only_affects_its_own_implementation(tiny_data_dir, tmp_path):
+    code = (
+        "import sys; sys.modules['jax'] = None\n"
+        "from shared.cli import train_main\n"
+        "sys.exit(train_main(sys.argv[1:]))\n"
+    )
+    args = ["--epochs", "1", "--batch-size", "16", "--data-dir", str(tiny_data_dir)]
+    blocked = subprocess.run(
+        [sys.executable, "-c", code, "--impl", "jax", *args, "--out", str(tmp_path / "a")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert blocked.returncode == 2 and "--impl jax: jax is not installed" in blocked.stderr
+    fine = subprocess.run(
+        [sys.executable, "-c", code, "--impl", "numpy", *args, "--out", str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert fine.returncode == 0, fine.stderr
+
+
+def test_mnist_from_a_local_folder(tmp_path):
+    folder = make_dataset_dir(tmp_path / "mnist")
+    out = tmp_path / "run"
+    result = run_script(
+        "train.py",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(folder),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "metrics.json").read_text())["config"]["dataset"] == "mnist"
+    result = run_script("evaluate.py", str(out / "checkpoint.npz"), "--data-dir", str(folder))
+    assert result.returncode == 0, result.stderr
+    assert "\n  7 " in result.stdout and "Sneaker" not in result.stdout
+
+
+# --- integrity ----------------------------------------------------------------------------
+
+
+def test_a_file_with_the_official_count_must_have_the_official_content(tmp_path):
+    folder = make_dataset_dir(tmp_path / "data")
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(10_000, np.uint8))
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", np.zeros((10_000, 28, 28), np.uint8))
+    with pytest.raises(
+        DataError,
+        match=r"t10k-images-idx3-ubyte.gz: content differs from the "
+        r"official fashion-mnist file .* --download",
+    ):
+        load_dataset(folder)
+
+
+def test_the_real_files_pass_their_checksums(real_data):
+    assert len(real_data.train) == 50_000  # loading verified all four SHA-256 sums
+
+
+# --- download -----------------------------------------------------------------------------
+
+
+class Server:
+    """A local HTTP server on 127.0.0.1 that serves `files` (name -> bytes), can cut a body
+    short, and can answer with an error status."""
+
+    def __init__(self, files: dict[str, bytes], truncate: str | None = None, status: int = 200):
+        self.files, self.truncate, self.status = files, truncate, status
+        handler = functools.partial(self._Handler, self)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    class _Handler(http.server.BaseHTTPRequestHandler):
+        def __init__(self, server_state, *args, **kwargs):
+            self.state = server_state
+            super().__init__(*args, **kwargs)
+
+        def do_GET(self):
+            name = self.path.lstrip("/")
+            body = self.state.files.get(name)
+            if self.state.status != 200 or body is None:
+                self.send_error(self.state.status if body is not None else 404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2] if name == self.state.truncate else body)
+
+        def log_message(self, *args):
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def served_files(tmp_path):
+    """The tiny dataset's four .gz files, with their MD5 and content SHA-256 sums."""
+    folder = make_dataset_dir(tmp_path / "source")
+    files, md5, sha = {}, {}, {}
+    for stem in FILES.values():
+        body = (folder / f"{stem}.gz").read_bytes()
+        files[f"{stem}.gz"] = body
+        md5[stem] = hashlib.md5(body).hexdigest()
+        sha[stem] = hashlib.sha256(gzip.decompress(body)).hexdigest()
+    return files, md5, sha
+
+
+def idx_files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_download_verifies_then_moves_into_place(served_files, tmp_path):
+    files, md5, sha = served_files
+    dest = tmp_path / "dest"
+    with Server(files) as server:
+        download_dataset(
+            FASHION_MNIST, dest, server.url, gzip_md5=md5, content_sha256=sha, progress=False
+        )
+    assert idx_files_in(dest) == sorted(files)
+    assert len(load_dataset(dest).test) == 30
+
+
+@pytest.mark.parametrize("fault", ["truncated", "wrong checksum", "server error", "missing"])
+def test_a_failed_download_leaves_nothing_that_looks_valid(served_files, tmp_path, fault):
+    files, md5, sha = served_files
+    dest = tmp_path / "dest"
+    if fault == "wrong checksum":
+        md5 = {**md5, FILES["test_images"]: "0" * 32}
+    if fault == "missing":
+        files = {k: v for k, v in files.items() if not k.startswith("t10k-labels")}
+    kwargs = {"truncate": "train-labels-idx1-ubyte.gz"} if fault == "truncated" else {}
+    status = 500 if fault == "server error" else 200
+    with Server(files, status=status, **kwargs) as server, pytest.raises(DataError) as err:
+        download_dataset(
+            FASHION_MNIST, dest, server.url, gzip_md5=md5, content_sha256=sha, progress=False
+        )
+    assert "\n" not in str(err.value)
+    assert idx_files_in(dest) == []  # not even the files that downloaded fine
+
+
+def test_download_flag_checks_the_official_checksums(served_files, tmp_path):
+    files, _, _ = served_files
+    dest = tmp_path / "dest"
+    with Server(files) as server:
+        result = run_script(
+            "train.py",
+            "--download",
+            "--download-url",
+            server.url,
+            "--data-dir",
+            str(dest),
+            "--out",
+            str(tmp_path / "run"),
+        )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "differs from the published" in result.stderr
+    assert idx_files_in(dest) == []
+
+
+def test_damaged_checkpoint_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "c.npz"
+    path.write_bytes(b"PK\x03\x04" + os.urandom(200))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_idx_bytes_helper_round_trips():
+    assert idx_bytes(np.zeros((2, 3), np.uint8))[:4] == b"\x00\x00\x08\x02"
