@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -34,6 +34,8 @@ TOLERANCES = {
     ("float64", "finite-diff"): 1e-6,
 }
 FD_STEP = 1e-6
+# The training defaults with every technique switched on, whatever the defaults choose.
+ALL_ON = replace(TrainConfig(), flip=True, shift=2, label_smoothing=0.1, weight_decay=5e-4)
 
 
 @dataclass(frozen=True)
@@ -173,9 +175,9 @@ def run_crosscheck(
     config: TrainConfig | None = None,
     impls: tuple[str, ...] = IMPLEMENTATIONS,
 ) -> list[Comparison]:
-    """Every comparison for every architecture and dtype, with the training defaults'
-    optimizer settings (momentum, weight decay, schedule, label smoothing)."""
-    config = config or TrainConfig()
+    """Every comparison for every architecture and dtype, by default with every training
+    technique on (momentum, weight decay, schedule, label smoothing, flips and shifts)."""
+    config = config or ALL_ON
     batches = sample_batches(data, batch_size, steps, seed)
     y = batches[0][1]
     results = []

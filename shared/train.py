@@ -35,18 +35,23 @@ class TrainingDiverged(ThreefoldError):
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """A run's whole configuration. The defaults were chosen on the validation split (torch,
+    seeds 0 and 1): batch 64 with label smoothing 0.1 and weight decay 2e-3 beat batch 128,
+    larger learning rates and flips or shifts, which slowed learning more than they helped
+    within 15 epochs."""
+
     impl: str = "numpy"
     arch: str = "lab"
     init: str = "he"
     epochs: int = 15
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 0.01
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float = 2e-3
     schedule: str = "cosine"
-    label_smoothing: float = 0.0
-    flip: bool = True
-    shift: int = 2
+    label_smoothing: float = 0.1
+    flip: bool = False
+    shift: int = 0
     seed: int = 0
     limit: int | None = None
     dtype: str = "float32"
