@@ -10,28 +10,20 @@ import numpy as np
 
 from impl_jax import model, optim
 from impl_jax.augment import augment
+from shared.backend import BackendBase
 from shared.data import Batch
 from shared.spec import Arch, Params
 
 
-class Backend:
+class Backend(BackendBase):
     name = "jax"
 
-    def __init__(
-        self,
-        arch: Arch,
-        *,
-        dtype: np.dtype,
-        momentum: float,
-        weight_decay: float,
-        label_smoothing: float,
-    ):
-        self.arch, self.dtype = arch, dtype
-        self.label_smoothing = label_smoothing
-        self.optimizer = optim.make_optimizer(momentum, weight_decay)
+    def __init__(self, arch: Arch, **hyperparameters):
+        super().__init__(arch, **hyperparameters)
+        self.optimizer = optim.make_optimizer(self.momentum, self.weight_decay)
         self._step = jax.jit(self._train_step, donate_argnums=0, static_argnames=("pad", "fill"))
         self._predict = jax.jit(partial(model.forward, arch=arch))
-        fns = dict(arch=arch, label_smoothing=label_smoothing)
+        fns = dict(arch=arch, label_smoothing=self.label_smoothing)
         self._activations = jax.jit(partial(model.activations, arch=arch))
         self._loss_and_grads = jax.jit(partial(model.loss_and_grads, **fns))
         self._input_grad = jax.jit(partial(model.input_grad, **fns))
@@ -79,11 +71,12 @@ class Backend:
     def predict(self, state, x: np.ndarray) -> np.ndarray:
         return np.asarray(self._predict(state[0], x.astype(self.dtype, copy=False)))
 
+    # Copies: the state's buffers are donated to the next step, which may reuse their memory.
     def params(self, state) -> Params:
-        return {k: np.asarray(v) for k, v in state[0].items()}
+        return {k: np.array(v) for k, v in state[0].items()}
 
     def velocity(self, state) -> Params:
-        return {k: np.asarray(v) for k, v in optim.velocity(state[1]).items()}
+        return {k: np.array(v) for k, v in optim.velocity(state[1]).items()}
 
     def activations(self, params: Params, x: np.ndarray) -> dict[str, np.ndarray]:
         acts = self._activations(self._device(params), jnp.asarray(x, self.dtype))

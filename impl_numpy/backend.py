@@ -6,27 +6,15 @@ import numpy as np
 
 from impl_numpy import model, optim
 from impl_numpy.augment import augment
+from shared.backend import BackendBase
 from shared.data import Batch
-from shared.spec import Arch, Params
+from shared.spec import Params
 
 State = tuple[Params, Params]  # (parameters, momentum buffers), updated in place
 
 
-class Backend:
+class Backend(BackendBase):
     name = "numpy"
-
-    def __init__(
-        self,
-        arch: Arch,
-        *,
-        dtype: np.dtype,
-        momentum: float,
-        weight_decay: float,
-        label_smoothing: float,
-    ):
-        self.arch, self.dtype = arch, dtype
-        self.momentum, self.weight_decay = momentum, weight_decay
-        self.label_smoothing = label_smoothing
 
     def _cast(self, tensors: Params) -> Params:
         return {k: np.array(v, dtype=self.dtype) for k, v in tensors.items()}
@@ -39,6 +27,9 @@ class Backend:
     def put_data(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return x.astype(self.dtype, copy=False), y
 
+    # Overflow is left to the training loop, which stops at a non-finite loss and says where;
+    # NumPy's own warnings would only repeat it less clearly.
+    @np.errstate(over="ignore", invalid="ignore")
     def train_step(self, state: State, data, batch: Batch, lr: float):
         params, velocity = state
         x, y = data[0][batch.idx], data[1][batch.idx]

@@ -7,6 +7,7 @@ import torch
 
 from impl_torch import layers, model, optim
 from impl_torch.augment import augment
+from shared.backend import BackendBase
 from shared.data import Batch
 from shared.spec import Arch, Params
 
@@ -20,22 +21,12 @@ class State:
         self.net, self.optimizer = net, optimizer
 
 
-class Backend:
+class Backend(BackendBase):
     name = "torch"
 
-    def __init__(
-        self,
-        arch: Arch,
-        *,
-        dtype: np.dtype,
-        momentum: float,
-        weight_decay: float,
-        label_smoothing: float,
-    ):
-        self.arch, self.dtype = arch, dtype
-        self.torch_dtype = _TORCH_DTYPE[dtype]
-        self.momentum, self.weight_decay = momentum, weight_decay
-        self.label_smoothing = label_smoothing
+    def __init__(self, arch: Arch, **hyperparameters):
+        super().__init__(arch, **hyperparameters)
+        self.torch_dtype = _TORCH_DTYPE[self.dtype]
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array, dtype=self.dtype))

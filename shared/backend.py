@@ -54,6 +54,25 @@ class Backend(Protocol):
         """Gradient of the loss with respect to the images x."""
 
 
+class BackendBase:
+    """The hyperparameters every implementation keeps; its Backend adds the methods above."""
+
+    name = ""
+
+    def __init__(
+        self,
+        arch: Arch,
+        *,
+        dtype: np.dtype,
+        momentum: float,
+        weight_decay: float,
+        label_smoothing: float,
+    ):
+        self.arch, self.dtype = arch, np.dtype(dtype)
+        self.momentum, self.weight_decay = momentum, weight_decay
+        self.label_smoothing = label_smoothing
+
+
 def load_backend(
     impl: str,
     arch: Arch,

@@ -238,9 +238,13 @@ def train(
                 save_checkpoint(
                     out_dir / CHECKPOINT_NAME, backend.params(state), meta, backend.velocity(state)
                 )
-                write_json(out_dir / METRICS_NAME, record)
             done = epoch
+            if out_dir is not None:
+                write_json(out_dir / METRICS_NAME, record)
     except KeyboardInterrupt:
+        if out_dir is not None and done:
+            # metrics.json tells the same story as the checkpoint, whenever Ctrl-C came.
+            write_json(out_dir / METRICS_NAME, {**record, "history": record["history"][:done]})
         resume_hint = (
             f"; continue with: python scripts/train.py --resume {out_dir}"
             if out_dir is not None and done
