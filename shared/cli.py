@@ -367,16 +367,30 @@ def experiments_main(argv: list[str] | None = None) -> int:
         "runs/experiments-quick with --quick)",
     )
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite EXPERIMENTS.md from OUT/experiments/results.json, no training",
+    )
     args = parser.parse_args(argv)
 
     def body() -> int:
-        from shared.experiments import run_experiments
+        import json
+
+        from shared.experiments import run_experiments, write_report
 
         impls = tuple(args.impl or IMPLEMENTATIONS)
         quick = dict(
             base=TrainConfig(epochs=2, limit=1000), budgets=(1, 2), seeds=(0,), lab_batch=500
         )
         out = prepare_out_dir(args.out or Path("runs/experiments-quick" if args.quick else "docs"))
+        if args.render_only:
+            saved = out / "experiments" / "results.json"
+            if not saved.is_file():
+                raise UsageError(f"--render-only: no {saved}; run without it first")
+            write_report(out, json.loads(saved.read_text()))
+            print(f"wrote {out / 'EXPERIMENTS.md'}")
+            return 0
         command = "python scripts/experiments.py" + (" --quick" if args.quick else "")
         run_experiments(
             load_dataset(args.data_dir),
