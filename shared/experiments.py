@@ -200,14 +200,21 @@ def conclusions(tables, seeds_table, impls) -> list[str]:
         (max(a) - min(a) for (arch, _), a in seeds_table.items() if arch == "lab" and len(a) > 1),
         default=0.0,
     )
-    lines = [
-        "## What the numbers support",
-        "",
-        f"A difference between rows counts only where it exceeds {_pct(noise)} points, the "
-        "largest seed-to-seed spread of the default network above; every figure below is "
-        "the mean over the implementations.",
-        "",
-    ]
+    lines = ["## What the numbers support", ""]
+    if noise > 0:
+        lines += [
+            f"A difference between rows counts only where it exceeds {_pct(noise)} points, "
+            "the largest seed-to-seed spread of the default network above; every figure "
+            "below is the mean over the implementations.",
+            "",
+        ]
+    else:
+        lines += [
+            "Only one seed was run, so the seed-to-seed spread is unknown and no "
+            "difference below is judged; every figure is the mean over the "
+            "implementations.",
+            "",
+        ]
     for comp, results, _ in tables:
         means = {
             label: statistics.mean(r[i]["test_acc"] for i in impls) for label, r in results.items()
@@ -215,11 +222,12 @@ def conclusions(tables, seeds_table, impls) -> list[str]:
         (ref_label, ref), others = list(means.items())[-1], list(means.items())[:-1]
         for label, acc in others:
             diff = ref - acc
-            verdict = (
-                "a real difference"
-                if abs(diff) > noise
-                else "within the seed spread: no difference shown at this budget"
-            )
+            if noise == 0:
+                verdict = "not judged"
+            elif abs(diff) > noise:
+                verdict = "a real difference"
+            else:
+                verdict = "within the seed spread: no difference shown at this budget"
             lines.append(
                 f"- {comp.title}: {ref_label} {_pct(ref)}% against {label} "
                 f"{_pct(acc)}% ({diff * 100:+.2f} points), {verdict}."
