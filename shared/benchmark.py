@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.backend import IMPLEMENTATIONS, load_backend
+from shared.backend import IMPLEMENTATIONS
 from shared.data import Batch, batch_indices, load_dataset
 from shared.spec import Arch, Conv, Linear, MaxPool, get_arch, init_params
+from shared.train import TrainConfig, make_backend
 
 EPOCH_IMAGES = 50_000
 WARMUP_SECONDS = 2.0
@@ -66,10 +67,10 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 def measure(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
     """Time `steps` training steps on real batches after compilation and warm-up; this runs in
     a worker process of its own."""
-    arch = get_arch(arch_name)
+    config = TrainConfig(impl=impl, arch=arch_name)  # the defaults, as train.py runs them
     data = load_dataset()
-    backend = load_backend(impl, arch, momentum=0.9, weight_decay=5e-4)
-    state = backend.init_state(init_params(arch, "he", 0))
+    backend = make_backend(config)
+    state = backend.init_state(init_params(get_arch(arch_name), config.init, config.seed))
     train_data = backend.put_data(data.train.x, data.train.y)
 
     def batches():

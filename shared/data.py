@@ -122,7 +122,6 @@ DATASETS = {
     ),
 }
 FASHION_MNIST = DATASETS["fashion-mnist"]
-CLASS_NAMES = FASHION_MNIST.class_names
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:

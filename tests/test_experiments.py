@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from shared.data import CLASS_NAMES, load_dataset
+from shared.data import FASHION_MNIST, load_dataset
 from shared.experiments import run_experiments
 from shared.train import TrainConfig, train
 from tests.test_training import run_script
@@ -67,7 +67,7 @@ def test_evaluate_any_checkpoint_with_any_implementation(tiny_data_dir, tmp_path
             str(tmp_path / impl),
         )
         assert result.returncode == 0, result.stderr
-        assert all(name in result.stdout for name in CLASS_NAMES)
+        assert all(name in result.stdout for name in FASHION_MNIST.class_names)
         evaluation = json.loads((tmp_path / impl / "evaluation.json").read_text())
         assert evaluation["written_by"] == "torch" and evaluation["evaluated_by"] == impl
         assert np.array(evaluation["confusion_matrix"]).sum() == 30
