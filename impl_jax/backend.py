@@ -20,7 +20,7 @@ class Backend(BackendBase):
 
     def __init__(self, arch: Arch, **hyperparameters):
         super().__init__(arch, **hyperparameters)
-        self.optimizer = optim.make_optimizer(self.momentum, self.weight_decay)
+        self.optimizer = optim.make_optimizer(self.momentum, self.weight_decay, self.nesterov)
         self._step = jax.jit(self._train_step, donate_argnums=0, static_argnames=("pad", "fill"))
         self._predict = jax.jit(partial(model.forward, arch=arch))
         fns = dict(arch=arch, label_smoothing=self.label_smoothing)

@@ -1,4 +1,5 @@
-"""SGD with momentum and weight decay from optax, in PyTorch's order, learning rate per step."""
+"""SGD with (Nesterov) momentum and weight decay from optax, in PyTorch's order, learning rate
+per step."""
 
 from __future__ import annotations
 
@@ -6,18 +7,21 @@ import jax
 import optax
 
 
-def _sgd(learning_rate, momentum, weight_decay) -> optax.GradientTransformation:
-    # d = g + wd * p (add_decayed_weights); v = momentum * v + d (trace); update = -lr * v.
+def _sgd(learning_rate, momentum, weight_decay, nesterov) -> optax.GradientTransformation:
+    # d = g + wd * p (add_decayed_weights); v = momentum * v + d (trace); update = -lr * v,
+    # or -lr * (d + momentum * v) with Nesterov: torch.optim.SGD's formulas.
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
-        optax.sgd(learning_rate, momentum=momentum),
+        optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
     )
 
 
-def make_optimizer(momentum: float, weight_decay: float) -> optax.GradientTransformation:
+def make_optimizer(
+    momentum: float, weight_decay: float, nesterov: bool = False
+) -> optax.GradientTransformation:
     """The learning rate is a hyperparameter of the state, set by `sgd_step` each step."""
-    return optax.inject_hyperparams(_sgd)(
-        learning_rate=0.0, momentum=momentum, weight_decay=weight_decay
+    return optax.inject_hyperparams(_sgd, static_args="nesterov")(
+        learning_rate=0.0, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
     )
 
 

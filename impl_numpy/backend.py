@@ -38,7 +38,7 @@ class Backend(BackendBase):
         loss, grads, logits = model.loss_grads_and_logits(
             params, x, y, self.arch, self.label_smoothing
         )
-        optim.sgd_step(params, grads, velocity, lr, self.momentum, self.weight_decay)
+        optim.sgd_step(params, grads, velocity, lr, self.momentum, self.weight_decay, self.nesterov)
         return state, loss, int((logits.argmax(axis=1) == y).sum())
 
     def predict(self, state: State, x: np.ndarray) -> np.ndarray:

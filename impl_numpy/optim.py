@@ -1,4 +1,4 @@
-"""SGD with momentum and weight decay, with PyTorch's semantics, updating arrays in place."""
+"""SGD with (Nesterov) momentum and weight decay, PyTorch's semantics, arrays updated in place."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ def sgd_step(
     lr: float,
     momentum: float,
     weight_decay: float,
+    nesterov: bool = False,
 ) -> None:
-    """d = g + wd * p;  v = momentum * v + d;  p -= lr * v  (in place, as torch.optim.SGD).
+    """d = g + wd * p;  v = momentum * v + d;  p -= lr * v, or with Nesterov momentum
+    p -= lr * (d + momentum * v)  (in place, as torch.optim.SGD).
 
     The gradients are overwritten (they become d), and one scratch array per tensor serves
     both products, so a step allocates nothing as large as fc1's weights more than once.
@@ -32,4 +34,9 @@ def sgd_step(
             d += np.multiply(p, weight_decay, out=scratch)
         v *= momentum
         v += d
-        p -= np.multiply(v, lr, out=scratch)
+        if nesterov:
+            # The step looks ahead along the updated velocity.
+            d += np.multiply(v, momentum, out=scratch)
+            p -= np.multiply(d, lr, out=scratch)
+        else:
+            p -= np.multiply(v, lr, out=scratch)

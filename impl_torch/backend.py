@@ -37,7 +37,9 @@ class Backend(BackendBase):
     def init_state(self, params: Params, velocity: Params | None = None) -> State:
         net = model.Net(self.arch).to(self.torch_dtype)
         net.load_state_dict(self._tensors(params))
-        optimizer = optim.make_optimizer(net.parameters(), self.momentum, self.weight_decay)
+        optimizer = optim.make_optimizer(
+            net.parameters(), self.momentum, self.weight_decay, self.nesterov
+        )
         if velocity is not None:
             optim.with_velocity(optimizer, net.named_parameters(), self._tensors(velocity))
         return State(net, optimizer)

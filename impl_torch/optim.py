@@ -1,13 +1,22 @@
-"""SGD with momentum and weight decay: torch.optim.SGD, the learning rate set per step."""
+"""SGD with (Nesterov) momentum and weight decay: torch.optim.SGD, learning rate set per step."""
 
 from __future__ import annotations
 
 import torch
 
 
-def make_optimizer(params, momentum: float, weight_decay: float) -> torch.optim.SGD:
+def make_optimizer(
+    params, momentum: float, weight_decay: float, nesterov: bool = False
+) -> torch.optim.SGD:
     # lr is a placeholder: `sgd_step` sets it on every step from the shared schedule.
-    return torch.optim.SGD(params, lr=0.0, momentum=momentum, weight_decay=weight_decay)
+    # PyTorch refuses Nesterov without momentum, where it is plain SGD anyway.
+    return torch.optim.SGD(
+        params,
+        lr=0.0,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        nesterov=nesterov and momentum > 0,
+    )
 
 
 def velocity(optimizer: torch.optim.SGD, named_params) -> dict[str, torch.Tensor]:

@@ -65,11 +65,12 @@ class BackendBase:
         *,
         dtype: np.dtype,
         momentum: float,
+        nesterov: bool,
         weight_decay: float,
         label_smoothing: float,
     ):
         self.arch, self.dtype = arch, np.dtype(dtype)
-        self.momentum, self.weight_decay = momentum, weight_decay
+        self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
         self.label_smoothing = label_smoothing
 
 
@@ -79,6 +80,7 @@ def load_backend(
     *,
     dtype: Any = np.float32,
     momentum: float = 0.0,
+    nesterov: bool = False,
     weight_decay: float = 0.0,
     label_smoothing: float = 0.0,
 ) -> Backend:
@@ -100,6 +102,7 @@ def load_backend(
         arch,
         dtype=np.dtype(dtype),
         momentum=momentum,
+        nesterov=nesterov,
         weight_decay=weight_decay,
         label_smoothing=label_smoothing,
     )

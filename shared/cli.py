@@ -70,12 +70,24 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
     parser.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     parser.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate")
     parser.add_argument("--momentum", type=_fraction, default=d.momentum)
+    parser.add_argument(
+        "--nesterov",
+        action=argparse.BooleanOptionalAction,
+        default=d.nesterov,
+        help="Nesterov momentum (PyTorch's formulation)",
+    )
     parser.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay)
     parser.add_argument(
         "--schedule",
         choices=SCHEDULES,
         default=d.schedule,
-        help="learning-rate schedule over all steps",
+        help="learning-rate schedule over the steps after the warm-up",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=non_negative_int,
+        default=d.warmup,
+        help="epochs of linear learning-rate warm-up (0: off; at most --epochs minus 1)",
     )
     parser.add_argument("--label-smoothing", type=_fraction, default=d.label_smoothing)
     parser.add_argument(
@@ -83,6 +95,12 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
         action=argparse.BooleanOptionalAction,
         default=d.flip,
         help="augment: flip training images horizontally with probability 1/2",
+    )
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=d.tta,
+        help="evaluate on each image and its mirror image, averaging the logits",
     )
     parser.add_argument(
         "--shift",
@@ -166,7 +184,15 @@ def _resumed_config(
     ckpt = load_checkpoint(path)
     if "history" not in ckpt.meta or ckpt.velocity is None:
         raise CheckpointError(f"{path}: written without its run history; cannot resume")
-    return TrainConfig(**ckpt.meta["config"]), ckpt
+    saved = ckpt.meta["config"]
+    # A run from another version of threefold would continue with other semantics.
+    if set(saved) != set(TrainConfig.__dataclass_fields__):
+        differ = sorted(set(saved) ^ set(TrainConfig.__dataclass_fields__))
+        raise CheckpointError(
+            f"{path}: written by another version of threefold (settings differ: "
+            f"{', '.join(differ)}); cannot resume it exactly, start a new run"
+        )
+    return TrainConfig(**saved), ckpt
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -299,6 +325,13 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average the logits of each image and its mirror image "
+        "(default: as the checkpoint's run did)",
+    )
+    parser.add_argument(
         "--impl",
         choices=IMPLEMENTATIONS,
         default="numpy",
@@ -320,11 +353,16 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         out = prepare_out_dir(args.out or args.checkpoint.parent)
         ckpt = load_checkpoint(args.checkpoint)
         data = load_dataset(args.data_dir, ckpt.meta.get("dataset", "fashion-mnist"))
-        result = {"checkpoint": str(args.checkpoint), **evaluate_checkpoint(ckpt, args.impl, data)}
+        # Runs from before test-time augmentation existed evaluated without it.
+        tta = ckpt.meta.get("config", {}).get("tta", False) if args.tta is None else args.tta
+        result = {
+            "checkpoint": str(args.checkpoint),
+            **evaluate_checkpoint(ckpt, args.impl, data, tta),
+        }
         logits = result.pop("logits")
         print(
             f"{args.checkpoint} (arch {result['arch']}, written by {result['written_by']}, "
-            f"evaluated by {args.impl})"
+            f"evaluated by {args.impl}{', mirror images averaged in' if tta else ''})"
         )
         print(f"test accuracy {100 * result['acc']:.2f}%, loss {result['loss']:.4f}")
         for name, acc in result["per_class_acc"].items():

@@ -35,7 +35,15 @@ TOLERANCES = {
 }
 FD_STEP = 1e-6
 # The training defaults with every technique switched on, whatever the defaults choose.
-ALL_ON = replace(TrainConfig(), flip=True, shift=2, label_smoothing=0.1, weight_decay=5e-4)
+ALL_ON = replace(
+    TrainConfig(),
+    nesterov=True,
+    warmup=1,
+    flip=True,
+    shift=2,
+    label_smoothing=0.1,
+    weight_decay=5e-4,
+)
 
 
 @dataclass(frozen=True)
@@ -127,11 +135,13 @@ def lockstep(
             len(y), size, seed=0, epoch=0, flip=config.flip, shift=config.shift, shuffle=False
         )
     )
+    # Training's shape of schedule compressed into these steps: warm-up over the first quarter.
+    warmup_steps = steps // 4 if config.warmup else 0
     runs = {}
     for name, backend in backends.items():
         state, losses, data = backend.init_state(params), [], backend.put_data(x, y)
         for step, batch in enumerate(plan):
-            lr = learning_rate(step, steps, config.lr, config.schedule)
+            lr = learning_rate(step, steps, config.lr, config.schedule, warmup_steps)
             state, loss, _ = backend.train_step(state, data, batch, lr)
             losses.append(loss)
         runs[name] = (np.array(losses), backend.params(state), backend.velocity(state))
@@ -176,7 +186,8 @@ def run_crosscheck(
     impls: tuple[str, ...] = IMPLEMENTATIONS,
 ) -> list[Comparison]:
     """Every comparison for every architecture and dtype, by default with every training
-    technique on (momentum, weight decay, schedule, label smoothing, flips and shifts)."""
+    technique on (Nesterov momentum, weight decay, warm-up and schedule, label smoothing, flips
+    and shifts)."""
     config = config or ALL_ON
     batches = sample_batches(data, batch_size, steps, seed)
     y = batches[0][1]
@@ -188,6 +199,7 @@ def run_crosscheck(
                 arch,
                 dtype=np.dtype(dtype),
                 momentum=config.momentum,
+                nesterov=config.nesterov,
                 weight_decay=config.weight_decay,
                 label_smoothing=config.label_smoothing,
             )

@@ -16,17 +16,21 @@ from shared.spec import get_arch
 from shared.train import predict
 
 
-def evaluate_checkpoint(ckpt: Checkpoint, impl: str, data: Dataset) -> dict[str, Any]:
+def evaluate_checkpoint(
+    ckpt: Checkpoint, impl: str, data: Dataset, tta: bool = False
+) -> dict[str, Any]:
     """Test loss, accuracy, confusion matrix and per-class accuracy of a checkpoint, computed
-    by `impl` whatever implementation wrote it; also the logits (N, 10)."""
+    by `impl` whatever implementation wrote it (with `tta`, averaged over each image and its
+    mirror image); also the logits (N, 10)."""
     backend = load_backend(impl, get_arch(ckpt.meta["arch"]))
-    logits = predict(backend, backend.init_state(ckpt.params), data.test)
+    logits = predict(backend, backend.init_state(ckpt.params), data.test, tta)
     cm = metrics.confusion_matrix(logits.argmax(axis=1), data.test.y, NUM_CLASSES)
     per_class = metrics.per_class_accuracy(cm).tolist()
     return {
         "written_by": ckpt.meta.get("impl"),
         "evaluated_by": impl,
         "arch": ckpt.meta["arch"],
+        "tta": tta,
         "loss": metrics.cross_entropy(logits, data.test.y),
         "acc": metrics.accuracy(logits, data.test.y),
         "confusion_matrix": cm.tolist(),

@@ -16,17 +16,21 @@ from shared.io import atomic_write, write_json
 from shared.plots import plt, save_figure
 from shared.train import TrainConfig, train
 
-# The lab's own setup, as far as the report shows: `randn * 0.01` weights, plain SGD, whole
-# batches of 10,000 images (its printed shapes), 15 epochs. Its learning rate is not shown;
-# 0.1 is our assumption. Pixels scaled as ours (the report does not say).
+# The lab's own setup, as far as the report shows: `randn * 0.01` weights, plain SGD on plain
+# cross-entropy, whole batches of 10,000 images (its printed shapes), 15 epochs. Its learning
+# rate is not shown; 0.1 is our assumption. Pixels scaled as ours (the report does not say).
 LAB_SETUP = dict(
     init="lab",
     batch_size=10_000,
     lr=0.1,
     momentum=0.0,
+    nesterov=False,
     weight_decay=0.0,
+    label_smoothing=0.0,
     schedule="constant",
+    warmup=0,
     flip=False,
+    tta=False,
     shift=0,
 )
 
@@ -77,7 +81,11 @@ def comparisons(epochs: int, budgets: tuple[int, ...], lab_batch: int) -> list[C
             "Epochs",
             "More epochs (each run with its schedule completed).",
             (
-                *(Variant(f"{e} epochs", {"epochs": e}) for e in budgets if e != epochs),
+                *(
+                    Variant(f"{e} epoch{'s' * (e != 1)}", {"epochs": e})
+                    for e in budgets
+                    if e != epochs
+                ),
                 Variant(f"{epochs} epochs (default)"),
             ),
         ),

@@ -45,12 +45,15 @@ class TrainConfig:
     init: str = "he"
     epochs: int = 15
     batch_size: int = 64
-    lr: float = 0.01
+    lr: float = 0.02
     momentum: float = 0.9
-    weight_decay: float = 2e-3
+    nesterov: bool = True
+    weight_decay: float = 1e-3
     schedule: str = "cosine"
+    warmup: int = 1
     label_smoothing: float = 0.1
-    flip: bool = False
+    flip: bool = True
+    tta: bool = True
     shift: int = 0
     seed: int = 0
     limit: int | None = None
@@ -58,13 +61,25 @@ class TrainConfig:
     dataset: str = "fashion-mnist"
 
 
-def learning_rate(step: int, total_steps: int, base_lr: float, schedule: str) -> float:
-    """The learning rate of optimizer step `step` (0-based) out of `total_steps`."""
+def learning_rate(
+    step: int, total_steps: int, base_lr: float, schedule: str, warmup_steps: int = 0
+) -> float:
+    """The learning rate of optimizer step `step` (0-based) out of `total_steps`: a linear
+    rise to base_lr over the first `warmup_steps`, then the schedule over the rest."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
     if schedule == "constant":
         return base_lr
     if schedule == "cosine":
-        return base_lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+        progress = (step - warmup_steps) / (total_steps - warmup_steps)
+        return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
     raise UsageError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+
+
+def warmup_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """Steps of warm-up: `config.warmup` epochs, but the last epoch always follows the schedule
+    (so a 1-epoch run has none)."""
+    return min(config.warmup, config.epochs - 1) * steps_per_epoch
 
 
 def make_backend(config: TrainConfig) -> Backend:
@@ -73,19 +88,25 @@ def make_backend(config: TrainConfig) -> Backend:
         get_arch(config.arch),
         dtype=np.dtype(config.dtype),
         momentum=config.momentum,
+        nesterov=config.nesterov,
         weight_decay=config.weight_decay,
         label_smoothing=config.label_smoothing,
     )
 
 
-def predict(backend: Backend, state: Any, split: Split, batch_size: int = 1000) -> np.ndarray:
-    """Logits (N, 10) for every image of a split, computed in batches."""
-    return np.concatenate(
-        [
-            backend.predict(state, split.x[i : i + batch_size])
-            for i in range(0, len(split), batch_size)
-        ]
-    )
+def predict(
+    backend: Backend, state: Any, split: Split, tta: bool = False, batch_size: int = 1000
+) -> np.ndarray:
+    """Logits (N, 10) for every image of a split, computed in batches; with `tta`, the mean of
+    the logits of each image and of its mirror image (test-time augmentation by flips)."""
+    logits = []
+    for i in range(0, len(split), batch_size):
+        x = split.x[i : i + batch_size]
+        out = backend.predict(state, x)
+        if tta:
+            out = (out + backend.predict(state, np.ascontiguousarray(x[..., ::-1]))) / 2
+        logits.append(out)
+    return np.concatenate(logits)
 
 
 def train_split(config: TrainConfig, data: Dataset) -> Split:
@@ -108,6 +129,7 @@ def run_epoch(
     """One pass over the n images of `data` (from backend.put_data) in the (seed, epoch)
     order, shifted images padded with `fill` -> (state, mean loss, accuracy)."""
     steps = num_batches(n, config.batch_size)
+    warmup = warmup_steps(config, steps)
     batches = training_batches(
         n,
         config.batch_size,
@@ -123,7 +145,7 @@ def run_epoch(
     )
     for i, batch in enumerate(bar):
         step = (epoch - 1) * steps + i
-        lr = learning_rate(step, config.epochs * steps, config.lr, config.schedule)
+        lr = learning_rate(step, config.epochs * steps, config.lr, config.schedule, warmup)
         state, loss, n_correct = backend.train_step(state, data, batch, lr)
         if not math.isfinite(loss):
             raise TrainingDiverged(
@@ -154,10 +176,11 @@ def evaluate_epoch(
     train_loss: float,
     train_acc: float,
     start: float,
+    tta: bool,
 ) -> dict[str, Any]:
     """The history entry of an epoch: its training figures, validation loss and accuracy."""
     train_seconds = time.perf_counter() - start
-    val_logits = predict(backend, state, data.val)
+    val_logits = predict(backend, state, data.val, tta)
     return {
         "epoch": epoch,
         "train_loss": train_loss,
@@ -169,8 +192,8 @@ def evaluate_epoch(
     }
 
 
-def test_metrics(backend: Backend, state: Any, data: Dataset) -> dict[str, Any]:
-    logits = predict(backend, state, data.test)
+def test_metrics(backend: Backend, state: Any, data: Dataset, tta: bool) -> dict[str, Any]:
+    logits = predict(backend, state, data.test, tta)
     cm = metrics.confusion_matrix(logits.argmax(axis=1), data.test.y, NUM_CLASSES)
     return {
         "loss": metrics.cross_entropy(logits, data.test.y),
@@ -213,7 +236,9 @@ def train(
             state, train_loss, train_acc = run_epoch(
                 backend, state, train_data, len(split), config, epoch, data.spec.background
             )
-            entry = evaluate_epoch(backend, state, data, epoch, train_loss, train_acc, start)
+            entry = evaluate_epoch(
+                backend, state, data, epoch, train_loss, train_acc, start, config.tta
+            )
             record["history"].append(entry)
             log(
                 metrics.epoch_line(
@@ -255,7 +280,7 @@ def train(
         ) from None
     except TrainingDiverged as e:
         raise TrainingDiverged(f"{e}; {_saved(out_dir, done)}") from None
-    record["test"] = test_metrics(backend, state, data)
+    record["test"] = test_metrics(backend, state, data, config.tta)
     if out_dir is not None:
         write_json(out_dir / METRICS_NAME, record)
         plot_curves(

@@ -4,13 +4,14 @@ in lockstep, and across checkpoints. And the comparison itself has teeth."""
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from shared.backend import IMPLEMENTATIONS, load_backend
 from shared.checkpoint import load_checkpoint
-from shared.crosscheck import checkpoint_agreement, compare, run_crosscheck
+from shared.crosscheck import ALL_ON, checkpoint_agreement, compare, run_crosscheck
 from shared.data import load_dataset
 from shared.spec import ARCHS, init_params, param_shapes
 from shared.train import TrainConfig, train
@@ -153,10 +154,14 @@ def test_model_forward_and_gradients_agree(arch):
         assert_same(dx_a, dx_b, f"grad input {a}-{b}")
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("steps", [1, 10])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_optimizer_steps_agree(steps, dtype):
-    results = run_crosscheck([ARCHS["pool"]], [dtype], None, steps=steps, batch_size=5, seed=steps)
+def test_optimizer_steps_agree(steps, dtype, nesterov):
+    config = replace(ALL_ON, nesterov=nesterov)
+    results = run_crosscheck(
+        [ARCHS["pool"]], [dtype], None, steps=steps, batch_size=5, seed=steps, config=config
+    )
     lockstep = [r for r in results if r.check.startswith("lockstep")]
     # A loss row, then every parameter and every momentum buffer.
     assert len(lockstep) == len(PAIRS) * (1 + 2 * len(param_shapes(ARCHS["pool"])))

@@ -40,7 +40,7 @@ def test_experiments_write_every_table_and_plot(tiny_data_dir, tmp_path):
     # Seeds: two for jax and torch, one for numpy; every accuracy a real fraction.
     assert [len(v) for v in results["seeds"].values()] == [1, 2, 2, 1, 2, 2]
     saved = json.loads((out / "experiments" / "results.json").read_text())
-    by_impl = saved["comparisons"]["Epochs"]["1 epochs"]
+    by_impl = saved["comparisons"]["Epochs"]["1 epoch"]
     assert set(by_impl) == {"numpy", "jax", "torch"}
     assert all(0 <= s["test_acc"] <= 1 and len(s["val_curve"]) == 1 for s in by_impl.values())
 
@@ -73,5 +73,17 @@ def test_evaluate_any_checkpoint_with_any_implementation(tiny_data_dir, tmp_path
         assert np.array(evaluation["confusion_matrix"]).sum() == 30
         for name in ("confusion.png", "misclassified.png"):
             assert (tmp_path / impl / name).read_bytes()[:4] == b"\x89PNG"
+        assert evaluation["tta"] is True  # as the run evaluated
         accs.append(evaluation["acc"])
     assert len(set(accs)) == 1
+    result = run_script(
+        "evaluate.py",
+        str(out / "checkpoint.npz"),
+        "--no-tta",
+        "--data-dir",
+        str(tiny_data_dir),
+        "--out",
+        str(tmp_path / "plain"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "plain" / "evaluation.json").read_text())["tta"] is False

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.checkpoint import load_checkpoint
+from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.data import FASHION_MNIST, FILES, load_dataset
 from shared.download import download_dataset
 from shared.errors import CheckpointError, DataError
@@ -93,6 +93,13 @@ def test_resume_command_continues_and_refuses_changed_flags(tiny_data_dir, tmp_p
     result = run_script("train.py", "--resume", str(out), *common)
     assert result.returncode == 0, result.stderr
     assert "resuming after epoch 2 of 2" in result.stdout and "| Epoch:" not in result.stdout
+    # A run whose settings predate a technique cannot continue with that technique's default.
+    ckpt = load_checkpoint(out / "checkpoint.npz")
+    del ckpt.meta["config"]["tta"]
+    save_checkpoint(out / "checkpoint.npz", ckpt.params, ckpt.meta, ckpt.velocity)
+    result = run_script("train.py", "--resume", str(out), *common)
+    assert result.returncode == 1 and "another version of threefold" in result.stderr
+    assert "settings differ: tta" in result.stderr and "Traceback" not in result.stderr
 
 
 # --- interruption and kills ---------------------------------------------------------------

@@ -13,9 +13,17 @@ import pytest
 
 from shared import metrics
 from shared.checkpoint import load_checkpoint, save_checkpoint
+from shared.data import Split, load_dataset
 from shared.errors import CheckpointError
 from shared.spec import ARCHS, init_params
-from shared.train import TrainConfig, learning_rate, make_backend, predict, train
+from shared.train import (
+    TrainConfig,
+    learning_rate,
+    make_backend,
+    predict,
+    train,
+    warmup_steps,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +55,33 @@ def test_cosine_schedule_runs_from_peak_to_zero():
     assert learning_rate(50, 100, 0.1, "cosine") == pytest.approx(0.05)
     assert learning_rate(100, 100, 0.1, "cosine") == pytest.approx(0.0)
     assert learning_rate(37, 100, 0.1, "constant") == 0.1
+
+
+def test_warmup_rises_linearly_then_hands_over_to_the_schedule():
+    assert learning_rate(0, 110, 0.1, "cosine", warmup_steps=10) == pytest.approx(0.01)
+    assert learning_rate(4, 110, 0.1, "cosine", warmup_steps=10) == pytest.approx(0.05)
+    assert learning_rate(10, 110, 0.1, "cosine", warmup_steps=10) == 0.1
+    assert learning_rate(60, 110, 0.1, "cosine", warmup_steps=10) == pytest.approx(0.05)
+    assert learning_rate(110, 110, 0.1, "cosine", warmup_steps=10) == pytest.approx(0.0)
+    assert learning_rate(3, 110, 0.1, "constant", warmup_steps=10) == pytest.approx(0.04)
+    assert learning_rate(50, 110, 0.1, "constant", warmup_steps=10) == 0.1
+    assert warmup_steps(TrainConfig(epochs=15, warmup=1), 782) == 782
+    assert warmup_steps(TrainConfig(epochs=3, warmup=5), 10) == 20
+    assert warmup_steps(TrainConfig(epochs=1, warmup=1), 10) == 0
+
+
+@pytest.mark.parametrize("impl", ["numpy", "jax", "torch"])
+def test_tta_averages_each_image_with_its_mirror_image(impl, tiny_data_dir):
+    test = load_dataset(tiny_data_dir).test
+    mirrored = Split(np.ascontiguousarray(test.x[..., ::-1]), test.y)
+    backend = make_backend(TrainConfig(impl=impl, dtype="float64"))
+    state = backend.init_state(init_params(ARCHS["lab"], "he", 0, np.dtype(np.float64)))
+    plain = predict(backend, state, test, batch_size=7)
+    tta = predict(backend, state, test, tta=True, batch_size=7)
+    np.testing.assert_allclose(tta, (plain + predict(backend, state, mirrored)) / 2, rtol=1e-12)
+    # Averaged over both orientations, an image and its mirror image get the same logits.
+    np.testing.assert_allclose(predict(backend, state, mirrored, tta=True), tta, rtol=1e-12)
+    assert not np.allclose(tta, plain)
 
 
 @pytest.mark.parametrize("impl", ["numpy", "jax", "torch"])
@@ -90,6 +125,7 @@ def test_train_script_writes_all_outputs(tiny_data_dir, tmp_path, impl):
         ("--arch", "resnet", "--arch"),
         ("--init", "xavier", "--init"),
         ("--momentum", "1.5", "--momentum"),
+        ("--warmup", "-1", "--warmup"),
     ],
 )
 def test_bad_flag_value_is_a_usage_error(flag, value, message):
