@@ -177,11 +177,38 @@ def run_experiments(
         "base": dataclasses.asdict(base),
         "command": command,
         "comparisons": {c.title: r for c, r, _ in tables},
+        "variants": {c.title: {v.label: v.changes for v in c.variants} for c, _, _ in tables},
         "seeds": {f"{a}|{i}": v for (a, i), v in seeds_table.items()},
     }
+    saved["float64"] = recheck_in_float64(data, saved, progress)
     write_json(figures / "results.json", saved)
     write_report(out, saved)
     return {"tables": tables, "seeds": seeds_table}
+
+
+def _spread(by_impl: dict[str, float]) -> float:
+    return max(by_impl.values()) - min(by_impl.values())
+
+
+def recheck_in_float64(
+    data: Dataset, saved: dict, progress: Callable[[str], None] = print
+) -> dict[str, dict[str, float]]:
+    """Train again, in float64, every row whose implementations' test accuracies differ by
+    more than AGREEMENT: float32 drift vanishes there, a real difference would not.
+    -> {"title / label": {impl: test accuracy}}."""
+    base = dataclasses.replace(TrainConfig(**saved["base"]), dtype="float64")
+    rechecked = {}
+    for title, rows in saved["comparisons"].items():
+        for label, by_impl in rows.items():
+            if _spread({i: s["test_acc"] for i, s in by_impl.items()}) <= AGREEMENT:
+                continue
+            variant = Variant(label, saved["variants"][title][label])
+            accs = {}
+            for impl in by_impl:
+                progress(f"Agreement in float64: {title} / {label} | {impl}")
+                accs[impl] = run_variant(base, variant, impl, data, {})["test"]["acc"]
+            rechecked[f"{title} / {label}"] = accs
+    return rechecked
 
 
 def write_report(out: Path, saved: dict) -> None:
@@ -193,7 +220,7 @@ def write_report(out: Path, saved: dict) -> None:
         tables.append((comp, saved["comparisons"][comp.title], f"experiments/{slug}.png"))
     seeds_table = {tuple(k.split("|")): v for k, v in saved["seeds"].items()}
     impls = tuple(next(iter(tables[0][1].values())))
-    report = render(tables, seeds_table, base, saved["command"], impls)
+    report = render(tables, seeds_table, base, saved["command"], impls, saved.get("float64", {}))
     atomic_write(out / "EXPERIMENTS.md", lambda f: f.write(report.encode()))
 
 
@@ -241,13 +268,14 @@ def conclusions(tables, seeds_table, impls) -> list[str]:
                 f"{_pct(acc)}% ({diff * 100:+.2f} points), {verdict}."
             )
     for arch, target in TARGETS.items():
-        accs = [a for (ar, _), acc in seeds_table.items() if ar == arch for a in acc]
-        if accs:
-            mean = statistics.mean(accs)
-            met = "met" if mean >= target else "not met"
+        # The target holds for each implementation: its mean over its seeds.
+        means = {i: statistics.mean(a) for (ar, i), a in seeds_table.items() if ar == arch}
+        if means:
+            met = "met" if min(means.values()) >= target else "not met"
+            each = ", ".join(f"{i} {_pct(m)}%" for i, m in means.items())
             lines.append(
-                f"- Target for `{arch}`: {_pct(target)}%; mean test accuracy over "
-                f"every seed and implementation {_pct(mean)}%: {met}."
+                f"- Target for `{arch}`: {_pct(target)}% for each implementation; mean test "
+                f"accuracy over its seeds: {each}: {met}."
             )
     return lines
 
@@ -256,7 +284,7 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
-def render(tables, seeds_table, base: TrainConfig, command: str, impls) -> str:
+def render(tables, seeds_table, base: TrainConfig, command: str, impls, float64: dict) -> str:
     """The markdown report: one table and plot per comparison, then seeds and agreement."""
     lines = [
         "# Experiments",
@@ -312,8 +340,18 @@ def render(tables, seeds_table, base: TrainConfig, command: str, impls) -> str:
     ]
     for comp, results, _ in tables:
         for label, by_impl in results.items():
-            accs = [by_impl[i]["test_acc"] for i in impls]
-            spread = max(accs) - min(accs)
-            flag = " (above the 0.3 allowed)" if spread > AGREEMENT else ""
-            lines.append(f"- {comp.title} / {label}: {_pct(spread)} points{flag}")
+            spread = _spread({i: by_impl[i]["test_acc"] for i in impls})
+            flag = f" (above the {_pct(AGREEMENT)} allowed)" if spread > AGREEMENT else ""
+            row = f"{comp.title} / {label}"
+            if row in float64:
+                accs = ", ".join(f"{i} {_pct(a)}" for i, a in float64[row].items())
+                flag += f"; trained again in float64: {_pct(_spread(float64[row]))} ({accs})"
+            lines.append(f"- {row}: {_pct(spread)} points{flag}")
+    if float64:
+        lines += [
+            "",
+            f"Rows above {_pct(AGREEMENT)} points were trained again in float64 (same seed, "
+            "same batches): where the implementations then agree, the float32 gap was rounding "
+            "drift amplified by training, not a difference in what they compute.",
+        ]
     return "\n".join(lines) + "\n"

@@ -154,11 +154,12 @@ def test_model_forward_and_gradients_agree(arch):
         assert_same(dx_a, dx_b, f"grad input {a}-{b}")
 
 
-@pytest.mark.parametrize("nesterov", [False, True])
+# Nesterov without momentum is plain SGD (PyTorch refuses the combination; ours accept it).
+@pytest.mark.parametrize(("momentum", "nesterov"), [(0.9, False), (0.9, True), (0.0, True)])
 @pytest.mark.parametrize("steps", [1, 10])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_optimizer_steps_agree(steps, dtype, nesterov):
-    config = replace(ALL_ON, nesterov=nesterov)
+def test_optimizer_steps_agree(steps, dtype, momentum, nesterov):
+    config = replace(ALL_ON, momentum=momentum, nesterov=nesterov)
     results = run_crosscheck(
         [ARCHS["pool"]], [dtype], None, steps=steps, batch_size=5, seed=steps, config=config
     )

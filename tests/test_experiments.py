@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 
 from shared.data import FASHION_MNIST, load_dataset
-from shared.experiments import run_experiments
+from shared.experiments import AGREEMENT, recheck_in_float64, run_experiments
 from shared.train import TrainConfig, train
 from tests.test_training import run_script
 
@@ -43,6 +44,41 @@ def test_experiments_write_every_table_and_plot(tiny_data_dir, tmp_path):
     by_impl = saved["comparisons"]["Epochs"]["1 epoch"]
     assert set(by_impl) == {"numpy", "jax", "torch"}
     assert all(0 <= s["test_acc"] <= 1 and len(s["val_curve"]) == 1 for s in by_impl.values())
+    # Exactly the rows whose implementations disagree by more than allowed are rechecked in
+    # float64, by every implementation.
+    disagreeing = {
+        f"{title} / {label}"
+        for title, rows in saved["comparisons"].items()
+        for label, row in rows.items()
+        if max(s["test_acc"] for s in row.values()) - min(s["test_acc"] for s in row.values())
+        > AGREEMENT
+    }
+    assert set(saved["float64"]) == disagreeing
+    for row, accs in saved["float64"].items():
+        assert set(accs) == {"numpy", "jax", "torch"}
+        assert f"- {row}: " in report and "trained again in float64" in report
+
+
+def test_rows_that_disagree_are_trained_again_in_float64(tiny_data_dir):
+    impls = ("numpy", "jax", "torch")
+    saved = {
+        "base": dataclasses.asdict(TrainConfig(epochs=1, batch_size=16)),
+        "comparisons": {
+            "Epochs": {
+                "1 epoch": {
+                    i: {"test_acc": a} for i, a in zip(impls, (0.5, 0.5, 0.9), strict=True)
+                },
+                "agreeing": {i: {"test_acc": 0.5} for i in impls},
+            }
+        },
+        "variants": {"Epochs": {"1 epoch": {"epochs": 1}, "agreeing": {"arch": "noconv"}}},
+    }
+    rechecked = recheck_in_float64(load_dataset(tiny_data_dir), saved, progress=lambda _: None)
+    assert list(rechecked) == ["Epochs / 1 epoch"]
+    accs = rechecked["Epochs / 1 epoch"]
+    assert set(accs) == set(impls)
+    # In float64 the implementations agree: what is left is far below the allowed gap.
+    assert max(accs.values()) - min(accs.values()) <= AGREEMENT
 
 
 def test_evaluate_any_checkpoint_with_any_implementation(tiny_data_dir, tmp_path):
