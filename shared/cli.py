@@ -17,7 +17,15 @@ from shared.data import DATASETS, get_dataset_spec, load_dataset
 from shared.errors import CheckpointError, ThreefoldError, UsageError
 from shared.io import write_json
 from shared.spec import ARCHS, INITS, get_arch
-from shared.train import CHECKPOINT_NAME, DTYPES, SCHEDULES, Interrupted, TrainConfig, train
+from shared.train import (
+    CHECKPOINT_NAME,
+    DTYPES,
+    SCHEDULES,
+    Interrupted,
+    TrainConfig,
+    averages_mirrors,
+    train,
+)
 
 
 def _number(kind: type, minimum: float, inclusive: bool) -> Callable[[str], float]:
@@ -100,7 +108,8 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
         "--tta",
         action=argparse.BooleanOptionalAction,
         default=d.tta,
-        help="evaluate on each image and its mirror image, averaging the logits",
+        help="evaluate on each image and its mirror image, averaging the logits "
+        "(default: when training with --flip)",
     )
     parser.add_argument(
         "--shift",
@@ -354,7 +363,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         ckpt = load_checkpoint(args.checkpoint)
         data = load_dataset(args.data_dir, ckpt.meta.get("dataset", "fashion-mnist"))
         # Runs from before test-time augmentation existed evaluated without it.
-        tta = ckpt.meta.get("config", {}).get("tta", False) if args.tta is None else args.tta
+        run = ckpt.meta.get("config", {})
+        tta = averages_mirrors(
+            run.get("flip", False), run.get("tta") if args.tta is None else args.tta
+        )
         result = {
             "checkpoint": str(args.checkpoint),
             **evaluate_checkpoint(ckpt, args.impl, data, tta),

@@ -160,6 +160,8 @@ def lockstep(
         yield f"lockstep loss x{steps}", pair, _stacked(run_a, 0), _stacked(run_b, 0)
         for name in params:
             yield f"lockstep {name}", pair, _stacked(run_a, 1, name), _stacked(run_b, 1, name)
+            if not config.momentum:
+                continue  # without momentum there are no buffers: PyTorch keeps none
             yield (
                 f"lockstep momentum {name}",
                 pair,

@@ -53,7 +53,7 @@ class TrainConfig:
     warmup: int = 1
     label_smoothing: float = 0.1
     flip: bool = True
-    tta: bool = True
+    tta: bool | None = None  # None: as `flip`
     shift: int = 0
     seed: int = 0
     limit: int | None = None
@@ -74,6 +74,13 @@ def learning_rate(
         progress = (step - warmup_steps) / (total_steps - warmup_steps)
         return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
     raise UsageError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+
+
+def averages_mirrors(flip: bool, tta: bool | None) -> bool:
+    """Whether evaluation averages each image with its mirror image: as asked, or by default
+    when the network was trained on flipped images (one trained without them has learnt
+    left-right asymmetries that a mirror image would contradict)."""
+    return flip if tta is None else tta
 
 
 def warmup_steps(config: TrainConfig, steps_per_epoch: int) -> int:
@@ -218,6 +225,7 @@ def train(
     """
     arch = get_arch(config.arch)
     backend = make_backend(config)
+    tta = averages_mirrors(config.flip, config.tta)
     split = train_split(config, data)
     record: dict[str, Any] = {"config": dataclasses.asdict(config), "history": []}
     if resume is None:
@@ -236,9 +244,7 @@ def train(
             state, train_loss, train_acc = run_epoch(
                 backend, state, train_data, len(split), config, epoch, data.spec.background
             )
-            entry = evaluate_epoch(
-                backend, state, data, epoch, train_loss, train_acc, start, config.tta
-            )
+            entry = evaluate_epoch(backend, state, data, epoch, train_loss, train_acc, start, tta)
             record["history"].append(entry)
             log(
                 metrics.epoch_line(
@@ -280,7 +286,7 @@ def train(
         ) from None
     except TrainingDiverged as e:
         raise TrainingDiverged(f"{e}; {_saved(out_dir, done)}") from None
-    record["test"] = test_metrics(backend, state, data, config.tta)
+    record["test"] = test_metrics(backend, state, data, tta)
     if out_dir is not None:
         write_json(out_dir / METRICS_NAME, record)
         plot_curves(

@@ -18,6 +18,7 @@ from shared.errors import CheckpointError
 from shared.spec import ARCHS, init_params
 from shared.train import (
     TrainConfig,
+    averages_mirrors,
     learning_rate,
     make_backend,
     predict,
@@ -39,7 +40,8 @@ def run_script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 def test_short_real_run_lowers_the_loss(real_data):
-    config = TrainConfig(impl="numpy", epochs=2, limit=5000, flip=False, shift=0)
+    # The defaults are made for 15 epochs: 157 steps want a gentler peak and no warm-up.
+    config = TrainConfig(impl="numpy", epochs=2, limit=5000, lr=0.01, warmup=0, flip=False, shift=0)
     backend = make_backend(config)
     state = backend.init_state(init_params(ARCHS["lab"], "he", config.seed))
     initial = metrics.cross_entropy(predict(backend, state, real_data.val), real_data.val.y)
@@ -68,6 +70,12 @@ def test_warmup_rises_linearly_then_hands_over_to_the_schedule():
     assert warmup_steps(TrainConfig(epochs=15, warmup=1), 782) == 782
     assert warmup_steps(TrainConfig(epochs=3, warmup=5), 10) == 20
     assert warmup_steps(TrainConfig(epochs=1, warmup=1), 10) == 0
+
+
+def test_mirror_images_are_averaged_by_default_only_after_training_on_flips():
+    assert averages_mirrors(flip=True, tta=None) and not averages_mirrors(flip=False, tta=None)
+    assert averages_mirrors(flip=False, tta=True) and not averages_mirrors(flip=True, tta=False)
+    assert averages_mirrors(TrainConfig().flip, TrainConfig().tta)
 
 
 @pytest.mark.parametrize("impl", ["numpy", "jax", "torch"])
