@@ -16,7 +16,7 @@ import numpy as np
 from shared.backend import IMPLEMENTATIONS, Backend, load_backend
 from shared.data import Dataset, iterate_batches, training_batches
 from shared.spec import Arch, Params, init_params
-from shared.train import TrainConfig, learning_rate
+from shared.train import TrainConfig, learning_rate, predict
 
 # Relative error is max|a - b| / max|b|: the worst difference measured against the tensor's
 # own scale, so tiny entries of a large tensor do not dominate.
@@ -282,10 +282,7 @@ def checkpoint_agreement(
     logits = {}
     for impl in impls:
         backend = load_backend(impl, arch)
-        state = backend.init_state(params)
-        logits[impl] = np.concatenate(
-            [backend.predict(state, images[i : i + 1000]) for i in range(0, len(images), 1000)]
-        )
+        logits[impl] = predict(backend, backend.init_state(params), images)
     results = []
     for pair, a, b in _pairs(logits):
         results.append(

@@ -23,7 +23,7 @@ def evaluate_checkpoint(
     by `impl` whatever implementation wrote it (with `tta`, averaged over each image and its
     mirror image); also the logits (N, 10)."""
     backend = load_backend(impl, get_arch(ckpt.meta["arch"]))
-    logits = predict(backend, backend.init_state(ckpt.params), data.test, tta)
+    logits = predict(backend, backend.init_state(ckpt.params), data.test.x, tta)
     cm = metrics.confusion_matrix(logits.argmax(axis=1), data.test.y, NUM_CLASSES)
     per_class = metrics.per_class_accuracy(cm).tolist()
     return {

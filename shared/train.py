@@ -102,13 +102,13 @@ def make_backend(config: TrainConfig) -> Backend:
 
 
 def predict(
-    backend: Backend, state: Any, split: Split, tta: bool = False, batch_size: int = 1000
+    backend: Backend, state: Any, images: np.ndarray, tta: bool = False, batch_size: int = 1000
 ) -> np.ndarray:
-    """Logits (N, 10) for every image of a split, computed in batches; with `tta`, the mean of
+    """Logits (N, 10) for images (N, 1, 28, 28), computed in batches; with `tta`, the mean of
     the logits of each image and of its mirror image (test-time augmentation by flips)."""
     logits = []
-    for i in range(0, len(split), batch_size):
-        x = split.x[i : i + batch_size]
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size]
         out = backend.predict(state, x)
         if tta:
             out = (out + backend.predict(state, np.ascontiguousarray(x[..., ::-1]))) / 2
@@ -187,7 +187,7 @@ def evaluate_epoch(
 ) -> dict[str, Any]:
     """The history entry of an epoch: its training figures, validation loss and accuracy."""
     train_seconds = time.perf_counter() - start
-    val_logits = predict(backend, state, data.val, tta)
+    val_logits = predict(backend, state, data.val.x, tta)
     return {
         "epoch": epoch,
         "train_loss": train_loss,
@@ -200,7 +200,7 @@ def evaluate_epoch(
 
 
 def test_metrics(backend: Backend, state: Any, data: Dataset, tta: bool) -> dict[str, Any]:
-    logits = predict(backend, state, data.test, tta)
+    logits = predict(backend, state, data.test.x, tta)
     cm = metrics.confusion_matrix(logits.argmax(axis=1), data.test.y, NUM_CLASSES)
     return {
         "loss": metrics.cross_entropy(logits, data.test.y),

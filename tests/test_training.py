@@ -13,7 +13,7 @@ import pytest
 
 from shared import metrics
 from shared.checkpoint import load_checkpoint, save_checkpoint
-from shared.data import Split, load_dataset
+from shared.data import load_dataset
 from shared.errors import CheckpointError
 from shared.spec import ARCHS, init_params
 from shared.train import (
@@ -44,7 +44,7 @@ def test_short_real_run_lowers_the_loss(real_data):
     config = TrainConfig(impl="numpy", epochs=2, limit=5000, lr=0.01, warmup=0, flip=False, shift=0)
     backend = make_backend(config)
     state = backend.init_state(init_params(ARCHS["lab"], "he", config.seed))
-    initial = metrics.cross_entropy(predict(backend, state, real_data.val), real_data.val.y)
+    initial = metrics.cross_entropy(predict(backend, state, real_data.val.x), real_data.val.y)
     record = train(config, real_data, log=lambda _: None)
     history = record["history"]
     assert history[-1]["val_loss"] < 0.6 * initial
@@ -80,8 +80,8 @@ def test_mirror_images_are_averaged_by_default_only_after_training_on_flips():
 
 @pytest.mark.parametrize("impl", ["numpy", "jax", "torch"])
 def test_tta_averages_each_image_with_its_mirror_image(impl, tiny_data_dir):
-    test = load_dataset(tiny_data_dir).test
-    mirrored = Split(np.ascontiguousarray(test.x[..., ::-1]), test.y)
+    test = load_dataset(tiny_data_dir).test.x
+    mirrored = np.ascontiguousarray(test[..., ::-1])
     backend = make_backend(TrainConfig(impl=impl, dtype="float64"))
     state = backend.init_state(init_params(ARCHS["lab"], "he", 0, np.dtype(np.float64)))
     plain = predict(backend, state, test, batch_size=7)
