@@ -53,21 +53,23 @@ def _loss_with_logits(params, x, y, arch, label_smoothing):
     return layers.cross_entropy(logits, y, label_smoothing), logits
 
 
-def loss_and_grads(
-    params: Params, x: jax.Array, y: jax.Array, arch: Arch, label_smoothing: float = 0.0
-) -> tuple[jax.Array, Params]:
-    """Mean cross-entropy and its gradient for every canonical parameter."""
-    return jax.value_and_grad(loss)(params, x, y, arch, label_smoothing)
-
-
 def loss_grads_and_logits(
     params: Params, x: jax.Array, y: jax.Array, arch: Arch, label_smoothing: float = 0.0
 ) -> tuple[jax.Array, Params, jax.Array]:
-    """As `loss_and_grads`, plus the logits (N, 10) of the forward pass, for training metrics."""
+    """Mean cross-entropy, its gradient for every canonical parameter, and the logits (N, 10)
+    of the forward pass (for training metrics)."""
     (value, logits), grads = jax.value_and_grad(_loss_with_logits, has_aux=True)(
         params, x, y, arch, label_smoothing
     )
     return value, grads, logits
+
+
+def loss_and_grads(
+    params: Params, x: jax.Array, y: jax.Array, arch: Arch, label_smoothing: float = 0.0
+) -> tuple[jax.Array, Params]:
+    """Mean cross-entropy and its gradient for every canonical parameter."""
+    value, grads, _ = loss_grads_and_logits(params, x, y, arch, label_smoothing)
+    return value, grads
 
 
 def input_grad(

@@ -1,10 +1,16 @@
-"""SGD with (Nesterov) momentum and weight decay from optax, in PyTorch's order, learning rate
-per step."""
+"""SGD with (Nesterov) momentum and weight decay in PyTorch's formulation, from optax.
+
+The contract of every `impl_*/optim.py`: hyperparameters bound once, `init(params, velocity)`,
+`update(params, grads, state, lr) -> (params, state)` and `velocity(state)`.
+"""
 
 from __future__ import annotations
 
 import jax
 import optax
+
+Params = dict[str, jax.Array]
+State = optax.OptState  # holds the momentum buffers ("trace") and the learning rate
 
 
 def _sgd(learning_rate, momentum, weight_decay, nesterov) -> optax.GradientTransformation:
@@ -16,31 +22,33 @@ def _sgd(learning_rate, momentum, weight_decay, nesterov) -> optax.GradientTrans
     )
 
 
-def make_optimizer(
-    momentum: float, weight_decay: float, nesterov: bool = False
-) -> optax.GradientTransformation:
-    """The learning rate is a hyperparameter of the state, set by `sgd_step` each step."""
-    return optax.inject_hyperparams(_sgd, static_args="nesterov")(
-        learning_rate=0.0, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
-    )
+class SGD:
+    """d = g + wd * p;  v = momentum * v + d;  p -= lr * v, or with Nesterov momentum
+    p -= lr * (d + momentum * v): torch.optim.SGD's update."""
 
+    def __init__(self, momentum: float, nesterov: bool, weight_decay: float):
+        self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
+        # The learning rate lives in the state, so that each step can set it (see `update`).
+        self._optax = optax.inject_hyperparams(_sgd, static_args="nesterov")(
+            learning_rate=0.0, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
+        )
 
-def init_velocity(optimizer: optax.GradientTransformation, params) -> optax.OptState:
-    """Optimizer state with zero momentum buffers (the first step then equals PyTorch's)."""
-    return optimizer.init(params)
+    def init(self, params: Params, velocity: Params | None = None) -> State:
+        """Momentum buffers: `velocity`, or zeros (with which the first step equals
+        PyTorch's, whose buffer starts as the first gradient)."""
+        state = self._optax.init(params)
+        if velocity is None:
+            return state
+        return optax.tree_utils.tree_set(state, trace=velocity)
 
+    def update(
+        self, params: Params, grads: Params, state: State, lr: jax.Array
+    ) -> tuple[Params, State]:
+        """One step with learning rate lr -> (new parameters, new state)."""
+        state = state._replace(hyperparams={**state.hyperparams, "learning_rate": lr})
+        updates, state = self._optax.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
 
-def velocity(opt_state: optax.OptState):
-    """The momentum buffers inside an optimizer state, keyed like the parameters."""
-    return optax.tree_utils.tree_get(opt_state, "trace")
-
-
-def with_velocity(opt_state: optax.OptState, buffers) -> optax.OptState:
-    return optax.tree_utils.tree_set(opt_state, trace=buffers)
-
-
-def sgd_step(optimizer, params, grads, opt_state, lr: jax.Array):
-    """One step: returns (new params, new optimizer state)."""
-    opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    def velocity(self, state: State) -> Params:
+        """The momentum buffers, keyed like the parameters."""
+        return optax.tree_utils.tree_get(state, "trace")

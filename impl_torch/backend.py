@@ -2,95 +2,79 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 
-from impl_torch import layers, model, optim
+from impl_torch import model, optim
 from impl_torch.augment import augment
 from shared.backend import BackendBase
-from shared.data import Batch
+from shared.batches import Batch
+from shared.config import Hyperparams
 from shared.spec import Arch, Params
 
-_TORCH_DTYPE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
-
-
-class State:
-    """The module and its optimizer; `train_step` updates both in place."""
-
-    def __init__(self, net: model.Net, optimizer: torch.optim.SGD):
-        self.net, self.optimizer = net, optimizer
+State = tuple[optim.Params, optim.State]  # (parameters, momentum buffers), updated in place
 
 
 class Backend(BackendBase):
     name = "torch"
 
-    def __init__(self, arch: Arch, **hyperparameters):
-        super().__init__(arch, **hyperparameters)
-        self.torch_dtype = _TORCH_DTYPE[self.dtype]
+    def __init__(self, arch: Arch, dtype: np.dtype, hyperparams: Hyperparams):
+        super().__init__(arch, dtype, hyperparams)
+        h = hyperparams
+        self.optimizer = optim.SGD(h.momentum, h.nesterov, h.weight_decay)
+        fns = dict(arch=arch, label_smoothing=h.label_smoothing)
+        self._predict = partial(model.forward, arch=arch)
+        self._activations = partial(model.activations, arch=arch)
+        self._loss_and_grads = partial(model.loss_and_grads, **fns)
+        self._input_grad = partial(model.input_grad, **fns)
 
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=self.dtype))
+    def _array(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=self.dtype))
 
-    def _tensors(self, arrays: Params) -> dict[str, torch.Tensor]:
-        return {k: self._tensor(v) for k, v in arrays.items()}
+    def _labels(self, y: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(y)
+
+    def _copy(self, tensors: Params) -> optim.Params:
+        return {k: torch.from_numpy(np.array(v, dtype=self.dtype)) for k, v in tensors.items()}
 
     def init_state(self, params: Params, velocity: Params | None = None) -> State:
-        net = model.Net(self.arch).to(self.torch_dtype)
-        net.load_state_dict(self._tensors(params))
-        optimizer = optim.make_optimizer(
-            net.parameters(), self.momentum, self.weight_decay, self.nesterov
-        )
-        if velocity is not None:
-            optim.with_velocity(optimizer, net.named_parameters(), self._tensors(velocity))
-        return State(net, optimizer)
+        params = self._copy(params)
+        velocity = None if velocity is None else self._copy(velocity)
+        return params, self.optimizer.init(params, velocity)
 
     def put_data(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._tensor(x), torch.from_numpy(y)
+        return self._array(x), self._labels(y)
 
     def train_step(self, state: State, data, batch: Batch, lr: float):
+        params, opt_state = state
         idx = torch.from_numpy(batch.idx)
         x, y = data[0][idx], data[1][idx]
         if batch.rows is not None:
             rows, cols = torch.from_numpy(batch.rows), torch.from_numpy(batch.cols)
             x = augment(x, rows, cols, batch.pad, batch.fill)
-        state.optimizer.zero_grad(set_to_none=True)
-        logits = state.net(x)
-        loss = layers.cross_entropy(logits, y, self.label_smoothing)
-        loss.backward()
-        optim.sgd_step(state.optimizer, lr)
+        loss, grads, logits = model.loss_grads_and_logits(
+            params, x, y, self.arch, self.hyperparams.label_smoothing
+        )
+        state = self.optimizer.update(params, grads, opt_state, lr)
         return state, loss.item(), int((logits.argmax(dim=1) == y).sum())
 
     def predict(self, state: State, x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return state.net(self._tensor(x)).numpy()
+        return np.asarray(self._predict(state[0], self._array(x)))
 
     def params(self, state: State) -> Params:
-        return {k: v.detach().numpy().copy() for k, v in state.net.state_dict().items()}
+        return self._numpy(state[0])
 
     def velocity(self, state: State) -> Params:
-        buffers = optim.velocity(state.optimizer, state.net.named_parameters())
-        return {k: v.numpy().copy() for k, v in buffers.items()}
+        return self._numpy(self.optimizer.velocity(state[1]))
 
     def activations(self, params: Params, x: np.ndarray) -> dict[str, np.ndarray]:
-        with torch.no_grad():
-            acts = model.activations(self._tensors(params), self._tensor(x), self.arch)
-        return {k: v.numpy() for k, v in acts.items()}
+        return self._numpy(self._activations(self._copy(params), self._array(x)))
 
     def loss_and_grads(self, params: Params, x: np.ndarray, y: np.ndarray) -> tuple[float, Params]:
-        value, grads = model.loss_and_grads(
-            self._tensors(params),
-            self._tensor(x),
-            torch.from_numpy(y),
-            self.arch,
-            self.label_smoothing,
-        )
-        return value.item(), {k: v.numpy() for k, v in grads.items()}
+        value, grads = self._loss_and_grads(self._copy(params), self._array(x), self._labels(y))
+        return float(value), self._numpy(grads)
 
     def input_grad(self, params: Params, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return model.input_grad(
-            self._tensors(params),
-            self._tensor(x),
-            torch.from_numpy(y),
-            self.arch,
-            self.label_smoothing,
-        ).numpy()
+        return np.asarray(self._input_grad(self._copy(params), self._array(x), self._labels(y)))

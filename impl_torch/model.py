@@ -1,9 +1,9 @@
-"""The network as functions of (params, x) over canonical tensors, and as an nn.Module."""
+"""The network as functions of (params, x) over canonical tensors: no module, no transposes,
+canonical names."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from impl_torch import layers
 from shared.spec import Arch, Conv, Flatten, Layer, Linear, MaxPool, ReLU
@@ -49,14 +49,24 @@ def loss(
     return layers.cross_entropy(forward(params, x, arch), y, label_smoothing)
 
 
+def loss_grads_and_logits(
+    params: Params, x: torch.Tensor, y: torch.Tensor, arch: Arch, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, Params, torch.Tensor]:
+    """Mean cross-entropy, its gradient for every canonical parameter, and the logits (N, 10)
+    of the forward pass (for training metrics)."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    logits = forward(leaves, x, arch)
+    value = layers.cross_entropy(logits, y, label_smoothing)
+    grads = torch.autograd.grad(value, list(leaves.values()))
+    return value.detach(), dict(zip(leaves, grads, strict=True)), logits.detach()
+
+
 def loss_and_grads(
     params: Params, x: torch.Tensor, y: torch.Tensor, arch: Arch, label_smoothing: float = 0.0
 ) -> tuple[torch.Tensor, Params]:
     """Mean cross-entropy and its gradient for every canonical parameter."""
-    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    value = loss(leaves, x, y, arch, label_smoothing)
-    grads = torch.autograd.grad(value, list(leaves.values()))
-    return value.detach(), dict(zip(leaves, grads, strict=True))
+    value, grads, _ = loss_grads_and_logits(params, x, y, arch, label_smoothing)
+    return value, grads
 
 
 def input_grad(
@@ -66,20 +76,3 @@ def input_grad(
     x = x.detach().requires_grad_(True)
     (dx,) = torch.autograd.grad(loss(params, x, y, arch, label_smoothing), x)
     return dx
-
-
-class Net(nn.Module):
-    """Holds the parameters under their canonical names (`conv.weight`, `fc1.bias`, ...)."""
-
-    def __init__(self, arch: Arch):
-        super().__init__()
-        self.arch = arch
-        for layer in arch.layers:
-            match layer:
-                case Conv(name, i, o, k, padding):
-                    self.add_module(name, nn.Conv2d(i, o, k, padding=padding))
-                case Linear(name, i, o):
-                    self.add_module(name, nn.Linear(i, o))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return forward(dict(self.named_parameters()), x, self.arch)

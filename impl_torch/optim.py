@@ -1,40 +1,51 @@
-"""SGD with (Nesterov) momentum and weight decay: torch.optim.SGD, learning rate set per step."""
+"""SGD with (Nesterov) momentum and weight decay in PyTorch's formulation: the function that
+torch.optim.SGD.step applies.
+
+The contract of every `impl_*/optim.py`: hyperparameters bound once, `init(params, velocity)`,
+`update(params, grads, state, lr) -> (params, state)` and `velocity(state)`.
+"""
 
 from __future__ import annotations
 
 import torch
+from torch.optim.sgd import sgd
+
+Params = dict[str, torch.Tensor]
+State = Params  # the momentum buffers, keyed like the parameters
 
 
-def make_optimizer(
-    params, momentum: float, weight_decay: float, nesterov: bool = False
-) -> torch.optim.SGD:
-    # lr is a placeholder: `sgd_step` sets it on every step from the shared schedule.
-    # PyTorch refuses Nesterov without momentum, where it is plain SGD anyway.
-    return torch.optim.SGD(
-        params,
-        lr=0.0,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        nesterov=nesterov and momentum > 0,
-    )
+class SGD:
+    """d = g + wd * p;  v = momentum * v + d;  p -= lr * v, or with Nesterov momentum
+    p -= lr * (d + momentum * v): torch.optim.SGD's update."""
 
+    def __init__(self, momentum: float, nesterov: bool, weight_decay: float):
+        self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
 
-def velocity(optimizer: torch.optim.SGD, named_params) -> dict[str, torch.Tensor]:
-    """The momentum buffers, keyed like the parameters (zeros before the first step)."""
-    buffers = {}
-    for name, p in named_params:
-        buf = optimizer.state[p].get("momentum_buffer")
-        buffers[name] = torch.zeros_like(p) if buf is None else buf
-    return buffers
+    def init(self, params: Params, velocity: Params | None = None) -> State:
+        """Momentum buffers: copies of `velocity`, or zeros (with which the first step equals
+        PyTorch's, whose buffer starts as the first gradient)."""
+        if velocity is None:
+            return {name: torch.zeros_like(p) for name, p in params.items()}
+        return {name: velocity[name].clone() for name in params}
 
+    def update(
+        self, params: Params, grads: Params, state: State, lr: float
+    ) -> tuple[Params, State]:
+        """One step with learning rate lr, in place, as torch.optim.SGD.step does it."""
+        with torch.no_grad():
+            sgd(
+                list(params.values()),
+                [grads[name] for name in params],
+                [state[name] for name in params],
+                weight_decay=self.weight_decay,
+                momentum=self.momentum,
+                lr=lr,
+                dampening=0.0,
+                nesterov=self.nesterov,
+                maximize=False,
+            )
+        return params, state
 
-def with_velocity(optimizer: torch.optim.SGD, named_params, buffers) -> None:
-    for name, p in named_params:
-        optimizer.state[p]["momentum_buffer"] = buffers[name].clone()
-
-
-def sgd_step(optimizer: torch.optim.SGD, lr: float) -> None:
-    """Apply the gradients accumulated in `.grad` with learning rate lr."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
+    def velocity(self, state: State) -> Params:
+        """The momentum buffers, keyed like the parameters."""
+        return state

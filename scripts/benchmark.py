@@ -2,7 +2,7 @@
 
 import sys
 
-from shared.benchmark import benchmark_main
+from shared.benchmark import main
 
 if __name__ == "__main__":
-    sys.exit(benchmark_main())
+    sys.exit(main())

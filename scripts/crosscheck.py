@@ -2,7 +2,7 @@
 
 import sys
 
-from shared.cli import crosscheck_main
+from shared.crosscheck import main
 
 if __name__ == "__main__":
-    sys.exit(crosscheck_main())
+    sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from shared.cli import evaluate_main
+from shared.evaluate import main
 
 if __name__ == "__main__":
-    sys.exit(evaluate_main())
+    sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from shared.cli import experiments_main
+from shared.experiments import main
 
 if __name__ == "__main__":
-    sys.exit(experiments_main())
+    sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from shared.cli import train_main
+from shared.train import main
 
 if __name__ == "__main__":
-    sys.exit(train_main())
+    sys.exit(main())

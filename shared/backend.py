@@ -1,4 +1,5 @@
-"""The one interface the training loop and the cross-check drive, whatever the framework.
+"""The one interface the training loop and the cross-check drive, whatever the framework, and
+the one factory that builds it.
 
 Each `impl_*/backend.py` defines a `Backend` class with these methods; arrays go in and come
 out as NumPy, parameters as the canonical dict. Training state stays in the framework's own
@@ -12,18 +13,19 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from shared.data import Batch
+from shared.batches import Batch
+from shared.config import Hyperparams
 from shared.errors import UsageError
 from shared.spec import Arch, Params
 
 IMPLEMENTATIONS = ("numpy", "jax", "torch")
-_FRAMEWORK = {"numpy": "numpy", "jax": "jax", "torch": "torch"}
 
 
 class Backend(Protocol):
     name: str
     arch: Arch
     dtype: np.dtype
+    hyperparams: Hyperparams
 
     def init_state(self, params: Params, velocity: Params | None = None) -> Any:
         """Training state from canonical parameters and (optionally) momentum buffers."""
@@ -55,36 +57,25 @@ class Backend(Protocol):
 
 
 class BackendBase:
-    """The hyperparameters every implementation keeps; its Backend adds the methods above."""
+    """What every implementation keeps; its Backend adds the methods above."""
 
     name = ""
 
-    def __init__(
-        self,
-        arch: Arch,
-        *,
-        dtype: np.dtype,
-        momentum: float,
-        nesterov: bool,
-        weight_decay: float,
-        label_smoothing: float,
-    ):
-        self.arch, self.dtype = arch, np.dtype(dtype)
-        self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
-        self.label_smoothing = label_smoothing
+    def __init__(self, arch: Arch, dtype: np.dtype, hyperparams: Hyperparams):
+        self.arch, self.dtype, self.hyperparams = arch, np.dtype(dtype), hyperparams
+
+    @staticmethod
+    def _numpy(tensors: dict[str, Any]) -> Params:
+        """NumPy copies of a framework's tensors: a state's buffers may be updated in place
+        (NumPy, PyTorch) or donated to the next step (JAX) after they are read."""
+        return {k: np.asarray(v).copy() for k, v in tensors.items()}
 
 
-def load_backend(
-    impl: str,
-    arch: Arch,
-    *,
-    dtype: Any = np.float32,
-    momentum: float = 0.0,
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-    label_smoothing: float = 0.0,
+def make_backend(
+    impl: str, arch: Arch, dtype: Any = np.float32, hyperparams: Hyperparams | None = None
 ) -> Backend:
-    """Import `impl_<impl>` and build its Backend; a missing framework affects that impl alone."""
+    """Import `impl_<impl>` and build its Backend (by default for plain SGD on plain
+    cross-entropy, as evaluation needs); a missing framework affects that impl alone."""
     if impl not in IMPLEMENTATIONS:
         raise UsageError(
             f"unknown implementation {impl!r}; choose from {', '.join(IMPLEMENTATIONS)}"
@@ -92,17 +83,25 @@ def load_backend(
     try:
         module = importlib.import_module(f"impl_{impl}.backend")
     except ModuleNotFoundError as e:
-        if e.name and e.name.split(".")[0] in {_FRAMEWORK[impl], "jaxlib", "optax"}:
+        if e.name and e.name.split(".")[0] in {impl, "jaxlib", "optax"}:
             raise UsageError(
                 f"--impl {impl}: {e.name} is not installed (run scripts/setup.sh); "
                 "the other implementations still work"
             ) from None
         raise
-    return module.Backend(
-        arch,
-        dtype=np.dtype(dtype),
-        momentum=momentum,
-        nesterov=nesterov,
-        weight_decay=weight_decay,
-        label_smoothing=label_smoothing,
-    )
+    return module.Backend(arch, np.dtype(dtype), hyperparams or Hyperparams())
+
+
+def predict(
+    backend: Backend, state: Any, images: np.ndarray, tta: bool = False, batch_size: int = 1000
+) -> np.ndarray:
+    """Logits (N, 10) for images (N, 1, 28, 28), computed in batches; with `tta`, the mean of
+    the logits of each image and of its mirror image (test-time augmentation by flips)."""
+    logits = []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size]
+        out = backend.predict(state, x)
+        if tta:
+            out = (out + backend.predict(state, np.ascontiguousarray(x[..., ::-1]))) / 2
+        logits.append(out)
+    return np.concatenate(logits)

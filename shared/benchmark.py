@@ -16,10 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.backend import IMPLEMENTATIONS
-from shared.data import Batch, batch_indices, load_dataset
+from shared.backend import IMPLEMENTATIONS, make_backend
+from shared.batches import Batch, batch_indices
+from shared.cli import positive_int, prepare_out_dir, run_cli
+from shared.config import TrainConfig
+from shared.data import load_dataset
+from shared.errors import UsageError
+from shared.io import atomic_write, write_json
 from shared.spec import Arch, Conv, Linear, MaxPool, get_arch, init_params
-from shared.train import TrainConfig, make_backend
 
 EPOCH_IMAGES = 50_000
 WARMUP_SECONDS = 2.0
@@ -68,9 +72,10 @@ def measure(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
     """Time `steps` training steps on real batches after compilation and warm-up; this runs in
     a worker process of its own."""
     config = TrainConfig(impl=impl, arch=arch_name)  # the defaults, as train.py runs them
+    arch = get_arch(arch_name)
     data = load_dataset()
-    backend = make_backend(config)
-    state = backend.init_state(init_params(get_arch(arch_name), config.init, config.seed))
+    backend = make_backend(impl, arch, config.dtype, config.hyperparams)
+    state = backend.init_state(init_params(arch, config.init, config.seed))
     train_data = backend.put_data(data.train.x, data.train.y)
 
     def batches():
@@ -186,10 +191,8 @@ def bar_chart(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def benchmark_main(argv: list[str] | None = None) -> int:
-    from shared.cli import positive_int, run_cli
-    from shared.io import atomic_write
-
+def main(argv: list[str] | None = None) -> int:
+    """scripts/benchmark.py: time every implementation, write the tables and the chart."""
     parser = argparse.ArgumentParser(prog="benchmark.py", description=__doc__)
     parser.add_argument(
         "--impl",
@@ -217,17 +220,14 @@ def benchmark_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        from shared.cli import prepare_out_dir
-        from shared.errors import UsageError
-
         try:
             sizes = [positive_int(s) for s in args.batch_sizes.split(",")]
         except argparse.ArgumentTypeError as e:
             raise UsageError(f"--batch-sizes: {e}") from None
-        get_arch(args.arch)
+        arch = get_arch(args.arch)
         out = prepare_out_dir(args.out)
         ceiling = matmul_gflops()
-        flops = flops_per_image(get_arch(args.arch))
+        flops = flops_per_image(arch)
         print(
             f"float32 matmul ceiling: {ceiling:.1f} GFLOP/s; "
             f"work per image: {flops / 1e6:.2f} MFLOP (forward + backward)"
@@ -255,13 +255,9 @@ def benchmark_main(argv: list[str] | None = None) -> int:
             f"{flops / 1e6:.2f} MFLOP per image.\n\n"
         )
         atomic_write(out / "benchmark.md", lambda f: f.write((header + table + "\n").encode()))
-        atomic_write(
+        write_json(
             out / "benchmark.json",
-            lambda f: f.write(
-                json.dumps(
-                    {"ceiling_gflops": ceiling, "flops_per_image": flops, "rows": rows}, indent=2
-                ).encode()
-            ),
+            {"ceiling_gflops": ceiling, "flops_per_image": flops, "rows": rows},
         )
         bar_chart(rows, out / "benchmark.png")
         print(f"\nwrote {out / 'benchmark.md'}, {out / 'benchmark.json'}, {out / 'benchmark.png'}")
@@ -275,4 +271,4 @@ if __name__ == "__main__":
         impl, arch, batch, steps = sys.argv[2:6]
         print(json.dumps(measure(impl, arch, int(batch), int(steps))))
     else:
-        sys.exit(benchmark_main())
+        sys.exit(main())

@@ -1,8 +1,8 @@
-"""Fashion-MNIST (or MNIST): IDX files, integrity, the train/validation/test split,
-normalisation and batches.
+"""Fashion-MNIST (or MNIST): IDX files, integrity, the train/validation/test split and
+normalisation.
 
-Every implementation is fed from here, so given a seed and an epoch all three see the very same
-batches, as NumPy float32 arrays in (N, C, H, W) layout.
+Every implementation reads its data from here, as NumPy float32 arrays in (N, C, H, W) layout;
+shared/batches.py cuts them into batches.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import gzip
 import hashlib
 import os
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,14 +21,30 @@ from shared.errors import DataError, UsageError
 
 DATA_DIR_ENV = "THREEFOLD_DATA"
 NUM_CLASSES = 10
-FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
 # The last sixth of the official training set validates, as in the lab (50,000 / 10,000).
 VALIDATION_FRACTION = 1 / 6
+
+
+@dataclass(frozen=True)
+class OfficialFile:
+    """One of a dataset's four IDX files as its authors publish it."""
+
+    name: str  # "train-images-idx3-ubyte", stored as NAME.gz or NAME
+    count: int  # images or labels in the official file
+    # SHA-256 of the decompressed IDX bytes: the same for every faithful copy, however it was
+    # recompressed. Checked whenever a file has the official count; None: not pinned.
+    content_sha256: str | None
+    # MD5 of NAME.gz as the authors publish it: checked on download from them; None: unknown.
+    gzip_md5: str | None
+
+
+class OfficialFiles(NamedTuple):
+    """A dataset's four IDX files; iterating yields them in this order."""
+
+    train_images: OfficialFile
+    train_labels: OfficialFile
+    test_images: OfficialFile
+    test_labels: OfficialFile
 
 
 @dataclass(frozen=True)
@@ -41,12 +57,7 @@ class DatasetSpec:
     pixel_mean: float
     pixel_std: float
     default_dir: Path | None
-    # SHA-256 of each file's decompressed IDX bytes: the same for every faithful copy, however
-    # it was recompressed. Checked whenever a file has the official image count.
-    content_sha256: dict[str, str]
-    official_counts: dict[str, int]
-    # MD5 of the .gz files as the authors publish them: checked on download from them.
-    gzip_md5: dict[str, str]
+    files: OfficialFiles
     download_url: str | None
 
     @property
@@ -79,32 +90,32 @@ DATASETS = {
         pixel_mean=0.2860406,
         pixel_std=0.3530242,
         default_dir=Path("/usr/share/datasets/fashion-mnist"),
-        content_sha256={
-            FILES[
-                "train_images"
-            ]: "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-            FILES[
-                "train_labels"
-            ]: "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-            FILES[
-                "test_images"
-            ]: "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-            FILES[
-                "test_labels"
-            ]: "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-        },
-        official_counts={
-            FILES["train_images"]: 60_000,
-            FILES["train_labels"]: 60_000,
-            FILES["test_images"]: 10_000,
-            FILES["test_labels"]: 10_000,
-        },
-        gzip_md5={
-            FILES["train_images"]: "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-            FILES["train_labels"]: "25c81989df183df01b3e8a0aad5dffbe",
-            FILES["test_images"]: "bef4ecab320f06d8554ea6380940ec79",
-            FILES["test_labels"]: "bb300cfdad3c16e7a12a480ee83cd310",
-        },
+        files=OfficialFiles(
+            train_images=OfficialFile(
+                "train-images-idx3-ubyte",
+                60_000,
+                content_sha256="c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+                gzip_md5="8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            ),
+            train_labels=OfficialFile(
+                "train-labels-idx1-ubyte",
+                60_000,
+                content_sha256="bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+                gzip_md5="25c81989df183df01b3e8a0aad5dffbe",
+            ),
+            test_images=OfficialFile(
+                "t10k-images-idx3-ubyte",
+                10_000,
+                content_sha256="5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+                gzip_md5="bef4ecab320f06d8554ea6380940ec79",
+            ),
+            test_labels=OfficialFile(
+                "t10k-labels-idx1-ubyte",
+                10_000,
+                content_sha256="0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+                gzip_md5="bb300cfdad3c16e7a12a480ee83cd310",
+            ),
+        ),
         download_url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
     ),
     # The original handwritten digits, read from a local folder (no copy on this machine to
@@ -115,9 +126,12 @@ DATASETS = {
         pixel_mean=0.1307,
         pixel_std=0.3081,
         default_dir=None,
-        content_sha256={},
-        official_counts={},
-        gzip_md5={},
+        files=OfficialFiles(
+            train_images=OfficialFile("train-images-idx3-ubyte", 60_000, None, None),
+            train_labels=OfficialFile("train-labels-idx1-ubyte", 60_000, None, None),
+            test_images=OfficialFile("t10k-images-idx3-ubyte", 10_000, None, None),
+            test_labels=OfficialFile("t10k-labels-idx1-ubyte", 10_000, None, None),
+        ),
         download_url=None,
     ),
 }
@@ -207,14 +221,16 @@ def _idx_path(folder: Path, stem: str, spec: DatasetSpec) -> Path:
     raise DataError(f"{folder / stem}[.gz]: missing; {_how_to_get(spec)}")
 
 
-def read_checked_idx(folder: Path, stem: str, spec: DatasetSpec) -> tuple[np.ndarray, Path]:
-    """Read one of the four files; a file with the official image count must also have the
-    official content, byte for byte."""
-    path = _idx_path(folder, stem, spec)
+def read_checked_idx(
+    folder: Path, file: OfficialFile, spec: DatasetSpec
+) -> tuple[np.ndarray, Path]:
+    """Read one of the four files; a file with the official count must also have the official
+    content, byte for byte, when that is pinned."""
+    path = _idx_path(folder, file.name, spec)
     raw = read_idx_bytes(path)
     array = parse_idx(raw, str(path))
-    expected = spec.content_sha256.get(stem)
-    if expected and len(array) == spec.official_counts[stem]:
+    expected = file.content_sha256
+    if expected and len(array) == file.count:
         actual = hashlib.sha256(raw).hexdigest()
         if actual != expected:
             raise DataError(
@@ -227,11 +243,11 @@ def read_checked_idx(folder: Path, stem: str, spec: DatasetSpec) -> tuple[np.nda
 
 
 def load_images_and_labels(
-    folder: Path, images_stem: str, labels_stem: str, spec: DatasetSpec = FASHION_MNIST
+    folder: Path, images_file: OfficialFile, labels_file: OfficialFile, spec: DatasetSpec
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 28, 28) uint8 and labels (N,) uint8 from one pair of IDX files, checked."""
-    images, images_path = read_checked_idx(folder, images_stem, spec)
-    labels, labels_path = read_checked_idx(folder, labels_stem, spec)
+    images, images_path = read_checked_idx(folder, images_file, spec)
+    labels, labels_path = read_checked_idx(folder, labels_file, spec)
     if images.ndim != 3:
         raise DataError(f"{images_path}: expected 3 dimensions (N, H, W), found {images.ndim}")
     if labels.ndim != 1:
@@ -279,12 +295,12 @@ class Dataset:
 def load_dataset(data_dir: str | Path | None = None, dataset: str = "fashion-mnist") -> Dataset:
     """The official training set split into train and validation (last sixth), and the test set."""
     spec = get_dataset_spec(dataset)
-    folder = find_data_dir(data_dir, spec)
+    folder, files = find_data_dir(data_dir, spec), spec.files
     train_images, train_labels = load_images_and_labels(
-        folder, FILES["train_images"], FILES["train_labels"], spec
+        folder, files.train_images, files.train_labels, spec
     )
     test_images, test_labels = load_images_and_labels(
-        folder, FILES["test_images"], FILES["test_labels"], spec
+        folder, files.test_images, files.test_labels, spec
     )
     n_val = round(len(train_labels) * VALIDATION_FRACTION)
     n_train = len(train_labels) - n_val
@@ -298,83 +314,3 @@ def load_dataset(data_dir: str | Path | None = None, dataset: str = "fashion-mni
         source=folder,
         spec=spec,
     )
-
-
-def batch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The permutation of n examples used in `epoch` of a run seeded with `seed`."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def batch_indices(
-    n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True
-) -> Iterator[np.ndarray]:
-    """Yield the rows (B,) of each batch of an epoch; the last batch may be smaller.
-
-    The order depends only on (seed, epoch), so every implementation sees the same batches.
-    """
-    order = batch_order(n, seed, epoch) if shuffle else np.arange(n)
-    for start in range(0, n, batch_size):
-        yield order[start : start + batch_size]
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One training step: the rows `idx` (B,) of the data and, when augmenting, where each
-    output pixel comes from in the image padded by `pad` pixels of value `fill` on every side:
-    `rows` (B, H) and `cols` (B, W). Every implementation applies the same maps, so the
-    augmentation is identical."""
-
-    idx: np.ndarray
-    rows: np.ndarray | None = None
-    cols: np.ndarray | None = None
-    pad: int = 0
-    fill: float = 0.0
-
-
-def augmentation_maps(
-    rng: np.random.Generator, n: int, height: int, width: int, flip: bool, shift: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Source rows (n, height) and columns (n, width), in images padded by `shift`, for a
-    horizontal flip with probability 1/2 (when `flip`) followed by a translation of up to
-    `shift` pixels each way; what moves in from outside is background."""
-    dy = rng.integers(-shift, shift + 1, n)[:, None]
-    dx = rng.integers(-shift, shift + 1, n)[:, None]
-    flipped = (rng.random(n) < 0.5)[:, None] if flip else np.zeros((n, 1), dtype=bool)
-    i, j = np.arange(height)[None, :], np.arange(width)[None, :]
-    rows = shift + i - dy
-    cols = shift + np.where(flipped, width - 1 - j + dx, j - dx)
-    return rows, cols
-
-
-def training_batches(
-    n: int,
-    batch_size: int,
-    *,
-    seed: int,
-    epoch: int,
-    flip: bool = False,
-    shift: int = 0,
-    shuffle: bool = True,
-    image_size: tuple[int, int] = (28, 28),
-    fill: float = FASHION_MNIST.background,
-) -> Iterator[Batch]:
-    """The batches of one epoch, with their augmentation; all randomness from (seed, epoch)."""
-    rng = np.random.default_rng([seed, epoch, 1])
-    for idx in batch_indices(n, batch_size, seed=seed, epoch=epoch, shuffle=shuffle):
-        if flip or shift:
-            rows, cols = augmentation_maps(rng, len(idx), *image_size, flip, shift)
-            yield Batch(idx, rows, cols, shift, fill)
-        else:
-            yield Batch(idx)
-
-
-def iterate_batches(
-    split: Split, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (x (B, 1, 28, 28) float32, y (B,) int64) batches in `batch_indices` order."""
-    for idx in batch_indices(len(split), batch_size, seed=seed, epoch=epoch, shuffle=shuffle):
-        yield split.x[idx], split.y[idx]
-
-
-def num_batches(n: int, batch_size: int) -> int:
-    return -(-n // batch_size)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shared.data import FILES, DatasetSpec, parse_idx, read_idx_bytes
+from shared.data import DatasetSpec, OfficialFile, parse_idx, read_idx_bytes
 from shared.errors import DataError, UsageError
 
 DOWNLOAD_URL_ENV = "THREEFOLD_DOWNLOAD_URL"
@@ -59,22 +59,17 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_download(
-    path: Path,
-    stem: str,
-    spec: DatasetSpec,
-    gzip_md5: dict[str, str],
-    content_sha256: dict[str, str],
-) -> None:
-    """The published MD5 of the .gz, then the SHA-256 of its IDX content, then its header."""
-    expected_md5 = gzip_md5.get(stem)
+def verify_download(path: Path, file: OfficialFile) -> None:
+    """The published MD5 of the .gz, then the SHA-256 of its IDX content, then its header;
+    a checksum the row does not know is skipped."""
+    expected_md5 = file.gzip_md5
     if expected_md5 and (actual := _md5(path)) != expected_md5:
         raise DataError(
             f"{path.name}: MD5 {actual} differs from the published {expected_md5}; "
             "the download is damaged or not the official file"
         )
     raw = read_idx_bytes(path)
-    expected_sha = content_sha256.get(stem)
+    expected_sha = file.content_sha256
     if expected_sha and (actual := hashlib.sha256(raw).hexdigest()) != expected_sha:
         raise DataError(
             f"{path.name}: SHA-256 of the IDX content {actual[:16]}... differs from "
@@ -88,8 +83,6 @@ def download_dataset(
     dest: Path | None = None,
     base_url: str | None = None,
     *,
-    gzip_md5: dict[str, str] | None = None,
-    content_sha256: dict[str, str] | None = None,
     progress: bool = True,
 ) -> Path:
     """Fetch the four .gz files into a hidden staging folder inside `dest`, verify every one,
@@ -105,16 +98,10 @@ def download_dataset(
     except OSError as e:
         raise UsageError(f"--download: cannot write to {dest} ({e.strerror or e})") from None
     try:
-        names = [f"{stem}.gz" for stem in FILES.values()]
-        for name in names:
+        names = [f"{file.name}.gz" for file in spec.files]
+        for file, name in zip(spec.files, names, strict=True):
             _fetch(f"{base_url.rstrip('/')}/{name}", staging / name, progress)
-            verify_download(
-                staging / name,
-                name[:-3],
-                spec,
-                spec.gzip_md5 if gzip_md5 is None else gzip_md5,
-                spec.content_sha256 if content_sha256 is None else content_sha256,
-            )
+            verify_download(staging / name, file)
         for name in names:
             os.replace(staging / name, dest / name)
     finally:

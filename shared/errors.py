@@ -15,3 +15,7 @@ class CheckpointError(ThreefoldError):
 
 class UsageError(ThreefoldError):
     """A flag or argument has a value that cannot work."""
+
+
+class Interrupted(ThreefoldError):
+    """The user stopped a run (Ctrl-C); the message says what was kept."""

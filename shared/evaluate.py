@@ -1,19 +1,23 @@
-"""Evaluation of a checkpoint on the test set, by any implementation, with figures."""
+"""Evaluation of a checkpoint on the test set, by any implementation, with figures, and the
+evaluate.py command."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from shared import metrics
-from shared.backend import load_backend
-from shared.checkpoint import Checkpoint
-from shared.data import NUM_CLASSES, Dataset
+from shared.backend import IMPLEMENTATIONS, make_backend, predict
+from shared.checkpoint import Checkpoint, load_checkpoint
+from shared.cli import prepare_out_dir, run_cli
+from shared.config import averages_mirrors
+from shared.data import NUM_CLASSES, Dataset, load_dataset
+from shared.io import write_json
 from shared.plots import plt, save_figure
 from shared.spec import get_arch
-from shared.train import predict
 
 
 def evaluate_checkpoint(
@@ -22,7 +26,7 @@ def evaluate_checkpoint(
     """Test loss, accuracy, confusion matrix and per-class accuracy of a checkpoint, computed
     by `impl` whatever implementation wrote it (with `tta`, averaged over each image and its
     mirror image); also the logits (N, 10)."""
-    backend = load_backend(impl, get_arch(ckpt.meta["arch"]))
+    backend = make_backend(impl, get_arch(ckpt.meta["arch"]))
     logits = predict(backend, backend.init_state(ckpt.params), data.test.x, tta)
     cm = metrics.confusion_matrix(logits.argmax(axis=1), data.test.y, NUM_CLASSES)
     per_class = metrics.per_class_accuracy(cm).tolist()
@@ -76,3 +80,70 @@ def plot_misclassified(data: Dataset, predicted: np.ndarray, path: Path, count: 
         ax.set_title(f"{names[test.y[i]]}\n-> {names[predicted[i]]}", fontsize=7)
     fig.suptitle(f"misclassified test images ({len(wrong)} shown): true -> predicted")
     save_figure(fig, path)
+
+
+def write_report(path: Path, result: dict[str, Any], data: Dataset, out: Path) -> None:
+    """Print the test and per-class accuracy of `result` (from `evaluate_checkpoint`, logits
+    included) and write confusion.png, misclassified.png and evaluation.json into `out`."""
+    result = {"checkpoint": str(path), **result}
+    logits = result.pop("logits")
+    impl = result["evaluated_by"]
+    print(
+        f"{path} (arch {result['arch']}, written by {result['written_by']}, evaluated by "
+        f"{impl}{', mirror images averaged in' if result['tta'] else ''})"
+    )
+    print(f"test accuracy {100 * result['acc']:.2f}%, loss {result['loss']:.4f}")
+    for name, acc in result["per_class_acc"].items():
+        print(f"  {name:<12} {100 * acc:6.2f}%")
+    title = f"{result['arch']} | test accuracy {100 * result['acc']:.2f}% | {impl}"
+    cm = np.array(result["confusion_matrix"])
+    plot_confusion(cm, data.spec.class_names, title, out / "confusion.png")
+    plot_misclassified(data, logits.argmax(axis=1), out / "misclassified.png")
+    write_json(out / "evaluation.json", result)
+    print(f"wrote {out / 'confusion.png'}, {out / 'misclassified.png'}, {out / 'evaluation.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """scripts/evaluate.py: evaluate a checkpoint on the test set and write the report."""
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description="Test accuracy, per-class accuracy, a confusion matrix and the misclassified "
+        "images of a checkpoint written by any implementation, computed by any of them.",
+    )
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average the logits of each image and its mirror image "
+        "(default: as the checkpoint's run did)",
+    )
+    parser.add_argument(
+        "--impl",
+        choices=IMPLEMENTATIONS,
+        default="numpy",
+        help="implementation that computes the predictions",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for confusion.png, misclassified.png and evaluation.json "
+        "(default: the checkpoint's folder)",
+    )
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        out = prepare_out_dir(args.out or args.checkpoint.parent)
+        ckpt = load_checkpoint(args.checkpoint)
+        data = load_dataset(args.data_dir, ckpt.meta.get("dataset", "fashion-mnist"))
+        # Runs from before test-time augmentation existed evaluated without it.
+        run = ckpt.meta.get("config", {})
+        tta = averages_mirrors(
+            run.get("flip", False), run.get("tta") if args.tta is None else args.tta
+        )
+        write_report(args.checkpoint, evaluate_checkpoint(ckpt, args.impl, data, tta), data, out)
+        return 0
+
+    return run_cli(parser, body)

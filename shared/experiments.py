@@ -3,7 +3,9 @@ implementation, results written to docs/EXPERIMENTS.md with learning curves."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from shared.backend import IMPLEMENTATIONS
-from shared.data import Dataset
+from shared.cli import prepare_out_dir, run_cli
+from shared.config import TrainConfig
+from shared.data import Dataset, load_dataset
+from shared.errors import UsageError
 from shared.io import atomic_write, write_json
 from shared.plots import plt, save_figure
-from shared.train import TrainConfig, train
+from shared.train import train
 
 # The lab's own setup, as far as the report shows: `randn * 0.01` weights, plain SGD on plain
 # cross-entropy, whole batches of 10,000 images (its printed shapes), 15 epochs. Its learning
@@ -35,6 +40,10 @@ LAB_SETUP = dict(
 )
 
 
+# --quick: a reduced run for tests, the same code path on 1,000 images.
+QUICK = dict(base=TrainConfig(epochs=2, limit=1000), budgets=(1, 2), seeds=(0,), lab_batch=500)
+
+
 @dataclass(frozen=True)
 class Variant:
     label: str
@@ -42,26 +51,28 @@ class Variant:
 
 
 @dataclass(frozen=True)
-class Comparison:
+class Experiment:
+    """One of the lab's questions: variants of the defaults, each trained alike."""
+
     title: str
     question: str
     variants: tuple[Variant, ...]
 
 
-def comparisons(epochs: int, budgets: tuple[int, ...], lab_batch: int) -> list[Comparison]:
+def comparisons(epochs: int, budgets: tuple[int, ...], lab_batch: int) -> list[Experiment]:
     """The lab's arguments, each as variants that differ from the defaults in one respect."""
     return [
-        Comparison(
+        Experiment(
             "Initialisation",
             "Does He initialisation beat the lab's `randn * 0.01`?",
             (Variant("randn * 0.01", {"init": "lab"}), Variant("He (default)")),
         ),
-        Comparison(
+        Experiment(
             "Convolution",
             "Does the conv layer help?",
             (Variant("without conv (`noconv`)", {"arch": "noconv"}), Variant("with conv (`lab`)")),
         ),
-        Comparison(
+        Experiment(
             "Max-pooling",
             "Does 2x2 max-pooling after the conv help?",
             (
@@ -69,7 +80,7 @@ def comparisons(epochs: int, budgets: tuple[int, ...], lab_batch: int) -> list[C
                 Variant("with pooling (`pool`)", {"arch": "pool"}),
             ),
         ),
-        Comparison(
+        Experiment(
             "Training setup",
             "The lab's training setup against the new defaults.",
             (
@@ -77,7 +88,7 @@ def comparisons(epochs: int, budgets: tuple[int, ...], lab_batch: int) -> list[C
                 Variant("new defaults"),
             ),
         ),
-        Comparison(
+        Experiment(
             "Epochs",
             "More epochs (each run with its schedule completed).",
             (
@@ -355,3 +366,72 @@ def render(tables, seeds_table, base: TrainConfig, command: str, impls, float64:
             "drift amplified by training, not a difference in what they compute.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """scripts/experiments.py: run (or re-render, or recheck) the experiments."""
+    parser = argparse.ArgumentParser(
+        prog="experiments.py",
+        description="Rerun the lab's claims as controlled comparisons in every implementation "
+        "and write EXPERIMENTS.md with tables and learning curves.",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a reduced run: 1,000 images, 2 epochs, one seed (for tests)",
+    )
+    parser.add_argument(
+        "--impl",
+        action="append",
+        choices=IMPLEMENTATIONS,
+        help="implementation to run (repeatable; default: all three)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for EXPERIMENTS.md and experiments/ (default: docs, or "
+        "runs/experiments-quick with --quick)",
+    )
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite EXPERIMENTS.md from OUT/experiments/results.json, no training",
+    )
+    parser.add_argument(
+        "--recheck-float64",
+        action="store_true",
+        help="train again in float64 the rows of OUT/experiments/results.json whose "
+        "implementations differ by more than 0.3 points, then rewrite EXPERIMENTS.md",
+    )
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        out = prepare_out_dir(args.out or Path("runs/experiments-quick" if args.quick else "docs"))
+        if args.render_only or args.recheck_float64:
+            path = out / "experiments" / "results.json"
+            flag = "--render-only" if args.render_only else "--recheck-float64"
+            if not path.is_file():
+                raise UsageError(f"{flag}: no {path}; run without it first")
+            saved = json.loads(path.read_text())
+            if args.recheck_float64:
+                data = load_dataset(args.data_dir)
+                saved["float64"] = recheck_in_float64(data, saved, lambda s: print(s, flush=True))
+                write_json(path, saved)
+            write_report(out, saved)
+            print(f"wrote {out / 'EXPERIMENTS.md'}")
+            return 0
+        command = "python scripts/experiments.py" + (" --quick" if args.quick else "")
+        run_experiments(
+            load_dataset(args.data_dir),
+            out,
+            impls=tuple(args.impl or IMPLEMENTATIONS),
+            command=command,
+            progress=lambda s: print(s, flush=True),
+            **(QUICK if args.quick else {}),
+        )
+        print(f"wrote {out / 'EXPERIMENTS.md'} and {out / 'experiments'}/")
+        return 0
+
+    return run_cli(parser, body)

@@ -1,12 +1,13 @@
-"""The training loop, written once: any implementation supplies its step through a Backend."""
+"""The training loop, written once (any implementation supplies its step through a Backend),
+and the train.py command in front of it."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +15,17 @@ import numpy as np
 from tqdm import tqdm
 
 from shared import metrics
-from shared.backend import Backend, load_backend
-from shared.checkpoint import Checkpoint, save_checkpoint
-from shared.data import NUM_CLASSES, Dataset, Split, num_batches, training_batches
-from shared.errors import ThreefoldError, UsageError
+from shared.backend import Backend, make_backend, predict
+from shared.batches import num_batches, training_batches
+from shared.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from shared.cli import add_training_flags, config_from_args, prepare_out_dir, run_cli
+from shared.config import TrainConfig, averages_mirrors, learning_rate, warmup_steps
+from shared.data import NUM_CLASSES, Dataset, Split, get_dataset_spec, load_dataset
+from shared.errors import CheckpointError, Interrupted, ThreefoldError, UsageError
 from shared.io import remove_stale_temporaries, write_json
 from shared.plots import plot_curves
 from shared.spec import get_arch, init_params
 
-SCHEDULES = ("constant", "cosine")
-DTYPES = ("float32", "float64")
 CHECKPOINT_NAME = "checkpoint.npz"
 METRICS_NAME = "metrics.json"
 CURVES_NAME = "curves.png"
@@ -31,89 +33,6 @@ CURVES_NAME = "curves.png"
 
 class TrainingDiverged(ThreefoldError):
     """The loss stopped being a finite number."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """A run's whole configuration. The defaults were chosen on the validation split only
-    (PyTorch, 15 epochs, seeds 0 to 2; figures in docs/EXPERIMENTS.md): a one-epoch warm-up
-    made learning rate 0.03 usable, Nesterov momentum and flips with test-time flips each
-    added a little; dropout, weight averaging and shifts did not help in 15 epochs."""
-
-    impl: str = "numpy"
-    arch: str = "lab"
-    init: str = "he"
-    epochs: int = 15
-    batch_size: int = 64
-    lr: float = 0.03
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-3
-    schedule: str = "cosine"
-    warmup: int = 1
-    label_smoothing: float = 0.1
-    flip: bool = True
-    tta: bool | None = None  # None: as `flip`
-    shift: int = 0
-    seed: int = 0
-    limit: int | None = None
-    dtype: str = "float32"
-    dataset: str = "fashion-mnist"
-
-
-def learning_rate(
-    step: int, total_steps: int, base_lr: float, schedule: str, warmup_steps: int = 0
-) -> float:
-    """The learning rate of optimizer step `step` (0-based) out of `total_steps`: a linear
-    rise to base_lr over the first `warmup_steps`, then the schedule over the rest."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return base_lr
-    if schedule == "cosine":
-        progress = (step - warmup_steps) / (total_steps - warmup_steps)
-        return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
-    raise UsageError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
-
-
-def averages_mirrors(flip: bool, tta: bool | None) -> bool:
-    """Whether evaluation averages each image with its mirror image: as asked, or by default
-    when the network was trained on flipped images (one trained without them has learnt
-    left-right asymmetries that a mirror image would contradict)."""
-    return flip if tta is None else tta
-
-
-def warmup_steps(config: TrainConfig, steps_per_epoch: int) -> int:
-    """Steps of warm-up: `config.warmup` epochs, but the last epoch always follows the schedule
-    (so a 1-epoch run has none)."""
-    return min(config.warmup, config.epochs - 1) * steps_per_epoch
-
-
-def make_backend(config: TrainConfig) -> Backend:
-    return load_backend(
-        config.impl,
-        get_arch(config.arch),
-        dtype=np.dtype(config.dtype),
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
-        label_smoothing=config.label_smoothing,
-    )
-
-
-def predict(
-    backend: Backend, state: Any, images: np.ndarray, tta: bool = False, batch_size: int = 1000
-) -> np.ndarray:
-    """Logits (N, 10) for images (N, 1, 28, 28), computed in batches; with `tta`, the mean of
-    the logits of each image and of its mirror image (test-time augmentation by flips)."""
-    logits = []
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size]
-        out = backend.predict(state, x)
-        if tta:
-            out = (out + backend.predict(state, np.ascontiguousarray(x[..., ::-1]))) / 2
-        logits.append(out)
-    return np.concatenate(logits)
 
 
 def train_split(config: TrainConfig, data: Dataset) -> Split:
@@ -165,10 +84,6 @@ def run_epoch(
     return state, loss_sum / seen, correct / seen
 
 
-class Interrupted(ThreefoldError):
-    """The user stopped the run (Ctrl-C)."""
-
-
 def _saved(out_dir: Path | None, last_epoch: int) -> str:
     if out_dir is None or last_epoch < 1:
         return "no epoch was completed, so nothing was saved"
@@ -199,7 +114,8 @@ def evaluate_epoch(
     }
 
 
-def test_metrics(backend: Backend, state: Any, data: Dataset, tta: bool) -> dict[str, Any]:
+def evaluate_test_set(backend: Backend, state: Any, data: Dataset, tta: bool) -> dict[str, Any]:
+    """Loss, accuracy, confusion matrix and per-class accuracy on the test images."""
     logits = predict(backend, state, data.test.x, tta)
     cm = metrics.confusion_matrix(logits.argmax(axis=1), data.test.y, NUM_CLASSES)
     return {
@@ -224,7 +140,7 @@ def train(
     Returns the run's record (configuration, per-epoch history, test metrics).
     """
     arch = get_arch(config.arch)
-    backend = make_backend(config)
+    backend = make_backend(config.impl, arch, config.dtype, config.hyperparams)
     tta = averages_mirrors(config.flip, config.tta)
     split = train_split(config, data)
     record: dict[str, Any] = {"config": dataclasses.asdict(config), "history": []}
@@ -286,7 +202,7 @@ def train(
         ) from None
     except TrainingDiverged as e:
         raise TrainingDiverged(f"{e}; {_saved(out_dir, done)}") from None
-    record["test"] = test_metrics(backend, state, data, tta)
+    record["test"] = evaluate_test_set(backend, state, data, tta)
     if out_dir is not None:
         write_json(out_dir / METRICS_NAME, record)
         plot_curves(
@@ -295,3 +211,100 @@ def train(
             out_dir / CURVES_NAME,
         )
     return record
+
+
+def resumed_config(
+    args: argparse.Namespace, defaults: TrainConfig
+) -> tuple[TrainConfig, Checkpoint]:
+    """The configuration and last checkpoint of the run in --resume DIR; training flags given
+    beside it would change the run, so they are refused."""
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in TrainConfig.__dataclass_fields__
+        if getattr(args, name) != getattr(defaults, name)
+    ]
+    if given:
+        raise UsageError(f"--resume continues a run with its own configuration; drop {given[0]}")
+    path = args.resume / CHECKPOINT_NAME
+    if not path.is_file():
+        raise UsageError(f"--resume {args.resume}: no {CHECKPOINT_NAME} there to continue from")
+    ckpt = load_checkpoint(path)
+    if "history" not in ckpt.meta or ckpt.velocity is None:
+        raise CheckpointError(f"{path}: written without its run history; cannot resume")
+    saved = ckpt.meta["config"]
+    # A run from another version of threefold would continue with other semantics.
+    if set(saved) != set(TrainConfig.__dataclass_fields__):
+        differ = sorted(set(saved) ^ set(TrainConfig.__dataclass_fields__))
+        raise CheckpointError(
+            f"{path}: written by another version of threefold (settings differ: "
+            f"{', '.join(differ)}); cannot resume it exactly, start a new run"
+        )
+    return TrainConfig(**saved), ckpt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """scripts/train.py: train, print progress and the test accuracy, write the run's files."""
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train the CNN on Fashion-MNIST with one of the three implementations.",
+    )
+    add_training_flags(parser, defaults)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for metrics.json, checkpoint.npz and curves.png (default: runs/IMPL-ARCH)",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="continue the run in DIR from its last completed epoch",
+    )
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch the four official files first, verify their checksums and "
+        "put them in --data-dir (default: ~/.local/share/threefold/DATASET)",
+    )
+    parser.add_argument(
+        "--download-url",
+        default=None,
+        help="base address to download from (default: $THREEFOLD_DOWNLOAD_URL, "
+        "then the authors' official source)",
+    )
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        ckpt = None
+        if args.resume is not None:
+            config, ckpt = resumed_config(args, defaults)
+            out = prepare_out_dir(args.out or args.resume)
+        else:
+            config = config_from_args(args)
+            out = prepare_out_dir(args.out or Path("runs") / f"{config.impl}-{config.arch}")
+        data_dir = args.data_dir
+        if args.download:
+            from shared.download import download_dataset
+
+            spec = get_dataset_spec(config.dataset)
+            data_dir = download_dataset(spec, data_dir, args.download_url)
+            print(f"downloaded and verified {spec.name} in {data_dir}")
+        data = load_dataset(data_dir, config.dataset)
+        print(
+            f"{config.impl} | {config.arch} | {len(data.train)} train, {len(data.val)} "
+            f"validation, {len(data.test)} test images from {data.source}"
+        )
+        if ckpt is not None:
+            print(f"resuming after epoch {ckpt.meta['epoch']} of {config.epochs}")
+        record = train(config, data, out, resume=ckpt)
+        test = record["test"]
+        print(
+            f"{config.impl} | Test Loss: {test['loss']:7.4f} | Test Acc: {100 * test['acc']:7.4f}"
+        )
+        print(f"wrote {out / CHECKPOINT_NAME}, {out / METRICS_NAME}, {out / CURVES_NAME}")
+        return 0
+
+    return run_cli(parser, body)

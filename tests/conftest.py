@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.data import FILES, Dataset, load_dataset
+from shared.data import FASHION_MNIST, Dataset, load_dataset
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -30,12 +30,16 @@ def make_dataset_dir(folder: Path, n_train: int = 120, n_test: int = 30, seed: i
     a network can learn them."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("test", n_test)):
+    files = FASHION_MNIST.files
+    for images_file, labels_file, n in (
+        (files.train_images, files.train_labels, n_train),
+        (files.test_images, files.test_labels, n_test),
+    ):
         labels = rng.integers(0, 10, n).astype(np.uint8)
         images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
         images[np.arange(n), 2 + 2 * labels] = 255
-        write_idx(folder / f"{FILES[f'{split}_images']}.gz", images)
-        write_idx(folder / f"{FILES[f'{split}_labels']}.gz", labels)
+        write_idx(folder / f"{images_file.name}.gz", images)
+        write_idx(folder / f"{labels_file.name}.gz", labels)
     return folder
 
 

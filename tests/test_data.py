@@ -1,4 +1,4 @@
-"""IDX reading, the data lookup, the split and the batch order."""
+"""IDX reading, the data lookup, integrity, the split and normalisation."""
 
 from __future__ import annotations
 
@@ -106,58 +106,3 @@ def test_real_split_sizes(real_data):
 def test_normalisation_constants_match_the_training_images(real_data):
     pixels = np.concatenate([real_data.train.x, real_data.val.x]).astype(np.float64)
     assert abs(pixels.mean()) < 1e-5 and abs(pixels.std() - 1) < 1e-5
-
-
-def test_batches_are_deterministic_per_seed_and_epoch(tiny_data_dir):
-    split = data.load_dataset(tiny_data_dir).train
-
-    def order(seed, epoch):
-        return np.concatenate(
-            [y for _, y in data.iterate_batches(split, 32, seed=seed, epoch=epoch)]
-        )
-
-    np.testing.assert_array_equal(order(3, 1), order(3, 1))
-    assert not np.array_equal(order(3, 1), order(3, 2))
-    assert not np.array_equal(order(3, 1), order(4, 1))
-    sizes = [len(y) for _, y in data.iterate_batches(split, 32, seed=0, epoch=1)]
-    assert sizes == [32, 32, 32, 4]
-    # Every image exactly once per epoch.
-    perm = data.batch_order(len(split), 3, 1)
-    np.testing.assert_array_equal(np.sort(perm), np.arange(len(split)))
-    np.testing.assert_array_equal(order(3, 1), split.y[perm])
-
-
-def apply_maps(x, flip, shift, seed=0):
-    from impl_numpy.augment import augment
-
-    rows, cols = data.augmentation_maps(np.random.default_rng(seed), len(x), 28, 28, flip, shift)
-    return augment(x, rows, cols, shift, data.FASHION_MNIST.background), rows, cols
-
-
-def test_augmentation_maps_flip_and_shift_as_documented():
-    x = np.random.default_rng(0).standard_normal((64, 1, 28, 28)).astype(np.float32)
-    out, _, _ = apply_maps(x, flip=False, shift=0)
-    np.testing.assert_array_equal(out, x)
-    out, _, _ = apply_maps(x, flip=True, shift=0)
-    flipped = [np.array_equal(o, xi[:, :, ::-1]) for o, xi in zip(out, x, strict=True)]
-    kept = [np.array_equal(o, xi) for o, xi in zip(out, x, strict=True)]
-    assert all(f or k for f, k in zip(flipped, kept, strict=True)) and 16 < sum(flipped) < 48
-    out, rows, cols = apply_maps(x, flip=False, shift=2)
-    for o, xi, r, c in zip(out, x, rows, cols, strict=True):
-        dy, dx = 2 - r[0], 2 - c[0]  # rows = shift + i - dy
-        assert -2 <= dy <= 2 and -2 <= dx <= 2
-        shifted = np.full_like(xi, data.FASHION_MNIST.background)
-        src = xi[:, max(0, -dy) : 28 - max(0, dy), max(0, -dx) : 28 - max(0, dx)]
-        shifted[:, max(0, dy) : 28 - max(0, -dy), max(0, dx) : 28 - max(0, -dx)] = src
-        np.testing.assert_array_equal(o, shifted)
-
-
-def test_training_batches_are_deterministic_and_augmented_per_epoch():
-    def plan(epoch):
-        return list(data.training_batches(100, 32, seed=5, epoch=epoch, flip=True, shift=2))
-
-    a, b, c = plan(1), plan(1), plan(2)
-    assert all(np.array_equal(p.cols, q.cols) for p, q in zip(a, b, strict=True))
-    assert not all(np.array_equal(p.cols, q.cols) for p, q in zip(a, c, strict=True))
-    assert [len(p.idx) for p in a] == [32, 32, 32, 4] and a[0].rows.shape == (32, 28)
-    assert all(p.rows is None for p in data.training_batches(100, 32, seed=5, epoch=1))

@@ -9,12 +9,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from shared.backend import IMPLEMENTATIONS, load_backend
+from shared.backend import IMPLEMENTATIONS, make_backend
 from shared.checkpoint import load_checkpoint
+from shared.config import Hyperparams, TrainConfig
 from shared.crosscheck import ALL_ON, checkpoint_agreement, compare, run_crosscheck
 from shared.data import load_dataset
 from shared.spec import ARCHS, init_params, param_shapes
-from shared.train import TrainConfig, train
+from shared.train import train
 from tests.conftest import to_native
 
 PAIRS = [("numpy", "jax"), ("numpy", "torch"), ("jax", "torch")]
@@ -137,7 +138,7 @@ def test_model_forward_and_gradients_agree(arch):
     params = init_params(arch, "torch", seed=3, dtype=np.float64)
     out = {}
     for impl in IMPLEMENTATIONS:
-        backend = load_backend(impl, arch, dtype=np.float64, label_smoothing=0.1)
+        backend = make_backend(impl, arch, np.float64, Hyperparams(label_smoothing=0.1))
         out[impl] = (
             backend.activations(params, x),
             backend.loss_and_grads(params, x, y),
@@ -255,7 +256,8 @@ def test_jax_im2col_conv_equals_xla_convolution(seed):
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("shift", [0, 3])
 def test_augmentation_agrees(flip, shift):
-    from shared.data import FASHION_MNIST, augmentation_maps
+    from shared.batches import augmentation_maps
+    from shared.data import FASHION_MNIST
 
     rng = np.random.default_rng(shift)
     x = rng.standard_normal((11, 2, 28, 28))

@@ -7,9 +7,10 @@ import json
 
 import numpy as np
 
+from shared.config import TrainConfig
 from shared.data import FASHION_MNIST, load_dataset
 from shared.experiments import AGREEMENT, recheck_in_float64, run_experiments
-from shared.train import TrainConfig, train
+from shared.train import train
 from tests.test_training import run_script
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -19,10 +20,11 @@ import numpy as np
 import pytest
 
 from shared.checkpoint import load_checkpoint, save_checkpoint
-from shared.data import FASHION_MNIST, FILES, load_dataset
+from shared.config import TrainConfig
+from shared.data import FASHION_MNIST, OfficialFiles, load_dataset
 from shared.download import download_dataset
 from shared.errors import CheckpointError, DataError
-from shared.train import TrainConfig, TrainingDiverged, train
+from shared.train import TrainingDiverged, train
 from tests.conftest import idx_bytes, make_dataset_dir, write_idx
 from tests.test_training import ROOT, run_script
 
@@ -227,8 +229,8 @@ def test_unknown_dataset_is_a_usage_error():
 def test_a_missing_framework_only_affects_its_own_implementation(tiny_data_dir, tmp_path):
     code = (
         "import sys; sys.modules['jax'] = None\n"
-        "from shared.cli import train_main\n"
-        "sys.exit(train_main(sys.argv[1:]))\n"
+        "from shared.train import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
     )
     args = ["--epochs", "1", "--batch-size", "16", "--data-dir", str(tiny_data_dir)]
     blocked = subprocess.run(
@@ -331,15 +333,17 @@ class Server:
 
 @pytest.fixture
 def served_files(tmp_path):
-    """The tiny dataset's four .gz files, with their MD5 and content SHA-256 sums."""
+    """The tiny dataset's four .gz files, and Fashion-MNIST's spec with their MD5 and content
+    SHA-256 sums in place of the official ones."""
     folder = make_dataset_dir(tmp_path / "source")
-    files, md5, sha = {}, {}, {}
-    for stem in FILES.values():
-        body = (folder / f"{stem}.gz").read_bytes()
-        files[f"{stem}.gz"] = body
-        md5[stem] = hashlib.md5(body).hexdigest()
-        sha[stem] = hashlib.sha256(gzip.decompress(body)).hexdigest()
-    return files, md5, sha
+    files, rows = {}, []
+    for row in FASHION_MNIST.files:
+        body = (folder / f"{row.name}.gz").read_bytes()
+        files[f"{row.name}.gz"] = body
+        md5 = hashlib.md5(body).hexdigest()
+        sha = hashlib.sha256(gzip.decompress(body)).hexdigest()
+        rows.append(dataclasses.replace(row, gzip_md5=md5, content_sha256=sha))
+    return files, dataclasses.replace(FASHION_MNIST, files=OfficialFiles(*rows))
 
 
 def idx_files_in(folder: Path) -> list[str]:
@@ -347,36 +351,33 @@ def idx_files_in(folder: Path) -> list[str]:
 
 
 def test_download_verifies_then_moves_into_place(served_files, tmp_path):
-    files, md5, sha = served_files
+    files, spec = served_files
     dest = tmp_path / "dest"
     with Server(files) as server:
-        download_dataset(
-            FASHION_MNIST, dest, server.url, gzip_md5=md5, content_sha256=sha, progress=False
-        )
+        download_dataset(spec, dest, server.url, progress=False)
     assert idx_files_in(dest) == sorted(files)
     assert len(load_dataset(dest).test) == 30
 
 
 @pytest.mark.parametrize("fault", ["truncated", "wrong checksum", "server error", "missing"])
 def test_a_failed_download_leaves_nothing_that_looks_valid(served_files, tmp_path, fault):
-    files, md5, sha = served_files
+    files, spec = served_files
     dest = tmp_path / "dest"
     if fault == "wrong checksum":
-        md5 = {**md5, FILES["test_images"]: "0" * 32}
+        test_images = dataclasses.replace(spec.files.test_images, gzip_md5="0" * 32)
+        spec = dataclasses.replace(spec, files=spec.files._replace(test_images=test_images))
     if fault == "missing":
         files = {k: v for k, v in files.items() if not k.startswith("t10k-labels")}
     kwargs = {"truncate": "train-labels-idx1-ubyte.gz"} if fault == "truncated" else {}
     status = 500 if fault == "server error" else 200
     with Server(files, status=status, **kwargs) as server, pytest.raises(DataError) as err:
-        download_dataset(
-            FASHION_MNIST, dest, server.url, gzip_md5=md5, content_sha256=sha, progress=False
-        )
+        download_dataset(spec, dest, server.url, progress=False)
     assert "\n" not in str(err.value)
     assert idx_files_in(dest) == []  # not even the files that downloaded fine
 
 
 def test_download_flag_checks_the_official_checksums(served_files, tmp_path):
-    files, _, _ = served_files
+    files, _ = served_files
     dest = tmp_path / "dest"
     with Server(files) as server:
         result = run_script(

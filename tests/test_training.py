@@ -12,19 +12,13 @@ import numpy as np
 import pytest
 
 from shared import metrics
+from shared.backend import make_backend, predict
 from shared.checkpoint import load_checkpoint, save_checkpoint
+from shared.config import TrainConfig, averages_mirrors, learning_rate, warmup_steps
 from shared.data import load_dataset
 from shared.errors import CheckpointError
 from shared.spec import ARCHS, init_params
-from shared.train import (
-    TrainConfig,
-    averages_mirrors,
-    learning_rate,
-    make_backend,
-    predict,
-    train,
-    warmup_steps,
-)
+from shared.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +36,7 @@ def run_script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 def test_short_real_run_lowers_the_loss(real_data):
     # The defaults are made for 15 epochs: 157 steps want a gentler peak and no warm-up.
     config = TrainConfig(impl="numpy", epochs=2, limit=5000, lr=0.01, warmup=0, flip=False, shift=0)
-    backend = make_backend(config)
+    backend = make_backend(config.impl, ARCHS[config.arch], config.dtype, config.hyperparams)
     state = backend.init_state(init_params(ARCHS["lab"], "he", config.seed))
     initial = metrics.cross_entropy(predict(backend, state, real_data.val.x), real_data.val.y)
     record = train(config, real_data, log=lambda _: None)
@@ -82,7 +76,7 @@ def test_mirror_images_are_averaged_by_default_only_after_training_on_flips():
 def test_tta_averages_each_image_with_its_mirror_image(impl, tiny_data_dir):
     test = load_dataset(tiny_data_dir).test.x
     mirrored = np.ascontiguousarray(test[..., ::-1])
-    backend = make_backend(TrainConfig(impl=impl, dtype="float64"))
+    backend = make_backend(impl, ARCHS["lab"], np.float64)
     state = backend.init_state(init_params(ARCHS["lab"], "he", 0, np.dtype(np.float64)))
     plain = predict(backend, state, test, batch_size=7)
     tta = predict(backend, state, test, tta=True, batch_size=7)

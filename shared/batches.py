@@ -1,0 +1,95 @@
+"""Batches: which rows of the data make each batch of an epoch, and how each is augmented.
+
+The order and the augmentation depend only on (seed, epoch), so all three implementations see
+the very same batches. Only indices and pixel maps are made here: each implementation gathers
+and augments its own copy of the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def batch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of n examples used in `epoch` of a run seeded with `seed`."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(
+    n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True
+) -> Iterator[np.ndarray]:
+    """Yield the rows (B,) of each batch of an epoch; the last batch may be smaller.
+
+    The order depends only on (seed, epoch), so every implementation sees the same batches.
+    """
+    order = batch_order(n, seed, epoch) if shuffle else np.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One training step: the rows `idx` (B,) of the data and, when augmenting, where each
+    output pixel comes from in the image padded by `pad` pixels of value `fill` on every side:
+    `rows` (B, H) and `cols` (B, W). Every implementation applies the same maps, so the
+    augmentation is identical."""
+
+    idx: np.ndarray
+    rows: np.ndarray | None = None
+    cols: np.ndarray | None = None
+    pad: int = 0
+    fill: float = 0.0
+
+
+def augmentation_maps(
+    rng: np.random.Generator, n: int, height: int, width: int, flip: bool, shift: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Source rows (n, height) and columns (n, width), in images padded by `shift`, for a
+    horizontal flip with probability 1/2 (when `flip`) followed by a translation of up to
+    `shift` pixels each way; what moves in from outside is background."""
+    dy = rng.integers(-shift, shift + 1, n)[:, None]
+    dx = rng.integers(-shift, shift + 1, n)[:, None]
+    flipped = (rng.random(n) < 0.5)[:, None] if flip else np.zeros((n, 1), dtype=bool)
+    i, j = np.arange(height)[None, :], np.arange(width)[None, :]
+    rows = shift + i - dy
+    cols = shift + np.where(flipped, width - 1 - j + dx, j - dx)
+    return rows, cols
+
+
+def training_batches(
+    n: int,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    fill: float,
+    flip: bool = False,
+    shift: int = 0,
+    shuffle: bool = True,
+    image_size: tuple[int, int] = (28, 28),
+) -> Iterator[Batch]:
+    """The batches of one epoch, with their augmentation; all randomness from (seed, epoch).
+    Shifted images are padded with `fill`, the dataset's `background` (0 before normalising)."""
+    rng = np.random.default_rng([seed, epoch, 1])
+    for idx in batch_indices(n, batch_size, seed=seed, epoch=epoch, shuffle=shuffle):
+        if flip or shift:
+            rows, cols = augmentation_maps(rng, len(idx), *image_size, flip, shift)
+            yield Batch(idx, rows, cols, shift, fill)
+        else:
+            yield Batch(idx)
+
+
+def iterate_batches(
+    x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Images x (N, 1, 28, 28) float32 and labels y (N,) int64 -> batches (x (B, 1, 28, 28),
+    y (B,)) in `batch_indices` order."""
+    for idx in batch_indices(len(y), batch_size, seed=seed, epoch=epoch, shuffle=shuffle):
+        yield x[idx], y[idx]
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)

@@ -1,0 +1,77 @@
+"""The batch order and the augmentation maps every implementation shares."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from shared.batches import augmentation_maps, batch_order, iterate_batches, training_batches
+from shared.data import FASHION_MNIST, load_dataset
+
+BACKGROUND = FASHION_MNIST.background
+
+
+def test_batches_are_deterministic_per_seed_and_epoch(tiny_data_dir):
+    split = load_dataset(tiny_data_dir).train
+
+    def order(seed, epoch):
+        return np.concatenate(
+            [y for _, y in iterate_batches(split.x, split.y, 32, seed=seed, epoch=epoch)]
+        )
+
+    np.testing.assert_array_equal(order(3, 1), order(3, 1))
+    assert not np.array_equal(order(3, 1), order(3, 2))
+    assert not np.array_equal(order(3, 1), order(4, 1))
+    sizes = [len(y) for _, y in iterate_batches(split.x, split.y, 32, seed=0, epoch=1)]
+    assert sizes == [32, 32, 32, 4]
+    # Every image exactly once per epoch.
+    perm = batch_order(len(split), 3, 1)
+    np.testing.assert_array_equal(np.sort(perm), np.arange(len(split)))
+    np.testing.assert_array_equal(order(3, 1), split.y[perm])
+
+
+def apply_maps(x, flip, shift, seed=0):
+    from impl_numpy.augment import augment
+
+    rows, cols = augmentation_maps(np.random.default_rng(seed), len(x), 28, 28, flip, shift)
+    return augment(x, rows, cols, shift, BACKGROUND), rows, cols
+
+
+def test_augmentation_maps_flip_and_shift_as_documented():
+    x = np.random.default_rng(0).standard_normal((64, 1, 28, 28)).astype(np.float32)
+    out, _, _ = apply_maps(x, flip=False, shift=0)
+    np.testing.assert_array_equal(out, x)
+    out, _, _ = apply_maps(x, flip=True, shift=0)
+    flipped = [np.array_equal(o, xi[:, :, ::-1]) for o, xi in zip(out, x, strict=True)]
+    kept = [np.array_equal(o, xi) for o, xi in zip(out, x, strict=True)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True)) and 16 < sum(flipped) < 48
+    out, rows, cols = apply_maps(x, flip=False, shift=2)
+    for o, xi, r, c in zip(out, x, rows, cols, strict=True):
+        dy, dx = 2 - r[0], 2 - c[0]  # rows = shift + i - dy
+        assert -2 <= dy <= 2 and -2 <= dx <= 2
+        shifted = np.full_like(xi, BACKGROUND)
+        src = xi[:, max(0, -dy) : 28 - max(0, dy), max(0, -dx) : 28 - max(0, dx)]
+        shifted[:, max(0, dy) : 28 - max(0, -dy), max(0, dx) : 28 - max(0, -dx)] = src
+        np.testing.assert_array_equal(o, shifted)
+
+
+def test_training_batches_are_deterministic_and_augmented_per_epoch():
+    def plan(epoch):
+        return list(
+            training_batches(100, 32, seed=5, epoch=epoch, fill=BACKGROUND, flip=True, shift=2)
+        )
+
+    a, b, c = plan(1), plan(1), plan(2)
+    assert all(np.array_equal(p.cols, q.cols) for p, q in zip(a, b, strict=True))
+    assert not all(np.array_equal(p.cols, q.cols) for p, q in zip(a, c, strict=True))
+    assert [len(p.idx) for p in a] == [32, 32, 32, 4] and a[0].rows.shape == (32, 28)
+    unaugmented = training_batches(100, 32, seed=5, epoch=1, fill=BACKGROUND)
+    assert all(p.rows is None for p in unaugmented)
+
+
+def test_the_batches_do_not_pull_in_the_file_reader():
+    code = "import sys, shared.batches; assert 'shared.data' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
