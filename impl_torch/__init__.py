@@ -1,4 +1,5 @@
-"""The CNN in PyTorch: an nn.Module whose state_dict is exactly the canonical parameter dict."""
+"""The CNN in PyTorch: functions over the canonical parameter dict (the names and layouts of a
+state_dict), gradients from autograd."""
 
 import os
 

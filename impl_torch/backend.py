@@ -1,34 +1,29 @@
-"""The training-loop interface (see shared/backend.py) for the PyTorch implementation."""
+"""The PyTorch implementation behind the training loop's interface (see shared/backend.py)."""
 
 from __future__ import annotations
 
-from functools import partial
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from impl_torch import model, optim
 from impl_torch.augment import augment
-from shared.backend import BackendBase
+from shared import backend
 from shared.batches import Batch
-from shared.config import Hyperparams
-from shared.spec import Arch, Params
+from shared.spec import Params
 
 State = tuple[optim.Params, optim.State]  # (parameters, momentum buffers), updated in place
 
 
-class Backend(BackendBase):
+class Backend(backend.Backend):
     name = "torch"
+    model, optim = model, optim
 
-    def __init__(self, arch: Arch, dtype: np.dtype, hyperparams: Hyperparams):
-        super().__init__(arch, dtype, hyperparams)
-        h = hyperparams
-        self.optimizer = optim.SGD(h.momentum, h.nesterov, h.weight_decay)
-        fns = dict(arch=arch, label_smoothing=h.label_smoothing)
-        self._predict = partial(model.forward, arch=arch)
-        self._activations = partial(model.activations, arch=arch)
-        self._loss_and_grads = partial(model.loss_and_grads, **fns)
-        self._input_grad = partial(model.input_grad, **fns)
+    @staticmethod
+    def _compile(fn: Callable) -> Callable:
+        # torch.compile took 15.7 s and then ran a step at half eager speed (docs/PERFORMANCE.md).
+        return fn
 
     def _array(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x, dtype=self.dtype))
@@ -38,14 +33,6 @@ class Backend(BackendBase):
 
     def _copy(self, tensors: Params) -> optim.Params:
         return {k: torch.from_numpy(np.array(v, dtype=self.dtype)) for k, v in tensors.items()}
-
-    def init_state(self, params: Params, velocity: Params | None = None) -> State:
-        params = self._copy(params)
-        velocity = None if velocity is None else self._copy(velocity)
-        return params, self.optimizer.init(params, velocity)
-
-    def put_data(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._array(x), self._labels(y)
 
     def train_step(self, state: State, data, batch: Batch, lr: float):
         params, opt_state = state
@@ -59,22 +46,3 @@ class Backend(BackendBase):
         )
         state = self.optimizer.update(params, grads, opt_state, lr)
         return state, loss.item(), int((logits.argmax(dim=1) == y).sum())
-
-    def predict(self, state: State, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self._predict(state[0], self._array(x)))
-
-    def params(self, state: State) -> Params:
-        return self._numpy(state[0])
-
-    def velocity(self, state: State) -> Params:
-        return self._numpy(self.optimizer.velocity(state[1]))
-
-    def activations(self, params: Params, x: np.ndarray) -> dict[str, np.ndarray]:
-        return self._numpy(self._activations(self._copy(params), self._array(x)))
-
-    def loss_and_grads(self, params: Params, x: np.ndarray, y: np.ndarray) -> tuple[float, Params]:
-        value, grads = self._loss_and_grads(self._copy(params), self._array(x), self._labels(y))
-        return float(value), self._numpy(grads)
-
-    def input_grad(self, params: Params, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return np.asarray(self._input_grad(self._copy(params), self._array(x), self._labels(y)))
