@@ -13,8 +13,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shared.data import DatasetSpec, OfficialFile, parse_idx, read_idx_bytes
+from shared.data import DatasetSpec, OfficialFile
 from shared.errors import DataError, UsageError
+from shared.idx import read_idx_content
 
 DOWNLOAD_URL_ENV = "THREEFOLD_DOWNLOAD_URL"
 TIMEOUT_SECONDS = 60
@@ -60,22 +61,21 @@ def _md5(path: Path) -> str:
 
 
 def verify_download(path: Path, file: OfficialFile) -> None:
-    """The published MD5 of the .gz, then the SHA-256 of its IDX content, then its header;
-    a checksum the row does not know is skipped."""
+    """The published MD5 of the .gz, then its IDX header and body (read_idx_content), then
+    the SHA-256 of its IDX content; a checksum the row does not know is skipped."""
     expected_md5 = file.gzip_md5
     if expected_md5 and (actual := _md5(path)) != expected_md5:
         raise DataError(
             f"{path.name}: MD5 {actual} differs from the published {expected_md5}; "
             "the download is damaged or not the official file"
         )
-    raw = read_idx_bytes(path)
+    actual = read_idx_content(path).sha256
     expected_sha = file.content_sha256
-    if expected_sha and (actual := hashlib.sha256(raw).hexdigest()) != expected_sha:
+    if expected_sha and actual != expected_sha:
         raise DataError(
             f"{path.name}: SHA-256 of the IDX content {actual[:16]}... differs from "
             f"the official {expected_sha[:16]}..."
         )
-    parse_idx(raw, path.name)
 
 
 def download_dataset(

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import gzip
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from shared import data
+from shared import data, idx
 from shared.errors import DataError, UsageError
 from tests.conftest import idx_bytes, make_dataset_dir, write_idx
 
@@ -16,7 +22,7 @@ from tests.conftest import idx_bytes, make_dataset_dir, write_idx
 def test_read_idx_round_trips(tmp_path, compress):
     array = np.random.default_rng(0).integers(0, 256, (7, 28, 28)).astype(np.uint8)
     path = write_idx(tmp_path / "x.idx", array, compress)
-    np.testing.assert_array_equal(data.read_idx(path), array)
+    np.testing.assert_array_equal(idx.read_idx(path), array)
 
 
 @pytest.mark.parametrize(
@@ -30,11 +36,13 @@ def test_read_idx_round_trips(tmp_path, compress):
         (lambda raw: raw + b"\x00", "trailing bytes"),
     ],
 )
-def test_read_idx_rejects_corrupt_files(tmp_path, mutate, message):
-    path = tmp_path / "bad.idx"
-    path.write_bytes(mutate(idx_bytes(np.zeros((3, 28, 28), np.uint8))))
+@pytest.mark.parametrize("compress", [False, True])
+def test_read_idx_rejects_corrupt_files(tmp_path, mutate, message, compress):
+    raw = mutate(idx_bytes(np.zeros((3, 28, 28), np.uint8)))
+    path = tmp_path / ("bad.gz" if compress else "bad.idx")
+    path.write_bytes(gzip.compress(raw) if compress else raw)
     with pytest.raises(DataError, match=message) as err:
-        data.read_idx(path)
+        idx.read_idx(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
@@ -42,7 +50,7 @@ def test_read_idx_rejects_truncated_gzip(tmp_path):
     path = tmp_path / "bad.gz"
     path.write_bytes(gzip.compress(idx_bytes(np.zeros((50, 28, 28), np.uint8)))[:-20])
     with pytest.raises(DataError, match="corrupt or truncated gzip"):
-        data.read_idx(path)
+        idx.read_idx(path)
 
 
 def test_load_rejects_label_count_mismatch(tmp_path):
@@ -68,6 +76,124 @@ def test_load_rejects_images_of_wrong_rank(tmp_path):
         data.load_dataset(folder)
 
 
+def test_load_rejects_images_of_another_size_naming_it(tmp_path):
+    folder = make_dataset_dir(tmp_path)
+    write_idx(folder / "train-images-idx3-ubyte.gz", np.zeros((120, 32, 32), np.uint8))
+    with pytest.raises(DataError, match="images are 32x32, the network takes 28x28") as err:
+        data.load_dataset(folder)
+    assert "train-images-idx3-ubyte.gz" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_load_rejects_more_labels_than_the_official_file(tmp_path):
+    folder = make_dataset_dir(tmp_path)
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(10_001, np.uint8))
+    with pytest.raises(DataError, match="says 10001 labels, more than the official file's 10000"):
+        data.load_dataset(folder)
+
+
+# --- hostile files: refused within bounded memory and time ---------------------------------
+
+IMAGES = "train-images-idx3-ubyte"
+# Runs load_dataset(FOLDER) in a fresh interpreter; prints the DataError, the seconds the
+# load took and its own peak RSS (ru_maxrss: KiB on Linux). RUSAGE_CHILDREN read in pytest
+# would be the largest of all its children so far, the training runs of other tests included.
+CHILD = """
+import json, resource, sys, time
+from shared.data import load_dataset
+from shared.errors import DataError
+start = time.perf_counter()
+try:
+    load_dataset(sys.argv[1])
+    error = None
+except DataError as e:
+    error = str(e)
+seconds = time.perf_counter() - start
+peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"error": error, "seconds": seconds, "peak_mib": peak_mib}))
+"""
+
+
+def idx_header(*dims: int) -> bytes:
+    return bytes([0, 0, 0x08, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+
+
+def write_gzip_of_zeros(path: Path, head: bytes, zeros_mib: int) -> Path:
+    """One valid gzip member holding `head` then `zeros_mib` MiB of zeros, built without
+    compressing them all: after a full flush deflate starts afresh, so each MiB compresses to
+    the same piece of about 1 KB (2 GiB -> 2 MB on disk, in well under a second)."""
+    mib = bytes(1 << 20)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate: the gzip framing is ours
+    first = deflate.compress(head) + deflate.flush(zlib.Z_FULL_FLUSH)
+    piece = deflate.compress(mib) + deflate.flush(zlib.Z_FULL_FLUSH)
+    crc = zlib.crc32(head)
+    with open(path, "wb") as f:
+        f.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + first)
+        for _ in range(zeros_mib):
+            f.write(piece)
+            crc = zlib.crc32(mib, crc)
+        size = (len(head) + (zeros_mib << 20)) & 0xFFFFFFFF
+        f.write(deflate.flush() + struct.pack("<II", crc, size))
+    return path
+
+
+def test_the_gzip_of_zeros_helper_is_a_valid_gzip(tmp_path):
+    path = write_gzip_of_zeros(tmp_path / "z.gz", b"head", 3)
+    assert gzip.decompress(path.read_bytes()) == b"head" + bytes(3 << 20)
+
+
+def write_raw_header(folder: Path, header: bytes, size: int | None = None) -> Path:
+    """A raw IDX file in place of the .gz: `header`, then zeros up to `size` (sparse)."""
+    (folder / f"{IMAGES}.gz").unlink()
+    path = folder / IMAGES
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(size or len(header))
+    return path
+
+
+HOSTILE = {
+    # A raw file whose header claims 2**31 images (1.7 TB), itself 16 bytes long.
+    "raw header of 2**31 images": (
+        lambda folder: write_raw_header(folder, idx_header(2**31, 28, 28)),
+        "header says 2147483648 images, more than the official file's 60000",
+    ),
+    # The official header, then 64 GiB on disk (sparse: no disk space used).
+    "raw file of 64 GiB": (
+        lambda folder: write_raw_header(folder, idx_header(60_000, 28, 28), 1 << 36),
+        "has trailing bytes: header says 60000x28x28 (47040016 bytes), file holds 68719476736",
+    ),
+    # 2 MB of gzip inflating to 2 GiB behind a header of 10 images: its size gives it away.
+    "gzip of 10 images then 2 GiB": (
+        lambda folder: write_gzip_of_zeros(folder / f"{IMAGES}.gz", idx_header(10, 28, 28), 2048),
+        "has trailing bytes: header says 10x28x28 (7856 bytes), yet the file holds",
+    ),
+    # The same behind the official header: inflated only up to the declared 47 MB + 1 byte.
+    "gzip of 60000 images then 2 GiB": (
+        lambda folder: write_gzip_of_zeros(
+            folder / f"{IMAGES}.gz", idx_header(60_000, 28, 28), 2048
+        ),
+        "has trailing bytes: header says 60000x28x28 (47040016 bytes), file holds more",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_files_are_refused_in_bounded_memory_and_time(tmp_path, case):
+    write, message = HOSTILE[case]
+    path = write(make_dataset_dir(tmp_path / "data"))
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path.parent)],
+        capture_output=True,
+        text=True,
+        timeout=120,  # only a guard against a hang: the bound is asserted below
+        cwd=Path(__file__).parents[1],
+    )
+    assert child.returncode == 0, child.stderr
+    result = json.loads(child.stdout)
+    assert result["error"].startswith(f"{path}: {message}") and "\n" not in result["error"]
+    assert result["seconds"] < 5 and result["peak_mib"] < 300, result
+
+
 def test_missing_folder_and_file_say_how_to_get_the_data(tmp_path, monkeypatch):
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     with pytest.raises(UsageError, match="apt-get install dataset-fashion-mnist"):
@@ -90,7 +216,7 @@ def test_split_is_the_last_sixth_and_deterministic(tiny_data_dir):
     a, b = data.load_dataset(tiny_data_dir), data.load_dataset(tiny_data_dir)
     assert (len(a.train), len(a.val), len(a.test)) == (100, 20, 30)
     np.testing.assert_array_equal(a.val.x, b.val.x)
-    raw = data.read_idx(tiny_data_dir / "train-images-idx3-ubyte.gz")
+    raw = idx.read_idx(tiny_data_dir / "train-images-idx3-ubyte.gz")
     np.testing.assert_array_equal(a.val.x, data.normalize(raw[100:]))
     assert a.train.x.dtype == np.float32 and a.train.x.shape == (100, 1, 28, 28)
 
