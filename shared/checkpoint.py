@@ -3,23 +3,53 @@
 Layout: one array per canonical name (`conv.weight`, ...), `velocity/<name>` for the momentum
 buffers, and `meta`, a JSON string (architecture, epoch, implementation, metrics, ...).
 `np.load(path)["conv.weight"]` is all another tool needs to read the weights.
+
+A checkpoint to load is untrusted input: the loader reads the zip's directory, then each
+member's .npy header, and inflates no more bytes than the architecture's tensors take, so a
+hostile file costs a bounded amount of memory and time and fails in one line.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import os
 import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from shared.errors import CheckpointError, UsageError
+from shared.errors import CheckpointError
 from shared.io import atomic_write
-from shared.spec import Params, check_params, get_arch
+from shared.spec import ARCHS, Arch, Params, param_shapes
 
 _VELOCITY = "velocity/"
+_META = "meta"
+# The metadata is a 0-d unicode array, 4 bytes a character: a million characters of JSON.
+_META_MAX_BYTES = 4 * 2**20
+# numpy itself refuses .npy headers of more than 10,000 characters.
+_HEADER_MAX_BYTES = 2**14
+# Stored (np.savez) or deflated (np.savez_compressed): the other methods inflate without bound.
+_COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+# What zipfile and zlib raise for a damaged, encrypted or unsupported member.
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, zlib.error)
+
+
+def _largest_checkpoint() -> int:
+    """Bytes of the biggest checkpoint of any architecture (every tensor and its momentum
+    buffer in float64, the largest metadata, and room for the zip's records): zipfile keeps
+    the whole directory in memory, so a larger file is refused before it is opened."""
+    numel = max(sum(math.prod(s) for s in param_shapes(a).values()) for a in ARCHS.values())
+    return 2 * 8 * numel + _META_MAX_BYTES + 2**20
+
+
+_MAX_FILE_BYTES = _largest_checkpoint()
 
 
 @dataclass
@@ -32,36 +62,279 @@ class Checkpoint:
 def save_checkpoint(
     path: Path, params: Params, meta: dict[str, Any], velocity: Params | None = None
 ) -> None:
-    """Write atomically: a reader sees the previous checkpoint or this one, never a mix."""
+    """Write atomically: a reader sees the previous checkpoint or this one, never a mix.
+    Non-finite tensors are refused, so no checkpoint of NaN or inf weights is ever written."""
     arrays = dict(params)
     if velocity is not None:
         arrays.update({_VELOCITY + k: v for k, v in velocity.items()})
-    arrays["meta"] = np.array(json.dumps(meta))
+    for name, value in arrays.items():
+        if not np.isfinite(value).all():
+            raise CheckpointError(f"{path}: tensor {name} has NaN or inf values; not written")
+    arrays[_META] = np.array(json.dumps(meta))
     atomic_write(Path(path), lambda f: np.savez(f, **arrays))
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Read and validate a checkpoint against the architecture its metadata names."""
-    path = Path(path)
+def load_checkpoint(path: Path, dtype: Any = None) -> Checkpoint:
+    """Read and validate a checkpoint against the architecture its metadata names; with
+    `dtype` (the run's), cast the tensors to it. Anything amiss is one CheckpointError that
+    names the file and the member, tensor or metadata field at fault."""
+    where = str(path)
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        with open(path, "rb") as file:
+            return _read_file(file, where, None if dtype is None else np.dtype(dtype))
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from None
-    if "meta" not in arrays or arrays["meta"].dtype.kind != "U":
-        raise CheckpointError(f"{path}: no metadata (not a threefold checkpoint)")
+        raise CheckpointError(f"{where}: no such checkpoint") from None
+    except OSError as e:
+        raise CheckpointError(f"{where}: cannot read it ({e.strerror or e})") from None
+
+
+def _read_file(file: IO[bytes], where: str, dtype: np.dtype | None) -> Checkpoint:
+    """The checkpoint in an open file, if it is an .npz no larger than any can be."""
+    size = os.fstat(file.fileno()).st_size
+    if size > _MAX_FILE_BYTES:
+        raise CheckpointError(
+            f"{where}: not a threefold checkpoint (.npz): {size} bytes, more than any "
+            f"architecture's ({_MAX_FILE_BYTES})"
+        )
     try:
-        meta = json.loads(str(arrays.pop("meta")))
-        arch = get_arch(meta["arch"])
-    except (json.JSONDecodeError, KeyError, TypeError, UsageError) as e:
-        raise CheckpointError(f"{path}: unreadable metadata ({e})") from None
-    velocity = {k[len(_VELOCITY) :]: arrays.pop(k) for k in list(arrays) if k.startswith(_VELOCITY)}
-    for name, value in arrays.items():
-        if value.dtype.kind != "f":
-            raise CheckpointError(f"{path}: tensor {name} has dtype {value.dtype}, not float")
-    check_params(arrays, arch, str(path))
-    if velocity:
-        check_params(velocity, arch, f"{path} (momentum buffers)")
-    return Checkpoint(arrays, meta, velocity or None)
+        archive = zipfile.ZipFile(file)
+    except _ZIP_ERRORS:
+        raise CheckpointError(f"{where}: not a threefold checkpoint (.npz)") from None
+    with archive:
+        return _read(archive, where, dtype)
+
+
+def _read(archive: zipfile.ZipFile, where: str, dtype: np.dtype | None) -> Checkpoint:
+    """The checkpoint in an open zip: its directory, then `meta`, then each tensor."""
+    members = _directory(archive, where)
+    if _META + ".npy" not in members:
+        raise CheckpointError(f"{where}: not a threefold checkpoint (.npz): no {_META}.npy")
+    meta = _read_meta(archive, members.pop(_META + ".npy"), where)
+    arch = ARCHS[_check_meta(meta, where)]
+    tensors = {
+        key: _read_tensor(archive, info, key, shape, arch.name, where, dtype)
+        for key, (info, shape) in _tensor_members(members, arch, where).items()
+    }
+    velocity = {k[len(_VELOCITY) :]: v for k, v in tensors.items() if k.startswith(_VELOCITY)}
+    params = {k: v for k, v in tensors.items() if not k.startswith(_VELOCITY)}
+    return Checkpoint(params, meta, velocity or None)
+
+
+def _directory(archive: zipfile.ZipFile, where: str) -> dict[str, zipfile.ZipInfo]:
+    """The members by name, each once and stored or deflated."""
+    members: dict[str, zipfile.ZipInfo] = {}
+    for info in archive.infolist():
+        name = _show(info.filename)
+        if info.filename in members:
+            raise CheckpointError(f"{where}: member {name} appears twice")
+        if info.compress_type not in _COMPRESSIONS:
+            raise CheckpointError(
+                f"{where}: member {name} uses compression method {info.compress_type}; "
+                "only stored or deflated members are read"
+            )
+        members[info.filename] = info
+    return members
+
+
+def _tensor_members(
+    members: dict[str, zipfile.ZipInfo], arch: Arch, where: str
+) -> dict[str, tuple[zipfile.ZipInfo, tuple[int, ...]]]:
+    """Each tensor member with the shape `arch` gives it: every parameter, and either all
+    momentum buffers or none; any other member is foreign."""
+    shapes = param_shapes(arch)
+    expected = dict(shapes) | {_VELOCITY + n: s for n, s in shapes.items()}
+    for name in members:
+        if not name.endswith(".npy") or name.removesuffix(".npy") not in expected:
+            raise CheckpointError(
+                f"{where}: member {_show(name)} is not part of a checkpoint of arch {arch.name!r}"
+            )
+    has_velocity = any(name.startswith(_VELOCITY) for name in members)
+    wanted = [n for n in expected if has_velocity or not n.startswith(_VELOCITY)]
+    for key in wanted:
+        if key + ".npy" not in members:
+            raise CheckpointError(f"{where}: tensor {key} missing (arch {arch.name!r})")
+    return {key: (members[key + ".npy"], expected[key]) for key in wanted}
+
+
+def _read_meta(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> Any:
+    """The parsed JSON of the `meta` member, a 0-d unicode array of bounded size."""
+
+    def check(dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        if dtype.kind != "U" or shape != () or dtype.itemsize == 0:
+            raise CheckpointError(
+                f"{where}: meta is not a JSON string (dtype {_cut(str(dtype))}, "
+                f"shape {_cut(str(shape))})"
+            )
+        if dtype.itemsize > _META_MAX_BYTES:
+            raise CheckpointError(
+                f"{where}: meta is {dtype.itemsize} bytes, more than {_META_MAX_BYTES}"
+            )
+
+    array = _read_npy(archive, info, _META, where, check)
+    try:
+        # Decoded here, not by numpy, which fails with a SystemError on an invalid code point.
+        raw = array.astype(array.dtype.newbyteorder("<")).tobytes()
+        return json.loads(raw.decode("utf-32-le").rstrip("\0"))
+    except (ValueError, RecursionError) as e:
+        # ValueError: invalid code points or JSON; RecursionError: JSON nested too deep.
+        raise CheckpointError(f"{where}: meta is not valid JSON ({_first_line(e)})") from None
+
+
+def _read_tensor(
+    archive: zipfile.ZipFile,
+    info: zipfile.ZipInfo,
+    key: str,
+    shape: tuple[int, ...],
+    arch: str,
+    where: str,
+    dtype: np.dtype | None,
+) -> np.ndarray:
+    """A float tensor of exactly `shape`, finite, cast to `dtype` (if given) without overflow."""
+
+    def check(stored: np.dtype, stored_shape: tuple[int, ...]) -> None:
+        if stored.kind != "f" or stored.itemsize not in (4, 8):
+            raise CheckpointError(
+                f"{where}: tensor {key} has dtype {_cut(str(stored))}, not float32 or float64"
+            )
+        if stored_shape != shape:
+            raise CheckpointError(
+                f"{where}: tensor {key} has shape {_cut(str(stored_shape))}, "
+                f"arch {arch!r} expects {shape}"
+            )
+
+    value = _read_npy(archive, info, f"tensor {key}", where, check)
+    if not np.isfinite(value).all():
+        raise CheckpointError(f"{where}: tensor {key} has NaN or inf values")
+    if dtype is None:
+        return value.astype(value.dtype.newbyteorder("="))
+    with np.errstate(over="ignore"):
+        cast = value.astype(dtype)
+    if not np.isfinite(cast).all():
+        raise CheckpointError(f"{where}: tensor {key} has values beyond {dtype}'s range")
+    return cast
+
+
+def _read_npy(
+    archive: zipfile.ZipFile,
+    info: zipfile.ZipInfo,
+    label: str,
+    where: str,
+    check: Callable[[np.dtype, tuple[int, ...]], None],
+) -> np.ndarray:
+    """The array in one .npy member. Its header is read from a bounded prefix and `check`ed
+    before any data is inflated; then exactly the bytes the header implies (+1, to notice
+    trailing data) are, never what the zip's directory declares."""
+    with _member(archive, info, label, where) as stream:
+        head = stream.read(_HEADER_MAX_BYTES)
+        dtype, shape, start = _header(head, label, where)
+        check(dtype, shape)
+        size = math.prod(shape) * dtype.itemsize
+        data = head[start : start + size + 1]
+        data += stream.read(size + 1 - len(data))
+    if len(data) < size:
+        raise CheckpointError(f"{where}: {label} is truncated ({len(data)} of {size} bytes)")
+    if len(data) > size:
+        raise CheckpointError(f"{where}: {label} has data beyond its {size} bytes")
+    return np.frombuffer(data, dtype).reshape(shape)
+
+
+@contextmanager
+def _member(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, label: str, where: str
+) -> Iterator[IO[bytes]]:
+    """The member's stream; zipfile's and zlib's errors (bad CRC, corrupt deflate data, an
+    encrypted member) become one line naming it."""
+    try:
+        with archive.open(info) as stream:
+            yield stream
+    except _ZIP_ERRORS as e:
+        raise CheckpointError(f"{where}: {label} is damaged ({_first_line(e)})") from None
+
+
+def _header(head: bytes, label: str, where: str) -> tuple[np.dtype, tuple[int, ...], int]:
+    """dtype, shape and data offset of the .npy header at the start of `head`."""
+    buffer = io.BytesIO(head)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(buffer)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(buffer)
+        else:
+            raise ValueError(f"version {version}")
+    except (ValueError, TypeError, SyntaxError, OverflowError, RecursionError):
+        # numpy's own messages would advise loading with allow_pickle.
+        raise CheckpointError(
+            f"{where}: {label} has no .npy header of version 1.0 or 2.0"
+        ) from None
+    if fortran_order:
+        raise CheckpointError(f"{where}: {label} is stored in Fortran order")
+    return dtype, shape, buffer.tell()
+
+
+def _check_meta(meta: Any, where: str) -> str:
+    """The architecture `meta` names, after refusing any field of the wrong type or shape."""
+
+    def refuse(problem: str) -> CheckpointError:
+        return CheckpointError(f"{where}: meta {problem}")
+
+    if not isinstance(meta, dict):
+        raise refuse(f"is {_json_type(meta)}, not a JSON object")
+    if "arch" not in meta:
+        raise refuse("has no field arch")
+    arch = meta["arch"]
+    if not isinstance(arch, str) or arch not in ARCHS:
+        shown = _show(arch) if isinstance(arch, str) else _json_type(arch)
+        raise refuse(f"field arch is {shown}, not one of {', '.join(ARCHS)}")
+    for name, kind in (("impl", str), ("dataset", str), ("config", dict), ("data", dict)):
+        if name in meta and not isinstance(meta[name], kind):
+            raise refuse(f"field {name} is {_json_type(meta[name])}, not {_json_type(kind())}")
+    epoch = meta.get("epoch", 0)
+    if type(epoch) is not int or epoch < 0:
+        raise refuse(f"field epoch is {_json_type(epoch)}, not an integer >= 0")
+    if "history" in meta:
+        history = meta["history"]
+        if not isinstance(history, list) or not all(isinstance(e, dict) for e in history):
+            raise refuse("field history is not an array of objects")
+        if "epoch" not in meta:
+            raise refuse(f"field history has {len(history)} entries and there is no epoch")
+        if len(history) != epoch:
+            raise refuse(f"field history has {len(history)} entries for epoch {epoch}")
+        for i, entry in enumerate(history, 1):
+            for name, value in entry.items():
+                if not _finite_number(value):
+                    raise refuse(
+                        f"field history entry {i} {_show(name)} is {_json_type(value)}, "
+                        "not a finite number"
+                    )
+    return arch
+
+
+def _finite_number(value: Any) -> bool:
+    # JSON integers are finite whatever their size; math.isfinite would overflow on a huge one.
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _json_type(value: Any) -> str:
+    """What a JSON value is, for a message (never the value itself, which may be huge)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return repr(value) if isinstance(value, float) or abs(value) < 10**12 else "a big integer"
+    names = {str: "a string", list: "an array", dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _show(text: str) -> str:
+    """`text` quoted on one line and cut short, for a message."""
+    return _cut(repr(text))
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _first_line(error: Exception) -> str:
+    return _cut(str(error).split("\n", 1)[0])

@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
+import tracemalloc
+import zipfile
+from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.checkpoint import load_checkpoint, save_checkpoint
-from shared.data import parse_idx, read_idx
+from shared.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from shared.errors import CheckpointError, DataError
-from shared.spec import ARCHS, init_params
+from shared.idx import IMAGE_SHAPE, MAX_IDX_BYTES, IdxExpect, parse_idx, read_idx
+from shared.spec import ARCHS, init_params, param_shapes
 from tests.conftest import idx_bytes
+from tests.test_checkpoint import checkpoint_members, meta_npy, npy_header, write_zip
 
 # FUZZ_EXAMPLES=5000 for a longer hunt; CI runs the default.
 FUZZ = settings(
@@ -71,6 +77,37 @@ def test_truncated_or_damaged_gzip_fails_cleanly(tmp_path, cut, garbage):
         assert one_line(e) and str(path) in str(e)
 
 
+# Declared dims: anything a 32-bit field holds, often a size that matters to the loader.
+DIM = st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 28, 32, 10_000, 60_000, 60_001]))
+
+
+@settings(FUZZ, deadline=timedelta(seconds=2))  # whatever a header claims, a quick answer
+@given(
+    dims=st.lists(DIM, min_size=1, max_size=4),
+    extra=st.one_of(st.integers(-2, 2), st.just(4 << 20)),  # body bytes beyond those declared
+    compress=st.booleans(),
+    expect=st.sampled_from([None, IdxExpect("images", IMAGE_SHAPE, 60_000)]),
+)
+def test_declared_sizes_fail_fast_in_bounded_memory(tmp_path, dims, extra, compress, expect):
+    declared = math.prod(dims)
+    header = bytes([0, 0, 0x08, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+    raw = header + bytes(max(0, min(declared, 1 << 20) + extra))
+    path = tmp_path / ("x.gz" if compress else "x.idx")
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    tracemalloc.start()  # numpy reports its arrays to tracemalloc too
+    try:
+        array = read_idx(path, expect)
+    except DataError as e:
+        assert one_line(e) and str(path) in str(e)
+    else:
+        assert array.shape == tuple(dims) and len(raw) == len(header) + declared
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    # Never more than the declared body (itself capped), however much the file holds.
+    assert peak < min(declared, MAX_IDX_BYTES) + (4 << 20)
+
+
 def checkpoint_bytes() -> bytes:
     buffer = io.BytesIO()
     params = init_params(ARCHS["noconv"], "he", 0)
@@ -79,6 +116,15 @@ def checkpoint_bytes() -> bytes:
 
 
 CHECKPOINT = checkpoint_bytes()
+
+
+def load_cleanly(path: Path) -> Checkpoint | None:
+    """The checkpoint at `path`, or None after a one-line CheckpointError that names it."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as e:
+        assert one_line(e) and str(e).startswith(f"{path}: "), str(e)
+        return None
 
 
 @FUZZ
@@ -95,14 +141,120 @@ def test_damaged_checkpoints_fail_cleanly(tmp_path, edits, cut):
             raw[position] = value
     path = tmp_path / "c.npz"
     path.write_bytes(bytes(raw))
-    try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError as e:
-        assert one_line(e) and str(path) in str(e)
-    else:
+    ckpt = load_cleanly(path)
+    if ckpt is not None:
         assert set(ckpt.params) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
 
 
 def test_a_saved_checkpoint_survives_the_loader(tmp_path):
     save_checkpoint(tmp_path / "c.npz", init_params(ARCHS["lab"], "he", 0), {"arch": "lab"})
     assert load_checkpoint(tmp_path / "c.npz").meta == {"arch": "lab"}
+
+
+# A valid noconv checkpoint with momentum buffers, member by member, for the tests to edit.
+MEMBERS = checkpoint_members()
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+HISTORY_ENTRY = st.dictionaries(
+    st.sampled_from(["epoch", "train_loss", "val_acc"]), st.integers() | st.floats() | JSON
+)
+# Each field usually of its own type, sometimes any JSON value; arch mostly there.
+META_FIELDS = {
+    "epoch": st.integers(-1, 3) | JSON,
+    "impl": st.sampled_from(["numpy", "torch"]) | JSON,
+    "dataset": st.just("fashion-mnist") | JSON,
+    "config": st.dictionaries(st.text(max_size=8), JSON, max_size=3) | JSON,
+    "history": st.lists(HISTORY_ENTRY, max_size=3) | JSON,
+    "data": st.dictionaries(st.text(max_size=8), JSON, max_size=3) | JSON,
+}
+
+
+@FUZZ
+@given(
+    st.fixed_dictionaries({}, optional=META_FIELDS),
+    st.sampled_from(["noconv", "noconv", "noconv", "lab", "vgg", None]) | JSON,
+)
+def test_random_metadata_loads_or_fails_cleanly(tmp_path, fields, arch):
+    meta = fields if arch is None else {"arch": arch, **fields}
+    path = write_zip(tmp_path / "c.npz", (MEMBERS | {"meta.npy": meta_npy(meta)}).items())
+    ckpt = load_cleanly(path)
+    if ckpt is not None:
+        assert ckpt.meta["arch"] == "noconv"
+        if "history" in ckpt.meta:
+            assert len(ckpt.meta["history"]) == ckpt.meta["epoch"]
+
+
+MEMBER_NAMES = st.sampled_from(
+    [*MEMBERS, "meta", "fc1.weight", "conv.weight.npy", "velocity/", "velocity/meta.npy", "x.npy"]
+) | st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\0"), min_size=1)
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["rename", "drop", "add", "copy"]),
+            st.integers(0, 2 * len(MEMBERS)),
+            MEMBER_NAMES,
+            st.binary(max_size=64),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED]),
+)
+def test_renamed_added_or_removed_members_fail_cleanly(tmp_path, edits, compression):
+    entries = list(MEMBERS.items())
+    for action, index, name, content in edits:
+        i = index % len(entries) if entries else 0
+        if action == "add" or not entries:
+            entries.append((name, content))
+        elif action == "rename":
+            entries[i] = (name, entries[i][1])
+        elif action == "drop":
+            del entries[i]
+        else:  # another member's content under `name` (perhaps its own: a duplicate)
+            entries.append((name, entries[i][1]))
+    path = write_zip(tmp_path / "c.npz", entries, compression)
+    if load_cleanly(path) is not None:
+        names = sorted(name for name, _ in entries)
+        assert names in (sorted(MEMBERS), sorted(n for n in MEMBERS if "velocity/" not in n))
+
+
+def npy_data(raw: bytes) -> bytes:
+    """What follows the header of the .npy file `raw`."""
+    buffer = io.BytesIO(raw)
+    np.lib.format.read_magic(buffer)
+    np.lib.format.read_array_header_1_0(buffer)
+    return raw[buffer.tell() :]
+
+
+# What the tensors hold (often), other floats, foreign dtypes, and strings of any claimed size.
+NPY_DTYPES = ("<f4", "<f4", ">f4", "<f8", "<f2", "<i8", "|O", "|b1", "<c8", "|V4", "<M8[s]")
+NPY_DTYPES += ("<U8", "<U1000000", "<U2000000000")
+
+
+@FUZZ
+@given(
+    member=st.sampled_from(list(MEMBERS)),
+    descr=st.sampled_from(NPY_DTYPES),
+    shape=st.sampled_from([(128, 784), (128,), (10, 128), (10,), ()])
+    | st.lists(st.integers(-1, 2**64), max_size=3).map(tuple),
+    fortran=st.sampled_from([False, False, False, True]),
+    version=st.sampled_from([(1, 0), (2, 0)]),
+    extra=st.sampled_from([0, 0, -1, 1]) | st.integers(-4096, 4096),
+)
+def test_npy_headers_claiming_any_size_fail_cleanly(
+    tmp_path, member, descr, shape, fortran, version, extra
+):
+    data = npy_data(MEMBERS[member])
+    data = data[: len(data) + extra] if extra < 0 else data + bytes(extra)
+    content = npy_header(descr, shape, fortran, version) + data
+    path = write_zip(tmp_path / "c.npz", (MEMBERS | {member: content}).items())
+    ckpt = load_cleanly(path)
+    if ckpt is not None:
+        expected = param_shapes(ARCHS["noconv"])
+        assert {k: v.shape for k, v in ckpt.params.items()} == expected
