@@ -18,15 +18,18 @@ import numpy as np
 
 from shared.backend import IMPLEMENTATIONS, make_backend
 from shared.batches import Batch, batch_indices
-from shared.cli import positive_int, prepare_out_dir, run_cli
+from shared.cli import number, positive_float, positive_int, run_cli
 from shared.config import TrainConfig
 from shared.data import load_dataset
-from shared.errors import UsageError
+from shared.errors import ThreefoldError, UsageError
 from shared.io import atomic_write, write_json
-from shared.spec import Arch, Conv, Linear, MaxPool, get_arch, init_params
+from shared.outputs import prepare_out_dir
+from shared.spec import ARCHS, Arch, Conv, Linear, MaxPool, get_arch, init_params
 
 EPOCH_IMAGES = 50_000
 WARMUP_SECONDS = 2.0
+# Every timed step takes a full batch of the 50,000 training images, so none can be larger.
+batch_size = number(int, 1, below=EPOCH_IMAGES + 1)
 
 
 def flops_per_image(arch: Arch) -> int:
@@ -108,8 +111,9 @@ def measure(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
     }
 
 
-def run_worker(impl: str, arch: str, batch_size: int, steps: int) -> dict:
-    """`measure` in a fresh process, so frameworks and memory do not mix."""
+def run_worker(impl: str, arch: str, batch_size: int, steps: int, timeout: float) -> dict:
+    """`measure` in a fresh process, so frameworks and memory do not mix; stopped after
+    `timeout` seconds, so no worker can hang the benchmark."""
     command = [
         sys.executable,
         "-m",
@@ -120,9 +124,16 @@ def run_worker(impl: str, arch: str, batch_size: int, steps: int) -> dict:
         str(batch_size),
         str(steps),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ThreefoldError(
+            f"benchmark of {impl} at batch {batch_size} did not finish within {timeout:g} s "
+            "(--timeout); stopped it"
+        ) from None
     if done.returncode != 0:
-        raise RuntimeError(f"benchmark of {impl} failed: {done.stderr.strip()[-500:]}")
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise ThreefoldError(f"benchmark of {impl} at batch {batch_size} failed: {last}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -200,9 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=IMPLEMENTATIONS,
         help="implementation to time (repeatable; default: all three)",
     )
-    parser.add_argument("--arch", default="lab")
+    parser.add_argument("--arch", choices=list(ARCHS), default="lab")
     parser.add_argument(
-        "--batch-sizes", default="128", help="comma-separated batch sizes, e.g. 32,128,512"
+        "--batch-sizes",
+        default="128",
+        help=f"comma-separated batch sizes, each at most {EPOCH_IMAGES:,}, e.g. 32,128,512",
     )
     parser.add_argument(
         "--steps",
@@ -211,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         help="timed steps per repeat (default: one 50,000-image epoch)",
     )
     parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=600.0,
+        help="seconds one worker (one implementation, batch size and repeat) may take",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -221,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         try:
-            sizes = [positive_int(s) for s in args.batch_sizes.split(",")]
+            sizes = [batch_size(s) for s in args.batch_sizes.split(",")]
         except argparse.ArgumentTypeError as e:
             raise UsageError(f"--batch-sizes: {e}") from None
         arch = get_arch(args.arch)
@@ -240,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             # Interleaved, so that a slow spell of the machine hits every implementation alike.
             for r in range(args.repeats):
                 for impl in impls:
-                    runs[impl].append(run_worker(impl, args.arch, b, steps))
+                    runs[impl].append(run_worker(impl, args.arch, b, steps, args.timeout))
                     ips = runs[impl][-1]["images_per_s"]
                     print(
                         f"  batch {b:4} repeat {r + 1}: {impl:5} {ips:8,.0f} images/s", flush=True

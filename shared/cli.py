@@ -1,48 +1,58 @@
-"""What every command's front end shares: flag types, the training flags, output-folder
-preparation and the wrapper that turns the project's errors into one line and an exit status."""
+"""What every command's front end shares: flag types, the training flags, the flags a user
+typed, and the wrapper that turns the project's errors into one line and an exit status."""
 
 from __future__ import annotations
 
 import argparse
-import os
+import copy
+import math
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from shared.backend import IMPLEMENTATIONS
-from shared.config import DTYPES, SCHEDULES, TrainConfig
+from shared.config import DTYPES, MIN_WARMUP_STEPS, SCHEDULES, TrainConfig
 from shared.data import DATASETS
 from shared.errors import Interrupted, ThreefoldError, UsageError
-from shared.spec import ARCHS, INITS
+from shared.spec import ARCHS, IMAGE_SIZE, INITS
 
 
-def _number(kind: type, minimum: float, inclusive: bool) -> Callable[[str], float]:
-    """An argparse type: a number of `kind` at least (or above) `minimum`."""
+def number(
+    kind: type, minimum: float, inclusive: bool = True, below: float = math.inf
+) -> Callable[[str], float]:
+    """An argparse type: a finite number of `kind` at least (or above) `minimum` and below
+    `below`; NaN and infinities are refused like any other value out of range."""
 
     def parse(text: str):
         try:
             value = kind(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if value < minimum or (value == minimum and not inclusive):
-            bound = f">= {minimum}" if inclusive else f"> {minimum}"
+        low_ok = value > minimum or (inclusive and value == minimum)
+        if not (math.isfinite(value) and low_ok and value < below):
+            low = f"{'>=' if inclusive else '>'} {minimum}"
+            bound = low if below == math.inf else f"{low} and < {below}"
             raise argparse.ArgumentTypeError(f"{text} is out of range (must be {bound})")
         return value
 
     return parse
 
 
-positive_int = _number(int, 0, inclusive=False)
-positive_float = _number(float, 0.0, inclusive=False)
-non_negative_float = _number(float, 0.0, inclusive=True)
-non_negative_int = _number(int, 0, inclusive=True)
+positive_int = number(int, 0, inclusive=False)
+positive_float = number(float, 0.0, inclusive=False)
+non_negative_float = number(float, 0.0)
+non_negative_int = number(int, 0)
+fraction = number(float, 0.0, below=1.0)
+# Seeds feed NumPy's generators, which take any non-negative integer; 2**63 keeps them storable.
+seed_type = number(int, 0, below=2**63)
 
 
-def _fraction(text: str) -> float:
-    value = non_negative_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"{text} is out of range (must be in [0, 1))")
-    return value
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations of the options the user typed in `argv` (whatever their values), as
+    opposed to those left at their defaults: parsed again with every default suppressed."""
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
 
 
 def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
@@ -62,17 +72,24 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
         help="weight initialisation: he (Kaiming normal), lab (randn*0.01), "
         "torch (PyTorch's default uniform)",
     )
-    parser.add_argument("--epochs", type=positive_int, default=d.epochs)
-    parser.add_argument("--batch-size", type=positive_int, default=d.batch_size)
-    parser.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate")
-    parser.add_argument("--momentum", type=_fraction, default=d.momentum)
+    parser.add_argument("--epochs", type=positive_int, default=d.epochs, help=">= 1")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=d.batch_size,
+        help="images per step, at most the number of training images",
+    )
+    parser.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate (> 0)")
+    parser.add_argument("--momentum", type=fraction, default=d.momentum, help="in [0, 1)")
     parser.add_argument(
         "--nesterov",
         action=argparse.BooleanOptionalAction,
         default=d.nesterov,
         help="Nesterov momentum (PyTorch's formulation)",
     )
-    parser.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay)
+    parser.add_argument(
+        "--weight-decay", type=non_negative_float, default=d.weight_decay, help=">= 0"
+    )
     parser.add_argument(
         "--schedule",
         choices=SCHEDULES,
@@ -81,11 +98,15 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
     )
     parser.add_argument(
         "--warmup",
-        type=non_negative_int,
+        type=non_negative_float,
         default=d.warmup,
-        help="epochs of linear learning-rate warm-up (0: off; at most --epochs minus 1)",
+        help="epochs of linear learning-rate warm-up, at most half of --epochs (0: off; default: "
+        "1 epoch, or half the run if shorter); never fewer than "
+        f"{MIN_WARMUP_STEPS} steps, so a run shorter than that ends on the rise",
     )
-    parser.add_argument("--label-smoothing", type=_fraction, default=d.label_smoothing)
+    parser.add_argument(
+        "--label-smoothing", type=fraction, default=d.label_smoothing, help="in [0, 1)"
+    )
     parser.add_argument(
         "--flip",
         action=argparse.BooleanOptionalAction,
@@ -101,18 +122,21 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
     )
     parser.add_argument(
         "--shift",
-        type=non_negative_int,
+        type=number(int, 0, below=IMAGE_SIZE),
         default=d.shift,
-        help="augment: translate training images by up to N pixels (0: off)",
+        help=f"augment: translate training images by up to N pixels, N < {IMAGE_SIZE} (0: off)",
     )
     parser.add_argument(
         "--seed",
-        type=non_negative_int,
+        type=seed_type,
         default=d.seed,
-        help="seeds the initial weights and the batch order",
+        help="seeds the initial weights and the batch order (0 to 2**63 - 1)",
     )
     parser.add_argument(
-        "--limit", type=positive_int, default=None, help="train on the first N training images only"
+        "--limit",
+        type=positive_int,
+        default=None,
+        help="train on the first N training images only (N at most their number)",
     )
     parser.add_argument("--dtype", choices=DTYPES, default=d.dtype)
     parser.add_argument(
@@ -135,27 +159,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
-def prepare_out_dir(path: Path) -> Path:
-    """Create the output folder, or say in one line why it cannot be written."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out {path}: cannot create folder ({e.strerror or e})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {path}: folder is not writable")
-    return path
-
-
 def run_cli(parser: argparse.ArgumentParser, body: Callable[[], int]) -> int:
     """Run `body`, turning the project's errors into one line and an exit status, never a
-    traceback: 2 for usage errors, 1 for bad data or a failed run, 130 for Ctrl-C."""
+    traceback: 2 for usage errors, 1 for bad data or a failed run, 130 for Ctrl-C (143 for
+    SIGTERM)."""
     try:
         return body()
     except UsageError as e:
         parser.error(str(e))
     except Interrupted as e:
         print(f"\n{parser.prog}: {e}", file=sys.stderr)
-        return 130
+        return e.exit_code
     except ThreefoldError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1

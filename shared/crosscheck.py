@@ -18,10 +18,12 @@ import numpy as np
 from shared.backend import IMPLEMENTATIONS, Backend, make_backend, predict
 from shared.batches import iterate_batches, training_batches
 from shared.checkpoint import load_checkpoint
-from shared.cli import positive_int, run_cli
+from shared.cli import positive_int, run_cli, seed_type
 from shared.config import DTYPES, TrainConfig, learning_rate
 from shared.data import FASHION_MNIST, Dataset, load_dataset
+from shared.errors import UsageError
 from shared.io import write_json
+from shared.outputs import check_out_file
 from shared.spec import ARCHS, Arch, Params, get_arch, init_params
 
 # Relative error is max|a - b| / max|b|: the worst difference measured against the tensor's
@@ -163,7 +165,7 @@ def lockstep(
         )
     )
     # Training's shape of schedule compressed into these steps: warm-up over the first quarter.
-    warmup_steps = steps // 4 if config.warmup else 0
+    warmup_steps = steps // 4 if config.warmup != 0 else 0
     data = {name: backend.put_data(x, y) for name, backend in backends.items()}
     states = {name: backend.init_state(params) for name, backend in backends.items()}
     runs: dict[str, list] = {name: [] for name in backends}  # (loss, params, velocity) a step
@@ -337,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=positive_int, default=20, help="SGD steps run in lockstep")
     parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_type, default=0)
     parser.add_argument(
         "--checkpoint",
         type=Path,
@@ -349,7 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
+        if args.json is not None:
+            check_out_file(args.json, "--json")
         data = load_dataset(args.data_dir)
+        if args.steps * args.batch_size > len(data.train):
+            raise UsageError(
+                f"--steps {args.steps} x --batch-size {args.batch_size} exceeds the "
+                f"{len(data.train)} training images"
+            )
         archs = [get_arch(a) for a in (args.arch or ["lab", "pool"])]
         results = run_crosscheck(
             archs,
@@ -360,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
         if args.checkpoint is not None:
-            ckpt = load_checkpoint(args.checkpoint)
+            ckpt = load_checkpoint(args.checkpoint, dtype=np.float32)  # as checkpoint_agreement
             arch = get_arch(ckpt.meta["arch"])
             results += checkpoint_agreement(ckpt.params, arch, data.test.x)
         print(format_table(results))

@@ -18,4 +18,9 @@ class UsageError(ThreefoldError):
 
 
 class Interrupted(ThreefoldError):
-    """The user stopped a run (Ctrl-C); the message says what was kept."""
+    """The user stopped a run (Ctrl-C, SIGTERM); the message says what was kept. The exit
+    status is the shell's for that signal: 128 + its number (130 for Ctrl-C)."""
+
+    def __init__(self, message: str, signal_number: int = 2):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number

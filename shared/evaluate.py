@@ -12,10 +12,11 @@ import numpy as np
 from shared import metrics
 from shared.backend import IMPLEMENTATIONS, make_backend, predict
 from shared.checkpoint import Checkpoint, load_checkpoint
-from shared.cli import prepare_out_dir, run_cli
+from shared.cli import run_cli
 from shared.config import averages_mirrors
 from shared.data import NUM_CLASSES, Dataset, load_dataset
 from shared.io import write_json
+from shared.outputs import prepare_out_dir
 from shared.plots import plt, save_figure
 from shared.spec import get_arch
 
@@ -29,7 +30,7 @@ def evaluate_checkpoint(
     backend = make_backend(impl, get_arch(ckpt.meta["arch"]))
     logits = predict(backend, backend.init_state(ckpt.params), data.test.x, tta)
     cm = metrics.confusion_matrix(logits.argmax(axis=1), data.test.y, NUM_CLASSES)
-    per_class = metrics.per_class_accuracy(cm).tolist()
+    per_class = metrics.per_class_accuracy(cm)
     return {
         "written_by": ckpt.meta.get("impl"),
         "evaluated_by": impl,
@@ -94,7 +95,7 @@ def write_report(path: Path, result: dict[str, Any], data: Dataset, out: Path) -
     )
     print(f"test accuracy {100 * result['acc']:.2f}%, loss {result['loss']:.4f}")
     for name, acc in result["per_class_acc"].items():
-        print(f"  {name:<12} {100 * acc:6.2f}%")
+        print(f"  {name:<12} " + ("no images" if acc is None else f"{100 * acc:6.2f}%"))
     title = f"{result['arch']} | test accuracy {100 * result['acc']:.2f}% | {impl}"
     cm = np.array(result["confusion_matrix"])
     plot_confusion(cm, data.spec.class_names, title, out / "confusion.png")
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         out = prepare_out_dir(args.out or args.checkpoint.parent)
-        ckpt = load_checkpoint(args.checkpoint)
+        ckpt = load_checkpoint(args.checkpoint, dtype=np.float32)  # evaluation runs in float32
         data = load_dataset(args.data_dir, ckpt.meta.get("dataset", "fashion-mnist"))
         # Runs from before test-time augmentation existed evaluated without it.
         run = ckpt.meta.get("config", {})

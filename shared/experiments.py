@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import prepare_out_dir, run_cli
+from shared.cli import run_cli
 from shared.config import TrainConfig
 from shared.data import Dataset, load_dataset
-from shared.errors import UsageError
+from shared.errors import DataError, UsageError
 from shared.io import atomic_write, write_json
+from shared.outputs import prepare_out_dir
 from shared.plots import plt, save_figure
 from shared.train import train
 
@@ -193,7 +194,7 @@ def run_experiments(
     }
     saved["float64"] = recheck_in_float64(data, saved, progress)
     write_json(figures / "results.json", saved)
-    write_report(out, saved)
+    write_report(out, report_text(saved))
     return {"tables": tables, "seeds": seeds_table}
 
 
@@ -222,7 +223,19 @@ def recheck_in_float64(
     return rechecked
 
 
-def write_report(out: Path, saved: dict) -> None:
+def load_results(path: Path) -> tuple[dict, str]:
+    """Saved results (experiments/results.json) and their report; a damaged file is refused in
+    one line before anything is written."""
+    try:
+        saved = json.loads(path.read_text())
+        return saved, report_text(saved)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration) as e:
+        raise DataError(
+            f"{path}: damaged or not threefold's results ({type(e).__name__}: {e})"
+        ) from None
+
+
+def report_text(saved: dict) -> str:
     """EXPERIMENTS.md from the saved results (out/experiments/results.json)."""
     base = TrainConfig(**saved["base"])
     tables = []
@@ -231,7 +244,10 @@ def write_report(out: Path, saved: dict) -> None:
         tables.append((comp, saved["comparisons"][comp.title], f"experiments/{slug}.png"))
     seeds_table = {tuple(k.split("|")): v for k, v in saved["seeds"].items()}
     impls = tuple(next(iter(tables[0][1].values())))
-    report = render(tables, seeds_table, base, saved["command"], impls, saved.get("float64", {}))
+    return render(tables, seeds_table, base, saved["command"], impls, saved.get("float64", {}))
+
+
+def write_report(out: Path, report: str) -> None:
     atomic_write(out / "EXPERIMENTS.md", lambda f: f.write(report.encode()))
 
 
@@ -414,12 +430,13 @@ def main(argv: list[str] | None = None) -> int:
             flag = "--render-only" if args.render_only else "--recheck-float64"
             if not path.is_file():
                 raise UsageError(f"{flag}: no {path}; run without it first")
-            saved = json.loads(path.read_text())
+            saved, report = load_results(path)
             if args.recheck_float64:
                 data = load_dataset(args.data_dir)
                 saved["float64"] = recheck_in_float64(data, saved, lambda s: print(s, flush=True))
                 write_json(path, saved)
-            write_report(out, saved)
+                report = report_text(saved)
+            write_report(out, report)
             print(f"wrote {out / 'EXPERIMENTS.md'}")
             return 0
         command = "python scripts/experiments.py" + (" --quick" if args.quick else "")

@@ -17,7 +17,10 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     Readers see either the old file or the complete new one, never a partial write.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The pid in the name tells a later clean-up whether the writer may still be alive.
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+    )
     try:
         # mkstemp makes the file private (0600); give it the mode a plain open() would.
         os.fchmod(fd, 0o666 & ~_umask())
@@ -39,13 +42,29 @@ def _umask() -> int:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Atomically write `data` as indented JSON."""
-    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+    """Atomically write `data` as indented, strict JSON (NaN and infinities are refused: they
+    are not JSON, and no result of the project may be one)."""
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def remove_stale_temporaries(folder: Path) -> None:
     """Delete what `atomic_write` leaves when its process is killed mid-write: hidden
-    `.NAME.*.tmp` files, which never look like data but should not pile up."""
+    `.NAME.PID.*.tmp` files, which never look like data but should not pile up. Files of a
+    process still alive are another writer's, in progress, and stay."""
     for leftover in Path(folder).glob(".*.tmp"):
+        pid = leftover.name.rsplit(".", 3)[-3]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
         with contextlib.suppress(FileNotFoundError):
             leftover.unlink()

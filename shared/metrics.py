@@ -29,11 +29,11 @@ def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, num_classes: int
     return cm
 
 
-def per_class_accuracy(cm: np.ndarray) -> np.ndarray:
-    """(K,) share of each true class predicted correctly; NaN for a class with no examples."""
+def per_class_accuracy(cm: np.ndarray) -> list[float | None]:
+    """The share of each of the K true classes predicted correctly; None for a class with no
+    examples, which has no share to report (and NaN is not JSON)."""
     totals = cm.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.diag(cm) / totals
+    return [float(c / t) if t else None for c, t in zip(np.diag(cm), totals, strict=True)]
 
 
 def epoch_line(

@@ -14,6 +14,7 @@ import numpy as np
 from shared.errors import CheckpointError, UsageError
 
 Params = dict[str, np.ndarray]
+IMAGE_SIZE = 28  # every network takes x (N, 1, 28, 28)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ def test_accuracy_confusion_and_per_class():
     cm = metrics.confusion_matrix(logits.argmax(1), labels, 3)
     np.testing.assert_array_equal(cm, [[1, 0, 0], [0, 1, 1], [1, 0, 0]])
     np.testing.assert_allclose(metrics.per_class_accuracy(cm), [1.0, 0.5, 0.0])
+    # A class without examples has no accuracy: None, which JSON can hold (NaN it cannot).
+    assert metrics.per_class_accuracy(np.array([[2, 0], [0, 0]])) == [1.0, None]
 
 
 def test_epoch_line_has_the_labs_format():

@@ -26,6 +26,7 @@ from shared.download import download_dataset
 from shared.errors import CheckpointError, DataError
 from shared.train import TrainingDiverged, train
 from tests.conftest import idx_bytes, make_dataset_dir, write_idx
+from tests.test_runs import wait_for_line
 from tests.test_training import ROOT, run_script
 
 IMPLS = ["numpy", "jax", "torch"]
@@ -63,7 +64,7 @@ def test_resume_ends_with_exactly_the_uninterrupted_parameters(impl, tiny_data_d
     whole.mkdir(), part.mkdir()
     train(config, data, whole, log=lambda _: None)
     with pytest.raises(Exception, match="interrupted in epoch 3") as stopped:
-        train(config, data, part, log=StopAfter(3))  # stops before epoch 3 is saved
+        train(config, data, part, log=StopAfter(2))  # stops once epoch 2 is saved and shown
     assert "holds epoch 2" in str(stopped.value)
     ckpt = load_checkpoint(part / "checkpoint.npz")
     assert ckpt.meta["epoch"] == 2
@@ -89,7 +90,7 @@ def test_resume_command_continues_and_refuses_changed_flags(tiny_data_dir, tmp_p
         == 0
     )
     result = run_script("train.py", "--resume", str(out), "--lr", "0.5", *common)
-    assert result.returncode == 2 and "drop --lr" in result.stderr
+    assert result.returncode == 2 and "--lr 0.5 (the run has 0.03)" in result.stderr
     result = run_script("train.py", "--resume", str(tmp_path / "nothing"), *common)
     assert result.returncode == 2 and "no checkpoint.npz there" in result.stderr
     result = run_script("train.py", "--resume", str(out), *common)
@@ -128,6 +129,7 @@ def start_training(out: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
 
@@ -141,8 +143,8 @@ def wait_for(path: Path, timeout: float = 120) -> None:
 def test_ctrl_c_stops_with_a_message_and_keeps_the_checkpoint(tiny_data_dir, tmp_path):
     out = tmp_path / "run"
     proc = start_training(out, tiny_data_dir)
-    wait_for(out / "checkpoint.npz")
-    time.sleep(0.5)
+    # Waits for events, not for time: the second epoch's line, then Ctrl-C within epoch 3.
+    wait_for_line(proc, "| Epoch:  2 |")
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130

@@ -14,9 +14,16 @@ import pytest
 from shared import metrics
 from shared.backend import make_backend, predict
 from shared.checkpoint import load_checkpoint, save_checkpoint
-from shared.config import TrainConfig, averages_mirrors, learning_rate, warmup_steps
+from shared.config import (
+    MIN_WARMUP_STEPS,
+    TrainConfig,
+    averages_mirrors,
+    check_config,
+    learning_rate,
+    warmup_steps,
+)
 from shared.data import load_dataset
-from shared.errors import CheckpointError
+from shared.errors import CheckpointError, UsageError
 from shared.spec import ARCHS, init_params
 from shared.train import train
 
@@ -61,9 +68,19 @@ def test_warmup_rises_linearly_then_hands_over_to_the_schedule():
     assert learning_rate(110, 110, 0.1, "cosine", warmup_steps=10) == pytest.approx(0.0)
     assert learning_rate(3, 110, 0.1, "constant", warmup_steps=10) == pytest.approx(0.04)
     assert learning_rate(50, 110, 0.1, "constant", warmup_steps=10) == 0.1
-    assert warmup_steps(TrainConfig(epochs=15, warmup=1), 782) == 782
-    assert warmup_steps(TrainConfig(epochs=3, warmup=5), 10) == 20
-    assert warmup_steps(TrainConfig(epochs=1, warmup=1), 10) == 0
+    # By default one epoch, or half the run if shorter; never fewer than MIN_WARMUP_STEPS.
+    assert warmup_steps(TrainConfig(epochs=15), 782) == 782
+    assert warmup_steps(TrainConfig(epochs=1), 782) == 391
+    assert warmup_steps(TrainConfig(epochs=1), 8) == MIN_WARMUP_STEPS
+    assert warmup_steps(TrainConfig(epochs=15, warmup=2), 782) == 1564
+    assert warmup_steps(TrainConfig(epochs=15, warmup=0.5), 782) == 391
+    assert warmup_steps(TrainConfig(epochs=3, warmup=0), 10) == 0
+
+
+def test_a_warmup_longer_than_half_the_run_is_refused_naming_both_flags():
+    with pytest.raises(UsageError, match=r"--warmup 5 .* --epochs 2"):
+        check_config(TrainConfig(epochs=2, warmup=5))
+    check_config(TrainConfig(epochs=2, warmup=1))
 
 
 def test_mirror_images_are_averaged_by_default_only_after_training_on_flips():
@@ -182,7 +199,7 @@ def test_checkpoint_of_another_shape_names_the_tensor(tmp_path):
     ):
         load_checkpoint(path)
     path.write_bytes(b"not a zip")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not a threefold checkpoint \(\.npz\)"):
         load_checkpoint(path)
 
 

@@ -1,0 +1,302 @@
+"""No run lost, none shared, resume exact, every number finite: train.py and the other commands
+under misuse (issue 11)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shared.checkpoint import load_checkpoint
+from shared.config import TrainConfig
+from shared.data import load_dataset
+from shared.errors import Interrupted
+from shared.io import remove_stale_temporaries, write_json
+from shared.outputs import fresh_run_dir, hold
+from shared.train import train
+from tests.conftest import make_dataset_dir
+from tests.test_training import ROOT, run_script
+
+QUICK = ["--epochs", "1", "--batch-size", "16"]
+
+
+def strict_json(path: Path):
+    """Parse as strict JSON: NaN and Infinity are not JSON."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{path}: {constant} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+# --- no run overwritten or shared -----------------------------------------------------------
+
+
+def test_the_same_command_twice_keeps_both_runs(tiny_data_dir, tmp_path):
+    for _ in range(2):
+        result = run_script("train.py", *QUICK, "--data-dir", str(tiny_data_dir), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    first, second = tmp_path / "runs" / "numpy-lab", tmp_path / "runs" / "numpy-lab-2"
+    assert "writing to runs/numpy-lab-2" in result.stdout
+    for run in (first, second):
+        assert load_checkpoint(run / "checkpoint.npz").meta["epoch"] == 1
+        assert strict_json(run / "metrics.json")["test"]["acc"] >= 0
+
+
+def test_fresh_run_dirs_are_distinct(tmp_path):
+    folders = [fresh_run_dir(tmp_path / "runs" / "jax-lab") for _ in range(3)]
+    assert [f.name for f in folders] == ["jax-lab", "jax-lab-2", "jax-lab-3"]
+
+
+def test_an_out_folder_holding_a_run_is_refused_unless_overwritten(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [*QUICK, "--data-dir", str(tiny_data_dir), "--out", str(out)]
+    assert run_script("train.py", *args).returncode == 0
+    before = (out / "checkpoint.npz").read_bytes()
+    result = run_script("train.py", *args, "--seed", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--out {out}: already holds a run" in result.stderr
+    assert f"--resume {out}" in result.stderr and "--overwrite" in result.stderr
+    assert (out / "checkpoint.npz").read_bytes() == before
+    result = run_script("train.py", *args, "--seed", "1", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(out / "checkpoint.npz").meta["config"]["seed"] == 1
+
+
+def test_a_held_folder_refuses_a_second_process_naming_the_first(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with hold(out):
+        result = run_script("train.py", *QUICK, "--data-dir", str(tiny_data_dir), "--out", str(out))
+    assert result.returncode == 2 and f"in use by a run of process {os.getpid()}" in result.stderr
+    assert not (out / "checkpoint.npz").exists()
+    # Released: the folder takes a run again, and the lock leaves nothing behind.
+    result = run_script("train.py", *QUICK, "--data-dir", str(tiny_data_dir), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "curves.png", "metrics.json"]
+
+
+def test_a_killed_holder_never_leaves_the_folder_locked(tmp_path):
+    code = (
+        "import sys, time, pathlib\n"
+        "from shared.outputs import hold\n"
+        "with hold(pathlib.Path(sys.argv[1])):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(Exception, match=f"process {holder.pid}"), hold(tmp_path):
+        pass
+    holder.kill()
+    holder.wait()
+    with hold(tmp_path):
+        pass
+
+
+def test_start_up_clean_up_spares_live_writers(tmp_path):
+    mine = tmp_path / f".metrics.json.{os.getpid()}.abcd1234.tmp"
+    dead = tmp_path / ".metrics.json.999999999.abcd1234.tmp"
+    for path in (mine, dead):
+        path.write_text("partial")
+    remove_stale_temporaries(tmp_path)
+    assert mine.exists() and not dead.exists()
+
+
+# --- resume ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def finished_run(tiny_data_dir, tmp_path) -> Path:
+    out = tmp_path / "run"
+    args = ["--epochs", "2", "--batch-size", "16", "--lr", "0.02", "--out", str(out)]
+    result = run_script("train.py", *args, "--data-dir", str(tiny_data_dir))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_resume_compares_the_flags_as_typed(finished_run, tiny_data_dir):
+    data = ["--data-dir", str(tiny_data_dir)]
+    # Agreeing flags are accepted, even where they equal the defaults.
+    result = run_script("train.py", "--resume", str(finished_run), "--lr", "0.02", *data)
+    assert result.returncode == 0, result.stderr
+    result = run_script(
+        "train.py", "--resume", str(finished_run), "--lr", "0.03", "--arch", "pool", *data
+    )
+    assert result.returncode == 2
+    assert "--arch pool (the run has lab)" in result.stderr
+    assert "--lr 0.03 (the run has 0.02)" in result.stderr
+    result = run_script("train.py", "--resume", str(finished_run), "--epochs", "15", *data)
+    assert result.returncode == 2 and "--epochs 15" in result.stderr
+    assert "planned for 2 epochs" in result.stderr and "start a new run" in result.stderr
+    for extra in (["--out", str(finished_run.parent)], ["--overwrite"]):
+        result = run_script("train.py", "--resume", str(finished_run), *extra, *data)
+        assert result.returncode == 2 and f"{extra[0]}: --resume continues" in result.stderr
+
+
+def test_resume_finds_its_data_and_refuses_other_data(finished_run, tmp_path):
+    # Without --data-dir the run goes on with the data it was trained on.
+    result = run_script("train.py", "--resume", str(finished_run))
+    assert result.returncode == 0, result.stderr
+    other = make_dataset_dir(tmp_path / "other", seed=1)
+    result = run_script("train.py", "--resume", str(finished_run), "--data-dir", str(other))
+    assert result.returncode == 2 and "holds other data" in result.stderr
+    assert "--data-dir" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_records_its_data(finished_run, tiny_data_dir):
+    data = load_checkpoint(finished_run / "checkpoint.npz").meta["data"]
+    assert data["dataset"] == "fashion-mnist"
+    assert data["folder"] == str(tiny_data_dir.resolve()) and len(data["sha256"]) == 64
+
+
+# --- signals --------------------------------------------------------------------------------
+
+
+def start(out: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "train.py"),
+            *("--data-dir", str(data_dir), "--out", str(out), "--batch-size", "16"),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def wait_for_line(proc: subprocess.Popen, text: str) -> None:
+    """Read the child's output until a line holds `text`: an event, not a guess of time."""
+    for line in proc.stdout:
+        if text in line:
+            return
+    raise AssertionError(f"the run ended without printing {text!r}: {proc.stderr.read()}")
+
+
+def test_sigterm_is_taken_like_ctrl_c(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = start(out, tiny_data_dir, "--epochs", "400")
+    wait_for_line(proc, "| Epoch:  2 |")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "terminated (SIGTERM) in epoch" in stderr and "Traceback" not in stderr
+    assert f"--resume {out} --data-dir {tiny_data_dir}" in stderr
+    ckpt = load_checkpoint(out / "checkpoint.npz")
+    assert ckpt.meta["epoch"] == len(strict_json(out / "metrics.json")["history"]) >= 2
+
+
+def test_interrupted_after_the_last_epoch_says_how_to_finish(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def stop_at_the_test(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("shared.train.evaluate_test_set", stop_at_the_test)
+        with pytest.raises(Interrupted, match="after the last epoch") as stopped:
+            train(TrainConfig(epochs=2, batch_size=16), load_dataset(tiny_data_dir), out)
+    message = str(stopped.value)
+    assert "all 2 epochs are saved" in message and f"--resume {out}" in message
+    assert "test" not in strict_json(out / "metrics.json")
+    result = run_script("train.py", "--resume", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "test" in strict_json(out / "metrics.json") and (out / "curves.png").exists()
+
+
+# --- numbers and bounds ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lr", "nan"], "--lr"),
+        (["--momentum", "nan"], "--momentum"),
+        (["--weight-decay", "inf"], "--weight-decay"),
+        (["--label-smoothing", "nan"], "--label-smoothing"),
+        (["--warmup", "nan"], "--warmup"),
+        (["--shift", "30"], "--shift"),
+        (["--seed", "-1"], "--seed"),
+        (["--warmup", "5", "--epochs", "2"], "--warmup 5 is more than half of --epochs 2"),
+        (["--batch-size", "1000"], "--batch-size 1000 exceeds the 100 training images"),
+    ],
+)
+def test_numbers_out_of_bounds_are_usage_errors(args, message, tiny_data_dir, tmp_path):
+    result = run_script(
+        "train.py", *args, "--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "o")
+    )
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o" / "checkpoint.npz").exists()
+
+
+def test_help_states_the_bounds():
+    text = " ".join(run_script("train.py", "--help").stdout.split())  # as one line, unwrapped
+    assert "N < 28" in text and "at most half of --epochs" in text
+    assert "at most the number of training images" in text
+
+
+def test_a_diverging_run_names_the_flags_involved(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_script(
+        "train.py", "--epochs", "3", "--batch-size", "16", "--lr", "1e30", "--warmup", "0",
+        "--data-dir", str(tiny_data_dir), "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "loss became" in result.stderr and "epoch 1" in result.stderr
+    assert "--lr 1e+30, --momentum 0.9 --nesterov, --weight-decay 0.001" in result.stderr
+    assert "nothing was saved" in result.stderr and not (out / "checkpoint.npz").exists()
+
+
+def test_json_written_by_the_project_is_strict(tmp_path):
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "x.json", {"loss": float("nan")})
+    assert not (tmp_path / "x.json").exists()
+
+
+# --- short runs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["numpy", "jax", "torch"])
+def test_one_epoch_on_500_images_learns(impl, real_data):
+    record = train(TrainConfig(impl=impl, epochs=1, limit=500), real_data, log=lambda _: None)
+    assert record["history"][0]["val_acc"] > 0.4  # chance is 0.1
+
+
+# --- the other commands -----------------------------------------------------------------------
+
+
+def test_benchmark_refuses_an_impossible_batch_size_at_once():
+    start_time = time.monotonic()
+    result = run_script("benchmark.py", "--batch-sizes", "64,100000", "--out", "/tmp/unused")
+    assert result.returncode == 2 and "--batch-sizes" in result.stderr
+    assert time.monotonic() - start_time < 30
+
+
+def test_crosscheck_checks_its_json_path_before_working(tmp_path):
+    result = run_script("crosscheck.py", "--json", str(tmp_path))
+    assert result.returncode == 2 and f"--json {tmp_path}: is a folder" in result.stderr
+
+
+def test_damaged_experiment_results_are_one_line_errors(tmp_path):
+    results = tmp_path / "experiments" / "results.json"
+    results.parent.mkdir()
+    for text in ("{not json", '{"base": {}}', "[]"):
+        results.write_text(text)
+        result = run_script("experiments.py", "--render-only", "--out", str(tmp_path))
+        assert result.returncode == 1 and "damaged" in result.stderr, result.stderr
+        assert result.stderr.strip().count("\n") == 0
+        assert not (tmp_path / "EXPERIMENTS.md").exists()
