@@ -360,8 +360,8 @@ def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConf
     if "epochs" in typed and args.epochs != config.epochs:
         raise UsageError(
             f"--epochs {args.epochs}: the run in {args.resume} was planned for "
-            f"{config.epochs} epochs and its learning-rate schedule is fixed by that; "
-            "extending or shortening it is not supported: start a new run"
+            f"{config.epochs} epoch{'s' * (config.epochs != 1)} and its learning-rate schedule "
+            "is fixed by that; extending or shortening it is not supported: start a new run"
         )
     if contradicting:
         raise UsageError(
