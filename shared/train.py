@@ -92,11 +92,15 @@ def _hyperparameters(config: TrainConfig) -> str:
 
 
 def train_split(config: TrainConfig, data: Dataset) -> Split:
-    if config.limit is None:
-        return data.train
-    if config.limit > len(data.train):
+    """The images the run trains on; --limit and --batch-size must fit them."""
+    if config.limit is not None and config.limit > len(data.train):
         raise UsageError(f"--limit {config.limit} exceeds the {len(data.train)} training images")
-    return data.train.head(config.limit)
+    split = data.train if config.limit is None else data.train.head(config.limit)
+    if config.batch_size > len(split):
+        raise UsageError(
+            f"--batch-size {config.batch_size} exceeds the {len(split)} training images"
+        )
+    return split
 
 
 def run_epoch(
@@ -236,10 +240,6 @@ def train(
     backend = make_backend(config.impl, arch, config.dtype, config.hyperparams)
     tta = averages_mirrors(config.flip, config.tta)
     split = train_split(config, data)
-    if config.batch_size > len(split):
-        raise UsageError(
-            f"--batch-size {config.batch_size} exceeds the {len(split)} training images"
-        )
     record: dict[str, Any] = {"config": dataclasses.asdict(config), "history": []}
     if resume is None:
         params = init_params(arch, config.init, config.seed, np.dtype(config.dtype))
@@ -468,17 +468,25 @@ def main(argv: list[str] | None = None) -> int:
                     check_same_data(ckpt, data, folder)
                     return _run(config, data, folder, ckpt)
             data = _load_data(args, config, None)
+            train_split(config, data)  # before any folder is made: --limit, --batch-size fit
+            created = folder is None or not folder.exists()
             if folder is None:
                 folder = fresh_run_dir(Path("runs") / f"{config.impl}-{config.arch}")
             else:
                 prepare_out_dir(folder)
-            with hold(folder):
-                if args.overwrite:
-                    for name in RUN_FILES:
-                        (folder / name).unlink(missing_ok=True)
-                else:
-                    _refuse_a_run_in(folder)  # again: another run may have finished meanwhile
-                return _run(config, data, folder, None)
+            try:
+                with hold(folder):
+                    if args.overwrite:
+                        for name in RUN_FILES:
+                            (folder / name).unlink(missing_ok=True)
+                    else:
+                        _refuse_a_run_in(folder)  # again: a run may have finished meanwhile
+                    return _run(config, data, folder, None)
+            except BaseException:
+                if created:  # a folder this run made and left empty goes with it
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+                raise
         finally:
             signal.signal(signal.SIGTERM, previous)
 

@@ -258,7 +258,8 @@ def test_a_diverging_run_names_the_flags_involved(tiny_data_dir, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "loss became" in result.stderr and "epoch 1" in result.stderr
     assert "--lr 1e+30, --momentum 0.9 --nesterov, --weight-decay 0.001" in result.stderr
-    assert "nothing was saved" in result.stderr and not (out / "checkpoint.npz").exists()
+    assert "nothing was saved" in result.stderr
+    assert not out.exists()  # the folder the run made, left empty, went with it
 
 
 def test_json_written_by_the_project_is_strict(tmp_path):
