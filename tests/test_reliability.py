@@ -130,7 +130,14 @@ def start_training(out: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
         text=True,
         cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=take_ctrl_c,
     )
+
+
+def take_ctrl_c() -> None:
+    """In the child: heed SIGINT even when pytest runs as a background job, whose children
+    inherit SIGINT ignored (and Python then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(path: Path, timeout: float = 120) -> None:
