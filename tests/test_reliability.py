@@ -108,10 +108,23 @@ def test_resume_command_continues_and_refuses_changed_flags(tiny_data_dir, tmp_p
 # --- interruption and kills ---------------------------------------------------------------
 
 
+# Runs the script given after it as __main__, heeding Ctrl-C even when pytest runs as a
+# background job, whose children inherit SIGINT ignored (Python then installs no
+# KeyboardInterrupt handler, and the run would go on to the end).
+HEED_CTRL_C = (
+    "import runpy, signal, sys\n"
+    "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
+
+
 def start_training(out: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [
             sys.executable,
+            "-c",
+            HEED_CTRL_C,
             str(ROOT / "scripts" / "train.py"),
             "--impl",
             "numpy",
@@ -130,14 +143,7 @@ def start_training(out: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
         text=True,
         cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        preexec_fn=take_ctrl_c,
     )
-
-
-def take_ctrl_c() -> None:
-    """In the child: heed SIGINT even when pytest runs as a background job, whose children
-    inherit SIGINT ignored (and Python then installs no KeyboardInterrupt handler)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(path: Path, timeout: float = 120) -> None:
