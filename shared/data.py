@@ -7,6 +7,7 @@ shared/batches.py cuts them into batches.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,10 +177,10 @@ def _idx_path(folder: Path, stem: str, spec: DatasetSpec) -> Path:
 
 def read_checked_idx(
     folder: Path, file: OfficialFile, spec: DatasetSpec, what: str, item_shape: tuple[int, ...]
-) -> tuple[np.ndarray, Path]:
-    """Read one of the four files: (N, *item_shape) uint8 with N at most the official count; a
-    file with the official count must also have the official content, byte for byte, when that
-    is pinned."""
+) -> tuple[np.ndarray, str, Path]:
+    """Read one of the four files -> ((N, *item_shape) uint8 with N at most the official count,
+    SHA-256 of its IDX bytes, path); a file with the official count must also have the official
+    content, byte for byte, when that is pinned."""
     path = _idx_path(folder, file.name, spec)
     array, actual = read_idx_content(path, IdxExpect(what, item_shape, file.count))
     expected = file.content_sha256
@@ -190,15 +191,18 @@ def read_checked_idx(
             f"reinstall it ('apt-get install --reinstall dataset-fashion-mnist') or fetch "
             "it again with --download"
         )
-    return array, path
+    return array, actual, path
 
 
 def load_images_and_labels(
     folder: Path, images_file: OfficialFile, labels_file: OfficialFile, spec: DatasetSpec
-) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 28, 28) uint8 and labels (N,) uint8 from one pair of IDX files, checked."""
-    images, images_path = read_checked_idx(folder, images_file, spec, "images", IMAGE_SHAPE)
-    labels, labels_path = read_checked_idx(folder, labels_file, spec, "labels", ())
+) -> tuple[np.ndarray, np.ndarray, tuple[str, str]]:
+    """Images (N, 28, 28) uint8 and labels (N,) uint8 from one pair of IDX files, checked, and
+    the SHA-256 of each file's IDX bytes."""
+    images, images_sha, images_path = read_checked_idx(
+        folder, images_file, spec, "images", IMAGE_SHAPE
+    )
+    labels, labels_sha, labels_path = read_checked_idx(folder, labels_file, spec, "labels", ())
     if len(images) != len(labels):
         raise DataError(
             f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path.name}"
@@ -206,7 +210,7 @@ def load_images_and_labels(
     if len(labels) and labels.max() >= NUM_CLASSES:
         bad = int(np.argmax(labels >= NUM_CLASSES))
         raise DataError(f"{labels_path}: label {labels[bad]} at index {bad} is outside 0..9")
-    return images, labels
+    return images, labels, (images_sha, labels_sha)
 
 
 def normalize(images: np.ndarray, spec: DatasetSpec = FASHION_MNIST) -> np.ndarray:
@@ -240,17 +244,20 @@ class Dataset:
     val: Split
     test: Split
     source: Path
-    spec: DatasetSpec = FASHION_MNIST
+    spec: DatasetSpec
+    # SHA-256 over the four files' content hashes, which the reader computes as it reads: what
+    # the data is, the same for any faithful copy wherever it lies.
+    content_sha256: str
 
 
 def load_dataset(data_dir: str | Path | None = None, dataset: str = "fashion-mnist") -> Dataset:
     """The official training set split into train and validation (last sixth), and the test set."""
     spec = get_dataset_spec(dataset)
     folder, files = find_data_dir(data_dir, spec), spec.files
-    train_images, train_labels = load_images_and_labels(
+    train_images, train_labels, train_sha = load_images_and_labels(
         folder, files.train_images, files.train_labels, spec
     )
-    test_images, test_labels = load_images_and_labels(
+    test_images, test_labels, test_sha = load_images_and_labels(
         folder, files.test_images, files.test_labels, spec
     )
     n_val = round(len(train_labels) * VALIDATION_FRACTION)
@@ -264,4 +271,5 @@ def load_dataset(data_dir: str | Path | None = None, dataset: str = "fashion-mni
         test=Split(normalize(test_images, spec), test_labels.astype(np.int64)),
         source=folder,
         spec=spec,
+        content_sha256=hashlib.sha256("".join(train_sha + test_sha).encode()).hexdigest(),
     )

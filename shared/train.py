@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import math
 import signal
 import threading
@@ -165,25 +164,20 @@ def _finite(values: dict[str, Any], what: str, epoch: int, config: TrainConfig) 
 
 
 def data_identity(data: Dataset) -> dict[str, str]:
-    """What a run was trained on: the dataset, its folder, and a digest of the content of all
-    its images and labels (the same for any faithful copy, wherever it lies)."""
-    digest = hashlib.sha256()
-    for split in (data.train, data.val, data.test):
-        digest.update(np.ascontiguousarray(split.x).data)
-        digest.update(np.ascontiguousarray(split.y).data)
+    """What a run was trained on: the dataset, its folder, and the digest of its files'
+    content (the same for any faithful copy, wherever it lies)."""
     return {
         "dataset": data.spec.name,
         "folder": str(Path(data.source).resolve()),
-        "sha256": digest.hexdigest(),
+        "sha256": data.content_sha256,
     }
 
 
-def _stopped(stop: KeyboardInterrupt) -> str:
-    return "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
-
-
-def _signal_number(stop: KeyboardInterrupt) -> int:
-    return signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
+def _interrupted(stop: KeyboardInterrupt, what: str) -> Interrupted:
+    """The one-line error for Ctrl-C or SIGTERM (`stop`), followed by `what` was kept."""
+    if isinstance(stop, Terminated):
+        return Interrupted(f"terminated (SIGTERM) {what}", signal_number=signal.SIGTERM)
+    return Interrupted(f"interrupted {what}", signal_number=signal.SIGINT)
 
 
 def evaluate_epoch(
@@ -299,9 +293,8 @@ def train(
             if out_dir is not None and done
             else ""
         )
-        raise Interrupted(
-            f"{_stopped(stop)} in epoch {done + 1}; {_saved(out_dir, done)}{resume_hint}",
-            signal_number=_signal_number(stop),
+        raise _interrupted(
+            stop, f"in epoch {done + 1}; {_saved(out_dir, done)}{resume_hint}"
         ) from None
     except TrainingDiverged as e:
         raise TrainingDiverged(f"{e}; {_saved(out_dir, done)}") from None
@@ -316,15 +309,12 @@ def train(
             )
     except KeyboardInterrupt as stop:
         if out_dir is None:
-            raise Interrupted(
-                f"{_stopped(stop)} after the last epoch, before the test",
-                signal_number=_signal_number(stop),
-            ) from None
-        raise Interrupted(
-            f"{_stopped(stop)} after the last epoch: all {config.epochs} epochs are saved in "
+            raise _interrupted(stop, "after the last epoch, before the test") from None
+        raise _interrupted(
+            stop,
+            f"after the last epoch: all {config.epochs} epochs are saved in "
             f"{out_dir / CHECKPOINT_NAME}; finish the test and the curves with: "
             f"{_resume_command(out_dir, data)}",
-            signal_number=_signal_number(stop),
         ) from None
     return record
 
