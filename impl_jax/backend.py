@@ -12,9 +12,8 @@ from impl_jax import model, optim
 from impl_jax.augment import augment
 from shared import backend
 from shared.batches import Batch
-from shared.spec import Params
 
-State = tuple[optim.Params, optim.State]  # (parameters, optimizer state), donated to each step
+State = tuple[optim.Params, optim.State]  # (canonical tensors, optimizer state), donated
 
 
 class Backend(backend.Backend):
@@ -32,21 +31,21 @@ class Backend(backend.Backend):
     def _array(self, x: np.ndarray) -> jax.Array:
         return jnp.asarray(x, self.dtype)
 
-    def _labels(self, y: np.ndarray) -> jax.Array:
-        return jnp.asarray(y)
+    def _exact(self, a: np.ndarray) -> jax.Array:
+        return jnp.asarray(a)
 
-    def _copy(self, tensors: Params) -> optim.Params:
-        return {k: jnp.asarray(v, self.dtype) for k, v in tensors.items()}
+    def _tensor(self, value: np.ndarray, dtype: np.dtype) -> jax.Array:
+        return jnp.asarray(value, dtype)
 
-    def _train_step(self, state: State, data, idx, rows, cols, lr, pad, fill):
+    def _train_step(self, state: State, data, idx, rows, cols, masks, lr, pad, fill):
         params, opt_state = state
         x, y = data[0][idx], data[1][idx]  # the gather runs on the device, in the step
         if rows is not None:
             x = augment(x, rows, cols, pad, fill)
-        loss, grads, logits = model.loss_grads_and_logits(
-            params, x, y, self.arch, self.hyperparams.label_smoothing
+        loss, grads, logits, buffers = model.training_pass(
+            params, x, y, self.arch, masks, self.hyperparams.label_smoothing
         )
-        state = self.optimizer.update(params, grads, opt_state, lr)
+        state = self._update(params, grads, buffers, opt_state, lr)
         return state, loss, (logits.argmax(axis=1) == y).sum()
 
     def train_step(self, state: State, data, batch: Batch, lr: float):
@@ -57,6 +56,7 @@ class Backend(backend.Backend):
             batch.idx,
             batch.rows,
             batch.cols,
+            batch.masks,
             np.asarray(lr, self.dtype),
             pad=batch.pad,
             fill=batch.fill,

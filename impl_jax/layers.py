@@ -2,6 +2,8 @@
 
 `X_forward(inputs...) -> (out, cache)` and `X_backward(dout, cache) -> gradients of the inputs`:
 here the cache is the pullback from `jax.vjp`, so autodiff supplies every backward pass.
+Sliding windows (conv, pooling) cover H' = (H + 2 * padding - k) // stride + 1 rows, as in
+PyTorch: rows and columns that do not fill a window are dropped.
 """
 
 from __future__ import annotations
@@ -13,27 +15,33 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def _im2col(x: jax.Array, kernel_size: int, padding: int) -> jax.Array:
-    """x (N, C, H, W) -> columns (N, C*k*k, H'*W'), row order (c, i, j) as in OIHW weights."""
+def _im2col(x: jax.Array, k: int, stride: int, padding: int) -> jax.Array:
+    """x (N, C, H, W) -> columns (N, C*k*k, H', W'), row order (c, i, j) as in OIHW weights."""
     n, c, h, w = x.shape
-    k = kernel_size
     xp = jnp.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    ho, wo = h + 2 * padding - k + 1, w + 2 * padding - k + 1
-    shifted = [xp[:, :, i : i + ho, j : j + wo] for i in range(k) for j in range(k)]
-    return jnp.stack(shifted, axis=2).reshape(n, c * k * k, ho * wo)
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    # Kernel offset (i, j) sees every stride-th pixel from (i, j) on: one strided slice each.
+    shifted = [
+        xp[:, :, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
+        for i in range(k)
+        for j in range(k)
+    ]
+    return jnp.stack(shifted, axis=2).reshape(n, c * k * k, ho, wo)
 
 
-def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, padding: int) -> jax.Array:
-    """x (N, C, H, W), w (O, C, k, k), b (O,) -> out (N, O, H', W'); stride 1.
+def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, padding: int) -> jax.Array:
+    """x (N, C, H, W), w (O, C, k, k), b (O,) -> out (N, O, H', W').
 
     Convolution as one matrix product w (O, C*k*k) @ im2col(x), as in impl_numpy: on this
     CPU, XLA's own convolution (lax.conv_general_dilated, which the tests use as the oracle)
     made the whole training step 25% slower for the network's single input channel.
     """
-    n, _, h, wd = x.shape
+    n = x.shape[0]
     o, _, k, _ = w.shape
-    out = jnp.matmul(w.reshape(o, -1), _im2col(x, k, padding)) + b[:, None]
-    return out.reshape(n, o, h + 2 * padding - k + 1, wd + 2 * padding - k + 1)
+    cols = _im2col(x, k, stride, padding)
+    ho, wo = cols.shape[2:]
+    out = jnp.matmul(w.reshape(o, -1), cols.reshape(n, -1, ho * wo)) + b[:, None]
+    return out.reshape(n, o, ho, wo)
 
 
 def relu(x: jax.Array) -> jax.Array:
@@ -41,11 +49,71 @@ def relu(x: jax.Array) -> jax.Array:
     return jax.nn.relu(x)
 
 
-def max_pool(x: jax.Array, size: int) -> jax.Array:
-    """x (N, C, H, W) -> (N, C, H//size, W//size); leftover rows and columns are dropped."""
-    window = (1, 1, size, size)
+def tanh(x: jax.Array) -> jax.Array:
+    """Elementwise tanh."""
+    return jnp.tanh(x)
+
+
+def sigmoid(x: jax.Array) -> jax.Array:
+    """Elementwise 1 / (1 + exp(-x))."""
+    return jax.nn.sigmoid(x)
+
+
+def _reduce_windows(x: jax.Array, init: float, op, size: int, stride: int) -> jax.Array:
+    """x (N, C, H, W) -> (N, C, H', W'): op over size x size windows moved by stride."""
+    return lax.reduce_window(x, init, op, (1, 1, size, size), (1, 1, stride, stride), "VALID")
+
+
+def max_pool(x: jax.Array, size: int, stride: int) -> jax.Array:
+    """x (N, C, H, W) -> (N, C, H', W'); the first maximum in a window takes the gradient."""
     # A Python -inf with lax.max is recognised as max-pooling, which has a gradient.
-    return lax.reduce_window(x, -jnp.inf, lax.max, window, window, "VALID")
+    return _reduce_windows(x, -jnp.inf, lax.max, size, stride)
+
+
+def avg_pool(x: jax.Array, size: int, stride: int) -> jax.Array:
+    """x (N, C, H, W) -> (N, C, H', W'), the mean of each window."""
+    # A Python 0.0 with lax.add is recognised as a windowed sum, which has a gradient.
+    return _reduce_windows(x, 0.0, lax.add, size, stride) / (size * size)
+
+
+def _per_channel(v: jax.Array, ndim: int) -> jax.Array:
+    """v (C,) -> shape broadcasting along axis 1 of an ndim-array: (C,) or (C, 1, 1)."""
+    return v.reshape(-1, *[1] * (ndim - 2))
+
+
+def batch_norm(
+    x: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array,
+    running_mean: jax.Array,
+    running_var: jax.Array,
+    momentum: float,
+    eps: float,
+    train: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x (N, C) or (N, C, H, W); weight, bias, running stats (C,) -> out like x,
+    running_mean, running_var (C,), as PyTorch's BatchNorm1d/2d.
+
+    Training normalises with the batch statistics over every axis but 1 (biased variance)
+    and moves the running stats towards them (unbiased variance, n / (n - 1)); evaluation
+    normalises with the running stats and returns them unchanged.
+    """
+    if train:
+        axes = (0, *range(2, x.ndim))
+        mean, var = x.mean(axis=axes), x.var(axis=axes)
+        n = x.size // x.shape[1]
+        running_mean = (1 - momentum) * running_mean + momentum * mean
+        running_var = (1 - momentum) * running_var + momentum * n / (n - 1) * var
+    else:
+        mean, var = running_mean, running_var
+    xhat = (x - _per_channel(mean, x.ndim)) * _per_channel(lax.rsqrt(var + eps), x.ndim)
+    out = xhat * _per_channel(weight, x.ndim) + _per_channel(bias, x.ndim)
+    return out, running_mean, running_var
+
+
+def dropout(x: jax.Array, keep: jax.Array, p: float) -> jax.Array:
+    """Inverted dropout with a given mask: x, keep bool (x's shape) -> x * keep / (1 - p)."""
+    return x * keep / (1 - p)
 
 
 def flatten(x: jax.Array) -> jax.Array:
@@ -71,16 +139,42 @@ def _backward(dout: jax.Array, cache):
     return cache(dout)
 
 
-def conv2d_forward(x, w, b, padding: int):
-    return jax.vjp(partial(conv2d, padding=padding), x, w, b)
+def conv2d_forward(x, w, b, stride: int, padding: int):
+    return jax.vjp(partial(conv2d, stride=stride, padding=padding), x, w, b)
 
 
 def relu_forward(x):
     return jax.vjp(relu, x)
 
 
-def max_pool_forward(x, size: int):
-    return jax.vjp(partial(max_pool, size=size), x)
+def tanh_forward(x):
+    return jax.vjp(tanh, x)
+
+
+def sigmoid_forward(x):
+    return jax.vjp(sigmoid, x)
+
+
+def max_pool_forward(x, size: int, stride: int):
+    return jax.vjp(partial(max_pool, size=size, stride=stride), x)
+
+
+def avg_pool_forward(x, size: int, stride: int):
+    return jax.vjp(partial(avg_pool, size=size, stride=stride), x)
+
+
+def batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps, train):
+    """-> out, cache, (running_mean, running_var): jax.vjp's order with has_aux."""
+
+    def out_and_stats(x, weight, bias):
+        out, *stats = batch_norm(x, weight, bias, running_mean, running_var, momentum, eps, train)
+        return out, tuple(stats)
+
+    return jax.vjp(out_and_stats, x, weight, bias, has_aux=True)
+
+
+def dropout_forward(x, keep, p: float):
+    return jax.vjp(partial(dropout, keep=keep, p=p), x)
 
 
 def flatten_forward(x):
@@ -91,7 +185,9 @@ def linear_forward(x, w, b):
     return jax.vjp(linear, x, w, b)
 
 
-conv2d_backward = relu_backward = max_pool_backward = flatten_backward = linear_backward = _backward
+conv2d_backward = max_pool_backward = avg_pool_backward = batch_norm_backward = _backward
+relu_backward = tanh_backward = sigmoid_backward = dropout_backward = _backward
+flatten_backward = linear_backward = _backward
 
 
 def softmax_cross_entropy(logits, labels, label_smoothing: float = 0.0):

@@ -1,23 +1,64 @@
-"""The network as pure functions of (params, x): no state, no transposes, canonical names."""
+"""The network as pure functions of (params, x): no state, no transposes, canonical names.
+
+`masks` sets the mode: None is evaluation (BatchNorm normalises with its running statistics,
+dropout is the identity); a dict with one keep-mask per dropout layer is training (BatchNorm
+uses the batch's statistics and returns updated running ones, dropout applies those masks).
+"""
 
 from __future__ import annotations
 
 import jax
 
 from impl_jax import layers
-from shared.spec import Arch, Conv, Flatten, Layer, Linear, MaxPool, ReLU
+from shared.spec import (
+    Activation,
+    Arch,
+    BatchNorm,
+    Conv,
+    Dropout,
+    Flatten,
+    Layer,
+    Linear,
+    Pool,
+    split_params,
+)
 
 Params = dict[str, jax.Array]
+Masks = dict[str, jax.Array] | None
 
 
-def _layer_forward(layer: Layer, params: Params, x: jax.Array) -> jax.Array:
+def _layer_forward(
+    layer: Layer, params: Params, x: jax.Array, masks: Masks, buffers: Params
+) -> jax.Array:
+    """The layer's output; updated BatchNorm buffers go into `buffers`."""
     match layer:
-        case Conv(name, padding=padding):
-            return layers.conv2d(x, params[f"{name}.weight"], params[f"{name}.bias"], padding)
-        case ReLU():
-            return layers.relu(x)
-        case MaxPool(size=size):
-            return layers.max_pool(x, size)
+        case Conv(name, stride=stride, padding=padding):
+            w, b = params[f"{name}.weight"], params[f"{name}.bias"]
+            return layers.conv2d(x, w, b, stride, padding)
+        case Pool(op="max", size=size, stride=stride):
+            return layers.max_pool(x, size, stride)
+        case Pool(op="avg", size=size, stride=stride):
+            return layers.avg_pool(x, size, stride)
+        case BatchNorm(name, momentum=momentum, eps=eps):
+            out, mean, var = layers.batch_norm(
+                x,
+                params[f"{name}.weight"],
+                params[f"{name}.bias"],
+                params[f"{name}.running_mean"],
+                params[f"{name}.running_var"],
+                momentum,
+                eps,
+                train=masks is not None,
+            )
+            if masks is not None:
+                buffers[f"{name}.running_mean"], buffers[f"{name}.running_var"] = mean, var
+                buffers[f"{name}.num_batches_tracked"] = params[f"{name}.num_batches_tracked"] + 1
+            return out
+        case Dropout(name, p):
+            return x if masks is None else layers.dropout(x, masks[name], p)
+        case Activation(fn=fn):
+            # Looked up at call time, so a test can swap one for a planted wrong variant.
+            return getattr(layers, fn)(x)
         case Flatten():
             return layers.flatten(x)
         case Linear(name):
@@ -25,55 +66,77 @@ def _layer_forward(layer: Layer, params: Params, x: jax.Array) -> jax.Array:
     raise TypeError(f"unknown layer {layer!r}")
 
 
-def activations(params: Params, x: jax.Array, arch: Arch) -> dict[str, jax.Array]:
-    """Every layer's output, by layer name; x (N, 1, 28, 28) -> ..., logits (N, 10) last."""
-    acts = {}
+def _forward(
+    params: Params, x: jax.Array, arch: Arch, masks: Masks
+) -> tuple[dict[str, jax.Array], Params]:
+    """Every layer's output by name, and the updated buffers (training only)."""
+    outputs, buffers = {}, {}
     for layer in arch.layers:
-        x = _layer_forward(layer, params, x)
-        acts[layer.name] = x
-    return acts
+        x = _layer_forward(layer, params, x, masks, buffers)
+        outputs[layer.name] = x
+    return outputs, buffers
+
+
+def activations(params: Params, x: jax.Array, arch: Arch, masks: Masks = None) -> Params:
+    """Every layer's output, by layer name; x (N, 1, 28, 28) -> ..., logits (N, 10) last."""
+    return _forward(params, x, arch, masks)[0]
 
 
 def forward(params: Params, x: jax.Array, arch: Arch) -> jax.Array:
-    """x (N, 1, 28, 28) -> logits (N, 10)."""
-    for layer in arch.layers:
-        x = _layer_forward(layer, params, x)
-    return x
+    """x (N, 1, 28, 28) -> logits (N, 10), in evaluation mode."""
+    return _forward(params, x, arch, None)[0][arch.layers[-1].name]
 
 
-def loss(
-    params: Params, x: jax.Array, y: jax.Array, arch: Arch, label_smoothing: float = 0.0
-) -> jax.Array:
-    """Mean cross-entropy of the network's logits against labels y (N,)."""
-    return layers.cross_entropy(forward(params, x, arch), y, label_smoothing)
+def _loss(trainable, buffers, x, y, arch, masks, label_smoothing):
+    """The training-mode loss as a function of the trainable parameters (what is
+    differentiated), with (logits, updated buffers) alongside."""
+    outputs, new_buffers = _forward({**buffers, **trainable}, x, arch, masks)
+    logits = outputs[arch.layers[-1].name]
+    return layers.cross_entropy(logits, y, label_smoothing), (logits, new_buffers)
 
 
-def _loss_with_logits(params, x, y, arch, label_smoothing):
-    logits = forward(params, x, arch)
-    return layers.cross_entropy(logits, y, label_smoothing), logits
-
-
-def loss_grads_and_logits(
-    params: Params, x: jax.Array, y: jax.Array, arch: Arch, label_smoothing: float = 0.0
-) -> tuple[jax.Array, Params, jax.Array]:
-    """Mean cross-entropy, its gradient for every canonical parameter, and the logits (N, 10)
-    of the forward pass (for training metrics)."""
-    (value, logits), grads = jax.value_and_grad(_loss_with_logits, has_aux=True)(
-        params, x, y, arch, label_smoothing
+def training_pass(
+    params: Params,
+    x: jax.Array,
+    y: jax.Array,
+    arch: Arch,
+    masks: dict[str, jax.Array],
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, Params, jax.Array, Params]:
+    """One training-mode pass: (mean cross-entropy, the gradient of every trainable parameter,
+    the logits (N, 10), the updated BatchNorm buffers)."""
+    trainable, buffers = split_params(params, arch)
+    (value, (logits, new_buffers)), grads = jax.value_and_grad(_loss, has_aux=True)(
+        trainable, buffers, x, y, arch, masks, label_smoothing
     )
-    return value, grads, logits
+    return value, grads, logits, new_buffers
 
 
 def loss_and_grads(
-    params: Params, x: jax.Array, y: jax.Array, arch: Arch, label_smoothing: float = 0.0
+    params: Params,
+    x: jax.Array,
+    y: jax.Array,
+    arch: Arch,
+    masks: dict[str, jax.Array],
+    label_smoothing: float = 0.0,
 ) -> tuple[jax.Array, Params]:
-    """Mean cross-entropy and its gradient for every canonical parameter."""
-    value, grads, _ = loss_grads_and_logits(params, x, y, arch, label_smoothing)
+    """Mean cross-entropy and its gradient for every trainable parameter, in training mode."""
+    value, grads, _, _ = training_pass(params, x, y, arch, masks, label_smoothing)
     return value, grads
 
 
 def input_grad(
-    params: Params, x: jax.Array, y: jax.Array, arch: Arch, label_smoothing: float = 0.0
+    params: Params,
+    x: jax.Array,
+    y: jax.Array,
+    arch: Arch,
+    masks: dict[str, jax.Array],
+    label_smoothing: float = 0.0,
 ) -> jax.Array:
-    """Gradient of the loss with respect to the images, dx (N, 1, 28, 28)."""
-    return jax.grad(loss, argnums=1)(params, x, y, arch, label_smoothing)
+    """Gradient of the training-mode loss with respect to the images, dx (N, 1, 28, 28)."""
+    trainable, buffers = split_params(params, arch)
+
+    def loss_of_x(x):
+        return _loss(trainable, buffers, x, y, arch, masks, label_smoothing)[0]
+
+    return jax.grad(loss_of_x)(x)

@@ -12,7 +12,7 @@ from shared import backend
 from shared.batches import Batch
 from shared.spec import Params
 
-State = tuple[Params, optim.State]  # (parameters, momentum buffers), updated in place
+State = tuple[Params, optim.State]  # (canonical tensors, momentum buffers), updated in place
 
 
 class Backend(backend.Backend):
@@ -26,22 +26,22 @@ class Backend(backend.Backend):
     def _array(self, x: np.ndarray) -> np.ndarray:
         return x.astype(self.dtype, copy=False)
 
-    def _labels(self, y: np.ndarray) -> np.ndarray:
-        return y
+    def _exact(self, a: np.ndarray) -> np.ndarray:
+        return a
 
-    def _copy(self, tensors: Params) -> Params:
-        return {k: np.array(v, dtype=self.dtype) for k, v in tensors.items()}
+    def _tensor(self, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        return np.array(value, dtype=dtype)
 
     # Overflow is left to the training loop, which stops at a non-finite loss and says where;
     # NumPy's own warnings would only repeat it less clearly.
     @np.errstate(over="ignore", invalid="ignore")
     def train_step(self, state: State, data, batch: Batch, lr: float):
         params, opt_state = state
-        x, y = data[0][batch.idx], data[1][batch.idx]
+        x, y, masks = self._step_inputs(data, batch)
         if batch.rows is not None:
             x = augment(x, batch.rows, batch.cols, batch.pad, batch.fill)
-        loss, grads, logits = model.loss_grads_and_logits(
-            params, x, y, self.arch, self.hyperparams.label_smoothing
+        loss, grads, logits, buffers = model.training_pass(
+            params, x, y, self.arch, masks, self.hyperparams.label_smoothing
         )
-        state = self.optimizer.update(params, grads, opt_state, lr)
+        state = self._update(params, grads, buffers, opt_state, lr)
         return state, float(loss), int((logits.argmax(axis=1) == y).sum())

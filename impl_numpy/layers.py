@@ -2,6 +2,8 @@
 
 `X_forward(inputs...) -> (out, cache)` and `X_backward(dout, cache) -> gradients of the inputs`,
 in the order of the inputs. All arrays keep the dtype they come in (float32 or float64).
+Sliding windows (conv, pooling) cover H' = (H + 2 * padding - k) // stride + 1 rows, as in
+PyTorch: rows and columns that do not fill a window are dropped and get a zero gradient.
 """
 
 from __future__ import annotations
@@ -14,54 +16,60 @@ from numpy.lib.stride_tricks import sliding_window_view
 Cache = Any
 
 
-def _im2col(x: np.ndarray, kernel_size: int, padding: int) -> np.ndarray:
-    """x (N, C, H, W) -> columns (N, C*k*k, H'*W'), row order (c, i, j) as in OIHW weights."""
+def _windows(x: np.ndarray, k: int, stride: int) -> np.ndarray:
+    """x (N, C, H, W) -> view (N, C, H', W', k, k) of the k x k windows, moved by stride."""
+    return sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
+
+
+def _im2col(x: np.ndarray, k: int, stride: int, padding: int) -> np.ndarray:
+    """x (N, C, H, W) -> columns (N, C*k*k, H', W'), row order (c, i, j) as in OIHW weights."""
     n, c = x.shape[:2]
     xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    windows = sliding_window_view(xp, (kernel_size, kernel_size), axis=(2, 3))
-    ho, wo = windows.shape[2:4]
+    windows = _windows(xp, k, stride)
     # (N, C, H', W', k, k) -> (N, C, k, k, H', W'): one copy, laid out for a single matmul.
-    return windows.transpose(0, 1, 4, 5, 2, 3).reshape(n, c * kernel_size**2, ho * wo)
+    return windows.transpose(0, 1, 4, 5, 2, 3).reshape(n, c * k * k, *windows.shape[2:4])
 
 
 def _col2im(
-    dcols: np.ndarray, x_shape: tuple[int, ...], kernel_size: int, padding: int
+    dwindows: np.ndarray, x_shape: tuple[int, ...], stride: int, padding: int
 ) -> np.ndarray:
-    """Adjoint of `_im2col`: columns (N, C*k*k, H'*W') -> dx (N, C, H, W), overlaps summed."""
-    n, c, h, w = x_shape
-    k = kernel_size
-    ho, wo = h + 2 * padding - k + 1, w + 2 * padding - k + 1
-    dcols = dcols.reshape(n, c, k, k, ho, wo)
-    dxp = np.zeros((n, c, h + 2 * padding, w + 2 * padding), dtype=dcols.dtype)
+    """Adjoint of taking windows: dwindows (N, C, k, k, H', W') -> dx (N, C, H, W), overlaps
+    summed, padding cut off."""
+    n, c, k, _, ho, wo = dwindows.shape
+    h, w = x_shape[2:]
+    dxp = np.zeros((n, c, h + 2 * padding, w + 2 * padding), dtype=dwindows.dtype)
     # One vectorised add per kernel offset (k*k of them), never a loop over pixels or images.
     for i in range(k):
         for j in range(k):
-            dxp[:, :, i : i + ho, j : j + wo] += dcols[:, :, i, j]
+            rows = slice(i, i + stride * (ho - 1) + 1, stride)
+            cols = slice(j, j + stride * (wo - 1) + 1, stride)
+            dxp[:, :, rows, cols] += dwindows[:, :, i, j]
     return dxp[:, :, padding : padding + h, padding : padding + w]
 
 
 def conv2d_forward(
-    x: np.ndarray, w: np.ndarray, b: np.ndarray, padding: int
+    x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, padding: int
 ) -> tuple[np.ndarray, Cache]:
-    """x (N, C, H, W), w (O, C, k, k), b (O,) -> out (N, O, H', W'); stride 1.
+    """x (N, C, H, W), w (O, C, k, k), b (O,) -> out (N, O, H', W').
 
     Convolution as one matrix product: w (O, C*k*k) @ im2col(x) (N, C*k*k, H'*W').
     """
-    n, _, h, wd = x.shape
+    n = len(x)
     o, _, k, _ = w.shape
-    cols = _im2col(x, k, padding)
+    cols = _im2col(x, k, stride, padding)
+    ho, wo = cols.shape[2:]
+    cols = cols.reshape(n, -1, ho * wo)
     out = np.matmul(w.reshape(o, -1), cols)  # (N, O, H'*W')
     out += b[:, None]
-    ho, wo = h + 2 * padding - k + 1, wd + 2 * padding - k + 1
-    return out.reshape(n, o, ho, wo), (x.shape, w, cols, padding)
+    return out.reshape(n, o, ho, wo), (x.shape, w, cols, stride, padding)
 
 
 def conv2d_backward(
     dout: np.ndarray, cache: Cache, need_dx: bool = True
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """dout (N, O, H', W') -> dx (N, C, H, W) (None unless need_dx), dw (O, C, k, k), db (O,)."""
-    x_shape, w, cols, padding = cache
-    n, o = dout.shape[:2]
+    x_shape, w, cols, stride, padding = cache
+    n, o, ho, wo = dout.shape
     dout = dout.reshape(n, o, -1)  # (N, O, H'*W')
     # dw = sum over images of dout_n @ cols_n.T: a batched product, then one small sum (4x
     # faster here than np.tensordot, which first copies both operands into transposed order).
@@ -70,7 +78,7 @@ def conv2d_backward(
     dx = None
     if need_dx:
         dcols = np.matmul(w.reshape(o, -1).T, dout)  # (N, C*k*k, H'*W')
-        dx = _col2im(dcols, x_shape, w.shape[2], padding)
+        dx = _col2im(dcols.reshape(n, *w.shape[1:], ho, wo), x_shape, stride, padding)
     return dx, dw, db
 
 
@@ -86,32 +94,131 @@ def relu_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray]:
     return (dout * (out > 0),)
 
 
-def max_pool_forward(x: np.ndarray, size: int) -> tuple[np.ndarray, Cache]:
-    """x (N, C, H, W) -> out (N, C, H//size, W//size): max over non-overlapping windows.
+def tanh_forward(x: np.ndarray) -> tuple[np.ndarray, Cache]:
+    """x (any shape) -> tanh(x), same shape."""
+    out = np.tanh(x)
+    return out, out
 
-    Rows and columns that do not fill a window are dropped, as PyTorch and JAX do.
-    """
-    n, c, h, w = x.shape
-    ho, wo = h // size, w // size
-    windows = x[:, :, : ho * size, : wo * size].reshape(n, c, ho, size, wo, size)
-    windows = windows.transpose(0, 1, 2, 4, 3, 5).reshape(n, c, ho, wo, size * size)
+
+def tanh_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray]:
+    """tanh' = 1 - tanh^2, from the cached output."""
+    out = cache
+    return (dout * (1 - out * out),)
+
+
+def sigmoid_forward(x: np.ndarray) -> tuple[np.ndarray, Cache]:
+    """x (any shape) -> 1 / (1 + exp(-x)), same shape."""
+    # exp(-softplus(-x)): no overflow for large |x|, and small outputs keep their precision.
+    out = np.exp(-np.logaddexp(0, -x))
+    return out, out
+
+
+def sigmoid_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray]:
+    """sigmoid' = sigmoid * (1 - sigmoid), from the cached output."""
+    out = cache
+    return (dout * out * (1 - out),)
+
+
+def max_pool_forward(x: np.ndarray, size: int, stride: int) -> tuple[np.ndarray, Cache]:
+    """x (N, C, H, W) -> out (N, C, H', W'): max over size x size windows moved by stride."""
+    windows = _windows(x, size, stride)
+    flat = windows.reshape(*windows.shape[:4], size * size)  # row-major within each window
     # The first maximum in a window takes the gradient, as in PyTorch and XLA.
-    argmax = windows.argmax(axis=-1)
-    out = np.take_along_axis(windows, argmax[..., None], axis=-1)[..., 0]
-    return out, (x.shape, argmax, size)
+    argmax = flat.argmax(axis=-1)
+    out = np.take_along_axis(flat, argmax[..., None], axis=-1)[..., 0]
+    return out, (x.shape, argmax, size, stride)
 
 
 def max_pool_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray]:
-    """dout (N, C, H//size, W//size) -> dx (N, C, H, W), routed to each window's maximum."""
-    x_shape, argmax, size = cache
-    n, c = x_shape[:2]
-    ho, wo = dout.shape[2:]
-    dwindows = np.zeros((n, c, ho, wo, size * size), dtype=dout.dtype)
-    np.put_along_axis(dwindows, argmax[..., None], dout[..., None], axis=-1)
-    dwindows = dwindows.reshape(n, c, ho, wo, size, size).transpose(0, 1, 2, 4, 3, 5)
-    dx = np.zeros(x_shape, dtype=dout.dtype)
-    dx[:, :, : ho * size, : wo * size] = dwindows.reshape(n, c, ho * size, wo * size)
-    return (dx,)
+    """dout (N, C, H', W') -> dx (N, C, H, W): each window's maximum gets its gradient;
+    an input that is the maximum of several overlapping windows gets their sum."""
+    x_shape, argmax, size, stride = cache
+    dflat = np.zeros((*dout.shape, size * size), dtype=dout.dtype)
+    np.put_along_axis(dflat, argmax[..., None], dout[..., None], axis=-1)
+    dwindows = dflat.reshape(*dout.shape, size, size).transpose(0, 1, 4, 5, 2, 3)
+    return (_col2im(dwindows, x_shape, stride, 0),)
+
+
+def avg_pool_forward(x: np.ndarray, size: int, stride: int) -> tuple[np.ndarray, Cache]:
+    """x (N, C, H, W) -> out (N, C, H', W'): mean over size x size windows moved by stride."""
+    return _windows(x, size, stride).mean(axis=(4, 5)), (x.shape, size, stride)
+
+
+def avg_pool_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray]:
+    """dout (N, C, H', W') -> dx (N, C, H, W): each window spreads its gradient evenly."""
+    x_shape, size, stride = cache
+    n, c, ho, wo = dout.shape
+    share = (dout / (size * size))[:, :, None, None]
+    return (_col2im(np.broadcast_to(share, (n, c, size, size, ho, wo)), x_shape, stride, 0),)
+
+
+def _per_channel(v: np.ndarray, ndim: int) -> np.ndarray:
+    """v (C,) -> shape broadcasting along axis 1 of an ndim-array: (C,) or (C, 1, 1)."""
+    return v.reshape(-1, *[1] * (ndim - 2))
+
+
+def batch_norm_forward(
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    momentum: float,
+    eps: float,
+    train: bool,
+) -> tuple[np.ndarray, Cache, tuple[np.ndarray, np.ndarray]]:
+    """x (N, C) or (N, C, H, W); weight, bias, running stats (C,) -> out like x, cache,
+    (running_mean, running_var) (C,), as PyTorch's BatchNorm1d/2d.
+
+    Training normalises with the batch statistics over every axis but 1 (biased variance)
+    and moves the running stats towards them (unbiased variance, n / (n - 1)); evaluation
+    normalises with the running stats and returns them unchanged.
+    """
+    axes = (0, *range(2, x.ndim))
+    if train:
+        mean, var = x.mean(axis=axes), x.var(axis=axes)
+        n = x.size // x.shape[1]
+        running_mean = (1 - momentum) * running_mean + momentum * mean
+        # momentum * n / (n - 1) stays a Python float, which leaves a float32 var float32.
+        running_var = (1 - momentum) * running_var + momentum * n / (n - 1) * var
+    else:
+        mean, var = running_mean, running_var
+    inv_std = _per_channel(1 / np.sqrt(var + eps), x.ndim)
+    xhat = (x - _per_channel(mean, x.ndim)) * inv_std
+    weight = _per_channel(weight, x.ndim)
+    out = xhat * weight + _per_channel(bias, x.ndim)
+    return out, (xhat, weight, inv_std, train), (running_mean, running_var)
+
+
+def batch_norm_backward(
+    dout: np.ndarray, cache: Cache
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """dout like x -> dx like x, dweight (C,), dbias (C,)."""
+    xhat, weight, inv_std, train = cache
+    axes = (0, *range(2, dout.ndim))
+    dxhat = dout * weight
+    if train:
+        # The batch mean and variance depend on x as well: that takes away the gradient's
+        # per-channel mean and its per-channel component along xhat.
+        dxhat = (
+            dxhat
+            - dxhat.mean(axis=axes, keepdims=True)
+            - xhat * (dxhat * xhat).mean(axis=axes, keepdims=True)
+        )
+    return dxhat * inv_std, (dout * xhat).sum(axis=axes), dout.sum(axis=axes)
+
+
+def dropout_forward(x: np.ndarray, keep: np.ndarray, p: float) -> tuple[np.ndarray, Cache]:
+    """x (any shape), keep bool (x's shape), drop probability p -> x * keep / (1 - p).
+
+    Inverted dropout with a mask drawn elsewhere: the scale keeps the expected output x.
+    """
+    return x * keep / (1 - p), (keep, p)
+
+
+def dropout_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray]:
+    """dout -> dout * keep / (1 - p): the forward map is diagonal, hence its own adjoint."""
+    return (dropout_forward(dout, *cache)[0],)
 
 
 def flatten_forward(x: np.ndarray) -> tuple[np.ndarray, Cache]:

@@ -1,23 +1,65 @@
-"""The network over the canonical parameter dict, forward and backward by hand."""
+"""The network over the canonical tensors, forward and backward by hand.
+
+`masks` sets the mode: None is evaluation (BatchNorm normalises with its running statistics,
+dropout is the identity); a dict with one keep-mask per dropout layer is training (BatchNorm
+uses the batch's statistics and returns updated running ones, dropout applies those masks).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from impl_numpy import layers
-from shared.spec import Arch, Conv, Flatten, Layer, Linear, MaxPool, Params, ReLU
+from shared.spec import (
+    Activation,
+    Arch,
+    BatchNorm,
+    Conv,
+    Dropout,
+    Flatten,
+    Layer,
+    Linear,
+    Params,
+    Pool,
+)
+
+Masks = dict[str, np.ndarray] | None
 
 
-def _layer_forward(layer: Layer, params: Params, x: np.ndarray) -> tuple[np.ndarray, object]:
+def _layer_forward(
+    layer: Layer, params: Params, x: np.ndarray, masks: Masks, buffers: Params
+) -> tuple[np.ndarray, object]:
+    """The layer's output and its cache; updated BatchNorm buffers go into `buffers`."""
     match layer:
-        case Conv(name, padding=padding):
-            return layers.conv2d_forward(
-                x, params[f"{name}.weight"], params[f"{name}.bias"], padding
+        case Conv(name, stride=stride, padding=padding):
+            w, b = params[f"{name}.weight"], params[f"{name}.bias"]
+            return layers.conv2d_forward(x, w, b, stride, padding)
+        case Pool(op="max", size=size, stride=stride):
+            return layers.max_pool_forward(x, size, stride)
+        case Pool(op="avg", size=size, stride=stride):
+            return layers.avg_pool_forward(x, size, stride)
+        case BatchNorm(name, momentum=momentum, eps=eps):
+            out, cache, (mean, var) = layers.batch_norm_forward(
+                x,
+                params[f"{name}.weight"],
+                params[f"{name}.bias"],
+                params[f"{name}.running_mean"],
+                params[f"{name}.running_var"],
+                momentum,
+                eps,
+                train=masks is not None,
             )
-        case ReLU():
-            return layers.relu_forward(x)
-        case MaxPool(size=size):
-            return layers.max_pool_forward(x, size)
+            if masks is not None:
+                buffers[f"{name}.running_mean"], buffers[f"{name}.running_var"] = mean, var
+                buffers[f"{name}.num_batches_tracked"] = params[f"{name}.num_batches_tracked"] + 1
+            return out, cache
+        case Dropout(name, p):
+            if masks is None:
+                return x, None
+            return layers.dropout_forward(x, masks[name], p)
+        case Activation(fn=fn):
+            # Looked up at call time, so a test can swap one for a planted wrong variant.
+            return getattr(layers, f"{fn}_forward")(x)
         case Flatten():
             return layers.flatten_forward(x)
         case Linear(name):
@@ -40,65 +82,106 @@ def _layer_backward(
                 dout, cache, need_dx
             )
             return dx
-        case ReLU():
-            return layers.relu_backward(dout, cache)[0]
-        case MaxPool():
+        case BatchNorm(name):
+            dx, grads[f"{name}.weight"], grads[f"{name}.bias"] = layers.batch_norm_backward(
+                dout, cache
+            )
+            return dx
+        case Pool(op="max"):
             return layers.max_pool_backward(dout, cache)[0]
+        case Pool(op="avg"):
+            return layers.avg_pool_backward(dout, cache)[0]
+        case Dropout():
+            return layers.dropout_backward(dout, cache)[0]
+        case Activation(fn=fn):
+            return getattr(layers, f"{fn}_backward")(dout, cache)[0]
         case Flatten():
             return layers.flatten_backward(dout, cache)[0]
     raise TypeError(f"unknown layer {layer!r}")
 
 
-def activations(params: Params, x: np.ndarray, arch: Arch) -> dict[str, np.ndarray]:
-    """Every layer's output, by layer name; x (N, 1, 28, 28) -> ..., logits (N, 10) last."""
-    acts = {}
+def _forward(
+    params: Params, x: np.ndarray, arch: Arch, masks: Masks
+) -> tuple[list[np.ndarray], list[object], Params]:
+    """Every layer's output and cache, in order, and the updated buffers (training only)."""
+    outputs, caches, buffers = [], [], {}
     for layer in arch.layers:
-        x, _ = _layer_forward(layer, params, x)
-        acts[layer.name] = x
-    return acts
+        x, cache = _layer_forward(layer, params, x, masks, buffers)
+        outputs.append(x)
+        caches.append(cache)
+    return outputs, caches, buffers
+
+
+def activations(
+    params: Params, x: np.ndarray, arch: Arch, masks: Masks = None
+) -> dict[str, np.ndarray]:
+    """Every layer's output, by layer name; x (N, 1, 28, 28) -> ..., logits (N, 10) last."""
+    outputs, _, _ = _forward(params, x, arch, masks)
+    return {layer.name: out for layer, out in zip(arch.layers, outputs, strict=True)}
 
 
 def forward(params: Params, x: np.ndarray, arch: Arch) -> np.ndarray:
-    """x (N, 1, 28, 28) -> logits (N, 10)."""
-    for layer in arch.layers:
-        x, _ = _layer_forward(layer, params, x)
-    return x
+    """x (N, 1, 28, 28) -> logits (N, 10), in evaluation mode."""
+    return _forward(params, x, arch, None)[0][-1]
 
 
 def _loss_and_backward(
-    params: Params, x: np.ndarray, y: np.ndarray, arch: Arch, label_smoothing: float, need_dx: bool
-) -> tuple[float, Params, np.ndarray | None, np.ndarray]:
-    caches = []
-    for layer in arch.layers:
-        x, cache = _layer_forward(layer, params, x)
-        caches.append(cache)
-    logits = x
+    params: Params,
+    x: np.ndarray,
+    y: np.ndarray,
+    arch: Arch,
+    masks: Masks,
+    label_smoothing: float,
+    need_dx: bool,
+) -> tuple[np.ndarray, Params, np.ndarray | None, np.ndarray, Params]:
+    outputs, caches, buffers = _forward(params, x, arch, masks)
+    logits = outputs[-1]
     loss, dout = layers.softmax_cross_entropy(logits, y, label_smoothing)
     grads: Params = {}
     for depth in reversed(range(len(arch.layers))):
         # The first layer's input is the image: its gradient is only computed on request.
         dout = _layer_backward(arch.layers[depth], dout, caches[depth], need_dx or depth > 0, grads)
-    return float(loss), grads, dout, logits
+    # Gradients in the canonical order, as JAX and PyTorch give them.
+    grads = {name: grads[name] for name in params if name in grads}
+    return loss, grads, dout, logits, buffers
+
+
+def training_pass(
+    params: Params,
+    x: np.ndarray,
+    y: np.ndarray,
+    arch: Arch,
+    masks: dict[str, np.ndarray],
+    label_smoothing: float = 0.0,
+) -> tuple[np.ndarray, Params, np.ndarray, Params]:
+    """One training-mode pass: (mean cross-entropy, the gradient of every trainable parameter,
+    the logits (N, 10), the updated BatchNorm buffers)."""
+    loss, grads, _, logits, buffers = _loss_and_backward(
+        params, x, y, arch, masks, label_smoothing, need_dx=False
+    )
+    return loss, grads, logits, buffers
 
 
 def loss_and_grads(
-    params: Params, x: np.ndarray, y: np.ndarray, arch: Arch, label_smoothing: float = 0.0
-) -> tuple[float, Params]:
-    """Mean cross-entropy and its gradient for every canonical parameter."""
-    loss, grads, _, _ = _loss_and_backward(params, x, y, arch, label_smoothing, need_dx=False)
+    params: Params,
+    x: np.ndarray,
+    y: np.ndarray,
+    arch: Arch,
+    masks: dict[str, np.ndarray],
+    label_smoothing: float = 0.0,
+) -> tuple[np.ndarray, Params]:
+    """Mean cross-entropy and its gradient for every trainable parameter, in training mode."""
+    loss, grads, _, _ = training_pass(params, x, y, arch, masks, label_smoothing)
     return loss, grads
 
 
-def loss_grads_and_logits(
-    params: Params, x: np.ndarray, y: np.ndarray, arch: Arch, label_smoothing: float = 0.0
-) -> tuple[float, Params, np.ndarray]:
-    """As `loss_and_grads`, plus the logits (N, 10) of the forward pass, for training metrics."""
-    loss, grads, _, logits = _loss_and_backward(params, x, y, arch, label_smoothing, need_dx=False)
-    return loss, grads, logits
-
-
 def input_grad(
-    params: Params, x: np.ndarray, y: np.ndarray, arch: Arch, label_smoothing: float = 0.0
+    params: Params,
+    x: np.ndarray,
+    y: np.ndarray,
+    arch: Arch,
+    masks: dict[str, np.ndarray],
+    label_smoothing: float = 0.0,
 ) -> np.ndarray:
-    """Gradient of the loss with respect to the images, dx (N, 1, 28, 28)."""
-    return _loss_and_backward(params, x, y, arch, label_smoothing, need_dx=True)[2]
+    """Gradient of the training-mode loss with respect to the images, dx (N, 1, 28, 28)."""
+    return _loss_and_backward(params, x, y, arch, masks, label_smoothing, need_dx=True)[2]

@@ -11,9 +11,8 @@ from impl_torch import model, optim
 from impl_torch.augment import augment
 from shared import backend
 from shared.batches import Batch
-from shared.spec import Params
 
-State = tuple[optim.Params, optim.State]  # (parameters, momentum buffers), updated in place
+State = tuple[optim.Params, optim.State]  # (canonical tensors, momentum buffers), in place
 
 
 class Backend(backend.Backend):
@@ -28,21 +27,20 @@ class Backend(backend.Backend):
     def _array(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x, dtype=self.dtype))
 
-    def _labels(self, y: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(y)
+    def _exact(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a)
 
-    def _copy(self, tensors: Params) -> optim.Params:
-        return {k: torch.from_numpy(np.array(v, dtype=self.dtype)) for k, v in tensors.items()}
+    def _tensor(self, value: np.ndarray, dtype: np.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.array(value, dtype=dtype))
 
     def train_step(self, state: State, data, batch: Batch, lr: float):
         params, opt_state = state
-        idx = torch.from_numpy(batch.idx)
-        x, y = data[0][idx], data[1][idx]
+        x, y, masks = self._step_inputs(data, batch)
         if batch.rows is not None:
             rows, cols = torch.from_numpy(batch.rows), torch.from_numpy(batch.cols)
             x = augment(x, rows, cols, batch.pad, batch.fill)
-        loss, grads, logits = model.loss_grads_and_logits(
-            params, x, y, self.arch, self.hyperparams.label_smoothing
+        loss, grads, logits, buffers = model.training_pass(
+            params, x, y, self.arch, masks, self.hyperparams.label_smoothing
         )
-        state = self.optimizer.update(params, grads, opt_state, lr)
+        state = self._update(params, grads, buffers, opt_state, lr)
         return state, loss.item(), int((logits.argmax(dim=1) == y).sum())

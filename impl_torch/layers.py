@@ -2,6 +2,8 @@
 
 `X_forward(inputs...) -> (out, cache)` and `X_backward(dout, cache) -> gradients of the inputs`:
 here the cache holds the autograd graph, so autograd supplies every backward pass.
+Sliding windows (conv, pooling) cover H' = (H + 2 * padding - k) // stride + 1 rows: rows and
+columns that do not fill a window are dropped.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ import torch
 import torch.nn.functional as F
 
 
-def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, padding: int) -> torch.Tensor:
-    """x (N, C, H, W), w (O, C, k, k), b (O,) -> out (N, O, H', W'); stride 1."""
-    return F.conv2d(x, w, b, padding=padding)
+def conv2d(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int, padding: int
+) -> torch.Tensor:
+    """x (N, C, H, W), w (O, C, k, k), b (O,) -> out (N, O, H', W')."""
+    return F.conv2d(x, w, b, stride=stride, padding=padding)
 
 
 def relu(x: torch.Tensor) -> torch.Tensor:
@@ -20,9 +24,48 @@ def relu(x: torch.Tensor) -> torch.Tensor:
     return F.relu(x)
 
 
-def max_pool(x: torch.Tensor, size: int) -> torch.Tensor:
-    """x (N, C, H, W) -> (N, C, H//size, W//size); leftover rows and columns are dropped."""
-    return F.max_pool2d(x, size)
+def tanh(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise tanh."""
+    return torch.tanh(x)
+
+
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise 1 / (1 + exp(-x))."""
+    return torch.sigmoid(x)
+
+
+def max_pool(x: torch.Tensor, size: int, stride: int) -> torch.Tensor:
+    """x (N, C, H, W) -> (N, C, H', W'); the first maximum in a window takes the gradient."""
+    return F.max_pool2d(x, size, stride)
+
+
+def avg_pool(x: torch.Tensor, size: int, stride: int) -> torch.Tensor:
+    """x (N, C, H, W) -> (N, C, H', W'), the mean of each window."""
+    return F.avg_pool2d(x, size, stride)
+
+
+def batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    momentum: float,
+    eps: float,
+    train: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (N, C) or (N, C, H, W); weight, bias, running stats (C,) -> out like x,
+    running_mean, running_var (C,): PyTorch's BatchNorm1d/2d, whose running stats move by
+    momentum towards the batch mean and unbiased variance in training."""
+    # F.batch_norm updates the running stats in place: on copies, to stay a pure function.
+    running_mean, running_var = running_mean.clone(), running_var.clone()
+    out = F.batch_norm(x, running_mean, running_var, weight, bias, train, momentum, eps)
+    return out, running_mean, running_var
+
+
+def dropout(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout with a given mask: x, keep bool (x's shape) -> x * keep / (1 - p)."""
+    return x * keep / (1 - p)
 
 
 def flatten(x: torch.Tensor) -> torch.Tensor:
@@ -42,10 +85,13 @@ def cross_entropy(
     return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
 
 
-def _forward(fn, *inputs: torch.Tensor, **static):
+def _forward(fn, *inputs: torch.Tensor, has_aux: bool = False, **static):
+    """fn(*inputs, **static) on fresh autograd leaves -> (out, cache), and with has_aux (fn
+    returns (out, aux)) -> (out, cache, aux), the order of jax.vjp."""
     leaves = tuple(t.detach().requires_grad_(True) for t in inputs)
-    out = fn(*leaves, **static)
-    return out.detach(), (out, leaves)
+    out, aux = fn(*leaves, **static) if has_aux else (fn(*leaves, **static), None)
+    result = out.detach(), (out, leaves)
+    return (*result, aux) if has_aux else result
 
 
 def _backward(dout: torch.Tensor, cache) -> tuple[torch.Tensor, ...]:
@@ -53,16 +99,42 @@ def _backward(dout: torch.Tensor, cache) -> tuple[torch.Tensor, ...]:
     return torch.autograd.grad(out, leaves, dout)
 
 
-def conv2d_forward(x, w, b, padding: int):
-    return _forward(conv2d, x, w, b, padding=padding)
+def conv2d_forward(x, w, b, stride: int, padding: int):
+    return _forward(conv2d, x, w, b, stride=stride, padding=padding)
 
 
 def relu_forward(x):
     return _forward(relu, x)
 
 
-def max_pool_forward(x, size: int):
-    return _forward(max_pool, x, size=size)
+def tanh_forward(x):
+    return _forward(tanh, x)
+
+
+def sigmoid_forward(x):
+    return _forward(sigmoid, x)
+
+
+def max_pool_forward(x, size: int, stride: int):
+    return _forward(max_pool, x, size=size, stride=stride)
+
+
+def avg_pool_forward(x, size: int, stride: int):
+    return _forward(avg_pool, x, size=size, stride=stride)
+
+
+def batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps, train):
+    """-> out, cache, (running_mean, running_var), as impl_jax."""
+
+    def out_and_stats(x, weight, bias):
+        out, *stats = batch_norm(x, weight, bias, running_mean, running_var, momentum, eps, train)
+        return out, tuple(stats)
+
+    return _forward(out_and_stats, x, weight, bias, has_aux=True)
+
+
+def dropout_forward(x, keep, p: float):
+    return _forward(dropout, x, keep=keep, p=p)
 
 
 def flatten_forward(x):
@@ -73,7 +145,9 @@ def linear_forward(x, w, b):
     return _forward(linear, x, w, b)
 
 
-conv2d_backward = relu_backward = max_pool_backward = flatten_backward = linear_backward = _backward
+conv2d_backward = max_pool_backward = avg_pool_backward = batch_norm_backward = _backward
+relu_backward = tanh_backward = sigmoid_backward = dropout_backward = _backward
+flatten_backward = linear_backward = _backward
 
 
 def softmax_cross_entropy(logits, labels, label_smoothing: float = 0.0):

@@ -1,24 +1,67 @@
 """The network as functions of (params, x) over canonical tensors: no module, no transposes,
-canonical names."""
+canonical names. `as_module` builds the plain `nn.Module` these tensors load into.
+
+`masks` sets the mode: None is evaluation (BatchNorm normalises with its running statistics,
+dropout is the identity); a dict with one keep-mask per dropout layer is training (BatchNorm
+uses the batch's statistics and returns updated running ones, dropout applies those masks).
+"""
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
 from impl_torch import layers
-from shared.spec import Arch, Conv, Flatten, Layer, Linear, MaxPool, ReLU
+from shared.spec import (
+    Activation,
+    Arch,
+    BatchNorm,
+    Conv,
+    Dropout,
+    Flatten,
+    Layer,
+    Linear,
+    Pool,
+    split_params,
+)
 
 Params = dict[str, torch.Tensor]
+Masks = dict[str, torch.Tensor] | None
 
 
-def _layer_forward(layer: Layer, params: Params, x: torch.Tensor) -> torch.Tensor:
+def _layer_forward(
+    layer: Layer, params: Params, x: torch.Tensor, masks: Masks, buffers: Params
+) -> torch.Tensor:
+    """The layer's output; updated BatchNorm buffers go into `buffers`."""
     match layer:
-        case Conv(name, padding=padding):
-            return layers.conv2d(x, params[f"{name}.weight"], params[f"{name}.bias"], padding)
-        case ReLU():
-            return layers.relu(x)
-        case MaxPool(size=size):
-            return layers.max_pool(x, size)
+        case Conv(name, stride=stride, padding=padding):
+            w, b = params[f"{name}.weight"], params[f"{name}.bias"]
+            return layers.conv2d(x, w, b, stride, padding)
+        case Pool(op="max", size=size, stride=stride):
+            return layers.max_pool(x, size, stride)
+        case Pool(op="avg", size=size, stride=stride):
+            return layers.avg_pool(x, size, stride)
+        case BatchNorm(name, momentum=momentum, eps=eps):
+            out, mean, var = layers.batch_norm(
+                x,
+                params[f"{name}.weight"],
+                params[f"{name}.bias"],
+                params[f"{name}.running_mean"],
+                params[f"{name}.running_var"],
+                momentum,
+                eps,
+                train=masks is not None,
+            )
+            if masks is not None:
+                buffers[f"{name}.running_mean"], buffers[f"{name}.running_var"] = mean, var
+                buffers[f"{name}.num_batches_tracked"] = params[f"{name}.num_batches_tracked"] + 1
+            return out
+        case Dropout(name, p):
+            return x if masks is None else layers.dropout(x, masks[name], p)
+        case Activation(fn=fn):
+            # Looked up at call time, so a test can swap one for a planted wrong variant.
+            return getattr(layers, fn)(x)
         case Flatten():
             return layers.flatten(x)
         case Linear(name):
@@ -26,53 +69,106 @@ def _layer_forward(layer: Layer, params: Params, x: torch.Tensor) -> torch.Tenso
     raise TypeError(f"unknown layer {layer!r}")
 
 
-def activations(params: Params, x: torch.Tensor, arch: Arch) -> dict[str, torch.Tensor]:
-    """Every layer's output, by layer name; x (N, 1, 28, 28) -> ..., logits (N, 10) last."""
-    acts = {}
+def _forward(
+    params: Params, x: torch.Tensor, arch: Arch, masks: Masks
+) -> tuple[dict[str, torch.Tensor], Params]:
+    """Every layer's output by name, and the updated buffers (training only)."""
+    outputs, buffers = {}, {}
     for layer in arch.layers:
-        x = _layer_forward(layer, params, x)
-        acts[layer.name] = x
-    return acts
+        x = _layer_forward(layer, params, x, masks, buffers)
+        outputs[layer.name] = x
+    return outputs, buffers
+
+
+def activations(params: Params, x: torch.Tensor, arch: Arch, masks: Masks = None) -> Params:
+    """Every layer's output, by layer name; x (N, 1, 28, 28) -> ..., logits (N, 10) last."""
+    with torch.no_grad():
+        return _forward(params, x, arch, masks)[0]
 
 
 def forward(params: Params, x: torch.Tensor, arch: Arch) -> torch.Tensor:
-    """x (N, 1, 28, 28) -> logits (N, 10)."""
-    for layer in arch.layers:
-        x = _layer_forward(layer, params, x)
-    return x
+    """x (N, 1, 28, 28) -> logits (N, 10), in evaluation mode."""
+    with torch.no_grad():
+        return _forward(params, x, arch, None)[0][arch.layers[-1].name]
 
 
-def loss(
-    params: Params, x: torch.Tensor, y: torch.Tensor, arch: Arch, label_smoothing: float = 0.0
-) -> torch.Tensor:
-    """Mean cross-entropy of the network's logits against labels y (N,)."""
-    return layers.cross_entropy(forward(params, x, arch), y, label_smoothing)
+def _loss(params, x, y, arch, masks, label_smoothing):
+    """The training-mode loss, with (logits, updated buffers) alongside."""
+    outputs, buffers = _forward(params, x, arch, masks)
+    logits = outputs[arch.layers[-1].name]
+    return layers.cross_entropy(logits, y, label_smoothing), logits, buffers
 
 
-def loss_grads_and_logits(
-    params: Params, x: torch.Tensor, y: torch.Tensor, arch: Arch, label_smoothing: float = 0.0
-) -> tuple[torch.Tensor, Params, torch.Tensor]:
-    """Mean cross-entropy, its gradient for every canonical parameter, and the logits (N, 10)
-    of the forward pass (for training metrics)."""
-    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    logits = forward(leaves, x, arch)
-    value = layers.cross_entropy(logits, y, label_smoothing)
+def training_pass(
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    arch: Arch,
+    masks: dict[str, torch.Tensor],
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, Params, torch.Tensor, Params]:
+    """One training-mode pass: (mean cross-entropy, the gradient of every trainable parameter,
+    the logits (N, 10), the updated BatchNorm buffers)."""
+    trainable, buffers = split_params(params, arch)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in trainable.items()}
+    value, logits, new_buffers = _loss({**buffers, **leaves}, x, y, arch, masks, label_smoothing)
     grads = torch.autograd.grad(value, list(leaves.values()))
-    return value.detach(), dict(zip(leaves, grads, strict=True)), logits.detach()
+    new_buffers = {k: v.detach() for k, v in new_buffers.items()}
+    return value.detach(), dict(zip(leaves, grads, strict=True)), logits.detach(), new_buffers
 
 
 def loss_and_grads(
-    params: Params, x: torch.Tensor, y: torch.Tensor, arch: Arch, label_smoothing: float = 0.0
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    arch: Arch,
+    masks: dict[str, torch.Tensor],
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, Params]:
-    """Mean cross-entropy and its gradient for every canonical parameter."""
-    value, grads, _ = loss_grads_and_logits(params, x, y, arch, label_smoothing)
+    """Mean cross-entropy and its gradient for every trainable parameter, in training mode."""
+    value, grads, _, _ = training_pass(params, x, y, arch, masks, label_smoothing)
     return value, grads
 
 
 def input_grad(
-    params: Params, x: torch.Tensor, y: torch.Tensor, arch: Arch, label_smoothing: float = 0.0
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    arch: Arch,
+    masks: dict[str, torch.Tensor],
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Gradient of the loss with respect to the images, dx (N, 1, 28, 28)."""
+    """Gradient of the training-mode loss with respect to the images, dx (N, 1, 28, 28)."""
     x = x.detach().requires_grad_(True)
-    (dx,) = torch.autograd.grad(loss(params, x, y, arch, label_smoothing), x)
+    (dx,) = torch.autograd.grad(_loss(params, x, y, arch, masks, label_smoothing)[0], x)
     return dx
+
+
+_ACTIVATION_MODULES = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}
+
+
+def as_module(arch: Arch) -> torch.nn.Sequential:
+    """The network as a plain PyTorch module whose `state_dict` has exactly the canonical
+    names and shapes, so `as_module(arch).load_state_dict(tensors, strict=True)` takes any
+    implementation's checkpoint into ordinary PyTorch code (`module.eval()` to predict)."""
+    modules = {}
+    for layer in arch.layers:
+        match layer:
+            case Conv(name, i, o, k, stride, padding):
+                modules[name] = torch.nn.Conv2d(i, o, k, stride=stride, padding=padding)
+            case Pool(name, "max", size, stride):
+                modules[name] = torch.nn.MaxPool2d(size, stride)
+            case Pool(name, "avg", size, stride):
+                modules[name] = torch.nn.AvgPool2d(size, stride)
+            case BatchNorm(name, c, spatial, momentum, eps):
+                kind = torch.nn.BatchNorm2d if spatial else torch.nn.BatchNorm1d
+                modules[name] = kind(c, eps=eps, momentum=momentum)
+            case Dropout(name, p):
+                modules[name] = torch.nn.Dropout(p)
+            case Activation(name, fn):
+                modules[name] = _ACTIVATION_MODULES[fn]()
+            case Flatten(name):
+                modules[name] = torch.nn.Flatten()
+            case Linear(name, i, o):
+                modules[name] = torch.nn.Linear(i, o)
+    return torch.nn.Sequential(OrderedDict(modules))

@@ -14,7 +14,7 @@ import numpy as np
 from shared.batches import Batch
 from shared.config import Hyperparams
 from shared.errors import UsageError
-from shared.spec import Arch, Params
+from shared.spec import Arch, Params, split_params, tensor_dtype
 
 IMPLEMENTATIONS = ("numpy", "jax", "torch")
 State = tuple[Any, Any]  # (parameters, optimizer state), in the framework's own form
@@ -24,10 +24,12 @@ class Backend:
     """A network of `arch` in one framework, trained with `hyperparams`, in `dtype`.
 
     Each `impl_*/backend.py` subclasses it with its framework's part: its `model` and `optim`
-    modules, `_compile` (jax.jit, or nothing), the conversions `_array`, `_labels`, `_copy`, and
-    `train_step`. The rest, written once here, is the same for every framework: arrays go in and
-    come out as NumPy, parameters as the canonical dict, and training state stays in the
-    framework's own form between steps (no conversions in the hot path).
+    modules, `_compile` (jax.jit, or nothing), the conversions `_array`, `_exact`, `_tensor`,
+    and `train_step`. The rest, written once here, is the same for every framework: arrays go
+    in and come out as NumPy, tensors as the canonical dict (parameters and buffers), and
+    training state stays in the framework's own form between steps (no conversions in the hot
+    path). Dropout masks, where a method takes them, are NumPy bool arrays by layer name; with
+    `masks=None` the network runs in evaluation mode.
     """
 
     name: str
@@ -55,13 +57,13 @@ class Backend:
         """x in the framework, in the backend's dtype, sharing memory where it can."""
         raise NotImplementedError
 
-    def _labels(self, y: np.ndarray) -> Any:
-        """Integer labels y (N,) in the framework."""
+    def _exact(self, a: np.ndarray) -> Any:
+        """An integer or bool array (labels, dropout masks) in the framework, dtype kept."""
         raise NotImplementedError
 
-    def _copy(self, tensors: Params) -> dict[str, Any]:
-        """Canonical tensors as fresh framework tensors of the backend's dtype (a state's own,
-        which NumPy and PyTorch update in place)."""
+    def _tensor(self, value: np.ndarray, dtype: np.dtype) -> Any:
+        """A fresh framework tensor of `dtype` holding `value` (a state's own, which NumPy
+        and PyTorch update in place)."""
         raise NotImplementedError
 
     def train_step(self, state: Any, data: Any, batch: Batch, lr: float) -> tuple[Any, float, int]:
@@ -77,42 +79,77 @@ class Backend:
         (NumPy, PyTorch) or donated to the next step (JAX) after they are read."""
         return {k: np.asarray(v).copy() for k, v in tensors.items()}
 
+    def _copy(self, tensors: Params) -> dict[str, Any]:
+        """Canonical tensors as fresh framework tensors: floats in the backend's dtype, the
+        BatchNorm counters int64."""
+        return {k: self._tensor(v, tensor_dtype(k, self.dtype)) for k, v in tensors.items()}
+
+    def _masks(self, masks: dict[str, np.ndarray] | None) -> dict[str, Any] | None:
+        return None if masks is None else {k: self._exact(v) for k, v in masks.items()}
+
+    def _step_inputs(self, data: tuple[Any, Any], batch: Batch) -> tuple[Any, Any, dict]:
+        """The batch's rows of `data` (from `put_data`), unaugmented, and its dropout masks."""
+        idx = self._exact(batch.idx)
+        return data[0][idx], data[1][idx], self._masks(batch.masks)
+
+    def _update(self, params: dict, grads: dict, buffers: dict, opt_state: Any, lr: Any):
+        """The state after one step: trainable parameters moved by the optimizer, BatchNorm
+        buffers replaced by the pass's updated ones."""
+        trainable, _ = split_params(params, self.arch)
+        trainable, opt_state = self.optimizer.update(trainable, grads, opt_state, lr)
+        return {**params, **trainable, **buffers}, opt_state
+
     def init_state(self, params: Params, velocity: Params | None = None) -> State:
-        """Training state from canonical parameters and (optionally) momentum buffers:
-        (parameters, optimizer state) in the framework."""
+        """Training state from canonical tensors and (optionally) momentum buffers:
+        (tensors, optimizer state over the trainable parameters) in the framework."""
         params = self._copy(params)
         velocity = None if velocity is None else self._copy(velocity)
-        return params, self.optimizer.init(params, velocity)
+        return params, self.optimizer.init(split_params(params, self.arch)[0], velocity)
 
     def put_data(self, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
         """Images x (N, 1, 28, 28) and labels y (N,) moved into the framework once per run
         (in JAX onto the device: a step then transfers only its indices)."""
-        return self._array(x), self._labels(y)
+        return self._array(x), self._exact(y)
 
     def predict(self, state: State, x: np.ndarray) -> np.ndarray:
-        """Logits (B, 10) of the state's parameters for images x (B, 1, 28, 28)."""
+        """Logits (B, 10) of the state's tensors for images x (B, 1, 28, 28), in evaluation
+        mode."""
         return np.asarray(self._predict(state[0], self._array(x)))
 
     def params(self, state: State) -> Params:
-        """Canonical parameters of a state, as NumPy arrays."""
+        """Canonical tensors of a state (parameters and buffers), as NumPy arrays."""
         return self._numpy(state[0])
 
     def velocity(self, state: State) -> Params:
-        """Momentum buffers of a state, keyed like the parameters."""
+        """Momentum buffers of a state, keyed like the trainable parameters."""
         return self._numpy(self.optimizer.velocity(state[1]))
 
-    def activations(self, params: Params, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Every layer's output by layer name."""
-        return self._numpy(self._activations(self._copy(params), self._array(x)))
+    def activations(
+        self, params: Params, x: np.ndarray, masks: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Every layer's output by layer name; in training mode when given `masks`."""
+        return self._numpy(
+            self._activations(self._copy(params), self._array(x), masks=self._masks(masks))
+        )
 
-    def loss_and_grads(self, params: Params, x: np.ndarray, y: np.ndarray) -> tuple[float, Params]:
-        """Mean loss and the gradient of every canonical parameter."""
-        value, grads = self._loss_and_grads(self._copy(params), self._array(x), self._labels(y))
-        return float(value), self._numpy(grads)
+    def loss_and_grads(
+        self, params: Params, x: np.ndarray, y: np.ndarray, masks: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, Params]:
+        """Mean training-mode loss (a 0-d array of the dtype it was computed in) and the
+        gradient of every trainable parameter."""
+        value, grads = self._loss_and_grads(
+            self._copy(params), self._array(x), self._exact(y), masks=self._masks(masks)
+        )
+        return np.asarray(value), self._numpy(grads)
 
-    def input_grad(self, params: Params, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Gradient of the loss with respect to the images x."""
-        return np.asarray(self._input_grad(self._copy(params), self._array(x), self._labels(y)))
+    def input_grad(
+        self, params: Params, x: np.ndarray, y: np.ndarray, masks: dict[str, np.ndarray]
+    ) -> np.ndarray:
+        """Gradient of the training-mode loss with respect to the images x."""
+        dx = self._input_grad(
+            self._copy(params), self._array(x), self._exact(y), masks=self._masks(masks)
+        )
+        return np.asarray(dx)
 
 
 def make_backend(

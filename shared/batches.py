@@ -8,9 +8,11 @@ and augments its own copy of the data.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from shared.spec import Dropout
 
 
 def batch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -34,14 +36,16 @@ def batch_indices(
 class Batch:
     """One training step: the rows `idx` (B,) of the data and, when augmenting, where each
     output pixel comes from in the image padded by `pad` pixels of value `fill` on every side:
-    `rows` (B, H) and `cols` (B, W). Every implementation applies the same maps, so the
-    augmentation is identical."""
+    `rows` (B, H) and `cols` (B, W); and a keep-mask (B, *shape) of bools per dropout layer.
+    Every implementation applies the same maps and masks, so all three see the same images
+    and drop the same units."""
 
     idx: np.ndarray
     rows: np.ndarray | None = None
     cols: np.ndarray | None = None
     pad: int = 0
     fill: float = 0.0
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def augmentation_maps(
@@ -59,6 +63,15 @@ def augmentation_maps(
     return rows, cols
 
 
+def dropout_masks(
+    dropouts: tuple[Dropout, ...], batch_size: int, seed: int, epoch: int, step: int
+) -> dict[str, np.ndarray]:
+    """A keep-mask (batch_size, *layer.shape) per dropout layer, each unit kept with
+    probability 1 - p; drawn from (seed, epoch, step) alone, so any step can be redrawn."""
+    rng = np.random.default_rng([seed, epoch, 2, step])
+    return {d.name: rng.random((batch_size, *d.shape), np.float32) >= d.p for d in dropouts}
+
+
 def training_batches(
     n: int,
     batch_size: int,
@@ -70,16 +83,20 @@ def training_batches(
     shift: int = 0,
     shuffle: bool = True,
     image_size: tuple[int, int] = (28, 28),
+    dropouts: tuple[Dropout, ...] = (),
 ) -> Iterator[Batch]:
-    """The batches of one epoch, with their augmentation; all randomness from (seed, epoch).
-    Shifted images are padded with `fill`, the dataset's `background` (0 before normalising)."""
+    """The batches of one epoch, with their augmentation and the masks of `dropouts`; all
+    randomness from (seed, epoch). Shifted images are padded with `fill`, the dataset's
+    `background` (0 before normalising)."""
     rng = np.random.default_rng([seed, epoch, 1])
-    for idx in batch_indices(n, batch_size, seed=seed, epoch=epoch, shuffle=shuffle):
+    batches = batch_indices(n, batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
+    for step, idx in enumerate(batches):
+        masks = dropout_masks(dropouts, len(idx), seed, epoch, step)
         if flip or shift:
             rows, cols = augmentation_maps(rng, len(idx), *image_size, flip, shift)
-            yield Batch(idx, rows, cols, shift, fill)
+            yield Batch(idx, rows, cols, shift, fill, masks)
         else:
-            yield Batch(idx)
+            yield Batch(idx, masks=masks)
 
 
 def iterate_batches(

@@ -24,7 +24,7 @@ from shared.data import load_dataset
 from shared.errors import ThreefoldError, UsageError
 from shared.io import atomic_write, write_json
 from shared.outputs import prepare_out_dir
-from shared.spec import ARCHS, Arch, Conv, Linear, MaxPool, get_arch, init_params
+from shared.spec import IMAGE_SHAPE, Arch, Conv, Linear, get_arch, init_params, output_shape
 
 EPOCH_IMAGES = 50_000
 WARMUP_SECONDS = 2.0
@@ -37,19 +37,17 @@ def flops_per_image(arch: Arch) -> int:
     forward, parameter gradients, and input gradients for every layer but the first (nothing
     needs the gradient of the images). Element-wise work (ReLU, pooling, bias) is left out:
     it is memory traffic, not arithmetic that a matmul ceiling measures."""
-    total, shape = 0, (1, 28, 28)
+    total, shape = 0, IMAGE_SHAPE
     for depth, layer in enumerate(arch.layers):
+        out = output_shape(layer, shape)
         match layer:
-            case Conv(_, c, o, k, p):
-                h, w = shape[1] + 2 * p - k + 1, shape[2] + 2 * p - k + 1
-                macs = o * c * k * k * h * w
-                shape = (o, h, w)
+            case Conv(_, c, o, k, _, _):
+                macs = o * c * k * k * out[1] * out[2]
             case Linear(_, i, o):
-                macs, shape = i * o, (o,)
-            case MaxPool(_, size):
-                macs, shape = 0, (shape[0], shape[1] // size, shape[2] // size)
+                macs = i * o
             case _:
                 macs = 0
+        shape = out
         passes = 2 if depth == 0 else 3  # forward, dW, and dX unless first
         total += 2 * macs * passes
     return total
@@ -211,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=IMPLEMENTATIONS,
         help="implementation to time (repeatable; default: all three)",
     )
-    parser.add_argument("--arch", choices=list(ARCHS), default="lab")
+    parser.add_argument(
+        "--arch", default="lab", metavar="NETWORK", help="a preset, spec or file, as train.py's"
+    )
     parser.add_argument(
         "--batch-sizes",
         default="128",
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             # Interleaved, so that a slow spell of the machine hits every implementation alike.
             for r in range(args.repeats):
                 for impl in impls:
-                    runs[impl].append(run_worker(impl, args.arch, b, steps, args.timeout))
+                    runs[impl].append(run_worker(impl, arch.name, b, steps, args.timeout))
                     ips = runs[impl][-1]["images_per_s"]
                     print(
                         f"  batch {b:4} repeat {r + 1}: {impl:5} {ips:8,.0f} images/s", flush=True

@@ -1,8 +1,9 @@
-"""Checkpoints: the canonical parameters (and momentum buffers) in one .npz, with metadata.
+"""Checkpoints: the canonical tensors (and momentum buffers) in one .npz, with metadata.
 
-Layout: one array per canonical name (`conv.weight`, ...), `velocity/<name>` for the momentum
-buffers, and `meta`, a JSON string (architecture, epoch, implementation, metrics, ...).
-`np.load(path)["conv.weight"]` is all another tool needs to read the weights.
+Layout: one array per canonical name (`conv.weight`, `bn1.running_mean`, ...: a PyTorch
+state_dict's names and layouts), `velocity/<name>` for the momentum buffers, and `meta`, a
+JSON string (the network, epoch, implementation, metrics, ...). `np.load(path)["conv.weight"]`
+is all another tool needs to read the weights; `impl_torch.model.as_module` takes them all.
 
 A checkpoint to load is untrusted input: the loader reads the zip's directory, then each
 member's .npy header, and inflates no more bytes than the architecture's tensors take, so a
@@ -25,9 +26,17 @@ from typing import IO, Any
 
 import numpy as np
 
-from shared.errors import CheckpointError
+from shared.errors import CheckpointError, UsageError
 from shared.io import atomic_write
-from shared.spec import ARCHS, Arch, Params, param_shapes
+from shared.spec import (
+    MAX_PARAMETERS,
+    Arch,
+    Params,
+    get_arch,
+    is_counter,
+    param_shapes,
+    state_shapes,
+)
 
 _VELOCITY = "velocity/"
 _META = "meta"
@@ -41,15 +50,25 @@ _COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 _ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, zlib.error)
 
 
-def _largest_checkpoint() -> int:
-    """Bytes of the biggest checkpoint of any architecture (every tensor and its momentum
-    buffer in float64, the largest metadata, and room for the zip's records): zipfile keeps
-    the whole directory in memory, so a larger file is refused before it is opened."""
-    numel = max(sum(math.prod(s) for s in param_shapes(a).values()) for a in ARCHS.values())
-    return 2 * 8 * numel + _META_MAX_BYTES + 2**20
+# A checkpoint's zip directory has a few records per layer: a megabyte is far more than any
+# needs, and zipfile reads the whole directory into memory before anything else.
+_DIRECTORY_MAX_BYTES = 2**20
 
 
-_MAX_FILE_BYTES = _largest_checkpoint()
+def _checkpoint_bytes(parameters: int, buffers: int) -> int:
+    """Bytes of the biggest checkpoint of a network of this many parameters and buffer values
+    (each in float64, the parameters with their momentum buffers), the largest metadata, and
+    room for the zip's records."""
+    return 8 * (2 * parameters + buffers) + _META_MAX_BYTES + _DIRECTORY_MAX_BYTES
+
+
+def _numel(shapes: dict[str, tuple[int, ...]]) -> int:
+    return sum(math.prod(s) for s in shapes.values())
+
+
+# BatchNorm has as many buffer values (two per feature) as parameters, so buffers are bounded
+# by the parameters; the largest file any legal network can write is refused beyond.
+_MAX_FILE_BYTES = _checkpoint_bytes(MAX_PARAMETERS, MAX_PARAMETERS)
 
 
 @dataclass
@@ -94,23 +113,49 @@ def _read_file(file: IO[bytes], where: str, dtype: np.dtype | None) -> Checkpoin
     if size > _MAX_FILE_BYTES:
         raise CheckpointError(
             f"{where}: not a threefold checkpoint (.npz): {size} bytes, more than any "
-            f"architecture's ({_MAX_FILE_BYTES})"
+            f"network's ({_MAX_FILE_BYTES})"
+        )
+    directory = _directory_bytes(file)
+    if directory is not None and directory > _DIRECTORY_MAX_BYTES:
+        raise CheckpointError(
+            f"{where}: not a threefold checkpoint (.npz): its zip directory is {directory} "
+            f"bytes, more than any checkpoint's ({_DIRECTORY_MAX_BYTES})"
         )
     try:
         archive = zipfile.ZipFile(file)
     except _ZIP_ERRORS:
         raise CheckpointError(f"{where}: not a threefold checkpoint (.npz)") from None
     with archive:
-        return _read(archive, where, dtype)
+        return _read(archive, where, dtype, size)
 
 
-def _read(archive: zipfile.ZipFile, where: str, dtype: np.dtype | None) -> Checkpoint:
+def _directory_bytes(file: IO[bytes]) -> int | None:
+    """The size of the zip's central directory, from its end record (None if there is none,
+    which zipfile then reports)."""
+    end = file.seek(0, os.SEEK_END)
+    tail_size = min(end, 22 + 2**16)  # the end record: 22 bytes and a comment of < 64 KiB
+    file.seek(end - tail_size)
+    tail = file.read(tail_size)
+    file.seek(0)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < 22:
+        return None
+    return int.from_bytes(tail[at + 12 : at + 16], "little")
+
+
+def _read(archive: zipfile.ZipFile, where: str, dtype: np.dtype | None, size: int) -> Checkpoint:
     """The checkpoint in an open zip: its directory, then `meta`, then each tensor."""
     members = _directory(archive, where)
     if _META + ".npy" not in members:
         raise CheckpointError(f"{where}: not a threefold checkpoint (.npz): no {_META}.npy")
     meta = _read_meta(archive, members.pop(_META + ".npy"), where)
-    arch = ARCHS[_check_meta(meta, where)]
+    arch = _check_meta(meta, where)
+    params = _numel(param_shapes(arch))
+    largest = _checkpoint_bytes(params, _numel(state_shapes(arch)) - params)
+    if size > largest:
+        raise CheckpointError(
+            f"{where}: {size} bytes, more than a checkpoint of its network can be ({largest})"
+        )
     tensors = {
         key: _read_tensor(archive, info, key, shape, arch.name, where, dtype)
         for key, (info, shape) in _tensor_members(members, arch, where).items()
@@ -141,8 +186,7 @@ def _tensor_members(
 ) -> dict[str, tuple[zipfile.ZipInfo, tuple[int, ...]]]:
     """Each tensor member with the shape `arch` gives it: every parameter, and either all
     momentum buffers or none; any other member is foreign."""
-    shapes = param_shapes(arch)
-    expected = dict(shapes) | {_VELOCITY + n: s for n, s in shapes.items()}
+    expected = state_shapes(arch) | {_VELOCITY + n: s for n, s in param_shapes(arch).items()}
     for name in members:
         if not name.endswith(".npy") or name.removesuffix(".npy") not in expected:
             raise CheckpointError(
@@ -189,10 +233,14 @@ def _read_tensor(
     where: str,
     dtype: np.dtype | None,
 ) -> np.ndarray:
-    """A float tensor of exactly `shape`, finite, cast to `dtype` (if given) without overflow."""
+    """A float tensor of exactly `shape`, finite, cast to `dtype` (if given) without overflow;
+    or a BatchNorm counter, an int64 >= 0."""
+    counter = is_counter(key)
 
     def check(stored: np.dtype, stored_shape: tuple[int, ...]) -> None:
-        if stored.kind != "f" or stored.itemsize not in (4, 8):
+        if counter and (stored.kind != "i" or stored.itemsize != 8):
+            raise CheckpointError(f"{where}: tensor {key} has dtype {_cut(str(stored))}, not int64")
+        if not counter and (stored.kind != "f" or stored.itemsize not in (4, 8)):
             raise CheckpointError(
                 f"{where}: tensor {key} has dtype {_cut(str(stored))}, not float32 or float64"
             )
@@ -203,6 +251,10 @@ def _read_tensor(
             )
 
     value = _read_npy(archive, info, f"tensor {key}", where, check)
+    if counter:
+        if (value < 0).any():
+            raise CheckpointError(f"{where}: tensor {key} is negative")
+        return value.astype(np.int64)
     if not np.isfinite(value).all():
         raise CheckpointError(f"{where}: tensor {key} has NaN or inf values")
     if dtype is None:
@@ -272,8 +324,8 @@ def _header(head: bytes, label: str, where: str) -> tuple[np.dtype, tuple[int, .
     return dtype, shape, buffer.tell()
 
 
-def _check_meta(meta: Any, where: str) -> str:
-    """The architecture `meta` names, after refusing any field of the wrong type or shape."""
+def _check_meta(meta: Any, where: str) -> Arch:
+    """The network `meta` names, after refusing any field of the wrong type or shape."""
 
     def refuse(problem: str) -> CheckpointError:
         return CheckpointError(f"{where}: meta {problem}")
@@ -282,10 +334,13 @@ def _check_meta(meta: Any, where: str) -> str:
         raise refuse(f"is {_json_type(meta)}, not a JSON object")
     if "arch" not in meta:
         raise refuse("has no field arch")
-    arch = meta["arch"]
-    if not isinstance(arch, str) or arch not in ARCHS:
-        shown = _show(arch) if isinstance(arch, str) else _json_type(arch)
-        raise refuse(f"field arch is {shown}, not one of {', '.join(ARCHS)}")
+    if not isinstance(meta["arch"], str):
+        raise refuse(f"field arch is {_json_type(meta['arch'])}, not a network's name or spec")
+    try:
+        # Never a file: a checkpoint names its network by a preset or its canonical spec.
+        arch = get_arch(meta["arch"], where=f"{where}: meta field arch", files=False)
+    except UsageError as e:
+        raise CheckpointError(str(e)) from None
     for name, kind in (("impl", str), ("dataset", str), ("config", dict), ("data", dict)):
         if name in meta and not isinstance(meta[name], kind):
             raise refuse(f"field {name} is {_json_type(meta[name])}, not {_json_type(kind())}")

@@ -13,7 +13,7 @@ from shared.backend import IMPLEMENTATIONS
 from shared.config import DTYPES, MIN_WARMUP_STEPS, SCHEDULES, TrainConfig
 from shared.data import DATASETS
 from shared.errors import Interrupted, ThreefoldError, UsageError
-from shared.spec import ARCHS, IMAGE_SIZE, INITS
+from shared.spec import IMAGE_SIZE, INITS, presets
 
 
 def number(
@@ -61,9 +61,12 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
     parser.add_argument("--impl", choices=IMPLEMENTATIONS, default=d.impl)
     parser.add_argument(
         "--arch",
-        choices=list(ARCHS),
         default=d.arch,
-        help="; ".join(f"{a.name}: {a.description}" for a in ARCHS.values()),
+        metavar="NETWORK",
+        help="a preset ("
+        + "; ".join(f"{a.name}: {a.description}" for a in presets().values())
+        + "), a spec such as conv16-bn-relu-maxpool2-flatten-fc10, or a .json/.toml file "
+        "(grammar below)",
     )
     parser.add_argument(
         "--init",

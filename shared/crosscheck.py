@@ -14,17 +14,31 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from shared.backend import IMPLEMENTATIONS, Backend, make_backend, predict
-from shared.batches import iterate_batches, training_batches
+from shared.batches import dropout_masks, iterate_batches, training_batches
 from shared.checkpoint import load_checkpoint
 from shared.cli import positive_int, run_cli, seed_type
-from shared.config import DTYPES, TrainConfig, learning_rate
+from shared.config import DTYPES, SCHEDULES, TrainConfig, learning_rate
 from shared.data import FASHION_MNIST, Dataset, load_dataset
 from shared.errors import UsageError
 from shared.io import write_json
 from shared.outputs import check_out_file
-from shared.spec import ARCHS, Arch, Params, get_arch, init_params
+from shared.references import reference_checks, tolerance
+from shared.spec import (
+    Activation,
+    Arch,
+    BatchNorm,
+    Conv,
+    Linear,
+    Params,
+    Pool,
+    get_arch,
+    init_params,
+    param_shapes,
+    split_params,
+)
 
 # Relative error is max|a - b| / max|b|: the worst difference measured against the tensor's
 # own scale, so tiny entries of a large tensor do not dominate.
@@ -58,46 +72,130 @@ ALL_ON = replace(
 
 @dataclass(frozen=True)
 class CheckResult:
-    """One row of the cross-check: the worst difference of one tensor between a pair."""
+    """One row of the cross-check: the worst difference of one tensor between a pair, under
+    one setting (the hyperparameters or the planted batch the row ran with). `dtypes` is the
+    pair's dtype, or both when they differ; a row passes only within tolerance and with both
+    in `expected_dtype` (None: no dtype to check)."""
 
     dtype: str
     arch: str
+    setting: str
     check: str
     pair: str
     max_abs: float
     max_rel: float
     tolerance: float
+    dtypes: str = ""
+    expected_dtype: str | None = None
 
     @property
     def passed(self) -> bool:
-        return self.max_rel <= self.tolerance
+        dtype_ok = self.expected_dtype is None or self.dtypes == self.expected_dtype
+        return self.max_rel <= self.tolerance and dtype_ok
 
     def as_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
 
 
-def compare(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """(max |a - b|, max |a - b| / max |b|); shapes must match exactly."""
+def compare(a: np.ndarray, b: np.ndarray, scale: float = 0.0) -> tuple[float, float]:
+    """(max |a - b|, max |a - b| / max(|a|, |b|, scale)); shapes must match exactly.
+
+    `scale` is the size of the tensor's family (every gradient of the pass, say): a tensor
+    that is zero in exact arithmetic, such as the gradient of a conv bias that BatchNorm
+    follows (BatchNorm subtracts the mean the bias adds), is pure round-off in every
+    implementation, and is measured against its family rather than against itself."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape:
         return float("inf"), float("inf")
     if a.size == 0:
         return 0.0, 0.0
     diff = float(np.max(np.abs(a - b)))
-    scale = float(max(np.max(np.abs(a)), np.max(np.abs(b))))
+    scale = float(max(np.max(np.abs(a)), np.max(np.abs(b)), scale))
     if not np.isfinite(diff):
         return float("inf"), float("inf")
     return diff, (diff / scale if scale > 0 else 0.0)
 
 
-def sample_batches(data: Dataset | None, batch_size: int, steps: int, seed: int):
-    """`steps` training batches in epoch-1 order, or seeded random images when data is None.
+def _dtypes(a: np.ndarray, b: np.ndarray) -> str:
+    a, b = np.asarray(a).dtype, np.asarray(b).dtype
+    return str(a) if a == b else f"{a}/{b}"
 
-    Real images get a little fixed noise (std 0.01 of the normalised pixel scale): their uniform
-    backgrounds make exact ties inside max-pool windows, where the loss has a kink, the
-    gradient is not unique, and which tied element takes it depends on the last bit of
-    rounding in the conv, so no two implementations, nor finite differences, need agree there.
-    """
+
+@dataclass(frozen=True)
+class Setting:
+    """What a group of checks runs with: the training configuration, the lockstep's warm-up
+    steps, and how its batches are made (`planted_ties`: exact ReLU zeros and pooling ties;
+    `logit_scale`: logits that large)."""
+
+    name: str
+    config: TrainConfig
+    warmup_steps: int
+    planted_ties: bool = False
+    logit_scale: float | None = None
+    lockstep: bool = True  # also train in lockstep (else a single pass)
+
+
+def drawn_setting(seed: int, steps: int) -> Setting:
+    """Every hyperparameter at a seeded non-default value, so that a constant hard-coded in one
+    implementation (a momentum of 0.9, say) cannot pass."""
+    rng = np.random.default_rng([seed, 12])
+    config = replace(
+        ALL_ON,
+        lr=float(rng.uniform(0.005, 0.2)),
+        momentum=float(rng.uniform(0.5, 0.99)),
+        nesterov=bool(rng.integers(2)),
+        weight_decay=float(10 ** rng.uniform(-4, -2)),
+        label_smoothing=float(rng.uniform(0.02, 0.3)),
+        schedule=str(rng.choice(SCHEDULES)),
+        shift=int(rng.integers(1, 4)),
+    )
+    warmup = int(rng.integers(1, max(2, steps // 2 + 1)))
+    name = (
+        f"drawn: lr {config.lr:.3g}, momentum {config.momentum:.3g}"
+        f"{' nesterov' if config.nesterov else ''}, wd {config.weight_decay:.2g}, smoothing "
+        f"{config.label_smoothing:.3g}, {config.schedule}, warm-up {warmup}/{steps}, "
+        f"shift {config.shift}"
+    )
+    return Setting(name, config, warmup)
+
+
+def settings(config: TrainConfig, steps: int, seed: int, arch: Arch) -> list[Setting]:
+    """The defaults with every technique on, drawn hyperparameters, huge logits and, where the
+    network keeps planted zeros exact (see `planted_ties`), exact ReLU zeros and pooling ties."""
+    base = Setting("defaults, all techniques on", config, steps // 4 if config.warmup != 0 else 0)
+    chosen = [
+        base,
+        drawn_setting(seed, steps),
+        replace(
+            base,
+            name=f"large logits (|logit| up to {LARGE_LOGIT:g})",
+            logit_scale=LARGE_LOGIT,
+            lockstep=False,
+        ),
+    ]
+    if keeps_zeros_exact(arch):
+        name = "planted ties: exact ReLU zeros and pooling ties"
+        chosen.append(replace(base, name=name, planted_ties=True, lockstep=False))
+    return chosen
+
+
+def keeps_zeros_exact(arch: Arch) -> bool:
+    """Whether a block of exact zeros stays exact zeros through the network (with zero biases):
+    BatchNorm subtracts a batch mean and sigmoid(0) is 1/2, after which equal values come from
+    sums in orders that differ by implementation, and ties are decided by round-off."""
+    return not any(
+        isinstance(layer, BatchNorm) or (isinstance(layer, Activation) and layer.fn == "sigmoid")
+        for layer in arch.layers
+    )
+
+
+# float32's exp overflows beyond 88.7: an unstabilised softmax gives an infinite loss here.
+LARGE_LOGIT = 95.0
+
+
+def sample_batches(data: Dataset | None, batch_size: int, steps: int, seed: int):
+    """`steps` training batches (x, y) in epoch-1 order, or seeded random images when data is
+    None; without their noise (`noisy_batches`)."""
     rng = np.random.default_rng(seed)
     if data is None:
         return [
@@ -110,7 +208,81 @@ def sample_batches(data: Dataset | None, batch_size: int, steps: int, seed: int)
     batches = itertools.islice(
         iterate_batches(data.train.x, data.train.y, batch_size, seed=seed, epoch=1), steps
     )
+    return list(batches)
+
+
+def noisy_batches(batches, seed: int):
+    """The batches with a little fixed noise (std 0.01 of the normalised pixel scale). Real
+    images' uniform backgrounds make exact ties inside max-pool windows and exact zeros at
+    ReLUs, where the loss has a kink; the noise keeps the ordinary checks off those kinks,
+    and the planted-ties setting puts them back on purpose."""
+    rng = np.random.default_rng([seed, 1])
     return [((x + rng.normal(scale=1e-2, size=x.shape)).astype(np.float32), y) for x, y in batches]
+
+
+# A float32 pass starts from a batch whose every ReLU input and every max-pool window's gap
+# between its two largest values is at least this share of the layer's scale away from a kink
+# (measured in float64): round-off (~1e-7 of the scale) then cannot decide a ReLU or a window's
+# maximum differently in two implementations, which would swap whole gradient terms.
+KINK_MARGIN = 1e-6
+
+
+def kink_margin(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> float:
+    """The smallest distance to a kink, relative to its layer's scale: of any ReLU's input
+    from 0, and of any max-pool window's largest value from its second largest."""
+    margins = [np.inf]
+    inputs = [x] + [acts[layer.name] for layer in arch.layers[:-1]]
+    for layer, before in zip(arch.layers, inputs, strict=True):
+        scale = float(np.abs(before).max()) or 1.0
+        if isinstance(layer, Activation) and layer.fn == "relu":
+            margins.append(float(np.abs(before).min()) / scale)
+        if isinstance(layer, Pool) and layer.op == "max":
+            k, s = layer.size, layer.stride
+            windows = sliding_window_view(before, (k, k), axis=(2, 3))[:, :, ::s, ::s]
+            top2 = np.sort(windows.reshape(*windows.shape[:4], -1), axis=-1)[..., -2:]
+            margins.append(float((top2[..., 1] - top2[..., 0]).min()) / scale)
+    return min(margins)
+
+
+def away_from_kinks(backend64: Backend, arch: Arch, params: Params, x, masks, seed: int):
+    """x plus the first of a few seeded noises (std 0.01) that puts the float64 training pass
+    at least KINK_MARGIN from every kink; x with the last noise tried if none does."""
+    params64 = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in params.items()}
+    for attempt in range(20):
+        noise = np.random.default_rng([seed, 2, attempt]).normal(scale=1e-2, size=x.shape)
+        candidate = (x + noise).astype(x.dtype)
+        acts = backend64.activations(params64, candidate.astype(np.float64), masks)
+        if kink_margin(arch, acts, candidate) >= KINK_MARGIN:
+            break
+    return candidate
+
+
+def planted_ties(batches, params: Params, arch: Arch):
+    """Noisy batches with an exact-zero block in every image (and a quarter of the images all
+    zero) and every conv and linear bias zero: layer outputs there are exactly 0, so the ReLUs
+    sit at their kink and every pooling window there is a tie (the noise leaves no other tie).
+    Conventions all three follow: the ReLU's derivative at 0 is 0; the first maximum of a
+    window (row-major) takes its gradient."""
+    planted = []
+    for x, y in batches:
+        x = x.copy()
+        x[:, :, :12, :12] = 0.0
+        x[: len(x) // 4] = 0.0
+        planted.append((x, y))
+    biases = {f"{layer.name}.bias" for layer in arch.layers if isinstance(layer, Conv | Linear)}
+    return planted, {k: np.zeros_like(v) if k in biases else v for k, v in params.items()}
+
+
+def scaled_logits(params: Params, arch: Arch, backend: Backend, x, masks, scale: float) -> Params:
+    """The parameters with the last linear layer scaled so that the largest training-mode logit
+    is `scale` (logits are linear in that layer's weight and bias when it comes last)."""
+    last = arch.layers[-1]
+    if not isinstance(last, Linear):
+        return params
+    logits = backend.activations(params, x, masks)[last.name]
+    factor = scale / float(np.abs(logits).max())
+    names = (f"{last.name}.weight", f"{last.name}.bias")
+    return {k: (v * factor).astype(v.dtype) if k in names else v for k, v in params.items()}
 
 
 def _pairs(results: dict[str, object]) -> Iterator[tuple[str, object, object]]:
@@ -119,39 +291,64 @@ def _pairs(results: dict[str, object]) -> Iterator[tuple[str, object, object]]:
 
 
 def single_pass(
-    backends: dict[str, Backend], arch: Arch, params: Params, x: np.ndarray, y: np.ndarray
+    backends: dict[str, Backend],
+    arch: Arch,
+    params: Params,
+    x: np.ndarray,
+    y: np.ndarray,
+    masks: dict[str, np.ndarray],
 ) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
-    """(check, pair, a, b) for activations, loss, parameter and input gradients."""
-    acts = {name: b.activations(params, x) for name, b in backends.items()}
-    grads = {name: b.loss_and_grads(params, x, y) for name, b in backends.items()}
-    dx = {name: b.input_grad(params, x, y) for name, b in backends.items()}
-    for pair, a, b in _pairs(acts):
-        for layer in arch.layers:
-            label = "logits" if layer is arch.layers[-1] else f"activation {layer.name}"
-            yield label, pair, a[layer.name], b[layer.name]
+    """(check, pair, a, b) for every layer's output in evaluation and in training mode, the
+    loss, every parameter gradient, the input gradient, and each dropout layer's mask against
+    the shared one."""
+    evals = {name: b.activations(params, x) for name, b in backends.items()}
+    trains = {name: b.activations(params, x, masks) for name, b in backends.items()}
+    grads = {name: b.loss_and_grads(params, x, y, masks) for name, b in backends.items()}
+    dx = {name: b.input_grad(params, x, y, masks) for name, b in backends.items()}
+    for mode, acts in (("eval", evals), ("train", trains)):
+        for pair, a, b in _pairs(acts):
+            for layer in arch.layers:
+                label = "logits" if layer is arch.layers[-1] else f"activation {layer.name}"
+                yield f"{label} ({mode})", pair, a[layer.name], b[layer.name]
     for pair, (loss_a, grads_a), (loss_b, grads_b) in _pairs(grads):
-        yield "loss", pair, np.array(loss_a), np.array(loss_b)
-        for name in params:
-            yield f"grad {name}", pair, grads_a[name], grads_b[name]
+        yield "loss", pair, loss_a, loss_b
+        scale = _largest(grads_a.values())
+        for name in grads_a:
+            yield f"grad {name}", pair, grads_a[name], grads_b[name], scale
     for pair, a, b in _pairs(dx):
         yield "grad input", pair, a, b
+    inputs = dict(zip([layer.name for layer in arch.layers[1:]], arch.layers, strict=False))
+    for layer in arch.dropouts:
+        before = inputs.get(layer.name)
+        for name, acts in trains.items():
+            x_in = x if before is None else acts[before.name]
+            # Where the input is 0 the output is 0 either way: count those as the shared mask.
+            applied = (acts[layer.name] != 0) | ((x_in == 0) & masks[layer.name])
+            yield f"dropout mask {layer.name}", f"{name}-shared", applied, masks[layer.name]
 
 
 def lockstep(
-    backends: dict[str, Backend], params: Params, batches, config: TrainConfig, resync: bool
+    backends: dict[str, Backend],
+    arch: Arch,
+    params: Params,
+    batches,
+    setting: Setting,
+    resync: bool,
 ) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
-    """Run SGD from the same start on the same batches; compare losses, weights and buffers
-    after every step. With `resync`, each step starts every implementation from the first
-    one's weights and buffers, so a difference is that step's own.
+    """Run SGD from the same start on the same batches; compare losses, every tensor
+    (parameters and BatchNorm's running statistics) and the momentum buffers after every
+    step. With `resync`, each step starts every implementation from the first one's state, so
+    a difference is that step's own.
 
     Why float32 resyncs: a ReLU input within float32 round-off of zero (about 1e-6; one in the
     20 default steps on real data) is on for one implementation and off for another, which
     changes a whole row of fc1's gradient; carried forward, that one rounding decision would
     be all the comparison measures. float64 carries the runs through without it.
     """
+    config = setting.config
     steps, size = len(batches), len(batches[0][1])
     x, y = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
-    # The concatenated batches in order, augmented as training would augment them.
+    # The concatenated batches in order, augmented and masked as training would do it.
     plan = list(
         training_batches(
             len(y),
@@ -162,33 +359,37 @@ def lockstep(
             flip=config.flip,
             shift=config.shift,
             shuffle=False,
+            dropouts=arch.dropouts,
         )
     )
-    # Training's shape of schedule compressed into these steps: warm-up over the first quarter.
-    warmup_steps = steps // 4 if config.warmup != 0 else 0
     data = {name: backend.put_data(x, y) for name, backend in backends.items()}
     states = {name: backend.init_state(params) for name, backend in backends.items()}
-    runs: dict[str, list] = {name: [] for name in backends}  # (loss, params, velocity) a step
+    runs: dict[str, list] = {name: [] for name in backends}  # (loss, tensors, velocity) a step
     for step, batch in enumerate(plan):
-        lr = learning_rate(step, steps, config.lr, config.schedule, warmup_steps)
+        lr = learning_rate(step, steps, config.lr, config.schedule, setting.warmup_steps)
         for name, backend in backends.items():
             states[name], loss, _ = backend.train_step(states[name], data[name], batch, lr)
             runs[name].append((loss, backend.params(states[name]), backend.velocity(states[name])))
         if resync:
             _, p, v = runs[next(iter(backends))][-1]
             states = {name: backend.init_state(p, v) for name, backend in backends.items()}
+    trainable = param_shapes(arch)
     for pair, run_a, run_b in _pairs(runs):
         yield f"lockstep loss x{steps}", pair, _stacked(run_a, 0), _stacked(run_b, 0)
+        weights = _largest(_stacked(run_a, 1, name) for name in trainable)
+        velocities = _largest(_stacked(run_a, 2, name) for name in trainable)
         for name in params:
-            yield f"lockstep {name}", pair, _stacked(run_a, 1, name), _stacked(run_b, 1, name)
-            if not config.momentum:
+            a, b = _stacked(run_a, 1, name), _stacked(run_b, 1, name)
+            yield f"lockstep {name}", pair, a, b, weights if name in trainable else 0.0
+            if not config.momentum or name not in trainable:
                 continue  # without momentum there are no buffers: PyTorch keeps none
-            yield (
-                f"lockstep momentum {name}",
-                pair,
-                _stacked(run_a, 2, name),
-                _stacked(run_b, 2, name),
-            )
+            a, b = _stacked(run_a, 2, name), _stacked(run_b, 2, name)
+            yield f"lockstep momentum {name}", pair, a, b, velocities
+
+
+def _largest(tensors) -> float:
+    """The largest magnitude in any of the tensors: their family's scale for `compare`."""
+    return max((float(np.abs(t).max()) for t in tensors if np.size(t)), default=0.0)
 
 
 def _stacked(run: list, field: int, name: str | None = None) -> np.ndarray:
@@ -197,13 +398,21 @@ def _stacked(run: list, field: int, name: str | None = None) -> np.ndarray:
 
 
 def finite_difference_grads(
-    backend: Backend, params: Params, x: np.ndarray, y: np.ndarray, per_tensor: int, seed: int
+    backend: Backend,
+    arch: Arch,
+    params: Params,
+    x: np.ndarray,
+    y: np.ndarray,
+    masks: dict[str, np.ndarray],
+    per_tensor: int,
+    seed: int,
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """(tensor, analytic, numeric) on `per_tensor` random entries of every parameter and of x."""
+    """(tensor, analytic, numeric) on `per_tensor` random entries of every trainable parameter
+    and of x, in training mode."""
     rng = np.random.default_rng(seed)
-    _, grads = backend.loss_and_grads(params, x, y)
-    tensors = {**params, "input": x}
-    analytic_of = {**grads, "input": backend.input_grad(params, x, y)}
+    _, grads = backend.loss_and_grads(params, x, y, masks)
+    tensors = {**split_params(params, arch)[0], "input": x}
+    analytic_of = {**grads, "input": backend.input_grad(params, x, y, masks)}
     for name, tensor in tensors.items():
         picks = rng.choice(tensor.size, size=min(per_tensor, tensor.size), replace=False)
         numeric = []
@@ -213,7 +422,7 @@ def finite_difference_grads(
                 shifted = tensor.copy()
                 shifted.flat[flat] += sign * FD_STEP
                 p, xx = (params, shifted) if name == "input" else ({**params, name: shifted}, x)
-                losses.append(backend.loss_and_grads(p, xx, y)[0])
+                losses.append(float(backend.loss_and_grads(p, xx, y, masks)[0]))
             numeric.append((losses[0] - losses[1]) / (2 * FD_STEP))
         yield name, analytic_of[name].flat[picks], np.array(numeric)
 
@@ -229,54 +438,122 @@ def run_crosscheck(
     config: TrainConfig | None = None,
     impls: tuple[str, ...] = IMPLEMENTATIONS,
 ) -> list[CheckResult]:
-    """Every comparison for every architecture and dtype, by default with every training
-    technique on (Nesterov momentum, weight decay, warm-up and schedule, label smoothing, flips
-    and shifts)."""
+    """Every comparison for every architecture and dtype under every setting: by default every
+    training technique on (Nesterov momentum, weight decay, warm-up and schedule, label
+    smoothing, flips and shifts), then drawn hyperparameters, planted ties and huge logits;
+    and the shared code against the frameworks' own libraries."""
     config = config or ALL_ON
     batches = sample_batches(data, batch_size, steps, seed)
-    y = batches[0][1]
     results = []
     for dtype, arch in itertools.product(dtypes, archs):
-        backends = {impl: make_backend(impl, arch, dtype, config.hyperparams) for impl in impls}
         params = init_params(arch, config.init, seed, np.dtype(dtype))
-        xs = [(xb.astype(dtype), yb) for xb, yb in batches]
-        checks = [
-            ("pass", single_pass(backends, arch, params, xs[0][0], y)),
-            ("lockstep", lockstep(backends, params, xs, config, resync=dtype == "float32")),
-        ]
-        for kind, rows in checks:
-            for check, pair, a, b in rows:
-                results.append(
-                    CheckResult(
-                        dtype, arch.name, check, pair, *compare(a, b), TOLERANCES[(dtype, kind)]
+        masks = dropout_masks(arch.dropouts, batch_size, seed, 0, 0)
+        built: dict = {}  # backends by hyperparameters: JAX compiles each once
+        for setting in settings(config, steps, seed, arch):
+            xs, start = noisy_batches(batches, seed), params
+            if setting.planted_ties:
+                xs, start = planted_ties(xs, params, arch)
+            xs = [(xb.astype(dtype), yb) for xb, yb in xs]
+            hyperparams = setting.config.hyperparams
+            if hyperparams not in built:
+                built[hyperparams] = {
+                    impl: make_backend(impl, arch, dtype, hyperparams) for impl in impls
+                }
+            backends = built[hyperparams]
+            if setting.logit_scale is not None:
+                first = next(iter(backends.values()))
+                start = scaled_logits(start, arch, first, xs[0][0], masks, setting.logit_scale)
+            x0 = xs[0][0]
+            if not setting.planted_ties and dtype == "float32":
+                reference = make_backend("numpy", arch, np.float64)
+                x0 = away_from_kinks(reference, arch, start, batches[0][0], masks, seed)
+            checks = [("pass", single_pass(backends, arch, start, x0, xs[0][1], masks))]
+            if setting.lockstep:
+                resync = dtype == "float32"
+                checks.append(("lockstep", lockstep(backends, arch, start, xs, setting, resync)))
+            for kind, rows in checks:
+                for check, pair, a, b, *scale in rows:
+                    expected = None if pair.endswith("-shared") else _expected(check, dtype)
+                    results.append(
+                        CheckResult(
+                            dtype,
+                            arch.name,
+                            setting.name,
+                            check,
+                            pair,
+                            *compare(a, b, *scale),
+                            TOLERANCES[(dtype, kind)],
+                            _dtypes(a, b),
+                            expected,
+                        )
                     )
+        if dtype == "float64" and "numpy" in impls:
+            backend = make_backend("numpy", arch, dtype, config.hyperparams)
+            x, y = noisy_batches(batches[:1], seed)[0]
+            rows = list(
+                finite_difference_grads(
+                    backend, arch, params, x[:4].astype(dtype), y[:4], _head(masks, 4), 8, seed
                 )
-        if dtype == "float64" and "numpy" in backends:
-            for name, analytic, numeric in finite_difference_grads(
-                backends["numpy"], params, xs[0][0][:4], y[:4], per_tensor=8, seed=seed
-            ):
+            )
+            scale = _largest(analytic for name, analytic, _ in rows if name != "input")
+            for name, analytic, numeric in rows:
                 results.append(
                     CheckResult(
                         dtype,
                         arch.name,
+                        "defaults, all techniques on",
                         f"finite-diff {name}",
                         "numpy-fd",
-                        *compare(analytic, numeric),
+                        *compare(analytic, numeric, 0.0 if name == "input" else scale),
                         TOLERANCES[(dtype, "finite-diff")],
                     )
                 )
+    results += shared_code_checks(config, steps, seed)
     return results
 
 
+def _expected(check: str, dtype: str) -> str | None:
+    """The dtype a compared tensor must have in a run of `dtype` (None: a Python float, as
+    the training step reports its loss; the pass compares the loss's own dtype)."""
+    if check.startswith("lockstep loss"):
+        return None
+    return "int64" if check.endswith(".num_batches_tracked") else dtype
+
+
+def _head(masks: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    return {k: v[:n] for k, v in masks.items()}
+
+
+def shared_code_checks(config: TrainConfig, steps: int, seed: int) -> list[CheckResult]:
+    """The code all three share (schedule, loss, metrics) against the frameworks' libraries."""
+    return [
+        CheckResult(
+            "any",
+            "-",
+            "shared code vs libraries",
+            check,
+            pair,
+            *compare(ours, theirs),
+            tolerance(ours),
+            _dtypes(ours, theirs),
+        )
+        for check, pair, ours, theirs in reference_checks(config, steps, steps // 4, seed)
+    ]
+
+
 def format_table(results: list[CheckResult]) -> str:
-    """One line a comparison, grouped by dtype and architecture."""
-    header = f"{'check':<34} {'pair':<12} {'max abs':>10} {'max rel':>10} {'tol':>8}  result"
+    """One line a comparison, grouped by dtype, architecture and setting."""
+    header = (
+        f"{'check':<36} {'pair':<14} {'dtype':<9} {'max abs':>10} {'max rel':>10} {'tol':>8}"
+        "  result"
+    )
     lines = []
-    for (dtype, arch), group in itertools.groupby(results, key=lambda r: (r.dtype, r.arch)):
-        lines += ["", f"== {dtype} | arch {arch}", header]
+    key = lambda r: (r.dtype, r.arch, r.setting)  # noqa: E731
+    for (dtype, arch, setting), group in itertools.groupby(results, key=key):
+        lines += ["", f"== {dtype} | arch {arch} | {setting}", header]
         for r in group:
             lines.append(
-                f"{r.check:<34} {r.pair:<12} {r.max_abs:10.2e} {r.max_rel:10.2e} "
+                f"{r.check:<36} {r.pair:<14} {r.dtypes:<9} {r.max_abs:10.2e} {r.max_rel:10.2e} "
                 f"{r.tolerance:8.0e}  {'pass' if r.passed else 'FAIL'}"
             )
     return "\n".join(lines)
@@ -296,7 +573,17 @@ def checkpoint_agreement(
     results = []
     for pair, a, b in _pairs(logits):
         results.append(
-            CheckResult("float32", arch.name, "checkpoint logits", pair, *compare(a, b), tolerance)
+            CheckResult(
+                "float32",
+                arch.name,
+                "checkpoint",
+                "checkpoint logits",
+                pair,
+                *compare(a, b),
+                tolerance,
+                _dtypes(a, b),
+                "float32",
+            )
         )
         differ = a.argmax(axis=1) != b.argmax(axis=1)
         scale = max(np.abs(a).max(), np.abs(b).max())
@@ -309,6 +596,7 @@ def checkpoint_agreement(
             CheckResult(
                 "float32",
                 arch.name,
+                "checkpoint",
                 f"checkpoint argmax ({int(differ.sum())}/{len(a)} differ)",
                 pair,
                 float(unexplained),
@@ -328,8 +616,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--arch",
         action="append",
-        choices=list(ARCHS),
-        help="architecture to check (repeatable; default: lab and pool)",
+        metavar="NETWORK",
+        help="network to check: a preset, a spec or a .json/.toml file, as train.py --arch "
+        "(repeatable; default: lab and pool)",
     )
     parser.add_argument(
         "--dtype",
@@ -360,6 +649,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{len(data.train)} training images"
             )
         archs = [get_arch(a) for a in (args.arch or ["lab", "pool"])]
+        if args.batch_size < 2 and any(
+            isinstance(layer, BatchNorm) for a in archs for layer in a.layers
+        ):
+            raise UsageError("--batch-size 1: BatchNorm cannot take statistics of one image")
         results = run_crosscheck(
             archs,
             args.dtype or ["float64", "float32"],
@@ -370,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.checkpoint is not None:
             ckpt = load_checkpoint(args.checkpoint, dtype=np.float32)  # as checkpoint_agreement
-            arch = get_arch(ckpt.meta["arch"])
+            arch = get_arch(ckpt.meta["arch"], files=False)
             results += checkpoint_agreement(ckpt.params, arch, data.test.x)
         print(format_table(results))
         failed = [r for r in results if not r.passed]

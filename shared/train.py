@@ -44,7 +44,7 @@ from shared.outputs import (
     prepare_out_dir,
 )
 from shared.plots import plot_curves
-from shared.spec import get_arch, init_params
+from shared.spec import GRAMMAR, BatchNorm, get_arch, init_params
 
 
 class TrainingDiverged(ThreefoldError):
@@ -99,6 +99,13 @@ def train_split(config: TrainConfig, data: Dataset) -> Split:
         raise UsageError(
             f"--batch-size {config.batch_size} exceeds the {len(split)} training images"
         )
+    has_batch_norm = any(isinstance(layer, BatchNorm) for layer in get_arch(config.arch).layers)
+    if has_batch_norm and len(split) % config.batch_size == 1:
+        raise UsageError(
+            f"--batch-size {config.batch_size}: the last batch of each epoch would hold 1 of "
+            f"the {len(split)} images, and BatchNorm cannot take statistics of one image "
+            "(PyTorch refuses it too); choose another batch size or --limit"
+        )
     return split
 
 
@@ -123,6 +130,7 @@ def run_epoch(
         flip=config.flip,
         shift=config.shift,
         fill=fill,
+        dropouts=backend.arch.dropouts,
     )
     loss_sum, correct, seen = 0.0, 0, 0
     bar = tqdm(
@@ -377,6 +385,8 @@ def build_parser(defaults: TrainConfig) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py",
         description="Train the CNN on Fashion-MNIST with one of the three implementations.",
+        epilog="networks (--arch):\n" + GRAMMAR,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
     add_training_flags(parser, defaults)
@@ -432,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         ckpt = None
+        # The network by its canonical name: a run never needs a spec file again.
+        args.arch = get_arch(args.arch).name
         if args.resume is not None:
             elsewhere = args.out is not None and args.out.resolve() != args.resume.resolve()
             if elsewhere or args.overwrite:
@@ -461,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
             train_split(config, data)  # before any folder is made: --limit, --batch-size fit
             created = folder is None or not folder.exists()
             if folder is None:
-                folder = fresh_run_dir(Path("runs") / f"{config.impl}-{config.arch}")
+                label = get_arch(config.arch).label
+                folder = fresh_run_dir(Path("runs") / f"{config.impl}-{label}")
             else:
                 prepare_out_dir(folder)
             try:

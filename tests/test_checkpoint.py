@@ -21,7 +21,7 @@ import pytest
 
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.errors import CheckpointError
-from shared.spec import ARCHS, init_params
+from shared.spec import get_arch, init_params
 from tests.test_training import ROOT, run_script
 
 META = {
@@ -68,7 +68,7 @@ def checkpoint_members(
     arch: str = "noconv", meta: Any = None, velocity: bool = True, dtype=np.float32
 ) -> dict[str, bytes]:
     """The members of a valid checkpoint of `arch`, by name, for a test to edit."""
-    params = init_params(ARCHS[arch], "he", 0, dtype)
+    params = init_params(get_arch(arch), "he", 0, dtype)
     members = {"meta.npy": meta_npy({**META, "arch": arch} if meta is None else meta)}
     members |= {f"{name}.npy": npy(value) for name, value in params.items()}
     if velocity:
@@ -135,7 +135,7 @@ def test_a_valid_checkpoint_loads_writable_and_cast_on_request(tmp_path):
 
 
 def test_big_endian_tensors_load_in_native_order(tmp_path):
-    value = init_params(ARCHS["noconv"], "he", 0)["fc2.weight"]
+    value = init_params(get_arch("noconv"), "he", 0)["fc2.weight"]
     path = write_zip(
         tmp_path / "c.npz", with_member("fc2.weight.npy", npy(value.astype(">f4"))).items()
     )
@@ -329,7 +329,7 @@ def test_values_beyond_float32_are_refused_only_when_cast(tmp_path):
 
 
 def test_save_refuses_non_finite_tensors(tmp_path):
-    params = init_params(ARCHS["noconv"], "he", 0)
+    params = init_params(get_arch("noconv"), "he", 0)
     velocity = {k: v.copy() for k, v in params.items()}
     velocity["fc1.bias"][5] = np.nan
     with pytest.raises(CheckpointError, match=r"tensor velocity/fc1\.bias has NaN or inf values"):

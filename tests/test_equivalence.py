@@ -14,7 +14,7 @@ from shared.checkpoint import load_checkpoint
 from shared.config import Hyperparams, TrainConfig
 from shared.crosscheck import ALL_ON, checkpoint_agreement, compare, run_crosscheck
 from shared.data import load_dataset
-from shared.spec import ARCHS, init_params, param_shapes
+from shared.spec import PRESETS, get_arch, init_params, param_shapes, presets
 from shared.train import train
 from tests.conftest import to_native
 
@@ -130,9 +130,9 @@ def test_loss_agrees(seed, smoothing):
         assert_same(results[a][1], results[b][1], f"dlogits {a}-{b}")
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", list(PRESETS))
 def test_model_forward_and_gradients_agree(arch):
-    arch = ARCHS[arch]
+    arch = get_arch(arch)
     rng = np.random.default_rng(7)
     x, y = rng.standard_normal((9, 1, 28, 28)), rng.integers(0, 10, 9)
     params = init_params(arch, "torch", seed=3, dtype=np.float64)
@@ -162,17 +162,17 @@ def test_model_forward_and_gradients_agree(arch):
 def test_optimizer_steps_agree(steps, dtype, momentum, nesterov):
     config = replace(ALL_ON, momentum=momentum, nesterov=nesterov)
     results = run_crosscheck(
-        [ARCHS["pool"]], [dtype], None, steps=steps, batch_size=5, seed=steps, config=config
+        [get_arch("pool")], [dtype], None, steps=steps, batch_size=5, seed=steps, config=config
     )
     lockstep = [r for r in results if r.check.startswith("lockstep")]
     # A loss row, then every parameter and (with momentum) every momentum buffer.
     per_tensor = 2 if momentum else 1
-    assert len(lockstep) == len(PAIRS) * (1 + per_tensor * len(param_shapes(ARCHS["pool"])))
+    assert len(lockstep) == len(PAIRS) * (1 + per_tensor * len(param_shapes(get_arch("pool"))))
     assert [r for r in results if not r.passed] == []
 
 
 def test_lockstep_on_real_data_agrees(real_data):
-    results = run_crosscheck(list(ARCHS.values()), ["float64", "float32"], real_data, steps=20)
+    results = run_crosscheck(list(presets().values()), ["float64", "float32"], real_data, steps=20)
     assert [(r.dtype, r.arch, r.check, r.pair) for r in results if not r.passed] == []
     assert any(r.check.startswith("finite-diff") for r in results)
 
@@ -190,12 +190,12 @@ def test_checkpoint_interchange(tiny_data_dir, tmp_path, real_data):
         )
         ckpt = load_checkpoint(out / "checkpoint.npz")
         assert ckpt.meta["impl"] == impl
-        results = checkpoint_agreement(ckpt.params, ARCHS["pool"], real_data.test.x)
+        results = checkpoint_agreement(ckpt.params, get_arch("pool"), real_data.test.x)
         assert [r.check for r in results if not r.passed] == []
 
 
 def failing_checks(**kwargs) -> set[tuple[str, str]]:
-    results = run_crosscheck([ARCHS["lab"]], ["float64"], None, steps=2, batch_size=6, **kwargs)
+    results = run_crosscheck([get_arch("lab")], ["float64"], None, steps=2, batch_size=6, **kwargs)
     return {(r.check, r.pair) for r in results if not r.passed}
 
 

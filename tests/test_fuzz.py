@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from shared.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from shared.errors import CheckpointError, DataError
 from shared.idx import IMAGE_SHAPE, MAX_IDX_BYTES, IdxExpect, parse_idx, read_idx
-from shared.spec import ARCHS, init_params, param_shapes
+from shared.spec import get_arch, init_params, param_shapes
 from tests.conftest import idx_bytes
 from tests.test_checkpoint import checkpoint_members, meta_npy, npy_header, write_zip
 
@@ -110,7 +110,7 @@ def test_declared_sizes_fail_fast_in_bounded_memory(tmp_path, dims, extra, compr
 
 def checkpoint_bytes() -> bytes:
     buffer = io.BytesIO()
-    params = init_params(ARCHS["noconv"], "he", 0)
+    params = init_params(get_arch("noconv"), "he", 0)
     np.savez(buffer, **params, meta=np.array('{"arch": "noconv", "epoch": 1}'))
     return buffer.getvalue()
 
@@ -147,7 +147,7 @@ def test_damaged_checkpoints_fail_cleanly(tmp_path, edits, cut):
 
 
 def test_a_saved_checkpoint_survives_the_loader(tmp_path):
-    save_checkpoint(tmp_path / "c.npz", init_params(ARCHS["lab"], "he", 0), {"arch": "lab"})
+    save_checkpoint(tmp_path / "c.npz", init_params(get_arch("lab"), "he", 0), {"arch": "lab"})
     assert load_checkpoint(tmp_path / "c.npz").meta == {"arch": "lab"}
 
 
@@ -256,5 +256,5 @@ def test_npy_headers_claiming_any_size_fail_cleanly(
     path = write_zip(tmp_path / "c.npz", (MEMBERS | {member: content}).items())
     ckpt = load_cleanly(path)
     if ckpt is not None:
-        expected = param_shapes(ARCHS["noconv"])
+        expected = param_shapes(get_arch("noconv"))
         assert {k: v.shape for k, v in ckpt.params.items()} == expected

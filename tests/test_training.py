@@ -24,7 +24,7 @@ from shared.config import (
 )
 from shared.data import load_dataset
 from shared.errors import CheckpointError, UsageError
-from shared.spec import ARCHS, init_params
+from shared.spec import get_arch, init_params
 from shared.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +43,8 @@ def run_script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 def test_short_real_run_lowers_the_loss(real_data):
     # The defaults are made for 15 epochs: 157 steps want a gentler peak and no warm-up.
     config = TrainConfig(impl="numpy", epochs=2, limit=5000, lr=0.01, warmup=0, flip=False, shift=0)
-    backend = make_backend(config.impl, ARCHS[config.arch], config.dtype, config.hyperparams)
-    state = backend.init_state(init_params(ARCHS["lab"], "he", config.seed))
+    backend = make_backend(config.impl, get_arch(config.arch), config.dtype, config.hyperparams)
+    state = backend.init_state(init_params(get_arch("lab"), "he", config.seed))
     initial = metrics.cross_entropy(predict(backend, state, real_data.val.x), real_data.val.y)
     record = train(config, real_data, log=lambda _: None)
     history = record["history"]
@@ -93,8 +93,8 @@ def test_mirror_images_are_averaged_by_default_only_after_training_on_flips():
 def test_tta_averages_each_image_with_its_mirror_image(impl, tiny_data_dir):
     test = load_dataset(tiny_data_dir).test.x
     mirrored = np.ascontiguousarray(test[..., ::-1])
-    backend = make_backend(impl, ARCHS["lab"], np.float64)
-    state = backend.init_state(init_params(ARCHS["lab"], "he", 0, np.dtype(np.float64)))
+    backend = make_backend(impl, get_arch("lab"), np.float64)
+    state = backend.init_state(init_params(get_arch("lab"), "he", 0, np.dtype(np.float64)))
     plain = predict(backend, state, test, batch_size=7)
     tta = predict(backend, state, test, tta=True, batch_size=7)
     np.testing.assert_allclose(tta, (plain + predict(backend, state, mirrored)) / 2, rtol=1e-12)
@@ -176,7 +176,7 @@ def test_corrupt_data_is_a_one_line_error(tiny_data_dir, tmp_path):
 
 
 def test_checkpoint_round_trip_and_atomicity(tmp_path):
-    params = init_params(ARCHS["pool"], "he", 0)
+    params = init_params(get_arch("pool"), "he", 0)
     path = tmp_path / "c.npz"
     save_checkpoint(path, params, {"arch": "pool", "epoch": 3}, velocity=params)
     ckpt = load_checkpoint(path)
@@ -189,7 +189,7 @@ def test_checkpoint_round_trip_and_atomicity(tmp_path):
 
 
 def test_checkpoint_of_another_shape_names_the_tensor(tmp_path):
-    params = init_params(ARCHS["lab"], "he", 0)
+    params = init_params(get_arch("lab"), "he", 0)
     path = tmp_path / "c.npz"
     save_checkpoint(path, params, {"arch": "pool"})
     with pytest.raises(

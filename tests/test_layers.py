@@ -1,0 +1,400 @@
+"""The layers of all three implementations.
+
+Each hand-written NumPy backward against central finite differences (float64, random upstream
+gradients); every forward/backward pair (NumPy, JAX, PyTorch) against PyTorch's own ops as the
+oracle (F.conv2d, F.max_pool2d, F.avg_pool2d, nn.BatchNorm1d/2d, torch.tanh, ...); the
+vectorised NumPy conv and max-pool against plain loops; max-pool ties; dtypes kept.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import partial
+
+import jax
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from impl_numpy import layers
+from tests.conftest import to_native
+
+IMPLS = ("numpy", "jax", "torch")
+EPS = 1e-6
+F64_TOL = 1e-10
+
+
+def numeric_grad(f, x: np.ndarray, dout: np.ndarray) -> np.ndarray:
+    """d(sum(f(x) * dout))/dx by central differences, every entry."""
+    grad = np.zeros_like(x)
+    for i in range(x.size):
+        old = x.flat[i]
+        x.flat[i] = old + EPS
+        plus = np.sum(f(x) * dout)
+        x.flat[i] = old - EPS
+        minus = np.sum(f(x) * dout)
+        x.flat[i] = old
+        grad.flat[i] = (plus - minus) / (2 * EPS)
+    return grad
+
+
+def rel_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), np.max(np.abs(b)), 1e-12))
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, what: str, tol: float = F64_TOL):
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} vs {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} vs {expected.dtype}"
+    assert rel_error(actual, expected) <= tol, (
+        f"{what}: relative error {rel_error(actual, expected):.3g}"
+    )
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+# A case is (layer name, build): build(rng) -> (differentiated inputs, static arguments), so that
+# `X_forward(*inputs, *static)` is the call and X_backward returns one gradient per input.
+def _normal(rng, *shapes):
+    return [rng.standard_normal(s) for s in shapes]
+
+
+def conv(n, c, o, h, w, k, s, p):
+    def build(rng):
+        return _normal(rng, (n, c, h, w), (o, c, k, k), (o,)), (s, p)
+
+    return pytest.param("conv2d", build, id=f"conv-{n}x{c}x{h}x{w}-o{o}-k{k}-s{s}-p{p}")
+
+
+def pool(kind, h, w, size, stride):
+    def build(rng):
+        return _normal(rng, (2, 3, h, w)), (size, stride)
+
+    return pytest.param(f"{kind}_pool", build, id=f"{kind}-pool-{h}x{w}-k{size}-s{stride}")
+
+
+def batch_norm(shape, train):
+    c = shape[1]
+
+    def build(rng):
+        stats = (rng.standard_normal(c), rng.random(c) + 0.5)
+        return _normal(rng, shape, (c,), (c,)), (*stats, 0.1, 1e-5, train)
+
+    mode = "train" if train else "eval"
+    return pytest.param("batch_norm", build, id=f"bn-{'x'.join(map(str, shape))}-{mode}")
+
+
+def dropout(shape, p):
+    def build(rng):
+        return _normal(rng, shape), (rng.random(shape) >= p, p)
+
+    return pytest.param("dropout", build, id=f"dropout-p{p}")
+
+
+def plain(name, *shapes):
+    return pytest.param(name, lambda rng: (_normal(rng, *shapes), ()), id=name)
+
+
+CONV_CASES = [
+    conv(2, 1, 3, 5, 6, 3, 1, 1),
+    conv(3, 2, 4, 7, 5, 3, 1, 0),
+    conv(1, 3, 2, 6, 6, 5, 1, 2),
+    conv(2, 2, 3, 8, 7, 3, 2, 0),  # last row does not fit a window
+    conv(1, 2, 3, 9, 8, 5, 2, 2),
+    conv(2, 1, 2, 7, 8, 3, 3, 0),  # last row, last two columns dropped
+    conv(1, 2, 3, 9, 6, 3, 3, 1),
+    conv(2, 3, 2, 5, 7, 1, 2, 0),  # stride > kernel: every other row unused
+    conv(1, 2, 2, 6, 5, 1, 3, 1),
+]
+POOL_CASES = [
+    pool(kind, h, w, size, stride)
+    for kind in ("max", "avg")
+    for h, w, size, stride in [
+        (6, 6, 2, 2),
+        (7, 5, 2, 2),
+        (7, 6, 3, 2),  # overlapping windows
+        (5, 6, 3, 1),
+        (6, 5, 2, 1),
+        (8, 7, 2, 3),  # gaps between windows
+    ]
+]
+BN_CASES = [batch_norm(shape, train) for shape in [(6, 4), (3, 2, 4, 5)] for train in (True, False)]
+OTHER_CASES = [
+    dropout((4, 5), 0.5),
+    dropout((2, 3, 4, 4), 0.25),
+    plain("tanh", (3, 4, 5)),
+    plain("sigmoid", (3, 4, 5)),
+]
+# Layers whose NumPy backward has a finite-difference test of its own below.
+OLD_CASES = [
+    plain("relu", (3, 2, 4, 4)),
+    plain("flatten", (3, 2, 4, 5)),
+    plain("linear", (5, 7), (3, 7), (3,)),
+]
+CASES = CONV_CASES + POOL_CASES + BN_CASES + OTHER_CASES + OLD_CASES
+
+
+def numpy_forward(name: str, inputs, static) -> np.ndarray:
+    return getattr(layers, f"{name}_forward")(*inputs, *static)[0]
+
+
+@pytest.mark.parametrize(("name", "build"), CONV_CASES + POOL_CASES + BN_CASES + OTHER_CASES)
+def test_numpy_backward_matches_finite_differences(rng, name, build):
+    inputs, static = build(rng)
+    out, cache, *_ = getattr(layers, f"{name}_forward")(*inputs, *static)
+    dout = rng.standard_normal(out.shape)
+    grads = getattr(layers, f"{name}_backward")(dout, cache)
+    assert len(grads) == len(inputs)
+    for i, (x, grad) in enumerate(zip(inputs, grads, strict=True)):
+
+        def f(v, i=i):
+            return numpy_forward(name, [*inputs[:i], v, *inputs[i + 1 :]], static)
+
+        assert rel_error(grad, numeric_grad(f, x, dout)) < 1e-6, f"gradient of input {i}"
+
+
+def _native(impl: str, a):
+    return to_native(impl, a) if isinstance(a, np.ndarray) else a
+
+
+def run_pair(impl: str, name: str, inputs, static, dout, jit: bool = True):
+    """impl's X_forward and X_backward -> NumPy out, input gradients, returned running stats.
+
+    JAX runs under jax.jit by default, as in training: one compilation per case is much faster
+    than compiling each primitive of an op-by-op run.
+    """
+    mod = importlib.import_module(f"impl_{impl}.layers")
+    native = partial(_native, impl)
+    static = tuple(map(native, static))
+
+    def pair(inputs, dout):
+        out, cache, *stats = getattr(mod, f"{name}_forward")(*inputs, *static)
+        return out, getattr(mod, f"{name}_backward")(dout, cache), sum(stats, ())
+
+    if impl == "jax" and jit:
+        pair = jax.jit(pair)
+    out, grads, stats = pair([native(a) for a in inputs], native(dout))
+    return np.asarray(out), [np.asarray(g) for g in grads], [np.asarray(s) for s in stats]
+
+
+def torch_batch_norm(x, weight, bias, running_mean, running_var, momentum, eps, train):
+    """nn.BatchNorm1d/2d itself, called with these parameters and copies of the running stats."""
+    module = (torch.nn.BatchNorm1d if x.ndim == 2 else torch.nn.BatchNorm2d)(
+        len(weight), eps, momentum, dtype=x.dtype
+    )
+    module.train(train)
+    state = {"weight": weight, "bias": bias}
+    state |= {"running_mean": running_mean.clone(), "running_var": running_var.clone()}
+    return (
+        torch.func.functional_call(module, state, (x,)),
+        state["running_mean"],
+        state["running_var"],
+    )
+
+
+ORACLES = {
+    "conv2d": lambda x, w, b, s, p: F.conv2d(x, w, b, stride=s, padding=p),
+    "max_pool": F.max_pool2d,
+    "avg_pool": F.avg_pool2d,
+    "batch_norm": torch_batch_norm,
+    "dropout": lambda x, keep, p: torch.where(keep, x / (1 - p), 0.0),
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "relu": F.relu,
+    "flatten": partial(torch.flatten, start_dim=1),
+    "linear": F.linear,
+}
+
+
+def torch_oracle(name: str, inputs, static, dout):
+    """PyTorch's own op and autograd -> NumPy out, input gradients, running stats."""
+    leaves = [torch.tensor(a, requires_grad=True) for a in inputs]
+    result = ORACLES[name](*leaves, *(_native("torch", s) for s in static))
+    out, *stats = result if isinstance(result, tuple) else (result,)
+    grads = torch.autograd.grad(out, leaves, torch.from_numpy(dout))
+    return out.detach().numpy(), [g.numpy() for g in grads], [s.numpy() for s in stats]
+
+
+def check_against_torch(impl, name, inputs, static, rng, tol):
+    dout = rng.standard_normal(numpy_forward(name, inputs, static).shape).astype(inputs[0].dtype)
+    actual = run_pair(impl, name, inputs, static, dout)
+    expected = torch_oracle(name, inputs, static, dout)
+    for what, a, e in zip(("out", "grads", "running stats"), actual, expected, strict=True):
+        if what == "out":
+            assert_close(a, e, f"{impl} {name} out", tol)
+            continue
+        assert len(a) == len(e), f"{impl} {name}: {len(a)} {what}, expected {len(e)}"
+        for i, (ai, ei) in enumerate(zip(a, e, strict=True)):
+            assert_close(ai, ei, f"{impl} {name} {what}[{i}]", tol)
+    return actual
+
+
+@pytest.mark.parametrize(("name", "build"), CASES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_layer_matches_torch_float64(rng, impl, name, build):
+    inputs, static = build(rng)
+    check_against_torch(impl, name, inputs, static, rng, F64_TOL)
+
+
+def _first_of_each_layer(cases):
+    firsts = {}
+    for case in cases:
+        firsts.setdefault(case.values[0], case)
+    return list(firsts.values())
+
+
+def _float32(a):
+    return a.astype(np.float32) if isinstance(a, np.ndarray) and a.dtype == np.float64 else a
+
+
+@pytest.mark.parametrize(("name", "build"), _first_of_each_layer(CASES))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_layer_keeps_float32(rng, impl, name, build):
+    """Every output, gradient and running stat stays float32 (no silent upcast)."""
+    inputs, static = build(rng)
+    inputs, static = [_float32(a) for a in inputs], tuple(_float32(s) for s in static)
+    out, grads, stats = check_against_torch(impl, name, inputs, static, rng, 1e-5)
+    assert {a.dtype for a in (out, *grads, *stats)} == {np.dtype(np.float32)}
+
+
+def test_softmax_cross_entropy_keeps_float32():
+    loss, dlogits = layers.softmax_cross_entropy(np.ones((2, 10), np.float32), np.array([0, 1]))
+    assert loss.dtype == np.float32 and dlogits.dtype == np.float32
+
+
+def test_numpy_sigmoid_saturates_without_overflow():
+    x = np.array([-1000.0, -700.0, -50.0, -1e-9, 0.0, 30.0, 50.0, 1000.0])
+    with np.errstate(over="raise", invalid="raise"):
+        out, _ = layers.sigmoid_forward(x)
+    np.testing.assert_allclose(out, torch.sigmoid(torch.from_numpy(x)).numpy(), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dropout_zeroes_dropped_and_scales_kept(rng, impl):
+    x, p = rng.standard_normal((3, 4, 5)), 0.3
+    keep = rng.random(x.shape) >= p
+    out, (dx,), _ = run_pair(impl, "dropout", [x], (keep, p), np.ones_like(x))
+    assert np.all(out[~keep] == 0) and np.all(dx[~keep] == 0)
+    np.testing.assert_allclose(out[keep], x[keep] / (1 - p), rtol=1e-15)
+    np.testing.assert_allclose(dx[keep], 1 / (1 - p), rtol=1e-15)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_does_not_touch_its_inputs(rng, impl, train):
+    """F.batch_norm updates running stats in place, and torch.from_numpy shares memory."""
+    x, weight, bias = _normal(rng, (4, 3, 2, 2), (3,), (3,))
+    running_mean, running_var = np.zeros(3), np.ones(3)
+    run_pair(
+        impl, "batch_norm", [x, weight, bias], (running_mean, running_var, 0.1, 1e-5, train), x
+    )
+    np.testing.assert_array_equal(running_mean, np.zeros(3))
+    np.testing.assert_array_equal(running_var, np.ones(3))
+
+
+def loop_max_pool_grad(x, dout, size, stride):
+    """Plain loops: each window's gradient to its first maximum in row-major order."""
+    dx = np.zeros_like(x)
+    n, c, ho, wo = dout.shape
+    for i in range(n):
+        for ch in range(c):
+            for r in range(ho):
+                for s in range(wo):
+                    window = x[
+                        i, ch, r * stride : r * stride + size, s * stride : s * stride + size
+                    ]
+                    a, b = np.unravel_index(np.argmax(window), window.shape)  # first maximum
+                    dx[i, ch, r * stride + a, s * stride + b] += dout[i, ch, r, s]
+    return dx
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("size", "stride"), [(2, 2), (3, 1), (3, 2), (2, 3)])
+def test_max_pool_ties_go_to_the_first_maximum_in_all_three(size, stride, dtype):
+    rng = np.random.default_rng(10 * size + stride)
+    x = rng.integers(0, 3, (2, 3, 9, 8)).astype(dtype)  # values 0, 1, 2: ties everywhere
+    x[:, :, :5, :5] = 1.0  # constant windows, every entry tied
+    x[0, 0, 6:, 5:] = 0.0  # after a ReLU
+    out_shape = layers.max_pool_forward(x, size, stride)[0].shape
+    # Integer gradients: their sums over overlapping windows are exact in any order.
+    dout = rng.integers(1, 10, out_shape).astype(dtype)
+    expected = loop_max_pool_grad(x, dout, size, stride)
+    # JAX both compiled as a whole and op by op: XLA could choose differently.
+    for impl, jit in [("numpy", False), ("jax", True), ("jax", False), ("torch", False)]:
+        (dx,) = run_pair(impl, "max_pool", [x], (size, stride), dout, jit)[1]
+        np.testing.assert_array_equal(dx, expected, err_msg=f"{impl}, jit={jit}")
+
+
+def test_max_pool_routes_ties_to_the_first_maximum():
+    x = np.zeros((1, 1, 2, 4))
+    x[0, 0, 1, 3] = 1.0
+    out, cache = layers.max_pool_forward(x, 2, 2)
+    np.testing.assert_array_equal(out, [[[[0.0, 1.0]]]])
+    (dx,) = layers.max_pool_backward(np.array([[[[5.0, 7.0]]]]), cache)
+    np.testing.assert_array_equal(dx, [[[[5.0, 0, 0, 0], [0, 0, 0, 7.0]]]])
+
+
+def test_linear_backward_matches_finite_differences(rng):
+    x, w, b = rng.standard_normal((5, 7)), rng.standard_normal((3, 7)), rng.standard_normal(3)
+    out, cache = layers.linear_forward(x, w, b)
+    dout = rng.standard_normal(out.shape)
+    dx, dw, db = layers.linear_backward(dout, cache)
+    assert rel_error(dx, numeric_grad(lambda v: layers.linear_forward(v, w, b)[0], x, dout)) < 1e-6
+    assert rel_error(dw, numeric_grad(lambda v: layers.linear_forward(x, v, b)[0], w, dout)) < 1e-6
+    assert rel_error(db, numeric_grad(lambda v: layers.linear_forward(x, w, v)[0], b, dout)) < 1e-6
+
+
+def test_relu_backward_matches_finite_differences(rng):
+    # Keep entries away from the kink at 0, where no finite difference is meaningful.
+    x = rng.standard_normal((4, 3, 5, 5))
+    x[np.abs(x) < 1e-3] = 0.5
+    out, cache = layers.relu_forward(x)
+    dout = rng.standard_normal(out.shape)
+    (dx,) = layers.relu_backward(dout, cache)
+    assert rel_error(dx, numeric_grad(lambda v: layers.relu_forward(v)[0], x, dout)) < 1e-6
+
+
+def test_flatten_backward_matches_finite_differences(rng):
+    x = rng.standard_normal((3, 2, 4, 5))
+    out, cache = layers.flatten_forward(x)
+    dout = rng.standard_normal(out.shape)
+    (dx,) = layers.flatten_backward(dout, cache)
+    assert rel_error(dx, numeric_grad(lambda v: layers.flatten_forward(v)[0], x, dout)) < 1e-6
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_softmax_cross_entropy_gradient_matches_finite_differences(rng, smoothing):
+    logits, labels = rng.standard_normal((6, 10)) * 3, rng.integers(0, 10, 6)
+    _, dlogits = layers.softmax_cross_entropy(logits, labels, smoothing)
+    numeric = numeric_grad(
+        lambda v: layers.softmax_cross_entropy(v, labels, smoothing)[0], logits, np.array(1.0)
+    )
+    assert rel_error(dlogits, numeric) < 1e-6
+
+
+def loop_conv2d(x, w, b, stride, padding):
+    """The lab's way: a plain loop over images, filters and pixels. The test oracle."""
+    n, _, h, wd = x.shape
+    o, _, k, _ = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    ho, wo = (h + 2 * padding - k) // stride + 1, (wd + 2 * padding - k) // stride + 1
+    out = np.zeros((n, o, ho, wo))
+    for i in range(n):
+        for f in range(o):
+            for r in range(ho):
+                for s in range(wo):
+                    window = xp[i, :, r * stride : r * stride + k, s * stride : s * stride + k]
+                    out[i, f, r, s] = np.sum(window * w[f]) + b[f]
+    return out
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("padding", [0, 1, 2])
+def test_vectorised_conv_equals_loop_conv(rng, stride, padding):
+    x, w, b = _normal(rng, (3, 2, 9, 8), (4, 2, 3, 3), (4,))
+    out, _ = layers.conv2d_forward(x, w, b, stride, padding)
+    expected = loop_conv2d(x, w, b, stride, padding)
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
