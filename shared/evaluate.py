@@ -27,7 +27,7 @@ def evaluate_checkpoint(
     """Test loss, accuracy, confusion matrix and per-class accuracy of a checkpoint, computed
     by `impl` whatever implementation wrote it (with `tta`, averaged over each image and its
     mirror image); also the logits (N, 10)."""
-    backend = make_backend(impl, get_arch(ckpt.meta["arch"]))
+    backend = make_backend(impl, get_arch(ckpt.meta["arch"], files=False))
     logits = predict(backend, backend.init_state(ckpt.params), data.test.x, tta)
     cm = metrics.confusion_matrix(logits.argmax(axis=1), data.test.y, NUM_CLASSES)
     per_class = metrics.per_class_accuracy(cm)
