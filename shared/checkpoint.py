@@ -115,7 +115,7 @@ def _read_file(file: IO[bytes], where: str, dtype: np.dtype | None) -> Checkpoin
             f"{where}: not a threefold checkpoint (.npz): {size} bytes, more than any "
             f"network's ({_MAX_FILE_BYTES})"
         )
-    directory = _directory_bytes(file)
+    directory = _directory_bytes(file, where)
     if directory is not None and directory > _DIRECTORY_MAX_BYTES:
         raise CheckpointError(
             f"{where}: not a threefold checkpoint (.npz): its zip directory is {directory} "
@@ -129,9 +129,9 @@ def _read_file(file: IO[bytes], where: str, dtype: np.dtype | None) -> Checkpoin
         return _read(archive, where, dtype, size)
 
 
-def _directory_bytes(file: IO[bytes]) -> int | None:
+def _directory_bytes(file: IO[bytes], where: str) -> int | None:
     """The size of the zip's central directory, from its end record (None if there is none,
-    which zipfile then reports)."""
+    which zipfile then reports); a zip64 directory is refused."""
     end = file.seek(0, os.SEEK_END)
     tail_size = min(end, 22 + 2**16)  # the end record: 22 bytes and a comment of < 64 KiB
     file.seek(end - tail_size)
@@ -140,6 +140,10 @@ def _directory_bytes(file: IO[bytes]) -> int | None:
     at = tail.rfind(b"PK\x05\x06")
     if at < 0 or len(tail) - at < 22:
         return None
+    if tail[max(at - 20, 0) : max(at - 16, 0)] == b"PK\x06\x07":
+        # zipfile would take the directory's size from the zip64 record instead: a form only
+        # needed past 65,535 members or 4 GiB, which no checkpoint comes near.
+        raise CheckpointError(f"{where}: not a threefold checkpoint (.npz): a zip64 directory")
     return int.from_bytes(tail[at + 12 : at + 16], "little")
 
 

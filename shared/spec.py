@@ -33,6 +33,7 @@ NUM_CLASSES = 10
 # (1M values, 256 MB at batch 64 in float32).
 MAX_PARAMETERS = 25_000_000
 MAX_LAYER_OUTPUT = 1_000_000
+MAX_CONV_COLUMNS = 2_000_000  # a conv's unfolded input (C*k*k*H'*W') per example: 512 MB at 64
 MAX_LAYERS = 64
 MAX_SPEC_FILE_BYTES = 2**20
 MAX_SPEC_CHARS = 4096
@@ -172,6 +173,9 @@ def get_arch(text: str, where: str = "--arch", files: bool = True) -> Arch:
         entries = _tokens(text, where)
     layers = build_layers(entries, where)
     spec = "-".join(_token(layer) for layer in layers)
+    preset = next((name for name, (s, _) in PRESETS.items() if s == spec), None)
+    if preset is not None:  # a preset written out is that preset: one name per network
+        return get_arch(preset)
     return Arch(spec, spec, layers)
 
 
@@ -188,7 +192,7 @@ _TOKENS = {
     "conv": re.compile(rf"conv{_NUMBER}(?:k{_NUMBER})?(?:s{_NUMBER})?(?:p{_NUMBER})?"),
     "maxpool": re.compile(rf"maxpool{_NUMBER}(?:s{_NUMBER})?"),
     "avgpool": re.compile(rf"avgpool{_NUMBER}(?:s{_NUMBER})?"),
-    "dropout": re.compile(r"dropout(\d?\.\d{1,9}|0|1)"),
+    "dropout": re.compile(r"dropout(\d?\.\d+|0|1)"),
     "fc": re.compile(rf"fc{_NUMBER}"),
 }
 _OPTIONS = {  # the options of each kind, in the order of a token's numbers
@@ -279,9 +283,9 @@ def _file_entries(path: Path, where: str) -> list[Entry]:
         raise UsageError(f'{where}: expected {{"layers": [...]}} with at least one layer')
     entries = []
     for i, item in enumerate(layers):
-        if isinstance(item, str):
-            (entry,) = _tokens(item, f"{where} layers[{i}]")
-            entries.append((f"layers[{i}] {item!r}", entry[1], entry[2]))
+        if isinstance(item, str):  # one token or several: "conv16-bn-relu"
+            tokens = _tokens(item, f"{where} layers[{i}]")
+            entries += [(f"layers[{i}] {label}", kind, opts) for label, kind, opts in tokens]
         elif isinstance(item, dict):
             entries.append(_table_entry(item, f"layers[{i}]", where))
         else:
@@ -304,8 +308,12 @@ def _table_entry(table: dict, label: str, where: str) -> Entry:
             known = ", ".join(_OPTIONS[kind]) or "none"
             raise UsageError(f"{where}: {label} has no option {key!r} (options: {known})")
         wanted = (int, float) if key == "p" else (int,)
+        kind_of = "a number" if key == "p" else "an integer"
         if isinstance(value, bool) or not isinstance(value, wanted):
-            raise UsageError(f"{where}: {label} option {key} is {value!r:.40}, not a number")
+            raise UsageError(f"{where}: {label} option {key} is {value!r:.40}, not {kind_of}")
+        if key != "p" and not 0 <= value < 10**7:
+            # The compact grammar's bound (7 digits), so that the network has a canonical spec.
+            raise UsageError(f"{where}: {label} option {key} is {value}, not in [0, 10**7)")
         options[key] = value
     return label, kind, options
 
@@ -363,7 +371,12 @@ def _layer(kind: str, name: str, options: dict, shape: tuple[int, ...], fail) ->
             raise fail(f"padding {padding} is not smaller than the kernel {k}")
         if k > min(shape[1:]) + 2 * padding:
             raise fail(f"its {k}x{k} kernel is larger than its {_padded(shape, padding)} input")
-        return Conv(name, shape[0], channels, k, stride, padding)
+        conv = Conv(name, shape[0], channels, k, stride, padding)
+        columns = shape[0] * k * k * math.prod(output_shape(conv, shape)[1:])
+        if columns > MAX_CONV_COLUMNS:
+            # NumPy's im2col holds this many values per image.
+            raise fail(f"it unfolds each image into {columns} values, more than {MAX_CONV_COLUMNS}")
+        return conv
     if kind in ("maxpool", "avgpool"):
         size = options["size"]
         stride = options.get("stride", size)
@@ -441,7 +454,8 @@ def _token(layer: Layer) -> str:
         case BatchNorm():
             return "bn"
         case Dropout(_, p):
-            return f"dropout{p:g}"
+            # Every digit the float has, never an exponent: the spec must rebuild this p.
+            return "dropout" + np.format_float_positional(p, trim="-")
         case Activation(_, fn):
             return fn
         case Flatten():

@@ -335,6 +335,13 @@ def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConf
     if "history" not in ckpt.meta or "config" not in ckpt.meta or ckpt.velocity is None:
         raise CheckpointError(f"{path}: written without its run history; cannot resume")
     config = config_from_saved(ckpt.meta["config"], str(path))
+    if config.arch != ckpt.meta["arch"]:
+        # The tensors are the network of field arch (checked on loading); the configuration
+        # must name the same one, and never a file.
+        raise CheckpointError(
+            f"{path}: meta field config.arch {config.arch[:60]!r} is not the checkpoint's "
+            f"network {ckpt.meta['arch'][:60]!r}"
+        )
     trained_on = ckpt.meta.get("data")
     if not (
         isinstance(trained_on, dict)

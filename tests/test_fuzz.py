@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import math
 import os
 import tracemalloc
@@ -17,9 +18,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from shared.errors import CheckpointError, DataError
+from shared.errors import CheckpointError, DataError, UsageError
 from shared.idx import IMAGE_SHAPE, MAX_IDX_BYTES, IdxExpect, parse_idx, read_idx
-from shared.spec import get_arch, init_params, param_shapes
+from shared.spec import IMAGE_SHAPE as NETWORK_INPUT
+from shared.spec import (
+    MAX_LAYER_OUTPUT,
+    MAX_PARAMETERS,
+    PRESETS,
+    get_arch,
+    init_params,
+    output_shape,
+    param_shapes,
+)
 from tests.conftest import idx_bytes
 from tests.test_checkpoint import checkpoint_members, meta_npy, npy_header, write_zip
 
@@ -172,17 +182,19 @@ META_FIELDS = {
 }
 
 
+# The network of MEMBERS by name and by spec, other networks, files (never read), no network.
+META_ARCHS = ["noconv", "noconv", "flatten-fc128-relu-fc10", "lab", "flatten-fc64-relu-fc10"]
+META_ARCHS += ["conv4-bn-relu-flatten-fc10", "noconv.json", "/etc/passwd.toml", "vgg", "", None]
+
+
 @FUZZ
-@given(
-    st.fixed_dictionaries({}, optional=META_FIELDS),
-    st.sampled_from(["noconv", "noconv", "noconv", "lab", "vgg", None]) | JSON,
-)
+@given(st.fixed_dictionaries({}, optional=META_FIELDS), st.sampled_from(META_ARCHS) | JSON)
 def test_random_metadata_loads_or_fails_cleanly(tmp_path, fields, arch):
     meta = fields if arch is None else {"arch": arch, **fields}
     path = write_zip(tmp_path / "c.npz", (MEMBERS | {"meta.npy": meta_npy(meta)}).items())
     ckpt = load_cleanly(path)
     if ckpt is not None:
-        assert ckpt.meta["arch"] == "noconv"
+        assert get_arch(ckpt.meta["arch"], files=False).layers == get_arch("noconv").layers
         if "history" in ckpt.meta:
             assert len(ckpt.meta["history"]) == ckpt.meta["epoch"]
 
@@ -258,3 +270,136 @@ def test_npy_headers_claiming_any_size_fail_cleanly(
     if ckpt is not None:
         expected = param_shapes(get_arch("noconv"))
         assert {k: v.shape for k, v in ckpt.params.items()} == expected
+
+
+# --- network specs --------------------------------------------------------------------------
+
+SMALL = st.integers(0, 9) | st.sampled_from([14, 28, 29, 9999999])
+
+
+def option(letter: str) -> st.SearchStrategy[str]:
+    return st.just("") | SMALL.map(lambda n: f"{letter}{n}")
+
+
+CONV = st.builds(
+    lambda c, k, s, p: f"conv{c}{k}{s}{p}",
+    st.integers(0, 8) | st.sampled_from([2000, 9999999]),
+    option("k"),
+    option("s"),
+    option("p"),
+)
+POOL = st.builds(
+    lambda op, k, s: f"{op}pool{k}{s}", st.sampled_from(["max", "avg"]), SMALL, option("s")
+)
+FC = (st.integers(0, 40) | st.sampled_from([10, 10, 128, 100_000, 9999999])).map(lambda n: f"fc{n}")
+# Drop probabilities as a user writes them (the canonical form keeps 6 significant digits).
+DROPOUT = st.sampled_from(["0", "0.3", ".5", "0.25", "0.99", "1", "1.5", "0.001"]).map(
+    lambda p: f"dropout{p}"
+)
+PLAIN = st.sampled_from(["bn", "relu", "tanh", "sigmoid"])
+GARBAGE = st.sampled_from(["", "flatten", "conv", "fc", "bn2", "Relu", "pool2", "conv8k", "fc1 0"])
+SPATIAL = st.lists(CONV | POOL | PLAIN | DROPOUT, max_size=6)
+FLAT = st.lists(FC | PLAIN | DROPOUT, max_size=4)
+
+
+@st.composite
+def specs(draw) -> str:
+    """Mostly the shape of a network (spatial layers, flatten, flat layers, fc10), sometimes
+    with a part missing, a layer out of place or a token that is no layer."""
+    tokens = [*draw(SPATIAL), "flatten", *draw(FLAT), "fc10"]
+    for _ in range(draw(st.integers(0, 2))):
+        at = draw(st.integers(0, len(tokens)))
+        if draw(st.booleans()) and at < len(tokens):
+            del tokens[at]
+        else:
+            tokens.insert(at, draw(CONV | POOL | FC | GARBAGE | st.text(max_size=4)))
+    return "-".join(tokens)
+
+
+@FUZZ
+@given(specs() | st.text(max_size=40) | st.sampled_from(list(PRESETS)))
+def test_any_spec_builds_a_bounded_network_or_fails_in_one_line(text):
+    try:
+        arch = get_arch(text, files=False)
+    except UsageError as e:
+        assert one_line(e) and str(e).startswith("--arch: "), str(e)
+        return
+    # The canonical spec rebuilds the very network, and is its own canonical form.
+    again = get_arch(arch.spec, files=False)
+    assert again.layers == arch.layers and again.spec == arch.spec
+    assert arch.name == (text if text in PRESETS else arch.spec)
+    assert arch.label == text if text in PRESETS else arch.label == again.label
+    names = [layer.name for layer in arch.layers]
+    assert len(set(names)) == len(names)
+    shape = NETWORK_INPUT
+    for layer in arch.layers:
+        shape = output_shape(layer, shape)
+        assert math.prod(shape) <= MAX_LAYER_OUTPUT
+    assert shape == (10,)
+    assert sum(math.prod(s) for s in param_shapes(arch).values()) <= MAX_PARAMETERS
+
+
+# A spec file's entries: tokens (one layer each) or tables of any option, some of any JSON.
+TABLE = st.fixed_dictionaries(
+    {"type": st.sampled_from(["conv", "maxpool", "avgpool", "fc", "dropout", "bn", "relu"])},
+    optional={
+        key: st.integers(-1, 30) | st.floats(0, 1) | st.booleans() | JSON
+        for key in ("channels", "kernel", "stride", "padding", "size", "features", "p", "x")
+    },
+)
+# A string holding several layers ("conv4-relu") is left out: spec.py fails on it with a
+# ValueError (see test_spec.py, test_a_file_entry_of_several_layers_is_one_clear_line).
+ENTRY = (
+    CONV
+    | POOL
+    | FC
+    | PLAIN
+    | DROPOUT
+    | GARBAGE
+    | TABLE
+    | JSON.filter(lambda item: not (isinstance(item, str) and "-" in item))
+)
+
+
+@FUZZ
+@given(
+    st.lists(ENTRY, max_size=8).map(lambda layers: {"layers": [*layers, "flatten", "fc10"]})
+    | st.lists(ENTRY, max_size=8).map(lambda layers: {"layers": layers})
+    | JSON,
+    st.sampled_from(["json", "toml"]),
+)
+def test_any_spec_file_builds_a_network_or_fails_in_one_line(tmp_path, document, suffix):
+    path = tmp_path / f"net.{suffix}"
+    if suffix == "json":
+        path.write_text(json.dumps(document))
+    else:
+        path.write_text(toml_text(document))
+    try:
+        arch = get_arch(str(path))
+    except UsageError as e:
+        assert one_line(e) and str(e).startswith(f"--arch {path}"), str(e)
+    else:
+        shape = NETWORK_INPUT
+        for layer in arch.layers:
+            shape = output_shape(layer, shape)
+        assert shape == (10,) and get_arch(arch.spec, files=False).spec == arch.spec
+
+
+def toml_text(document) -> str:
+    """`document` as TOML where it can be (a table of layers), else some text TOML refuses or
+    reads as no network."""
+    if not isinstance(document, dict) or not isinstance(document.get("layers"), list):
+        return json.dumps(document)  # mostly not TOML at all
+
+    def value(item) -> str:
+        if isinstance(item, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(v)}" for k, v in item.items()) + "}"
+        if isinstance(item, list):
+            return "[" + ", ".join(value(v) for v in item) + "]"
+        if isinstance(item, bool):
+            return str(item).lower()
+        if item is None or (isinstance(item, float) and not math.isfinite(item)):
+            return '"null"'
+        return json.dumps(item)
+
+    return f"layers = {value(document['layers'])}\n"

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from shared.checkpoint import load_checkpoint
@@ -156,6 +157,39 @@ def test_a_checkpoint_records_its_data(finished_run, tiny_data_dir):
     data = load_checkpoint(finished_run / "checkpoint.npz").meta["data"]
     assert data["dataset"] == "fashion-mnist"
     assert data["folder"] == str(tiny_data_dir.resolve()) and len(data["sha256"]) == 64
+
+
+def rewind_to_epoch_1(path: Path, config_arch: str) -> None:
+    """Make the checkpoint at `path` (of a 2-epoch run) claim epoch 1, its run configured with
+    `config_arch` while its field arch still names the network of its tensors."""
+    arrays = dict(np.load(path))
+    meta = json.loads(str(arrays["meta"]))
+    meta |= {"epoch": 1, "history": meta["history"][:1]}
+    meta["config"]["arch"] = config_arch
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("config_arch", ["pool", "net.json"])
+def test_resume_builds_the_network_of_the_checkpoint_and_reads_no_file(
+    finished_run, tiny_data_dir, tmp_path, config_arch
+):
+    # A file the checkpoint names: another network, which a resume must never read or build.
+    (tmp_path / "net.json").write_text('{"layers": ["flatten", "fc64", "relu", "fc10"]}')
+    path = finished_run / "checkpoint.npz"
+    rewind_to_epoch_1(path, config_arch)
+    result = run_script(
+        "train.py", "--resume", str(finished_run), "--data-dir", str(tiny_data_dir), cwd=tmp_path
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    if result.returncode == 0:  # resumed as the network its tensors are
+        ckpt = load_checkpoint(path)
+        assert ckpt.meta["epoch"] == 2 and ckpt.meta["arch"] == "lab"
+        assert ckpt.meta["config"]["arch"] == "lab"
+    else:  # or refused, in one line naming the field
+        assert result.returncode == 1 and "config.arch" in result.stderr, result.stderr
+        assert result.stderr.strip().count("\n") == 0
+        assert load_checkpoint(path).meta["epoch"] == 1
 
 
 # --- signals --------------------------------------------------------------------------------
