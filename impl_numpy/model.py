@@ -141,7 +141,7 @@ def _loss_and_backward(
     for depth in reversed(range(len(arch.layers))):
         # The first layer's input is the image: its gradient is only computed on request.
         dout = _layer_backward(arch.layers[depth], dout, caches[depth], need_dx or depth > 0, grads)
-    # Gradients in the canonical order, as JAX and PyTorch give them.
+    # Gradients in the canonical order (the backward pass met them last layer first).
     grads = {name: grads[name] for name in params if name in grads}
     return loss, grads, dout, logits, buffers
 

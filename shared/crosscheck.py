@@ -227,21 +227,42 @@ def noisy_batches(batches, seed: int):
 KINK_MARGIN = 1e-6
 
 
-def kink_margin(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> float:
-    """The smallest distance to a kink, relative to its layer's scale: of any ReLU's input
-    from 0, and of any max-pool window's largest value from its second largest."""
-    margins = [np.inf]
+def _kinks(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> Iterator[tuple]:
+    """(kind, values, scale) for every kink of a pass: each ReLU's inputs, and each max-pool's
+    windows (N, C, H', W', k*k), with the scale of the layer's input."""
     inputs = [x] + [acts[layer.name] for layer in arch.layers[:-1]]
     for layer, before in zip(arch.layers, inputs, strict=True):
         scale = float(np.abs(before).max()) or 1.0
         if isinstance(layer, Activation) and layer.fn == "relu":
-            margins.append(float(np.abs(before).min()) / scale)
+            yield "relu", before, scale
         if isinstance(layer, Pool) and layer.op == "max":
             k, s = layer.size, layer.stride
             windows = sliding_window_view(before, (k, k), axis=(2, 3))[:, :, ::s, ::s]
-            top2 = np.sort(windows.reshape(*windows.shape[:4], -1), axis=-1)[..., -2:]
-            margins.append(float((top2[..., 1] - top2[..., 0]).min()) / scale)
+            yield "max", windows.reshape(*windows.shape[:4], -1), scale
+
+
+def kink_margin(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> float:
+    """The smallest distance to a kink, relative to its layer's scale: of any ReLU's input
+    from 0, and of any max-pool window's largest value from its second largest. Windows whose
+    maximum is an exact 0 are left out: after a ReLU those zeros take no gradient whichever
+    wins, and the ReLU's own margin covers them."""
+    margins = [np.inf]
+    for kind, values, scale in _kinks(arch, acts, x):
+        if kind == "relu":
+            margins.append(float(np.abs(values).min()) / scale)
+        else:
+            top2 = np.sort(values, axis=-1)[..., -2:]
+            gaps = np.where(top2[..., 1] == 0, np.inf, top2[..., 1] - top2[..., 0])
+            margins.append(float(gaps.min()) / scale)
     return min(margins)
+
+
+def kink_state(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> list[np.ndarray]:
+    """Which side of every kink a pass is on: each ReLU's input sign, each window's argmax."""
+    return [
+        values > 0 if kind == "relu" else values.argmax(axis=-1)
+        for kind, values, _ in _kinks(arch, acts, x)
+    ]
 
 
 def away_from_kinks(backend64: Backend, arch: Arch, params: Params, x, masks, seed: int):
@@ -408,23 +429,35 @@ def finite_difference_grads(
     seed: int,
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """(tensor, analytic, numeric) on `per_tensor` random entries of every trainable parameter
-    and of x, in training mode."""
+    and of x, in training mode. An entry whose step moves the pass across a kink (a ReLU's
+    sign, a max-pool window's argmax) is passed over for another: the loss has no derivative
+    there for a central difference to approximate."""
     rng = np.random.default_rng(seed)
     _, grads = backend.loss_and_grads(params, x, y, masks)
     tensors = {**split_params(params, arch)[0], "input": x}
     analytic_of = {**grads, "input": backend.input_grad(params, x, y, masks)}
+    side = kink_state(arch, backend.activations(params, x, masks), x)
     for name, tensor in tensors.items():
-        picks = rng.choice(tensor.size, size=min(per_tensor, tensor.size), replace=False)
-        numeric = []
-        for flat in picks:
+        picks, numeric = [], []
+        for flat in rng.permutation(tensor.size):
             losses = []
             for sign in (1, -1):
                 shifted = tensor.copy()
                 shifted.flat[flat] += sign * FD_STEP
                 p, xx = (params, shifted) if name == "input" else ({**params, name: shifted}, x)
+                if not _same_side(side, kink_state(arch, backend.activations(p, xx, masks), xx)):
+                    break
                 losses.append(float(backend.loss_and_grads(p, xx, y, masks)[0]))
-            numeric.append((losses[0] - losses[1]) / (2 * FD_STEP))
+            else:
+                picks.append(flat)
+                numeric.append((losses[0] - losses[1]) / (2 * FD_STEP))
+            if len(picks) == per_tensor:
+                break
         yield name, analytic_of[name].flat[picks], np.array(numeric)
+
+
+def _same_side(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    return all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
 
 
 def run_crosscheck(
