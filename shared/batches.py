@@ -68,6 +68,8 @@ def dropout_masks(
 ) -> dict[str, np.ndarray]:
     """A keep-mask (batch_size, *layer.shape) per dropout layer, each unit kept with
     probability 1 - p; drawn from (seed, epoch, step) alone, so any step can be redrawn."""
+    if not dropouts:
+        return {}
     rng = np.random.default_rng([seed, epoch, 2, step])
     return {d.name: rng.random((batch_size, *d.shape), np.float32) >= d.p for d in dropouts}
 
