@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.backend import IMPLEMENTATIONS, make_backend
-from shared.batches import Batch, batch_indices
+from shared.batches import training_batches
 from shared.cli import number, positive_float, positive_int, run_cli
 from shared.config import TrainConfig
 from shared.data import load_dataset
@@ -81,9 +81,13 @@ def measure(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
 
     def batches():
         for epoch in itertools.count():
-            for idx in batch_indices(len(data.train), batch_size, seed=0, epoch=epoch):
-                if len(idx) == batch_size:  # one shape only: a ragged batch would compile again
-                    yield Batch(idx)
+            n, fill = len(data.train), data.spec.background
+            dropouts = arch.dropouts  # their masks are drawn as in training, inside the timing
+            for batch in training_batches(
+                n, batch_size, seed=0, epoch=epoch, fill=fill, dropouts=dropouts
+            ):
+                if len(batch.idx) == batch_size:  # one shape: a ragged batch compiles again
+                    yield batch
 
     stream = batches()
 
