@@ -29,14 +29,12 @@ from shared.references import reference_checks, tolerance
 from shared.spec import (
     Activation,
     Arch,
-    BatchNorm,
     Conv,
     Linear,
     Params,
     Pool,
     get_arch,
     init_params,
-    param_shapes,
     split_params,
 )
 
@@ -159,10 +157,13 @@ def drawn_setting(seed: int, steps: int) -> Setting:
     return Setting(name, config, warmup)
 
 
+DEFAULTS = "defaults, all techniques on"
+
+
 def settings(config: TrainConfig, steps: int, seed: int, arch: Arch) -> list[Setting]:
     """The defaults with every technique on, drawn hyperparameters, huge logits and, where the
     network keeps planted zeros exact (see `planted_ties`), exact ReLU zeros and pooling ties."""
-    base = Setting("defaults, all techniques on", config, steps // 4 if config.warmup != 0 else 0)
+    base = Setting(DEFAULTS, config, steps // 4 if config.warmup != 0 else 0)
     chosen = [
         base,
         drawn_setting(seed, steps),
@@ -183,10 +184,8 @@ def keeps_zeros_exact(arch: Arch) -> bool:
     """Whether a block of exact zeros stays exact zeros through the network (with zero biases):
     BatchNorm subtracts a batch mean and sigmoid(0) is 1/2, after which equal values come from
     sums in orders that differ by implementation, and ties are decided by round-off."""
-    return not any(
-        isinstance(layer, BatchNorm) or (isinstance(layer, Activation) and layer.fn == "sigmoid")
-        for layer in arch.layers
-    )
+    sigmoid = any(isinstance(layer, Activation) and layer.fn == "sigmoid" for layer in arch.layers)
+    return not (arch.has_batch_norm or sigmoid)
 
 
 # float32's exp overflows beyond 88.7: an unstabilised softmax gives an infinite loss here.
@@ -394,7 +393,7 @@ def lockstep(
         if resync:
             _, p, v = runs[next(iter(backends))][-1]
             states = {name: backend.init_state(p, v) for name, backend in backends.items()}
-    trainable = param_shapes(arch)
+    trainable = arch.trainable
     for pair, run_a, run_b in _pairs(runs):
         yield f"lockstep loss x{steps}", pair, _stacked(run_a, 0), _stacked(run_b, 0)
         weights = _largest(_stacked(run_a, 1, name) for name in trainable)
@@ -477,13 +476,15 @@ def run_crosscheck(
     and the shared code against the frameworks' own libraries."""
     config = config or ALL_ON
     batches = sample_batches(data, batch_size, steps, seed)
+    noisy = noisy_batches(batches, seed)
     results = []
     for dtype, arch in itertools.product(dtypes, archs):
         params = init_params(arch, config.init, seed, np.dtype(dtype))
         masks = dropout_masks(arch.dropouts, batch_size, seed, 0, 0)
+        reference = make_backend("numpy", arch, np.float64)  # finds batches away from kinks
         built: dict = {}  # backends by hyperparameters: JAX compiles each once
         for setting in settings(config, steps, seed, arch):
-            xs, start = noisy_batches(batches, seed), params
+            xs, start = noisy, params
             if setting.planted_ties:
                 xs, start = planted_ties(xs, params, arch)
             xs = [(xb.astype(dtype), yb) for xb, yb in xs]
@@ -498,7 +499,6 @@ def run_crosscheck(
                 start = scaled_logits(start, arch, first, xs[0][0], masks, setting.logit_scale)
             x0 = xs[0][0]
             if not setting.planted_ties and dtype == "float32":
-                reference = make_backend("numpy", arch, np.float64)
                 x0 = away_from_kinks(reference, arch, start, batches[0][0], masks, seed)
             checks = [("pass", single_pass(backends, arch, start, x0, xs[0][1], masks))]
             if setting.lockstep:
@@ -522,7 +522,7 @@ def run_crosscheck(
                     )
         if dtype == "float64" and "numpy" in impls:
             backend = make_backend("numpy", arch, dtype, config.hyperparams)
-            x, y = noisy_batches(batches[:1], seed)[0]
+            x, y = noisy[0]
             rows = list(
                 finite_difference_grads(
                     backend, arch, params, x[:4].astype(dtype), y[:4], _head(masks, 4), 8, seed
@@ -534,7 +534,7 @@ def run_crosscheck(
                     CheckResult(
                         dtype,
                         arch.name,
-                        "defaults, all techniques on",
+                        DEFAULTS,
                         f"finite-diff {name}",
                         "numpy-fd",
                         *compare(analytic, numeric, 0.0 if name == "input" else scale),
@@ -682,9 +682,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{len(data.train)} training images"
             )
         archs = [get_arch(a) for a in (args.arch or ["lab", "pool"])]
-        if args.batch_size < 2 and any(
-            isinstance(layer, BatchNorm) for a in archs for layer in a.layers
-        ):
+        if args.batch_size < 2 and any(a.has_batch_norm for a in archs):
             raise UsageError("--batch-size 1: BatchNorm cannot take statistics of one image")
         results = run_crosscheck(
             archs,

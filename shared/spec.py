@@ -17,6 +17,7 @@ import math
 import re
 import tomllib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -129,11 +130,20 @@ class Arch:
     @property
     def spec(self) -> str:
         """The canonical compact spec (defaults left out)."""
-        return "-".join(_token(layer) for layer in self.layers)
+        return _spec(self.layers)
 
     @property
     def dropouts(self) -> tuple[Dropout, ...]:
         return tuple(layer for layer in self.layers if isinstance(layer, Dropout))
+
+    @property
+    def has_batch_norm(self) -> bool:
+        return any(isinstance(layer, BatchNorm) for layer in self.layers)
+
+    @cached_property
+    def trainable(self) -> frozenset[str]:
+        """The names of the trainable tensors; worked out once, as every step splits by it."""
+        return frozenset(param_shapes(self))
 
     @property
     def label(self) -> str:
@@ -172,7 +182,7 @@ def get_arch(text: str, where: str = "--arch", files: bool = True) -> Arch:
     else:
         entries = _tokens(text, where)
     layers = build_layers(entries, where)
-    spec = "-".join(_token(layer) for layer in layers)
+    spec = _spec(layers)
     preset = next((name for name, (s, _) in PRESETS.items() if s == spec), None)
     if preset is not None:  # a preset written out is that preset: one name per network
         return get_arch(preset)
@@ -326,12 +336,10 @@ def build_layers(entries: list[Entry], where: str) -> tuple[Layer, ...]:
     naming the entry for anything that cannot work."""
     if len(entries) > MAX_LAYERS:
         raise UsageError(f"{where}: {len(entries)} layers, more than {MAX_LAYERS}")
-    missing = [
-        (label, kind) for label, kind, opts in entries if _REQUIRED.get(kind, "") not in opts
-    ]
-    for label, kind in missing:
-        if kind in _REQUIRED:
-            raise UsageError(f"{where}: {label} needs its {_REQUIRED[kind]}")
+    for label, kind, options in entries:
+        required = _REQUIRED.get(kind)
+        if required is not None and required not in options:
+            raise UsageError(f"{where}: {label} needs its {required}")
     names = _names([kind for _, kind, _ in entries])
     shape, layers, parameters = IMAGE_SHAPE, [], 0
     for (label, kind, options), name in zip(entries, names, strict=True):
@@ -439,6 +447,10 @@ def _names(kinds: list[str]) -> list[str]:
     return names
 
 
+def _spec(layers: tuple[Layer, ...]) -> str:
+    return "-".join(_token(layer) for layer in layers)
+
+
 def _token(layer: Layer) -> str:
     """The canonical token of a layer: its defaults left out."""
     match layer:
@@ -510,9 +522,8 @@ def param_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
 
 def split_params(tensors: dict[str, Any], arch: Arch) -> tuple[dict[str, Any], dict[str, Any]]:
     """Canonical tensors -> (trainable parameters, buffers), each keeping the canonical order."""
-    trainable = param_shapes(arch)
-    params = {k: v for k, v in tensors.items() if k in trainable}
-    return params, {k: v for k, v in tensors.items() if k not in trainable}
+    params = {k: v for k, v in tensors.items() if k in arch.trainable}
+    return params, {k: v for k, v in tensors.items() if k not in arch.trainable}
 
 
 def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:

@@ -44,7 +44,7 @@ from shared.outputs import (
     prepare_out_dir,
 )
 from shared.plots import plot_curves
-from shared.spec import GRAMMAR, BatchNorm, get_arch, init_params
+from shared.spec import GRAMMAR, get_arch, init_params
 
 
 class TrainingDiverged(ThreefoldError):
@@ -99,8 +99,7 @@ def train_split(config: TrainConfig, data: Dataset) -> Split:
         raise UsageError(
             f"--batch-size {config.batch_size} exceeds the {len(split)} training images"
         )
-    has_batch_norm = any(isinstance(layer, BatchNorm) for layer in get_arch(config.arch).layers)
-    if has_batch_norm and len(split) % config.batch_size == 1:
+    if get_arch(config.arch).has_batch_norm and len(split) % config.batch_size == 1:
         raise UsageError(
             f"--batch-size {config.batch_size}: the last batch of each epoch would hold 1 of "
             f"the {len(split)} images, and BatchNorm cannot take statistics of one image "
