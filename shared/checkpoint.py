@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from tokenize import TokenError
 from typing import IO, Any
 
 import numpy as np
@@ -318,8 +319,9 @@ def _header(head: bytes, label: str, where: str) -> tuple[np.dtype, tuple[int, .
             shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(buffer)
         else:
             raise ValueError(f"version {version}")
-    except (ValueError, TypeError, SyntaxError, OverflowError, RecursionError):
-        # numpy's own messages would advise loading with allow_pickle.
+    except (ValueError, TypeError, SyntaxError, OverflowError, RecursionError, TokenError):
+        # numpy's own messages would advise loading with allow_pickle; its parser of old
+        # headers tokenizes them, and an unterminated bracket ends in a TokenError.
         raise CheckpointError(
             f"{where}: {label} has no .npy header of version 1.0 or 2.0"
         ) from None

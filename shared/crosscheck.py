@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from shared.io import write_json
 from shared.outputs import check_out_file
 from shared.references import reference_checks, tolerance
 from shared.spec import (
+    IMAGE_SHAPE,
     Activation,
     Arch,
     Conv,
@@ -35,6 +37,7 @@ from shared.spec import (
     Pool,
     get_arch,
     init_params,
+    output_shape,
     split_params,
 )
 
@@ -224,6 +227,29 @@ def noisy_batches(batches, seed: int):
 # (measured in float64): round-off (~1e-7 of the scale) then cannot decide a ReLU or a window's
 # maximum differently in two implementations, which would swap whole gradient terms.
 KINK_MARGIN = 1e-6
+# Among n kinks the nearest lies about 1/n of the scale away, so a batch of more than a few
+# hundred thousand cannot be found 1e-6 from all of them by chance: `strong` has 49,000 per
+# image, and at 32 images float32 rounding flips a unit and fails `grad input` at 3e-2.
+KINKS_PER_BATCH = 400_000
+
+
+def kinks_per_image(arch: Arch) -> int:
+    """How many kinks one image passes: every ReLU input and every max-pool window."""
+    shape, count = IMAGE_SHAPE, 0
+    for layer in arch.layers:
+        after = output_shape(layer, shape)
+        if isinstance(layer, Activation) and layer.fn == "relu":
+            count += math.prod(shape)
+        if isinstance(layer, Pool) and layer.op == "max":
+            count += math.prod(after)
+        shape = after
+    return count
+
+
+def batch_size_for(arch: Arch, largest: int = 32) -> int:
+    """The cross-check's batch for `arch`: `largest` images, fewer where the float32 pass could
+    not be put KINK_MARGIN away from every kink (at least 2, for BatchNorm)."""
+    return max(2, min(largest, KINKS_PER_BATCH // max(kinks_per_image(arch), 1)))
 
 
 def _kinks(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> Iterator[tuple]:
@@ -465,7 +491,7 @@ def run_crosscheck(
     data: Dataset | None,
     *,
     steps: int = 20,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     seed: int = 0,
     config: TrainConfig | None = None,
     impls: tuple[str, ...] = IMPLEMENTATIONS,
@@ -473,14 +499,16 @@ def run_crosscheck(
     """Every comparison for every architecture and dtype under every setting: by default every
     training technique on (Nesterov momentum, weight decay, warm-up and schedule, label
     smoothing, flips and shifts), then drawn hyperparameters, planted ties and huge logits;
-    and the shared code against the frameworks' own libraries."""
+    and the shared code against the frameworks' own libraries. Batches of `batch_size` images,
+    or by default `batch_size_for(arch)`."""
     config = config or ALL_ON
-    batches = sample_batches(data, batch_size, steps, seed)
-    noisy = noisy_batches(batches, seed)
     results = []
     for dtype, arch in itertools.product(dtypes, archs):
+        size = batch_size or batch_size_for(arch)  # batch_size_for: the same for both dtypes
+        batches = sample_batches(data, size, steps, seed)
+        noisy = noisy_batches(batches, seed)
         params = init_params(arch, config.init, seed, np.dtype(dtype))
-        masks = dropout_masks(arch.dropouts, batch_size, seed, 0, 0)
+        masks = dropout_masks(arch.dropouts, size, seed, 0, 0)
         reference = make_backend("numpy", arch, np.float64)  # finds batches away from kinks
         built: dict = {}  # backends by hyperparameters: JAX compiles each once
         for setting in settings(config, steps, seed, arch):
@@ -660,7 +688,13 @@ def main(argv: list[str] | None = None) -> int:
         help="precision to check (repeatable; default: float64 and float32)",
     )
     parser.add_argument("--steps", type=positive_int, default=20, help="SGD steps run in lockstep")
-    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="images per batch (default: 32, or fewer for a network with so many ReLU and "
+        "max-pool kinks that float32 could not be checked away from them: 8 for strong)",
+    )
     parser.add_argument("--seed", type=seed_type, default=0)
     parser.add_argument(
         "--checkpoint",
@@ -676,13 +710,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.json is not None:
             check_out_file(args.json, "--json")
         data = load_dataset(args.data_dir)
-        if args.steps * args.batch_size > len(data.train):
+        if args.steps * (args.batch_size or 32) > len(data.train):
             raise UsageError(
-                f"--steps {args.steps} x --batch-size {args.batch_size} exceeds the "
+                f"--steps {args.steps} x --batch-size {args.batch_size or 32} exceeds the "
                 f"{len(data.train)} training images"
             )
         archs = [get_arch(a) for a in (args.arch or ["lab", "pool"])]
-        if args.batch_size < 2 and any(a.has_batch_norm for a in archs):
+        if args.batch_size == 1 and any(a.has_batch_norm for a in archs):
             raise UsageError("--batch-size 1: BatchNorm cannot take statistics of one image")
         results = run_crosscheck(
             archs,

@@ -166,6 +166,11 @@ PRESETS = {
         "flatten-fc128-relu-fc10",
         "the lab's comparison without the conv: flatten 784 -> linear 128 -> ReLU -> linear 10",
     ),
+    "strong": (
+        "conv32-bn-relu-maxpool2-conv64-bn-relu-maxpool2-flatten-fc128-relu-dropout0.3-fc10",
+        "two conv blocks (conv 3x3, BatchNorm, ReLU, 2x2 max-pooling; 32 then 64 channels) -> "
+        "flatten 3136 -> linear 128 -> ReLU -> dropout 0.3 -> linear 10",
+    ),
 }
 
 

@@ -6,26 +6,29 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 
+from shared import experiments
 from shared.config import TrainConfig
 from shared.data import FASHION_MNIST, load_dataset
-from shared.experiments import AGREEMENT, recheck_in_float64, run_experiments
+from shared.errors import DataError
+from shared.experiments import AGREEMENT, RunStore, recheck_in_float64, run_experiments
 from shared.train import train
 from tests.test_training import run_script
 
 
-def test_experiments_write_every_table_and_plot(tiny_data_dir, tmp_path):
+def test_experiments_write_every_table_and_plot(tiny_data_dir, tmp_path, monkeypatch):
     data = load_dataset(tiny_data_dir)
     out = tmp_path / "docs"
-    results = run_experiments(
-        data,
-        out,
+    setup = dict(
         base=TrainConfig(epochs=2, batch_size=16),
         budgets=(1, 2),
         seeds=(0, 1),
         lab_batch=50,
+        short={"epochs": 1},
         progress=lambda _: None,
     )
+    results = run_experiments(data, out, **setup)
     report = (out / "EXPERIMENTS.md").read_text()
     for title in (
         "Initialisation",
@@ -33,14 +36,22 @@ def test_experiments_write_every_table_and_plot(tiny_data_dir, tmp_path):
         "Max-pooling",
         "Training setup",
         "Epochs",
+        "A stronger network",
+        "BatchNorm",
+        "Dropout",
+        "Activation",
         "Accuracy over seeds",
         "Agreement in training",
     ):
         assert f"## {title}" in report
-    for slug in ("initialisation", "convolution", "max-pooling", "training-setup", "epochs"):
+    slugs = ("initialisation", "convolution", "max-pooling", "training-setup", "epochs")
+    for slug in (*slugs, "a-stronger-network", "batchnorm", "dropout", "activation"):
         assert (out / "experiments" / f"{slug}.png").read_bytes()[:4] == b"\x89PNG"
     # Seeds: two for jax and torch, one for numpy; every accuracy a real fraction.
-    assert [len(v) for v in results["seeds"].values()] == [1, 2, 2, 1, 2, 2]
+    # Rows: lab, pool, strong, and strong on the short budget the BatchNorm, dropout and
+    # activation comparisons share.
+    assert [len(v) for v in results["seeds"].values()] == [1, 2, 2] * 4
+    assert list(results["seeds"])[-1] == ("strong, epochs 1", "torch")
     saved = json.loads((out / "experiments" / "results.json").read_text())
     by_impl = saved["comparisons"]["Epochs"]["1 epoch"]
     assert set(by_impl) == {"numpy", "jax", "torch"}
@@ -51,13 +62,47 @@ def test_experiments_write_every_table_and_plot(tiny_data_dir, tmp_path):
         f"{title} / {label}"
         for title, rows in saved["comparisons"].items()
         for label, row in rows.items()
-        if max(s["test_acc"] for s in row.values()) - min(s["test_acc"] for s in row.values())
+        if round(
+            max(s["test_acc"] for s in row.values()) - min(s["test_acc"] for s in row.values()), 9
+        )
         > AGREEMENT
     }
     assert set(saved["float64"]) == disagreeing
     for row, accs in saved["float64"].items():
         assert set(accs) == {"numpy", "jax", "torch"}
         assert f"- {row}: " in report and "trained again in float64" in report
+    # Every finished run is stored with its date: run again, nothing is trained and the
+    # report is the same.
+    stored = RunStore(out / "experiments" / "runs.json")
+    assert sum(saved["trained"].values()) == len(stored.runs)
+    summaries = [r["summary"] for r in stored.runs.values()]
+    for rows in saved["comparisons"].values():
+        assert all(s in summaries for row in rows.values() for s in row.values())
+    assert "## Provenance" in report
+
+    def no_training(*_, **__):
+        raise AssertionError("a stored run was trained again")
+
+    monkeypatch.setattr(experiments, "train", no_training)
+    assert run_experiments(data, out, **setup)["seeds"] == results["seeds"]
+    assert (out / "EXPERIMENTS.md").read_text() == report
+
+
+def test_a_damaged_run_store_is_refused_unless_fresh(tmp_path, tiny_data_dir):
+    store = tmp_path / "docs" / "experiments" / "runs.json"
+    store.parent.mkdir(parents=True)
+    for damaged in ('{"runs": [1, 2', '{"runs": [1, 2]}', '{"runs": {"k": 1}}'):
+        store.write_text(damaged)
+        with pytest.raises(DataError, match=r"runs.json: damaged.*--fresh"):
+            RunStore(store)
+    assert RunStore(store, fresh=True).runs == {}
+    out = store.parents[1]
+    result = run_script(
+        "experiments.py", "--quick", "--data-dir", str(tiny_data_dir), "--out", str(out)
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "runs.json: damaged" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (out / "EXPERIMENTS.md").exists()
 
 
 def test_rows_that_disagree_are_trained_again_in_float64(tiny_data_dir):

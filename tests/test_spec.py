@@ -42,7 +42,7 @@ from tests.test_training import run_script
 
 
 def test_the_presets_keep_the_lab_s_names_and_shapes():
-    assert list(presets()) == list(PRESETS) == ["lab", "pool", "noconv"]
+    assert list(presets()) == list(PRESETS) == ["lab", "pool", "noconv", "strong"]
     lab = get_arch("lab")
     assert lab.layers == (
         Conv("conv", 1, 8, 3, 1, 1),
@@ -69,9 +69,14 @@ def test_the_presets_keep_the_lab_s_names_and_shapes():
     noconv = get_arch("noconv")
     assert list(param_shapes(noconv)) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
     assert param_shapes(noconv)["fc1.weight"] == (128, 784)
+    strong = get_arch("strong")
+    assert param_shapes(strong)["fc1.weight"] == (128, 64 * 7 * 7)
+    assert [d.p for d in strong.dropouts] == [0.3] and strong.has_batch_norm
     for name, arch in presets().items():
         assert arch.name == arch.label == name and arch.description == PRESETS[name][1]
-        assert arch.spec == PRESETS[name][0] and state_shapes(arch) == param_shapes(arch)
+        assert arch.spec == PRESETS[name][0]
+        # The trainable tensors, plus BatchNorm's running statistics where it has any.
+        assert (state_shapes(arch) == param_shapes(arch)) != arch.has_batch_norm
 
 
 def test_a_preset_written_out_is_that_preset():
