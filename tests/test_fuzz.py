@@ -156,6 +156,14 @@ def test_damaged_checkpoints_fail_cleanly(tmp_path, edits, cut):
         assert set(ckpt.params) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
 
 
+def test_an_unterminated_npy_header_fails_cleanly(tmp_path):
+    # numpy tokenizes a header it cannot parse; an open bracket there raised TokenError.
+    at = CHECKPOINT.index(b"), }")
+    path = tmp_path / "c.npz"
+    path.write_bytes(CHECKPOINT[:at] + b"), (" + CHECKPOINT[at + 4 :])
+    assert load_cleanly(path) is None
+
+
 def test_a_saved_checkpoint_survives_the_loader(tmp_path):
     save_checkpoint(tmp_path / "c.npz", init_params(get_arch("lab"), "he", 0), {"arch": "lab"})
     assert load_checkpoint(tmp_path / "c.npz").meta == {"arch": "lab"}
