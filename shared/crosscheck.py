@@ -228,9 +228,10 @@ def noisy_batches(batches, seed: int):
 # maximum differently in two implementations, which would swap whole gradient terms.
 KINK_MARGIN = 1e-6
 # Among n kinks the nearest lies about 1/n of the scale away, so a batch of more than a few
-# hundred thousand cannot be found 1e-6 from all of them by chance: `strong` has 49,000 per
-# image, and at 32 images float32 rounding flips a unit and fails `grad input` at 3e-2.
+# hundred thousand cannot be found 1e-6 from all of them by chance: `strong` has 47,168 per
+# image, and at 32 images float32 rounding flips a unit and fails `grad input` at 2.9e-2.
 KINKS_PER_BATCH = 400_000
+BATCH_SIZE = 32  # the cross-check's batch for a network with few kinks
 
 
 def kinks_per_image(arch: Arch) -> int:
@@ -246,7 +247,7 @@ def kinks_per_image(arch: Arch) -> int:
     return count
 
 
-def batch_size_for(arch: Arch, largest: int = 32) -> int:
+def batch_size_for(arch: Arch, largest: int = BATCH_SIZE) -> int:
     """The cross-check's batch for `arch`: `largest` images, fewer where the float32 pass could
     not be put KINK_MARGIN away from every kink (at least 2, for BatchNorm)."""
     return max(2, min(largest, KINKS_PER_BATCH // max(kinks_per_image(arch), 1)))
@@ -710,9 +711,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.json is not None:
             check_out_file(args.json, "--json")
         data = load_dataset(args.data_dir)
-        if args.steps * (args.batch_size or 32) > len(data.train):
+        largest = args.batch_size or BATCH_SIZE
+        if args.steps * largest > len(data.train):
             raise UsageError(
-                f"--steps {args.steps} x --batch-size {args.batch_size or 32} exceeds the "
+                f"--steps {args.steps} x --batch-size {largest} exceeds the "
                 f"{len(data.train)} training images"
             )
         archs = [get_arch(a) for a in (args.arch or ["lab", "pool"])]

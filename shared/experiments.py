@@ -202,7 +202,7 @@ class RunStore:
         key = self.key(config)
         if key not in self.runs:
             record = train(config, data, log=lambda _: None)
-            self.runs[key] = {"summary": summary(record), "trained": provenance()}
+            self.runs[key] = {"summary": summary(record), "trained": checkout_label()}
             if self.path is not None:
                 write_json(self.path, {"runs": self.runs})
         return self.runs[key]["summary"]
@@ -212,7 +212,7 @@ class RunStore:
         return dict(collections.Counter(r["trained"] for r in self.runs.values()))
 
 
-def provenance() -> str:
+def checkout_label() -> str:
     """Today's date and the checkout's commit, as far as git can tell."""
     date = datetime.datetime.now(datetime.UTC).date().isoformat()
     try:
@@ -323,13 +323,15 @@ def run_experiments(
         "seeds": {f"{a}|{i}": v for (a, i), v in seeds_table.items()},
         "float64": {},
     }
-    # Written before the recheck too, so that stopping it loses no finished table.
-    for recheck in (False, True):
-        if recheck:
-            saved["float64"] = recheck_in_float64(data, saved, progress, store)
+
+    def save() -> None:
         saved["trained"] = store.provenance()
         write_json(figures / "results.json", saved)
         write_report(out, report_text(saved))
+
+    save()  # before the recheck too, so that stopping it loses no finished table
+    saved["float64"] = recheck_in_float64(data, saved, progress, store)
+    save()
     return {"tables": tables, "seeds": seeds_table}
 
 
