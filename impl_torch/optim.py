@@ -43,6 +43,9 @@ class SGD:
                 dampening=0.0,
                 nesterov=self.nesterov,
                 maximize=False,
+                # One kernel per tensor instead of five passes over it: the element-wise
+                # update was a sixth of a lab-network step at batch 128.
+                fused=True,
             )
         return params, state
 
