@@ -151,6 +151,28 @@ def run_epoch(
     return state, loss_sum / seen, correct / seen
 
 
+def compile_steps(
+    backend: Backend, state: Any, data: Any, n: int, config: TrainConfig, fill: float
+) -> float:
+    """Seconds to compile a training step for each batch size of an epoch of n images (a full
+    batch, and the last one if smaller), on a copy of `state`."""
+    batches = list(
+        training_batches(
+            n,
+            config.batch_size,
+            seed=config.seed,
+            epoch=1,
+            flip=config.flip,
+            shift=config.shift,
+            fill=fill,
+            dropouts=backend.arch.dropouts,
+        )
+    )
+    start = time.perf_counter()
+    backend.compile_step(state, data, list({len(b.idx): b for b in batches}.values()))
+    return time.perf_counter() - start
+
+
 def _saved(out_dir: Path | None, last_epoch: int) -> str:
     if out_dir is None or last_epoch < 1:
         return "no epoch was completed, so nothing was saved"
@@ -213,13 +235,16 @@ def evaluate_epoch(
 
 def evaluate_test_set(backend: Backend, state: Any, data: Dataset, tta: bool) -> dict[str, Any]:
     """Loss, accuracy, confusion matrix and per-class accuracy on the test images."""
+    start = time.perf_counter()
     logits = predict(backend, state, data.test.x, tta)
+    seconds = time.perf_counter() - start
     cm = metrics.confusion_matrix(logits.argmax(axis=1), data.test.y, NUM_CLASSES)
     return {
         "loss": metrics.cross_entropy(logits, data.test.y),
         "acc": metrics.accuracy(logits, data.test.y),
         "confusion_matrix": cm.tolist(),
         "per_class_acc": metrics.per_class_accuracy(cm),
+        "seconds": seconds,
     }
 
 
@@ -250,6 +275,11 @@ def train(
         record["history"] = resume.meta["history"]
     train_data = backend.put_data(split.x, split.y)
     done = len(record["history"])
+    if done < config.epochs:
+        # Compiled before the first epoch's clock starts: an epoch's time is its steps'.
+        record["compile_seconds"] = compile_steps(
+            backend, state, train_data, len(split), config, data.spec.background
+        )
     if out_dir is not None:
         identity = data_identity(data)
         remove_stale_temporaries(out_dir)
