@@ -7,6 +7,7 @@ and augments its own copy of the data.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -99,6 +100,19 @@ def training_batches(
             yield Batch(idx, rows, cols, shift, fill, masks)
         else:
             yield Batch(idx, masks=masks)
+
+
+def steady_batches(
+    n: int, batch_size: int, fill: float, dropouts: tuple[Dropout, ...], flip: bool
+) -> Iterator[Batch]:
+    """Training batches of n images, epoch after epoch, all of `batch_size` (a ragged last
+    batch would make JAX compile again), with dropout masks and flips drawn as in training."""
+    for epoch in itertools.count():
+        for batch in training_batches(
+            n, batch_size, seed=0, epoch=epoch, fill=fill, flip=flip, dropouts=dropouts
+        ):
+            if len(batch.idx) == batch_size:
+                yield batch
 
 
 def iterate_batches(

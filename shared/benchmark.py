@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from shared.backend import IMPLEMENTATIONS, make_backend
-from shared.batches import training_batches
+from shared.batches import steady_batches
 from shared.cli import number, positive_float, positive_int, run_cli
 from shared.config import TrainConfig
 from shared.data import load_dataset
 from shared.errors import ThreefoldError, UsageError
 from shared.io import atomic_write, write_json
+from shared.ladder import loop_epoch_seconds
 from shared.outputs import prepare_out_dir
 from shared.spec import IMAGE_SHAPE, Arch, Conv, Linear, get_arch, init_params, output_shape
 
@@ -79,17 +80,10 @@ def measure(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
     state = backend.init_state(init_params(arch, config.init, config.seed))
     train_data = backend.put_data(data.train.x, data.train.y)
 
-    def batches():
-        for epoch in itertools.count():
-            n, fill = len(data.train), data.spec.background
-            dropouts = arch.dropouts  # their masks are drawn as in training, inside the timing
-            for batch in training_batches(
-                n, batch_size, seed=0, epoch=epoch, fill=fill, dropouts=dropouts
-            ):
-                if len(batch.idx) == batch_size:  # one shape: a ragged batch compiles again
-                    yield batch
-
-    stream = batches()
+    # The step alone, without augmentation: what flips add is a data cost, which the profile
+    # shows apart (its "gather + augment").
+    images, fill = len(data.train), data.spec.background
+    stream = steady_batches(images, batch_size, fill, arch.dropouts, flip=False)
 
     def run(n: int) -> float:
         nonlocal state
@@ -113,19 +107,14 @@ def measure(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
     }
 
 
-def run_worker(impl: str, arch: str, batch_size: int, steps: int, timeout: float) -> dict:
-    """`measure` in a fresh process, so frameworks and memory do not mix; stopped after
-    `timeout` seconds, so no worker can hang the benchmark."""
-    command = [
-        sys.executable,
-        "-m",
-        "shared.benchmark",
-        "--worker",
-        impl,
-        arch,
-        str(batch_size),
-        str(steps),
-    ]
+def run_worker(
+    impl: str, arch: str, batch_size: int, steps: int, timeout: float, kind: str = "--worker"
+) -> dict:
+    """`measure` (or with kind "--profile-worker", `shared.profile.profile`) in a fresh
+    process, so frameworks and memory do not mix; stopped after `timeout` seconds, so no
+    worker can hang the benchmark."""
+    command = [sys.executable, "-m", "shared.benchmark", kind, impl, arch, str(batch_size)]
+    command.append(str(steps))
     try:
         done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -178,6 +167,53 @@ def markdown_table(rows: list[dict]) -> str:
             f"{r['peak_mb']:,.0f} | {r['gflops']:.1f} | {100 * r['ceiling_share']:.1f}% |"
         )
     return "\n".join(lines)
+
+
+def ladder_table(loops: dict, rows: list[dict]) -> str:
+    """The lab's loops (timed on a few images, extrapolated) beside the vectorised epochs of
+    `rows` at one batch size (128 if measured)."""
+    sizes = [r["batch_size"] for r in rows]
+    size = 128 if 128 in sizes else sizes[0]
+    lines = [
+        "| the lab network, one 50,000-image epoch | seconds | speed-up over the loops |",
+        "| --- | ---: | ---: |",
+        f"| the lab's loops (NumPy; {loops['images']} images timed, extrapolated) | "
+        f"{loops['epoch_seconds']:,.0f} | 1 |",
+    ]
+    for r in rows:
+        if r["batch_size"] == size:
+            lines.append(
+                f"| {r['impl']}, vectorised, batch {size} | {r['epoch_seconds']:.2f} | "
+                f"{loops['epoch_seconds'] / r['epoch_seconds']:,.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def run_profile(
+    impls: list[str], arch: str, sizes: list[int], steps: int, timeout: float, out: Path
+) -> int:
+    """--profile: each implementation's step by phase (and NumPy's by layer), as tables and a
+    chart in `out`."""
+    from shared import profile
+
+    rows = []
+    for b in sizes:
+        for impl in impls:
+            rows.append(run_worker(impl, arch, b, steps, timeout, kind="--profile-worker"))
+            print(f"  profiled {impl} at batch {b}", flush=True)
+    text = (
+        f"`--arch {arch}`, float32, training defaults (flips on), median of {steps} steps; "
+        "milliseconds per step.\n\n" + profile.markdown(rows)
+    )
+    for r in rows:
+        if r["layers"]:
+            text += f"\n\nNumPy by layer, batch {r['batch_size']}:\n\n" + profile.layer_markdown(r)
+    print("\n" + text)
+    atomic_write(out / "profile.md", lambda f: f.write((text + "\n").encode()))
+    write_json(out / "profile.json", {"arch": arch, "rows": rows})
+    profile.chart(rows, out / "profile.png")
+    print(f"\nwrote {out / 'profile.md'}, {out / 'profile.json'}, {out / 'profile.png'}")
+    return 0
 
 
 def bar_chart(rows: list[dict], path: Path) -> None:
@@ -238,7 +274,20 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         type=Path,
         default=Path("docs/benchmark"),
-        help="folder for benchmark.md, benchmark.json and benchmark.png",
+        help="folder for benchmark.md, benchmark.json and benchmark.png (profile.* with --profile)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead: break one step of each implementation into phases, and NumPy's into "
+        "layers (median of --steps steps, default 50), at each of --batch-sizes",
+    )
+    parser.add_argument(
+        "--ladder-images",
+        type=number(int, 0, below=EPOCH_IMAGES + 1),
+        default=200,
+        help="images to time the lab's loop implementation on, extrapolated to an epoch "
+        "(0: skip it)",
     )
     args = parser.parse_args(argv)
 
@@ -249,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--batch-sizes: {e}") from None
         arch = get_arch(args.arch)
         out = prepare_out_dir(args.out)
+        impls = args.impl or list(IMPLEMENTATIONS)
+        if args.profile:
+            return run_profile(impls, arch.name, sizes, args.steps or 50, args.timeout, out)
         ceiling = matmul_gflops()
         flops = flops_per_image(arch)
         print(
@@ -256,7 +308,6 @@ def main(argv: list[str] | None = None) -> int:
             f"work per image: {flops / 1e6:.2f} MFLOP (forward + backward)"
         )
         rows = []
-        impls = args.impl or list(IMPLEMENTATIONS)
         for b in sizes:
             steps = args.steps or EPOCH_IMAGES // b
             runs: dict[str, list[dict]] = {impl: [] for impl in impls}
@@ -271,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += [summarize(runs[impl]) for impl in impls]
         rows = add_derived(rows, flops, ceiling)
         table = markdown_table(rows)
+        if args.ladder_images:
+            table += "\n\n" + ladder_table(loop_epoch_seconds(args.ladder_images), rows)
         print("\n" + table)
         header = (
             f"`--arch {args.arch}`, float32, median of {args.repeats} interleaved repeats, each "
@@ -293,5 +346,10 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
         impl, arch, batch, steps = sys.argv[2:6]
         print(json.dumps(measure(impl, arch, int(batch), int(steps))))
+    elif sys.argv[1:2] == ["--profile-worker"]:
+        from shared.profile import profile
+
+        impl, arch, batch, steps = sys.argv[2:6]
+        print(json.dumps(profile(impl, arch, int(batch), int(steps))))
     else:
         sys.exit(main())

@@ -21,7 +21,7 @@ from shared.backend import IMPLEMENTATIONS, Backend, make_backend, predict
 from shared.batches import dropout_masks, iterate_batches, training_batches
 from shared.checkpoint import load_checkpoint
 from shared.cli import positive_int, run_cli, seed_type
-from shared.config import DTYPES, SCHEDULES, TrainConfig, learning_rate
+from shared.config import DTYPES, FAST_RECIPE, SCHEDULES, TrainConfig, learning_rate
 from shared.data import FASHION_MNIST, Dataset, load_dataset
 from shared.errors import UsageError
 from shared.io import write_json
@@ -167,8 +167,11 @@ def settings(config: TrainConfig, steps: int, seed: int, arch: Arch) -> list[Set
     """The defaults with every technique on, drawn hyperparameters, huge logits and, where the
     network keeps planted zeros exact (see `planted_ties`), exact ReLU zeros and pooling ties."""
     base = Setting(DEFAULTS, config, steps // 4 if config.warmup != 0 else 0)
+    fast = replace(TrainConfig(), **FAST_RECIPE)
     chosen = [
         base,
+        # The speedrun's techniques: the linear schedule after a warm-up, no flips.
+        Setting("the speedrun's fast recipe", fast, steps // 4),
         drawn_setting(seed, steps),
         replace(
             base,

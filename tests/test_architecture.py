@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = {"train", "evaluate", "crosscheck", "experiments", "benchmark"}
+COMMANDS = {"train", "evaluate", "crosscheck", "experiments", "benchmark", "speedrun"}
 PACKAGES = ("shared", "impl_numpy", "impl_jax", "impl_torch")
 
 

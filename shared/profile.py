@@ -1,0 +1,251 @@
+"""Where a training step's time goes, phase by phase, in each implementation (and layer by
+layer in NumPy): `python scripts/benchmark.py --profile`.
+
+Each phase runs on its own, the framework's way (compiled for JAX), on the batches training
+uses, and is timed to completion (JAX dispatches asynchronously, so its results are awaited).
+A JAX step compiles all phases into one program, which fuses across their borders: the step
+can take less than its phases' sum, and the difference is reported rather than hidden.
+"""
+
+from __future__ import annotations
+
+import importlib
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from shared.backend import Backend, make_backend
+from shared.batches import Batch, steady_batches
+from shared.config import TrainConfig
+from shared.spec import get_arch, init_params
+
+PHASES = (
+    "host to framework",
+    "gather + augment",
+    "forward",
+    "backward",
+    "optimizer update",
+    "framework to host",
+)
+
+
+def _clock(fn: Callable[[], Any], wait: Callable[[Any], Any]) -> tuple[float, Any]:
+    """Seconds until fn's result is computed (`wait` awaits JAX's), and the result."""
+    start = time.perf_counter()
+    out = wait(fn())
+    return time.perf_counter() - start, out
+
+
+def step_phases(backend: Backend, state: Any, data: Any, batch: Batch, lr: float) -> dict:
+    """Seconds of each phase of one step on `batch` (the state is updated, as training does)."""
+    params, opt_state = state
+    augment = importlib.import_module(f"impl_{backend.name}.augment").augment
+    compiled = _compiled(backend)
+    if backend.name == "jax":
+        import jax
+
+        clock = partial(_clock, wait=jax.block_until_ready)
+    else:
+        clock = partial(_clock, wait=lambda value: value)
+    seconds = {}
+    seconds["host to framework"], (idx, rows, cols, masks, rate) = clock(
+        lambda: (
+            backend._exact(batch.idx),
+            None if batch.rows is None else backend._exact(batch.rows),
+            None if batch.cols is None else backend._exact(batch.cols),
+            backend._masks(batch.masks),
+            np.asarray(lr, backend.dtype) if backend.name == "jax" else lr,
+        )
+    )
+    seconds["gather + augment"], (x, y) = clock(
+        lambda: compiled["inputs"](data, idx, rows, cols, augment, batch.pad, batch.fill)
+    )
+    seconds["forward"], _ = clock(lambda: backend._activations(params, x, masks=masks))
+    both, (loss, grads, logits, buffers) = clock(lambda: compiled["pass"](params, x, y, masks))
+    seconds["backward"] = max(both - seconds["forward"], 0.0)
+    seconds["optimizer update"], _ = clock(
+        lambda: compiled["update"](params, grads, buffers, opt_state, rate)
+    )
+    seconds["framework to host"], _ = clock(
+        lambda: (float(loss), int((np.asarray(logits).argmax(axis=1) == np.asarray(y)).sum()))
+    )
+    return seconds
+
+
+def _inputs(data, idx, rows, cols, augment, pad, fill):
+    x, y = data[0][idx], data[1][idx]
+    return (x if rows is None else augment(x, rows, cols, pad, fill)), y
+
+
+_CACHE: dict[int, dict] = {}
+
+
+def _compiled(backend: Backend) -> dict[str, Callable]:
+    """The phases as the backend runs them: jitted one by one in JAX, as they are elsewhere."""
+    if id(backend) not in _CACHE:
+        h = backend.hyperparams
+        training_pass = partial(
+            backend.model.training_pass, arch=backend.arch, label_smoothing=h.label_smoothing
+        )
+        if backend.name == "jax":
+            import jax
+
+            inputs = jax.jit(_inputs, static_argnums=(4, 5, 6))
+            _CACHE[id(backend)] = {
+                "inputs": inputs,
+                "pass": jax.jit(lambda p, x, y, m: training_pass(p, x, y, masks=m)),
+                "update": jax.jit(backend._update),
+            }
+        else:
+            _CACHE[id(backend)] = {
+                "inputs": _inputs,
+                "pass": lambda p, x, y, m: training_pass(p, x, y, masks=m),
+                "update": backend._update,
+            }
+    return _CACHE[id(backend)]
+
+
+def numpy_layer_seconds(backend: Backend, state: Any, data: Any, batch: Batch) -> dict:
+    """Seconds of each layer's forward and backward in one NumPy training pass, by timing the
+    model's own per-layer calls."""
+    from impl_numpy import model
+    from impl_numpy.augment import augment
+
+    seconds: dict[str, float] = {}
+
+    def timed(fn: Callable, direction: str) -> Callable:
+        def wrapper(layer, *args):
+            start = time.perf_counter()
+            out = fn(layer, *args)
+            key = f"{layer.name} {direction}"
+            seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+            return out
+
+        return wrapper
+
+    forward, backward = model._layer_forward, model._layer_backward
+    model._layer_forward, model._layer_backward = (
+        timed(forward, "forward"),
+        timed(backward, "backward"),
+    )
+    try:
+        x, y = _inputs(data, batch.idx, batch.rows, batch.cols, augment, batch.pad, batch.fill)
+        backend.model.training_pass(
+            state[0],
+            x.astype(backend.dtype),
+            y,
+            backend.arch,
+            batch.masks,
+            backend.hyperparams.label_smoothing,
+        )
+    finally:
+        model._layer_forward, model._layer_backward = forward, backward
+    return seconds
+
+
+def profile(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
+    """Median seconds per phase over `steps` steps, the median whole step as training runs
+    it, and (NumPy) per layer; this runs in a worker process of its own."""
+    from shared.data import load_dataset
+
+    config = TrainConfig(impl=impl, arch=arch_name)
+    arch = get_arch(arch_name)
+    data = load_dataset()
+    backend = make_backend(impl, arch, config.dtype, config.hyperparams)
+    state = backend.init_state(init_params(arch, config.init, config.seed))
+    train_data = backend.put_data(data.train.x, data.train.y)
+    n, fill = len(data.train), data.spec.background
+    stream = steady_batches(n, batch_size, fill, arch.dropouts, config.flip)
+    phases: dict[str, list[float]] = {p: [] for p in PHASES}
+    whole, layers = [], {}
+    for i in range(steps + 5):  # the first five compile and warm up
+        batch = next(stream)
+        seconds = step_phases(backend, state, train_data, batch, 0.01)
+        start = time.perf_counter()
+        state, _, _ = backend.train_step(state, train_data, batch, 0.01)
+        step = time.perf_counter() - start
+        by_layer = numpy_layer_seconds(backend, state, train_data, batch) if impl == "numpy" else {}
+        if i >= 5:
+            whole.append(step)
+            for p in PHASES:
+                phases[p].append(seconds[p])
+            for k, v in by_layer.items():
+                layers.setdefault(k, []).append(v)
+    return {
+        "impl": impl,
+        "batch_size": batch_size,
+        "steps": steps,
+        "phases": {p: statistics.median(v) for p, v in phases.items()},
+        "step": statistics.median(whole),
+        "layers": {k: statistics.median(v) for k, v in layers.items()},
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    """One table: milliseconds per phase for each implementation and batch size."""
+    head = "| impl | batch | " + " | ".join(PHASES) + " | sum of phases | whole step |"
+    lines = [head, "|" + " --- |" * 2 + " ---: |" * (len(PHASES) + 2)]
+    for r in rows:
+        ms = [1e3 * r["phases"][p] for p in PHASES]
+        cells = " | ".join(f"{v:.3f}" for v in ms)
+        lines.append(
+            f"| {r['impl']} | {r['batch_size']} | {cells} | {sum(ms):.3f} | {1e3 * r['step']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def layer_markdown(row: dict) -> str:
+    """NumPy's layers: milliseconds forward and backward, and share of the pass."""
+    total = sum(row["layers"].values())
+    names = list(dict.fromkeys(k.rsplit(" ", 1)[0] for k in row["layers"]))
+    lines = [
+        "| layer | forward ms | backward ms | share of the pass |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name in names:
+        f = row["layers"].get(f"{name} forward", 0.0)
+        b = row["layers"].get(f"{name} backward", 0.0)
+        lines.append(f"| {name} | {1e3 * f:.3f} | {1e3 * b:.3f} | {100 * (f + b) / total:.1f}% |")
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict], path) -> None:
+    """Stacked bars: a step's phases per implementation (and batch size), and beside them
+    NumPy's layers forward and backward."""
+    from shared.plots import plt, save_figure
+
+    numpy_rows = [r for r in rows if r["layers"]]
+    fig, axes = plt.subplots(1, 1 + bool(numpy_rows), figsize=(11 if numpy_rows else 6, 4))
+    ax = axes[0] if numpy_rows else axes
+    labels = [f"{r['impl']}\nbatch {r['batch_size']}" for r in rows]
+    bottom = np.zeros(len(rows))
+    for phase in PHASES:
+        ms = np.array([1e3 * r["phases"][phase] for r in rows])
+        ax.bar(labels, ms, bottom=bottom, label=phase)
+        bottom += ms
+    ax.scatter(
+        labels,
+        [1e3 * r["step"] for r in rows],
+        color="black",
+        marker="_",
+        s=400,
+        label="whole step",
+        zorder=3,
+    )
+    ax.set(ylabel="milliseconds per step", title="one training step, by phase")
+    ax.legend(fontsize=7)
+    if numpy_rows:
+        r = numpy_rows[0]
+        names = list(dict.fromkeys(k.rsplit(" ", 1)[0] for k in r["layers"]))
+        f = [1e3 * r["layers"].get(f"{n} forward", 0.0) for n in names]
+        b = [1e3 * r["layers"].get(f"{n} backward", 0.0) for n in names]
+        axes[1].barh(names, f, label="forward")
+        axes[1].barh(names, b, left=f, label="backward")
+        axes[1].invert_yaxis()
+        axes[1].set(xlabel="milliseconds", title=f"NumPy by layer, batch {r['batch_size']}")
+        axes[1].legend(fontsize=7)
+    save_figure(fig, path)

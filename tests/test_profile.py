@@ -1,0 +1,60 @@
+"""The benchmark's profile (a step by phase, NumPy's by layer) and the lab's loop
+implementation it is measured against."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from impl_numpy import layers, model
+from shared.ladder import conv_backward_loops, conv_forward_loops, lab_step
+from shared.profile import PHASES
+from shared.spec import get_arch, init_params
+from tests.test_training import run_script
+
+
+def test_profile_times_every_phase_and_every_numpy_layer(tmp_path):
+    result = run_script(
+        "benchmark.py", "--profile", "--steps", "3", "--batch-sizes", "16", "--out", str(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "profile.json").read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["numpy", "jax", "torch"]
+    for r in rows:
+        assert set(r["phases"]) == set(PHASES) and r["step"] > 0
+        assert r["phases"]["forward"] > 0 and r["phases"]["optimizer update"] > 0
+    names = [layer.name for layer in get_arch("lab").layers]
+    expected = {f"{n} forward" for n in names} | {f"{n} backward" for n in names}
+    assert set(rows[0]["layers"]) == expected
+    assert not rows[1]["layers"] and not rows[2]["layers"]
+    assert (tmp_path / "profile.png").stat().st_size > 0
+    assert "| numpy | 16 |" in (tmp_path / "profile.md").read_text()
+
+
+def test_the_loop_convolution_computes_the_vectorised_one():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 2, 6, 5))
+    w, b = rng.standard_normal((4, 2, 3, 3)), rng.standard_normal(4)
+    out, cache = layers.conv2d_forward(x, w, b, 1, 1)
+    to_lab = (1, 2, 3, 0)  # (N, C, H, W) -> the lab's (C, H, W, N)
+    looped = conv_forward_loops(x.transpose(to_lab), w, b)
+    np.testing.assert_allclose(looped, out.transpose(to_lab), rtol=1e-12)
+    dout = rng.standard_normal(out.shape)
+    _, dw, db = layers.conv2d_backward(dout, cache, need_dx=False)
+    dw_loops, db_loops = conv_backward_loops(dout.transpose(to_lab), x.transpose(to_lab), w)
+    np.testing.assert_allclose(dw_loops, dw, rtol=1e-12)
+    np.testing.assert_allclose(db_loops, db, rtol=1e-12)
+
+
+def test_the_lab_step_is_a_plain_sgd_step_of_the_lab_network():
+    arch = get_arch("lab")
+    params = init_params(arch, "he", 0, np.dtype(np.float64))
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((4, 1, 28, 28)), rng.integers(0, 10, 4)
+    loss, grads = model.loss_and_grads(params, x, y, arch, masks={})
+    stepped = {k: v.copy() for k, v in params.items()}
+    assert lab_step(stepped, x, y, 0.1) == pytest.approx(float(loss), rel=1e-12)
+    for name, g in grads.items():
+        np.testing.assert_allclose(stepped[name], params[name] - 0.1 * g, rtol=1e-10, atol=1e-14)

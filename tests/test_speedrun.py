@@ -1,0 +1,113 @@
+"""scripts/speedrun.py: both recipes in every implementation, the summary computed from the
+runs, results kept when interrupted, bad flags refused in one line."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from shared import speedrun
+from shared.config import FAST_RECIPE, TrainConfig
+from shared.data import load_dataset
+from tests.conftest import make_dataset_dir
+from tests.test_training import run_script
+
+
+def test_quick_speedrun_writes_every_implementation_and_its_summary(tmp_path):
+    out, data_dir = tmp_path / "speedrun", make_dataset_dir(tmp_path / "data", n_train=400)
+    result = run_script("speedrun.py", "--quick", "--data-dir", str(data_dir), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((out / "speedrun.json").read_text())
+    assert saved["complete"] and saved["fast"] == FAST_RECIPE
+    assert (out / "speedrun.png").stat().st_size > 0
+    report = (out / "speedrun.md").read_text()
+    for s in saved["summary"]:
+        fast = [r for r in saved["runs"] if r["impl"] == s["impl"] and r["recipe"] == "fast"]
+        default = [r for r in saved["runs"] if r["impl"] == s["impl"] and r["recipe"] == "defaults"]
+        assert [r["seed"] for r in fast] == [0, 1] and len(default) == 1
+        accs = [r["test_acc"] for r in fast]
+        assert s["mean_acc"] == pytest.approx(statistics.mean(accs))
+        assert s["spread"] == pytest.approx(max(accs) - min(accs))
+        seconds = statistics.mean(r["train_seconds"] for r in fast)
+        assert s["ratio"] == pytest.approx(seconds / default[0]["train_seconds"])
+        for r in fast + default:
+            assert r["train_seconds"] > 0 and r["compile_seconds"] >= 0 and r["test_seconds"] > 0
+        # Each run trained with its recipe: the fast runs one epoch, the defaults two.
+        assert {r["config"]["epochs"] for r in fast} == {1}
+        assert default[0]["config"]["epochs"] == 2 and default[0]["config"]["flip"]
+        assert f"| {s['impl']} | 2 | {100 * s['mean_acc']:.2f}% |" in report
+
+
+def test_the_summary_judges_both_targets():
+    runs = [
+        {
+            "impl": "numpy",
+            "recipe": "defaults",
+            "test_acc": 0.913,
+            "train_seconds": 40.0,
+            "compile_seconds": 0.0,
+            "test_seconds": 0.5,
+        },
+    ] + [
+        {
+            "impl": "numpy",
+            "recipe": "fast",
+            "test_acc": acc,
+            "train_seconds": seconds,
+            "compile_seconds": 0.0,
+            "test_seconds": 0.5,
+        }
+        for acc, seconds in ((0.905, 9.0), (0.917, 11.0))
+    ]
+    s = speedrun.summarize(runs, "numpy")
+    assert s["mean_acc"] == pytest.approx(0.911) and s["min_acc"] == 0.905
+    assert s["ratio"] == pytest.approx(0.25) and s["meets_targets"]
+    runs[1]["train_seconds"] = 9.5  # 10.25 / 40 s: four times faster no longer
+    assert not speedrun.summarize(runs, "numpy")["meets_targets"]
+
+
+def test_the_fast_recipe_is_the_configuration_trained():
+    config = speedrun.recipe_config("jax", "fast", 3, None)
+    assert config == TrainConfig(impl="jax", arch="lab", seed=3, **FAST_RECIPE)
+    assert speedrun.recipe_config("torch", "defaults", 0, None) == TrainConfig(impl="torch")
+
+
+def test_an_interrupted_speedrun_keeps_the_runs_it_finished(tmp_path, monkeypatch):
+    real, calls = speedrun.timed_run, []
+
+    def stopped_at_the_third(config, data):
+        calls.append(config)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(config, data)
+
+    monkeypatch.setattr(speedrun, "timed_run", stopped_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        speedrun.run_speedrun(
+            load_dataset(make_dataset_dir(tmp_path / "data", n_train=400)),
+            tmp_path,
+            ("numpy",),
+            2,
+            True,
+            lambda _: None,
+        )
+    saved = json.loads((tmp_path / "speedrun.json").read_text())
+    assert not saved["complete"] and [r["recipe"] for r in saved["runs"]] == ["defaults", "fast"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--seeds", "0"], "--seeds"),
+        (["--impl", "fortran"], "--impl"),
+        ([], "--batch-size 128 exceeds the 100 training images"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(flags, message, tmp_path, tiny_data_dir):
+    out = tmp_path / "o"
+    data = ["--data-dir", str(tiny_data_dir)]
+    result = run_script("speedrun.py", "--quick", "--out", str(out), *data, *flags)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
