@@ -104,12 +104,9 @@ class Backend:
         return {**params, **trainable, **buffers}, opt_state
 
     def compile_step(self, state: State, data: Any, batches: list[Batch]) -> None:
-        """Run one step per batch in `batches` on a throwaway copy of `state`, so that the
-        framework compiles a step of each of their shapes now (JAX; NumPy and PyTorch have
-        nothing to compile) and the training that follows times steps alone."""
-        copy = self.init_state(self.params(state), self.velocity(state))
-        for batch in batches:
-            copy, _, _ = self.train_step(copy, data, batch, 0.0)
+        """Compile the training step for the shapes of `batches` now, so that the training
+        that follows times steps alone (frameworks that compile override this; NumPy and
+        PyTorch have nothing to compile)."""
 
     def init_state(self, params: Params, velocity: Params | None = None) -> State:
         """Training state from canonical tensors and (optionally) momentum buffers:

@@ -237,7 +237,7 @@ def chart(rows: list[dict], path) -> None:
         zorder=3,
     )
     ax.set(ylabel="milliseconds per step", title="one training step, by phase")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3)
     if numpy_rows:
         r = numpy_rows[0]
         names = list(dict.fromkeys(k.rsplit(" ", 1)[0] for k in r["layers"]))

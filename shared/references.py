@@ -69,6 +69,8 @@ def schedule_optax(config: TrainConfig, total_steps: int, warmup_steps: int) -> 
     parts = [optax.linear_schedule(lr / warm, lr, warm - 1)] if warm else []
     if config.schedule == "cosine" and warm < total_steps:
         parts.append(optax.cosine_decay_schedule(lr, total_steps - warm))
+    elif config.schedule == "linear" and warm < total_steps:
+        parts.append(optax.linear_schedule(lr, 0.0, total_steps - warm))
     elif config.schedule == "constant":
         parts.append(optax.constant_schedule(lr))
     # A list of one schedule with no boundaries is that schedule.
@@ -86,7 +88,8 @@ def schedule_torch(config: TrainConfig, total_steps: int, warmup_steps: int) -> 
     LinearLR scales lr by start + (end - start) * min(e, total_iters) / total_iters at epoch
     e; start 1 / W, end 1 over W - 1 iterations gives our (s + 1) / W (W = 1: the factor is 1
     from the start). CosineAnnealingLR(T_max=T - W, eta_min=0) is our cosine after the
-    warm-up; SequentialLR restarts it at epoch 0 at milestone W. The constant schedule needs
+    warm-up, and LinearLR(1, 0, T - W) our linear decay; SequentialLR restarts either at epoch
+    0 at milestone W. The constant schedule needs
     no scheduler after the warm-up: LinearLR holds end_factor once past total_iters.
     """
     import torch
@@ -100,6 +103,8 @@ def schedule_torch(config: TrainConfig, total_steps: int, warmup_steps: int) -> 
         parts.append(LinearLR(optimizer, 1 / warm, 1.0, total_iters=warm - 1))
     if config.schedule == "cosine" and warm < total_steps:
         parts.append(CosineAnnealingLR(optimizer, T_max=total_steps - warm))
+    if config.schedule == "linear" and warm < total_steps:
+        parts.append(LinearLR(optimizer, 1.0, 0.0, total_iters=total_steps - warm))
     if len(parts) == 2:
         parts = [SequentialLR(optimizer, parts, milestones=[warm])]
     rates = []

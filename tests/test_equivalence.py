@@ -256,7 +256,7 @@ def test_augmentation_agrees(flip, shift):
 
 def setting_kind(setting: str) -> str:
     """The kind of a cross-check setting from its name (drawn ones name their values)."""
-    for kind in ("defaults", "drawn", "large logits", "planted ties", "shared code"):
+    for kind in ("defaults", "fast recipe", "drawn", "large logits", "planted ties", "shared code"):
         if setting.startswith(kind):
             return kind
     raise AssertionError(f"unknown setting {setting!r}")
@@ -276,7 +276,7 @@ def expected_rows(arch: Arch, kind: str, dtype: str, steps: int, momentum: float
         for layer in arch.layers
     ]
     checks += ["loss", *(f"grad {name}" for name in param_shapes(arch)), "grad input"]
-    if kind in ("defaults", "drawn"):
+    if kind in ("defaults", "fast recipe", "drawn"):
         checks += [f"lockstep loss x{steps}", *(f"lockstep {n}" for n in state_shapes(arch))]
         if momentum:
             checks += [f"lockstep momentum {name}" for name in param_shapes(arch)]
@@ -302,11 +302,11 @@ def assert_rows_as_expected(results: list[CheckResult], archs: list[Arch], steps
     for (dtype, name, kind), rows in groups.items():
         arch = next(a for a in archs if a.name == name)
         # Drawn hyperparameters always draw a momentum (in [0.5, 0.99)).
-        momentum = config.momentum if kind == "defaults" else 1.0
+        momentum = 1.0 if kind == "drawn" else config.momentum
         assert rows == expected_rows(arch, kind, dtype, steps, momentum), (dtype, name, kind)
     for arch in archs:
         kinds = {kind for dtype, name, kind in groups if name == arch.name}
-        wanted = {"defaults", "drawn", "large logits"}
+        wanted = {"defaults", "fast recipe", "drawn", "large logits"}
         wanted |= {"planted ties"} if keeps_zeros_exact(arch) else set()
         assert kinds == wanted, arch.name
     assert any(r.arch == "-" and r.setting == "shared code vs libraries" for r in results)
@@ -323,7 +323,7 @@ def test_optimizer_steps_agree(dtype, steps, momentum, nesterov):
     assert_rows_as_expected(results, archs, steps, config)
     assert [(r.arch, r.setting, r.check, r.pair) for r in results if not r.passed] == []
     lockstep = [r for r in results if r.check.startswith("lockstep")]
-    assert {setting_kind(r.setting) for r in lockstep} == {"defaults", "drawn"}
+    assert {setting_kind(r.setting) for r in lockstep} == {"defaults", "fast recipe", "drawn"}
 
 
 def test_lockstep_on_real_data_agrees(real_data):

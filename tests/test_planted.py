@@ -38,7 +38,7 @@ def check(spec: str = SPEC, dtype: str = "float64") -> list[CheckResult]:
 
 
 def kind(setting: str) -> str:
-    for name in ("defaults", "drawn", "large logits", "planted ties", "shared code"):
+    for name in ("defaults", "fast recipe", "drawn", "large logits", "planted ties", "shared code"):
         if setting.startswith(name):
             return name
     raise AssertionError(f"unknown setting {setting!r}")
@@ -125,7 +125,7 @@ def test_batch_norm_normalising_with_the_unbiased_variance(monkeypatch):
     batch_norm = impl_jax.layers.batch_norm
     monkeypatch.setattr(impl_jax.layers, "batch_norm", unbiased)
     failed = failures(check(), "jax")
-    for setting in ("defaults", "drawn", "large logits"):
+    for setting in ("defaults", "fast recipe", "drawn", "large logits"):
         for pair in pairs_with("jax"):
             for row in ("activation bn1 (train)", "logits (train)", "loss", "grad input"):
                 assert (setting, row, pair) in failed
@@ -149,7 +149,7 @@ def test_running_statistics_moved_by_0_9_instead_of_0_1(monkeypatch, jax_compile
     # first step on, in both settings that train.
     assert failed == {
         (setting, f"lockstep bn{i}.{stat}", pair)
-        for setting in ("defaults", "drawn")
+        for setting in ("defaults", "fast recipe", "drawn")
         for i in (1, 2, 3)
         for stat in ("running_mean", "running_var")
         for pair in pairs_with("numpy")
@@ -171,7 +171,7 @@ def test_running_statistics_updated_in_evaluation_mode(monkeypatch, jax_compiled
     # Exactly the evaluation-mode outputs from the first BatchNorm on, in every setting.
     assert failed == {
         (setting, row, pair)
-        for setting in ("defaults", "drawn", "large logits")
+        for setting in ("defaults", "fast recipe", "drawn", "large logits")
         for row in activation_rows(SPEC, "bn1", "eval")
         for pair in pairs_with("numpy")
     }
@@ -184,7 +184,7 @@ def test_dropout_without_the_inverted_scaling(monkeypatch, jax_compiled_once):
     monkeypatch.setattr(impl_torch.layers, "dropout", lambda x, keep, p: x * keep)
     failed = failures(check(), "torch")
     grads = {f"grad {name}" for name in param_shapes(get_arch(SPEC))}
-    for setting in ("defaults", "drawn", "large logits"):
+    for setting in ("defaults", "fast recipe", "drawn", "large logits"):
         for pair in pairs_with("torch"):
             assert (setting, "activation dropout (train)", pair) in failed
             assert (setting, "grad fc1.weight", pair) in failed
@@ -233,7 +233,7 @@ def test_a_stride_applied_to_the_rows_only(monkeypatch, jax_compiled_once):
     monkeypatch.setattr(impl_numpy.layers, "conv2d_backward", rows_only_backward)
     results = check()
     failed = failures(results, "numpy")
-    for setting in ("defaults", "drawn", "large logits"):
+    for setting in ("defaults", "fast recipe", "drawn", "large logits"):
         for pair in pairs_with("numpy"):
             for mode in ("eval", "train"):
                 assert (setting, f"activation conv2 ({mode})", pair) in failed
@@ -300,7 +300,7 @@ def test_a_float32_loss_computed_in_float64(monkeypatch, jax_compiled_once):
     failed = failures(results, "torch")
     assert failed == {
         (setting, "loss", pair)
-        for setting in ("defaults", "drawn", "large logits")
+        for setting in ("defaults", "fast recipe", "drawn", "large logits")
         for pair in pairs_with("torch")
     }
     # The values agree (float64 is only more exact): the dtype alone fails the rows.

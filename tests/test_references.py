@@ -42,6 +42,13 @@ GRID = [
     ("constant", 20, 5, 0.3),
     ("constant", 16, SHORT_WARMUP, 0.1),
     ("constant", 1, 1, 0.1),
+    ("linear", 20, 0, 0.1),
+    ("linear", 20, 1, 0.0),
+    ("linear", 20, 5, 0.1),
+    ("linear", 20, 19, 0.1),
+    ("linear", 1, 0, 0.1),
+    # The speedrun's real counts: 8 epochs of 391 steps, a 0.3-epoch warm-up (117 steps).
+    ("linear", 8 * 391, 117, 0.1),
 ]
 
 
