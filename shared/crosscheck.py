@@ -623,6 +623,66 @@ def format_table(results: list[CheckResult]) -> str:
     return "\n".join(lines)
 
 
+PAIR_NAMES = tuple(f"{a}-{b}" for a, b in itertools.combinations(IMPLEMENTATIONS, 2))
+DTYPE_COLORS = {"float64": "tab:blue", "float32": "tab:orange"}
+ZERO = 1e-18  # where a difference of exactly 0 is drawn on the log scale
+
+
+def worst_by_row(results: list[CheckResult], arch: str) -> dict[tuple[str, str, str], tuple]:
+    """(check, pair, dtype) -> (worst relative difference over the settings, its tolerance),
+    for the implementation pairs of one network's rows, in the order they were checked."""
+    worst: dict[tuple[str, str, str], tuple] = {}
+    for r in results:
+        if r.arch == arch and r.pair in PAIR_NAMES:
+            key = (r.check, r.pair, r.dtype)
+            rel, tol = worst.get(key, (0.0, r.tolerance))
+            worst[key] = (max(rel, r.max_rel), tol)
+    return worst
+
+
+def plot_results(results: list[CheckResult], path: Path) -> None:
+    """The worst relative difference of every compared tensor (rows), for each pair of
+    implementations (columns), float64 and float32 side by side on a log scale, each with its
+    tolerance marked; one row of panels per network."""
+    from shared.plots import plt, save_figure
+
+    archs = list(dict.fromkeys(r.arch for r in results if r.arch != "-"))
+    tables = {arch: worst_by_row(results, arch) for arch in archs}
+    height = sum(len({k[0] for k in t}) for t in tables.values())
+    fig, axes = plt.subplots(
+        len(archs),
+        len(PAIR_NAMES),
+        figsize=(13, 1.2 + 0.17 * height),
+        squeeze=False,
+        sharex=True,
+        gridspec_kw={"height_ratios": [len({k[0] for k in tables[a]}) for a in archs]},
+    )
+    for row, arch in enumerate(archs):
+        checks = list(dict.fromkeys(k[0] for k in tables[arch]))
+        ys = np.arange(len(checks))
+        for col, pair in enumerate(PAIR_NAMES):
+            ax = axes[row, col]
+            for offset, (dtype, color) in zip((-0.18, 0.18), DTYPE_COLORS.items(), strict=True):
+                cells = [tables[arch].get((c, pair, dtype)) for c in checks]
+                shown = [(y, cell) for y, cell in zip(ys, cells, strict=True) if cell]
+                if not shown:
+                    continue
+                y = np.array([y for y, _ in shown]) + offset
+                rel = np.array([max(cell[0], ZERO) for _, cell in shown])
+                tol = np.array([cell[1] for _, cell in shown])
+                ax.scatter(rel, y, s=14, color=color, label=dtype, zorder=3)
+                ax.scatter(tol, y, marker="|", s=60, color=color, alpha=0.7)
+            ax.set_xscale("log")
+            ax.set_yticks(ys, checks if col == 0 else [""] * len(checks), fontsize=7)
+            ax.invert_yaxis()
+            ax.grid(axis="x", alpha=0.3)
+            ax.set_title(f"{arch}: {pair}" if len(archs) > 1 else pair, fontsize=9)
+    for ax in axes[-1]:
+        ax.set_xlabel("worst relative difference (| = tolerance)", fontsize=8)
+    axes[0, -1].legend(fontsize=7, loc="lower right")
+    save_figure(fig, path)
+
+
 def checkpoint_agreement(
     params: Params, arch: Arch, images: np.ndarray, impls: tuple[str, ...] = IMPLEMENTATIONS
 ) -> list[CheckResult]:
@@ -706,12 +766,22 @@ def main(argv: list[str] | None = None) -> int:
         help="also load this checkpoint into all three and compare test predictions",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="draw every compared tensor's worst relative difference per pair, float64 and "
+        "float32 side by side, against its tolerance (PNG)",
+    )
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args(argv)
 
     def body() -> int:
         if args.json is not None:
             check_out_file(args.json, "--json")
+        if args.plot is not None:
+            check_out_file(args.plot, "--plot")
         data = load_dataset(args.data_dir)
         largest = args.batch_size or BATCH_SIZE
         if args.steps * largest > len(data.train):
@@ -739,6 +809,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
         if args.json is not None:
             write_json(args.json, [r.as_dict() for r in results])
+        if args.plot is not None:
+            plot_results(results, args.plot)
+            print(f"wrote {args.plot}")
         return 1 if failed else 0
 
     return run_cli(parser, body)
