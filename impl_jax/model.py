@@ -7,10 +7,13 @@ uses the batch's statistics and returns updated running ones, dropout applies th
 
 from __future__ import annotations
 
+import chex
 import jax
 
 from impl_jax import layers
 from shared.spec import (
+    IMAGE_SHAPE,
+    NUM_CLASSES,
     Activation,
     Arch,
     BatchNorm,
@@ -21,6 +24,7 @@ from shared.spec import (
     Linear,
     Pool,
     split_params,
+    state_shapes,
 )
 
 Params = dict[str, jax.Array]
@@ -66,14 +70,31 @@ def _layer_forward(
     raise TypeError(f"unknown layer {layer!r}")
 
 
+def _check_boundary(params: Params, x: jax.Array, arch: Arch, masks: Masks) -> None:
+    """What every entry point takes, as the docstrings say: images x (N, 1, 28, 28) floating,
+    each canonical tensor in its shape, and (training) a bool keep-mask (N, *shape) per dropout
+    layer. Shapes are static, so under jax.jit this costs nothing after tracing."""
+    chex.assert_rank(x, 4)
+    chex.assert_shape(x, (None, *IMAGE_SHAPE))
+    chex.assert_type(x, float)
+    for name, shape in state_shapes(arch).items():
+        chex.assert_shape(params[name], shape)
+    if masks is not None:
+        for layer in arch.dropouts:
+            chex.assert_shape(masks[layer.name], (x.shape[0], *layer.shape))
+            chex.assert_type(masks[layer.name], bool)
+
+
 def _forward(
     params: Params, x: jax.Array, arch: Arch, masks: Masks
 ) -> tuple[dict[str, jax.Array], Params]:
     """Every layer's output by name, and the updated buffers (training only)."""
-    outputs, buffers = {}, {}
+    _check_boundary(params, x, arch, masks)
+    n, outputs, buffers = x.shape[0], {}, {}
     for layer in arch.layers:
         x = _layer_forward(layer, params, x, masks, buffers)
         outputs[layer.name] = x
+    chex.assert_shape(x, (n, NUM_CLASSES))
     return outputs, buffers
 
 
@@ -90,6 +111,8 @@ def forward(params: Params, x: jax.Array, arch: Arch) -> jax.Array:
 def _loss(trainable, buffers, x, y, arch, masks, label_smoothing):
     """The training-mode loss as a function of the trainable parameters (what is
     differentiated), with (logits, updated buffers) alongside."""
+    chex.assert_shape(y, (x.shape[0],))
+    chex.assert_type(y, int)
     outputs, new_buffers = _forward({**buffers, **trainable}, x, arch, masks)
     logits = outputs[arch.layers[-1].name]
     return layers.cross_entropy(logits, y, label_smoothing), (logits, new_buffers)

@@ -1,0 +1,138 @@
+"""The JAX implementation under chex: every entry point gives the same result jitted and not
+jitted (a function that works under one only is a bug), checked against the NumPy reference
+pytree by pytree; and the model's boundary refuses inputs of the wrong shape or type."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import impl_jax.augment
+import impl_jax.model
+import impl_jax.optim
+import impl_numpy.augment
+import impl_numpy.model
+import impl_numpy.optim
+from shared.batches import augmentation_maps, dropout_masks
+from shared.spec import get_arch, init_params, split_params
+
+# A network with every kind of layer and buffer: conv with stride, BatchNorm 2d and 1d,
+# max-pooling, tanh, sigmoid, dropout.
+NETWORKS = (
+    "lab",
+    "conv4-bn-relu-maxpool2-conv6s2-bn-tanh-flatten-fc16-bn-sigmoid-dropout0.25-fc10",
+)
+TOL = {"rtol": 1e-10, "atol": 1e-12}  # float64: what differs is round-off
+
+
+def case(name: str, n: int = 5, seed: int = 0):
+    """(arch, canonical float64 params as NumPy and as JAX, images, labels, dropout masks)."""
+    arch = get_arch(name)
+    params = init_params(arch, "he", seed, np.dtype(np.float64))
+    rng = np.random.default_rng(seed)
+    x, y = rng.standard_normal((n, 1, 28, 28)), rng.integers(0, 10, n)
+    masks = dropout_masks(arch.dropouts, n, seed, 1, 0)
+    return arch, params, jax.tree.map(jnp.asarray, params), x, y, masks
+
+
+class ModelTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_activations_in_both_modes(self):
+        activations = self.variant(impl_jax.model.activations, static_argnames="arch")
+        for name in NETWORKS:
+            arch, params, jparams, x, _, masks = case(name)
+            for mode in (None, masks):
+                jmasks = None if mode is None else jax.tree.map(jnp.asarray, mode)
+                ours = activations(jparams, jnp.asarray(x), arch=arch, masks=jmasks)
+                chex.assert_trees_all_close(
+                    jax.tree.map(np.asarray, ours),
+                    impl_numpy.model.activations(params, x, arch, mode),
+                    **TOL,
+                )
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_training_pass(self):
+        training_pass = self.variant(
+            impl_jax.model.training_pass, static_argnames=("arch", "label_smoothing")
+        )
+        for name in NETWORKS:
+            arch, params, jparams, x, y, masks = case(name)
+            ours = training_pass(
+                jparams,
+                jnp.asarray(x),
+                jnp.asarray(y),
+                arch=arch,
+                masks=jax.tree.map(jnp.asarray, masks),
+                label_smoothing=0.1,
+            )
+            reference = impl_numpy.model.training_pass(params, x, y, arch, masks, 0.1)
+            chex.assert_trees_all_close(jax.tree.map(np.asarray, ours), reference, **TOL)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_input_gradient(self):
+        input_grad = self.variant(impl_jax.model.input_grad, static_argnames="arch")
+        arch, params, jparams, x, y, masks = case(NETWORKS[1])
+        ours = input_grad(jparams, jnp.asarray(x), jnp.asarray(y), arch=arch, masks=masks)
+        reference = impl_numpy.model.input_grad(params, x, y, arch, masks)
+        chex.assert_trees_all_close(np.asarray(ours), reference, **TOL)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_sgd_update(self):
+        hyper = (0.9, True, 1e-3)  # momentum, Nesterov, weight decay
+        update = self.variant(impl_jax.optim.SGD(*hyper).update)
+        arch, params, jparams, x, y, masks = case("lab")
+        _, grads = impl_numpy.model.loss_and_grads(params, x, y, arch, masks)
+        trainable, _ = split_params(params, arch)
+        jax_sgd, numpy_sgd = impl_jax.optim.SGD(*hyper), impl_numpy.optim.SGD(*hyper)
+        state = jax_sgd.init(split_params(jparams, arch)[0])
+        numpy_params = {k: v.copy() for k, v in trainable.items()}
+        numpy_state = numpy_sgd.init(numpy_params)
+        jax_params = split_params(jparams, arch)[0]
+        for _ in range(3):  # momentum carried from step to step
+            jax_params, state = update(jax_params, jax.tree.map(jnp.asarray, grads), state, 0.05)
+            g = {k: v.copy() for k, v in grads.items()}  # NumPy's update overwrites them
+            numpy_params, numpy_state = numpy_sgd.update(numpy_params, g, numpy_state, 0.05)
+        chex.assert_trees_all_close(jax.tree.map(np.asarray, jax_params), numpy_params, **TOL)
+        chex.assert_trees_all_close(
+            jax.tree.map(np.asarray, jax_sgd.velocity(state)), numpy_state, **TOL
+        )
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_augment(self):
+        augment = self.variant(impl_jax.augment.augment, static_argnums=(3, 4))
+        rng = np.random.default_rng(3)
+        x = rng.standard_normal((6, 1, 28, 28))
+        rows, cols = augmentation_maps(rng, 6, 28, 28, True, 2)
+        ours = augment(jnp.asarray(x), jnp.asarray(rows), jnp.asarray(cols), 2, -0.8)
+        chex.assert_trees_all_close(
+            np.asarray(ours), impl_numpy.augment.augment(x, rows, cols, 2, -0.8), rtol=0, atol=0
+        )
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "message"),
+    [
+        (np.zeros((4, 28, 28)), np.zeros(4, int), "rank"),  # the channel axis missing
+        (np.zeros((4, 3, 28, 28)), np.zeros(4, int), "shape"),  # three channels
+        (np.zeros((4, 1, 28, 28), int), np.zeros(4, int), "type"),  # integer pixels
+        (np.zeros((4, 1, 28, 28)), np.zeros(5, int), "shape"),  # a label too many
+        (np.zeros((4, 1, 28, 28)), np.zeros(4), "type"),  # float labels
+    ],
+)
+def test_the_model_boundary_refuses_wrong_inputs(images, labels, message):
+    arch, _, jparams, *_ = case("lab")
+    loss = partial(impl_jax.model.loss_and_grads, arch=arch, masks={})
+    with pytest.raises(AssertionError, match=message):
+        loss(jparams, jnp.asarray(images), jnp.asarray(labels))
+
+
+def test_the_model_boundary_refuses_a_tensor_of_another_network():
+    arch, _, jparams, x, *_ = case("lab")
+    wrong = {**jparams, "fc1.weight": jparams["fc1.weight"][:, :100]}
+    with pytest.raises(AssertionError, match="shape"):
+        impl_jax.model.forward(wrong, jnp.asarray(x), arch)
