@@ -18,6 +18,7 @@ State = tuple[optim.Params, optim.State]  # (canonical tensors, optimizer state)
 
 class Backend(backend.Backend):
     name = "jax"
+    compiles = True
     model, optim = model, optim
 
     def __init__(self, *args, **kwargs):

@@ -4,7 +4,6 @@ the one factory that builds it."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import importlib
 import sys
@@ -37,6 +36,7 @@ class Backend:
     """
 
     name: str
+    compiles = False  # whether the step is compiled before it first runs (see compile_step)
     model: ModuleType  # impl_*/model.py
     optim: ModuleType  # impl_*/optim.py
 
@@ -172,12 +172,14 @@ def keep_freed_memory() -> None:
     Elsewhere than glibc, nothing to do."""
     if not sys.platform.startswith("linux"):
         return
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = getattr(libc, "mallopt", None)  # musl has none
-    if mallopt is not None:
-        largest = 2**30
-        mallopt(-3, largest)  # M_MMAP_THRESHOLD: allocate up to 1 GiB from the heap
-        mallopt(-1, largest)  # M_TRIM_THRESHOLD: and keep up to 1 GiB freed at its top
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
+    except (OSError, AttributeError):  # musl has no mallopt
+        return
+    # M_MMAP_THRESHOLD (-3): allocate up to 1 GiB from the heap; a glibc that caps the
+    # threshold at 32 MiB refuses more, and gets its cap.
+    if mallopt(-3, 2**30) or mallopt(-3, 2**25):
+        mallopt(-1, 2**30)  # M_TRIM_THRESHOLD (-1): keep up to 1 GiB freed at the heap's top
 
 
 def make_backend(

@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += [summarize(runs[impl]) for impl in impls]
         rows = add_derived(rows, flops, ceiling)
         table = markdown_table(rows)
-        if args.ladder_images:
+        if args.ladder_images and arch.name == "lab":  # the loops are the lab network's
             table += "\n\n" + ladder_table(loop_epoch_seconds(args.ladder_images), rows)
         print("\n" + table)
         header = (

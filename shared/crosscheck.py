@@ -626,6 +626,7 @@ def format_table(results: list[CheckResult]) -> str:
 PAIR_NAMES = tuple(f"{a}-{b}" for a, b in itertools.combinations(IMPLEMENTATIONS, 2))
 DTYPE_COLORS = {"float64": "tab:blue", "float32": "tab:orange"}
 ZERO = 1e-18  # where a difference of exactly 0 is drawn on the log scale
+CLIPPED = 1e3  # where a non-finite or huge difference is drawn (as an x)
 
 
 def worst_by_row(results: list[CheckResult], arch: str) -> dict[tuple[str, str, str], tuple]:
@@ -668,9 +669,11 @@ def plot_results(results: list[CheckResult], path: Path) -> None:
                 if not shown:
                     continue
                 y = np.array([y for y, _ in shown]) + offset
-                rel = np.array([max(cell[0], ZERO) for _, cell in shown])
-                tol = np.array([cell[1] for _, cell in shown])
-                ax.scatter(rel, y, s=14, color=color, label=dtype, zorder=3)
+                rel = np.array([min(max(cell[0], ZERO), CLIPPED) for _, cell in shown])
+                tol = np.array([max(cell[1], ZERO) for _, cell in shown])
+                off = rel >= CLIPPED  # inf (a shape mismatch, a NaN) or far off: in view
+                ax.scatter(rel[~off], y[~off], s=14, color=color, label=dtype, zorder=3)
+                ax.scatter(rel[off], y[off], s=40, color=color, marker="x", zorder=3)
                 ax.scatter(tol, y, marker="|", s=60, color=color, alpha=0.7)
             ax.set_xscale("log")
             ax.set_yticks(ys, checks if col == 0 else [""] * len(checks), fontsize=7)
@@ -679,7 +682,10 @@ def plot_results(results: list[CheckResult], path: Path) -> None:
             ax.set_title(f"{arch}: {pair}" if len(archs) > 1 else pair, fontsize=9)
     for ax in axes[-1]:
         ax.set_xlabel("worst relative difference (| = tolerance)", fontsize=8)
-    axes[0, -1].legend(fontsize=7, loc="lower right")
+    labelled = [ax.get_legend_handles_labels() for ax in axes.flat]
+    handles, labels = next(((h, lab) for h, lab in labelled if h), ([], []))
+    if handles:  # the dtypes' colours, from whichever panel has points of both
+        axes[0, -1].legend(handles, labels, fontsize=7, loc="lower right")
     save_figure(fig, path)
 
 

@@ -41,7 +41,9 @@ def _clock(fn: Callable[[], Any], wait: Callable[[Any], Any]) -> tuple[float, An
 
 
 def step_phases(backend: Backend, state: Any, data: Any, batch: Batch, lr: float) -> dict:
-    """Seconds of each phase of one step on `batch` (the state is updated, as training does)."""
+    """Seconds of each phase of one step on `batch`. The forward runs as evaluation-time code
+    does (PyTorch without recording the autograd graph, which the backward's share then
+    holds); NumPy and PyTorch update `state` in place, JAX's update is discarded."""
     params, opt_state = state
     augment = importlib.import_module(f"impl_{backend.name}.augment").augment
     compiled = _compiled(backend)
@@ -81,12 +83,12 @@ def _inputs(data, idx, rows, cols, augment, pad, fill):
     return (x if rows is None else augment(x, rows, cols, pad, fill)), y
 
 
-_CACHE: dict[int, dict] = {}
+_CACHE: dict[Backend, dict] = {}  # by the backend itself, kept alive by the cache
 
 
 def _compiled(backend: Backend) -> dict[str, Callable]:
     """The phases as the backend runs them: jitted one by one in JAX, as they are elsewhere."""
-    if id(backend) not in _CACHE:
+    if backend not in _CACHE:
         h = backend.hyperparams
         training_pass = partial(
             backend.model.training_pass, arch=backend.arch, label_smoothing=h.label_smoothing
@@ -95,18 +97,18 @@ def _compiled(backend: Backend) -> dict[str, Callable]:
             import jax
 
             inputs = jax.jit(_inputs, static_argnums=(4, 5, 6))
-            _CACHE[id(backend)] = {
+            _CACHE[backend] = {
                 "inputs": inputs,
                 "pass": jax.jit(lambda p, x, y, m: training_pass(p, x, y, masks=m)),
                 "update": jax.jit(backend._update),
             }
         else:
-            _CACHE[id(backend)] = {
+            _CACHE[backend] = {
                 "inputs": _inputs,
                 "pass": lambda p, x, y, m: training_pass(p, x, y, masks=m),
                 "update": backend._update,
             }
-    return _CACHE[id(backend)]
+    return _CACHE[backend]
 
 
 def numpy_layer_seconds(backend: Backend, state: Any, data: Any, batch: Batch) -> dict:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from shared import metrics
 from shared.backend import Backend, make_backend, predict
-from shared.batches import num_batches, training_batches
+from shared.batches import Batch, num_batches, training_batches
 from shared.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from shared.cli import add_training_flags, config_from_args, given_flags, run_cli
 from shared.config import (
@@ -155,21 +155,23 @@ def compile_steps(
     backend: Backend, state: Any, data: Any, n: int, config: TrainConfig, fill: float
 ) -> float:
     """Seconds to compile a training step for each batch size of an epoch of n images (a full
-    batch, and the last one if smaller), on a copy of `state`."""
-    batches = list(
-        training_batches(
-            n,
-            config.batch_size,
-            seed=config.seed,
-            epoch=1,
-            flip=config.flip,
-            shift=config.shift,
-            fill=fill,
-            dropouts=backend.arch.dropouts,
-        )
-    )
+    batch, and the last one if smaller), on a copy of `state`; 0 where nothing compiles."""
+    if not backend.compiles:
+        return 0.0
+    one_per_size: dict[int, Batch] = {}
+    for batch in training_batches(
+        n,
+        config.batch_size,
+        seed=config.seed,
+        epoch=1,
+        flip=config.flip,
+        shift=config.shift,
+        fill=fill,
+        dropouts=backend.arch.dropouts,
+    ):
+        one_per_size.setdefault(len(batch.idx), batch)
     start = time.perf_counter()
-    backend.compile_step(state, data, list({len(b.idx): b for b in batches}.values()))
+    backend.compile_step(state, data, list(one_per_size.values()))
     return time.perf_counter() - start
 
 

@@ -9,9 +9,14 @@ import numpy as np
 import pytest
 
 from impl_numpy import layers, model
+from shared.backend import make_backend
+from shared.config import TrainConfig
+from shared.crosscheck import CheckResult, plot_results, worst_by_row
+from shared.data import load_dataset
 from shared.ladder import conv_backward_loops, conv_forward_loops, lab_step
 from shared.profile import PHASES
 from shared.spec import get_arch, init_params
+from shared.train import compile_steps
 from tests.test_training import run_script
 
 
@@ -58,3 +63,35 @@ def test_the_lab_step_is_a_plain_sgd_step_of_the_lab_network():
     assert lab_step(stepped, x, y, 0.1) == pytest.approx(float(loss), rel=1e-12)
     for name, g in grads.items():
         np.testing.assert_allclose(stepped[name], params[name] - 0.1 * g, rtol=1e-10, atol=1e-14)
+
+
+def test_the_crosscheck_picture_draws_the_worst_row_of_each_tensor(tmp_path):
+    def row(dtype, setting, rel, pair="numpy-jax", check="loss", tol=1e-9):
+        return CheckResult(dtype, "lab", setting, check, pair, 0.0, rel, tol)
+
+    rows = [
+        row("float64", "defaults", 1e-15),
+        row("float64", "drawn", 3e-14),
+        row("float32", "defaults", float("inf"), tol=1e-4),  # a shape mismatch's row
+        row("float64", "defaults", 1e-8, pair="numpy-fd", check="finite-diff input", tol=1e-6),
+    ]
+    assert worst_by_row(rows, "lab") == {
+        ("loss", "numpy-jax", "float64"): (3e-14, 1e-9),
+        ("loss", "numpy-jax", "float32"): (float("inf"), 1e-4),
+    }
+    plot_results(rows, tmp_path / "crosscheck.png")
+    assert (tmp_path / "crosscheck.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("impl", ["numpy", "jax", "torch"])
+def test_compiling_the_step_leaves_the_run_state_as_it_was(impl, tiny_data_dir):
+    data = load_dataset(tiny_data_dir)
+    config = TrainConfig(impl=impl, batch_size=16)  # 100 images: a full and a ragged batch
+    backend = make_backend(impl, get_arch("lab"))
+    state = backend.init_state(init_params(get_arch("lab")))
+    before = backend.params(state)
+    train_data = backend.put_data(data.train.x, data.train.y)
+    seconds = compile_steps(backend, state, train_data, len(data.train), config, 0.0)
+    assert (seconds > 0) == backend.compiles == (impl == "jax")
+    for name, tensor in backend.params(state).items():  # JAX donates: a copy was stepped
+        np.testing.assert_array_equal(tensor, before[name])

@@ -321,9 +321,10 @@ def test_benchmark_refuses_an_impossible_batch_size_at_once():
     assert time.monotonic() - start_time < 30
 
 
-def test_crosscheck_checks_its_json_path_before_working(tmp_path):
-    result = run_script("crosscheck.py", "--json", str(tmp_path))
-    assert result.returncode == 2 and f"--json {tmp_path}: is a folder" in result.stderr
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_crosscheck_checks_its_output_paths_before_working(flag, tmp_path):
+    result = run_script("crosscheck.py", flag, str(tmp_path))
+    assert result.returncode == 2 and f"{flag} {tmp_path}: is a folder" in result.stderr
 
 
 def test_damaged_experiment_results_are_one_line_errors(tmp_path):
