@@ -108,6 +108,23 @@ def train_split(config: TrainConfig, data: Dataset) -> Split:
     return split
 
 
+def epoch_batches(
+    backend: Backend, n: int, config: TrainConfig, epoch: int, fill: float
+) -> Iterator[Batch]:
+    """The batches of `epoch` of a run of n images: its order, flips, shifts (padded with
+    `fill`) and the dropout masks of the backend's network, all from (seed, epoch)."""
+    return training_batches(
+        n,
+        config.batch_size,
+        seed=config.seed,
+        epoch=epoch,
+        flip=config.flip,
+        shift=config.shift,
+        fill=fill,
+        dropouts=backend.arch.dropouts,
+    )
+
+
 def run_epoch(
     backend: Backend,
     state: Any,
@@ -121,16 +138,7 @@ def run_epoch(
     order, shifted images padded with `fill` -> (state, mean loss, accuracy)."""
     steps = num_batches(n, config.batch_size)
     warmup = warmup_steps(config, steps)
-    batches = training_batches(
-        n,
-        config.batch_size,
-        seed=config.seed,
-        epoch=epoch,
-        flip=config.flip,
-        shift=config.shift,
-        fill=fill,
-        dropouts=backend.arch.dropouts,
-    )
+    batches = epoch_batches(backend, n, config, epoch, fill)
     loss_sum, correct, seen = 0.0, 0, 0
     bar = tqdm(
         batches, total=steps, desc=f"{backend.name} epoch {epoch}", leave=False, disable=None
@@ -159,16 +167,7 @@ def compile_steps(
     if not backend.compiles:
         return 0.0
     one_per_size: dict[int, Batch] = {}
-    for batch in training_batches(
-        n,
-        config.batch_size,
-        seed=config.seed,
-        epoch=1,
-        flip=config.flip,
-        shift=config.shift,
-        fill=fill,
-        dropouts=backend.arch.dropouts,
-    ):
+    for batch in epoch_batches(backend, n, config, 1, fill):
         one_per_size.setdefault(len(batch.idx), batch)
     start = time.perf_counter()
     backend.compile_step(state, data, list(one_per_size.values()))
