@@ -16,16 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.backend import IMPLEMENTATIONS, make_backend
-from shared.batches import steady_batches
+from shared.backend import IMPLEMENTATIONS
 from shared.cli import number, positive_float, positive_int, run_cli
-from shared.config import TrainConfig
-from shared.data import load_dataset
 from shared.errors import ThreefoldError, UsageError
 from shared.io import atomic_write, write_json
 from shared.ladder import loop_epoch_seconds
 from shared.outputs import prepare_out_dir
-from shared.spec import IMAGE_SHAPE, Arch, Conv, Linear, get_arch, init_params, output_shape
+from shared.profile import timing_setup
+from shared.spec import IMAGE_SHAPE, Arch, Conv, Linear, get_arch, output_shape
 
 EPOCH_IMAGES = 50_000
 WARMUP_SECONDS = 2.0
@@ -73,17 +71,9 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 def measure(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
     """Time `steps` training steps on real batches after compilation and warm-up; this runs in
     a worker process of its own."""
-    config = TrainConfig(impl=impl, arch=arch_name)  # the defaults, as train.py runs them
-    arch = get_arch(arch_name)
-    data = load_dataset()
-    backend = make_backend(impl, arch, config.dtype, config.hyperparams)
-    state = backend.init_state(init_params(arch, config.init, config.seed))
-    train_data = backend.put_data(data.train.x, data.train.y)
-
     # The step alone, without augmentation: what flips add is a data cost, which the profile
     # shows apart (its "gather + augment").
-    images, fill = len(data.train), data.spec.background
-    stream = steady_batches(images, batch_size, fill, arch.dropouts, flip=False)
+    backend, state, train_data, stream = timing_setup(impl, arch_name, batch_size, flip=False)
 
     def run(n: int) -> float:
         nonlocal state

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -149,9 +149,12 @@ def numpy_layer_seconds(backend: Backend, state: Any, data: Any, batch: Batch) -
     return seconds
 
 
-def profile(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
-    """Median seconds per phase over `steps` steps, the median whole step as training runs
-    it, and (NumPy) per layer; this runs in a worker process of its own."""
+def timing_setup(
+    impl: str, arch_name: str, batch_size: int, flip: bool
+) -> tuple[Backend, Any, Any, Iterator[Batch]]:
+    """What a timing worker steps: a backend of the network with train.py's defaults, its
+    seeded initial state, the training images moved in, and an endless stream of full batches
+    of `batch_size` (flipped when `flip`)."""
     from shared.data import load_dataset
 
     config = TrainConfig(impl=impl, arch=arch_name)
@@ -161,7 +164,15 @@ def profile(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
     state = backend.init_state(init_params(arch, config.init, config.seed))
     train_data = backend.put_data(data.train.x, data.train.y)
     n, fill = len(data.train), data.spec.background
-    stream = steady_batches(n, batch_size, fill, arch.dropouts, config.flip)
+    return backend, state, train_data, steady_batches(n, batch_size, fill, arch.dropouts, flip)
+
+
+def profile(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
+    """Median seconds per phase over `steps` steps, the median whole step as training runs
+    it, and (NumPy) per layer; this runs in a worker process of its own. Flips as train.py's
+    defaults have them, so the augmentation shows."""
+    flip = TrainConfig().flip
+    backend, state, train_data, stream = timing_setup(impl, arch_name, batch_size, flip)
     phases: dict[str, list[float]] = {p: [] for p in PHASES}
     whole, layers = [], {}
     for i in range(steps + 5):  # the first five compile and warm up
