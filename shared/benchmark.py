@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import number, positive_float, positive_int, run_cli
+from shared.cli import add_impl_flag, number, positive_float, positive_int, run_cli
 from shared.errors import ThreefoldError, UsageError
 from shared.io import atomic_write, write_json
 from shared.ladder import loop_epoch_seconds
@@ -233,12 +233,7 @@ def bar_chart(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """scripts/benchmark.py: time every implementation, write the tables and the chart."""
     parser = argparse.ArgumentParser(prog="benchmark.py", description=__doc__)
-    parser.add_argument(
-        "--impl",
-        action="append",
-        choices=IMPLEMENTATIONS,
-        help="implementation to time (repeatable; default: all three)",
-    )
+    add_impl_flag(parser, "time")
     parser.add_argument(
         "--arch", default="lab", metavar="NETWORK", help="a preset, spec or file, as train.py's"
     )

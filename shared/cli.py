@@ -55,6 +55,16 @@ def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[
     return set(vars(probe.parse_args(argv)))
 
 
+def add_impl_flag(parser: argparse.ArgumentParser, verb: str) -> None:
+    """--impl, repeatable: the implementations a command `verb`s (default: all three)."""
+    parser.add_argument(
+        "--impl",
+        action="append",
+        choices=IMPLEMENTATIONS,
+        help=f"implementation to {verb} (repeatable; default: all three)",
+    )
+
+
 def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     """The flags that make a TrainConfig; shared by every script that trains."""
     d = defaults

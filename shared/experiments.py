@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import run_cli
+from shared.cli import add_impl_flag, run_cli
 from shared.config import TrainConfig
 from shared.data import Dataset, load_dataset
 from shared.errors import DataError, UsageError
@@ -551,12 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="a reduced run: 1,000 images, 2 epochs, one seed (for tests)",
     )
-    parser.add_argument(
-        "--impl",
-        action="append",
-        choices=IMPLEMENTATIONS,
-        help="implementation to run (repeatable; default: all three)",
-    )
+    add_impl_flag(parser, "run")
     parser.add_argument(
         "--out",
         type=Path,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import positive_int, run_cli
+from shared.cli import add_impl_flag, positive_int, run_cli
 from shared.config import FAST_RECIPE, TrainConfig
 from shared.data import Dataset, load_dataset
 from shared.io import atomic_write, write_json
@@ -226,12 +226,7 @@ def report(cpu: str, quick: bool, seeds: int, summary: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """scripts/speedrun.py: the fast recipe against the defaults, in every implementation."""
     parser = argparse.ArgumentParser(prog="speedrun.py", description=__doc__)
-    parser.add_argument(
-        "--impl",
-        action="append",
-        choices=IMPLEMENTATIONS,
-        help="implementation to run (repeatable; default: all three)",
-    )
+    add_impl_flag(parser, "run")
     parser.add_argument("--seeds", type=positive_int, default=None, help="fast-recipe seeds (5)")
     parser.add_argument(
         "--quick", action="store_true", help="2,000 images, 1 and 2 epochs, 2 seeds (for tests)"
