@@ -11,27 +11,14 @@ import chex
 import jax
 
 from impl_jax import layers
-from shared.spec import (
-    IMAGE_SHAPE,
-    NUM_CLASSES,
-    Activation,
-    Arch,
-    BatchNorm,
-    Conv,
-    Dropout,
-    Flatten,
-    Layer,
-    Linear,
-    Pool,
-    split_params,
-    state_shapes,
-)
+from shared.kinds import Activation, BatchNorm, Conv, Dropout, Flatten, Layer, Linear, Pool
+from shared.spec import INPUT_SHAPE, NUM_CLASSES, Arch, split_params, state_shapes
 
 Params = dict[str, jax.Array]
 Masks = dict[str, jax.Array] | None
 
 
-def _layer_forward(
+def layer_forward(
     layer: Layer, params: Params, x: jax.Array, masks: Masks, buffers: Params
 ) -> jax.Array:
     """The layer's output; updated BatchNorm buffers go into `buffers`."""
@@ -75,7 +62,7 @@ def _check_boundary(params: Params, x: jax.Array, arch: Arch, masks: Masks) -> N
     each canonical tensor in its shape, and (training) a bool keep-mask (N, *shape) per dropout
     layer. Shapes are static, so under jax.jit this costs nothing after tracing."""
     chex.assert_rank(x, 4)
-    chex.assert_shape(x, (None, *IMAGE_SHAPE))
+    chex.assert_shape(x, (None, *INPUT_SHAPE))
     chex.assert_type(x, float)
     for name, shape in state_shapes(arch).items():
         chex.assert_shape(params[name], shape)
@@ -92,7 +79,7 @@ def _forward(
     _check_boundary(params, x, arch, masks)
     n, outputs, buffers = x.shape[0], {}, {}
     for layer in arch.layers:
-        x = _layer_forward(layer, params, x, masks, buffers)
+        x = layer_forward(layer, params, x, masks, buffers)
         outputs[layer.name] = x
     chex.assert_shape(x, (n, NUM_CLASSES))
     return outputs, buffers

@@ -6,21 +6,19 @@ from collections.abc import Callable
 
 import numpy as np
 
-from impl_numpy import model, optim
+from impl_numpy import layers, model, optim
 from impl_numpy.augment import augment
 from shared import backend
 from shared.batches import Batch
-from shared.spec import Params
-
-State = tuple[Params, optim.State]  # (canonical tensors, momentum buffers), updated in place
 
 
 class Backend(backend.Backend):
     name = "numpy"
-    model, optim = model, optim
+    model, optim, layers = model, optim, layers
+    augment = staticmethod(augment)
 
     @staticmethod
-    def _compile(fn: Callable) -> Callable:
+    def compile(fn: Callable, static_argnames: tuple[str, ...] = (), donate: bool = False):
         return fn
 
     def _array(self, x: np.ndarray) -> np.ndarray:
@@ -35,13 +33,5 @@ class Backend(backend.Backend):
     # Overflow is left to the training loop, which stops at a non-finite loss and says where;
     # NumPy's own warnings would only repeat it less clearly.
     @np.errstate(over="ignore", invalid="ignore")
-    def train_step(self, state: State, data, batch: Batch, lr: float):
-        params, opt_state = state
-        x, y, masks = self._step_inputs(data, batch)
-        if batch.rows is not None:
-            x = augment(x, batch.rows, batch.cols, batch.pad, batch.fill)
-        loss, grads, logits, buffers = model.training_pass(
-            params, x, y, self.arch, masks, self.hyperparams.label_smoothing
-        )
-        state = self._update(params, grads, buffers, opt_state, lr)
-        return state, float(loss), int((logits.argmax(axis=1) == y).sum())
+    def train_step(self, state: backend.TrainState, data, batch: Batch, lr: float):
+        return super().train_step(state, data, batch, lr)

@@ -10,23 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 from impl_numpy import layers
-from shared.spec import (
-    Activation,
-    Arch,
-    BatchNorm,
-    Conv,
-    Dropout,
-    Flatten,
-    Layer,
-    Linear,
-    Params,
-    Pool,
-)
+from shared.kinds import Activation, BatchNorm, Conv, Dropout, Flatten, Layer, Linear, Pool
+from shared.spec import Arch, Params
 
 Masks = dict[str, np.ndarray] | None
 
 
-def _layer_forward(
+def layer_forward(
     layer: Layer, params: Params, x: np.ndarray, masks: Masks, buffers: Params
 ) -> tuple[np.ndarray, object]:
     """The layer's output and its cache; updated BatchNorm buffers go into `buffers`."""
@@ -67,7 +57,7 @@ def _layer_forward(
     raise TypeError(f"unknown layer {layer!r}")
 
 
-def _layer_backward(
+def layer_backward(
     layer: Layer, dout: np.ndarray, cache: object, need_dx: bool, grads: Params
 ) -> np.ndarray | None:
     """Gradient with respect to the layer's input; parameter gradients go into `grads`."""
@@ -106,7 +96,7 @@ def _forward(
     """Every layer's output and cache, in order, and the updated buffers (training only)."""
     outputs, caches, buffers = [], [], {}
     for layer in arch.layers:
-        x, cache = _layer_forward(layer, params, x, masks, buffers)
+        x, cache = layer_forward(layer, params, x, masks, buffers)
         outputs.append(x)
         caches.append(cache)
     return outputs, caches, buffers
@@ -140,7 +130,7 @@ def _loss_and_backward(
     grads: Params = {}
     for depth in reversed(range(len(arch.layers))):
         # The first layer's input is the image: its gradient is only computed on request.
-        dout = _layer_backward(arch.layers[depth], dout, caches[depth], need_dx or depth > 0, grads)
+        dout = layer_backward(arch.layers[depth], dout, caches[depth], need_dx or depth > 0, grads)
     # Gradients in the canonical order (the backward pass met them last layer first).
     grads = {name: grads[name] for name in params if name in grads}
     return loss, grads, dout, logits, buffers

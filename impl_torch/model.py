@@ -13,24 +13,14 @@ from collections import OrderedDict
 import torch
 
 from impl_torch import layers
-from shared.spec import (
-    Activation,
-    Arch,
-    BatchNorm,
-    Conv,
-    Dropout,
-    Flatten,
-    Layer,
-    Linear,
-    Pool,
-    split_params,
-)
+from shared.kinds import Activation, BatchNorm, Conv, Dropout, Flatten, Layer, Linear, Pool
+from shared.spec import Arch, split_params
 
 Params = dict[str, torch.Tensor]
 Masks = dict[str, torch.Tensor] | None
 
 
-def _layer_forward(
+def layer_forward(
     layer: Layer, params: Params, x: torch.Tensor, masks: Masks, buffers: Params
 ) -> torch.Tensor:
     """The layer's output; updated BatchNorm buffers go into `buffers`."""
@@ -75,7 +65,7 @@ def _forward(
     """Every layer's output by name, and the updated buffers (training only)."""
     outputs, buffers = {}, {}
     for layer in arch.layers:
-        x = _layer_forward(layer, params, x, masks, buffers)
+        x = layer_forward(layer, params, x, masks, buffers)
         outputs[layer.name] = x
     return outputs, buffers
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared.spec import Dropout
+from shared.kinds import Dropout
 
 
 def batch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -20,10 +20,11 @@ from shared.backend import IMPLEMENTATIONS
 from shared.cli import add_impl_flag, number, positive_float, positive_int, run_cli
 from shared.errors import ThreefoldError, UsageError
 from shared.io import atomic_write, write_json
+from shared.kinds import Conv, Linear
 from shared.ladder import loop_epoch_seconds
 from shared.outputs import prepare_out_dir
 from shared.profile import timing_setup
-from shared.spec import IMAGE_SHAPE, Arch, Conv, Linear, get_arch, output_shape
+from shared.spec import Arch, get_arch
 
 EPOCH_IMAGES = 50_000
 WARMUP_SECONDS = 2.0
@@ -36,9 +37,8 @@ def flops_per_image(arch: Arch) -> int:
     forward, parameter gradients, and input gradients for every layer but the first (nothing
     needs the gradient of the images). Element-wise work (ReLU, pooling, bias) is left out:
     it is memory traffic, not arithmetic that a matmul ceiling measures."""
-    total, shape = 0, IMAGE_SHAPE
-    for depth, layer in enumerate(arch.layers):
-        out = output_shape(layer, shape)
+    total = 0
+    for depth, (layer, _, out) in enumerate(arch.shapes()):
         match layer:
             case Conv(_, c, o, k, _, _):
                 macs = o * c * k * k * out[1] * out[2]
@@ -46,7 +46,6 @@ def flops_per_image(arch: Arch) -> int:
                 macs = i * o
             case _:
                 macs = 0
-        shape = out
         passes = 2 if depth == 0 else 3  # forward, dW, and dX unless first
         total += 2 * macs * passes
     return total

@@ -13,7 +13,7 @@ from shared.backend import IMPLEMENTATIONS
 from shared.config import DTYPES, MIN_WARMUP_STEPS, SCHEDULES, TrainConfig
 from shared.data import DATASETS
 from shared.errors import Interrupted, ThreefoldError, UsageError
-from shared.spec import IMAGE_SIZE, INITS, presets
+from shared.spec import INITS, INPUT_SHAPE, presets
 
 
 def number(
@@ -135,9 +135,10 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
     )
     parser.add_argument(
         "--shift",
-        type=number(int, 0, below=IMAGE_SIZE),
+        type=number(int, 0, below=INPUT_SHAPE[-1]),
         default=d.shift,
-        help=f"augment: translate training images by up to N pixels, N < {IMAGE_SIZE} (0: off)",
+        help="augment: translate training images by up to N pixels, "
+        f"N < {INPUT_SHAPE[-1]} (0: off)",
     )
     parser.add_argument(
         "--seed",

@@ -13,7 +13,7 @@ DTYPES = ("float32", "float64")
 # He-initialised, the lab network's loss climbs to 3-9 within its first ten steps at rates near
 # 0.01 with momentum 0.9; after about a hundred steps at lower rates it takes 0.03. A 500-image,
 # 8-step run reached 56% validation accuracy with a 100-step warm-up against 11-35% with a
-# warm-up of half or all of its 8 steps (/tmp experiments, numpy, seed 0).
+# warm-up of half or all of its 8 steps (single NumPy runs, seed 0; not kept as a script).
 MIN_WARMUP_STEPS = 100
 
 

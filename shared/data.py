@@ -16,10 +16,10 @@ from typing import NamedTuple
 import numpy as np
 
 from shared.errors import DataError, UsageError
-from shared.idx import IMAGE_SHAPE, IdxExpect, read_idx_content
+from shared.idx import IdxExpect, read_idx_content
+from shared.spec import INPUT_SHAPE, NUM_CLASSES
 
 DATA_DIR_ENV = "THREEFOLD_DATA"
-NUM_CLASSES = 10
 # The last sixth of the official training set validates, as in the lab (50,000 / 10,000).
 VALIDATION_FRACTION = 1 / 6
 
@@ -200,7 +200,7 @@ def load_images_and_labels(
     """Images (N, 28, 28) uint8 and labels (N,) uint8 from one pair of IDX files, checked, and
     the SHA-256 of each file's IDX bytes."""
     images, images_sha, images_path = read_checked_idx(
-        folder, images_file, spec, "images", IMAGE_SHAPE
+        folder, images_file, spec, "images", INPUT_SHAPE[1:]
     )
     labels, labels_sha, labels_path = read_checked_idx(folder, labels_file, spec, "labels", ())
     if len(images) != len(labels):

@@ -10,15 +10,15 @@ from typing import Any
 import numpy as np
 
 from shared import metrics
-from shared.backend import IMPLEMENTATIONS, make_backend, predict
+from shared.backend import IMPLEMENTATIONS, batched_logits, make_backend
 from shared.checkpoint import Checkpoint, load_checkpoint
 from shared.cli import run_cli
 from shared.config import averages_mirrors
-from shared.data import NUM_CLASSES, Dataset, load_dataset
+from shared.data import Dataset, load_dataset
 from shared.io import write_json
 from shared.outputs import prepare_out_dir
 from shared.plots import plt, save_figure
-from shared.spec import get_arch
+from shared.spec import NUM_CLASSES, get_arch
 
 
 def evaluate_checkpoint(
@@ -28,7 +28,7 @@ def evaluate_checkpoint(
     by `impl` whatever implementation wrote it (with `tta`, averaged over each image and its
     mirror image); also the logits (N, 10)."""
     backend = make_backend(impl, get_arch(ckpt.meta["arch"], files=False))
-    logits = predict(backend, backend.init_state(ckpt.params), data.test.x, tta)
+    logits = batched_logits(backend, backend.init_state(ckpt.params), data.test.x, tta)
     cm = metrics.confusion_matrix(logits.argmax(axis=1), data.test.y, NUM_CLASSES)
     per_class = metrics.per_class_accuracy(cm)
     return {

@@ -23,8 +23,6 @@ from shared.errors import DataError
 
 _IDX_UBYTE = 0x08
 _GZIP_MAGIC = b"\x1f\x8b"
-# Every network in shared/spec.py takes 28x28 images.
-IMAGE_SHAPE = (28, 28)
 # No IDX file this project reads comes near this (the largest, 60,000 training images, is
 # 47 MB): it bounds what a header can make the reader allocate, whatever the file claims.
 MAX_IDX_BYTES = 1 << 26

@@ -9,7 +9,6 @@ can take less than its phases' sum, and the difference is reported rather than h
 
 from __future__ import annotations
 
-import importlib
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -41,36 +40,27 @@ def _clock(fn: Callable[[], Any], wait: Callable[[Any], Any]) -> tuple[float, An
 
 
 def step_phases(backend: Backend, state: Any, data: Any, batch: Batch, lr: float) -> dict:
-    """Seconds of each phase of one step on `batch`. The forward runs as evaluation-time code
-    does (PyTorch without recording the autograd graph, which the backward's share then
+    """Seconds of each phase of one step on `batch`, each run as the backend's step runs it
+    (compiled where the framework compiles) and awaited. The forward runs as evaluation-time
+    code does (PyTorch without recording the autograd graph, which the backward's share then
     holds); NumPy and PyTorch update `state` in place, JAX's update is discarded."""
     params, opt_state = state
-    augment = importlib.import_module(f"impl_{backend.name}.augment").augment
-    compiled = _compiled(backend)
-    if backend.name == "jax":
-        import jax
-
-        clock = partial(_clock, wait=jax.block_until_ready)
-    else:
-        clock = partial(_clock, wait=lambda value: value)
+    clock = partial(_clock, wait=backend.wait)
     seconds = {}
-    seconds["host to framework"], (idx, rows, cols, masks, rate) = clock(
-        lambda: (
-            backend._exact(batch.idx),
-            None if batch.rows is None else backend._exact(batch.rows),
-            None if batch.cols is None else backend._exact(batch.cols),
-            backend._masks(batch.masks),
-            np.asarray(lr, backend.dtype) if backend.name == "jax" else lr,
-        )
+    seconds["host to framework"], (arrays, rate) = clock(
+        lambda: (backend.step_arrays(batch), backend.rate(lr))
     )
     seconds["gather + augment"], (x, y) = clock(
-        lambda: compiled["inputs"](data, idx, rows, cols, augment, batch.pad, batch.fill)
+        lambda: backend.gather(data, arrays, batch.pad, batch.fill)
     )
-    seconds["forward"], _ = clock(lambda: backend._activations(params, x, masks=masks))
-    both, (loss, grads, logits, buffers) = clock(lambda: compiled["pass"](params, x, y, masks))
+    masks = arrays.masks
+    seconds["forward"], _ = clock(lambda: backend.activations_fn(params, x, masks=masks))
+    both, (loss, grads, logits, buffers) = clock(
+        lambda: backend.training_pass(params, x, y, masks=masks)
+    )
     seconds["backward"] = max(both - seconds["forward"], 0.0)
     seconds["optimizer update"], _ = clock(
-        lambda: compiled["update"](params, grads, buffers, opt_state, rate)
+        lambda: backend.update(params, grads, buffers, opt_state, rate)
     )
     seconds["framework to host"], _ = clock(
         lambda: (float(loss), int((np.asarray(logits).argmax(axis=1) == np.asarray(y)).sum()))
@@ -78,74 +68,24 @@ def step_phases(backend: Backend, state: Any, data: Any, batch: Batch, lr: float
     return seconds
 
 
-def _inputs(data, idx, rows, cols, augment, pad, fill):
-    x, y = data[0][idx], data[1][idx]
-    return (x if rows is None else augment(x, rows, cols, pad, fill)), y
-
-
-_CACHE: dict[Backend, dict] = {}  # by the backend itself, kept alive by the cache
-
-
-def _compiled(backend: Backend) -> dict[str, Callable]:
-    """The phases as the backend runs them: jitted one by one in JAX, as they are elsewhere."""
-    if backend not in _CACHE:
-        h = backend.hyperparams
-        training_pass = partial(
-            backend.model.training_pass, arch=backend.arch, label_smoothing=h.label_smoothing
-        )
-        if backend.name == "jax":
-            import jax
-
-            inputs = jax.jit(_inputs, static_argnums=(4, 5, 6))
-            _CACHE[backend] = {
-                "inputs": inputs,
-                "pass": jax.jit(lambda p, x, y, m: training_pass(p, x, y, masks=m)),
-                "update": jax.jit(backend._update),
-            }
-        else:
-            _CACHE[backend] = {
-                "inputs": _inputs,
-                "pass": lambda p, x, y, m: training_pass(p, x, y, masks=m),
-                "update": backend._update,
-            }
-    return _CACHE[backend]
-
-
 def numpy_layer_seconds(backend: Backend, state: Any, data: Any, batch: Batch) -> dict:
-    """Seconds of each layer's forward and backward in one NumPy training pass, by timing the
-    model's own per-layer calls."""
-    from impl_numpy import model
-    from impl_numpy.augment import augment
-
+    """Seconds of each layer's forward and backward in one NumPy training pass: the model's
+    own per-layer functions run in its order (forward, the loss, backward), each timed."""
+    model, arch, params, masks = backend.model, backend.arch, state[0], batch.masks
+    x, y = backend.gather(data, backend.step_arrays(batch), batch.pad, batch.fill)
     seconds: dict[str, float] = {}
-
-    def timed(fn: Callable, direction: str) -> Callable:
-        def wrapper(layer, *args):
-            start = time.perf_counter()
-            out = fn(layer, *args)
-            key = f"{layer.name} {direction}"
-            seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
-            return out
-
-        return wrapper
-
-    forward, backward = model._layer_forward, model._layer_backward
-    model._layer_forward, model._layer_backward = (
-        timed(forward, "forward"),
-        timed(backward, "backward"),
-    )
-    try:
-        x, y = _inputs(data, batch.idx, batch.rows, batch.cols, augment, batch.pad, batch.fill)
-        backend.model.training_pass(
-            state[0],
-            x.astype(backend.dtype),
-            y,
-            backend.arch,
-            batch.masks,
-            backend.hyperparams.label_smoothing,
-        )
-    finally:
-        model._layer_forward, model._layer_backward = forward, backward
+    caches, buffers, grads = [], {}, {}
+    for layer in arch.layers:
+        start = time.perf_counter()
+        x, cache = model.layer_forward(layer, params, x, masks, buffers)
+        seconds[f"{layer.name} forward"] = time.perf_counter() - start
+        caches.append(cache)
+    _, dout = backend.layers.softmax_cross_entropy(x, y, backend.hyperparams.label_smoothing)
+    for depth in reversed(range(len(arch.layers))):
+        layer = arch.layers[depth]
+        start = time.perf_counter()
+        dout = model.layer_backward(layer, dout, caches[depth], depth > 0, grads)
+        seconds[f"{layer.name} backward"] = time.perf_counter() - start
     return seconds
 
 

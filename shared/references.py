@@ -4,9 +4,8 @@ The cross-check compares the implementations with one another, so code they all 
 learning-rate schedule, the label-smoothed loss formula, the metrics) would pass it even when
 wrong. Here each shared piece meets an independent reference instead: optax's and PyTorch's
 schedulers, `torch.nn.functional.cross_entropy` and optax's losses, and plain Python loops.
-Rows are `(check, pair, ours, theirs)` like the cross-check's, compared by its `compare`.
-torch, jax and optax are imported inside the functions that use them, so that `shared`
-imports without them.
+Rows are the cross-check's `Compared(check, pair, ours, theirs)`. torch, jax and optax are
+imported inside the functions that use them, so that `shared` imports without them.
 """
 
 from __future__ import annotations
@@ -18,11 +17,13 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 import shared.config
-from impl_numpy import layers as numpy_layers
 from shared import metrics
 from shared.config import TrainConfig
+from shared.proof.rows import Compared
+from shared.spec import NUM_CLASSES
 
-Row = tuple[str, str, np.ndarray, np.ndarray]
+# logits (N, K), labels (N,), label smoothing -> mean loss (), dlogits (N, K)
+LossFn = Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndarray]]
 
 # float64 rows (schedules, metrics, float64 losses) differ by round-off only: ~1e-16 a step,
 # 3e-15 after the ~14000 recursive steps of a 15-epoch torch schedule, so 1e-12 is far above
@@ -32,7 +33,6 @@ Row = tuple[str, str, np.ndarray, np.ndarray]
 # at eps 0.1) moves them by 6e-4 or more.
 FLOAT32_TOLERANCE = 1e-5
 FLOAT64_TOLERANCE = 1e-12
-NUM_CLASSES = 10
 
 
 def tolerance(ours: np.ndarray) -> float:
@@ -116,12 +116,12 @@ def schedule_torch(config: TrainConfig, total_steps: int, warmup_steps: int) -> 
     return np.array(rates)
 
 
-def schedule_checks(config: TrainConfig, total_steps: int, warmup_steps: int) -> Iterator[Row]:
+def schedule_checks(config: TrainConfig, total_steps: int, warmup_steps: int) -> Iterator[Compared]:
     """Our schedule of every step against optax's and PyTorch's."""
     check = f"schedule {config.schedule}, warm-up {warmup_steps} of {total_steps}"
     ours = schedule_ours(config, total_steps, warmup_steps)
-    yield check, "shared-optax", ours, schedule_optax(config, total_steps, warmup_steps)
-    yield check, "shared-torch", ours, schedule_torch(config, total_steps, warmup_steps)
+    yield Compared(check, "shared-optax", ours, schedule_optax(config, total_steps, warmup_steps))
+    yield Compared(check, "shared-torch", ours, schedule_torch(config, total_steps, warmup_steps))
 
 
 def loss_batches(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -179,21 +179,25 @@ def loss_optax(
         return np.asarray(loss), np.asarray(grad)
 
 
-def loss_checks(smoothing: float, seed: int) -> Iterator[Row]:
-    """The NumPy loss and dlogits with label smoothing, and shared.metrics.cross_entropy
-    (no smoothing, float64), against PyTorch and optax on each of `loss_batches`."""
+def loss_checks(ours: LossFn, smoothing: float, seed: int) -> Iterator[Compared]:
+    """A loss layer's loss and dlogits with label smoothing (`ours`: NumPy's, written by
+    hand), and shared.metrics.cross_entropy (no smoothing, float64), against PyTorch and
+    optax on each of `loss_batches`."""
     for name, (logits, labels) in loss_batches(seed).items():
-        loss, dlogits = numpy_layers.softmax_cross_entropy(logits, labels, smoothing)
+        loss, dlogits = ours(logits, labels, smoothing)
         # metrics.cross_entropy works in float64 whatever the logits, so its references do too.
         evaluated = np.array(metrics.cross_entropy(logits, labels))
         wide = logits.astype(np.float64)
         for library, reference in (("torch", loss_torch), ("optax", loss_optax)):
             their_loss, their_dlogits = reference(logits, labels, smoothing)
             pair = f"numpy-{library}"
-            yield f"loss, smoothing {smoothing:g}, {name}", pair, np.asarray(loss), their_loss
-            yield f"dlogits, smoothing {smoothing:g}, {name}", pair, dlogits, their_dlogits
+            yield Compared(f"loss, smoothing {smoothing:g}, {name}", pair, loss, their_loss)
+            yield Compared(
+                f"dlogits, smoothing {smoothing:g}, {name}", pair, dlogits, their_dlogits
+            )
             their_evaluated = reference(wide, labels, 0.0)[0]
-            yield f"metrics cross-entropy, {name}", f"metrics-{library}", evaluated, their_evaluated
+            check = f"metrics cross-entropy, {name}"
+            yield Compared(check, f"metrics-{library}", evaluated, their_evaluated)
 
 
 def metric_batch(seed: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -223,7 +227,7 @@ def as_shares(shares: list[float | None]) -> np.ndarray:
     return np.array([-1.0 if s is None else s for s in shares])
 
 
-def metric_checks(seed: int) -> Iterator[Row]:
+def metric_checks(seed: int) -> Iterator[Compared]:
     """accuracy, confusion_matrix and per_class_accuracy against explicit loops over the
     examples."""
     logits, labels, k = metric_batch(seed)
@@ -234,9 +238,9 @@ def metric_checks(seed: int) -> Iterator[Row]:
         counts[y, p] += 1
     cm = metrics.confusion_matrix(logits.argmax(axis=1), labels, k)
     ours_accuracy = np.array(metrics.accuracy(logits, labels))
-    yield "accuracy", "metrics-loop", ours_accuracy, np.array(correct / len(truth))
-    yield "confusion matrix", "metrics-loop", cm, counts
-    yield (
+    yield Compared("accuracy", "metrics-loop", ours_accuracy, np.array(correct / len(truth)))
+    yield Compared("confusion matrix", "metrics-loop", cm, counts)
+    yield Compared(
         "per-class accuracy (-1: no example)",
         "metrics-loop",
         as_shares(metrics.per_class_accuracy(cm)),
@@ -245,13 +249,13 @@ def metric_checks(seed: int) -> Iterator[Row]:
 
 
 def reference_checks(
-    config: TrainConfig, total_steps: int, warmup_steps: int, seed: int = 0
-) -> Iterator[Row]:
-    """(check, pair, ours, theirs) for the schedule of `config` over `total_steps` with
-    `warmup_steps`, the loss with `config.label_smoothing`, and the metrics; `seed` draws the
-    batches. Tolerances: `tolerance(ours)`."""
+    config: TrainConfig, total_steps: int, warmup_steps: int, seed: int, loss: LossFn
+) -> Iterator[Compared]:
+    """Rows for the schedule of `config` over `total_steps` with `warmup_steps`, the `loss`
+    layer with `config.label_smoothing`, and the metrics; `seed` draws the batches.
+    Tolerances: `tolerance(row.a)`."""
     return itertools.chain(
         schedule_checks(config, total_steps, warmup_steps),
-        loss_checks(config.label_smoothing, seed),
+        loss_checks(loss, config.label_smoothing, seed),
         metric_checks(seed),
     )

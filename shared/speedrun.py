@@ -4,7 +4,7 @@ test accuracy against the seconds spent training.
 
 Training time is the sum of the epochs' step loops (batches drawn, augmented, stepped); the
 data loading, the compilation of the step (JAX), the per-epoch validation and the final test
-are timed apart (`shared.train` records each).
+are timed apart (`shared.loop` records each).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from shared.cli import add_impl_flag, positive_int, run_cli
 from shared.config import FAST_RECIPE, TrainConfig
 from shared.data import Dataset, load_dataset
 from shared.io import atomic_write, write_json
+from shared.loop import train, train_split
 from shared.outputs import hold, prepare_out_dir
-from shared.train import train, train_split
+from shared.spec import get_arch
 
 ARCH = "lab"
 RECIPES = {"fast": FAST_RECIPE, "defaults": {}}
@@ -246,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = args.seeds or (QUICK["seeds"] if args.quick else 5)
         data = load_dataset(args.data_dir)
         for recipe in RECIPES:  # both fit the data before any folder is made
-            train_split(recipe_config("numpy", recipe, 0, quick_images(data, args.quick)), data)
+            config = recipe_config("numpy", recipe, 0, quick_images(data, args.quick))
+            train_split(config, get_arch(config.arch), data)
         out = prepare_out_dir(args.out or Path(default_out))
         with hold(out):
             run_speedrun(

@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from shared.backend import IMPLEMENTATIONS
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {"train", "evaluate", "crosscheck", "experiments", "benchmark", "speedrun"}
 PACKAGES = ("shared", "impl_numpy", "impl_jax", "impl_torch")
+# The one module of shared/ that may import an implementation: the backend factory.
+FACTORY = ROOT / "shared" / "backend.py"
 
 
 def imports(path: Path) -> set[tuple[str, str]]:
@@ -27,12 +31,19 @@ def imports(path: Path) -> set[tuple[str, str]]:
 
 
 def modules() -> list[Path]:
-    return sorted(p for package in PACKAGES for p in (ROOT / package).glob("*.py"))
+    return sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py"))
+
+
+def python_files() -> list[Path]:
+    """Every Python file of the project: packages, scripts and tests."""
+    return sorted(
+        p for folder in (*PACKAGES, "scripts", "tests") for p in (ROOT / folder).rglob("*.py")
+    )
 
 
 def test_every_module_the_architecture_note_names_exists():
     text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
-    named = set(re.findall(r"`((?:shared|impl_\w+|scripts|tests)/\w+\.(?:py|sh))`", text))
+    named = set(re.findall(r"`((?:shared|impl_\w+|scripts|tests)(?:/\w+)*/\w+\.(?:py|sh))`", text))
     assert len(named) > 20
     missing = sorted(p for p in named if not (ROOT / p).is_file())
     assert missing == []
@@ -40,7 +51,7 @@ def test_every_module_the_architecture_note_names_exists():
 
 @pytest.mark.parametrize("path", modules(), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_no_module_imports_a_command_front_end(path):
-    own = f"{path.parent.name}.{path.stem}"
+    own = ".".join(path.relative_to(ROOT).with_suffix("").parts)
     for module, name in imports(path):
         assert name != "main", f"{own} imports main from {module}"
         if own.startswith("impl_") or path.stem not in COMMANDS | {"cli"}:
@@ -61,3 +72,52 @@ def test_each_script_is_its_command_modules_main(command):
     script = ROOT / "scripts" / f"{command}.py"
     assert (f"shared.{command}", "main") in imports(script)
     assert len(script.read_text().splitlines()) <= 10
+
+
+SHARED_BUT_THE_FACTORY = [p for p in sorted((ROOT / "shared").rglob("*.py")) if p != FACTORY]
+
+
+@pytest.mark.parametrize("path", SHARED_BUT_THE_FACTORY, ids=lambda p: p.name)
+def test_only_the_backend_factory_reaches_an_implementation(path):
+    """Foundation modules, commands and the cross-check reach the implementations through a
+    Backend from `make_backend`, never by importing one (statically or by name)."""
+    tree = ast.parse(path.read_text())
+    for module, _ in imports(path):
+        assert not module.startswith("impl_"), f"{path.name} imports {module}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            called = ast.unparse(node.func)
+            assert "import_module" not in called and called != "__import__", path.name
+
+
+def implementation_literals(path: Path) -> list[str]:
+    """Places in a file that write out the implementations by hand: a list, tuple, set or
+    dict's keys naming two or more of them, or holding only names of pairs of them."""
+    names = set(IMPLEMENTATIONS)
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.List | ast.Tuple | ast.Set):
+            elements = node.elts
+        elif isinstance(node, ast.Dict):
+            elements = [k for k in node.keys if k is not None]
+        else:
+            continue
+        strings = [e.value for e in elements if isinstance(e, ast.Constant)]
+        strings = [s for s in strings if isinstance(s, str)]
+        named = {s for s in strings if s in names}
+        pairs = [s for s in strings if set(s.split("-")) <= names and s.count("-") == 1]
+        if len(named) >= 2 or (len(pairs) >= 2 and len(pairs) == len(elements)):
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return found
+
+
+def test_the_implementations_are_named_in_one_list():
+    """Tests and plots take the implementations (and their pairs) from IMPLEMENTATIONS, so a
+    fourth implementation is compared and drawn without a KeyError."""
+    found = [place for path in python_files() for place in implementation_literals(path)]
+    assert found == [f"{FACTORY.relative_to(ROOT)}:{_line_of_implementations()}"]
+
+
+def _line_of_implementations() -> int:
+    lines = FACTORY.read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if line.startswith("IMPLEMENTATIONS ="))

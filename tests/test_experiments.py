@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from shared import experiments
+from shared.backend import IMPLEMENTATIONS
 from shared.config import TrainConfig
 from shared.data import FASHION_MNIST, load_dataset
 from shared.errors import DataError
-from shared.experiments import AGREEMENT, RunStore, recheck_in_float64, run_experiments
-from shared.train import train
+from shared.experiments import RunStore, recheck_in_float64, run_experiments
+from shared.lab_questions import AGREEMENT
+from shared.loop import train
 from tests.test_training import run_script
 
 
@@ -54,7 +56,7 @@ def test_experiments_write_every_table_and_plot(tiny_data_dir, tmp_path, monkeyp
     assert list(results["seeds"])[-1] == ("strong, epochs 1", "torch")
     saved = json.loads((out / "experiments" / "results.json").read_text())
     by_impl = saved["comparisons"]["Epochs"]["1 epoch"]
-    assert set(by_impl) == {"numpy", "jax", "torch"}
+    assert set(by_impl) == set(IMPLEMENTATIONS)
     assert all(0 <= s["test_acc"] <= 1 and len(s["val_curve"]) == 1 for s in by_impl.values())
     # Exactly the rows whose implementations disagree by more than allowed are rechecked in
     # float64, by every implementation.
@@ -69,7 +71,7 @@ def test_experiments_write_every_table_and_plot(tiny_data_dir, tmp_path, monkeyp
     }
     assert set(saved["float64"]) == disagreeing
     for row, accs in saved["float64"].items():
-        assert set(accs) == {"numpy", "jax", "torch"}
+        assert set(accs) == set(IMPLEMENTATIONS)
         assert f"- {row}: " in report and "trained again in float64" in report
     # Every finished run is stored with its date: run again, nothing is trained and the
     # report is the same.
@@ -106,7 +108,7 @@ def test_a_damaged_run_store_is_refused_unless_fresh(tmp_path, tiny_data_dir):
 
 
 def test_rows_that_disagree_are_trained_again_in_float64(tiny_data_dir):
-    impls = ("numpy", "jax", "torch")
+    impls = IMPLEMENTATIONS
     saved = {
         "base": dataclasses.asdict(TrainConfig(epochs=1, batch_size=16)),
         "comparisons": {
@@ -137,7 +139,7 @@ def test_evaluate_any_checkpoint_with_any_implementation(tiny_data_dir, tmp_path
         log=lambda _: None,
     )
     accs = []
-    for impl in ("numpy", "jax", "torch"):
+    for impl in IMPLEMENTATIONS:
         result = run_script(
             "evaluate.py",
             str(out / "checkpoint.npz"),

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from impl_torch.model import as_module
-from shared.backend import IMPLEMENTATIONS, make_backend, predict
+from shared.backend import IMPLEMENTATIONS, batched_logits, make_backend
 from shared.checkpoint import load_checkpoint
 from shared.config import TrainConfig
-from shared.crosscheck import TOLERANCES, compare
 from shared.data import load_dataset
-from shared.spec import BatchNorm, get_arch, init_params, state_shapes
-from shared.train import train
+from shared.kinds import BatchNorm
+from shared.loop import train
+from shared.proof.rows import TOLERANCES, compare
+from shared.spec import get_arch, init_params, state_shapes
 
 # BatchNorm 2d and 1d (running statistics to carry over), dropout (off in evaluation), a
 # strided conv, max- and average-pooling.
@@ -58,7 +59,7 @@ def test_a_trained_checkpoint_predicts_the_same_in_plain_pytorch(impl, tiny_data
     assert ours.dtype == np.float32 and ours.shape == (len(x), 10)
     for other in IMPLEMENTATIONS:
         backend = make_backend(other, arch)
-        logits = predict(backend, backend.init_state(ckpt.params), x)
+        logits = batched_logits(backend, backend.init_state(ckpt.params), x)
         np.testing.assert_array_equal(ours.argmax(axis=1), logits.argmax(axis=1), err_msg=other)
         max_abs, max_rel = compare(ours, logits)
         assert max_rel <= FLOAT32_TOL, f"{other}: max abs {max_abs:.3g}, max rel {max_rel:.3g}"

@@ -17,17 +17,18 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared.backend import IMPLEMENTATIONS
 from shared.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from shared.errors import CheckpointError, DataError, UsageError
-from shared.idx import IMAGE_SHAPE, MAX_IDX_BYTES, IdxExpect, parse_idx, read_idx
-from shared.spec import IMAGE_SHAPE as NETWORK_INPUT
+from shared.idx import MAX_IDX_BYTES, IdxExpect, parse_idx, read_idx
+from shared.kinds import INPUT_SHAPE as NETWORK_INPUT
+from shared.kinds import output_shape
 from shared.spec import (
     MAX_LAYER_OUTPUT,
     MAX_PARAMETERS,
     PRESETS,
     get_arch,
     init_params,
-    output_shape,
     param_shapes,
 )
 from tests.conftest import idx_bytes
@@ -96,7 +97,7 @@ DIM = st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 28, 32, 10_000
     dims=st.lists(DIM, min_size=1, max_size=4),
     extra=st.one_of(st.integers(-2, 2), st.just(4 << 20)),  # body bytes beyond those declared
     compress=st.booleans(),
-    expect=st.sampled_from([None, IdxExpect("images", IMAGE_SHAPE, 60_000)]),
+    expect=st.sampled_from([None, IdxExpect("images", NETWORK_INPUT[1:], 60_000)]),
 )
 def test_declared_sizes_fail_fast_in_bounded_memory(tmp_path, dims, extra, compress, expect):
     declared = math.prod(dims)
@@ -182,7 +183,7 @@ HISTORY_ENTRY = st.dictionaries(
 # Each field usually of its own type, sometimes any JSON value; arch mostly there.
 META_FIELDS = {
     "epoch": st.integers(-1, 3) | JSON,
-    "impl": st.sampled_from(["numpy", "torch"]) | JSON,
+    "impl": st.sampled_from(IMPLEMENTATIONS) | JSON,
     "dataset": st.just("fashion-mnist") | JSON,
     "config": st.dictionaries(st.text(max_size=8), JSON, max_size=3) | JSON,
     "history": st.lists(HISTORY_ENTRY, max_size=3) | JSON,

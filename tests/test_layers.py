@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from impl_numpy import layers
+from shared.backend import IMPLEMENTATIONS
 from tests.conftest import to_native
 
-IMPLS = ("numpy", "jax", "torch")
+IMPLS = IMPLEMENTATIONS
 EPS = 1e-6
 F64_TOL = 1e-10
 

@@ -20,8 +20,10 @@ import impl_numpy.layers
 import impl_numpy.optim
 import impl_torch.layers
 from shared import crosscheck
-from shared.backend import make_backend
-from shared.crosscheck import ALL_ON, CheckResult, compare, drawn_setting, run_crosscheck
+from shared.backend import make_backend, pairs_with
+from shared.crosscheck import run_crosscheck
+from shared.proof.rows import CheckResult, compare
+from shared.proof.settings import ALL_ON, drawn_setting
 from shared.spec import get_arch, param_shapes
 
 # A small network with BatchNorm 2d and 1d, a strided conv (conv2) and dropout.
@@ -29,7 +31,6 @@ SPEC = "conv4-bn-relu-maxpool2-conv6s2-bn-tanh-flatten-fc16-bn-sigmoid-dropout0.
 # Without BatchNorm or sigmoid, exact zeros stay exact: the planted-ties setting runs.
 SPEC_WITHOUT_BN = "conv4-relu-maxpool2-flatten-fc16-relu-dropout0.25-fc10"
 STEPS, BATCH = 3, 6
-PAIRS = ("numpy-jax", "numpy-torch", "jax-torch")
 
 
 def check(spec: str = SPEC, dtype: str = "float64") -> list[CheckResult]:
@@ -62,10 +63,6 @@ def failures(results: list[CheckResult], planted: str) -> set[tuple[str, str, st
         if not involves(r, planted) and not r.passed
     ] == []
     return {(kind(r.setting), r.check, r.pair) for r in results if not r.passed}
-
-
-def pairs_with(impl: str) -> tuple[str, ...]:
-    return tuple(pair for pair in PAIRS if impl in pair.split("-"))
 
 
 def layer_names(spec: str) -> list[str]:

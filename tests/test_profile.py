@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 
 from impl_numpy import layers, model
-from shared.backend import make_backend
+from shared.backend import IMPLEMENTATIONS, make_backend
 from shared.config import TrainConfig
-from shared.crosscheck import CheckResult, plot_results, worst_by_row
 from shared.data import load_dataset
 from shared.ladder import conv_backward_loops, conv_forward_loops, lab_step
+from shared.loop import compile_steps
 from shared.profile import PHASES
+from shared.proof.report import plot_results, worst_by_row
+from shared.proof.rows import CheckResult
 from shared.spec import get_arch, init_params
-from shared.train import compile_steps
 from tests.test_training import run_script
 
 
@@ -26,7 +27,7 @@ def test_profile_times_every_phase_and_every_numpy_layer(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "profile.json").read_text())["rows"]
-    assert [r["impl"] for r in rows] == ["numpy", "jax", "torch"]
+    assert [r["impl"] for r in rows] == list(IMPLEMENTATIONS)
     for r in rows:
         assert set(r["phases"]) == set(PHASES) and r["step"] > 0
         assert r["phases"]["forward"] > 0 and r["phases"]["optimizer update"] > 0
@@ -83,7 +84,7 @@ def test_the_crosscheck_picture_draws_the_worst_row_of_each_tensor(tmp_path):
     assert (tmp_path / "crosscheck.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("impl", ["numpy", "jax", "torch"])
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_compiling_the_step_leaves_the_run_state_as_it_was(impl, tiny_data_dir):
     data = load_dataset(tiny_data_dir)
     config = TrainConfig(impl=impl, batch_size=16)  # 100 images: a full and a ragged batch

@@ -13,8 +13,15 @@ import shared.config
 from impl_numpy import layers as numpy_layers
 from shared import metrics
 from shared.config import MIN_WARMUP_STEPS, TrainConfig, warmup_steps
-from shared.crosscheck import compare
+from shared.proof.rows import compare
 from shared.references import FLOAT32_TOLERANCE, FLOAT64_TOLERANCE, reference_checks, tolerance
+
+
+def numpy_loss(logits: np.ndarray, labels: np.ndarray, smoothing: float):
+    """NumPy's hand-written loss layer, looked up at call time so that a test can plant a
+    wrong one."""
+    return numpy_layers.softmax_cross_entropy(logits, labels, smoothing)
+
 
 # The default run: 15 epochs of 782 batches (the 50000 training images after the validation
 # split, in batches of 64), one epoch of warm-up.
@@ -58,8 +65,8 @@ def rows_by_name(
     """(check, pair) -> (relative difference, tolerance) of every reference row."""
     config = replace(TrainConfig(), schedule=schedule, label_smoothing=smoothing)
     return {
-        (check, pair): (compare(ours, theirs)[1], tolerance(ours))
-        for check, pair, ours, theirs in reference_checks(config, total, warmup, seed)
+        (row.check, row.pair): (compare(row.a, row.b)[1], tolerance(row.a))
+        for row in reference_checks(config, total, warmup, seed, numpy_loss)
     }
 
 
@@ -92,7 +99,8 @@ def test_shared_pieces_agree_with_the_libraries(schedule, total, warmup, smoothi
 
 def test_rows_have_their_inputs_dtype():
     config = TrainConfig()
-    dtypes = {check: ours.dtype for check, _, ours, _ in reference_checks(config, 20, 5)}
+    rows = reference_checks(config, 20, 5, 0, numpy_loss)
+    dtypes = {row.check: row.a.dtype for row in rows}
     assert dtypes["loss, smoothing 0.1, float32 logits 90-100"] == np.float32
     assert dtypes["dlogits, smoothing 0.1, float32 logits 90-100"] == np.float32
     assert dtypes["loss, smoothing 0.1, float64"] == np.float64

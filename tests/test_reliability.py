@@ -19,17 +19,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shared.backend import IMPLEMENTATIONS
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.config import TrainConfig
 from shared.data import FASHION_MNIST, OfficialFiles, load_dataset
 from shared.download import download_dataset
 from shared.errors import CheckpointError, DataError
-from shared.train import TrainingDiverged, train
+from shared.loop import TrainingDiverged, train
 from tests.conftest import idx_bytes, make_dataset_dir, write_idx
 from tests.test_runs import wait_for_line
 from tests.test_training import ROOT, run_script
 
-IMPLS = ["numpy", "jax", "torch"]
+IMPLS = list(IMPLEMENTATIONS)
 
 
 # --- resume -------------------------------------------------------------------------------

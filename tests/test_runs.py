@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shared.backend import IMPLEMENTATIONS
 from shared.checkpoint import load_checkpoint
 from shared.config import TrainConfig
 from shared.data import load_dataset
 from shared.errors import Interrupted
 from shared.io import remove_stale_temporaries, write_json
+from shared.loop import train
 from shared.outputs import fresh_run_dir, hold
-from shared.train import train
 from tests.conftest import make_dataset_dir
 from tests.test_training import ROOT, run_script
 
@@ -240,7 +241,7 @@ def test_interrupted_after_the_last_epoch_says_how_to_finish(tiny_data_dir, tmp_
         raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("shared.train.evaluate_test_set", stop_at_the_test)
+        mp.setattr("shared.loop.evaluate_test_set", stop_at_the_test)
         with pytest.raises(Interrupted, match="after the last epoch") as stopped:
             train(TrainConfig(epochs=2, batch_size=16), load_dataset(tiny_data_dir), out)
     message = str(stopped.value)
@@ -305,7 +306,7 @@ def test_json_written_by_the_project_is_strict(tmp_path):
 # --- short runs -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", ["numpy", "jax", "torch"])
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_one_epoch_on_500_images_learns(impl, real_data):
     record = train(TrainConfig(impl=impl, epochs=1, limit=500), real_data, log=lambda _: None)
     assert record["history"][0]["val_acc"] > 0.4  # chance is 0.1

@@ -15,26 +15,20 @@ from shared.checkpoint import load_checkpoint
 from shared.config import TrainConfig
 from shared.data import load_dataset
 from shared.errors import Interrupted, UsageError
+from shared.kinds import Activation, BatchNorm, Conv, Dropout, Flatten, Linear, Pool
+from shared.loop import evaluate_epoch, train
 from shared.spec import (
     GRAMMAR,
     MAX_LAYERS,
     MAX_SPEC_CHARS,
     MAX_SPEC_FILE_BYTES,
     PRESETS,
-    Activation,
-    BatchNorm,
-    Conv,
-    Dropout,
-    Flatten,
-    Linear,
-    Pool,
     get_arch,
     init_params,
     param_shapes,
     presets,
     state_shapes,
 )
-from shared.train import evaluate_epoch, train
 from tests.conftest import make_dataset_dir
 from tests.test_training import run_script
 
@@ -71,12 +65,12 @@ def test_the_presets_keep_the_lab_s_names_and_shapes():
     assert param_shapes(noconv)["fc1.weight"] == (128, 784)
     strong = get_arch("strong")
     assert param_shapes(strong)["fc1.weight"] == (128, 64 * 7 * 7)
-    assert [d.p for d in strong.dropouts] == [0.3] and strong.has_batch_norm
+    assert [d.p for d in strong.dropouts] == [0.3] and strong.uses_batch_statistics
     for name, arch in presets().items():
         assert arch.name == arch.label == name and arch.description == PRESETS[name][1]
         assert arch.spec == PRESETS[name][0]
         # The trainable tensors, plus BatchNorm's running statistics where it has any.
-        assert (state_shapes(arch) == param_shapes(arch)) != arch.has_batch_norm
+        assert (state_shapes(arch) == param_shapes(arch)) != arch.uses_batch_statistics
 
 
 def test_a_preset_written_out_is_that_preset():
@@ -781,7 +775,7 @@ def test_a_spec_run_resumes_exactly(tmp_path):
         return evaluate_epoch(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("shared.train.evaluate_epoch", stop_in_epoch_2)
+        mp.setattr("shared.loop.evaluate_epoch", stop_in_epoch_2)
         with pytest.raises(Interrupted, match="holds epoch 1"):
             train(config, data, resumed, log=lambda _: None)
     ckpt = load_checkpoint(resumed / "checkpoint.npz", dtype=config.dtype)

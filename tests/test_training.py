@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from shared import metrics
-from shared.backend import make_backend, predict
+from shared.backend import IMPLEMENTATIONS, batched_logits, make_backend
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.config import (
     MIN_WARMUP_STEPS,
@@ -24,8 +24,8 @@ from shared.config import (
 )
 from shared.data import load_dataset
 from shared.errors import CheckpointError, UsageError
+from shared.loop import train
 from shared.spec import get_arch, init_params
-from shared.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,9 @@ def test_short_real_run_lowers_the_loss(real_data):
     config = TrainConfig(impl="numpy", epochs=2, limit=5000, lr=0.01, warmup=0, flip=False, shift=0)
     backend = make_backend(config.impl, get_arch(config.arch), config.dtype, config.hyperparams)
     state = backend.init_state(init_params(get_arch("lab"), "he", config.seed))
-    initial = metrics.cross_entropy(predict(backend, state, real_data.val.x), real_data.val.y)
+    initial = metrics.cross_entropy(
+        batched_logits(backend, state, real_data.val.x), real_data.val.y
+    )
     record = train(config, real_data, log=lambda _: None)
     history = record["history"]
     assert history[-1]["val_loss"] < 0.6 * initial
@@ -89,21 +91,23 @@ def test_mirror_images_are_averaged_by_default_only_after_training_on_flips():
     assert averages_mirrors(TrainConfig().flip, TrainConfig().tta)
 
 
-@pytest.mark.parametrize("impl", ["numpy", "jax", "torch"])
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_tta_averages_each_image_with_its_mirror_image(impl, tiny_data_dir):
     test = load_dataset(tiny_data_dir).test.x
     mirrored = np.ascontiguousarray(test[..., ::-1])
     backend = make_backend(impl, get_arch("lab"), np.float64)
     state = backend.init_state(init_params(get_arch("lab"), "he", 0, np.dtype(np.float64)))
-    plain = predict(backend, state, test, batch_size=7)
-    tta = predict(backend, state, test, tta=True, batch_size=7)
-    np.testing.assert_allclose(tta, (plain + predict(backend, state, mirrored)) / 2, rtol=1e-12)
+    plain = batched_logits(backend, state, test, batch_size=7)
+    tta = batched_logits(backend, state, test, tta=True, batch_size=7)
+    np.testing.assert_allclose(
+        tta, (plain + batched_logits(backend, state, mirrored)) / 2, rtol=1e-12
+    )
     # Averaged over both orientations, an image and its mirror image get the same logits.
-    np.testing.assert_allclose(predict(backend, state, mirrored, tta=True), tta, rtol=1e-12)
+    np.testing.assert_allclose(batched_logits(backend, state, mirrored, tta=True), tta, rtol=1e-12)
     assert not np.allclose(tta, plain)
 
 
-@pytest.mark.parametrize("impl", ["numpy", "jax", "torch"])
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_train_script_writes_all_outputs(tiny_data_dir, tmp_path, impl):
     out = tmp_path / "run"
     result = run_script(

@@ -1,0 +1,409 @@
+"""The training loop, written once: any implementation supplies its step through a Backend.
+The train.py command in front of it is shared/train.py; the experiments and the speedrun run
+it too."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from shared import metrics
+from shared.backend import Backend, TrainState, batched_logits, make_backend
+from shared.batches import Batch, num_batches, training_batches
+from shared.checkpoint import Checkpoint, save_checkpoint
+from shared.config import (
+    TrainConfig,
+    averages_mirrors,
+    check_config,
+    learning_rate,
+    warmup_steps,
+)
+from shared.data import Dataset, Split
+from shared.errors import Interrupted, ThreefoldError, UsageError
+from shared.io import remove_stale_temporaries, write_json
+from shared.outputs import CHECKPOINT_NAME, CURVES_NAME, METRICS_NAME
+from shared.plots import plot_curves
+from shared.spec import NUM_CLASSES, Arch, get_arch, init_params
+
+
+class TrainingDiverged(ThreefoldError):
+    """The loss, a validation loss or a weight stopped being a finite number."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, which a run takes like Ctrl-C: it stops, keeps its last epoch and says how to
+    continue."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM stops a run as Ctrl-C does (keeping its last epoch)."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, then act on them: an epoch's checkpoint
+    and metrics.json are written together, so they always tell the same story. (Python runs
+    signal handlers in the main thread only; elsewhere the block runs unguarded.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda number, frame: caught.append(number)) for s in held}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if caught:
+        raise Terminated if caught[0] == signal.SIGTERM else KeyboardInterrupt
+
+
+def _hyperparameters(config: TrainConfig) -> str:
+    """The flags that shape a step's size, as the user would type them."""
+    nesterov = "--nesterov" if config.nesterov else "--no-nesterov"
+    return (
+        f"--lr {config.lr:g}, --momentum {config.momentum:g} {nesterov}, --weight-decay "
+        f"{config.weight_decay:g}, --batch-size {config.batch_size}, --warmup "
+        f"{'default' if config.warmup is None else f'{config.warmup:g}'}"
+    )
+
+
+def train_split(config: TrainConfig, arch: Arch, data: Dataset) -> Split:
+    """The images the run trains on; --limit and --batch-size must fit them, and a network of
+    `arch` that normalises across the batch must never get a batch of one."""
+    if config.limit is not None and config.limit > len(data.train):
+        raise UsageError(f"--limit {config.limit} exceeds the {len(data.train)} training images")
+    split = data.train if config.limit is None else data.train.head(config.limit)
+    if config.batch_size > len(split):
+        raise UsageError(
+            f"--batch-size {config.batch_size} exceeds the {len(split)} training images"
+        )
+    if arch.uses_batch_statistics and len(split) % config.batch_size == 1:
+        raise UsageError(
+            f"--batch-size {config.batch_size}: the last batch of each epoch would hold 1 of "
+            f"the {len(split)} images, and BatchNorm cannot take statistics of one image "
+            "(PyTorch refuses it too); choose another batch size or --limit"
+        )
+    return split
+
+
+def epoch_batches(
+    backend: Backend, n: int, config: TrainConfig, epoch: int, fill: float
+) -> Iterator[Batch]:
+    """The batches of `epoch` of a run of n images: its order, flips, shifts (padded with
+    `fill`) and the dropout masks of the backend's network, all from (seed, epoch)."""
+    return training_batches(
+        n,
+        config.batch_size,
+        seed=config.seed,
+        epoch=epoch,
+        flip=config.flip,
+        shift=config.shift,
+        fill=fill,
+        dropouts=backend.arch.dropouts,
+    )
+
+
+def run_epoch(
+    backend: Backend,
+    state: Any,
+    data: Any,
+    n: int,
+    config: TrainConfig,
+    epoch: int,
+    fill: float,
+) -> tuple[Any, float, float]:
+    """One pass over the n images of `data` (from backend.put_data) in the (seed, epoch)
+    order, shifted images padded with `fill` -> (state, mean loss, accuracy)."""
+    steps = num_batches(n, config.batch_size)
+    warmup = warmup_steps(config, steps)
+    batches = epoch_batches(backend, n, config, epoch, fill)
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(
+        batches, total=steps, desc=f"{backend.name} epoch {epoch}", leave=False, disable=None
+    )
+    for i, batch in enumerate(bar):
+        step = (epoch - 1) * steps + i
+        lr = learning_rate(step, config.epochs * steps, config.lr, config.schedule, warmup)
+        state, loss, n_correct = backend.train_step(state, data, batch, lr)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss} at step {step + 1} (epoch {epoch}, batch {i + 1}) "
+                f"with learning rate {lr:.6g} ({_hyperparameters(config)}); a smaller step "
+                "(lower --lr or --momentum, a longer --warmup) keeps it finite"
+            )
+        size = len(batch.idx)
+        loss_sum, correct, seen = loss_sum + loss * size, correct + n_correct, seen + size
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+    return state, loss_sum / seen, correct / seen
+
+
+def compile_steps(
+    backend: Backend, state: Any, data: Any, n: int, config: TrainConfig, fill: float
+) -> float:
+    """Seconds to compile a training step for each batch size of an epoch of n images (a full
+    batch, and the last one if smaller), on a copy of `state`; 0 where nothing compiles."""
+    if not backend.compiles:
+        return 0.0
+    one_per_size: dict[int, Batch] = {}
+    for batch in epoch_batches(backend, n, config, 1, fill):
+        one_per_size.setdefault(len(batch.idx), batch)
+    start = time.perf_counter()
+    backend.compile_step(state, data, list(one_per_size.values()))
+    return time.perf_counter() - start
+
+
+def _saved(out_dir: Path | None, last_epoch: int) -> str:
+    if out_dir is None or last_epoch < 1:
+        return "no epoch was completed, so nothing was saved"
+    return f"{out_dir / CHECKPOINT_NAME} holds epoch {last_epoch}, intact"
+
+
+def _resume_command(out_dir: Path, data: Dataset) -> str:
+    return f"python scripts/train.py --resume {out_dir} --data-dir {data.source}"
+
+
+def _finite(values: dict[str, Any], what: str, epoch: int, config: TrainConfig) -> None:
+    """Stop the run if one of `values` (numbers or arrays) is not finite, naming it."""
+    for name, value in values.items():
+        if not np.all(np.isfinite(value)):
+            raise TrainingDiverged(
+                f"{what} {name} became non-finite in epoch {epoch} ({_hyperparameters(config)})"
+            )
+
+
+def data_identity(data: Dataset) -> dict[str, str]:
+    """What a run was trained on: the dataset, its folder, and the digest of its files'
+    content (the same for any faithful copy, wherever it lies)."""
+    return {
+        "dataset": data.spec.name,
+        "folder": str(Path(data.source).resolve()),
+        "sha256": data.content_sha256,
+    }
+
+
+def _interrupted(stop: KeyboardInterrupt, what: str) -> Interrupted:
+    """The one-line error for Ctrl-C or SIGTERM (`stop`), followed by `what` was kept."""
+    if isinstance(stop, Terminated):
+        return Interrupted(f"terminated (SIGTERM) {what}", signal_number=signal.SIGTERM)
+    return Interrupted(f"interrupted {what}", signal_number=signal.SIGINT)
+
+
+def evaluate_epoch(
+    backend: Backend,
+    state: Any,
+    data: Dataset,
+    epoch: int,
+    train_loss: float,
+    train_acc: float,
+    start: float,
+    tta: bool,
+) -> dict[str, Any]:
+    """The history entry of an epoch: its training figures, validation loss and accuracy."""
+    train_seconds = time.perf_counter() - start
+    val_logits = batched_logits(backend, state, data.val.x, tta)
+    return {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "val_loss": metrics.cross_entropy(val_logits, data.val.y),
+        "val_acc": metrics.accuracy(val_logits, data.val.y),
+        "train_seconds": train_seconds,
+        "epoch_seconds": time.perf_counter() - start,
+    }
+
+
+def evaluate_test_set(backend: Backend, state: Any, data: Dataset, tta: bool) -> dict[str, Any]:
+    """Loss, accuracy, confusion matrix and per-class accuracy on the test images."""
+    start = time.perf_counter()
+    logits = batched_logits(backend, state, data.test.x, tta)
+    seconds = time.perf_counter() - start
+    cm = metrics.confusion_matrix(logits.argmax(axis=1), data.test.y, NUM_CLASSES)
+    return {
+        "loss": metrics.cross_entropy(logits, data.test.y),
+        "acc": metrics.accuracy(logits, data.test.y),
+        "confusion_matrix": cm.tolist(),
+        "per_class_acc": metrics.per_class_accuracy(cm),
+        "seconds": seconds,
+    }
+
+
+@dataclass
+class Run:
+    """A run in progress: what it trains, with what, where it writes, and how far it is."""
+
+    config: TrainConfig
+    arch: Arch
+    data: Dataset
+    split: Split
+    backend: Backend
+    state: TrainState
+    train_data: Any  # the training split moved into the framework (backend.put_data)
+    record: dict[str, Any]  # configuration, per-epoch history, (at the end) test metrics
+    out_dir: Path | None
+    tta: bool
+
+    @property
+    def done(self) -> int:
+        """Epochs completed (and, with an out_dir, saved)."""
+        return len(self.record["history"])
+
+
+def train(
+    config: TrainConfig,
+    data: Dataset,
+    out_dir: Path | None = None,
+    log: Callable[[str], None] = tqdm.write,
+    resume: Checkpoint | None = None,
+    arch: Arch | None = None,
+) -> dict[str, Any]:
+    """Train from the seeded initial weights (or from `resume`, a checkpoint of this run),
+    evaluate on validation each epoch and on test at the end. With `out_dir`: after every
+    epoch the checkpoint and metrics.json, at the end curves.png, each written atomically.
+    `arch` is the network of `config.arch`, where the caller has parsed it already.
+
+    Returns the run's record (configuration, per-epoch history, test metrics).
+    """
+    run = start_run(config, data, out_dir, resume, arch or get_arch(config.arch, files=False))
+    train_epochs(run, log)
+    finish_run(run)
+    return run.record
+
+
+def start_run(
+    config: TrainConfig, data: Dataset, out_dir: Path | None, resume: Checkpoint | None, arch: Arch
+) -> Run:
+    """The run's backend and state (the seeded initial weights, or the checkpoint's), its
+    training images moved in, and its step compiled before the first epoch's clock starts."""
+    check_config(config)
+    backend = make_backend(config.impl, arch, config.dtype, config.hyperparams)
+    split = train_split(config, arch, data)
+    record: dict[str, Any] = {"config": dataclasses.asdict(config), "history": []}
+    if resume is None:
+        state = backend.init_state(init_params(arch, config.init, config.seed, config.dtype))
+    else:
+        state = backend.init_state(resume.params, resume.velocity)
+        record["history"] = resume.meta["history"]
+    tta = averages_mirrors(config.flip, config.tta)
+    train_data = backend.put_data(split.x, split.y)
+    run = Run(config, arch, data, split, backend, state, train_data, record, out_dir, tta)
+    if run.done < config.epochs:
+        # An epoch's time is then its steps' alone.
+        record["compile_seconds"] = compile_steps(
+            backend, state, train_data, len(split), config, data.spec.background
+        )
+    if out_dir is not None:
+        remove_stale_temporaries(out_dir)
+    return run
+
+
+def train_epochs(run: Run, log: Callable[[str], None]) -> None:
+    """The remaining epochs, each evaluated on validation, saved, then printed. Ctrl-C,
+    SIGTERM or a divergence end the run in one line that says what was kept."""
+    config, backend = run.config, run.backend
+    try:
+        for epoch in range(run.done + 1, config.epochs + 1):
+            start = time.perf_counter()
+            run.state, train_loss, train_acc = run_epoch(
+                backend,
+                run.state,
+                run.train_data,
+                len(run.split),
+                config,
+                epoch,
+                run.data.spec.background,
+            )
+            entry = evaluate_epoch(
+                backend, run.state, run.data, epoch, train_loss, train_acc, start, run.tta
+            )
+            _finite({"loss": entry["val_loss"]}, "the validation", epoch, config)
+            save_epoch(run, entry)
+            # Printed once saved: an epoch on the screen is an epoch in the checkpoint.
+            log(
+                metrics.epoch_line(
+                    backend.name,
+                    epoch,
+                    train_loss,
+                    train_acc,
+                    entry["val_loss"],
+                    entry["val_acc"],
+                    entry["epoch_seconds"],
+                )
+            )
+    except KeyboardInterrupt as stop:
+        resume_hint = (
+            f"; continue with: {_resume_command(run.out_dir, run.data)}"
+            if run.out_dir is not None and run.done
+            else ""
+        )
+        raise _interrupted(
+            stop, f"in epoch {run.done + 1}; {_saved(run.out_dir, run.done)}{resume_hint}"
+        ) from None
+    except TrainingDiverged as e:
+        raise TrainingDiverged(f"{e}; {_saved(run.out_dir, run.done)}") from None
+
+
+def save_epoch(run: Run, entry: dict[str, Any]) -> None:
+    """Add the epoch's history entry to the record; with an out_dir, write the checkpoint and
+    metrics.json together, Ctrl-C and SIGTERM held until both are written."""
+    if run.out_dir is None:
+        run.record["history"].append(entry)
+        return
+    params = run.backend.params(run.state)
+    _finite(params, "the weights of", entry["epoch"], run.config)
+    history = [*run.record["history"], entry]
+    meta = {
+        "arch": run.arch.name,
+        "impl": run.backend.name,
+        "epoch": entry["epoch"],
+        "dataset": run.data.spec.name,
+        "data": data_identity(run.data),
+        "config": run.record["config"],
+        "history": history,
+    }
+    with _signals_held():
+        velocity = run.backend.velocity(run.state)
+        save_checkpoint(run.out_dir / CHECKPOINT_NAME, params, meta, velocity)
+        write_json(run.out_dir / METRICS_NAME, {**run.record, "history": history})
+        run.record["history"] = history
+
+
+def finish_run(run: Run) -> None:
+    """The test metrics into the record; with an out_dir, metrics.json and curves.png."""
+    try:
+        run.record["test"] = evaluate_test_set(run.backend, run.state, run.data, run.tta)
+        if run.out_dir is not None:
+            write_json(run.out_dir / METRICS_NAME, run.record)
+            title = f"{run.backend.name} | {run.arch.name} | seed {run.config.seed}"
+            plot_curves(run.record["history"], title, run.out_dir / CURVES_NAME)
+    except KeyboardInterrupt as stop:
+        if run.out_dir is None:
+            raise _interrupted(stop, "after the last epoch, before the test") from None
+        raise _interrupted(
+            stop,
+            f"after the last epoch: all {run.config.epochs} epochs are saved in "
+            f"{run.out_dir / CHECKPOINT_NAME}; finish the test and the curves with: "
+            f"{_resume_command(run.out_dir, run.data)}",
+        ) from None

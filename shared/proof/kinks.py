@@ -1,0 +1,106 @@
+"""Kinks: where the loss has no derivative (a ReLU's input at 0, a max-pool window's tie),
+which round-off may decide differently in two implementations. The cross-check keeps its
+float32 batches away from them, passes finite differences over them, and plants them on
+purpose where the network keeps exact zeros exact. What a layer kind contributes is its
+entry's `kinks` and `keeps_zeros` in shared/kinds.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from shared.backend import Backend
+from shared.kinds import kind_of
+from shared.spec import Arch, Params
+
+
+def keeps_zeros_exact(arch: Arch) -> bool:
+    """Whether a block of exact zeros stays exact zeros through the network (with zero biases),
+    as every layer's kind says: after a BatchNorm's batch mean or a sigmoid's 1/2, equal values
+    come from sums in orders that differ by implementation, and ties are decided by round-off."""
+    return all(kind_of(layer).keeps_zeros for layer in arch.layers)
+
+
+# A float32 pass starts from a batch whose every ReLU input and every max-pool window's gap
+# between its two largest values is at least this share of the layer's scale away from a kink
+# (measured in float64): round-off (~1e-7 of the scale) then cannot decide a ReLU or a window's
+# maximum differently in two implementations, which would swap whole gradient terms.
+KINK_MARGIN = 1e-6
+# Among n kinks the nearest lies about 1/n of the scale away, so a batch of more than a few
+# hundred thousand cannot be found 1e-6 from all of them by chance: `strong` has 47,168 per
+# image, and at 32 images float32 rounding flips a unit and fails `grad input` at 2.9e-2.
+KINKS_PER_BATCH = 400_000
+BATCH_SIZE = 32  # the cross-check's batch for a network with few kinks
+
+
+def kinks_per_image(arch: Arch) -> int:
+    """How many kinks one image passes: every value at a "zero" kink (a ReLU's inputs), every
+    window at a "tie" kink (a max-pool's windows)."""
+    count = 0
+    for layer, shape, _ in arch.shapes():
+        kinks = kind_of(layer).kinks
+        if kinks is not None:
+            values = kinks.values(layer, np.zeros((1, *shape)))
+            count += values.size if kinks.at == "zero" else values[..., 0].size
+    return count
+
+
+def batch_size_for(arch: Arch, largest: int = BATCH_SIZE) -> int:
+    """The cross-check's batch for `arch`: `largest` images, fewer where the float32 pass could
+    not be put KINK_MARGIN away from every kink (at least 2, for BatchNorm)."""
+    return max(2, min(largest, KINKS_PER_BATCH // max(kinks_per_image(arch), 1)))
+
+
+def _kinks(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> Iterator[tuple]:
+    """(at, values, scale) for every kink of a pass, as each layer's kind gives them: "zero"
+    and a ReLU's inputs, or "tie" and a max-pool's windows (N, C, H', W', k*k); with the
+    scale of the layer's input."""
+    inputs = [x] + [acts[layer.name] for layer in arch.layers[:-1]]
+    for layer, before in zip(arch.layers, inputs, strict=True):
+        kinks = kind_of(layer).kinks
+        if kinks is not None:
+            scale = float(np.abs(before).max()) or 1.0
+            yield kinks.at, kinks.values(layer, before), scale
+
+
+def kink_margin(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> float:
+    """The smallest distance to a kink, relative to its layer's scale: of any ReLU's input
+    from 0, and of any max-pool window's largest value from its second largest. Windows whose
+    maximum is an exact 0 are left out: after a ReLU those zeros take no gradient whichever
+    wins, and the ReLU's own margin covers them."""
+    margins = [np.inf]
+    for at, values, scale in _kinks(arch, acts, x):
+        if at == "zero":
+            margins.append(float(np.abs(values).min()) / scale)
+        else:
+            top2 = np.sort(values, axis=-1)[..., -2:]
+            gaps = np.where(top2[..., 1] == 0, np.inf, top2[..., 1] - top2[..., 0])
+            margins.append(float(gaps.min()) / scale)
+    return min(margins)
+
+
+def kink_state(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> list[np.ndarray]:
+    """Which side of every kink a pass is on: each ReLU's input sign, each window's argmax."""
+    return [
+        values > 0 if at == "zero" else values.argmax(axis=-1)
+        for at, values, _ in _kinks(arch, acts, x)
+    ]
+
+
+def away_from_kinks(backend64: Backend, arch: Arch, params: Params, x, masks, seed: int):
+    """x plus the first of a few seeded noises (std 0.01) that puts the float64 training pass
+    at least KINK_MARGIN from every kink; x with the last noise tried if none does."""
+    params64 = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in params.items()}
+    for attempt in range(20):
+        noise = np.random.default_rng([seed, 2, attempt]).normal(scale=1e-2, size=x.shape)
+        candidate = (x + noise).astype(x.dtype)
+        acts = backend64.activations(params64, candidate.astype(np.float64), masks)
+        if kink_margin(arch, acts, candidate) >= KINK_MARGIN:
+            break
+    return candidate
+
+
+def same_side(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    """Whether two passes are on the same side of every kink (from `kink_state`)."""
+    return all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))

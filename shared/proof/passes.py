@@ -1,0 +1,227 @@
+"""The comparisons: every pair of implementations on one training pass and on a lockstep
+run, NumPy's gradients against finite differences, and a checkpoint's predictions. Each
+yields `Compared` rows (shared/proof/rows.py)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+
+from shared.backend import IMPLEMENTATIONS, Backend, batched_logits, make_backend
+from shared.batches import training_batches
+from shared.config import learning_rate
+from shared.data import FASHION_MNIST
+from shared.proof.kinks import kink_state, same_side
+from shared.proof.rows import FD_STEP, TOLERANCES, CheckResult, Compared, compare, dtypes_of
+from shared.proof.settings import Setting
+from shared.spec import Arch, Params, split_params
+
+
+def _pairs(results: dict[str, object]) -> Iterator[tuple[str, object, object]]:
+    for a, b in itertools.combinations(results, 2):
+        yield f"{a}-{b}", results[a], results[b]
+
+
+def single_pass(
+    backends: dict[str, Backend],
+    arch: Arch,
+    params: Params,
+    x: np.ndarray,
+    y: np.ndarray,
+    masks: dict[str, np.ndarray],
+) -> Iterator[Compared]:
+    """Rows for every layer's output in evaluation and in training mode, the
+    loss, every parameter gradient, the input gradient, and each dropout layer's mask against
+    the shared one."""
+    evals = {name: b.activations(params, x) for name, b in backends.items()}
+    trains = {name: b.activations(params, x, masks) for name, b in backends.items()}
+    grads = {name: b.loss_and_grads(params, x, y, masks) for name, b in backends.items()}
+    dx = {name: b.input_grad(params, x, y, masks) for name, b in backends.items()}
+    for mode, acts in (("eval", evals), ("train", trains)):
+        for pair, a, b in _pairs(acts):
+            for layer in arch.layers:
+                label = "logits" if layer is arch.layers[-1] else f"activation {layer.name}"
+                yield Compared(f"{label} ({mode})", pair, a[layer.name], b[layer.name])
+    for pair, (loss_a, grads_a), (loss_b, grads_b) in _pairs(grads):
+        yield Compared("loss", pair, loss_a, loss_b)
+        scale = _largest(grads_a.values())
+        for name in grads_a:
+            yield Compared(f"grad {name}", pair, grads_a[name], grads_b[name], scale)
+    for pair, a, b in _pairs(dx):
+        yield Compared("grad input", pair, a, b)
+    inputs = dict(zip([layer.name for layer in arch.layers[1:]], arch.layers, strict=False))
+    for layer in arch.dropouts:
+        before = inputs.get(layer.name)
+        for name, acts in trains.items():
+            x_in = x if before is None else acts[before.name]
+            # Where the input is 0 the output is 0 either way: count those as the shared mask.
+            applied = (acts[layer.name] != 0) | ((x_in == 0) & masks[layer.name])
+            shared = masks[layer.name]
+            yield Compared(f"dropout mask {layer.name}", f"{name}-shared", applied, shared)
+
+
+def lockstep(
+    backends: dict[str, Backend],
+    arch: Arch,
+    params: Params,
+    batches,
+    setting: Setting,
+    resync: bool,
+) -> Iterator[Compared]:
+    """Run SGD from the same start on the same batches; compare losses, every tensor
+    (parameters and BatchNorm's running statistics) and the momentum buffers after every
+    step. With `resync`, each step starts every implementation from the first one's state, so
+    a difference is that step's own.
+
+    Why float32 resyncs: a ReLU input within float32 round-off of zero (about 1e-6; one in the
+    20 default steps on real data) is on for one implementation and off for another, which
+    changes a whole row of fc1's gradient; carried forward, that one rounding decision would
+    be all the comparison measures. float64 carries the runs through without it.
+    """
+    config = setting.config
+    steps, size = len(batches), len(batches[0][1])
+    x, y = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+    # The concatenated batches in order, augmented and masked as training would do it.
+    plan = list(
+        training_batches(
+            len(y),
+            size,
+            seed=0,
+            epoch=0,
+            fill=FASHION_MNIST.background,
+            flip=config.flip,
+            shift=config.shift,
+            shuffle=False,
+            dropouts=arch.dropouts,
+        )
+    )
+    data = {name: backend.put_data(x, y) for name, backend in backends.items()}
+    states = {name: backend.init_state(params) for name, backend in backends.items()}
+    runs: dict[str, list] = {name: [] for name in backends}  # (loss, tensors, velocity) a step
+    for step, batch in enumerate(plan):
+        lr = learning_rate(step, steps, config.lr, config.schedule, setting.warmup_steps)
+        for name, backend in backends.items():
+            states[name], loss, _ = backend.train_step(states[name], data[name], batch, lr)
+            runs[name].append((loss, backend.params(states[name]), backend.velocity(states[name])))
+        if resync:
+            _, p, v = runs[next(iter(backends))][-1]
+            states = {name: backend.init_state(p, v) for name, backend in backends.items()}
+    trainable = arch.trainable
+    for pair, run_a, run_b in _pairs(runs):
+        yield Compared(f"lockstep loss x{steps}", pair, _stacked(run_a, 0), _stacked(run_b, 0))
+        weights = _largest(_stacked(run_a, 1, name) for name in trainable)
+        velocities = _largest(_stacked(run_a, 2, name) for name in trainable)
+        for name in params:
+            a, b = _stacked(run_a, 1, name), _stacked(run_b, 1, name)
+            yield Compared(f"lockstep {name}", pair, a, b, weights if name in trainable else 0.0)
+            if not config.momentum or name not in trainable:
+                continue  # without momentum there are no buffers: PyTorch keeps none
+            a, b = _stacked(run_a, 2, name), _stacked(run_b, 2, name)
+            yield Compared(f"lockstep momentum {name}", pair, a, b, velocities)
+
+
+def _largest(tensors) -> float:
+    """The largest magnitude in any of the tensors: their family's scale for `compare`."""
+    return max((float(np.abs(t).max()) for t in tensors if np.size(t)), default=0.0)
+
+
+def _stacked(run: list, field: int, name: str | None = None) -> np.ndarray:
+    """One quantity of every step of a lockstep run, stacked (steps, ...)."""
+    return np.stack([np.asarray(s[field] if name is None else s[field][name]) for s in run])
+
+
+def finite_difference_grads(
+    backend: Backend,
+    arch: Arch,
+    params: Params,
+    x: np.ndarray,
+    y: np.ndarray,
+    masks: dict[str, np.ndarray],
+    per_tensor: int,
+    seed: int,
+) -> list[Compared]:
+    """The analytic gradient (of `backend`) against central differences on `per_tensor` random
+    entries of every trainable parameter and of x, in training mode. An entry whose step moves
+    the pass across a kink (a ReLU's sign, a max-pool window's argmax) is passed over for
+    another: the loss has no derivative there for a central difference to approximate. The
+    parameters' rows are measured against the largest of their sampled gradients."""
+    rng = np.random.default_rng(seed)
+    _, grads = backend.loss_and_grads(params, x, y, masks)
+    tensors = {**split_params(params, arch)[0], "input": x}
+    analytic_of = {**grads, "input": backend.input_grad(params, x, y, masks)}
+    side = kink_state(arch, backend.activations(params, x, masks), x)
+    sampled = {}
+    for name, tensor in tensors.items():
+        picks, numeric = [], []
+        for flat in rng.permutation(tensor.size):
+            losses = []
+            for sign in (1, -1):
+                shifted = tensor.copy()
+                shifted.flat[flat] += sign * FD_STEP
+                p, xx = (params, shifted) if name == "input" else ({**params, name: shifted}, x)
+                if not same_side(side, kink_state(arch, backend.activations(p, xx, masks), xx)):
+                    break
+                losses.append(float(backend.loss_and_grads(p, xx, y, masks)[0]))
+            else:
+                picks.append(flat)
+                numeric.append((losses[0] - losses[1]) / (2 * FD_STEP))
+            if len(picks) == per_tensor:
+                break
+        sampled[name] = analytic_of[name].flat[picks], np.array(numeric)
+    scale = _largest(analytic for name, (analytic, _) in sampled.items() if name != "input")
+    return [
+        Compared(
+            f"finite-diff {name}", f"{backend.name}-fd", a, b, 0.0 if name == "input" else scale
+        )
+        for name, (a, b) in sampled.items()
+    ]
+
+
+def checkpoint_agreement(
+    params: Params, arch: Arch, images: np.ndarray, impls: tuple[str, ...] = IMPLEMENTATIONS
+) -> list[CheckResult]:
+    """Load the same weights into every implementation (float32) and compare test logits and
+    predicted classes. A differing argmax counts only where neither side has a near-tie:
+    top-two logits closer than the float32 tolerance times the logits' scale."""
+    tolerance = TOLERANCES[("float32", "pass")]
+    logits = {}
+    for impl in impls:
+        backend = make_backend(impl, arch)
+        logits[impl] = batched_logits(backend, backend.init_state(params), images)
+    results = []
+    for pair, a, b in _pairs(logits):
+        results.append(
+            CheckResult(
+                "float32",
+                arch.name,
+                "checkpoint",
+                "checkpoint logits",
+                pair,
+                *compare(a, b),
+                tolerance,
+                dtypes_of(a, b),
+                "float32",
+            )
+        )
+        differ = a.argmax(axis=1) != b.argmax(axis=1)
+        scale = max(np.abs(a).max(), np.abs(b).max())
+        near_tie = np.zeros(len(a), dtype=bool)
+        for side in (a, b):
+            top2 = np.sort(side, axis=1)[:, -2:]
+            near_tie |= (top2[:, 1] - top2[:, 0]) <= tolerance * scale
+        unexplained = int((differ & ~near_tie).sum())
+        results.append(
+            CheckResult(
+                "float32",
+                arch.name,
+                "checkpoint",
+                f"checkpoint argmax ({int(differ.sum())}/{len(a)} differ)",
+                pair,
+                float(unexplained),
+                unexplained / len(a),
+                0.0,
+            )
+        )
+    return results

@@ -1,0 +1,52 @@
+"""The front page stays a front page (at most 12,000 characters) and every link in it and in
+docs/ resolves: to a file of the repository, and where it names a heading, to that heading."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)|<img src=\"([^\"]+)\"")
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces
+    as hyphens."""
+    found = set()
+    for line in page.read_text().splitlines():
+        if line.startswith("#") and not line.startswith("#!"):
+            text = line.lstrip("#").strip().lower()
+            found.add(re.sub(r"[^\w\- ]", "", text).replace(" ", "-"))
+    return found
+
+
+def local_links(page: Path) -> list[str]:
+    targets = [a or b for a, b in LINK.findall(page.read_text())]
+    return [t for t in targets if not re.match(r"[a-z]+:", t)]
+
+
+def test_the_front_page_is_read_in_five_minutes():
+    assert len((ROOT / "README.md").read_text()) <= 12_000
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_link_resolves(page):
+    links = local_links(page)
+    broken = []
+    for link in links:
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        exists = target.exists()
+        headed = not anchor or target.suffix != ".md" or (exists and anchor in anchors(target))
+        if not (exists and headed):
+            broken.append(link)
+    assert broken == []
+
+
+def test_the_front_page_links_to_every_page_of_the_docs():
+    linked = {Path(link.partition("#")[0]).name for link in local_links(ROOT / "README.md")}
+    assert {p.name for p in PAGES[1:]} <= linked
