@@ -16,11 +16,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from shared.batches import Batch
-from shared.config import Hyperparams
+from shared.config import IMPLEMENTATIONS, Hyperparams
 from shared.errors import UsageError
 from shared.spec import Arch, Params, split_params, tensor_dtype
 
-IMPLEMENTATIONS = ("numpy", "jax", "torch")
 # Every pair of implementations, as the cross-check names them: "numpy-jax", ...
 PAIRS = tuple(f"{a}-{b}" for a, b in itertools.combinations(IMPLEMENTATIONS, 2))
 

@@ -9,41 +9,35 @@ import math
 import sys
 from collections.abc import Callable
 
-from shared.backend import IMPLEMENTATIONS
-from shared.config import DTYPES, MIN_WARMUP_STEPS, SCHEDULES, TrainConfig
-from shared.data import DATASETS
+from shared.config import FIELDS, IMPLEMENTATIONS, MIN_WARMUP_STEPS, Bound, TrainConfig
 from shared.errors import Interrupted, ThreefoldError, UsageError
-from shared.spec import INITS, INPUT_SHAPE, presets
+from shared.spec import presets
 
 
-def number(
-    kind: type, minimum: float, inclusive: bool = True, below: float = math.inf
-) -> Callable[[str], float]:
-    """An argparse type: a finite number of `kind` at least (or above) `minimum` and below
-    `below`; NaN and infinities are refused like any other value out of range."""
+def flag(bound: Bound) -> Callable[[str], object]:
+    """An argparse type for a setting of `bound`: NaN, infinities and values out of range are
+    refused in the same words as a checkpoint's stored value (shared.config.Bound)."""
 
-    def parse(text: str):
+    def parse(text: str) -> object:
         try:
-            value = kind(text)
-        except (ValueError, OverflowError):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        low_ok = value > minimum or (inclusive and value == minimum)
-        if not (math.isfinite(value) and low_ok and value < below):
-            low = f"{'>=' if inclusive else '>'} {minimum}"
-            bound = low if below == math.inf else f"{low} and < {below}"
-            raise argparse.ArgumentTypeError(f"{text} is out of range (must be {bound})")
-        return value
+            return bound.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
     return parse
 
 
+def number(
+    kind: type, minimum: float, inclusive: bool = True, below: float = math.inf
+) -> Callable[[str], object]:
+    """An argparse type: a finite number of `kind` at least (or above) `minimum` and below
+    `below`."""
+    return flag(Bound(kind, minimum, inclusive, below))
+
+
 positive_int = number(int, 0, inclusive=False)
 positive_float = number(float, 0.0, inclusive=False)
-non_negative_float = number(float, 0.0)
-non_negative_int = number(int, 0)
-fraction = number(float, 0.0, below=1.0)
-# Seeds feed NumPy's generators, which take any non-negative integer; 2**63 keeps them storable.
-seed_type = number(int, 0, below=2**63)
+seed_type = flag(FIELDS["seed"])
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
@@ -65,10 +59,23 @@ def add_impl_flag(parser: argparse.ArgumentParser, verb: str) -> None:
     )
 
 
+def _setting(parser: argparse.ArgumentParser, field: str, default: object, help: str) -> None:
+    """--FIELD for a TrainConfig field, checked by its bound (shared.config.FIELDS)."""
+    bound = FIELDS[field]
+    checked = {"choices": bound.choices} if bound.choices else {"type": flag(bound)}
+    parser.add_argument(f"--{field.replace('_', '-')}", default=default, help=help, **checked)
+
+
+def _switch(parser: argparse.ArgumentParser, field: str, default: object, help: str) -> None:
+    """--FIELD / --no-FIELD for a TrainConfig bool."""
+    action = argparse.BooleanOptionalAction
+    parser.add_argument(f"--{field.replace('_', '-')}", action=action, default=default, help=help)
+
+
 def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     """The flags that make a TrainConfig; shared by every script that trains."""
     d = defaults
-    parser.add_argument("--impl", choices=IMPLEMENTATIONS, default=d.impl)
+    _setting(parser, "impl", d.impl, "implementation to train")
     parser.add_argument(
         "--arch",
         default=d.arch,
@@ -78,87 +85,52 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
         + "), a spec such as conv16-bn-relu-maxpool2-flatten-fc10, or a .json/.toml file "
         "(grammar below)",
     )
-    parser.add_argument(
-        "--init",
-        choices=INITS,
-        default=d.init,
-        help="weight initialisation: he (Kaiming normal), lab (randn*0.01), "
+    _setting(
+        parser,
+        "init",
+        d.init,
+        "weight initialisation: he (Kaiming normal), lab (randn*0.01), "
         "torch (PyTorch's default uniform)",
     )
-    parser.add_argument("--epochs", type=positive_int, default=d.epochs, help=">= 1")
-    parser.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=d.batch_size,
-        help="images per step, at most the number of training images",
+    _setting(parser, "epochs", d.epochs, ">= 1")
+    _setting(
+        parser, "batch_size", d.batch_size, "images per step, at most the number of training images"
     )
-    parser.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate (> 0)")
-    parser.add_argument("--momentum", type=fraction, default=d.momentum, help="in [0, 1)")
-    parser.add_argument(
-        "--nesterov",
-        action=argparse.BooleanOptionalAction,
-        default=d.nesterov,
-        help="Nesterov momentum (PyTorch's formulation)",
-    )
-    parser.add_argument(
-        "--weight-decay", type=non_negative_float, default=d.weight_decay, help=">= 0"
-    )
-    parser.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default=d.schedule,
-        help="learning-rate schedule over the steps after the warm-up",
-    )
-    parser.add_argument(
-        "--warmup",
-        type=non_negative_float,
-        default=d.warmup,
-        help="epochs of linear learning-rate warm-up, at most half of --epochs (0: off; default: "
+    _setting(parser, "lr", d.lr, "peak learning rate (> 0)")
+    _setting(parser, "momentum", d.momentum, "in [0, 1)")
+    _switch(parser, "nesterov", d.nesterov, "Nesterov momentum (PyTorch's formulation)")
+    _setting(parser, "weight_decay", d.weight_decay, ">= 0")
+    _setting(parser, "schedule", d.schedule, "learning-rate schedule after the warm-up")
+    _setting(
+        parser,
+        "warmup",
+        d.warmup,
+        "epochs of linear learning-rate warm-up, at most half of --epochs (0: off; default: "
         "1 epoch, or half the run if shorter); never fewer than "
         f"{MIN_WARMUP_STEPS} steps, so a run shorter than that ends on the rise",
     )
-    parser.add_argument(
-        "--label-smoothing", type=fraction, default=d.label_smoothing, help="in [0, 1)"
-    )
-    parser.add_argument(
-        "--flip",
-        action=argparse.BooleanOptionalAction,
-        default=d.flip,
-        help="augment: flip training images horizontally with probability 1/2",
-    )
-    parser.add_argument(
-        "--tta",
-        action=argparse.BooleanOptionalAction,
-        default=d.tta,
-        help="evaluate on each image and its mirror image, averaging the logits "
+    _setting(parser, "label_smoothing", d.label_smoothing, "in [0, 1)")
+    _switch(parser, "flip", d.flip, "augment: flip training images horizontally, probability 1/2")
+    _switch(
+        parser,
+        "tta",
+        d.tta,
+        "evaluate on each image and its mirror image, averaging the logits "
         "(default: when training with --flip)",
     )
-    parser.add_argument(
-        "--shift",
-        type=number(int, 0, below=INPUT_SHAPE[-1]),
-        default=d.shift,
-        help="augment: translate training images by up to N pixels, "
-        f"N < {INPUT_SHAPE[-1]} (0: off)",
+    _setting(
+        parser,
+        "shift",
+        d.shift,
+        f"augment: translate training images by up to N pixels, N < {FIELDS['shift'].below:g} "
+        "(0: off)",
     )
-    parser.add_argument(
-        "--seed",
-        type=seed_type,
-        default=d.seed,
-        help="seeds the initial weights and the batch order (0 to 2**63 - 1)",
+    _setting(
+        parser, "seed", d.seed, "seeds the initial weights and the batch order (0 to 2**63 - 1)"
     )
-    parser.add_argument(
-        "--limit",
-        type=positive_int,
-        default=None,
-        help="train on the first N training images only (N at most their number)",
-    )
-    parser.add_argument("--dtype", choices=DTYPES, default=d.dtype)
-    parser.add_argument(
-        "--dataset",
-        choices=list(DATASETS),
-        default=d.dataset,
-        help="mnist reads the original digits from --data-dir",
-    )
+    _setting(parser, "limit", d.limit, "train on the first N training images only")
+    _setting(parser, "dtype", d.dtype, "the precision every tensor is computed in")
+    _setting(parser, "dataset", d.dataset, "mnist reads the original digits from --data-dir")
     parser.add_argument(
         "--data-dir",
         default=None,

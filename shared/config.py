@@ -6,8 +6,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from shared.data import DATASETS
 from shared.errors import CheckpointError, UsageError
+from shared.spec import INITS, INPUT_SHAPE
 
+IMPLEMENTATIONS = ("numpy", "jax", "torch")
 SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("float32", "float64")
 # He-initialised, the lab network's loss climbs to 3-9 within its first ten steps at rates near
@@ -76,18 +79,104 @@ class TrainConfig:
         return Hyperparams(self.momentum, self.nesterov, self.weight_decay, self.label_smoothing)
 
 
-def _of_type(value: object, annotation: str) -> bool:
-    """Whether `value`, read from JSON, fits a TrainConfig annotation such as "float | None"."""
-    kind, *rest = annotation.split(" | ")
-    if value is None:
-        return rest == ["None"]
-    if isinstance(value, bool) or kind == "bool":
-        return kind == "bool" and isinstance(value, bool)
-    return isinstance(value, {"int": int, "float": (int, float), "str": str}[kind])
+@dataclass(frozen=True)
+class Bound:
+    """What a setting may hold, checked alike where a flag is parsed and where a checkpoint's
+    stored value is read: a number of `kind` from `low` (or above it, if not `inclusive`) to
+    below `below`, finite; a string among `choices`; a bool; and None where `optional`."""
+
+    kind: type
+    low: float = -math.inf
+    inclusive: bool = True
+    below: float = math.inf
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+
+    def problem(self, value: object) -> str | None:
+        """Why `value` cannot be this setting, as the end of a sentence; None if it can."""
+        if value is None:
+            return None if self.optional else "missing"
+        if self.kind is bool or isinstance(value, bool):
+            return None if self.kind is bool and isinstance(value, bool) else f"not {_a(self)}"
+        if self.kind is str:
+            if not isinstance(value, str):
+                return f"not {_a(self)}"
+            if self.choices and value not in self.choices:
+                return f"not one of {', '.join(self.choices)}"
+            return None
+        if not isinstance(value, int if self.kind is int else int | float):
+            return f"not {_a(self)}"
+        low_ok = value > self.low or (self.inclusive and value == self.low)
+        if not (math.isfinite(value) and low_ok and value < self.below):
+            low = f"{'>=' if self.inclusive else '>'} {self._show(self.low)}"
+            if self.below == math.inf:
+                return f"out of range (must be {low})"
+            if self.low == -math.inf:
+                return f"out of range (must be < {self._show(self.below)})"
+            return f"out of range (must be {low} and < {self._show(self.below)})"
+        return None
+
+    def _show(self, bound: float) -> str:
+        return str(int(bound)) if self.kind is int else f"{bound:g}"
+
+    def parse(self, text: str) -> object:
+        """A flag's text as this setting; ValueError with the reason if it cannot be."""
+        try:
+            value = self.kind(text)
+        except (ValueError, OverflowError):
+            raise ValueError(f"{text!r} is not {_a(self)}") from None
+        problem = self.problem(value)
+        if problem is not None:
+            raise ValueError(f"{text} is {problem}")
+        return value
+
+
+def _a(bound: Bound) -> str:
+    return {bool: "true or false", str: "a string", int: "an integer"}.get(bound.kind, "a number")
+
+
+# Every TrainConfig field's bound: the flag that sets it and a checkpoint that stores it are
+# checked by the same one. The network (`arch`) is checked by parsing it.
+FIELDS: dict[str, Bound] = {
+    "impl": Bound(str, choices=IMPLEMENTATIONS),
+    "arch": Bound(str),
+    "init": Bound(str, choices=INITS),
+    "epochs": Bound(int, 1),
+    "batch_size": Bound(int, 1),
+    "lr": Bound(float, 0.0, inclusive=False),
+    "momentum": Bound(float, 0.0, below=1.0),
+    "nesterov": Bound(bool),
+    "weight_decay": Bound(float, 0.0),
+    "schedule": Bound(str, choices=SCHEDULES),
+    "warmup": Bound(float, 0.0, optional=True),
+    "label_smoothing": Bound(float, 0.0, below=1.0),
+    "flip": Bound(bool),
+    "tta": Bound(bool, optional=True),
+    "shift": Bound(int, 0, below=INPUT_SHAPE[-1]),
+    # Seeds feed NumPy's generators, which take any non-negative integer; 2**63 keeps them
+    # storable.
+    "seed": Bound(int, 0, below=2**63),
+    "limit": Bound(int, 1, optional=True),
+    "dtype": Bound(str, choices=DTYPES),
+    "dataset": Bound(str, choices=tuple(DATASETS)),
+}
+
+
+def check_saved_field(name: str, value: object, source: str) -> None:
+    """Refuse a checkpoint's stored config.`name` as its flag would be refused, naming the
+    field (`source` names the file)."""
+    problem = FIELDS[name].problem(value)
+    if problem is not None:
+        raise CheckpointError(f"{source}: meta field config.{name} is {_shown(value)}, {problem}")
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def config_from_saved(saved: dict, source: str) -> TrainConfig:
-    """The TrainConfig of a checkpoint's `config` field, each value of its field's type
+    """The TrainConfig of a checkpoint's `config` field, each value checked as its flag is
     (`source` names the file in the error)."""
     fields = TrainConfig.__dataclass_fields__
     if set(saved) != set(fields):
@@ -97,11 +186,13 @@ def config_from_saved(saved: dict, source: str) -> TrainConfig:
             f"{', '.join(differ)}); cannot resume it exactly, start a new run"
         )
     for name, value in saved.items():
-        if not _of_type(value, fields[name].type):
-            raise CheckpointError(
-                f"{source}: meta field config.{name} is {value!r}, not {fields[name].type}"
-            )
-    return TrainConfig(**saved)
+        check_saved_field(name, value, source)
+    config = TrainConfig(**saved)
+    try:
+        check_config(config)
+    except UsageError as e:
+        raise CheckpointError(f"{source}: meta field config: {e}") from None
+    return config
 
 
 def averages_mirrors(flip: bool, tta: bool | None) -> bool:

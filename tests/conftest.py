@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +67,42 @@ def to_native(impl: str, array):
 
         return torch.from_numpy(np.ascontiguousarray(array))
     return array
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# Runs a script (or -c CODE) as __main__ and, at exit, writes the process's own peak RSS in
+# KiB to $THREEFOLD_PEAK_FILE: VmHWM, which starts afresh at exec. ru_maxrss does not: a child
+# forked from a pytest grown to a gigabyte reports at least that, whatever it does.
+_PEAK_WRAPPER = """
+import atexit, os, runpy, sys
+def report():
+    with open("/proc/self/status") as status:
+        peak = next(line for line in status if line.startswith("VmHWM:")).split()[1]
+    with open(os.environ["THREEFOLD_PEAK_FILE"], "w") as out:
+        out.write(peak)
+atexit.register(report)
+if sys.argv[1] == "-c":
+    code, sys.argv = sys.argv[2], ["-c", *sys.argv[3:]]
+    exec(compile(code, "<child>", "exec"), {"__name__": "__main__"})
+else:
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_measured(
+    args: list[str], peak_file: Path, **kwargs
+) -> tuple[subprocess.CompletedProcess, float]:
+    """Run `python ARGS` (a script and its arguments, or -c CODE ...) from the repository ->
+    (the completed process, its own peak memory in MiB)."""
+    env = {**os.environ, "THREEFOLD_PEAK_FILE": str(peak_file), **kwargs.pop("env", {})}
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_WRAPPER, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        check=False,
+        **kwargs,
+    )
+    return done, int(peak_file.read_text()) / 1024

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
-import subprocess
-import sys
 import time
 import warnings
 import zipfile
@@ -22,7 +19,8 @@ import pytest
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.errors import CheckpointError
 from shared.spec import get_arch, init_params, split_params, state_shapes
-from tests.test_training import ROOT, run_script
+from tests.conftest import run_measured
+from tests.test_training import run_script
 
 META = {
     "arch": "noconv",
@@ -690,17 +688,10 @@ def write_bomb(path: Path, member: str, header: bytes) -> Path:
 def test_a_compression_bomb_costs_bounded_memory_and_time(tmp_path, member, header, problem):
     path = write_bomb(tmp_path / "bomb.npz", member, header)
     assert path.stat().st_size < 6 * 2**20  # within what a noconv checkpoint may weigh
-    out = tmp_path / "out.txt"
-    with open(out, "w") as f:
-        child = subprocess.Popen(
-            [sys.executable, "-c", LOAD_IN_CHILD, str(path)], stdout=f, stderr=f, cwd=ROOT
-        )
-    # This child's own usage: RUSAGE_CHILDREN would also count earlier children of pytest.
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    message, seconds = out.read_text().splitlines()
-    assert child.returncode == 0 and problem in message and str(path) in message
-    assert usage.ru_maxrss < 500 * 1024, f"peak RSS {usage.ru_maxrss} KiB"
+    done, peak_mib = run_measured(["-c", LOAD_IN_CHILD, str(path)], tmp_path / "peak")
+    message, seconds = done.stdout.splitlines()
+    assert done.returncode == 0 and problem in message and str(path) in message
+    assert peak_mib < 500, f"peak RSS {peak_mib:.0f} MiB"
     assert float(seconds) < 3
 
 

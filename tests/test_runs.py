@@ -193,6 +193,41 @@ def test_resume_builds_the_network_of_the_checkpoint_and_reads_no_file(
         assert load_checkpoint(path).meta["epoch"] == 1
 
 
+def edit_stored_config(path: Path, **fields) -> None:
+    """Change values of the run configuration stored in the checkpoint at `path`."""
+    arrays = dict(np.load(path))
+    meta = json.loads(str(arrays["meta"]))
+    meta["config"].update(fields)
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize(
+    "field, value, problem",
+    [
+        ("dtype", "float16", "not one of float32, float64"),
+        ("shift", 100, "out of range (must be >= 0 and < 28)"),
+        ("schedule", "bogus", "not one of constant, cosine, linear"),
+        ("lr", float("nan"), "out of range (must be > 0)"),
+        ("momentum", 1.5, "out of range (must be >= 0 and < 1)"),
+        ("batch_size", 0, "out of range (must be >= 1)"),
+        ("seed", -1, "out of range (must be >= 0 and < 9223372036854775808)"),
+        ("init", "xavier", "not one of he, lab, torch"),
+        ("flip", 1, "not true or false"),
+        ("warmup", 99.0, "--warmup 99 is more than half of --epochs 2"),
+    ],
+)
+def test_resume_checks_every_stored_setting_as_its_flag(finished_run, field, value, problem):
+    path = finished_run / "checkpoint.npz"
+    edit_stored_config(path, **{field: value})
+    before = path.read_bytes()
+    result = run_script("train.py", "--resume", str(finished_run))
+    assert result.returncode == 1, result.stderr
+    assert "meta field config" in result.stderr and problem in result.stderr, result.stderr
+    assert field in result.stderr and result.stderr.strip().count("\n") == 0
+    assert path.read_bytes() == before  # nothing trained, nothing written
+
+
 # --- signals --------------------------------------------------------------------------------
 
 
