@@ -18,7 +18,7 @@ from shared.batches import Batch
 class Backend(backend.Backend):
     name = "jax"
     compiles = True
-    model, optim, layers = model, optim, layers
+    model, optim, ops = model, optim, layers
     augment = staticmethod(augment)
 
     @staticmethod
@@ -39,6 +39,9 @@ class Backend(backend.Backend):
         # NumPy as they are: a compiled function moves its NumPy arguments with the call,
         # faster than jnp.asarray one by one (54 us a step at batch 128 with flips).
         return backend.StepArrays(batch.idx, batch.rows, batch.cols, batch.masks)
+
+    def moved(self, arrays: backend.StepArrays) -> backend.StepArrays:
+        return jax.device_put(arrays)
 
     def rate(self, lr: float) -> np.ndarray:
         # An array, not a Python float, which jax.jit would take as a constant to compile in.

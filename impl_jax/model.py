@@ -11,8 +11,19 @@ import chex
 import jax
 
 from impl_jax import layers
-from shared.kinds import Activation, BatchNorm, Conv, Dropout, Flatten, Layer, Linear, Pool
-from shared.spec import INPUT_SHAPE, NUM_CLASSES, Arch, split_params, state_shapes
+from shared.kinds import (
+    INPUT_SHAPE,
+    NUM_CLASSES,
+    Activation,
+    BatchNorm,
+    Conv,
+    Dropout,
+    Flatten,
+    Layer,
+    Linear,
+    Pool,
+)
+from shared.spec import Arch, split_params, state_shapes
 
 Params = dict[str, jax.Array]
 Masks = dict[str, jax.Array] | None

@@ -14,7 +14,7 @@ from shared.batches import Batch
 
 class Backend(backend.Backend):
     name = "numpy"
-    model, optim, layers = model, optim, layers
+    model, optim, ops = model, optim, layers
     augment = staticmethod(augment)
 
     @staticmethod

@@ -14,7 +14,7 @@ from shared import backend
 
 class Backend(backend.Backend):
     name = "torch"
-    model, optim, layers = model, optim, layers
+    model, optim, ops = model, optim, layers
     augment = staticmethod(augment)
 
     @staticmethod

@@ -161,4 +161,6 @@ def as_module(arch: Arch) -> torch.nn.Sequential:
                 modules[name] = torch.nn.Flatten()
             case Linear(name, i, o):
                 modules[name] = torch.nn.Linear(i, o)
+            case _:
+                raise TypeError(f"unknown layer {layer!r}")
     return torch.nn.Sequential(OrderedDict(modules))

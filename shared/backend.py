@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib
-import itertools
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -20,22 +19,13 @@ from shared.config import IMPLEMENTATIONS, Hyperparams
 from shared.errors import UsageError
 from shared.spec import Arch, Params, split_params, tensor_dtype
 
-# Every pair of implementations, as the cross-check names them: "numpy-jax", ...
-PAIRS = tuple(f"{a}-{b}" for a, b in itertools.combinations(IMPLEMENTATIONS, 2))
-
-
-def pairs_with(impl: str) -> tuple[str, ...]:
-    """The pairs that include `impl`: those a bug planted in it must fail."""
-    return tuple(pair for pair in PAIRS if impl in pair.split("-"))
-
-
 TrainState = tuple[Any, Any]  # (canonical tensors, optimizer state), in the framework's form
 
 
 class StepArrays(NamedTuple):
-    """What a training step takes from the host, in the framework: the batch's rows `idx`
-    (B,), its augmentation maps `rows` (B, H) and `cols` (B, W) or None, its dropout
-    keep-masks by layer name."""
+    """What a training step takes from the host: the batch's rows `idx` (B,), its
+    augmentation maps `rows` (B, H) and `cols` (B, W) or None, its dropout keep-masks by
+    layer name; as the framework's step takes them (see `step_arrays`)."""
 
     idx: Any
     rows: Any
@@ -47,21 +37,22 @@ class Backend:
     """A network of `arch` in one framework, trained with `hyperparams`, in `dtype`.
 
     Each `impl_*/backend.py` subclasses it with its framework's part: its `model`, `optim`,
-    `layers` and `augment`, `compile` (jax.jit, or nothing), the conversions `_array`,
-    `_exact`, `_tensor`, and (where a framework computes asynchronously or on a device)
-    `rate`, `wait` and `to_host`. The rest, written once here, is the same for every
-    framework: a training step is `gather`, `training_pass`, `update`, compiled as the
-    framework runs them; arrays go in and come out as NumPy, tensors as the canonical dict
-    (parameters and buffers); and training state stays in the framework's own form between
-    steps (no conversions in the hot path). Dropout masks, where a method takes them, are NumPy
-    bool arrays by layer name; with `masks=None` the network runs in evaluation mode.
+    `ops` (its layers module) and `augment`, `compile` (jax.jit, or nothing), the
+    conversions `_array`, `_exact`, `_tensor`, and (where a framework computes asynchronously
+    or on a device) `step_arrays`, `moved`, `rate`, `wait` and `to_host`. The rest, written
+    once here, is the same for every framework: a training step is `gather`,
+    `training_pass`, `update_state`, compiled as the framework runs them; arrays go in and
+    come out as NumPy, tensors as the canonical dict (parameters and buffers); and training
+    state stays in the framework's own form between steps (no conversions in the hot path).
+    Dropout masks, where a method takes them, are NumPy bool arrays by layer name; with
+    `masks=None` the network runs in evaluation mode.
     """
 
     name: str
     compiles = False  # whether the step is compiled before it first runs (see compile_step)
     model: ModuleType  # impl_*/model.py
     optim: ModuleType  # impl_*/optim.py
-    layers: ModuleType  # impl_*/layers.py
+    ops: ModuleType  # impl_*/layers.py
     augment: Callable  # impl_*/augment.py's augment
 
     def __init__(self, arch: Arch, dtype: np.dtype, hyperparams: Hyperparams):
@@ -77,7 +68,7 @@ class Backend:
         # them together (see _train_step).
         self.training_pass = self.compile(self._training_pass)
         self.gather = self.compile(self._gather, static_argnames=("pad", "fill"))
-        self.update = self.compile(self._update)
+        self.update_state = self.compile(self._update_state)
         self._loss_and_grads = self.compile(partial(self.model.loss_and_grads, **fns))
         self._input_grad = self.compile(partial(self.model.input_grad, **fns))
         self._step = self.compile(self._train_step, static_argnames=("pad", "fill"), donate=True)
@@ -103,6 +94,11 @@ class Backend:
         and PyTorch update in place)."""
         raise NotImplementedError
 
+    def moved(self, arrays: StepArrays) -> StepArrays:
+        """Step arrays in the framework's own memory: for the profile, which times the move
+        apart (nothing to move where `step_arrays` has moved them)."""
+        return arrays
+
     def rate(self, lr: float) -> Any:
         """A step's learning rate as the compiled step takes it."""
         return lr
@@ -126,13 +122,15 @@ class Backend:
     def _copy(self, tensors: Params) -> dict[str, Any]:
         """Canonical tensors as fresh framework tensors: floats in the backend's dtype, the
         BatchNorm counters int64."""
-        return {k: self._tensor(v, tensor_dtype(k, self.dtype)) for k, v in tensors.items()}
+        dtypes = {k: tensor_dtype(self.arch, k, self.dtype) for k in tensors}
+        return {k: self._tensor(v, dtypes[k]) for k, v in tensors.items()}
 
     def _masks(self, masks: dict[str, np.ndarray] | None) -> dict[str, Any] | None:
         return None if masks is None else {k: self._exact(v) for k, v in masks.items()}
 
     def step_arrays(self, batch: Batch) -> StepArrays:
-        """What a step on `batch` takes from the host, moved into the framework."""
+        """What a step on `batch` takes from the host, as the framework's step takes it: moved
+        into the framework here (NumPy, PyTorch), or by the compiled step's call (JAX)."""
         maps = [None if m is None else self._exact(m) for m in (batch.rows, batch.cols)]
         return StepArrays(self._exact(batch.idx), *maps, self._masks(batch.masks))
 
@@ -144,7 +142,7 @@ class Backend:
             x = self.augment(x, arrays.rows, arrays.cols, pad, fill)
         return x, y
 
-    def _update(self, params: dict, grads: dict, buffers: dict, opt_state: Any, lr: Any):
+    def _update_state(self, params: dict, grads: dict, buffers: dict, opt_state: Any, lr: Any):
         """The state after one step: trainable parameters moved by the optimizer, BatchNorm
         buffers replaced by the pass's updated ones."""
         trainable, _ = split_params(params, self.arch)
@@ -157,7 +155,7 @@ class Backend:
         # functions measured 3% slower on the lab network).
         x, y = self._gather(data, arrays, pad, fill)
         loss, grads, logits, buffers = self._training_pass(params, x, y, masks=arrays.masks)
-        state = self._update(params, grads, buffers, opt_state, lr)
+        state = self._update_state(params, grads, buffers, opt_state, lr)
         return state, loss, (logits.argmax(axis=1) == y).sum()
 
     def train_step(
@@ -239,7 +237,7 @@ class Backend:
     ) -> tuple[np.ndarray, np.ndarray]:
         """The loss layer alone, in the logits' own dtype: mean cross-entropy of logits (N, K)
         against labels (N,) with label smoothing, and its gradient dlogits (N, K)."""
-        loss, dlogits = self.layers.softmax_cross_entropy(
+        loss, dlogits = self.ops.softmax_cross_entropy(
             self._exact(logits), self._exact(labels), label_smoothing
         )
         return np.asarray(loss), np.asarray(dlogits)

@@ -27,16 +27,17 @@ from typing import IO, Any
 
 import numpy as np
 
+from shared.config import FIELDS, check_saved_field
 from shared.errors import CheckpointError, UsageError
 from shared.io import atomic_write
+from shared.kinds import Tensor
 from shared.spec import (
     MAX_PARAMETERS,
     Arch,
     Params,
     get_arch,
-    is_counter,
     param_shapes,
-    state_shapes,
+    tensors,
 )
 
 _VELOCITY = "velocity/"
@@ -83,14 +84,25 @@ def save_checkpoint(
     path: Path, params: Params, meta: dict[str, Any], velocity: Params | None = None
 ) -> None:
     """Write atomically: a reader sees the previous checkpoint or this one, never a mix.
-    Non-finite tensors are refused, so no checkpoint of NaN or inf weights is ever written."""
+    What the loader would refuse (metadata, a tensor's form or values: NaN weights, a
+    negative variance) is refused here, and nothing is written."""
     arrays = dict(params)
     if velocity is not None:
         arrays.update({_VELOCITY + k: v for k, v in velocity.items()})
+    where = f"{path}: not written"
+    arch = _check_meta(meta, where)
+    expected = _expected(arch)
+    wanted = [k for k in expected if velocity is not None or not k.startswith(_VELOCITY)]
+    if sorted(arrays) != sorted(wanted):
+        raise CheckpointError(f"{where}: its tensors are not those of arch {arch.name!r}")
     for name, value in arrays.items():
-        if not np.isfinite(value).all():
-            raise CheckpointError(f"{path}: tensor {name} has NaN or inf values; not written")
-    arrays[_META] = np.array(json.dumps(meta))
+        value = np.asarray(value)
+        tensor = expected[name]
+        problem = _form_problem(tensor, value.dtype, value.shape, arch.name)
+        problem = problem or _value_problem(tensor, value)
+        if problem is not None:
+            raise CheckpointError(f"{where}: tensor {name} {problem}")
+    arrays[_META] = np.array(json.dumps(meta, allow_nan=False))
     atomic_write(Path(path), lambda f: np.savez(f, **arrays))
 
 
@@ -156,17 +168,19 @@ def _read(archive: zipfile.ZipFile, where: str, dtype: np.dtype | None, size: in
     meta = _read_meta(archive, members.pop(_META + ".npy"), where)
     arch = _check_meta(meta, where)
     params = _numel(param_shapes(arch))
-    largest = _checkpoint_bytes(params, _numel(state_shapes(arch)) - params)
+    largest = _checkpoint_bytes(
+        params, _numel({k: t.shape for k, t in tensors(arch).items()}) - params
+    )
     if size > largest:
         raise CheckpointError(
             f"{where}: {size} bytes, more than a checkpoint of its network can be ({largest})"
         )
-    tensors = {
-        key: _read_tensor(archive, info, key, shape, arch.name, where, dtype)
-        for key, (info, shape) in _tensor_members(members, arch, where).items()
+    read = {
+        key: _read_tensor(archive, info, key, tensor, arch.name, where, dtype)
+        for key, (info, tensor) in _tensor_members(members, arch, where).items()
     }
-    velocity = {k[len(_VELOCITY) :]: v for k, v in tensors.items() if k.startswith(_VELOCITY)}
-    params = {k: v for k, v in tensors.items() if not k.startswith(_VELOCITY)}
+    velocity = {k[len(_VELOCITY) :]: v for k, v in read.items() if k.startswith(_VELOCITY)}
+    params = {k: v for k, v in read.items() if not k.startswith(_VELOCITY)}
     return Checkpoint(params, meta, velocity or None)
 
 
@@ -186,12 +200,19 @@ def _directory(archive: zipfile.ZipFile, where: str) -> dict[str, zipfile.ZipInf
     return members
 
 
+def _expected(arch: Arch) -> dict[str, Tensor]:
+    """What a checkpoint of `arch` may hold: each canonical tensor, and a momentum buffer
+    (as free as a trainable float) for each trainable one."""
+    velocity = {_VELOCITY + n: Tensor(s, True, "zero") for n, s in param_shapes(arch).items()}
+    return tensors(arch) | velocity
+
+
 def _tensor_members(
     members: dict[str, zipfile.ZipInfo], arch: Arch, where: str
-) -> dict[str, tuple[zipfile.ZipInfo, tuple[int, ...]]]:
-    """Each tensor member with the shape `arch` gives it: every parameter, and either all
+) -> dict[str, tuple[zipfile.ZipInfo, Tensor]]:
+    """Each tensor member with what `arch` says of it: every parameter, and either all
     momentum buffers or none; any other member is foreign."""
-    expected = state_shapes(arch) | {_VELOCITY + n: s for n, s in param_shapes(arch).items()}
+    expected = _expected(arch)
     for name in members:
         if not name.endswith(".npy") or name.removesuffix(".npy") not in expected:
             raise CheckpointError(
@@ -229,39 +250,62 @@ def _read_meta(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> A
         raise CheckpointError(f"{where}: meta is not valid JSON ({_first_line(e)})") from None
 
 
+# A counter this close to int64's end would overflow within the life of any run.
+MAX_COUNT = 2**62
+
+
+def _form_problem(tensor: Tensor, dtype: np.dtype, shape: tuple[int, ...], arch: str) -> str | None:
+    """Why a stored array of `dtype` and `shape` cannot be `tensor` of the network named
+    `arch` (None if it can)."""
+    if tensor.counter and (dtype.kind != "i" or dtype.itemsize != 8):
+        return f"has dtype {_cut(str(dtype))}, not int64"
+    if not tensor.counter and (dtype.kind != "f" or dtype.itemsize not in (4, 8)):
+        return f"has dtype {_cut(str(dtype))}, not float32 or float64"
+    if shape != tensor.shape:
+        return f"has shape {_cut(str(shape))}, arch {arch!r} expects {tensor.shape}"
+    return None
+
+
+def _value_problem(tensor: Tensor, value: np.ndarray) -> str | None:
+    """Why the values of `tensor` cannot be what they claim (None if they can): NaN or
+    infinity in a float, a negative counter or running variance, a counter about to
+    overflow."""
+    if tensor.counter:
+        if (value < 0).any():
+            return "is negative"
+        if (value > MAX_COUNT).any():
+            return f"is beyond {MAX_COUNT}: the step counter would overflow int64"
+        return None
+    if not np.isfinite(value).all():
+        return "has NaN or inf values"
+    if tensor.nonnegative and (value < 0).any():
+        return "has negative values, which it cannot hold (a variance)"
+    return None
+
+
 def _read_tensor(
     archive: zipfile.ZipFile,
     info: zipfile.ZipInfo,
     key: str,
-    shape: tuple[int, ...],
+    tensor: Tensor,
     arch: str,
     where: str,
     dtype: np.dtype | None,
 ) -> np.ndarray:
-    """A float tensor of exactly `shape`, finite, cast to `dtype` (if given) without overflow;
-    or a BatchNorm counter, an int64 >= 0."""
-    counter = is_counter(key)
+    """`tensor`'s stored array, of its form and with values it can hold; a float cast to
+    `dtype` (if given) without overflow, a counter as int64."""
 
     def check(stored: np.dtype, stored_shape: tuple[int, ...]) -> None:
-        if counter and (stored.kind != "i" or stored.itemsize != 8):
-            raise CheckpointError(f"{where}: tensor {key} has dtype {_cut(str(stored))}, not int64")
-        if not counter and (stored.kind != "f" or stored.itemsize not in (4, 8)):
-            raise CheckpointError(
-                f"{where}: tensor {key} has dtype {_cut(str(stored))}, not float32 or float64"
-            )
-        if stored_shape != shape:
-            raise CheckpointError(
-                f"{where}: tensor {key} has shape {_cut(str(stored_shape))}, "
-                f"arch {arch!r} expects {shape}"
-            )
+        problem = _form_problem(tensor, stored, stored_shape, arch)
+        if problem is not None:
+            raise CheckpointError(f"{where}: tensor {key} {problem}")
 
     value = _read_npy(archive, info, f"tensor {key}", where, check)
-    if counter:
-        if (value < 0).any():
-            raise CheckpointError(f"{where}: tensor {key} is negative")
+    problem = _value_problem(tensor, value)
+    if problem is not None:
+        raise CheckpointError(f"{where}: tensor {key} {problem}")
+    if tensor.counter:
         return value.astype(np.int64)
-    if not np.isfinite(value).all():
-        raise CheckpointError(f"{where}: tensor {key} has NaN or inf values")
     if dtype is None:
         return value.astype(value.dtype.newbyteorder("="))
     with np.errstate(over="ignore"):
@@ -350,6 +394,15 @@ def _check_meta(meta: Any, where: str) -> Arch:
     for name, kind in (("impl", str), ("dataset", str), ("config", dict), ("data", dict)):
         if name in meta and not isinstance(meta[name], kind):
             raise refuse(f"field {name} is {_json_type(meta[name])}, not {_json_type(kind())}")
+    for name in ("impl", "dataset"):
+        if name in meta and meta[name] not in FIELDS[name].choices:
+            shown = _show(meta[name])
+            raise refuse(f"field {name} is {shown}, not one of {', '.join(FIELDS[name].choices)}")
+    # Every stored setting a command may read is checked as its flag is (a run's whole
+    # configuration, field by field, is checked again when it is resumed).
+    for name, value in meta.get("config", {}).items():
+        if name in FIELDS:
+            check_saved_field(name, value, where)
     epoch = meta.get("epoch", 0)
     if type(epoch) is not int or epoch < 0:
         raise refuse(f"field epoch is {_json_type(epoch)}, not an integer >= 0")

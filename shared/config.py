@@ -3,14 +3,18 @@ every step: the settings that every command and every implementation read alike.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
 from shared.data import DATASETS
 from shared.errors import CheckpointError, UsageError
-from shared.spec import INITS, INPUT_SHAPE
+from shared.kinds import INPUT_SHAPE
+from shared.spec import INITS
 
 IMPLEMENTATIONS = ("numpy", "jax", "torch")
+# Every pair of implementations, as the cross-check names them: "numpy-jax", ...
+PAIRS = tuple(f"{a}-{b}" for a, b in itertools.combinations(IMPLEMENTATIONS, 2))
 SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("float32", "float64")
 # He-initialised, the lab network's loss climbs to 3-9 within its first ten steps at rates near

@@ -16,9 +16,10 @@ from shared.cli import run_cli
 from shared.config import averages_mirrors
 from shared.data import Dataset, load_dataset
 from shared.io import write_json
+from shared.kinds import NUM_CLASSES
 from shared.outputs import prepare_out_dir
 from shared.plots import plt, save_figure
-from shared.spec import NUM_CLASSES, get_arch
+from shared.spec import get_arch
 
 
 def evaluate_checkpoint(

@@ -132,7 +132,11 @@ class Option:
     @property
     def pattern(self) -> str:
         # 7 digits, so that every number a table may hold has a token (see `_table_entry`).
-        return r"(\d{1,7})" if self.type is int else r"(\d{0,7}\.\d+|\d{1,7})"
+        return r"(\d{1,7})" if self.type is int else r"(\d?\.\d+|\d)"
+
+    def __post_init__(self):
+        if self.type not in (int, float):
+            raise ValueError(f"option {self.name}: a number, int or float, not {self.type}")
 
     def default_in(self, options: dict[str, Any]) -> Any:
         """The default among `options` (the others given)."""
@@ -149,19 +153,28 @@ class Option:
 @dataclass(frozen=True)
 class Tensor:
     """A canonical tensor of a layer: its shape, whether training moves it, and its initial
-    value: "weight" and "bias" are drawn by the initialisation scheme (the bias with its
-    weight's `fan_in`), "one" and "zero" are constant in every scheme, "count" is an int64 0."""
+    value: "weight" and "bias" are drawn by the initialisation scheme (with the weight's
+    `fan_in`), "one" and "zero" are constant in every scheme, "count" is an int64 counter
+    from 0. A `nonnegative` tensor (a running variance) can never hold a value below 0."""
 
     shape: Shape
     trainable: bool
-    init: str
+    initial: str
     fan_in: int = 0
+    nonnegative: bool = False
 
-    INITS: ClassVar[tuple[str, ...]] = ("weight", "bias", "one", "zero", "count")
+    INITIAL_VALUES: ClassVar[tuple[str, ...]] = ("weight", "bias", "one", "zero", "count")
 
     def __post_init__(self):
-        if self.init not in self.INITS:
-            raise ValueError(f"a tensor's initial value is one of {self.INITS}, not {self.init}")
+        if self.initial not in self.INITIAL_VALUES:
+            raise ValueError(f"a tensor's initial value is one of {self.INITIAL_VALUES}")
+        if self.initial in ("weight", "bias") and self.fan_in < 1:
+            raise ValueError("a drawn weight or bias needs its weight's fan_in")
+
+    @property
+    def counter(self) -> bool:
+        """Whether it counts (int64, as in PyTorch) rather than holds floats."""
+        return self.initial == "count"
 
 
 @dataclass(frozen=True)
@@ -173,6 +186,10 @@ class Kinks:
 
     at: str
     values: Callable[[Any, np.ndarray], np.ndarray]
+
+    def __post_init__(self):
+        if self.at not in ("zero", "tie"):
+            raise ValueError(f"a kink is at a zero or a tie, not at {self.at!r}")
 
 
 @dataclass(frozen=True)
@@ -357,7 +374,7 @@ def _batch_norm_tensors(bn: BatchNorm) -> dict[str, Tensor]:
         f"{bn.name}.weight": Tensor(c, True, "one"),
         f"{bn.name}.bias": Tensor(c, True, "zero"),
         f"{bn.name}.running_mean": Tensor(c, False, "zero"),
-        f"{bn.name}.running_var": Tensor(c, False, "one"),
+        f"{bn.name}.running_var": Tensor(c, False, "one", nonnegative=True),
         f"{bn.name}.num_batches_tracked": Tensor((), False, "count"),
     }
 
@@ -498,6 +515,11 @@ def _check_table() -> None:
     for kind in _KINDS:
         if "name" not in {f.name for f in fields(kind.layer)} or not hasattr(kind.layer, "kind"):
             raise TypeError(f"layer class {kind.layer.__name__} needs a name and a kind")
+        named = kind.layer.kind  # a ClassVar; a property (one class, several kinds) is not a str
+        if isinstance(named, str) and named != kind.name:
+            raise TypeError(
+                f"layer class {kind.layer.__name__} names kind {named}, not {kind.name}"
+            )
 
 
 _check_table()

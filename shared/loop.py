@@ -32,9 +32,10 @@ from shared.config import (
 from shared.data import Dataset, Split
 from shared.errors import Interrupted, ThreefoldError, UsageError
 from shared.io import remove_stale_temporaries, write_json
+from shared.kinds import NUM_CLASSES
 from shared.outputs import CHECKPOINT_NAME, CURVES_NAME, METRICS_NAME
 from shared.plots import plot_curves
-from shared.spec import NUM_CLASSES, Arch, get_arch, init_params
+from shared.spec import Arch, get_arch, init_params
 
 
 class TrainingDiverged(ThreefoldError):
@@ -286,7 +287,11 @@ def train(
 
     Returns the run's record (configuration, per-epoch history, test metrics).
     """
-    run = start_run(config, data, out_dir, resume, arch or get_arch(config.arch, files=False))
+    if arch is None:
+        arch = get_arch(config.arch)
+    elif arch.name != config.arch:
+        raise ValueError(f"arch {arch.name!r} is not config.arch {config.arch!r}")
+    run = start_run(config, data, out_dir, resume, arch)
     train_epochs(run, log)
     finish_run(run)
     return run.record

@@ -48,7 +48,7 @@ def step_phases(backend: Backend, state: Any, data: Any, batch: Batch, lr: float
     clock = partial(_clock, wait=backend.wait)
     seconds = {}
     seconds["host to framework"], (arrays, rate) = clock(
-        lambda: (backend.step_arrays(batch), backend.rate(lr))
+        lambda: (backend.moved(backend.step_arrays(batch)), backend.rate(lr))
     )
     seconds["gather + augment"], (x, y) = clock(
         lambda: backend.gather(data, arrays, batch.pad, batch.fill)
@@ -60,7 +60,7 @@ def step_phases(backend: Backend, state: Any, data: Any, batch: Batch, lr: float
     )
     seconds["backward"] = max(both - seconds["forward"], 0.0)
     seconds["optimizer update"], _ = clock(
-        lambda: backend.update(params, grads, buffers, opt_state, rate)
+        lambda: backend.update_state(params, grads, buffers, opt_state, rate)
     )
     seconds["framework to host"], _ = clock(
         lambda: (float(loss), int((np.asarray(logits).argmax(axis=1) == np.asarray(y)).sum()))
@@ -80,7 +80,7 @@ def numpy_layer_seconds(backend: Backend, state: Any, data: Any, batch: Batch) -
         x, cache = model.layer_forward(layer, params, x, masks, buffers)
         seconds[f"{layer.name} forward"] = time.perf_counter() - start
         caches.append(cache)
-    _, dout = backend.layers.softmax_cross_entropy(x, y, backend.hyperparams.label_smoothing)
+    _, dout = backend.ops.softmax_cross_entropy(x, y, backend.hyperparams.label_smoothing)
     for depth in reversed(range(len(arch.layers))):
         layer = arch.layers[depth]
         start = time.perf_counter()

@@ -27,12 +27,12 @@ import numpy as np
 
 from shared.errors import UsageError
 from shared.kinds import (
-    _KINDS,
     INPUT_SHAPE,
     KINDS,
     NUM_CLASSES,
     Dropout,
     Fail,
+    Flatten,
     Layer,
     LayerKind,
     Shape,
@@ -75,6 +75,11 @@ class Arch:
     def uses_batch_statistics(self) -> bool:
         """Whether a layer normalises across the batch (a batch of one cannot train it)."""
         return any(kind_of(layer).batch_statistics for layer in self.layers)
+
+    @cached_property
+    def counters(self) -> frozenset[str]:
+        """The names of the int64 counters among the canonical tensors."""
+        return frozenset(k for k, t in tensors(self).items() if t.counter)
 
     @cached_property
     def trainable(self) -> frozenset[str]:
@@ -121,13 +126,13 @@ PRESETS = {
 
 def _grammar() -> str:
     """The grammar, as `--help` shows it: one entry of KINDS a line."""
-    width = max(len(kind.usage) for kind in _KINDS) + 2
+    width = max(len(kind.usage) for kind in KINDS.values()) + 2
     lines = [
         f"A network is a preset ({', '.join(PRESETS)}), a file ending in .json or .toml, or",
         "layers joined by '-', applied in order to a 1x28x28 image; channels and features are",
         "inferred:",
     ]
-    for kind in _KINDS:
+    for kind in KINDS.values():
         wrapped = textwrap.wrap(kind.help, 90 - width - 2)
         lines.append(f"  {kind.usage:<{width}}{wrapped[0]}")
         lines += [" " * (width + 2) + more for more in wrapped[1:]]
@@ -204,7 +209,8 @@ def _build(kind: LayerKind, name: str, given: dict[str, Any], shape: Shape, fail
     """The layer of `kind` at input `shape` (C, H, W) or (F,): its input checked, then its
     options (defaults filled in) against their bounds, then the kind's own checks."""
     if kind.input == "spatial" and len(shape) != 3:
-        raise fail(f"its input is already flat ({shape[0]} features); put it before flatten")
+        where_to = "" if kind.layer is Flatten else "; put it before flatten"
+        raise fail(f"its input is already flat ({shape[0]} features){where_to}")
     if kind.input == "flat" and len(shape) != 1:
         raise fail(f"its input is {show_shape(shape)}; put flatten before it")
     options = dict(given)
@@ -354,14 +360,10 @@ def split_params(tensors: dict[str, Any], arch: Arch) -> tuple[dict[str, Any], d
     return params, {k: v for k, v in tensors.items() if k not in arch.trainable}
 
 
-def is_counter(name: str) -> bool:
-    """Whether a canonical tensor is an integer counter (int64, as in PyTorch), not a float."""
-    return name.endswith(".num_batches_tracked")
-
-
-def tensor_dtype(name: str, dtype: Any) -> np.dtype:
-    """The dtype of canonical tensor `name` in a network computing in `dtype`."""
-    return np.dtype(np.int64) if is_counter(name) else np.dtype(dtype)
+def tensor_dtype(arch: Arch, name: str, dtype: Any) -> np.dtype:
+    """The dtype of canonical tensor `name` (or of its momentum buffer) in a network of `arch`
+    computing in `dtype`: int64 for a counter, as in PyTorch."""
+    return np.dtype(np.int64) if name in arch.counters else np.dtype(dtype)
 
 
 INITS = ("he", "lab", "torch")
@@ -381,13 +383,13 @@ def init_params(arch: Arch, scheme: str = "he", seed: int = 0, dtype=np.float32)
         raise UsageError(f"unknown initialisation {scheme!r}; choose from {', '.join(INITS)}")
     rng = np.random.default_rng(seed)
     return {
-        name: _initial_value(tensor, scheme, rng).astype(tensor_dtype(name, dtype))
+        name: _initial_value(tensor, scheme, rng).astype(tensor_dtype(arch, name, dtype))
         for name, tensor in tensors(arch).items()
     }
 
 
 def _initial_value(tensor: Tensor, scheme: str, rng: np.random.Generator) -> np.ndarray:
-    match tensor.init, scheme:
+    match tensor.initial, scheme:
         case (("weight" | "bias"), "torch"):
             bound = 1 / np.sqrt(tensor.fan_in)
             return rng.uniform(-bound, bound, size=tensor.shape)
@@ -399,4 +401,4 @@ def _initial_value(tensor: Tensor, scheme: str, rng: np.random.Generator) -> np.
             return np.zeros(tensor.shape)
         case "one", _:
             return np.ones(tensor.shape)
-    raise ValueError(f"no initial value for a {tensor.init} tensor under {scheme}")
+    raise ValueError(f"no initial value for a {tensor.initial} tensor under {scheme}")

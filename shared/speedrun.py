@@ -137,7 +137,7 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     from shared.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    colors = dict(zip(IMPLEMENTATIONS, ("tab:blue", "tab:orange", "tab:green"), strict=True))
+    colors = {impl: f"C{k}" for k, impl in enumerate(IMPLEMENTATIONS)}
     for impl in IMPLEMENTATIONS:
         for recipe, marker in (("fast", "o"), ("defaults", "s")):
             mine = [r for r in runs if r["impl"] == impl and r["recipe"] == recipe]

@@ -147,13 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     typed = given_flags(parser, argv)
 
     def body() -> int:
-        # Parsed once; the run keeps the network's canonical name and never needs a spec file.
-        arch = get_arch(args.arch)
-        args.arch = arch.name
         with terminate_on_sigterm():
             if args.resume is not None:
                 return _resume(args, typed)
-            return _start(args, arch)
+            return _start(args)
 
     return run_cli(parser, body)
 
@@ -167,6 +164,8 @@ def _resume(args: argparse.Namespace, typed: set[str]) -> int:
         raise UsageError(f"{flag}: --resume continues the run in its own folder")
     if not (folder / CHECKPOINT_NAME).is_file():
         raise UsageError(f"--resume {folder}: no {CHECKPOINT_NAME} there to continue from")
+    if "arch" in typed:  # compared with the run's by its canonical name
+        args.arch = get_arch(args.arch).name
     with hold(folder, "--resume"):
         config, ckpt = resumed_config(args, typed)
         data = _load_data(args, config, ckpt)
@@ -174,10 +173,13 @@ def _resume(args: argparse.Namespace, typed: set[str]) -> int:
         return _run(config, get_arch(config.arch, files=False), data, folder, ckpt)
 
 
-def _start(args: argparse.Namespace, arch: Arch) -> int:
+def _start(args: argparse.Namespace) -> int:
     """A new run: every flag and the data checked before a folder is made; the folder (--out,
     or a fresh runs/IMPL-ARCH[-N]) held while it trains, and removed if the run fails before
     writing anything into a folder it made."""
+    # Parsed once; the run keeps the network's canonical name and never needs a spec file.
+    arch = get_arch(args.arch)
+    args.arch = arch.name
     config = config_from_args(args)
     check_config(config)
     folder = args.out

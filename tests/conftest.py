@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shared.config import PAIRS
 from shared.data import FASHION_MNIST, Dataset, load_dataset
 
 
@@ -106,3 +107,8 @@ def run_measured(
         **kwargs,
     )
     return done, int(peak_file.read_text()) / 1024
+
+
+def pairs_with(impl: str) -> tuple[str, ...]:
+    """The pairs of implementations that include `impl`: those a bug planted in it fails."""
+    return tuple(pair for pair in PAIRS if impl in pair.split("-"))

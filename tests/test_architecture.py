@@ -13,7 +13,7 @@ from shared.backend import IMPLEMENTATIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {"train", "evaluate", "crosscheck", "experiments", "benchmark", "speedrun"}
-PACKAGES = ("shared", "impl_numpy", "impl_jax", "impl_torch")
+PACKAGES = ("shared", *(f"impl_{name}" for name in IMPLEMENTATIONS))
 # The one module of shared/ that may import an implementation: the backend factory.
 FACTORY = ROOT / "shared" / "backend.py"
 

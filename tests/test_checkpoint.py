@@ -216,6 +216,26 @@ def test_a_counter_of_another_dtype_or_negative_is_refused(tmp_path, value, prob
     refused(path, f"tensor bn2.num_batches_tracked {problem}")
 
 
+@pytest.mark.parametrize(
+    "name, value, problem",
+    [
+        ("bn2.num_batches_tracked", np.array(2**62 + 1), "the step counter would overflow int64"),
+        ("bn1.running_var", np.array([1.0, -1e-3, 1.0, 1.0], np.float32), "negative values"),
+    ],
+    ids=["counter", "variance"],
+)
+def test_a_buffer_that_cannot_mean_what_it_says_is_refused_read_or_written(
+    tmp_path, name, value, problem
+):
+    members = with_member(f"{name}.npy", npy(value), arch=BN)
+    refused(write_zip(tmp_path / "c.npz", members.items()), f"tensor {name} ", problem)
+    tensors = init_params(get_arch(BN), "he", 0) | {name: value}
+    path = tmp_path / "written.npz"
+    with pytest.raises(CheckpointError, match=f"not written: tensor {name} .*{problem}"):
+        save_checkpoint(path, tensors, {"arch": BN})
+    assert not path.exists()
+
+
 def test_a_momentum_buffer_for_a_batch_norm_buffer_is_foreign(tmp_path):
     members = with_member("velocity/bn1.running_mean.npy", npy(np.zeros(4, np.float32)), arch=BN)
     path = write_zip(tmp_path / "c.npz", members.items())
@@ -532,6 +552,11 @@ def test_unreadable_metadata_is_refused(tmp_path, content, problem):
             "field history entry 1 'val_acc' is a string",
         ),
         ({"epoch": 1, "history": [{"val_acc": None}]}, "field history entry 1 'val_acc' is null"),
+        ({"impl": "tensorflow"}, "field impl is 'tensorflow', not one of numpy, jax, torch"),
+        ({"dataset": "cifar10"}, "field dataset is 'cifar10', not one of fashion-mnist, mnist"),
+        ({"config": {"flip": "yes"}}, "field config.flip is 'yes', not true or false"),
+        ({"config": {"shift": 100}}, "field config.shift is 100, out of range"),
+        ({"config": {"tta": 0}}, "field config.tta is 0, not true or false"),
     ],
 )
 def test_metadata_of_the_wrong_type_or_shape_names_the_field(tmp_path, change, problem):

@@ -16,10 +16,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from shared.backend import IMPLEMENTATIONS, make_backend, pairs_with
-from shared.backend import PAIRS as BACKEND_PAIRS
+from shared.backend import IMPLEMENTATIONS, make_backend
 from shared.batches import dropout_masks
 from shared.checkpoint import load_checkpoint
+from shared.config import PAIRS as PAIR_NAMES
 from shared.config import Hyperparams, TrainConfig
 from shared.crosscheck import run_crosscheck
 from shared.data import load_dataset
@@ -31,9 +31,9 @@ from shared.proof.passes import checkpoint_agreement
 from shared.proof.rows import CheckResult, compare
 from shared.proof.settings import ALL_ON
 from shared.spec import PRESETS, Arch, get_arch, init_params, param_shapes, state_shapes
-from tests.conftest import to_native
+from tests.conftest import pairs_with, to_native
 
-PAIRS = list(itertools.combinations(IMPLEMENTATIONS, 2))
+IMPL_PAIRS = list(itertools.combinations(IMPLEMENTATIONS, 2))
 F64_TOL = 1e-10
 # A small network with every stateful layer: BatchNorm 2d and 1d (buffers) and dropout (masks).
 BN_DROPOUT = "conv4-bn-relu-maxpool2-conv6s2-bn-tanh-flatten-fc16-bn-sigmoid-dropout0.25-fc10"
@@ -176,7 +176,7 @@ def test_model_passes_agree(spec):
             "input grad": backend.input_grad(params, x, y, masks),
         }
     trainable = param_shapes(arch)
-    for a, b in PAIRS:
+    for a, b in IMPL_PAIRS:
         ra, rb = out[a], out[b]
         for mode in ("eval", "train"):
             assert set(ra[mode]) == {layer.name for layer in arch.layers}
@@ -215,7 +215,7 @@ def test_loss_agrees(seed, smoothing):
             to_native(impl, logits), to_native(impl, labels), smoothing
         )
         results[impl] = (np.asarray(loss), np.asarray(dlogits))
-    for a, b in PAIRS:
+    for a, b in IMPL_PAIRS:
         assert_same(results[a][0], results[b][0], f"loss {a}-{b}")
         assert_same(results[a][1], results[b][1], f"dlogits {a}-{b}")
 
@@ -234,7 +234,7 @@ def test_augmentation_agrees(flip, shift):
         mod = importlib.import_module(f"impl_{impl}.augment")
         native = [to_native(impl, a) for a in (x, rows, cols)]
         out[impl] = np.asarray(mod.augment(*native, shift, FASHION_MNIST.background))
-    for a, b in PAIRS:
+    for a, b in IMPL_PAIRS:
         assert_same(out[a], out[b], f"augment {a}-{b}", tol=0.0)
 
 
@@ -267,7 +267,7 @@ def expected_rows(arch: Arch, kind: str, dtype: str, steps: int, momentum: float
         checks += [f"lockstep loss x{steps}", *(f"lockstep {n}" for n in state_shapes(arch))]
         if momentum:
             checks += [f"lockstep momentum {name}" for name in param_shapes(arch)]
-    rows.update((check, pair) for check in checks for pair in BACKEND_PAIRS)
+    rows.update((check, pair) for check in checks for pair in PAIR_NAMES)
     rows.update(
         (f"dropout mask {layer.name}", f"{impl}-shared")
         for layer in arch.dropouts

@@ -22,7 +22,7 @@ from shared.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from shared.errors import CheckpointError, DataError, UsageError
 from shared.idx import MAX_IDX_BYTES, IdxExpect, parse_idx, read_idx
 from shared.kinds import INPUT_SHAPE as NETWORK_INPUT
-from shared.kinds import output_shape
+from shared.kinds import KINDS, output_shape
 from shared.spec import (
     MAX_LAYER_OUTPUT,
     MAX_PARAMETERS,
@@ -301,7 +301,7 @@ POOL = st.builds(
     lambda op, k, s: f"{op}pool{k}{s}", st.sampled_from(["max", "avg"]), SMALL, option("s")
 )
 FC = (st.integers(0, 40) | st.sampled_from([10, 10, 128, 100_000, 9999999])).map(lambda n: f"fc{n}")
-# Drop probabilities as a user writes them (the canonical form keeps 6 significant digits).
+# Drop probabilities as a user writes them (the canonical form keeps every digit).
 DROPOUT = st.sampled_from(["0", "0.3", ".5", "0.25", "0.99", "1", "1.5", "0.001"]).map(
     lambda p: f"dropout{p}"
 )
@@ -350,10 +350,10 @@ def test_any_spec_builds_a_bounded_network_or_fails_in_one_line(text):
 
 # A spec file's entries: tokens (one layer each) or tables of any option, some of any JSON.
 TABLE = st.fixed_dictionaries(
-    {"type": st.sampled_from(["conv", "maxpool", "avgpool", "fc", "dropout", "bn", "relu"])},
+    {"type": st.sampled_from(list(KINDS))},
     optional={
         key: st.integers(-1, 30) | st.floats(0, 1) | st.booleans() | JSON
-        for key in ("channels", "kernel", "stride", "padding", "size", "features", "p", "x")
+        for key in {o.name for kind in KINDS.values() for o in kind.options} | {"x"}
     },
 )
 # A string holding several layers ("conv4-relu") is left out: spec.py fails on it with a

@@ -14,7 +14,8 @@ from shared.backend import IMPLEMENTATIONS, make_backend
 from shared.batches import dropout_masks
 from shared.errors import UsageError
 from shared.kinds import KINDS, LayerKind, Option, Tensor, kind_of
-from shared.spec import GRAMMAR, Arch, get_arch, init_params, tensors
+from shared.spec import Arch, get_arch, init_params, tensors
+from tests.test_training import run_script
 
 KIND_NAMES = list(KINDS)
 
@@ -89,17 +90,21 @@ def test_as_module_builds_every_kind_and_loads_its_tensors_strictly(name):
 
 
 @pytest.mark.parametrize("name", KIND_NAMES)
-def test_a_kind_s_token_rebuilds_its_layer_and_the_grammar_shows_it(name):
+def test_a_kind_s_token_rebuilds_its_layer(name):
     kind = KINDS[name]
     for arch in networks_with(kind):
         layer = layer_of(arch, kind)
         assert kind_of(layer) is kind
         assert get_arch(arch.spec).layers == arch.layers
         assert kind.token(layer) in arch.spec.split("-")
-    assert kind.usage in GRAMMAR
+
+
+def test_help_and_the_refusal_of_an_unknown_token_show_every_kind():
+    shown = run_script("train.py", "--help").stdout
     with pytest.raises(UsageError) as refused:
         get_arch("vgg16-flatten-fc10")
-    assert name in str(refused.value)
+    for kind in KINDS.values():
+        assert f"  {kind.usage} " in shown and kind.name in str(refused.value)
 
 
 @pytest.mark.parametrize("name", KIND_NAMES)
@@ -114,11 +119,14 @@ def test_a_kind_s_tensors_have_their_initial_values(name):
             for key, tensor in own.items():
                 value = values[key]
                 assert value.shape == tensor.shape
-                if tensor.init == "one":
+                assert value.dtype == (np.int64 if tensor.counter else np.float64)
+                if tensor.initial == "one":
                     assert (value == 1).all()
-                elif tensor.init in ("zero", "count"):
+                elif tensor.initial in ("zero", "count") or (
+                    tensor.initial == "bias" and scheme != "torch"
+                ):
                     assert (value == 0).all()
-                elif tensor.init == "weight":
+                else:  # drawn: a weight, or PyTorch's bias
                     assert value.std() > 0
         with torch.no_grad():
             module_tensors = as_module(arch).state_dict()

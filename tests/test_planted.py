@@ -20,11 +20,12 @@ import impl_numpy.layers
 import impl_numpy.optim
 import impl_torch.layers
 from shared import crosscheck
-from shared.backend import make_backend, pairs_with
+from shared.backend import make_backend
 from shared.crosscheck import run_crosscheck
 from shared.proof.rows import CheckResult, compare
 from shared.proof.settings import ALL_ON, drawn_setting
 from shared.spec import get_arch, param_shapes
+from tests.conftest import pairs_with
 
 # A small network with BatchNorm 2d and 1d, a strided conv (conv2) and dropout.
 SPEC = "conv4-bn-relu-maxpool2-conv6s2-bn-tanh-flatten-fc16-bn-sigmoid-dropout0.25-fc10"

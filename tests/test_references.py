@@ -13,8 +13,13 @@ import shared.config
 from impl_numpy import layers as numpy_layers
 from shared import metrics
 from shared.config import MIN_WARMUP_STEPS, TrainConfig, warmup_steps
+from shared.proof.references import (
+    FLOAT32_TOLERANCE,
+    FLOAT64_TOLERANCE,
+    reference_checks,
+    tolerance,
+)
 from shared.proof.rows import compare
-from shared.references import FLOAT32_TOLERANCE, FLOAT64_TOLERANCE, reference_checks, tolerance
 
 
 def numpy_loss(logits: np.ndarray, labels: np.ndarray, smoothing: float):

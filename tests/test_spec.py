@@ -603,6 +603,14 @@ def test_crosscheck_refuses_a_bad_arch_in_one_line(tiny_data_dir):
     assert "the network ends with 12 outputs" in usage_error(result, "crosscheck.py")
 
 
+def test_crosscheck_refuses_batch_norm_on_batches_of_one(tiny_data_dir):
+    result = run_script(
+        "crosscheck.py", "--arch", "strong", "--batch-size", "1", "--steps", "1",
+        "--data-dir", str(tiny_data_dir),
+    )  # fmt: skip
+    assert "BatchNorm cannot take statistics of one image" in usage_error(result, "crosscheck.py")
+
+
 def test_a_batch_norm_network_refuses_a_last_batch_of_one(tiny_data_dir, tmp_path):
     # 100 training images: batches of 33 leave one image in the last.
     args = ["--arch", "flatten-bn-fc10", "--epochs", "1", "--batch-size", "33"]

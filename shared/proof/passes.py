@@ -1,6 +1,7 @@
 """The comparisons: every pair of implementations on one training pass and on a lockstep
-run, NumPy's gradients against finite differences, and a checkpoint's predictions. Each
-yields `Compared` rows (shared/proof/rows.py)."""
+run, NumPy's gradients against finite differences, and a checkpoint's predictions. The first
+three give `Compared` rows (shared/proof/rows.py) for the caller to judge; the checkpoint's
+agreement, whose predicted-class row counts differing classes, gives its verdicts itself."""
 
 from __future__ import annotations
 

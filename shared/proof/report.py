@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.backend import PAIRS
+from shared.config import PAIRS
 from shared.proof.rows import CheckResult
 
 

@@ -12,9 +12,9 @@ from shared.backend import Backend
 from shared.batches import iterate_batches
 from shared.config import FAST_RECIPE, SCHEDULES, TrainConfig
 from shared.data import Dataset
-from shared.kinds import INPUT_SHAPE, NUM_CLASSES, Conv, Linear
+from shared.kinds import INPUT_SHAPE, NUM_CLASSES, Linear
 from shared.proof.kinks import keeps_zeros_exact
-from shared.spec import Arch, Params
+from shared.spec import Arch, Params, tensors
 
 # The training defaults with every technique switched on, whatever the defaults choose.
 ALL_ON = replace(
@@ -122,11 +122,6 @@ def noisy_batches(batches, seed: int):
     return [((x + rng.normal(scale=1e-2, size=x.shape)).astype(np.float32), y) for x, y in batches]
 
 
-# A float32 pass starts from a batch whose every ReLU input and every max-pool window's gap
-# between its two largest values is at least this share of the layer's scale away from a kink
-# (measured in float64): round-off (~1e-7 of the scale) then cannot decide a ReLU or a window's
-
-
 def planted_ties(batches, params: Params, arch: Arch):
     """Noisy batches with an exact-zero block in every image (and a quarter of the images all
     zero) and every conv and linear bias zero: layer outputs there are exactly 0, so the ReLUs
@@ -139,7 +134,7 @@ def planted_ties(batches, params: Params, arch: Arch):
         x[:, :, :12, :12] = 0.0
         x[: len(x) // 4] = 0.0
         planted.append((x, y))
-    biases = {f"{layer.name}.bias" for layer in arch.layers if isinstance(layer, Conv | Linear)}
+    biases = {name for name, tensor in tensors(arch).items() if tensor.initial == "bias"}
     return planted, {k: np.zeros_like(v) if k in biases else v for k, v in params.items()}
 
 

@@ -19,8 +19,8 @@ import numpy as np
 import shared.config
 from shared import metrics
 from shared.config import TrainConfig
+from shared.kinds import NUM_CLASSES
 from shared.proof.rows import Compared
-from shared.spec import NUM_CLASSES
 
 # logits (N, K), labels (N,), label smoothing -> mean loss (), dlogits (N, K)
 LossFn = Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndarray]]
