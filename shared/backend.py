@@ -16,6 +16,7 @@ import numpy as np
 
 from shared.batches import Batch
 from shared.config import IMPLEMENTATIONS, Hyperparams
+from shared.cost import evaluation_batch, largest_training_batch, network_cost
 from shared.errors import UsageError
 from shared.spec import Arch, Params, split_params, tensor_dtype
 
@@ -57,6 +58,11 @@ class Backend:
 
     def __init__(self, arch: Arch, dtype: np.dtype, hyperparams: Hyperparams):
         self.arch, self.dtype, self.hyperparams = arch, np.dtype(dtype), hyperparams
+        # What fits the memory bound (shared/cost.py): images a step holds at once (a larger
+        # batch is taken in parts), and images per batch of logits.
+        cost = network_cost(arch.layers)
+        self.step_images = largest_training_batch(cost, self.dtype)
+        self.logit_images = evaluation_batch(cost, self.dtype)
         h = hyperparams
         self.optimizer = self.optim.SGD(h.momentum, h.nesterov, h.weight_decay)
         fns = dict(arch=arch, label_smoothing=h.label_smoothing)
@@ -164,11 +170,34 @@ class Backend:
         """One SGD step on a batch of `data` (from `put_data`), augmented as the batch says
         -> (new state, mean loss, correct count). The state given is consumed: NumPy and
         PyTorch update it in place, JAX donates it to the step."""
+        if len(batch.idx) > self.step_images:
+            return self._train_step_in_parts(state, data, batch, lr)
         state, loss, correct = self._step(
             state, data, self.step_arrays(batch), self.rate(lr), pad=batch.pad, fill=batch.fill
         )
         loss, correct = self.to_host((loss, correct))
         return state, float(loss), int(correct)
+
+    def _train_step_in_parts(
+        self, state: TrainState, data: Any, batch: Batch, lr: float
+    ) -> tuple[TrainState, float, int]:
+        """A step on a batch too large to hold at once, of a network without batch statistics
+        (the training loop refuses one with them): its parts' passes in turn, their gradients
+        weighted by their share of the batch adding up to the whole batch's mean-loss
+        gradient, then one update."""
+        params, opt_state = state
+        n, total, loss, correct = len(batch.idx), {}, 0.0, 0
+        for start in range(0, n, self.step_images):
+            part = batch.part(start, start + self.step_images)
+            arrays = self.step_arrays(part)
+            x, y = self.gather(data, arrays, part.pad, part.fill)
+            part_loss, grads, logits, _ = self.training_pass(params, x, y, masks=arrays.masks)
+            share = len(part.idx) / n
+            total = {k: share * g + total[k] if total else share * g for k, g in grads.items()}
+            part_loss, part_correct = self.to_host((part_loss, (logits.argmax(axis=1) == y).sum()))
+            loss, correct = loss + share * float(part_loss), correct + int(part_correct)
+        state = self.update_state(params, total, {}, opt_state, self.rate(lr))
+        return state, loss, correct
 
     def compile_step(self, state: TrainState, data: Any, batches: list[Batch]) -> None:
         """Compile the training step for the shapes of `batches` now, so that the training
@@ -287,10 +316,16 @@ def make_backend(
 
 
 def batched_logits(
-    backend: Backend, state: Any, images: np.ndarray, tta: bool = False, batch_size: int = 1000
+    backend: Backend,
+    state: Any,
+    images: np.ndarray,
+    tta: bool = False,
+    batch_size: int | None = None,
 ) -> np.ndarray:
-    """Logits (N, 10) for images (N, 1, 28, 28), computed in batches; with `tta`, the mean of
-    the logits of each image and of its mirror image (test-time augmentation by flips)."""
+    """Logits (N, 10) for images (N, 1, 28, 28), computed in batches (by default as many as
+    fit the memory bound, at most 1,000); with `tta`, the mean of the logits of each image
+    and of its mirror image (test-time augmentation by flips)."""
+    batch_size = batch_size or backend.logit_images
     logits = []
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size]

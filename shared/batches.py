@@ -48,6 +48,12 @@ class Batch:
     fill: float = 0.0
     masks: dict[str, np.ndarray] = field(default_factory=dict)
 
+    def part(self, start: int, stop: int) -> Batch:
+        """Images start..stop of the batch, with their maps and masks."""
+        rows, cols = (None if m is None else m[start:stop] for m in (self.rows, self.cols))
+        masks = {name: mask[start:stop] for name, mask in self.masks.items()}
+        return Batch(self.idx[start:stop], rows, cols, self.pad, self.fill, masks)
+
 
 def augmentation_maps(
     rng: np.random.Generator, n: int, height: int, width: int, flip: bool, shift: int

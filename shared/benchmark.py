@@ -18,11 +18,11 @@ import numpy as np
 
 from shared.backend import IMPLEMENTATIONS
 from shared.cli import add_impl_flag, number, positive_float, positive_int, run_cli
+from shared.cost import largest_training_batch, network_cost
 from shared.errors import ThreefoldError, UsageError
 from shared.io import atomic_write, write_json
-from shared.kinds import Conv, Linear
 from shared.ladder import loop_epoch_seconds
-from shared.outputs import prepare_out_dir
+from shared.outputs import hold, prepare_out_dir
 from shared.profile import timing_setup
 from shared.spec import Arch, get_arch
 
@@ -30,25 +30,6 @@ EPOCH_IMAGES = 50_000
 WARMUP_SECONDS = 2.0
 # Every timed step takes a full batch of the 50,000 training images, so none can be larger.
 batch_size = number(int, 1, below=EPOCH_IMAGES + 1)
-
-
-def flops_per_image(arch: Arch) -> int:
-    """Floating-point operations (multiply and add counted apart) to train on one image:
-    forward, parameter gradients, and input gradients for every layer but the first (nothing
-    needs the gradient of the images). Element-wise work (ReLU, pooling, bias) is left out:
-    it is memory traffic, not arithmetic that a matmul ceiling measures."""
-    total = 0
-    for depth, (layer, _, out) in enumerate(arch.shapes()):
-        match layer:
-            case Conv(_, c, o, k, _, _):
-                macs = o * c * k * k * out[1] * out[2]
-            case Linear(_, i, o):
-                macs = i * o
-            case _:
-                macs = 0
-        passes = 2 if depth == 0 else 3  # forward, dW, and dX unless first
-        total += 2 * macs * passes
-    return total
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -136,7 +117,9 @@ def add_derived(rows: list[dict], flops: int, ceiling: float) -> list[dict]:
     """Ratio to PyTorch at the same batch size, GFLOP/s and share of the ceiling."""
     torch_time = {r["batch_size"]: r["epoch_seconds"] for r in rows if r["impl"] == "torch"}
     for r in rows:
-        r["ratio_to_torch"] = r["epoch_seconds"] / torch_time.get(r["batch_size"], float("nan"))
+        # null where PyTorch was not run at this batch size: JSON has no NaN.
+        reference = torch_time.get(r["batch_size"])
+        r["ratio_to_torch"] = None if reference is None else r["epoch_seconds"] / reference
         r["gflops"] = r["images_per_s"] * flops / 1e9
         r["ceiling_share"] = r["gflops"] / ceiling
     return rows
@@ -151,11 +134,15 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['impl']} | {r['batch_size']} | {r['images_per_s']:,.0f} | "
-            f"{r['epoch_seconds']:.2f} | {r['ratio_to_torch']:.2f} | "
+            f"{r['epoch_seconds']:.2f} | {_ratio(r['ratio_to_torch'])} | "
             f"{r['first_step_seconds']:.2f} | "
             f"{r['peak_mb']:,.0f} | {r['gflops']:.1f} | {100 * r['ceiling_share']:.1f}% |"
         )
     return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a (torch not run)" if value is None else f"{value:.2f}"
 
 
 def ladder_table(loops: dict, rows: list[dict]) -> str:
@@ -229,6 +216,48 @@ def bar_chart(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def run_benchmark(
+    args: argparse.Namespace, arch: Arch, sizes: list[int], impls: list[str], out: Path
+) -> int:
+    """Every implementation at every batch size, interleaved repeats each in a fresh process,
+    against the float32 matmul ceiling measured in the same run; tables and chart in `out`."""
+    ceiling = matmul_gflops()
+    flops = network_cost(arch.layers).flops
+    print(
+        f"float32 matmul ceiling: {ceiling:.1f} GFLOP/s; "
+        f"work per image: {flops / 1e6:.2f} MFLOP (forward + backward)"
+    )
+    rows = []
+    for b in sizes:
+        steps = args.steps or EPOCH_IMAGES // b
+        runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+        # Interleaved, so that a slow spell of the machine hits every implementation alike.
+        for r in range(args.repeats):
+            for impl in impls:
+                runs[impl].append(run_worker(impl, arch.name, b, steps, args.timeout))
+                ips = runs[impl][-1]["images_per_s"]
+                print(f"  batch {b:4} repeat {r + 1}: {impl:5} {ips:8,.0f} images/s", flush=True)
+        rows += [summarize(runs[impl]) for impl in impls]
+    rows = add_derived(rows, flops, ceiling)
+    table = markdown_table(rows)
+    if args.ladder_images and arch.name == "lab":  # the loops are the lab network's
+        table += "\n\n" + ladder_table(loop_epoch_seconds(args.ladder_images), rows)
+    print("\n" + table)
+    header = (
+        f"`--arch {args.arch}`, float32, median of {args.repeats} interleaved repeats, each "
+        f"in a fresh process. float32 matmul ceiling {ceiling:.1f} GFLOP/s; "
+        f"{flops / 1e6:.2f} MFLOP per image.\n\n"
+    )
+    atomic_write(out / "benchmark.md", lambda f: f.write((header + table + "\n").encode()))
+    write_json(
+        out / "benchmark.json",
+        {"ceiling_gflops": ceiling, "flops_per_image": flops, "rows": rows},
+    )
+    bar_chart(rows, out / "benchmark.png")
+    print(f"\nwrote {out / 'benchmark.md'}, {out / 'benchmark.json'}, {out / 'benchmark.png'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """scripts/benchmark.py: time every implementation, write the tables and the chart."""
     parser = argparse.ArgumentParser(prog="benchmark.py", description=__doc__)
@@ -281,47 +310,21 @@ def main(argv: list[str] | None = None) -> int:
         except argparse.ArgumentTypeError as e:
             raise UsageError(f"--batch-sizes: {e}") from None
         arch = get_arch(args.arch)
+        fits = largest_training_batch(network_cost(arch.layers), np.float32)
+        too_large = [b for b in sizes if b > fits]
+        if too_large:
+            raise UsageError(
+                f"--batch-sizes {too_large[0]}: a step of this network on that many images "
+                f"would need more than the memory bound; at most {fits} fit"
+            )
+        if arch.uses_batch_statistics and 1 in sizes:
+            raise UsageError("--batch-sizes 1: BatchNorm cannot take statistics of one image")
         out = prepare_out_dir(args.out)
         impls = args.impl or list(IMPLEMENTATIONS)
-        if args.profile:
-            return run_profile(impls, arch.name, sizes, args.steps or 50, args.timeout, out)
-        ceiling = matmul_gflops()
-        flops = flops_per_image(arch)
-        print(
-            f"float32 matmul ceiling: {ceiling:.1f} GFLOP/s; "
-            f"work per image: {flops / 1e6:.2f} MFLOP (forward + backward)"
-        )
-        rows = []
-        for b in sizes:
-            steps = args.steps or EPOCH_IMAGES // b
-            runs: dict[str, list[dict]] = {impl: [] for impl in impls}
-            # Interleaved, so that a slow spell of the machine hits every implementation alike.
-            for r in range(args.repeats):
-                for impl in impls:
-                    runs[impl].append(run_worker(impl, arch.name, b, steps, args.timeout))
-                    ips = runs[impl][-1]["images_per_s"]
-                    print(
-                        f"  batch {b:4} repeat {r + 1}: {impl:5} {ips:8,.0f} images/s", flush=True
-                    )
-            rows += [summarize(runs[impl]) for impl in impls]
-        rows = add_derived(rows, flops, ceiling)
-        table = markdown_table(rows)
-        if args.ladder_images and arch.name == "lab":  # the loops are the lab network's
-            table += "\n\n" + ladder_table(loop_epoch_seconds(args.ladder_images), rows)
-        print("\n" + table)
-        header = (
-            f"`--arch {args.arch}`, float32, median of {args.repeats} interleaved repeats, each "
-            f"in a fresh process. float32 matmul ceiling {ceiling:.1f} GFLOP/s; "
-            f"{flops / 1e6:.2f} MFLOP per image.\n\n"
-        )
-        atomic_write(out / "benchmark.md", lambda f: f.write((header + table + "\n").encode()))
-        write_json(
-            out / "benchmark.json",
-            {"ceiling_gflops": ceiling, "flops_per_image": flops, "rows": rows},
-        )
-        bar_chart(rows, out / "benchmark.png")
-        print(f"\nwrote {out / 'benchmark.md'}, {out / 'benchmark.json'}, {out / 'benchmark.png'}")
-        return 0
+        with hold(out):  # one benchmark at a time writes its tables
+            if args.profile:
+                return run_profile(impls, arch.name, sizes, args.steps or 50, args.timeout, out)
+            return run_benchmark(args, arch, sizes, impls, out)
 
     return run_cli(parser, body)
 

@@ -9,7 +9,7 @@ import math
 import sys
 from collections.abc import Callable
 
-from shared.config import FIELDS, IMPLEMENTATIONS, MIN_WARMUP_STEPS, Bound, TrainConfig
+from shared.config import FIELDS, IMPLEMENTATIONS, SHORT_RUN_STEPS, Bound, TrainConfig
 from shared.errors import Interrupted, ThreefoldError, UsageError
 from shared.spec import presets
 
@@ -106,8 +106,8 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
         "warmup",
         d.warmup,
         "epochs of linear learning-rate warm-up, at most half of --epochs (0: off; default: "
-        "1 epoch, or half the run if shorter); never fewer than "
-        f"{MIN_WARMUP_STEPS} steps, so a run shorter than that ends on the rise",
+        "1 epoch, or half the run if shorter, and a run of fewer than "
+        f"{SHORT_RUN_STEPS} steps peaks at --lr x steps / {SHORT_RUN_STEPS})",
     )
     _setting(parser, "label_smoothing", d.label_smoothing, "in [0, 1)")
     _switch(parser, "flip", d.flip, "augment: flip training images horizontally, probability 1/2")

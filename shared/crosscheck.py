@@ -20,6 +20,7 @@ from shared.batches import dropout_masks
 from shared.checkpoint import load_checkpoint
 from shared.cli import positive_int, run_cli, seed_type
 from shared.config import DTYPES, TrainConfig
+from shared.cost import largest_training_batch, network_cost
 from shared.data import Dataset, load_dataset
 from shared.errors import UsageError
 from shared.io import write_json
@@ -183,6 +184,18 @@ def main(argv: list[str] | None = None) -> int:
             check_out_file(args.json, "--json")
         if args.plot is not None:
             check_out_file(args.plot, "--plot")
+        archs = [get_arch(a) for a in (args.arch or ["lab", "pool"])]
+        if args.batch_size == 1 and any(a.uses_batch_statistics for a in archs):
+            raise UsageError("--batch-size 1: BatchNorm cannot take statistics of one image")
+        for arch in archs:
+            fits = largest_training_batch(network_cost(arch.layers), np.float64)
+            if fits < max(2, args.batch_size or 2):
+                raise UsageError(
+                    f"--arch {arch.name[:60]}: a float64 step on {max(2, args.batch_size or 2)} "
+                    f"images would need more than the memory bound; at most {fits} fit"
+                )
+        # Read (and checked) before any work: a damaged checkpoint wastes no cross-check.
+        ckpt = None if args.checkpoint is None else load_checkpoint(args.checkpoint, np.float32)
         data = load_dataset(args.data_dir)
         largest = args.batch_size or BATCH_SIZE
         if args.steps * largest > len(data.train):
@@ -190,9 +203,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"--steps {args.steps} x --batch-size {largest} exceeds the "
                 f"{len(data.train)} training images"
             )
-        archs = [get_arch(a) for a in (args.arch or ["lab", "pool"])]
-        if args.batch_size == 1 and any(a.uses_batch_statistics for a in archs):
-            raise UsageError("--batch-size 1: BatchNorm cannot take statistics of one image")
         results = run_crosscheck(
             archs,
             args.dtype or ["float64", "float32"],
@@ -201,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             seed=args.seed,
         )
-        if args.checkpoint is not None:
-            ckpt = load_checkpoint(args.checkpoint, dtype=np.float32)  # as checkpoint_agreement
+        if ckpt is not None:  # in float32, as checkpoint_agreement computes
             arch = get_arch(ckpt.meta["arch"], files=False)
             results += checkpoint_agreement(ckpt.params, arch, data.test.x)
         print(format_table(results))

@@ -13,6 +13,11 @@ class CheckpointError(ThreefoldError):
     """A checkpoint is unreadable or does not fit the architecture."""
 
 
+class OutputError(ThreefoldError):
+    """The machine refused a write (disk full, a read-only folder, no permission); nothing was
+    half-written, and what was there before is intact."""
+
+
 class UsageError(ThreefoldError):
     """A flag or argument has a value that cannot work."""
 

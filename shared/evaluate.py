@@ -15,6 +15,7 @@ from shared.checkpoint import Checkpoint, load_checkpoint
 from shared.cli import run_cli
 from shared.config import averages_mirrors
 from shared.data import Dataset, load_dataset
+from shared.errors import CheckpointError
 from shared.io import write_json
 from shared.kinds import NUM_CLASSES
 from shared.outputs import prepare_out_dir
@@ -23,13 +24,18 @@ from shared.spec import get_arch
 
 
 def evaluate_checkpoint(
-    ckpt: Checkpoint, impl: str, data: Dataset, tta: bool = False
+    ckpt: Checkpoint, impl: str, data: Dataset, tta: bool = False, source: str = "checkpoint"
 ) -> dict[str, Any]:
     """Test loss, accuracy, confusion matrix and per-class accuracy of a checkpoint, computed
     by `impl` whatever implementation wrote it (with `tta`, averaged over each image and its
     mirror image); also the logits (N, 10)."""
     backend = make_backend(impl, get_arch(ckpt.meta["arch"], files=False))
     logits = batched_logits(backend, backend.init_state(ckpt.params), data.test.x, tta)
+    if not np.isfinite(logits).all():
+        raise CheckpointError(
+            f"{source}: its weights give non-finite logits on the test images (beyond "
+            "float32's range); there is no loss or accuracy to report"
+        )
     cm = metrics.confusion_matrix(logits.argmax(axis=1), data.test.y, NUM_CLASSES)
     per_class = metrics.per_class_accuracy(cm)
     return {
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        out = prepare_out_dir(args.out or args.checkpoint.parent)
+        # Everything is read and evaluated before any folder is made for the report.
         ckpt = load_checkpoint(args.checkpoint, dtype=np.float32)  # evaluation runs in float32
         data = load_dataset(args.data_dir, ckpt.meta.get("dataset", "fashion-mnist"))
         # Runs from before test-time augmentation existed evaluated without it.
@@ -145,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         tta = averages_mirrors(
             run.get("flip", False), run.get("tta") if args.tta is None else args.tta
         )
-        write_report(args.checkpoint, evaluate_checkpoint(ckpt, args.impl, data, tta), data, out)
+        result = evaluate_checkpoint(ckpt, args.impl, data, tta, str(args.checkpoint))
+        write_report(
+            args.checkpoint, result, data, prepare_out_dir(args.out or args.checkpoint.parent)
+        )
         return 0
 
     return run_cli(parser, body)

@@ -30,7 +30,7 @@ from shared.experiments_report import (
 from shared.io import write_json
 from shared.lab_questions import AGREEMENT, SHORT, STRONG, comparisons, seed_row_label
 from shared.loop import train
-from shared.outputs import prepare_out_dir
+from shared.outputs import hold, prepare_out_dir
 
 # --quick: a reduced run for tests, the same code path on 1,000 images.
 QUICK = dict(
@@ -53,7 +53,7 @@ class RunStore:
         if path is not None and not fresh and path.is_file():
             try:
                 runs = json.loads(path.read_text())["runs"]
-                if not all(isinstance(r["summary"]["test_acc"], float) for r in runs.values()):
+                if not all(_a_share(r["summary"]["test_acc"]) for r in runs.values()):
                     raise TypeError("a run without a test accuracy")
                 self.runs = runs
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -79,6 +79,11 @@ class RunStore:
     def provenance(self) -> dict[str, int]:
         """How many stored runs each (date, commit) trained."""
         return dict(collections.Counter(r["trained"] for r in self.runs.values()))
+
+
+def _a_share(value: object) -> bool:
+    """Whether a stored accuracy is one: a finite float in [0, 1] (JSON may hold NaN)."""
+    return isinstance(value, float) and 0.0 <= value <= 1.0
 
 
 def checkout_label() -> str:
@@ -247,36 +252,43 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
+        rerender = args.render_only or args.recheck_float64
+        # The data is read before any folder is made (a re-render needs none).
+        data = None if args.render_only else load_dataset(args.data_dir)
         out = prepare_out_dir(args.out or Path("runs/experiments-quick" if args.quick else "docs"))
-        if args.render_only or args.recheck_float64:
-            path = out / "experiments" / "results.json"
-            flag = "--render-only" if args.render_only else "--recheck-float64"
-            if not path.is_file():
-                raise UsageError(f"{flag}: no {path}; run without it first")
-            saved, report = load_results(path)
-            if args.recheck_float64:
-                data = load_dataset(args.data_dir)
-                store = RunStore(path.parent / "runs.json", args.fresh)
-                saved["float64"] = recheck_in_float64(
-                    data, saved, lambda s: print(s, flush=True), store
-                )
-                saved["trained"] = store.provenance()
-                write_json(path, saved)
-                report = report_text(saved)
-            write_report(out, report)
-            print(f"wrote {out / 'EXPERIMENTS.md'}")
-            return 0
-        command = "python scripts/experiments.py" + (" --quick" if args.quick else "")
-        run_experiments(
-            load_dataset(args.data_dir),
-            out,
-            impls=tuple(args.impl or IMPLEMENTATIONS),
-            command=command,
-            fresh=args.fresh,
-            progress=lambda s: print(s, flush=True),
-            **(QUICK if args.quick else {}),
-        )
+        with hold(out):  # one grid at a time writes its run store and report
+            if rerender:
+                return _rerender(args, out, data)
+            command = "python scripts/experiments.py" + (" --quick" if args.quick else "")
+            run_experiments(
+                data,
+                out,
+                impls=tuple(args.impl or IMPLEMENTATIONS),
+                command=command,
+                fresh=args.fresh,
+                progress=lambda s: print(s, flush=True),
+                **(QUICK if args.quick else {}),
+            )
         print(f"wrote {out / 'EXPERIMENTS.md'} and {out / 'experiments'}/")
         return 0
 
     return run_cli(parser, body)
+
+
+def _rerender(args: argparse.Namespace, out: Path, data: Dataset | None) -> int:
+    """--render-only: EXPERIMENTS.md again from the saved results; --recheck-float64: first
+    train again in float64 the rows whose implementations disagree."""
+    path = out / "experiments" / "results.json"
+    flag = "--render-only" if args.render_only else "--recheck-float64"
+    if not path.is_file():
+        raise UsageError(f"{flag}: no {path}; run without it first")
+    saved, report = load_results(path)
+    if args.recheck_float64:
+        store = RunStore(path.parent / "runs.json", args.fresh)
+        saved["float64"] = recheck_in_float64(data, saved, lambda s: print(s, flush=True), store)
+        saved["trained"] = store.provenance()
+        write_json(path, saved)
+        report = report_text(saved)
+    write_report(out, report)
+    print(f"wrote {out / 'EXPERIMENTS.md'}")
+    return 0

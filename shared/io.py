@@ -10,13 +10,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from shared.errors import OutputError
+
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call write(file) on a temporary file beside `path`, fsync it, then rename it into place.
 
-    Readers see either the old file or the complete new one, never a partial write.
+    Readers see either the old file or the complete new one, never a partial write. Where
+    the machine refuses (disk full, a read-only folder, no permission), an OutputError names
+    `path`, and the old file, if any, is left as it was.
     """
     path = Path(path)
+    try:
+        _write_and_replace(path, write)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write it ({e.strerror or e}); nothing written") from None
+
+
+def _write_and_replace(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     # The pid in the name tells a later clean-up whether the writer may still be alive.
     fd, tmp = tempfile.mkstemp(
         dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"

@@ -200,7 +200,10 @@ class LayerKind:
     `input` is "spatial" (C, H, W), "flat" (F,) or "any"; `build(name, options, shape, fail)`
     makes the layer for its input shape, refusing (with `fail`) what cannot work;
     `options_of(layer)` gives back the options its token writes; `tensors(layer)` its
-    canonical tensors by state_dict name, in PyTorch's order. For the cross-check:
+    canonical tensors by state_dict name, in PyTorch's order. What one image costs it, from
+    its input and output shapes (shared/cost.py): `macs`, the multiply-adds of its forward
+    pass (element-wise work is memory traffic, not counted), and `unfolded`, the values NumPy
+    copies its input into (a conv's columns, a pool's windows). For the cross-check:
     `batch_statistics` (it normalises across the batch, so a batch of one cannot train it),
     `keeps_zeros` (an exact-zero input gives an exact-zero output with zero biases), `kinks`."""
 
@@ -214,6 +217,8 @@ class LayerKind:
     output_shape: Callable[[Any, Shape], Shape]
     options_of: Callable[[Any], dict[str, Any]]
     tensors: Callable[[Any], dict[str, Tensor]]
+    macs: Callable[[Any, Shape, Shape], int]
+    unfolded: Callable[[Any, Shape, Shape], int]
     batch_statistics: bool
     keeps_zeros: bool
     kinks: Kinks | None
@@ -283,6 +288,10 @@ def _no_tensors(layer: Layer) -> dict[str, Tensor]:
     return {}
 
 
+def _nothing(layer: Layer, shape: Shape, out: Shape) -> int:
+    return 0
+
+
 def _weight_and_bias(name: str, weight_shape: Shape) -> dict[str, Tensor]:
     """A weight (out, in, ...) and its bias (out,), drawn by the initialisation scheme."""
     fan_in = math.prod(weight_shape[1:])
@@ -319,11 +328,16 @@ def _build_conv(name: str, o: dict[str, Any], shape: Shape, fail: Fail) -> Conv:
     if k > min(shape[1:]) + 2 * padding:
         raise fail(f"its {k}x{k} kernel is larger than its {_padded(shape, padding)} input")
     conv = Conv(name, shape[0], o["channels"], k, o["stride"], padding)
-    columns = shape[0] * k * k * math.prod(_conv_shape(conv, shape)[1:])
+    columns = _columns(conv, shape, _conv_shape(conv, shape))
     if columns > MAX_CONV_COLUMNS:
         # NumPy's im2col holds this many values per image.
         raise fail(f"it unfolds each image into {columns} values, more than {MAX_CONV_COLUMNS}")
     return conv
+
+
+def _columns(conv: Conv, shape: Shape, out: Shape) -> int:
+    """The values of one image's input unfolded for the conv's product (NumPy's im2col)."""
+    return math.prod(out[1:]) * conv.in_channels * conv.kernel_size**2
 
 
 def _conv_shape(conv: Conv, shape: Shape) -> Shape:
@@ -362,6 +376,8 @@ def _pool_kind(op: str, help: str, kinks: Kinks | None) -> LayerKind:
         output_shape=lambda p, s: (s[0], *(_sliding(n, p.size, p.stride) for n in s[1:])),
         options_of=lambda p: {"size": p.size, "stride": p.stride},
         tensors=_no_tensors,
+        macs=_nothing,
+        unfolded=lambda p, shape, out: math.prod(out) * p.size * p.size,
         batch_statistics=False,
         keeps_zeros=True,
         kinks=kinks,
@@ -391,6 +407,8 @@ def _activation_kind(fn: str, help: str, keeps_zeros: bool, kinks: Kinks | None)
         output_shape=_same_shape,
         options_of=_no_options,
         tensors=_no_tensors,
+        macs=_nothing,
+        unfolded=_nothing,
         batch_statistics=False,
         keeps_zeros=keeps_zeros,
         kinks=kinks,
@@ -425,6 +443,8 @@ _KINDS = (
         tensors=lambda c: _weight_and_bias(
             c.name, (c.out_channels, c.in_channels, c.kernel_size, c.kernel_size)
         ),
+        macs=lambda c, shape, out: math.prod(out) * c.in_channels * c.kernel_size**2,
+        unfolded=_columns,
         batch_statistics=False,
         keeps_zeros=True,
         kinks=None,
@@ -446,6 +466,8 @@ _KINDS = (
         output_shape=_same_shape,
         options_of=_no_options,
         tensors=_batch_norm_tensors,
+        macs=_nothing,
+        unfolded=_nothing,
         # The batch mean it subtracts is a sum in an order that differs by implementation.
         batch_statistics=True,
         keeps_zeros=False,
@@ -468,6 +490,8 @@ _KINDS = (
         output_shape=_same_shape,
         options_of=lambda d: {"p": d.p},
         tensors=_no_tensors,
+        macs=_nothing,
+        unfolded=_nothing,
         batch_statistics=False,
         keeps_zeros=True,
         kinks=None,
@@ -483,6 +507,8 @@ _KINDS = (
         output_shape=lambda f, s: (math.prod(s),),
         options_of=_no_options,
         tensors=_no_tensors,
+        macs=_nothing,
+        unfolded=_nothing,
         batch_statistics=False,
         keeps_zeros=True,
         kinks=None,
@@ -498,6 +524,8 @@ _KINDS = (
         output_shape=lambda f, s: (f.out_features,),
         options_of=lambda f: {"features": f.out_features},
         tensors=lambda f: _weight_and_bias(f.name, (f.out_features, f.in_features)),
+        macs=lambda f, shape, out: f.in_features * f.out_features,
+        unfolded=_nothing,
         batch_statistics=False,
         keeps_zeros=True,
         kinks=None,

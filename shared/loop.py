@@ -27,10 +27,18 @@ from shared.config import (
     averages_mirrors,
     check_config,
     learning_rate,
+    peak_rate,
     warmup_steps,
 )
+from shared.cost import (
+    MEMORY_BUDGET,
+    largest_training_batch,
+    network_cost,
+    show_bytes,
+    training_bytes,
+)
 from shared.data import Dataset, Split
-from shared.errors import Interrupted, ThreefoldError, UsageError
+from shared.errors import Interrupted, OutputError, ThreefoldError, UsageError
 from shared.io import remove_stale_temporaries, write_json
 from shared.kinds import NUM_CLASSES
 from shared.outputs import CHECKPOINT_NAME, CURVES_NAME, METRICS_NAME
@@ -101,13 +109,31 @@ def train_split(config: TrainConfig, arch: Arch, data: Dataset) -> Split:
         raise UsageError(
             f"--batch-size {config.batch_size} exceeds the {len(split)} training images"
         )
-    if arch.uses_batch_statistics and len(split) % config.batch_size == 1:
-        raise UsageError(
-            f"--batch-size {config.batch_size}: the last batch of each epoch would hold 1 of "
-            f"the {len(split)} images, and BatchNorm cannot take statistics of one image "
-            "(PyTorch refuses it too); choose another batch size or --limit"
-        )
+    if arch.uses_batch_statistics:
+        check_batch_statistics(arch, config.batch_size, len(split), config.dtype)
     return split
+
+
+def check_batch_statistics(arch: Arch, batch_size: int, images: int, dtype: str) -> None:
+    """Refuse to train a network that normalises across the batch on a batch of one (the
+    whole batch, or the last of an epoch of `images`), or on one too large to hold at once
+    in memory (its statistics need the whole batch, so the step cannot be taken in parts)."""
+    if batch_size == 1 or images % batch_size == 1:
+        which = "each batch" if batch_size == 1 else "the last batch of each epoch"
+        raise UsageError(
+            f"--batch-size {batch_size}: {which} would hold 1 of the {images} images, and "
+            "BatchNorm cannot take statistics of one image (PyTorch refuses it too); choose "
+            "another batch size or --limit"
+        )
+    cost = network_cost(arch.layers)
+    largest = largest_training_batch(cost, dtype)
+    if batch_size > largest:
+        raise UsageError(
+            f"--batch-size {batch_size}: a step of this network on {batch_size} images needs "
+            f"{show_bytes(training_bytes(cost, dtype, batch_size))} in {dtype}, more than the "
+            f"{show_bytes(MEMORY_BUDGET)} bound, and its BatchNorm needs the whole batch at "
+            f"once; at most {largest} images fit"
+        )
 
 
 def epoch_batches(
@@ -139,7 +165,8 @@ def run_epoch(
     """One pass over the n images of `data` (from backend.put_data) in the (seed, epoch)
     order, shifted images padded with `fill` -> (state, mean loss, accuracy)."""
     steps = num_batches(n, config.batch_size)
-    warmup = warmup_steps(config, steps)
+    total, warmup = config.epochs * steps, warmup_steps(config, steps)
+    peak = peak_rate(config, total)
     batches = epoch_batches(backend, n, config, epoch, fill)
     loss_sum, correct, seen = 0.0, 0, 0
     bar = tqdm(
@@ -147,7 +174,7 @@ def run_epoch(
     )
     for i, batch in enumerate(bar):
         step = (epoch - 1) * steps + i
-        lr = learning_rate(step, config.epochs * steps, config.lr, config.schedule, warmup)
+        lr = learning_rate(step, total, peak, config.schedule, warmup)
         state, loss, n_correct = backend.train_step(state, data, batch, lr)
         if not math.isfinite(loss):
             raise TrainingDiverged(
@@ -366,8 +393,8 @@ def train_epochs(run: Run, log: Callable[[str], None]) -> None:
         raise _interrupted(
             stop, f"in epoch {run.done + 1}; {_saved(run.out_dir, run.done)}{resume_hint}"
         ) from None
-    except TrainingDiverged as e:
-        raise TrainingDiverged(f"{e}; {_saved(run.out_dir, run.done)}") from None
+    except (TrainingDiverged, OutputError) as e:
+        raise type(e)(f"{e}; {_saved(run.out_dir, run.done)}") from None
 
 
 def save_epoch(run: Run, entry: dict[str, Any]) -> None:
@@ -391,14 +418,15 @@ def save_epoch(run: Run, entry: dict[str, Any]) -> None:
     with _signals_held():
         velocity = run.backend.velocity(run.state)
         save_checkpoint(run.out_dir / CHECKPOINT_NAME, params, meta, velocity)
-        write_json(run.out_dir / METRICS_NAME, {**run.record, "history": history})
-        run.record["history"] = history
+        run.record["history"] = history  # the checkpoint holds the epoch from here on
+        write_json(run.out_dir / METRICS_NAME, run.record)
 
 
 def finish_run(run: Run) -> None:
     """The test metrics into the record; with an out_dir, metrics.json and curves.png."""
     try:
         run.record["test"] = evaluate_test_set(run.backend, run.state, run.data, run.tta)
+        _finite({"loss": run.record["test"]["loss"]}, "the test", run.config.epochs, run.config)
         if run.out_dir is not None:
             write_json(run.out_dir / METRICS_NAME, run.record)
             title = f"{run.backend.name} | {run.arch.name} | seed {run.config.seed}"
@@ -412,3 +440,5 @@ def finish_run(run: Run) -> None:
             f"{run.out_dir / CHECKPOINT_NAME}; finish the test and the curves with: "
             f"{_resume_command(run.out_dir, run.data)}",
         ) from None
+    except (TrainingDiverged, OutputError) as e:
+        raise type(e)(f"{e}; {_saved(run.out_dir, run.done)}") from None

@@ -78,7 +78,10 @@ def hold(folder: Path, flag: str = "--out") -> Iterator[None]:
     leaves the folder locked."""
     lock = folder / LOCK_NAME
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UsageError(f"{flag} {folder}: cannot lock it ({e.strerror or e})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

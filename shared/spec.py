@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import stat
 import textwrap
 import tomllib
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from shared.cost import check_network
 from shared.errors import UsageError
 from shared.kinds import (
     INPUT_SHAPE,
@@ -161,6 +164,11 @@ def get_arch(text: str, where: str = "--arch", files: bool = True) -> Arch:
         entries = _tokens(text, where)
     layers = build_layers(entries, where)
     spec = _spec(layers)
+    if len(spec) > MAX_SPEC_CHARS:  # so that the network's name parses back to it
+        raise UsageError(
+            f"{where}: its canonical spec would be {len(spec)} characters, more than "
+            f"{MAX_SPEC_CHARS} (write fewer digits)"
+        )
     preset = next((name for name, (s, _) in PRESETS.items() if s == spec), None)
     if preset is not None:  # a preset written out is that preset: one name per network
         return get_arch(preset)
@@ -202,6 +210,7 @@ def build_layers(entries: list[Entry], where: str) -> tuple[Layer, ...]:
             f"{where}: the network ends with {show_shape(shape)} outputs; it must end with "
             f"{NUM_CLASSES} (for example with fc{NUM_CLASSES})"
         )
+    check_network(tuple(layers), where)
     return tuple(layers)
 
 
@@ -218,6 +227,8 @@ def _build(kind: LayerKind, name: str, given: dict[str, Any], shape: Shape, fail
         if option.name not in options:
             options[option.name] = option.default_in(options)
         option.check(options[option.name], fail)
+        if option.type is float:  # a float, and never -0.0, whose token would read "-0"
+            options[option.name] = float(options[option.name]) + 0.0
     return kind.build(name, options, shape, fail)
 
 
@@ -277,7 +288,12 @@ def _file_entries(path: Path, where: str) -> list[Entry]:
     """The entries of a JSON or TOML file holding {"layers": [token or table, ...]}."""
     where = f"{where} {path}"
     try:
-        with open(path, "rb") as file:
+        # Opened without blocking, and read only if it is a regular file: a FIFO or a device
+        # named .json would otherwise wait for a writer, or never end.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as file:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UsageError(f"{where}: not a regular file; give a .json or .toml file")
             raw = file.read(MAX_SPEC_FILE_BYTES + 1)
     except OSError as e:
         raise UsageError(f"{where}: cannot read it ({e.strerror or e})") from None

@@ -8,8 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.batches import augmentation_maps, batch_order, iterate_batches, training_batches
+from shared.batches import (
+    augmentation_maps,
+    batch_order,
+    dropout_masks,
+    iterate_batches,
+    training_batches,
+)
 from shared.data import FASHION_MNIST, load_dataset
+from shared.kinds import Dropout
 
 BACKGROUND = FASHION_MNIST.background
 
@@ -75,3 +82,45 @@ def test_training_batches_are_deterministic_and_augmented_per_epoch():
 def test_the_batches_do_not_pull_in_the_file_reader():
     code = "import sys, shared.batches; assert 'shared.data' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+# --- against independent statements: counts and probabilities, not the implementations ----
+
+
+def test_dropout_masks_change_every_step_and_keep_one_minus_p():
+    """Each step draws its own masks (a mask reused across steps passes every comparison
+    between the implementations, which all apply the same one), redrawable from
+    (seed, epoch, step); kept units are Binomial(n, 1 - p), held to 5 standard deviations."""
+    dropouts = (Dropout("d2", 0.3, (4, 6, 6)), Dropout("d1", 0.5, (16,)))
+    plan = list(
+        training_batches(640, 64, seed=7, epoch=2, fill=BACKGROUND, flip=True, dropouts=dropouts)
+    )
+    for layer in dropouts:
+        masks = [batch.masks[layer.name] for batch in plan]
+        assert all(m.shape == (64, *layer.shape) and m.dtype == bool for m in masks)
+        distinct = {m.tobytes() for m in masks}
+        assert len(distinct) == len(masks)  # no two steps share a mask
+        for step, mask in enumerate(masks):
+            again = dropout_masks(dropouts, 64, seed=7, epoch=2, step=step)[layer.name]
+            np.testing.assert_array_equal(mask, again)
+        n = sum(m.size for m in masks)
+        kept = sum(int(m.sum()) for m in masks)
+        expected, sd = n * (1 - layer.p), np.sqrt(n * layer.p * (1 - layer.p))
+        assert abs(kept - expected) < 5 * sd
+    other_epoch = dropout_masks(dropouts, 64, seed=7, epoch=3, step=0)
+    assert not np.array_equal(other_epoch["d1"], plan[0].masks["d1"])
+
+
+def test_the_two_shifts_are_drawn_independently_and_uniformly():
+    """dy and dx are separate uniform draws over [-shift, shift]: not equal, uncorrelated
+    (within 5 standard errors of 0), each value about 1/(2 shift + 1) of the time."""
+    n, shift = 20_000, 3
+    rows, cols = augmentation_maps(np.random.default_rng(0), n, 28, 28, False, shift)
+    dy, dx = shift - rows[:, 0], shift - cols[:, 0]  # rows = shift + i - dy
+    assert not np.array_equal(dy, dx)
+    assert abs(np.corrcoef(dy, dx)[0, 1]) < 5 / np.sqrt(n)
+    for draws in (dy, dx):
+        counts = np.bincount(draws + shift, minlength=2 * shift + 1)
+        p = 1 / (2 * shift + 1)
+        assert len(counts) == 2 * shift + 1
+        assert np.all(np.abs(counts - n * p) < 5 * np.sqrt(n * p * (1 - p)))

@@ -37,6 +37,8 @@ IMPL_PAIRS = list(itertools.combinations(IMPLEMENTATIONS, 2))
 F64_TOL = 1e-10
 # A small network with every stateful layer: BatchNorm 2d and 1d (buffers) and dropout (masks).
 BN_DROPOUT = "conv4-bn-relu-maxpool2-conv6s2-bn-tanh-flatten-fc16-bn-sigmoid-dropout0.25-fc10"
+# Dropout on 4-d maps (N, C, H, W), each unit masked on its own.
+SPATIAL_DROPOUT = "conv4-relu-dropout0.3-maxpool2-flatten-fc10"
 
 
 def assert_same(a: np.ndarray, b: np.ndarray, what: str, tol: float = F64_TOL, scale=0.0):
@@ -314,7 +316,7 @@ def test_optimizer_steps_agree(dtype, steps, momentum, nesterov):
 
 
 def test_lockstep_on_real_data_agrees(real_data):
-    archs = [*(get_arch(name) for name in PRESETS), get_arch(BN_DROPOUT)]
+    archs = [*(get_arch(name) for name in PRESETS), get_arch(BN_DROPOUT), get_arch(SPATIAL_DROPOUT)]
     steps = 4
     results = run_crosscheck(archs, ["float64", "float32"], real_data, steps=steps)
     assert [(r.dtype, r.arch, r.setting, r.check, r.pair) for r in results if not r.passed] == []
@@ -391,3 +393,19 @@ def test_checks_catch_a_bias_gradient_off_by_a_factor(monkeypatch):
     assert ("defaults", "finite-diff fc1.bias", "numpy-fd") in failed
     assert ("defaults", "finite-diff fc1.weight", "numpy-fd") not in failed
     assert all("numpy" in pair.split("-") for _, _, pair in failed)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_dropout_on_4d_maps_is_the_formula(impl):
+    """Each unit of (N, C, H, W) maps kept or dropped by its own mask, the kept scaled by
+    1 / (1 - p): against the formula, not against another implementation."""
+    arch = get_arch(SPATIAL_DROPOUT)
+    dropout = arch.dropouts[0]
+    assert len(dropout.shape) == 3
+    x = np.random.default_rng(0).standard_normal((6, 1, 28, 28))
+    masks = dropout_masks(arch.dropouts, 6, 3, 1, 0)
+    params = init_params(arch, "he", 0, np.float64)
+    acts = make_backend(impl, arch, np.float64).activations(params, x, masks)
+    before = acts[arch.layers[arch.layers.index(dropout) - 1].name]
+    expected = before * masks[dropout.name] / (1 - dropout.p)
+    np.testing.assert_allclose(acts[dropout.name], expected, rtol=1e-15, atol=0)

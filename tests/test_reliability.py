@@ -194,6 +194,51 @@ def test_killed_mid_write_never_leaves_a_corrupt_file(tiny_data_dir, tmp_path):
 # --- divergence ---------------------------------------------------------------------------
 
 
+# Runs scripts/train.py with ARGS under a file-size limit of LIMIT bytes: a write past it
+# fails with EFBIG, as on a full disk (SIGXFSZ, which would kill the process, is ignored).
+UNDER_A_FILE_SIZE_LIMIT = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.argv = ["scripts/train.py", *sys.argv[2:]]
+runpy.run_path("scripts/train.py", run_name="__main__")
+"""
+
+
+def train_with_full_disk(limit: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", UNDER_A_FILE_SIZE_LIMIT, str(limit), *args],
+        capture_output=True, text=True, cwd=ROOT, check=False,
+    )  # fmt: skip
+
+
+def test_a_full_disk_ends_in_one_line_and_loses_no_epoch(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--impl", "numpy", "--epochs", "2", "--batch-size", "16", "--out", str(out),
+            "--data-dir", str(tiny_data_dir)]  # fmt: skip
+    # Not even the first checkpoint fits: nothing is left, not even the folder.
+    done = train_with_full_disk(4096, *args)
+    assert done.returncode == 1, done.stderr
+    line = done.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line, line
+    assert "checkpoint.npz: cannot write it (File too large)" in line
+    assert "no epoch was completed" in line and not out.exists()
+    # A run with its first epoch saved: the second's write fails, the first stays intact.
+    assert run_script("train.py", *args[:3], "1", *args[4:]).returncode == 0
+    saved = (out / "checkpoint.npz").read_bytes()
+    rewound = load_checkpoint(out / "checkpoint.npz")
+    config = {**rewound.meta["config"], "epochs": 2}
+    save_checkpoint(out / "checkpoint.npz", rewound.params, {**rewound.meta, "config": config},
+                    rewound.velocity)  # fmt: skip
+    saved = (out / "checkpoint.npz").read_bytes()
+    done = train_with_full_disk(len(saved) // 2, "--resume", str(out))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "checkpoint.npz holds epoch 1, intact" in done.stderr
+    assert (out / "checkpoint.npz").read_bytes() == saved
+    assert not list(out.glob(".*.tmp"))
+
+
 def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tiny_data_dir, tmp_path):
     from impl_numpy.backend import Backend
 

@@ -15,11 +15,12 @@ from shared import metrics
 from shared.backend import IMPLEMENTATIONS, batched_logits, make_backend
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.config import (
-    MIN_WARMUP_STEPS,
+    SHORT_RUN_STEPS,
     TrainConfig,
     averages_mirrors,
     check_config,
     learning_rate,
+    peak_rate,
     warmup_steps,
 )
 from shared.data import load_dataset
@@ -70,13 +71,31 @@ def test_warmup_rises_linearly_then_hands_over_to_the_schedule():
     assert learning_rate(110, 110, 0.1, "cosine", warmup_steps=10) == pytest.approx(0.0)
     assert learning_rate(3, 110, 0.1, "constant", warmup_steps=10) == pytest.approx(0.04)
     assert learning_rate(50, 110, 0.1, "constant", warmup_steps=10) == 0.1
-    # By default one epoch, or half the run if shorter; never fewer than MIN_WARMUP_STEPS.
+    # By default one epoch, or half the run if shorter; else the epochs asked, to the nearest
+    # step. Fractions of a step, against the rounding done by hand: 0.3 x 391 = 117.3,
+    # 0.25 x 10 = 2.5 (to the even 2), 0.35 x 10 = 3.5 (4), 1.37 x 782 = 1071.34.
     assert warmup_steps(TrainConfig(epochs=15), 782) == 782
     assert warmup_steps(TrainConfig(epochs=1), 782) == 391
-    assert warmup_steps(TrainConfig(epochs=1), 8) == MIN_WARMUP_STEPS
+    assert warmup_steps(TrainConfig(epochs=1), 79) == 39
+    assert warmup_steps(TrainConfig(epochs=1), 8) == 4
     assert warmup_steps(TrainConfig(epochs=15, warmup=2), 782) == 1564
     assert warmup_steps(TrainConfig(epochs=15, warmup=0.5), 782) == 391
     assert warmup_steps(TrainConfig(epochs=3, warmup=0), 10) == 0
+    assert warmup_steps(TrainConfig(epochs=8, warmup=0.3), 391) == 117
+    assert warmup_steps(TrainConfig(epochs=3, warmup=0.25), 10) == 2
+    assert warmup_steps(TrainConfig(epochs=3, warmup=0.35), 10) == 4
+    assert warmup_steps(TrainConfig(epochs=15, warmup=1.37), 782) == 1071
+
+
+def test_a_short_run_under_the_defaults_peaks_lower_and_comes_down():
+    """Fewer than SHORT_RUN_STEPS steps: the peak is lr x steps / SHORT_RUN_STEPS; an asked
+    warm-up, or a long run, keeps the whole rate."""
+    assert peak_rate(TrainConfig(lr=0.03), 79) == pytest.approx(0.03 * 79 / SHORT_RUN_STEPS)
+    assert peak_rate(TrainConfig(lr=0.03), SHORT_RUN_STEPS) == 0.03
+    assert peak_rate(TrainConfig(lr=0.03, warmup=0), 8) == 0.03
+    peak = peak_rate(TrainConfig(), 79)
+    rates = [learning_rate(s, 79, peak, "cosine", 39) for s in range(79)]
+    assert max(rates) == pytest.approx(peak) and rates[-1] < peak / 100
 
 
 def test_a_warmup_longer_than_half_the_run_is_refused_naming_both_flags():
@@ -215,3 +234,28 @@ def test_outputs_get_the_usual_file_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_the_loop_steps_the_schedule_one_step_at_a_time(tiny_data_dir, monkeypatch):
+    """The rate each step trains with is the run's schedule at that step's index, counted
+    across epochs: against optax's schedule of the whole run, not the shared formula."""
+    from impl_numpy.backend import Backend
+    from shared.batches import num_batches
+    from shared.config import warmup_steps
+    from shared.proof.references import schedule_optax
+
+    config = TrainConfig(impl="numpy", epochs=3, batch_size=16, warmup=1)
+    data = load_dataset(tiny_data_dir)
+    rates: list[float] = []
+    step = Backend.train_step
+
+    def recording(self, state, train_data, batch, lr):
+        rates.append(lr)
+        return step(self, state, train_data, batch, lr)
+
+    monkeypatch.setattr(Backend, "train_step", recording)
+    train(config, data, log=lambda _: None)
+    per_epoch = num_batches(len(data.train), config.batch_size)
+    total, warm = config.epochs * per_epoch, warmup_steps(config, per_epoch)
+    assert len(rates) == total
+    np.testing.assert_allclose(rates, schedule_optax(config, total, warm), rtol=1e-12)

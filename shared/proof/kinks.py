@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from shared.backend import Backend
+from shared.cost import largest_training_batch, network_cost
 from shared.kinds import kind_of
 from shared.spec import Arch, Params
 
@@ -48,8 +49,10 @@ def kinks_per_image(arch: Arch) -> int:
 
 def batch_size_for(arch: Arch, largest: int = BATCH_SIZE) -> int:
     """The cross-check's batch for `arch`: `largest` images, fewer where the float32 pass could
-    not be put KINK_MARGIN away from every kink (at least 2, for BatchNorm)."""
-    return max(2, min(largest, KINKS_PER_BATCH // max(kinks_per_image(arch), 1)))
+    not be put KINK_MARGIN away from every kink (at least 2, for BatchNorm), or where a
+    float64 step would not fit the memory bound."""
+    fits = largest_training_batch(network_cost(arch.layers), np.float64)
+    return max(2, min(largest, fits, KINKS_PER_BATCH // max(kinks_per_image(arch), 1)))
 
 
 def _kinks(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> Iterator[tuple]:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import numpy as np
 
 import shared.config
 from shared import metrics
-from shared.config import TrainConfig
+from shared.config import SCHEDULES, TrainConfig
 from shared.kinds import NUM_CLASSES
 from shared.proof.rows import Compared
 
@@ -251,11 +252,15 @@ def metric_checks(seed: int) -> Iterator[Compared]:
 def reference_checks(
     config: TrainConfig, total_steps: int, warmup_steps: int, seed: int, loss: LossFn
 ) -> Iterator[Compared]:
-    """Rows for the schedule of `config` over `total_steps` with `warmup_steps`, the `loss`
-    layer with `config.label_smoothing`, and the metrics; `seed` draws the batches.
+    """Rows for every schedule (`config`'s first) over `total_steps` with `warmup_steps`, the
+    `loss` layer with `config.label_smoothing`, and the metrics; `seed` draws the batches.
     Tolerances: `tolerance(row.a)`."""
+    schedules = sorted(SCHEDULES, key=lambda s: s != config.schedule)
     return itertools.chain(
-        schedule_checks(config, total_steps, warmup_steps),
+        *(
+            schedule_checks(replace(config, schedule=s), total_steps, warmup_steps)
+            for s in schedules
+        ),
         loss_checks(loss, config.label_smoothing, seed),
         metric_checks(seed),
     )

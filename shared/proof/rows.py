@@ -8,6 +8,7 @@ finite differences, the shared code against the libraries); `judge` turns each i
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -70,7 +71,12 @@ class CheckResult:
         return self.max_rel <= self.tolerance and dtype_ok
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
+        """The row as JSON can hold it: a difference that is not a finite number (a NaN, an
+        infinity, a shape mismatch: see `compare`) is null, with the reason."""
+        row = {**asdict(self), "passed": self.passed}
+        if not math.isfinite(self.max_rel):
+            row |= {"max_abs": None, "max_rel": None, "why_null": "not finite (NaN, inf or shape)"}
+        return row
 
 
 def compare(a: np.ndarray, b: np.ndarray, scale: float = 0.0) -> tuple[float, float]:

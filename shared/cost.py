@@ -1,0 +1,141 @@
+"""What a network costs, derived from its layers: memory and work per image, and the bound
+every command holds it to at the batch it really uses.
+
+Memory is modelled per implementation from what each keeps (docs/RELIABILITY.md, "What a
+network may cost"): training holds every layer's output for the backward pass and NumPy also
+every unfolded convolution and pooling window, each with a gradient of its size on the way
+back; the parameters come with their gradients, momentum and a scratch copy; a framework
+adds its own working memory (JAX's compiler most). The factors are upper envelopes of peaks
+measured on ten networks at two batch sizes in each implementation (tests/test_cost.py
+measures more). A command that would need more than MEMORY_BUDGET is refused before it
+allocates, or runs in parts: evaluation in smaller batches, a training step on a network
+without batch statistics in micro-batches whose gradients add up to the whole batch's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+from shared.errors import UsageError
+from shared.kinds import INPUT_SHAPE, Layer, kind_of, output_shape
+
+# Bytes a command may spend on one network's tensors at a time: its activations, unfolded
+# inputs, parameters, gradients and optimizer state. The framework's own working memory
+# (OVERHEAD) comes on top, as the process's baseline does.
+MEMORY_BUDGET = 2**30
+# A training step's work per image (forward and backward, multiply and add counted apart):
+# 2 GFLOP is about a second a step at batch 64 on a 2-core machine at 100-250 GFLOP/s.
+MAX_FLOPS_PER_IMAGE = 2_000_000_000
+# Held per image in training, per value of activations and unfolded inputs (each with its
+# gradient on the way back), and in evaluation per value of the widest layer.
+TRAINING_FACTOR = 2.0
+EVALUATION_FACTOR = 2.0
+# Per parameter: itself, its gradient, its momentum and one scratch copy in the update.
+STATE_FACTOR = 4
+# What a framework adds for a network whatever the batch: at most 256 MiB, JAX's compiling of
+# the step (NumPy measured under 32, PyTorch under 96). Not counted against MEMORY_BUDGET.
+OVERHEAD = 256 * 2**20
+EVALUATION_BATCH = 1000  # images per batch in validation and evaluation, where they fit
+SMALLEST_TRAINING_BATCH = 2  # what BatchNorm needs
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one image costs a network, in values (times the dtype's bytes) and operations."""
+
+    activations: int  # the input and every layer's output: what training keeps
+    unfolded: int  # every conv's unfolded input and every pool's windows (NumPy's copies)
+    widest: int  # the most one layer holds at once: its input, output and unfolded input
+    parameters: int
+    buffers: int
+    # Operations of a training step (multiply and add counted apart): forward, weight
+    # gradients, and input gradients for every layer but the first (nothing needs the images'
+    # gradient). Element-wise work is memory traffic, not arithmetic a matmul ceiling measures.
+    flops: int
+
+
+@cache
+def network_cost(layers: tuple[Layer, ...]) -> Cost:
+    """The cost of the network of `layers` (applied to one 1x28x28 image)."""
+    shape = INPUT_SHAPE
+    activations, unfolded, widest, parameters, buffers, flops = math.prod(shape), 0, 0, 0, 0, 0
+    for depth, layer in enumerate(layers):
+        kind = kind_of(layer)
+        after = output_shape(layer, shape)
+        macs, unfold = kind.macs(layer, shape, after), kind.unfolded(layer, shape, after)
+        activations += math.prod(after)
+        unfolded += unfold
+        widest = max(widest, math.prod(shape) + math.prod(after) + unfold)
+        for tensor in kind.tensors(layer).values():
+            if tensor.trainable:
+                parameters += math.prod(tensor.shape)
+            else:
+                buffers += math.prod(tensor.shape)
+        flops += 2 * macs * (2 if depth == 0 else 3)  # forward, dW, and dX unless first
+        shape = after
+    return Cost(activations, unfolded, widest, parameters, buffers, flops)
+
+
+def training_bytes(cost: Cost, dtype: np.dtype, batch: int) -> int:
+    """Bytes of the network's tensors in a training step on `batch` images, in `dtype`, in
+    any implementation (its framework adds at most OVERHEAD)."""
+    size = np.dtype(dtype).itemsize
+    per_image = TRAINING_FACTOR * (cost.activations + cost.unfolded)
+    state = STATE_FACTOR * cost.parameters + cost.buffers
+    return int(size * (batch * per_image + state))
+
+
+def evaluation_bytes(cost: Cost, dtype: np.dtype, batch: int) -> int:
+    """Bytes of the network's tensors for the logits of `batch` images (nothing kept for a
+    backward pass; the framework adds at most OVERHEAD)."""
+    size = np.dtype(dtype).itemsize
+    state = cost.parameters + cost.buffers
+    return int(size * (batch * EVALUATION_FACTOR * cost.widest + state))
+
+
+def _largest(need, budget: int) -> int:
+    """The largest batch whose `need(batch)` fits `budget` (0 if not even one image)."""
+    per_image = need(2) - need(1)
+    return max(0, int((budget - (need(1) - per_image)) // per_image))
+
+
+def largest_training_batch(cost: Cost, dtype: np.dtype) -> int:
+    """The most images one training step can hold within MEMORY_BUDGET (0: not even one)."""
+    return _largest(lambda b: training_bytes(cost, dtype, b), MEMORY_BUDGET)
+
+
+def evaluation_batch(cost: Cost, dtype: np.dtype) -> int:
+    """Images per batch for the logits: EVALUATION_BATCH, or fewer where those would not fit
+    (at least 1: a network that cannot evaluate one image is refused when it is built)."""
+    fits = _largest(lambda b: evaluation_bytes(cost, dtype, b), MEMORY_BUDGET)
+    return max(1, min(EVALUATION_BATCH, fits))
+
+
+def check_network(layers: tuple[Layer, ...], where: str) -> None:
+    """Refuse a network whose step of SMALLEST_TRAINING_BATCH images would take more than
+    MAX_FLOPS_PER_IMAGE an image or MEMORY_BUDGET, in float32; one line saying what it would
+    need."""
+    cost = network_cost(layers)
+    if cost.flops > MAX_FLOPS_PER_IMAGE:
+        raise UsageError(
+            f"{where}: a training step takes {cost.flops / 1e9:.1f} GFLOP an image, more than "
+            f"the {MAX_FLOPS_PER_IMAGE / 1e9:g} GFLOP bound (minutes a step at batch 64)"
+        )
+    batch = SMALLEST_TRAINING_BATCH
+    need = training_bytes(cost, np.float32, batch)
+    if need > MEMORY_BUDGET:
+        raise UsageError(
+            f"{where}: training it on {batch} images needs {show_bytes(need)}, more than the "
+            f"{show_bytes(MEMORY_BUDGET)} bound ({show_bytes(need // batch)} an image)"
+        )
+
+
+def show_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"

@@ -1,0 +1,156 @@
+"""Untrusted input, an adversary's way: spec files and values that must parse back to the same
+network, files that block, shared output folders written by two commands at once, and numbers
+that must stay numbers in every JSON a command writes. (What a network may cost is
+tests/test_cost.py; checkpoints read as untrusted input are tests/test_checkpoint.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from shared.checkpoint import load_checkpoint, save_checkpoint
+from shared.errors import DataError, UsageError
+from shared.experiments import RunStore
+from shared.outputs import hold
+from shared.proof.rows import CheckResult
+from shared.spec import MAX_SPEC_CHARS, get_arch, state_shapes
+from tests.conftest import make_dataset_dir, run_measured
+from tests.test_spec import usage_error
+from tests.test_training import run_script
+
+# --- spec files and values ------------------------------------------------------------------
+
+
+def test_a_fifo_named_like_a_spec_file_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "net.json"
+    os.mkfifo(fifo)
+    # A writer that never comes: a reader that blocked would hang here until the timeout.
+    result = run_script("train.py", "--arch", str(fifo), "--epochs", "1")
+    assert "not a regular file" in usage_error(result)
+
+
+@pytest.mark.parametrize("p", [-0.0, 5e-324, 1e-300, 0.30000000000000004, 0.999999999])
+def test_every_accepted_value_gives_a_spec_that_parses_back_to_the_same_network(tmp_path, p):
+    path = tmp_path / "net.json"
+    path.write_text(json.dumps({"layers": ["flatten", {"type": "dropout", "p": p}, "fc10"]}))
+    arch = get_arch(str(path))
+    assert "dropout-" not in arch.name  # -0.0 is written as 0, never as "-0"
+    again = get_arch(arch.name, files=False)
+    assert again.layers == arch.layers and again.name == arch.name
+    assert arch.dropouts[0].p == p and str(arch.dropouts[0].p) != "-0.0"
+
+
+def test_a_network_whose_canonical_spec_would_not_parse_back_is_refused(tmp_path):
+    path = tmp_path / "net.json"
+    dropouts = [{"type": "dropout", "p": 5e-324}] * 15
+    path.write_text(json.dumps({"layers": ["flatten", *dropouts, "fc10"]}))
+    with pytest.raises(UsageError, match=f"canonical spec would be .* more than {MAX_SPEC_CHARS}"):
+        get_arch(str(path))
+
+
+@pytest.mark.parametrize(
+    "document, problem",
+    [
+        ('{"layers": [{"type": ["conv"]}]}', "has type ['conv']"),
+        ('{"layers": [{"type": "conv", "channels": {"a": 1}}]}', "not an integer"),
+        ('{"layers": [{"type": "dropout", "p": NaN}, "fc10"]}', "drop probability nan"),
+        ('{"layers": [{"type": "dropout", "p": Infinity}, "fc10"]}', "drop probability inf"),
+        ('{"layers": [{"type": "fc", "features": 1e400}]}', "not an integer"),
+        ('{"layers": "conv8-relu"}', 'expected {"layers": [...]}'),
+        ('[["conv8"]]', 'expected {"layers": [...]}'),
+        ('{"layers": [null]}', "neither a token nor a table"),
+    ],
+)
+def test_odd_json_types_are_one_line(tmp_path, document, problem):
+    path = tmp_path / "net.json"
+    path.write_text(document)
+    with pytest.raises(UsageError) as refused:
+        get_arch(str(path))
+    assert problem in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_odd_toml_types_are_one_line(tmp_path):
+    path = tmp_path / "net.toml"
+    path.write_text('[[layers]]\ntype = "conv"\nchannels = 1979-05-27T07:32:00Z\n')
+    with pytest.raises(UsageError, match=r"option channels is .*, not an integer"):
+        get_arch(str(path))
+
+
+# --- shared outputs are locked --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "script, extra",
+    [
+        ("experiments.py", ["--quick", "--data-dir"]),
+        ("benchmark.py", ["--impl", "numpy", "--batch-sizes", "8", "--steps", "2"]),
+        ("speedrun.py", ["--quick", "--data-dir"]),
+    ],
+)
+def test_a_second_command_into_a_held_output_folder_is_refused(tmp_path, script, extra):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "kept.json").write_text("{}")
+    if extra[-1] == "--data-dir":  # the speedrun's quick run takes 2,000 images
+        extra = [*extra, str(make_dataset_dir(tmp_path / "data", n_train=2500))]
+    with hold(out):  # another grid, benchmark or speedrun writing there right now
+        result = run_script(script, *extra, "--out", str(out))
+    assert "in use by a run of process" in usage_error(result, script)
+    assert (out / "kept.json").read_text() == "{}"
+
+
+# --- numbers stay numbers -------------------------------------------------------------------
+
+
+def test_a_benchmark_without_pytorch_writes_null_ratios(tiny_data_dir, tmp_path):
+    out = tmp_path / "bench"
+    result = run_script(
+        "benchmark.py", "--impl", "numpy", "--batch-sizes", "8", "--steps", "2", "--repeats", "1",
+        "--ladder-images", "0", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((out / "benchmark.json").read_text())["rows"]
+    assert [r["ratio_to_torch"] for r in rows] == [None]
+    assert "n/a (torch not run)" in (out / "benchmark.md").read_text()
+
+
+def test_a_row_of_the_cross_check_that_is_not_a_number_is_null_with_its_reason():
+    row = CheckResult("float32", "lab", "s", "loss", "numpy-jax", float("inf"), float("inf"), 1e-4)
+    written = json.loads(json.dumps(row.as_dict(), allow_nan=False))
+    assert written["max_rel"] is None and written["passed"] is False
+    assert "not finite" in written["why_null"]
+
+
+def test_a_checkpoint_whose_logits_overflow_is_refused_by_evaluate(tmp_path, tiny_data_dir):
+    arch = get_arch("noconv")
+    params = {
+        name: np.full(shape, 3e38 if name.endswith("weight") else 0.0, np.float32)
+        for name, shape in state_shapes(arch).items()
+    }
+    path = tmp_path / "huge.npz"
+    save_checkpoint(path, params, {"arch": "noconv"})
+    out = tmp_path / "report"
+    result = run_script("evaluate.py", str(path), "--out", str(out), "--data-dir",
+                        str(tiny_data_dir))  # fmt: skip
+    assert result.returncode == 1 and "non-finite logits" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+    assert load_checkpoint(path).meta["arch"] == "noconv"
+
+
+def test_a_damaged_stored_run_is_refused_not_averaged(tmp_path):
+    path = tmp_path / "runs.json"
+    path.write_text('{"runs": {"x": {"summary": {"test_acc": NaN}, "trained": "t"}}}')
+    with pytest.raises(DataError, match="damaged or not threefold's runs"):
+        RunStore(path)
+
+
+def test_a_refused_hostile_network_costs_under_a_gigabyte(tmp_path):
+    spec = "-".join(["conv1275"] + ["relu"] * 60 + ["flatten", "fc10"])
+    done, peak = run_measured(
+        ["scripts/train.py", "--arch", spec, "--epochs", "1"], tmp_path / "peak"
+    )
+    assert done.returncode == 2 and "more than the 1.0 GiB bound" in done.stderr
+    assert peak < 1024
