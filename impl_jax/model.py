@@ -11,10 +11,11 @@ import chex
 import jax
 
 from impl_jax import layers
-from shared.kinds import (
+from shared.layers import (
     INPUT_SHAPE,
     NUM_CLASSES,
     Activation,
+    AdaptivePool,
     BatchNorm,
     Conv,
     Dropout,
@@ -35,12 +36,14 @@ def layer_forward(
     """The layer's output; updated BatchNorm buffers go into `buffers`."""
     match layer:
         case Conv(name, stride=stride, padding=padding):
-            w, b = params[f"{name}.weight"], params[f"{name}.bias"]
+            w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
             return layers.conv2d(x, w, b, stride, padding)
-        case Pool(op="max", size=size, stride=stride):
-            return layers.max_pool(x, size, stride)
-        case Pool(op="avg", size=size, stride=stride):
-            return layers.avg_pool(x, size, stride)
+        case Pool(op="max", size=size, stride=stride, padding=padding):
+            return layers.max_pool(x, size, stride, padding)
+        case Pool(op="avg", size=size, stride=stride, padding=padding):
+            return layers.avg_pool(x, size, stride, padding)
+        case AdaptivePool(window=window):
+            return layers.avg_pool(x, window, window)
         case BatchNorm(name, momentum=momentum, eps=eps):
             out, mean, var = layers.batch_norm(
                 x,
@@ -58,9 +61,9 @@ def layer_forward(
             return out
         case Dropout(name, p):
             return x if masks is None else layers.dropout(x, masks[name], p)
-        case Activation(fn=fn):
+        case Activation(fn=fn, param=param):
             # Looked up at call time, so a test can swap one for a planted wrong variant.
-            return getattr(layers, fn)(x)
+            return getattr(layers, fn)(x, *([] if param is None else [param]))
         case Flatten():
             return layers.flatten(x)
         case Linear(name):

@@ -8,10 +8,12 @@ PyTorch: rows and columns that do not fill a window are dropped and get a zero g
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from scipy import special
 
 Cache = Any
 
@@ -21,11 +23,19 @@ def _windows(x: np.ndarray, k: int, stride: int) -> np.ndarray:
     return sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
 
 
+def _pad(x: np.ndarray, padding: int, value: float = 0.0) -> np.ndarray:
+    """x (N, C, H, W) -> (N, C, H + 2 padding, W + 2 padding), the border filled with value."""
+    if not padding:
+        return x
+    return np.pad(
+        x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), constant_values=value
+    )
+
+
 def _im2col(x: np.ndarray, k: int, stride: int, padding: int) -> np.ndarray:
     """x (N, C, H, W) -> columns (N, C*k*k, H', W'), row order (c, i, j) as in OIHW weights."""
     n, c = x.shape[:2]
-    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    windows = _windows(xp, k, stride)
+    windows = _windows(_pad(x, padding), k, stride)
     # (N, C, H', W', k, k) -> (N, C, k, k, H', W'): one copy, laid out for a single matmul.
     return windows.transpose(0, 1, 4, 5, 2, 3).reshape(n, c * k * k, *windows.shape[2:4])
 
@@ -48,9 +58,9 @@ def _col2im(
 
 
 def conv2d_forward(
-    x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, padding: int
+    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int, padding: int
 ) -> tuple[np.ndarray, Cache]:
-    """x (N, C, H, W), w (O, C, k, k), b (O,) -> out (N, O, H', W').
+    """x (N, C, H, W), w (O, C, k, k), b (O,) or None -> out (N, O, H', W').
 
     Convolution as one matrix product: w (O, C*k*k) @ im2col(x) (N, C*k*k, H'*W').
     """
@@ -60,14 +70,16 @@ def conv2d_forward(
     ho, wo = cols.shape[2:]
     cols = cols.reshape(n, -1, ho * wo)
     out = np.matmul(w.reshape(o, -1), cols)  # (N, O, H'*W')
-    out += b[:, None]
+    if b is not None:
+        out += b[:, None]
     return out.reshape(n, o, ho, wo), (x.shape, w, cols, stride, padding)
 
 
 def conv2d_backward(
     dout: np.ndarray, cache: Cache, need_dx: bool = True
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-    """dout (N, O, H', W') -> dx (N, C, H, W) (None unless need_dx), dw (O, C, k, k), db (O,)."""
+    """dout (N, O, H', W') -> dx (N, C, H, W) (None unless need_dx), dw (O, C, k, k), db (O,)
+    (the bias's gradient, whether or not the conv has one)."""
     x_shape, w, cols, stride, padding = cache
     n, o, ho, wo = dout.shape
     dout = dout.reshape(n, o, -1)  # (N, O, H'*W')
@@ -92,6 +104,62 @@ def relu_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray]:
     """Gradient passes where the output is positive; the derivative at 0 is taken as 0."""
     out = cache
     return (dout * (out > 0),)
+
+
+def leakyrelu_forward(x: np.ndarray, slope: float) -> tuple[np.ndarray, Cache]:
+    """x (any shape) -> x where positive, slope * x elsewhere."""
+    return np.where(x > 0, x, slope * x), (x, slope)
+
+
+def leakyrelu_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray]:
+    """1 where the input is positive, slope elsewhere (at 0 too, as PyTorch)."""
+    x, slope = cache
+    return (np.where(x > 0, dout, slope * dout),)
+
+
+def elu_forward(x: np.ndarray, alpha: float) -> tuple[np.ndarray, Cache]:
+    """x (any shape) -> x where positive, alpha * (exp(x) - 1) elsewhere."""
+    # expm1 of min(x, 0): exp never overflows on the side where np.where discards it.
+    out = np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0)))
+    return out, (x, out, alpha)
+
+
+def elu_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray]:
+    """1 where the input is positive, alpha * exp(x) = out + alpha elsewhere (at 0: alpha)."""
+    x, out, alpha = cache
+    return (np.where(x > 0, dout, dout * (out + alpha)),)
+
+
+def gelu_forward(x: np.ndarray) -> tuple[np.ndarray, Cache]:
+    """x (any shape) -> x * Phi(x), Phi the standard normal's CDF: the exact GELU."""
+    cdf = 0.5 * (1 + special.erf(x / math.sqrt(2)))
+    return x * cdf, (x, cdf)
+
+
+def gelu_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray]:
+    """GELU' = Phi(x) + x * phi(x), phi the standard normal's density."""
+    x, cdf = cache
+    pdf = np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    return (dout * (cdf + x * pdf),)
+
+
+# The tanh approximation's constants, as PyTorch's and JAX's; Python floats, which keep a
+# float32 array float32 (a NumPy float64 scalar would widen it).
+_GELU_C = math.sqrt(2 / math.pi)
+_GELU_A = 0.044715
+
+
+def gelutanh_forward(x: np.ndarray) -> tuple[np.ndarray, Cache]:
+    """x (any shape) -> 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): GELU's approximation."""
+    t = np.tanh(_GELU_C * (x + _GELU_A * x**3))
+    return 0.5 * x * (1 + t), (x, t)
+
+
+def gelutanh_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray]:
+    """The derivative of the approximation: 0.5 (1 + t) + 0.5 x (1 - t^2) u', u' its inside's."""
+    x, t = cache
+    inner = _GELU_C * (1 + 3 * _GELU_A * x * x)
+    return (dout * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * inner),)
 
 
 def tanh_forward(x: np.ndarray) -> tuple[np.ndarray, Cache]:
@@ -119,37 +187,45 @@ def sigmoid_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray]:
     return (dout * out * (1 - out),)
 
 
-def max_pool_forward(x: np.ndarray, size: int, stride: int) -> tuple[np.ndarray, Cache]:
-    """x (N, C, H, W) -> out (N, C, H', W'): max over size x size windows moved by stride."""
-    windows = _windows(x, size, stride)
+def max_pool_forward(
+    x: np.ndarray, size: int, stride: int, padding: int = 0
+) -> tuple[np.ndarray, Cache]:
+    """x (N, C, H, W) -> out (N, C, H', W'): max over size x size windows moved by stride,
+    of x padded by `padding` with -inf (which never wins)."""
+    windows = _windows(_pad(x, padding, -np.inf), size, stride)
     flat = windows.reshape(*windows.shape[:4], size * size)  # row-major within each window
     # The first maximum in a window takes the gradient, as in PyTorch and XLA.
     argmax = flat.argmax(axis=-1)
     out = np.take_along_axis(flat, argmax[..., None], axis=-1)[..., 0]
-    return out, (x.shape, argmax, size, stride)
+    return out, (x.shape, argmax, size, stride, padding)
 
 
 def max_pool_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray]:
     """dout (N, C, H', W') -> dx (N, C, H, W): each window's maximum gets its gradient;
     an input that is the maximum of several overlapping windows gets their sum."""
-    x_shape, argmax, size, stride = cache
+    x_shape, argmax, size, stride, padding = cache
     dflat = np.zeros((*dout.shape, size * size), dtype=dout.dtype)
     np.put_along_axis(dflat, argmax[..., None], dout[..., None], axis=-1)
     dwindows = dflat.reshape(*dout.shape, size, size).transpose(0, 1, 4, 5, 2, 3)
-    return (_col2im(dwindows, x_shape, stride, 0),)
+    return (_col2im(dwindows, x_shape, stride, padding),)
 
 
-def avg_pool_forward(x: np.ndarray, size: int, stride: int) -> tuple[np.ndarray, Cache]:
-    """x (N, C, H, W) -> out (N, C, H', W'): mean over size x size windows moved by stride."""
-    return _windows(x, size, stride).mean(axis=(4, 5)), (x.shape, size, stride)
+def avg_pool_forward(
+    x: np.ndarray, size: int, stride: int, padding: int = 0
+) -> tuple[np.ndarray, Cache]:
+    """x (N, C, H, W) -> out (N, C, H', W'): mean over size x size windows moved by stride, of
+    x padded by `padding` with zeros that count in the mean (PyTorch's default)."""
+    means = _windows(_pad(x, padding), size, stride).mean(axis=(4, 5))
+    return means, (x.shape, size, stride, padding)
 
 
 def avg_pool_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray]:
     """dout (N, C, H', W') -> dx (N, C, H, W): each window spreads its gradient evenly."""
-    x_shape, size, stride = cache
+    x_shape, size, stride, padding = cache
     n, c, ho, wo = dout.shape
     share = (dout / (size * size))[:, :, None, None]
-    return (_col2im(np.broadcast_to(share, (n, c, size, size, ho, wo)), x_shape, stride, 0),)
+    windows = np.broadcast_to(share, (n, c, size, size, ho, wo))
+    return (_col2im(windows, x_shape, stride, padding),)
 
 
 def _per_channel(v: np.ndarray, ndim: int) -> np.ndarray:

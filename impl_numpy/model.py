@@ -10,7 +10,17 @@ from __future__ import annotations
 import numpy as np
 
 from impl_numpy import layers
-from shared.kinds import Activation, BatchNorm, Conv, Dropout, Flatten, Layer, Linear, Pool
+from shared.layers import (
+    Activation,
+    AdaptivePool,
+    BatchNorm,
+    Conv,
+    Dropout,
+    Flatten,
+    Layer,
+    Linear,
+    Pool,
+)
 from shared.spec import Arch, Params
 
 Masks = dict[str, np.ndarray] | None
@@ -22,12 +32,14 @@ def layer_forward(
     """The layer's output and its cache; updated BatchNorm buffers go into `buffers`."""
     match layer:
         case Conv(name, stride=stride, padding=padding):
-            w, b = params[f"{name}.weight"], params[f"{name}.bias"]
+            w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
             return layers.conv2d_forward(x, w, b, stride, padding)
-        case Pool(op="max", size=size, stride=stride):
-            return layers.max_pool_forward(x, size, stride)
-        case Pool(op="avg", size=size, stride=stride):
-            return layers.avg_pool_forward(x, size, stride)
+        case Pool(op="max", size=size, stride=stride, padding=padding):
+            return layers.max_pool_forward(x, size, stride, padding)
+        case Pool(op="avg", size=size, stride=stride, padding=padding):
+            return layers.avg_pool_forward(x, size, stride, padding)
+        case AdaptivePool(window=window):
+            return layers.avg_pool_forward(x, window, window)
         case BatchNorm(name, momentum=momentum, eps=eps):
             out, cache, (mean, var) = layers.batch_norm_forward(
                 x,
@@ -47,9 +59,9 @@ def layer_forward(
             if masks is None:
                 return x, None
             return layers.dropout_forward(x, masks[name], p)
-        case Activation(fn=fn):
+        case Activation(fn=fn, param=param):
             # Looked up at call time, so a test can swap one for a planted wrong variant.
-            return getattr(layers, f"{fn}_forward")(x)
+            return getattr(layers, f"{fn}_forward")(x, *([] if param is None else [param]))
         case Flatten():
             return layers.flatten_forward(x)
         case Linear(name):
@@ -62,10 +74,10 @@ def layer_backward(
 ) -> np.ndarray | None:
     """Gradient with respect to the layer's input; parameter gradients go into `grads`."""
     match layer:
-        case Conv(name):
-            dx, grads[f"{name}.weight"], grads[f"{name}.bias"] = layers.conv2d_backward(
-                dout, cache, need_dx
-            )
+        case Conv(name, bias=bias):
+            dx, grads[f"{name}.weight"], db = layers.conv2d_backward(dout, cache, need_dx)
+            if bias:
+                grads[f"{name}.bias"] = db
             return dx
         case Linear(name):
             dx, grads[f"{name}.weight"], grads[f"{name}.bias"] = layers.linear_backward(
@@ -79,7 +91,7 @@ def layer_backward(
             return dx
         case Pool(op="max"):
             return layers.max_pool_backward(dout, cache)[0]
-        case Pool(op="avg"):
+        case Pool(op="avg") | AdaptivePool():
             return layers.avg_pool_backward(dout, cache)[0]
         case Dropout():
             return layers.dropout_backward(dout, cache)[0]

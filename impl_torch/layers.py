@@ -13,15 +13,35 @@ import torch.nn.functional as F
 
 
 def conv2d(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int, padding: int
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: int, padding: int
 ) -> torch.Tensor:
-    """x (N, C, H, W), w (O, C, k, k), b (O,) -> out (N, O, H', W')."""
+    """x (N, C, H, W), w (O, C, k, k), b (O,) or None -> out (N, O, H', W')."""
     return F.conv2d(x, w, b, stride=stride, padding=padding)
 
 
 def relu(x: torch.Tensor) -> torch.Tensor:
     """max(x, 0); the derivative at 0 is 0."""
     return F.relu(x)
+
+
+def leakyrelu(x: torch.Tensor, slope: float) -> torch.Tensor:
+    """x where positive, slope * x elsewhere; the derivative at 0 is slope."""
+    return F.leaky_relu(x, slope)
+
+
+def elu(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """x where positive, alpha * (exp(x) - 1) elsewhere."""
+    return F.elu(x, alpha)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """The exact GELU, x * Phi(x) (PyTorch's default)."""
+    return F.gelu(x)
+
+
+def gelutanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation."""
+    return F.gelu(x, approximate="tanh")
 
 
 def tanh(x: torch.Tensor) -> torch.Tensor:
@@ -34,14 +54,15 @@ def sigmoid(x: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(x)
 
 
-def max_pool(x: torch.Tensor, size: int, stride: int) -> torch.Tensor:
-    """x (N, C, H, W) -> (N, C, H', W'); the first maximum in a window takes the gradient."""
-    return F.max_pool2d(x, size, stride)
+def max_pool(x: torch.Tensor, size: int, stride: int, padding: int = 0) -> torch.Tensor:
+    """x (N, C, H, W) padded with -inf -> (N, C, H', W'); the first maximum in a window takes
+    the gradient."""
+    return F.max_pool2d(x, size, stride, padding)
 
 
-def avg_pool(x: torch.Tensor, size: int, stride: int) -> torch.Tensor:
-    """x (N, C, H, W) -> (N, C, H', W'), the mean of each window."""
-    return F.avg_pool2d(x, size, stride)
+def avg_pool(x: torch.Tensor, size: int, stride: int, padding: int = 0) -> torch.Tensor:
+    """x (N, C, H, W) padded with zeros that count -> (N, C, H', W'), each window's mean."""
+    return F.avg_pool2d(x, size, stride, padding)
 
 
 def batch_norm(
@@ -100,11 +121,29 @@ def _backward(dout: torch.Tensor, cache) -> tuple[torch.Tensor, ...]:
 
 
 def conv2d_forward(x, w, b, stride: int, padding: int):
+    if b is None:  # no bias to differentiate: the pair gives (dx, dw)
+        return _forward(conv2d, x, w, b=None, stride=stride, padding=padding)
     return _forward(conv2d, x, w, b, stride=stride, padding=padding)
 
 
 def relu_forward(x):
     return _forward(relu, x)
+
+
+def leakyrelu_forward(x, slope: float):
+    return _forward(leakyrelu, x, slope=slope)
+
+
+def elu_forward(x, alpha: float):
+    return _forward(elu, x, alpha=alpha)
+
+
+def gelu_forward(x):
+    return _forward(gelu, x)
+
+
+def gelutanh_forward(x):
+    return _forward(gelutanh, x)
 
 
 def tanh_forward(x):
@@ -115,12 +154,12 @@ def sigmoid_forward(x):
     return _forward(sigmoid, x)
 
 
-def max_pool_forward(x, size: int, stride: int):
-    return _forward(max_pool, x, size=size, stride=stride)
+def max_pool_forward(x, size: int, stride: int, padding: int = 0):
+    return _forward(max_pool, x, size=size, stride=stride, padding=padding)
 
 
-def avg_pool_forward(x, size: int, stride: int):
-    return _forward(avg_pool, x, size=size, stride=stride)
+def avg_pool_forward(x, size: int, stride: int, padding: int = 0):
+    return _forward(avg_pool, x, size=size, stride=stride, padding=padding)
 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps, train):
@@ -146,7 +185,8 @@ def linear_forward(x, w, b):
 
 
 conv2d_backward = max_pool_backward = avg_pool_backward = batch_norm_backward = _backward
-relu_backward = tanh_backward = sigmoid_backward = dropout_backward = _backward
+relu_backward = leakyrelu_backward = elu_backward = gelu_backward = gelutanh_backward = _backward
+tanh_backward = sigmoid_backward = dropout_backward = _backward
 flatten_backward = linear_backward = _backward
 
 

@@ -13,7 +13,17 @@ from collections import OrderedDict
 import torch
 
 from impl_torch import layers
-from shared.kinds import Activation, BatchNorm, Conv, Dropout, Flatten, Layer, Linear, Pool
+from shared.layers import (
+    Activation,
+    AdaptivePool,
+    BatchNorm,
+    Conv,
+    Dropout,
+    Flatten,
+    Layer,
+    Linear,
+    Pool,
+)
 from shared.spec import Arch, split_params
 
 Params = dict[str, torch.Tensor]
@@ -26,12 +36,14 @@ def layer_forward(
     """The layer's output; updated BatchNorm buffers go into `buffers`."""
     match layer:
         case Conv(name, stride=stride, padding=padding):
-            w, b = params[f"{name}.weight"], params[f"{name}.bias"]
+            w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
             return layers.conv2d(x, w, b, stride, padding)
-        case Pool(op="max", size=size, stride=stride):
-            return layers.max_pool(x, size, stride)
-        case Pool(op="avg", size=size, stride=stride):
-            return layers.avg_pool(x, size, stride)
+        case Pool(op="max", size=size, stride=stride, padding=padding):
+            return layers.max_pool(x, size, stride, padding)
+        case Pool(op="avg", size=size, stride=stride, padding=padding):
+            return layers.avg_pool(x, size, stride, padding)
+        case AdaptivePool(window=window):
+            return layers.avg_pool(x, window, window)
         case BatchNorm(name, momentum=momentum, eps=eps):
             out, mean, var = layers.batch_norm(
                 x,
@@ -49,9 +61,9 @@ def layer_forward(
             return out
         case Dropout(name, p):
             return x if masks is None else layers.dropout(x, masks[name], p)
-        case Activation(fn=fn):
+        case Activation(fn=fn, param=param):
             # Looked up at call time, so a test can swap one for a planted wrong variant.
-            return getattr(layers, fn)(x)
+            return getattr(layers, fn)(x, *([] if param is None else [param]))
         case Flatten():
             return layers.flatten(x)
         case Linear(name):
@@ -134,7 +146,24 @@ def input_grad(
     return dx
 
 
-_ACTIVATION_MODULES = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}
+def _activation_module(fn: str, param: float | None) -> torch.nn.Module:
+    """PyTorch's module for an element-wise function."""
+    match fn:
+        case "relu":
+            return torch.nn.ReLU()
+        case "leakyrelu":
+            return torch.nn.LeakyReLU(param)
+        case "elu":
+            return torch.nn.ELU(param)
+        case "gelu":
+            return torch.nn.GELU()
+        case "gelutanh":
+            return torch.nn.GELU(approximate="tanh")
+        case "tanh":
+            return torch.nn.Tanh()
+        case "sigmoid":
+            return torch.nn.Sigmoid()
+    raise TypeError(f"unknown activation {fn!r}")
 
 
 def as_module(arch: Arch) -> torch.nn.Sequential:
@@ -144,19 +173,21 @@ def as_module(arch: Arch) -> torch.nn.Sequential:
     modules = {}
     for layer in arch.layers:
         match layer:
-            case Conv(name, i, o, k, stride, padding):
-                modules[name] = torch.nn.Conv2d(i, o, k, stride=stride, padding=padding)
-            case Pool(name, "max", size, stride):
-                modules[name] = torch.nn.MaxPool2d(size, stride)
-            case Pool(name, "avg", size, stride):
-                modules[name] = torch.nn.AvgPool2d(size, stride)
+            case Conv(name, i, o, k, stride, padding, bias):
+                modules[name] = torch.nn.Conv2d(i, o, k, stride, padding, bias=bias)
+            case Pool(name, "max", size, stride, padding):
+                modules[name] = torch.nn.MaxPool2d(size, stride, padding)
+            case Pool(name, "avg", size, stride, padding):
+                modules[name] = torch.nn.AvgPool2d(size, stride, padding)
+            case AdaptivePool(name, size):
+                modules[name] = torch.nn.AdaptiveAvgPool2d(size)
             case BatchNorm(name, c, spatial, momentum, eps):
                 kind = torch.nn.BatchNorm2d if spatial else torch.nn.BatchNorm1d
                 modules[name] = kind(c, eps=eps, momentum=momentum)
-            case Dropout(name, p):
-                modules[name] = torch.nn.Dropout(p)
-            case Activation(name, fn):
-                modules[name] = _ACTIVATION_MODULES[fn]()
+            case Dropout(name, p, channelwise=channelwise):
+                modules[name] = (torch.nn.Dropout2d if channelwise else torch.nn.Dropout)(p)
+            case Activation(name, fn, param):
+                modules[name] = _activation_module(fn, param)
             case Flatten(name):
                 modules[name] = torch.nn.Flatten()
             case Linear(name, i, o):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared.kinds import Dropout
+from shared.layers import Dropout
 
 
 def batch_order(n: int, seed: int, epoch: int) -> np.ndarray:

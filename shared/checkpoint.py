@@ -30,7 +30,7 @@ import numpy as np
 from shared.config import FIELDS, check_saved_field
 from shared.errors import CheckpointError, UsageError
 from shared.io import atomic_write
-from shared.kinds import Tensor
+from shared.layers import Tensor
 from shared.spec import (
     MAX_PARAMETERS,
     Arch,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from shared.data import DATASETS
 from shared.errors import CheckpointError, UsageError
-from shared.kinds import INPUT_SHAPE
+from shared.layers import INPUT_SHAPE
 from shared.spec import INITS
 
 IMPLEMENTATIONS = ("numpy", "jax", "torch")

@@ -21,7 +21,8 @@ from functools import cache
 import numpy as np
 
 from shared.errors import UsageError
-from shared.kinds import INPUT_SHAPE, Layer, kind_of, output_shape
+from shared.kinds import kind_of, output_shape
+from shared.layers import INPUT_SHAPE, Layer
 
 # Bytes a command may spend on one network's tensors at a time: its activations, unfolded
 # inputs, parameters, gradients and optimizer state. The framework's own working memory

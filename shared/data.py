@@ -17,7 +17,7 @@ import numpy as np
 
 from shared.errors import DataError, UsageError
 from shared.idx import IdxExpect, read_idx_content
-from shared.kinds import INPUT_SHAPE, NUM_CLASSES
+from shared.layers import INPUT_SHAPE, NUM_CLASSES
 
 DATA_DIR_ENV = "THREEFOLD_DATA"
 # The last sixth of the official training set validates, as in the lab (50,000 / 10,000).

@@ -17,7 +17,7 @@ from shared.config import averages_mirrors
 from shared.data import Dataset, load_dataset
 from shared.errors import CheckpointError
 from shared.io import write_json
-from shared.kinds import NUM_CLASSES
+from shared.layers import NUM_CLASSES
 from shared.outputs import prepare_out_dir
 from shared.plots import plt, save_figure
 from shared.spec import get_arch

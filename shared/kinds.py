@@ -5,275 +5,40 @@ their bounds, how a layer is built and checked against its input shape, its outp
 how it is written back as a token, its canonical tensors with their shapes and initial
 values, and what the cross-check asks of it. The spec parser, the grammar text,
 `init_params` and the cross-check read this table; the implementations keep their own
-`match` over the layer classes below (the mirror a reader diffs), and a test checks that each
-handles every kind. Adding a kind: docs/ARCHITECTURE.md, "Where to add".
+`match` over the layer classes of shared/layers.py (the mirror a reader diffs), and a test
+checks that each handles every kind. Adding a kind: docs/ARCHITECTURE.md, "Where to add".
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, fields
-from functools import cached_property
-from typing import Any, ClassVar
+from dataclasses import fields
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from shared.errors import UsageError
+from shared.layers import (
+    Activation,
+    AdaptivePool,
+    BatchNorm,
+    Conv,
+    Dropout,
+    Fail,
+    Flatten,
+    Kinks,
+    Layer,
+    LayerKind,
+    Linear,
+    Option,
+    Pool,
+    Shape,
+    Tensor,
+    show_shape,
+)
 
-Shape = tuple[int, ...]
-INPUT_SHAPE = (1, 28, 28)  # every network takes x (N, 1, 28, 28)
-NUM_CLASSES = 10
 MAX_CONV_COLUMNS = 2_000_000  # a conv's unfolded input (C*k*k*H'*W') per example: 512 MB at 64
-
-
-# --- the layers, as the implementations match on them ---------------------------------------
-
-
-@dataclass(frozen=True)
-class Conv:
-    name: str
-    in_channels: int
-    out_channels: int
-    kernel_size: int
-    stride: int
-    padding: int
-    kind: ClassVar[str] = "conv"
-
-
-@dataclass(frozen=True)
-class Pool:
-    name: str
-    op: str  # "max" or "avg"
-    size: int
-    stride: int
-
-    @property
-    def kind(self) -> str:
-        return f"{self.op}pool"
-
-
-@dataclass(frozen=True)
-class BatchNorm:
-    """PyTorch's BatchNorm: normalise with the batch's mean and biased variance in training and
-    track running_stat = (1 - momentum) * running_stat + momentum * batch_stat (the variance
-    unbiased); normalise with the running statistics in evaluation."""
-
-    name: str
-    num_features: int
-    spatial: bool  # BatchNorm2d over (N, H, W) per channel; else BatchNorm1d over N
-    momentum: float = 0.1
-    eps: float = 1e-5
-    kind: ClassVar[str] = "bn"
-
-
-@dataclass(frozen=True)
-class Dropout:
-    """Inverted dropout: each unit of one example's input `shape` is zeroed with probability p
-    in training and the rest scaled by 1 / (1 - p); the identity in evaluation."""
-
-    name: str
-    p: float
-    shape: tuple[int, ...]
-    kind: ClassVar[str] = "dropout"
-
-
-@dataclass(frozen=True)
-class Activation:
-    name: str
-    fn: str  # "relu", "tanh" or "sigmoid"
-
-    @property
-    def kind(self) -> str:
-        return self.fn
-
-
-@dataclass(frozen=True)
-class Flatten:
-    name: str
-    kind: ClassVar[str] = "flatten"
-
-
-@dataclass(frozen=True)
-class Linear:
-    name: str
-    in_features: int
-    out_features: int
-    kind: ClassVar[str] = "fc"
-
-
-Layer = Conv | Pool | BatchNorm | Dropout | Activation | Flatten | Linear
-
-
-# --- the table of layer kinds ----------------------------------------------------------------
-
-Fail = Callable[[str], UsageError]
-
-
-@dataclass(frozen=True)
-class Option:
-    """One option of a layer kind. In a token it is a number after `letter` ("" for the
-    number right after the kind's name: the 16 of conv16k5); in a file table it is `name`.
-    `default` None makes it required; a function computes it from the other options.
-    Numbers below `low` (or from `high` on, for a float) are refused, naming it as `label`."""
-
-    name: str
-    letter: str
-    metavar: str
-    type: type  # int or float
-    default: Any = None
-    low: float = 1
-    high: float = math.inf
-    label: str = ""
-    example: float = 2  # for the message that shows how to write a token
-
-    @property
-    def pattern(self) -> str:
-        # 7 digits, so that every number a table may hold has a token (see `_table_entry`).
-        return r"(\d{1,7})" if self.type is int else r"(\d?\.\d+|\d)"
-
-    def __post_init__(self):
-        if self.type not in (int, float):
-            raise ValueError(f"option {self.name}: a number, int or float, not {self.type}")
-
-    def default_in(self, options: dict[str, Any]) -> Any:
-        """The default among `options` (the others given)."""
-        return self.default(options) if callable(self.default) else self.default
-
-    def check(self, value: Any, fail: Fail) -> None:
-        label = self.label or self.name
-        if self.type is int and value < self.low:
-            raise fail(f"{label} {value} is not at least {self.low}")
-        if self.type is float and not self.low <= value < self.high:
-            raise fail(f"{label} {value} is not in [{self.low:g}, {self.high:g})")
-
-
-@dataclass(frozen=True)
-class Tensor:
-    """A canonical tensor of a layer: its shape, whether training moves it, and its initial
-    value: "weight" and "bias" are drawn by the initialisation scheme (with the weight's
-    `fan_in`), "one" and "zero" are constant in every scheme, "count" is an int64 counter
-    from 0. A `nonnegative` tensor (a running variance) can never hold a value below 0."""
-
-    shape: Shape
-    trainable: bool
-    initial: str
-    fan_in: int = 0
-    nonnegative: bool = False
-
-    INITIAL_VALUES: ClassVar[tuple[str, ...]] = ("weight", "bias", "one", "zero", "count")
-
-    def __post_init__(self):
-        if self.initial not in self.INITIAL_VALUES:
-            raise ValueError(f"a tensor's initial value is one of {self.INITIAL_VALUES}")
-        if self.initial in ("weight", "bias") and self.fan_in < 1:
-            raise ValueError("a drawn weight or bias needs its weight's fan_in")
-
-    @property
-    def counter(self) -> bool:
-        """Whether it counts (int64, as in PyTorch) rather than holds floats."""
-        return self.initial == "count"
-
-
-@dataclass(frozen=True)
-class Kinks:
-    """Where a layer's derivative jumps, which the cross-check keeps its batches away from:
-    at an input value of 0 ("zero": ReLU; `values` gives the inputs), or at a tie between
-    the two largest values of a window ("tie": max-pooling; `values` gives the windows,
-    (N, C, H', W', k*k))."""
-
-    at: str
-    values: Callable[[Any, np.ndarray], np.ndarray]
-
-    def __post_init__(self):
-        if self.at not in ("zero", "tie"):
-            raise ValueError(f"a kink is at a zero or a tie, not at {self.at!r}")
-
-
-@dataclass(frozen=True)
-class LayerKind:
-    """Everything the shared code knows about one kind of layer; no field has a default, so
-    an entry missing a piece fails when this module is imported.
-
-    `input` is "spatial" (C, H, W), "flat" (F,) or "any"; `build(name, options, shape, fail)`
-    makes the layer for its input shape, refusing (with `fail`) what cannot work;
-    `options_of(layer)` gives back the options its token writes; `tensors(layer)` its
-    canonical tensors by state_dict name, in PyTorch's order. What one image costs it, from
-    its input and output shapes (shared/cost.py): `macs`, the multiply-adds of its forward
-    pass (element-wise work is memory traffic, not counted), and `unfolded`, the values NumPy
-    copies its input into (a conv's columns, a pool's windows). For the cross-check:
-    `batch_statistics` (it normalises across the batch, so a batch of one cannot train it),
-    `keeps_zeros` (an exact-zero input gives an exact-zero output with zero biases), `kinks`."""
-
-    name: str
-    layer: type
-    help: str
-    module_name: str  # the name its layers get, numbered when repeated: conv1, pool2
-    options: tuple[Option, ...]
-    input: str
-    build: Callable[[str, dict[str, Any], Shape, Fail], Any]
-    output_shape: Callable[[Any, Shape], Shape]
-    options_of: Callable[[Any], dict[str, Any]]
-    tensors: Callable[[Any], dict[str, Tensor]]
-    macs: Callable[[Any, Shape, Shape], int]
-    unfolded: Callable[[Any, Shape, Shape], int]
-    batch_statistics: bool
-    keeps_zeros: bool
-    kinks: Kinks | None
-
-    def __post_init__(self):
-        letters = [option.letter for option in self.options]
-        if letters[:1] not in ([], [""]) or "" in letters[1:] or len(set(letters)) < len(letters):
-            raise ValueError(f"layer kind {self.name}: only the first option goes without letter")
-        if self.input not in ("spatial", "flat", "any"):
-            raise ValueError(f"layer kind {self.name}: input {self.input!r}")
-
-    @property
-    def usage(self) -> str:
-        """The token's form, such as convC[kK][sS][pP]."""
-        first, rest = self.options[:1], self.options[1:]
-        return (
-            self.name
-            + "".join(o.metavar for o in first)
-            + "".join(f"[{o.letter}{o.metavar}]" for o in rest)
-        )
-
-    @cached_property
-    def pattern(self) -> re.Pattern:
-        parts = [re.escape(self.name)]
-        for option in self.options:
-            number = option.pattern
-            parts.append(number if not option.letter else f"(?:{option.letter}{number})?")
-        return re.compile("".join(parts))
-
-    @property
-    def example(self) -> str:
-        """How to write a token of this kind, with an example or two."""
-        if not self.options:
-            return self.name
-        examples = [o.example for o in self.options]
-        short = self.name + _number(examples[0])
-        full = self.name + "".join(f"{o.letter}{_number(o.example)}" for o in self.options)
-        return f"{self.usage}, e.g. {short}" + (f" or {full}" if len(self.options) > 2 else "")
-
-    def token(self, layer: Layer) -> str:
-        """The canonical token of a layer: its options, defaults left out."""
-        options = self.options_of(layer)
-        text = self.name
-        for option in self.options:
-            value = options[option.name]
-            if option.default is not None and value == option.default_in(options):
-                continue
-            text += f"{option.letter}{_number(value)}"
-        return text
-
-
-def _number(value: float) -> str:
-    """A number as a token writes it: every digit a float has, never an exponent, so that
-    the spec rebuilds this very value."""
-    return np.format_float_positional(value, trim="-") if isinstance(value, float) else str(value)
 
 
 def _same_shape(layer: Layer, shape: Shape) -> Shape:
@@ -293,11 +58,13 @@ def _nothing(layer: Layer, shape: Shape, out: Shape) -> int:
 
 
 def _weight_and_bias(name: str, weight_shape: Shape) -> dict[str, Tensor]:
-    """A weight (out, in, ...) and its bias (out,), drawn by the initialisation scheme."""
-    fan_in = math.prod(weight_shape[1:])
+    """A weight (out, in, k, k) or (out, in) and its bias (out,), drawn by the initialisation
+    scheme with the weight's fans as PyTorch computes them (in or out x the kernel's size)."""
+    field = math.prod(weight_shape[2:])
+    fans = (weight_shape[1] * field, weight_shape[0] * field)
     return {
-        f"{name}.weight": Tensor(weight_shape, True, "weight", fan_in),
-        f"{name}.bias": Tensor(weight_shape[:1], True, "bias", fan_in),
+        f"{name}.weight": Tensor(weight_shape, True, "weight", *fans),
+        f"{name}.bias": Tensor(weight_shape[:1], True, "bias", *fans),
     }
 
 
@@ -305,10 +72,6 @@ def _windows(x: np.ndarray, size: int, stride: int) -> np.ndarray:
     """x (N, C, H, W) -> view (N, C, H', W', size*size) of its windows moved by stride."""
     windows = sliding_window_view(x, (size, size), axis=(2, 3))[:, :, ::stride, ::stride]
     return windows.reshape(*windows.shape[:4], -1)
-
-
-def show_shape(shape: Shape) -> str:
-    return "x".join(map(str, shape))
 
 
 def _padded(shape: Shape, padding: int) -> str:
@@ -327,7 +90,7 @@ def _build_conv(name: str, o: dict[str, Any], shape: Shape, fail: Fail) -> Conv:
         raise fail(f"padding {padding} is not smaller than the kernel {k}")
     if k > min(shape[1:]) + 2 * padding:
         raise fail(f"its {k}x{k} kernel is larger than its {_padded(shape, padding)} input")
-    conv = Conv(name, shape[0], o["channels"], k, o["stride"], padding)
+    conv = Conv(name, shape[0], o["channels"], k, o["stride"], padding, bool(o["bias"]))
     columns = _columns(conv, shape, _conv_shape(conv, shape))
     if columns > MAX_CONV_COLUMNS:
         # NumPy's im2col holds this many values per image.
@@ -345,20 +108,28 @@ def _conv_shape(conv: Conv, shape: Shape) -> Shape:
     return (conv.out_channels, *(_sliding(n, k, s, p) for n in shape[1:]))
 
 
+def _conv_tensors(c: Conv) -> dict[str, Tensor]:
+    shape = (c.out_channels, c.in_channels, c.kernel_size, c.kernel_size)
+    tensors = _weight_and_bias(c.name, shape)
+    return tensors if c.bias else {f"{c.name}.weight": tensors[f"{c.name}.weight"]}
+
+
 def _build_pool(op: str) -> Callable[[str, dict[str, Any], Shape, Fail], Pool]:
     def build(name: str, o: dict[str, Any], shape: Shape, fail: Fail) -> Pool:
-        size, stride = o["size"], o["stride"]
-        if size > min(shape[1:]):
-            raise fail(f"its {size}x{size} window is larger than its {show_shape(shape)} input")
-        for extent in shape[1:]:
-            if (extent - size) % stride:
-                raise fail(
-                    f"{size}x{size} windows with stride {stride} do not tile its "
-                    f"{show_shape(shape)} input ({extent} - {size} is not a multiple of {stride})"
-                )
-        return Pool(name, op, size, stride)
+        size, stride, padding = o["size"], o["stride"], o["padding"]
+        if 2 * padding > size:  # PyTorch's bound: a window never wholly in the padding
+            raise fail(f"padding {padding} is more than half its {size}x{size} window")
+        if size > min(shape[1:]) + 2 * padding:
+            raise fail(
+                f"its {size}x{size} window is larger than its {_padded(shape, padding)} input"
+            )
+        return Pool(name, op, size, stride, padding)
 
     return build
+
+
+def _pool_shape(pool: Pool, shape: Shape) -> Shape:
+    return (shape[0], *(_sliding(n, pool.size, pool.stride, pool.padding) for n in shape[1:]))
 
 
 def _pool_kind(op: str, help: str, kinks: Kinks | None) -> LayerKind:
@@ -370,11 +141,12 @@ def _pool_kind(op: str, help: str, kinks: Kinks | None) -> LayerKind:
         options=(
             Option("size", "", "K", int),
             Option("stride", "s", "S", int, default=lambda o: o["size"]),
+            Option("padding", "p", "P", int, default=0, low=0),
         ),
         input="spatial",
         build=_build_pool(op),
-        output_shape=lambda p, s: (s[0], *(_sliding(n, p.size, p.stride) for n in s[1:])),
-        options_of=lambda p: {"size": p.size, "stride": p.stride},
+        output_shape=_pool_shape,
+        options_of=lambda p: {"size": p.size, "stride": p.stride, "padding": p.padding},
         tensors=_no_tensors,
         macs=_nothing,
         unfolded=lambda p, shape, out: math.prod(out) * p.size * p.size,
@@ -382,6 +154,23 @@ def _pool_kind(op: str, help: str, kinks: Kinks | None) -> LayerKind:
         keeps_zeros=True,
         kinks=kinks,
     )
+
+
+def _build_adaptive(name: str, o: dict[str, Any], shape: Shape, fail: Fail) -> AdaptivePool:
+    size = o["size"]
+    if any(extent % size for extent in shape[1:]):
+        raise fail(
+            f"its {show_shape(shape)} input does not divide into {size}x{size} blocks "
+            "(PyTorch's adaptive pooling would overlap its windows there)"
+        )
+    return AdaptivePool(name, size, shape[1] // size)
+
+
+def _max_pool_windows(pool: Pool, x: np.ndarray) -> np.ndarray:
+    """A max-pool's windows (N, C, H', W', k*k) of x padded with -inf, as it pools them."""
+    p = pool.padding
+    padded = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)), constant_values=-np.inf) if p else x
+    return _windows(padded, pool.size, pool.stride)
 
 
 def _batch_norm_tensors(bn: BatchNorm) -> dict[str, Tensor]:
@@ -395,17 +184,23 @@ def _batch_norm_tensors(bn: BatchNorm) -> dict[str, Tensor]:
     }
 
 
-def _activation_kind(fn: str, help: str, keeps_zeros: bool, kinks: Kinks | None) -> LayerKind:
+def _activation_kind(
+    fn: str, help: str, keeps_zeros: bool, kinks: Kinks | None, param: Option | None = None
+) -> LayerKind:
+    """An element-wise kind, with its one option (a slope, an alpha) if it has one."""
+    options = () if param is None else (param,)
     return LayerKind(
         name=fn,
         layer=Activation,
         help=help,
         module_name=fn,
-        options=(),
+        options=options,
         input="any",
-        build=lambda name, o, shape, fail: Activation(name, fn),
+        build=lambda name, o, shape, fail: Activation(
+            name, fn, None if param is None else o[param.name]
+        ),
         output_shape=_same_shape,
-        options_of=_no_options,
+        options_of=lambda a: {} if param is None else {param.name: a.param},
         tensors=_no_tensors,
         macs=_nothing,
         unfolded=_nothing,
@@ -415,21 +210,51 @@ def _activation_kind(fn: str, help: str, keeps_zeros: bool, kinks: Kinks | None)
     )
 
 
+def _dropout_kind(name: str, help: str, channelwise: bool) -> LayerKind:
+    def build(layer_name: str, o: dict[str, Any], shape: Shape, fail: Fail) -> Dropout:
+        mask = (shape[0], 1, 1) if channelwise else shape
+        return Dropout(layer_name, o["p"], mask, channelwise)
+
+    return LayerKind(
+        name=name,
+        layer=Dropout,
+        help=help,
+        module_name=name,
+        options=(
+            Option("p", "", "P", float, low=0.0, high=1.0, label="drop probability", example=0.3),
+        ),
+        input="spatial" if channelwise else "any",
+        build=build,
+        output_shape=_same_shape,
+        options_of=lambda d: {"p": d.p},
+        tensors=_no_tensors,
+        macs=_nothing,
+        unfolded=_nothing,
+        batch_statistics=False,
+        keeps_zeros=True,
+        kinks=None,
+    )
+
+
 def _build_flatten(name: str, o: dict[str, Any], shape: Shape, fail: Fail) -> Flatten:
     return Flatten(name)
 
+
+_ZERO_KINK = Kinks("zero", lambda a, x: x)  # where the derivative jumps at an input of 0
 
 _KINDS = (
     LayerKind(
         name="conv",
         layer=Conv,
-        help="convolution, C output channels, K x K kernel (3), stride S (1), padding P (K//2)",
+        help="convolution, C output channels, K x K kernel (3), stride S (1), padding P "
+        "(K//2, where PyTorch's Conv2d pads 0), bias B (1; 0: none)",
         module_name="conv",
         options=(
             Option("channels", "", "C", int, example=16),
             Option("kernel", "k", "K", int, default=3, example=5),
             Option("stride", "s", "S", int, default=1),
             Option("padding", "p", "P", int, default=lambda o: o["kernel"] // 2, low=0),
+            Option("bias", "b", "B", int, default=1, low=0, high=2, example=0),
         ),
         input="spatial",
         build=_build_conv,
@@ -439,10 +264,9 @@ _KINDS = (
             "kernel": c.kernel_size,
             "stride": c.stride,
             "padding": c.padding,
+            "bias": int(c.bias),
         },
-        tensors=lambda c: _weight_and_bias(
-            c.name, (c.out_channels, c.in_channels, c.kernel_size, c.kernel_size)
-        ),
+        tensors=_conv_tensors,
         macs=lambda c, shape, out: math.prod(out) * c.in_channels * c.kernel_size**2,
         unfolded=_columns,
         batch_statistics=False,
@@ -451,10 +275,28 @@ _KINDS = (
     ),
     _pool_kind(
         "max",
-        "max-pooling over K x K windows with stride S (K); must tile the input",
-        Kinks("tie", lambda p, x: _windows(x, p.size, p.stride)),
+        "max-pooling over K x K windows, stride S (K), padding P (0) with -inf; windows that "
+        "do not fit are dropped, as PyTorch's MaxPool2d",
+        Kinks("tie", _max_pool_windows),
     ),
-    _pool_kind("avg", "average-pooling, the same", None),
+    _pool_kind("avg", "average-pooling, the same; padding counts as zeros (PyTorch's)", None),
+    LayerKind(
+        name="adaptiveavgpool",
+        layer=AdaptivePool,
+        help="average-pooling to N x N, N dividing the input (AdaptiveAvgPool2d; 1: global)",
+        module_name="pool",
+        options=(Option("size", "", "N", int, example=1),),
+        input="spatial",
+        build=_build_adaptive,
+        output_shape=lambda a, s: (s[0], a.size, a.size),
+        options_of=lambda a: {"size": a.size},
+        tensors=_no_tensors,
+        macs=_nothing,
+        unfolded=lambda a, shape, out: math.prod(shape),
+        batch_statistics=False,
+        keeps_zeros=True,
+        kinks=None,
+    ),
     LayerKind(
         name="bn",
         layer=BatchNorm,
@@ -473,29 +315,30 @@ _KINDS = (
         keeps_zeros=False,
         kinks=None,
     ),
-    _activation_kind("relu", "max(x, 0)", True, Kinks("zero", lambda a, x: x)),
+    _activation_kind("relu", "max(x, 0)", True, _ZERO_KINK),
+    _activation_kind(
+        "leakyrelu",
+        "x, or A x below 0 (A 0.01)",
+        True,
+        _ZERO_KINK,
+        Option("slope", "", "A", float, default=0.01, low=0.0, high=1.0, example=0.2),
+    ),
+    _activation_kind(
+        "elu",
+        "x, or A (exp(x) - 1) below 0 (A 1)",
+        True,
+        _ZERO_KINK,
+        Option("alpha", "", "A", float, default=1.0, low=0.0, high=math.inf, example=0.5),
+    ),
+    _activation_kind("gelu", "x Phi(x), exact with erf (PyTorch's default)", True, None),
+    _activation_kind(
+        "gelutanh", "GELU's tanh approximation (JAX's default, PyTorch's 'tanh')", True, None
+    ),
     _activation_kind("tanh", "tanh(x)", True, None),
     # sigmoid(0) is 1/2: after it, equal values come from sums in orders that differ.
     _activation_kind("sigmoid", "1 / (1 + exp(-x))", False, None),
-    LayerKind(
-        name="dropout",
-        layer=Dropout,
-        help="dropout with drop probability P in [0, 1)",
-        module_name="dropout",
-        options=(
-            Option("p", "", "P", float, low=0.0, high=1.0, label="drop probability", example=0.3),
-        ),
-        input="any",
-        build=lambda name, o, shape, fail: Dropout(name, float(o["p"]), shape),
-        output_shape=_same_shape,
-        options_of=lambda d: {"p": d.p},
-        tensors=_no_tensors,
-        macs=_nothing,
-        unfolded=_nothing,
-        batch_statistics=False,
-        keeps_zeros=True,
-        kinks=None,
-    ),
+    _dropout_kind("dropout", "dropout with drop probability P in [0, 1)", channelwise=False),
+    _dropout_kind("dropout2d", "dropout of whole channels (Dropout2d)", channelwise=True),
     LayerKind(
         name="flatten",
         layer=Flatten,

@@ -40,7 +40,7 @@ from shared.cost import (
 from shared.data import Dataset, Split
 from shared.errors import Interrupted, OutputError, ThreefoldError, UsageError
 from shared.io import remove_stale_temporaries, write_json
-from shared.kinds import NUM_CLASSES
+from shared.layers import NUM_CLASSES
 from shared.outputs import CHECKPOINT_NAME, CURVES_NAME, METRICS_NAME
 from shared.plots import plot_curves
 from shared.spec import Arch, get_arch, init_params

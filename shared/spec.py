@@ -29,9 +29,9 @@ import numpy as np
 
 from shared.cost import check_network
 from shared.errors import UsageError
-from shared.kinds import (
+from shared.kinds import KINDS, kind_of, output_shape
+from shared.layers import (
     INPUT_SHAPE,
-    KINDS,
     NUM_CLASSES,
     Dropout,
     Fail,
@@ -40,8 +40,6 @@ from shared.kinds import (
     LayerKind,
     Shape,
     Tensor,
-    kind_of,
-    output_shape,
     show_shape,
 )
 

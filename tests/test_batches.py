@@ -16,7 +16,7 @@ from shared.batches import (
     training_batches,
 )
 from shared.data import FASHION_MNIST, load_dataset
-from shared.kinds import Dropout
+from shared.layers import Dropout
 
 BACKGROUND = FASHION_MNIST.background
 

@@ -24,7 +24,7 @@ from shared.config import Hyperparams, TrainConfig
 from shared.crosscheck import run_crosscheck
 from shared.data import load_dataset
 from shared.errors import UsageError
-from shared.kinds import Activation, BatchNorm, Conv, Dropout, Pool
+from shared.layers import Activation, BatchNorm, Conv, Dropout, Pool
 from shared.loop import train
 from shared.proof.kinks import keeps_zeros_exact
 from shared.proof.passes import checkpoint_agreement

@@ -15,7 +15,7 @@ from shared.backend import IMPLEMENTATIONS, batched_logits, make_backend
 from shared.checkpoint import load_checkpoint
 from shared.config import TrainConfig
 from shared.data import load_dataset
-from shared.kinds import BatchNorm
+from shared.layers import BatchNorm
 from shared.loop import train
 from shared.proof.rows import TOLERANCES, compare
 from shared.spec import get_arch, init_params, state_shapes

@@ -21,8 +21,8 @@ from shared.backend import IMPLEMENTATIONS
 from shared.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from shared.errors import CheckpointError, DataError, UsageError
 from shared.idx import MAX_IDX_BYTES, IdxExpect, parse_idx, read_idx
-from shared.kinds import INPUT_SHAPE as NETWORK_INPUT
 from shared.kinds import KINDS, output_shape
+from shared.layers import INPUT_SHAPE as NETWORK_INPUT
 from shared.spec import (
     MAX_LAYER_OUTPUT,
     MAX_PARAMETERS,

@@ -13,7 +13,8 @@ from impl_torch.model import as_module
 from shared.backend import IMPLEMENTATIONS, make_backend
 from shared.batches import dropout_masks
 from shared.errors import UsageError
-from shared.kinds import KINDS, LayerKind, Option, Tensor, kind_of
+from shared.kinds import KINDS, kind_of
+from shared.layers import LayerKind, Option, Tensor
 from shared.spec import Arch, get_arch, init_params, tensors
 from tests.test_training import run_script
 

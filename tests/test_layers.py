@@ -70,11 +70,17 @@ def conv(n, c, o, h, w, k, s, p):
     return pytest.param("conv2d", build, id=f"conv-{n}x{c}x{h}x{w}-o{o}-k{k}-s{s}-p{p}")
 
 
-def pool(kind, h, w, size, stride):
+def pool(kind, h, w, size, stride, padding=0):
     def build(rng):
-        return _normal(rng, (2, 3, h, w)), (size, stride)
+        return _normal(rng, (2, 3, h, w)), (size, stride, padding)
 
-    return pytest.param(f"{kind}_pool", build, id=f"{kind}-pool-{h}x{w}-k{size}-s{stride}")
+    name = f"{kind}-pool-{h}x{w}-k{size}-s{stride}-p{padding}"
+    return pytest.param(f"{kind}_pool", build, id=name)
+
+
+def param(name, value, *shapes):
+    """An element-wise layer with one parameter (a slope, an alpha)."""
+    return pytest.param(name, lambda rng: (_normal(rng, *shapes), (value,)), id=f"{name}-{value}")
 
 
 def batch_norm(shape, train):
@@ -88,11 +94,13 @@ def batch_norm(shape, train):
     return pytest.param("batch_norm", build, id=f"bn-{'x'.join(map(str, shape))}-{mode}")
 
 
-def dropout(shape, p):
-    def build(rng):
-        return _normal(rng, shape), (rng.random(shape) >= p, p)
+def dropout(shape, p, mask_shape=None):
+    """Dropout of x (shape) with a mask of `mask_shape` (default: x's), broadcast over x."""
 
-    return pytest.param("dropout", build, id=f"dropout-p{p}")
+    def build(rng):
+        return _normal(rng, shape), (rng.random(mask_shape or shape) >= p, p)
+
+    return pytest.param("dropout", build, id=f"dropout-p{p}-mask{mask_shape or shape}")
 
 
 def plain(name, *shapes):
@@ -121,13 +129,24 @@ POOL_CASES = [
         (6, 5, 2, 1),
         (8, 7, 2, 3),  # gaps between windows
     ]
+] + [  # padded (max with -inf, avg counting zeros), windows that do not tile dropped
+    pool(kind, h, w, size, stride, padding)
+    for kind in ("max", "avg")
+    for h, w, size, stride, padding in [(7, 6, 3, 2, 1), (5, 5, 2, 2, 1), (6, 7, 4, 3, 2)]
 ]
 BN_CASES = [batch_norm(shape, train) for shape in [(6, 4), (3, 2, 4, 5)] for train in (True, False)]
 OTHER_CASES = [
     dropout((4, 5), 0.5),
     dropout((2, 3, 4, 4), 0.25),
+    dropout((3, 4, 5, 5), 0.3, (3, 4, 1, 1)),  # a mask a channel, over its map (Dropout2d)
     plain("tanh", (3, 4, 5)),
     plain("sigmoid", (3, 4, 5)),
+    plain("gelu", (3, 4, 5)),
+    plain("gelutanh", (3, 4, 5)),
+    param("leakyrelu", 0.01, (3, 4, 5)),
+    param("leakyrelu", 0.3, (3, 4, 5)),
+    param("elu", 1.0, (3, 4, 5)),
+    param("elu", 0.4, (3, 4, 5)),
 ]
 # Layers whose NumPy backward has a finite-difference test of its own below.
 OLD_CASES = [
@@ -204,6 +223,10 @@ ORACLES = {
     "dropout": lambda x, keep, p: torch.where(keep, x / (1 - p), 0.0),
     "tanh": torch.tanh,
     "sigmoid": torch.sigmoid,
+    "gelu": F.gelu,
+    "gelutanh": partial(F.gelu, approximate="tanh"),
+    "leakyrelu": F.leaky_relu,
+    "elu": F.elu,
     "relu": F.relu,
     "flatten": partial(torch.flatten, start_dim=1),
     "linear": F.linear,
@@ -399,3 +422,17 @@ def test_vectorised_conv_equals_loop_conv(rng, stride, padding):
     out, _ = layers.conv2d_forward(x, w, b, stride, padding)
     expected = loop_conv2d(x, w, b, stride, padding)
     np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "value"), [("relu", None), ("leakyrelu", 0.1), ("elu", 0.5)])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kinked_activations_take_pytorch_s_derivative_at_exactly_zero(impl, name, value):
+    """At an input of exactly 0, ReLU's derivative is 0, LeakyReLU's its slope, ELU's alpha, as
+    PyTorch's (jax.nn.leaky_relu would give 1)."""
+    x = np.array([[-1.0, 0.0, 0.0, 2.0]])
+    static = () if value is None else (value,)
+    dout = np.ones_like(x)
+    _, (dx,), _ = run_pair(impl, name, [x], static, dout)
+    _, (expected,), _ = torch_oracle(name, [x], static, dout)
+    np.testing.assert_array_equal(dx, expected)
+    assert dx[0, 1] == {"relu": 0.0, "leakyrelu": 0.1, "elu": 0.5}[name]

@@ -15,7 +15,7 @@ from shared.checkpoint import load_checkpoint
 from shared.config import TrainConfig
 from shared.data import load_dataset
 from shared.errors import Interrupted, UsageError
-from shared.kinds import Activation, BatchNorm, Conv, Dropout, Flatten, Linear, Pool
+from shared.layers import Activation, BatchNorm, Conv, Dropout, Flatten, Linear, Pool
 from shared.loop import evaluate_epoch, train
 from shared.spec import (
     GRAMMAR,
@@ -140,6 +140,11 @@ def test_every_kind_of_layer_is_sized_from_the_one_before():
 @pytest.mark.parametrize(
     "spec, features",
     [
+        ("maxpool3-flatten-fc10", 9 * 9),  # floor((28 - 3) / 3) + 1: the last row dropped
+        ("conv4-avgpool5s2-flatten-fc10", 4 * 12 * 12),  # floor(23 / 2) + 1
+        ("maxpool3s2p1-flatten-fc10", 14 * 14),  # padded by 1: floor(27 / 2) + 1
+        ("conv4-adaptiveavgpool1-flatten-fc10", 4),  # global average pooling
+        ("conv4-adaptiveavgpool7-flatten-fc10", 4 * 7 * 7),
         ("conv4k5p0-tanh-avgpool2-flatten-fc10", 4 * 12 * 12),  # 28 -> 24 -> 12
         ("conv4k3s2-relu-flatten-fc10", 4 * 14 * 14),
         ("conv8k2-flatten-fc10", 8 * 29 * 29),  # an even kernel, padded by 1: one more
@@ -296,7 +301,10 @@ def refused(text: str, *parts: str, where: str = "--arch: ") -> str:
     return message
 
 
-KNOWN = "known: conv, maxpool, avgpool, bn, relu, tanh, sigmoid, dropout, flatten, fc"
+KNOWN = (
+    "known: conv, maxpool, avgpool, adaptiveavgpool, bn, relu, leakyrelu, elu, gelu, gelutanh, "
+    "tanh, sigmoid, dropout, dropout2d, flatten, fc"
+)
 
 
 @pytest.mark.parametrize(
@@ -316,14 +324,11 @@ KNOWN = "known: conv, maxpool, avgpool, bn, relu, tanh, sigmoid, dropout, flatte
         ("bn2-flatten-fc10", ["token 'bn2' is malformed; write bn"]),
         ("relu1-flatten-fc10", ["token 'relu1' is malformed; write relu"]),
         ("flatten-fc99999999-fc10", ["token 'fc99999999' is malformed; write fcN"]),
-        (
-            "maxpool3-flatten-fc10",
-            [
-                "token 'maxpool3': 3x3 windows with stride 3 do not tile its 1x28x28 input",
-                "(28 - 3 is not a multiple of 3)",
-            ],
-        ),
-        ("conv4-avgpool5s2-flatten-fc10", ["token 'avgpool5s2': 5x5 windows with stride 2"]),
+        ("maxpool2p2-flatten-fc10", ["token 'maxpool2p2': padding 2 is more than half its 2x2"]),
+        ("conv4-adaptiveavgpool3-flatten-fc10", ["token 'adaptiveavgpool3': its 4x28x28 input"]),
+        ("flatten-dropout2d0.5-fc10", ["token 'dropout2d0.5': its input is already flat"]),
+        ("conv4b2-flatten-fc10", ["token 'conv4b2': bias 2 is not below 2"]),
+        ("flatten-leakyrelu1.5-fc10", ["token 'leakyrelu1.5': slope 1.5 is not in [0, 1)"]),
         ("maxpool29-flatten-fc10", ["token 'maxpool29': its 29x29 window is larger than its"]),
         (
             "conv8k29p0-flatten-fc10",
@@ -401,7 +406,7 @@ def test_a_spec_that_cannot_work_names_the_token_and_the_conflict(spec, parts):
             '{"layers": [{"type": "conv", "channels": 4, "dilation": 2}, "flatten", "fc10"]}',
             [
                 "layers[0] (conv) has no option 'dilation' "
-                "(options: channels, kernel, stride, padding)"
+                "(options: channels, kernel, stride, padding, bias)"
             ],
         ),
         (

@@ -57,9 +57,10 @@ def single_pass(
         before = inputs.get(layer.name)
         for name, acts in trains.items():
             x_in = x if before is None else acts[before.name]
-            # Where the input is 0 the output is 0 either way: count those as the shared mask.
-            applied = (acts[layer.name] != 0) | ((x_in == 0) & masks[layer.name])
-            shared = masks[layer.name]
+            # A channel's mask covers its whole map (Dropout2d). Where the input is 0 the
+            # output is 0 either way: count those as the shared mask.
+            shared = np.broadcast_to(masks[layer.name], acts[layer.name].shape)
+            applied = (acts[layer.name] != 0) | ((x_in == 0) & shared)
             yield Compared(f"dropout mask {layer.name}", f"{name}-shared", applied, shared)
 
 

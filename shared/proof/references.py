@@ -20,7 +20,7 @@ import numpy as np
 import shared.config
 from shared import metrics
 from shared.config import SCHEDULES, TrainConfig
-from shared.kinds import NUM_CLASSES
+from shared.layers import NUM_CLASSES
 from shared.proof.rows import Compared
 
 # logits (N, K), labels (N,), label smoothing -> mean loss (), dlogits (N, K)

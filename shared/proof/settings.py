@@ -12,7 +12,7 @@ from shared.backend import Backend
 from shared.batches import iterate_batches
 from shared.config import FAST_RECIPE, SCHEDULES, TrainConfig
 from shared.data import Dataset
-from shared.kinds import INPUT_SHAPE, NUM_CLASSES, Linear
+from shared.layers import INPUT_SHAPE, NUM_CLASSES, Linear
 from shared.proof.kinks import keeps_zeros_exact
 from shared.spec import Arch, Params, tensors
 
