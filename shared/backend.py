@@ -21,6 +21,7 @@ from shared.errors import UsageError
 from shared.spec import Arch, Params, split_params, tensor_dtype
 
 TrainState = tuple[Any, Any]  # (canonical tensors, optimizer state), in the framework's form
+OptimizerTensors = dict[str, Params]  # by buffer ("momentum", "exp_avg", ...), then parameter
 
 
 class StepArrays(NamedTuple):
@@ -64,7 +65,11 @@ class Backend:
         self.step_images = largest_training_batch(cost, self.dtype)
         self.logit_images = evaluation_batch(cost, self.dtype)
         h = hyperparams
-        self.optimizer = self.optim.SGD(h.momentum, h.nesterov, h.weight_decay)
+        if h.optimizer == "sgd":
+            self.optimizer = self.optim.SGD(h.momentum, h.nesterov, h.weight_decay)
+        else:
+            decoupled = h.optimizer == "adamw"
+            self.optimizer = self.optim.Adam(h.beta1, h.beta2, h.eps, h.weight_decay, decoupled)
         fns = dict(arch=arch, label_smoothing=h.label_smoothing)
         # The model's functions over framework arrays, as the framework runs them fastest.
         self.predict_fn = self.compile(partial(self.model.forward, arch=arch))
@@ -169,7 +174,9 @@ class Backend:
     ) -> tuple[TrainState, float, int]:
         """One SGD step on a batch of `data` (from `put_data`), augmented as the batch says
         -> (new state, mean loss, correct count). The state given is consumed: NumPy and
-        PyTorch update it in place, JAX donates it to the step."""
+        PyTorch update it in place, JAX donates it to its compiled step (a step in parts,
+        whose passes and update are compiled apart, donates nothing: its update makes new
+        arrays and the old are freed when dropped)."""
         if len(batch.idx) > self.step_images:
             return self._train_step_in_parts(state, data, batch, lr)
         state, loss, correct = self._step(
@@ -185,15 +192,20 @@ class Backend:
         (the training loop refuses one with them): its parts' passes in turn, their gradients
         weighted by their share of the batch adding up to the whole batch's mean-loss
         gradient, then one update."""
+        if self.arch.uses_batch_statistics or self.step_images < 1:
+            raise ValueError("a step in parts needs a network without batch statistics")
         params, opt_state = state
         n, total, loss, correct = len(batch.idx), {}, 0.0, 0
-        for start in range(0, n, self.step_images):
-            part = batch.part(start, start + self.step_images)
+        # Parts of half what fits: the sum and each part's gradients are held beside a pass.
+        size = max(1, self.step_images // 2)
+        for start in range(0, n, size):
+            part = batch.part(start, start + size)
             arrays = self.step_arrays(part)
             x, y = self.gather(data, arrays, part.pad, part.fill)
             part_loss, grads, logits, _ = self.training_pass(params, x, y, masks=arrays.masks)
             share = len(part.idx) / n
             total = {k: share * g + total[k] if total else share * g for k, g in grads.items()}
+            del grads
             part_loss, part_correct = self.to_host((part_loss, (logits.argmax(axis=1) == y).sum()))
             loss, correct = loss + share * float(part_loss), correct + int(part_correct)
         state = self.update_state(params, total, {}, opt_state, self.rate(lr))
@@ -205,16 +217,19 @@ class Backend:
         (nothing to do where nothing compiles)."""
         if not self.compiles:
             return
-        copy = self.init_state(self.params(state), self.velocity(state))
+        copy = self.init_state(self.params(state), self.optimizer_tensors(state))
         for batch in batches:
             copy, _, _ = self.train_step(copy, data, batch, 0.0)
 
-    def init_state(self, params: Params, velocity: Params | None = None) -> TrainState:
-        """Training state from canonical tensors and (optionally) momentum buffers:
-        (tensors, optimizer state over the trainable parameters) in the framework."""
+    def init_state(
+        self, params: Params, optimizer_tensors: OptimizerTensors | None = None
+    ) -> TrainState:
+        """Training state from canonical tensors and (optionally) the optimizer's state
+        tensors: (tensors, optimizer state over the trainable parameters) in the framework."""
         params = self._copy(params)
-        velocity = None if velocity is None else self._copy(velocity)
-        return params, self.optimizer.init(split_params(params, self.arch)[0], velocity)
+        if optimizer_tensors is not None:
+            optimizer_tensors = {b: self._copy(t) for b, t in optimizer_tensors.items()}
+        return params, self.optimizer.init(split_params(params, self.arch)[0], optimizer_tensors)
 
     def put_data(self, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
         """Images x (N, 1, 28, 28) and labels y (N,) moved into the framework once per run
@@ -230,9 +245,10 @@ class Backend:
         """Canonical tensors of a state (parameters and buffers), as NumPy arrays."""
         return self._numpy(state[0])
 
-    def velocity(self, state: TrainState) -> Params:
-        """Momentum buffers of a state, keyed like the trainable parameters."""
-        return self._numpy(self.optimizer.velocity(state[1]))
+    def optimizer_tensors(self, state: TrainState) -> OptimizerTensors:
+        """The optimizer's state tensors (SGD's momentum; Adam's moments and step), by buffer
+        then parameter, as NumPy arrays."""
+        return {b: self._numpy(t) for b, t in self.optimizer.tensors(state[1]).items()}
 
     def activations(
         self, params: Params, x: np.ndarray, masks: dict[str, np.ndarray] | None = None

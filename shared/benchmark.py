@@ -18,7 +18,7 @@ import numpy as np
 
 from shared.backend import IMPLEMENTATIONS
 from shared.cli import add_impl_flag, number, positive_float, positive_int, run_cli
-from shared.cost import largest_training_batch, network_cost
+from shared.cost import check_training_batch, network_cost
 from shared.errors import ThreefoldError, UsageError
 from shared.io import atomic_write, write_json
 from shared.ladder import loop_epoch_seconds
@@ -310,15 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         except argparse.ArgumentTypeError as e:
             raise UsageError(f"--batch-sizes: {e}") from None
         arch = get_arch(args.arch)
-        fits = largest_training_batch(network_cost(arch.layers), np.float32)
-        too_large = [b for b in sizes if b > fits]
-        if too_large:
-            raise UsageError(
-                f"--batch-sizes {too_large[0]}: a step of this network on that many images "
-                f"would need more than the memory bound; at most {fits} fit"
-            )
         if arch.uses_batch_statistics and 1 in sizes:
             raise UsageError("--batch-sizes 1: BatchNorm cannot take statistics of one image")
+        cost = network_cost(arch.layers)
+        for size in sizes:
+            whole = "the benchmark times whole steps"
+            check_training_batch(cost, size, np.float32, f"--batch-sizes {size}", whole=whole)
         out = prepare_out_dir(args.out)
         impls = args.impl or list(IMPLEMENTATIONS)
         with hold(out):  # one benchmark at a time writes its tables

@@ -1,9 +1,11 @@
-"""Checkpoints: the canonical tensors (and momentum buffers) in one .npz, with metadata.
+"""Checkpoints: the canonical tensors (and the optimizer's state) in one .npz, with metadata.
 
 Layout: one array per canonical name (`conv.weight`, `bn1.running_mean`, ...: a PyTorch
-state_dict's names and layouts), `velocity/<name>` for the momentum buffers, and `meta`, a
-JSON string (the network, epoch, implementation, metrics, ...). `np.load(path)["conv.weight"]`
-is all another tool needs to read the weights; `impl_torch.model.as_module` takes them all.
+state_dict's names and layouts), `optimizer/<buffer>/<name>` for the optimizer's state (SGD's
+`momentum`; Adam's `exp_avg`, `exp_avg_sq` and `step`; checkpoints written before Adam hold
+SGD's as `velocity/<name>`, which still load), and `meta`, a JSON string (the network,
+epoch, implementation, metrics, ...). `np.load(path)["conv.weight"]` is all another tool needs
+to read the weights; `impl_torch.model.as_module` takes them all.
 
 A checkpoint to load is untrusted input: the loader reads the zip's directory, then each
 member's .npy header, and inflates no more bytes than the architecture's tensors take, so a
@@ -16,6 +18,7 @@ import io
 import json
 import math
 import os
+import sys
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -27,7 +30,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from shared.config import FIELDS, check_saved_field
+from shared.config import FIELDS, OPTIMIZER_BUFFERS, check_saved_field
 from shared.errors import CheckpointError, UsageError
 from shared.io import atomic_write
 from shared.layers import Tensor
@@ -40,7 +43,9 @@ from shared.spec import (
     tensors,
 )
 
-_VELOCITY = "velocity/"
+_OPTIMIZER = "optimizer/"  # optimizer/BUFFER/PARAMETER: optimizer/momentum/conv.weight, ...
+# Checkpoints written before Adam held SGD's momentum buffers as velocity/PARAMETER.
+_LEGACY_MOMENTUM = "velocity/"
 _META = "meta"
 # The metadata is a 0-d unicode array, 4 bytes a character: a million characters of JSON.
 _META_MAX_BYTES = 4 * 2**20
@@ -59,9 +64,9 @@ _DIRECTORY_MAX_BYTES = 2**20
 
 def _checkpoint_bytes(parameters: int, buffers: int) -> int:
     """Bytes of the biggest checkpoint of a network of this many parameters and buffer values
-    (each in float64, the parameters with their momentum buffers), the largest metadata, and
-    room for the zip's records."""
-    return 8 * (2 * parameters + buffers) + _META_MAX_BYTES + _DIRECTORY_MAX_BYTES
+    (each in float64, the parameters with the largest optimizer state: Adam's two moments and
+    steps), the largest metadata, and room for the zip's records."""
+    return 8 * (4 * parameters + buffers) + _META_MAX_BYTES + _DIRECTORY_MAX_BYTES
 
 
 def _numel(shapes: dict[str, tuple[int, ...]]) -> int:
@@ -77,22 +82,27 @@ _MAX_FILE_BYTES = _checkpoint_bytes(MAX_PARAMETERS, MAX_PARAMETERS)
 class Checkpoint:
     params: Params
     meta: dict[str, Any]
-    velocity: Params | None = field(default=None)
+    # The optimizer's state tensors by buffer, then parameter (SGD's momentum; Adam's moments
+    # and step), if the run saved them.
+    optimizer: dict[str, Params] | None = field(default=None)
 
 
 def save_checkpoint(
-    path: Path, params: Params, meta: dict[str, Any], velocity: Params | None = None
+    path: Path,
+    params: Params,
+    meta: dict[str, Any],
+    optimizer: dict[str, Params] | None = None,
 ) -> None:
     """Write atomically: a reader sees the previous checkpoint or this one, never a mix.
     What the loader would refuse (metadata, a tensor's form or values: NaN weights, a
     negative variance) is refused here, and nothing is written."""
     arrays = dict(params)
-    if velocity is not None:
-        arrays.update({_VELOCITY + k: v for k, v in velocity.items()})
+    for buffer, values in (optimizer or {}).items():
+        arrays.update({f"{_OPTIMIZER}{buffer}/{k}": v for k, v in values.items()})
     where = f"{path}: not written"
     arch = _check_meta(meta, where)
-    expected = _expected(arch)
-    wanted = [k for k in expected if velocity is not None or not k.startswith(_VELOCITY)]
+    expected = _expected(arch, _optimizer_of(meta))
+    wanted = [k for k in expected if optimizer is not None or not k.startswith(_OPTIMIZER)]
     if sorted(arrays) != sorted(wanted):
         raise CheckpointError(f"{where}: its tensors are not those of arch {arch.name!r}")
     for name, value in arrays.items():
@@ -102,7 +112,10 @@ def save_checkpoint(
         problem = problem or _value_problem(tensor, value)
         if problem is not None:
             raise CheckpointError(f"{where}: tensor {name} {problem}")
-    arrays[_META] = np.array(json.dumps(meta, allow_nan=False))
+    text = json.dumps(meta, allow_nan=False)
+    if 4 * len(text) > _META_MAX_BYTES:  # as the loader measures it: 4 bytes a character
+        raise CheckpointError(f"{where}: its metadata would be more than {_META_MAX_BYTES} bytes")
+    arrays[_META] = np.array(text)
     atomic_write(Path(path), lambda f: np.savez(f, **arrays))
 
 
@@ -175,13 +188,30 @@ def _read(archive: zipfile.ZipFile, where: str, dtype: np.dtype | None, size: in
         raise CheckpointError(
             f"{where}: {size} bytes, more than a checkpoint of its network can be ({largest})"
         )
+    members = {_current_name(name): info for name, info in members.items()}
     read = {
         key: _read_tensor(archive, info, key, tensor, arch.name, where, dtype)
-        for key, (info, tensor) in _tensor_members(members, arch, where).items()
+        for key, (info, tensor) in _tensor_members(members, arch, meta, where).items()
     }
-    velocity = {k[len(_VELOCITY) :]: v for k, v in read.items() if k.startswith(_VELOCITY)}
-    params = {k: v for k, v in read.items() if not k.startswith(_VELOCITY)}
-    return Checkpoint(params, meta, velocity or None)
+    optimizer: dict[str, Params] = {}
+    for key, value in read.items():
+        if key.startswith(_OPTIMIZER):
+            buffer, param = key[len(_OPTIMIZER) :].split("/", 1)
+            optimizer.setdefault(buffer, {})[param] = value
+    params = {k: v for k, v in read.items() if not k.startswith(_OPTIMIZER)}
+    return Checkpoint(params, meta, optimizer or None)
+
+
+def _current_name(member: str) -> str:
+    """A member's name as checkpoints now write it (a legacy momentum buffer renamed)."""
+    if member.startswith(_LEGACY_MOMENTUM):
+        return f"{_OPTIMIZER}momentum/{member[len(_LEGACY_MOMENTUM) :]}"
+    return member
+
+
+def _optimizer_of(meta: dict[str, Any]) -> str:
+    """The optimizer whose state a checkpoint holds: its run's (SGD before there was another)."""
+    return meta.get("config", {}).get("optimizer", "sgd")
 
 
 def _directory(archive: zipfile.ZipFile, where: str) -> dict[str, zipfile.ZipInfo]:
@@ -200,26 +230,32 @@ def _directory(archive: zipfile.ZipFile, where: str) -> dict[str, zipfile.ZipInf
     return members
 
 
-def _expected(arch: Arch) -> dict[str, Tensor]:
-    """What a checkpoint of `arch` may hold: each canonical tensor, and a momentum buffer
-    (as free as a trainable float) for each trainable one."""
-    velocity = {_VELOCITY + n: Tensor(s, True, "zero") for n, s in param_shapes(arch).items()}
-    return tensors(arch) | velocity
+def _expected(arch: Arch, optimizer: str) -> dict[str, Tensor]:
+    """What a checkpoint of `arch` trained by `optimizer` may hold: each canonical tensor, and
+    the optimizer's buffers (as free as a trainable float; a step, 0-dimensional) for each
+    trainable one."""
+    state = {
+        f"{_OPTIMIZER}{buffer}/{name}": Tensor(() if buffer == "step" else shape, True, "zero")
+        for buffer in OPTIMIZER_BUFFERS[optimizer]
+        for name, shape in param_shapes(arch).items()
+    }
+    return tensors(arch) | state
 
 
 def _tensor_members(
-    members: dict[str, zipfile.ZipInfo], arch: Arch, where: str
+    members: dict[str, zipfile.ZipInfo], arch: Arch, meta: dict[str, Any], where: str
 ) -> dict[str, tuple[zipfile.ZipInfo, Tensor]]:
-    """Each tensor member with what `arch` says of it: every parameter, and either all
-    momentum buffers or none; any other member is foreign."""
-    expected = _expected(arch)
-    for name in members:
+    """Each tensor member with what `arch` says of it: every parameter, and either all the
+    optimizer's buffers or none; any other member is foreign."""
+    expected = _expected(arch, _optimizer_of(meta))
+    for name, info in members.items():
         if not name.endswith(".npy") or name.removesuffix(".npy") not in expected:
+            shown = _show(info.filename)  # as the file names it
             raise CheckpointError(
-                f"{where}: member {_show(name)} is not part of a checkpoint of arch {arch.name!r}"
+                f"{where}: member {shown} is not part of a checkpoint of arch {arch.name!r}"
             )
-    has_velocity = any(name.startswith(_VELOCITY) for name in members)
-    wanted = [n for n in expected if has_velocity or not n.startswith(_VELOCITY)]
+    has_state = any(name.startswith(_OPTIMIZER) for name in members)
+    wanted = [n for n in expected if has_state or not n.startswith(_OPTIMIZER)]
     for key in wanted:
         if key + ".npy" not in members:
             raise CheckpointError(f"{where}: tensor {key} missing (arch {arch.name!r})")
@@ -415,20 +451,48 @@ def _check_meta(meta: Any, where: str) -> Arch:
         if len(history) != epoch:
             raise refuse(f"field history has {len(history)} entries for epoch {epoch}")
         for i, entry in enumerate(history, 1):
-            for name, value in entry.items():
-                if not _finite_number(value):
-                    raise refuse(
-                        f"field history entry {i} {_show(name)} is {_json_type(value)}, "
-                        "not a finite number"
-                    )
+            _check_history_entry(entry, i, refuse)
     return arch
 
 
+# An epoch's history entry (shared/loop.py's evaluate_epoch): the validation's figures are null
+# in a run that holds no images out to validate on.
+HISTORY_FIELDS = (
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "train_seconds",
+    "epoch_seconds",
+)
+_MAY_BE_NULL = ("val_loss", "val_acc")
+
+
+def _check_history_entry(entry: dict, i: int, refuse: Callable[[str], CheckpointError]) -> None:
+    """Entry i of a run's history: finite numbers within float's range (or null where there
+    was no validation), exactly the fields an epoch records, its epoch its place."""
+    for name, value in entry.items():
+        if value is None and name in _MAY_BE_NULL:
+            continue
+        if not _finite_number(value):
+            raise refuse(
+                f"field history entry {i} {_show(name)} is {_json_type(value)}, not a finite number"
+            )
+    if set(entry) != set(HISTORY_FIELDS):
+        differ = ", ".join(sorted(set(entry) ^ set(HISTORY_FIELDS)))
+        raise refuse(f"field history entry {i} has other fields than an epoch's ({differ})")
+    if entry["epoch"] != i:
+        raise refuse(f"field history entry {i} is of epoch {_json_type(entry['epoch'])}")
+
+
 def _finite_number(value: Any) -> bool:
-    # JSON integers are finite whatever their size; math.isfinite would overflow on a huge one.
+    """A finite float, or an int within float's range (a JSON integer may have any size)."""
     if isinstance(value, bool):
         return False
-    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    if isinstance(value, int):
+        return abs(value) <= sys.float_info.max
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _json_type(value: Any) -> str:

@@ -16,6 +16,17 @@ IMPLEMENTATIONS = ("numpy", "jax", "torch")
 # Every pair of implementations, as the cross-check names them: "numpy-jax", ...
 PAIRS = tuple(f"{a}-{b}" for a, b in itertools.combinations(IMPLEMENTATIONS, 2))
 SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+# Each optimizer's state tensors, one of each buffer a parameter, in PyTorch's names (its SGD
+# calls the buffer momentum_buffer; ours is the same tensor).
+OPTIMIZER_BUFFERS = {
+    "sgd": ("momentum",),
+    "adam": ("exp_avg", "exp_avg_sq", "step"),
+    "adamw": ("exp_avg", "exp_avg_sq", "step"),
+}
+# How the pixels reach the network: standardised by the training set's mean and standard
+# deviation, or raw, scaled to [0, 1] only (as torchvision's ToTensor leaves them).
+PIXELS = ("standardised", "raw")
 DTYPES = ("float32", "float64")
 # He-initialised, the lab network's loss climbs to 3-9 within its first ten steps at rates near
 # 0.01 with momentum 0.9; after about a hundred steps at lower rates it takes 0.03. So under
@@ -45,13 +56,18 @@ FAST_RECIPE = {
 @dataclass(frozen=True)
 class Hyperparams:
     """What a training step needs besides its learning rate, bound once when a backend is made:
-    the optimizer's momentum, Nesterov switch and weight decay, and the loss's label smoothing.
-    The defaults are plain SGD on plain cross-entropy."""
+    the optimizer (SGD's momentum and Nesterov switch, Adam's betas and eps, the weight decay
+    of either) and the loss's label smoothing. The defaults are plain SGD on plain
+    cross-entropy."""
 
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
+    optimizer: str = "sgd"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
 
 
 @dataclass(frozen=True)
@@ -80,10 +96,26 @@ class TrainConfig:
     limit: int | None = None
     dtype: str = "float32"
     dataset: str = "fashion-mnist"
+    optimizer: str = "sgd"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    pixels: str = "standardised"
+    validation: bool = True  # hold out the last sixth of the training images to validate on
+    weights: str | None = None  # SHA-256 of the file the initial weights came from, if one
 
     @property
     def hyperparams(self) -> Hyperparams:
-        return Hyperparams(self.momentum, self.nesterov, self.weight_decay, self.label_smoothing)
+        return Hyperparams(
+            self.momentum,
+            self.nesterov,
+            self.weight_decay,
+            self.label_smoothing,
+            self.optimizer,
+            self.beta1,
+            self.beta2,
+            self.eps,
+        )
 
 
 @dataclass(frozen=True)
@@ -114,7 +146,9 @@ class Bound:
         if not isinstance(value, int if self.kind is int else int | float):
             return f"not {_a(self)}"
         low_ok = value > self.low or (self.inclusive and value == self.low)
-        if not (math.isfinite(value) and low_ok and value < self.below):
+        # An int is compared exactly, however large (math.isfinite would overflow on it).
+        finite = isinstance(value, int) or math.isfinite(value)
+        if not (finite and low_ok and value < self.below):
             low = f"{'>=' if self.inclusive else '>'} {self._show(self.low)}"
             if self.below == math.inf:
                 return f"out of range (must be {low})"
@@ -148,7 +182,8 @@ FIELDS: dict[str, Bound] = {
     "impl": Bound(str, choices=IMPLEMENTATIONS),
     "arch": Bound(str),
     "init": Bound(str, choices=INITS),
-    "epochs": Bound(int, 1),
+    # A run's history is kept in its checkpoint's metadata (at most 4 MiB, about 5,000 epochs).
+    "epochs": Bound(int, 1, below=1001),
     "batch_size": Bound(int, 1),
     "lr": Bound(float, 0.0, inclusive=False),
     "momentum": Bound(float, 0.0, below=1.0),
@@ -166,6 +201,24 @@ FIELDS: dict[str, Bound] = {
     "limit": Bound(int, 1, optional=True),
     "dtype": Bound(str, choices=DTYPES),
     "dataset": Bound(str, choices=tuple(DATASETS)),
+    "optimizer": Bound(str, choices=OPTIMIZERS),
+    "beta1": Bound(float, 0.0, below=1.0),
+    "beta2": Bound(float, 0.0, below=1.0),
+    "eps": Bound(float, 0.0, inclusive=False),
+    "pixels": Bound(str, choices=PIXELS),
+    "validation": Bound(bool),
+    "weights": Bound(str, optional=True),
+}
+# Settings added after runs were first saved, with the value those runs had: a checkpoint
+# without them is of a run made with that value.
+ADDED_FIELDS = {
+    "optimizer": "sgd",
+    "beta1": 0.9,
+    "beta2": 0.999,
+    "eps": 1e-8,
+    "pixels": "standardised",
+    "validation": True,
+    "weights": None,
 }
 
 
@@ -186,6 +239,7 @@ def config_from_saved(saved: dict, source: str) -> TrainConfig:
     """The TrainConfig of a checkpoint's `config` field, each value checked as its flag is
     (`source` names the file in the error)."""
     fields = TrainConfig.__dataclass_fields__
+    saved = {**{k: v for k, v in ADDED_FIELDS.items() if k not in saved}, **saved}
     if set(saved) != set(fields):
         differ = sorted(set(saved) ^ set(fields))
         raise CheckpointError(

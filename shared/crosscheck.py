@@ -20,12 +20,12 @@ from shared.batches import dropout_masks
 from shared.checkpoint import load_checkpoint
 from shared.cli import positive_int, run_cli, seed_type
 from shared.config import DTYPES, TrainConfig
-from shared.cost import largest_training_batch, network_cost
+from shared.cost import check_training_batch
 from shared.data import Dataset, load_dataset
 from shared.errors import UsageError
 from shared.io import write_json
 from shared.outputs import check_out_file
-from shared.proof.kinks import BATCH_SIZE, away_from_kinks, batch_size_for
+from shared.proof.kinks import BATCH_SIZE, away_from_kinks, batch_size_for, crosscheck_cost
 from shared.proof.passes import (
     checkpoint_agreement,
     finite_difference_grads,
@@ -187,13 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         archs = [get_arch(a) for a in (args.arch or ["lab", "pool"])]
         if args.batch_size == 1 and any(a.uses_batch_statistics for a in archs):
             raise UsageError("--batch-size 1: BatchNorm cannot take statistics of one image")
-        for arch in archs:
-            fits = largest_training_batch(network_cost(arch.layers), np.float64)
-            if fits < max(2, args.batch_size or 2):
-                raise UsageError(
-                    f"--arch {arch.name[:60]}: a float64 step on {max(2, args.batch_size or 2)} "
-                    f"images would need more than the memory bound; at most {fits} fit"
-                )
+        for arch in archs:  # the float64 pass compares whole batches in every implementation
+            why = "the cross-check compares whole steps in every implementation at once"
+            batch, where = args.batch_size or 2, f"--arch {arch.name[:60]}"
+            cost = crosscheck_cost(arch)
+            check_training_batch(cost, batch, np.float64, where, least=2, whole=why)
         # Read (and checked) before any work: a damaged checkpoint wastes no cross-check.
         ckpt = None if args.checkpoint is None else load_checkpoint(args.checkpoint, np.float32)
         data = load_dataset(args.data_dir)

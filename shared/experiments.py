@@ -27,7 +27,7 @@ from shared.experiments_report import (
     spread_of,
     write_report,
 )
-from shared.io import write_json
+from shared.io import read_json, write_json
 from shared.lab_questions import AGREEMENT, SHORT, STRONG, comparisons, seed_row_label
 from shared.loop import train
 from shared.outputs import hold, prepare_out_dir
@@ -52,7 +52,7 @@ class RunStore:
         self.runs: dict[str, dict] = {}
         if path is not None and not fresh and path.is_file():
             try:
-                runs = json.loads(path.read_text())["runs"]
+                runs = read_json(path)["runs"]
                 if not all(_a_share(r["summary"]["test_acc"]) for r in runs.values()):
                     raise TypeError("a run without a test accuracy")
                 self.runs = runs
@@ -253,9 +253,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         rerender = args.render_only or args.recheck_float64
+        out = args.out or Path("runs/experiments-quick" if args.quick else "docs")
+        results = out / "experiments" / "results.json"
+        if rerender and not results.is_file():
+            flag = "--render-only" if args.render_only else "--recheck-float64"
+            raise UsageError(f"{flag}: no {results}; run without it first")
         # The data is read before any folder is made (a re-render needs none).
         data = None if args.render_only else load_dataset(args.data_dir)
-        out = prepare_out_dir(args.out or Path("runs/experiments-quick" if args.quick else "docs"))
+        out = prepare_out_dir(out)
         with hold(out):  # one grid at a time writes its run store and report
             if rerender:
                 return _rerender(args, out, data)
@@ -279,9 +284,6 @@ def _rerender(args: argparse.Namespace, out: Path, data: Dataset | None) -> int:
     """--render-only: EXPERIMENTS.md again from the saved results; --recheck-float64: first
     train again in float64 the rows whose implementations disagree."""
     path = out / "experiments" / "results.json"
-    flag = "--render-only" if args.render_only else "--recheck-float64"
-    if not path.is_file():
-        raise UsageError(f"{flag}: no {path}; run without it first")
     saved, report = load_results(path)
     if args.recheck_float64:
         store = RunStore(path.parent / "runs.json", args.fresh)

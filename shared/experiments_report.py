@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import statistics
 from pathlib import Path
 
 from shared.backend import IMPLEMENTATIONS
 from shared.config import TrainConfig
 from shared.errors import DataError
-from shared.io import atomic_write
+from shared.io import atomic_write, read_json
 from shared.lab_questions import AGREEMENT, SHORT, TARGETS, budget_text, comparisons
 from shared.plots import plt, save_figure
 
@@ -52,7 +51,7 @@ def load_results(path: Path) -> tuple[dict, str]:
     """Saved results (experiments/results.json) and their report; a damaged file is refused in
     one line before anything is written."""
     try:
-        saved = json.loads(path.read_text())
+        saved = read_json(path)
         return saved, report_text(saved)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration) as e:
         raise DataError(

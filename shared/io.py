@@ -59,6 +59,16 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file the project wrote, read as strictly: NaN and infinities, which Python's
+    json would accept, are refused with a ValueError, as they would be when written."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not a number JSON holds")
+
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -159,12 +159,13 @@ class Option:
 
     def check(self, value: Any, fail: Fail) -> None:
         label = self.label or self.name
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
         if self.type is int and value < self.low:
-            raise fail(f"{label} {value} is not at least {self.low}")
+            raise fail(f"{label} {shown} is not at least {self.low}")
         if self.type is int and value >= self.high:
-            raise fail(f"{label} {value} is not below {self.high}")
+            raise fail(f"{label} {shown} is not below {self.high}")
         if self.type is float and not self.low <= value < self.high:
-            raise fail(f"{label} {value} is not in [{self.low:g}, {self.high:g})")
+            raise fail(f"{label} {shown} is not in [{self.low:g}, {self.high:g})")
 
 
 @dataclass(frozen=True)
@@ -274,13 +275,14 @@ class LayerKind:
         full = self.name + "".join(f"{o.letter}{_number(o.example)}" for o in self.options)
         return f"{self.usage}, e.g. {short}" + (f" or {full}" if len(self.options) > 2 else "")
 
-    def token(self, layer: Layer) -> str:
-        """The canonical token of a layer: its options, defaults left out."""
+    def token(self, layer: Layer, every: bool = False) -> str:
+        """The canonical token of a layer: its options, defaults left out (with `every`,
+        written too: conv32k3s1p0b1 says what conv32k3p0 means)."""
         options = self.options_of(layer)
         text = self.name
         for option in self.options:
             value = options[option.name]
-            if option.default is not None and value == option.default_in(options):
+            if not every and option.default is not None and value == option.default_in(options):
                 continue
             text += f"{option.letter}{_number(value)}"
         return text

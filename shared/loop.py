@@ -30,13 +30,7 @@ from shared.config import (
     peak_rate,
     warmup_steps,
 )
-from shared.cost import (
-    MEMORY_BUDGET,
-    largest_training_batch,
-    network_cost,
-    show_bytes,
-    training_bytes,
-)
+from shared.cost import check_training_batch, network_cost
 from shared.data import Dataset, Split
 from shared.errors import Interrupted, OutputError, ThreefoldError, UsageError
 from shared.io import remove_stale_temporaries, write_json
@@ -110,29 +104,28 @@ def train_split(config: TrainConfig, arch: Arch, data: Dataset) -> Split:
             f"--batch-size {config.batch_size} exceeds the {len(split)} training images"
         )
     if arch.uses_batch_statistics:
-        check_batch_statistics(arch, config.batch_size, len(split), config.dtype)
+        check_batch_statistics(config.batch_size, len(split))
+    bn = arch.uses_batch_statistics
+    check_training_batch(
+        network_cost(arch.layers),
+        config.batch_size,
+        config.dtype,
+        f"--batch-size {config.batch_size}",
+        least=2 if bn else 1,
+        whole="its BatchNorm needs the whole batch at once" if bn else None,
+    )
     return split
 
 
-def check_batch_statistics(arch: Arch, batch_size: int, images: int, dtype: str) -> None:
-    """Refuse to train a network that normalises across the batch on a batch of one (the
-    whole batch, or the last of an epoch of `images`), or on one too large to hold at once
-    in memory (its statistics need the whole batch, so the step cannot be taken in parts)."""
+def check_batch_statistics(batch_size: int, images: int) -> None:
+    """Refuse to train a network that normalises across the batch on a batch of one: the
+    whole batch, or the last of an epoch of `images`."""
     if batch_size == 1 or images % batch_size == 1:
         which = "each batch" if batch_size == 1 else "the last batch of each epoch"
         raise UsageError(
             f"--batch-size {batch_size}: {which} would hold 1 of the {images} images, and "
             "BatchNorm cannot take statistics of one image (PyTorch refuses it too); choose "
             "another batch size or --limit"
-        )
-    cost = network_cost(arch.layers)
-    largest = largest_training_batch(cost, dtype)
-    if batch_size > largest:
-        raise UsageError(
-            f"--batch-size {batch_size}: a step of this network on {batch_size} images needs "
-            f"{show_bytes(training_bytes(cost, dtype, batch_size))} in {dtype}, more than the "
-            f"{show_bytes(MEMORY_BUDGET)} bound, and its BatchNorm needs the whole batch at "
-            f"once; at most {largest} images fit"
         )
 
 
@@ -336,7 +329,7 @@ def start_run(
     if resume is None:
         state = backend.init_state(init_params(arch, config.init, config.seed, config.dtype))
     else:
-        state = backend.init_state(resume.params, resume.velocity)
+        state = backend.init_state(resume.params, resume.optimizer)
         record["history"] = resume.meta["history"]
     tta = averages_mirrors(config.flip, config.tta)
     train_data = backend.put_data(split.x, split.y)
@@ -416,8 +409,8 @@ def save_epoch(run: Run, entry: dict[str, Any]) -> None:
         "history": history,
     }
     with _signals_held():
-        velocity = run.backend.velocity(run.state)
-        save_checkpoint(run.out_dir / CHECKPOINT_NAME, params, meta, velocity)
+        optimizer = run.backend.optimizer_tensors(run.state)
+        save_checkpoint(run.out_dir / CHECKPOINT_NAME, params, meta, optimizer)
         run.record["history"] = history  # the checkpoint holds the epoch from here on
         write_json(run.out_dir / METRICS_NAME, run.record)
 

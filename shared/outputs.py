@@ -97,8 +97,11 @@ def hold(folder: Path, flag: str = "--out") -> Iterator[None]:
                 break
         os.close(fd)
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        # The holder's pid, for the message a second process gets; where the disk refuses
+        # it, the lock holds all the same.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
         os.unlink(lock)  # while still locked, so no one else holds a lock on this file

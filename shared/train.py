@@ -31,7 +31,7 @@ def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConf
     beside it must agree with the run's: one that would change the run is refused, naming it."""
     path = args.resume / CHECKPOINT_NAME
     ckpt = load_checkpoint(path)
-    if "history" not in ckpt.meta or "config" not in ckpt.meta or ckpt.velocity is None:
+    if "history" not in ckpt.meta or "config" not in ckpt.meta or ckpt.optimizer is None:
         raise CheckpointError(f"{path}: written without its run history; cannot resume")
     config = config_from_saved(ckpt.meta["config"], str(path))
     if config.arch != ckpt.meta["arch"]:
@@ -190,10 +190,13 @@ def _start(args: argparse.Namespace) -> int:
             _refuse_a_run_in(folder)
     data = _load_data(args, config, None)
     train_split(config, arch, data)  # --limit and --batch-size fit the data
-    created = folder is None or not folder.exists()
     if folder is None:
-        folder = fresh_run_dir(Path("runs") / f"{config.impl}-{arch.label}")
+        base = Path("runs") / f"{config.impl}-{arch.label}"
+        made = _missing(base.parent)
+        folder = fresh_run_dir(base)
+        made.insert(0, folder)
     else:
+        made = _missing(folder)
         prepare_out_dir(folder)
     try:
         with hold(folder):
@@ -204,10 +207,15 @@ def _start(args: argparse.Namespace) -> int:
                 _refuse_a_run_in(folder)  # again: a run may have finished meanwhile
             return _run(config, arch, data, folder, None)
     except BaseException:
-        if created:  # a folder this run made and left empty goes with it
+        for made_here in made:  # folders this run made and left empty go with it
             with contextlib.suppress(OSError):
-                folder.rmdir()
+                made_here.rmdir()
         raise
+
+
+def _missing(folder: Path) -> list[Path]:
+    """`folder` and its parents that do not exist yet, deepest first: what making it makes."""
+    return [p for p in (folder, *folder.parents) if not p.exists()]
 
 
 def _load_data(args: argparse.Namespace, config: TrainConfig, ckpt: Checkpoint | None) -> Dataset:

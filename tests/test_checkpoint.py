@@ -30,8 +30,16 @@ META = {
     "data": {"dataset": "fashion-mnist", "sha256": "0" * 64},
     "config": {"lr": 0.1, "epochs": 2},
     "history": [
-        {"epoch": 1, "train_loss": 0.9, "val_acc": 0.7},
-        {"epoch": 2, "train_loss": 0.6, "val_acc": 0.8},
+        {
+            "epoch": e,
+            "train_loss": 1.0 / e,
+            "train_acc": 0.5,
+            "val_loss": 1.0,
+            "val_acc": 0.7,
+            "train_seconds": 1.0,
+            "epoch_seconds": 1.5,
+        }
+        for e in (1, 2)
     ],
 }
 
@@ -63,17 +71,19 @@ def meta_npy(meta: Any) -> bytes:
 
 
 def checkpoint_members(
-    arch: str = "noconv", meta: Any = None, velocity: bool = True, dtype=np.float32
+    arch: str = "noconv", meta: Any = None, momentum: bool = True, dtype=np.float32
 ) -> dict[str, bytes]:
     """The members of a valid checkpoint of `arch` (a preset or a spec), by name, for a test
-    to edit: every canonical tensor, BatchNorm's buffers included, and (with `velocity`) a
+    to edit: every canonical tensor, BatchNorm's buffers included, and (with `momentum`) SGD's
     momentum buffer for each trainable one."""
     tensors = init_params(get_arch(arch), "he", 0, dtype)
     members = {"meta.npy": meta_npy({**META, "arch": arch} if meta is None else meta)}
     members |= {f"{name}.npy": npy(value) for name, value in tensors.items()}
-    if velocity:
+    if momentum:
         params, _ = split_params(tensors, get_arch(arch))
-        members |= {f"velocity/{name}.npy": npy(value * 0.5) for name, value in params.items()}
+        members |= {
+            f"optimizer/momentum/{name}.npy": npy(value * 0.5) for name, value in params.items()
+        }
     return members
 
 
@@ -124,10 +134,13 @@ def refused(path: Path, *parts: str, **kwargs: Any) -> str:
 def test_a_valid_checkpoint_loads_writable_and_cast_on_request(tmp_path):
     path = write_zip(tmp_path / "c.npz", checkpoint_members().items())
     ckpt = load_checkpoint(path)
-    assert ckpt.meta == META and set(ckpt.velocity) == set(ckpt.params)
+    assert ckpt.meta == META and set(ckpt.optimizer["momentum"]) == set(ckpt.params)
     assert ckpt.params["fc1.weight"].dtype == np.float32
     ckpt.params["fc1.weight"][0, 0] = 1.0  # the backends update their copies in place
-    assert load_checkpoint(path, dtype=np.float64).velocity["fc2.bias"].dtype == np.float64
+    assert (
+        load_checkpoint(path, dtype=np.float64).optimizer["momentum"]["fc2.bias"].dtype
+        == np.float64
+    )
     compressed = write_zip(tmp_path / "z.npz", checkpoint_members().items(), zipfile.ZIP_DEFLATED)
     np.testing.assert_array_equal(
         load_checkpoint(compressed).params["fc2.weight"],
@@ -146,9 +159,9 @@ def test_big_endian_tensors_load_in_native_order(tmp_path):
 
 
 def test_a_checkpoint_without_momentum_buffers_or_history_loads(tmp_path):
-    members = checkpoint_members(meta={"arch": "noconv"}, velocity=False)
+    members = checkpoint_members(meta={"arch": "noconv"}, momentum=False)
     ckpt = load_checkpoint(write_zip(tmp_path / "c.npz", members.items()))
-    assert ckpt.meta == {"arch": "noconv"} and ckpt.velocity is None
+    assert ckpt.meta == {"arch": "noconv"} and ckpt.optimizer is None
 
 
 # A network of the spec grammar with BatchNorm 2d and 1d: buffers and int64 counters.
@@ -173,12 +186,15 @@ def test_a_batch_norm_network_round_trips_with_its_buffers(tmp_path):
     assert set(buffers) == BUFFERS
     path = tmp_path / "c.npz"
     save_checkpoint(
-        path, tensors, {"arch": arch.name, "epoch": 0}, {k: -v for k, v in params.items()}
+        path,
+        tensors,
+        {"arch": arch.name, "epoch": 0},
+        {"momentum": {k: -v for k, v in params.items()}},
     )
     for dtype, floats in ((None, np.float32), (np.float64, np.float64), ("float32", np.float32)):
         ckpt = load_checkpoint(path, dtype=dtype)
         assert ckpt.meta["arch"] == BN and set(ckpt.params) == set(state_shapes(arch))
-        assert set(ckpt.velocity) == set(params)  # momentum for what is trained, not buffers
+        assert set(ckpt.optimizer["momentum"]) == set(params)  # what is trained, not buffers
         for name, value in tensors.items():
             loaded = ckpt.params[name]
             np.testing.assert_array_equal(loaded, value)
@@ -186,7 +202,9 @@ def test_a_batch_norm_network_round_trips_with_its_buffers(tmp_path):
             assert loaded.dtype == (np.int64 if counter else floats), name
             assert loaded.shape == value.shape
         assert int(ckpt.params["bn2.num_batches_tracked"]) == 2**40
-        np.testing.assert_array_equal(ckpt.velocity["bn2.weight"], -params["bn2.weight"])
+        np.testing.assert_array_equal(
+            ckpt.optimizer["momentum"]["bn2.weight"], -params["bn2.weight"]
+        )
 
 
 def test_a_big_endian_counter_loads_as_a_native_int64(tmp_path):
@@ -237,9 +255,10 @@ def test_a_buffer_that_cannot_mean_what_it_says_is_refused_read_or_written(
 
 
 def test_a_momentum_buffer_for_a_batch_norm_buffer_is_foreign(tmp_path):
-    members = with_member("velocity/bn1.running_mean.npy", npy(np.zeros(4, np.float32)), arch=BN)
+    member = "optimizer/momentum/bn1.running_mean.npy"
+    members = with_member(member, npy(np.zeros(4, np.float32)), arch=BN)
     path = write_zip(tmp_path / "c.npz", members.items())
-    refused(path, "member 'velocity/bn1.running_mean.npy' is not part of a checkpoint of arch")
+    refused(path, f"member '{member}' is not part of a checkpoint of arch")
 
 
 # --- not a checkpoint at all ----------------------------------------------------------------
@@ -338,7 +357,7 @@ def test_missing_file_and_folder(tmp_path):
 
 @pytest.mark.parametrize(
     "name",
-    ["notes.txt", "conv.weight.npy", "fc1.weight", "velocity/meta.npy", "fc1.weight.npy/x.npy"],
+    ["notes.txt", "conv.weight.npy", "fc1.weight", "optimizer/meta.npy", "fc1.weight.npy/x.npy"],
 )
 def test_a_foreign_member_is_named(tmp_path, name):
     members = with_member(name, npy(np.zeros(3, np.float32)))
@@ -356,8 +375,20 @@ def test_a_missing_tensor_or_momentum_buffer_is_named(tmp_path):
     del members["fc2.bias.npy"]
     refused(write_zip(tmp_path / "c.npz", members.items()), "tensor fc2.bias missing")
     members = checkpoint_members()
-    del members["velocity/fc1.weight.npy"]
-    refused(write_zip(tmp_path / "d.npz", members.items()), "tensor velocity/fc1.weight missing")
+    del members["optimizer/momentum/fc1.weight.npy"]
+    missing = "tensor optimizer/momentum/fc1.weight missing"
+    refused(write_zip(tmp_path / "d.npz", members.items()), missing)
+
+
+def test_a_checkpoint_written_before_adam_loads_its_momentum(tmp_path):
+    """SGD's momentum was stored as velocity/NAME; such a file loads, every buffer in place."""
+    members = {
+        name.replace("optimizer/momentum/", "velocity/"): content
+        for name, content in checkpoint_members().items()
+    }
+    ckpt = load_checkpoint(write_zip(tmp_path / "old.npz", members.items()))
+    assert set(ckpt.optimizer) == {"momentum"}
+    assert set(ckpt.optimizer["momentum"]) == set(ckpt.params)
 
 
 def test_only_stored_or_deflated_members_are_read(tmp_path):
@@ -459,7 +490,7 @@ def test_truncated_or_trailing_data_is_named(tmp_path, extra):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("name", ["fc1.weight", "velocity/fc2.bias"])
+@pytest.mark.parametrize("name", ["fc1.weight", "optimizer/momentum/fc2.bias"])
 def test_non_finite_values_are_named(tmp_path, name, bad):
     value = np.load(io.BytesIO(checkpoint_members()[f"{name}.npy"]))
     value.flat[3] = bad
@@ -479,10 +510,10 @@ def test_values_beyond_float32_are_refused_only_when_cast(tmp_path):
 
 def test_save_refuses_non_finite_tensors(tmp_path):
     params = init_params(get_arch("noconv"), "he", 0)
-    velocity = {k: v.copy() for k, v in params.items()}
-    velocity["fc1.bias"][5] = np.nan
-    with pytest.raises(CheckpointError, match=r"tensor velocity/fc1\.bias has NaN or inf values"):
-        save_checkpoint(tmp_path / "c.npz", params, {"arch": "noconv"}, velocity)
+    momentum = {k: v.copy() for k, v in params.items()}
+    momentum["fc1.bias"][5] = np.nan
+    with pytest.raises(CheckpointError, match=r"optimizer/momentum/fc1\.bias has NaN or inf"):
+        save_checkpoint(tmp_path / "c.npz", params, {"arch": "noconv"}, {"momentum": momentum})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -551,7 +582,22 @@ def test_unreadable_metadata_is_refused(tmp_path, content, problem):
             {"epoch": 1, "history": [{"val_acc": "0.9"}]},
             "field history entry 1 'val_acc' is a string",
         ),
-        ({"epoch": 1, "history": [{"val_acc": None}]}, "field history entry 1 'val_acc' is null"),
+        (
+            {"epoch": 1, "history": [{"train_acc": None}]},
+            "field history entry 1 'train_acc' is null",
+        ),
+        (
+            {"epoch": 1, "history": [{"val_acc": 0.9}]},
+            "field history entry 1 has other fields than",
+        ),
+        (
+            {"epoch": 1, "history": [{**META["history"][0], "epoch": 3}]},
+            "field history entry 1 is of epoch 3",
+        ),
+        (
+            {"epoch": 1, "history": [{**META["history"][0], "train_loss": 10**400}]},
+            "field history entry 1 'train_loss' is a big integer",
+        ),
         ({"impl": "tensorflow"}, "field impl is 'tensorflow', not one of numpy, jax, torch"),
         ({"dataset": "cifar10"}, "field dataset is 'cifar10', not one of fashion-mnist, mnist"),
         ({"config": {"flip": "yes"}}, "field config.flip is 'yes', not true or false"),
@@ -629,7 +675,7 @@ def test_a_meta_arch_naming_a_file_is_refused_without_reading_it(tmp_path, monke
         ("flatten-fc128-relu-fc10-", "token '' is not a layer"),
         ("flatten-fc128-rel-fc10", "token 'rel' is not a layer"),
         ("flatten-fc12x8-relu-fc10", "token 'fc12x8' is malformed"),
-        ("maxpool3-flatten-fc10", "token 'maxpool3': 3x3 windows with stride 3 do not tile"),
+        ("maxpool3p2-flatten-fc10", "token 'maxpool3p2': padding 2 is more than half its 3x3"),
         ("flatten-dropout1-fc10", "token 'dropout1': drop probability 1.0 is not in [0, 1)"),
         ("flatten-fc100000-fc10", "token 'fc100000': the network has more than 25000000"),
         ("", "the spec is empty"),
@@ -642,7 +688,7 @@ def test_a_meta_arch_naming_a_file_is_refused_without_reading_it(tmp_path, monke
         "empty-token",
         "unknown",
         "malformed",
-        "pool-not-tiling",
+        "pool-padding",
         "dropout-1",
         "too-many-parameters",
         "empty",
@@ -689,7 +735,7 @@ print(time.perf_counter() - start)
 def write_bomb(path: Path, member: str, header: bytes) -> Path:
     """A checkpoint of about 5 MB whose `member`, `header` then zeros, inflates to 1 GiB:
     streamed in chunks, so writing it takes little memory and a second or so."""
-    members = checkpoint_members(velocity=False)
+    members = checkpoint_members(momentum=False)
     chunk = bytes(2**24)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         for name, content in members.items():

@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.backend import IMPLEMENTATIONS
-from shared.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from shared.checkpoint import HISTORY_FIELDS, Checkpoint, load_checkpoint, save_checkpoint
+from shared.config import FIELDS
 from shared.errors import CheckpointError, DataError, UsageError
 from shared.idx import MAX_IDX_BYTES, IdxExpect, parse_idx, read_idx
 from shared.kinds import KINDS, output_shape
@@ -177,15 +178,19 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
     max_leaves=8,
 )
-HISTORY_ENTRY = st.dictionaries(
-    st.sampled_from(["epoch", "train_loss", "val_acc"]), st.integers() | st.floats() | JSON
+HISTORY_ENTRY = st.dictionaries(st.sampled_from(HISTORY_FIELDS), st.integers() | st.floats() | JSON)
+# A stored setting: any field of a run's configuration, of any JSON value, huge ints included.
+CONFIG = st.dictionaries(
+    st.sampled_from(sorted(FIELDS)) | st.text(max_size=8),
+    st.integers() | st.integers(10**300, 10**400) | st.floats() | JSON,
+    max_size=4,
 )
 # Each field usually of its own type, sometimes any JSON value; arch mostly there.
 META_FIELDS = {
     "epoch": st.integers(-1, 3) | JSON,
     "impl": st.sampled_from(IMPLEMENTATIONS) | JSON,
     "dataset": st.just("fashion-mnist") | JSON,
-    "config": st.dictionaries(st.text(max_size=8), JSON, max_size=3) | JSON,
+    "config": CONFIG | JSON,
     "history": st.lists(HISTORY_ENTRY, max_size=3) | JSON,
     "data": st.dictionaries(st.text(max_size=8), JSON, max_size=3) | JSON,
 }
@@ -209,7 +214,7 @@ def test_random_metadata_loads_or_fails_cleanly(tmp_path, fields, arch):
 
 
 MEMBER_NAMES = st.sampled_from(
-    [*MEMBERS, "meta", "fc1.weight", "conv.weight.npy", "velocity/", "velocity/meta.npy", "x.npy"]
+    [*MEMBERS, "meta", "fc1.weight", "conv.weight.npy", "optimizer/", "velocity/meta.npy", "x.npy"]
 ) | st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\0"), min_size=1)
 
 
@@ -242,7 +247,7 @@ def test_renamed_added_or_removed_members_fail_cleanly(tmp_path, edits, compress
     path = write_zip(tmp_path / "c.npz", entries, compression)
     if load_cleanly(path) is not None:
         names = sorted(name for name, _ in entries)
-        assert names in (sorted(MEMBERS), sorted(n for n in MEMBERS if "velocity/" not in n))
+        assert names in (sorted(MEMBERS), sorted(n for n in MEMBERS if "optimizer/" not in n))
 
 
 def npy_data(raw: bytes) -> bytes:

@@ -99,7 +99,7 @@ class ModelTest(chex.TestCase):
             numpy_params, numpy_state = numpy_sgd.update(numpy_params, g, numpy_state, 0.05)
         chex.assert_trees_all_close(jax.tree.map(np.asarray, jax_params), numpy_params, **TOL)
         chex.assert_trees_all_close(
-            jax.tree.map(np.asarray, jax_sgd.velocity(state)), numpy_state, **TOL
+            jax.tree.map(np.asarray, jax_sgd.tensors(state)), numpy_state, **TOL
         )
 
     @chex.variants(with_jit=True, without_jit=True)

@@ -78,7 +78,8 @@ def test_resume_ends_with_exactly_the_uninterrupted_parameters(impl, tiny_data_d
     for name, value in expected.params.items():
         assert value.dtype == np.float64
         np.testing.assert_array_equal(resumed.params[name], value, err_msg=name)
-        np.testing.assert_array_equal(resumed.velocity[name], expected.velocity[name])
+        for buffer, tensors in expected.optimizer.items():
+            np.testing.assert_array_equal(resumed.optimizer[buffer][name], tensors[name])
 
 
 def test_resume_command_continues_and_refuses_changed_flags(tiny_data_dir, tmp_path):
@@ -100,7 +101,7 @@ def test_resume_command_continues_and_refuses_changed_flags(tiny_data_dir, tmp_p
     # A run whose settings predate a technique cannot continue with that technique's default.
     ckpt = load_checkpoint(out / "checkpoint.npz")
     del ckpt.meta["config"]["tta"]
-    save_checkpoint(out / "checkpoint.npz", ckpt.params, ckpt.meta, ckpt.velocity)
+    save_checkpoint(out / "checkpoint.npz", ckpt.params, ckpt.meta, ckpt.optimizer)
     result = run_script("train.py", "--resume", str(out), *common)
     assert result.returncode == 1 and "another version of threefold" in result.stderr
     assert "settings differ: tta" in result.stderr and "Traceback" not in result.stderr
@@ -230,7 +231,7 @@ def test_a_full_disk_ends_in_one_line_and_loses_no_epoch(tiny_data_dir, tmp_path
     rewound = load_checkpoint(out / "checkpoint.npz")
     config = {**rewound.meta["config"], "epochs": 2}
     save_checkpoint(out / "checkpoint.npz", rewound.params, {**rewound.meta, "config": config},
-                    rewound.velocity)  # fmt: skip
+                    rewound.optimizer)  # fmt: skip
     saved = (out / "checkpoint.npz").read_bytes()
     done = train_with_full_disk(len(saved) // 2, "--resume", str(out))
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr

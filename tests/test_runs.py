@@ -16,7 +16,7 @@ import pytest
 
 from shared.backend import IMPLEMENTATIONS
 from shared.checkpoint import load_checkpoint
-from shared.config import TrainConfig
+from shared.config import ADDED_FIELDS, FIELDS, TrainConfig
 from shared.data import load_dataset
 from shared.errors import Interrupted
 from shared.io import remove_stale_temporaries, write_json
@@ -191,6 +191,13 @@ def test_resume_builds_the_network_of_the_checkpoint_and_reads_no_file(
         assert result.returncode == 1 and "config.arch" in result.stderr, result.stderr
         assert result.stderr.strip().count("\n") == 0
         assert load_checkpoint(path).meta["epoch"] == 1
+
+
+def test_every_setting_of_a_run_has_its_bound():
+    """A field of TrainConfig without a bound would be stored unchecked, and be a KeyError
+    on resume."""
+    assert set(FIELDS) == set(TrainConfig.__dataclass_fields__)
+    assert set(ADDED_FIELDS) <= set(FIELDS)
 
 
 def edit_stored_config(path: Path, **fields) -> None:

@@ -681,7 +681,7 @@ def test_a_spec_run_records_the_canonical_spec_and_batch_norm_s_state(spec_run):
     assert ckpt.meta["arch"] == ckpt.meta["config"]["arch"] == SPEC
     assert json.loads((spec_run / "metrics.json").read_text())["config"]["arch"] == SPEC
     arch = get_arch(SPEC)
-    assert set(ckpt.params) == set(state_shapes(arch)) and set(ckpt.velocity) == set(
+    assert set(ckpt.params) == set(state_shapes(arch)) and set(ckpt.optimizer["momentum"]) == set(
         param_shapes(arch)
     )
     for bn in ("bn1", "bn2"):
@@ -798,5 +798,6 @@ def test_a_spec_run_resumes_exactly(tmp_path):
     assert b.params["bn2.num_batches_tracked"] == 14
     for name in a.params:
         np.testing.assert_array_equal(a.params[name], b.params[name], err_msg=name)
-    for name in a.velocity:
-        np.testing.assert_array_equal(a.velocity[name], b.velocity[name], err_msg=name)
+    for name in a.optimizer["momentum"]:
+        momenta = a.optimizer["momentum"][name], b.optimizer["momentum"][name]
+        np.testing.assert_array_equal(*momenta, err_msg=name)

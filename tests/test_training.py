@@ -151,7 +151,7 @@ def test_train_script_writes_all_outputs(tiny_data_dir, tmp_path, impl):
     assert record["config"]["impl"] == impl
     assert np.array(record["test"]["confusion_matrix"]).sum() == 30
     ckpt = load_checkpoint(out / "checkpoint.npz")
-    assert ckpt.meta["epoch"] == 2 and ckpt.meta["impl"] == impl and ckpt.velocity is not None
+    assert ckpt.meta["epoch"] == 2 and ckpt.meta["impl"] == impl and ckpt.optimizer is not None
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "curves.png", "metrics.json"]
 
@@ -201,12 +201,12 @@ def test_corrupt_data_is_a_one_line_error(tiny_data_dir, tmp_path):
 def test_checkpoint_round_trip_and_atomicity(tmp_path):
     params = init_params(get_arch("pool"), "he", 0)
     path = tmp_path / "c.npz"
-    save_checkpoint(path, params, {"arch": "pool", "epoch": 3}, velocity=params)
+    save_checkpoint(path, params, {"arch": "pool", "epoch": 3}, {"momentum": params})
     ckpt = load_checkpoint(path)
     assert ckpt.meta == {"arch": "pool", "epoch": 3}
     for name in params:
         np.testing.assert_array_equal(ckpt.params[name], params[name])
-        np.testing.assert_array_equal(ckpt.velocity[name], params[name])
+        np.testing.assert_array_equal(ckpt.optimizer["momentum"][name], params[name])
     assert np.load(path)["conv.weight"].shape == (8, 1, 3, 3)  # readable without this project
     assert [p.name for p in tmp_path.iterdir()] == ["c.npz"]  # no temporary left behind
 

@@ -152,5 +152,63 @@ def test_a_refused_hostile_network_costs_under_a_gigabyte(tmp_path):
     done, peak = run_measured(
         ["scripts/train.py", "--arch", spec, "--epochs", "1"], tmp_path / "peak"
     )
-    assert done.returncode == 2 and "more than the 1.0 GiB bound" in done.stderr
+    assert done.returncode == 2 and "more than the 2 G bound" in done.stderr
     assert peak < 1024
+
+
+# --- found by the review of the first pass ---------------------------------------------------
+
+
+def test_a_network_that_once_crashed_float64_training_is_refused_before_any_folder(
+    tiny_data_dir, tmp_path
+):
+    """conv1275 and 20 ReLUs once passed the checks and crashed a float64 step that could not
+    hold one image; its element-wise work now refuses it when parsed."""
+    spec = "conv1275-" + "relu-" * 20 + "flatten-fc24-fc10"
+    out = tmp_path / "deep" / "run"
+    result = run_script(
+        "train.py", "--arch", spec, "--dtype", "float64", "--batch-size", "4",
+        "--data-dir", str(tiny_data_dir), "--out", str(out),
+    )  # fmt: skip
+    assert "more than the 2 G bound" in usage_error(result)
+    assert not (tmp_path / "deep").exists()
+
+
+def test_a_run_that_fails_removes_every_folder_it_made(tiny_data_dir, tmp_path):
+    out = tmp_path / "a" / "b" / "run"
+    result = run_script(
+        "train.py", "--arch", "strong", "--batch-size", "99", "--limit", "100",
+        "--data-dir", str(tiny_data_dir), "--out", str(out),
+    )  # fmt: skip
+    assert "the last batch of each epoch would hold 1" in usage_error(result)
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, problem", [("--epochs", "out of range"), ("--seed", "out of range"), ("--limit", "")]
+)
+def test_a_huge_integer_flag_is_one_line(flag, problem):
+    result = run_script("train.py", flag, "9" * 400)
+    assert problem in usage_error(result)
+
+
+def test_a_huge_integer_in_a_checkpoint_is_one_line(tmp_path, tiny_data_dir):
+    path = tmp_path / "c.npz"
+    meta = {"arch": "noconv", "config": {"epochs": 10**400}}
+    save_arrays = {k: v for k, v in _noconv_tensors().items()}
+    np.savez(path, **save_arrays, meta=np.array(json.dumps(meta)))
+    result = run_script("evaluate.py", str(path), "--data-dir", str(tiny_data_dir))
+    assert result.returncode == 1 and "config.epochs" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _noconv_tensors():
+    from shared.spec import init_params
+
+    return init_params(get_arch("noconv"))
+
+
+def test_render_only_into_a_mistyped_folder_creates_nothing(tmp_path):
+    out = tmp_path / "typo" / "deeper"
+    result = run_script("experiments.py", "--render-only", "--out", str(out))
+    assert "no " in usage_error(result, "experiments.py") and not (tmp_path / "typo").exists()

@@ -7,11 +7,12 @@ entry's `kinks` and `keeps_zeros` in shared/kinds.py."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 
 from shared.backend import Backend
-from shared.cost import largest_training_batch, network_cost
+from shared.cost import Cost, largest_training_batch, network_cost
 from shared.kinds import kind_of
 from shared.spec import Arch, Params
 
@@ -51,8 +52,26 @@ def batch_size_for(arch: Arch, largest: int = BATCH_SIZE) -> int:
     """The cross-check's batch for `arch`: `largest` images, fewer where the float32 pass could
     not be put KINK_MARGIN away from every kink (at least 2, for BatchNorm), or where a
     float64 step would not fit the memory bound."""
-    fits = largest_training_batch(network_cost(arch.layers), np.float64)
+    fits = largest_training_batch(crosscheck_cost(arch), np.float64)
     return max(2, min(largest, fits, KINKS_PER_BATCH // max(kinks_per_image(arch), 1)))
+
+
+# The single pass holds every implementation's evaluation and training activations, its
+# gradients and input gradient at once, and each call copies the parameters in: about three
+# training steps' worth, and a margin.
+CROSSCHECK_COPIES = 4
+
+
+def crosscheck_cost(arch: Arch) -> Cost:
+    """What one image of the cross-check costs: the network's cost, held CROSSCHECK_COPIES
+    times over (shared/cost.py bounds a training step of it)."""
+    cost = network_cost(arch.layers)
+    return replace(
+        cost,
+        activations=CROSSCHECK_COPIES * cost.activations,
+        unfolded=CROSSCHECK_COPIES * cost.unfolded,
+        parameters=CROSSCHECK_COPIES * cost.parameters,
+    )
 
 
 def _kinks(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> Iterator[tuple]:

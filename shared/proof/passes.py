@@ -12,7 +12,7 @@ import numpy as np
 
 from shared.backend import IMPLEMENTATIONS, Backend, batched_logits, make_backend
 from shared.batches import training_batches
-from shared.config import learning_rate
+from shared.config import OPTIMIZER_BUFFERS, learning_rate
 from shared.data import FASHION_MNIST
 from shared.proof.kinks import kink_state, same_side
 from shared.proof.rows import FD_STEP, TOLERANCES, CheckResult, Compared, compare, dtypes_of
@@ -72,10 +72,10 @@ def lockstep(
     setting: Setting,
     resync: bool,
 ) -> Iterator[Compared]:
-    """Run SGD from the same start on the same batches; compare losses, every tensor
-    (parameters and BatchNorm's running statistics) and the momentum buffers after every
-    step. With `resync`, each step starts every implementation from the first one's state, so
-    a difference is that step's own.
+    """Train from the same start on the same batches; compare losses, every tensor
+    (parameters and BatchNorm's running statistics) and the optimizer's state (SGD's momentum,
+    Adam's moments and step) after every step. With `resync`, each step starts every
+    implementation from the first one's state, so a difference is that step's own.
 
     Why float32 resyncs: a ReLU input within float32 round-off of zero (about 1e-6; one in the
     20 default steps on real data) is on for one implementation and off for another, which
@@ -101,27 +101,31 @@ def lockstep(
     )
     data = {name: backend.put_data(x, y) for name, backend in backends.items()}
     states = {name: backend.init_state(params) for name, backend in backends.items()}
-    runs: dict[str, list] = {name: [] for name in backends}  # (loss, tensors, velocity) a step
+    runs: dict[str, list] = {name: [] for name in backends}  # (loss, tensors, state) a step
     for step, batch in enumerate(plan):
         lr = learning_rate(step, steps, config.lr, config.schedule, setting.warmup_steps)
         for name, backend in backends.items():
             states[name], loss, _ = backend.train_step(states[name], data[name], batch, lr)
-            runs[name].append((loss, backend.params(states[name]), backend.velocity(states[name])))
+            tensors = backend.params(states[name])
+            runs[name].append((loss, tensors, backend.optimizer_tensors(states[name])))
         if resync:
-            _, p, v = runs[next(iter(backends))][-1]
-            states = {name: backend.init_state(p, v) for name, backend in backends.items()}
+            _, p, optimizer = runs[next(iter(backends))][-1]
+            states = {name: backend.init_state(p, optimizer) for name, backend in backends.items()}
     trainable = arch.trainable
+    # Without momentum SGD has no buffers to compare: PyTorch keeps none.
+    buffers = [b for b in OPTIMIZER_BUFFERS[config.optimizer] if config.momentum or b != "momentum"]
     for pair, run_a, run_b in _pairs(runs):
         yield Compared(f"lockstep loss x{steps}", pair, _stacked(run_a, 0), _stacked(run_b, 0))
         weights = _largest(_stacked(run_a, 1, name) for name in trainable)
-        velocities = _largest(_stacked(run_a, 2, name) for name in trainable)
+        scales = {b: _largest(_stacked(run_a, 2, name, b) for name in trainable) for b in buffers}
         for name in params:
             a, b = _stacked(run_a, 1, name), _stacked(run_b, 1, name)
             yield Compared(f"lockstep {name}", pair, a, b, weights if name in trainable else 0.0)
-            if not config.momentum or name not in trainable:
-                continue  # without momentum there are no buffers: PyTorch keeps none
-            a, b = _stacked(run_a, 2, name), _stacked(run_b, 2, name)
-            yield Compared(f"lockstep momentum {name}", pair, a, b, velocities)
+            if name not in trainable:
+                continue
+            for buffer in buffers:
+                a, b = _stacked(run_a, 2, name, buffer), _stacked(run_b, 2, name, buffer)
+                yield Compared(f"lockstep {buffer} {name}", pair, a, b, scales[buffer])
 
 
 def _largest(tensors) -> float:
@@ -129,9 +133,17 @@ def _largest(tensors) -> float:
     return max((float(np.abs(t).max()) for t in tensors if np.size(t)), default=0.0)
 
 
-def _stacked(run: list, field: int, name: str | None = None) -> np.ndarray:
-    """One quantity of every step of a lockstep run, stacked (steps, ...)."""
-    return np.stack([np.asarray(s[field] if name is None else s[field][name]) for s in run])
+def _stacked(run: list, field: int, name: str | None = None, buffer: str = "") -> np.ndarray:
+    """One quantity of every step of a lockstep run, stacked (steps, ...): the loss, a tensor,
+    or a tensor of one of the optimizer's buffers."""
+
+    def quantity(step: tuple) -> np.ndarray:
+        value = step[field]
+        if buffer:
+            value = value[buffer]
+        return np.asarray(value if name is None else value[name])
+
+    return np.stack([quantity(s) for s in run])
 
 
 def finite_difference_grads(
