@@ -103,13 +103,21 @@ class Adam(_Optax):
         state = self._optax.init(params)
         if tensors is None:
             return state
-        count = jnp.asarray(next(iter(tensors["step"].values())), jnp.int32)
+        step = int(next(iter(tensors["step"].values())))
         state = optax.tree_utils.tree_set(state, mu=tensors["exp_avg"], nu=tensors["exp_avg_sq"])
-        return optax.tree_utils.tree_set(state, count=count)
+
+        # Every count: Adam's and the injected hyperparameters' (which step alike), each its
+        # own buffer, as a step donates them.
+        def set_count(path: tuple, leaf: jax.Array) -> jax.Array:
+            is_count = getattr(path[-1], "name", None) == "count"
+            return jnp.asarray(step, jnp.int32) if is_count else leaf
+
+        return jax.tree_util.tree_map_with_path(set_count, state)
 
     def tensors(self, state: State) -> dict[str, Params]:
         mu = optax.tree_utils.tree_get(state, "mu")
-        count = optax.tree_utils.tree_get(state, "count")
+        # Adam's own count, the last of the counts (the injected hyperparameters' comes first).
+        count = optax.tree_utils.tree_get_all_with_path(state, "count")[-1][1]
         # One count, as a float step per parameter: PyTorch's form of the same state.
         steps = {name: count.astype(value.dtype) for name, value in mu.items()}
         return {"exp_avg": mu, "exp_avg_sq": optax.tree_utils.tree_get(state, "nu"), "step": steps}

@@ -166,11 +166,28 @@ def _activation_module(fn: str, param: float | None) -> torch.nn.Module:
     raise TypeError(f"unknown activation {fn!r}")
 
 
-def as_module(arch: Arch) -> torch.nn.Sequential:
+class Standardise(torch.nn.Module):
+    """x -> (x - mean) / std: raw [0, 1] pixels as a network trained on standardised ones
+    takes them. The constants are not in the state_dict, which stays the canonical tensors."""
+
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean}, std={self.std}"
+
+
+def as_module(arch: Arch, standardise: tuple[float, float] | None = None) -> torch.nn.Sequential:
     """The network as a plain PyTorch module whose `state_dict` has exactly the canonical
     names and shapes, so `as_module(arch).load_state_dict(tensors, strict=True)` takes any
-    implementation's checkpoint into ordinary PyTorch code (`module.eval()` to predict)."""
-    modules = {}
+    implementation's checkpoint into ordinary PyTorch code (`module.eval()` to predict).
+    With `standardise` (mean, std) it first standardises raw [0, 1] pixels, as a network
+    trained on standardised pixels needs."""
+    modules = {} if standardise is None else {"standardise": Standardise(*standardise)}
     for layer in arch.layers:
         match layer:
             case Conv(name, i, o, k, stride, padding, bias):

@@ -86,6 +86,12 @@ class Checkpoint:
     # and step), if the run saved them.
     optimizer: dict[str, Params] | None = field(default=None)
 
+    @property
+    def pixels(self) -> str:
+        """How the run's network takes its images ("standardised" or "raw"; runs from before
+        the choice existed standardised them)."""
+        return self.meta.get("config", {}).get("pixels", "standardised")
+
 
 def save_checkpoint(
     path: Path,

@@ -9,7 +9,15 @@ import math
 import sys
 from collections.abc import Callable
 
-from shared.config import FIELDS, IMPLEMENTATIONS, SHORT_RUN_STEPS, Bound, TrainConfig
+from shared.config import (
+    ADAM_RATE,
+    FIELDS,
+    IMPLEMENTATIONS,
+    PLAIN_RECIPE,
+    SHORT_RUN_STEPS,
+    Bound,
+    TrainConfig,
+)
 from shared.errors import Interrupted, ThreefoldError, UsageError
 from shared.spec import presets
 
@@ -59,78 +67,66 @@ def add_impl_flag(parser: argparse.ArgumentParser, verb: str) -> None:
     )
 
 
-def _setting(parser: argparse.ArgumentParser, field: str, default: object, help: str) -> None:
-    """--FIELD for a TrainConfig field, checked by its bound (shared.config.FIELDS)."""
-    bound = FIELDS[field]
-    checked = {"choices": bound.choices} if bound.choices else {"type": flag(bound)}
-    parser.add_argument(f"--{field.replace('_', '-')}", default=default, help=help, **checked)
-
-
-def _switch(parser: argparse.ArgumentParser, field: str, default: object, help: str) -> None:
-    """--FIELD / --no-FIELD for a TrainConfig bool."""
-    action = argparse.BooleanOptionalAction
-    parser.add_argument(f"--{field.replace('_', '-')}", action=action, default=default, help=help)
+def _help(d: TrainConfig) -> dict[str, str]:
+    """Each training flag's help, in the order --help lists them (`d`: the defaults)."""
+    warmup = (
+        "epochs of linear learning-rate warm-up, at most half of --epochs (0: off; default: 1 "
+        f"epoch, or half the run if shorter, and a run of fewer than {SHORT_RUN_STEPS} steps "
+        f"peaks at --lr x steps / {SHORT_RUN_STEPS})"
+    )
+    return {
+        "impl": "implementation to train",
+        "init": "weight initialisation: he (Kaiming normal), lab (randn*0.01), torch (PyTorch's "
+        "default uniform), xavier-uniform, xavier-normal (Glorot's)",
+        "epochs": ">= 1",
+        "batch_size": "images per step, at most the number of training images",
+        "optimizer": "sgd (--momentum, --nesterov), adam or adamw (--beta1, --beta2, --eps; "
+        "AdamW's decay decoupled), each as torch.optim computes it",
+        "lr": f"peak learning rate (> 0; default {d.lr:g}, with Adam {ADAM_RATE:g})",
+        "momentum": "in [0, 1)",
+        "nesterov": "Nesterov momentum (PyTorch's formulation)",
+        "beta1": "Adam's first-moment decay, in [0, 1)",
+        "beta2": "Adam's second-moment decay, in [0, 1)",
+        "eps": "Adam's epsilon (> 0), added outside the square root",
+        "weight_decay": ">= 0 (L2 for sgd and adam; decoupled for adamw)",
+        "schedule": "learning-rate schedule after the warm-up",
+        "warmup": warmup,
+        "label_smoothing": "in [0, 1)",
+        "flip": "augment: flip training images horizontally, probability 1/2",
+        "tta": "evaluate on each image and its mirror image, averaging the logits (default: "
+        "when training with --flip)",
+        "shift": "augment: translate training images by up to N pixels, N < "
+        f"{FIELDS['shift'].below:g} (0: off)",
+        "seed": "seeds the initial weights and the batch order (0 to 2**63 - 1)",
+        "limit": "train on the first N training images only",
+        "dtype": "the precision every tensor is computed in",
+        "pixels": "the network's input: standardised by the training set's mean and deviation, "
+        "or raw [0, 1] pixels (recorded; the exported module takes raw pixels either way)",
+        "validation": "hold out the last sixth of the training images to validate on "
+        "(--no-validation: train on all of them)",
+        "dataset": "mnist reads the original digits from --data-dir",
+    }
 
 
 def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
-    """The flags that make a TrainConfig; shared by every script that trains."""
-    d = defaults
-    _setting(parser, "impl", d.impl, "implementation to train")
+    """The flags that make a TrainConfig, each checked by its field's bound
+    (shared.config.FIELDS); shared by every script that trains."""
     parser.add_argument(
         "--arch",
-        default=d.arch,
+        default=defaults.arch,
         metavar="NETWORK",
         help="a preset ("
         + "; ".join(f"{a.name}: {a.description}" for a in presets().values())
-        + "), a spec such as conv16-bn-relu-maxpool2-flatten-fc10, or a .json/.toml file "
-        "(grammar below)",
+        + "), a spec such as conv16-bn-relu-maxpool2-flatten-fc10, a .json/.toml file "
+        "(grammar below), or a PyTorch model FILE.py:NAME (the file is executed)",
     )
-    _setting(
-        parser,
-        "init",
-        d.init,
-        "weight initialisation: he (Kaiming normal), lab (randn*0.01), "
-        "torch (PyTorch's default uniform)",
-    )
-    _setting(parser, "epochs", d.epochs, ">= 1")
-    _setting(
-        parser, "batch_size", d.batch_size, "images per step, at most the number of training images"
-    )
-    _setting(parser, "lr", d.lr, "peak learning rate (> 0)")
-    _setting(parser, "momentum", d.momentum, "in [0, 1)")
-    _switch(parser, "nesterov", d.nesterov, "Nesterov momentum (PyTorch's formulation)")
-    _setting(parser, "weight_decay", d.weight_decay, ">= 0")
-    _setting(parser, "schedule", d.schedule, "learning-rate schedule after the warm-up")
-    _setting(
-        parser,
-        "warmup",
-        d.warmup,
-        "epochs of linear learning-rate warm-up, at most half of --epochs (0: off; default: "
-        "1 epoch, or half the run if shorter, and a run of fewer than "
-        f"{SHORT_RUN_STEPS} steps peaks at --lr x steps / {SHORT_RUN_STEPS})",
-    )
-    _setting(parser, "label_smoothing", d.label_smoothing, "in [0, 1)")
-    _switch(parser, "flip", d.flip, "augment: flip training images horizontally, probability 1/2")
-    _switch(
-        parser,
-        "tta",
-        d.tta,
-        "evaluate on each image and its mirror image, averaging the logits "
-        "(default: when training with --flip)",
-    )
-    _setting(
-        parser,
-        "shift",
-        d.shift,
-        f"augment: translate training images by up to N pixels, N < {FIELDS['shift'].below:g} "
-        "(0: off)",
-    )
-    _setting(
-        parser, "seed", d.seed, "seeds the initial weights and the batch order (0 to 2**63 - 1)"
-    )
-    _setting(parser, "limit", d.limit, "train on the first N training images only")
-    _setting(parser, "dtype", d.dtype, "the precision every tensor is computed in")
-    _setting(parser, "dataset", d.dataset, "mnist reads the original digits from --data-dir")
+    for field, help in _help(defaults).items():
+        bound, default = FIELDS[field], getattr(defaults, field)
+        if bound.kind is bool:
+            checked = {"action": argparse.BooleanOptionalAction}
+        else:
+            checked = {"choices": bound.choices} if bound.choices else {"type": flag(bound)}
+        parser.add_argument(f"--{field.replace('_', '-')}", default=default, help=help, **checked)
     parser.add_argument(
         "--data-dir",
         default=None,
@@ -139,10 +135,16 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
     )
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of the training flags parsed into `args`."""
+def config_from_args(args: argparse.Namespace, typed: set[str]) -> TrainConfig:
+    """The TrainConfig of the training flags parsed into `args`; `typed` names the flags the
+    user gave, which win over --plain's recipe and Adam's default rate."""
     fields = TrainConfig.__dataclass_fields__
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    if getattr(args, "plain", False):
+        values |= {k: v for k, v in PLAIN_RECIPE.items() if k not in typed}
+    if values["optimizer"] != "sgd" and "lr" not in typed:
+        values["lr"] = ADAM_RATE
+    return TrainConfig(**values)
 
 
 def run_cli(parser: argparse.ArgumentParser, body: Callable[[], int]) -> int:

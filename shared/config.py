@@ -53,6 +53,23 @@ FAST_RECIPE = {
 }
 
 
+# `--plain`: a tutorial's run, every technique the defaults switch on switched off (plain SGD
+# at a constant rate on the images as they are; flags typed beside it win).
+PLAIN_RECIPE = {
+    "momentum": 0.0,
+    "nesterov": False,
+    "weight_decay": 0.0,
+    "schedule": "constant",
+    "warmup": 0.0,
+    "label_smoothing": 0.0,
+    "flip": False,
+    "tta": False,
+}
+# The rate Adam and AdamW train at when --lr is not given: PyTorch's default, where SGD's 0.03
+# would diverge.
+ADAM_RATE = 1e-3
+
+
 @dataclass(frozen=True)
 class Hyperparams:
     """What a training step needs besides its learning rate, bound once when a backend is made:

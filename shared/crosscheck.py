@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +47,7 @@ from shared.proof.settings import (
     scaled_logits,
     settings,
 )
-from shared.spec import Arch, get_arch, init_params
+from shared.spec import Arch, Params, cast_params, get_arch, init_params
 
 
 def run_crosscheck(
@@ -57,23 +60,34 @@ def run_crosscheck(
     seed: int = 0,
     config: TrainConfig | None = None,
     impls: tuple[str, ...] = IMPLEMENTATIONS,
+    initial: dict[str, Params] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> list[CheckResult]:
     """Every comparison for every architecture and dtype under every setting: by default every
     training technique on (Nesterov momentum, weight decay, warm-up and schedule, label
-    smoothing, flips and shifts), then drawn hyperparameters, planted ties and huge logits;
-    and the shared code against the frameworks' own libraries. Batches of `batch_size` images,
-    or by default `batch_size_for(arch)`."""
+    smoothing, flips and shifts), then drawn SGD, Adam and AdamW hyperparameters, planted
+    ties and huge logits; and the shared code against the frameworks' own libraries. Batches
+    of `batch_size` images, or by default `batch_size_for(arch)`. A network starts from
+    `initial[arch.name]` (its own weights) if given, else from seeded initial weights;
+    `progress` is told each network, dtype and setting as it starts."""
     config = config or ALL_ON
+    initial = initial or {}
+    tell = progress or (lambda _: None)
     results = []
     for dtype, arch in itertools.product(dtypes, archs):
         size = batch_size or batch_size_for(arch)  # batch_size_for: the same for both dtypes
         batches = sample_batches(data, size, steps, seed)
         noisy = noisy_batches(batches, seed)
-        params = init_params(arch, config.init, seed, np.dtype(dtype))
+        if arch.name in initial:
+            params = cast_params(initial[arch.name], arch, np.dtype(dtype))
+        else:
+            params = init_params(arch, config.init, seed, np.dtype(dtype))
         masks = dropout_masks(arch.dropouts, size, seed, 0, 0)
         reference = make_backend("numpy", arch, np.float64)  # finds batches away from kinks
         built: dict = {}  # backends by hyperparameters: JAX compiles each once
-        for setting in settings(config, steps, seed, arch):
+        chosen = settings(config, steps, seed, arch)
+        for number, setting in enumerate(chosen, 1):
+            tell(f"{arch.name[:60]} | {dtype} | setting {number}/{len(chosen)}: {setting.name}")
             xs, start = noisy, params
             if setting.planted_ties:
                 xs, start = planted_ties(xs, params, arch)
@@ -101,6 +115,7 @@ def run_crosscheck(
                     tol = TOLERANCES[(dtype, kind)]
                     results.append(judge(row, dtype, arch.name, setting.name, tol, expected))
         if dtype == "float64" and "numpy" in impls:
+            tell(f"{arch.name[:60]} | {dtype} | NumPy's gradients against finite differences")
             backend = make_backend("numpy", arch, dtype, config.hyperparams)
             x, y = noisy[0]
             rows = finite_difference_grads(
@@ -143,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         "--arch",
         action="append",
         metavar="NETWORK",
-        help="network to check: a preset, a spec or a .json/.toml file, as train.py --arch "
-        "(repeatable; default: lab and pool)",
+        help="network to check: a preset, a spec, a .json/.toml file or a PyTorch model "
+        "FILE.py:NAME (the file is executed), as train.py --arch (repeatable; default: lab "
+        "and pool)",
     )
     parser.add_argument(
         "--dtype",
@@ -177,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         "float32 side by side, against its tolerance (PNG)",
     )
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress lines (network, dtype, setting)"
+    )
     args = parser.parse_args(argv)
 
     def body() -> int:
@@ -201,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"--steps {args.steps} x --batch-size {largest} exceeds the "
                 f"{len(data.train)} training images"
             )
+        started = time.perf_counter()
+
+        def progress(message: str) -> None:  # on stderr: the table on stdout stays clean
+            print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr)
+
         results = run_crosscheck(
             archs,
             args.dtype or ["float64", "float32"],
@@ -208,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             steps=args.steps,
             batch_size=args.batch_size,
             seed=args.seed,
+            progress=None if args.quiet else progress,
         )
         if ckpt is not None:  # in float32, as checkpoint_agreement computes
             arch = get_arch(ckpt.meta["arch"], files=False)

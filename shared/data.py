@@ -59,10 +59,15 @@ class DatasetSpec:
     files: OfficialFiles
     download_url: str | None
 
-    @property
-    def background(self) -> float:
-        """A pixel of value 0 after normalisation: what a shifted image is padded with."""
-        return -self.pixel_mean / self.pixel_std
+    def standardisation(self, pixels: str) -> tuple[float, float]:
+        """(mean, std) the [0, 1] pixels are standardised with: the training set's, or (0, 1)
+        for raw pixels."""
+        return (self.pixel_mean, self.pixel_std) if pixels == "standardised" else (0.0, 1.0)
+
+    def background(self, pixels: str = "standardised") -> float:
+        """A pixel of value 0 as the network sees it: what a shifted image is padded with."""
+        mean, std = self.standardisation(pixels)
+        return -mean / std
 
     @property
     def user_dir(self) -> Path:
@@ -213,14 +218,17 @@ def load_images_and_labels(
     return images, labels, (images_sha, labels_sha)
 
 
-def normalize(images: np.ndarray, spec: DatasetSpec = FASHION_MNIST) -> np.ndarray:
-    """uint8 images (N, H, W) -> float32 (N, 1, H, W), scaled to [0, 1] then standardised
-    with the dataset's training-set mean and deviation."""
+def normalize(
+    images: np.ndarray, spec: DatasetSpec = FASHION_MNIST, pixels: str = "standardised"
+) -> np.ndarray:
+    """uint8 images (N, H, W) -> float32 (N, 1, H, W), scaled to [0, 1], then (`pixels`
+    "standardised") standardised with the dataset's training-set mean and deviation."""
     # In place after the one conversion: no second 188 MB temporary for the training set.
     x = images.astype(np.float32)
     x /= np.float32(255)
-    x -= np.float32(spec.pixel_mean)
-    x /= np.float32(spec.pixel_std)
+    if pixels == "standardised":
+        x -= np.float32(spec.pixel_mean)
+        x /= np.float32(spec.pixel_std)
     return x[:, None]
 
 
@@ -248,10 +256,22 @@ class Dataset:
     # SHA-256 over the four files' content hashes, which the reader computes as it reads: what
     # the data is, the same for any faithful copy wherever it lies.
     content_sha256: str
+    pixels: str = "standardised"
+
+    @property
+    def background(self) -> float:
+        return self.spec.background(self.pixels)
 
 
-def load_dataset(data_dir: str | Path | None = None, dataset: str = "fashion-mnist") -> Dataset:
-    """The official training set split into train and validation (last sixth), and the test set."""
+def load_dataset(
+    data_dir: str | Path | None = None,
+    dataset: str = "fashion-mnist",
+    pixels: str = "standardised",
+    validation: bool = True,
+) -> Dataset:
+    """The official training set split into train and validation (last sixth; with
+    `validation` False all of it trains and validation is empty), and the test set; pixels
+    standardised or raw in [0, 1] (`pixels`)."""
     spec = get_dataset_spec(dataset)
     folder, files = find_data_dir(data_dir, spec), spec.files
     train_images, train_labels, train_sha = load_images_and_labels(
@@ -260,16 +280,17 @@ def load_dataset(data_dir: str | Path | None = None, dataset: str = "fashion-mni
     test_images, test_labels, test_sha = load_images_and_labels(
         folder, files.test_images, files.test_labels, spec
     )
-    n_val = round(len(train_labels) * VALIDATION_FRACTION)
+    n_val = round(len(train_labels) * VALIDATION_FRACTION) if validation else 0
     n_train = len(train_labels) - n_val
-    if n_train < 1 or n_val < 1 or len(test_labels) < 1:
+    if n_train < 1 or (validation and n_val < 1) or len(test_labels) < 1:
         raise DataError(f"{folder}: too few images to split ({len(train_labels)} training)")
-    x, y = normalize(train_images, spec), train_labels.astype(np.int64)
+    x, y = normalize(train_images, spec, pixels), train_labels.astype(np.int64)
     return Dataset(
         train=Split(x[:n_train], y[:n_train]),
         val=Split(x[n_train:], y[n_train:]),
-        test=Split(normalize(test_images, spec), test_labels.astype(np.int64)),
+        test=Split(normalize(test_images, spec, pixels), test_labels.astype(np.int64)),
         source=folder,
         spec=spec,
         content_sha256=hashlib.sha256("".join(train_sha + test_sha).encode()).hexdigest(),
+        pixels=pixels,
     )

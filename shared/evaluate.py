@@ -76,6 +76,7 @@ def plot_confusion(cm: np.ndarray, class_names: tuple[str, ...], title: str, pat
 def plot_misclassified(data: Dataset, predicted: np.ndarray, path: Path, count: int = 36) -> None:
     """A grid of the first `count` misclassified test images, titled true -> predicted."""
     test, spec = data.test, data.spec
+    mean, std = spec.standardisation(data.pixels)
     wrong = np.flatnonzero(predicted != test.y)[:count]
     cols = 6
     rows = max(1, -(-len(wrong) // cols))
@@ -83,7 +84,7 @@ def plot_misclassified(data: Dataset, predicted: np.ndarray, path: Path, count: 
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong, strict=False):
-        ax.imshow(test.x[i, 0] * spec.pixel_std + spec.pixel_mean, cmap="gray_r", vmin=0, vmax=1)
+        ax.imshow(test.x[i, 0] * std + mean, cmap="gray_r", vmin=0, vmax=1)
         names = spec.class_names
         ax.set_title(f"{names[test.y[i]]}\n-> {names[predicted[i]]}", fontsize=7)
     fig.suptitle(f"misclassified test images ({len(wrong)} shown): true -> predicted")
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         # Everything is read and evaluated before any folder is made for the report.
         ckpt = load_checkpoint(args.checkpoint, dtype=np.float32)  # evaluation runs in float32
-        data = load_dataset(args.data_dir, ckpt.meta.get("dataset", "fashion-mnist"))
+        dataset = ckpt.meta.get("dataset", "fashion-mnist")
+        data = load_dataset(args.data_dir, dataset, ckpt.pixels)  # as the network was trained
         # Runs from before test-time augmentation existed evaluated without it.
         run = ckpt.meta.get("config", {})
         tta = averages_mirrors(

@@ -37,7 +37,7 @@ from shared.io import remove_stale_temporaries, write_json
 from shared.layers import NUM_CLASSES
 from shared.outputs import CHECKPOINT_NAME, CURVES_NAME, METRICS_NAME
 from shared.plots import plot_curves
-from shared.spec import Arch, get_arch, init_params
+from shared.spec import Arch, Params, cast_params, get_arch, init_params
 
 
 class TrainingDiverged(ThreefoldError):
@@ -242,15 +242,20 @@ def evaluate_epoch(
     start: float,
     tta: bool,
 ) -> dict[str, Any]:
-    """The history entry of an epoch: its training figures, validation loss and accuracy."""
+    """The history entry of an epoch: its training figures, validation loss and accuracy (None
+    when the run trains on every training image and validates on none)."""
     train_seconds = time.perf_counter() - start
-    val_logits = batched_logits(backend, state, data.val.x, tta)
+    val_loss = val_acc = None
+    if len(data.val):
+        val_logits = batched_logits(backend, state, data.val.x, tta)
+        val_loss = metrics.cross_entropy(val_logits, data.val.y)
+        val_acc = metrics.accuracy(val_logits, data.val.y)
     return {
         "epoch": epoch,
         "train_loss": train_loss,
         "train_acc": train_acc,
-        "val_loss": metrics.cross_entropy(val_logits, data.val.y),
-        "val_acc": metrics.accuracy(val_logits, data.val.y),
+        "val_loss": val_loss,
+        "val_acc": val_acc,
         "train_seconds": train_seconds,
         "epoch_seconds": time.perf_counter() - start,
     }
@@ -299,11 +304,13 @@ def train(
     log: Callable[[str], None] = tqdm.write,
     resume: Checkpoint | None = None,
     arch: Arch | None = None,
+    initial: Params | None = None,
 ) -> dict[str, Any]:
-    """Train from the seeded initial weights (or from `resume`, a checkpoint of this run),
-    evaluate on validation each epoch and on test at the end. With `out_dir`: after every
-    epoch the checkpoint and metrics.json, at the end curves.png, each written atomically.
-    `arch` is the network of `config.arch`, where the caller has parsed it already.
+    """Train from the seeded initial weights, or from `initial` (canonical tensors: a model's
+    own weights), or from `resume` (a checkpoint of this run); evaluate on validation each
+    epoch and on test at the end. With `out_dir`: after every epoch the checkpoint and
+    metrics.json, at the end curves.png, each written atomically. `arch` is the network of
+    `config.arch`, where the caller has parsed it already.
 
     Returns the run's record (configuration, per-epoch history, test metrics).
     """
@@ -311,22 +318,32 @@ def train(
         arch = get_arch(config.arch)
     elif arch.name != config.arch:
         raise ValueError(f"arch {arch.name!r} is not config.arch {config.arch!r}")
-    run = start_run(config, data, out_dir, resume, arch)
+    run = start_run(config, data, out_dir, resume, arch, initial)
     train_epochs(run, log)
     finish_run(run)
     return run.record
 
 
 def start_run(
-    config: TrainConfig, data: Dataset, out_dir: Path | None, resume: Checkpoint | None, arch: Arch
+    config: TrainConfig,
+    data: Dataset,
+    out_dir: Path | None,
+    resume: Checkpoint | None,
+    arch: Arch,
+    initial: Params | None = None,
 ) -> Run:
-    """The run's backend and state (the seeded initial weights, or the checkpoint's), its
-    training images moved in, and its step compiled before the first epoch's clock starts."""
+    """The run's backend and state (the seeded initial weights, `initial`, or the
+    checkpoint's), its training images moved in, and its step compiled before the first
+    epoch's clock starts."""
     check_config(config)
+    if (data.pixels, bool(len(data.val))) != (config.pixels, config.validation):
+        raise ValueError("the data is not prepared as the configuration says (pixels, split)")
     backend = make_backend(config.impl, arch, config.dtype, config.hyperparams)
     split = train_split(config, arch, data)
     record: dict[str, Any] = {"config": dataclasses.asdict(config), "history": []}
-    if resume is None:
+    if resume is None and initial is not None:
+        state = backend.init_state(cast_params(initial, arch, config.dtype))
+    elif resume is None:
         state = backend.init_state(init_params(arch, config.init, config.seed, config.dtype))
     else:
         state = backend.init_state(resume.params, resume.optimizer)
@@ -337,7 +354,7 @@ def start_run(
     if run.done < config.epochs:
         # An epoch's time is then its steps' alone.
         record["compile_seconds"] = compile_steps(
-            backend, state, train_data, len(split), config, data.spec.background
+            backend, state, train_data, len(split), config, data.background
         )
     if out_dir is not None:
         remove_stale_temporaries(out_dir)
@@ -358,12 +375,13 @@ def train_epochs(run: Run, log: Callable[[str], None]) -> None:
                 len(run.split),
                 config,
                 epoch,
-                run.data.spec.background,
+                run.data.background,
             )
             entry = evaluate_epoch(
                 backend, run.state, run.data, epoch, train_loss, train_acc, start, run.tta
             )
-            _finite({"loss": entry["val_loss"]}, "the validation", epoch, config)
+            if entry["val_loss"] is not None:
+                _finite({"loss": entry["val_loss"]}, "the validation", epoch, config)
             save_epoch(run, entry)
             # Printed once saved: an epoch on the screen is an epoch in the checkpoint.
             log(

@@ -41,13 +41,18 @@ def epoch_line(
     epoch: int,
     train_loss: float,
     train_acc: float,
-    val_loss: float,
-    val_acc: float,
+    val_loss: float | None,
+    val_acc: float | None,
     seconds: float,
 ) -> str:
-    """The lab's per-epoch line; accuracies are fractions, printed as percentages."""
+    """The lab's per-epoch line; accuracies are fractions, printed as percentages (the
+    validation's left out when a run validates on nothing)."""
+    val = (
+        ""
+        if val_loss is None or val_acc is None
+        else f"Val Loss: {val_loss:7.4f} | Val Acc: {100 * val_acc:7.4f} | "
+    )
     return (
         f"{impl} | Epoch: {epoch:2d} | Train Loss: {train_loss:7.4f} | "
-        f"Train Acc: {100 * train_acc:7.4f} | Val Loss: {val_loss:7.4f} | "
-        f"Val Acc: {100 * val_acc:7.4f} | Epoch time: {seconds:5.2f} sec"
+        f"Train Acc: {100 * train_acc:7.4f} | {val}Epoch time: {seconds:5.2f} sec"
     )

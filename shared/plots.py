@@ -26,6 +26,8 @@ def plot_curves(history: list[dict], title: str, path: Path) -> None:
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     for split, style in (("train", "-o"), ("val", "--s")):
+        if any(h[f"{split}_loss"] is None for h in history):
+            continue  # a run without a validation split
         ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], style, label=split, ms=3)
         ax_acc.plot(epochs, [100 * h[f"{split}_acc"] for h in history], style, label=split, ms=3)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")

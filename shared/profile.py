@@ -103,7 +103,7 @@ def timing_setup(
     backend = make_backend(impl, arch, config.dtype, config.hyperparams)
     state = backend.init_state(init_params(arch, config.init, config.seed))
     train_data = backend.put_data(data.train.x, data.train.y)
-    n, fill = len(data.train), data.spec.background
+    n, fill = len(data.train), data.background
     return backend, state, train_data, steady_batches(n, batch_size, fill, arch.dropouts, flip)
 
 

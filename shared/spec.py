@@ -149,12 +149,16 @@ GRAMMAR = _grammar()
 
 
 def get_arch(text: str, where: str = "--arch", files: bool = True) -> Arch:
-    """The network `text` describes: a preset name, a .json or .toml file (if `files`), or a
-    compact spec. A spec that cannot work raises a UsageError naming `where`, the token and
-    the conflict."""
+    """The network `text` describes: a preset name, a .json or .toml file or a PyTorch model
+    FILE.py:NAME (if `files`), or a compact spec. A spec that cannot work raises a
+    UsageError naming `where`, the token and the conflict."""
     if text in PRESETS:
         spec, description = PRESETS[text]
         return Arch(text, description, build_layers(_tokens(spec, where), where))
+    if files and is_model_file(text):
+        from shared.torch_import import import_file  # imports PyTorch, which only this needs
+
+        return import_file(text, where).arch
     if files and text.lower().endswith((".json", ".toml")):
         entries = _file_entries(Path(text), where)
         where = f"{where} {text}"
@@ -171,6 +175,12 @@ def get_arch(text: str, where: str = "--arch", files: bool = True) -> Arch:
     if preset is not None:  # a preset written out is that preset: one name per network
         return get_arch(preset)
     return Arch(spec, spec, layers)
+
+
+def is_model_file(text: str) -> bool:
+    """Whether a network's text names a PyTorch model file: FILE.py:NAME."""
+    path, _, name = text.rpartition(":")
+    return path.lower().endswith(".py") and name.isidentifier()
 
 
 def presets() -> dict[str, Arch]:
@@ -380,7 +390,12 @@ def tensor_dtype(arch: Arch, name: str, dtype: Any) -> np.dtype:
     return np.dtype(np.int64) if name in arch.counters else np.dtype(dtype)
 
 
-INITS = ("he", "lab", "torch")
+def cast_params(params: Params, arch: Arch, dtype: Any) -> Params:
+    """Canonical tensors in `dtype` (counters int64), copied."""
+    return {k: np.asarray(v).astype(tensor_dtype(arch, k, dtype)) for k, v in params.items()}
+
+
+INITS = ("he", "lab", "torch", "xavier-uniform", "xavier-normal")
 
 
 def init_params(arch: Arch, scheme: str = "he", seed: int = 0, dtype=np.float32) -> Params:
@@ -390,6 +405,9 @@ def init_params(arch: Arch, scheme: str = "he", seed: int = 0, dtype=np.float32)
     he:    weights ~ N(0, 2 / fan_in), biases 0 (Kaiming/He, suited to ReLU).
     lab:   weights ~ N(0, 1) * 0.01, biases 0 (the lab's `randn * 0.01`).
     torch: weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default).
+    xavier-uniform: weights ~ U(-a, a), a = sqrt(6 / (fan_in + fan_out)), biases 0;
+    xavier-normal: weights ~ N(0, 2 / (fan_in + fan_out)), biases 0 (Glorot's, as
+    torch.nn.init.xavier_uniform_/xavier_normal_ with gain 1).
     Every other tensor as its kind's entry says, in every scheme (BatchNorm's scale and
     running variance 1, its shift and running mean 0, as PyTorch's).
     """
@@ -411,6 +429,11 @@ def _initial_value(tensor: Tensor, scheme: str, rng: np.random.Generator) -> np.
             return rng.standard_normal(tensor.shape) * np.sqrt(2 / tensor.fan_in)
         case "weight", "lab":
             return rng.standard_normal(tensor.shape) * 0.01
+        case "weight", "xavier-uniform":
+            bound = np.sqrt(6 / (tensor.fan_in + tensor.fan_out))
+            return rng.uniform(-bound, bound, size=tensor.shape)
+        case "weight", "xavier-normal":
+            return rng.standard_normal(tensor.shape) * np.sqrt(2 / (tensor.fan_in + tensor.fan_out))
         case "bias" | "zero" | "count", _:
             return np.zeros(tensor.shape)
         case "one", _:

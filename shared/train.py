@@ -23,7 +23,8 @@ from shared.outputs import (
     holds_run,
     prepare_out_dir,
 )
-from shared.spec import GRAMMAR, Arch, get_arch
+from shared.spec import GRAMMAR, Arch, Params, get_arch, is_model_file
+from shared.torch_import import import_file, load_weights
 
 
 def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConfig, Checkpoint]:
@@ -97,6 +98,22 @@ def build_parser(defaults: TrainConfig) -> argparse.ArgumentParser:
     )
     add_training_flags(parser, defaults)
     parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="a tutorial's run: plain SGD without momentum at a constant rate, no warm-up, "
+        "flips, test-time flips, label smoothing or weight decay (flags typed beside it win)",
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        metavar="FILE.pt",
+        dest="weights_file",
+        help="start from these weights: a state_dict saved with torch.save, read with "
+        "torch.load(weights_only=True), named as the --arch FILE.py:NAME module names them "
+        "(or canonically)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -150,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         with terminate_on_sigterm():
             if args.resume is not None:
                 return _resume(args, typed)
-            return _start(args)
+            return _start(args, typed)
 
     return run_cli(parser, body)
 
@@ -162,6 +179,9 @@ def _resume(args: argparse.Namespace, typed: set[str]) -> int:
     if elsewhere or args.overwrite:
         flag = "--out" if elsewhere else "--overwrite"
         raise UsageError(f"{flag}: --resume continues the run in its own folder")
+    if args.plain or args.weights_file is not None:
+        flag = "--plain" if args.plain else "--weights"
+        raise UsageError(f"{flag}: --resume continues the run as it was configured and trained")
     if not (folder / CHECKPOINT_NAME).is_file():
         raise UsageError(f"--resume {folder}: no {CHECKPOINT_NAME} there to continue from")
     if "arch" in typed:  # compared with the run's by its canonical name
@@ -173,14 +193,19 @@ def _resume(args: argparse.Namespace, typed: set[str]) -> int:
         return _run(config, get_arch(config.arch, files=False), data, folder, ckpt)
 
 
-def _start(args: argparse.Namespace) -> int:
+def _start(args: argparse.Namespace, typed: set[str]) -> int:
     """A new run: every flag and the data checked before a folder is made; the folder (--out,
     or a fresh runs/IMPL-ARCH[-N]) held while it trains, and removed if the run fails before
     writing anything into a folder it made."""
     # Parsed once; the run keeps the network's canonical name and never needs a spec file.
-    arch = get_arch(args.arch)
+    network = import_file(args.arch) if is_model_file(args.arch) else None
+    arch = get_arch(args.arch) if network is None else network.arch
     args.arch = arch.name
-    config = config_from_args(args)
+    initial = None
+    if args.weights_file is not None:
+        renames = {} if network is None else network.renames
+        initial, args.weights = load_weights(args.weights_file, arch, renames, "--weights")
+    config = config_from_args(args, typed)
     check_config(config)
     folder = args.out
     if folder is not None:
@@ -205,7 +230,7 @@ def _start(args: argparse.Namespace) -> int:
                     (folder / name).unlink(missing_ok=True)
             else:
                 _refuse_a_run_in(folder)  # again: a run may have finished meanwhile
-            return _run(config, arch, data, folder, None)
+            return _run(config, arch, data, folder, None, initial)
     except BaseException:
         for made_here in made:  # folders this run made and left empty go with it
             with contextlib.suppress(OSError):
@@ -230,19 +255,25 @@ def _load_data(args: argparse.Namespace, config: TrainConfig, ckpt: Checkpoint |
         spec = get_dataset_spec(config.dataset)
         data_dir = download_dataset(spec, data_dir, args.download_url)
         print(f"downloaded and verified {spec.name} in {data_dir}")
-    return load_dataset(data_dir, config.dataset)
+    return load_dataset(data_dir, config.dataset, config.pixels, config.validation)
 
 
 def _run(
-    config: TrainConfig, arch: Arch, data: Dataset, folder: Path, ckpt: Checkpoint | None
+    config: TrainConfig,
+    arch: Arch,
+    data: Dataset,
+    folder: Path,
+    ckpt: Checkpoint | None,
+    initial: Params | None = None,
 ) -> int:
     print(
         f"{config.impl} | {config.arch} | {len(data.train)} train, {len(data.val)} "
-        f"validation, {len(data.test)} test images from {data.source} | writing to {folder}"
+        f"validation, {len(data.test)} test images from {data.source} ({config.pixels} "
+        f"pixels) | writing to {folder}"
     )
     if ckpt is not None:
         print(f"resuming after epoch {ckpt.meta['epoch']} of {config.epochs}")
-    record = train(config, data, folder, resume=ckpt, arch=arch)
+    record = train(config, data, folder, resume=ckpt, arch=arch, initial=initial)
     test = record["test"]
     print(f"{config.impl} | Test Loss: {test['loss']:7.4f} | Test Acc: {100 * test['acc']:7.4f}")
     print(f"wrote {folder / CHECKPOINT_NAME}, {folder / METRICS_NAME}, {folder / CURVES_NAME}")

@@ -18,7 +18,7 @@ from shared.batches import (
 from shared.data import FASHION_MNIST, load_dataset
 from shared.layers import Dropout
 
-BACKGROUND = FASHION_MNIST.background
+BACKGROUND = FASHION_MNIST.background()
 
 
 def test_batches_are_deterministic_per_seed_and_epoch(tiny_data_dir):

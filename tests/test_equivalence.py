@@ -235,7 +235,7 @@ def test_augmentation_agrees(flip, shift):
     for impl in IMPLEMENTATIONS:
         mod = importlib.import_module(f"impl_{impl}.augment")
         native = [to_native(impl, a) for a in (x, rows, cols)]
-        out[impl] = np.asarray(mod.augment(*native, shift, FASHION_MNIST.background))
+        out[impl] = np.asarray(mod.augment(*native, shift, FASHION_MNIST.background()))
     for a, b in IMPL_PAIRS:
         assert_same(out[a], out[b], f"augment {a}-{b}", tol=0.0)
 
@@ -245,10 +245,23 @@ def test_augmentation_agrees(flip, shift):
 
 def setting_kind(setting: str) -> str:
     """The kind of a cross-check setting from its name (drawn ones name their values)."""
-    for kind in ("defaults", "fast recipe", "drawn", "large logits", "planted ties", "shared code"):
+    for kind in (*SETTING_KINDS, "shared code"):
         if setting.startswith(kind):
             return kind
     raise AssertionError(f"unknown setting {setting!r}")
+
+
+# The settings' kinds, a name before any it starts (drawn AdamW before drawn Adam), each with
+# the optimizer buffers its lockstep compares (None: it takes no steps).
+SETTING_KINDS = {
+    "defaults": ("momentum",),
+    "fast recipe": ("momentum",),
+    "drawn AdamW": ("exp_avg", "exp_avg_sq", "step"),
+    "drawn Adam": ("exp_avg", "exp_avg_sq", "step"),
+    "drawn": ("momentum",),
+    "large logits": None,
+    "planted ties": None,
+}
 
 
 def expected_rows(arch: Arch, kind: str, dtype: str, steps: int, momentum: float) -> Counter:
@@ -265,10 +278,11 @@ def expected_rows(arch: Arch, kind: str, dtype: str, steps: int, momentum: float
         for layer in arch.layers
     ]
     checks += ["loss", *(f"grad {name}" for name in param_shapes(arch)), "grad input"]
-    if kind in ("defaults", "fast recipe", "drawn"):
+    buffers = SETTING_KINDS[kind]
+    if buffers is not None:
         checks += [f"lockstep loss x{steps}", *(f"lockstep {n}" for n in state_shapes(arch))]
-        if momentum:
-            checks += [f"lockstep momentum {name}" for name in param_shapes(arch)]
+        if momentum or buffers != ("momentum",):
+            checks += [f"lockstep {b} {name}" for b in buffers for name in param_shapes(arch)]
     rows.update((check, pair) for check in checks for pair in PAIR_NAMES)
     rows.update(
         (f"dropout mask {layer.name}", f"{impl}-shared")
@@ -291,11 +305,11 @@ def assert_rows_as_expected(results: list[CheckResult], archs: list[Arch], steps
     for (dtype, name, kind), rows in groups.items():
         arch = next(a for a in archs if a.name == name)
         # Drawn hyperparameters always draw a momentum (in [0.5, 0.99)).
-        momentum = 1.0 if kind == "drawn" else config.momentum
+        momentum = 1.0 if kind.startswith("drawn") else config.momentum
         assert rows == expected_rows(arch, kind, dtype, steps, momentum), (dtype, name, kind)
     for arch in archs:
         kinds = {kind for dtype, name, kind in groups if name == arch.name}
-        wanted = {"defaults", "fast recipe", "drawn", "large logits"}
+        wanted = {"defaults", "fast recipe", "drawn", "drawn Adam", "drawn AdamW", "large logits"}
         wanted |= {"planted ties"} if keeps_zeros_exact(arch) else set()
         assert kinds == wanted, arch.name
     assert any(r.arch == "-" and r.setting == "shared code vs libraries" for r in results)
@@ -312,7 +326,8 @@ def test_optimizer_steps_agree(dtype, steps, momentum, nesterov):
     assert_rows_as_expected(results, archs, steps, config)
     assert [(r.arch, r.setting, r.check, r.pair) for r in results if not r.passed] == []
     lockstep = [r for r in results if r.check.startswith("lockstep")]
-    assert {setting_kind(r.setting) for r in lockstep} == {"defaults", "fast recipe", "drawn"}
+    kinds = {"defaults", "fast recipe", "drawn", "drawn Adam", "drawn AdamW"}
+    assert {setting_kind(r.setting) for r in lockstep} == kinds
 
 
 def test_lockstep_on_real_data_agrees(real_data):

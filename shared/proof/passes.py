@@ -92,7 +92,7 @@ def lockstep(
             size,
             seed=0,
             epoch=0,
-            fill=FASHION_MNIST.background,
+            fill=FASHION_MNIST.background(),
             flip=config.flip,
             shift=config.shift,
             shuffle=False,
@@ -146,6 +146,15 @@ def _stacked(run: list, field: int, name: str | None = None, buffer: str = "") -
     return np.stack([quantity(s) for s in run])
 
 
+# A central difference of a float64 loss L carries round-off of about 1e-16 |L| / FD_STEP =
+# 1e-10 |L| whatever the gradient; judged against a gradient smaller than 1e-4 |L| that alone
+# exceeds the 1e-6 tolerance (a sigmoid LeNet's input gradient of 2.5e-5 at L = 2.3 failed at
+# 1.4e-5 while its three implementations agreed to 1e-15). So no row's scale is below
+# FD_FLOOR |L|, ten times that: the noise stays a tenth of the tolerance, and a wrong gradient
+# fails unless it is wrong by less than 1e-9 |L|.
+FD_FLOOR = 1e-3
+
+
 def finite_difference_grads(
     backend: Backend,
     arch: Arch,
@@ -160,9 +169,10 @@ def finite_difference_grads(
     entries of every trainable parameter and of x, in training mode. An entry whose step moves
     the pass across a kink (a ReLU's sign, a max-pool window's argmax) is passed over for
     another: the loss has no derivative there for a central difference to approximate. The
-    parameters' rows are measured against the largest of their sampled gradients."""
+    parameters' rows are measured against the largest of their sampled gradients, and every
+    row against no less than the loss's size times FD_FLOOR (see there)."""
     rng = np.random.default_rng(seed)
-    _, grads = backend.loss_and_grads(params, x, y, masks)
+    loss, grads = backend.loss_and_grads(params, x, y, masks)
     tensors = {**split_params(params, arch)[0], "input": x}
     analytic_of = {**grads, "input": backend.input_grad(params, x, y, masks)}
     side = kink_state(arch, backend.activations(params, x, masks), x)
@@ -184,10 +194,11 @@ def finite_difference_grads(
             if len(picks) == per_tensor:
                 break
         sampled[name] = analytic_of[name].flat[picks], np.array(numeric)
-    scale = _largest(analytic for name, (analytic, _) in sampled.items() if name != "input")
+    floor = FD_FLOOR * abs(float(loss))
+    scale = max(_largest(a for name, (a, _) in sampled.items() if name != "input"), floor)
     return [
         Compared(
-            f"finite-diff {name}", f"{backend.name}-fd", a, b, 0.0 if name == "input" else scale
+            f"finite-diff {name}", f"{backend.name}-fd", a, b, floor if name == "input" else scale
         )
         for name, (a, b) in sampled.items()
     ]

@@ -66,18 +66,46 @@ def drawn_setting(seed: int, steps: int) -> Setting:
     return Setting(name, config, warmup)
 
 
+def drawn_adam(seed: int, steps: int, optimizer: str) -> Setting:
+    """Adam or AdamW with every hyperparameter drawn: betas, an eps large enough to matter
+    (where it sits against the square root shows), a decay strong enough that coupling it
+    to the gradient or not shows."""
+    rng = np.random.default_rng([seed, 13, len(optimizer)])
+    config = replace(
+        ALL_ON,
+        optimizer=optimizer,
+        lr=float(10 ** rng.uniform(-3.5, -2)),
+        beta1=float(rng.uniform(0.5, 0.95)),
+        beta2=float(rng.uniform(0.9, 0.999)),
+        eps=float(10 ** rng.uniform(-6, -3)),
+        weight_decay=float(10 ** rng.uniform(-2.5, -1)),
+        label_smoothing=float(rng.uniform(0.0, 0.2)),
+        schedule=str(rng.choice(SCHEDULES)),
+    )
+    warmup = int(rng.integers(0, max(1, steps // 2)))
+    name = (
+        f"drawn {'AdamW' if optimizer == 'adamw' else 'Adam'}: lr {config.lr:.3g}, betas "
+        f"{config.beta1:.3g}/{config.beta2:.4g}, eps {config.eps:.2g}, wd "
+        f"{config.weight_decay:.2g}, {config.schedule}, warm-up {warmup}/{steps}"
+    )
+    return Setting(name, config, warmup)
+
+
 DEFAULTS = "defaults, all techniques on"
 
 
 def settings(config: TrainConfig, steps: int, seed: int, arch: Arch) -> list[Setting]:
-    """The defaults with every technique on, drawn hyperparameters, huge logits and, where the
-    network keeps planted zeros exact (see `planted_ties`), exact ReLU zeros and pooling ties."""
+    """The defaults with every technique on, drawn SGD, Adam and AdamW hyperparameters, huge
+    logits and, where the network keeps planted zeros exact (see `planted_ties`), exact ReLU
+    zeros and pooling ties."""
     base = Setting(DEFAULTS, config, steps // 4 if config.warmup != 0 else 0)
     chosen = [
         base,
         # The speedrun's changes (its rate, weight decay, linear schedule) on these settings.
         Setting("fast recipe of speedrun.py", replace(config, **FAST_RECIPE), steps // 4),
         drawn_setting(seed, steps),
+        drawn_adam(seed, steps, "adam"),
+        drawn_adam(seed, steps, "adamw"),
         replace(
             base,
             name=f"large logits (|logit| up to {LARGE_LOGIT:g})",

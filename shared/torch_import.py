@@ -1,0 +1,439 @@
+"""A network from a user's PyTorch module: its layers read from the module's graph (traced
+with torch.fx, so `nn.Sequential`, nested ones and a `forward` of functional calls all
+count), its weights from its `state_dict`, both in threefold's terms: the spec, with every
+option written out as PyTorch computes it (a `Conv2d` pads 0 where threefold's grammar
+defaults to K//2), and the canonical tensors.
+
+Anything threefold cannot compute the same way is refused in one line naming the
+submodule's path, its type and the option at fault. PyTorch is imported when a module is
+read, never when this module is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.errors import UsageError
+from shared.kinds import kind_of
+from shared.layers import INPUT_SHAPE
+from shared.spec import Arch, Entry, Params, build_layers, get_arch, tensors
+from shared.torch_ops import DROP, METHODS, MODULES, RESHAPES, Refused, Taken, bind, functions
+
+# A model file is a Python module the user names; a weights file holds one state_dict.
+MAX_MODEL_FILE_BYTES = 2**20
+MAX_WEIGHTS_FILE_BYTES = 2**30
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """How one operation of the module was taken: `source` is the submodule's path (or the
+    functional call's node name), `what` the operation as PyTorch prints it, `token` the layer
+    it became with every option written ("" when dropped, `note` says why), and `tensors`
+    the (module's name, canonical name) of each of its tensors."""
+
+    source: str
+    what: str
+    token: str
+    note: str = ""
+    tensors: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Network:
+    """A network in threefold: `arch` (its layers), `tensors` (canonical names, NumPy: a
+    module's own values, a checkpoint's, or drawn), `mapping` (each operation of the source
+    and what it became) and `standardise`: the (mean, std) its raw [0, 1] pixels are
+    standardised with before the first layer, or None when it takes its input as it is."""
+
+    arch: Arch
+    tensors: Params
+    mapping: tuple[Mapped, ...]
+    standardise: tuple[float, float] | None = None
+
+    @property
+    def spec(self) -> str:
+        """The network's spec with every option written out, as PyTorch computes it."""
+        return "-".join(m.token for m in self.mapping if m.token)
+
+    @property
+    def renames(self) -> dict[str, str]:
+        """The module's state_dict names -> canonical names."""
+        return {theirs: ours for m in self.mapping for theirs, ours in m.tensors}
+
+    def describe(self) -> str:
+        """The mapping as a table: the module's operation, the layer it became, its tensors."""
+        rows = [("module", "PyTorch", "threefold", "tensors")]
+        for m in self.mapping:
+            moved = ", ".join(f"{a} -> {b}" if a != b else a for a, b in m.tensors)
+            rows.append((m.source, m.what, m.token or f"(dropped: {m.note})", moved))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        return "\n".join(
+            "  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths, strict=True)) + "  " + r[3]
+            for r in rows
+        ).rstrip()
+
+
+# --- the chain ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Step:
+    """One operation read off the graph, before it is built into a layer."""
+
+    source: str
+    what: str
+    taken: Taken
+    module_path: str | None  # its tensors' prefix in the module's state_dict
+    shape_in: tuple[int, ...]
+    shape_out: tuple[int, ...]
+
+
+def _trace(module: Any, where: str):
+    """The module's graph (torch.fx), each node's output shape on 2 blank images, in evaluation
+    mode; the module's own flags and buffers are left as they were."""
+    import torch
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    flags = {name: m.training for name, m in module.named_modules()}
+    saved = {k: v.clone() for k, v in module.state_dict().items()}
+    try:
+        # Traced in training mode: a functional dropout's `training=self.training` is read
+        # at trace time, and a dropout is a layer whichever mode the module was left in.
+        module.train()
+        try:
+            graph = torch.fx.symbolic_trace(module)
+        except Exception as error:  # tracing runs the user's forward: any error is theirs
+            raise UsageError(
+                f"{where}: torch.fx cannot trace its forward ({_first_line(error)}); threefold "
+                "reads forwards that are chains of layers and functional calls"
+            ) from None
+        graph.eval()
+        parameter = next(iter(module.parameters()), None)
+        dtype = torch.float32 if parameter is None else parameter.dtype
+        try:
+            with torch.no_grad():
+                ShapeProp(graph).propagate(torch.zeros(2, *INPUT_SHAPE, dtype=dtype))
+        except Exception as error:
+            raise UsageError(
+                f"{where}: its forward fails on 1x28x28 images ({_first_line(error)})"
+            ) from None
+        return graph
+    finally:
+        for name, m in module.named_modules():
+            m.training = flags[name]
+        with torch.no_grad():
+            for key, value in module.state_dict().items():
+                value.copy_(saved[key])
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    line = text[0] if text else ""
+    line = line if len(line) <= 200 else line[:197] + "..."
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return None if meta is None or not hasattr(meta, "shape") else tuple(meta.shape)[1:]
+
+
+def _read_steps(module: Any, graph: Any, where: str) -> list[_Step]:
+    """The module's operations in order, each checked to take the one before's output."""
+    calls = functions()
+    current, steps, used_modules = None, [], {}
+    for node in graph.graph.nodes:
+        if node.op == "placeholder":
+            if current is not None:
+                raise UsageError(f"{where}: its forward takes more than one input")
+            current = node
+            continue
+        if node.op == "output":
+            if node.args[0] is not current:
+                raise UsageError(
+                    f"{where}: its forward does not return its last operation's output "
+                    "(threefold reads chains of layers)"
+                )
+            break
+        if node.op == "call_method" and node.target == "size":
+            continue  # x.size(0) in a view: read with the view
+        if node.op == "get_attr":
+            raise UsageError(
+                f"{where}: {node.target}: a tensor used directly in forward; threefold reads "
+                "layers (modules and functional calls)"
+            )
+        inputs = [a for a in node.all_input_nodes if not _is_size_of(a, current)]
+        if inputs != [current] or (node.args and node.args[0] is not current):
+            takes = "several tensors" if len(inputs) > 1 else "a tensor other than the one before"
+            raise UsageError(
+                f"{where}: {node.name} ({_name_of(node)}): takes {takes}; threefold's networks "
+                "are chains, each layer taking the one before's output"
+            )
+        shape_in, shape_out = _shape(current), _shape(node)
+        if shape_out is None:
+            raise UsageError(f"{where}: {node.name} ({_name_of(node)}): does not give a tensor")
+        source, what, taken, path = _take(module, node, calls, used_modules, where)
+        steps.append(_Step(source, what, taken, path, shape_in, shape_out))
+        current = node
+    return steps
+
+
+def _is_size_of(node: Any, current: Any) -> bool:
+    return node.op == "call_method" and node.target == "size" and node.args[0] is current
+
+
+def _name_of(node: Any) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _take(module: Any, node: Any, calls: dict, used: dict, where: str):
+    """(source, what, taken, tensors' prefix) for one node; refusals named by the node."""
+    if node.op == "call_module":
+        sub = module.get_submodule(node.target)
+        type_name = type(sub).__name__
+        if type_name not in MODULES:
+            raise UsageError(f"{where}: {node.target}: {type_name}: not a layer threefold has")
+        names, mapper = MODULES[type_name]
+        options = {name: _module_option(sub, name) for name in names}
+        if node.target in used and any(True for _ in sub.parameters()):
+            raise UsageError(
+                f"{where}: {node.target}: {type_name}: used twice; its weights would be shared, "
+                "which threefold's layers are not"
+            )
+        used[node.target] = True
+        try:
+            taken = mapper(options)
+        except Refused as refused:
+            raise UsageError(
+                f"{where}: {node.target}: {type_name}({refused.option}): {refused.why}"
+            ) from None
+        return node.target, repr(sub), taken, node.target
+    if node.op == "call_function":
+        if node.target not in calls:
+            raise UsageError(
+                f"{where}: {node.name}: {_name_of(node)}: not an operation threefold has"
+            )
+        shown, signature, mapper = calls[node.target]
+    elif node.op == "call_method" and node.target in RESHAPES:
+        return node.name, f"x.{node.target}(...)", "reshape", None
+    elif node.op == "call_method" and node.target in METHODS:
+        signature, mapper = METHODS[node.target]
+        shown = f"x.{node.target}"
+    else:
+        raise UsageError(f"{where}: {node.name}: {_name_of(node)}: not an operation threefold has")
+    try:
+        options = bind(signature, node.args, dict(node.kwargs))
+        options.pop("input")
+        taken = mapper(options)
+    except Refused as refused:
+        raise UsageError(
+            f"{where}: {node.name}: {shown}({refused.option}): {refused.why}"
+        ) from None
+    shown_options = ", ".join(f"{k}={v!r}" for k, v in options.items() if k != "_stacklevel")
+    return node.name, f"{shown}({shown_options})", taken, None
+
+
+def _module_option(sub: Any, name: str) -> Any:
+    value = getattr(sub, name)
+    if name == "bias":
+        return value is not None if not isinstance(value, bool) else value
+    return value
+
+
+def _entries(steps: list[_Step], where: str) -> tuple[list[Entry], list[tuple[_Step, int | None]]]:
+    """The spec's entries from the steps (each labelled with its source), and for each step
+    the index of the entry it became (None: dropped)."""
+    entries, placed = [], []
+    for position, step in enumerate(steps):
+        label = f"{step.source}: {step.what}"
+        taken = step.taken
+        if taken == "reshape":
+            taken = _reshape(step, where)
+        elif isinstance(taken, tuple) and taken[0] == "flatten":
+            taken = _flatten(step, taken[1], where)
+        elif isinstance(taken, tuple) and taken[0] == "fc":
+            taken = _linear(step, taken[1], where)
+        if taken == DROP and position != len(steps) - 1:
+            raise UsageError(
+                f"{where}: {label}: a log_softmax before the last layer is not a layer "
+                "threefold has"
+            )
+        if taken is None or taken == DROP:
+            placed.append((step, None))
+            continue
+        kind, options = taken
+        if kind == "dropout2d" and len(step.shape_in) != 3:
+            raise UsageError(f"{where}: {label}: Dropout2d on a flat input drops features")
+        placed.append((step, len(entries)))
+        entries.append((label, kind, options))
+    return entries, placed
+
+
+def _reshape(step: _Step, where: str) -> Taken:
+    """A view or reshape that flattens each image (x.view(x.size(0), -1)) or changes nothing."""
+    if step.shape_out == step.shape_in:
+        return None
+    if len(step.shape_in) == 3 and step.shape_out == (math.prod(step.shape_in),):
+        return "flatten", {}
+    raise UsageError(
+        f"{where}: {step.source}: {step.what}: reshapes {step.shape_in} to {step.shape_out}; "
+        "threefold flattens each image whole (x.view(x.size(0), -1))"
+    )
+
+
+def _flatten(step: _Step, options: dict[str, Any], where: str) -> Taken:
+    if options["start_dim"] != 1 or options["end_dim"] not in (-1, len(step.shape_in)):
+        raise UsageError(
+            f"{where}: {step.source}: {step.what}: threefold flattens from dim 1 to the last"
+        )
+    return None if len(step.shape_in) == 1 else ("flatten", {})
+
+
+def _linear(step: _Step, options: dict[str, Any], where: str) -> Taken:
+    if not options["bias"]:
+        raise UsageError(f"{where}: {step.source}: Linear(bias=False): threefold's fc has a bias")
+    if len(step.shape_in) != 1:
+        raise UsageError(
+            f"{where}: {step.source}: {step.what}: on a {len(step.shape_in) + 1}-d input; "
+            "threefold's fc takes flattened images"
+        )
+    return "fc", {"features": options["out_features"]}
+
+
+# --- the network --------------------------------------------------------------------------------
+
+
+def from_torch(module: Any, where: str = "module") -> Network:
+    """The network a PyTorch module computes, with the module's weights and buffers. Refuses,
+    in one UsageError naming the submodule, its type and the option, what threefold cannot
+    compute the same way."""
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        raise UsageError(f"{where}: {type(module).__name__} is not a torch.nn.Module")
+    for name, value in module.state_dict().items():
+        if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
+            raise UsageError(f"{where}: {name}: {value.dtype}; threefold computes in float32/64")
+    graph = _trace(module, where)
+    steps = _read_steps(module, graph, where)
+    entries, placed = _entries(steps, where)
+    if not entries:
+        raise UsageError(f"{where}: no layers found in its forward")
+    layers = build_layers(entries, where)  # one per entry, refusals named by its source
+    arch = get_arch("-".join(kind_of(layer).token(layer) for layer in layers), where)
+    state = module.state_dict()
+    mapping, canonical = [], {}
+    for step, index in placed:
+        if index is None:
+            same_loss = "cross-entropy on log-probabilities is the same loss"
+            note = same_loss if step.taken == DROP else "changes nothing here"
+            mapping.append(Mapped(step.source, step.what, "", note))
+            continue
+        layer = arch.layers[index]
+        moved = []
+        for name in tensors(arch):
+            if not name.startswith(f"{layer.name}."):
+                continue
+            theirs = f"{step.module_path}.{name[len(layer.name) + 1 :]}"
+            canonical[name] = _numpy(state[theirs])
+            moved.append((theirs, name))
+        token = kind_of(layer).token(layer, every=True)
+        mapping.append(Mapped(step.source, step.what, token, tensors=tuple(moved)))
+    return Network(arch, canonical, tuple(mapping))
+
+
+def _numpy(value: Any) -> np.ndarray:
+    array = value.detach().cpu().numpy()
+    return array.astype(np.int64) if not np.issubdtype(array.dtype, np.floating) else array.copy()
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def load_module_file(text: str, where: str = "--arch") -> tuple[Any, str]:
+    """The module FILE.py:NAME builds (NAME a class or function called with no arguments),
+    and the label naming it. The file is executed, as importing it would."""
+    path_text, _, name = text.rpartition(":")
+    path, label = Path(path_text), f"{where} {text}"
+    if not path.is_file():
+        raise UsageError(f"{label}: {path} is not a file")
+    if path.stat().st_size > MAX_MODEL_FILE_BYTES:
+        raise UsageError(f"{label}: {path} is larger than {MAX_MODEL_FILE_BYTES} bytes")
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    spec = importlib.util.spec_from_file_location(f"threefold_model_{digest}", path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"{label}: {path} cannot be loaded as Python")
+    namespace = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(namespace)
+    except Exception as error:  # the user's file: any error is theirs, in one line
+        raise UsageError(f"{label}: running {path.name} raised {_first_line(error)}") from None
+    if not hasattr(namespace, name):
+        defined = sorted(k for k, v in vars(namespace).items() if callable(v) and k[0] != "_")
+        raise UsageError(f"{label}: {path.name} defines no {name} (it has {', '.join(defined)})")
+    try:
+        module = getattr(namespace, name)()
+    except Exception as error:
+        raise UsageError(f"{label}: {name}() raised {_first_line(error)}") from None
+    return module, label
+
+
+def import_file(text: str, where: str = "--arch") -> Network:
+    """The network of a model file FILE.py:NAME."""
+    module, label = load_module_file(text, where)
+    return from_torch(module, label)
+
+
+def load_weights(path: Path, arch: Arch, renames: dict[str, str], where: str) -> tuple[Params, str]:
+    """A state_dict file (torch.save) read with `torch.load(weights_only=True)` -> (the
+    canonical tensors of `arch`, the file's SHA-256), renamed by `renames` (the module's
+    names -> canonical; canonical names are taken as they are). Every tensor must be there,
+    of its shape, and finite."""
+    import torch
+
+    label = f"{where} {path}"
+    if not path.is_file():
+        raise UsageError(f"{label}: not a file")
+    if path.stat().st_size > MAX_WEIGHTS_FILE_BYTES:
+        raise UsageError(f"{label}: larger than {MAX_WEIGHTS_FILE_BYTES} bytes")
+    with path.open("rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # whatever the file holds, one line
+        why = _first_line(error)
+        raise UsageError(f"{label}: not a state_dict torch.load can read ({why})") from None
+    tensors_only = all(isinstance(v, torch.Tensor) for v in getattr(loaded, "values", list)())
+    if not isinstance(loaded, dict) or not tensors_only:
+        raise UsageError(f"{label}: holds a {type(loaded).__name__}, not a state_dict of tensors")
+    expected = tensors(arch)
+    weights = {}
+    for theirs, value in loaded.items():
+        ours = renames.get(theirs, theirs)
+        if ours not in expected:
+            raise UsageError(f"{label}: {theirs} is not a tensor of the network")
+        shape = expected[ours].shape
+        if tuple(value.shape) != shape:
+            raise UsageError(
+                f"{label}: {theirs} has shape {tuple(value.shape)}, the network's {shape}"
+            )
+        array = _numpy(value)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise UsageError(f"{label}: {theirs} holds NaN or infinity")
+        weights[ours] = array
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        theirs = {ours: theirs for theirs, ours in renames.items()}.get(missing[0], missing[0])
+        named = theirs if theirs == missing[0] else f"{theirs} ({missing[0]})"
+        raise UsageError(f"{label}: {len(missing)} tensors missing, the first {named}")
+    return weights, digest

@@ -1,0 +1,401 @@
+"""Users' PyTorch models in: five public models as their authors wrote them (tests/models/),
+each imported, exported back and compared with the original on real test images, proven in
+all three implementations and trained; and every construct threefold cannot compute the
+same way refused in one line naming the submodule."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import threefold
+from shared.config import IMPLEMENTATIONS, TrainConfig
+from shared.data import load_dataset
+from shared.errors import UsageError
+from shared.loop import train
+from shared.torch_import import import_file, load_weights
+from tests.conftest import make_dataset_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "tests" / "models"
+# Each public model: its file:NAME, the spec it must become (every option written, as
+# PyTorch computes it) and whether its forward ends in log_softmax.
+PUBLIC = {
+    "pytorch_examples_net.py:Net": (
+        "conv32k3s1p0b1-relu-conv64k3s1p0b1-relu-maxpool2s2p0-dropout0.25-flatten-fc128-relu-"
+        "dropout0.5-fc10",
+        True,
+    ),
+    "d2l_lenet.py:LeNet": (
+        "conv6k5s1p2b1-sigmoid-avgpool2s2p0-conv16k5s1p0b1-sigmoid-avgpool2s2p0-flatten-fc120-"
+        "sigmoid-fc84-sigmoid-fc10",
+        False,
+    ),
+    "bn_cnn.py:Net": (
+        "conv32k3s1p1b0-bn-relu-maxpool2s2p0-conv64k3s1p1b0-bn-relu-maxpool2s2p0-flatten-fc128-"
+        "relu-dropout0.5-fc10",
+        False,
+    ),
+    "dropout2d_gap.py:Net": (
+        "conv32k3s1p1b1-relu-conv64k3s1p1b1-relu-maxpool2s2p0-dropout2d0.25-conv128k3s1p1b1-"
+        "relu-adaptiveavgpool1-flatten-fc10",
+        False,
+    ),
+    "keras_simple_convnet.py:build": (
+        "conv32k3s1p0b1-relu-maxpool2s2p0-conv64k3s1p0b1-relu-maxpool2s2p0-flatten-dropout0.5-fc10",
+        False,
+    ),
+}
+
+
+def model(name: str) -> nn.Module:
+    """The public model, built as its file builds it, with trained-looking BatchNorm buffers
+    (running statistics away from 0 and 1, so that evaluation mode is really tested)."""
+    module, _ = threefold_module(name)
+    torch.manual_seed(0)
+    for sub in module.modules():
+        if isinstance(sub, nn.BatchNorm2d):
+            sub.running_mean.uniform_(-0.5, 0.5)
+            sub.running_var.uniform_(0.5, 2.0)
+            sub.num_batches_tracked.fill_(7)
+    return module.eval()
+
+
+def threefold_module(name: str):
+    from shared.torch_import import load_module_file
+
+    return load_module_file(f"{MODELS / name}")
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_a_public_model_imports_as_pytorch_computes_it(name):
+    spec, _ = PUBLIC[name]
+    network = threefold.from_torch(model(name))
+    assert network.spec == spec
+    assert network.arch.name == threefold.network(spec).arch.name  # the spec rebuilds it
+    # Every tensor of the module is in the network, moved, under its canonical name.
+    assert sorted(network.renames) == sorted(model(name).state_dict())
+    assert sorted(network.renames.values()) == sorted(network.tensors)
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_the_exported_module_gives_the_originals_outputs(name, real_data):
+    """On 1,000 real test images in float32: the original's evaluation-mode outputs (its
+    log-probabilities where it returns them) from the exported nn.Sequential."""
+    _, log_probabilities = PUBLIC[name]
+    original = model(name)
+    exported = threefold.to_torch(threefold.from_torch(original))
+    x = torch.from_numpy(real_data.test.x[:1000])
+    with torch.no_grad():
+        theirs, ours = original(x), exported(x)
+    if log_probabilities:
+        ours = F.log_softmax(ours, dim=1)
+    difference = (theirs - ours).abs().max().item()
+    assert difference < 1e-5, difference
+    assert (theirs.argmax(1) == ours.argmax(1)).all()
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_a_public_model_is_proven_in_all_three(name, real_data):
+    """A short cross-check from the model's own weights, every setting, in float64 (both
+    dtypes and 20 steps: `crosscheck.py --arch tests/models/FILE.py:NAME`, in the docs)."""
+    report = threefold.assert_equivalent(
+        model(name), dtypes=("float64",), steps=2, batch_size=6, data=real_data
+    )
+    assert report.passed and len(report.results) > 250
+    assert report.first_divergence is None
+    assert set(report.worst_by_layer()) <= {*(lay.name for lay in report.network.arch.layers)} | {
+        "loss"
+    }
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_an_imported_model_trains_from_its_own_weights(impl, tmp_path):
+    network = import_file(f"{MODELS / 'keras_simple_convnet.py'}:build")
+    data = load_dataset(make_dataset_dir(tmp_path / "data"))
+    config = TrainConfig(impl=impl, arch=network.arch.name, epochs=2, batch_size=16)
+    record = train(config, data, arch=network.arch, initial=network.tensors, log=lambda _: None)
+    assert record["history"][-1]["train_loss"] < record["history"][0]["train_loss"] * 1.5
+    assert np.isfinite(record["test"]["loss"])
+
+
+# --- the command line -------------------------------------------------------------------
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]  # after argparse's usage
+    assert ": error: " in line and result.stderr.count(": error: ") == 1, result.stderr
+    return line
+
+
+def test_train_takes_a_model_file_and_its_weights(tmp_path):
+    module = model("d2l_lenet.py:LeNet")
+    torch.save(module.state_dict(), tmp_path / "lenet.pt")
+    data = make_dataset_dir(tmp_path / "data")
+    out = tmp_path / "run"
+    arch = f"{MODELS / 'd2l_lenet.py'}:LeNet"
+    result = run(
+        "scripts/train.py", "--arch", arch, "--weights", str(tmp_path / "lenet.pt"),
+        "--epochs", "1", "--batch-size", "16", "--lr", "1e-9", "--plain",
+        "--data-dir", str(data), "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    network = threefold.load(out / "checkpoint.npz")
+    # A rate of 1e-9 for one epoch leaves the model's own weights where they were.
+    for theirs, ours in import_file(arch).renames.items():
+        np.testing.assert_allclose(
+            network.tensors[ours], module.state_dict()[theirs].numpy(), atol=1e-6
+        )
+    saved = threefold.load(out / "checkpoint.npz")
+    assert saved.arch.name == import_file(arch).arch.name
+
+
+def test_the_crosscheck_command_takes_a_model_file():
+    result = run(
+        "scripts/crosscheck.py", "--arch", f"{MODELS / 'keras_simple_convnet.py'}:build",
+        "--steps", "2", "--batch-size", "4", "--dtype", "float64",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "setting 1/7" in result.stderr  # its progress, on stderr
+    assert " 0 failed" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("missing.py:Net", "missing.py is not a file"),
+        ("{models}/d2l_lenet.py:Nope", "defines no Nope"),
+        ("{bad}:Net", "running bad.py raised ZeroDivisionError"),
+        ("{bad_init}:Net", "Net() raised ValueError: no"),
+        ("{not_module}:Net", "int is not a torch.nn.Module"),
+    ],
+)
+def test_a_model_file_that_cannot_be_read_is_one_line(tmp_path, text, expected):
+    files = {
+        "bad": "1 / 0\n",
+        "bad_init": "def Net():\n    raise ValueError('no')\n",
+        "not_module": "def Net():\n    return 3\n",
+    }
+    paths = {}
+    for stem, code in files.items():
+        paths[stem] = tmp_path / f"{stem}.py"
+        paths[stem].write_text(code)
+    arch = text.format(models=MODELS, **paths)
+    line = one_line_error(run("scripts/train.py", "--arch", arch, "--epochs", "1"))
+    assert expected in line
+
+
+def test_a_weights_file_that_does_not_fit_is_one_line(tmp_path):
+    arch = f"{MODELS / 'keras_simple_convnet.py'}:build"
+    network = import_file(arch)
+    state = model("keras_simple_convnet.py:build").state_dict()
+    cases = {
+        "missing": {k: v for k, v in state.items() if k != "0.bias"},
+        "shape": {**state, "0.bias": torch.zeros(3)},
+        "nan": {**state, "8.weight": torch.full_like(state["8.weight"], float("nan"))},
+        "stranger": {**state, "extra.weight": torch.zeros(1)},
+    }
+    expected = {
+        "missing": "1 tensors missing, the first 0.bias (conv1.bias)",
+        "shape": "0.bias has shape (3,)",
+        "nan": "8.weight holds NaN",
+        "stranger": "extra.weight is not a tensor of the network",
+    }
+    for case, content in cases.items():
+        torch.save(content, tmp_path / f"{case}.pt")
+        with pytest.raises(UsageError, match=re.escape(expected[case])):
+            load_weights(tmp_path / f"{case}.pt", network.arch, network.renames, "--weights")
+    # A pickled object, not tensors: torch.load(weights_only=True) refuses to run it.
+    (tmp_path / "object.pt").write_bytes(b"not a zip archive")
+    with pytest.raises(UsageError, match=r"not a state_dict torch\.load can read"):
+        load_weights(tmp_path / "object.pt", network.arch, network.renames, "--weights")
+    torch.save({"model": state}, tmp_path / "nested.pt")
+    with pytest.raises(UsageError, match="not a state_dict of tensors"):
+        load_weights(tmp_path / "nested.pt", network.arch, network.renames, "--weights")
+    # Canonical names load as they are (a threefold run's tensors, say).
+    canonical = {k: torch.from_numpy(v) for k, v in network.tensors.items()}
+    torch.save(canonical, tmp_path / "canonical.pt")
+    loaded, digest = load_weights(tmp_path / "canonical.pt", network.arch, {}, "--weights")
+    assert len(digest) == 64 and all(np.array_equal(loaded[k], network.tensors[k]) for k in loaded)
+
+
+# --- what threefold cannot compute the same way: one line naming the submodule -------------
+
+
+class Chain(nn.Module):
+    """A module whose forward is `body`, on layers given by name."""
+
+    def __init__(self, body, **layers):
+        super().__init__()
+        self.body = body
+        for name, layer in layers.items():
+            setattr(self, name, layer)
+
+    def forward(self, x):
+        return self.body(self, x)
+
+
+def head(channels: int = 4, size: int = 26 * 26):
+    return nn.Sequential(nn.Flatten(), nn.Linear(channels * size, 10))
+
+
+def _residual(m, x):
+    y = m.conv(x)
+    return m.fc(torch.flatten(F.relu(y) + y, 1))
+
+
+def _data_dependent(m, x):
+    if x.sum() > 0:
+        x = F.relu(x)
+    return m.fc(torch.flatten(x, 1))
+
+
+REFUSED = {
+    "ceil_mode": (
+        nn.Sequential(nn.MaxPool2d(2, ceil_mode=True), head(1, 14 * 14)),
+        "0: MaxPool2d(ceil_mode=True): threefold floors",
+    ),
+    "groups": (
+        nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2), head(4, 24 * 24)),
+        "1: Conv2d(groups=2): grouped convolutions",
+    ),
+    "dilation": (
+        nn.Sequential(nn.Conv2d(1, 4, 3, dilation=2), head(4, 24 * 24)),
+        "0: Conv2d(dilation=(2, 2))",
+    ),
+    "padding mode": (
+        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), head(4, 28 * 28)),
+        "0: Conv2d(padding_mode='reflect'): threefold pads with zeros",
+    ),
+    "rectangular kernel": (
+        nn.Sequential(nn.Conv2d(1, 4, (3, 5)), head(4, 26 * 24)),
+        "0: Conv2d(kernel_size=(3, 5)): threefold's windows are square",
+    ),
+    "even same": (
+        nn.Sequential(nn.Conv2d(1, 4, 4, padding="same"), head(4, 28 * 28)),
+        "0: Conv2d(padding='same'): an even kernel (4) pads unevenly",
+    ),
+    "linear without bias": (
+        nn.Sequential(nn.Flatten(), nn.Linear(784, 10, bias=False)),
+        "1: Linear(bias=False)",
+    ),
+    "unknown module": (
+        nn.Sequential(nn.AdaptiveMaxPool2d(7), head(1, 49)),
+        "0: AdaptiveMaxPool2d: not a layer threefold has",
+    ),
+    "final softmax": (
+        nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.Softmax(dim=1)),
+        "2: Softmax(dim=1): threefold trains on logits",
+    ),
+    "log_softmax inside": (
+        nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.LogSoftmax(1), nn.Linear(32, 10)),
+        "2: LogSoftmax(dim=1): a log_softmax before the last layer",
+    ),
+    "batch norm momentum": (
+        nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, momentum=0.01), head()),
+        "1: BatchNorm2d(momentum=0.01)",
+    ),
+    "batch norm without statistics": (
+        nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), head()),
+        "1: BatchNorm2d(track_running_stats=False)",
+    ),
+    "average without padding": (
+        nn.Sequential(nn.AvgPool2d(3, 1, 1, count_include_pad=False), head(1, 28 * 28)),
+        "0: AvgPool2d(count_include_pad=False)",
+    ),
+    "functional ceil": (
+        Chain(
+            lambda m, x: m.fc(torch.flatten(F.max_pool2d(x, 3, ceil_mode=True), 1)),
+            fc=nn.Linear(100, 10),
+        ),
+        "max_pool2d: F.max_pool2d(ceil_mode=True)",
+    ),
+    "residual": (
+        Chain(_residual, conv=nn.Conv2d(1, 4, 3), fc=nn.Linear(4 * 26 * 26, 10)),
+        "add (add): takes several tensors; threefold's networks are chains",
+    ),
+    "data-dependent forward": (
+        Chain(_data_dependent, fc=nn.Linear(784, 10)),
+        "torch.fx cannot trace its forward",
+    ),
+    "another image size": (
+        nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 10)),
+        "its forward fails on 1x28x28 images",
+    ),
+    "dropout2d on features": (
+        nn.Sequential(nn.Flatten(), nn.Dropout2d(0.2), nn.Linear(784, 10)),
+        "1: Dropout2d(p=0.2, inplace=False): Dropout2d on a flat input",
+    ),
+    "partial flatten": (
+        Chain(lambda m, x: m.fc(torch.flatten(torch.flatten(x, 2), 1)), fc=nn.Linear(784, 10)),
+        "flatten: torch.flatten(start_dim=2, end_dim=-1): threefold flattens from dim 1",
+    ),
+    "shared conv": (
+        Chain(
+            lambda m, x: m.fc(torch.flatten(m.conv(m.conv(x)), 1)),
+            conv=nn.Conv2d(1, 1, 3, padding=1),
+            fc=nn.Linear(784, 10),
+        ),
+        "conv: Conv2d: used twice; its weights would be shared",
+    ),
+    "half precision": (
+        nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).half(),
+        "1.weight: torch.float16; threefold computes in float32/64",
+    ),
+}
+
+
+@pytest.mark.parametrize("construct", REFUSED)
+def test_an_unsupported_construct_is_one_line_naming_it(construct):
+    module, expected = REFUSED[construct]
+    with pytest.raises(UsageError) as refused:
+        threefold.from_torch(module)
+    message = str(refused.value)
+    assert expected in message, message
+    assert "\n" not in message
+
+
+def test_the_command_line_refuses_in_one_line_naming_the_submodule(tmp_path):
+    (tmp_path / "model.py").write_text(
+        "from torch import nn\n"
+        "def Net():\n"
+        "    features = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.MaxPool2d(2),\n"
+        "                             nn.MaxPool2d(3, ceil_mode=True))\n"
+        "    return nn.Sequential(features, nn.Flatten(), nn.Linear(8 * 5 * 5, 10))\n"
+    )
+    for script in ("train.py", "crosscheck.py"):
+        line = one_line_error(run(f"scripts/{script}", "--arch", f"{tmp_path / 'model.py'}:Net"))
+        assert "0.3: MaxPool2d(ceil_mode=True): threefold floors like PyTorch's default" in line
+
+
+def test_the_final_log_softmax_is_dropped_and_said_so():
+    network = threefold.from_torch(model("pytorch_examples_net.py:Net"))
+    dropped = [m for m in network.mapping if not m.token]
+    assert [m.source for m in dropped] == ["log_softmax"]
+    assert "same loss" in dropped[0].note
+    assert "(dropped: cross-entropy on log-probabilities is the same loss)" in network.describe()
+
+
+def test_importing_leaves_the_users_module_as_it_was():
+    module = model("bn_cnn.py:Net")
+    module.train()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    threefold.from_torch(module)
+    assert module.training and all(m.training for m in module.modules())
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())

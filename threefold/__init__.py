@@ -1,0 +1,40 @@
+"""threefold: one network written three times (NumPy by hand, JAX, PyTorch), proven to compute
+the same thing in training as in evaluation.
+
+    import threefold
+
+    network = threefold.from_torch(model)     # your nn.Module: its layers, its weights
+    print(network.describe())                 # what each operation became
+    report = threefold.crosscheck(network)    # every comparison, as data
+    threefold.assert_equivalent(model)        # in your own tests: raises with the failing rows
+    module = threefold.to_torch(network)      # a plain nn.Sequential with its weights
+
+A network is also a spec or a preset (`threefold.network("conv8-relu-flatten-fc10")`), or a
+trained run (`threefold.load("runs/jax-lab/checkpoint.npz")`).
+"""
+
+from shared.proof.rows import CheckResult
+from shared.torch_import import Mapped, Network, from_torch
+from threefold.api import (
+    NotEquivalent,
+    Report,
+    assert_equivalent,
+    crosscheck,
+    load,
+    network,
+    to_torch,
+)
+
+__all__ = [
+    "CheckResult",
+    "Mapped",
+    "Network",
+    "NotEquivalent",
+    "Report",
+    "assert_equivalent",
+    "crosscheck",
+    "from_torch",
+    "load",
+    "network",
+    "to_torch",
+]

@@ -1,0 +1,217 @@
+"""The public API's functions: networks from a spec or a PyTorch module, the cross-check as
+data, and the way back to PyTorch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.checkpoint import load_checkpoint
+from shared.config import IMPLEMENTATIONS, PAIRS
+from shared.data import Dataset, get_dataset_spec, load_dataset
+from shared.errors import ThreefoldError
+from shared.kinds import kind_of
+from shared.proof.rows import CheckResult
+from shared.spec import Arch, get_arch, init_params, is_model_file, tensors
+from shared.torch_import import Mapped, Network, from_torch
+
+
+def network(spec: str, seed: int = 0, init: str = "he") -> Network:
+    """A network from a preset, a spec or a .json/.toml/FILE.py:NAME, with initial weights
+    drawn by `init` from `seed` (a model file's own weights for FILE.py:NAME)."""
+    from shared.torch_import import import_file
+
+    if is_model_file(spec):
+        return import_file(spec, "network")
+    arch = get_arch(spec, "network")
+    return Network(arch, init_params(arch, init, seed, np.dtype(np.float32)), _mapping(arch))
+
+
+def load(path: str | Path) -> Network:
+    """The network of a checkpoint (train.py's checkpoint.npz), with its trained weights and
+    the input scaling it was trained with: the exported module takes raw [0, 1] pixels."""
+    ckpt = load_checkpoint(Path(path), np.float32)
+    arch = get_arch(ckpt.meta["arch"], str(path), files=False)
+    spec = get_dataset_spec(ckpt.meta.get("dataset", "fashion-mnist"))
+    standardise = spec.standardisation("standardised") if ckpt.pixels == "standardised" else None
+    return Network(arch, ckpt.params, _mapping(arch), standardise)
+
+
+def _mapping(arch: Arch) -> tuple[Mapped, ...]:
+    """Each layer as itself, its tensors under their canonical names."""
+    return tuple(
+        Mapped(
+            layer.name,
+            layer.name,
+            kind_of(layer).token(layer, every=True),
+            tensors=tuple((n, n) for n in tensors(arch) if n.split(".")[0] == layer.name),
+        )
+        for layer in arch.layers
+    )
+
+
+def _as_network(subject: Network | Any | str) -> Network:
+    if isinstance(subject, Network):
+        return subject
+    if isinstance(subject, str):
+        return network(subject)
+    return from_torch(subject)
+
+
+def to_torch(subject: Network | str):
+    """The network as a plain `torch.nn.Sequential` holding its weights (canonical state_dict
+    names), in evaluation mode; a network trained on standardised pixels standardises raw
+    [0, 1] pixels first (`Network.standardise`), so it predicts from the images as they are."""
+    import torch
+
+    from impl_torch.model import as_module
+
+    net = _as_network(subject)
+    module = as_module(net.arch, net.standardise)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in net.tensors.items()}
+    module.load_state_dict(state, strict=True)
+    return module.eval()
+
+
+@dataclass(frozen=True)
+class Report:
+    """The cross-check's outcome: every row, and what a reader asks of them."""
+
+    network: Network
+    results: tuple[CheckResult, ...]
+    images: str  # what the batches were: real images or seeded random ones
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        return [r for r in self.results if not r.passed]
+
+    def worst_by_layer(self) -> dict[str, CheckResult]:
+        """For each layer (in the network's order; "loss" for the rows of no layer), the row
+        of an implementation pair with the largest difference relative to its tolerance."""
+        worst: dict[str, CheckResult] = {}
+        for row in self.results:
+            if row.pair not in PAIRS:
+                continue
+            layer = layer_of(row.check, self.network.arch)
+            if layer not in worst or _share(row) > _share(worst[layer]):
+                worst[layer] = row
+        order = [layer.name for layer in self.network.arch.layers] + ["loss"]
+        return {name: worst[name] for name in order if name in worst}
+
+    @property
+    def first_divergence(self) -> str | None:
+        """The first layer, in the network's order, where a pair of implementations parts
+        (a row beyond its tolerance); None when every row passes."""
+        failing = {layer_of(r.check, self.network.arch) for r in self.failed}
+        order = [layer.name for layer in self.network.arch.layers] + ["loss"]
+        return next((name for name in order if name in failing), None)
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.network.arch.name}: {len(self.results) - len(self.failed)} passed, "
+            f"{len(self.failed)} failed ({self.images})"
+        ]
+        for layer, row in self.worst_by_layer().items():
+            lines.append(
+                f"  {layer:<12} worst {row.max_rel:.1e} of {row.tolerance:.0e} "
+                f"({row.check}, {row.pair}, {row.dtype})"
+            )
+        if self.first_divergence:
+            lines.append(f"  first divergence: {self.first_divergence}")
+        return "\n".join(lines)
+
+
+def _share(row: CheckResult) -> float:
+    return row.max_rel / row.tolerance if row.tolerance else float("inf")
+
+
+def layer_of(check: str, arch: Arch) -> str:
+    """The layer a row's check is about (its tensor's or its activation's), or "loss"."""
+    names = {layer.name for layer in arch.layers}
+    for word in check.replace("(", " ").split():
+        name = word.split(".")[0]
+        if name in names:
+            return name
+    return "loss"
+
+
+class NotEquivalent(AssertionError):
+    """The implementations disagree: the failing rows are in the message and `report`."""
+
+    def __init__(self, report: Report):
+        rows = "\n".join(
+            f"  {r.check} {r.pair} {r.dtype} [{r.setting}]: {r.max_rel:.2e} > {r.tolerance:.0e}"
+            for r in report.failed[:20]
+        )
+        more = len(report.failed) - 20
+        super().__init__(
+            f"{len(report.failed)} of {len(report.results)} comparisons failed, first "
+            f"divergence at {report.first_divergence}:\n{rows}"
+            + (f"\n  ... and {more} more" if more > 0 else "")
+        )
+        self.report = report
+
+
+def crosscheck(
+    subject: Network | Any | str,
+    *,
+    dtypes: tuple[str, ...] = ("float64", "float32"),
+    steps: int = 20,
+    batch_size: int | None = None,
+    seed: int = 0,
+    data: Dataset | str | None = "auto",
+    impls: tuple[str, ...] = IMPLEMENTATIONS,
+    progress: Callable[[str], None] | None = None,
+) -> Report:
+    """Every comparison of the three implementations on `subject` (a Network, an nn.Module or
+    a spec), starting from its own weights: each layer's activations, the loss, every
+    gradient, a run in lockstep under the default, drawn and Adam settings, NumPy against
+    finite differences. `data`: "auto" (Fashion-MNIST where installed, else seeded random
+    images), a Dataset, or None (random images)."""
+    from shared.crosscheck import run_crosscheck
+
+    net = _as_network(subject)
+    images, dataset = _images(data)
+    results = run_crosscheck(
+        [net.arch],
+        list(dtypes),
+        dataset,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        impls=impls,
+        initial={net.arch.name: net.tensors},
+        progress=progress,
+    )
+    return Report(net, tuple(results), images)
+
+
+def _images(data: Dataset | str | None) -> tuple[str, Dataset | None]:
+    if isinstance(data, Dataset):
+        return f"{data.spec.name} images", data
+    if data is None:
+        return "seeded random images", None
+    if data != "auto":
+        raise ValueError(f"data: a Dataset, 'auto' or None, not {data!r}")
+    try:
+        dataset = load_dataset()
+    except ThreefoldError:
+        return "seeded random images (Fashion-MNIST not installed)", None
+    return f"{dataset.spec.name} images", dataset
+
+
+def assert_equivalent(subject: Network | Any | str, **options: Any) -> Report:
+    """`crosscheck(subject, **options)`, raising NotEquivalent with the failing rows unless
+    every comparison passes; the report when they all do."""
+    report = crosscheck(subject, **options)
+    if not report.passed:
+        raise NotEquivalent(report)
+    return report
