@@ -114,8 +114,8 @@ def save_checkpoint(
     for name, value in arrays.items():
         value = np.asarray(value)
         tensor = expected[name]
-        problem = _form_problem(tensor, value.dtype, value.shape, arch.name)
-        problem = problem or _value_problem(tensor, value)
+        problem = form_problem(tensor, value.dtype, value.shape, arch.name)
+        problem = problem or value_problem(tensor, value)
         if problem is not None:
             raise CheckpointError(f"{where}: tensor {name} {problem}")
     text = json.dumps(meta, allow_nan=False)
@@ -296,7 +296,7 @@ def _read_meta(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> A
 MAX_COUNT = 2**62
 
 
-def _form_problem(tensor: Tensor, dtype: np.dtype, shape: tuple[int, ...], arch: str) -> str | None:
+def form_problem(tensor: Tensor, dtype: np.dtype, shape: tuple[int, ...], arch: str) -> str | None:
     """Why a stored array of `dtype` and `shape` cannot be `tensor` of the network named
     `arch` (None if it can)."""
     if tensor.counter and (dtype.kind != "i" or dtype.itemsize != 8):
@@ -308,7 +308,7 @@ def _form_problem(tensor: Tensor, dtype: np.dtype, shape: tuple[int, ...], arch:
     return None
 
 
-def _value_problem(tensor: Tensor, value: np.ndarray) -> str | None:
+def value_problem(tensor: Tensor, value: np.ndarray) -> str | None:
     """Why the values of `tensor` cannot be what they claim (None if they can): NaN or
     infinity in a float, a negative counter or running variance, a counter about to
     overflow."""
@@ -338,12 +338,12 @@ def _read_tensor(
     `dtype` (if given) without overflow, a counter as int64."""
 
     def check(stored: np.dtype, stored_shape: tuple[int, ...]) -> None:
-        problem = _form_problem(tensor, stored, stored_shape, arch)
+        problem = form_problem(tensor, stored, stored_shape, arch)
         if problem is not None:
             raise CheckpointError(f"{where}: tensor {key} {problem}")
 
     value = _read_npy(archive, info, f"tensor {key}", where, check)
-    problem = _value_problem(tensor, value)
+    problem = value_problem(tensor, value)
     if problem is not None:
         raise CheckpointError(f"{where}: tensor {key} {problem}")
     if tensor.counter:

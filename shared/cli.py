@@ -118,7 +118,8 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
         help="a preset ("
         + "; ".join(f"{a.name}: {a.description}" for a in presets().values())
         + "), a spec such as conv16-bn-relu-maxpool2-flatten-fc10, a .json/.toml file "
-        "(grammar below), or a PyTorch model FILE.py:NAME (the file is executed)",
+        "(grammar below), a PyTorch model FILE.py:NAME (the file is executed) or an ONNX "
+        "graph FILE.onnx",
     )
     for field, help in _help(defaults).items():
         bound, default = FIELDS[field], getattr(defaults, field)

@@ -27,8 +27,11 @@ from shared.cost import check_training_batch
 from shared.data import Dataset, load_dataset
 from shared.errors import UsageError
 from shared.io import write_json
+from shared.network import import_network
+from shared.onnx_export import require_onnx
 from shared.outputs import check_out_file
 from shared.proof.kinks import BATCH_SIZE, away_from_kinks, batch_size_for, crosscheck_cost
+from shared.proof.onnx_witness import onnx_rows
 from shared.proof.passes import (
     checkpoint_agreement,
     finite_difference_grads,
@@ -47,7 +50,7 @@ from shared.proof.settings import (
     scaled_logits,
     settings,
 )
-from shared.spec import Arch, Params, cast_params, get_arch, init_params
+from shared.spec import Arch, Params, cast_params, get_arch, init_params, is_model_file
 
 
 def run_crosscheck(
@@ -62,6 +65,8 @@ def run_crosscheck(
     impls: tuple[str, ...] = IMPLEMENTATIONS,
     initial: dict[str, Params] | None = None,
     progress: Callable[[str], None] | None = None,
+    onnx: bool = False,
+    notes: list[str] | None = None,
 ) -> list[CheckResult]:
     """Every comparison for every architecture and dtype under every setting: by default every
     training technique on (Nesterov momentum, weight decay, warm-up and schedule, label
@@ -69,7 +74,9 @@ def run_crosscheck(
     ties and huge logits; and the shared code against the frameworks' own libraries. Batches
     of `batch_size` images, or by default `batch_size_for(arch)`. A network starts from
     `initial[arch.name]` (its own weights) if given, else from seeded initial weights;
-    `progress` is told each network, dtype and setting as it starts."""
+    `progress` is told each network, dtype and setting as it starts. With `onnx`, the
+    network exported to ONNX and run by onnxruntime is compared with every implementation in
+    evaluation mode under the first setting; what it cannot run is added to `notes`."""
     config = config or ALL_ON
     initial = initial or {}
     tell = progress or (lambda _: None)
@@ -105,6 +112,11 @@ def run_crosscheck(
             if not setting.planted_ties and dtype == "float32":
                 x0 = away_from_kinks(reference, arch, start, batches[0][0], masks, seed)
             checks = [("pass", single_pass(backends, arch, start, x0, xs[0][1], masks))]
+            if onnx and number == 1:
+                rows, why = onnx_rows(backends, arch, start, x0)
+                checks.append(("pass", rows))
+                if why is not None and notes is not None:
+                    notes.append(f"{arch.name[:60]} | {dtype} | onnxruntime not run: {why}")
             if setting.lockstep:
                 resync = dtype == "float32"
                 checks.append(("lockstep", lockstep(backends, arch, start, xs, setting, resync)))
@@ -158,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         "--arch",
         action="append",
         metavar="NETWORK",
-        help="network to check: a preset, a spec, a .json/.toml file or a PyTorch model "
-        "FILE.py:NAME (the file is executed), as train.py --arch (repeatable; default: lab "
-        "and pool)",
+        help="network to check: a preset, a spec, a .json/.toml file, a PyTorch model "
+        "FILE.py:NAME (the file is executed) or an ONNX FILE.onnx, as train.py --arch; a "
+        "model file is checked from its own weights (repeatable; default: lab and pool)",
     )
     parser.add_argument(
         "--dtype",
@@ -183,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also load this checkpoint into all three and compare test predictions",
     )
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export each network to ONNX and compare onnxruntime's layer outputs with "
+        "every implementation in evaluation mode, its graph optimisations off and on (needs "
+        "the optional extra: pip install -e '.[onnx]')",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument(
         "--plot",
@@ -199,11 +218,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
+        if args.onnx:
+            require_onnx()
         if args.json is not None:
             check_out_file(args.json, "--json")
         if args.plot is not None:
             check_out_file(args.plot, "--plot")
-        archs = [get_arch(a) for a in (args.arch or ["lab", "pool"])]
+        # A model file is proven from its own weights; a spec or preset from seeded ones.
+        archs, initial = [], {}
+        for text in args.arch or ["lab", "pool"]:
+            if is_model_file(text):
+                network = import_network(text)
+                archs.append(network.arch)
+                initial[network.arch.name] = network.tensors
+            else:
+                archs.append(get_arch(text))
         if args.batch_size == 1 and any(a.uses_batch_statistics for a in archs):
             raise UsageError("--batch-size 1: BatchNorm cannot take statistics of one image")
         for arch in archs:  # the float64 pass compares whole batches in every implementation
@@ -221,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{len(data.train)} training images"
             )
         started = time.perf_counter()
+        notes: list[str] = []
 
         def progress(message: str) -> None:  # on stderr: the table on stdout stays clean
             print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr)
@@ -233,11 +263,16 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             seed=args.seed,
             progress=None if args.quiet else progress,
+            initial=initial,
+            onnx=args.onnx,
+            notes=notes,
         )
         if ckpt is not None:  # in float32, as checkpoint_agreement computes
             arch = get_arch(ckpt.meta["arch"], files=False)
-            results += checkpoint_agreement(ckpt.params, arch, data.test.x)
+            results += checkpoint_agreement(ckpt.params, arch, data.test.x, onnx=args.onnx)
         print(format_table(results))
+        for note in notes:
+            print(note)
         failed = [r for r in results if not r.passed]
         print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
         if args.json is not None:

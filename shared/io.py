@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from shared.errors import OutputError
+from shared.errors import OutputError, UsageError
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -89,3 +90,18 @@ def remove_stale_temporaries(folder: Path) -> None:
             continue
         with contextlib.suppress(FileNotFoundError):
             leftover.unlink()
+
+
+@contextlib.contextmanager
+def regular_file(path: Path, where: str) -> Iterator[IO[bytes]]:
+    """`path` opened for reading without blocking, if it is a regular file: a FIFO or a
+    device under a file's name would otherwise wait for a writer, or never end. Anything
+    else, or a file that cannot be opened, is a UsageError naming `where`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise UsageError(f"{where}: cannot read it ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"{where}: not a regular file")
+        yield file

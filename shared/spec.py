@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import stat
 import textwrap
 import tomllib
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ import numpy as np
 
 from shared.cost import check_network
 from shared.errors import UsageError
+from shared.io import regular_file
 from shared.kinds import KINDS, kind_of, output_shape
 from shared.layers import (
     INPUT_SHAPE,
@@ -149,16 +148,16 @@ GRAMMAR = _grammar()
 
 
 def get_arch(text: str, where: str = "--arch", files: bool = True) -> Arch:
-    """The network `text` describes: a preset name, a .json or .toml file or a PyTorch model
-    FILE.py:NAME (if `files`), or a compact spec. A spec that cannot work raises a
-    UsageError naming `where`, the token and the conflict."""
+    """The network `text` describes: a preset name, a .json or .toml file, a PyTorch model
+    FILE.py:NAME or an ONNX FILE.onnx (if `files`), or a compact spec. A spec that cannot
+    work raises a UsageError naming `where`, the token and the conflict."""
     if text in PRESETS:
         spec, description = PRESETS[text]
         return Arch(text, description, build_layers(_tokens(spec, where), where))
     if files and is_model_file(text):
-        from shared.torch_import import import_file  # imports PyTorch, which only this needs
+        from shared.network import import_network  # imports PyTorch or ONNX, as only this needs
 
-        return import_file(text, where).arch
+        return import_network(text, where).arch
     if files and text.lower().endswith((".json", ".toml")):
         entries = _file_entries(Path(text), where)
         where = f"{where} {text}"
@@ -178,9 +177,10 @@ def get_arch(text: str, where: str = "--arch", files: bool = True) -> Arch:
 
 
 def is_model_file(text: str) -> bool:
-    """Whether a network's text names a PyTorch model file: FILE.py:NAME."""
+    """Whether a network's text names a model file: a PyTorch FILE.py:NAME or an ONNX
+    FILE.onnx."""
     path, _, name = text.rpartition(":")
-    return path.lower().endswith(".py") and name.isidentifier()
+    return (path.lower().endswith(".py") and name.isidentifier()) or text.lower().endswith(".onnx")
 
 
 def presets() -> dict[str, Arch]:
@@ -296,12 +296,7 @@ def _file_entries(path: Path, where: str) -> list[Entry]:
     """The entries of a JSON or TOML file holding {"layers": [token or table, ...]}."""
     where = f"{where} {path}"
     try:
-        # Opened without blocking, and read only if it is a regular file: a FIFO or a device
-        # named .json would otherwise wait for a writer, or never end.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as file:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise UsageError(f"{where}: not a regular file; give a .json or .toml file")
+        with regular_file(path, where) as file:
             raw = file.read(MAX_SPEC_FILE_BYTES + 1)
     except OSError as e:
         raise UsageError(f"{where}: cannot read it ({e.strerror or e})") from None

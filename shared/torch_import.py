@@ -23,61 +23,13 @@ import numpy as np
 from shared.errors import UsageError
 from shared.kinds import kind_of
 from shared.layers import INPUT_SHAPE
+from shared.network import Mapped, Network
 from shared.spec import Arch, Entry, Params, build_layers, get_arch, tensors
 from shared.torch_ops import DROP, METHODS, MODULES, RESHAPES, Refused, Taken, bind, functions
 
 # A model file is a Python module the user names; a weights file holds one state_dict.
 MAX_MODEL_FILE_BYTES = 2**20
 MAX_WEIGHTS_FILE_BYTES = 2**30
-
-
-@dataclass(frozen=True)
-class Mapped:
-    """How one operation of the module was taken: `source` is the submodule's path (or the
-    functional call's node name), `what` the operation as PyTorch prints it, `token` the layer
-    it became with every option written ("" when dropped, `note` says why), and `tensors`
-    the (module's name, canonical name) of each of its tensors."""
-
-    source: str
-    what: str
-    token: str
-    note: str = ""
-    tensors: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class Network:
-    """A network in threefold: `arch` (its layers), `tensors` (canonical names, NumPy: a
-    module's own values, a checkpoint's, or drawn), `mapping` (each operation of the source
-    and what it became) and `standardise`: the (mean, std) its raw [0, 1] pixels are
-    standardised with before the first layer, or None when it takes its input as it is."""
-
-    arch: Arch
-    tensors: Params
-    mapping: tuple[Mapped, ...]
-    standardise: tuple[float, float] | None = None
-
-    @property
-    def spec(self) -> str:
-        """The network's spec with every option written out, as PyTorch computes it."""
-        return "-".join(m.token for m in self.mapping if m.token)
-
-    @property
-    def renames(self) -> dict[str, str]:
-        """The module's state_dict names -> canonical names."""
-        return {theirs: ours for m in self.mapping for theirs, ours in m.tensors}
-
-    def describe(self) -> str:
-        """The mapping as a table: the module's operation, the layer it became, its tensors."""
-        rows = [("module", "PyTorch", "threefold", "tensors")]
-        for m in self.mapping:
-            moved = ", ".join(f"{a} -> {b}" if a != b else a for a, b in m.tensors)
-            rows.append((m.source, m.what, m.token or f"(dropped: {m.note})", moved))
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        return "\n".join(
-            "  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths, strict=True)) + "  " + r[3]
-            for r in rows
-        ).rstrip()
 
 
 # --- the chain ----------------------------------------------------------------------------------
@@ -394,7 +346,9 @@ def import_file(text: str, where: str = "--arch") -> Network:
     return from_torch(module, label)
 
 
-def load_weights(path: Path, arch: Arch, renames: dict[str, str], where: str) -> tuple[Params, str]:
+def load_state_dict_file(
+    path: Path, arch: Arch, renames: dict[str, str], where: str
+) -> tuple[Params, str]:
     """A state_dict file (torch.save) read with `torch.load(weights_only=True)` -> (the
     canonical tensors of `arch`, the file's SHA-256), renamed by `renames` (the module's
     names -> canonical; canonical names are taken as they are). Every tensor must be there,

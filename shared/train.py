@@ -13,6 +13,7 @@ from shared.config import TrainConfig, check_config, config_from_saved
 from shared.data import Dataset, get_dataset_spec, load_dataset
 from shared.errors import CheckpointError, UsageError
 from shared.loop import data_identity, terminate_on_sigterm, train, train_split
+from shared.network import import_network, load_weights
 from shared.outputs import (
     CHECKPOINT_NAME,
     CURVES_NAME,
@@ -24,7 +25,6 @@ from shared.outputs import (
     prepare_out_dir,
 )
 from shared.spec import GRAMMAR, Arch, Params, get_arch, is_model_file
-from shared.torch_import import import_file, load_weights
 
 
 def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConfig, Checkpoint]:
@@ -107,11 +107,11 @@ def build_parser(defaults: TrainConfig) -> argparse.ArgumentParser:
         "--weights",
         type=Path,
         default=None,
-        metavar="FILE.pt",
+        metavar="FILE",
         dest="weights_file",
-        help="start from these weights: a state_dict saved with torch.save, read with "
-        "torch.load(weights_only=True), named as the --arch FILE.py:NAME module names them "
-        "(or canonically)",
+        help="start from these weights: a state_dict saved with torch.save (.pt, read with "
+        "torch.load(weights_only=True)), a .safetensors file or an ONNX graph's initialisers "
+        "(.onnx), named as the --arch model file names them (or canonically)",
     )
     parser.add_argument(
         "--out",
@@ -198,7 +198,7 @@ def _start(args: argparse.Namespace, typed: set[str]) -> int:
     or a fresh runs/IMPL-ARCH[-N]) held while it trains, and removed if the run fails before
     writing anything into a folder it made."""
     # Parsed once; the run keeps the network's canonical name and never needs a spec file.
-    network = import_file(args.arch) if is_model_file(args.arch) else None
+    network = import_network(args.arch) if is_model_file(args.arch) else None
     arch = get_arch(args.arch) if network is None else network.arch
     args.arch = arch.name
     initial = None

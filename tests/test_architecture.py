@@ -12,7 +12,7 @@ import pytest
 from shared.backend import IMPLEMENTATIONS
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = {"train", "evaluate", "crosscheck", "experiments", "benchmark", "speedrun"}
+COMMANDS = {"train", "evaluate", "crosscheck", "experiments", "benchmark", "speedrun", "export"}
 PACKAGES = ("threefold", "shared", *(f"impl_{name}" for name in IMPLEMENTATIONS))
 # The one module of shared/ that may import an implementation: the backend factory.
 FACTORY = ROOT / "shared" / "backend.py"

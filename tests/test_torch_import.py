@@ -21,7 +21,8 @@ from shared.config import IMPLEMENTATIONS, TrainConfig
 from shared.data import load_dataset
 from shared.errors import UsageError
 from shared.loop import train
-from shared.torch_import import import_file, load_weights
+from shared.network import load_weights
+from shared.torch_import import import_file
 from tests.conftest import make_dataset_dir
 
 ROOT = Path(__file__).resolve().parents[1]

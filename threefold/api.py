@@ -10,48 +10,32 @@ from typing import Any
 
 import numpy as np
 
-from shared.checkpoint import load_checkpoint
 from shared.config import IMPLEMENTATIONS, PAIRS
-from shared.data import Dataset, get_dataset_spec, load_dataset
+from shared.data import Dataset, load_dataset
 from shared.errors import ThreefoldError
-from shared.kinds import kind_of
+from shared.network import Network, identity_mapping, import_network, load_network
 from shared.proof.rows import CheckResult
-from shared.spec import Arch, get_arch, init_params, is_model_file, tensors
-from shared.torch_import import Mapped, Network, from_torch
+from shared.spec import Arch, get_arch, init_params, is_model_file
+from shared.torch_import import from_torch
 
 
 def network(spec: str, seed: int = 0, init: str = "he") -> Network:
     """A network from a preset, a spec or a .json/.toml/FILE.py:NAME, with initial weights
     drawn by `init` from `seed` (a model file's own weights for FILE.py:NAME)."""
-    from shared.torch_import import import_file
-
     if is_model_file(spec):
-        return import_file(spec, "network")
+        return import_network(spec, "network")
     arch = get_arch(spec, "network")
-    return Network(arch, init_params(arch, init, seed, np.dtype(np.float32)), _mapping(arch))
+    return Network(
+        arch, init_params(arch, init, seed, np.dtype(np.float32)), identity_mapping(arch)
+    )
 
 
 def load(path: str | Path) -> Network:
-    """The network of a checkpoint (train.py's checkpoint.npz), with its trained weights and
-    the input scaling it was trained with: the exported module takes raw [0, 1] pixels."""
-    ckpt = load_checkpoint(Path(path), np.float32)
-    arch = get_arch(ckpt.meta["arch"], str(path), files=False)
-    spec = get_dataset_spec(ckpt.meta.get("dataset", "fashion-mnist"))
-    standardise = spec.standardisation("standardised") if ckpt.pixels == "standardised" else None
-    return Network(arch, ckpt.params, _mapping(arch), standardise)
-
-
-def _mapping(arch: Arch) -> tuple[Mapped, ...]:
-    """Each layer as itself, its tensors under their canonical names."""
-    return tuple(
-        Mapped(
-            layer.name,
-            layer.name,
-            kind_of(layer).token(layer, every=True),
-            tensors=tuple((n, n) for n in tensors(arch) if n.split(".")[0] == layer.name),
-        )
-        for layer in arch.layers
-    )
+    """The network of a file, with its weights and the input scaling it expects: a checkpoint
+    (train.py's checkpoint.npz), a .safetensors file written by threefold (its metadata
+    names the network), or an ONNX graph (.onnx). Each is read as untrusted input, its
+    network held to the cost bounds before a tensor is read."""
+    return load_network(Path(path), "load")
 
 
 def _as_network(subject: Network | Any | str) -> Network:
@@ -84,6 +68,7 @@ class Report:
     network: Network
     results: tuple[CheckResult, ...]
     images: str  # what the batches were: real images or seeded random ones
+    notes: tuple[str, ...] = ()  # what was not run, and why (onnxruntime's missing kernels)
 
     @property
     def passed(self) -> bool:
@@ -170,15 +155,22 @@ def crosscheck(
     data: Dataset | str | None = "auto",
     impls: tuple[str, ...] = IMPLEMENTATIONS,
     progress: Callable[[str], None] | None = None,
+    onnx: bool = False,
 ) -> Report:
     """Every comparison of the three implementations on `subject` (a Network, an nn.Module or
     a spec), starting from its own weights: each layer's activations, the loss, every
     gradient, a run in lockstep under the default, drawn and Adam settings, NumPy against
-    finite differences. `data`: "auto" (Fashion-MNIST where installed, else seeded random
-    images), a Dataset, or None (random images)."""
+    finite differences; with `onnx`, the network exported to ONNX and run by onnxruntime
+    against each implementation in evaluation mode, layer by layer. `data`: "auto"
+    (Fashion-MNIST where installed, else seeded random images), a Dataset, or None (random
+    images)."""
     from shared.crosscheck import run_crosscheck
+    from shared.onnx_export import require_onnx
 
+    if onnx:
+        require_onnx()
     net = _as_network(subject)
+    notes: list[str] = []
     images, dataset = _images(data)
     results = run_crosscheck(
         [net.arch],
@@ -190,8 +182,10 @@ def crosscheck(
         impls=impls,
         initial={net.arch.name: net.tensors},
         progress=progress,
+        onnx=onnx,
+        notes=notes,
     )
-    return Report(net, tuple(results), images)
+    return Report(net, tuple(results), images, tuple(notes))
 
 
 def _images(data: Dataset | str | None) -> tuple[str, Dataset | None]:

@@ -15,6 +15,7 @@ from shared.batches import training_batches
 from shared.config import OPTIMIZER_BUFFERS, learning_rate
 from shared.data import FASHION_MNIST
 from shared.proof.kinks import kink_state, same_side
+from shared.proof.onnx_witness import onnx_logits
 from shared.proof.rows import FD_STEP, TOLERANCES, CheckResult, Compared, compare, dtypes_of
 from shared.proof.settings import Setting
 from shared.spec import Arch, Params, split_params
@@ -205,9 +206,14 @@ def finite_difference_grads(
 
 
 def checkpoint_agreement(
-    params: Params, arch: Arch, images: np.ndarray, impls: tuple[str, ...] = IMPLEMENTATIONS
+    params: Params,
+    arch: Arch,
+    images: np.ndarray,
+    impls: tuple[str, ...] = IMPLEMENTATIONS,
+    onnx: bool = False,
 ) -> list[CheckResult]:
-    """Load the same weights into every implementation (float32) and compare test logits and
+    """Load the same weights into every implementation (float32), and with `onnx` into
+    onnxruntime (the exported graph, all optimisations on), and compare test logits and
     predicted classes. A differing argmax counts only where neither side has a near-tie:
     top-two logits closer than the float32 tolerance times the logits' scale."""
     tolerance = TOLERANCES[("float32", "pass")]
@@ -215,6 +221,8 @@ def checkpoint_agreement(
     for impl in impls:
         backend = make_backend(impl, arch)
         logits[impl] = batched_logits(backend, backend.init_state(params), images)
+    if onnx:
+        logits["onnx-opt"] = onnx_logits(arch, params, images)
     results = []
     for pair, a, b in _pairs(logits):
         results.append(

@@ -1,0 +1,100 @@
+"""The export.py command: a checkpoint's network out as an ONNX graph and its weights as
+.safetensors, each file checked by reading it back before the command says it is done."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from shared.backend import batched_logits, make_backend
+from shared.cli import run_cli
+from shared.data import load_dataset
+from shared.errors import ThreefoldError, UsageError
+from shared.network import Network, load_network
+from shared.onnx_export import OPSET, require_onnx
+from shared.outputs import check_out_file
+from shared.proof.onnx_witness import onnx_logits
+from shared.proof.rows import TOLERANCES, compare
+
+
+def raw_test_images(data_dir: str | None) -> tuple[np.ndarray, str]:
+    """(images (N, 1, 28, 28) as the exported graph takes them, what they are): the real
+    test set where installed, else 256 seeded random images in [0, 1]."""
+    try:
+        data = load_dataset(data_dir, pixels="raw")
+        return data.test.x, f"{len(data.test.x):,} test images"
+    except ThreefoldError:
+        images = np.random.default_rng(0).random((256, 1, 28, 28), dtype=np.float32)
+        return images, "256 seeded random images (the test set is not installed)"
+
+
+def verify(network: Network, images: np.ndarray) -> tuple[float, int]:
+    """(max |logit difference| relative to the logits' scale, images whose predicted class
+    differs) between onnxruntime running the exported graph on `images` (raw pixels) and the
+    PyTorch implementation (the three agree; it is the quickest to evaluate on a CPU) on the
+    same images standardised as the network was trained."""
+    mean, std = network.standardise or (0.0, 1.0)
+    backend = make_backend("torch", network.arch)
+    expected = batched_logits(backend, backend.init_state(network.tensors), (images - mean) / std)
+    got = onnx_logits(network.arch, network.tensors, images, network.standardise)
+    _, relative = compare(got, expected)
+    return relative, int((got.argmax(1) != expected.argmax(1)).sum())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """scripts/export.py: write a checkpoint's network as ONNX and .safetensors."""
+    parser = argparse.ArgumentParser(
+        prog="export.py",
+        description="Export a checkpoint's network: an ONNX graph (opset "
+        f"{OPSET}, a dynamic batch axis, taking raw [0, 1] pixels) and its weights as "
+        ".safetensors with PyTorch's state_dict names.",
+    )
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint.npz written by train.py")
+    parser.add_argument("--onnx", type=Path, metavar="FILE.onnx", help="write the ONNX graph here")
+    parser.add_argument(
+        "--safetensors",
+        type=Path,
+        metavar="FILE",
+        help="write the weights here (default with --onnx: beside it, FILE.safetensors)",
+    )
+    parser.add_argument("--data-dir", default=None, help="where the test images are, to verify")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        if args.onnx is None and args.safetensors is None:
+            raise UsageError("give --onnx FILE.onnx, --safetensors FILE or both")
+        if args.onnx is not None:
+            require_onnx()
+            check_out_file(args.onnx, "--onnx")
+        weights = args.safetensors
+        if weights is None:
+            weights = args.onnx.with_suffix(".safetensors")
+        check_out_file(weights, "--safetensors")
+        network = load_network(
+            args.checkpoint, "export.py"
+        )  # checked whole before anything is written
+        written = []
+        try:
+            if args.onnx is not None:
+                written.append(network.to_onnx(args.onnx))
+            written.append(network.to_safetensors(weights))
+        except BaseException:
+            for path in written:  # a pair or nothing: the graph without its weights is removed
+                path.unlink(missing_ok=True)
+            raise
+        for path in written:
+            print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+        if args.onnx is None:
+            return 0
+        images, what = raw_test_images(args.data_dir)
+        relative, differ = verify(network, images)
+        tolerance = TOLERANCES[("float32", "pass")]
+        print(
+            f"onnxruntime on {what}, raw pixels: logits within {relative:.1e} of PyTorch's "
+            f"(tolerance {tolerance:.0e}), {differ} predicted classes differ"
+        )
+        return 0 if relative <= tolerance else 1
+
+    return run_cli(parser, body)

@@ -1,0 +1,156 @@
+"""A network in threefold's terms, wherever it came from (a spec, a PyTorch module, an ONNX
+graph, a checkpoint): its layers, its canonical tensors, how each operation of the source was
+taken, and the input scaling it expects; and the ways out of it (PyTorch, ONNX, safetensors)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shared.checkpoint import load_checkpoint
+from shared.data import get_dataset_spec
+from shared.errors import UsageError
+from shared.kinds import kind_of
+from shared.spec import Arch, Params, get_arch, tensors
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """How one operation of the source was taken: `source` is the submodule's path (or the
+    functional call's or ONNX node's name), `what` the operation as its framework prints it,
+    `token` the layer it became with every option written ("" when dropped, `note` says
+    why), and `tensors` the (source's name, canonical name) of each of its tensors."""
+
+    source: str
+    what: str
+    token: str
+    note: str = ""
+    tensors: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Network:
+    """A network in threefold: `arch` (its layers), `tensors` (canonical names, NumPy: a
+    module's own values, a checkpoint's, or drawn), `mapping` (each operation of the source
+    and what it became) and `standardise`: the (mean, std) its raw [0, 1] pixels are
+    standardised with before the first layer, or None when it takes its input as it is."""
+
+    arch: Arch
+    tensors: Params
+    mapping: tuple[Mapped, ...]
+    standardise: tuple[float, float] | None = None
+
+    @property
+    def spec(self) -> str:
+        """The network's spec with every option written out, as PyTorch computes it."""
+        return "-".join(m.token for m in self.mapping if m.token)
+
+    @property
+    def renames(self) -> dict[str, str]:
+        """The module's state_dict names -> canonical names."""
+        return {theirs: ours for m in self.mapping for theirs, ours in m.tensors}
+
+    def describe(self) -> str:
+        """The mapping as a table: each source operation, the layer it became, its tensors."""
+        rows = [("source", "operation", "threefold", "tensors")]
+        for m in self.mapping:
+            moved = ", ".join(f"{a} -> {b}" if a != b else a for a, b in m.tensors)
+            rows.append((m.source, m.what, m.token or f"(dropped: {m.note})", moved))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        return "\n".join(
+            "  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths, strict=True)) + "  " + r[3]
+            for r in rows
+        ).rstrip()
+
+    def to_onnx(self, path: str | Path) -> Path:
+        """Write the network as an ONNX graph (float32, a dynamic batch axis, opset
+        `shared.onnx_export.OPSET`) taking raw [0, 1] pixels where it standardises them;
+        checked by onnx.checker before it is written, atomically. Returns the path."""
+        from shared.onnx_export import onnx_model, require_onnx, write_onnx
+
+        require_onnx()
+        write_onnx(onnx_model(self.arch, self.tensors, self.standardise), Path(path))
+        return Path(path)
+
+    def to_safetensors(self, path: str | Path) -> Path:
+        """Write the canonical tensors (PyTorch's state_dict names) as .safetensors, which
+        other tools read without pickle; the input scaling is in its metadata. Returns the
+        path."""
+        from shared.weights_file import write_safetensors
+
+        write_safetensors(Path(path), self.tensors, self.standardise, self.arch.name)
+        return Path(path)
+
+
+def identity_mapping(arch: Arch) -> tuple[Mapped, ...]:
+    """Each layer as itself, its tensors under their canonical names."""
+    return tuple(
+        Mapped(
+            layer.name,
+            layer.name,
+            kind_of(layer).token(layer, every=True),
+            tensors=tuple((n, n) for n in tensors(arch) if n.split(".")[0] == layer.name),
+        )
+        for layer in arch.layers
+    )
+
+
+def import_network(text: str, where: str = "--arch") -> Network:
+    """The network of a model file: a PyTorch FILE.py:NAME (the file is executed) or an ONNX
+    FILE.onnx, with the file's own weights."""
+    if text.lower().endswith(".onnx"):
+        from shared.onnx_import import from_onnx
+
+        return from_onnx(text, where)
+    from shared.torch_import import import_file
+
+    return import_file(text, where)
+
+
+def load_weights(
+    path: Path, arch: Arch, renames: dict[str, str], where: str = "--weights"
+) -> tuple[Params, str]:
+    """(the canonical tensors of `arch` from a weights file, the file's SHA-256): a
+    state_dict saved by torch.save (.pt, .pth, read with weights_only=True), a .safetensors
+    file, or an ONNX file's initialisers (.onnx). `renames` maps the source's names to
+    canonical ones."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".safetensors":
+        from shared.weights_file import read_safetensors
+
+        return read_safetensors(Path(path), arch, renames, where)
+    if suffix == ".onnx":
+        from shared.onnx_import import from_onnx
+
+        network = from_onnx(path, where)
+        if network.arch.name != arch.name:
+            raise UsageError(
+                f"{where} {path}: holds {network.arch.name[:80]}, not {arch.name[:80]}"
+            )
+        with open(path, "rb") as file:
+            return network.tensors, hashlib.file_digest(file, "sha256").hexdigest()
+    from shared.torch_import import load_state_dict_file
+
+    return load_state_dict_file(Path(path), arch, renames, where)
+
+
+def load_network(path: Path, where: str) -> Network:
+    """The network a file holds, with its weights and input scaling: a checkpoint (.npz), a
+    .safetensors file threefold wrote (its metadata names the network) or an ONNX graph."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from shared.weights_file import read_network_file
+
+        return read_network_file(path, where)
+    if suffix == ".onnx":
+        from shared.onnx_import import from_onnx
+
+        return from_onnx(path, where)
+    ckpt = load_checkpoint(path, np.float32)
+    arch = get_arch(ckpt.meta["arch"], str(path), files=False)
+    spec = get_dataset_spec(ckpt.meta.get("dataset", "fashion-mnist"))
+    standardise = spec.standardisation("standardised") if ckpt.pixels == "standardised" else None
+    return Network(arch, ckpt.params, identity_mapping(arch), standardise)

@@ -1,0 +1,568 @@
+"""A network from an ONNX file: its nodes read as a chain of the operators threefold computes,
+its initialisers as the canonical tensors, its leading Sub/Div as the input scaling.
+
+The file is untrusted: its size is bounded before it is parsed, its node count before a node is
+read, and an initialiser's claimed shape is checked against the network (itself held to the cost
+bounds) before its data is touched. External data (tensors in other files) is refused. What
+threefold cannot compute the same way is one line naming the node and its op type.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.checkpoint import value_problem
+from shared.errors import UsageError
+from shared.io import regular_file
+from shared.kinds import kind_of
+from shared.layers import INPUT_SHAPE
+from shared.network import Mapped, Network
+from shared.onnx_export import ADAPTIVE, CHANNELWISE
+from shared.spec import MAX_LAYERS, Arch, Entry, Params, build_layers, get_arch, tensors
+
+# The largest network the cost bounds accept holds about 50M float32 parameters (1 GiB over
+# parameters, gradients and optimizer state); files of real models are far smaller.
+MAX_ONNX_FILE_BYTES = 2**28
+# Each layer is one node (fc may be MatMul + Add), with the input's Sub and Div and a final
+# LogSoftmax or Identity nodes around them.
+MAX_NODES = 2 * MAX_LAYERS + 4
+SCALING = ("Sub", "Div")
+
+
+@dataclass
+class _Step:
+    """One node (or MatMul + Add) of the chain: what it became and which initialisers it reads
+    (as (initialiser, tensor suffix) pairs)."""
+
+    source: str
+    what: str
+    taken: tuple[str, dict[str, Any]] | None  # None: dropped (an identity, a final LogSoftmax)
+    reads: list[tuple[str, str]]
+    note: str = ""
+
+
+def from_onnx(path: str | Path, where: str = "--arch") -> Network:
+    """The network an ONNX file computes, with its initialisers as weights and buffers (a
+    BatchNorm's step counter, not in ONNX, starts at 0). Refuses in one UsageError naming the
+    node and op type what threefold cannot compute the same way."""
+    from shared.onnx_export import require_onnx
+
+    require_onnx()
+    path = Path(path)
+    label = f"{where} {path}"
+    graph = _read_graph(path, label)
+    initialisers = {t.name: t for t in graph.initializer}
+    current = _input_name(graph, initialisers, label)
+    standardise, nodes = _scaling(list(graph.node), initialisers, current, label)
+    if standardise is not None:
+        current = nodes[0].input[0] if nodes else current
+    steps = _steps(nodes, initialisers, current, graph, label)
+    entries = _resolve_shapes(steps)
+    if not entries:
+        raise UsageError(f"{label}: no layers found in its graph")
+    layers = build_layers(entries, label)
+    arch = get_arch("-".join(_token(layer) for layer in layers), label)
+    params, mapping = _tensors(arch, steps, initialisers, label)
+    return Network(arch, params, tuple(mapping), standardise)
+
+
+def _token(layer, every: bool = False) -> str:
+    return kind_of(layer).token(layer, every)
+
+
+def _read_graph(path: Path, label: str):
+    """The parsed graph, its size and node count bounded, no external data."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    with regular_file(path, label) as file:
+        data = file.read(MAX_ONNX_FILE_BYTES + 1)
+    if len(data) > MAX_ONNX_FILE_BYTES:
+        raise UsageError(
+            f"{label}: larger than {MAX_ONNX_FILE_BYTES} bytes; not a model threefold reads"
+        )
+    nodes = _count_nodes(data, label)
+    if nodes > MAX_NODES:  # counted before parsing: a parsed node costs hundreds of bytes
+        raise UsageError(f"{label}: more than {MAX_NODES} nodes ({MAX_LAYERS} layers at most)")
+    try:
+        model = onnx.load_model_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as error:
+        raise UsageError(f"{label}: not an ONNX model ({type(error).__name__})") from None
+    graph = model.graph
+    if len(graph.initializer) > MAX_NODES * 4:
+        raise UsageError(
+            f"{label}: {len(graph.initializer)} initialisers, more than its layers can use"
+        )
+    for opset in model.opset_import:
+        if opset.domain not in ("", "ai.onnx"):
+            raise UsageError(
+                f"{label}: operators of domain {opset.domain!r}; threefold reads ONNX's own"
+            )
+    for tensor in graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise UsageError(
+                f"{label}: initialiser {tensor.name} is stored in another file (external data)"
+            )
+    return graph
+
+
+# Protobuf field numbers: ModelProto.graph, GraphProto.node.
+GRAPH_FIELD, NODE_FIELD = 7, 1
+
+
+def _count_nodes(data: bytes, label: str) -> int:
+    """The graph's node count, read off the protobuf wire format without decoding a node
+    (counting stops past MAX_NODES)."""
+    count = 0
+    for field, start, end in _fields(data, 0, len(data), label):
+        if field == GRAPH_FIELD and end is not None:
+            for inner, _, _ in _fields(data, start, end, label):
+                count += inner == NODE_FIELD
+                if count > MAX_NODES:
+                    return count
+    return count
+
+
+def _fields(data: bytes, start: int, end: int, label: str):
+    """(field number, value start, value end or None) of each field in data[start:end]."""
+    position = start
+    while position < end:
+        key, position = _varint(data, position, label)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, position = _varint(data, position, label)
+            yield field, position, None
+        elif wire == 2:
+            length, position = _varint(data, position, label)
+            if position + length > end:
+                raise UsageError(f"{label}: not an ONNX model (a field runs past its end)")
+            yield field, position, position + length
+            position += length
+        elif wire in (1, 5):
+            position += 8 if wire == 1 else 4
+            yield field, position, None
+        else:
+            raise UsageError(f"{label}: not an ONNX model (protobuf wire type {wire})")
+
+
+def _varint(data: bytes, position: int, label: str) -> tuple[int, int]:
+    value = shift = 0
+    while position < len(data) and shift < 64:
+        byte = data[position]
+        value |= (byte & 0x7F) << shift
+        position, shift = position + 1, shift + 7
+        if not byte & 0x80:
+            return value, position
+    raise UsageError(f"{label}: not an ONNX model (a truncated protobuf number)")
+
+
+def _input_name(graph, initialisers: dict, label: str) -> str:
+    """The graph's one input (an image batch (N, 1, 28, 28)), not counting initialisers that
+    older exporters list as inputs."""
+    inputs = [i for i in graph.input if i.name not in initialisers]
+    if len(inputs) != 1:
+        raise UsageError(
+            f"{label}: {len(inputs)} inputs; threefold's networks take one image batch"
+        )
+    dims = inputs[0].type.tensor_type.shape.dim
+    shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+    if len(shape) != 4 or shape[1:] != INPUT_SHAPE:
+        shown = "x".join("?" if d is None else str(d) for d in shape)
+        raise UsageError(
+            f"{label}: input {inputs[0].name} is {shown}; threefold's networks take Nx1x28x28"
+        )
+    return inputs[0].name
+
+
+def _scalar(name: str, initialisers: dict, where: str) -> float:
+    """The value of a one-element initialiser."""
+    from onnx import numpy_helper
+
+    if name not in initialisers:
+        raise UsageError(f"{where}: {name} is not a constant of the file")
+    tensor = initialisers[name]
+    if math.prod(tensor.dims) != 1:
+        raise UsageError(f"{where}: {name} has shape {tuple(tensor.dims)}; one number is needed")
+    value = float(numpy_helper.to_array(tensor).reshape(()))
+    if not math.isfinite(value):
+        raise UsageError(f"{where}: {name} is {value}")
+    return _short(value)
+
+
+def _short(value: float) -> float:
+    """A float32 attribute as the decimal it was written from (0.2, not 0.2000000029802)."""
+    return float(str(np.float32(value))) if value == np.float32(value) else value
+
+
+def _scaling(nodes: list, initialisers: dict, current: str, label: str):
+    """((mean, std) of a leading Sub by a constant then Div by one, or None; the rest)."""
+    ops = [n.op_type for n in nodes[:2]]
+    if ops != list(SCALING) or nodes[0].input[0] != current:
+        return None, nodes
+    sub, div = nodes[:2]
+    mean = _scalar(sub.input[1], initialisers, f"{label}: {_name(sub, 0)} (Sub)")
+    std = _scalar(div.input[1], initialisers, f"{label}: {_name(div, 1)} (Div)")
+    if div.input[0] != sub.output[0] or std <= 0:
+        raise UsageError(f"{label}: {_name(div, 1)} (Div): not a standardisation by a positive std")
+    return (mean, std), nodes[2:]
+
+
+def _name(node, index: int) -> str:
+    return node.name or f"node {index}"
+
+
+def _attributes(node) -> dict[str, Any]:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _steps(nodes: list, initialisers: dict, current: str, graph, label: str) -> list[_Step]:
+    """The chain of nodes, each taking the one before's output (and constants)."""
+    steps, index = [], 0
+    used_later = {name for n in nodes for name in n.input}
+    outputs = {o.name for o in graph.output}
+    while index < len(nodes):
+        node = nodes[index]
+        where = f"{label}: {_name(node, index)} ({node.op_type})"
+        if not node.input or node.input[0] != current:
+            raise UsageError(
+                f"{where}: does not take the previous node's output; threefold reads chains"
+            )
+        for extra in node.input[1:]:
+            if extra and extra not in initialisers:
+                raise UsageError(
+                    f"{where}: input {extra} is computed, not a constant; threefold reads chains"
+                )
+        for extra in node.output[1:]:
+            if extra and (extra in used_later or extra in outputs):
+                raise UsageError(
+                    f"{where}: its output {extra} is used; threefold's layers give one output"
+                )
+        last = index == len(nodes) - 1
+        if node.op_type == "MatMul" and not last and nodes[index + 1].op_type == "Add":
+            steps.append(_matmul_add(node, nodes[index + 1], initialisers, where))
+            index += 1
+        else:
+            steps.append(_take(node, initialisers, where, last))
+        current = nodes[index].output[0]
+        index += 1
+    if current not in outputs:
+        raise UsageError(f"{label}: the chain's last value {current} is not a graph output")
+    return steps
+
+
+def _require(attributes: dict, name: str, allowed: tuple, why: str) -> None:
+    if name in attributes and attributes[name] not in allowed:
+        raise Refused(f"{name}={attributes[name]!r}", why)
+
+
+class Refused(Exception):
+    def __init__(self, option: str, why: str):
+        super().__init__(option)
+        self.option, self.why = option, why
+
+
+def _take(node, initialisers: dict, where: str, last: bool) -> _Step:
+    op, attributes = node.op_type, _attributes(node)
+    shown = ", ".join(f"{k}={v!r}" for k, v in attributes.items() if not isinstance(v, bytes))
+    what = f"{op}({shown})"
+    if op not in TAKERS:
+        raise UsageError(f"{where}: not an operator threefold has")
+    try:
+        taken, reads, note = TAKERS[op](node, attributes, initialisers, last)
+    except Refused as refused:
+        raise UsageError(f"{where}: {refused.option}: {refused.why}") from None
+    return _Step(_name_of(node, where), what, taken, reads, note)
+
+
+def _name_of(node, where: str) -> str:
+    return node.name or where.split(": ")[-1].split(" (")[0]
+
+
+def _square(attributes: dict, name: str, default: int | None = None) -> int:
+    """A pair of equal ints (threefold's windows and strides are square)."""
+    value = attributes.get(name)
+    if value is None:
+        if default is None:
+            raise Refused(name, "is needed")
+        return default
+    if len(value) != 2 or value[0] != value[1]:
+        raise Refused(f"{name}={list(value)}", "threefold's windows are square")
+    return int(value[0])
+
+
+def _pads(attributes: dict, kernel: int) -> int:
+    auto = attributes.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto == "VALID":
+        return 0
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        if kernel % 2 == 0 or _square(attributes, "strides", 1) != 1:
+            raise Refused(f"auto_pad={auto}", "pads unevenly (an even kernel or a stride)")
+        return kernel // 2
+    if auto != "NOTSET":
+        raise Refused(f"auto_pad={auto}", "unknown")
+    pads = list(attributes.get("pads", [0, 0, 0, 0]))
+    if len(set(pads)) != 1:
+        raise Refused(f"pads={pads}", "threefold pads every side alike")
+    return int(pads[0])
+
+
+def _dilation(attributes: dict) -> None:
+    if any(d != 1 for d in attributes.get("dilations", [1, 1])):
+        raise Refused(f"dilations={list(attributes['dilations'])}", "dilation is not supported")
+
+
+def _conv(node, attributes, initialisers, last):
+    _require(attributes, "group", (1,), "grouped convolutions are not supported")
+    _dilation(attributes)
+    weight = _initialiser(node, 1, initialisers)
+    if len(weight.dims) != 4 or weight.dims[2] != weight.dims[3]:
+        raise Refused(f"weight {tuple(weight.dims)}", "a square kernel (O, I, K, K) is needed")
+    kernel = _square(attributes, "kernel_shape", int(weight.dims[2]))
+    bias = len(node.input) > 2 and bool(node.input[2])
+    options = {
+        "channels": int(weight.dims[0]),
+        "kernel": kernel,
+        "stride": _square(attributes, "strides", 1),
+        "padding": _pads(attributes, kernel),
+        "bias": int(bias),
+    }
+    reads = [(node.input[1], "weight")] + ([(node.input[2], "bias")] if bias else [])
+    return ("conv", options), reads, ""
+
+
+def _initialiser(node, position: int, initialisers: dict):
+    if len(node.input) <= position or node.input[position] not in initialisers:
+        raise Refused(f"input {position}", "a constant (initialiser) is needed")
+    return initialisers[node.input[position]]
+
+
+def _pool(op: str):
+    def take(node, attributes, initialisers, last):
+        _require(attributes, "ceil_mode", (0,), "threefold floors, like PyTorch's default")
+        _dilation(attributes)
+        size = _square(attributes, "kernel_shape")
+        padding = _pads(attributes, size)
+        stride = _square(attributes, "strides", 1)
+        if op == "avg" and padding:
+            why = "threefold averages over the padding too, PyTorch's default"
+            _require(attributes, "count_include_pad", (1,), why)
+        if op == "max":
+            _require(attributes, "storage_order", (0,), "indices are not an output")
+        adaptive = node.doc_string.startswith(ADAPTIVE)
+        if adaptive and size == stride and padding == 0:
+            return ("adaptiveavgpool", {"size": int(node.doc_string.split()[-1])}), [], ""
+        return (f"{op}pool", {"size": size, "stride": stride, "padding": padding}), [], ""
+
+    return take
+
+
+def _batch_norm(node, attributes, initialisers, last):
+    _require(attributes, "training_mode", (0,), "an evaluation graph is needed")
+    if not math.isclose(attributes.get("epsilon", 1e-5), 1e-5, rel_tol=1e-6):
+        raise Refused(f"epsilon={attributes['epsilon']:.3g}", "threefold's BatchNorm adds 1e-5")
+    if not math.isclose(attributes.get("momentum", 0.9), 0.9, rel_tol=1e-6):
+        why = "threefold's running averages use PyTorch's 0.1 (ONNX's momentum 0.9)"
+        raise Refused(f"momentum={attributes['momentum']:.3g}", why)
+    for position in range(1, 5):
+        _initialiser(node, position, initialisers)
+    names = ("weight", "bias", "running_mean", "running_var")
+    return ("bn", {}), list(zip(node.input[1:5], names, strict=True)), ""
+
+
+def _dropout(node, attributes, initialisers, last):
+    if len(node.input) > 2 and node.input[2]:
+        training = _scalar(node.input[2], initialisers, "training_mode")
+        if training:
+            raise Refused("training_mode=true", "an evaluation graph is needed")
+    ratio = (
+        _scalar(node.input[1], initialisers, "ratio")
+        if len(node.input) > 1 and node.input[1]
+        else 0.5
+    )
+    kind = "dropout2d" if node.doc_string.startswith(CHANNELWISE) else "dropout"
+    return (kind, {"p": ratio}), [], ""
+
+
+def _activation(kind: str, option: str | None = None, default: float = 0.0):
+    def take(node, attributes, initialisers, last):
+        if option is None:
+            return (kind, {}), [], ""
+        return (kind, {option: _short(attributes.get("alpha", default))}), [], ""
+
+    return take
+
+
+def _gelu(node, attributes, initialisers, last):
+    form = attributes.get("approximate", b"none")
+    form = form.decode() if isinstance(form, bytes) else form
+    if form not in ("none", "tanh"):
+        raise Refused(f"approximate={form!r}", "'none' or 'tanh'")
+    return ("gelu" if form == "none" else "gelutanh", {}), [], ""
+
+
+def _flatten(node, attributes, initialisers, last):
+    _require(attributes, "axis", (1,), "threefold flattens each image whole (axis=1)")
+    return ("flatten", {}), [], ""
+
+
+def _reshape(node, attributes, initialisers, last):
+    from onnx import numpy_helper
+
+    shape = _initialiser(node, 1, initialisers)
+    if math.prod(shape.dims) != 2:
+        raise Refused(f"shape {tuple(shape.dims)}", "threefold reshapes (N, C, H, W) to (N, -1)")
+    target = [int(v) for v in numpy_helper.to_array(shape)]
+    if target[0] not in (0, -1) or target[1] == 0:
+        why = "threefold flattens each image whole: shape [0, -1] or [-1, C*H*W]"
+        raise Refused(f"shape={target}", why)
+    return ("reshape", {"features": target[1]}), [], ""
+
+
+def _gemm(node, attributes, initialisers, last):
+    _require(attributes, "alpha", (1.0,), "a scaled product is not supported")
+    _require(attributes, "beta", (1.0,), "a scaled bias is not supported")
+    _require(attributes, "transA", (0,), "the input is not transposed in threefold's fc")
+    weight = _initialiser(node, 1, initialisers)
+    if len(node.input) < 3 or not node.input[2]:
+        raise Refused("C", "threefold's fc has a bias")
+    _initialiser(node, 2, initialisers)
+    transposed = attributes.get("transB", 0) == 1  # (out, in), PyTorch's layout
+    features = int(weight.dims[0] if transposed else weight.dims[1])
+    weight_name = "weight" if transposed else "weight.T"
+    return (
+        ("fc", {"features": features}),
+        [(node.input[1], weight_name), (node.input[2], "bias")],
+        "",
+    )
+
+
+def _matmul_add(matmul, add, initialisers: dict, where: str) -> _Step:
+    """MatMul by a constant (in, out) then Add of a constant (out,): threefold's fc."""
+    try:
+        weight = _initialiser(matmul, 1, initialisers)
+        if add.input[0] != matmul.output[0] or add.input[1] not in initialisers:
+            raise Refused("Add", "the bias must be a constant added to the product")
+        if len(weight.dims) != 2:
+            raise Refused(f"weight {tuple(weight.dims)}", "a matrix (in, out) is needed")
+    except Refused as refused:
+        raise UsageError(f"{where}: {refused.option}: {refused.why}") from None
+    reads = [(matmul.input[1], "weight.T"), (add.input[1], "bias")]
+    source = f"{_name_of(matmul, where)} + {add.name or 'Add'}"
+    return _Step(source, "MatMul + Add", ("fc", {"features": int(weight.dims[1])}), reads)
+
+
+def _final(kind: str):
+    def take(node, attributes, initialisers, last):
+        axis = attributes.get("axis", -1)
+        if axis not in (1, -1):
+            raise Refused(f"axis={axis}", "a softmax over the classes has axis 1")
+        if kind == "Softmax" or not last:
+            raise Refused(
+                f"{kind} not last" if kind == "LogSoftmax" else "Softmax",
+                "threefold trains on logits with softmax cross-entropy; a final softmax would "
+                "be applied twice (return the logits, or LogSoftmax last)",
+            )
+        return None, [], "cross-entropy on log-probabilities is the same loss"
+
+    return take
+
+
+def _identity(node, attributes, initialisers, last):
+    return None, [], "changes nothing"
+
+
+TAKERS = {
+    "Conv": _conv,
+    "MaxPool": _pool("max"),
+    "AveragePool": _pool("avg"),
+    "GlobalAveragePool": lambda *_: (("adaptiveavgpool", {"size": 1}), [], ""),
+    "BatchNormalization": _batch_norm,
+    "Dropout": _dropout,
+    "Relu": _activation("relu"),
+    "Tanh": _activation("tanh"),
+    "Sigmoid": _activation("sigmoid"),
+    "LeakyRelu": _activation("leakyrelu", "slope", 0.01),
+    "Elu": _activation("elu", "alpha", 1.0),
+    "Gelu": _gelu,
+    "Flatten": _flatten,
+    "Reshape": _reshape,
+    "Gemm": _gemm,
+    "LogSoftmax": _final("LogSoftmax"),
+    "Softmax": _final("Softmax"),
+    "Identity": _identity,
+}
+
+
+def _resolve_shapes(steps: list[_Step]) -> list[Entry]:
+    """The spec's entries, each flatten and reshape resolved: one of an input already flat
+    (after a flatten or an fc) changes nothing and its step is dropped. (A reshape to the
+    wrong number of features shows as the next fc's weight of the wrong shape.)"""
+    entries: list[Entry] = []
+    for step in steps:
+        if step.taken is None:
+            continue
+        kind, options = step.taken
+        if kind in ("flatten", "reshape"):
+            if any(k in ("flatten", "fc") for _, k, _ in entries):
+                step.taken, step.note = None, "flattens a flat input: changes nothing"
+                continue
+            kind, options = "flatten", {}
+        step.taken = kind, options
+        entries.append((f"{step.source}: {step.what}", kind, options))
+    return entries
+
+
+def _tensors(arch: Arch, steps: list[_Step], initialisers: dict, label: str):
+    """(the canonical tensors, the mapping): each step's initialisers checked against its
+    layer's tensors (shape before data, then the values)."""
+    expected = tensors(arch)
+    params: Params = {}
+    mapping = []
+    layers = iter(arch.layers)
+    for step in steps:
+        if step.taken is None:
+            mapping.append(Mapped(step.source, step.what, "", step.note))
+            continue
+        layer = next(layers)
+        moved = []
+        for name, suffix in step.reads:
+            ours = f"{layer.name}.{suffix.removesuffix('.T')}"
+            where = f"{label}: {name}"
+            params[ours] = _array(initialisers[name], expected[ours], suffix.endswith(".T"), where)
+            moved.append((name, ours))
+        for ours, tensor in expected.items():
+            if ours.startswith(f"{layer.name}.") and tensor.counter:
+                params[ours] = np.zeros(tensor.shape, np.int64)  # not in ONNX: no step taken
+        token = _token(layer, every=True)
+        mapping.append(Mapped(step.source, step.what, token, tensors=tuple(moved)))
+    return {name: params[name] for name in expected}, mapping
+
+
+def _array(tensor, expected, transposed: bool, where: str) -> np.ndarray:
+    """One initialiser as the canonical tensor: its claimed shape and type checked first."""
+    import onnx
+    from onnx import numpy_helper
+
+    shape = tuple(reversed(tensor.dims)) if transposed else tuple(tensor.dims)
+    if shape != expected.shape:
+        raise UsageError(f"{where}: shape {tuple(tensor.dims)}, the layer's {expected.shape}")
+    if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+        kind = onnx.TensorProto.DataType.Name(tensor.data_type)
+        raise UsageError(f"{where}: {kind}; float or double is needed")
+    try:
+        value = numpy_helper.to_array(tensor)
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"{where}: its data does not match its shape ({error})") from None
+    value = np.ascontiguousarray(value.T if transposed else value)
+    problem = value_problem(expected, value)
+    if problem:
+        raise UsageError(f"{where} {problem}")
+    return value

@@ -1,0 +1,178 @@
+"""The canonical tensors as a .safetensors file: PyTorch's state_dict names, no pickle, read by
+any tool that reads the format (https://huggingface.co/docs/safetensors).
+
+The format is an 8-byte little-endian header length, a JSON header naming each tensor's dtype,
+shape and byte range, then the bytes. Written here by hand (it is that small) and read with the
+bounds of a checkpoint: the header's size and every entry checked against the network before a
+tensor's bytes are read, each tensor's values checked for what they mean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from shared.checkpoint import form_problem, value_problem
+from shared.errors import UsageError
+from shared.io import atomic_write, regular_file
+from shared.spec import Arch, Params, get_arch, tensors
+
+DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8")}
+NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER_BYTES = 2**20  # a header names each tensor in about 80 bytes; 64 layers need 20 KB
+SPEC = "threefold.spec"
+PIXELS = "threefold.standardise"  # "mean std", or "none" for a network taking its input as is
+
+
+def write_safetensors(
+    path: Path, params: Params, standardise: tuple[float, float] | None = None, spec: str = ""
+) -> None:
+    """Write `params` (canonical names, in their order) as .safetensors, atomically; the
+    network's spec and input scaling go in the header's metadata."""
+    header: dict = {"__metadata__": {"format": "pt", PIXELS: _pixels_text(standardise)}}
+    if spec:
+        header["__metadata__"][SPEC] = spec
+    arrays, offset = [], 0
+    for name, value in params.items():
+        array = np.array(value, dtype=np.asarray(value).dtype.newbyteorder("<"), order="C")
+        header[name] = {
+            "dtype": NAMES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        arrays.append(array)
+        offset += array.nbytes
+    text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    text += b" " * (-len(text) % 8)  # the tensors start 8-byte aligned, as the format's writer does
+
+    def write(file) -> None:
+        file.write(struct.pack("<Q", len(text)) + text)
+        for array in arrays:
+            file.write(array.tobytes())
+
+    atomic_write(path, write)
+
+
+def _pixels_text(standardise: tuple[float, float] | None) -> str:
+    return "none" if standardise is None else f"{standardise[0]!r} {standardise[1]!r}"
+
+
+def read_header(file, size: int, where: str) -> tuple[dict, int]:
+    """(the header, where the tensors' bytes start), checked to be a JSON object of at most
+    MAX_HEADER_BYTES within the file."""
+    head = file.read(8)
+    if len(head) < 8:
+        raise UsageError(f"{where}: not a .safetensors file (shorter than its header length)")
+    (length,) = struct.unpack("<Q", head)
+    if length > MAX_HEADER_BYTES or 8 + length > size:
+        raise UsageError(
+            f"{where}: its header claims {length} bytes (at most {MAX_HEADER_BYTES}, within "
+            f"the file's {size}); not a .safetensors file threefold reads"
+        )
+    try:
+        header = json.loads(file.read(length), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as error:
+        raise UsageError(f"{where}: its header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise UsageError(f"{where}: its header is not a JSON object")
+    return header, 8 + length
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def read_safetensors(
+    path: Path, arch: Arch, renames: dict[str, str] | None = None, where: str = "--weights"
+) -> tuple[Params, str]:
+    """(the canonical tensors of `arch` read from a .safetensors file, the file's SHA-256).
+    Names are renamed by `renames` (source -> canonical; canonical names are taken as they
+    are). Every entry must be a tensor of the network, of its shape and a float (int64 for a
+    counter), within the file, and finite; every tensor must be there."""
+    renames = renames or {}
+    label = f"{where} {path}"
+    expected = tensors(arch)
+    with regular_file(path, label) as file:
+        size = file.seek(0, 2)
+        file.seek(0)
+        header, start = read_header(file, size, label)
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        checked = {}
+        for name, entry in entries.items():
+            ours = renames.get(name, name)
+            if ours not in expected:
+                raise UsageError(f"{label}: {name} is not a tensor of the network")
+            checked[ours] = _entry(entry, expected[ours], size - start, arch, f"{label}: {name}")
+        missing = sorted(set(expected) - set(checked))
+        if missing:
+            raise UsageError(f"{label}: {len(missing)} tensors missing, the first {missing[0]}")
+        params = {}
+        for ours, (dtype, shape, begin) in checked.items():
+            file.seek(start + begin)
+            count = math.prod(shape)
+            value = np.frombuffer(file.read(count * dtype.itemsize), dtype, count).reshape(shape)
+            problem = value_problem(expected[ours], value)
+            if problem:
+                raise UsageError(f"{label}: {ours} {problem}")
+            params[ours] = value.astype(dtype.newbyteorder("="))
+        file.seek(0)
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    return {name: params[name] for name in expected}, digest
+
+
+def _entry(entry, tensor, data_bytes: int, arch: Arch, where: str) -> tuple[np.dtype, tuple, int]:
+    """(dtype, shape, first byte) of one header entry, checked against its tensor."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise UsageError(f"{where}: not an entry of dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPES:
+        raise UsageError(f"{where}: dtype {str(dtype)[:20]!r}; threefold reads F32, F64 and I64")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise UsageError(f"{where}: its shape is not a list of sizes")
+    problem = form_problem(tensor, DTYPES[dtype], tuple(shape), arch.name)
+    if problem:
+        raise UsageError(f"{where} {problem}")
+    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+    valid = isinstance(offsets, list) and len(offsets) == 2
+    valid = valid and all(type(o) is int for o in offsets)
+    if not valid or offsets[0] < 0 or offsets[1] - offsets[0] != nbytes or offsets[1] > data_bytes:
+        raise UsageError(
+            f"{where}: data_offsets {str(offsets)[:60]} are not its {nbytes} bytes within the file"
+        )
+    return DTYPES[dtype], tuple(shape), offsets[0]
+
+
+def read_network_file(path: Path, where: str = "load"):
+    """The network a .safetensors file written by threefold holds: its spec from the metadata
+    (held to the cost bounds before a tensor is read), its tensors, its input scaling."""
+    from shared.network import Network, identity_mapping
+
+    label = f"{where} {path}"
+    with regular_file(path, label) as file:
+        size = file.seek(0, 2)
+        file.seek(0)
+        header, _ = read_header(file, size, label)
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or not isinstance(metadata.get(SPEC), str):
+        raise UsageError(f"{label}: its metadata names no network ({SPEC}); give --arch")
+    arch = get_arch(metadata[SPEC], f"{label} metadata {SPEC}", files=False)
+    params, _ = read_safetensors(path, arch, where=where)
+    standardise = _standardise(metadata.get(PIXELS, "none"), f"{label} metadata {PIXELS}")
+    return Network(arch, params, identity_mapping(arch), standardise)
+
+
+def _standardise(text, where: str) -> tuple[float, float] | None:
+    if text == "none":
+        return None
+    try:
+        mean, std = (float(v) for v in str(text).split())
+    except ValueError:
+        raise UsageError(f"{where}: {str(text)[:40]!r} is not 'MEAN STD' or 'none'") from None
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise UsageError(f"{where}: mean {mean} and std {std} must be finite, std > 0")
+    return mean, std

@@ -1,0 +1,599 @@
+"""The network out and in as ONNX, and its weights as .safetensors: every layer kind exported,
+checked by onnx.checker and run by onnxruntime to the implementations' logits; ONNX -> spec
+-> ONNX the identity; onnxruntime as the cross-check's fourth witness, catching planted export
+bugs by layer; hostile files refused in one line, within bounds."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from onnx import TensorProto, helper, numpy_helper
+
+import shared.onnx_export as onnx_export
+import threefold
+from shared.config import IMPLEMENTATIONS
+from shared.crosscheck import run_crosscheck
+from shared.errors import UsageError
+from shared.kinds import KINDS, kind_of
+from shared.network import load_weights
+from shared.onnx_export import check_model, onnx_model
+from shared.onnx_import import MAX_NODES, from_onnx
+from shared.proof.onnx_witness import WITNESSES, onnx_logits
+from shared.proof.rows import TOLERANCES, compare
+from shared.spec import PRESETS, get_arch, param_shapes
+from shared.weights_file import read_safetensors, write_safetensors
+from tests.conftest import ROOT, run_measured
+from tests.test_fuzz import specs
+
+# Between them, every layer kind and option form: padding, no bias, strides, floor pooling
+# with padding, adaptive pools to 1 and to 2, both dropouts, every activation, BatchNorm 2d/1d.
+EVERY_KIND = (
+    "conv8k5p0b0-bn-leakyrelu0.2-maxpool3s2p1-conv16-elu-avgpool3s2p1-dropout2d0.1-conv16-gelu"
+    "-adaptiveavgpool1-flatten-fc32-gelutanh-fc10",
+    "conv6-tanh-avgpool2-conv8-sigmoid-adaptiveavgpool2-flatten-fc16-bn-relu-dropout0.3-fc10",
+    "conv8s2-elu0.5-maxpool2-flatten-fc10",
+)
+STANDARDISE = (0.2860, 0.3530)
+FLOAT32 = TOLERANCES[("float32", "pass")]
+
+
+def with_statistics(network: threefold.Network, seed: int = 0) -> threefold.Network:
+    """The network with BatchNorm running statistics that are not the identity's."""
+    rng = np.random.default_rng(seed)
+    tensors = dict(network.tensors)
+    for name, value in tensors.items():
+        if name.endswith("running_mean"):
+            tensors[name] = rng.standard_normal(value.shape).astype(value.dtype)
+        elif name.endswith("running_var"):
+            tensors[name] = (rng.random(value.shape) + 0.5).astype(value.dtype)
+    return threefold.Network(network.arch, tensors, network.mapping, STANDARDISE)
+
+
+def relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_the_specs_here_hold_every_layer_kind():
+    kinds = {kind_of(layer).name for spec in EVERY_KIND for layer in get_arch(spec).layers}
+    assert kinds == set(KINDS)
+
+
+@pytest.mark.parametrize("spec", [*PRESETS, *EVERY_KIND])
+def test_every_network_exports_a_checked_graph_that_predicts_from_raw_pixels(spec, tmp_path):
+    network = with_statistics(threefold.network(spec))
+    path = network.to_onnx(tmp_path / "model.onnx")
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    assert model.opset_import[0].version == onnx_export.OPSET
+    raw = np.random.default_rng(1).random((7, 1, 28, 28), dtype=np.float32)
+    with torch.no_grad():
+        expected = threefold.to_torch(network)(torch.from_numpy(raw)).numpy()
+    for batch in (raw[:1], raw):  # the batch axis is dynamic
+        got = onnx_logits(network.arch, network.tensors, batch, network.standardise)
+        assert relative(got, expected[: len(batch)]) < FLOAT32
+
+
+@pytest.mark.parametrize("spec", [*PRESETS, *EVERY_KIND])
+def test_spec_to_onnx_to_spec_is_the_identity(spec, tmp_path):
+    network = with_statistics(threefold.network(spec, seed=3))
+    back = from_onnx(network.to_onnx(tmp_path / "model.onnx"))
+    assert back.arch.name == network.arch.name and back.arch.layers == network.arch.layers
+    assert back.standardise == network.standardise
+    for name, value in network.tensors.items():
+        if name.endswith("num_batches_tracked"):  # not in ONNX: an imported one starts at 0
+            assert back.tensors[name] == 0
+        else:
+            np.testing.assert_array_equal(back.tensors[name], value)
+
+
+def small(spec: str) -> bool:
+    try:
+        arch = get_arch(spec, files=False)
+    except UsageError:
+        return False
+    return sum(math.prod(s) for s in param_shapes(arch).values()) < 300_000
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(specs().filter(small))
+def test_generated_specs_go_through_onnx_and_back(spec):
+    network = threefold.network(spec)
+    model = onnx_model(network.arch, network.tensors)
+    check_model(model)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        path.write_bytes(model.SerializeToString())
+        assert from_onnx(path).arch.layers == network.arch.layers
+
+
+# --- PyTorch's own exporter, read back -------------------------------------------------------
+
+MODELS = ["pytorch_examples_net.py:Net", "d2l_lenet.py:LeNet", "bn_cnn.py:Net"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_graph_pytorchs_exporter_wrote_imports_and_computes_the_same(model, tmp_path):
+    from shared.torch_import import load_module_file
+
+    module, _ = load_module_file(str(ROOT / "tests" / "models" / model))
+    module.eval()
+    path = tmp_path / "exported.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            torch.zeros(2, 1, 28, 28),
+            path,
+            dynamo=False,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "batch"}},
+            opset_version=onnx_export.OPSET,
+        )
+    network = from_onnx(path)
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        expected = module(x)
+        got = threefold.to_torch(network)(x)
+    if any(m.note.startswith("cross-entropy") for m in network.mapping):  # a dropped log_softmax
+        got = torch.log_softmax(got, 1)
+    assert relative(got.numpy(), expected.numpy()) < FLOAT32
+
+
+# --- the fourth witness -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_onnxruntime_agrees_with_every_implementation_layer_by_layer(dtype):
+    from shared.backend import make_backend
+    from shared.proof.onnx_witness import onnx_rows
+
+    for spec in (*EVERY_KIND, "noconv"):
+        network = with_statistics(threefold.network(spec, seed=4))
+        arch, tensors = (
+            network.arch,
+            {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in network.tensors.items()},
+        )
+        backends = {impl: make_backend(impl, arch, dtype) for impl in IMPLEMENTATIONS}
+        x = np.random.default_rng(0).standard_normal((6, 1, 28, 28)).astype(dtype)
+        rows, why = onnx_rows(backends, arch, tensors, x)
+        if dtype == "float64" and spec != "noconv":  # onnxruntime has no float64 Conv kernel
+            assert (rows, why) == ([], "onnxruntime has no float64 CPU kernel for Conv")
+            continue
+        assert why is None
+        tolerance = TOLERANCES[(dtype, "pass")]
+        for row in rows:
+            assert compare(row.a, row.b)[1] <= tolerance, (spec, row.check, row.pair)
+            assert row.b.dtype == dtype
+        # every layer, for every implementation against both optimisation levels, and the
+        # logits of the graph onnxruntime may fuse
+        for pair in (f"{i}-{w}" for i in IMPLEMENTATIONS for w in WITNESSES):
+            assert len({r.check for r in rows if r.pair == pair}) >= len(arch.layers)
+        assert len([r for r in rows if "logits-only" in r.check]) == 3
+
+
+def test_the_crosscheck_adds_the_fourth_witness_and_notes_what_it_cannot_run():
+    notes: list[str] = []
+    archs = [get_arch("noconv"), get_arch("conv2-relu-flatten-fc10")]
+    results = run_crosscheck(archs, ["float64"], None, steps=1, onnx=True, notes=notes)
+    rows = [r for r in results if r.pair.split("-", 1)[1] in WITNESSES]
+    assert rows and all(r.passed for r in rows) and {r.arch for r in rows} == {"noconv"}
+    assert notes == [
+        "conv2-relu-flatten-fc10 | float64 | onnxruntime not run: onnxruntime has no float64 "
+        "CPU kernel for Conv"
+    ]
+
+
+def transposed_flatten(layer, x, out, constant):
+    """A planted export bug: flatten in H, W, C order (a channels-last exporter's mistake)."""
+    if isinstance(layer, onnx_export.Flatten):
+        return [
+            helper.make_node("Transpose", [x], [f"{out}.hwc"], perm=[0, 2, 3, 1]),
+            helper.make_node("Flatten", [f"{out}.hwc"], [out], layer.name, axis=1),
+        ]
+    return ORIGINAL(layer, x, out, constant)
+
+
+def dropped_pool_padding(layer, x, out, constant):
+    """A planted export bug: a pool's padding left out of the graph."""
+    if isinstance(layer, onnx_export.Pool) and layer.padding:
+        layer = onnx_export.Pool(layer.name, layer.op, layer.size, layer.stride, 0)
+    return ORIGINAL(layer, x, out, constant)
+
+
+ORIGINAL = onnx_export._nodes
+
+
+@pytest.mark.parametrize(
+    ("planted", "spec", "caught_at"),
+    [
+        (transposed_flatten, "conv4-relu-maxpool2-flatten-fc16-relu-fc10", "flatten"),
+        (
+            dropped_pool_padding,
+            "conv4-relu-maxpool3s2p1-conv6-relu-adaptiveavgpool1-flatten-fc10",
+            "pool1",
+        ),
+    ],
+)
+def test_a_planted_export_bug_is_caught_and_named(planted, spec, caught_at, monkeypatch):
+    from shared.backend import make_backend
+    from shared.proof.onnx_witness import onnx_rows
+    from shared.proof.rows import judge
+
+    monkeypatch.setattr(onnx_export, "_nodes", planted)
+    network = threefold.network(spec)
+    backends = {impl: make_backend(impl, network.arch) for impl in IMPLEMENTATIONS}
+    x = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
+    rows, why = onnx_rows(backends, network.arch, network.tensors, x)
+    assert why is None
+    results = [judge(row, "float32", spec, "planted", FLOAT32) for row in rows]
+    report = threefold.Report(network, tuple(results), "seeded random images")
+    assert {r.pair.split("-", 1)[1] for r in report.failed} == set(WITNESSES)
+    assert {r.pair.split("-", 1)[0] for r in report.failed} == set(IMPLEMENTATIONS)
+    assert report.first_divergence == caught_at
+    before = [layer.name for layer in network.arch.layers]
+    before = before[: before.index(caught_at)]
+    assert all(threefold.api.layer_of(r.check, network.arch) not in before for r in report.failed)
+
+
+# --- safetensors ------------------------------------------------------------------------------
+
+
+def test_safetensors_are_read_by_the_format_s_own_library_and_back(tmp_path):
+    from safetensors.numpy import load_file
+
+    network = with_statistics(threefold.network("strong", seed=5))
+    path = network.to_safetensors(tmp_path / "w.safetensors")
+    theirs = load_file(path)
+    assert list(theirs) == list(network.tensors)
+    for name, value in network.tensors.items():
+        assert theirs[name].shape == np.shape(value)
+        np.testing.assert_array_equal(theirs[name], value)
+    module = threefold.to_torch(network)
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in theirs.items()}, strict=True)
+    again = threefold.load(path)
+    assert again.arch == network.arch and again.standardise == network.standardise
+    params, _ = load_weights(path, network.arch, {})
+    for name, value in network.tensors.items():
+        np.testing.assert_array_equal(params[name], value)
+
+
+def safetensors_bytes(header: dict, data: bytes = b"", length: int | None = None) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text) if length is None else length) + text + data
+
+
+LAB = get_arch("lab")
+GOOD = {"dtype": "F32", "shape": [8, 1, 3, 3], "data_offsets": [0, 288]}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (safetensors_bytes({}, length=2**40), "header claims 1099511627776 bytes"),
+        (b"\x05\x00", "not a .safetensors file"),
+        (struct.pack("<Q", 5) + b"{nope", "header is not JSON"),
+        (safetensors_bytes({"conv.weight": {**GOOD, "dtype": "F16"}}), "dtype 'F16'"),
+        (safetensors_bytes({"conv.weight": {**GOOD, "shape": [8, 1, 3]}}), "has shape (8, 1, 3)"),
+        (safetensors_bytes({"conv.weight": {**GOOD, "data_offsets": [0, 2**40]}}), "data_offsets"),
+        (safetensors_bytes({"conv.weight": GOOD}, b"\0" * 288), "tensors missing"),
+        (safetensors_bytes({"evil": GOOD}), "evil is not a tensor of the network"),
+    ],
+    ids=["huge-header", "short", "not-json", "f16", "shape", "offsets", "missing", "foreign"],
+)
+def test_a_hostile_safetensors_file_is_one_line(content, message, tmp_path):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match=re.escape(message)) as caught:
+        read_safetensors(path, LAB)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "tensor", "value", "message"),
+    [
+        ("lab", "conv.weight", np.nan, "conv.weight has NaN or inf values"),
+        ("conv4-bn-relu-flatten-fc10", "bn.running_var", -1.0, "bn.running_var has negative"),
+    ],
+)
+def test_safetensors_values_are_checked_for_what_they_mean(spec, tensor, value, message, tmp_path):
+    network = threefold.network(spec)
+    tensors = {**network.tensors, tensor: np.full_like(network.tensors[tensor], value)}
+    path = tmp_path / "w.safetensors"
+    write_safetensors(path, tensors)
+    with pytest.raises(UsageError, match=message):
+        read_safetensors(path, network.arch)
+
+
+def test_a_safetensors_fifo_is_refused_without_blocking(tmp_path):
+    path = tmp_path / "w.safetensors"
+    os.mkfifo(path)
+    with pytest.raises(UsageError, match="not a regular file"):
+        read_safetensors(path, LAB)
+
+
+# --- hostile ONNX files -----------------------------------------------------------------------
+
+
+def graph_file(tmp_path, nodes, initialisers=(), name="m.onnx", opset=onnx_export.OPSET):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 28, 28])
+    y = helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, ["n", 10])
+    graph = helper.make_graph(nodes, "g", [x], [y], list(initialisers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    path = tmp_path / name
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def fc_nodes(start: str = "x") -> tuple[list, list]:
+    weight = numpy_helper.from_array(np.zeros((10, 784), np.float32), "w")
+    bias = numpy_helper.from_array(np.zeros(10, np.float32), "b")
+    nodes = [
+        helper.make_node("Flatten", [start], ["flat"], "flatten", axis=1),
+        helper.make_node("Gemm", ["flat", "w", "b"], ["logits"], "fc", transB=1),
+    ]
+    return nodes, [weight, bias]
+
+
+def test_a_graph_of_supported_nodes_with_a_final_log_softmax_imports(tmp_path):
+    nodes, inits = fc_nodes()
+    nodes.append(helper.make_node("LogSoftmax", ["logits"], ["logp"], "out", axis=1))
+    network = from_onnx(graph_file(tmp_path, nodes, inits))
+    assert network.arch.name == "flatten-fc10"
+    assert network.mapping[-1].token == "" and "same loss" in network.mapping[-1].note
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            helper.make_node("Softmax", ["logits"], ["p"], "probs", axis=1),
+            "probs \\(Softmax\\): Softmax: .*applied twice",
+        ),
+        (helper.make_node("Erf", ["logits"], ["e"], "odd"), "odd \\(Erf\\): not an operator"),
+        (
+            helper.make_node("Add", ["logits", "logits"], ["twice"], "sum"),
+            "sum \\(Add\\): input logits is computed, not a constant",
+        ),
+    ],
+)
+def test_an_unsupported_node_is_one_line_naming_it(extra, message, tmp_path):
+    nodes, inits = fc_nodes()
+    with pytest.raises(UsageError, match=message) as caught:
+        from_onnx(graph_file(tmp_path, [*nodes, extra], inits))
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("node", "message"),
+    [
+        (dict(op_type="MaxPool", kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1), "ceil_mode=1"),
+        (
+            dict(op_type="AveragePool", kernel_shape=[3, 3], pads=[1] * 4, count_include_pad=0),
+            "count_include_pad=0",
+        ),
+        (dict(op_type="MaxPool", kernel_shape=[2, 3]), "kernel_shape=\\[2, 3\\]: .*square"),
+        (dict(op_type="MaxPool", kernel_shape=[3, 3], pads=[0, 0, 1, 1]), "pads=\\[0, 0, 1, 1\\]"),
+    ],
+)
+def test_an_unsupported_option_is_one_line_naming_node_and_option(node, message, tmp_path):
+    options = dict(node)
+    op = options.pop("op_type")
+    pool = helper.make_node(op, ["x"], ["pooled"], "pool", **options)
+    weight = numpy_helper.from_array(np.zeros((10, 196), np.float32), "w")
+    bias = numpy_helper.from_array(np.zeros(10, np.float32), "b")
+    nodes = [
+        pool,
+        helper.make_node("Flatten", ["pooled"], ["flat"], "flatten", axis=1),
+        helper.make_node("Gemm", ["flat", "w", "b"], ["logits"], "fc", transB=1),
+    ]
+    with pytest.raises(UsageError, match=f"pool \\({op}\\): {message}"):
+        from_onnx(graph_file(tmp_path, nodes, [weight, bias]))
+
+
+def test_external_data_is_refused(tmp_path):
+    nodes, inits = fc_nodes()
+    inits[0].data_location = TensorProto.EXTERNAL
+    inits[0].ClearField("raw_data")
+    inits[0].external_data.add(key="location", value="/etc/passwd")
+    with pytest.raises(UsageError, match="initialiser w is stored in another file"):
+        from_onnx(graph_file(tmp_path, nodes, inits))
+
+
+def test_not_an_onnx_file_is_one_line(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"\xff\xfe not protobuf at all" * 10)
+    with pytest.raises(UsageError, match="not an ONNX model"):
+        from_onnx(path)
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def million_nodes(path) -> None:
+    """A 14 MB graph of a million Relu nodes, written at the wire level (building it with
+    onnx.helper would take gigabytes in this process)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 28, 28])
+    y = helper.make_tensor_value_info("v", TensorProto.FLOAT, ["n", 10])
+    node = helper.make_node("Relu", ["v"], ["v"]).SerializeToString()
+    graph = (b"\x0a" + varint(len(node)) + node) * 1_000_000  # GraphProto.node is field 1
+    graph += helper.make_graph([], "g", [x], [y]).SerializeToString()
+    model = helper.make_model(helper.make_graph([], "g", [x], [y]))
+    model.ClearField("graph")
+    path.write_bytes(model.SerializeToString() + b"\x3a" + varint(len(graph)) + graph)
+
+
+def huge_initialiser(path) -> None:
+    """An fc whose weight claims 2**32 floats and holds 40 bytes."""
+    nodes, _ = fc_nodes()
+    weight = TensorProto(
+        name="w", data_type=TensorProto.FLOAT, dims=[2**16] * 2, raw_data=b"0" * 40
+    )
+    bias = TensorProto(name="b", data_type=TensorProto.FLOAT, dims=[10], raw_data=b"0" * 40)
+    graph_file(path.parent, nodes, [weight, bias], path.name)
+
+
+REFUSE = """
+import sys, time
+from shared.errors import UsageError
+started = time.perf_counter()
+from shared.onnx_import import from_onnx
+try:
+    from_onnx(sys.argv[1])
+except UsageError as e:
+    print(f"{time.perf_counter() - started:.2f} {e}")
+"""
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (huge_initialiser, "fc: Gemm\\(transB=1\\): the network has more than 25000000 parameters"),
+        (million_nodes, f"more than {MAX_NODES} nodes"),
+    ],
+)
+def test_a_graph_claiming_a_huge_size_is_refused_within_bounds(write, message, tmp_path):
+    path = tmp_path / "m.onnx"
+    write(path)
+    done, peak_mib = run_measured(["-c", REFUSE, str(path)], tmp_path / "peak", timeout=300)
+    assert done.returncode == 0, done.stderr
+    seconds, text = done.stdout.strip().split(" ", 1)
+    assert re.search(message, text), text
+    assert float(seconds) < 5  # imports included
+    assert peak_mib < 1024
+
+
+# --- the commands -----------------------------------------------------------------------------
+
+
+def test_export_writes_a_checked_graph_and_weights_and_checks_them(tmp_path, tiny_data_dir):
+    from shared.config import TrainConfig
+    from shared.data import load_dataset
+    from shared.loop import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = TrainConfig(impl="numpy", arch="pool", epochs=1, batch_size=16)
+    train(config, load_dataset(tiny_data_dir), run, log=lambda _: None)
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, "scripts/export.py", str(run / "checkpoint.npz")]
+    started = time.perf_counter()
+    done = subprocess.run(
+        [*command, "--onnx", str(out / "pool.onnx"), "--data-dir", str(tiny_data_dir)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert time.perf_counter() - started < 120
+    assert sorted(p.name for p in out.iterdir()) == ["pool.onnx", "pool.safetensors"]
+    assert (
+        "30 test images, raw pixels" in done.stdout and "0 predicted classes differ" in done.stdout
+    )
+    onnx.checker.check_model(onnx.load(out / "pool.onnx"), full_check=True)
+    network = threefold.load(out / "pool.onnx")
+    assert network.standardise is not None  # the checkpoint's standardisation is in the graph
+    # Bad input: one line, non-zero exit, nothing written.
+    for args, message in [
+        ([], "give --onnx FILE.onnx, --safetensors FILE or both"),
+        (["--onnx", str(out / "missing" / "m.onnx")], "folder .* does not exist"),
+    ]:
+        bad = subprocess.run([*command, *args], capture_output=True, text=True, cwd=ROOT)
+        last = bad.stderr.strip().splitlines()[-1]
+        assert bad.returncode == 2 and last.startswith("export.py: error: ")
+        assert re.search(message, last) and "Traceback" not in bad.stderr
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "scripts/export.py",
+            str(tmp_path / "no.npz"),
+            "--onnx",
+            str(out / "x.onnx"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["pool.onnx", "pool.safetensors"]
+
+
+def test_an_onnx_file_is_a_network_for_train_and_its_weights_a_start(tmp_path, tiny_data_dir):
+    network = with_statistics(threefold.network("conv4-bn-relu-maxpool2-flatten-fc10", seed=2))
+    model = network.to_onnx(tmp_path / "m.onnx")
+    weights = network.to_safetensors(tmp_path / "m.safetensors")
+    for start in (model, weights):
+        run = tmp_path / f"run-{start.suffix[1:]}"
+        done = subprocess.run(
+            [
+                sys.executable,
+                "scripts/train.py",
+                "--arch",
+                str(model),
+                "--weights",
+                str(start),
+                "--impl",
+                "torch",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--data-dir",
+                str(tiny_data_dir),
+                "--out",
+                str(run),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert (run / "checkpoint.npz").is_file()
+
+
+def test_the_crosscheck_proves_a_graph_pytorchs_exporter_wrote_from_its_weights(tmp_path):
+    """crosscheck.py --arch FILE.onnx --onnx: the file's own weights in all three and in
+    onnxruntime (Keras' MNIST convnet written in PyTorch, exported by torch.onnx.export)."""
+    from shared.torch_import import load_module_file
+
+    module, _ = load_module_file(str(ROOT / "tests" / "models" / "keras_simple_convnet.py:build"))
+    path = tmp_path / "keras.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), torch.zeros(1, 1, 28, 28), path, dynamo=False)
+    flags = ["--onnx", "--quiet", "--dtype", "float32", "--steps", "1", "--batch-size", "4"]
+    rows = str(tmp_path / "rows.json")
+    done = subprocess.run(
+        [sys.executable, "scripts/crosscheck.py", "--arch", str(path), *flags, "--json", rows],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+    results = json.loads((tmp_path / "rows.json").read_text())
+    assert any(r["pair"] == "torch-onnx-opt" and r["passed"] for r in results)
+    assert all(r["passed"] for r in results)
