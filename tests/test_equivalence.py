@@ -26,7 +26,7 @@ from shared.data import load_dataset
 from shared.errors import UsageError
 from shared.layers import Activation, BatchNorm, Conv, Dropout, Pool
 from shared.loop import train
-from shared.proof.kinks import keeps_zeros_exact
+from shared.proof.kinks import cancelled_biases, keeps_zeros_exact
 from shared.proof.passes import checkpoint_agreement
 from shared.proof.rows import CheckResult, compare
 from shared.proof.settings import ALL_ON
@@ -279,8 +279,11 @@ def expected_rows(arch: Arch, kind: str, dtype: str, steps: int, momentum: float
     ]
     checks += ["loss", *(f"grad {name}" for name in param_shapes(arch)), "grad input"]
     buffers = SETTING_KINDS[kind]
+    # In float32 Adam moves a bias whose exact gradient is 0 by round-off / eps: not compared.
+    unsteered = cancelled_biases(arch) if dtype == "float32" and "Adam" in kind else set()
     if buffers is not None:
-        checks += [f"lockstep loss x{steps}", *(f"lockstep {n}" for n in state_shapes(arch))]
+        states = [n for n in state_shapes(arch) if n not in unsteered]
+        checks += [f"lockstep loss x{steps}", *(f"lockstep {n}" for n in states)]
         if momentum or buffers != ("momentum",):
             checks += [f"lockstep {b} {name}" for b in buffers for name in param_shapes(arch)]
     rows.update((check, pair) for check in checks for pair in PAIR_NAMES)
@@ -424,3 +427,55 @@ def test_dropout_on_4d_maps_is_the_formula(impl):
     before = acts[arch.layers[arch.layers.index(dropout) - 1].name]
     expected = before * masks[dropout.name] / (1 - dropout.p)
     np.testing.assert_allclose(acts[dropout.name], expected, rtol=1e-15, atol=0)
+
+
+def test_the_biases_batchnorm_cancels_are_named():
+    arch = get_arch("conv4-bn-relu-conv4b0-bn-relu-conv4-relu-flatten-fc16-bn-relu-fc10")
+    assert cancelled_biases(arch) == {"conv1.bias", "fc1.bias"}
+    assert cancelled_biases(get_arch("lab")) == frozenset()
+
+
+def test_float32_lockstep_steps_are_kept_away_from_kinks(real_data):
+    """Each float32 lockstep step's batch, flipped and masked as the step is, from the state
+    the step starts from, is KINK_MARGIN clear of every ReLU and max-pool kink (issue 25: a
+    faster convolution had moved a momentum row over its tolerance through one unit). Shifts
+    are left out: the constant border a shift pads with makes exact ties that no noise of the
+    image reaches (docs/CROSSCHECK.md)."""
+    from shared.batches import training_batches
+    from shared.proof.kinks import KINK_MARGIN, kink_margin
+    from shared.proof.passes import each_step_away_from_kinks
+    from shared.proof.settings import sample_batches
+
+    arch, steps, size, lr = get_arch("pool"), 6, 8, 0.05
+    batches = [(x.astype(np.float32), y) for x, y in sample_batches(real_data, size, steps, 0)]
+    params = init_params(arch, "he", 0, np.dtype(np.float32))
+    plan = training_batches(
+        steps * size,
+        size,
+        seed=0,
+        epoch=0,
+        fill=real_data.background,
+        flip=True,
+        shift=0,
+        shuffle=False,
+        dropouts=arch.dropouts,
+    )
+    plan = list(plan)
+    reference = make_backend("numpy", arch, np.float64)
+    leader = make_backend("numpy", arch, np.float32, ALL_ON.hyperparams)
+    chosen = each_step_away_from_kinks(
+        reference, leader, arch, params, batches, plan, [lr] * steps, 0
+    )
+    state = leader.init_state(params)
+    for (x, y), batch in zip(chosen, plan, strict=True):
+        own = replace(batch, idx=np.arange(size))
+        data = reference.put_data(x.astype(np.float64), y)
+        seen = np.asarray(reference.gather(data, reference.step_arrays(own), 0, 0.0)[0])
+        params64 = {
+            k: v.astype(np.float64) if v.dtype.kind == "f" else v
+            for k, v in leader.params(state).items()
+        }
+        assert kink_margin(arch, reference.activations(params64, seen, own.masks), seen) >= (
+            KINK_MARGIN
+        )
+        state, _, _ = leader.train_step(state, leader.put_data(x, y), own, lr)

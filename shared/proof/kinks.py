@@ -6,7 +6,7 @@ entry's `kinks` and `keeps_zeros` in shared/kinds.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import numpy as np
@@ -15,6 +15,17 @@ from shared.backend import Backend
 from shared.cost import Cost, largest_training_batch, network_cost
 from shared.kinds import kind_of
 from shared.spec import Arch, Params
+
+
+def cancelled_biases(arch: Arch) -> frozenset[str]:
+    """The biases of layers right before a layer normalising across the batch (a conv's bias
+    before BatchNorm, which subtracts the batch mean the bias adds): their gradient is zero in
+    exact arithmetic, and round-off in every implementation."""
+    return frozenset(
+        f"{layer.name}.bias"
+        for layer, after in zip(arch.layers, arch.layers[1:], strict=False)
+        if kind_of(after).batch_statistics and f"{layer.name}.bias" in arch.trainable
+    )
 
 
 def keeps_zeros_exact(arch: Arch) -> bool:
@@ -90,14 +101,17 @@ def kink_margin(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> float
     """The smallest distance to a kink, relative to its layer's scale: of any ReLU's input
     from 0, and of any max-pool window's largest value from its second largest. Windows whose
     maximum is an exact 0 are left out: after a ReLU those zeros take no gradient whichever
-    wins, and the ReLU's own margin covers them."""
+    wins, and the ReLU's own margin covers them. So are windows whose two largest values are
+    exactly equal in float64: equal values come from equal inputs (the constant border a
+    shift pads with), whose weight gradients are the same whichever of them takes it."""
     margins = [np.inf]
     for at, values, scale in _kinks(arch, acts, x):
         if at == "zero":
             margins.append(float(np.abs(values).min()) / scale)
         else:
             top2 = np.sort(values, axis=-1)[..., -2:]
-            gaps = np.where(top2[..., 1] == 0, np.inf, top2[..., 1] - top2[..., 0])
+            tied = (top2[..., 1] == 0) | (top2[..., 1] == top2[..., 0])
+            gaps = np.where(tied, np.inf, top2[..., 1] - top2[..., 0])
             margins.append(float(gaps.min()) / scale)
     return min(margins)
 
@@ -110,17 +124,31 @@ def kink_state(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> list[n
     ]
 
 
-def away_from_kinks(backend64: Backend, arch: Arch, params: Params, x, masks, seed: int):
+def away_from_kinks(
+    backend64: Backend,
+    arch: Arch,
+    params: Params,
+    x,
+    masks,
+    seed: int | tuple[int, ...],
+    augment: Callable[[np.ndarray], np.ndarray] | None = None,
+):
     """x plus the first of a few seeded noises (std 0.01) that puts the float64 training pass
-    at least KINK_MARGIN from every kink; x with the last noise tried if none does."""
+    (on `augment(x)`, where a training step flips or shifts its images) at least KINK_MARGIN
+    from every kink; where none does, the one that comes closest."""
     params64 = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in params.items()}
+    seeds = (seed,) if isinstance(seed, int) else seed
+    best, best_margin = x, -1.0
     for attempt in range(20):
-        noise = np.random.default_rng([seed, 2, attempt]).normal(scale=1e-2, size=x.shape)
+        noise = np.random.default_rng([*seeds, 2, attempt]).normal(scale=1e-2, size=x.shape)
         candidate = (x + noise).astype(x.dtype)
-        acts = backend64.activations(params64, candidate.astype(np.float64), masks)
-        if kink_margin(arch, acts, candidate) >= KINK_MARGIN:
-            break
-    return candidate
+        seen = (candidate if augment is None else augment(candidate)).astype(np.float64)
+        margin = kink_margin(arch, backend64.activations(params64, seen, masks), seen)
+        if margin >= KINK_MARGIN:
+            return candidate
+        if margin > best_margin:
+            best, best_margin = candidate, margin
+    return best
 
 
 def same_side(a: list[np.ndarray], b: list[np.ndarray]) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 
@@ -14,7 +15,7 @@ from shared.backend import IMPLEMENTATIONS, Backend, batched_logits, make_backen
 from shared.batches import training_batches
 from shared.config import OPTIMIZER_BUFFERS, learning_rate
 from shared.data import FASHION_MNIST
-from shared.proof.kinks import kink_state, same_side
+from shared.proof.kinks import away_from_kinks, cancelled_biases, kink_state, same_side
 from shared.proof.onnx_witness import onnx_logits
 from shared.proof.rows import FD_STEP, TOLERANCES, CheckResult, Compared, compare, dtypes_of
 from shared.proof.settings import Setting
@@ -72,6 +73,8 @@ def lockstep(
     batches,
     setting: Setting,
     resync: bool,
+    reference: Backend | None = None,
+    seed: int = 0,
 ) -> Iterator[Compared]:
     """Train from the same start on the same batches; compare losses, every tensor
     (parameters and BatchNorm's running statistics) and the optimizer's state (SGD's momentum,
@@ -81,15 +84,17 @@ def lockstep(
     Why float32 resyncs: a ReLU input within float32 round-off of zero (about 1e-6; one in the
     20 default steps on real data) is on for one implementation and off for another, which
     changes a whole row of fc1's gradient; carried forward, that one rounding decision would
-    be all the comparison measures. float64 carries the runs through without it.
+    be all the comparison measures. float64 carries the runs through without it. With a
+    `reference` (a float64 NumPy backend), each step's images are also kept away from the
+    kinks the way the single pass's are (`away_from_kinks`), from the state that step starts
+    from, so that no single unit's rounding decides a row.
     """
     config = setting.config
     steps, size = len(batches), len(batches[0][1])
-    x, y = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
     # The concatenated batches in order, augmented and masked as training would do it.
     plan = list(
         training_batches(
-            len(y),
+            steps * size,
             size,
             seed=0,
             epoch=0,
@@ -100,11 +105,20 @@ def lockstep(
             dropouts=arch.dropouts,
         )
     )
+    rates = [
+        learning_rate(step, steps, config.lr, config.schedule, setting.warmup_steps)
+        for step in range(steps)
+    ]
+    if reference is not None:
+        leader = next(iter(backends.values()))  # the state every step restarts from
+        batches = each_step_away_from_kinks(
+            reference, leader, arch, params, batches, plan, rates, seed
+        )
+    x, y = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
     data = {name: backend.put_data(x, y) for name, backend in backends.items()}
     states = {name: backend.init_state(params) for name, backend in backends.items()}
     runs: dict[str, list] = {name: [] for name in backends}  # (loss, tensors, state) a step
-    for step, batch in enumerate(plan):
-        lr = learning_rate(step, steps, config.lr, config.schedule, setting.warmup_steps)
+    for batch, lr in zip(plan, rates, strict=True):
         for name, backend in backends.items():
             states[name], loss, _ = backend.train_step(states[name], data[name], batch, lr)
             tensors = backend.params(states[name])
@@ -113,6 +127,11 @@ def lockstep(
             _, p, optimizer = runs[next(iter(backends))][-1]
             states = {name: backend.init_state(p, optimizer) for name, backend in backends.items()}
     trainable = arch.trainable
+    # Adam divides a gradient by its own root mean square plus eps: a gradient that is round-off
+    # (~1e-6 in float32, as large as eps) moves its parameter by a rate's worth in a direction
+    # round-off decides. So in float32 a cancelled bias's value is left out of Adam's rows; its
+    # gradient (single pass) and moments (below) are compared, and float64 compares it all.
+    unsteered = cancelled_biases(arch) if resync and config.optimizer != "sgd" else frozenset()
     # Without momentum SGD has no buffers to compare: PyTorch keeps none.
     buffers = [b for b in OPTIMIZER_BUFFERS[config.optimizer] if config.momentum or b != "momentum"]
     for pair, run_a, run_b in _pairs(runs):
@@ -121,12 +140,38 @@ def lockstep(
         scales = {b: _largest(_stacked(run_a, 2, name, b) for name in trainable) for b in buffers}
         for name in params:
             a, b = _stacked(run_a, 1, name), _stacked(run_b, 1, name)
-            yield Compared(f"lockstep {name}", pair, a, b, weights if name in trainable else 0.0)
+            if name not in unsteered:
+                scale = weights if name in trainable else 0.0
+                yield Compared(f"lockstep {name}", pair, a, b, scale)
             if name not in trainable:
                 continue
             for buffer in buffers:
                 a, b = _stacked(run_a, 2, name, buffer), _stacked(run_b, 2, name, buffer)
                 yield Compared(f"lockstep {buffer} {name}", pair, a, b, scales[buffer])
+
+
+def each_step_away_from_kinks(
+    reference: Backend, leader: Backend, arch: Arch, params: Params, batches, plan, rates, seed
+):
+    """The batches, each step's images re-noised until that step's float64 training pass
+    (augmented and masked as the step will be, from the state `leader` reaches by then) is
+    KINK_MARGIN from every kink, where a few seeded noises manage it."""
+    state, chosen = leader.init_state(params), []
+    for step, ((x, y), batch, lr) in enumerate(zip(batches, plan, rates, strict=True)):
+        own = replace(batch, idx=np.arange(len(y)))  # this step's images alone
+
+        def augment(candidate: np.ndarray, y=y, own=own) -> np.ndarray:
+            data = reference.put_data(candidate.astype(np.float64), y)
+            return np.asarray(
+                reference.gather(data, reference.step_arrays(own), own.pad, own.fill)[0]
+            )
+
+        x = away_from_kinks(
+            reference, arch, leader.params(state), x, own.masks, (seed, step), augment
+        )
+        chosen.append((x, y))
+        state, _, _ = leader.train_step(state, leader.put_data(x, y), own, lr)
+    return chosen
 
 
 def _largest(tensors) -> float:
