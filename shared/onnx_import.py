@@ -24,6 +24,7 @@ from shared.layers import INPUT_SHAPE
 from shared.network import Mapped, Network
 from shared.onnx_export import ADAPTIVE, CHANNELWISE
 from shared.spec import MAX_LAYERS, Arch, Entry, Params, build_layers, get_arch, tensors
+from shared.torch_ops import Refused
 
 # The largest network the cost bounds accept holds about 50M float32 parameters (1 GiB over
 # parameters, gradients and optimizer state); files of real models are far smaller.
@@ -246,10 +247,10 @@ def _steps(nodes: list, initialisers: dict, current: str, graph, label: str) -> 
                 )
         last = index == len(nodes) - 1
         if node.op_type == "MatMul" and not last and nodes[index + 1].op_type == "Add":
-            steps.append(_matmul_add(node, nodes[index + 1], initialisers, where))
+            steps.append(_matmul_add(node, nodes[index + 1], initialisers, where, index))
             index += 1
         else:
-            steps.append(_take(node, initialisers, where, last))
+            steps.append(_take(node, initialisers, where, _name(node, index), last))
         current = nodes[index].output[0]
         index += 1
     if current not in outputs:
@@ -262,13 +263,7 @@ def _require(attributes: dict, name: str, allowed: tuple, why: str) -> None:
         raise Refused(f"{name}={attributes[name]!r}", why)
 
 
-class Refused(Exception):
-    def __init__(self, option: str, why: str):
-        super().__init__(option)
-        self.option, self.why = option, why
-
-
-def _take(node, initialisers: dict, where: str, last: bool) -> _Step:
+def _take(node, initialisers: dict, where: str, source: str, last: bool) -> _Step:
     op, attributes = node.op_type, _attributes(node)
     shown = ", ".join(f"{k}={v!r}" for k, v in attributes.items() if not isinstance(v, bytes))
     what = f"{op}({shown})"
@@ -278,11 +273,7 @@ def _take(node, initialisers: dict, where: str, last: bool) -> _Step:
         taken, reads, note = TAKERS[op](node, attributes, initialisers, last)
     except Refused as refused:
         raise UsageError(f"{where}: {refused.option}: {refused.why}") from None
-    return _Step(_name_of(node, where), what, taken, reads, note)
-
-
-def _name_of(node, where: str) -> str:
-    return node.name or where.split(": ")[-1].split(" (")[0]
+    return _Step(source, what, taken, reads, note)
 
 
 def _square(attributes: dict, name: str, default: int | None = None) -> int:
@@ -444,7 +435,7 @@ def _gemm(node, attributes, initialisers, last):
     )
 
 
-def _matmul_add(matmul, add, initialisers: dict, where: str) -> _Step:
+def _matmul_add(matmul, add, initialisers: dict, where: str, index: int) -> _Step:
     """MatMul by a constant (in, out) then Add of a constant (out,): threefold's fc."""
     try:
         weight = _initialiser(matmul, 1, initialisers)
@@ -455,7 +446,7 @@ def _matmul_add(matmul, add, initialisers: dict, where: str) -> _Step:
     except Refused as refused:
         raise UsageError(f"{where}: {refused.option}: {refused.why}") from None
     reads = [(matmul.input[1], "weight.T"), (add.input[1], "bias")]
-    source = f"{_name_of(matmul, where)} + {add.name or 'Add'}"
+    source = f"{_name(matmul, index)} + {_name(add, index + 1)}"
     return _Step(source, "MatMul + Add", ("fc", {"features": int(weight.dims[1])}), reads)
 
 

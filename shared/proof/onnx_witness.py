@@ -55,9 +55,10 @@ def onnx_rows(
     dtype (it has no float64 kernel for some operators)."""
     dtype = x.dtype
     try:
+        every_layer = onnx_model(arch, params, dtype=dtype, every_layer=True)
         sessions = {
-            "onnx": session(onnx_model(arch, params, dtype=dtype, every_layer=True), False),
-            "onnx-opt": session(onnx_model(arch, params, dtype=dtype, every_layer=True), True),
+            "onnx": session(every_layer, False),
+            "onnx-opt": session(every_layer, True),
             "fused": session(onnx_model(arch, params, dtype=dtype), True),
         }
     except Exception as error:  # onnxruntime raises its own types; a missing kernel is a note
