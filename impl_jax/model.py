@@ -7,6 +7,8 @@ uses the batch's statistics and returns updated running ones, dropout applies th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import chex
 import jax
 
@@ -24,7 +26,7 @@ from shared.layers import (
     Linear,
     Pool,
 )
-from shared.spec import Arch, split_params, state_shapes
+from shared.spec import Arch, layer_trainable, split_params, state_shapes
 
 Params = dict[str, jax.Array]
 Masks = dict[str, jax.Array] | None
@@ -69,6 +71,20 @@ def layer_forward(
         case Linear(name):
             return layers.linear(x, params[f"{name}.weight"], params[f"{name}.bias"])
     raise TypeError(f"unknown layer {layer!r}")
+
+
+def layer_vjp(
+    layer: Layer, params: Params, x: jax.Array, masks: Masks
+) -> tuple[jax.Array, Callable[[jax.Array], Params]]:
+    """The layer's output and its pullback: dout -> {"input": dx, parameter name: gradient}
+    (how the profile times one layer forward and backward)."""
+    names = layer_trainable(layer)
+
+    def of_inputs(inputs: Params) -> jax.Array:
+        return layer_forward(layer, {**params, **inputs}, inputs["input"], masks, {})
+
+    out, pull = jax.vjp(of_inputs, {"input": x, **{k: params[k] for k in names}})
+    return out, lambda dout: pull(dout)[0]
 
 
 def _check_boundary(params: Params, x: jax.Array, arch: Arch, masks: Masks) -> None:

@@ -7,6 +7,8 @@ uses the batch's statistics and returns updated running ones, dropout applies th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from impl_numpy import layers
@@ -100,6 +102,21 @@ def layer_backward(
         case Flatten():
             return layers.flatten_backward(dout, cache)[0]
     raise TypeError(f"unknown layer {layer!r}")
+
+
+def layer_vjp(
+    layer: Layer, params: Params, x: np.ndarray, masks: Masks
+) -> tuple[np.ndarray, Callable[[np.ndarray], Params]]:
+    """The layer's output and its pullback: dout -> {"input": dx, parameter name: gradient}
+    (how the profile times one layer forward and backward)."""
+    out, cache = layer_forward(layer, params, x, masks, {})
+
+    def pullback(dout: np.ndarray) -> Params:
+        grads: Params = {}
+        grads["input"] = layer_backward(layer, dout, cache, True, grads)
+        return grads
+
+    return out, pullback
 
 
 def _forward(

@@ -9,6 +9,7 @@ uses the batch's statistics and returns updated running ones, dropout applies th
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -24,7 +25,7 @@ from shared.layers import (
     Linear,
     Pool,
 )
-from shared.spec import Arch, split_params
+from shared.spec import Arch, layer_trainable, split_params
 
 Params = dict[str, torch.Tensor]
 Masks = dict[str, torch.Tensor] | None
@@ -69,6 +70,22 @@ def layer_forward(
         case Linear(name):
             return layers.linear(x, params[f"{name}.weight"], params[f"{name}.bias"])
     raise TypeError(f"unknown layer {layer!r}")
+
+
+def layer_vjp(
+    layer: Layer, params: Params, x: torch.Tensor, masks: Masks
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], Params]]:
+    """The layer's output and its pullback: dout -> {"input": dx, parameter name: gradient}
+    (how the profile times one layer forward and backward)."""
+    names = layer_trainable(layer)
+    inputs = {"input": x, **{k: params[k] for k in names}}
+    inputs = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}
+    out = layer_forward(layer, {**params, **inputs}, inputs["input"], masks, {})
+
+    def pullback(dout: torch.Tensor) -> Params:
+        return dict(zip(inputs, torch.autograd.grad(out, list(inputs.values()), dout), strict=True))
+
+    return out, pullback
 
 
 def _forward(

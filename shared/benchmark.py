@@ -168,7 +168,7 @@ def ladder_table(loops: dict, rows: list[dict]) -> str:
 def run_profile(
     impls: list[str], arch: str, sizes: list[int], steps: int, timeout: float, out: Path
 ) -> int:
-    """--profile: each implementation's step by phase (and NumPy's by layer), as tables and a
+    """--profile: each implementation's step by phase and by layer, as tables and a
     chart in `out`."""
     from shared import profile
 
@@ -181,9 +181,9 @@ def run_profile(
         f"`--arch {arch}`, float32, training defaults (flips on), median of {steps} steps; "
         "milliseconds per step.\n\n" + profile.markdown(rows)
     )
-    for r in rows:
-        if r["layers"]:
-            text += f"\n\nNumPy by layer, batch {r['batch_size']}:\n\n" + profile.layer_markdown(r)
+    for b in sizes:
+        at_b = [r for r in rows if r["batch_size"] == b]
+        text += f"\n\nBy layer, batch {b}, milliseconds:\n\n" + profile.layer_markdown(at_b)
     print("\n" + text)
     atomic_write(out / "profile.md", lambda f: f.write((text + "\n").encode()))
     write_json(out / "profile.json", {"arch": arch, "rows": rows})

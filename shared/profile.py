@@ -1,10 +1,11 @@
-"""Where a training step's time goes, phase by phase, in each implementation (and layer by
-layer in NumPy): `python scripts/benchmark.py --profile`.
+"""Where a training step's time goes, phase by phase and layer by layer, in each
+implementation: `python scripts/benchmark.py --profile`.
 
 Each phase runs on its own, the framework's way (compiled for JAX), on the batches training
 uses, and is timed to completion (JAX dispatches asynchronously, so its results are awaited).
 A JAX step compiles all phases into one program, which fuses across their borders: the step
 can take less than its phases' sum, and the difference is reported rather than hidden.
+Layers are timed the same way, each on its own (see `layer_timers`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -21,6 +22,18 @@ from shared.backend import Backend, make_backend
 from shared.batches import Batch, steady_batches
 from shared.config import TrainConfig
 from shared.spec import get_arch, init_params
+
+
+class LayerTimer(NamedTuple):
+    """One layer's two timed functions and the arguments they run on."""
+
+    name: str
+    forward: Callable[[Any, Any], Any]
+    forward_and_backward: Callable[[Any, Any, Any], Any]
+    params: Any
+    x: Any
+    dout: Any
+
 
 PHASES = (
     "host to framework",
@@ -68,24 +81,38 @@ def step_phases(backend: Backend, state: Any, data: Any, batch: Batch, lr: float
     return seconds
 
 
-def numpy_layer_seconds(backend: Backend, state: Any, data: Any, batch: Batch) -> dict:
-    """Seconds of each layer's forward and backward in one NumPy training pass: the model's
-    own per-layer functions run in its order (forward, the loss, backward), each timed."""
-    model, arch, params, masks = backend.model, backend.arch, state[0], batch.masks
-    x, y = backend.gather(data, backend.step_arrays(batch), batch.pad, batch.fill)
-    seconds: dict[str, float] = {}
-    caches, buffers, grads = [], {}, {}
-    for layer in arch.layers:
-        start = time.perf_counter()
-        x, cache = model.layer_forward(layer, params, x, masks, buffers)
-        seconds[f"{layer.name} forward"] = time.perf_counter() - start
-        caches.append(cache)
-    _, dout = backend.ops.softmax_cross_entropy(x, y, backend.hyperparams.label_smoothing)
-    for depth in reversed(range(len(arch.layers))):
-        layer = arch.layers[depth]
-        start = time.perf_counter()
-        dout = model.layer_backward(layer, dout, caches[depth], depth > 0, grads)
-        seconds[f"{layer.name} backward"] = time.perf_counter() - start
+def layer_timers(backend: Backend, params: Any, x: Any, masks: Any) -> list[LayerTimer]:
+    """For each layer of the network, its forward and its forward-and-backward (the pullback
+    of every input, the layer's input included), each as the backend runs it fastest
+    (compiled on its own in JAX), with the arguments a training pass gives that layer from
+    images x (N, 1, 28, 28) and the step's dropout masks."""
+    model, timers = backend.model, []
+    for layer in backend.arch.layers:
+
+        def forward(params, x, layer=layer):
+            return model.layer_vjp(layer, params, x, masks)[0]
+
+        def forward_and_backward(params, x, dout, layer=layer):
+            return model.layer_vjp(layer, params, x, masks)[1](dout)
+
+        out = backend.wait(forward(params, x))
+        dout = out * 0 + 1  # a gradient of the output's shape, type and framework
+        compiled = backend.compile(forward), backend.compile(forward_and_backward)
+        timers.append(LayerTimer(layer.name, *compiled, params, x, dout))
+        x = out
+    return timers
+
+
+def layer_seconds(backend: Backend, timers: list[LayerTimer]) -> dict[str, float]:
+    """Seconds of each layer's forward and backward (forward and backward run together, less
+    the forward alone)."""
+    clock = partial(_clock, wait=backend.wait)
+    seconds = {}
+    for t in timers:
+        forward, _ = clock(lambda t=t: t.forward(t.params, t.x))
+        both, _ = clock(lambda t=t: t.forward_and_backward(t.params, t.x, t.dout))
+        seconds[f"{t.name} forward"] = forward
+        seconds[f"{t.name} backward"] = max(both - forward, 0.0)
     return seconds
 
 
@@ -109,19 +136,27 @@ def timing_setup(
 
 def profile(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
     """Median seconds per phase over `steps` steps, the median whole step as training runs
-    it, and (NumPy) per layer; this runs in a worker process of its own. Flips as train.py's
+    it, and per layer; this runs in a worker process of its own. Flips as train.py's
     defaults have them, so the augmentation shows."""
     flip = TrainConfig().flip
     backend, state, train_data, stream = timing_setup(impl, arch_name, batch_size, flip)
     phases: dict[str, list[float]] = {p: [] for p in PHASES}
     whole, layers = [], {}
+    batch = next(stream)
+    # On copies of the weights (JAX donates a state's to the step that follows), with the
+    # first batch's images and masks: a layer's time does not depend on the values.
+    x, _ = backend.gather(
+        train_data, backend.moved(backend.step_arrays(batch)), batch.pad, batch.fill
+    )
+    params = backend._copy(backend.params(state))
+    timers = layer_timers(backend, params, x, backend.moved(backend.step_arrays(batch)).masks)
     for i in range(steps + 5):  # the first five compile and warm up
         batch = next(stream)
         seconds = step_phases(backend, state, train_data, batch, 0.01)
         start = time.perf_counter()
         state, _, _ = backend.train_step(state, train_data, batch, 0.01)
         step = time.perf_counter() - start
-        by_layer = numpy_layer_seconds(backend, state, train_data, batch) if impl == "numpy" else {}
+        by_layer = layer_seconds(backend, timers)
         if i >= 5:
             whole.append(step)
             for p in PHASES:
@@ -151,29 +186,32 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def layer_markdown(row: dict) -> str:
-    """NumPy's layers: milliseconds forward and backward, and share of the pass."""
-    total = sum(row["layers"].values())
-    names = list(dict.fromkeys(k.rsplit(" ", 1)[0] for k in row["layers"]))
-    lines = [
-        "| layer | forward ms | backward ms | share of the pass |",
-        "| --- | ---: | ---: | ---: |",
-    ]
-    for name in names:
-        f = row["layers"].get(f"{name} forward", 0.0)
-        b = row["layers"].get(f"{name} backward", 0.0)
-        lines.append(f"| {name} | {1e3 * f:.3f} | {1e3 * b:.3f} | {100 * (f + b) / total:.1f}% |")
+def layer_markdown(rows: list[dict]) -> str:
+    """Rows of one batch size: milliseconds forward and backward of each layer, and its share
+    of the layers' sum, an implementation a column group."""
+    names = list(dict.fromkeys(k.rsplit(" ", 1)[0] for k in rows[0]["layers"]))
+    totals = [sum(r["layers"].values()) for r in rows]
+    head = "| layer | " + " | ".join(f"{r['impl']} forward | backward | share" for r in rows) + " |"
+    lines = [head, "| --- |" + " ---: |" * (3 * len(rows))]
+    for name in [*names, "all layers"]:
+        cells = []
+        for r, total in zip(rows, totals, strict=True):
+            if name == "all layers":
+                f = sum(v for k, v in r["layers"].items() if k.endswith(" forward"))
+                b = total - f
+            else:
+                f, b = r["layers"][f"{name} forward"], r["layers"][f"{name} backward"]
+            cells.append(f"{1e3 * f:.3f} | {1e3 * b:.3f} | {100 * (f + b) / total:.1f}%")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def chart(rows: list[dict], path) -> None:
     """Stacked bars: a step's phases per implementation (and batch size), and beside them
-    NumPy's layers forward and backward."""
+    the layers forward and backward of each implementation at the first batch size."""
     from shared.plots import plt, save_figure
 
-    numpy_rows = [r for r in rows if r["layers"]]
-    fig, axes = plt.subplots(1, 1 + bool(numpy_rows), figsize=(11 if numpy_rows else 6, 4))
-    ax = axes[0] if numpy_rows else axes
+    fig, (ax, by_layer) = plt.subplots(1, 2, figsize=(12, 4.5))
     labels = [f"{r['impl']}\nbatch {r['batch_size']}" for r in rows]
     bottom = np.zeros(len(rows))
     for phase in PHASES:
@@ -191,14 +229,17 @@ def chart(rows: list[dict], path) -> None:
     )
     ax.set(ylabel="milliseconds per step", title="one training step, by phase")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3)
-    if numpy_rows:
-        r = numpy_rows[0]
-        names = list(dict.fromkeys(k.rsplit(" ", 1)[0] for k in r["layers"]))
-        f = [1e3 * r["layers"].get(f"{n} forward", 0.0) for n in names]
-        b = [1e3 * r["layers"].get(f"{n} backward", 0.0) for n in names]
-        axes[1].barh(names, f, label="forward")
-        axes[1].barh(names, b, left=f, label="backward")
-        axes[1].invert_yaxis()
-        axes[1].set(xlabel="milliseconds", title=f"NumPy by layer, batch {r['batch_size']}")
-        axes[1].legend(fontsize=7)
+    first = [r for r in rows if r["batch_size"] == rows[0]["batch_size"]]
+    names = list(dict.fromkeys(k.rsplit(" ", 1)[0] for k in first[0]["layers"]))
+    height = 0.8 / len(first)
+    for i, r in enumerate(first):
+        y = np.arange(len(names)) + i * height
+        f = np.array([1e3 * r["layers"][f"{n} forward"] for n in names])
+        b = np.array([1e3 * r["layers"][f"{n} backward"] for n in names])
+        by_layer.barh(y, f, height, label=f"{r['impl']} forward", color=f"C{i}", alpha=0.5)
+        by_layer.barh(y, b, height, left=f, label=f"{r['impl']} backward", color=f"C{i}")
+    by_layer.set_yticks(np.arange(len(names)) + 0.4 - height / 2, names)
+    by_layer.invert_yaxis()
+    by_layer.set(xlabel="milliseconds", title=f"by layer, batch {rows[0]['batch_size']}")
+    by_layer.legend(fontsize=7)
     save_figure(fig, path)

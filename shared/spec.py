@@ -363,6 +363,11 @@ def tensors(arch: Arch) -> dict[str, Tensor]:
     return {k: v for layer in arch.layers for k, v in kind_of(layer).tensors(layer).items()}
 
 
+def layer_trainable(layer: Layer) -> list[str]:
+    """The names of one layer's trainable tensors (weight before bias)."""
+    return [k for k, t in kind_of(layer).tensors(layer).items() if t.trainable]
+
+
 def param_shapes(arch: Arch) -> dict[str, Shape]:
     """The trainable tensors' names and shapes, in layer order (weight before bias)."""
     return {k: t.shape for k, t in tensors(arch).items() if t.trainable}
