@@ -30,11 +30,15 @@ def _shifted(x: jax.Array, k: int, stride: int) -> list[jax.Array]:
 def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding: int) -> jax.Array:
     """x (N, C, H, W), w (O, C, k, k), b (O,) or None -> out (N, O, H', W').
 
-    Convolution as one matrix product w (O, C*k*k) @ im2col(x), as in impl_numpy: on this
-    CPU, XLA's own convolution (lax.conv_general_dilated, which the tests use as the oracle)
-    made the lab network's whole training step 1.35x slower (21,400 against 29,000 images/s at
-    batch 64), for its single input channel.
+    Chosen by the input's channels, as measured on this CPU (docs/PERFORMANCE.md): with one
+    channel, one matrix product w (O, k*k) @ im2col(x), as in impl_numpy (XLA's own
+    convolution made the lab network's step 1.35x slower); with more, XLA's convolution,
+    with the weight gradient taken from another formulation (see _conv_many_channels):
+    im2col's k*k-fold unfolded copy is XLA's slowest operation here.
     """
+    if w.shape[1] > 1:
+        out = _conv_many_channels(x, w, stride, padding)
+        return out if b is None else out + b[:, None, None]
     n = x.shape[0]
     o, c, k, _ = w.shape
     cols = jnp.stack(_shifted(_pad(x, padding), k, stride), axis=2)  # (N, C, k*k, H', W')
@@ -43,6 +47,52 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding
     if b is not None:
         out = out + b[:, None]
     return out.reshape(n, o, ho, wo)
+
+
+def _conv_xla(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
+    """x (N, C, H, W), w (O, C, k, k) -> (N, O, H', W'): XLA's own convolution."""
+    pads = [(padding, padding)] * 2
+    dims = ("NCHW", "OIHW", "NCHW")
+    return lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=dims)
+
+
+def _conv_by_offsets(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
+    """The same convolution as a sum over the kernel's k*k offsets of per-image products
+    w[:, :, i, j] (O, C) @ x shifted by (i, j) (C, H'*W'), the weights broadcast over the
+    batch: slow forward, but its weight gradient is k*k batched products summed over the
+    images, which XLA runs 4x faster here than its convolution's."""
+    n = x.shape[0]
+    o, c, k, _ = w.shape
+    out = 0.0
+    for offset, shifted in enumerate(_shifted(_pad(x, padding), k, stride)):
+        ho, wo = shifted.shape[2:]
+        w_batch = jnp.broadcast_to(w[:, :, offset // k, offset % k], (n, o, c))
+        products = (((2,), (1,)), ((0,), (0,)))  # contract C, batch N
+        out = out + lax.dot_general(w_batch, shifted.reshape(n, c, ho * wo), products)
+    return out.reshape(n, o, ho, wo)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_many_channels(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
+    """XLA's convolution, differentiated argument by argument through the exact formulation
+    XLA runs fastest (measured on the strong network's 32 -> 64 conv, batch 128: forward 8
+    ms; input gradient 8 ms by its own convolution; weight gradient 7 ms by offsets against
+    30 ms by its convolution). Every gradient still comes from jax.vjp."""
+    return _conv_xla(x, w, stride, padding)
+
+
+def _conv_many_channels_forward(x, w, stride, padding):
+    return _conv_xla(x, w, stride, padding), (x, w)
+
+
+def _conv_many_channels_backward(stride, padding, inputs, dout):
+    x, w = inputs
+    (dx,) = jax.vjp(lambda x: _conv_xla(x, w, stride, padding), x)[1](dout)
+    (dw,) = jax.vjp(lambda w: _conv_by_offsets(x, w, stride, padding), w)[1](dout)
+    return dx, dw
+
+
+_conv_many_channels.defvjp(_conv_many_channels_forward, _conv_many_channels_backward)
 
 
 def _pad(x: jax.Array, padding: int, value: float = 0.0) -> jax.Array:
@@ -91,14 +141,22 @@ def max_pool(x: jax.Array, size: int, stride: int, padding: int = 0) -> jax.Arra
     """x (N, C, H, W) padded by `padding` with -inf -> (N, C, H', W'); the first maximum in a
     window takes the gradient.
 
-    The windows' values picked at their argmax (the first maximum, row-major), so the gradient
-    goes there by construction; and it runs the pool network's training step 1.85x faster on
-    this CPU than lax.reduce_window, whose gradient is XLA's select-and-scatter (35,000
-    against 19,000 images/s at batch 64).
+    As impl_numpy: the index of the first maximum (or the last NaN, which PyTorch's kernel
+    takes as larger than anything) found by a running comparison over the window's offsets
+    in row-major order, then each output picked from its offset by a
+    select, whose gradient goes to the picked value alone. Picking by a gather made the
+    gradient a scatter-add, the strong network's slowest operation in XLA here; and
+    lax.reduce_window's gradient (select-and-scatter) ran the pool network 1.85x slower.
     """
-    windows = jnp.stack(_shifted(_pad(x, padding, -jnp.inf), size, stride), axis=-1)
-    first = jnp.argmax(windows, axis=-1)
-    return jnp.take_along_axis(windows, first[..., None], axis=-1)[..., 0]
+    offsets = _shifted(_pad(x, padding, -jnp.inf), size, stride)
+    best, first = offsets[0], jnp.zeros(offsets[0].shape, jnp.int32)
+    for i, view in enumerate(offsets[1:], 1):
+        larger = (view > best) | jnp.isnan(view)  # a NaN wins, as in PyTorch's kernel
+        best, first = jnp.where(larger, view, best), jnp.where(larger, i, first)
+    out = offsets[0]
+    for i, view in enumerate(offsets[1:], 1):
+        out = jnp.where(first == i, view, out)
+    return out
 
 
 def avg_pool(x: jax.Array, size: int, stride: int, padding: int = 0) -> jax.Array:

@@ -352,6 +352,22 @@ def test_max_pool_ties_go_to_the_first_maximum_in_all_three(size, stride, dtype)
         np.testing.assert_array_equal(dx, expected, err_msg=f"{impl}, jit={jit}")
 
 
+@pytest.mark.parametrize(("size", "stride"), [(2, 2), (3, 1)])
+def test_max_pool_propagates_nan_and_routes_its_gradient_as_pytorch(size, stride):
+    rng = np.random.default_rng(size)
+    x = rng.standard_normal((2, 2, 6, 6))
+    x[0, 0, 0, 1] = x[0, 1, 2, 2] = x[1, 1, 3, 3] = x[1, 1, 3, 4] = np.nan  # two in one window
+    xt = torch.tensor(x, requires_grad=True)
+    out_t = F.max_pool2d(xt, size, stride)
+    dout = rng.integers(1, 10, out_t.shape).astype(np.float64)
+    out_t.backward(torch.tensor(dout))
+    assert np.isnan(out_t.detach().numpy()).any()
+    for impl in IMPLEMENTATIONS:
+        out, (dx,), _ = run_pair(impl, "max_pool", [x], (size, stride), dout)
+        np.testing.assert_array_equal(out, out_t.detach().numpy(), err_msg=impl)
+        np.testing.assert_array_equal(dx, xt.grad.numpy(), err_msg=impl)
+
+
 def test_max_pool_routes_ties_to_the_first_maximum():
     x = np.zeros((1, 1, 2, 4))
     x[0, 0, 1, 3] = 1.0
