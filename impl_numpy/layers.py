@@ -49,9 +49,9 @@ def _col2im(
 ) -> np.ndarray:
     """Adjoint of taking windows: dwindows (A, B, k, k, H', W') -> dx (A, B, H, W) of images
     (H, W) = x_shape[2:], overlaps summed, padding cut off; (A, B) is (N, C) or (C, N)."""
-    n, c, k = dwindows.shape[:3]
+    a, b, k = dwindows.shape[:3]
     h, w = x_shape[2:]
-    dxp = np.zeros((n, c, h + 2 * padding, w + 2 * padding), dtype=dwindows.dtype)
+    dxp = np.zeros((a, b, h + 2 * padding, w + 2 * padding), dtype=dwindows.dtype)
     # One vectorised add per kernel offset (k*k of them), never a loop over pixels or images.
     for i, view in enumerate(_shifted(dxp, k, stride)):
         view += dwindows[:, :, i // k, i % k]
@@ -60,10 +60,10 @@ def _col2im(
 
 def _one_product(c: int) -> bool:
     """Whether a convolution over c input channels runs as one matrix product over the whole
-    batch rather than one per image. Measured here (docs/PERFORMANCE.md): one product is
-    faster from 2 channels on (1.7x on 16 -> 32 and on the strong network's 32 -> 64), one
-    per image with a single channel (4x on 1 -> 8), whose product is too thin to pay for
-    laying the batch out as one matrix."""
+    batch rather than one per image. Measured at batch 128 (docs/PERFORMANCE.md): one product
+    is faster with more channels (on the strong network's 32 -> 64, 1.3x forward and 1.5x
+    backward), one per image with a single channel (on 1 -> 32, 4.6x forward), whose
+    product is too thin to pay for laying the whole batch out as one matrix."""
     return c > 1
 
 
