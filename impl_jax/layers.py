@@ -137,26 +137,41 @@ def sigmoid(x: jax.Array) -> jax.Array:
     return jax.nn.sigmoid(x)
 
 
+# Windows of more positions are pooled by a gather: the chain of selects below compiles in
+# time and memory that grow much faster than the window (a 16 x 16 window: 17 s and 1.4 GB,
+# against 2 s by the gather).
+SELECT_POOL_MAX = 16
+
+
 def max_pool(x: jax.Array, size: int, stride: int, padding: int = 0) -> jax.Array:
     """x (N, C, H, W) padded by `padding` with -inf -> (N, C, H', W'); the first maximum in a
-    window takes the gradient.
+    window takes the gradient, and a NaN counts as larger than anything (the last NaN takes
+    it), as in PyTorch's kernel.
 
-    As impl_numpy: the index of the first maximum (or the last NaN, which PyTorch's kernel
-    takes as larger than anything) found by a running comparison over the window's offsets
-    in row-major order, then each output picked from its offset by a
-    select, whose gradient goes to the picked value alone. Picking by a gather made the
-    gradient a scatter-add, the strong network's slowest operation in XLA here; and
-    lax.reduce_window's gradient (select-and-scatter) ran the pool network 1.85x slower.
+    As impl_numpy: a running maximum over the window's offsets in row-major order, replaced
+    by a select only where a value is larger or NaN, so the gradient goes through the selects
+    to the value kept. Picking the value by a gather at the windows' argmax made the
+    gradient a scatter-add, the strong network's slowest operation in XLA here (kept for
+    windows of more than SELECT_POOL_MAX positions); lax.reduce_window's gradient
+    (select-and-scatter) ran the pool network 1.85x slower.
     """
     offsets = _shifted(_pad(x, padding, -jnp.inf), size, stride)
-    best, first = offsets[0], jnp.zeros(offsets[0].shape, jnp.int32)
-    for i, view in enumerate(offsets[1:], 1):
-        larger = (view > best) | jnp.isnan(view)  # a NaN wins, as in PyTorch's kernel
-        best, first = jnp.where(larger, view, best), jnp.where(larger, i, first)
-    out = offsets[0]
-    for i, view in enumerate(offsets[1:], 1):
-        out = jnp.where(first == i, view, out)
-    return out
+    if len(offsets) > SELECT_POOL_MAX:
+        return _max_pool_by_gather(offsets)
+    best = offsets[0]
+    for view in offsets[1:]:
+        best = jnp.where((view > best) | jnp.isnan(view), view, best)
+    return best
+
+
+def _max_pool_by_gather(offsets: list[jax.Array]) -> jax.Array:
+    """The same maximum as max_pool's, picked from the stacked offsets at its index: the
+    last NaN where a window holds one, else the first maximum."""
+    windows = jnp.stack(offsets, axis=-1)  # (N, C, H', W', size*size)
+    nan = jnp.isnan(windows)
+    last_nan = windows.shape[-1] - 1 - jnp.argmax(nan[..., ::-1], axis=-1)
+    first = jnp.where(nan.any(axis=-1), last_nan, jnp.argmax(windows, axis=-1))
+    return jnp.take_along_axis(windows, first[..., None], axis=-1)[..., 0]
 
 
 def avg_pool(x: jax.Array, size: int, stride: int, padding: int = 0) -> jax.Array:

@@ -219,9 +219,11 @@ def max_pool_forward(
     x: np.ndarray, size: int, stride: int, padding: int = 0
 ) -> tuple[np.ndarray, Cache]:
     """x (N, C, H, W) -> out (N, C, H', W'): max over size x size windows moved by stride,
-    of x padded by `padding` with -inf (which never wins)."""
-    # The window's offsets one after another, (size*size, N, C, H', W'): one copy of x, after
-    # which every pass below runs over contiguous memory (3x faster than over strided views).
+    of x padded by `padding` with -inf (a window of -inf alone sends its gradient to the
+    padding, where PyTorch picks its first pixel)."""
+    # The window's offsets one after another, (size*size, N, C, H', W'): a copy of the values
+    # the windows cover (size^2 / stride^2 times x where windows overlap), after which every
+    # pass below runs over contiguous memory (3x faster than over strided views).
     offsets = np.stack(_shifted(_pad(x, padding, -np.inf), size, stride))
     # A running maximum over the offsets in row-major order whose index moves only to a
     # larger value or a NaN, as in PyTorch's kernel: the first maximum takes the gradient
@@ -233,7 +235,7 @@ def max_pool_forward(
         larger = view > out
         larger |= np.isnan(view)
         np.maximum(argmax, larger * argmax.dtype.type(i), out=argmax)
-        out = np.maximum(out, view)  # NaN-propagating, as the index
+        out = np.maximum(view, out)  # NaN-propagating, as the index; ties keep out (-0.0)
     return out, (x.shape, argmax, size, stride, padding)
 
 

@@ -336,7 +336,7 @@ def loop_max_pool_grad(x, dout, size, stride):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize(("size", "stride"), [(2, 2), (3, 1), (3, 2), (2, 3)])
+@pytest.mark.parametrize(("size", "stride"), [(2, 2), (3, 1), (3, 2), (2, 3), (5, 2)])
 def test_max_pool_ties_go_to_the_first_maximum_in_all_three(size, stride, dtype):
     rng = np.random.default_rng(10 * size + stride)
     x = rng.integers(0, 3, (2, 3, 9, 8)).astype(dtype)  # values 0, 1, 2: ties everywhere
@@ -352,10 +352,13 @@ def test_max_pool_ties_go_to_the_first_maximum_in_all_three(size, stride, dtype)
         np.testing.assert_array_equal(dx, expected, err_msg=f"{impl}, jit={jit}")
 
 
-@pytest.mark.parametrize(("size", "stride"), [(2, 2), (3, 1)])
+# 5 x 5 windows are past JAX's SELECT_POOL_MAX: its gather, not its selects.
+@pytest.mark.parametrize(("size", "stride"), [(2, 2), (3, 1), (5, 1)])
 def test_max_pool_propagates_nan_and_routes_its_gradient_as_pytorch(size, stride):
     rng = np.random.default_rng(size)
     x = rng.standard_normal((2, 2, 6, 6))
+    x[1, 0, 4, 4:] = -0.0, 0.0  # a window's maximum tied, -0.0 first, as after a ReLU
+    x[1, 0, 5, 4:] = -1.0
     x[0, 0, 0, 1] = x[0, 1, 2, 2] = x[1, 1, 3, 3] = x[1, 1, 3, 4] = np.nan  # two in one window
     xt = torch.tensor(x, requires_grad=True)
     out_t = F.max_pool2d(xt, size, stride)
@@ -365,6 +368,7 @@ def test_max_pool_propagates_nan_and_routes_its_gradient_as_pytorch(size, stride
     for impl in IMPLEMENTATIONS:
         out, (dx,), _ = run_pair(impl, "max_pool", [x], (size, stride), dout)
         np.testing.assert_array_equal(out, out_t.detach().numpy(), err_msg=impl)
+        np.testing.assert_array_equal(np.signbit(out), np.signbit(out_t.detach().numpy()), impl)
         np.testing.assert_array_equal(dx, xt.grad.numpy(), err_msg=impl)
 
 
