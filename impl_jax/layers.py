@@ -14,17 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-
-def _shifted(x: jax.Array, k: int, stride: int) -> list[jax.Array]:
-    """x (N, C, H, W) -> k*k views (N, C, H', W'), offset (i, j) in row-major order: offset
-    (i, j) of every k x k window moved by stride, one strided slice each."""
-    h, w = x.shape[2:]
-    ho, wo = (h - k) // stride + 1, (w - k) // stride + 1
-    return [
-        x[:, :, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
-        for i in range(k)
-        for j in range(k)
-    ]
+from shared.layers import window_offsets
 
 
 def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding: int) -> jax.Array:
@@ -41,7 +31,7 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding
         return out if b is None else out + b[:, None, None]
     n = x.shape[0]
     o, c, k, _ = w.shape
-    cols = jnp.stack(_shifted(_pad(x, padding), k, stride), axis=2)  # (N, C, k*k, H', W')
+    cols = jnp.stack(window_offsets(_pad(x, padding), k, stride), axis=2)  # (N, C, k*k, H', W')
     ho, wo = cols.shape[3:]
     out = jnp.matmul(w.reshape(o, -1), cols.reshape(n, c * k * k, ho * wo))
     if b is not None:
@@ -64,7 +54,7 @@ def _conv_by_offsets(x: jax.Array, w: jax.Array, stride: int, padding: int) -> j
     n = x.shape[0]
     o, c, k, _ = w.shape
     out = 0.0
-    for offset, shifted in enumerate(_shifted(_pad(x, padding), k, stride)):
+    for offset, shifted in enumerate(window_offsets(_pad(x, padding), k, stride)):
         ho, wo = shifted.shape[2:]
         w_batch = jnp.broadcast_to(w[:, :, offset // k, offset % k], (n, o, c))
         products = (((2,), (1,)), ((0,), (0,)))  # contract C, batch N
@@ -155,7 +145,7 @@ def max_pool(x: jax.Array, size: int, stride: int, padding: int = 0) -> jax.Arra
     windows of more than SELECT_POOL_MAX positions); lax.reduce_window's gradient
     (select-and-scatter) ran the pool network 1.85x slower.
     """
-    offsets = _shifted(_pad(x, padding, -jnp.inf), size, stride)
+    offsets = window_offsets(_pad(x, padding, -jnp.inf), size, stride)
     if len(offsets) > SELECT_POOL_MAX:
         return _max_pool_by_gather(offsets)
     best = offsets[0]

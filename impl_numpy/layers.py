@@ -15,6 +15,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import special
 
+from shared.layers import window_offsets
+
 Cache = Any
 
 
@@ -32,18 +34,6 @@ def _pad(x: np.ndarray, padding: int, value: float = 0.0) -> np.ndarray:
     )
 
 
-def _shifted(x: np.ndarray, k: int, stride: int) -> list[np.ndarray]:
-    """x (N, C, H, W) -> k*k views (N, C, H', W'), offset (i, j) in row-major order: offset
-    (i, j) of every k x k window moved by stride, one strided slice each."""
-    h, w = x.shape[2:]
-    ho, wo = (h - k) // stride + 1, (w - k) // stride + 1
-    return [
-        x[:, :, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
-        for i in range(k)
-        for j in range(k)
-    ]
-
-
 def _col2im(
     dwindows: np.ndarray, x_shape: tuple[int, ...], stride: int, padding: int
 ) -> np.ndarray:
@@ -53,7 +43,7 @@ def _col2im(
     h, w = x_shape[2:]
     dxp = np.zeros((a, b, h + 2 * padding, w + 2 * padding), dtype=dwindows.dtype)
     # One vectorised add per kernel offset (k*k of them), never a loop over pixels or images.
-    for i, view in enumerate(_shifted(dxp, k, stride)):
+    for i, view in enumerate(window_offsets(dxp, k, stride)):
         view += dwindows[:, :, i // k, i % k]
     return dxp[:, :, padding : padding + h, padding : padding + w]
 
@@ -224,7 +214,7 @@ def max_pool_forward(
     # The window's offsets one after another, (size*size, N, C, H', W'): a copy of the values
     # the windows cover (size^2 / stride^2 times x where windows overlap), after which every
     # pass below runs over contiguous memory (3x faster than over strided views).
-    offsets = np.stack(_shifted(_pad(x, padding, -np.inf), size, stride))
+    offsets = np.stack(window_offsets(_pad(x, padding, -np.inf), size, stride))
     # A running maximum over the offsets in row-major order whose index moves only to a
     # larger value or a NaN, as in PyTorch's kernel: the first maximum takes the gradient
     # (and NaN propagates). Offset i exceeds every index so far, so moving it is a maximum
@@ -245,7 +235,7 @@ def max_pool_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray]:
     x_shape, argmax, size, stride, padding = cache
     h, w = x_shape[2:]
     dxp = np.zeros((*x_shape[:2], h + 2 * padding, w + 2 * padding), dtype=dout.dtype)
-    for i, view in enumerate(_shifted(dxp, size, stride)):
+    for i, view in enumerate(window_offsets(dxp, size, stride)):
         view += dout * (argmax == i)  # a view of dxp: adds in place, overlaps summed
     return (dxp[:, :, padding : padding + h, padding : padding + w],)
 

@@ -296,3 +296,19 @@ def _number(value: float) -> str:
 
 def show_shape(shape: Shape) -> str:
     return "x".join(map(str, shape))
+
+
+# --- sliding windows, as every implementation that slices them takes them --------------------
+
+
+def window_offsets(x: Any, k: int, stride: int) -> list[Any]:
+    """x (N, C, H, W), a NumPy or JAX array -> k*k strided slices (N, C, H', W'), offset (i, j)
+    in row-major order: offset (i, j) of every k x k window moved by stride, with H' = (H - k)
+    // stride + 1 as in PyTorch (rows that do not fill a window dropped). NumPy's are views."""
+    h, w = x.shape[2:]
+    ho, wo = (h - k) // stride + 1, (w - k) // stride + 1
+    return [
+        x[:, :, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
+        for i in range(k)
+        for j in range(k)
+    ]

@@ -145,11 +145,10 @@ def profile(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
     batch = next(stream)
     # On copies of the weights (JAX donates a state's to the step that follows), with the
     # first batch's images and masks: a layer's time does not depend on the values.
-    x, _ = backend.gather(
-        train_data, backend.moved(backend.step_arrays(batch)), batch.pad, batch.fill
-    )
-    params = backend._copy(backend.params(state))
-    timers = layer_timers(backend, params, x, backend.moved(backend.step_arrays(batch)).masks)
+    arrays = backend.moved(backend.step_arrays(batch))
+    x, _ = backend.gather(train_data, arrays, batch.pad, batch.fill)
+    params, _ = backend.init_state(backend.params(state))
+    timers = layer_timers(backend, params, x, arrays.masks)
     for i in range(steps + 5):  # the first five compile and warm up
         batch = next(stream)
         seconds = step_phases(backend, state, train_data, batch, 0.01)
