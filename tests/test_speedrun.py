@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from shared import speedrun
-from shared.config import FAST_RECIPE, TrainConfig
+from shared.config import FAST_RECIPE, STRONG_FAST_RECIPE, TrainConfig
 from shared.data import load_dataset
 from tests.conftest import make_dataset_dir
 from tests.test_training import run_script
@@ -40,6 +40,25 @@ def test_quick_speedrun_writes_every_implementation_and_its_summary(tmp_path):
         assert f"| {s['impl']} | 2 | {100 * s['mean_acc']:.2f}% |" in report
 
 
+def test_the_strong_race_trains_its_fast_recipe_only_and_judges_accuracy(tmp_path):
+    out, data_dir = tmp_path / "strong", make_dataset_dir(tmp_path / "data", n_train=400)
+    flags = ("--quick", "--arch", "strong", "--seeds", "1", "--impl", "numpy", "--impl", "jax")
+    result = run_script("speedrun.py", *flags, "--data-dir", str(data_dir), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((out / "speedrun.json").read_text())
+    assert saved["arch"] == "strong" and saved["fast"] == STRONG_FAST_RECIPE
+    assert [(r["impl"], r["recipe"], r["config"]["arch"]) for r in saved["runs"]] == [
+        ("numpy", "fast", "strong"),
+        ("jax", "fast", "strong"),
+    ]
+    report = (out / "speedrun.md").read_text()
+    assert "--arch strong --quick" in report and "mean >= 92.5%" in report
+    assert "defaults" not in report and "ratio" not in report
+    for s in saved["summary"]:
+        assert s["ratio"] is None and s["meets_time"] is None
+        assert s["meets_accuracy"] == (s["mean_acc"] >= 0.925)
+
+
 def test_the_summary_judges_both_targets():
     runs = [
         {
@@ -61,19 +80,23 @@ def test_the_summary_judges_both_targets():
         }
         for acc, seconds in ((0.905, 9.0), (0.917, 11.0))
     ]
-    s = speedrun.summarize(runs, "numpy")
+    lab = speedrun.RACES["lab"]
+    s = speedrun.summarize(lab, runs, "numpy")
     assert s["mean_acc"] == pytest.approx(0.911) and s["min_acc"] == 0.905
     assert s["ratio"] == pytest.approx(0.25) and s["meets_accuracy"] and s["meets_time"]
     runs[1]["train_seconds"] = 9.5  # 10.25 / 40 s: four times faster no longer
-    assert not speedrun.summarize(runs, "numpy")["meets_time"]
+    assert not speedrun.summarize(lab, runs, "numpy")["meets_time"]
     runs[1]["test_acc"] = 0.9  # a mean of 90.85%
-    assert not speedrun.summarize(runs, "numpy")["meets_accuracy"]
+    assert not speedrun.summarize(lab, runs, "numpy")["meets_accuracy"]
 
 
 def test_the_fast_recipe_is_the_configuration_trained():
-    config = speedrun.recipe_config("jax", "fast", 3, None)
+    lab, strong = speedrun.RACES["lab"], speedrun.RACES["strong"]
+    config = speedrun.recipe_config(lab, "jax", "fast", 3, None)
     assert config == TrainConfig(impl="jax", arch="lab", seed=3, **FAST_RECIPE)
-    assert speedrun.recipe_config("torch", "defaults", 0, None) == TrainConfig(impl="torch")
+    assert speedrun.recipe_config(lab, "torch", "defaults", 0, None) == TrainConfig(impl="torch")
+    config = speedrun.recipe_config(strong, "numpy", "fast", 1, None)
+    assert config == TrainConfig(impl="numpy", arch="strong", seed=1, **STRONG_FAST_RECIPE)
 
 
 def test_an_interrupted_speedrun_keeps_the_runs_it_finished(tmp_path, monkeypatch):
@@ -88,6 +111,7 @@ def test_an_interrupted_speedrun_keeps_the_runs_it_finished(tmp_path, monkeypatc
     monkeypatch.setattr(speedrun, "timed_run", stopped_at_the_third)
     with pytest.raises(KeyboardInterrupt):
         speedrun.run_speedrun(
+            speedrun.RACES["lab"],
             load_dataset(make_dataset_dir(tmp_path / "data", n_train=400)),
             tmp_path,
             ("numpy",),
