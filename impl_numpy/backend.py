@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 
 from impl_numpy import layers, model, optim
-from impl_numpy.augment import augment
+from impl_numpy.augment import augment, erase
 from shared import backend
 from shared.batches import Batch
 
@@ -15,7 +15,7 @@ from shared.batches import Batch
 class Backend(backend.Backend):
     name = "numpy"
     model, optim, ops = model, optim, layers
-    augment = staticmethod(augment)
+    augment, erase = staticmethod(augment), staticmethod(erase)
 
     @staticmethod
     def compile(fn: Callable, static_argnames: tuple[str, ...] = (), donate: bool = False):

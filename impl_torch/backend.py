@@ -8,14 +8,14 @@ import numpy as np
 import torch
 
 from impl_torch import layers, model, optim
-from impl_torch.augment import augment
+from impl_torch.augment import augment, erase
 from shared import backend
 
 
 class Backend(backend.Backend):
     name = "torch"
     model, optim, ops = model, optim, layers
-    augment = staticmethod(augment)
+    augment, erase = staticmethod(augment), staticmethod(erase)
 
     @staticmethod
     def compile(fn: Callable, static_argnames: tuple[str, ...] = (), donate: bool = False):

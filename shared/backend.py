@@ -27,19 +27,21 @@ OptimizerTensors = dict[str, Params]  # by buffer ("momentum", "exp_avg", ...), 
 class StepArrays(NamedTuple):
     """What a training step takes from the host: the batch's rows `idx` (B,), its
     augmentation maps `rows` (B, H) and `cols` (B, W) or None, its dropout keep-masks by
-    layer name; as the framework's step takes them (see `step_arrays`)."""
+    layer name, its erasing boxes (B, 4) or None; as the framework's step takes them (see
+    `step_arrays`)."""
 
     idx: Any
     rows: Any
     cols: Any
     masks: dict[str, Any]
+    boxes: Any = None
 
 
 class Backend:
     """A network of `arch` in one framework, trained with `hyperparams`, in `dtype`.
 
     Each `impl_*/backend.py` subclasses it with its framework's part: its `model`, `optim`,
-    `ops` (its layers module) and `augment`, `compile` (jax.jit, or nothing), the
+    `ops` (its layers module), `augment` and `erase`, `compile` (jax.jit, or nothing), the
     conversions `_array`, `_exact`, `_tensor`, and (where a framework computes asynchronously
     or on a device) `step_arrays`, `moved`, `rate`, `wait` and `to_host`. The rest, written
     once here, is the same for every framework: a training step is `gather`,
@@ -56,6 +58,7 @@ class Backend:
     optim: ModuleType  # impl_*/optim.py
     ops: ModuleType  # impl_*/layers.py
     augment: Callable  # impl_*/augment.py's augment
+    erase: Callable  # impl_*/augment.py's erase
 
     def __init__(self, arch: Arch, dtype: np.dtype, hyperparams: Hyperparams):
         self.arch, self.dtype, self.hyperparams = arch, np.dtype(dtype), hyperparams
@@ -142,15 +145,19 @@ class Backend:
     def step_arrays(self, batch: Batch) -> StepArrays:
         """What a step on `batch` takes from the host, as the framework's step takes it: moved
         into the framework here (NumPy, PyTorch), or by the compiled step's call (JAX)."""
-        maps = [None if m is None else self._exact(m) for m in (batch.rows, batch.cols)]
-        return StepArrays(self._exact(batch.idx), *maps, self._masks(batch.masks))
+        rows, cols, boxes = (
+            None if m is None else self._exact(m) for m in (batch.rows, batch.cols, batch.boxes)
+        )
+        return StepArrays(self._exact(batch.idx), rows, cols, self._masks(batch.masks), boxes)
 
     def _gather(self, data: tuple[Any, Any], arrays: StepArrays, pad: int, fill: float):
-        """The batch's images (augmented, padded by `pad` pixels of `fill`) and labels, from
-        `data` (see `put_data`)."""
+        """The batch's images (augmented, padded by `pad` pixels of `fill`, then erased) and
+        labels, from `data` (see `put_data`)."""
         x, y = data[0][arrays.idx], data[1][arrays.idx]
         if arrays.rows is not None:
             x = self.augment(x, arrays.rows, arrays.cols, pad, fill)
+        if arrays.boxes is not None:
+            x = self.erase(x, arrays.boxes)
         return x, y
 
     def _update_state(self, params: dict, grads: dict, buffers: dict, opt_state: Any, lr: Any):

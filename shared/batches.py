@@ -37,9 +37,10 @@ def batch_indices(
 class Batch:
     """One training step: the rows `idx` (B,) of the data and, when augmenting, where each
     output pixel comes from in the image padded by `pad` pixels of value `fill` on every side:
-    `rows` (B, H) and `cols` (B, W); and a keep-mask (B, *shape) of bools per dropout layer.
-    Every implementation applies the same maps and masks, so all three see the same images
-    and drop the same units."""
+    `rows` (B, H) and `cols` (B, W); when erasing, the rectangle of each image then set to 0,
+    `boxes` (B, 4) of (top, left, height, width), height 0 for none; and a keep-mask
+    (B, *shape) of bools per dropout layer. Every implementation applies the same maps, boxes
+    and masks, so all three see the same images and drop the same units."""
 
     idx: np.ndarray
     rows: np.ndarray | None = None
@@ -47,12 +48,15 @@ class Batch:
     pad: int = 0
     fill: float = 0.0
     masks: dict[str, np.ndarray] = field(default_factory=dict)
+    boxes: np.ndarray | None = None
 
     def part(self, start: int, stop: int) -> Batch:
-        """Images start..stop of the batch, with their maps and masks."""
-        rows, cols = (None if m is None else m[start:stop] for m in (self.rows, self.cols))
+        """Images start..stop of the batch, with their maps, boxes and masks."""
+        rows, cols, boxes = (
+            None if m is None else m[start:stop] for m in (self.rows, self.cols, self.boxes)
+        )
         masks = {name: mask[start:stop] for name, mask in self.masks.items()}
-        return Batch(self.idx[start:stop], rows, cols, self.pad, self.fill, masks)
+        return Batch(self.idx[start:stop], rows, cols, self.pad, self.fill, masks, boxes)
 
 
 def augmentation_maps(
@@ -68,6 +72,33 @@ def augmentation_maps(
     rows = shift + i - dy
     cols = shift + np.where(flipped, width - 1 - j + dx, j - dx)
     return rows, cols
+
+
+# Random erasing as torchvision's RandomErasing draws it (Zhong et al., "Random Erasing Data
+# Augmentation", 2020): a box of a share ERASE_SCALE of the image's area and an aspect ratio
+# log-uniform in ERASE_RATIO, drawn up to ERASE_ATTEMPTS times until it fits the image.
+ERASE_SCALE = (0.02, 0.33)
+ERASE_RATIO = (0.3, 3.3)
+ERASE_ATTEMPTS = 10
+
+
+def erasing_boxes(
+    rng: np.random.Generator, n: int, height: int, width: int, p: float
+) -> np.ndarray:
+    """Boxes (n, 4) of (top, left, height, width), one an image: with probability p a box as
+    RandomErasing draws it (the first of its attempts that fits), else (0, 0, 0, 0), none."""
+    shape = (n, ERASE_ATTEMPTS)
+    area = height * width * rng.uniform(*ERASE_SCALE, shape)
+    ratio = np.exp(rng.uniform(np.log(ERASE_RATIO[0]), np.log(ERASE_RATIO[1]), shape))
+    h = np.rint(np.sqrt(area * ratio)).astype(np.int64)
+    w = np.rint(np.sqrt(area / ratio)).astype(np.int64)
+    fits = (h < height) & (w < width)
+    first = fits.argmax(axis=1)[:, None]
+    erased = (rng.random(n) < p) & fits.any(axis=1)
+    h = np.where(erased, np.take_along_axis(h, first, axis=1)[:, 0], 0)
+    w = np.where(erased, np.take_along_axis(w, first, axis=1)[:, 0], 0)
+    top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+    return np.stack([top, left, h, w], axis=1) * erased[:, None]
 
 
 def dropout_masks(
@@ -90,22 +121,28 @@ def training_batches(
     fill: float,
     flip: bool = False,
     shift: int = 0,
+    erase: float = 0.0,
     shuffle: bool = True,
     image_size: tuple[int, int] = (28, 28),
     dropouts: tuple[Dropout, ...] = (),
 ) -> Iterator[Batch]:
-    """The batches of one epoch, with their augmentation and the masks of `dropouts`; all
-    randomness from (seed, epoch). Shifted images are padded with `fill`, the dataset's
-    `background` (0 before normalising)."""
+    """The batches of one epoch, with their augmentation (flips and shifts, then erasing with
+    probability `erase`) and the masks of `dropouts`; all randomness from (seed, epoch), the
+    boxes and masks of a step from (seed, epoch, step). Shifted images are padded with `fill`,
+    the dataset's `background` (0 before normalising)."""
     rng = np.random.default_rng([seed, epoch, 1])
     batches = batch_indices(n, batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
     for step, idx in enumerate(batches):
         masks = dropout_masks(dropouts, len(idx), seed, epoch, step)
+        boxes = None
+        if erase:
+            erase_rng = np.random.default_rng([seed, epoch, 3, step])
+            boxes = erasing_boxes(erase_rng, len(idx), *image_size, erase)
         if flip or shift:
             rows, cols = augmentation_maps(rng, len(idx), *image_size, flip, shift)
-            yield Batch(idx, rows, cols, shift, fill, masks)
+            yield Batch(idx, rows, cols, shift, fill, masks, boxes)
         else:
-            yield Batch(idx, masks=masks)
+            yield Batch(idx, masks=masks, boxes=boxes)
 
 
 def steady_batches(

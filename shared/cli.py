@@ -97,6 +97,9 @@ def _help(d: TrainConfig) -> dict[str, str]:
         "when training with --flip)",
         "shift": "augment: translate training images by up to N pixels, N < "
         f"{FIELDS['shift'].below:g} (0: off)",
+        "erase": "augment: erase a rectangle of each training image with probability P in "
+        "[0, 1) (0: off), drawn as torchvision's RandomErasing draws it (2-33%% of the image, "
+        "aspect ratio 0.3-3.3), to 0 (the mean of standardised pixels)",
         "seed": "seeds the initial weights and the batch order (0 to 2**63 - 1)",
         "limit": "train on the first N training images only",
         "dtype": "the precision every tensor is computed in",

@@ -114,6 +114,7 @@ class TrainConfig:
     flip: bool = True
     tta: bool | None = None  # None: as `flip`
     shift: int = 0
+    erase: float = 0.0
     seed: int = 0
     limit: int | None = None
     dtype: str = "float32"
@@ -217,6 +218,7 @@ FIELDS: dict[str, Bound] = {
     "flip": Bound(bool),
     "tta": Bound(bool, optional=True),
     "shift": Bound(int, 0, below=INPUT_SHAPE[-1]),
+    "erase": Bound(float, 0.0, below=1.0),
     # Seeds feed NumPy's generators, which take any non-negative integer; 2**63 keeps them
     # storable.
     "seed": Bound(int, 0, below=2**63),
@@ -241,6 +243,7 @@ ADDED_FIELDS = {
     "pixels": "standardised",
     "validation": True,
     "weights": None,
+    "erase": 0.0,
 }
 
 

@@ -133,7 +133,7 @@ def epoch_batches(
     backend: Backend, n: int, config: TrainConfig, epoch: int, fill: float
 ) -> Iterator[Batch]:
     """The batches of `epoch` of a run of n images: its order, flips, shifts (padded with
-    `fill`) and the dropout masks of the backend's network, all from (seed, epoch)."""
+    `fill`), erasing and the dropout masks of the backend's network, all from (seed, epoch)."""
     return training_batches(
         n,
         config.batch_size,
@@ -141,6 +141,7 @@ def epoch_batches(
         epoch=epoch,
         flip=config.flip,
         shift=config.shift,
+        erase=config.erase,
         fill=fill,
         dropouts=backend.arch.dropouts,
     )

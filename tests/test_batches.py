@@ -12,6 +12,7 @@ from shared.batches import (
     augmentation_maps,
     batch_order,
     dropout_masks,
+    erasing_boxes,
     iterate_batches,
     training_batches,
 )
@@ -124,3 +125,43 @@ def test_the_two_shifts_are_drawn_independently_and_uniformly():
         p = 1 / (2 * shift + 1)
         assert len(counts) == 2 * shift + 1
         assert np.all(np.abs(counts - n * p) < 5 * np.sqrt(n * p * (1 - p)))
+
+
+def test_erasing_boxes_follow_random_erasing():
+    """With probability p a box of 2-33% of the image with aspect ratio 0.3-3.3 inside the
+    image (torchvision's RandomErasing); the share of images erased within 5 standard
+    deviations of p; the box's corner uniform over where it fits (it reaches every edge)."""
+    n, p = 20_000, 0.4
+    boxes = erasing_boxes(np.random.default_rng(1), n, 28, 28, p)
+    top, left, h, w = boxes.T
+    erased = h > 0
+    assert abs(erased.sum() - n * p) < 5 * np.sqrt(n * p * (1 - p))
+    assert np.all(boxes[~erased] == 0)
+    top, left, h, w = top[erased], left[erased], h[erased], w[erased]
+    assert np.all((h < 28) & (w < 28) & (top >= 0) & (left >= 0))
+    assert np.all((top + h <= 28) & (left + w <= 28))
+    # The rounded sides keep the drawn area and ratio to within their rounding.
+    area = h * w / 784
+    assert area.min() > 0.02 * 0.5 and area.max() < 0.33 * 1.25
+    ratio = h / w
+    assert ratio.min() > 0.3 * 0.7 and ratio.max() < 3.3 / 0.7
+    assert (top + h == 28).any() and (left + w == 28).any() and (top == 0).any()
+
+
+def test_erasing_is_drawn_per_step_and_off_by_default():
+    def plan(epoch, erase):
+        return list(training_batches(100, 32, seed=5, epoch=epoch, fill=BACKGROUND, erase=erase))
+
+    a, b, c = plan(1, 0.5), plan(1, 0.5), plan(2, 0.5)
+    assert all(np.array_equal(p.boxes, q.boxes) for p, q in zip(a, b, strict=True))
+    assert not all(np.array_equal(p.boxes, q.boxes) for p, q in zip(a, c, strict=True))
+    assert len({p.boxes.tobytes() for p in a}) == len(a)  # every step its own
+    assert a[0].boxes.shape == (32, 4) and a[0].rows is None  # erasing without flips
+    assert all(p.boxes is None for p in plan(1, 0.0))
+    # The flips' and shifts' maps are the same with erasing on: it draws from its own stream.
+    flips = [
+        training_batches(100, 32, seed=5, epoch=1, fill=0.0, flip=True, erase=e) for e in (0, 0.5)
+    ]
+    assert all(np.array_equal(p.cols, q.cols) for p, q in zip(*flips, strict=True))
+    part = a[0].part(3, 9)
+    np.testing.assert_array_equal(part.boxes, a[0].boxes[3:9])

@@ -99,7 +99,10 @@ def _kinks(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> Iterator[t
 
 def kink_margin(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> float:
     """The smallest distance to a kink, relative to its layer's scale: of any ReLU's input
-    from 0, and of any max-pool window's largest value from its second largest. Windows whose
+    from 0, and of any max-pool window's largest value from its second largest. ReLU inputs
+    that are exactly 0 in float64 are left out: they come from exact zeros (an erased box
+    through a convolution whose bias is still 0), which every implementation computes as 0
+    and none passes a gradient through (ReLU'(0) = 0), and no noise can move. Windows whose
     maximum is an exact 0 are left out: after a ReLU those zeros take no gradient whichever
     wins, and the ReLU's own margin covers them. So are windows whose two largest values are
     exactly equal in float64: equal values come from equal inputs (the constant border a
@@ -107,7 +110,8 @@ def kink_margin(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> float
     margins = [np.inf]
     for at, values, scale in _kinks(arch, acts, x):
         if at == "zero":
-            margins.append(float(np.abs(values).min()) / scale)
+            off_zero = np.abs(values[values != 0])
+            margins.append(float(off_zero.min(initial=np.inf)) / scale)
         else:
             top2 = np.sort(values, axis=-1)[..., -2:]
             tied = (top2[..., 1] == 0) | (top2[..., 1] == top2[..., 0])

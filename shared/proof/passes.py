@@ -101,6 +101,7 @@ def lockstep(
             fill=FASHION_MNIST.background(),
             flip=config.flip,
             shift=config.shift,
+            erase=config.erase,
             shuffle=False,
             dropouts=arch.dropouts,
         )

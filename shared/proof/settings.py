@@ -23,6 +23,7 @@ ALL_ON = replace(
     warmup=1,
     flip=True,
     shift=2,
+    erase=0.5,
     label_smoothing=0.1,
     weight_decay=5e-4,
 )
@@ -55,13 +56,14 @@ def drawn_setting(seed: int, steps: int) -> Setting:
         label_smoothing=float(rng.uniform(0.02, 0.3)),
         schedule=str(rng.choice(SCHEDULES)),
         shift=int(rng.integers(1, 4)),
+        erase=float(rng.uniform(0.2, 0.9)),
     )
     warmup = int(rng.integers(1, max(2, steps // 2 + 1)))
     name = (
         f"drawn: lr {config.lr:.3g}, momentum {config.momentum:.3g}"
         f"{' nesterov' if config.nesterov else ''}, wd {config.weight_decay:.2g}, smoothing "
         f"{config.label_smoothing:.3g}, {config.schedule}, warm-up {warmup}/{steps}, "
-        f"shift {config.shift}"
+        f"shift {config.shift}, erase {config.erase:.2g}"
     )
     return Setting(name, config, warmup)
 
