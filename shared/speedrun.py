@@ -269,7 +269,9 @@ def report(race: Race, cpu: str, quick: bool, seeds: int, summary: list[dict]) -
         if quick
         else f"{TrainConfig().epochs} epochs at batch {TrainConfig().batch_size}"
     )
+    impls = [s["impl"] for s in summary]
     flags = (" --arch " + race.arch if race.arch != "lab" else "") + (" --quick" if quick else "")
+    flags += "".join(f" --impl {impl}" for impl in impls) if impls != list(IMPLEMENTATIONS) else ""
     header = f"`python scripts/speedrun.py{flags}` on {cpu}. Fast recipe: " + ", ".join(
         f"{k}={v}" for k, v in race.fast.items()
     )

@@ -52,7 +52,7 @@ def test_the_strong_race_trains_its_fast_recipe_only_and_judges_accuracy(tmp_pat
         ("jax", "fast", "strong"),
     ]
     report = (out / "speedrun.md").read_text()
-    assert "--arch strong --quick" in report and "mean >= 92.5%" in report
+    assert "--arch strong --quick --impl numpy --impl jax`" in report and "mean >= 92.5%" in report
     assert "defaults" not in report and "ratio" not in report
     for s in saved["summary"]:
         assert s["ratio"] is None and s["meets_time"] is None
