@@ -369,9 +369,13 @@ def test_a_relu_derivative_at_zero_other_than_0(monkeypatch, request, impl, modu
         request.getfixturevalue("jax_compiled_once")
     monkeypatch.setattr(module, "relu", plant)
     failed = failures(check(SPEC_WITHOUT_BN), impl)
-    # Only planted exact zeros reach the kink; the forward pass is the same either way.
-    assert {setting for setting, _, _ in failed} == {"planted ties"}
-    assert all(c.startswith("grad") for _, c, _ in failed)
+    # Exact zeros reach the kink: the planted ones, and an erased box's through the first
+    # step's zero biases in every lockstep that erases (all but the planted ties and the large
+    # logits, which run a single pass); the forward pass is the same either way.
+    erasing = {"defaults", "fast recipe", "drawn", "drawn Adam", "drawn AdamW"}
+    assert {setting for setting, _, _ in failed} == {"planted ties"} | erasing
+    assert all(c.startswith("grad") for s, c, _ in failed if s == "planted ties")
+    assert all(c.startswith("lockstep") for s, c, _ in failed if s in erasing)
     for pair in pairs_with(impl):
         assert ("planted ties", "grad input", pair) in failed
         assert ("planted ties", "grad fc1.bias", pair) in failed
