@@ -25,6 +25,7 @@ from shared.layers import (
     Layer,
     Linear,
     Pool,
+    Residual,
 )
 from shared.spec import Arch, layer_trainable, split_params, state_shapes
 
@@ -33,10 +34,14 @@ Masks = dict[str, jax.Array] | None
 
 
 def layer_forward(
-    layer: Layer, params: Params, x: jax.Array, masks: Masks, buffers: Params
+    layer: Layer, params: Params, x: jax.Array, masks: Masks, buffers: Params, outputs: Params
 ) -> jax.Array:
-    """The layer's output; updated BatchNorm buffers go into `buffers`."""
+    """The layer's output; updated BatchNorm buffers go into `buffers`, the outputs of a
+    block's layers into `outputs`."""
     match layer:
+        case Residual(body=body, shortcut=shortcut):
+            out = chain_forward(body, params, x, masks, buffers, outputs)
+            return out + chain_forward(shortcut, params, x, masks, buffers, outputs)
         case Conv(name, stride=stride, padding=padding):
             w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
             return layers.conv2d(x, w, b, stride, padding)
@@ -81,7 +86,7 @@ def layer_vjp(
     names = layer_trainable(layer)
 
     def of_inputs(inputs: Params) -> jax.Array:
-        return layer_forward(layer, {**params, **inputs}, inputs["input"], masks, {})
+        return layer_forward(layer, {**params, **inputs}, inputs["input"], masks, {}, {})
 
     out, pull = jax.vjp(of_inputs, {"input": x, **{k: params[k] for k in names}})
     return out, lambda dout: pull(dout)[0]
@@ -102,16 +107,31 @@ def _check_boundary(params: Params, x: jax.Array, arch: Arch, masks: Masks) -> N
             chex.assert_type(masks[layer.name], bool)
 
 
+def chain_forward(
+    layers: tuple[Layer, ...],
+    params: Params,
+    x: jax.Array,
+    masks: Masks,
+    buffers: Params,
+    outputs: Params,
+) -> jax.Array:
+    """x through `layers` in turn; each layer's output goes into `outputs` by name (a block's
+    layers' too)."""
+    for layer in layers:
+        x = layer_forward(layer, params, x, masks, buffers, outputs)
+        outputs[layer.name] = x
+    return x
+
+
 def _forward(
     params: Params, x: jax.Array, arch: Arch, masks: Masks
 ) -> tuple[dict[str, jax.Array], Params]:
-    """Every layer's output by name, and the updated buffers (training only)."""
+    """Every layer's output by name (a block's layers' too), and the updated buffers
+    (training only)."""
     _check_boundary(params, x, arch, masks)
-    n, outputs, buffers = x.shape[0], {}, {}
-    for layer in arch.layers:
-        x = layer_forward(layer, params, x, masks, buffers)
-        outputs[layer.name] = x
-    chex.assert_shape(x, (n, NUM_CLASSES))
+    outputs, buffers = {}, {}
+    logits = chain_forward(arch.layers, params, x, masks, buffers, outputs)
+    chex.assert_shape(logits, (x.shape[0], NUM_CLASSES))
     return outputs, buffers
 
 

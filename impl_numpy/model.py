@@ -22,6 +22,7 @@ from shared.layers import (
     Layer,
     Linear,
     Pool,
+    Residual,
 )
 from shared.spec import Arch, Params
 
@@ -29,10 +30,15 @@ Masks = dict[str, np.ndarray] | None
 
 
 def layer_forward(
-    layer: Layer, params: Params, x: np.ndarray, masks: Masks, buffers: Params
+    layer: Layer, params: Params, x: np.ndarray, masks: Masks, buffers: Params, outputs: Params
 ) -> tuple[np.ndarray, object]:
-    """The layer's output and its cache; updated BatchNorm buffers go into `buffers`."""
+    """The layer's output and its cache; updated BatchNorm buffers go into `buffers`, the
+    outputs of a block's layers into `outputs`."""
     match layer:
+        case Residual(body=body, shortcut=shortcut):
+            out, body_caches = chain_forward(body, params, x, masks, buffers, outputs)
+            skip, shortcut_caches = chain_forward(shortcut, params, x, masks, buffers, outputs)
+            return out + skip, (body_caches, shortcut_caches)
         case Conv(name, stride=stride, padding=padding):
             w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
             return layers.conv2d_forward(x, w, b, stride, padding)
@@ -76,6 +82,12 @@ def layer_backward(
 ) -> np.ndarray | None:
     """Gradient with respect to the layer's input; parameter gradients go into `grads`."""
     match layer:
+        case Residual(body=body, shortcut=shortcut):
+            body_caches, shortcut_caches = cache
+            # The input fed both paths: its gradient is the sum of both paths' gradients.
+            dx_body = chain_backward(body, dout, body_caches, need_dx, grads)
+            dx_shortcut = chain_backward(shortcut, dout, shortcut_caches, need_dx, grads)
+            return dx_body + dx_shortcut if need_dx else None
         case Conv(name, bias=bias):
             dx, grads[f"{name}.weight"], db = layers.conv2d_backward(dout, cache, need_dx)
             if bias:
@@ -109,7 +121,7 @@ def layer_vjp(
 ) -> tuple[np.ndarray, Callable[[np.ndarray], Params]]:
     """The layer's output and its pullback: dout -> {"input": dx, parameter name: gradient}
     (how the profile times one layer forward and backward)."""
-    out, cache = layer_forward(layer, params, x, masks, {})
+    out, cache = layer_forward(layer, params, x, masks, {}, {})
 
     def pullback(dout: np.ndarray) -> Params:
         grads: Params = {}
@@ -119,15 +131,41 @@ def layer_vjp(
     return out, pullback
 
 
+def chain_forward(
+    layers: tuple[Layer, ...],
+    params: Params,
+    x: np.ndarray,
+    masks: Masks,
+    buffers: Params,
+    outputs: Params,
+) -> tuple[np.ndarray, list[object]]:
+    """x through `layers` in turn: the last output and every layer's cache, in order; each
+    layer's output goes into `outputs` by name (a block's layers' too)."""
+    caches = []
+    for layer in layers:
+        x, cache = layer_forward(layer, params, x, masks, buffers, outputs)
+        outputs[layer.name] = x
+        caches.append(cache)
+    return x, caches
+
+
+def chain_backward(
+    layers: tuple[Layer, ...], dout: np.ndarray, caches: list[object], need_dx: bool, grads: Params
+) -> np.ndarray | None:
+    """dout of the chain's output -> the gradient with respect to its input (computed for the
+    first layer only if `need_dx`); parameter gradients go into `grads`."""
+    for depth in reversed(range(len(layers))):
+        dout = layer_backward(layers[depth], dout, caches[depth], need_dx or depth > 0, grads)
+    return dout
+
+
 def _forward(
     params: Params, x: np.ndarray, arch: Arch, masks: Masks
-) -> tuple[list[np.ndarray], list[object], Params]:
-    """Every layer's output and cache, in order, and the updated buffers (training only)."""
-    outputs, caches, buffers = [], [], {}
-    for layer in arch.layers:
-        x, cache = layer_forward(layer, params, x, masks, buffers)
-        outputs.append(x)
-        caches.append(cache)
+) -> tuple[Params, list[object], Params]:
+    """Every layer's output by name (a block's layers' too), the caches of the network's
+    layers in order, and the updated buffers (training only)."""
+    outputs, buffers = {}, {}
+    _, caches = chain_forward(arch.layers, params, x, masks, buffers, outputs)
     return outputs, caches, buffers
 
 
@@ -135,13 +173,12 @@ def activations(
     params: Params, x: np.ndarray, arch: Arch, masks: Masks = None
 ) -> dict[str, np.ndarray]:
     """Every layer's output, by layer name; x (N, 1, 28, 28) -> ..., logits (N, 10) last."""
-    outputs, _, _ = _forward(params, x, arch, masks)
-    return {layer.name: out for layer, out in zip(arch.layers, outputs, strict=True)}
+    return _forward(params, x, arch, masks)[0]
 
 
 def forward(params: Params, x: np.ndarray, arch: Arch) -> np.ndarray:
     """x (N, 1, 28, 28) -> logits (N, 10), in evaluation mode."""
-    return _forward(params, x, arch, None)[0][-1]
+    return _forward(params, x, arch, None)[0][arch.layers[-1].name]
 
 
 def _loss_and_backward(
@@ -154,12 +191,11 @@ def _loss_and_backward(
     need_dx: bool,
 ) -> tuple[np.ndarray, Params, np.ndarray | None, np.ndarray, Params]:
     outputs, caches, buffers = _forward(params, x, arch, masks)
-    logits = outputs[-1]
+    logits = outputs[arch.layers[-1].name]
     loss, dout = layers.softmax_cross_entropy(logits, y, label_smoothing)
     grads: Params = {}
-    for depth in reversed(range(len(arch.layers))):
-        # The first layer's input is the image: its gradient is only computed on request.
-        dout = layer_backward(arch.layers[depth], dout, caches[depth], need_dx or depth > 0, grads)
+    # The first layer's input is the image: its gradient is only computed on request.
+    dout = chain_backward(arch.layers, dout, caches, need_dx, grads)
     # Gradients in the canonical order (the backward pass met them last layer first).
     grads = {name: grads[name] for name in params if name in grads}
     return loss, grads, dout, logits, buffers

@@ -24,6 +24,7 @@ from shared.layers import (
     Layer,
     Linear,
     Pool,
+    Residual,
 )
 from shared.spec import Arch, layer_trainable, split_params
 
@@ -32,10 +33,14 @@ Masks = dict[str, torch.Tensor] | None
 
 
 def layer_forward(
-    layer: Layer, params: Params, x: torch.Tensor, masks: Masks, buffers: Params
+    layer: Layer, params: Params, x: torch.Tensor, masks: Masks, buffers: Params, outputs: Params
 ) -> torch.Tensor:
-    """The layer's output; updated BatchNorm buffers go into `buffers`."""
+    """The layer's output; updated BatchNorm buffers go into `buffers`, the outputs of a
+    block's layers into `outputs`."""
     match layer:
+        case Residual(body=body, shortcut=shortcut):
+            out = chain_forward(body, params, x, masks, buffers, outputs)
+            return out + chain_forward(shortcut, params, x, masks, buffers, outputs)
         case Conv(name, stride=stride, padding=padding):
             w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
             return layers.conv2d(x, w, b, stride, padding)
@@ -80,7 +85,7 @@ def layer_vjp(
     names = layer_trainable(layer)
     inputs = {"input": x, **{k: params[k] for k in names}}
     inputs = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}
-    out = layer_forward(layer, {**params, **inputs}, inputs["input"], masks, {})
+    out = layer_forward(layer, {**params, **inputs}, inputs["input"], masks, {}, {})
 
     def pullback(dout: torch.Tensor) -> Params:
         return dict(zip(inputs, torch.autograd.grad(out, list(inputs.values()), dout), strict=True))
@@ -88,14 +93,29 @@ def layer_vjp(
     return out, pullback
 
 
+def chain_forward(
+    layers: tuple[Layer, ...],
+    params: Params,
+    x: torch.Tensor,
+    masks: Masks,
+    buffers: Params,
+    outputs: Params,
+) -> torch.Tensor:
+    """x through `layers` in turn; each layer's output goes into `outputs` by name (a block's
+    layers' too)."""
+    for layer in layers:
+        x = layer_forward(layer, params, x, masks, buffers, outputs)
+        outputs[layer.name] = x
+    return x
+
+
 def _forward(
     params: Params, x: torch.Tensor, arch: Arch, masks: Masks
 ) -> tuple[dict[str, torch.Tensor], Params]:
-    """Every layer's output by name, and the updated buffers (training only)."""
+    """Every layer's output by name (a block's layers' too), and the updated buffers
+    (training only)."""
     outputs, buffers = {}, {}
-    for layer in arch.layers:
-        x = layer_forward(layer, params, x, masks, buffers)
-        outputs[layer.name] = x
+    chain_forward(arch.layers, params, x, masks, buffers, outputs)
     return outputs, buffers
 
 
@@ -198,6 +218,25 @@ class Standardise(torch.nn.Module):
         return f"mean={self.mean}, std={self.std}"
 
 
+class Block(torch.nn.Module):
+    """out = body(x) + downsample(x), or + x where it has no downsample: torchvision's
+    BasicBlock without its last ReLU, its layers named as there (conv1, bn1, relu, ...,
+    downsample.0, downsample.1)."""
+
+    def __init__(self, body: dict[str, torch.nn.Module], downsample: torch.nn.Module | None):
+        super().__init__()
+        for name, module in body.items():
+            self.add_module(name, module)
+        self.body = list(body)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for name in self.body:
+            out = self.get_submodule(name)(out)
+        return out + (x if self.downsample is None else self.downsample(x))
+
+
 def as_module(arch: Arch, standardise: tuple[float, float] | None = None) -> torch.nn.Sequential:
     """The network as a plain PyTorch module whose `state_dict` has exactly the canonical
     names and shapes, so `as_module(arch).load_state_dict(tensors, strict=True)` takes any
@@ -205,27 +244,34 @@ def as_module(arch: Arch, standardise: tuple[float, float] | None = None) -> tor
     With `standardise` (mean, std) it first standardises raw [0, 1] pixels, as a network
     trained on standardised pixels needs."""
     modules = {} if standardise is None else {"standardise": Standardise(*standardise)}
-    for layer in arch.layers:
-        match layer:
-            case Conv(name, i, o, k, stride, padding, bias):
-                modules[name] = torch.nn.Conv2d(i, o, k, stride, padding, bias=bias)
-            case Pool(name, "max", size, stride, padding):
-                modules[name] = torch.nn.MaxPool2d(size, stride, padding)
-            case Pool(name, "avg", size, stride, padding):
-                modules[name] = torch.nn.AvgPool2d(size, stride, padding)
-            case AdaptivePool(name, size):
-                modules[name] = torch.nn.AdaptiveAvgPool2d(size)
-            case BatchNorm(name, c, spatial, momentum, eps):
-                kind = torch.nn.BatchNorm2d if spatial else torch.nn.BatchNorm1d
-                modules[name] = kind(c, eps=eps, momentum=momentum)
-            case Dropout(name, p, channelwise=channelwise):
-                modules[name] = (torch.nn.Dropout2d if channelwise else torch.nn.Dropout)(p)
-            case Activation(name, fn, param):
-                modules[name] = _activation_module(fn, param)
-            case Flatten(name):
-                modules[name] = torch.nn.Flatten()
-            case Linear(name, i, o):
-                modules[name] = torch.nn.Linear(i, o)
-            case _:
-                raise TypeError(f"unknown layer {layer!r}")
+    modules.update({layer.name: _module(layer) for layer in arch.layers})
     return torch.nn.Sequential(OrderedDict(modules))
+
+
+def _module(layer: Layer) -> torch.nn.Module:
+    """PyTorch's module for one layer."""
+    match layer:
+        case Residual(name, body, shortcut):
+            inner = {part.name.removeprefix(f"{name}."): _module(part) for part in body}
+            downsample = torch.nn.Sequential(*map(_module, shortcut)) if shortcut else None
+            return Block(inner, downsample)
+        case Conv(_, i, o, k, stride, padding, bias):
+            return torch.nn.Conv2d(i, o, k, stride, padding, bias=bias)
+        case Pool(_, "max", size, stride, padding):
+            return torch.nn.MaxPool2d(size, stride, padding)
+        case Pool(_, "avg", size, stride, padding):
+            return torch.nn.AvgPool2d(size, stride, padding)
+        case AdaptivePool(_, size):
+            return torch.nn.AdaptiveAvgPool2d(size)
+        case BatchNorm(_, c, spatial, momentum, eps):
+            kind = torch.nn.BatchNorm2d if spatial else torch.nn.BatchNorm1d
+            return kind(c, eps=eps, momentum=momentum)
+        case Dropout(_, p, channelwise=channelwise):
+            return (torch.nn.Dropout2d if channelwise else torch.nn.Dropout)(p)
+        case Activation(_, fn, param):
+            return _activation_module(fn, param)
+        case Flatten():
+            return torch.nn.Flatten()
+        case Linear(_, i, o):
+            return torch.nn.Linear(i, o)
+    raise TypeError(f"unknown layer {layer!r}")

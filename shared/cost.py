@@ -22,7 +22,7 @@ from functools import cache
 import numpy as np
 
 from shared.errors import UsageError
-from shared.kinds import kind_of, output_shape
+from shared.kinds import kind_of, nodes
 from shared.layers import INPUT_SHAPE, Layer
 
 # Bytes a command may spend on one network's tensors at a time: its activations, unfolded
@@ -68,22 +68,22 @@ class Cost:
 @cache
 def network_cost(layers: tuple[Layer, ...]) -> Cost:
     """The cost of the network of `layers` (applied to one 1x28x28 image)."""
-    shape = INPUT_SHAPE
-    activations, unfolded, widest, parameters, buffers, flops = math.prod(shape), 0, 0, 0, 0, 0
-    for depth, layer in enumerate(layers):
-        kind = kind_of(layer)
-        after = output_shape(layer, shape)
-        macs, unfold = kind.macs(layer, shape, after), kind.unfolded(layer, shape, after)
+    activations, unfolded, widest, flops = math.prod(INPUT_SHAPE), 0, 0, 0
+    for node in nodes(layers):  # a block's layers, and its add
+        kind, shape, after = kind_of(node.layer), node.shape, node.out
+        macs, unfold = kind.macs(node.layer, shape, after), kind.unfolded(node.layer, shape, after)
         activations += math.prod(after)
         unfolded += unfold
         widest = max(widest, math.prod(shape) + math.prod(after) + unfold)
-        for tensor in kind.tensors(layer).values():
+        first = node.input is None  # nothing needs the images' gradient
+        flops += 2 * macs * (2 if first else 3)  # forward, dW, and dX unless first
+    parameters, buffers = 0, 0
+    for layer in layers:  # a block lists its layers' tensors
+        for tensor in kind_of(layer).tensors(layer).values():
             if tensor.trainable:
                 parameters += math.prod(tensor.shape)
             else:
                 buffers += math.prod(tensor.shape)
-        flops += 2 * macs * (2 if depth == 0 else 3)  # forward, dW, and dX unless first
-        shape = after
     return Cost(activations, unfolded, widest, parameters, buffers, flops)
 
 

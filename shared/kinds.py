@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from shared.layers import (
+    INPUT_SHAPE,
     Activation,
     AdaptivePool,
     BatchNorm,
@@ -33,6 +34,7 @@ from shared.layers import (
     Linear,
     Option,
     Pool,
+    Residual,
     Shape,
     Tensor,
     show_shape,
@@ -240,6 +242,40 @@ def _build_flatten(name: str, o: dict[str, Any], shape: Shape, fail: Fail) -> Fl
     return Flatten(name)
 
 
+def _build_residual(name: str, o: dict[str, Any], shape: Shape, fail: Fail) -> Residual:
+    """The block of the body `o["body"]` (its layers built, named under `name`), with the
+    shortcut its shapes need: the identity, or a 1x1 convolution with the stride that takes
+    the input's size to the body's output's (and a BatchNorm where the body has one)."""
+    body = o["body"]
+    if any(isinstance(layer, Residual) for layer in body):
+        raise fail("a block holds a chain of layers, not another block")
+    out = _chain_shape(body, shape)
+    if len(out) != 3:
+        raise fail(f"its layers end flat ({out[0]} features); a block keeps C x H x W")
+    if out == shape:
+        return Residual(name, body)
+    stride = -(-shape[1] // out[1])
+    if any(_sliding(n, 1, stride) != m for n, m in zip(shape[1:], out[1:], strict=True)):
+        raise fail(
+            f"its layers take {show_shape(shape)} to {show_shape(out)}, which no strided 1x1 "
+            "convolution can match for the shortcut"
+        )
+    conv = Conv(f"{name}.downsample.0", shape[0], out[0], 1, stride, 0, bias=False)
+    if not any(isinstance(layer, BatchNorm) for layer in body):
+        return Residual(name, body, (conv,))
+    return Residual(name, body, (conv, BatchNorm(f"{name}.downsample.1", out[0], spatial=True)))
+
+
+def _chain_shape(layers: tuple[Layer, ...], shape: Shape) -> Shape:
+    for layer in layers:
+        shape = output_shape(layer, shape)
+    return shape
+
+
+def _block_tensors(block: Residual) -> dict[str, Tensor]:
+    return {k: v for layer in block.layers for k, v in kind_of(layer).tensors(layer).items()}
+
+
 _ZERO_KINK = Kinks("zero", lambda a, x: x)  # where the derivative jumps at an input of 0
 
 _KINDS = (
@@ -373,6 +409,29 @@ _KINDS = (
         keeps_zeros=True,
         kinks=None,
     ),
+    # What the shared code asks of a block itself is what it asks of its add: its layers
+    # come before it in `nodes` and answer for themselves (tensors too, which a block lists
+    # for its layers but which are counted once, theirs).
+    LayerKind(
+        name="res",
+        layer=Residual,
+        help="residual block: the '-'-joined layers L (no block) plus the block's input; "
+        "where L changes the shape, the input through a 1x1 conv with L's stride (and a "
+        "BatchNorm if L has one), as torchvision's BasicBlock. A ReLU after it is a layer "
+        "of its own: res(conv16-bn-relu-conv16-bn)-relu",
+        module_name="block",
+        options=(),
+        input="spatial",
+        build=_build_residual,
+        output_shape=lambda r, s: _chain_shape(r.body, s),
+        options_of=_no_options,
+        tensors=_block_tensors,
+        macs=_nothing,
+        unfolded=_nothing,
+        batch_statistics=False,
+        keeps_zeros=True,
+        kinks=None,
+    ),
 )
 KINDS: dict[str, LayerKind] = {kind.name: kind for kind in _KINDS}
 
@@ -403,3 +462,39 @@ def kind_of(layer: Layer) -> LayerKind:
 def output_shape(layer: Layer, shape: Shape) -> Shape:
     """One example's output shape for input `shape` (C, H, W) or (F,)."""
     return kind_of(layer).output_shape(layer, shape)
+
+
+def token(layer: Layer, every: bool = False) -> str:
+    """The layer's canonical token (`every`: with its default options written too); a
+    block's holds its body's: res(conv16-bn-relu-conv16-bn)."""
+    if isinstance(layer, Residual):
+        return f"res({'-'.join(token(inner, every) for inner in layer.body)})"
+    return kind_of(layer).token(layer, every)
+
+
+@dataclass(frozen=True)
+class Node:
+    """One layer where it runs: `input` is the name of the layer whose output it takes (None:
+    the images), `shape` one example's input shape and `out` its output's."""
+
+    layer: Layer
+    input: str | None
+    shape: Shape
+    out: Shape
+
+
+def nodes(layers: tuple[Layer, ...], shape: Shape = INPUT_SHAPE) -> tuple[Node, ...]:
+    """Every layer in an order it can run in, a block's after its body's and shortcut's (its
+    node is the add): the graph that passes, costs and the cross-check walk."""
+    return tuple(_nodes(layers, shape, None))
+
+
+def _nodes(layers: tuple[Layer, ...], shape: Shape, source: str | None) -> list[Node]:
+    found = []
+    for layer in layers:
+        if isinstance(layer, Residual):
+            found += _nodes(layer.body, shape, source) + _nodes(layer.shortcut, shape, source)
+        after = output_shape(layer, shape)
+        found.append(Node(layer, source, shape, after))
+        shape, source = after, layer.name
+    return found

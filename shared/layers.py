@@ -122,7 +122,26 @@ class Linear:
     kind: ClassVar[str] = "fc"
 
 
-Layer = Conv | Pool | AdaptivePool | BatchNorm | Dropout | Activation | Flatten | Linear
+@dataclass(frozen=True)
+class Residual:
+    """out = body(x) + shortcut(x), torchvision's BasicBlock without its last ReLU (which
+    follows as a layer of its own): `body` a chain of layers, `shortcut` () for the identity,
+    or where the body changes the shape a 1x1 convolution with the body's stride and no bias,
+    and a BatchNorm after it when the body has one (torchvision's `downsample`). Its layers'
+    names start with the block's: block1.conv1, block1.downsample.0."""
+
+    name: str
+    body: tuple[Layer, ...]
+    shortcut: tuple[Layer, ...] = ()
+    kind: ClassVar[str] = "res"
+
+    @property
+    def layers(self) -> tuple[Layer, ...]:
+        """Its layers in PyTorch's state_dict order: the body's, then the shortcut's."""
+        return self.body + self.shortcut
+
+
+Layer = Conv | Pool | AdaptivePool | BatchNorm | Dropout | Activation | Flatten | Linear | Residual
 
 Fail = Callable[[str], UsageError]
 
@@ -251,7 +270,10 @@ class LayerKind:
 
     @property
     def usage(self) -> str:
-        """The token's form, such as convC[kK][sS][pP][bB]: optional parts in brackets."""
+        """The token's form, such as convC[kK][sS][pP][bB]: optional parts in brackets; a
+        block's, res(L), holds its layers."""
+        if self.layer is Residual:
+            return f"{self.name}(L)"
         return self.name + "".join(
             f"{o.letter}{o.metavar}" if o.default is None else f"[{o.letter}{o.metavar}]"
             for o in self.options
@@ -268,6 +290,8 @@ class LayerKind:
     @property
     def example(self) -> str:
         """How to write a token of this kind, with an example or two."""
+        if self.layer is Residual:
+            return f"{self.usage}, e.g. {self.name}(conv16-bn-relu-conv16-bn)"
         if not self.options:
             return self.name
         examples = [o.example for o in self.options]

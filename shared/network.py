@@ -13,7 +13,7 @@ import numpy as np
 from shared.checkpoint import load_checkpoint
 from shared.data import get_dataset_spec
 from shared.errors import UsageError
-from shared.kinds import kind_of
+from shared.kinds import token
 from shared.spec import Arch, Params, get_arch, tensors
 
 
@@ -91,7 +91,7 @@ def identity_mapping(arch: Arch) -> tuple[Mapped, ...]:
         Mapped(
             layer.name,
             layer.name,
-            kind_of(layer).token(layer, every=True),
+            token(layer, every=True),
             tensors=tuple((n, n) for n in tensors(arch) if n.split(".")[0] == layer.name),
         )
         for layer in arch.layers

@@ -28,6 +28,7 @@ from shared.layers import (
     Layer,
     Linear,
     Pool,
+    Residual,
 )
 from shared.spec import Arch, Params
 
@@ -81,8 +82,8 @@ def onnx_model(
     outputs = [helper.make_tensor_value_info(OUTPUT, element, ["batch", 10])]
     if every_layer:
         outputs += [
-            helper.make_tensor_value_info(layer.name, element, ["batch", *shape])
-            for layer, _, shape in arch.shapes()[:-1]
+            helper.make_tensor_value_info(node.layer.name, element, ["batch", *node.out])
+            for node in arch.nodes[:-1]
         ]
     graph = helper.make_graph(
         nodes,
@@ -114,6 +115,8 @@ def _tensor_names(layer: Layer) -> list[str]:
     """The canonical tensors a layer's ONNX nodes read (not BatchNorm's step counter, which
     evaluation does not use)."""
     match layer:
+        case Residual():
+            return [name for inner in layer.layers for name in _tensor_names(inner)]
         case Conv(name, bias=bias):
             return [f"{name}.weight"] + ([f"{name}.bias"] if bias else [])
         case Linear(name):
@@ -130,6 +133,15 @@ def _nodes(layer: Layer, x: str, out: str, constant) -> list:
     node = helper.make_node
     name = layer.name
     match layer:
+        case Residual(_, body, shortcut):
+            made, paths = [], []
+            for chain in (body, shortcut):
+                current = x
+                for inner in chain:  # each inner layer's output is a value of its name
+                    made += _nodes(inner, current, inner.name, constant)
+                    current = inner.name
+                paths.append(current)
+            return [*made, node("Add", paths, [out], name)]
         case Conv(_, _, _, k, stride, padding, _):
             window = {"kernel_shape": [k, k], "strides": [stride, stride]}
             return [

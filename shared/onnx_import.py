@@ -19,7 +19,7 @@ import numpy as np
 from shared.checkpoint import value_problem
 from shared.errors import UsageError
 from shared.io import regular_file
-from shared.kinds import kind_of
+from shared.kinds import token
 from shared.layers import INPUT_SHAPE
 from shared.network import Mapped, Network
 from shared.onnx_export import ADAPTIVE, CHANNELWISE
@@ -67,13 +67,9 @@ def from_onnx(path: str | Path, where: str = "--arch") -> Network:
     if not entries:
         raise UsageError(f"{label}: no layers found in its graph")
     layers = build_layers(entries, label)
-    arch = get_arch("-".join(_token(layer) for layer in layers), label)
+    arch = get_arch("-".join(token(layer) for layer in layers), label)
     params, mapping = _tensors(arch, steps, initialisers, label)
     return Network(arch, params, tuple(mapping), standardise)
-
-
-def _token(layer, every: bool = False) -> str:
-    return kind_of(layer).token(layer, every)
 
 
 def _read_graph(path: Path, label: str):
@@ -532,8 +528,8 @@ def _tensors(arch: Arch, steps: list[_Step], initialisers: dict, label: str):
         for ours, tensor in expected.items():
             if ours.startswith(f"{layer.name}.") and tensor.counter:
                 params[ours] = np.zeros(tensor.shape, np.int64)  # not in ONNX: no step taken
-        token = _token(layer, every=True)
-        mapping.append(Mapped(step.source, step.what, token, tensors=tuple(moved)))
+        written = token(layer, every=True)
+        mapping.append(Mapped(step.source, step.what, written, tensors=tuple(moved)))
     return {name: params[name] for name in expected}, mapping
 
 

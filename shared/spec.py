@@ -28,7 +28,8 @@ import numpy as np
 from shared.cost import check_network
 from shared.errors import UsageError
 from shared.io import regular_file
-from shared.kinds import KINDS, kind_of, output_shape
+from shared.kinds import KINDS, Node, kind_of, nodes, output_shape
+from shared.kinds import token as layer_token
 from shared.layers import (
     INPUT_SHAPE,
     NUM_CLASSES,
@@ -37,6 +38,7 @@ from shared.layers import (
     Flatten,
     Layer,
     LayerKind,
+    Residual,
     Shape,
     Tensor,
     show_shape,
@@ -67,14 +69,20 @@ class Arch:
         """The canonical compact spec (defaults left out)."""
         return _spec(self.layers)
 
+    @cached_property
+    def nodes(self) -> tuple[Node, ...]:
+        """Every layer, those inside blocks too, in an order it can run in, with its input
+        (shared/kinds.py's `nodes`)."""
+        return nodes(self.layers)
+
     @property
     def dropouts(self) -> tuple[Dropout, ...]:
-        return tuple(layer for layer in self.layers if isinstance(layer, Dropout))
+        return tuple(n.layer for n in self.nodes if isinstance(n.layer, Dropout))
 
     @property
     def uses_batch_statistics(self) -> bool:
         """Whether a layer normalises across the batch (a batch of one cannot train it)."""
-        return any(kind_of(layer).batch_statistics for layer in self.layers)
+        return any(kind_of(n.layer).batch_statistics for n in self.nodes)
 
     @cached_property
     def counters(self) -> frozenset[str]:
@@ -190,20 +198,46 @@ def presets() -> dict[str, Arch]:
 def build_layers(entries: list[Entry], where: str) -> tuple[Layer, ...]:
     """Layers from parsed entries, each sized from the shape before it; raises a UsageError
     naming the entry for anything that cannot work."""
-    if len(entries) > MAX_LAYERS:
-        raise UsageError(f"{where}: {len(entries)} layers, more than {MAX_LAYERS}")
+    count = _count(entries)
+    if count > MAX_LAYERS:
+        raise UsageError(f"{where}: {count} layers, more than {MAX_LAYERS}")
+    layers, shape = _build_chain(entries, where, "", INPUT_SHAPE)
+    if shape != (NUM_CLASSES,):
+        raise UsageError(
+            f"{where}: the network ends with {show_shape(shape)} outputs; it must end with "
+            f"{NUM_CLASSES} (for example with fc{NUM_CLASSES})"
+        )
+    check_network(layers, where)
+    return layers
+
+
+def _count(entries: list[Entry]) -> int:
+    """The layers of `entries`, a block's own counted with its body's."""
+    return sum(1 + _count(options.get("body", [])) for _, _, options in entries)
+
+
+def _build_chain(
+    entries: list[Entry], where: str, prefix: str, shape: Shape
+) -> tuple[tuple[Layer, ...], Shape]:
+    """The layers of `entries` from input `shape`, named under `prefix` (a block's body:
+    "block1."), and their output shape."""
     for label, kind, options in entries:
         for option in KINDS[kind].options:
             if option.default is None and option.name not in options:
                 raise UsageError(f"{where}: {label} needs its {option.name}")
     names = _names([KINDS[kind].module_name for _, kind, _ in entries])
-    shape, layers, parameters = INPUT_SHAPE, [], 0
+    layers, parameters = [], 0
     for (label, kind, options), name in zip(entries, names, strict=True):
 
         def fail(problem: str, label: str = label) -> UsageError:
             return UsageError(f"{where}: {label}: {problem}")
 
-        layer = _build(KINDS[kind], name, options, shape, fail)
+        if "body" in options:  # a block: its layers first, from its input, named under it
+            if len(shape) != 3:
+                raise fail(f"its input is already flat ({shape[0]} features)")
+            body, _ = _build_chain(options["body"], where, f"{prefix}{name}.", shape)
+            options = {"body": body}
+        layer = _build(KINDS[kind], prefix + name, options, shape, fail)
         shape = output_shape(layer, shape)
         parameters += sum(
             math.prod(t.shape) for t in kind_of(layer).tensors(layer).values() if t.trainable
@@ -213,13 +247,7 @@ def build_layers(entries: list[Entry], where: str) -> tuple[Layer, ...]:
         if parameters > MAX_PARAMETERS:
             raise fail(f"the network has more than {MAX_PARAMETERS} parameters by here")
         layers.append(layer)
-    if shape != (NUM_CLASSES,):
-        raise UsageError(
-            f"{where}: the network ends with {show_shape(shape)} outputs; it must end with "
-            f"{NUM_CLASSES} (for example with fc{NUM_CLASSES})"
-        )
-    check_network(tuple(layers), where)
-    return tuple(layers)
+    return tuple(layers), shape
 
 
 def _build(kind: LayerKind, name: str, given: dict[str, Any], shape: Shape, fail: Fail) -> Layer:
@@ -252,7 +280,7 @@ def _names(module_names: list[str]) -> list[str]:
 
 
 def _spec(layers: tuple[Layer, ...]) -> str:
-    return "-".join(kind_of(layer).token(layer) for layer in layers)
+    return "-".join(layer_token(layer) for layer in layers)
 
 
 # --- parsing: a spec's entries as (label, kind, options) ------------------------------------
@@ -272,7 +300,7 @@ def _tokens(text: str, where: str) -> list[Entry]:
     if len(text) > MAX_SPEC_CHARS:
         raise UsageError(f"{where}: the spec is {len(text)} characters, more than {MAX_SPEC_CHARS}")
     entries = []
-    for token in text.strip().split("-"):
+    for token in _split(text.strip(), where):
         label = f"token {token!r}"
         name = next((k for k in _BY_LENGTH if token.startswith(k)), None)
         if name is None:
@@ -280,6 +308,13 @@ def _tokens(text: str, where: str) -> list[Entry]:
                 f"{where}: {label} is not a layer; known: {', '.join(KINDS)} (see --help)"
             )
         kind = KINDS[name]
+        if kind.layer is Residual:
+            if not (token.startswith(f"{name}(") and token.endswith(")")):
+                raise UsageError(f"{where}: {label} is malformed; write {kind.example}")
+            body = _tokens(token[len(name) + 1 : -1], f"{where} {name}(...)")
+            body = [(f"{inner} in {label}", k, o) for inner, k, o in body]
+            entries.append((label, name, {"body": body}))
+            continue
         match = kind.pattern.fullmatch(token)
         if match is None:
             raise UsageError(f"{where}: {label} is malformed; write {kind.example}")
@@ -290,6 +325,21 @@ def _tokens(text: str, where: str) -> list[Entry]:
         }
         entries.append((label, name, options))
     return entries
+
+
+def _split(text: str, where: str) -> list[str]:
+    """A spec's tokens: split at each '-' outside parentheses (a block's layers stay whole)."""
+    tokens, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0:
+            raise UsageError(f"{where}: a ')' at character {i + 1} closes nothing")
+        if char == "-" and depth == 0:
+            tokens.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise UsageError(f"{where}: a '(' is never closed")
+    return [*tokens, text[start:]]
 
 
 def _file_entries(path: Path, where: str) -> list[Entry]:
@@ -312,15 +362,23 @@ def _file_entries(path: Path, where: str) -> list[Entry]:
     layers = document.get("layers") if isinstance(document, dict) else None
     if not isinstance(layers, list) or not layers:
         raise UsageError(f'{where}: expected {{"layers": [...]}} with at least one layer')
+    return _list_entries(layers, "layers", where)
+
+
+def _list_entries(items: Any, label: str, where: str) -> list[Entry]:
+    """The entries of a file's list of layers (`label` names it: layers, or a block's
+    layers[2] (res) layers), each a token or a table."""
+    if not isinstance(items, list) or not items:
+        raise UsageError(f"{where}: expected {label} as a list of at least one layer")
     entries = []
-    for i, item in enumerate(layers):
+    for i, item in enumerate(items):
         if isinstance(item, str):  # one token or several: "conv16-bn-relu"
-            tokens = _tokens(item, f"{where} layers[{i}]")
-            entries += [(f"layers[{i}] {label}", kind, opts) for label, kind, opts in tokens]
+            tokens = _tokens(item, f"{where} {label}[{i}]")
+            entries += [(f"{label}[{i}] {text}", kind, opts) for text, kind, opts in tokens]
         elif isinstance(item, dict):
-            entries.append(_table_entry(item, f"layers[{i}]", where))
+            entries.append(_table_entry(item, f"{label}[{i}]", where))
         else:
-            raise UsageError(f"{where}: layers[{i}] is neither a token nor a table")
+            raise UsageError(f"{where}: {label}[{i}] is neither a token nor a table")
     return entries
 
 
@@ -331,6 +389,11 @@ def _table_entry(table: dict, label: str, where: str) -> Entry:
         shown = repr(name)[:40]
         raise UsageError(f"{where}: {label} has type {shown}; known: {', '.join(KINDS)}")
     label = f"{label} ({name})"
+    if KINDS[name].layer is Residual:  # {"type": "res", "layers": [...]}
+        extra = sorted(set(table) - {"type", "layers"})
+        if extra:
+            raise UsageError(f"{where}: {label} has no option {extra[0]!r:.40} (only layers)")
+        return label, name, {"body": _list_entries(table.get("layers"), f"{label} layers", where)}
     known = {option.name: option for option in KINDS[name].options}
     options = {}
     for key, value in table.items():

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from shared.errors import UsageError
-from shared.kinds import kind_of
+from shared.kinds import token
 from shared.layers import INPUT_SHAPE
 from shared.network import Mapped, Network
 from shared.spec import Arch, Entry, Params, build_layers, get_arch, tensors
@@ -282,7 +282,7 @@ def from_torch(module: Any, where: str = "module") -> Network:
     if not entries:
         raise UsageError(f"{where}: no layers found in its forward")
     layers = build_layers(entries, where)  # one per entry, refusals named by its source
-    arch = get_arch("-".join(kind_of(layer).token(layer) for layer in layers), where)
+    arch = get_arch("-".join(token(layer) for layer in layers), where)
     state = module.state_dict()
     mapping, canonical = [], {}
     for step, index in placed:
@@ -299,8 +299,8 @@ def from_torch(module: Any, where: str = "module") -> Network:
             theirs = f"{step.module_path}.{name[len(layer.name) + 1 :]}"
             canonical[name] = _numpy(state[theirs])
             moved.append((theirs, name))
-        token = kind_of(layer).token(layer, every=True)
-        mapping.append(Mapped(step.source, step.what, token, tensors=tuple(moved)))
+        written = token(layer, every=True)
+        mapping.append(Mapped(step.source, step.what, written, tensors=tuple(moved)))
     return Network(arch, canonical, tuple(mapping))
 
 

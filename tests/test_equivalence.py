@@ -94,7 +94,12 @@ def random_spec(seed: int) -> Arch:
 
 
 GENERATED = [random_spec(seed).spec for seed in range(6)]
-NETWORKS = [*PRESETS, *GENERATED]
+# Residual blocks: an identity shortcut, a strided projection with BatchNorm, one without.
+RESIDUAL = (
+    "conv4-bn-relu-res(conv4b0-bn-relu-conv4b0-bn)-relu-res(conv6s2b0-bn-relu-conv6b0-bn)-relu"
+    "-res(conv6-relu-conv8)-relu-adaptiveavgpool1-flatten-fc10"
+)
+NETWORKS = [*PRESETS, *GENERATED, RESIDUAL]
 
 
 def features(arch: Arch) -> set[str]:
@@ -157,7 +162,9 @@ def with_running_stats(params: dict, rng: np.random.Generator) -> dict:
     return out
 
 
-@pytest.mark.parametrize("spec", NETWORKS, ids=[*PRESETS, *(f"random{i}" for i in range(6))])
+@pytest.mark.parametrize(
+    "spec", NETWORKS, ids=[*PRESETS, *(f"random{i}" for i in range(6)), "residual"]
+)
 def test_model_passes_agree(spec):
     """Every layer's output in evaluation and in training mode, the loss, every gradient and
     the input gradient, in float64. (BatchNorm's updated buffers and the optimizer step are
@@ -181,8 +188,8 @@ def test_model_passes_agree(spec):
     for a, b in IMPL_PAIRS:
         ra, rb = out[a], out[b]
         for mode in ("eval", "train"):
-            assert set(ra[mode]) == {layer.name for layer in arch.layers}
-            for layer in arch.layers:
+            assert set(ra[mode]) == {node.layer.name for node in arch.nodes}
+            for layer in (node.layer for node in arch.nodes):
                 what = f"{layer.name} ({mode}) {a}-{b}"
                 assert_same(ra[mode][layer.name], rb[mode][layer.name], what)
         (loss_a, grads_a), (loss_b, grads_b) = ra["loss and grads"], rb["loss and grads"]
@@ -198,7 +205,7 @@ def test_model_passes_agree(spec):
         assert_same(ra["input grad"], rb["input grad"], f"grad input {a}-{b}")
     # Evaluation and training mode differ wherever the network has BatchNorm or dropout:
     # the comparisons above covered two computations, not one twice.
-    for layer in arch.layers:
+    for layer in (node.layer for node in arch.nodes):
         if isinstance(layer, BatchNorm | Dropout):
             evals, trains = out["numpy"]["eval"][layer.name], out["numpy"]["train"][layer.name]
             assert not np.allclose(evals, trains), layer.name
@@ -294,7 +301,7 @@ def expected_rows(arch: Arch, kind: str, dtype: str, steps: int, momentum: float
     checks = [
         f"{'logits' if layer is last else f'activation {layer.name}'} ({mode})"
         for mode in ("eval", "train")
-        for layer in arch.layers
+        for layer in (node.layer for node in arch.nodes)
     ]
     checks += ["loss", *(f"grad {name}" for name in param_shapes(arch)), "grad input"]
     buffers = SETTING_KINDS[kind]

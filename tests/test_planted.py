@@ -17,11 +17,14 @@ import torch.nn.functional as F
 
 import impl_jax.layers
 import impl_numpy.layers
+import impl_numpy.model
 import impl_numpy.optim
 import impl_torch.layers
+import impl_torch.model
 from shared import crosscheck
 from shared.backend import make_backend
 from shared.crosscheck import run_crosscheck
+from shared.layers import Residual
 from shared.proof.rows import CheckResult, compare
 from shared.proof.settings import ALL_ON, drawn_setting
 from shared.spec import get_arch, param_shapes
@@ -455,3 +458,85 @@ def test_gelu_in_its_other_form(monkeypatch):
             for mode in ("eval", "train"):
                 assert (setting, f"activation gelu1 ({mode})", pair) in failed
                 assert (setting, f"activation conv ({mode})", pair) not in failed
+
+
+# --- residual blocks -----------------------------------------------------------------------
+
+# An identity block, then a strided one whose projection has BatchNorm.
+SPEC_RESIDUAL = (
+    "conv4-relu-res(conv4-relu-conv4)-relu-res(conv6s2-bn-relu-conv6-bn)-relu-flatten-fc10"
+)
+
+
+@pytest.mark.usefixtures("jax_compiled_once")
+def test_the_residual_network_passes_unplanted():
+    results = check(SPEC_RESIDUAL)
+    assert [(r.setting, r.check, r.pair) for r in results if not r.passed] == []
+
+
+def test_a_block_that_drops_its_shortcut_s_gradient(monkeypatch, jax_compiled_once):
+    """NumPy's backward returns the body's input gradient alone, not the sum of both paths':
+    every gradient before the first block is wrong, none after it, and the forward is right."""
+    model = impl_numpy.model
+    original = model.layer_backward
+
+    def body_only(layer, dout, cache, need_dx, grads):
+        if not isinstance(layer, Residual):
+            return original(layer, dout, cache, need_dx, grads)
+        body_caches, shortcut_caches = cache
+        model.chain_backward(layer.shortcut, dout, shortcut_caches, need_dx, grads)
+        return model.chain_backward(layer.body, dout, body_caches, need_dx, grads)
+
+    monkeypatch.setattr(model, "layer_backward", body_only)
+    failed = failures(check(SPEC_RESIDUAL), "numpy")
+    for setting in PASSES:
+        for pair in pairs_with("numpy"):
+            assert (setting, "grad conv.weight", pair) in failed
+            assert (setting, "grad input", pair) in failed
+            assert (setting, "grad fc.weight", pair) not in failed
+            assert (setting, "grad block2.conv2.weight", pair) not in failed
+    assert ("defaults", "finite-diff conv.weight", "numpy-fd") in failed
+    assert not any(check.startswith("activation") for _, check, _ in failed)
+
+
+def test_a_block_whose_relu_moved_before_the_add(monkeypatch, jax_compiled_once):
+    """PyTorch's block adds the shortcut to relu(body) (ReLU moved before the add): the first
+    block's output is named, in both modes, and nothing before it."""
+    model = impl_torch.model
+    original = model.layer_forward
+
+    def relu_then_add(layer, params, x, masks, buffers, outputs):
+        if not isinstance(layer, Residual):
+            return original(layer, params, x, masks, buffers, outputs)
+        body = model.chain_forward(layer.body, params, x, masks, buffers, outputs)
+        return torch.relu(body) + model.chain_forward(
+            layer.shortcut, params, x, masks, buffers, outputs
+        )
+
+    monkeypatch.setattr(model, "layer_forward", relu_then_add)
+    failed = failures(check(SPEC_RESIDUAL), "torch")
+    for setting in PASSES:
+        for pair in pairs_with("torch"):
+            for mode in ("eval", "train"):
+                assert (setting, f"activation block1 ({mode})", pair) in failed
+                assert (setting, f"activation block1.conv2 ({mode})", pair) not in failed
+
+
+def projection_rows_only_forward(x, w, b, stride, padding):
+    """The plant: a 1x1 convolution (the projection) strides the rows only."""
+    if w.shape[-1] == 1:
+        return rows_only_forward(x, w, b, stride, padding)
+    out, cache = impl_numpy_conv2d_forward(x, w, b, stride, padding)
+    return out, (None, cache)
+
+
+def test_a_projection_strided_on_one_axis(monkeypatch, jax_compiled_once):
+    monkeypatch.setattr(impl_numpy.layers, "conv2d_forward", projection_rows_only_forward)
+    monkeypatch.setattr(impl_numpy.layers, "conv2d_backward", rows_only_backward)
+    failed = failures(check(SPEC_RESIDUAL), "numpy")
+    for setting in PASSES:
+        for pair in pairs_with("numpy"):
+            for mode in ("eval", "train"):
+                assert (setting, f"activation block2.downsample.0 ({mode})", pair) in failed
+                assert (setting, f"activation block2.conv2 ({mode})", pair) not in failed
+            assert (setting, "grad block2.downsample.0.weight", pair) in failed

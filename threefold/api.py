@@ -88,7 +88,7 @@ class Report:
             layer = layer_of(row.check, self.network.arch)
             if layer not in worst or _share(row) > _share(worst[layer]):
                 worst[layer] = row
-        order = [layer.name for layer in self.network.arch.layers] + ["loss"]
+        order = [node.layer.name for node in self.network.arch.nodes] + ["loss"]
         return {name: worst[name] for name in order if name in worst}
 
     @property
@@ -96,7 +96,7 @@ class Report:
         """The first layer, in the network's order, where a pair of implementations parts
         (a row beyond its tolerance); None when every row passes."""
         failing = {layer_of(r.check, self.network.arch) for r in self.failed}
-        order = [layer.name for layer in self.network.arch.layers] + ["loss"]
+        order = [node.layer.name for node in self.network.arch.nodes] + ["loss"]
         return next((name for name in order if name in failing), None)
 
     def summary(self) -> str:
@@ -120,10 +120,11 @@ def _share(row: CheckResult) -> float:
 
 def layer_of(check: str, arch: Arch) -> str:
     """The layer a row's check is about (its tensor's or its activation's), or "loss"."""
-    names = {layer.name for layer in arch.layers}
+    # The longest name that heads a word: block1.conv1.weight is block1.conv1's, not block1's.
+    names = sorted((node.layer.name for node in arch.nodes), key=len, reverse=True)
     for word in check.replace("(", " ").split():
-        name = word.split(".")[0]
-        if name in names:
+        name = next((n for n in names if word == n or word.startswith(f"{n}.")), None)
+        if name is not None:
             return name
     return "loss"
 

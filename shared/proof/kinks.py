@@ -22,9 +22,9 @@ def cancelled_biases(arch: Arch) -> frozenset[str]:
     before BatchNorm, which subtracts the batch mean the bias adds): their gradient is zero in
     exact arithmetic, and round-off in every implementation."""
     return frozenset(
-        f"{layer.name}.bias"
-        for layer, after in zip(arch.layers, arch.layers[1:], strict=False)
-        if kind_of(after).batch_statistics and f"{layer.name}.bias" in arch.trainable
+        f"{node.input}.bias"
+        for node in arch.nodes
+        if kind_of(node.layer).batch_statistics and f"{node.input}.bias" in arch.trainable
     )
 
 
@@ -32,7 +32,7 @@ def keeps_zeros_exact(arch: Arch) -> bool:
     """Whether a block of exact zeros stays exact zeros through the network (with zero biases),
     as every layer's kind says: after a BatchNorm's batch mean or a sigmoid's 1/2, equal values
     come from sums in orders that differ by implementation, and ties are decided by round-off."""
-    return all(kind_of(layer).keeps_zeros for layer in arch.layers)
+    return all(kind_of(node.layer).keeps_zeros for node in arch.nodes)
 
 
 # A float32 pass starts from a batch whose every ReLU input and every max-pool window's gap
@@ -51,10 +51,10 @@ def kinks_per_image(arch: Arch) -> int:
     """How many kinks one image passes: every value at a "zero" kink (a ReLU's inputs), every
     window at a "tie" kink (a max-pool's windows)."""
     count = 0
-    for layer, shape, _ in arch.shapes():
-        kinks = kind_of(layer).kinks
+    for node in arch.nodes:
+        kinks = kind_of(node.layer).kinks
         if kinks is not None:
-            values = kinks.values(layer, np.zeros((1, *shape)))
+            values = kinks.values(node.layer, np.zeros((1, *node.shape)))
             count += values.size if kinks.at == "zero" else values[..., 0].size
     return count
 
@@ -89,12 +89,12 @@ def _kinks(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> Iterator[t
     """(at, values, scale) for every kink of a pass, as each layer's kind gives them: "zero"
     and a ReLU's inputs, or "tie" and a max-pool's windows (N, C, H', W', k*k); with the
     scale of the layer's input."""
-    inputs = [x] + [acts[layer.name] for layer in arch.layers[:-1]]
-    for layer, before in zip(arch.layers, inputs, strict=True):
-        kinks = kind_of(layer).kinks
+    for node in arch.nodes:
+        kinks = kind_of(node.layer).kinks
         if kinks is not None:
+            before = x if node.input is None else acts[node.input]
             scale = float(np.abs(before).max()) or 1.0
-            yield kinks.at, kinks.values(layer, before), scale
+            yield kinks.at, kinks.values(node.layer, before), scale
 
 
 def kink_margin(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> float:

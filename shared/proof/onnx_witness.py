@@ -71,11 +71,12 @@ def onnx_rows(
 
 
 def _rows(sessions: dict, evals: dict, arch: Arch, x: np.ndarray) -> Iterator[Compared]:
-    names = [layer.name for layer in arch.layers[:-1]] + [OUTPUT]
+    layers = [node.layer for node in arch.nodes]
+    names = [layer.name for layer in layers[:-1]] + [OUTPUT]
     for witness in WITNESSES:
         outputs = dict(zip(names, sessions[witness].run(names, {INPUT: x}), strict=True))
         for impl, acts in evals.items():
-            for layer, value in zip(arch.layers, names, strict=True):
+            for layer, value in zip(layers, names, strict=True):
                 label = "logits" if value == OUTPUT else f"activation {layer.name}"
                 yield Compared(
                     f"{label} (eval)", f"{impl}-{witness}", acts[layer.name], outputs[value]

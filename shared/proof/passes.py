@@ -44,7 +44,8 @@ def single_pass(
     dx = {name: b.input_grad(params, x, y, masks) for name, b in backends.items()}
     for mode, acts in (("eval", evals), ("train", trains)):
         for pair, a, b in _pairs(acts):
-            for layer in arch.layers:
+            for node in arch.nodes:
+                layer = node.layer
                 label = "logits" if layer is arch.layers[-1] else f"activation {layer.name}"
                 yield Compared(f"{label} ({mode})", pair, a[layer.name], b[layer.name])
     for pair, (loss_a, grads_a), (loss_b, grads_b) in _pairs(grads):
@@ -54,11 +55,11 @@ def single_pass(
             yield Compared(f"grad {name}", pair, grads_a[name], grads_b[name], scale)
     for pair, a, b in _pairs(dx):
         yield Compared("grad input", pair, a, b)
-    inputs = dict(zip([layer.name for layer in arch.layers[1:]], arch.layers, strict=False))
+    inputs = {node.layer.name: node.input for node in arch.nodes}
     for layer in arch.dropouts:
-        before = inputs.get(layer.name)
+        before = inputs[layer.name]
         for name, acts in trains.items():
-            x_in = x if before is None else acts[before.name]
+            x_in = x if before is None else acts[before]
             # A channel's mask covers its whole map (Dropout2d). Where the input is 0 the
             # output is 0 either way: count those as the shared mask.
             shared = np.broadcast_to(masks[layer.name], acts[layer.name].shape)
