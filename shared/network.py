@@ -22,13 +22,15 @@ class Mapped:
     """How one operation of the source was taken: `source` is the submodule's path (or the
     functional call's or ONNX node's name), `what` the operation as its framework prints it,
     `token` the layer it became with every option written ("" when dropped, `note` says
-    why), and `tensors` the (source's name, canonical name) of each of its tensors."""
+    why), `tensors` the (source's name, canonical name) of each of its tensors, and `block`
+    the residual block it is inside, if any (the block's own row is its add)."""
 
     source: str
     what: str
     token: str
     note: str = ""
     tensors: tuple[tuple[str, str], ...] = ()
+    block: str = ""  # the residual block it is a layer of, whose row's token holds its own
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Network:
     @property
     def spec(self) -> str:
         """The network's spec with every option written out, as PyTorch computes it."""
-        return "-".join(m.token for m in self.mapping if m.token)
+        return "-".join(m.token for m in self.mapping if m.token and not m.block)
 
     @property
     def renames(self) -> dict[str, str]:
@@ -58,7 +60,10 @@ class Network:
         rows = [("source", "operation", "threefold", "tensors")]
         for m in self.mapping:
             moved = ", ".join(f"{a} -> {b}" if a != b else a for a, b in m.tensors)
-            rows.append((m.source, m.what, m.token or f"(dropped: {m.note})", moved))
+            token = m.token or f"(dropped: {m.note})"
+            rows.append(
+                (m.source, m.what, f"  {token} (in {m.block})" if m.block else token, moved)
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         return "\n".join(
             "  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths, strict=True)) + "  " + r[3]

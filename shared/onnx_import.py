@@ -232,6 +232,11 @@ def _steps(nodes: list, initialisers: dict, current: str, graph, label: str) -> 
                 f"{where}: does not take the previous node's output; threefold reads chains"
             )
         for extra in node.input[1:]:
+            if extra and extra not in initialisers and node.op_type == "Add":
+                raise UsageError(
+                    f"{where}: adds two computed values (a residual block); threefold reads "
+                    "blocks from PyTorch modules (from_torch), ONNX graphs only as chains"
+                )
             if extra and extra not in initialisers:
                 raise UsageError(
                     f"{where}: input {extra} is computed, not a constant; threefold reads chains"

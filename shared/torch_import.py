@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from shared.errors import UsageError
-from shared.kinds import token
-from shared.layers import INPUT_SHAPE
+from shared.kinds import kind_of, token
+from shared.layers import INPUT_SHAPE, Layer, Residual
 from shared.network import Mapped, Network
 from shared.spec import Arch, Entry, Params, build_layers, get_arch, tensors
 from shared.torch_ops import DROP, METHODS, MODULES, RESHAPES, Refused, Taken, bind, functions
@@ -45,6 +45,17 @@ class _Step:
     module_path: str | None  # its tensors' prefix in the module's state_dict
     shape_in: tuple[int, ...]
     shape_out: tuple[int, ...]
+
+
+@dataclass
+class _Block:
+    """A residual block read off the graph: where the chain forks into two paths of steps
+    (`shortcut` empty for the identity) that the add node `source` joins."""
+
+    source: str
+    what: str
+    body: list[_Step]
+    shortcut: list[_Step]
 
 
 def _trace(module: Any, where: str):
@@ -97,11 +108,14 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return None if meta is None or not hasattr(meta, "shape") else tuple(meta.shape)[1:]
 
 
-def _read_steps(module: Any, graph: Any, where: str) -> list[_Step]:
-    """The module's operations in order, each checked to take the one before's output."""
+def _read_steps(module: Any, graph: Any, where: str) -> list[_Step | _Block]:
+    """The module's operations in order, each checked to take the one before's output; where
+    the output feeds two paths that an add joins, a residual block of them."""
     calls = functions()
-    current, steps, used_modules = None, [], {}
+    current, steps, used_modules, read = None, [], {}, set()
     for node in graph.graph.nodes:
+        if node in read:
+            continue
         if node.op == "placeholder":
             if current is not None:
                 raise UsageError(f"{where}: its forward takes more than one input")
@@ -116,25 +130,105 @@ def _read_steps(module: Any, graph: Any, where: str) -> list[_Step]:
             break
         if node.op == "call_method" and node.target == "size":
             continue  # x.size(0) in a view: read with the view
-        if node.op == "get_attr":
-            raise UsageError(
-                f"{where}: {node.target}: a tensor used directly in forward; threefold reads "
-                "layers (modules and functional calls)"
-            )
-        inputs = [a for a in node.all_input_nodes if not _is_size_of(a, current)]
-        if inputs != [current] or (node.args and node.args[0] is not current):
-            takes = "several tensors" if len(inputs) > 1 else "a tensor other than the one before"
-            raise UsageError(
-                f"{where}: {node.name} ({_name_of(node)}): takes {takes}; threefold's networks "
-                "are chains, each layer taking the one before's output"
-            )
-        shape_in, shape_out = _shape(current), _shape(node)
-        if shape_out is None:
-            raise UsageError(f"{where}: {node.name} ({_name_of(node)}): does not give a tensor")
-        source, what, taken, path = _take(module, node, calls, used_modules, where)
-        steps.append(_Step(source, what, taken, path, shape_in, shape_out))
+        if len(_users(current)) > 1:
+            block, join, nodes = _read_block(module, current, calls, used_modules, where)
+            steps.append(block)
+            read |= nodes
+            current = join
+            continue
+        steps.append(_read_step(module, node, current, calls, used_modules, where))
         current = node
     return steps
+
+
+def _read_step(module: Any, node: Any, current: Any, calls: dict, used: dict, where: str) -> _Step:
+    """One operation, checked to take `current` alone."""
+    if node.op == "get_attr":
+        raise UsageError(
+            f"{where}: {node.target}: a tensor used directly in forward; threefold reads "
+            "layers (modules and functional calls)"
+        )
+    inputs = [a for a in node.all_input_nodes if not _is_size_of(a, current)]
+    if inputs != [current] or (node.args and node.args[0] is not current):
+        takes = "several tensors" if len(inputs) > 1 else "a tensor other than the one before"
+        raise UsageError(
+            f"{where}: {node.name} ({_name_of(node)}): takes {takes}; threefold's networks "
+            "are chains of layers and residual blocks, each taking the one before's output"
+        )
+    shape_in, shape_out = _shape(current), _shape(node)
+    if shape_out is None:
+        raise UsageError(f"{where}: {node.name} ({_name_of(node)}): does not give a tensor")
+    source, what, taken, path = _take(module, node, calls, used, where)
+    return _Step(source, what, taken, path, shape_in, shape_out)
+
+
+def _users(node: Any) -> list[Any]:
+    """The nodes that take `node`'s output as a tensor (not only its size)."""
+    return [user for user in node.users if not _is_size_of(user, node)]
+
+
+def _tensor_inputs(node: Any) -> list[Any]:
+    """The nodes whose tensors `node` takes (not those it only takes the size of)."""
+    return [a for a in node.all_input_nodes if not (a.op == "call_method" and a.target == "size")]
+
+
+def _is_add(node: Any) -> bool:
+    """x + y, torch.add(x, y) or x.add(y) of two tensors, with no scaling."""
+    import operator
+
+    import torch
+
+    if len(_tensor_inputs(node)) != 2 or len(node.args) != 2 or node.kwargs:
+        return False
+    if node.op == "call_function":
+        return node.target in (operator.add, operator.iadd, torch.add)
+    return node.op == "call_method" and node.target in ("add", "add_")
+
+
+def _read_block(
+    module: Any, fork: Any, calls: dict, used: dict, where: str
+) -> tuple[_Block, Any, set]:
+    """The residual block starting where `fork`'s output feeds two paths: (the block, the add
+    node joining them, every node it read)."""
+    users = _users(fork)
+    if len(users) != 2:
+        raise UsageError(
+            f"{where}: {fork.name}: its output feeds {len(users)} operations; threefold reads "
+            "residual blocks, whose input feeds two paths that add"
+        )
+    paths, ends, read = [], [], set()
+    for user in users:
+        steps, previous, node = [], fork, user
+        while len(_tensor_inputs(node)) < 2:  # up to the node joining the paths
+            steps.append(_read_step(module, node, previous, calls, used, where))
+            read.add(node)
+            following = _users(node)
+            if len(following) != 1:
+                raise UsageError(
+                    f"{where}: {node.name} ({_name_of(node)}): inside a residual block its "
+                    "output feeds other than the next layer; a block holds a chain"
+                )
+            previous, node = node, following[0]
+        paths.append(steps)
+        ends.append(node)
+    join = ends[0]
+    if ends[1] is not join or not _is_add(join):
+        raise UsageError(
+            f"{where}: {join.name} ({_name_of(join)}): joins two paths other than by adding "
+            "them; threefold's residual blocks add body and shortcut"
+        )
+    body, shortcut = sorted(paths, key=_shortcut_likeness)
+    read.add(join)
+    block = _Block(join.name, f"{_name_of(join)}(body, shortcut)", body, shortcut)
+    return block, join, read
+
+
+def _shortcut_likeness(steps: list[_Step]) -> tuple[bool, int]:
+    """Sorts a block's body before its shortcut: the identity or a 1x1 conv (and a
+    BatchNorm) is the shortcut, the other path the body."""
+    convs_1x1 = [s for s in steps if isinstance(s.taken, tuple) and s.taken[0] == "conv"]
+    projection = len(convs_1x1) == 1 and convs_1x1[0].taken[1]["kernel"] == 1
+    return (not steps or (projection and len(steps) <= 2)), -len(steps)
 
 
 def _is_size_of(node: Any, current: Any) -> bool:
@@ -202,11 +296,28 @@ def _module_option(sub: Any, name: str) -> Any:
     return value
 
 
-def _entries(steps: list[_Step], where: str) -> tuple[list[Entry], list[tuple[_Step, int | None]]]:
+# Where a step's layer is: (i,) the network's i-th, (i, "body", k) or (i, "shortcut", k) the
+# k-th of its block's body or shortcut; None for a step that is dropped.
+Position = tuple[Any, ...] | None
+
+
+def _entries(
+    steps: list[_Step | _Block], where: str
+) -> tuple[list[Entry], list[tuple[_Step | _Block, Position]]]:
     """The spec's entries from the steps (each labelled with its source), and for each step
-    the index of the entry it became (None: dropped)."""
+    the position of the layer it became; a block's steps before the block's own."""
     entries, placed = [], []
     for position, step in enumerate(steps):
+        if isinstance(step, _Block):
+            index = len(entries)
+            for part in ("body", "shortcut"):
+                inner, inner_placed = _entries(getattr(step, part), where)
+                if part == "body":
+                    body = inner
+                placed += [(s, None if p is None else (index, part, *p)) for s, p in inner_placed]
+            placed.append((step, (index,)))
+            entries.append((f"{step.source}: {step.what}", "res", {"body": body}))
+            continue
         label = f"{step.source}: {step.what}"
         taken = step.taken
         if taken == "reshape":
@@ -226,9 +337,28 @@ def _entries(steps: list[_Step], where: str) -> tuple[list[Entry], list[tuple[_S
         kind, options = taken
         if kind == "dropout2d" and len(step.shape_in) != 3:
             raise UsageError(f"{where}: {label}: Dropout2d on a flat input drops features")
-        placed.append((step, len(entries)))
+        placed.append((step, (len(entries),)))
         entries.append((label, kind, options))
     return entries, placed
+
+
+def _layer_at(layers: tuple[Layer, ...], position: tuple[Any, ...]) -> Layer:
+    layer = layers[position[0]]
+    return layer if len(position) == 1 else getattr(layer, position[1])[position[2]]
+
+
+def _check_shortcut(block: _Block, layer: Residual, where: str) -> None:
+    """The block's shortcut as read must be the one threefold infers for its body."""
+    read = [s.taken for s in block.shortcut if s.taken is not None]
+    inferred = [(kind_of(inner).name, kind_of(inner).options_of(inner)) for inner in layer.shortcut]
+    if read != inferred:
+        shown = ", ".join(s.what for s in block.shortcut) or "the identity"
+        wanted = "-".join(token(inner, every=True) for inner in layer.shortcut) or "the identity"
+        raise UsageError(
+            f"{where}: {block.source}: its shortcut ({shown}) is not the one threefold's blocks "
+            f"take for this body ({wanted}: a 1x1 conv with the body's stride, no bias, "
+            "a BatchNorm where the body has one)"
+        )
 
 
 def _reshape(step: _Step, where: str) -> Taken:
@@ -285,13 +415,17 @@ def from_torch(module: Any, where: str = "module") -> Network:
     arch = get_arch("-".join(token(layer) for layer in layers), where)
     state = module.state_dict()
     mapping, canonical = [], {}
-    for step, index in placed:
-        if index is None:
+    for step, position in placed:
+        if position is None:
             same_loss = "cross-entropy on log-probabilities is the same loss"
             note = same_loss if step.taken == DROP else "changes nothing here"
             mapping.append(Mapped(step.source, step.what, "", note))
             continue
-        layer = arch.layers[index]
+        layer = _layer_at(arch.layers, position)
+        if isinstance(step, _Block):
+            _check_shortcut(step, layer, where)
+            mapping.append(Mapped(step.source, step.what, token(layer, every=True)))
+            continue
         moved = []
         for name in tensors(arch):
             if not name.startswith(f"{layer.name}."):
@@ -300,7 +434,8 @@ def from_torch(module: Any, where: str = "module") -> Network:
             canonical[name] = _numpy(state[theirs])
             moved.append((theirs, name))
         written = token(layer, every=True)
-        mapping.append(Mapped(step.source, step.what, written, tensors=tuple(moved)))
+        block = arch.layers[position[0]].name if len(position) > 1 else ""
+        mapping.append(Mapped(step.source, step.what, written, tensors=tuple(moved), block=block))
     return Network(arch, canonical, tuple(mapping))
 
 

@@ -1,4 +1,4 @@
-"""Users' PyTorch models in: five public models as their authors wrote them (tests/models/),
+"""Users' PyTorch models in: six public models as their authors wrote them (tests/models/),
 each imported, exported back and compared with the original on real test images, proven in
 all three implementations and trained; and every construct threefold cannot compute the
 same way refused in one line naming the submodule."""
@@ -48,6 +48,11 @@ PUBLIC = {
     "dropout2d_gap.py:Net": (
         "conv32k3s1p1b1-relu-conv64k3s1p1b1-relu-maxpool2s2p0-dropout2d0.25-conv128k3s1p1b1-"
         "relu-adaptiveavgpool1-flatten-fc10",
+        False,
+    ),
+    "resnet_basic_block.py:ResNet": (
+        "conv16k3s1p1b0-bn-relu-res(conv16k3s1p1b0-bn-relu-conv16k3s1p1b0-bn)-relu-"
+        "res(conv32k3s2p1b0-bn-relu-conv32k3s1p1b0-bn)-relu-adaptiveavgpool1-flatten-fc10",
         False,
     ),
     "keras_simple_convnet.py:build": (
@@ -113,9 +118,8 @@ def test_a_public_model_is_proven_in_all_three(name, real_data):
     )
     assert report.passed and len(report.results) > 250
     assert report.first_divergence is None
-    assert set(report.worst_by_layer()) <= {*(lay.name for lay in report.network.arch.layers)} | {
-        "loss"
-    }
+    layers = {node.layer.name for node in report.network.arch.nodes}
+    assert set(report.worst_by_layer()) <= layers | {"loss"}
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -256,9 +260,24 @@ def head(channels: int = 4, size: int = 26 * 26):
     return nn.Sequential(nn.Flatten(), nn.Linear(channels * size, 10))
 
 
-def _residual(m, x):
+def _relu_plus_input(m, x):
     y = m.conv(x)
     return m.fc(torch.flatten(F.relu(y) + y, 1))
+
+
+def _concatenated(m, x):
+    y = m.conv(x)
+    return m.fc(torch.flatten(torch.cat([F.relu(y), y], 1), 1))
+
+
+def _projection_with_bias(m, x):
+    y = m.conv(x)
+    return m.fc(torch.flatten(m.main(y) + m.side(y), 1))
+
+
+def _three_paths(m, x):
+    y = m.conv(x)
+    return m.fc(torch.flatten(F.relu(y) + torch.tanh(y) + y, 1))
 
 
 def _data_dependent(m, x):
@@ -327,9 +346,23 @@ REFUSED = {
         ),
         "max_pool2d: F.max_pool2d(ceil_mode=True)",
     ),
-    "residual": (
-        Chain(_residual, conv=nn.Conv2d(1, 4, 3), fc=nn.Linear(4 * 26 * 26, 10)),
-        "add (add): takes several tensors; threefold's networks are chains",
+    "concatenated paths": (
+        Chain(_concatenated, conv=nn.Conv2d(1, 4, 3), fc=nn.Linear(8 * 26 * 26, 10)),
+        "cat (cat): joins two paths other than by adding them",
+    ),
+    "projection with a bias": (
+        Chain(
+            _projection_with_bias,
+            conv=nn.Conv2d(1, 4, 3),
+            main=nn.Conv2d(4, 8, 3, 2, 1),
+            side=nn.Conv2d(4, 8, 1, 2),
+            fc=nn.Linear(8 * 13 * 13, 10),
+        ),
+        "add: its shortcut (Conv2d(4, 8, kernel_size=(1, 1), stride=(2, 2))) is not the one",
+    ),
+    "three paths": (
+        Chain(_three_paths, conv=nn.Conv2d(1, 4, 3), fc=nn.Linear(4 * 26 * 26, 10)),
+        "conv: its output feeds 3 operations; threefold reads residual blocks",
     ),
     "data-dependent forward": (
         Chain(_data_dependent, fc=nn.Linear(784, 10)),
@@ -360,6 +393,18 @@ REFUSED = {
         "1.weight: torch.float16; threefold computes in float32/64",
     ),
 }
+
+
+def test_a_block_written_as_a_functional_add_is_read_as_one():
+    """relu(y) + y: y feeds a ReLU and the add, a block whose body is the ReLU."""
+    module = Chain(_relu_plus_input, conv=nn.Conv2d(1, 4, 3), fc=nn.Linear(4 * 26 * 26, 10))
+    network = threefold.from_torch(module)
+    assert network.spec == "conv4k3s1p0b1-res(relu)-flatten-fc10"
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            threefold.to_torch(network)(x).numpy(), module(x).numpy(), rtol=1e-6, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("construct", REFUSED)
