@@ -5,15 +5,18 @@ taken, and the input scaling it expects; and the ways out of it (PyTorch, ONNX, 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from shared.checkpoint import load_checkpoint
 from shared.data import get_dataset_spec
 from shared.errors import UsageError
-from shared.kinds import token
+from shared.kinds import kind_of, token
+from shared.layers import Residual
 from shared.spec import Arch, Params, get_arch, tensors
 
 
@@ -88,6 +91,34 @@ class Network:
 
         write_safetensors(Path(path), self.tensors, self.standardise, self.arch.name)
         return Path(path)
+
+
+def body_and_shortcut(paths: list[list], taken: Callable[[Any], Any]) -> tuple[list, list]:
+    """The two paths an importer read from a block's fork to its add, as (body, shortcut):
+    the shortcut is the identity, or a path of at most two operations with one 1x1 conv (the
+    longer path where both could be). `taken(step)` is a step's (kind, options) or None."""
+
+    def could_be_shortcut(path: list) -> bool:
+        read = [t for t in map(taken, path) if isinstance(t, tuple)]
+        convs = [options for kind, options in read if kind == "conv"]
+        return not path or (len(path) <= 2 and len(convs) == 1 and convs[0]["kernel"] == 1)
+
+    body, shortcut = sorted(paths, key=lambda path: (could_be_shortcut(path), -len(path)))
+    return body, shortcut
+
+
+def check_shortcut(read: list, shown: str, block: Residual, where: str) -> None:
+    """A residual block's shortcut as an importer read it (each operation's (kind, options),
+    None for one that changes nothing; `shown` as the source writes them) must be the one
+    threefold infers for the block's body; else one line starting with `where`."""
+    inferred = [(kind_of(inner).name, kind_of(inner).options_of(inner)) for inner in block.shortcut]
+    if [taken for taken in read if taken is not None] != inferred:
+        wanted = "-".join(token(layer, every=True) for layer in block.shortcut) or "the identity"
+        raise UsageError(
+            f"{where}: its shortcut ({shown or 'the identity'}) is not the one threefold's "
+            f"blocks take for this body ({wanted}: a 1x1 conv with the body's stride, no "
+            "bias, a BatchNorm where the body has one)"
+        )
 
 
 def identity_mapping(arch: Arch) -> tuple[Mapped, ...]:

@@ -21,7 +21,7 @@ from shared.errors import UsageError
 from shared.io import regular_file
 from shared.kinds import token
 from shared.layers import INPUT_SHAPE
-from shared.network import Mapped, Network
+from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
 from shared.onnx_export import ADAPTIVE, CHANNELWISE
 from shared.spec import MAX_LAYERS, Arch, Entry, Params, build_layers, get_arch, tensors
 from shared.torch_ops import Refused
@@ -45,6 +45,18 @@ class _Step:
     taken: tuple[str, dict[str, Any]] | None  # None: dropped (an identity, a final LogSoftmax)
     reads: list[tuple[str, str]]
     note: str = ""
+
+
+@dataclass
+class _Block:
+    """A residual block: where a value feeds two chains of nodes that an Add of the two joins
+    (`shortcut` empty for the identity)."""
+
+    source: str
+    what: str
+    body: list[_Step]
+    shortcut: list[_Step]
+    taken: str = "res"
 
 
 def from_onnx(path: str | Path, where: str = "--arch") -> Network:
@@ -219,34 +231,41 @@ def _attributes(node) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _steps(nodes: list, initialisers: dict, current: str, graph, label: str) -> list[_Step]:
-    """The chain of nodes, each taking the one before's output (and constants)."""
+def _steps(
+    nodes: list, initialisers: dict, current: str, graph, label: str, chain: bool = False
+) -> list[_Step | _Block]:
+    """The chain of nodes, each taking the one before's output (and constants); where a value
+    feeds two chains that an Add joins, a residual block of them. A `chain` is a block's
+    path, which need not end at a graph output."""
     steps, index = [], 0
     used_later = {name for n in nodes for name in n.input}
     outputs = {o.name for o in graph.output}
     while index < len(nodes):
         node = nodes[index]
         where = f"{label}: {_name(node, index)} ({node.op_type})"
+        takers = [n for n in nodes[index:] if current in n.input]
+        if len(takers) > 1:
+            block, index = _block(nodes, index, initialisers, current, graph, label)
+            steps.append(block)
+            current = nodes[index].output[0]
+            index += 1
+            continue
         if not node.input or node.input[0] != current:
             raise UsageError(
                 f"{where}: does not take the previous node's output; threefold reads chains"
             )
         for extra in node.input[1:]:
-            if extra and extra not in initialisers and node.op_type == "Add":
-                raise UsageError(
-                    f"{where}: adds two computed values (a residual block); threefold reads "
-                    "blocks from PyTorch modules (from_torch), ONNX graphs only as chains"
-                )
             if extra and extra not in initialisers:
                 raise UsageError(
-                    f"{where}: input {extra} is computed, not a constant; threefold reads chains"
+                    f"{where}: input {extra} is computed, not a constant; threefold reads chains "
+                    "and residual blocks (a value feeding two chains that an Add joins)"
                 )
         for extra in node.output[1:]:
             if extra and (extra in used_later or extra in outputs):
                 raise UsageError(
                     f"{where}: its output {extra} is used; threefold's layers give one output"
                 )
-        last = index == len(nodes) - 1
+        last = index == len(nodes) - 1 and not chain
         if node.op_type == "MatMul" and not last and nodes[index + 1].op_type == "Add":
             steps.append(_matmul_add(node, nodes[index + 1], initialisers, where, index))
             index += 1
@@ -254,9 +273,51 @@ def _steps(nodes: list, initialisers: dict, current: str, graph, label: str) -> 
             steps.append(_take(node, initialisers, where, _name(node, index), last))
         current = nodes[index].output[0]
         index += 1
-    if current not in outputs:
+    if not chain and current not in outputs:
         raise UsageError(f"{label}: the chain's last value {current} is not a graph output")
     return steps
+
+
+def _block(
+    nodes: list, index: int, initialisers: dict, fork: str, graph, label: str
+) -> tuple[_Block, int]:
+    """The residual block from nodes[index], where `fork` feeds two chains: (the block, the
+    index of the Add joining them)."""
+    join = next(
+        (
+            i
+            for i in range(index, len(nodes))
+            if nodes[i].op_type == "Add" and not set(nodes[i].input) & set(initialisers)
+        ),
+        None,
+    )
+    if join is None:
+        raise UsageError(
+            f"{label}: {fork} feeds several nodes that no Add joins; threefold reads residual "
+            "blocks, whose input feeds two chains that add"
+        )
+    add, inside = nodes[join], nodes[index:join]
+    paths = []
+    for start in add.input:  # each path traced back from the Add to the fork
+        path, value = [], start
+        while value != fork:
+            node = next((n for n in inside if n.output and n.output[0] == value), None)
+            if node is None:
+                raise UsageError(
+                    f"{label}: {_name(add, join)} (Add): adds {value}, which the chain from "
+                    f"{fork} does not compute; a residual block adds two paths from one input"
+                )
+            path.insert(0, node)
+            value = node.input[0]
+        paths.append(path)
+    if len(paths[0]) + len(paths[1]) != len(inside):
+        raise UsageError(
+            f"{label}: {_name(add, join)} (Add): nodes between {fork} and it are on neither "
+            "path; a residual block holds two chains"
+        )
+    read = [_steps(path, initialisers, fork, graph, label, chain=True) for path in paths]
+    body, shortcut = body_and_shortcut(read, lambda step: step.taken)
+    return _Block(_name(add, join), "Add(body, shortcut)", body, shortcut), join
 
 
 def _require(attributes: dict, name: str, allowed: tuple, why: str) -> None:
@@ -499,6 +560,11 @@ def _resolve_shapes(steps: list[_Step]) -> list[Entry]:
     wrong number of features shows as the next fc's weight of the wrong shape.)"""
     entries: list[Entry] = []
     for step in steps:
+        if isinstance(step, _Block):
+            entries.append(
+                (f"{step.source}: {step.what}", "res", {"body": _resolve_shapes(step.body)})
+            )
+            continue
         if step.taken is None:
             continue
         kind, options = step.taken
@@ -512,18 +578,51 @@ def _resolve_shapes(steps: list[_Step]) -> list[Entry]:
     return entries
 
 
-def _tensors(arch: Arch, steps: list[_Step], initialisers: dict, label: str):
+def _tensors(arch: Arch, steps: list[_Step | _Block], initialisers: dict, label: str):
     """(the canonical tensors, the mapping): each step's initialisers checked against its
     layer's tensors (shape before data, then the values)."""
     expected = tensors(arch)
     params: Params = {}
-    mapping = []
-    layers = iter(arch.layers)
+    mapping: list[Mapped] = []
+    _map(steps, iter(arch.layers), expected, initialisers, label, params, mapping, "")
+    return {name: params[name] for name in expected}, mapping
+
+
+def _map(steps, layers, expected, initialisers, label, params, mapping, block: str) -> None:
+    """Each step's layer, taken in turn from `layers`, its tensors into `params` and its row
+    into `mapping` (`block`: the block the steps are inside); a block's layers first."""
     for step in steps:
         if step.taken is None:
-            mapping.append(Mapped(step.source, step.what, "", step.note))
+            mapping.append(Mapped(step.source, step.what, "", step.note, block=block))
             continue
         layer = next(layers)
+        if isinstance(step, _Block):
+            _map(
+                step.body,
+                iter(layer.body),
+                expected,
+                initialisers,
+                label,
+                params,
+                mapping,
+                layer.name,
+            )
+            read = [s.taken for s in step.shortcut]
+            check_shortcut(
+                read, ", ".join(s.what for s in step.shortcut), layer, f"{label}: {step.source}"
+            )
+            _map(
+                step.shortcut,
+                iter(layer.shortcut),
+                expected,
+                initialisers,
+                label,
+                params,
+                mapping,
+                layer.name,
+            )
+            mapping.append(Mapped(step.source, step.what, token(layer, every=True)))
+            continue
         moved = []
         for name, suffix in step.reads:
             ours = f"{layer.name}.{suffix.removesuffix('.T')}"
@@ -534,8 +633,7 @@ def _tensors(arch: Arch, steps: list[_Step], initialisers: dict, label: str):
             if ours.startswith(f"{layer.name}.") and tensor.counter:
                 params[ours] = np.zeros(tensor.shape, np.int64)  # not in ONNX: no step taken
         written = token(layer, every=True)
-        mapping.append(Mapped(step.source, step.what, written, tensors=tuple(moved)))
-    return {name: params[name] for name in expected}, mapping
+        mapping.append(Mapped(step.source, step.what, written, tensors=tuple(moved), block=block))
 
 
 def _array(tensor, expected, transposed: bool, where: str) -> np.ndarray:

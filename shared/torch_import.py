@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from shared.errors import UsageError
-from shared.kinds import kind_of, token
-from shared.layers import INPUT_SHAPE, Layer, Residual
-from shared.network import Mapped, Network
+from shared.kinds import token
+from shared.layers import INPUT_SHAPE, Layer
+from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
 from shared.spec import Arch, Entry, Params, build_layers, get_arch, tensors
 from shared.torch_ops import DROP, METHODS, MODULES, RESHAPES, Refused, Taken, bind, functions
 
@@ -217,18 +217,10 @@ def _read_block(
             f"{where}: {join.name} ({_name_of(join)}): joins two paths other than by adding "
             "them; threefold's residual blocks add body and shortcut"
         )
-    body, shortcut = sorted(paths, key=_shortcut_likeness)
+    body, shortcut = body_and_shortcut(paths, lambda step: step.taken)
     read.add(join)
     block = _Block(join.name, f"{_name_of(join)}(body, shortcut)", body, shortcut)
     return block, join, read
-
-
-def _shortcut_likeness(steps: list[_Step]) -> tuple[bool, int]:
-    """Sorts a block's body before its shortcut: the identity or a 1x1 conv (and a
-    BatchNorm) is the shortcut, the other path the body."""
-    convs_1x1 = [s for s in steps if isinstance(s.taken, tuple) and s.taken[0] == "conv"]
-    projection = len(convs_1x1) == 1 and convs_1x1[0].taken[1]["kernel"] == 1
-    return (not steps or (projection and len(steps) <= 2)), -len(steps)
 
 
 def _is_size_of(node: Any, current: Any) -> bool:
@@ -347,20 +339,6 @@ def _layer_at(layers: tuple[Layer, ...], position: tuple[Any, ...]) -> Layer:
     return layer if len(position) == 1 else getattr(layer, position[1])[position[2]]
 
 
-def _check_shortcut(block: _Block, layer: Residual, where: str) -> None:
-    """The block's shortcut as read must be the one threefold infers for its body."""
-    read = [s.taken for s in block.shortcut if s.taken is not None]
-    inferred = [(kind_of(inner).name, kind_of(inner).options_of(inner)) for inner in layer.shortcut]
-    if read != inferred:
-        shown = ", ".join(s.what for s in block.shortcut) or "the identity"
-        wanted = "-".join(token(inner, every=True) for inner in layer.shortcut) or "the identity"
-        raise UsageError(
-            f"{where}: {block.source}: its shortcut ({shown}) is not the one threefold's blocks "
-            f"take for this body ({wanted}: a 1x1 conv with the body's stride, no bias, "
-            "a BatchNorm where the body has one)"
-        )
-
-
 def _reshape(step: _Step, where: str) -> Taken:
     """A view or reshape that flattens each image (x.view(x.size(0), -1)) or changes nothing."""
     if step.shape_out == step.shape_in:
@@ -423,7 +401,10 @@ def from_torch(module: Any, where: str = "module") -> Network:
             continue
         layer = _layer_at(arch.layers, position)
         if isinstance(step, _Block):
-            _check_shortcut(step, layer, where)
+            shown = ", ".join(s.what for s in step.shortcut)
+            check_shortcut(
+                [s.taken for s in step.shortcut], shown, layer, f"{where}: {step.source}"
+            )
             mapping.append(Mapped(step.source, step.what, token(layer, every=True)))
             continue
         moved = []
