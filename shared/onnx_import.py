@@ -597,30 +597,22 @@ def _map(steps, layers, expected, initialisers, label, params, mapping, block: s
             continue
         layer = next(layers)
         if isinstance(step, _Block):
-            _map(
-                step.body,
-                iter(layer.body),
-                expected,
-                initialisers,
-                label,
-                params,
-                mapping,
-                layer.name,
-            )
             read = [s.taken for s in step.shortcut]
             check_shortcut(
                 read, ", ".join(s.what for s in step.shortcut), layer, f"{label}: {step.source}"
             )
-            _map(
-                step.shortcut,
-                iter(layer.shortcut),
-                expected,
-                initialisers,
-                label,
-                params,
-                mapping,
-                layer.name,
-            )
+            for part in ("body", "shortcut"):
+                inner = iter(getattr(layer, part))
+                _map(
+                    getattr(step, part),
+                    inner,
+                    expected,
+                    initialisers,
+                    label,
+                    params,
+                    mapping,
+                    layer.name,
+                )
             mapping.append(Mapped(step.source, step.what, token(layer, every=True)))
             continue
         moved = []
