@@ -18,5 +18,5 @@ command -v "$python" >/dev/null || python=python3
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 echo "setup: installing the project into .venv"
 # torch is pinned to the CPU build on local disk (see pyproject.toml).
-.venv/bin/pip install -q --disable-pip-version-check -e '.[dev,onnx]' 2>&1 | grep -v "is ignored: it is neither" || true
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev,onnx,cluster]' 2>&1 | grep -v "is ignored: it is neither" || true
 .venv/bin/python -c "import numpy, jax, optax, torch, onnx, onnxruntime, safetensors" || { echo "setup: install failed" >&2; exit 1; }

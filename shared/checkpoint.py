@@ -14,6 +14,7 @@ hostile file costs a bounded amount of memory and time and fails in one line.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -91,6 +92,17 @@ class Checkpoint:
         """How the run's network takes its images ("standardised" or "raw"; runs from before
         the choice existed standardised them)."""
         return self.meta.get("config", {}).get("pixels", "standardised")
+
+
+def params_digest(params: Params) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes in name order: equal exactly
+    when the weights are bit-identical, wherever they were trained."""
+    digest = hashlib.sha256()
+    for name in sorted(params):
+        value = np.ascontiguousarray(params[name])
+        digest.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def save_checkpoint(

@@ -29,3 +29,8 @@ class Interrupted(ThreefoldError):
     def __init__(self, message: str, signal_number: int = 2):
         super().__init__(message)
         self.exit_code = 128 + signal_number
+
+
+class GridFailed(ThreefoldError):
+    """Runs of a grid failed; the others finished and are kept, and the message names each
+    failed run and what stopped it."""

@@ -5,21 +5,17 @@ written to docs/EXPERIMENTS.md with learning curves (shared/experiments_report.p
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
-import datetime
-import json
 import statistics
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import add_impl_flag, run_cli
+from shared.cli import add_engine_flags, add_impl_flag, engine_of, run_cli
 from shared.config import TrainConfig
 from shared.data import Dataset, load_dataset
-from shared.errors import DataError, UsageError
+from shared.errors import UsageError
 from shared.experiments_report import (
     load_results,
     plot_comparison,
@@ -27,7 +23,8 @@ from shared.experiments_report import (
     spread_of,
     write_report,
 )
-from shared.io import read_json, write_json
+from shared.grid import LOCAL, Engine, RunStore, run_grid
+from shared.io import write_json
 from shared.lab_questions import AGREEMENT, SHORT, STRONG, comparisons, seed_row_label
 from shared.loop import train
 from shared.outputs import hold, prepare_out_dir
@@ -42,71 +39,14 @@ QUICK = dict(
 )
 
 
-class RunStore:
-    """Finished runs' summaries, keyed by their whole configuration, in a JSON file beside the
-    results: an interrupted experiments run resumes where it stopped, a rerun trains only
-    what is new, and each run says when and from which commit it was trained."""
-
-    def __init__(self, path: Path | None, fresh: bool = False):
-        self.path = path
-        self.runs: dict[str, dict] = {}
-        if path is not None and not fresh and path.is_file():
-            try:
-                runs = read_json(path)["runs"]
-                if not all(_a_share(r["summary"]["test_acc"]) for r in runs.values()):
-                    raise TypeError("a run without a test accuracy")
-                self.runs = runs
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise DataError(
-                    f"{path}: damaged or not threefold's runs ({type(e).__name__}: {e}); "
-                    "move it away or pass --fresh"
-                ) from None
-
-    @staticmethod
-    def key(config: TrainConfig) -> str:
-        return json.dumps(dataclasses.asdict(config), sort_keys=True)
-
-    def run(self, config: TrainConfig, data: Dataset) -> dict:
-        """The summary of `config`'s run, training it unless already stored."""
-        key = self.key(config)
-        if key not in self.runs:
-            record = train(config, data, log=lambda _: None)
-            self.runs[key] = {"summary": summary(record), "trained": checkout_label()}
-            if self.path is not None:
-                write_json(self.path, {"runs": self.runs})
-        return self.runs[key]["summary"]
-
-    def provenance(self) -> dict[str, int]:
-        """How many stored runs each (date, commit) trained."""
-        return dict(collections.Counter(r["trained"] for r in self.runs.values()))
+def variant_config(base: TrainConfig, changes: dict[str, Any], impl: str) -> TrainConfig:
+    """The configuration of one (variant, implementation)."""
+    return dataclasses.replace(base, impl=impl, **changes)
 
 
-def _a_share(value: object) -> bool:
-    """Whether a stored accuracy is one: a finite float in [0, 1] (JSON may hold NaN)."""
-    return isinstance(value, float) and 0.0 <= value <= 1.0
-
-
-def checkout_label() -> str:
-    """Today's date and the checkout's commit, as far as git can tell."""
-    date = datetime.datetime.now(datetime.UTC).date().isoformat()
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{date} {commit or 'outside git'}"
-
-
-def run_variant(
-    base: TrainConfig, changes: dict[str, Any], impl: str, data: Dataset, store: RunStore
-) -> dict:
-    """The summary of one (variant, implementation): the stored one or a new run."""
-    return store.run(dataclasses.replace(base, impl=impl, **changes), data)
+def trained_summary(config: TrainConfig, data: Dataset) -> dict:
+    """A grid's task: train `config`, keep its summary."""
+    return summary(train(config, data, log=lambda _: None))
 
 
 def summary(record: dict) -> dict:
@@ -116,6 +56,7 @@ def summary(record: dict) -> dict:
         "val_acc": history[-1]["val_acc"],
         "epoch_seconds": statistics.median(h["epoch_seconds"] for h in history),
         "val_curve": [h["val_acc"] for h in history],
+        "params_sha256": record["params_sha256"],
     }
 
 
@@ -132,38 +73,51 @@ def run_experiments(
     command: str = "python scripts/experiments.py",
     fresh: bool = False,
     progress: Callable[[str], None] = print,
+    engine: Engine = LOCAL,
 ) -> dict:
-    """Run every comparison and the seed repeats, write EXPERIMENTS.md, plots and JSON into
-    `out` (plots and finished runs under out/experiments/; runs stored there are reused
-    unless `fresh`). Returns all results."""
+    """Run every comparison and the seed repeats on `engine`, write EXPERIMENTS.md, plots and
+    JSON into `out` (plots and finished runs under out/experiments/; runs stored there are
+    reused unless `fresh`). Returns all results."""
     base = base or TrainConfig()
     short = SHORT if short is None else short
     figures = out / "experiments"
     figures.mkdir(parents=True, exist_ok=True)
     store = RunStore(figures / "runs.json", fresh)
-    tables = []
-    for comp in comparisons(base.epochs, budgets, lab_batch, short):
-        results: dict[str, dict[str, dict]] = {}
+    comps = comparisons(base.epochs, budgets, lab_batch, short)
+    # Each comparison's cells, then each seed row's: (table, row, impl) -> configurations.
+    cells: dict[tuple[str, str, str], list[TrainConfig]] = {}
+    for comp in comps:
         for variant in comp.variants:
             for impl in impls:
-                progress(f"{comp.title}: {variant.label} | {impl}")
-                changes = {**comp.budget, **variant.changes}
-                results.setdefault(variant.label, {})[impl] = run_variant(
-                    base, changes, impl, data, store
-                )
-        slug = comp.title.lower().replace(" ", "-")
-        plot_comparison(comp.title, results, figures / f"{slug}.png")
-        tables.append((comp, results, f"experiments/{slug}.png"))
-    seeds_table = {}
+                config = variant_config(base, {**comp.budget, **variant.changes}, impl)
+                cells[comp.title, variant.label, impl] = [config]
     for arch, budget in (("lab", {}), ("pool", {}), (STRONG, {}), (STRONG, short)):
         row = seed_row_label(arch, budget)
         for impl in impls:
-            accs = []
-            for seed in seeds if impl != "numpy" else seeds[:1]:
-                progress(f"Seeds: {row} | {impl} | seed {seed}")
-                changes = {**budget, "arch": arch, "seed": seed}
-                accs.append(run_variant(base, changes, impl, data, store)["test_acc"])
-            seeds_table[(row, impl)] = accs
+            cells["Seeds", row, impl] = [
+                variant_config(base, {**budget, "arch": arch, "seed": seed}, impl)
+                for seed in (seeds if impl != "numpy" else seeds[:1])
+            ]
+    grid = {
+        config: f"{title}: {row} | {impl}" + (f" | seed {config.seed}" if title == "Seeds" else "")
+        for (title, row, impl), configs in cells.items()
+        for config in configs
+    }
+    run_grid(trained_summary, grid, data, store, engine, progress)
+    tables = []
+    for comp in comps:
+        results = {
+            v.label: {i: store.summary(cells[comp.title, v.label, i][0]) for i in impls}
+            for v in comp.variants
+        }
+        slug = comp.title.lower().replace(" ", "-")
+        plot_comparison(comp.title, results, figures / f"{slug}.png")
+        tables.append((comp, results, f"experiments/{slug}.png"))
+    seeds_table = {
+        (row, impl): [store.summary(c)["test_acc"] for c in configs]
+        for (title, row, impl), configs in cells.items()
+        if title == "Seeds"
+    }
     saved = {
         "base": dataclasses.asdict(base),
         "short": short,
@@ -182,7 +136,7 @@ def run_experiments(
         write_report(out, report_text(saved))
 
     save()  # before the recheck too, so that stopping it loses no finished table
-    saved["float64"] = recheck_in_float64(data, saved, progress, store)
+    saved["float64"] = recheck_in_float64(data, saved, progress, store, engine)
     save()
     return {"tables": tables, "seeds": seeds_table}
 
@@ -192,24 +146,31 @@ def recheck_in_float64(
     saved: dict,
     progress: Callable[[str], None] = print,
     store: RunStore | None = None,
+    engine: Engine = LOCAL,
 ) -> dict[str, dict[str, float]]:
     """Train again, in float64, every row whose implementations' test accuracies differ by
     more than AGREEMENT: float32 drift vanishes there, a real difference would not.
     -> {"title / label": {impl: test accuracy}}."""
     base = dataclasses.replace(TrainConfig(**saved["base"]), dtype="float64")
     store = store or RunStore(None)
-    rechecked = {}
-    for title, rows in saved["comparisons"].items():
-        for label, by_impl in rows.items():
-            if spread_of({i: s["test_acc"] for i, s in by_impl.items()}) <= AGREEMENT:
-                continue
-            changes = saved["variants"][title][label]
-            accs = {}
-            for impl in by_impl:
-                progress(f"Agreement in float64: {title} / {label} | {impl}")
-                accs[impl] = run_variant(base, changes, impl, data, store)["test_acc"]
-            rechecked[f"{title} / {label}"] = accs
-    return rechecked
+    rows = {
+        f"{title} / {label}": {
+            impl: variant_config(base, saved["variants"][title][label], impl) for impl in by_impl
+        }
+        for title, table in saved["comparisons"].items()
+        for label, by_impl in table.items()
+        if spread_of({i: s["test_acc"] for i, s in by_impl.items()}) > AGREEMENT
+    }
+    grid = {
+        config: f"Agreement in float64: {row} | {impl}"
+        for row, configs in rows.items()
+        for impl, config in configs.items()
+    }
+    run_grid(trained_summary, grid, data, store, engine, progress)
+    return {
+        row: {impl: store.summary(config)["test_acc"] for impl, config in configs.items()}
+        for row, configs in rows.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,9 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         help="train again in float64 the rows of OUT/experiments/results.json whose "
         "implementations differ by more than 0.3 points, then rewrite EXPERIMENTS.md",
     )
+    add_engine_flags(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:
+        engine = engine_of(args)
         rerender = args.render_only or args.recheck_float64
         out = args.out or Path("runs/experiments-quick" if args.quick else "docs")
         results = out / "experiments" / "results.json"
@@ -263,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         out = prepare_out_dir(out)
         with hold(out):  # one grid at a time writes its run store and report
             if rerender:
-                return _rerender(args, out, data)
+                return _rerender(args, out, data, engine)
             command = "python scripts/experiments.py" + (" --quick" if args.quick else "")
             run_experiments(
                 data,
@@ -271,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                 impls=tuple(args.impl or IMPLEMENTATIONS),
                 command=command,
                 fresh=args.fresh,
-                progress=lambda s: print(s, flush=True),
+                progress=_say,
+                engine=engine,
                 **(QUICK if args.quick else {}),
             )
         print(f"wrote {out / 'EXPERIMENTS.md'} and {out / 'experiments'}/")
@@ -280,14 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(parser, body)
 
 
-def _rerender(args: argparse.Namespace, out: Path, data: Dataset | None) -> int:
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _rerender(args: argparse.Namespace, out: Path, data: Dataset | None, engine: Engine) -> int:
     """--render-only: EXPERIMENTS.md again from the saved results; --recheck-float64: first
     train again in float64 the rows whose implementations disagree."""
     path = out / "experiments" / "results.json"
     saved, report = load_results(path)
     if args.recheck_float64:
         store = RunStore(path.parent / "runs.json", args.fresh)
-        saved["float64"] = recheck_in_float64(data, saved, lambda s: print(s, flush=True), store)
+        saved["float64"] = recheck_in_float64(data, saved, _say, store, engine)
         saved["trained"] = store.provenance()
         write_json(path, saved)
         report = report_text(saved)

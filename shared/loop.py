@@ -21,7 +21,7 @@ from tqdm import tqdm
 from shared import metrics
 from shared.backend import Backend, TrainState, batched_logits, make_backend
 from shared.batches import Batch, num_batches, training_batches
-from shared.checkpoint import Checkpoint, save_checkpoint
+from shared.checkpoint import Checkpoint, params_digest, save_checkpoint
 from shared.config import (
     TrainConfig,
     averages_mirrors,
@@ -438,6 +438,7 @@ def finish_run(run: Run) -> None:
     """The test metrics into the record; with an out_dir, metrics.json and curves.png."""
     try:
         run.record["test"] = evaluate_test_set(run.backend, run.state, run.data, run.tta)
+        run.record["params_sha256"] = params_digest(run.backend.params(run.state))
         _finite({"loss": run.record["test"]["loss"]}, "the test", run.config.epochs, run.config)
         if run.out_dir is not None:
             write_json(run.out_dir / METRICS_NAME, run.record)

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import resource
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import add_impl_flag, positive_int, run_cli
+from shared.cli import add_engine_flags, add_impl_flag, engine_of, positive_int, run_cli
 from shared.config import FAST_RECIPE, STRONG_FAST_RECIPE, TrainConfig
 from shared.data import Dataset, load_dataset
+from shared.grid import LOCAL, Engine, RunStore, run_grid
 from shared.io import atomic_write, write_json
 from shared.loop import train, train_split
 from shared.outputs import hold, prepare_out_dir
@@ -60,18 +59,6 @@ RACES = {
 }
 # --quick: the same code on 2,000 images, for tests.
 QUICK = {"limit": 2000, "seeds": 2, "epochs": {"fast": 1, "defaults": 2}}
-
-
-def cpu_name() -> str:
-    """The processor's model name as `lscpu` gives it (timings are only comparable on one)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    name = fields.get("Model name", "unknown CPU").strip()
-    family, model = fields.get("CPU family", "?").strip(), fields.get("Model", "?").strip()
-    return f"{name} (family {family}, model {model}), {fields.get('CPU(s)', '?').strip()} CPUs"
 
 
 def quick_images(data: Dataset, quick: bool) -> int | None:
@@ -112,6 +99,9 @@ def timed_run(config: TrainConfig, data: Dataset) -> dict[str, Any]:
         # Building the backend, the initial weights, moving the data in.
         "setup_seconds": wall - training - validation - compile_seconds - test_seconds,
         "config": dataclasses.asdict(config),
+        "params_sha256": record["params_sha256"],
+        # The peak of the process that trained it: with the local engine, of every run so far.
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
@@ -217,53 +207,62 @@ def run_speedrun(
     seeds: int,
     quick: bool,
     progress=print,
+    engine: Engine = LOCAL,
+    fresh: bool = False,
 ) -> list[dict]:
     """Train the defaults once (where the race has them) and the fast recipe `seeds` times per
-    implementation; the results so far are written after every run, so an interrupted
-    speedrun keeps them."""
-    cpu = cpu_name()
-    runs: list[dict] = []
-
-    def save(done: bool) -> list[dict]:
-        summary = [summarize(race, runs, impl) for impl in impls] if done else []
-        write_json(
-            out / "speedrun.json",
-            {
-                "cpu": cpu,
-                "arch": race.arch,
-                "fast": race.fast,
-                "quick": quick,
-                "complete": done,
-                # All three frameworks in this one process: its peak bounds each run's.
-                "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "summary": summary,
-                "runs": runs,
-            },
-        )
-        return summary
-
-    for impl in impls:
-        plan = [("defaults", 0)] if race.has_defaults else []
-        plan += [("fast", seed) for seed in range(seeds)]
-        for recipe, seed in plan:
-            config = recipe_config(race, impl, recipe, seed, quick_images(data, quick))
-            run = {"recipe": recipe, **timed_run(config, data)}
-            runs.append(run)
-            save(done=False)
-            progress(
-                f"{impl:5} {recipe:8} seed {seed}: test {100 * run['test_acc']:.2f}% after "
-                f"{run['train_seconds']:.1f} s of training"
-            )
-    summary = save(done=True)
-    text = report(race, cpu, quick, seeds, summary)
+    implementation on `engine`. Finished runs are kept in out/runs.json as they end, so an
+    interrupted speedrun resumes with the runs it lacks (all again with `fresh`)."""
+    plan = [
+        (recipe, recipe_config(race, impl, recipe, seed, quick_images(data, quick)))
+        for impl in impls
+        for recipe, seed in ([("defaults", 0)] if race.has_defaults else [])
+        + [("fast", seed) for seed in range(seeds)]
+    ]
+    store = RunStore(out / "runs.json", fresh)
+    grid = {config: f"{config.impl:5} {recipe:8} seed {config.seed}" for recipe, config in plan}
+    run_grid(timed_run, grid, data, store, engine, progress)
+    runs = [
+        {"recipe": recipe, **store.summary(config), **machine_of(store.runs[store.key(config)])}
+        for recipe, config in plan
+    ]
+    machines = sorted({(r["cpu"], r["cores"]) for r in runs})
+    summary = [summarize(race, runs, impl) for impl in impls]
+    write_json(
+        out / "speedrun.json",
+        {
+            "machines": [{"cpu": cpu, "cores": cores} for cpu, cores in machines],
+            "arch": race.arch,
+            "fast": race.fast,
+            "quick": quick,
+            "engine": engine.name,
+            "peak_mb": max(r["peak_mb"] for r in runs),
+            "summary": summary,
+            "runs": runs,
+        },
+    )
+    text = report(race, machines, quick, seeds, summary, engine)
     atomic_write(out / "speedrun.md", lambda f: f.write((text + "\n").encode()))
-    plot(race, runs, out / "speedrun.png", f"{race.arch} network, time to accuracy ({cpu})")
+    where = "; ".join(cpu for cpu, _ in machines)
+    plot(race, runs, out / "speedrun.png", f"{race.arch} network, time to accuracy ({where})")
     progress("\n" + text)
     return summary
 
 
-def report(race: Race, cpu: str, quick: bool, seeds: int, summary: list[dict]) -> str:
-    """speedrun.md: the command, the machine, the recipe, and the table."""
+def machine_of(stored: dict) -> dict[str, Any]:
+    """The processor and the cores a stored run trained on."""
+    return {"cpu": stored["cpu"], "cores": stored["cores"]}
+
+
+def report(
+    race: Race,
+    machines: list[tuple[str, int]],
+    quick: bool,
+    seeds: int,
+    summary: list[dict],
+    engine: Engine = LOCAL,
+) -> str:
+    """speedrun.md: the command, the machines and cores a run had, the recipe, the table."""
     defaults = (
         f"{QUICK['epochs']['defaults']} epochs on {QUICK['limit']:,} images"
         if quick
@@ -272,7 +271,9 @@ def report(race: Race, cpu: str, quick: bool, seeds: int, summary: list[dict]) -
     impls = [s["impl"] for s in summary]
     flags = (" --arch " + race.arch if race.arch != "lab" else "") + (" --quick" if quick else "")
     flags += "".join(f" --impl {impl}" for impl in impls) if impls != list(IMPLEMENTATIONS) else ""
-    header = f"`python scripts/speedrun.py{flags}` on {cpu}. Fast recipe: " + ", ".join(
+    flags += f" --engine {engine.name}" if engine.name != "local" else ""
+    where = "; ".join(f"{cpu}, {cores} cores a run" for cpu, cores in machines)
+    header = f"`python scripts/speedrun.py{flags}` on {where}. Fast recipe: " + ", ".join(
         f"{k}={v}" for k, v in race.fast.items()
     )
     header += f" ({seeds} seeds)"
@@ -311,9 +312,16 @@ def main(argv: list[str] | None = None) -> int:
         "docs/speedrun-strong with --arch strong, or runs/speedrun-quick with --quick)",
     )
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="train every run again instead of reusing those stored in OUT/runs.json",
+    )
+    add_engine_flags(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:
+        engine = engine_of(args)
         race = RACES[args.arch]
         default_out = "runs/speedrun-quick" if args.quick else race.out
         seeds = args.seeds or (QUICK["seeds"] if args.quick else race.seeds)
@@ -331,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                 seeds,
                 args.quick,
                 progress=lambda line: print(line, flush=True),
+                engine=engine,
+                fresh=args.fresh,
             )
         print(f"wrote {out / 'speedrun.md'}, {out / 'speedrun.json'}, {out / 'speedrun.png'}")
         return 0

@@ -13,7 +13,8 @@ from shared.backend import IMPLEMENTATIONS
 from shared.config import TrainConfig
 from shared.data import FASHION_MNIST, load_dataset
 from shared.errors import DataError
-from shared.experiments import RunStore, recheck_in_float64, run_experiments
+from shared.experiments import recheck_in_float64, run_experiments
+from shared.grid import RunStore
 from shared.lab_questions import AGREEMENT
 from shared.loop import train
 from tests.test_training import run_script

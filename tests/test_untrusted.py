@@ -13,7 +13,7 @@ import pytest
 
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.errors import DataError, UsageError
-from shared.experiments import RunStore
+from shared.grid import RunStore
 from shared.outputs import hold
 from shared.proof.rows import CheckResult
 from shared.spec import MAX_SPEC_CHARS, get_arch, state_shapes

@@ -1,0 +1,336 @@
+"""Grids of independent training runs (experiments.py, speedrun.py), on this machine or on a
+Ray cluster, with one store of finished runs whatever the engine.
+
+A grid is a set of configurations, each a task `task(config, data) -> summary`. The run store
+keeps every finished run's summary, keyed by its whole configuration, in a JSON file written
+after each run: an interrupted grid resumes where it stopped and a rerun trains only what is
+new or what failed. The engine only decides where the missing runs train:
+
+- local: one after the other in this process, on every core it may use (as before engines);
+- ray: each run one Ray task declaring `cpus_per_run` CPUs, in a fresh worker process pinned
+  to that many cores of its node before any framework is imported, so no two runs share a
+  core (two trainings on 2 cores slowed each other from 22 s to 357 s an epoch). The data is
+  read once, by this process, and put once in Ray's object store: each node fetches it once
+  and its runs share it without copies. Results come back here, the only writer of the store.
+
+A run's result depends on its configuration and seed, its thread count and its processor
+(float32 sums are grouped by thread and by instruction set), not on the engine: the same
+configuration on the same processor with the same number of cores gives bit-identical weights
+(each summary records their digest) through either engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.config import TrainConfig
+from shared.data import Dataset
+from shared.errors import DataError, GridFailed, Interrupted, ThreefoldError, UsageError
+from shared.io import read_json, write_json
+from shared.loop import train_split
+from shared.spec import get_arch
+
+ENGINES = ("local", "ray")
+Task = Callable[[TrainConfig, Dataset], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Engine:
+    """Where a grid's runs train: `name` local or ray; for ray, the cluster's `address` (None:
+    start one on this machine for the grid's length) and the cores each run takes (None:
+    as many as this process may use, so that a run computes what a local run computes)."""
+
+    name: str = "local"
+    address: str | None = None
+    cpus_per_run: int | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse at once what could not run: an unknown engine, Ray's settings without Ray,
+        Ray missing, an address nobody answers at."""
+        if self.name not in ENGINES:
+            raise UsageError(f"--engine {self.name}: not one of {', '.join(ENGINES)}")
+        if self.name != "ray":
+            for flag, value in (("--address", self.address), ("--cpus-per-run", self.cpus_per_run)):
+                if value is not None:
+                    raise UsageError(f"{flag}: only with --engine ray")
+            return
+        if self.cpus_per_run is not None and not (
+            isinstance(self.cpus_per_run, int) and self.cpus_per_run >= 1
+        ):
+            raise UsageError(f"--cpus-per-run {self.cpus_per_run}: not a whole number >= 1")
+        if importlib.util.find_spec("ray") is None:
+            raise UsageError("--engine ray: Ray is not installed; pip install -e '.[cluster]'")
+        if self.address is not None:
+            check_reachable(self.address)
+
+    def run_cpus(self) -> int:
+        return self.cpus_per_run or len(os.sched_getaffinity(0))
+
+
+LOCAL = Engine()
+
+
+class RunStore:
+    """Finished runs' summaries, keyed by their whole configuration, in a JSON file beside the
+    results; each says when, from which commit and on what processor and cores it trained."""
+
+    def __init__(self, path: Path | None, fresh: bool = False):
+        self.path = path
+        self.runs: dict[str, dict] = {}
+        if path is not None and not fresh and path.is_file():
+            try:
+                runs = read_json(path)["runs"]
+                if not all(_a_share(r["summary"]["test_acc"]) for r in runs.values()):
+                    raise TypeError("a run without a test accuracy")
+                self.runs = runs
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise DataError(
+                    f"{path}: damaged or not threefold's runs ({type(e).__name__}: {e}); "
+                    "move it away or pass --fresh"
+                ) from None
+
+    @staticmethod
+    def key(config: TrainConfig) -> str:
+        return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+    def __contains__(self, config: TrainConfig) -> bool:
+        return self.key(config) in self.runs
+
+    def summary(self, config: TrainConfig) -> dict:
+        return self.runs[self.key(config)]["summary"]
+
+    def add(self, config: TrainConfig, finished: dict) -> None:
+        """Keep a finished run (`run_here`'s result) and write the store at once."""
+        self.runs[self.key(config)] = finished
+        if self.path is not None:
+            write_json(self.path, {"runs": self.runs})
+
+    def provenance(self) -> dict[str, int]:
+        """How many stored runs each (date, commit) trained."""
+        return dict(Counter(r["trained"] for r in self.runs.values()))
+
+
+def _a_share(value: object) -> bool:
+    """Whether a stored accuracy is one: a finite float in [0, 1] (JSON may hold NaN)."""
+    return isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+def checkout_label() -> str:
+    """Today's date and the checkout's commit, as far as git can tell."""
+    date = datetime.datetime.now(datetime.UTC).date().isoformat()
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{date} {commit or 'outside git'}"
+
+
+def cpu_name() -> str:
+    """The processor's model name as `lscpu` gives it (timings are only comparable on one)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown CPU"
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    name = fields.get("Model name", "unknown CPU").strip()
+    family, model = fields.get("CPU family", "?").strip(), fields.get("Model", "?").strip()
+    return f"{name} (family {family}, model {model}), {fields.get('CPU(s)', '?').strip()} CPUs"
+
+
+def run_here(task: Task, config: TrainConfig, data: Dataset) -> dict:
+    """Run `task` in this process: its summary, and where and on how many cores it ran."""
+    return {
+        "summary": task(config, data),
+        "trained": checkout_label(),
+        "host": platform.node(),
+        "cpu": cpu_name(),
+        "cores": len(os.sched_getaffinity(0)),
+    }
+
+
+def run_grid(
+    task: Task,
+    grid: dict[TrainConfig, str],
+    data: Dataset,
+    store: RunStore,
+    engine: Engine = LOCAL,
+    progress: Callable[[str], None] = print,
+) -> None:
+    """Train every configuration of `grid` (config -> label for progress) that `store` lacks,
+    adding each to the store as it finishes. A failed run is reported by its label and does
+    not stop the others; if any failed, GridFailed is raised once all have ended."""
+    todo = [config for config in grid if config not in store]
+    for config in todo:  # a configuration the data cannot serve is refused before any run
+        train_split(config, get_arch(config.arch), data)
+    if grid:
+        progress(f"{len(todo)} runs to train, {len(grid) - len(todo)} already stored")
+    failures: list[str] = []
+    ended = itertools.count(1)
+
+    def finished(config: TrainConfig, result: dict | None, error: str | None) -> None:
+        where = f"[{next(ended)}/{len(todo)}] {grid[config]}"
+        if result is None:
+            failures.append(f"{grid[config]}: {error}")
+            progress(f"{where}: FAILED: {error}")
+            return
+        store.add(config, result)
+        progress(f"{where}: test {100 * result['summary']['test_acc']:.2f}%")
+
+    if engine.name == "ray":
+        _on_ray(task, todo, data, engine, finished)
+    else:
+        for config in todo:
+            try:
+                result = run_here(task, config, data)
+            except Interrupted:
+                raise
+            except ThreefoldError as e:  # a diverged or misfit run; the others go on
+                finished(config, None, f"{type(e).__name__}: {e}")
+            else:
+                finished(config, result, None)
+    if failures:
+        kept = f"kept in {store.path}" if store.path else "kept"
+        named = "; ".join(failures[:3]) + (
+            f"; {len(failures) - 3} more above" if failures[3:] else ""
+        )
+        raise GridFailed(
+            f"{len(failures)} of {len(todo)} runs failed ({named}); the others are {kept}: run "
+            "the same command again to train the failed ones"
+        )
+
+
+def _on_ray(
+    task: Task,
+    todo: list[TrainConfig],
+    data: Dataset,
+    engine: Engine,
+    finished: Callable[[TrainConfig, dict | None, str | None], None],
+) -> None:
+    """Each configuration one Ray task; results handed to `finished` in the order they end."""
+    if not todo:
+        return
+    import ray
+
+    cpus = engine.run_cpus()
+    try:
+        if engine.address is None:
+            # A cluster of this process's cores for the grid's length, quiet on the terminal.
+            ray.init(
+                num_cpus=len(os.sched_getaffinity(0)),
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+            )
+        else:
+            ray.init(address=engine.address, log_to_driver=False, logging_level=logging.ERROR)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise UsageError(f"--address {engine.address}: no Ray cluster to join ({e})") from None
+    pending: dict[Any, TrainConfig] = {}
+    try:
+        largest = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
+        if cpus > largest:
+            raise UsageError(
+                f"--cpus-per-run {cpus}: no node of the cluster has that many CPUs "
+                f"(the largest has {largest:g})"
+            )
+        # max_calls=1: a fresh process per run, pinned before its frameworks load; no retries:
+        # a run whose worker died is reported, and the next invocation trains it again.
+        remote = ray.remote(num_cpus=cpus, max_calls=1, max_retries=0)(run_pinned)
+        data_ref = ray.put(data)
+        pending = {remote.remote(task, config, data_ref, cpus): config for config in todo}
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            config = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                cause = e.cause if e.cause is not None else e
+                finished(config, None, f"{type(cause).__name__}: {str(cause).splitlines()[0]}")
+            except ray.exceptions.RayError as e:  # the worker or its node died
+                finished(config, None, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+            else:
+                finished(config, result, None)
+    finally:
+        for ref in pending:  # interrupted: what has not ended is stopped, not left running
+            ray.cancel(ref, force=True)
+        ray.shutdown()
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse, within `timeout` seconds, an --address no server answers at (Ray itself would
+    retry for minutes); "auto" (the cluster this machine belongs to) is left to Ray."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except ValueError:
+        raise UsageError(f"--address {address}: not HOST:PORT") from None
+    except OSError as e:
+        raise UsageError(
+            f"--address {address}: no Ray cluster answers there ({e.strerror or e})"
+        ) from None
+
+
+def run_pinned(task: Task, config: TrainConfig, data: Dataset, cpus: int) -> dict:
+    """A Ray task: `run_here` pinned to `cpus` cores of this node that no other run holds."""
+    with claimed_cores(cpus):
+        return run_here(task, config, data)
+
+
+@contextlib.contextmanager
+def claimed_cores(count: int) -> Iterator[list[int]]:
+    """Pin this process to `count` cores of its affinity that no other process on the node
+    has claimed, waiting until that many are free. Each core is claimed by a kernel lock
+    (flock) on a file of its own, so a killed run frees its cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    count = min(count, len(cores))
+    folder = Path(tempfile.gettempdir()) / "threefold-cores"
+    folder.mkdir(exist_ok=True)
+    held: list[tuple[int, int]] = []
+    while len(held) < count:
+        for core in cores:
+            fd = os.open(folder / f"cpu{core}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            held.append((core, fd))
+            if len(held) == count:
+                break
+        if len(held) < count:  # not enough free: let go, so two runs never wait on each other
+            for _, fd in held:
+                os.close(fd)
+            held = []
+            time.sleep(0.1)
+    os.sched_setaffinity(0, {core for core, _ in held})
+    try:
+        yield [core for core, _ in held]
+    finally:
+        for _, fd in held:
+            os.close(fd)

@@ -1,0 +1,193 @@
+"""Grids of runs on Ray (shared/grid.py): a local cluster of two one-core worker processes on
+this machine, against the local engine, on generated data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_dataset_dir
+from tests.test_training import ROOT, run_script
+
+ALL_CORES = set(range(os.cpu_count() or 1))
+FIRST_CORE = {min(ALL_CORES)}
+
+
+@pytest.fixture(scope="module")
+def grid_data(tmp_path_factory) -> Path:
+    """Enough images for --quick's 1,000-image runs."""
+    return make_dataset_dir(tmp_path_factory.mktemp("grid-data"), n_train=1400, n_test=100)
+
+
+@pytest.fixture
+def short_tmp():
+    """A TMPDIR short enough for Ray's socket paths (at most 107 bytes), of this test alone:
+    its Ray session and the core locks of shared.grid.claimed_cores live there."""
+    with tempfile.TemporaryDirectory(prefix="tf", dir="/tmp") as folder:
+        yield folder
+
+
+def start(program: str, *flags: str, cores: set[int], tmp: str) -> subprocess.Popen:
+    """Run `program` (a path under the repository) on `cores` (this test's worker may hold one
+    core only)."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / program), *flags],
+        cwd=ROOT,
+        env={**os.environ, "TMPDIR": tmp},
+        preexec_fn=lambda: os.sched_setaffinity(0, cores),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=900)
+    return process.returncode, out, err
+
+
+def stored(out: Path) -> dict[str, dict]:
+    return json.loads((out / "runs.json").read_text())["runs"]
+
+
+def without_timing(value):
+    """`value` with every measured duration left out (they differ between any two runs)."""
+    if isinstance(value, dict):
+        return {k: without_timing(v) for k, v in value.items() if "seconds" not in k}
+    if isinstance(value, list):
+        return [without_timing(v) for v in value]
+    return value
+
+
+def test_a_grid_on_ray_gives_what_a_local_grid_gives(grid_data, tmp_path, short_tmp):
+    flags = ("--quick", "--impl", "numpy", "--data-dir", str(grid_data))
+    local = start(
+        "scripts/experiments.py",
+        *flags,
+        "--out",
+        str(tmp_path / "local"),
+        cores=FIRST_CORE,
+        tmp=short_tmp,
+    )
+    assert finish(local)[0] == 0
+    on_ray = start(
+        "scripts/experiments.py",
+        *flags,
+        "--out",
+        str(tmp_path / "ray"),
+        "--engine",
+        "ray",
+        "--cpus-per-run",
+        "1",
+        cores=ALL_CORES,
+        tmp=short_tmp,
+    )
+    code, out, err = finish(on_ray)
+    assert code == 0, err
+    assert "12 runs to train, 0 already stored" in out
+    local_runs, ray_runs = (stored(tmp_path / k / "experiments") for k in ("local", "ray"))
+    assert local_runs.keys() == ray_runs.keys() and len(local_runs) == 12
+    for key, run in ray_runs.items():
+        # Bit-identical weights: one core each, the same processor.
+        assert (
+            run["cores"] == 1
+            and run["summary"]["params_sha256"] == (local_runs[key]["summary"]["params_sha256"])
+        )
+        assert without_timing(run["summary"]) == without_timing(local_runs[key]["summary"])
+    results = [
+        without_timing(json.loads((tmp_path / k / "experiments" / "results.json").read_text()))
+        for k in ("local", "ray")
+    ]
+    assert results[0] == results[1]
+
+
+def ray_runs_in_progress() -> list[int]:
+    """Pids of Ray worker processes running a grid's run (Ray titles them by the task)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"ray::run_pinned" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_killed_worker_loses_only_its_run_which_the_next_invocation_trains(
+    grid_data, tmp_path, short_tmp
+):
+    flags = ("--quick", "--impl", "numpy", "--data-dir", str(grid_data), "--out", str(tmp_path))
+    flags += ("--engine", "ray", "--cpus-per-run", "1")
+    flags += ("--arch", "strong", "--seeds", "5")  # runs of seconds, to be killed in
+    grid = start("scripts/speedrun.py", *flags, cores=ALL_CORES, tmp=short_tmp)
+    deadline = time.monotonic() + 300
+    while not ray_runs_in_progress() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # into the run's training, past its imports
+    [victim, *_] = ray_runs_in_progress()
+    os.kill(victim, signal.SIGKILL)
+    code, out, err = finish(grid)
+    assert code == 1 and "Traceback" not in err
+    [line] = err.strip().splitlines()
+    assert "1 of 5 runs failed" in line and "run the same command again" in line
+    assert len(stored(tmp_path)) == 4
+    assert not (tmp_path / "speedrun.md").exists()
+    again = start("scripts/speedrun.py", *flags, cores=ALL_CORES, tmp=short_tmp)
+    code, out, err = finish(again)
+    assert code == 0, err
+    assert "1 runs to train, 4 already stored" in out
+    saved = json.loads((tmp_path / "speedrun.json").read_text())
+    assert [r["seed"] for r in saved["runs"]] == [0, 1, 2, 3, 4] and len(stored(tmp_path)) == 5
+
+
+def hold_a_core(tmp: str) -> tuple[subprocess.Popen, str]:
+    """A process holding one claimed core until killed, and that core as it reports it."""
+    holder = start("tests/hold_a_core.py", cores=ALL_CORES, tmp=tmp)
+    core, affinity = holder.stdout.readline().split(maxsplit=1)
+    assert affinity.strip() == f"[{core}]"  # pinned to the core it claimed
+    return holder, core
+
+
+def test_claimed_cores_are_never_shared_and_a_killed_holder_frees_them(short_tmp):
+    if len(ALL_CORES) < 2:
+        pytest.skip("needs two cores")
+    (first, core), (second, other) = hold_a_core(short_tmp), hold_a_core(short_tmp)
+    try:
+        assert core != other
+        first.kill()
+        first.wait()
+        third, again = hold_a_core(short_tmp)
+        third.kill()
+        assert again == core
+    finally:
+        for holder in (first, second, third):
+            holder.kill()
+            holder.wait()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--address", "127.0.0.1:6379"], "--address: only with --engine ray"),
+        (["--cpus-per-run", "1"], "--cpus-per-run: only with --engine ray"),
+        (["--engine", "ray", "--cpus-per-run", "0"], "--cpus-per-run"),
+        (["--engine", "ray", "--address", "127.0.0.1:9"], "no Ray cluster answers there"),
+        (["--engine", "ray", "--address", "localhost"], "not HOST:PORT"),
+        (["--engine", "ray", "--cpus-per-run", "64"], "no node of the cluster has that many"),
+    ],
+)
+@pytest.mark.parametrize("script", ["experiments.py", "speedrun.py"])
+def test_bad_engine_flags_are_one_line_errors(script, flags, message, grid_data, tmp_path):
+    result = run_script(
+        script, "--quick", "--data-dir", str(grid_data), "--out", str(tmp_path / "o"), *flags
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
