@@ -19,7 +19,6 @@ from shared.config import (
     TrainConfig,
 )
 from shared.errors import Interrupted, ThreefoldError, UsageError
-from shared.grid import ENGINES, Engine
 from shared.spec import presets
 
 
@@ -66,35 +65,6 @@ def add_impl_flag(parser: argparse.ArgumentParser, verb: str) -> None:
         choices=IMPLEMENTATIONS,
         help=f"implementation to {verb} (repeatable; default: all three)",
     )
-
-
-def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    """--engine, --address, --cpus-per-run: where a grid's runs train (shared/grid.py)."""
-    parser.add_argument(
-        "--engine",
-        choices=ENGINES,
-        default="local",
-        help="local: one run after another in this process (default); ray: each run a Ray "
-        "task (pip install -e '.[cluster]')",
-    )
-    parser.add_argument(
-        "--address",
-        default=None,
-        help="with --engine ray: the Ray cluster to join, as `ray start` printed it "
-        "(default: start one on this machine's cores for the grid's length)",
-    )
-    parser.add_argument(
-        "--cpus-per-run",
-        type=positive_int,
-        default=None,
-        help="with --engine ray: cores each run takes, its framework threads pinned to them "
-        "(default: as many as this process may use, so runs compute what local runs compute)",
-    )
-
-
-def engine_of(args: argparse.Namespace) -> Engine:
-    """The Engine the flags of `add_engine_flags` name (checked as it is made)."""
-    return Engine(args.engine, args.address, args.cpus_per_run)
 
 
 def _help(d: TrainConfig) -> dict[str, str]:

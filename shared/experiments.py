@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import add_engine_flags, add_impl_flag, engine_of, run_cli
+from shared.cli import add_impl_flag, run_cli
 from shared.config import TrainConfig
 from shared.data import Dataset, load_dataset
 from shared.errors import UsageError
@@ -23,7 +23,7 @@ from shared.experiments_report import (
     spread_of,
     write_report,
 )
-from shared.grid import LOCAL, Engine, RunStore, run_grid
+from shared.grid import LOCAL, Engine, RunStore, add_engine_flags, engine_of, run_grid
 from shared.io import write_json
 from shared.lab_questions import AGREEMENT, SHORT, STRONG, comparisons, seed_row_label
 from shared.loop import train

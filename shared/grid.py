@@ -21,6 +21,7 @@ configuration on the same processor with the same number of cores gives bit-iden
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import datetime
@@ -31,6 +32,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import socket
 import subprocess
 import tempfile
@@ -42,10 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import TrainConfig
+from shared.cost import network_cost
 from shared.data import Dataset
 from shared.errors import DataError, GridFailed, Interrupted, ThreefoldError, UsageError
 from shared.io import read_json, write_json
-from shared.loop import train_split
+from shared.loop import Terminated, interrupted, train_split
 from shared.spec import get_arch
 
 ENGINES = ("local", "ray")
@@ -86,6 +89,35 @@ class Engine:
 
 
 LOCAL = Engine()
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """--engine, --address, --cpus-per-run: where a grid's runs train (shared/grid.py)."""
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="local: one run after another in this process (default); ray: each run a Ray "
+        "task (pip install -e '.[cluster]')",
+    )
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="with --engine ray: the Ray cluster to join, as `ray start` printed it "
+        "(default: start one on this machine's cores for the grid's length)",
+    )
+    parser.add_argument(
+        "--cpus-per-run",
+        type=int,  # checked by Engine, as for callers of the API
+        default=None,
+        help="with --engine ray: cores each run takes, its framework threads pinned to them "
+        "(default: as many as this process may use, so runs compute what local runs compute)",
+    )
+
+
+def engine_of(args: argparse.Namespace) -> Engine:
+    """The Engine the flags of `add_engine_flags` name (checked as it is made)."""
+    return Engine(args.engine, args.address, args.cpus_per_run)
 
 
 class RunStore:
@@ -184,8 +216,7 @@ def run_grid(
     adding each to the store as it finishes. A failed run is reported by its label and does
     not stop the others; if any failed, GridFailed is raised once all have ended."""
     todo = [config for config in grid if config not in store]
-    for config in todo:  # a configuration the data cannot serve is refused before any run
-        train_split(config, get_arch(config.arch), data)
+    todo.sort(key=lambda config: training_flops(config, data), reverse=True)
     if grid:
         progress(f"{len(todo)} runs to train, {len(grid) - len(todo)} already stored")
     failures: list[str] = []
@@ -200,18 +231,27 @@ def run_grid(
         store.add(config, result)
         progress(f"{where}: test {100 * result['summary']['test_acc']:.2f}%")
 
-    if engine.name == "ray":
-        _on_ray(task, todo, data, engine, finished)
-    else:
-        for config in todo:
-            try:
-                result = run_here(task, config, data)
-            except Interrupted:
-                raise
-            except ThreefoldError as e:  # a diverged or misfit run; the others go on
-                finished(config, None, f"{type(e).__name__}: {e}")
-            else:
-                finished(config, result, None)
+    try:
+        if engine.name == "ray":
+            _on_ray(task, todo, data, engine, finished)
+        else:
+            for config in todo:
+                try:
+                    result = run_here(task, config, data)
+                except Interrupted:
+                    raise
+                except ThreefoldError as e:  # a diverged or misfit run; the others go on
+                    finished(config, None, f"{type(e).__name__}: {e}")
+                else:
+                    finished(config, result, None)
+    except KeyboardInterrupt as stop:
+        kept = sum(1 for config in todo if config in store)
+        where = f" in {store.path}" if store.path else ""
+        raise interrupted(
+            stop,
+            f"with {kept} of {len(todo)} runs finished, kept{where}; the same command again "
+            "trains the rest",
+        ) from None
     if failures:
         kept = f"kept in {store.path}" if store.path else "kept"
         named = "; ".join(failures[:3]) + (
@@ -221,6 +261,15 @@ def run_grid(
             f"{len(failures)} of {len(todo)} runs failed ({named}); the others are {kept}: run "
             "the same command again to train the failed ones"
         )
+
+
+def training_flops(config: TrainConfig, data: Dataset) -> int:
+    """The arithmetic of `config`'s training, the order a grid starts its runs in: longest
+    first, so that on many machines no long run starts last. A configuration the data cannot
+    serve is refused here, before any run."""
+    arch = get_arch(config.arch)
+    images = len(train_split(config, arch, data))
+    return config.epochs * images * network_cost(arch.layers).flops
 
 
 def _on_ray(
@@ -262,22 +311,51 @@ def _on_ray(
         remote = ray.remote(num_cpus=cpus, max_calls=1, max_retries=0)(run_pinned)
         data_ref = ray.put(data)
         pending = {remote.remote(task, config, data_ref, cpus): config for config in todo}
-        while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            config = pending.pop(ref)
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayTaskError as e:
-                cause = e.cause if e.cause is not None else e
-                finished(config, None, f"{type(cause).__name__}: {str(cause).splitlines()[0]}")
-            except ray.exceptions.RayError as e:  # the worker or its node died
-                finished(config, None, f"{type(e).__name__}: {str(e).splitlines()[0]}")
-            else:
-                finished(config, result, None)
+        with sigterm_as_terminated():  # after ray.init, which sets its own handler
+            wait_for(ray, pending, finished)
     finally:
         for ref in pending:  # interrupted: what has not ended is stopped, not left running
             ray.cancel(ref, force=True)
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def sigterm_as_terminated() -> Iterator[None]:
+    """Within the block, SIGTERM stops the grid as Ctrl-C does, and is reported as SIGTERM:
+    Ray's blocking calls turn any exception a signal handler raises into KeyboardInterrupt,
+    so the signal is noted as well as raised."""
+    received: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if received:
+            raise Terminated from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def wait_for(ray, pending: dict[Any, TrainConfig], finished: Callable) -> None:
+    """Hand each Ray task's result (or why it failed) to `finished` as it ends, emptying
+    `pending`."""
+    while pending:
+        [ref], _ = ray.wait(list(pending), num_returns=1)
+        config = pending.pop(ref)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if e.cause is not None else e
+            finished(config, None, f"{type(cause).__name__}: {str(cause).splitlines()[0]}")
+        except ray.exceptions.RayError as e:  # the worker or its node died
+            finished(config, None, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+        else:
+            finished(config, result, None)
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:

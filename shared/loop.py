@@ -226,7 +226,7 @@ def data_identity(data: Dataset) -> dict[str, str]:
     }
 
 
-def _interrupted(stop: KeyboardInterrupt, what: str) -> Interrupted:
+def interrupted(stop: KeyboardInterrupt, what: str) -> Interrupted:
     """The one-line error for Ctrl-C or SIGTERM (`stop`), followed by `what` was kept."""
     if isinstance(stop, Terminated):
         return Interrupted(f"terminated (SIGTERM) {what}", signal_number=signal.SIGTERM)
@@ -402,7 +402,7 @@ def train_epochs(run: Run, log: Callable[[str], None]) -> None:
             if run.out_dir is not None and run.done
             else ""
         )
-        raise _interrupted(
+        raise interrupted(
             stop, f"in epoch {run.done + 1}; {_saved(run.out_dir, run.done)}{resume_hint}"
         ) from None
     except (TrainingDiverged, OutputError) as e:
@@ -446,8 +446,8 @@ def finish_run(run: Run) -> None:
             plot_curves(run.record["history"], title, run.out_dir / CURVES_NAME)
     except KeyboardInterrupt as stop:
         if run.out_dir is None:
-            raise _interrupted(stop, "after the last epoch, before the test") from None
-        raise _interrupted(
+            raise interrupted(stop, "after the last epoch, before the test") from None
+        raise interrupted(
             stop,
             f"after the last epoch: all {run.config.epochs} epochs are saved in "
             f"{run.out_dir / CHECKPOINT_NAME}; finish the test and the curves with: "

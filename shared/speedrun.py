@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import add_engine_flags, add_impl_flag, engine_of, positive_int, run_cli
+from shared.cli import add_impl_flag, positive_int, run_cli
 from shared.config import FAST_RECIPE, STRONG_FAST_RECIPE, TrainConfig
 from shared.data import Dataset, load_dataset
-from shared.grid import LOCAL, Engine, RunStore, run_grid
+from shared.grid import LOCAL, Engine, RunStore, add_engine_flags, engine_of, run_grid
 from shared.io import atomic_write, write_json
 from shared.loop import train, train_split
 from shared.outputs import hold, prepare_out_dir
@@ -272,7 +272,7 @@ def report(
     flags = (" --arch " + race.arch if race.arch != "lab" else "") + (" --quick" if quick else "")
     flags += "".join(f" --impl {impl}" for impl in impls) if impls != list(IMPLEMENTATIONS) else ""
     flags += f" --engine {engine.name}" if engine.name != "local" else ""
-    where = "; ".join(f"{cpu}, {cores} cores a run" for cpu, cores in machines)
+    where = "; ".join(f"{cpu}, {cores} core{'s' * (cores > 1)} a run" for cpu, cores in machines)
     header = f"`python scripts/speedrun.py{flags}` on {where}. Fast recipe: " + ", ".join(
         f"{k}={v}" for k, v in race.fast.items()
     )

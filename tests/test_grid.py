@@ -148,6 +148,24 @@ def test_a_killed_worker_loses_only_its_run_which_the_next_invocation_trains(
     assert [r["seed"] for r in saved["runs"]] == [0, 1, 2, 3, 4] and len(stored(tmp_path)) == 5
 
 
+def test_sigterm_stops_a_ray_grid_in_one_line_keeping_its_finished_runs(
+    grid_data, tmp_path, short_tmp
+):
+    flags = ("--quick", "--impl", "numpy", "--data-dir", str(grid_data), "--out", str(tmp_path))
+    flags += ("--engine", "ray", "--cpus-per-run", "1", "--arch", "strong", "--seeds", "5")
+    grid = start("scripts/speedrun.py", *flags, cores=ALL_CORES, tmp=short_tmp)
+    deadline = time.monotonic() + 300
+    while not ray_runs_in_progress() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    grid.send_signal(signal.SIGTERM)
+    code, _, err = finish(grid)
+    assert code == 128 + signal.SIGTERM
+    [line] = err.strip().splitlines()
+    assert "terminated (SIGTERM) with" in line and "the same command again trains the rest" in line
+    time.sleep(2)
+    assert not ray_runs_in_progress()  # the runs under way stopped with the grid
+
+
 def hold_a_core(tmp: str) -> tuple[subprocess.Popen, str]:
     """A process holding one claimed core until killed, and that core as it reports it."""
     holder = start("tests/hold_a_core.py", cores=ALL_CORES, tmp=tmp)

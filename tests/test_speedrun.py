@@ -12,6 +12,7 @@ from shared import speedrun
 from shared.backend import IMPLEMENTATIONS
 from shared.config import FAST_RECIPE, STRONG_FAST_RECIPE, TrainConfig
 from shared.data import load_dataset
+from shared.errors import Interrupted
 from tests.conftest import make_dataset_dir
 from tests.test_training import run_script
 
@@ -113,7 +114,7 @@ def test_an_interrupted_speedrun_keeps_the_runs_it_finished_and_resumes(tmp_path
     monkeypatch.setattr(speedrun, "timed_run", stopped_at_the_third)
     data = load_dataset(make_dataset_dir(tmp_path / "data", n_train=400))
     race = speedrun.RACES["lab"]
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match=r"with 2 of 3 runs finished, kept in .*runs\.json"):
         speedrun.run_speedrun(race, data, tmp_path, ("numpy",), 2, True, lambda _: None)
     kept = json.loads((tmp_path / "runs.json").read_text())["runs"]
     assert [(r["summary"]["seed"]) for r in kept.values()] == [0, 0]
