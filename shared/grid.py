@@ -263,6 +263,13 @@ def run_grid(
         )
 
 
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """`error` and the exceptions it was raised from or while handling."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
 def training_flops(config: TrainConfig, data: Dataset) -> int:
     """The arithmetic of `config`'s training, the order a grid starts its runs in: longest
     first, so that on many machines no long run starts last. A configuration the data cannot
@@ -297,7 +304,12 @@ def _on_ray(
         else:
             ray.init(address=engine.address, log_to_driver=False, logging_level=logging.ERROR)
     except (ConnectionError, ValueError, RuntimeError) as e:
-        raise UsageError(f"--address {engine.address}: no Ray cluster to join ({e})") from None
+        # Ray 2.59+ starts clusters with token authentication; a driver without the token is
+        # refused with a bare "Failed to connect".
+        refused = any("Authentication" in str(c) for c in _causes(e))
+        hint = "; set RAY_AUTH_MODE=token with the cluster's token (docs/CLUSTER.md)" * refused
+        where = f"--address {engine.address}"
+        raise UsageError(f"{where}: no Ray cluster to join ({e}){hint}") from None
     pending: dict[Any, TrainConfig] = {}
     try:
         largest = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])

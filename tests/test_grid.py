@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -164,6 +166,63 @@ def test_sigterm_stops_a_ray_grid_in_one_line_keeping_its_finished_runs(
     assert "terminated (SIGTERM) with" in line and "the same command again trains the rest" in line
     time.sleep(2)
     assert not ray_runs_in_progress()  # the runs under way stopped with the grid
+
+
+@pytest.fixture
+def ray_head(short_tmp):
+    """An existing cluster, as a user starts one (`ray start --head`, token authentication on,
+    as Ray 2.59+ does by default), stopped with its processes at the end: its address."""
+    env = {**os.environ, "TMPDIR": short_tmp, "RAY_AUTH_MODE": "token"}
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    ray = Path(sys.executable).parent / "ray"
+    head = subprocess.Popen(
+        [
+            ray,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+        ],
+        env=env,
+        preexec_fn=lambda: os.sched_setaffinity(0, ALL_CORES),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    address = None
+    for line in head.stdout:
+        if found := re.search(r"ray start --address='([^']+)'", line):
+            address = found.group(1)
+            break
+    try:
+        assert address, "ray start printed no address"
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+
+
+def test_a_grid_joins_an_existing_cluster_at_its_address(ray_head, grid_data, tmp_path):
+    address, env = ray_head
+    flags = ["--quick", "--impl", "numpy", "--data-dir", str(grid_data), "--out", str(tmp_path)]
+    flags += ["--engine", "ray", "--address", address, "--cpus-per-run", "1"]
+    script = [sys.executable, str(ROOT / "scripts" / "speedrun.py"), *flags]
+
+    def grid(**changes: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            script, env={**env, **changes}, cwd=ROOT, capture_output=True, text=True, timeout=600
+        )
+
+    refused = grid(RAY_AUTH_MODE="disabled")  # without the cluster's token
+    assert refused.returncode == 2 and "RAY_AUTH_MODE=token" in refused.stderr.splitlines()[-1]
+    result = grid()
+    assert result.returncode == 0, result.stderr
+    assert len(stored(tmp_path)) == 3 and (tmp_path / "speedrun.md").is_file()
 
 
 def hold_a_core(tmp: str) -> tuple[subprocess.Popen, str]:
