@@ -308,14 +308,15 @@ def _on_ray(
         # refused with a bare "Failed to connect".
         refused = any("Authentication" in str(c) for c in _causes(e))
         hint = "; set RAY_AUTH_MODE=token with the cluster's token (docs/CLUSTER.md)" * refused
-        where = f"--address {engine.address}"
+        where = f"--address {engine.address}" if engine.address else "--engine ray"
         raise UsageError(f"{where}: no Ray cluster to join ({e}){hint}") from None
     pending: dict[Any, TrainConfig] = {}
     try:
         largest = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
         if cpus > largest:
+            default = "" if engine.cpus_per_run else " (by default, this machine's cores)"
             raise UsageError(
-                f"--cpus-per-run {cpus}: no node of the cluster has that many CPUs "
+                f"--cpus-per-run {cpus}{default}: no node of the cluster has that many CPUs "
                 f"(the largest has {largest:g})"
             )
         # max_calls=1: a fresh process per run, pinned before its frameworks load; no retries:
