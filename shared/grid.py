@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import platform
-import signal
 import socket
 import subprocess
 import tempfile
@@ -48,7 +47,7 @@ from shared.cost import network_cost
 from shared.data import Dataset
 from shared.errors import DataError, GridFailed, Interrupted, ThreefoldError, UsageError
 from shared.io import read_json, write_json
-from shared.loop import Terminated, interrupted, train_split
+from shared.loop import interrupted, terminate_on_sigterm, train_split
 from shared.spec import get_arch
 
 ENGINES = ("local", "ray")
@@ -146,8 +145,12 @@ class RunStore:
     def __contains__(self, config: TrainConfig) -> bool:
         return self.key(config) in self.runs
 
+    def entry(self, config: TrainConfig) -> dict:
+        """A stored run: its summary, and when, where and on how many cores it trained."""
+        return self.runs[self.key(config)]
+
     def summary(self, config: TrainConfig) -> dict:
-        return self.runs[self.key(config)]["summary"]
+        return self.entry(config)["summary"]
 
     def add(self, config: TrainConfig, finished: dict) -> None:
         """Keep a finished run (`run_here`'s result) and write the store at once."""
@@ -324,34 +327,12 @@ def _on_ray(
         remote = ray.remote(num_cpus=cpus, max_calls=1, max_retries=0)(run_pinned)
         data_ref = ray.put(data)
         pending = {remote.remote(task, config, data_ref, cpus): config for config in todo}
-        with sigterm_as_terminated():  # after ray.init, which sets its own handler
+        with terminate_on_sigterm():  # after ray.init, which sets its own handler
             wait_for(ray, pending, finished)
     finally:
         for ref in pending:  # interrupted: what has not ended is stopped, not left running
             ray.cancel(ref, force=True)
         ray.shutdown()
-
-
-@contextlib.contextmanager
-def sigterm_as_terminated() -> Iterator[None]:
-    """Within the block, SIGTERM stops the grid as Ctrl-C does, and is reported as SIGTERM:
-    Ray's blocking calls turn any exception a signal handler raises into KeyboardInterrupt,
-    so the signal is noted as well as raised."""
-    received: list[int] = []
-
-    def stop(signum: int, frame: object) -> None:
-        received.append(signum)
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    except KeyboardInterrupt:
-        if received:
-            raise Terminated from None
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def wait_for(ray, pending: dict[Any, TrainConfig], finished: Callable) -> None:

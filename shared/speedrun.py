@@ -223,7 +223,7 @@ def run_speedrun(
     grid = {config: f"{config.impl:5} {recipe:8} seed {config.seed}" for recipe, config in plan}
     run_grid(timed_run, grid, data, store, engine, progress)
     runs = [
-        {"recipe": recipe, **store.summary(config), **machine_of(store.runs[store.key(config)])}
+        {"recipe": recipe, **store.summary(config), **machine_of(store.entry(config))}
         for recipe, config in plan
     ]
     machines = sorted({(r["cpu"], r["cores"]) for r in runs})
