@@ -119,7 +119,8 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
         default=defaults.arch,
         metavar="NETWORK",
         help="a preset ("
-        + "; ".join(f"{a.name}: {a.description}" for a in presets().values())
+        # argparse formats help with %, so a description's own % is doubled.
+        + "; ".join(f"{a.name}: {a.description}".replace("%", "%%") for a in presets().values())
         + "), a spec such as conv16-bn-relu-maxpool2-flatten-fc10, a .json/.toml file "
         "(grammar below), a PyTorch model FILE.py:NAME (the file is executed) or an ONNX "
         "graph FILE.onnx",

@@ -13,7 +13,7 @@ from typing import Any
 
 from shared.backend import IMPLEMENTATIONS
 from shared.cli import add_impl_flag, run_cli
-from shared.config import TrainConfig
+from shared.config import DEEP_RECIPE, TrainConfig
 from shared.data import Dataset, load_dataset
 from shared.errors import UsageError
 from shared.experiments_report import (
@@ -25,7 +25,14 @@ from shared.experiments_report import (
 )
 from shared.grid import LOCAL, Engine, RunStore, add_engine_flags, engine_of, run_grid
 from shared.io import write_json
-from shared.lab_questions import AGREEMENT, SHORT, STRONG, comparisons, seed_row_label
+from shared.lab_questions import (
+    AGREEMENT,
+    DEEP,
+    SHORT,
+    STRONG,
+    comparisons,
+    seed_row_label,
+)
 from shared.loop import train
 from shared.outputs import hold, prepare_out_dir
 
@@ -36,6 +43,7 @@ QUICK = dict(
     seeds=(0,),
     lab_batch=500,
     short={"epochs": 1, "limit": 500},
+    deep={**DEEP_RECIPE, "epochs": 1, "limit": 500},
 )
 
 
@@ -70,6 +78,7 @@ def run_experiments(
     seeds: tuple[int, ...] = (0, 1, 2),
     lab_batch: int = 10_000,
     short: dict[str, Any] | None = None,
+    deep: dict[str, Any] | None = None,
     command: str = "python scripts/experiments.py",
     fresh: bool = False,
     progress: Callable[[str], None] = print,
@@ -80,10 +89,11 @@ def run_experiments(
     reused unless `fresh`). Returns all results."""
     base = base or TrainConfig()
     short = SHORT if short is None else short
+    deep = DEEP_RECIPE if deep is None else deep
     figures = out / "experiments"
     figures.mkdir(parents=True, exist_ok=True)
     store = RunStore(figures / "runs.json", fresh)
-    comps = comparisons(base.epochs, budgets, lab_batch, short)
+    comps = comparisons(base.epochs, budgets, lab_batch, short, deep)
     # Each comparison's cells, then each seed row's: (table, row, impl) -> configurations.
     cells: dict[tuple[str, str, str], list[TrainConfig]] = {}
     for comp in comps:
@@ -91,7 +101,7 @@ def run_experiments(
             for impl in impls:
                 config = variant_config(base, {**comp.budget, **variant.changes}, impl)
                 cells[comp.title, variant.label, impl] = [config]
-    for arch, budget in (("lab", {}), ("pool", {}), (STRONG, {}), (STRONG, short)):
+    for arch, budget in (("lab", {}), ("pool", {}), (STRONG, {}), (STRONG, short), (DEEP, deep)):
         row = seed_row_label(arch, budget)
         for impl in impls:
             cells["Seeds", row, impl] = [
@@ -121,6 +131,7 @@ def run_experiments(
     saved = {
         "base": dataclasses.asdict(base),
         "short": short,
+        "deep": deep,
         "command": command,
         "comparisons": {c.title: r for c, r, _ in tables},
         "variants": {

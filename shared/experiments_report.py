@@ -9,10 +9,16 @@ import statistics
 from pathlib import Path
 
 from shared.backend import IMPLEMENTATIONS
-from shared.config import TrainConfig
+from shared.config import DEEP_RECIPE, TrainConfig
 from shared.errors import DataError
 from shared.io import atomic_write, read_json
-from shared.lab_questions import AGREEMENT, SHORT, TARGETS, budget_text, comparisons
+from shared.lab_questions import (
+    AGREEMENT,
+    SHORT,
+    TARGETS,
+    budget_text,
+    comparisons,
+)
 from shared.plots import plt, save_figure
 
 # One line style per implementation, in the order of IMPLEMENTATIONS.
@@ -63,7 +69,8 @@ def report_text(saved: dict) -> str:
     """EXPERIMENTS.md from the saved results (out/experiments/results.json)."""
     base = TrainConfig(**saved["base"])
     tables = []
-    for comp in comparisons(base.epochs, (), 0, saved.get("short", SHORT)):
+    budgets = saved.get("short", SHORT), saved.get("deep", DEEP_RECIPE)
+    for comp in comparisons(base.epochs, (), 0, *budgets):
         if comp.title in saved["comparisons"]:  # results saved before a comparison existed
             slug = comp.title.lower().replace(" ", "-")
             tables.append((comp, saved["comparisons"][comp.title], f"experiments/{slug}.png"))

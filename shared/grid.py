@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.config import TrainConfig
+from shared.config import TrainConfig, with_added_fields
 from shared.cost import network_cost
 from shared.data import Dataset
 from shared.errors import DataError, GridFailed, Interrupted, ThreefoldError, UsageError
@@ -131,7 +131,8 @@ class RunStore:
                 runs = read_json(path)["runs"]
                 if not all(_a_share(r["summary"]["test_acc"]) for r in runs.values()):
                     raise TypeError("a run without a test accuracy")
-                self.runs = runs
+                # Keys written before a setting was added gain it, so those runs still count.
+                self.runs = {_key(with_added_fields(json.loads(k))): r for k, r in runs.items()}
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 raise DataError(
                     f"{path}: damaged or not threefold's runs ({type(e).__name__}: {e}); "
@@ -140,7 +141,7 @@ class RunStore:
 
     @staticmethod
     def key(config: TrainConfig) -> str:
-        return json.dumps(dataclasses.asdict(config), sort_keys=True)
+        return _key(dataclasses.asdict(config))
 
     def __contains__(self, config: TrainConfig) -> bool:
         return self.key(config) in self.runs
@@ -161,6 +162,10 @@ class RunStore:
     def provenance(self) -> dict[str, int]:
         """How many stored runs each (date, commit) trained."""
         return dict(Counter(r["trained"] for r in self.runs.values()))
+
+
+def _key(config: dict) -> str:
+    return json.dumps(config, sort_keys=True)
 
 
 def _a_share(value: object) -> bool:

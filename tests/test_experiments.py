@@ -29,6 +29,7 @@ def test_experiments_write_every_table_and_plot(tiny_data_dir, tmp_path, monkeyp
         seeds=(0, 1),
         lab_batch=50,
         short={"epochs": 1},
+        deep={"epochs": 1, "batch_size": 16},
         progress=lambda _: None,
     )
     results = run_experiments(data, out, **setup)
@@ -43,18 +44,24 @@ def test_experiments_write_every_table_and_plot(tiny_data_dir, tmp_path, monkeyp
         "BatchNorm",
         "Dropout",
         "Activation",
+        "Residual connections",
+        "Random erasing",
         "Accuracy over seeds",
         "Agreement in training",
     ):
         assert f"## {title}" in report
     slugs = ("initialisation", "convolution", "max-pooling", "training-setup", "epochs")
-    for slug in (*slugs, "a-stronger-network", "batchnorm", "dropout", "activation"):
+    more = ("a-stronger-network", "batchnorm", "dropout", "activation", "residual-connections")
+    for slug in (*slugs, *more, "random-erasing"):
         assert (out / "experiments" / f"{slug}.png").read_bytes()[:4] == b"\x89PNG"
     # Seeds: two for jax and torch, one for numpy; every accuracy a real fraction.
-    # Rows: lab, pool, strong, and strong on the short budget the BatchNorm, dropout and
-    # activation comparisons share.
-    assert [len(v) for v in results["seeds"].values()] == [1, 2, 2] * 4
-    assert list(results["seeds"])[-1] == ("strong, epochs 1", "torch")
+    # Rows: lab, pool, strong, strong on the short budget the BatchNorm, dropout and
+    # activation comparisons share, and deep on the budget of the residual and erasing ones.
+    assert [len(v) for v in results["seeds"].values()] == [1, 2, 2] * 5
+    assert list(results["seeds"])[-4:] == [
+        ("strong, epochs 1", "torch"),
+        *(("deep, epochs 1, batch_size 16", impl) for impl in IMPLEMENTATIONS),
+    ]
     saved = json.loads((out / "experiments" / "results.json").read_text())
     by_impl = saved["comparisons"]["Epochs"]["1 epoch"]
     assert set(by_impl) == set(IMPLEMENTATIONS)
@@ -106,6 +113,20 @@ def test_a_damaged_run_store_is_refused_unless_fresh(tmp_path, tiny_data_dir):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "runs.json: damaged" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (out / "EXPERIMENTS.md").exists()
+
+
+def test_runs_stored_before_a_setting_was_added_still_count(tmp_path):
+    # A setting joins TrainConfig at the value earlier runs had, so they stay reusable.
+    config = TrainConfig(arch="pool", seed=3)
+    older = dataclasses.asdict(config)
+    del older["erase"], older["optimizer"]
+    finished = {"summary": {"test_acc": 0.9}, "trained": "2026-01-01 0123abc"}
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps({"runs": {json.dumps(older): finished}}))
+    store = RunStore(path)
+    assert config in store and store.entry(config) == finished
+    assert dataclasses.replace(config, erase=0.5) not in store
+    assert dataclasses.replace(config, optimizer="adam") not in store
 
 
 def test_rows_that_disagree_are_trained_again_in_float64(tiny_data_dir):

@@ -5,6 +5,7 @@ resume, evaluate, crosscheck) without ever needing its spec again."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from tests.test_training import run_script
 
 
 def test_the_presets_keep_the_lab_s_names_and_shapes():
-    assert list(presets()) == list(PRESETS) == ["lab", "pool", "noconv", "strong"]
+    assert list(presets()) == list(PRESETS) == ["lab", "pool", "noconv", "strong", "deep"]
     lab = get_arch("lab")
     assert lab.layers == (
         Conv("conv", 1, 8, 3, 1, 1),
@@ -66,6 +67,12 @@ def test_the_presets_keep_the_lab_s_names_and_shapes():
     strong = get_arch("strong")
     assert param_shapes(strong)["fc1.weight"] == (128, 64 * 7 * 7)
     assert [d.p for d in strong.dropouts] == [0.3] and strong.uses_batch_statistics
+    deep = param_shapes(get_arch("deep"))
+    assert [name for name in deep if name.startswith("conv")] == [
+        f"conv{i}.weight" for i in range(1, 6)
+    ]  # BatchNorm follows each, so no bias
+    assert deep["conv4.weight"] == (64, 32, 3, 3) and deep["fc1.weight"] == (128, 64 * 7 * 7)
+    assert sum(math.prod(shape) for shape in deep.values()) == 477_290
     for name, arch in presets().items():
         assert arch.name == arch.label == name and arch.description == PRESETS[name][1]
         assert arch.spec == PRESETS[name][0]
