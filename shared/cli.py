@@ -13,7 +13,7 @@ from shared.config import (
     ADAM_RATE,
     FIELDS,
     IMPLEMENTATIONS,
-    PLAIN_RECIPE,
+    RECIPES,
     SHORT_RUN_STEPS,
     Bound,
     TrainConfig,
@@ -142,11 +142,11 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
 
 def config_from_args(args: argparse.Namespace, typed: set[str]) -> TrainConfig:
     """The TrainConfig of the training flags parsed into `args`; `typed` names the flags the
-    user gave, which win over --plain's recipe and Adam's default rate."""
+    user gave, which win over --recipe's settings and Adam's default rate."""
     fields = TrainConfig.__dataclass_fields__
     values = {k: v for k, v in vars(args).items() if k in fields}
-    if getattr(args, "plain", False):
-        values |= {k: v for k, v in PLAIN_RECIPE.items() if k not in typed}
+    if getattr(args, "recipe", None):
+        values |= {k: v for k, v in RECIPES[args.recipe].items() if k not in typed}
     if values["optimizer"] != "sgd" and "lr" not in typed:
         values["lr"] = ADAM_RATE
     return TrainConfig(**values)

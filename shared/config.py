@@ -74,6 +74,14 @@ PLAIN_RECIPE = {
     "flip": False,
     "tta": False,
 }
+# `--recipe NAME`: the settings each was chosen with on validation, by name (flags typed
+# beside it win).
+RECIPES = {
+    "plain": PLAIN_RECIPE,
+    "fast": FAST_RECIPE,
+    "strong-fast": STRONG_FAST_RECIPE,
+    "deep": DEEP_RECIPE,
+}
 # The rate Adam and AdamW train at when --lr is not given: PyTorch's default, where SGD's 0.03
 # would diverge.
 ADAM_RATE = 1e-3

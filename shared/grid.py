@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.config import TrainConfig, with_added_fields
+from shared.config import ADDED_FIELDS, TrainConfig, with_added_fields
 from shared.cost import network_cost
 from shared.data import Dataset
 from shared.errors import DataError, GridFailed, Interrupted, ThreefoldError, UsageError
@@ -131,8 +131,7 @@ class RunStore:
                 runs = read_json(path)["runs"]
                 if not all(_a_share(r["summary"]["test_acc"]) for r in runs.values()):
                     raise TypeError("a run without a test accuracy")
-                # Keys written before a setting was added gain it, so those runs still count.
-                self.runs = {_key(with_added_fields(json.loads(k))): r for k, r in runs.items()}
+                self.runs = _current_keys(runs)
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 raise DataError(
                     f"{path}: damaged or not threefold's runs ({type(e).__name__}: {e}); "
@@ -168,25 +167,48 @@ def _key(config: dict) -> str:
     return json.dumps(config, sort_keys=True)
 
 
+def _current_keys(runs: dict[str, dict]) -> dict[str, dict]:
+    """Stored runs under today's keys: a key written before a setting was added gains it, so
+    the run still counts. Where the same configuration is stored under an old key and under
+    its current one (trained again by a version that did not match the old key), the run
+    stored under the current key is kept."""
+    current: dict[str, dict] = {}
+    for stored, run in runs.items():
+        config = json.loads(stored)
+        key = _key(with_added_fields(config))
+        if key not in current or ADDED_FIELDS.keys() <= config.keys():
+            current[key] = run
+    return current
+
+
 def _a_share(value: object) -> bool:
     """Whether a stored accuracy is one: a finite float in [0, 1] (JSON may hold NaN)."""
     return isinstance(value, float) and 0.0 <= value <= 1.0
 
 
 def checkout_label() -> str:
-    """Today's date and the checkout's commit, as far as git can tell."""
+    """Today's date and the checkout's commit, as far as git can tell, marked `+changes` where
+    the commit's code was edited (its results files, which a grid rewrites, do not count)."""
     date = datetime.datetime.now(datetime.UTC).date().isoformat()
+    commit = _git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return f"{date} outside git"
+    edited = _git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.toml")
+    return f"{date} {commit}{'+changes' if edited else ''}"
+
+
+def _git(*args: str) -> str:
+    """What `git ARGS` prints in this checkout, or "" where git cannot tell."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+        return subprocess.run(
+            ["git", *args],
             cwd=Path(__file__).parent,
             capture_output=True,
             text=True,
             timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{date} {commit or 'outside git'}"
+        return ""
 
 
 def cpu_name() -> str:

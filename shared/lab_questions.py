@@ -177,7 +177,8 @@ def _without(spec: str, kind: str) -> str:
 def seed_row_label(arch: str, budget: dict[str, Any]) -> str:
     """The seed table's name for `arch` trained on `budget` (the defaults if empty)."""
     return arch + "".join(
-        f", {k} {v:,}" if isinstance(v, int | float) else f", {k} {v}" for k, v in budget.items()
+        f", {k} {v:,}" if isinstance(v, int | float) and not isinstance(v, bool) else f", {k} {v}"
+        for k, v in budget.items()
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from shared.checkpoint import Checkpoint, load_checkpoint
 from shared.cli import add_training_flags, config_from_args, given_flags, run_cli
-from shared.config import TrainConfig, check_config, config_from_saved
+from shared.config import RECIPES, TrainConfig, check_config, config_from_saved
 from shared.data import Dataset, get_dataset_spec, load_dataset
 from shared.errors import CheckpointError, UsageError
 from shared.loop import data_identity, terminate_on_sigterm, train, train_split
@@ -98,10 +98,19 @@ def build_parser(defaults: TrainConfig) -> argparse.ArgumentParser:
     )
     add_training_flags(parser, defaults)
     parser.add_argument(
-        "--plain",
-        action="store_true",
-        help="a tutorial's run: plain SGD without momentum at a constant rate, no warm-up, "
-        "flips, test-time flips, label smoothing or weight decay (flags typed beside it win)",
+        "--recipe",
+        choices=RECIPES,
+        default=None,
+        help="settings by name, flags typed beside it winning: plain is a tutorial's run, fast "
+        "the lab network's speedrun recipe, strong-fast and deep those of the presets ("
+        + "; ".join(
+            f"{name}: " + ", ".join(f"{k} {v}" for k, v in recipe.items())
+            for name, recipe in RECIPES.items()
+        )
+        + ")",
+    )
+    parser.add_argument(
+        "--plain", action="store_const", const="plain", dest="recipe", help="--recipe plain"
     )
     parser.add_argument(
         "--weights",
@@ -179,8 +188,8 @@ def _resume(args: argparse.Namespace, typed: set[str]) -> int:
     if elsewhere or args.overwrite:
         flag = "--out" if elsewhere else "--overwrite"
         raise UsageError(f"{flag}: --resume continues the run in its own folder")
-    if args.plain or args.weights_file is not None:
-        flag = "--plain" if args.plain else "--weights"
+    if args.recipe or args.weights_file is not None:
+        flag = f"--recipe {args.recipe}" if args.recipe else "--weights"
         raise UsageError(f"{flag}: --resume continues the run as it was configured and trained")
     if not (folder / CHECKPOINT_NAME).is_file():
         raise UsageError(f"--resume {folder}: no {CHECKPOINT_NAME} there to continue from")

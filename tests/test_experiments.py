@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -15,8 +16,9 @@ from shared.data import FASHION_MNIST, load_dataset
 from shared.errors import DataError
 from shared.experiments import recheck_in_float64, run_experiments
 from shared.grid import RunStore
-from shared.lab_questions import AGREEMENT
+from shared.lab_questions import AGREEMENT, DEEP, STRONG, comparisons, seed_row_label
 from shared.loop import train
+from shared.spec import get_arch, param_shapes
 from tests.test_training import run_script
 
 
@@ -127,6 +129,39 @@ def test_runs_stored_before_a_setting_was_added_still_count(tmp_path):
     assert config in store and store.entry(config) == finished
     assert dataclasses.replace(config, erase=0.5) not in store
     assert dataclasses.replace(config, optimizer="adam") not in store
+
+
+def test_a_run_stored_under_an_old_and_a_current_key_keeps_the_current_one(tmp_path):
+    # A version that did not read old keys trained the run again under its full key: both
+    # are in the file, in either order, and the full key's run is the one that counts.
+    config = TrainConfig(arch="pool", seed=3)
+    current = dataclasses.asdict(config)
+    older = {k: v for k, v in current.items() if k not in ("erase", "optimizer")}
+    old_run = {"summary": {"test_acc": 0.8}, "trained": "2026-01-01 0123abc"}
+    new_run = {"summary": {"test_acc": 0.9}, "trained": "2026-02-01 4567def"}
+    path = tmp_path / "runs.json"
+    for order in ((older, old_run), (current, new_run)), ((current, new_run), (older, old_run)):
+        path.write_text(json.dumps({"runs": {json.dumps(k): r for k, r in order}}))
+        store = RunStore(path)
+        assert store.entry(config) == new_run and len(store.runs) == 1
+    # Written back, the store holds the current keys only and reads back the same.
+    store.add(TrainConfig(arch="lab"), old_run)
+    assert RunStore(path).runs == store.runs and len(store.runs) == 2
+
+
+def test_residual_and_erasing_are_judged_on_the_deep_seed_row():
+    deep = {"epochs": 2, "batch_size": 16}
+    by_title = {c.title: c for c in comparisons(15, (1, 5), 100, {"epochs": 1}, deep)}
+    for title in ("Residual connections", "Random erasing"):
+        assert by_title[title].budget == deep
+        assert by_title[title].noise == seed_row_label(DEEP, deep) != seed_row_label(STRONG, {})
+    # At (nearly) equal parameters: the residual network's extra are its 1x1 projection
+    # (32 -> 64, no bias) and the projection's BatchNorm.
+    residual, plain = (v.changes["arch"] for v in by_title["Residual connections"].variants)
+    counts = [
+        sum(math.prod(s) for s in param_shapes(get_arch(a)).values()) for a in (residual, plain)
+    ]
+    assert counts == [479_466, 477_290] and counts[0] - counts[1] == 32 * 64 + 2 * 64
 
 
 def test_rows_that_disagree_are_trained_again_in_float64(tiny_data_dir):

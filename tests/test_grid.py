@@ -94,9 +94,9 @@ def test_a_grid_on_ray_gives_what_a_local_grid_gives(grid_data, tmp_path, short_
     )
     code, out, err = finish(on_ray)
     assert code == 0, err
-    assert "15 runs to train, 0 already stored" in out
     local_runs, ray_runs = (stored(tmp_path / k / "experiments") for k in ("local", "ray"))
-    assert local_runs.keys() == ray_runs.keys() and len(local_runs) == 15
+    assert local_runs.keys() == ray_runs.keys() and local_runs
+    assert f"{len(ray_runs)} runs to train, 0 already stored" in out
     for key, run in ray_runs.items():
         # Bit-identical weights: one core each, the same processor.
         assert (

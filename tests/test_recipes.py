@@ -17,7 +17,7 @@ import torch
 
 import threefold
 from shared.backend import make_backend
-from shared.config import IMPLEMENTATIONS, PLAIN_RECIPE, TrainConfig
+from shared.config import DEEP_RECIPE, IMPLEMENTATIONS, PLAIN_RECIPE, TrainConfig
 from shared.data import load_dataset
 from shared.proof.passes import finite_difference_grads
 from shared.proof.rows import TOLERANCES, judge
@@ -107,7 +107,7 @@ def run_train(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_plain_turns_every_technique_off_and_typed_flags_win(tmp_path):
+def test_recipes_set_their_settings_and_typed_flags_win(tmp_path):
     data = make_dataset_dir(tmp_path / "data")
     base = ["--epochs", "1", "--batch-size", "16", "--data-dir", str(data)]
     result = run_train(*base, "--plain", "--momentum", "0.5", "--out", str(tmp_path / "a"))
@@ -121,7 +121,13 @@ def test_plain_turns_every_technique_off_and_typed_flags_win(tmp_path):
     config = json.loads((tmp_path / "b" / "metrics.json").read_text())["config"]
     assert (config["optimizer"], config["lr"]) == ("adamw", 0.001)
     result = run_train(*base, "--resume", str(tmp_path / "b"), "--plain")
-    assert result.returncode == 2 and "--plain: --resume continues the run" in result.stderr
+    assert result.returncode == 2 and "--recipe plain: --resume continues the run" in result.stderr
+    # A preset's recipe by name, the flags typed beside it (--epochs, --batch-size) winning.
+    result = run_train(*base, "--arch", "pool", "--recipe", "deep", "--out", str(tmp_path / "c"))
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "c" / "metrics.json").read_text())["config"]
+    assert config == {**config, **DEEP_RECIPE, "epochs": 1, "batch_size": 16}
+    assert DEEP_RECIPE["epochs"] != 1 and DEEP_RECIPE["batch_size"] != 16
 
 
 def test_raw_pixels_are_recorded_and_the_export_takes_raw_images(tmp_path):
