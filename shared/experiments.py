@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,13 @@ from shared.lab_questions import (
     DEEP,
     SHORT,
     STRONG,
+    Experiment,
     comparisons,
     seed_row_label,
 )
-from shared.loop import train
+from shared.loop import train, train_split
 from shared.outputs import hold, prepare_out_dir
+from shared.spec import get_arch
 
 # --quick: a reduced run for tests, the same code path on 1,000 images.
 QUICK = dict(
@@ -68,9 +71,29 @@ def summary(record: dict) -> dict:
     }
 
 
-def run_experiments(
-    data: Dataset,
-    out: Path,
+@dataclass(frozen=True)
+class Plan:
+    """Every run of the experiments: each comparison's and seed row's cells, (table, row,
+    impl) -> configurations, and the settings they were made from."""
+
+    impls: tuple[str, ...]
+    base: TrainConfig
+    short: dict[str, Any]
+    deep: dict[str, Any]
+    comps: list[Experiment]
+    cells: dict[tuple[str, str, str], list[TrainConfig]]
+
+    def grid(self) -> dict[TrainConfig, str]:
+        """Each configuration -> its label for progress."""
+        return {
+            config: f"{title}: {row} | {impl}"
+            + (f" | seed {config.seed}" if title == "Seeds" else "")
+            for (title, row, impl), configs in self.cells.items()
+            for config in configs
+        }
+
+
+def plan_experiments(
     *,
     impls: tuple[str, ...] = IMPLEMENTATIONS,
     base: TrainConfig | None = None,
@@ -79,22 +102,14 @@ def run_experiments(
     lab_batch: int = 10_000,
     short: dict[str, Any] | None = None,
     deep: dict[str, Any] | None = None,
-    command: str = "python scripts/experiments.py",
-    fresh: bool = False,
-    progress: Callable[[str], None] = print,
-    engine: Engine = LOCAL,
-) -> dict:
-    """Run every comparison and the seed repeats on `engine`, write EXPERIMENTS.md, plots and
-    JSON into `out` (plots and finished runs under out/experiments/; runs stored there are
-    reused unless `fresh`). Returns all results."""
+) -> Plan:
+    """The runs of every comparison in `impls` and of the seed repeats (three seeds in JAX and
+    PyTorch, the first in NumPy) of lab, pool, strong, strong on the `short` budget and deep on
+    its recipe."""
     base = base or TrainConfig()
     short = SHORT if short is None else short
     deep = DEEP_RECIPE if deep is None else deep
-    figures = out / "experiments"
-    figures.mkdir(parents=True, exist_ok=True)
-    store = RunStore(figures / "runs.json", fresh)
     comps = comparisons(base.epochs, budgets, lab_batch, short, deep)
-    # Each comparison's cells, then each seed row's: (table, row, impl) -> configurations.
     cells: dict[tuple[str, str, str], list[TrainConfig]] = {}
     for comp in comps:
         for variant in comp.variants:
@@ -108,14 +123,42 @@ def run_experiments(
                 variant_config(base, {**budget, "arch": arch, "seed": seed}, impl)
                 for seed in (seeds if impl != "numpy" else seeds[:1])
             ]
-    grid = {
-        config: f"{title}: {row} | {impl}" + (f" | seed {config.seed}" if title == "Seeds" else "")
-        for (title, row, impl), configs in cells.items()
-        for config in configs
-    }
-    run_grid(trained_summary, grid, data, store, engine, progress)
+    return Plan(impls, base, short, deep, comps, cells)
+
+
+def check_fits(plan: Plan, data: Dataset) -> None:
+    """Refuse, in one line before anything is written, a plan whose runs do not fit `data`
+    (--limit or --batch-size beyond its images)."""
+    grid = plan.grid()
+    arches = {name: get_arch(name) for name in {config.arch for config in grid}}
+    for config, label in grid.items():
+        try:
+            train_split(config, arches[config.arch], data)
+        except UsageError as e:
+            raise UsageError(f"{label}: {e}; give more images with --data-dir") from None
+
+
+def run_experiments(
+    data: Dataset,
+    out: Path,
+    *,
+    command: str = "python scripts/experiments.py",
+    fresh: bool = False,
+    progress: Callable[[str], None] = print,
+    engine: Engine = LOCAL,
+    **settings: Any,
+) -> dict:
+    """Run every comparison and the seed repeats of plan_experiments(**settings) on `engine`,
+    write EXPERIMENTS.md, plots and JSON into `out` (plots and finished runs under
+    out/experiments/; runs stored there are reused unless `fresh`). Returns all results."""
+    plan = plan_experiments(**settings)
+    impls, cells = plan.impls, plan.cells
+    figures = out / "experiments"
+    figures.mkdir(parents=True, exist_ok=True)
+    store = RunStore(figures / "runs.json", fresh)
+    run_grid(trained_summary, plan.grid(), data, store, engine, progress)
     tables = []
-    for comp in comps:
+    for comp in plan.comps:
         results = {
             v.label: {i: store.summary(cells[comp.title, v.label, i][0]) for i in impls}
             for v in comp.variants
@@ -129,9 +172,9 @@ def run_experiments(
         if title == "Seeds"
     }
     saved = {
-        "base": dataclasses.asdict(base),
-        "short": short,
-        "deep": deep,
+        "base": dataclasses.asdict(plan.base),
+        "short": plan.short,
+        "deep": plan.deep,
         "command": command,
         "comparisons": {c.title: r for c, r, _ in tables},
         "variants": {
@@ -232,8 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         if rerender and not results.is_file():
             flag = "--render-only" if args.render_only else "--recheck-float64"
             raise UsageError(f"{flag}: no {results}; run without it first")
-        # The data is read before any folder is made (a re-render needs none).
+        # The data is read, and every run checked to fit it, before any folder is made (a
+        # re-render needs none).
         data = None if args.render_only else load_dataset(args.data_dir)
+        settings = {"impls": tuple(args.impl or IMPLEMENTATIONS), **(QUICK if args.quick else {})}
+        if not rerender:
+            check_fits(plan_experiments(**settings), data)
         out = prepare_out_dir(out)
         with hold(out):  # one grid at a time writes its run store and report
             if rerender:
@@ -242,12 +289,11 @@ def main(argv: list[str] | None = None) -> int:
             run_experiments(
                 data,
                 out,
-                impls=tuple(args.impl or IMPLEMENTATIONS),
                 command=command,
                 fresh=args.fresh,
                 progress=_say,
                 engine=engine,
-                **(QUICK if args.quick else {}),
+                **settings,
             )
         print(f"wrote {out / 'EXPERIMENTS.md'} and {out / 'experiments'}/")
         return 0

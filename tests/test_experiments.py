@@ -19,6 +19,7 @@ from shared.grid import RunStore
 from shared.lab_questions import AGREEMENT, DEEP, STRONG, comparisons, seed_row_label
 from shared.loop import train
 from shared.spec import get_arch, param_shapes
+from tests.conftest import make_dataset_dir
 from tests.test_training import run_script
 
 
@@ -100,7 +101,21 @@ def test_experiments_write_every_table_and_plot(tiny_data_dir, tmp_path, monkeyp
     assert (out / "EXPERIMENTS.md").read_text() == report
 
 
-def test_a_damaged_run_store_is_refused_unless_fresh(tmp_path, tiny_data_dir):
+def test_runs_that_do_not_fit_the_data_are_refused_before_any_folder(tmp_path, tiny_data_dir):
+    out = tmp_path / "docs"
+    result = run_script(
+        "experiments.py", "--quick", "--data-dir", str(tiny_data_dir), "--out", str(out)
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.endswith(
+        "--limit 1000 exceeds the 100 training images; give more images with --data-dir"
+    )
+    assert not out.exists()
+
+
+def test_a_damaged_run_store_is_refused_unless_fresh(tmp_path):
+    data_dir = make_dataset_dir(tmp_path / "data", n_train=1400, n_test=100)  # fits --quick
     store = tmp_path / "docs" / "experiments" / "runs.json"
     store.parent.mkdir(parents=True)
     for damaged in ('{"runs": [1, 2', '{"runs": [1, 2]}', '{"runs": {"k": 1}}'):
@@ -109,9 +124,7 @@ def test_a_damaged_run_store_is_refused_unless_fresh(tmp_path, tiny_data_dir):
             RunStore(store)
     assert RunStore(store, fresh=True).runs == {}
     out = store.parents[1]
-    result = run_script(
-        "experiments.py", "--quick", "--data-dir", str(tiny_data_dir), "--out", str(out)
-    )
+    result = run_script("experiments.py", "--quick", "--data-dir", str(data_dir), "--out", str(out))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "runs.json: damaged" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (out / "EXPERIMENTS.md").exists()
