@@ -1,10 +1,10 @@
 """A network from an ONNX file: its nodes read as a chain of the operators threefold computes,
 its initialisers as the canonical tensors, its leading Sub/Div as the input scaling.
 
-The file is untrusted: its size is bounded before it is parsed, its node count before a node is
-read, and an initialiser's claimed shape is checked against the network (itself held to the cost
-bounds) before its data is touched. External data (tensors in other files) is refused. What
-threefold cannot compute the same way is one line naming the node and its op type.
+The file is untrusted: shared/onnx_file.py bounds its size and node count before it is parsed,
+and an initialiser's claimed shape is checked against the network (itself held to the cost
+bounds) before its data is touched. What threefold cannot compute the same way is one line
+naming the node and its op type.
 """
 
 from __future__ import annotations
@@ -18,20 +18,14 @@ import numpy as np
 
 from shared.checkpoint import value_problem
 from shared.errors import UsageError
-from shared.io import regular_file
 from shared.kinds import token
 from shared.layers import INPUT_SHAPE
 from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
 from shared.onnx_export import ADAPTIVE, CHANNELWISE
-from shared.spec import MAX_LAYERS, Arch, Entry, Params, build_layers, get_arch, tensors
+from shared.onnx_file import read_graph
+from shared.spec import Arch, Entry, Params, build_layers, get_arch, tensors
 from shared.torch_ops import Refused
 
-# The largest network the cost bounds accept holds about 50M float32 parameters (1 GiB over
-# parameters, gradients and optimizer state); files of real models are far smaller.
-MAX_ONNX_FILE_BYTES = 2**28
-# Each layer is one node (fc may be MatMul + Add), with the input's Sub and Div and a final
-# LogSoftmax or Identity nodes around them.
-MAX_NODES = 2 * MAX_LAYERS + 4
 SCALING = ("Sub", "Div")
 
 
@@ -68,7 +62,7 @@ def from_onnx(path: str | Path, where: str = "--arch") -> Network:
     require_onnx()
     path = Path(path)
     label = f"{where} {path}"
-    graph = _read_graph(path, label)
+    graph = read_graph(path, label)
     initialisers = {t.name: t for t in graph.initializer}
     current = _input_name(graph, initialisers, label)
     standardise, nodes = _scaling(list(graph.node), initialisers, current, label)
@@ -82,92 +76,6 @@ def from_onnx(path: str | Path, where: str = "--arch") -> Network:
     arch = get_arch("-".join(token(layer) for layer in layers), label)
     params, mapping = _tensors(arch, steps, initialisers, label)
     return Network(arch, params, tuple(mapping), standardise)
-
-
-def _read_graph(path: Path, label: str):
-    """The parsed graph, its size and node count bounded, no external data."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    with regular_file(path, label) as file:
-        data = file.read(MAX_ONNX_FILE_BYTES + 1)
-    if len(data) > MAX_ONNX_FILE_BYTES:
-        raise UsageError(
-            f"{label}: larger than {MAX_ONNX_FILE_BYTES} bytes; not a model threefold reads"
-        )
-    nodes = _count_nodes(data, label)
-    if nodes > MAX_NODES:  # counted before parsing: a parsed node costs hundreds of bytes
-        raise UsageError(f"{label}: more than {MAX_NODES} nodes ({MAX_LAYERS} layers at most)")
-    try:
-        model = onnx.load_model_from_string(data)
-    except (DecodeError, ValueError, RuntimeError) as error:
-        raise UsageError(f"{label}: not an ONNX model ({type(error).__name__})") from None
-    graph = model.graph
-    if len(graph.initializer) > MAX_NODES * 4:
-        raise UsageError(
-            f"{label}: {len(graph.initializer)} initialisers, more than its layers can use"
-        )
-    for opset in model.opset_import:
-        if opset.domain not in ("", "ai.onnx"):
-            raise UsageError(
-                f"{label}: operators of domain {opset.domain!r}; threefold reads ONNX's own"
-            )
-    for tensor in graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise UsageError(
-                f"{label}: initialiser {tensor.name} is stored in another file (external data)"
-            )
-    return graph
-
-
-# Protobuf field numbers: ModelProto.graph, GraphProto.node.
-GRAPH_FIELD, NODE_FIELD = 7, 1
-
-
-def _count_nodes(data: bytes, label: str) -> int:
-    """The graph's node count, read off the protobuf wire format without decoding a node
-    (counting stops past MAX_NODES)."""
-    count = 0
-    for field, start, end in _fields(data, 0, len(data), label):
-        if field == GRAPH_FIELD and end is not None:
-            for inner, _, _ in _fields(data, start, end, label):
-                count += inner == NODE_FIELD
-                if count > MAX_NODES:
-                    return count
-    return count
-
-
-def _fields(data: bytes, start: int, end: int, label: str):
-    """(field number, value start, value end or None) of each field in data[start:end]."""
-    position = start
-    while position < end:
-        key, position = _varint(data, position, label)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            _, position = _varint(data, position, label)
-            yield field, position, None
-        elif wire == 2:
-            length, position = _varint(data, position, label)
-            if position + length > end:
-                raise UsageError(f"{label}: not an ONNX model (a field runs past its end)")
-            yield field, position, position + length
-            position += length
-        elif wire in (1, 5):
-            position += 8 if wire == 1 else 4
-            yield field, position, None
-        else:
-            raise UsageError(f"{label}: not an ONNX model (protobuf wire type {wire})")
-
-
-def _varint(data: bytes, position: int, label: str) -> tuple[int, int]:
-    value = shift = 0
-    while position < len(data) and shift < 64:
-        byte = data[position]
-        value |= (byte & 0x7F) << shift
-        position, shift = position + 1, shift + 7
-        if not byte & 0x80:
-            return value, position
-    raise UsageError(f"{label}: not an ONNX model (a truncated protobuf number)")
 
 
 def _input_name(graph, initialisers: dict, label: str) -> str:

@@ -32,7 +32,8 @@ from shared.errors import UsageError
 from shared.kinds import KINDS, kind_of
 from shared.network import load_weights
 from shared.onnx_export import check_model, onnx_model
-from shared.onnx_import import MAX_NODES, from_onnx
+from shared.onnx_file import MAX_NODES
+from shared.onnx_import import from_onnx
 from shared.proof.onnx_witness import WITNESSES, onnx_logits
 from shared.proof.rows import TOLERANCES, compare
 from shared.spec import PRESETS, get_arch, param_shapes
