@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import functools
 import importlib.util
 import itertools
 import json
@@ -186,9 +187,12 @@ def _a_share(value: object) -> bool:
     return isinstance(value, float) and 0.0 <= value <= 1.0
 
 
+@functools.cache
 def checkout_label() -> str:
-    """Today's date and the checkout's commit, as far as git can tell, marked `+changes` where
-    the commit's code was edited (its results files, which a grid rewrites, do not count)."""
+    """The date and the checkout's commit, as far as git can tell, marked `+changes` where the
+    commit's code was edited (its results files, which a grid rewrites, do not count). Taken
+    once, before this process's first run: the code it loaded, whatever is edited or
+    committed while it trains."""
     date = datetime.datetime.now(datetime.UTC).date().isoformat()
     commit = _git("rev-parse", "--short", "HEAD")
     if not commit:
@@ -225,9 +229,10 @@ def cpu_name() -> str:
 
 def run_here(task: Task, config: TrainConfig, data: Dataset) -> dict:
     """Run `task` in this process: its summary, and where and on how many cores it ran."""
+    trained = checkout_label()
     return {
         "summary": task(config, data),
-        "trained": checkout_label(),
+        "trained": trained,
         "host": platform.node(),
         "cpu": cpu_name(),
         "cores": len(os.sched_getaffinity(0)),
@@ -298,6 +303,17 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
     while error is not None:
         yield error
         error = error.__cause__ or error.__context__
+
+
+def check_fits(grid: dict[TrainConfig, str], data: Dataset) -> None:
+    """Refuse, in one line before anything is written, a grid with a run that `data` cannot
+    serve (--limit or --batch-size beyond its images), naming the run by its label."""
+    arches = {name: get_arch(name) for name in {config.arch for config in grid}}
+    for config, label in grid.items():
+        try:
+            train_split(config, arches[config.arch], data)
+        except UsageError as e:
+            raise UsageError(f"{label}: {e}; give more images with --data-dir") from None
 
 
 def training_flops(config: TrainConfig, data: Dataset) -> int:

@@ -268,3 +268,38 @@ def test_bad_engine_flags_are_one_line_errors(script, flags, message, grid_data,
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
+
+
+LABEL_AFTER_AN_EDIT = """
+import pathlib
+from shared.grid import checkout_label, run_here
+
+def edit_the_code(config, data):
+    code = pathlib.Path("shared/grid.py")
+    code.write_text(code.read_text() + "# edited while a run trained\\n")
+    return {}
+
+print(run_here(edit_the_code, None, None)["trained"])
+"""
+
+
+def test_a_run_is_labelled_with_the_code_it_started_from(tmp_path):
+    """Code edited (or committed) while a grid trains does not relabel its runs; a process
+    started after the edit is labelled `+changes`."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True
+    ).stdout.strip()
+
+    def label(code: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=clone, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert label(LABEL_AFTER_AN_EDIT).endswith(f" {commit}")
+    assert label("from shared.grid import checkout_label; print(checkout_label())").endswith(
+        f" {commit}+changes"
+    )
