@@ -24,7 +24,15 @@ from shared.experiments_report import (
     spread_of,
     write_report,
 )
-from shared.grid import LOCAL, Engine, RunStore, add_engine_flags, engine_of, run_grid
+from shared.grid import (
+    LOCAL,
+    Engine,
+    RunStore,
+    add_engine_flags,
+    check_fits,
+    engine_of,
+    run_grid,
+)
 from shared.io import write_json
 from shared.lab_questions import (
     AGREEMENT,
@@ -35,9 +43,8 @@ from shared.lab_questions import (
     comparisons,
     seed_row_label,
 )
-from shared.loop import train, train_split
+from shared.loop import train
 from shared.outputs import hold, prepare_out_dir
-from shared.spec import get_arch
 
 # --quick: a reduced run for tests, the same code path on 1,000 images.
 QUICK = dict(
@@ -124,18 +131,6 @@ def plan_experiments(
                 for seed in (seeds if impl != "numpy" else seeds[:1])
             ]
     return Plan(impls, base, short, deep, comps, cells)
-
-
-def check_fits(plan: Plan, data: Dataset) -> None:
-    """Refuse, in one line before anything is written, a plan whose runs do not fit `data`
-    (--limit or --batch-size beyond its images)."""
-    grid = plan.grid()
-    arches = {name: get_arch(name) for name in {config.arch for config in grid}}
-    for config, label in grid.items():
-        try:
-            train_split(config, arches[config.arch], data)
-        except UsageError as e:
-            raise UsageError(f"{label}: {e}; give more images with --data-dir") from None
 
 
 def run_experiments(
@@ -280,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         data = None if args.render_only else load_dataset(args.data_dir)
         settings = {"impls": tuple(args.impl or IMPLEMENTATIONS), **(QUICK if args.quick else {})}
         if not rerender:
-            check_fits(plan_experiments(**settings), data)
+            check_fits(plan_experiments(**settings).grid(), data)
         out = prepare_out_dir(out)
         with hold(out):  # one grid at a time writes its run store and report
             if rerender:

@@ -22,11 +22,18 @@ from shared.backend import IMPLEMENTATIONS
 from shared.cli import add_impl_flag, positive_int, run_cli
 from shared.config import FAST_RECIPE, STRONG_FAST_RECIPE, TrainConfig
 from shared.data import Dataset, load_dataset
-from shared.grid import LOCAL, Engine, RunStore, add_engine_flags, engine_of, run_grid
+from shared.grid import (
+    LOCAL,
+    Engine,
+    RunStore,
+    add_engine_flags,
+    check_fits,
+    engine_of,
+    run_grid,
+)
 from shared.io import atomic_write, write_json
-from shared.loop import train, train_split
+from shared.loop import train
 from shared.outputs import hold, prepare_out_dir
-from shared.spec import get_arch
 
 
 @dataclass(frozen=True)
@@ -199,6 +206,24 @@ def plot(race: Race, runs: list[dict], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
+def race_runs(
+    race: Race, impls: tuple[str, ...], seeds: int, quick_images: int | None
+) -> dict[TrainConfig, str]:
+    """Every run of the race, in order, and its recipe: per implementation the defaults once
+    (where the race has them), then the fast recipe `seeds` times."""
+    return {
+        recipe_config(race, impl, recipe, seed, quick_images): recipe
+        for impl in impls
+        for recipe, seed in ([("defaults", 0)] if race.has_defaults else [])
+        + [("fast", seed) for seed in range(seeds)]
+    }
+
+
+def labelled(runs: dict[TrainConfig, str]) -> dict[TrainConfig, str]:
+    """Each run of `race_runs` -> its label for progress and errors."""
+    return {config: f"{config.impl} {recipe} seed {config.seed}" for config, recipe in runs.items()}
+
+
 def run_speedrun(
     race: Race,
     data: Dataset,
@@ -213,18 +238,12 @@ def run_speedrun(
     """Train the defaults once (where the race has them) and the fast recipe `seeds` times per
     implementation on `engine`. Finished runs are kept in out/runs.json as they end, so an
     interrupted speedrun resumes with the runs it lacks (all again with `fresh`)."""
-    plan = [
-        (recipe, recipe_config(race, impl, recipe, seed, quick_images(data, quick)))
-        for impl in impls
-        for recipe, seed in ([("defaults", 0)] if race.has_defaults else [])
-        + [("fast", seed) for seed in range(seeds)]
-    ]
+    recipes = race_runs(race, impls, seeds, quick_images(data, quick))
     store = RunStore(out / "runs.json", fresh)
-    grid = {config: f"{config.impl:5} {recipe:8} seed {config.seed}" for recipe, config in plan}
-    run_grid(timed_run, grid, data, store, engine, progress)
+    run_grid(timed_run, labelled(recipes), data, store, engine, progress)
     runs = [
         {"recipe": recipe, **store.summary(config), **machine_of(store.entry(config))}
-        for recipe, config in plan
+        for config, recipe in recipes.items()
     ]
     machines = sorted({(r["cpu"], r["cores"]) for r in runs})
     summary = [summarize(race, runs, impl) for impl in impls]
@@ -326,16 +345,15 @@ def main(argv: list[str] | None = None) -> int:
         default_out = "runs/speedrun-quick" if args.quick else race.out
         seeds = args.seeds or (QUICK["seeds"] if args.quick else race.seeds)
         data = load_dataset(args.data_dir)
-        for recipe in race.recipes:  # every recipe fits the data before any folder is made
-            config = recipe_config(race, "numpy", recipe, 0, quick_images(data, args.quick))
-            train_split(config, get_arch(config.arch), data)
+        impls = tuple(dict.fromkeys(args.impl or IMPLEMENTATIONS))  # each once
+        check_fits(labelled(race_runs(race, impls, seeds, quick_images(data, args.quick))), data)
         out = prepare_out_dir(args.out or Path(default_out))
         with hold(out):
             run_speedrun(
                 race,
                 data,
                 out,
-                tuple(dict.fromkeys(args.impl or IMPLEMENTATIONS)),  # each once
+                impls,
                 seeds,
                 args.quick,
                 progress=lambda line: print(line, flush=True),
