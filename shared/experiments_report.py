@@ -15,9 +15,9 @@ from shared.io import atomic_write, read_json
 from shared.lab_questions import (
     AGREEMENT,
     SHORT,
-    TARGETS,
     budget_text,
     comparisons,
+    targets,
 )
 from shared.plots import plt, save_figure
 
@@ -76,7 +76,10 @@ def report_text(saved: dict) -> str:
             tables.append((comp, saved["comparisons"][comp.title], f"experiments/{slug}.png"))
     seeds_table = {tuple(k.split("|")): v for k, v in saved["seeds"].items()}
     impls = tuple(next(iter(tables[0][1].values())))
-    report = render(tables, seeds_table, base, saved["command"], impls, saved.get("float64", {}))
+    float64 = saved.get("float64", {})
+    report = render(
+        tables, seeds_table, base, saved["command"], impls, float64, targets(budgets[1])
+    )
     return report + trained_text(saved.get("trained", {}))
 
 
@@ -103,7 +106,7 @@ def seed_spread(seeds_table, row: str) -> float:
     )
 
 
-def conclusions(tables, seeds_table, impls) -> list[str]:
+def conclusions(tables, seeds_table, impls, goals: dict[str, float]) -> list[str]:
     """What the numbers support: a difference counts only where it exceeds the seed-to-seed
     spread of the same network at the same budget (the experiment's noise row)."""
     lines = [
@@ -132,7 +135,7 @@ def conclusions(tables, seeds_table, impls) -> list[str]:
                 f"- {comp.title}: {ref_label} {_pct(ref)}% against {label} "
                 f"{_pct(acc)}% ({diff * 100:+.2f} points), {verdict}."
             )
-    for arch, target in TARGETS.items():
+    for arch, target in goals.items():
         # The target holds for each implementation: its mean over its seeds.
         means = {i: statistics.mean(a) for (ar, i), a in seeds_table.items() if ar == arch}
         if means:
@@ -149,7 +152,9 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
-def render(tables, seeds_table, base: TrainConfig, command: str, impls, float64: dict) -> str:
+def render(
+    tables, seeds_table, base: TrainConfig, command: str, impls, float64: dict, goals: dict
+) -> str:
     """The markdown report: one table and plot per comparison, then seeds and agreement."""
     lines = [
         "# Experiments",
@@ -195,7 +200,7 @@ def render(tables, seeds_table, base: TrainConfig, command: str, impls, float64:
             f"| {arch} | {impl} | {len(accs)} | {', '.join(_pct(a) for a in accs)} | "
             f"{_pct(statistics.mean(accs))} | {_pct(max(accs) - min(accs))} |"
         )
-    lines += ["", *conclusions(tables, seeds_table, impls)]
+    lines += ["", *conclusions(tables, seeds_table, impls, goals)]
     lines += [
         "",
         "## Agreement in training",

@@ -92,6 +92,9 @@ def test_experiments_write_every_table_and_plot(tiny_data_dir, tmp_path, monkeyp
     for rows in saved["comparisons"].values():
         assert all(s in summaries for row in rows.values() for s in row.values())
     assert "## Provenance" in report
+    # Every seed row with a target is judged against it, deep's on whatever recipe it had.
+    for row in ("lab", "pool", "strong", "deep, epochs 1, batch_size 16"):
+        assert f"- Target for `{row}`: " in report
 
     def no_training(*_, **__):
         raise AssertionError("a stored run was trained again")
