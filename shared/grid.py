@@ -49,7 +49,7 @@ from shared.data import Dataset
 from shared.errors import DataError, GridFailed, Interrupted, ThreefoldError, UsageError
 from shared.io import read_json, write_json
 from shared.loop import interrupted, terminate_on_sigterm, train_split
-from shared.spec import get_arch
+from shared.spec import PRESETS, get_arch
 
 ENGINES = ("local", "ray")
 Task = Callable[[TrainConfig, Dataset], dict[str, Any]]
@@ -141,7 +141,7 @@ class RunStore:
 
     @staticmethod
     def key(config: TrainConfig) -> str:
-        return _key(dataclasses.asdict(config))
+        return _key(_defined(dataclasses.asdict(config)))
 
     def __contains__(self, config: TrainConfig) -> bool:
         return self.key(config) in self.runs
@@ -168,16 +168,24 @@ def _key(config: dict) -> str:
     return json.dumps(config, sort_keys=True)
 
 
+def _defined(config: dict) -> dict:
+    """`config` with its preset's layers spelled out (None for a spec or a file): a preset
+    redefined since (retuned, say) matches no run of its old definition."""
+    return {**config, "preset": PRESETS[config["arch"]][0] if config["arch"] in PRESETS else None}
+
+
 def _current_keys(runs: dict[str, dict]) -> dict[str, dict]:
     """Stored runs under today's keys: a key written before a setting was added gains it, so
-    the run still counts. Where the same configuration is stored under an old key and under
-    its current one (trained again by a version that did not match the old key), the run
-    stored under the current key is kept."""
+    the run still counts, and one written before presets were spelled out in keys is taken
+    as of today's definition. Where the same configuration is stored under an old key and
+    under its current one (trained again by a version that did not match the old key), the
+    run stored under the current key is kept."""
     current: dict[str, dict] = {}
     for stored, run in runs.items():
         config = json.loads(stored)
-        key = _key(with_added_fields(config))
-        if key not in current or ADDED_FIELDS.keys() <= config.keys():
+        full = with_added_fields(config)
+        key = _key(full if "preset" in full else _defined(full))
+        if key not in current or {*ADDED_FIELDS, "preset"} <= config.keys():
             current[key] = run
     return current
 

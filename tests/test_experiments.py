@@ -147,12 +147,28 @@ def test_runs_stored_before_a_setting_was_added_still_count(tmp_path):
     assert dataclasses.replace(config, optimizer="adam") not in store
 
 
+def test_a_preset_redefined_since_a_run_does_not_reuse_it(tmp_path):
+    """A key names the preset's layers: a run of an earlier `pool` does not count for today's,
+    while a run stored before keys named them is taken as today's."""
+    config = TrainConfig(arch="pool", seed=3)
+    current = json.loads(RunStore.key(config))
+    assert current["preset"] == "conv8-relu-maxpool2-flatten-fc128-relu-fc10"
+    finished = {"summary": {"test_acc": 0.9}, "trained": "2026-01-01 0123abc"}
+    path = tmp_path / "runs.json"
+    for stored, counts in (
+        ({**current, "preset": "conv16-relu-maxpool2-flatten-fc10"}, False),
+        ({k: v for k, v in current.items() if k != "preset"}, True),
+    ):
+        path.write_text(json.dumps({"runs": {json.dumps(stored): finished}}))
+        assert (config in RunStore(path)) == counts
+
+
 def test_a_run_stored_under_an_old_and_a_current_key_keeps_the_current_one(tmp_path):
     # A version that did not read old keys trained the run again under its full key: both
     # are in the file, in either order, and the full key's run is the one that counts.
     config = TrainConfig(arch="pool", seed=3)
-    current = dataclasses.asdict(config)
-    older = {k: v for k, v in current.items() if k not in ("erase", "optimizer")}
+    current = json.loads(RunStore.key(config))
+    older = {k: v for k, v in current.items() if k not in ("erase", "optimizer", "preset")}
     old_run = {"summary": {"test_acc": 0.8}, "trained": "2026-01-01 0123abc"}
     new_run = {"summary": {"test_acc": 0.9}, "trained": "2026-02-01 4567def"}
     path = tmp_path / "runs.json"
