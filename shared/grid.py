@@ -141,7 +141,7 @@ class RunStore:
 
     @staticmethod
     def key(config: TrainConfig) -> str:
-        return _key(_defined(dataclasses.asdict(config)))
+        return _key(_with_preset(dataclasses.asdict(config)))
 
     def __contains__(self, config: TrainConfig) -> bool:
         return self.key(config) in self.runs
@@ -168,7 +168,7 @@ def _key(config: dict) -> str:
     return json.dumps(config, sort_keys=True)
 
 
-def _defined(config: dict) -> dict:
+def _with_preset(config: dict) -> dict:
     """`config` with its preset's layers spelled out (None for a spec or a file): a preset
     redefined since (retuned, say) matches no run of its old definition."""
     return {**config, "preset": PRESETS[config["arch"]][0] if config["arch"] in PRESETS else None}
@@ -180,14 +180,15 @@ def _current_keys(runs: dict[str, dict]) -> dict[str, dict]:
     as of today's definition. Where the same configuration is stored under an old key and
     under its current one (trained again by a version that did not match the old key), the
     run stored under the current key is kept."""
-    current: dict[str, dict] = {}
+    current: dict[str, tuple[tuple[bool, bool], dict]] = {}
     for stored, run in runs.items():
         config = json.loads(stored)
         full = with_added_fields(config)
-        key = _key(full if "preset" in full else _defined(full))
-        if key not in current or {*ADDED_FIELDS, "preset"} <= config.keys():
-            current[key] = run
-    return current
+        key = _key(full if "preset" in full else _with_preset(full))
+        rank = (ADDED_FIELDS.keys() <= config.keys(), "preset" in config)  # how current
+        if key not in current or rank > current[key][0]:
+            current[key] = rank, run
+    return {key: run for key, (_, run) in current.items()}
 
 
 def _a_share(value: object) -> bool:
@@ -195,18 +196,22 @@ def _a_share(value: object) -> bool:
     return isinstance(value, float) and 0.0 <= value <= 1.0
 
 
-@functools.cache
 def checkout_label() -> str:
-    """The date and the checkout's commit, as far as git can tell, marked `+changes` where the
-    commit's code was edited (its results files, which a grid rewrites, do not count). Taken
-    once, before this process's first run: the code it loaded, whatever is edited or
-    committed while it trains."""
+    """Today's date and the checkout's commit, as far as git can tell, marked `+changes` where
+    the commit's code was edited (its results files, which a grid rewrites, do not count)."""
     date = datetime.datetime.now(datetime.UTC).date().isoformat()
+    return f"{date} {_loaded_commit()}"
+
+
+@functools.cache
+def _loaded_commit() -> str:
+    """The commit (`+changes` if edited) as this process first asked, before its first run:
+    the code it loaded, whatever is edited or committed while it trains."""
     commit = _git("rev-parse", "--short", "HEAD")
     if not commit:
-        return f"{date} outside git"
+        return "outside git"
     edited = _git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.toml")
-    return f"{date} {commit}{'+changes' if edited else ''}"
+    return f"{commit}{'+changes' if edited else ''}"
 
 
 def _git(*args: str) -> str:

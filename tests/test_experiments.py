@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 
@@ -18,7 +19,7 @@ from shared.experiments import recheck_in_float64, run_experiments
 from shared.grid import RunStore
 from shared.lab_questions import AGREEMENT, DEEP, STRONG, comparisons, seed_row_label
 from shared.loop import train
-from shared.spec import get_arch, param_shapes
+from shared.spec import PRESETS, get_arch, param_shapes
 from tests.conftest import make_dataset_dir
 from tests.test_training import run_script
 
@@ -152,7 +153,7 @@ def test_a_preset_redefined_since_a_run_does_not_reuse_it(tmp_path):
     while a run stored before keys named them is taken as today's."""
     config = TrainConfig(arch="pool", seed=3)
     current = json.loads(RunStore.key(config))
-    assert current["preset"] == "conv8-relu-maxpool2-flatten-fc128-relu-fc10"
+    assert current["preset"] == PRESETS["pool"][0]
     finished = {"summary": {"test_acc": 0.9}, "trained": "2026-01-01 0123abc"}
     path = tmp_path / "runs.json"
     for stored, counts in (
@@ -164,20 +165,26 @@ def test_a_preset_redefined_since_a_run_does_not_reuse_it(tmp_path):
 
 
 def test_a_run_stored_under_an_old_and_a_current_key_keeps_the_current_one(tmp_path):
-    # A version that did not read old keys trained the run again under its full key: both
-    # are in the file, in either order, and the full key's run is the one that counts.
+    # A version that did not read old keys trained the run again under a fuller key: all are
+    # in the file, in any order, and the most current key's run is the one that counts.
     config = TrainConfig(arch="pool", seed=3)
     current = json.loads(RunStore.key(config))
-    older = {k: v for k, v in current.items() if k not in ("erase", "optimizer", "preset")}
-    old_run = {"summary": {"test_acc": 0.8}, "trained": "2026-01-01 0123abc"}
-    new_run = {"summary": {"test_acc": 0.9}, "trained": "2026-02-01 4567def"}
+    full = {k: v for k, v in current.items() if k != "preset"}  # before presets were keyed
+    older = {k: v for k, v in full.items() if k not in ("erase", "optimizer")}
+    runs = [
+        (older, {"summary": {"test_acc": 0.7}, "trained": "2026-01-01 0123abc"}),
+        (full, {"summary": {"test_acc": 0.8}, "trained": "2026-02-01 4567def"}),
+        (current, {"summary": {"test_acc": 0.9}, "trained": "2026-03-01 89abcde"}),
+    ]
     path = tmp_path / "runs.json"
-    for order in ((older, old_run), (current, new_run)), ((current, new_run), (older, old_run)):
-        path.write_text(json.dumps({"runs": {json.dumps(k): r for k, r in order}}))
-        store = RunStore(path)
-        assert store.entry(config) == new_run and len(store.runs) == 1
+    for order in itertools.permutations(runs):
+        for stored in (order, [run for run in order if run[0] is not current]):
+            path.write_text(json.dumps({"runs": {json.dumps(k): r for k, r in stored}}))
+            store = RunStore(path)
+            assert len(store.runs) == 1
+            assert store.summary(config)["test_acc"] == (0.9 if len(stored) == 3 else 0.8)
     # Written back, the store holds the current keys only and reads back the same.
-    store.add(TrainConfig(arch="lab"), old_run)
+    store.add(TrainConfig(arch="lab"), runs[0][1])
     assert RunStore(path).runs == store.runs and len(store.runs) == 2
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -279,17 +280,22 @@ def edit_the_code(config, data):
     code.write_text(code.read_text() + "# edited while a run trained\\n")
     return {}
 
-print(run_here(edit_the_code, None, None)["trained"])
+run_here(edit_the_code, None, None)
+print(run_here(lambda config, data: {}, None, None)["trained"])  # the process's next run
 """
 
 
 def test_a_run_is_labelled_with_the_code_it_started_from(tmp_path):
-    """Code edited (or committed) while a grid trains does not relabel its runs; a process
-    started after the edit is labelled `+changes`."""
+    """Code edited (or committed) while a grid trains does not relabel its runs, the one
+    under way or the next; a process started after the edit is labelled `+changes`."""
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    # The code under test is this checkout's, edited or not: committed in the clone.
+    shutil.copy(ROOT / "shared" / "grid.py", clone / "shared" / "grid.py")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(clone)]
+    subprocess.run([*git, "commit", "-qam", "this checkout's grid.py", "--allow-empty"], check=True)
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True
+        [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
 
     def label(code: str) -> str:
