@@ -320,6 +320,14 @@ def keep_freed_memory() -> None:
     mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB freed at the heap's top
 
 
+# keep_freed_memory's settings as glibc reads them when a process starts: for a process whose
+# threads took their arenas before its first backend (a Ray worker's).
+MALLOC_ENV = {
+    "GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+    f"glibc.malloc.trim_threshold={2**30}"
+}
+
+
 def make_backend(
     impl: str, arch: Arch, dtype: Any = np.float32, hyperparams: Hyperparams | None = None
 ) -> Backend:
