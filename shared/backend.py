@@ -302,13 +302,15 @@ def keep_freed_memory() -> None:
     when freed, so each training step page-faults its activations and gradients back in: on
     the lab network that doubled a NumPy step at batch 128 (8,600 against 17,900 images/s,
     `python -m shared.benchmark --worker numpy lab 128 300`) and cost PyTorch a quarter. The
-    memory stays the process's own (peak use is unchanged: the freed arrays are reused).
+    memory stays the process's own: the freed arrays are reused, but a heap's free gaps are
+    not returned, so the peak can be higher (JAX `strong` at batch 128: 680 -> 850-970 MB).
 
     Threads get arenas of their own, each at most 64 MiB, that map anything larger afresh
     whatever the settings: XLA's worker threads allocate `strong`'s 101 MB step buffer at
     batch 128, 26,000 page faults a step. One arena for every thread keeps it too (0 faults);
     this must run before a framework starts its threads, since a thread keeps the arena it
-    first took. Elsewhere than glibc, nothing to do."""
+    first took (where threads start first, as in a Ray worker, MALLOC_ENV sets the same when
+    the process starts). Elsewhere than glibc, nothing to do."""
     if not sys.platform.startswith("linux"):
         return
     try:
