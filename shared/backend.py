@@ -309,8 +309,8 @@ def keep_freed_memory() -> None:
     whatever the settings: XLA's worker threads allocate `strong`'s 101 MB step buffer at
     batch 128, 26,000 page faults a step. One arena for every thread keeps it too (0 faults);
     this must run before a framework starts its threads, since a thread keeps the arena it
-    first took (where threads start first, as in a Ray worker, MALLOC_ENV sets the same when
-    the process starts). Elsewhere than glibc, nothing to do."""
+    first took (a Ray worker's threads start first, so its runs still fault). Elsewhere than
+    glibc, nothing to do."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -320,14 +320,6 @@ def keep_freed_memory() -> None:
     mallopt(-8, 1)  # M_ARENA_MAX: the main arena serves every thread
     mallopt(-4, 0)  # M_MMAP_MAX: no request is mapped on its own; all come from the heap
     mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB freed at the heap's top
-
-
-# keep_freed_memory's settings as glibc reads them when a process starts: for a process whose
-# threads took their arenas before its first backend (a Ray worker's).
-MALLOC_ENV = {
-    "GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-    f"glibc.malloc.trim_threshold={2**30}"
-}
 
 
 def make_backend(

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.backend import MALLOC_ENV
 from shared.config import ADDED_FIELDS, TrainConfig, with_added_fields
 from shared.cost import network_cost
 from shared.data import Dataset
@@ -381,9 +380,7 @@ def _on_ray(
             )
         # max_calls=1: a fresh process per run, pinned before its frameworks load; no retries:
         # a run whose worker died is reported, and the next invocation trains it again.
-        # glibc's malloc set as keep_freed_memory sets it, before the worker's threads start.
-        env = {"env_vars": MALLOC_ENV}
-        remote = ray.remote(num_cpus=cpus, max_calls=1, max_retries=0, runtime_env=env)(run_pinned)
+        remote = ray.remote(num_cpus=cpus, max_calls=1, max_retries=0)(run_pinned)
         data_ref = ray.put(data)
         pending = {remote.remote(task, config, data_ref, cpus): config for config in todo}
         with terminate_on_sigterm():  # after ray.init, which sets its own handler
