@@ -292,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="instead: break one step of each implementation into phases, and NumPy's into "
-        "layers (median of --steps steps, default 50), at each of --batch-sizes",
+        help="instead: break one step of each implementation into phases and into layers "
+        "(median of --steps steps, default 50), at each of --batch-sizes",
     )
     parser.add_argument(
         "--ladder-images",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -21,6 +23,25 @@ def _pin_worker_to_one_core() -> None:
 
 
 _pin_worker_to_one_core()
+
+
+def _share_jax_compilations() -> None:
+    """One persistent JAX compilation cache for the session, its xdist workers and the
+    scripts they start (which inherit the environment): tests build many backends of the same
+    network, and each new backend's functions would compile again (about 1 s each, most of a
+    cross-check's time). The cache is keyed by the compiled program itself, so a planted
+    variant compiles afresh. Made by the process that starts the session (before it starts
+    the workers) and removed at its end; a user's own JAX_COMPILATION_CACHE_DIR is kept."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="threefold-jax-cache-")
+    # Every program, however quick to compile: the default keeps those over 1 s only.
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    _MADE.append(Path(os.environ["JAX_COMPILATION_CACHE_DIR"]))
+
+
+_MADE: list[Path] = []
+_share_jax_compilations()
 
 import numpy as np
 import pytest
@@ -126,3 +147,8 @@ def run_measured(
 def pairs_with(impl: str) -> tuple[str, ...]:
     """The pairs of implementations that include `impl`: those a bug planted in it fails."""
     return tuple(pair for pair in PAIRS if impl in pair.split("-"))
+
+
+def pytest_unconfigure(config) -> None:
+    for folder in _MADE:
+        shutil.rmtree(folder, ignore_errors=True)
