@@ -20,6 +20,7 @@ from shared.backend import IMPLEMENTATIONS
 from shared.cli import add_impl_flag, number, positive_float, positive_int, run_cli
 from shared.cost import check_training_batch, network_cost
 from shared.errors import ThreefoldError, UsageError
+from shared.grid import cpu_name
 from shared.io import atomic_write, write_json
 from shared.ladder import loop_epoch_seconds
 from shared.outputs import hold, prepare_out_dir
@@ -177,16 +178,17 @@ def run_profile(
         for impl in impls:
             rows.append(run_worker(impl, arch, b, steps, timeout, kind="--profile-worker"))
             print(f"  profiled {impl} at batch {b}", flush=True)
+    cpu = cpu_name()
     text = (
-        f"`--arch {arch}`, float32, training defaults (flips on), median of {steps} steps; "
-        "milliseconds per step.\n\n" + profile.markdown(rows)
+        f"`--arch {arch}`, float32, training defaults (flips on), on {cpu}, median of {steps} "
+        "steps; milliseconds per step.\n\n" + profile.markdown(rows)
     )
     for b in sizes:
         at_b = [r for r in rows if r["batch_size"] == b]
         text += f"\n\nBy layer, batch {b}, milliseconds:\n\n" + profile.layer_markdown(at_b)
     print("\n" + text)
     atomic_write(out / "profile.md", lambda f: f.write((text + "\n").encode()))
-    write_json(out / "profile.json", {"arch": arch, "rows": rows})
+    write_json(out / "profile.json", {"arch": arch, "cpu": cpu, "rows": rows})
     profile.chart(rows, out / "profile.png")
     print(f"\nwrote {out / 'profile.md'}, {out / 'profile.json'}, {out / 'profile.png'}")
     return 0
@@ -243,15 +245,16 @@ def run_benchmark(
     if args.ladder_images and arch.name == "lab":  # the loops are the lab network's
         table += "\n\n" + ladder_table(loop_epoch_seconds(args.ladder_images), rows)
     print("\n" + table)
+    cpu = cpu_name()
     header = (
-        f"`--arch {args.arch}`, float32, median of {args.repeats} interleaved repeats, each "
-        f"in a fresh process. float32 matmul ceiling {ceiling:.1f} GFLOP/s; "
+        f"`--arch {args.arch}`, float32, on {cpu}, median of {args.repeats} interleaved "
+        f"repeats, each in a fresh process. float32 matmul ceiling {ceiling:.1f} GFLOP/s; "
         f"{flops / 1e6:.2f} MFLOP per image.\n\n"
     )
     atomic_write(out / "benchmark.md", lambda f: f.write((header + table + "\n").encode()))
     write_json(
         out / "benchmark.json",
-        {"ceiling_gflops": ceiling, "flops_per_image": flops, "rows": rows},
+        {"cpu": cpu, "ceiling_gflops": ceiling, "flops_per_image": flops, "rows": rows},
     )
     bar_chart(rows, out / "benchmark.png")
     print(f"\nwrote {out / 'benchmark.md'}, {out / 'benchmark.json'}, {out / 'benchmark.png'}")

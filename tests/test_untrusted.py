@@ -13,7 +13,7 @@ import pytest
 
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.errors import DataError, UsageError
-from shared.grid import RunStore
+from shared.grid import RunStore, cpu_name
 from shared.outputs import hold
 from shared.proof.rows import CheckResult
 from shared.spec import MAX_SPEC_CHARS, get_arch, state_shapes
@@ -112,9 +112,11 @@ def test_a_benchmark_without_pytorch_writes_null_ratios(tiny_data_dir, tmp_path)
         "--ladder-images", "0", "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    rows = json.loads((out / "benchmark.json").read_text())["rows"]
-    assert [r["ratio_to_torch"] for r in rows] == [None]
-    assert "n/a (torch not run)" in (out / "benchmark.md").read_text()
+    saved = json.loads((out / "benchmark.json").read_text())
+    assert [r["ratio_to_torch"] for r in saved["rows"]] == [None]
+    text = (out / "benchmark.md").read_text()
+    assert "n/a (torch not run)" in text
+    assert saved["cpu"] == cpu_name() and f"on {cpu_name()}," in text
 
 
 def test_a_row_of_the_cross_check_that_is_not_a_number_is_null_with_its_reason():
