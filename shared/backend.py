@@ -295,6 +295,17 @@ class Backend:
         return np.asarray(loss), np.asarray(dlogits)
 
 
+# keep_freed_memory's settings of glibc's malloc: name -> (mallopt's parameter, value).
+MALLOC_SETTINGS = {
+    "arena_max": (-8, 1),  # M_ARENA_MAX: the main arena serves every thread
+    "mmap_max": (-4, 0),  # M_MMAP_MAX: no request is mapped on its own; all come from the heap
+    "trim_threshold": (-1, 2**30),  # M_TRIM_THRESHOLD: keep up to 1 GiB freed at the heap's top
+}
+# The same as glibc reads them from the environment when a process starts, before any thread:
+# for processes whose threads start before our code runs (Ray's workers).
+MALLOC_TUNABLES = ":".join(f"glibc.malloc.{k}={v}" for k, (_, v) in MALLOC_SETTINGS.items())
+
+
 @functools.cache
 def keep_freed_memory() -> None:
     """Let glibc's malloc keep freed memory for the next request instead of returning it to the
@@ -309,17 +320,17 @@ def keep_freed_memory() -> None:
     whatever the settings: XLA's worker threads allocate `strong`'s 101 MB step buffer at
     batch 128, 26,000 page faults a step. One arena for every thread keeps it too (0 faults);
     this must run before a framework starts its threads, since a thread keeps the arena it
-    first took (a Ray worker's threads start first, so its runs still fault). Elsewhere than
-    glibc, nothing to do."""
+    first took. A Ray worker's threads start first, so a local Ray cluster starts its
+    processes with MALLOC_TUNABLES instead (shared/grid.py). Elsewhere than glibc, nothing to
+    do."""
     if not sys.platform.startswith("linux"):
         return
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
     except (OSError, AttributeError):  # musl has no mallopt
         return
-    mallopt(-8, 1)  # M_ARENA_MAX: the main arena serves every thread
-    mallopt(-4, 0)  # M_MMAP_MAX: no request is mapped on its own; all come from the heap
-    mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB freed at the heap's top
+    for parameter, value in MALLOC_SETTINGS.values():
+        mallopt(parameter, value)
 
 
 def make_backend(

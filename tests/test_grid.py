@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_dataset_dir
+from tests.test_profile import STEP_FAULTS
 from tests.test_training import ROOT, run_script
 
 ALL_CORES = set(range(os.cpu_count() or 1))
@@ -110,6 +112,39 @@ def test_a_grid_on_ray_gives_what_a_local_grid_gives(grid_data, tmp_path, short_
         for k in ("local", "ray")
     ]
     assert results[0] == results[1]
+
+
+RAY_STEP_FAULTS = """
+import sys
+from shared.config import TrainConfig
+from shared.data import load_dataset
+from shared.grid import Engine, RunStore, run_grid
+
+config, store = TrainConfig(impl="jax", arch="strong"), RunStore(None)
+engine = Engine("ray", cpus_per_run=1)
+run_grid(step_faults, {config: "faults"}, load_dataset(sys.argv[1]), store, engine, lambda _: None)
+print(*store.summary(config)["faults"])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a setting of glibc's malloc")
+def test_a_ray_task_reuses_the_memory_its_threads_freed(grid_data, short_tmp):
+    """A Ray worker's threads take their malloc arenas before any of our code runs, so the
+    local cluster starts its processes with keep_freed_memory's settings in the environment:
+    without them a task's JAX step faulted its buffer back in (26,205 faults a step)."""
+    done = subprocess.run(
+        [sys.executable, "-c", STEP_FAULTS + RAY_STEP_FAULTS, str(grid_data)],
+        cwd=ROOT,
+        env={**os.environ, "TMPDIR": short_tmp},
+        preexec_fn=lambda: os.sched_setaffinity(0, ALL_CORES),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    faults = [int(n) for n in done.stdout.split()]
+    assert len(faults) == 9 and statistics.median(faults) < 1000, faults
 
 
 def ray_runs_in_progress() -> list[int]:

@@ -113,6 +113,8 @@ def test_compiling_the_step_leaves_the_run_state_as_it_was(impl, tiny_data_dir):
 
 # strong's JAX step at batch 128 needs a 101 MB buffer, allocated by XLA's threads: page faults
 # a step, counted in a process of its own.
+# A grid task (shared/grid.py's Task): page faults of each of 9 JAX `strong` steps at batch 128,
+# after the first, which compiles; tests/test_grid.py runs it on Ray.
 STEP_FAULTS = """
 import itertools, resource
 import numpy as np
@@ -120,17 +122,20 @@ from shared.backend import make_backend
 from shared.batches import steady_batches
 from shared.spec import get_arch, init_params
 
-arch = get_arch("strong")
-backend = make_backend("jax", arch)
-state = backend.init_state(init_params(arch))
-rng = np.random.default_rng(0)
-data = backend.put_data(rng.random((256, 1, 28, 28), np.float32), rng.integers(0, 10, 256))
-batches = steady_batches(256, 128, 0.0, arch.dropouts, flip=False)
-state, _, _ = backend.train_step(state, data, next(batches), 0.01)  # compiles
-for batch in itertools.islice(batches, 9):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    state, _, _ = backend.train_step(state, data, batch, 0.01)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+def step_faults(config, data):
+    arch = get_arch("strong")
+    backend = make_backend("jax", arch)
+    state = backend.init_state(init_params(arch))
+    rng = np.random.default_rng(0)
+    images = backend.put_data(rng.random((256, 1, 28, 28), np.float32), rng.integers(0, 10, 256))
+    batches = steady_batches(256, 128, 0.0, arch.dropouts, flip=False)
+    state, _, _ = backend.train_step(state, images, next(batches), 0.01)  # compiles
+    faults = []
+    for batch in itertools.islice(batches, 9):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        state, _, _ = backend.train_step(state, images, batch, 0.01)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return {"test_acc": 0.0, "faults": faults}
 """
 
 
@@ -141,7 +146,11 @@ def test_a_jax_step_reuses_the_memory_its_threads_freed():
     each). Kept, the heap grows to hold it in the first steps, then a step faults in almost
     nothing."""
     done = subprocess.run(
-        [sys.executable, "-c", STEP_FAULTS], capture_output=True, text=True, cwd=ROOT, check=False
+        [sys.executable, "-c", STEP_FAULTS + "print(*step_faults(None, None)['faults'])"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     faults = [int(n) for n in done.stdout.split()]
