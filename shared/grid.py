@@ -341,15 +341,17 @@ def training_flops(config: TrainConfig, data: Dataset) -> int:
 
 @contextlib.contextmanager
 def _environment(**variables: str):
-    """os.environ with `variables` set where the user has not set them, for the processes
-    started meanwhile; restored after."""
-    added = {k: v for k, v in variables.items() if k not in os.environ}
-    os.environ.update(added)
+    """os.environ with `variables` set, for the processes started meanwhile; restored after."""
+    before = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
     try:
         yield
     finally:
-        for k in added:
-            os.environ.pop(k, None)
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _on_ray(
@@ -370,7 +372,9 @@ def _on_ray(
             # A cluster of this process's cores for the grid's length, quiet on the terminal,
             # whose workers keep the memory their threads free (see keep_freed_memory; JAX
             # `strong` at batch 128 in a task: 26,205 page faults a step -> 0).
-            with _environment(GLIBC_TUNABLES=MALLOC_TUNABLES):
+            # A user's own tunables come after ours, so that theirs win where both set one.
+            own = os.environ.get("GLIBC_TUNABLES")
+            with _environment(GLIBC_TUNABLES=":".join(filter(None, (MALLOC_TUNABLES, own)))):
                 ray.init(
                     num_cpus=len(os.sched_getaffinity(0)),
                     include_dashboard=False,

@@ -31,16 +31,19 @@ def _share_jax_compilations() -> None:
     network, and each new backend's functions would compile again (about 1 s each, most of a
     cross-check's time). The cache is keyed by the compiled program itself, so a planted
     variant compiles afresh. Made by the process that starts the session (before it starts
-    the workers) and removed at its end; a user's own JAX_COMPILATION_CACHE_DIR is kept."""
+    the workers) and removed at its end; a user's own JAX_COMPILATION_CACHE_DIR is kept. (Two
+    workers may write one entry at once; one that reads it half-written compiles again, with
+    a warning.)"""
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:
         return
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="threefold-jax-cache-")
+    _MADE["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="threefold-jax-cache-")
     # Every program, however quick to compile: the default keeps those over 1 s only.
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    _MADE.append(Path(os.environ["JAX_COMPILATION_CACHE_DIR"]))
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        _MADE["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ.update(_MADE)
 
 
-_MADE: list[Path] = []
+_MADE: dict[str, str] = {}  # the variables set by _share_jax_compilations
 _share_jax_compilations()
 
 import numpy as np
@@ -150,5 +153,34 @@ def pairs_with(impl: str) -> tuple[str, ...]:
 
 
 def pytest_unconfigure(config) -> None:
-    for folder in _MADE:
-        shutil.rmtree(folder, ignore_errors=True)
+    if "JAX_COMPILATION_CACHE_DIR" in _MADE:
+        shutil.rmtree(_MADE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    for name in _MADE:
+        os.environ.pop(name, None)
+    _MADE.clear()
+
+
+# A grid task (shared/grid.py's Task): page faults of each of 9 JAX `strong` steps at batch 128,
+# after the first, which compiles; tests/test_grid.py runs it on Ray.
+STEP_FAULTS = """
+import itertools, resource
+import numpy as np
+from shared.backend import make_backend
+from shared.batches import steady_batches
+from shared.spec import get_arch, init_params
+
+def step_faults(config, data):
+    arch = get_arch("strong")
+    backend = make_backend("jax", arch)
+    state = backend.init_state(init_params(arch))
+    rng = np.random.default_rng(0)
+    images = backend.put_data(rng.random((256, 1, 28, 28), np.float32), rng.integers(0, 10, 256))
+    batches = steady_batches(256, 128, 0.0, arch.dropouts, flip=False)
+    state, _, _ = backend.train_step(state, images, next(batches), 0.01)  # compiles
+    faults = []
+    for batch in itertools.islice(batches, 9):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        state, _, _ = backend.train_step(state, images, batch, 0.01)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return {"test_acc": 0.0, "faults": faults}
+"""

@@ -1,5 +1,6 @@
 """The front page stays a front page (at most 12,000 characters) and every link in it and in
-docs/ resolves: to a file of the repository, and where it names a heading, to that heading."""
+docs/ resolves: to a file of the repository, and where it names a heading, to that heading;
+and what a page tells users to type matches the code."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
+
+from shared.backend import MALLOC_TUNABLES
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -54,3 +57,10 @@ def test_every_link_resolves(page):
 def test_the_front_page_links_to_every_page_of_the_docs():
     linked = {Path(link.partition("#")[0]).name for link in local_links(ROOT / "README.md")}
     assert {p.name for p in PAGES[1:]} <= linked
+
+
+def test_the_cluster_guide_gives_the_malloc_settings_the_code_uses():
+    """A cluster users start themselves gets keep_freed_memory's settings only from the line
+    docs/CLUSTER.md gives them to export."""
+    guide = (ROOT / "docs" / "CLUSTER.md").read_text()
+    assert f"export GLIBC_TUNABLES={MALLOC_TUNABLES}\n" in guide

@@ -32,11 +32,13 @@ from shared.proof.rows import CheckResult, compare
 from shared.proof.settings import ALL_ON
 from shared.spec import PRESETS, Arch, get_arch, init_params, param_shapes, state_shapes
 from tests.conftest import pairs_with, to_native
+from tests.test_planted import SPEC as PLANTED_SPEC
 
 IMPL_PAIRS = list(itertools.combinations(IMPLEMENTATIONS, 2))
 F64_TOL = 1e-10
-# A small network with every stateful layer: BatchNorm 2d and 1d (buffers) and dropout (masks).
-BN_DROPOUT = "conv4-bn-relu-maxpool2-conv6s2-bn-tanh-flatten-fc16-bn-sigmoid-dropout0.25-fc10"
+# A small network with every stateful layer: BatchNorm 2d and 1d (buffers) and dropout (masks);
+# test_planted's, whose baseline checks its float64 rows on generated images.
+BN_DROPOUT = PLANTED_SPEC
 # Dropout on 4-d maps (N, C, H, W), each unit masked on its own.
 SPATIAL_DROPOUT = "conv4-relu-dropout0.3-maxpool2-flatten-fc10"
 

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_dataset_dir
-from tests.test_profile import STEP_FAULTS
+from tests.conftest import STEP_FAULTS, make_dataset_dir
 from tests.test_training import ROOT, run_script
 
 ALL_CORES = set(range(os.cpu_count() or 1))

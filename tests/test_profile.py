@@ -22,7 +22,7 @@ from shared.profile import PHASES
 from shared.proof.report import plot_results, worst_by_row
 from shared.proof.rows import CheckResult
 from shared.spec import get_arch, init_params
-from tests.conftest import ROOT
+from tests.conftest import ROOT, STEP_FAULTS
 from tests.test_training import run_script
 
 
@@ -113,32 +113,6 @@ def test_compiling_the_step_leaves_the_run_state_as_it_was(impl, tiny_data_dir):
 
 # strong's JAX step at batch 128 needs a 101 MB buffer, allocated by XLA's threads: page faults
 # a step, counted in a process of its own.
-# A grid task (shared/grid.py's Task): page faults of each of 9 JAX `strong` steps at batch 128,
-# after the first, which compiles; tests/test_grid.py runs it on Ray.
-STEP_FAULTS = """
-import itertools, resource
-import numpy as np
-from shared.backend import make_backend
-from shared.batches import steady_batches
-from shared.spec import get_arch, init_params
-
-def step_faults(config, data):
-    arch = get_arch("strong")
-    backend = make_backend("jax", arch)
-    state = backend.init_state(init_params(arch))
-    rng = np.random.default_rng(0)
-    images = backend.put_data(rng.random((256, 1, 28, 28), np.float32), rng.integers(0, 10, 256))
-    batches = steady_batches(256, 128, 0.0, arch.dropouts, flip=False)
-    state, _, _ = backend.train_step(state, images, next(batches), 0.01)  # compiles
-    faults = []
-    for batch in itertools.islice(batches, 9):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        state, _, _ = backend.train_step(state, images, batch, 0.01)
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return {"test_acc": 0.0, "faults": faults}
-"""
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a setting of glibc's malloc")
 def test_a_jax_step_reuses_the_memory_its_threads_freed():
     """Each framework thread's own malloc arena maps anything over 64 MiB afresh, so without
