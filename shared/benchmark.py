@@ -23,7 +23,7 @@ from shared.errors import ThreefoldError, UsageError
 from shared.io import atomic_write, write_json
 from shared.ladder import loop_epoch_seconds
 from shared.outputs import hold, prepare_out_dir
-from shared.profile import timing_setup
+from shared.profile import cpu_name, timing_setup
 from shared.spec import Arch, get_arch
 
 EPOCH_IMAGES = 50_000
@@ -125,14 +125,6 @@ def add_derived(rows: list[dict], flops: int, ceiling: float) -> list[dict]:
     return rows
 
 
-def _cpu_name() -> str:
-    """The processor, for the tables (timings compare only on one): imported here, since
-    shared.grid loads matplotlib, which would count in every timing worker's peak memory."""
-    from shared.grid import cpu_name
-
-    return cpu_name()
-
-
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| impl | batch | images/s | s / 50k epoch | ratio to torch | first step (compile) s "
@@ -185,7 +177,7 @@ def run_profile(
         for impl in impls:
             rows.append(run_worker(impl, arch, b, steps, timeout, kind="--profile-worker"))
             print(f"  profiled {impl} at batch {b}", flush=True)
-    cpu = _cpu_name()
+    cpu = cpu_name()
     text = (
         f"`--arch {arch}`, float32, training defaults (flips on), on {cpu}, median of {steps} "
         "steps; milliseconds per step.\n\n" + profile.markdown(rows)
@@ -252,7 +244,7 @@ def run_benchmark(
     if args.ladder_images and arch.name == "lab":  # the loops are the lab network's
         table += "\n\n" + ladder_table(loop_epoch_seconds(args.ladder_images), rows)
     print("\n" + table)
-    cpu = _cpu_name()
+    cpu = cpu_name()
     header = (
         f"`--arch {args.arch}`, float32, on {cpu}, median of {args.repeats} interleaved "
         f"repeats, each in a fresh process. float32 matmul ceiling {ceiling:.1f} GFLOP/s; "

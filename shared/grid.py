@@ -50,6 +50,7 @@ from shared.data import Dataset
 from shared.errors import DataError, GridFailed, Interrupted, ThreefoldError, UsageError
 from shared.io import read_json, write_json
 from shared.loop import interrupted, terminate_on_sigterm, train_split
+from shared.profile import cpu_name
 from shared.spec import PRESETS, get_arch
 
 ENGINES = ("local", "ray")
@@ -227,18 +228,6 @@ def _git(*args: str) -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
-
-
-def cpu_name() -> str:
-    """The processor's model name as `lscpu` gives it (timings are only comparable on one)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    name = fields.get("Model name", "unknown CPU").strip()
-    family, model = fields.get("CPU family", "?").strip(), fields.get("Model", "?").strip()
-    return f"{name} (family {family}, model {model}), {fields.get('CPU(s)', '?').strip()} CPUs"
 
 
 def run_here(task: Task, config: TrainConfig, data: Dataset) -> dict:

@@ -10,7 +10,9 @@ Layers are timed the same way, each on its own (see `layer_timers`).
 
 from __future__ import annotations
 
+import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -114,6 +116,18 @@ def layer_seconds(backend: Backend, timers: list[LayerTimer]) -> dict[str, float
         seconds[f"{t.name} forward"] = forward
         seconds[f"{t.name} backward"] = max(both - forward, 0.0)
     return seconds
+
+
+def cpu_name() -> str:
+    """The processor's model name as `lscpu` gives it (timings are only comparable on one)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown CPU"
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    name = fields.get("Model name", "unknown CPU").strip()
+    family, model = fields.get("CPU family", "?").strip(), fields.get("Model", "?").strip()
+    return f"{name} (family {family}, model {model}), {fields.get('CPU(s)', '?').strip()} CPUs"
 
 
 def timing_setup(

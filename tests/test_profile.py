@@ -15,10 +15,9 @@ from impl_numpy import layers, model
 from shared.backend import IMPLEMENTATIONS, make_backend
 from shared.config import TrainConfig
 from shared.data import load_dataset
-from shared.grid import cpu_name
 from shared.ladder import conv_backward_loops, conv_forward_loops, lab_step
 from shared.loop import compile_steps
-from shared.profile import PHASES
+from shared.profile import PHASES, cpu_name
 from shared.proof.report import plot_results, worst_by_row
 from shared.proof.rows import CheckResult
 from shared.spec import get_arch, init_params
@@ -49,7 +48,8 @@ def test_profile_times_every_phase_and_every_layer_of_every_implementation(tmp_p
     text = (tmp_path / "profile.md").read_text()
     assert "| numpy | 16 |" in text and "| conv | " in text
     # Timings compare only on one processor: the tables and the JSON name it.
-    assert saved["cpu"] == cpu_name() and f"on {cpu_name()}," in text
+    cpu = cpu_name()
+    assert saved["cpu"] == cpu and f"on {cpu}," in text
 
 
 def test_the_loop_convolution_computes_the_vectorised_one():

@@ -13,8 +13,9 @@ import pytest
 
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.errors import DataError, UsageError
-from shared.grid import RunStore, cpu_name
+from shared.grid import RunStore
 from shared.outputs import hold
+from shared.profile import cpu_name
 from shared.proof.rows import CheckResult
 from shared.spec import MAX_SPEC_CHARS, get_arch, state_shapes
 from tests.conftest import make_dataset_dir, run_measured
@@ -116,7 +117,8 @@ def test_a_benchmark_without_pytorch_writes_null_ratios(tiny_data_dir, tmp_path)
     assert [r["ratio_to_torch"] for r in saved["rows"]] == [None]
     text = (out / "benchmark.md").read_text()
     assert "n/a (torch not run)" in text
-    assert saved["cpu"] == cpu_name() and f"on {cpu_name()}," in text
+    cpu = cpu_name()
+    assert saved["cpu"] == cpu and f"on {cpu}," in text
 
 
 def test_a_row_of_the_cross_check_that_is_not_a_number_is_null_with_its_reason():
