@@ -18,6 +18,7 @@ import impl_jax.optim
 import impl_numpy.augment
 import impl_numpy.model
 import impl_numpy.optim
+from shared.backend import make_backend
 from shared.batches import augmentation_maps, dropout_masks
 from shared.spec import get_arch, init_params, split_params
 
@@ -136,3 +137,24 @@ def test_the_model_boundary_refuses_a_tensor_of_another_network():
     wrong = {**jparams, "fc1.weight": jparams["fc1.weight"][:, :100]}
     with pytest.raises(AssertionError, match="shape"):
         impl_jax.model.forward(wrong, jnp.asarray(x), arch)
+
+
+@pytest.mark.parametrize(
+    ("name", "more_ynn_fusions"),
+    [("lab", False), ("res(conv4-relu-conv4)-flatten-fc10", True), ("strong", True)],
+)
+def test_the_backend_hands_xla_its_options_for_the_network(name, more_ynn_fusions):
+    """Networks with a convolution XLA runs (one inside a block counts) compile their
+    element-wise work into YNNPACK's fusions too, so their forward has more of them than
+    under XLA's defaults; `lab`, whose only convolution is a 1-channel product, compiles as
+    XLA's defaults have it."""
+    arch = get_arch(name)
+    backend = make_backend("jax", arch)
+    params = backend.init_state(init_params(arch))[0]
+    x = np.zeros((4, 1, 28, 28), np.float32)
+
+    def ynn_fusions(fn) -> int:
+        return fn.lower(params, x).compile().as_text().count('"kind":"__ynn_fusion"')
+
+    defaults = ynn_fusions(jax.jit(partial(impl_jax.model.forward, arch=arch)))
+    assert (ynn_fusions(backend.predict_fn) > defaults) == more_ynn_fusions
