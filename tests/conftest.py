@@ -158,29 +158,3 @@ def pytest_unconfigure(config) -> None:
     for name in _MADE:
         os.environ.pop(name, None)
     _MADE.clear()
-
-
-# A grid task (shared/grid.py's Task): page faults of each of 9 JAX `strong` steps at batch 128,
-# after the first, which compiles; tests/test_grid.py runs it on Ray.
-STEP_FAULTS = """
-import itertools, resource
-import numpy as np
-from shared.backend import make_backend
-from shared.batches import steady_batches
-from shared.spec import get_arch, init_params
-
-def step_faults(config, data):
-    arch = get_arch("strong")
-    backend = make_backend("jax", arch)
-    state = backend.init_state(init_params(arch))
-    rng = np.random.default_rng(0)
-    images = backend.put_data(rng.random((256, 1, 28, 28), np.float32), rng.integers(0, 10, 256))
-    batches = steady_batches(256, 128, 0.0, arch.dropouts, flip=False)
-    state, _, _ = backend.train_step(state, images, next(batches), 0.01)  # compiles
-    faults = []
-    for batch in itertools.islice(batches, 9):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        state, _, _ = backend.train_step(state, images, batch, 0.01)
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return {"test_acc": 0.0, "faults": faults}
-"""
