@@ -21,8 +21,8 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding
     """x (N, C, H, W), w (O, C, k, k), b (O,) or None -> out (N, O, H', W').
 
     Chosen by the input's channels, as measured on this CPU (docs/PERFORMANCE.md): with one
-    channel, one matrix product w (O, k*k) @ im2col(x), as in impl_numpy (XLA's own
-    convolution made the lab network's step 1.35x slower); with more, XLA's convolution,
+    channel, one matrix product w (O, k*k) @ im2col(x) per image, as in impl_numpy (XLA's
+    own convolution made the lab network's step 1.35x slower); with more, XLA's convolution,
     with the weight gradient taken from another formulation (see _conv_many_channels):
     im2col's k*k-fold unfolded copy is XLA's slowest operation here.
     """
@@ -33,10 +33,20 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding
     o, c, k, _ = w.shape
     cols = jnp.stack(window_offsets(_pad(x, padding), k, stride), axis=2)  # (N, C, k*k, H', W')
     ho, wo = cols.shape[3:]
-    out = jnp.matmul(w.reshape(o, -1), cols.reshape(n, c * k * k, ho * wo))
+    out = _per_image_product(w.reshape(o, -1), cols.reshape(n, c * k * k, ho * wo))
     if b is not None:
         out = out + b[:, None]
     return out.reshape(n, o, ho, wo)
+
+
+def _per_image_product(w: jax.Array, cols: jax.Array) -> jax.Array:
+    """w (O, K) @ cols (N, K, P) -> (N, O, P): w broadcast over the batch, so that XLA's
+    product comes out in (N, O, P) order. jnp.matmul's w @ cols computes (O, N, P) and then
+    transposes it, which took 6 ms of strong's training step at batch 128 (that step
+    0.92x the time without it, the lab's 0.92-0.96x, docs/PERFORMANCE.md)."""
+    w_batch = jnp.broadcast_to(w, (len(cols), *w.shape))
+    contract_k_batch_n = (((2,), (1,)), ((0,), (0,)))
+    return lax.dot_general(w_batch, cols, contract_k_batch_n)
 
 
 def _conv_xla(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
@@ -56,9 +66,8 @@ def _conv_by_offsets(x: jax.Array, w: jax.Array, stride: int, padding: int) -> j
     out = 0.0
     for offset, shifted in enumerate(window_offsets(_pad(x, padding), k, stride)):
         ho, wo = shifted.shape[2:]
-        w_batch = jnp.broadcast_to(w[:, :, offset // k, offset % k], (n, o, c))
-        products = (((2,), (1,)), ((0,), (0,)))  # contract C, batch N
-        out = out + lax.dot_general(w_batch, shifted.reshape(n, c, ho * wo), products)
+        w_offset = w[:, :, offset // k, offset % k]
+        out = out + _per_image_product(w_offset, shifted.reshape(n, c, ho * wo))
     return out.reshape(n, o, ho, wo)
 
 
@@ -203,8 +212,12 @@ def batch_norm(
         running_var = (1 - momentum) * running_var + momentum * n / (n - 1) * var
     else:
         mean, var = running_mean, running_var
-    xhat = (x - _per_channel(mean, x.ndim)) * _per_channel(lax.rsqrt(var + eps), x.ndim)
-    out = xhat * _per_channel(weight, x.ndim) + _per_channel(bias, x.ndim)
+    # (x - mean) / std * weight + bias folded into one scale and shift per channel, as
+    # PyTorch's CPU kernel computes it: two passes over x instead of four, and XLA fills
+    # each per-channel operand out to x's full size before YNNPACK's element-wise fusions
+    # (strong's training step 0.91-0.94x the time of the unfolded form, docs/PERFORMANCE.md).
+    scale = lax.rsqrt(var + eps) * weight
+    out = x * _per_channel(scale, x.ndim) + _per_channel(bias - mean * scale, x.ndim)
     return out, running_mean, running_var
 
 
