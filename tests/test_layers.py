@@ -117,6 +117,7 @@ CONV_CASES = [
     conv(1, 2, 3, 9, 6, 3, 3, 1),
     conv(2, 3, 2, 5, 7, 1, 2, 0),  # stride > kernel: every other row unused
     conv(1, 2, 2, 6, 5, 1, 3, 1),
+    conv(3, 3, 4, 6, 6, 3, 1, 1),  # batch == input channels: JAX adds an image of zeros
 ]
 POOL_CASES = [
     pool(kind, h, w, size, stride)
