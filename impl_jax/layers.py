@@ -31,10 +31,16 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding
         if n == w.shape[1]:
             # YNNPACK's convolution ran 2-3x slower where the batch equals the input channels,
             # and only there (strong's 32 -> 64 at batch 32: 47-54 GFLOP/s, against 140-150 at
-            # batches 31 and 33); an image of zeros more, its output dropped, costs 1/N.
+            # batches 31 and 33), likely its loops paired by equal extents alone (fixed after
+            # this jaxlib's YNNPACK); an image of zeros more, its output dropped, costs 1/N.
             x = jnp.pad(x, ((0, 1), (0, 0), (0, 0), (0, 0)))
         out = _conv_many_channels(x, w, stride, padding)
-        return (out if b is None else out + b[:, None, None])[:n]
+        if b is None:
+            # YNNPACK runs a convolution alone in its fusion on one thread (its loops skip
+            # the batch dimensions), and on both with an element-wise op fused after it:
+            # zeros that XLA cannot fold away made `deep`'s step 0.88-0.90x the time.
+            b = lax.optimization_barrier(jnp.zeros(w.shape[0], x.dtype))
+        return (out + b[:, None, None])[:n]
     o, c, k, _ = w.shape
     cols = jnp.stack(window_offsets(_pad(x, padding), k, stride), axis=2)  # (N, C, k*k, H', W')
     ho, wo = cols.shape[3:]

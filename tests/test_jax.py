@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 import impl_jax.augment
+import impl_jax.backend
+import impl_jax.layers
 import impl_jax.model
 import impl_jax.optim
 import impl_numpy.augment
@@ -155,10 +157,25 @@ def test_the_backend_hands_xla_its_options_for_the_network(name, ynn_relu):
     x = np.zeros((4, 1, 28, 28), np.float32)
 
     def maximum_in_ynn_fusion(fn) -> bool:
-        hlo = fn.lower(params, x).compile().as_text()
-        ynn = re.findall(r"calls=%([\w.]+)[^\n]*\"kind\":\"__ynn_fusion\"", hlo)
-        bodies = (re.search(rf"^%{re.escape(c)} .*?^}}", hlo, re.M | re.S)[0] for c in ynn)
-        return any(" maximum(" in body for body in bodies)
+        return any(" maximum(" in body for body in ynn_fusions(fn.lower(params, x)))
 
     assert not maximum_in_ynn_fusion(jax.jit(partial(impl_jax.model.forward, arch=arch)))
     assert maximum_in_ynn_fusion(backend.predict_fn) == ynn_relu
+
+
+def test_a_bias_free_convolution_shares_its_ynnpack_fusion_with_an_element_wise_op():
+    """YNNPACK runs a convolution alone in its fusion on one thread; a convolution without a
+    bias adds zeros that XLA cannot fold away, so that it runs fused with that add, on both."""
+    options = impl_jax.backend.compiler_options(get_arch("deep"))
+    conv = partial(impl_jax.layers.conv2d, b=None, stride=1, padding=1)
+    x, w = jnp.ones((8, 16, 14, 14), jnp.float32), jnp.ones((32, 16, 3, 3), jnp.float32)
+    lowered = jax.jit(conv, compiler_options=options).lower(x, w)
+    with_conv = [body for body in ynn_fusions(lowered) if " convolution(" in body]
+    assert with_conv and all(" add(" in body for body in with_conv)
+
+
+def ynn_fusions(lowered) -> list[str]:
+    """The bodies of the compiled program's YNNPACK fusions, as HLO text."""
+    hlo = lowered.compile().as_text()
+    called = re.findall(r"calls=%([\w.]+)[^\n]*\"kind\":\"__ynn_fusion\"", hlo)
+    return [re.search(rf"^%{re.escape(c)} .*?^}}", hlo, re.M | re.S)[0] for c in called]
