@@ -234,9 +234,19 @@ def max_pool_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray]:
     an input that is the maximum of several overlapping windows gets their sum."""
     x_shape, argmax, size, stride, padding = cache
     h, w = x_shape[2:]
-    dxp = np.zeros((*x_shape[:2], h + 2 * padding, w + 2 * padding), dtype=dout.dtype)
+    ho, wo = dout.shape[2:]
+    padded = (*x_shape[:2], h + 2 * padding, w + 2 * padding)
+    # Windows that do not overlap give each pixel one offset's gradient at most: written once
+    # into dxp rather than added into zeros, and where they also cover the whole image (2x2
+    # pooling of an even image) into memory never filled with zeros: half the passes.
+    apart = stride >= size
+    covered = stride == size and padded[2:] == (size * ho, size * wo)
+    dxp = (np.empty if covered else np.zeros)(padded, dtype=dout.dtype)
     for i, view in enumerate(window_offsets(dxp, size, stride)):
-        view += dout * (argmax == i)  # a view of dxp: adds in place, overlaps summed
+        if apart:
+            np.multiply(dout, argmax == i, out=view)
+        else:
+            view += dout * (argmax == i)  # a view of dxp: adds in place, overlaps summed
     return (dxp[:, :, padding : padding + h, padding : padding + w],)
 
 
@@ -301,25 +311,26 @@ def batch_norm_forward(
         centred = x - _per_channel(running_mean, x.ndim)
         var = running_var
     inv_std = 1 / np.sqrt(var + eps)
-    xhat = centred
-    xhat *= _per_channel(inv_std, x.ndim)  # in place: one array fewer to allocate and fill
-    out = xhat * _per_channel(weight, x.ndim)
+    # xhat = centred * inv_std is never formed: weight and 1/std scale centred in one pass,
+    # and the backward folds 1/std into its per-channel factors (one pass fewer each step).
+    scale = weight * inv_std
+    out = centred * _per_channel(scale, x.ndim)
     out += _per_channel(bias, x.ndim)
-    return out, (xhat, weight * inv_std, n, train), (running_mean, running_var)
+    return out, (centred, inv_std, scale, n, train), (running_mean, running_var)
 
 
 def batch_norm_backward(
     dout: np.ndarray, cache: Cache
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """dout like x -> dx like x, dweight (C,), dbias (C,)."""
-    xhat, scale, n, train = cache  # scale = weight / std
-    dweight, dbias = _channel_sum(dout, xhat), _channel_sum(dout)
+    centred, inv_std, scale, n, train = cache  # xhat = centred * inv_std, scale = weight / std
+    dweight, dbias = _channel_sum(dout, centred) * inv_std, _channel_sum(dout)
     dx = dout * _per_channel(scale, dout.ndim)
     if train:
         # The batch mean and variance depend on x as well: that takes away the gradient's
         # per-channel mean and its per-channel component along xhat (whose sums are dbias
         # and dweight, already at hand).
-        dx -= xhat * _per_channel(scale * dweight / n, dout.ndim)
+        dx -= centred * _per_channel(scale * dweight * inv_std / n, dout.ndim)
         dx -= _per_channel(scale * dbias / n, dout.ndim)
     return dx, dweight, dbias
 
