@@ -64,21 +64,30 @@ def conv2d_forward(
 
     Convolution as a matrix product of w (O, C*k*k) with the columns im2col(x): one over the
     batch, w @ (C*k*k, N*H'*W'), or one per image, w @ (N, C*k*k, H'*W') (see _one_product).
+    A bias rides in the product as one more column of w against a row of ones under the
+    columns, so that neither pass makes one more trip over the output for it.
     """
     n, c = x.shape[:2]
     o, _, k, _ = w.shape
     windows = _windows(_pad(x, padding), k, stride)  # (N, C, H', W', k, k), a view
     ho, wo = windows.shape[2:4]
-    # One copy of the windows into the product's layout, rows in OIHW's (c, i, j) order.
+    taps = c * k * k
+    w2 = w.reshape(o, taps)
+    if b is not None:
+        w2 = np.concatenate([w2, b[:, None]], axis=1)  # (O, C*k*k + 1)
+    # One copy of the windows into the product's layout, rows in OIHW's (c, i, j) order,
+    # then the row of ones.
     if _one_product(c):
-        cols = windows.transpose(1, 4, 5, 0, 2, 3).reshape(c * k * k, n * ho * wo)
-        out = (w.reshape(o, -1) @ cols).reshape(o, n, ho, wo).transpose(1, 0, 2, 3)
+        cols = np.empty((w2.shape[1], n * ho * wo), dtype=x.dtype)
+        cols[:taps].reshape(c, k, k, n, ho, wo)[...] = windows.transpose(1, 4, 5, 0, 2, 3)
+        cols[taps:] = 1
+        out = (w2 @ cols).reshape(o, n, ho, wo).transpose(1, 0, 2, 3)
         out = np.ascontiguousarray(out)
     else:
-        cols = windows.transpose(0, 1, 4, 5, 2, 3).reshape(n, c * k * k, ho * wo)
-        out = np.matmul(w.reshape(o, -1), cols).reshape(n, o, ho, wo)
-    if b is not None:
-        out += b[:, None, None]
+        cols = np.empty((n, w2.shape[1], ho * wo), dtype=x.dtype)
+        cols[:, :taps].reshape(n, c, k, k, ho, wo)[...] = windows.transpose(0, 1, 4, 5, 2, 3)
+        cols[:, taps:] = 1
+        out = np.matmul(w2, cols).reshape(n, o, ho, wo)
     return out, (x.shape, w, cols, stride, padding)
 
 
@@ -90,26 +99,28 @@ def conv2d_backward(
     x_shape, w, cols, stride, padding = cache
     n, o, ho, wo = dout.shape
     c, k = w.shape[1:3]
-    w2, dx = w.reshape(o, -1), None
+    taps, dx = c * k * k, None
+    w2 = w.reshape(o, taps)
     if _one_product(c):
-        dout = dout.transpose(1, 0, 2, 3).reshape(o, n * ho * wo)  # (O, N*H'*W')
-        dw, db = dout @ cols.T, dout.sum(axis=1)
+        douts = dout.transpose(1, 0, 2, 3).reshape(o, n * ho * wo)  # (O, N*H'*W')
+        dw = douts @ cols.T
         if need_dx:
             # Summed back in the product's (C, N) order, where each offset's block is
             # contiguous, and turned to (N, C) once at the end.
-            dcols = (w2.T @ dout).reshape(c, k, k, n, ho, wo).transpose(0, 3, 1, 2, 4, 5)
+            dcols = (w2.T @ douts).reshape(c, k, k, n, ho, wo).transpose(0, 3, 1, 2, 4, 5)
             dx = _col2im(dcols, x_shape, stride, padding).transpose(1, 0, 2, 3)
             dx = np.ascontiguousarray(dx)
     else:
-        dout = dout.reshape(n, o, ho * wo)
+        douts = dout.reshape(n, o, ho * wo)
         # dw = sum over images of dout_n @ cols_n.T: a batched product, then one small sum
         # (4x faster here than np.tensordot, which first copies both operands transposed).
-        dw = np.matmul(dout, cols.transpose(0, 2, 1)).sum(axis=0)
-        db = dout.sum(axis=(0, 2))
+        dw = np.matmul(douts, cols.transpose(0, 2, 1)).sum(axis=0)
         if need_dx:
-            dcols = np.matmul(w2.T, dout).reshape(n, c, k, k, ho, wo)
+            dcols = np.matmul(w2.T, douts).reshape(n, c, k, k, ho, wo)
             dx = _col2im(dcols, x_shape, stride, padding)
-    return dx, dw.reshape(w.shape), db
+    # The row of ones gives the bias's gradient as the product's last column.
+    db = dw[:, taps] if dw.shape[1] > taps else _channel_sum(dout)
+    return dx, dw[:, :taps].reshape(w.shape), db
 
 
 def relu_forward(x: np.ndarray) -> tuple[np.ndarray, Cache]:
