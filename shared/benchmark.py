@@ -298,6 +298,13 @@ def main(argv: list[str] | None = None) -> int:
         "(median of --steps steps, default 50), at each of --batch-sizes",
     )
     parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="instead: the working tree's training step against commit REV's (git), both "
+        "warm in two processes that step in turn, --steps pairs (default 40) at each of "
+        "--batch-sizes; ratio below 1: the working tree is faster",
+    )
+    parser.add_argument(
         "--ladder-images",
         type=number(int, 0, below=EPOCH_IMAGES + 1),
         default=200,
@@ -320,7 +327,14 @@ def main(argv: list[str] | None = None) -> int:
             check_training_batch(cost, size, np.float32, f"--batch-sizes {size}", whole=whole)
         out = prepare_out_dir(args.out)
         impls = args.impl or list(IMPLEMENTATIONS)
+        if args.profile and args.against:
+            raise UsageError("--profile and --against: choose one")
         with hold(out):  # one benchmark at a time writes its tables
+            if args.against:
+                from shared.ab import run_ab
+
+                steps = args.steps or 40
+                return run_ab(args.against, impls, arch.name, sizes, steps, args.timeout, out)
             if args.profile:
                 return run_profile(impls, arch.name, sizes, args.steps or 50, args.timeout, out)
             return run_benchmark(args, arch, sizes, impls, out)

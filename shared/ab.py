@@ -1,0 +1,200 @@
+"""benchmark.py --against REV: the working tree's training step against commit REV's, both
+compiled and warm in two processes that take turns, one step each.
+
+Two benchmark runs minutes apart on a shared VM drift by up to a third (docs/PERFORMANCE.md),
+more than most changes buy. Stepping in turn (A B, B A, A B, ...) puts both sides in the same
+moment, so a slow spell hits both alike, and the median of the pairs' ratios tells a change of
+a few percent apart. Only one side computes at any time.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from shared.errors import ThreefoldError, UsageError
+from shared.io import atomic_write, write_json
+from shared.profile import cpu_name
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("ab_worker.py")
+WARMUP_SECONDS = 2.0
+SETTLE_SECONDS = 0.2
+
+
+def extract_commit(rev: str, into: Path) -> str:
+    """Write the files of commit `rev` of this repository under `into` -> its full hash."""
+    git = ["git", "-C", str(REPO)]
+    try:
+        found = subprocess.run(
+            [*git, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"],
+            capture_output=True,
+            text=True,
+        )
+    except FileNotFoundError:
+        raise UsageError(f"--against {rev}: needs git, which is not installed") from None
+    if found.returncode != 0:
+        raise UsageError(f"--against {rev}: no such commit in {REPO}")
+    commit = found.stdout.strip()
+    # Streamed from git into the folder: the archive is never held whole in memory.
+    with (
+        subprocess.Popen([*git, "archive", "--format=tar", commit], stdout=subprocess.PIPE) as a,
+        tarfile.open(fileobj=a.stdout, mode="r|") as tar,
+    ):
+        tar.extractall(into, filter="data")
+    if a.returncode != 0:
+        raise ThreefoldError(f"--against {rev}: git archive failed (exit {a.returncode})")
+    return commit
+
+
+@dataclass
+class Side:
+    """A worker process stepping one tree's code (shared/ab_worker.py)."""
+
+    what: str  # "numpy at batch 64, tree"
+    process: subprocess.Popen
+    errors: IO[str]  # the worker's stderr
+    timeout: float
+
+    def answer(self) -> str:
+        """The worker's next line, within the timeout; its last error line if it died."""
+        with selectors.DefaultSelector() as wait:
+            wait.register(self.process.stdout, selectors.EVENT_READ)
+            if not wait.select(self.timeout):
+                raise ThreefoldError(
+                    f"--against: {self.what} did not answer within {self.timeout:g} s "
+                    "(--timeout); stopped it"
+                )
+        line = self.process.stdout.readline()
+        if not line:
+            self.errors.seek(0)
+            last = (self.errors.read().strip().splitlines() or ["no message"])[-1]
+            raise ThreefoldError(f"--against: {self.what} failed: {last}")
+        return line.strip()
+
+    def step(self) -> float:
+        """Seconds of one training step."""
+        self.process.stdin.write("step\n")
+        self.process.stdin.flush()
+        return float(self.answer())
+
+
+@contextmanager
+def start_side(
+    label: str, root: Path, impl: str, arch: str, batch_size: int, timeout: float
+) -> Iterator[Side]:
+    """A worker stepping the code under `root`, compiled and warm; killed when the block ends."""
+    # The tree first on the import path, and not the current folder (-P): every module then
+    # comes from that tree, this worker file aside, while files the network names (--arch
+    # FILE) are read from the same folder by both sides.
+    launch = f"import runpy; runpy.run_path({str(WORKER)!r}, run_name='__main__')"
+    args = [impl, arch, str(batch_size), str(WARMUP_SECONDS)]
+    paths = [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
+    with (
+        tempfile.TemporaryFile(mode="w+") as errors,
+        subprocess.Popen(
+            [sys.executable, "-P", "-c", launch, *args],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+        ) as process,
+    ):
+        try:
+            side = Side(f"{impl} at batch {batch_size}, {label}", process, errors, timeout)
+            if side.answer() != "ready":
+                raise ThreefoldError(f"--against: the worker for {side.what} did not start")
+            yield side
+        finally:
+            process.kill()
+
+
+def compare(
+    roots: dict[str, Path], impl: str, arch: str, batch_size: int, pairs: int, timeout: float
+) -> dict:
+    """Step both trees of `roots` ({label: folder}, the working tree first) in turn for
+    `pairs` pairs -> median seconds of each and the median of the pairs' ratios (first /
+    second: below 1, the first is faster)."""
+    with ExitStack() as stack:
+        sides = {
+            label: stack.enter_context(start_side(label, root, impl, arch, batch_size, timeout))
+            for label, root in roots.items()
+        }
+        seconds: dict[str, list[float]] = {label: [] for label in sides}
+        order = list(sides)
+        for i in range(pairs):
+            # Each side goes first in every other pair: neither always follows the other.
+            for label in order if i % 2 == 0 else order[::-1]:
+                # The other side's threads spin for a while after its step (OpenBLAS's for
+                # about 0.1 s), and would take a core from this one: wait them out.
+                time.sleep(SETTLE_SECONDS)
+                seconds[label].append(sides[label].step())
+    first, second = seconds.values()
+    ratios = [a / b for a, b in zip(first, second, strict=True)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if pairs > 1 else (ratios[0],) * 3
+    return {
+        "impl": impl,
+        "batch_size": batch_size,
+        "pairs": pairs,
+        **{f"{label}_ms": 1e3 * statistics.median(s) for label, s in seconds.items()},
+        "ratio": statistics.median(ratios),
+        "ratio_quartiles": [q1, q3],
+    }
+
+
+def markdown(rows: list[dict], against: str) -> str:
+    lines = [
+        f"| impl | batch | pairs | working tree, ms a step | {against}, ms a step "
+        "| ratio (median of pairs) | quartiles of the ratios |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        q1, q3 = r["ratio_quartiles"]
+        lines.append(
+            f"| {r['impl']} | {r['batch_size']} | {r['pairs']} | {r['tree_ms']:.2f} | "
+            f"{r['against_ms']:.2f} | {r['ratio']:.3f} | {q1:.3f}-{q3:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_ab(
+    rev: str, impls: list[str], arch: str, sizes: list[int], pairs: int, timeout: float, out: Path
+) -> int:
+    """--against: every implementation at every batch size, the working tree against commit
+    `rev`; tables in `out` (ab.md, ab.json)."""
+    with tempfile.TemporaryDirectory(prefix="threefold-against-") as folder:
+        commit = extract_commit(rev, Path(folder))
+        roots = {"tree": REPO, "against": Path(folder)}
+        rows = []
+        for b in sizes:
+            for impl in impls:
+                rows.append(compare(roots, impl, arch, b, pairs, timeout))
+                r = rows[-1]
+                print(
+                    f"  {impl:5} batch {b:4}: {r['tree_ms']:8.2f} ms against "
+                    f"{r['against_ms']:8.2f} ms, ratio {r['ratio']:.3f}",
+                    flush=True,
+                )
+    cpu = cpu_name()
+    text = (
+        f"`--arch {arch}`, float32, on {cpu}: the working tree against {rev} ({commit[:10]}), "
+        f"stepping in turn in two processes, {pairs} pairs each; ratio below 1: the working "
+        "tree is faster.\n\n" + markdown(rows, rev)
+    )
+    print("\n" + text)
+    atomic_write(out / "ab.md", lambda f: f.write((text + "\n").encode()))
+    write_json(out / "ab.json", {"arch": arch, "cpu": cpu, "against": commit, "rows": rows})
+    print(f"\nwrote {out / 'ab.md'}, {out / 'ab.json'}")
+    return 0

@@ -1,0 +1,40 @@
+"""One side of an A/B benchmark (shared.ab): training steps of one implementation, each timed
+when asked, run from the code of one tree.
+
+shared.ab loads this file by its path in a process started in the tree to measure, so that
+every module it imports (the network, the implementation, the data loader) comes from that
+tree, which may be an older commit without this file. Only the standard library is imported
+at the top. On stdout, one line each: "ready" once compiled and warm; then the seconds of one
+training step for every line read from stdin, until stdin closes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def serve(impl: str, arch: str, batch_size: int, warmup_seconds: float) -> None:
+    """Step the network `arch` in `impl` at `batch_size` on request, as benchmark.py times it
+    (train.py's defaults, real batches, no flips)."""
+    from shared.profile import timing_setup
+
+    backend, state, data, stream = timing_setup(impl, arch, batch_size, flip=False)
+
+    def step() -> float:
+        nonlocal state
+        start = time.perf_counter()
+        state, _, _ = backend.train_step(state, data, next(stream), 0.01)
+        return time.perf_counter() - start
+
+    step()  # JAX compiles here
+    warm_until = time.perf_counter() + warmup_seconds
+    while time.perf_counter() < warm_until:
+        step()
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        print(f"{step():.9f}", flush=True)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))

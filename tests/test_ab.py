@@ -1,0 +1,72 @@
+"""benchmark.py --against REV: the working tree's training step against a commit's, the two
+stepping in turn in two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_training import ROOT, run_script
+
+SLEEP_SECONDS = 0.02
+# The lab network has two ReLUs: a step of the slowed tree sleeps twice.
+SLOWED_RELU = f"""
+
+_relu_forward = relu_forward
+
+
+def relu_forward(x):
+    import time
+
+    time.sleep({SLEEP_SECONDS})
+    return _relu_forward(x)
+"""
+
+
+def test_a_slower_working_tree_shows_against_its_commit(tmp_path):
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    # The code under test is this checkout's, edited or not: committed in the clone.
+    for name in ("ab.py", "ab_worker.py", "benchmark.py"):
+        shutil.copy(ROOT / "shared" / name, clone / "shared" / name)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(clone)]
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "this checkout's A/B", "--allow-empty"], check=True)
+    layers = clone / "impl_numpy" / "layers.py"
+    layers.write_text(layers.read_text() + SLOWED_RELU)  # left uncommitted: the working tree
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(clone / "scripts" / "benchmark.py"), "--against", "HEAD",
+         "--impl", "numpy", "--arch", "lab", "--batch-sizes", "16", "--steps", "6",
+         "--out", str(out)],
+        capture_output=True, text=True, cwd=clone, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(clone)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((out / "ab.json").read_text())
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert saved["against"] == head.strip()
+    (row,) = saved["rows"]
+    assert (row["impl"], row["batch_size"], row["pairs"]) == ("numpy", 16, 6)
+    # Only the working tree sleeps: the commit's side ran the commit's code.
+    assert row["tree_ms"] - row["against_ms"] > 2 * SLEEP_SECONDS * 1e3 * 0.9
+    assert row["ratio"] > 1 and row["ratio_quartiles"][0] > 1
+    assert f"{row['ratio']:.3f}" in (out / "ab.md").read_text()
+
+
+@pytest.mark.parametrize("rev", ["no-such-commit", "--version"])
+def test_an_unknown_commit_is_refused_in_one_line(tmp_path, rev):
+    result = run_script(
+        "benchmark.py", f"--against={rev}", "--impl", "numpy", "--steps", "2",
+        "--out", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.endswith(f"--against {rev}: no such commit in {ROOT}")
+    assert not (tmp_path / "ab.json").exists()
