@@ -64,8 +64,8 @@ def conv2d_forward(
 
     Convolution as a matrix product of w (O, C*k*k) with the columns im2col(x): one over the
     batch, w @ (C*k*k, N*H'*W'), or one per image, w @ (N, C*k*k, H'*W') (see _one_product).
-    A bias rides in the product as one more column of w against a row of ones under the
-    columns, so that neither pass makes one more trip over the output for it.
+    A bias rides in the product as one more column of w (O, C*k*k + 1) against a row of ones
+    under the columns, so that neither pass makes one more trip over the output for it.
     """
     n, c = x.shape[:2]
     o, _, k, _ = w.shape
@@ -74,7 +74,7 @@ def conv2d_forward(
     taps = c * k * k
     w2 = w.reshape(o, taps)
     if b is not None:
-        w2 = np.concatenate([w2, b[:, None]], axis=1)  # (O, C*k*k + 1)
+        w2 = np.concatenate([w2, b[:, None]], axis=1, dtype=w.dtype)  # (O, C*k*k + 1)
     # One copy of the windows into the product's layout, rows in OIHW's (c, i, j) order,
     # then the row of ones.
     if _one_product(c):
@@ -119,7 +119,7 @@ def conv2d_backward(
             dcols = np.matmul(w2.T, douts).reshape(n, c, k, k, ho, wo)
             dx = _col2im(dcols, x_shape, stride, padding)
     # The row of ones gives the bias's gradient as the product's last column.
-    db = dw[:, taps] if dw.shape[1] > taps else _channel_sum(dout)
+    db = dw[:, taps].copy() if dw.shape[1] > taps else _channel_sum(dout)
     return dx, dw[:, :taps].reshape(w.shape), db
 
 
@@ -254,10 +254,13 @@ def max_pool_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray]:
     covered = stride == size and padded[2:] == (size * ho, size * wo)
     dxp = (np.empty if covered else np.zeros)(padded, dtype=dout.dtype)
     for i, view in enumerate(window_offsets(dxp, size, stride)):
+        hit = dout * (argmax == i)
         if apart:
-            np.multiply(dout, argmax == i, out=view)
+            # Adding 0.0 turns the -0.0 of a negative dout where not the maximum into +0.0,
+            # as PyTorch's zeros (and as adding into zeros below).
+            np.add(hit, 0.0, out=view)
         else:
-            view += dout * (argmax == i)  # a view of dxp: adds in place, overlaps summed
+            view += hit  # a view of dxp: adds in place, overlaps summed
     return (dxp[:, :, padding : padding + h, padding : padding + w],)
 
 

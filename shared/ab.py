@@ -78,16 +78,34 @@ class Side:
                 )
         line = self.process.stdout.readline()
         if not line:
-            self.errors.seek(0)
-            last = (self.errors.read().strip().splitlines() or ["no message"])[-1]
-            raise ThreefoldError(f"--against: {self.what} failed: {last}")
+            raise self.failed()
         return line.strip()
+
+    def failed(self) -> ThreefoldError:
+        """The worker's end, in one line: its last error line and how it exited."""
+        try:
+            code = self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
+        how = {None: "still running", 0: "exit 0"}.get(code) or (
+            f"killed by signal {-code}" if code < 0 else f"exit {code}"
+        )
+        self.errors.seek(0)
+        last = (self.errors.read().strip().splitlines() or ["no message"])[-1]
+        return ThreefoldError(f"--against: {self.what} failed ({how}): {last}")
 
     def step(self) -> float:
         """Seconds of one training step."""
-        self.process.stdin.write("step\n")
-        self.process.stdin.flush()
-        return float(self.answer())
+        try:
+            self.process.stdin.write("step\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            raise self.failed() from None
+        answer = self.answer()
+        try:
+            return float(answer)
+        except ValueError:
+            raise ThreefoldError(f"--against: {self.what} answered {answer!r}") from None
 
 
 @contextmanager
@@ -143,7 +161,8 @@ def compare(
                 seconds[label].append(sides[label].step())
     first, second = seconds.values()
     ratios = [a / b for a, b in zip(first, second, strict=True)]
-    q1, _, q3 = statistics.quantiles(ratios, n=4) if pairs > 1 else (ratios[0],) * 3
+    quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if pairs > 1 else ratios
+    q1, q3 = quartiles[0], quartiles[-1]
     return {
         "impl": impl,
         "batch_size": batch_size,

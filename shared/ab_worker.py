@@ -3,13 +3,15 @@ when asked, run from the code of one tree.
 
 shared.ab loads this file by its path in a process started in the tree to measure, so that
 every module it imports (the network, the implementation, the data loader) comes from that
-tree, which may be an older commit without this file. Only the standard library is imported
-at the top. On stdout, one line each: "ready" once compiled and warm; then the seconds of one
-training step for every line read from stdin, until stdin closes.
+tree, which may be an older commit without this file (but with shared.profile.timing_setup:
+cb70b92, 2026-11-27, and after). Only the standard library is imported at the top. On stdout,
+one line each: "ready" once compiled and warm; then the seconds of one training step for
+every line read from stdin, until stdin closes.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -17,7 +19,10 @@ import time
 def serve(impl: str, arch: str, batch_size: int, warmup_seconds: float) -> None:
     """Step the network `arch` in `impl` at `batch_size` on request, as benchmark.py times it
     (train.py's defaults, real batches, no flips)."""
-    from shared.profile import timing_setup
+    # stdout carries the answers alone: whatever the tree's code prints goes to stderr.
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    from shared.profile import timing_setup  # shared.profile of the tree measured
 
     backend, state, data, stream = timing_setup(impl, arch, batch_size, flip=False)
 
@@ -31,9 +36,9 @@ def serve(impl: str, arch: str, batch_size: int, warmup_seconds: float) -> None:
     warm_until = time.perf_counter() + warmup_seconds
     while time.perf_counter() < warm_until:
         step()
-    print("ready", flush=True)
+    print("ready", file=answers)
     for _ in sys.stdin:
-        print(f"{step():.9f}", flush=True)
+        print(f"{step():.9f}", file=answers)
 
 
 if __name__ == "__main__":

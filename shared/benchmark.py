@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout",
         type=positive_float,
         default=600.0,
-        help="seconds one worker (one implementation, batch size and repeat) may take",
+        help="seconds one worker (one implementation, batch size and repeat) may take; "
+        "with --against, to start and warm up, then to answer each step",
     )
     parser.add_argument(
         "--out",
@@ -300,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--against",
         metavar="REV",
-        help="instead: the working tree's training step against commit REV's (git), both "
-        "warm in two processes that step in turn, --steps pairs (default 40) at each of "
-        "--batch-sizes; ratio below 1: the working tree is faster",
+        help="instead: the working tree's training step against commit REV's (git; cb70b92 "
+        "or later), both warm in two processes that step in turn, --steps pairs (default 40) "
+        "at each of --batch-sizes; ratio below 1: the working tree is faster",
     )
     parser.add_argument(
         "--ladder-images",

@@ -363,7 +363,8 @@ def test_max_pool_propagates_nan_and_routes_its_gradient_as_pytorch(size, stride
     x[0, 0, 0, 1] = x[0, 1, 2, 2] = x[1, 1, 3, 3] = x[1, 1, 3, 4] = np.nan  # two in one window
     xt = torch.tensor(x, requires_grad=True)
     out_t = F.max_pool2d(xt, size, stride)
-    dout = rng.integers(1, 10, out_t.shape).astype(np.float64)
+    # Negative too: a pixel that is no window's maximum gets +0.0, never -0.0, as in PyTorch.
+    dout = rng.integers(-9, 10, out_t.shape).astype(np.float64)
     out_t.backward(torch.tensor(dout))
     assert np.isnan(out_t.detach().numpy()).any()
     for impl in IMPLEMENTATIONS:
@@ -371,6 +372,7 @@ def test_max_pool_propagates_nan_and_routes_its_gradient_as_pytorch(size, stride
         np.testing.assert_array_equal(out, out_t.detach().numpy(), err_msg=impl)
         np.testing.assert_array_equal(np.signbit(out), np.signbit(out_t.detach().numpy()), impl)
         np.testing.assert_array_equal(dx, xt.grad.numpy(), err_msg=impl)
+        np.testing.assert_array_equal(np.signbit(dx), np.signbit(xt.grad.numpy()), impl)
 
 
 def test_max_pool_routes_ties_to_the_first_maximum():
