@@ -25,11 +25,10 @@ from typing import IO
 
 from shared.errors import ThreefoldError, UsageError
 from shared.io import atomic_write, write_json
-from shared.profile import cpu_name
+from shared.profile import WARMUP_SECONDS, cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("ab_worker.py")
-WARMUP_SECONDS = 2.0
 SETTLE_SECONDS = 0.2
 
 
@@ -87,9 +86,12 @@ class Side:
             code = self.process.wait(5)
         except subprocess.TimeoutExpired:
             code = None
-        how = {None: "still running", 0: "exit 0"}.get(code) or (
-            f"killed by signal {-code}" if code < 0 else f"exit {code}"
-        )
+        if code is None:
+            how = "still running"
+        elif code < 0:
+            how = f"killed by signal {-code}"
+        else:
+            how = f"exit {code}"
         self.errors.seek(0)
         last = (self.errors.read().strip().splitlines() or ["no message"])[-1]
         return ThreefoldError(f"--against: {self.what} failed ({how}): {last}")
@@ -199,8 +201,8 @@ def run_ab(
         rows = []
         for b in sizes:
             for impl in impls:
-                rows.append(compare(roots, impl, arch, b, pairs, timeout))
-                r = rows[-1]
+                r = compare(roots, impl, arch, b, pairs, timeout)
+                rows.append(r)
                 print(
                     f"  {impl:5} batch {b:4}: {r['tree_ms']:8.2f} ms against "
                     f"{r['against_ms']:8.2f} ms, ratio {r['ratio']:.3f}",

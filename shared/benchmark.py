@@ -23,11 +23,10 @@ from shared.errors import ThreefoldError, UsageError
 from shared.io import atomic_write, write_json
 from shared.ladder import loop_epoch_seconds
 from shared.outputs import hold, prepare_out_dir
-from shared.profile import cpu_name, timing_setup
+from shared.profile import WARMUP_SECONDS, cpu_name, timing_setup
 from shared.spec import Arch, get_arch
 
 EPOCH_IMAGES = 50_000
-WARMUP_SECONDS = 2.0
 # Every timed step takes a full batch of the 50,000 training images, so none can be larger.
 batch_size = number(int, 1, below=EPOCH_IMAGES + 1)
 
@@ -315,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
+        if args.profile and args.against:
+            raise UsageError("--profile and --against: choose one")
         try:
             sizes = [batch_size(s) for s in args.batch_sizes.split(",")]
         except argparse.ArgumentTypeError as e:
@@ -328,8 +329,6 @@ def main(argv: list[str] | None = None) -> int:
             check_training_batch(cost, size, np.float32, f"--batch-sizes {size}", whole=whole)
         out = prepare_out_dir(args.out)
         impls = args.impl or list(IMPLEMENTATIONS)
-        if args.profile and args.against:
-            raise UsageError("--profile and --against: choose one")
         with hold(out):  # one benchmark at a time writes its tables
             if args.against:
                 from shared.ab import run_ab

@@ -37,6 +37,9 @@ class LayerTimer(NamedTuple):
     dout: Any
 
 
+# Seconds of training steps, after the first, before a timed worker starts timing.
+WARMUP_SECONDS = 2.0
+
 PHASES = (
     "host to framework",
     "gather + augment",

@@ -109,6 +109,21 @@ def to_native(impl: str, array):
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def clone_with_this_checkouts(folder: Path, *paths: str) -> tuple[Path, list[str]]:
+    """A git clone of this repository in `folder`, with this checkout's `paths` (edited or
+    not) committed on top, so that the code under test is this checkout's -> (the clone, a
+    git command prefix that works in it)."""
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(folder)], check=True)
+    for path in paths:
+        shutil.copy(ROOT / path, folder / path)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(folder)]
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "this checkout's code", "--allow-empty"], check=True)
+    return folder, git
+
+
 # Runs a script (or -c CODE) as __main__ and, at exit, writes the process's own peak RSS in
 # KiB to $THREEFOLD_PEAK_FILE: VmHWM, which starts afresh at exec. ru_maxrss does not: a child
 # forked from a pytest grown to a gigabyte reports at least that, whatever it does.

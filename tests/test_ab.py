@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
+from tests.conftest import clone_with_this_checkouts
 from tests.test_training import ROOT, run_script
 
 SLEEP_SECONDS = 0.02
@@ -29,14 +29,8 @@ def relu_forward(x):
 
 
 def test_a_slower_working_tree_shows_against_its_commit(tmp_path):
-    clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-    # The code under test is this checkout's, edited or not: committed in the clone.
-    for name in ("ab.py", "ab_worker.py", "benchmark.py"):
-        shutil.copy(ROOT / "shared" / name, clone / "shared" / name)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(clone)]
-    subprocess.run([*git, "add", "-A"], check=True)
-    subprocess.run([*git, "commit", "-qm", "this checkout's A/B", "--allow-empty"], check=True)
+    code = ("ab.py", "ab_worker.py", "benchmark.py", "profile.py")
+    clone, git = clone_with_this_checkouts(tmp_path / "clone", *(f"shared/{f}" for f in code))
     layers = clone / "impl_numpy" / "layers.py"
     layers.write_text(layers.read_text() + SLOWED_RELU)  # left uncommitted: the working tree
     out = tmp_path / "out"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import statistics
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_dataset_dir
+from tests.conftest import clone_with_this_checkouts, make_dataset_dir
 from tests.test_training import ROOT, run_script
 
 ALL_CORES = set(range(os.cpu_count() or 1))
@@ -349,12 +348,7 @@ print(run_here(lambda config, data: {}, None, None)["trained"])  # the process's
 def test_a_run_is_labelled_with_the_code_it_started_from(tmp_path):
     """Code edited (or committed) while a grid trains does not relabel its runs, the one
     under way or the next; a process started after the edit is labelled `+changes`."""
-    clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-    # The code under test is this checkout's, edited or not: committed in the clone.
-    shutil.copy(ROOT / "shared" / "grid.py", clone / "shared" / "grid.py")
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(clone)]
-    subprocess.run([*git, "commit", "-qam", "this checkout's grid.py", "--allow-empty"], check=True)
+    clone, git = clone_with_this_checkouts(tmp_path / "clone", "shared/grid.py")
     commit = subprocess.run(
         [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
