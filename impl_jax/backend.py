@@ -65,9 +65,9 @@ class Backend(backend.Backend):
     def moved(self, arrays: backend.StepArrays) -> backend.StepArrays:
         return jax.device_put(arrays)
 
-    def rate(self, lr: float) -> np.ndarray:
+    def scalar(self, value: float) -> np.ndarray:
         # An array, not a Python float, which jax.jit would take as a constant to compile in.
-        return np.asarray(lr, self.dtype)
+        return np.asarray(value, self.dtype)
 
     def wait(self, value: Any) -> Any:
         return jax.block_until_ready(value)

@@ -43,7 +43,7 @@ class Backend:
     Each `impl_*/backend.py` subclasses it with its framework's part: its `model`, `optim`,
     `ops` (its layers module), `augment` and `erase`, `compile` (jax.jit, or nothing), the
     conversions `_array`, `_exact`, `_tensor`, and (where a framework computes asynchronously
-    or on a device) `step_arrays`, `moved`, `rate`, `wait` and `to_host`. The rest, written
+    or on a device) `step_arrays`, `moved`, `scalar`, `wait` and `to_host`. The rest, written
     once here, is the same for every framework: a training step is `gather`,
     `training_pass`, `update_state`, compiled as the framework runs them; arrays go in and
     come out as NumPy, tensors as the canonical dict (parameters and buffers); and training
@@ -73,18 +73,20 @@ class Backend:
         else:
             decoupled = h.optimizer == "adamw"
             self.optimizer = self.optim.Adam(h.beta1, h.beta2, h.eps, h.weight_decay, decoupled)
-        fns = dict(arch=arch, label_smoothing=h.label_smoothing)
+        # An argument of the compiled functions, not a constant compiled into them: one
+        # program then serves every smoothing (the cross-check's settings draw their own).
+        self.smoothing = self.scalar(h.label_smoothing)
         # The model's functions over framework arrays, as the framework runs them fastest.
         self.predict_fn = self.compile(partial(self.model.forward, arch=arch))
         self.activations_fn = self.compile(partial(self.model.activations, arch=arch))
-        self._training_pass = partial(self.model.training_pass, **fns)
+        self._training_pass = partial(self.model.training_pass, arch=arch)
         # Each piece of a step compiled on its own, for the profile; the step itself compiles
         # them together (see _train_step).
-        self.training_pass = self.compile(self._training_pass)
+        self._compiled_training_pass = self.compile(self._training_pass)
         self.gather = self.compile(self._gather, static_argnames=("pad", "fill"))
         self.update_state = self.compile(self._update_state)
-        self._loss_and_grads = self.compile(partial(self.model.loss_and_grads, **fns))
-        self._input_grad = self.compile(partial(self.model.input_grad, **fns))
+        self._loss_and_grads = self.compile(partial(self.model.loss_and_grads, arch=arch))
+        self._input_grad = self.compile(partial(self.model.input_grad, arch=arch))
         self._step = self.compile(self._train_step, static_argnames=("pad", "fill"), donate=True)
 
     # --- the framework's part ------------------------------------------------------------
@@ -113,9 +115,10 @@ class Backend:
         apart (nothing to move where `step_arrays` has moved them)."""
         return arrays
 
-    def rate(self, lr: float) -> Any:
-        """A step's learning rate as the compiled step takes it."""
-        return lr
+    def scalar(self, value: float) -> Any:
+        """A float that compiled functions take as an argument (a step's learning rate, the
+        loss's label smoothing), in the form they take it."""
+        return value
 
     def wait(self, value: Any) -> Any:
         """`value` once computed: frameworks that dispatch asynchronously (JAX) block here."""
@@ -167,12 +170,16 @@ class Backend:
         trainable, opt_state = self.optimizer.update(trainable, grads, opt_state, lr)
         return {**params, **trainable, **buffers}, opt_state
 
-    def _train_step(self, state: TrainState, data, arrays: StepArrays, lr, pad: int, fill: float):
+    def _train_step(
+        self, state: TrainState, data, arrays: StepArrays, lr, smoothing, pad: int, fill: float
+    ):
         params, opt_state = state
         # The uncompiled pieces, so that JAX compiles the step as one program (nested jitted
         # functions measured 3% slower on the lab network).
         x, y = self._gather(data, arrays, pad, fill)
-        loss, grads, logits, buffers = self._training_pass(params, x, y, masks=arrays.masks)
+        loss, grads, logits, buffers = self._training_pass(
+            params, x, y, masks=arrays.masks, label_smoothing=smoothing
+        )
         state = self._update_state(params, grads, buffers, opt_state, lr)
         return state, loss, (logits.argmax(axis=1) == y).sum()
 
@@ -186,8 +193,9 @@ class Backend:
         arrays and the old are freed when dropped)."""
         if len(batch.idx) > self.step_images:
             return self._train_step_in_parts(state, data, batch, lr)
+        arrays = self.step_arrays(batch)
         state, loss, correct = self._step(
-            state, data, self.step_arrays(batch), self.rate(lr), pad=batch.pad, fill=batch.fill
+            state, data, arrays, self.scalar(lr), self.smoothing, pad=batch.pad, fill=batch.fill
         )
         loss, correct = self.to_host((loss, correct))
         return state, float(loss), int(correct)
@@ -215,7 +223,7 @@ class Backend:
             del grads
             part_loss, part_correct = self.to_host((part_loss, (logits.argmax(axis=1) == y).sum()))
             loss, correct = loss + share * float(part_loss), correct + int(part_correct)
-        state = self.update_state(params, total, {}, opt_state, self.rate(lr))
+        state = self.update_state(params, total, {}, opt_state, self.scalar(lr))
         return state, loss, correct
 
     def compile_step(self, state: TrainState, data: Any, batches: list[Batch]) -> None:
@@ -227,6 +235,13 @@ class Backend:
         copy = self.init_state(self.params(state), self.optimizer_tensors(state))
         for batch in batches:
             copy, _, _ = self.train_step(copy, data, batch, 0.0)
+
+    def training_pass(self, params: Any, x: Any, y: Any, masks: dict[str, Any]) -> tuple:
+        """The compiled training-mode pass over framework arrays (a batch from `gather`) ->
+        (mean loss, gradients of the trainable parameters, logits, updated buffers)."""
+        return self._compiled_training_pass(
+            params, x, y, masks=masks, label_smoothing=self.smoothing
+        )
 
     def init_state(
         self, params: Params, optimizer_tensors: OptimizerTensors | None = None
@@ -271,7 +286,11 @@ class Backend:
         """Mean training-mode loss (a 0-d array of the dtype it was computed in) and the
         gradient of every trainable parameter."""
         value, grads = self._loss_and_grads(
-            self._copy(params), self._array(x), self._exact(y), masks=self._masks(masks)
+            self._copy(params),
+            self._array(x),
+            self._exact(y),
+            masks=self._masks(masks),
+            label_smoothing=self.smoothing,
         )
         return np.asarray(value), self._numpy(grads)
 
@@ -280,7 +299,11 @@ class Backend:
     ) -> np.ndarray:
         """Gradient of the training-mode loss with respect to the images x."""
         dx = self._input_grad(
-            self._copy(params), self._array(x), self._exact(y), masks=self._masks(masks)
+            self._copy(params),
+            self._array(x),
+            self._exact(y),
+            masks=self._masks(masks),
+            label_smoothing=self.smoothing,
         )
         return np.asarray(dx)
 

@@ -66,7 +66,7 @@ def step_phases(backend: Backend, state: Any, data: Any, batch: Batch, lr: float
     clock = partial(_clock, wait=backend.wait)
     seconds = {}
     seconds["host to framework"], (arrays, rate) = clock(
-        lambda: (backend.moved(backend.step_arrays(batch)), backend.rate(lr))
+        lambda: (backend.moved(backend.step_arrays(batch)), backend.scalar(lr))
     )
     seconds["gather + augment"], (x, y) = clock(
         lambda: backend.gather(data, arrays, batch.pad, batch.fill)

@@ -22,7 +22,8 @@ import impl_numpy.augment
 import impl_numpy.model
 import impl_numpy.optim
 from shared.backend import make_backend
-from shared.batches import augmentation_maps, dropout_masks
+from shared.batches import augmentation_maps, dropout_masks, training_batches
+from shared.config import Hyperparams
 from shared.spec import get_arch, init_params, split_params
 
 # A network with every kind of layer and buffer: conv with stride, BatchNorm 2d and 1d,
@@ -179,3 +180,39 @@ def ynn_fusions(lowered) -> list[str]:
     hlo = lowered.compile().as_text()
     called = re.findall(r"calls=%([\w.]+)[^\n]*\"kind\":\"__ynn_fusion\"", hlo)
     return [re.search(rf"^%{re.escape(c)} .*?^}}", hlo, re.M | re.S)[0] for c in called]
+
+
+def test_another_label_smoothing_compiles_nothing_new():
+    """The label smoothing is an argument of the compiled functions, like the learning rate,
+    not a constant compiled into them: a backend with another smoothing takes every program
+    from the compilation cache (the cross-check's settings each draw their own smoothing, and
+    compiled 149 programs for the real-data lockstep, now 107), and computes with its own."""
+    arch = get_arch("lab")
+    params = init_params(arch)
+    rng = np.random.default_rng(0)
+    x, y = rng.random((16, 1, 28, 28), np.float32), rng.integers(0, 10, 16)
+    [batch] = training_batches(16, 16, seed=0, epoch=0, fill=0.0, shuffle=False)
+
+    def step_and_loss(smoothing: float) -> tuple[float, float]:
+        backend = make_backend("jax", arch, hyperparams=Hyperparams(label_smoothing=smoothing))
+        state = backend.init_state(params)
+        _, step_loss, _ = backend.train_step(state, backend.put_data(x, y), batch, 0.1)
+        loss, _ = backend.loss_and_grads(params, x, y, {})
+        backend.input_grad(params, x, y, {})
+        return step_loss, float(loss)
+
+    step_and_loss(0.1)  # compiles, or finds every program cached
+    events = []
+
+    def listen(event: str, **_) -> None:
+        events.append(event)
+
+    jax.monitoring.register_event_listener(listen)
+    try:
+        ours = step_and_loss(0.25)
+    finally:
+        jax.monitoring.unregister_event_listener(listen)
+    assert "/jax/compilation_cache/compile_requests_use_cache" in events  # the cache was asked
+    assert "/jax/compilation_cache/cache_misses" not in events
+    expected = impl_numpy.model.loss_and_grads(params, x, y, arch, {}, 0.25)[0]
+    np.testing.assert_allclose(ours, [expected, expected], rtol=1e-5)
