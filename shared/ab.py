@@ -1,5 +1,6 @@
 """benchmark.py --against REV: the working tree's training step against commit REV's, both
-compiled and warm in two processes that take turns, one step each.
+compiled and warm in two processes that take turns, one step each; each side's process is
+started first for half the pairs.
 
 Two benchmark runs minutes apart on a shared VM drift by up to a third (docs/PERFORMANCE.md),
 more than most changes buy. Stepping in turn (A B, B A, A B, ...) puts both sides in the same
@@ -178,7 +179,7 @@ def compare(
     labels = list(roots)
     seconds: dict[str, list[float]] = {label: [] for label in labels}
     # Each side is started first for half the pairs: in A/A runs (the same code on both
-    # sides), the side started first measured 2-4% slower, whichever tree it ran.
+    # sides), the side started first measured up to 4% slower, whichever tree it ran.
     for starting, count in ((labels, pairs - pairs // 2), (labels[::-1], pairs // 2)):
         if count:
             step_in_turn(roots, starting, count, seconds, impl, arch, batch_size, timeout)
@@ -232,8 +233,8 @@ def run_ab(
     cpu = cpu_name()
     text = (
         f"`--arch {arch}`, float32, on {cpu}: the working tree against {rev} ({commit[:10]}), "
-        f"stepping in turn in two processes, {pairs} pairs each; ratio below 1: the working "
-        "tree is faster.\n\n" + markdown(rows, rev)
+        f"stepping in turn in two processes (each started first for half), {pairs} pairs each; "
+        "ratio below 1: the working tree is faster.\n\n" + markdown(rows, rev)
     )
     print("\n" + text)
     atomic_write(out / "ab.md", lambda f: f.write((text + "\n").encode()))

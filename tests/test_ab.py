@@ -7,9 +7,12 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
+import shared.ab
 from tests.conftest import clone_with_this_checkouts
 from tests.test_training import ROOT, run_script
 
@@ -64,3 +67,33 @@ def test_an_unknown_commit_is_refused_in_one_line(tmp_path, rev):
     last = result.stderr.strip().splitlines()[-1]
     assert last.endswith(f"--against {rev}: no such commit in {ROOT}")
     assert not (tmp_path / "ab.json").exists()
+
+
+@pytest.mark.parametrize(("pairs", "halves"), [(5, [3, 2]), (1, [1])])
+def test_each_side_is_started_first_for_half_the_pairs(monkeypatch, pairs, halves):
+    """The working tree's worker is started first for the first half of the pairs (with the
+    odd one) and the commit's for the rest; every ratio is the working tree's step over the
+    commit's, whichever started first."""
+    starts, steps = [], []
+
+    @contextmanager
+    def start_side(label, root, impl, arch, batch_size, timeout):
+        starts.append(label)
+        half = (len(starts) - 1) // 2
+
+        class Side:
+            def step(self) -> float:
+                steps.append((half, label))
+                return {"tree": 0.3, "against": 0.1}[label]
+
+        yield Side()
+
+    monkeypatch.setattr(shared.ab, "start_side", start_side)
+    monkeypatch.setattr(shared.ab, "SETTLE_SECONDS", 0.0)
+    roots = {"tree": Path("tree"), "against": Path("commit")}
+    row = shared.ab.compare(roots, "numpy", "lab", 8, pairs, 1.0)
+    assert starts == ["tree", "against", "against", "tree"][: 2 * len(halves)]
+    for half, count in enumerate(halves):
+        assert steps.count((half, "tree")) == steps.count((half, "against")) == count
+    assert row["ratio"] == pytest.approx(3.0) and row["ratio_quartiles"] == pytest.approx([3, 3])
+    assert (row["tree_ms"], row["against_ms"]) == pytest.approx((300, 100))

@@ -1,6 +1,7 @@
 """Grids of runs on Ray (shared/grid.py): a local cluster on this machine, against the local
-engine, on generated data. Grids run on the test's own core (under xdist, its worker's): on
-both cores, beside the other worker's tests, the two heaviest took 2.8 times as long."""
+engine, on generated data. The grids that train (local and on Ray) run on the test's own core
+(under xdist, its worker's): on both cores, beside the other worker's tests, the two slowest
+took 364 s, on one 147 s."""
 
 from __future__ import annotations
 

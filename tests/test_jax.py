@@ -184,8 +184,8 @@ def ynn_fusions(lowered) -> list[str]:
 
 def test_another_label_smoothing_compiles_nothing_new():
     """The label smoothing is an argument of the compiled functions, like the learning rate,
-    not a constant compiled into them: a backend with another smoothing takes every program
-    from the compilation cache (the cross-check's settings each draw their own smoothing, and
+    not a constant compiled into them: a backend with another smoothing finds every program
+    in the compilation cache (the cross-check's settings each draw their own smoothing, and
     compiled 149 programs for the real-data lockstep, now 107), and computes with its own."""
     arch = get_arch("lab")
     params = init_params(arch)
@@ -212,7 +212,9 @@ def test_another_label_smoothing_compiles_nothing_new():
         ours = step_and_loss(0.25)
     finally:
         jax.monitoring.unregister_event_listener(listen)
-    assert "/jax/compilation_cache/compile_requests_use_cache" in events  # the cache was asked
-    assert "/jax/compilation_cache/cache_misses" not in events
+    # Every program asked of the cache was found there (a miss is recorded only when its
+    # entry is written, which a minimum compile time can skip).
+    requests = events.count("/jax/compilation_cache/compile_requests_use_cache")
+    assert requests > 0 and events.count("/jax/compilation_cache/cache_hits") == requests
     expected = impl_numpy.model.loss_and_grads(params, x, y, arch, {}, 0.25)[0]
     np.testing.assert_allclose(ours, [expected, expected], rtol=1e-5)
