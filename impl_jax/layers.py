@@ -44,7 +44,7 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding
     o, c, k, _ = w.shape
     cols = jnp.stack(window_offsets(_pad(x, padding), k, stride), axis=2)  # (N, C, k*k, H', W')
     ho, wo = cols.shape[3:]
-    out = _per_image_product(w.reshape(o, -1), cols.reshape(n, c * k * k, ho * wo))
+    out = _few_channel_product(w.reshape(o, -1), cols.reshape(n, c * k * k, ho * wo))
     if b is not None:
         out = out + b[:, None]
     return out.reshape(n, o, ho, wo)
@@ -58,6 +58,34 @@ def _per_image_product(w: jax.Array, cols: jax.Array) -> jax.Array:
     w_batch = jnp.broadcast_to(w, (len(cols), *w.shape))
     contract_k_batch_n = (((2,), (1,)), ((0,), (0,)))
     return lax.dot_general(w_batch, cols, contract_k_batch_n)
+
+
+def _elementwise_product(w: jax.Array, cols: jax.Array) -> jax.Array:
+    """The same (N, O, P) as _per_image_product, as products summed over K, which XLA fuses
+    into one reduction without forming the (N, O, K, P) products."""
+    return (w[None, :, :, None] * cols[:, None]).sum(axis=2)
+
+
+@jax.custom_vjp
+def _few_channel_product(w: jax.Array, cols: jax.Array) -> jax.Array:
+    """_per_image_product, its weight gradient from _elementwise_product: a product per image
+    of (O, P) @ (P, K), K = k*k with one channel, then summed over images, ran at 4 GFLOP/s
+    (strong's conv1 at batch 128: 15-17 ms, against 8 ms as one fused reduction)."""
+    return _per_image_product(w, cols)
+
+
+def _few_channel_product_forward(w, cols):
+    return _per_image_product(w, cols), (w, cols)
+
+
+def _few_channel_product_backward(inputs, dout):
+    w, cols = inputs
+    (dw,) = jax.vjp(lambda w: _elementwise_product(w, cols), w)[1](dout)
+    (dcols,) = jax.vjp(lambda cols: _per_image_product(w, cols), cols)[1](dout)
+    return dw, dcols
+
+
+_few_channel_product.defvjp(_few_channel_product_forward, _few_channel_product_backward)
 
 
 def _conv_xla(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
