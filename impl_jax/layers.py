@@ -22,7 +22,8 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding
 
     Chosen by the input's channels, as measured on this CPU (docs/PERFORMANCE.md): with one
     channel, one matrix product w (O, k*k) @ im2col(x) per image, as in impl_numpy (XLA's
-    own convolution made the lab network's step 1.35x slower); with more, XLA's convolution,
+    own convolution made the lab network's step 1.35x slower), its weight gradient one
+    reduction (see _one_channel_product); with more, XLA's convolution,
     with the weight gradient taken from another formulation (see _conv_many_channels):
     im2col's k*k-fold unfolded copy is XLA's slowest operation here.
     """
@@ -44,7 +45,7 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding
     o, c, k, _ = w.shape
     cols = jnp.stack(window_offsets(_pad(x, padding), k, stride), axis=2)  # (N, C, k*k, H', W')
     ho, wo = cols.shape[3:]
-    out = _few_channel_product(w.reshape(o, -1), cols.reshape(n, c * k * k, ho * wo))
+    out = _one_channel_product(w.reshape(o, -1), cols.reshape(n, c * k * k, ho * wo))
     if b is not None:
         out = out + b[:, None]
     return out.reshape(n, o, ho, wo)
@@ -67,25 +68,26 @@ def _elementwise_product(w: jax.Array, cols: jax.Array) -> jax.Array:
 
 
 @jax.custom_vjp
-def _few_channel_product(w: jax.Array, cols: jax.Array) -> jax.Array:
-    """_per_image_product, its weight gradient from _elementwise_product: a product per image
-    of (O, P) @ (P, K), K = k*k with one channel, then summed over images, ran at 4 GFLOP/s
-    (strong's conv1 at batch 128: 15-17 ms, against 8 ms as one fused reduction)."""
+def _one_channel_product(w: jax.Array, cols: jax.Array) -> jax.Array:
+    """w (O, K) @ cols (N, K, P) -> (N, O, P) by _per_image_product, its weight gradient
+    by _elementwise_product's jax.vjp: the product's own, per image (O, P) @ (P, K) with K =
+    k*k small, then summed over the images, ran at 4 GFLOP/s (timed alone at batch 128:
+    strong's conv1 14-17 ms against 7-8 ms, the lab's 8.3 against 2.7; docs/PERFORMANCE.md)."""
     return _per_image_product(w, cols)
 
 
-def _few_channel_product_forward(w, cols):
+def _one_channel_product_forward(w, cols):
     return _per_image_product(w, cols), (w, cols)
 
 
-def _few_channel_product_backward(inputs, dout):
+def _one_channel_product_backward(inputs, dout):
     w, cols = inputs
     (dw,) = jax.vjp(lambda w: _elementwise_product(w, cols), w)[1](dout)
     (dcols,) = jax.vjp(lambda cols: _per_image_product(w, cols), cols)[1](dout)
     return dw, dcols
 
 
-_few_channel_product.defvjp(_few_channel_product_forward, _few_channel_product_backward)
+_one_channel_product.defvjp(_one_channel_product_forward, _one_channel_product_backward)
 
 
 def _conv_xla(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
