@@ -23,9 +23,9 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding
     Chosen by the input's channels, as measured on this CPU (docs/PERFORMANCE.md): with one
     channel, one matrix product w (O, k*k) @ im2col(x) per image, as in impl_numpy (XLA's
     own convolution made the lab network's step 1.35x slower), its weight gradient one
-    reduction (see _one_channel_product); with more, XLA's convolution,
-    with the weight gradient taken from another formulation (see _conv_many_channels):
-    im2col's k*k-fold unfolded copy is XLA's slowest operation here.
+    reduction (see _one_channel_product); with more, XLA's convolution, with the weight
+    gradient taken from another formulation (see _conv_many_channels): im2col's k*k-fold
+    unfolded copy is XLA's slowest operation here.
     """
     n = x.shape[0]
     if w.shape[1] > 1:
@@ -61,18 +61,24 @@ def _per_image_product(w: jax.Array, cols: jax.Array) -> jax.Array:
     return lax.dot_general(w_batch, cols, contract_k_batch_n)
 
 
-def _elementwise_product(w: jax.Array, cols: jax.Array) -> jax.Array:
-    """The same (N, O, P) as _per_image_product, as products summed over K, which XLA fuses
-    into one reduction without forming the (N, O, K, P) products."""
+def _product_as_sums(w: jax.Array, cols: jax.Array) -> jax.Array:
+    """w (O, K), cols (N, K, P) -> (N, O, P), the same as _per_image_product, written as
+    products summed over K, which XLA fuses into one reduction without forming the (N, O, K,
+    P) products."""
     return (w[None, :, :, None] * cols[:, None]).sum(axis=2)
 
 
 @jax.custom_vjp
 def _one_channel_product(w: jax.Array, cols: jax.Array) -> jax.Array:
-    """w (O, K) @ cols (N, K, P) -> (N, O, P) by _per_image_product, its weight gradient
-    by _elementwise_product's jax.vjp: the product's own, per image (O, P) @ (P, K) with K =
-    k*k small, then summed over the images, ran at 4 GFLOP/s (timed alone at batch 128:
-    strong's conv1 14-17 ms against 7-8 ms, the lab's 8.3 against 2.7; docs/PERFORMANCE.md)."""
+    """w (O, K) @ cols (N, K, P) -> (N, O, P) by _per_image_product, with its weight gradient
+    from _product_as_sums's jax.vjp (its input gradient is the product's own).
+
+    The product's own weight gradient is a product per image, (O, P) @ (P, K) with K = k*k
+    small, then a sum over the images: it ran at 2-6 GFLOP/s. Timed alone at batch 128, it
+    took 14-17 ms for strong's conv1 and 8.3 ms for the lab's, against 7-8 and 2.7 ms as one
+    reduction (docs/PERFORMANCE.md). Like _conv_many_channels, this has no forward-mode
+    derivative (jax.jvp), which nothing here takes.
+    """
     return _per_image_product(w, cols)
 
 
@@ -82,7 +88,7 @@ def _one_channel_product_forward(w, cols):
 
 def _one_channel_product_backward(inputs, dout):
     w, cols = inputs
-    (dw,) = jax.vjp(lambda w: _elementwise_product(w, cols), w)[1](dout)
+    (dw,) = jax.vjp(lambda w: _product_as_sums(w, cols), w)[1](dout)
     (dcols,) = jax.vjp(lambda cols: _per_image_product(w, cols), cols)[1](dout)
     return dw, dcols
 
