@@ -196,19 +196,70 @@ def max_pool(x: jax.Array, size: int, stride: int, padding: int = 0) -> jax.Arra
     it), as in PyTorch's kernel.
 
     As impl_numpy: a running maximum over the window's offsets in row-major order, replaced
-    by a select only where a value is larger or NaN, so the gradient goes through the selects
-    to the value kept. Picking the value by a gather at the windows' argmax made the
-    gradient a scatter-add, the strong network's slowest operation in XLA here (kept for
-    windows of more than SELECT_POOL_MAX positions); lax.reduce_window's gradient
-    (select-and-scatter) ran the pool network 1.85x slower.
+    by a select only where a value is larger or NaN, so the gradient goes to the value kept.
+    Windows that tile the image (stride == size, the usual 2x2) build their gradient in the
+    tiles' layout (see _first_max_of_tiles); overlapping ones take it through the selects.
+    Picking the value by a gather at the windows' argmax made the gradient a scatter-add,
+    the strong network's slowest operation in XLA here (kept for windows of more than
+    SELECT_POOL_MAX positions); lax.reduce_window's gradient (select-and-scatter) ran the
+    pool network 1.85x slower.
     """
-    offsets = window_offsets(_pad(x, padding, -jnp.inf), size, stride)
-    if len(offsets) > SELECT_POOL_MAX:
-        return _max_pool_by_gather(offsets)
-    best = offsets[0]
-    for view in offsets[1:]:
-        best = jnp.where((view > best) | jnp.isnan(view), view, best)
-    return best
+    x = _pad(x, padding, -jnp.inf)
+    if size * size > SELECT_POOL_MAX:
+        return _max_pool_by_gather(window_offsets(x, size, stride))
+    if stride == size:
+        n, c, h, w = x.shape
+        ho, wo = h // size, w // size
+        tiles = x[:, :, : ho * size, : wo * size].reshape(n, c, ho, size, wo, size)
+        return _first_max_of_tiles(tiles, size)
+    return _running_max(window_offsets(x, size, stride))[0]
+
+
+def _running_max(offsets: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """k*k offsets (N, C, H', W') of the windows -> their first maximum (the last NaN where a
+    window holds one) and its offset's index (int8), both (N, C, H', W')."""
+    best, first = offsets[0], jnp.zeros(offsets[0].shape, jnp.int8)
+    for index, view in enumerate(offsets[1:], start=1):
+        larger = (view > best) | jnp.isnan(view)
+        best, first = jnp.where(larger, view, best), jnp.where(larger, jnp.int8(index), first)
+    return best, first
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _first_max_of_tiles(tiles: jax.Array, k: int) -> jax.Array:
+    """tiles (N, C, H', k, W', k), the image's non-overlapping k x k windows -> each one's
+    first maximum (N, C, H', W'), by _running_max.
+
+    Its gradient is built in the tiles' own layout: for each offset, dout where that offset
+    holds the window's first maximum, zero elsewhere, the k*k planes then stacked into place.
+    Through the chain of selects each offset's gradient was padded into its strided place
+    and the k*k summed: strong's two poolings' backward took 25 ms of its step at batch 128,
+    now 13 (docs/PERFORMANCE.md). dout is used in its own shape: broadcast to the tiles'
+    shape instead, YNNPACK took the broadcast into the product before it (fc1's input
+    gradient), which then wrote four times its output (25 ms).
+    """
+    return _running_max(_tile_offsets(tiles, k))[0]
+
+
+def _tile_offsets(tiles: jax.Array, k: int) -> list[jax.Array]:
+    """tiles (N, C, H', k, W', k) -> k*k views (N, C, H', W'), offset (i, j) in row-major order."""
+    return [tiles[:, :, :, i, :, j] for i in range(k) for j in range(k)]
+
+
+def _first_max_of_tiles_forward(tiles, k):
+    return _running_max(_tile_offsets(tiles, k))
+
+
+def _first_max_of_tiles_backward(k, first, dout):
+    zero = jnp.zeros((), dout.dtype)
+    rows = [
+        jnp.stack([jnp.where(first == i * k + j, dout, zero) for j in range(k)], axis=-1)
+        for i in range(k)
+    ]  # k of (N, C, H', W', k)
+    return (jnp.stack(rows, axis=3),)
+
+
+_first_max_of_tiles.defvjp(_first_max_of_tiles_forward, _first_max_of_tiles_backward)
 
 
 def _max_pool_by_gather(offsets: list[jax.Array]) -> jax.Array:

@@ -200,6 +200,29 @@ def test_a_one_channel_convolution_s_weight_gradient_has_no_product(name):
     assert " reduce(" in dw_hlo and " dot(" not in dw_hlo
 
 
+@pytest.mark.parametrize("name", ["pool", "strong"])
+def test_a_tiling_max_pool_s_gradient_needs_no_pads_and_leaves_the_product_before_it_alone(name):
+    """2x2 max-pooling's gradient through its chain of selects placed each offset's gradient
+    by a pad into its strided place, then summed the four (25 ms of strong's step at batch
+    128): it compiles to no pad. Its dout, here from a product as fc1's input gradient, is
+    used in its own shape: broadcast to the tiles' shape, YNNPACK fused the broadcast into
+    the product's output. The gradient's values are checked against PyTorch's, ties and NaN
+    included, in tests/test_layers.py."""
+    options = impl_jax.backend.compiler_options(get_arch(name))
+    x = jnp.linspace(-1, 1, 8 * 32 * 28 * 28, dtype=jnp.float32).reshape(8, 32, 28, 28)
+    h = jnp.linspace(-1, 1, 8 * 16, dtype=jnp.float32).reshape(8, 16)
+    w = jnp.linspace(-1, 1, 16 * 32 * 14 * 14, dtype=jnp.float32).reshape(16, -1)
+
+    def pullback(x, h, w):
+        pool = partial(impl_jax.layers.max_pool, size=2, stride=2)
+        return jax.vjp(pool, x)[1]((h @ w).reshape(8, 32, 14, 14))[0]
+
+    lowered = jax.jit(pullback, compiler_options=options).lower(x, h, w)
+    assert " pad(" not in lowered.compile().as_text()
+    with_dot = [body for body in ynn_fusions(lowered) if " dot(" in body]
+    assert with_dot and not any(" broadcast(" in body for body in with_dot)
+
+
 def ynn_fusions(lowered) -> list[str]:
     """The bodies of the compiled program's YNNPACK fusions, as HLO text."""
     hlo = lowered.compile().as_text()
