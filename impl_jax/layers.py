@@ -217,7 +217,8 @@ def max_pool(x: jax.Array, size: int, stride: int, padding: int = 0) -> jax.Arra
 
 def _running_max(offsets: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
     """k*k offsets (N, C, H', W') of the windows -> their first maximum (the last NaN where a
-    window holds one) and its offset's index (int8), both (N, C, H', W')."""
+    window holds one) and its offset's index (int8: at most SELECT_POOL_MAX offsets), both
+    (N, C, H', W'). Where the index is not used, XLA drops it from the compiled program."""
     best, first = offsets[0], jnp.zeros(offsets[0].shape, jnp.int8)
     for index, view in enumerate(offsets[1:], start=1):
         larger = (view > best) | jnp.isnan(view)
@@ -234,9 +235,10 @@ def _first_max_of_tiles(tiles: jax.Array, k: int) -> jax.Array:
     holds the window's first maximum, zero elsewhere, the k*k planes then stacked into place.
     Through the chain of selects each offset's gradient was padded into its strided place
     and the k*k summed: strong's two poolings' backward took 25 ms of its step at batch 128,
-    now 13 (docs/PERFORMANCE.md). dout is used in its own shape: broadcast to the tiles'
-    shape instead, YNNPACK took the broadcast into the product before it (fc1's input
-    gradient), which then wrote four times its output (25 ms).
+    now 13 (docs/PERFORMANCE.md). dout is used in its own shape: when it was broadcast to the
+    tiles' shape, YNNPACK fused the broadcast into the product before it (fc1's input
+    gradient), which then wrote four times its output (25 ms). Like _conv_many_channels, this
+    has no forward-mode derivative (jax.jvp), which nothing here takes.
     """
     return _running_max(_tile_offsets(tiles, k))[0]
 
@@ -247,10 +249,14 @@ def _tile_offsets(tiles: jax.Array, k: int) -> list[jax.Array]:
 
 
 def _first_max_of_tiles_forward(tiles, k):
+    """-> the first maxima (N, C, H', W') and, for the gradient, their offsets' index."""
     return _running_max(_tile_offsets(tiles, k))
 
 
 def _first_max_of_tiles_backward(k, first, dout):
+    """first (N, C, H', W') int8, dout (N, C, H', W') -> (dtiles (N, C, H', k, W', k),).
+    Under jit XLA recomputes `first` inside this loop rather than store it (its CPU fusion
+    copies element-wise producers into their consumers)."""
     zero = jnp.zeros((), dout.dtype)
     rows = [
         jnp.stack([jnp.where(first == i * k + j, dout, zero) for j in range(k)], axis=-1)

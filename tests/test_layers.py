@@ -129,11 +129,17 @@ POOL_CASES = [
         (5, 6, 3, 1),
         (6, 5, 2, 1),
         (8, 7, 2, 3),  # gaps between windows
+        (8, 7, 3, 3),  # 3x3 windows that tile, rows and columns left over
     ]
 ] + [  # padded (max with -inf, avg counting zeros), windows that do not tile dropped
     pool(kind, h, w, size, stride, padding)
     for kind in ("max", "avg")
-    for h, w, size, stride, padding in [(7, 6, 3, 2, 1), (5, 5, 2, 2, 1), (6, 7, 4, 3, 2)]
+    for h, w, size, stride, padding in [
+        (7, 6, 3, 2, 1),
+        (5, 5, 2, 2, 1),
+        (6, 7, 4, 3, 2),
+        (7, 9, 3, 3, 1),
+    ]
 ]
 BN_CASES = [batch_norm(shape, train) for shape in [(6, 4), (3, 2, 4, 5)] for train in (True, False)]
 OTHER_CASES = [
@@ -337,7 +343,9 @@ def loop_max_pool_grad(x, dout, size, stride):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize(("size", "stride"), [(2, 2), (3, 1), (3, 2), (2, 3), (5, 2)])
+@pytest.mark.parametrize(
+    ("size", "stride"), [(2, 2), (3, 3), (4, 4), (3, 1), (3, 2), (2, 3), (5, 2)]
+)
 def test_max_pool_ties_go_to_the_first_maximum_in_all_three(size, stride, dtype):
     rng = np.random.default_rng(10 * size + stride)
     x = rng.integers(0, 3, (2, 3, 9, 8)).astype(dtype)  # values 0, 1, 2: ties everywhere
@@ -354,7 +362,7 @@ def test_max_pool_ties_go_to_the_first_maximum_in_all_three(size, stride, dtype)
 
 
 # 5 x 5 windows are past JAX's SELECT_POOL_MAX: its gather, not its selects.
-@pytest.mark.parametrize(("size", "stride"), [(2, 2), (3, 1), (5, 1)])
+@pytest.mark.parametrize(("size", "stride"), [(2, 2), (3, 3), (3, 1), (5, 1)])
 def test_max_pool_propagates_nan_and_routes_its_gradient_as_pytorch(size, stride):
     rng = np.random.default_rng(size)
     x = rng.standard_normal((2, 2, 6, 6))
