@@ -36,12 +36,8 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding
             # this jaxlib's YNNPACK); an image of zeros more, its output dropped, costs 1/N.
             x = jnp.pad(x, ((0, 1), (0, 0), (0, 0), (0, 0)))
         out = _conv_many_channels(x, w, stride, padding)
-        if b is None:
-            # YNNPACK runs a convolution alone in its fusion on one thread (its loops skip
-            # the batch dimensions), and on both with an element-wise op fused after it:
-            # zeros that XLA cannot fold away made `deep`'s step 0.88-0.90x the time.
-            b = lax.optimization_barrier(jnp.zeros(w.shape[0], x.dtype))
-        return (out + b[:, None, None])[:n]
+        out = _on_both_threads(out) if b is None else out + b[:, None, None]
+        return out[:n]
     o, c, k, _ = w.shape
     cols = jnp.stack(window_offsets(_pad(x, padding), k, stride), axis=2)  # (N, C, k*k, H', W')
     ho, wo = cols.shape[3:]
@@ -123,8 +119,9 @@ def _conv_by_offsets(x: jax.Array, w: jax.Array, stride: int, padding: int) -> j
 def _conv_many_channels(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
     """XLA's convolution, differentiated argument by argument through the exact formulation
     XLA runs fastest (measured on the strong network's 32 -> 64 conv, batch 128: forward 8
-    ms; input gradient 8 ms by its own convolution; weight gradient 7 ms by offsets against
-    30 ms by its convolution). Every gradient still comes from jax.vjp."""
+    ms; input gradient 8 ms by its own convolution, given zeros to add by _on_both_threads;
+    weight gradient 7 ms by offsets against 30 ms by its convolution). Every gradient still
+    comes from jax.vjp."""
     return _conv_xla(x, w, stride, padding)
 
 
@@ -135,11 +132,22 @@ def _conv_many_channels_forward(x, w, stride, padding):
 def _conv_many_channels_backward(stride, padding, inputs, dout):
     x, w = inputs
     (dx,) = jax.vjp(lambda x: _conv_xla(x, w, stride, padding), x)[1](dout)
+    dx = _on_both_threads(dx)
     (dw,) = jax.vjp(lambda w: _conv_by_offsets(x, w, stride, padding), w)[1](dout)
     return dx, dw
 
 
 _conv_many_channels.defvjp(_conv_many_channels_forward, _conv_many_channels_backward)
+
+
+def _on_both_threads(y: jax.Array) -> jax.Array:
+    """y (N, C, H, W), a convolution's output -> y + 0, zeros per channel that XLA cannot
+    fold away. YNNPACK runs a convolution alone in its fusion on one thread (its loops skip
+    the batch dimensions), and on both with an element-wise op fused after it: for a
+    convolution without a bias, `deep`'s step took 0.88-0.90x the time; for the input
+    gradient, strong's 0.93 at batches 128 and 512 (docs/PERFORMANCE.md)."""
+    zeros = lax.optimization_barrier(jnp.zeros(y.shape[1], y.dtype))
+    return y + zeros[:, None, None]
 
 
 def _pad(x: jax.Array, padding: int, value: float = 0.0) -> jax.Array:

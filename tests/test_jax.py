@@ -164,15 +164,23 @@ def test_the_backend_hands_xla_its_options_for_the_network(name, ynn_relu):
     assert maximum_in_ynn_fusion(backend.predict_fn) == ynn_relu
 
 
-def test_a_bias_free_convolution_shares_its_ynnpack_fusion_with_an_element_wise_op():
-    """YNNPACK runs a convolution alone in its fusion on one thread; a convolution without a
-    bias adds zeros that XLA cannot fold away, so that it runs fused with that add, on both."""
+@pytest.mark.parametrize("bias", [False, True])
+def test_every_convolution_shares_its_ynnpack_fusion_with_an_element_wise_op(bias):
+    """YNNPACK runs a convolution alone in its fusion on one thread. A convolution without a
+    bias, and every convolution's input gradient, add zeros that XLA cannot fold away, so
+    that each runs fused with that add, on both threads."""
     options = impl_jax.backend.compiler_options(get_arch("deep"))
-    conv = partial(impl_jax.layers.conv2d, b=None, stride=1, padding=1)
     x, w = jnp.ones((8, 16, 14, 14), jnp.float32), jnp.ones((32, 16, 3, 3), jnp.float32)
-    lowered = jax.jit(conv, compiler_options=options).lower(x, w)
+    b = jnp.ones(32, jnp.float32) if bias else None
+    dout = jnp.ones((8, 32, 14, 14), jnp.float32)
+
+    def out_and_dx(x, w, dout):
+        out, pullback = jax.vjp(partial(impl_jax.layers.conv2d, b=b, stride=1, padding=1), x, w)
+        return out, pullback(dout)[0]
+
+    lowered = jax.jit(out_and_dx, compiler_options=options).lower(x, w, dout)
     with_conv = [body for body in ynn_fusions(lowered) if " convolution(" in body]
-    assert with_conv and all(" add(" in body for body in with_conv)
+    assert len(with_conv) == 2 and all(" add(" in body for body in with_conv)
 
 
 @pytest.mark.parametrize("name", ["lab", "strong"])
