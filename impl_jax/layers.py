@@ -253,9 +253,9 @@ def _first_max_of_tiles(tiles: jax.Array, k: int) -> jax.Array:
 
 def _tile_offsets(tiles: jax.Array, k: int) -> list[jax.Array]:
     """tiles (N, C, H', k, W', k) -> k*k views (N, C, H', W'), offset (i, j) in row-major order.
-    The same views as shared.layers.window_offsets(x, k, k) on the image, but as strided
-    slices of it (with the gradient reshaped back) strong's step took 1.04-1.08x the time at
-    batch 128 (docs/PERFORMANCE.md)."""
+    The same views as shared.layers.window_offsets(x, k, k) on the image; taken as its
+    strided slices instead (the gradient reshaped back), they made strong's step 1.04-1.08x
+    slower at batch 128 (docs/PERFORMANCE.md)."""
     return [tiles[:, :, :, i, :, j] for i in range(k) for j in range(k)]
 
 
