@@ -118,10 +118,10 @@ def _conv_by_offsets(x: jax.Array, w: jax.Array, stride: int, padding: int) -> j
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_many_channels(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
     """XLA's convolution, differentiated argument by argument through the exact formulation
-    XLA runs fastest (measured on the strong network's 32 -> 64 conv, batch 128: forward 8
-    ms; input gradient 8 ms by its own convolution, given zeros to add by _on_both_threads;
-    weight gradient 7 ms by offsets against 30 ms by its convolution). Every gradient still
-    comes from jax.vjp."""
+    XLA runs fastest (measured on the strong network's 32 -> 64 conv, batch 128, on an AMD
+    EPYC family 25: forward 8 ms; input gradient 8 ms by its own convolution; weight gradient
+    7 ms by offsets against 30 ms by its convolution). The input gradient gets zeros to add
+    from _on_both_threads. Every gradient still comes from jax.vjp."""
     return _conv_xla(x, w, stride, padding)
 
 
@@ -142,10 +142,11 @@ _conv_many_channels.defvjp(_conv_many_channels_forward, _conv_many_channels_back
 
 def _on_both_threads(y: jax.Array) -> jax.Array:
     """y (N, C, H, W), a convolution's output -> y + 0, zeros per channel that XLA cannot
-    fold away. YNNPACK runs a convolution alone in its fusion on one thread (its loops skip
-    the batch dimensions), and on both with an element-wise op fused after it: for a
-    convolution without a bias, `deep`'s step took 0.88-0.90x the time; for the input
-    gradient, strong's 0.93 at batches 128 and 512 (docs/PERFORMANCE.md)."""
+    fold away. This jaxlib's YNNPACK gives a convolution no loops over the batch, so alone
+    in its fusion it runs on one thread, and on both with an element-wise op fused after it.
+    After a convolution without a bias, the zeros made `deep`'s step take 0.88-0.90x the
+    time; after every input gradient, `strong`'s 0.92-0.95x at batches 128 and 512 on an AMD
+    EPYC family 23 (docs/PERFORMANCE.md)."""
     zeros = lax.optimization_barrier(jnp.zeros(y.shape[1], y.dtype))
     return y + zeros[:, None, None]
 
@@ -253,9 +254,9 @@ def _first_max_of_tiles(tiles: jax.Array, k: int) -> jax.Array:
 
 def _tile_offsets(tiles: jax.Array, k: int) -> list[jax.Array]:
     """tiles (N, C, H', k, W', k) -> k*k views (N, C, H', W'), offset (i, j) in row-major order.
-    The same views as shared.layers.window_offsets(x, k, k) on the image; taken as its
-    strided slices instead (the gradient reshaped back), they made strong's step 1.04-1.08x
-    slower at batch 128 (docs/PERFORMANCE.md)."""
+    The same views as shared.layers.window_offsets(x, k, k) give on the cropped image x;
+    taken as x's strided slices instead (the gradient reshaped back), they made strong's
+    step 1.04-1.08x slower at batch 128 (docs/PERFORMANCE.md)."""
     return [tiles[:, :, :, i, :, j] for i in range(k) for j in range(k)]
 
 

@@ -165,10 +165,10 @@ def test_the_backend_hands_xla_its_options_for_the_network(name, ynn_relu):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_every_convolution_shares_its_ynnpack_fusion_with_an_element_wise_op(bias):
-    """YNNPACK runs a convolution alone in its fusion on one thread. A convolution without a
-    bias, and every convolution's input gradient, add zeros that XLA cannot fold away, so
-    that each runs fused with that add, on both threads."""
+def test_every_xla_convolution_shares_its_ynnpack_fusion_with_an_element_wise_op(bias):
+    """YNNPACK runs a convolution alone in its fusion on one thread. Of the convolutions XLA
+    runs (more than one input channel), one without a bias, and every input gradient, add
+    zeros that XLA cannot fold away, so that each runs fused with that add, on both threads."""
     options = impl_jax.backend.compiler_options(get_arch("deep"))
     x, w = jnp.ones((8, 16, 14, 14), jnp.float32), jnp.ones((32, 16, 3, 3), jnp.float32)
     b = jnp.ones(32, jnp.float32) if bias else None
