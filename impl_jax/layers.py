@@ -23,9 +23,9 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding
     Chosen by the input's channels, as measured on this CPU (docs/PERFORMANCE.md): with one
     channel, one matrix product w (O, k*k) @ im2col(x) per image, as in impl_numpy (XLA's
     own convolution made the lab network's step 1.35x slower), its weight gradient one
-    reduction (see _one_channel_product); with more, XLA's convolution, with the weight
-    gradient taken from another formulation (see _conv_many_channels): im2col's k*k-fold
-    unfolded copy is XLA's slowest operation here.
+    reduction (see _one_channel_product); with more, XLA's convolution (im2col's k*k-fold
+    unfolded copy made the forward slower), its weight gradient taken from another
+    formulation (see _conv_many_channels).
     """
     n = x.shape[0]
     if w.shape[1] > 1:
@@ -99,20 +99,23 @@ def _conv_xla(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Arra
     return lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=dims)
 
 
-def _conv_by_offsets(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
-    """The same convolution as a sum over the kernel's k*k offsets of products
-    w[:, :, i, j] (O, C) @ x shifted by (i, j) (C, N*H'*W'): slow forward, but its weight
-    gradient is k*k products, each contracting the images and pixels at once, which XLA runs
-    4x faster here than its convolution's (as products per image summed over the batch, the
-    training step took 1.01-1.04x the time: YNNPACK gives a product's batch no loops)."""
+def _conv_by_stacked_offsets(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
+    """The same convolution as one matrix product: x's k*k shifted copies stacked as columns
+    (k*k*C, N*H'*W'), against w's taps (k*k*C, O). A slow forward, but its weight gradient is
+    one product, columns @ dout (N*H'*W', O), that YNNPACK runs on both threads. As k*k
+    products, one per offset, each ran on one thread, and XLA ran them one after another
+    (docs/PERFORMANCE.md). The copies are written into the stack one by one: stacked or
+    concatenated, each offset was copied twice."""
     n = x.shape[0]
     o, c, k, _ = w.shape
-    out = 0.0
-    for offset, shifted in enumerate(window_offsets(_pad(x, padding), k, stride)):
-        ho, wo = shifted.shape[2:]
-        w_offset = w[:, :, offset // k, offset % k]
-        out = out + jnp.einsum("oc,ncp->nop", w_offset, shifted.reshape(n, c, ho * wo))
-    return out.reshape(n, o, ho, wo)
+    shifted = window_offsets(_pad(x, padding), k, stride)
+    ho, wo = shifted[0].shape[2:]
+    cols = jnp.zeros((k * k, c, n, ho, wo), x.dtype)
+    for offset, view in enumerate(shifted):
+        cols = cols.at[offset].set(view.transpose(1, 0, 2, 3))
+    taps = w.transpose(2, 3, 1, 0).reshape(k * k * c, o)  # rows in the columns' (i, j, c) order
+    out = jnp.einsum("pm,po->mo", cols.reshape(k * k * c, n * ho * wo), taps)
+    return out.reshape(n, ho, wo, o).transpose(0, 3, 1, 2)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -120,8 +123,9 @@ def _conv_many_channels(x: jax.Array, w: jax.Array, stride: int, padding: int) -
     """XLA's convolution, differentiated argument by argument through the exact formulation
     XLA runs fastest (measured on the strong network's 32 -> 64 conv, batch 128, on an AMD
     EPYC family 25: forward 8 ms; input gradient 8 ms by its own convolution; weight gradient
-    7 ms by offsets against 30 ms by its convolution). The input gradient gets zeros to add
-    from _on_both_threads. Every gradient still comes from jax.vjp."""
+    7 ms by products over x's shifted copies against 30 ms by its convolution, those products
+    since made one, see _conv_by_stacked_offsets). The input gradient gets zeros to add from
+    _on_both_threads. Every gradient still comes from jax.vjp."""
     return _conv_xla(x, w, stride, padding)
 
 
@@ -133,7 +137,7 @@ def _conv_many_channels_backward(stride, padding, inputs, dout):
     x, w = inputs
     (dx,) = jax.vjp(lambda x: _conv_xla(x, w, stride, padding), x)[1](dout)
     dx = _on_both_threads(dx)
-    (dw,) = jax.vjp(lambda w: _conv_by_offsets(x, w, stride, padding), w)[1](dout)
+    (dw,) = jax.vjp(lambda w: _conv_by_stacked_offsets(x, w, stride, padding), w)[1](dout)
     return dx, dw
 
 

@@ -183,6 +183,25 @@ def test_every_xla_convolution_shares_its_ynnpack_fusion_with_an_element_wise_op
     assert len(with_conv) == 2 and all(" add(" in body for body in with_conv)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_many_channel_convolution_s_weight_gradient_is_one_product(stride):
+    """YNNPACK runs a product with a small output on one thread, and XLA ran the k*k products,
+    one per kernel offset, one after another. The weight gradient of a convolution XLA runs
+    is one product of x's stacked offsets: one dot in the compiled gradient, with the
+    k*k*C = 144 taps in its output."""
+    options = impl_jax.backend.compiler_options(get_arch("deep"))
+    x, w = jnp.ones((8, 16, 14, 14), jnp.float32), jnp.ones((32, 16, 3, 3), jnp.float32)
+    dout = jnp.ones((8, 32, 14 // stride, 14 // stride), jnp.float32)
+
+    def dw(x, w, dout):
+        conv = partial(impl_jax.layers.conv2d, b=None, stride=stride, padding=1)
+        return jax.vjp(lambda w: conv(x, w), w)[1](dout)[0]
+
+    hlo = jax.jit(dw, compiler_options=options).lower(x, w, dout).compile().as_text()
+    dots = [line for line in hlo.splitlines() if " dot(" in line]
+    assert len(dots) == 1 and "144,32]" in dots[0]
+
+
 @pytest.mark.parametrize("name", ["lab", "strong"])
 def test_a_one_channel_convolution_s_weight_gradient_has_no_product(name):
     """The 1-channel convolution's weight gradient, products per image of (O, H'*W') @
