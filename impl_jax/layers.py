@@ -25,7 +25,7 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding
     own convolution made the lab network's step 1.35x slower), its weight gradient one
     reduction (see _one_channel_product); with more, XLA's convolution (im2col's k*k-fold
     unfolded copy made the forward slower), its weight gradient taken from another
-    formulation (see _conv_many_channels).
+    formulation that does build that copy (see _conv_many_channels).
     """
     n = x.shape[0]
     if w.shape[1] > 1:
@@ -100,12 +100,13 @@ def _conv_xla(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Arra
 
 
 def _conv_by_stacked_offsets(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
-    """The same convolution as one matrix product: x's k*k shifted copies stacked as columns
-    (k*k*C, N*H'*W'), against w's taps (k*k*C, O). A slow forward, but its weight gradient is
-    one product, columns @ dout (N*H'*W', O), that YNNPACK runs on both threads. As k*k
-    products, one per offset, each ran on one thread, and XLA ran them one after another
-    (docs/PERFORMANCE.md). The copies are written into the stack one by one: stacked or
-    concatenated, each offset was copied twice."""
+    """x (N, C, H, W), w (O, C, k, k) -> (N, O, H', W'): the same convolution as one matrix
+    product, x's k*k shifted copies as columns (k*k*C, N*H'*W') against w's taps (k*k*C, O).
+    A slow forward, but its weight gradient is one product, columns @ dout (N*H'*W', O), that
+    YNNPACK runs on both threads. As k*k products, one per offset, each ran on one thread,
+    and XLA ran them one after another (`deep`'s step 0.89-0.93x the time with one product
+    on an AMD EPYC family 23, docs/PERFORMANCE.md). Each copy is written into its slot of the
+    columns' buffer: with jnp.stack or jnp.concatenate, XLA copied each offset twice."""
     n = x.shape[0]
     o, c, k, _ = w.shape
     shifted = window_offsets(_pad(x, padding), k, stride)
@@ -120,12 +121,13 @@ def _conv_by_stacked_offsets(x: jax.Array, w: jax.Array, stride: int, padding: i
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_many_channels(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
-    """XLA's convolution, differentiated argument by argument through the exact formulation
-    XLA runs fastest (measured on the strong network's 32 -> 64 conv, batch 128, on an AMD
-    EPYC family 25: forward 8 ms; input gradient 8 ms by its own convolution; weight gradient
-    7 ms by products over x's shifted copies against 30 ms by its convolution, those products
-    since made one, see _conv_by_stacked_offsets). The input gradient gets zeros to add from
-    _on_both_threads. Every gradient still comes from jax.vjp."""
+    """XLA's convolution, differentiated argument by argument through the formulations
+    measured fastest (the strong network's 32 -> 64 conv, batch 128, on an AMD EPYC family
+    25: forward 8 ms; input gradient 8 ms by its own convolution; weight gradient 7 ms as k*k
+    products over x's shifted copies against 30 ms by its convolution). On an AMD EPYC family
+    23 those products, each on one thread, became one product on both threads (see
+    _conv_by_stacked_offsets), not measured on the family 25. The input gradient gets zeros
+    to add from _on_both_threads. Every gradient still comes from jax.vjp."""
     return _conv_xla(x, w, stride, padding)
 
 
