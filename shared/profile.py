@@ -87,8 +87,8 @@ def step_phases(backend: Backend, state: Any, data: Any, batch: Batch, lr: float
 
 
 def layer_timers(backend: Backend, params: Any, x: Any, masks: Any) -> list[LayerTimer]:
-    """For each layer of the network, its forward and its forward-and-backward (the pullback
-    of every input, the layer's input included), each as the backend runs it fastest
+    """For each layer of the network, its forward and its forward-and-backward (the output and
+    the pullback of every input, the layer's input included), each as the backend runs it fastest
     (compiled on its own in JAX), with the arguments a training pass gives that layer from
     images x (N, 1, 28, 28) and the step's dropout masks."""
     model, timers = backend.model, []
@@ -98,7 +98,12 @@ def layer_timers(backend: Backend, params: Any, x: Any, masks: Any) -> list[Laye
             return model.layer_vjp(layer, params, x, masks)[0]
 
         def forward_and_backward(params, x, dout, layer=layer):
-            return model.layer_vjp(layer, params, x, masks)[1](dout)
+            # The output too, as training hands it on: XLA drops work whose result nothing
+            # returns, and a pullback that keeps only its inputs (a convolution's) leaves
+            # the forward unused. Without it JAX's backward read 40 ms short of its time
+            # on strong at batch 128 (docs/PERFORMANCE.md).
+            out, pullback = model.layer_vjp(layer, params, x, masks)
+            return out, pullback(dout)
 
         out = backend.wait(forward(params, x))
         dout = out * 0 + 1  # a gradient of the output's shape, type and framework

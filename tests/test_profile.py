@@ -13,11 +13,12 @@ import pytest
 
 from impl_numpy import layers, model
 from shared.backend import IMPLEMENTATIONS, make_backend
+from shared.batches import steady_batches
 from shared.config import TrainConfig
 from shared.data import load_dataset
 from shared.ladder import conv_backward_loops, conv_forward_loops, lab_step
 from shared.loop import compile_steps
-from shared.profile import PHASES, cpu_name
+from shared.profile import PHASES, cpu_name, layer_timers
 from shared.proof.report import plot_results, worst_by_row
 from shared.proof.rows import CheckResult
 from shared.spec import get_arch, init_params
@@ -146,3 +147,21 @@ def test_a_jax_step_reuses_the_memory_its_threads_freed():
     assert done.returncode == 0, done.stderr
     faults = [int(n) for n in done.stdout.split()]
     assert statistics.median(faults) < 1000, faults
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_layer_s_timed_backward_runs_its_forward_too(impl, tiny_data_dir):
+    # A layer's backward is timed as forward and backward together less the forward alone.
+    # JAX drops work whose result nothing returns, and a convolution's pullback keeps only its
+    # inputs: timed without the output, its forward went unrun and the backward read short.
+    arch = get_arch("conv4b0-bn-relu-maxpool2-flatten-fc10")
+    data = load_dataset(tiny_data_dir)
+    backend = make_backend(impl, arch)
+    params, _ = backend.init_state(init_params(arch))
+    batch = next(steady_batches(len(data.train), 8, data.background, arch.dropouts, False))
+    arrays = backend.moved(backend.step_arrays(batch))
+    x, _ = backend.gather(backend.put_data(data.train.x, data.train.y), arrays, 0, batch.fill)
+    for timer in layer_timers(backend, params, x, arrays.masks):
+        out, grads = timer.forward_and_backward(timer.params, timer.x, timer.dout)
+        difference = abs(out - timer.forward(timer.params, timer.x)).max()  # in any framework
+        assert float(difference) == 0 and "input" in grads, timer.name
