@@ -329,7 +329,12 @@ def batch_norm(
     """
     if train:
         axes = (0, *range(2, x.ndim))
-        mean, var = x.mean(axis=axes), x.var(axis=axes)
+        mean = x.mean(axis=axes)
+        # The variance about the mean held constant: the same value, and the same gradient in
+        # exact arithmetic, since the variance's derivative through its own mean is a sum of
+        # the centred input, zero. x.var's autodiff computed that zero in two passes over x.
+        centred = x - _per_channel(lax.stop_gradient(mean), x.ndim)
+        var = (centred * centred).mean(axis=axes)
         n = x.size // x.shape[1]
         running_mean = (1 - momentum) * running_mean + momentum * mean
         running_var = (1 - momentum) * running_var + momentum * n / (n - 1) * var
