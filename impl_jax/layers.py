@@ -333,6 +333,7 @@ def batch_norm(
         # The variance about the mean held constant: the same value, and the same gradient in
         # exact arithmetic, since the variance's derivative through its own mean is a sum of
         # the centred input, zero. x.var's autodiff computed that zero in two passes over x.
+        # First derivatives only: a second derivative would treat the mean as constant.
         centred = x - _per_channel(lax.stop_gradient(mean), x.ndim)
         var = (centred * centred).mean(axis=axes)
         n = x.size // x.shape[1]

@@ -100,8 +100,8 @@ def layer_timers(backend: Backend, params: Any, x: Any, masks: Any) -> list[Laye
         def forward_and_backward(params, x, dout, layer=layer):
             # The output too, as training hands it on: XLA drops work whose result nothing
             # returns, and a pullback that keeps only its inputs (a convolution's) leaves
-            # the forward unused. Without it JAX's backward read 40 ms short of its time
-            # on strong at batch 128 (docs/PERFORMANCE.md).
+            # the forward unused. Without it JAX's layers' backward on strong at batch 128
+            # summed 59.8 ms, against 89.5 with it (docs/PERFORMANCE.md).
             out, pullback = model.layer_vjp(layer, params, x, masks)
             return out, pullback(dout)
 
