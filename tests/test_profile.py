@@ -160,7 +160,8 @@ def test_a_layer_s_timed_backward_runs_its_forward_too(impl, tiny_data_dir):
     params, _ = backend.init_state(init_params(arch))
     batch = next(steady_batches(len(data.train), 8, data.background, arch.dropouts, False))
     arrays = backend.moved(backend.step_arrays(batch))
-    x, _ = backend.gather(backend.put_data(data.train.x, data.train.y), arrays, 0, batch.fill)
+    train_data = backend.put_data(data.train.x, data.train.y)
+    x, _ = backend.gather(train_data, arrays, batch.pad, batch.fill)
     for timer in layer_timers(backend, params, x, arrays.masks):
         result = timer.forward_and_backward(timer.params, timer.x, timer.dout)
         assert isinstance(result, tuple) and len(result) == 2, timer.name
