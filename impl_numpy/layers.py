@@ -16,6 +16,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy import special
 
 from shared.layers import window_offsets
+from shared.parallel import Total, alone
 
 Cache = Any
 
@@ -305,19 +306,23 @@ def batch_norm_forward(
     momentum: float,
     eps: float,
     train: bool,
+    total: Total = alone,
 ) -> tuple[np.ndarray, Cache, tuple[np.ndarray, np.ndarray]]:
     """x (N, C) or (N, C, H, W); weight, bias, running stats (C,) -> out like x, cache,
     (running_mean, running_var) (C,), as PyTorch's BatchNorm1d/2d.
 
     Training normalises with the batch statistics over every axis but 1 (biased variance)
     and moves the running stats towards them (unbiased variance, n / (n - 1)); evaluation
-    normalises with the running stats and returns them unchanged.
+    normalises with the running stats and returns them unchanged. Where threads share the
+    batch, x is this thread's rows and `total` sums over every thread's (shared/parallel.py).
     """
     n = x.size // x.shape[1]
     if train:
-        mean = _channel_sum(x) / n
+        sums, n = total(_channel_sum(x), n)
+        mean = sums / n
         centred = x - _per_channel(mean, x.ndim)
-        var = _channel_sum(centred, centred) / n
+        (squares,) = total(_channel_sum(centred, centred))
+        var = squares / n
         running_mean = (1 - momentum) * running_mean + momentum * mean
         # momentum * n / (n - 1) stays a Python float, which leaves a float32 var float32.
         running_var = (1 - momentum) * running_var + momentum * n / (n - 1) * var
@@ -330,22 +335,25 @@ def batch_norm_forward(
     scale = weight * inv_std
     out = centred * _per_channel(scale, x.ndim)
     out += _per_channel(bias, x.ndim)
-    return out, (centred, inv_std, scale, n, train), (running_mean, running_var)
+    return out, (centred, inv_std, scale, n, train, total), (running_mean, running_var)
 
 
 def batch_norm_backward(
     dout: np.ndarray, cache: Cache
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """dout like x -> dx like x, dweight (C,), dbias (C,)."""
-    centred, inv_std, scale, n, train = cache  # xhat = centred * inv_std, scale = weight / std
+    """dout like x -> dx like x, dweight (C,), dbias (C,) (of this thread's rows, where
+    threads share the batch: the caller sums them as every other parameter's gradient)."""
+    # xhat = centred * inv_std, scale = weight / std
+    centred, inv_std, scale, n, train, total = cache
     dweight, dbias = _channel_sum(dout, centred) * inv_std, _channel_sum(dout)
     dx = dout * _per_channel(scale, dout.ndim)
     if train:
         # The batch mean and variance depend on x as well: that takes away the gradient's
-        # per-channel mean and its per-channel component along xhat (whose sums are dbias
-        # and dweight, already at hand).
-        dx -= centred * _per_channel(scale * dweight * inv_std / n, dout.ndim)
-        dx -= _per_channel(scale * dbias / n, dout.ndim)
+        # per-channel mean and its per-channel component along xhat, whose sums over the
+        # whole batch are dbias and dweight.
+        dweight_all, dbias_all = total(dweight, dbias)
+        dx -= centred * _per_channel(scale * dweight_all * inv_std / n, dout.ndim)
+        dx -= _per_channel(scale * dbias_all / n, dout.ndim)
     return dx, dweight, dbias
 
 
@@ -386,19 +394,22 @@ def linear_backward(
 
 
 def softmax_cross_entropy(
-    logits: np.ndarray, labels: np.ndarray, label_smoothing: float = 0.0
+    logits: np.ndarray, labels: np.ndarray, label_smoothing: float = 0.0, total: Total = alone
 ) -> tuple[np.ndarray, np.ndarray]:
     """logits (N, K), labels (N,) int -> mean loss (scalar array), dlogits (N, K).
 
-    With smoothing eps the target is (1 - eps) * one_hot + eps / K, as in PyTorch.
+    With smoothing eps the target is (1 - eps) * one_hot + eps / K, as in PyTorch. Where
+    threads share the batch (`total`), the mean is over all of it: each thread's losses add
+    up to it.
     """
-    n, k = logits.shape
+    k = logits.shape[1]
+    (n,) = total(len(logits))
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     sum_exp = exp.sum(axis=1, keepdims=True)
     logp = shifted - np.log(sum_exp)
     target = np.full_like(logits, label_smoothing / k)
-    target[np.arange(n), labels] += 1 - label_smoothing
+    target[np.arange(len(logits)), labels] += 1 - label_smoothing
     loss = -(target * logp).sum() / n
     dlogits = (exp / sum_exp - target) / n
     return loss, dlogits

@@ -7,11 +7,14 @@ uses the batch's statistics and returns updated running ones, dropout applies th
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable
 
 import numpy as np
 
 from impl_numpy import layers
+from shared.cost import network_cost
 from shared.layers import (
     Activation,
     AdaptivePool,
@@ -24,20 +27,30 @@ from shared.layers import (
     Pool,
     Residual,
 )
+from shared.parallel import Total, alone, over_threads, thread_count
 from shared.spec import Arch, Params
 
 Masks = dict[str, np.ndarray] | None
 
 
 def layer_forward(
-    layer: Layer, params: Params, x: np.ndarray, masks: Masks, buffers: Params, outputs: Params
+    layer: Layer,
+    params: Params,
+    x: np.ndarray,
+    masks: Masks,
+    buffers: Params,
+    outputs: Params,
+    total: Total = alone,
 ) -> tuple[np.ndarray, object]:
     """The layer's output and its cache; updated BatchNorm buffers go into `buffers`, the
-    outputs of a block's layers into `outputs`."""
+    outputs of a block's layers into `outputs`; `total` sums over the threads that share
+    the batch (shared/parallel.py)."""
     match layer:
         case Residual(body=body, shortcut=shortcut):
-            out, body_caches = chain_forward(body, params, x, masks, buffers, outputs)
-            skip, shortcut_caches = chain_forward(shortcut, params, x, masks, buffers, outputs)
+            out, body_caches = chain_forward(body, params, x, masks, buffers, outputs, total)
+            skip, shortcut_caches = chain_forward(
+                shortcut, params, x, masks, buffers, outputs, total
+            )
             return out + skip, (body_caches, shortcut_caches)
         case Conv(name, stride=stride, padding=padding):
             w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
@@ -58,6 +71,7 @@ def layer_forward(
                 momentum,
                 eps,
                 train=masks is not None,
+                total=total,
             )
             if masks is not None:
                 buffers[f"{name}.running_mean"], buffers[f"{name}.running_var"] = mean, var
@@ -138,12 +152,13 @@ def chain_forward(
     masks: Masks,
     buffers: Params,
     outputs: Params,
+    total: Total = alone,
 ) -> tuple[np.ndarray, list[object]]:
     """x through `layers` in turn: the last output and every layer's cache, in order; each
     layer's output goes into `outputs` by name (a block's layers' too)."""
     caches = []
     for layer in layers:
-        x, cache = layer_forward(layer, params, x, masks, buffers, outputs)
+        x, cache = layer_forward(layer, params, x, masks, buffers, outputs, total)
         outputs[layer.name] = x
         caches.append(cache)
     return x, caches
@@ -160,13 +175,29 @@ def chain_backward(
 
 
 def _forward(
-    params: Params, x: np.ndarray, arch: Arch, masks: Masks
+    params: Params, x: np.ndarray, arch: Arch, masks: Masks, total: Total = alone
 ) -> tuple[Params, list[object], Params]:
     """Every layer's output by name (a block's layers' too), the caches of the network's
     layers in order, and the updated buffers (training only)."""
     outputs, buffers = {}, {}
-    _, caches = chain_forward(arch.layers, params, x, masks, buffers, outputs)
+    _, caches = chain_forward(arch.layers, params, x, masks, buffers, outputs, total)
     return outputs, caches, buffers
+
+
+def _rows(masks: Masks, rows: slice) -> Masks:
+    """The dropout masks of a range of the batch's rows."""
+    return None if masks is None else {name: keep[rows] for name, keep in masks.items()}
+
+
+def _threads(arch: Arch, n: int) -> int:
+    """How many threads share a batch of n images of `arch` (shared/parallel.py)."""
+    cost = network_cost(arch.layers)
+    return thread_count(n, cost.activations + cost.unfolded, cost.parameters)
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """The threads' rows, in order, as one batch."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def activations(
@@ -177,8 +208,12 @@ def activations(
 
 
 def forward(params: Params, x: np.ndarray, arch: Arch) -> np.ndarray:
-    """x (N, 1, 28, 28) -> logits (N, 10), in evaluation mode."""
-    return _forward(params, x, arch, None)[0][arch.layers[-1].name]
+    """x (N, 1, 28, 28) -> logits (N, 10), in evaluation mode (rows on every core)."""
+
+    def logits(rows: slice, total: Total) -> np.ndarray:
+        return _forward(params, x[rows], arch, None)[0][arch.layers[-1].name]
+
+    return _joined(over_threads(logits, len(x), _threads(arch, len(x))))
 
 
 def _loss_and_backward(
@@ -189,16 +224,49 @@ def _loss_and_backward(
     masks: Masks,
     label_smoothing: float,
     need_dx: bool,
+    total: Total,
 ) -> tuple[np.ndarray, Params, np.ndarray | None, np.ndarray, Params]:
-    outputs, caches, buffers = _forward(params, x, arch, masks)
+    outputs, caches, buffers = _forward(params, x, arch, masks, total)
     logits = outputs[arch.layers[-1].name]
-    loss, dout = layers.softmax_cross_entropy(logits, y, label_smoothing)
+    loss, dout = layers.softmax_cross_entropy(logits, y, label_smoothing, total)
     grads: Params = {}
     # The first layer's input is the image: its gradient is only computed on request.
     dout = chain_backward(arch.layers, dout, caches, need_dx, grads)
     # Gradients in the canonical order (the backward pass met them last layer first).
     grads = {name: grads[name] for name in params if name in grads}
     return loss, grads, dout, logits, buffers
+
+
+def _on_threads(
+    params: Params,
+    x: np.ndarray,
+    y: np.ndarray,
+    arch: Arch,
+    masks: Masks,
+    label_smoothing: float,
+    need_dx: bool,
+) -> tuple[np.ndarray, Params, np.ndarray | None, np.ndarray, Params]:
+    """_loss_and_backward with the batch's rows on every core (shared/parallel.py): each
+    thread's loss and gradients are its rows' shares of the batch's, which add up to them;
+    BatchNorm's buffers come out the same in every thread."""
+
+    def rows_pass(rows: slice, total: Total):
+        return _loss_and_backward(
+            params, x[rows], y[rows], arch, _rows(masks, rows), label_smoothing, need_dx, total
+        )
+
+    parts = over_threads(rows_pass, len(x), _threads(arch, len(x)))
+    if len(parts) == 1:
+        return parts[0]
+    losses, grads, dxs, logits, buffers = zip(*parts, strict=True)
+    summed = {name: _sum(g[name] for g in grads) for name in grads[0]}
+    dx = _joined(list(dxs)) if need_dx else None
+    return _sum(losses), summed, dx, _joined(list(logits)), buffers[0]
+
+
+def _sum(values) -> np.ndarray:
+    """The threads' shares added up in thread order."""
+    return functools.reduce(operator.add, values)
 
 
 def training_pass(
@@ -211,7 +279,7 @@ def training_pass(
 ) -> tuple[np.ndarray, Params, np.ndarray, Params]:
     """One training-mode pass: (mean cross-entropy, the gradient of every trainable parameter,
     the logits (N, 10), the updated BatchNorm buffers)."""
-    loss, grads, _, logits, buffers = _loss_and_backward(
+    loss, grads, _, logits, buffers = _on_threads(
         params, x, y, arch, masks, label_smoothing, need_dx=False
     )
     return loss, grads, logits, buffers
@@ -239,4 +307,4 @@ def input_grad(
     label_smoothing: float = 0.0,
 ) -> np.ndarray:
     """Gradient of the training-mode loss with respect to the images, dx (N, 1, 28, 28)."""
-    return _loss_and_backward(params, x, y, arch, masks, label_smoothing, need_dx=True)[2]
+    return _on_threads(params, x, y, arch, masks, label_smoothing, need_dx=True)[2]

@@ -25,6 +25,7 @@ from shared import crosscheck
 from shared.backend import make_backend
 from shared.crosscheck import run_crosscheck
 from shared.layers import Residual
+from shared.parallel import alone
 from shared.proof.rows import CheckResult, compare
 from shared.proof.settings import ALL_ON, drawn_setting
 from shared.spec import get_arch, param_shapes
@@ -150,9 +151,11 @@ def test_batch_norm_normalising_with_the_unbiased_variance(monkeypatch):
 
 
 def test_running_statistics_moved_by_0_9_instead_of_0_1(monkeypatch, jax_compiled_once):
-    def momentum_the_other_way(x, weight, bias, running_mean, running_var, momentum, eps, train):
+    def momentum_the_other_way(
+        x, weight, bias, running_mean, running_var, momentum, eps, train, total=alone
+    ):
         return batch_norm_forward(
-            x, weight, bias, running_mean, running_var, 1 - momentum, eps, train
+            x, weight, bias, running_mean, running_var, 1 - momentum, eps, train, total
         )
 
     batch_norm_forward = impl_numpy.layers.batch_norm_forward
@@ -170,13 +173,17 @@ def test_running_statistics_moved_by_0_9_instead_of_0_1(monkeypatch, jax_compile
 
 
 def test_running_statistics_updated_in_evaluation_mode(monkeypatch, jax_compiled_once):
-    def updating_in_evaluation(x, weight, bias, running_mean, running_var, momentum, eps, train):
+    def updating_in_evaluation(
+        x, weight, bias, running_mean, running_var, momentum, eps, train, total=alone
+    ):
         if not train:  # the plant: evaluation moves the statistics too, then uses them
             axes, n = (0, *range(2, x.ndim)), x.size // x.shape[1]
             running_mean = (1 - momentum) * running_mean + momentum * x.mean(axis=axes)
             var = x.var(axis=axes) * n / (n - 1)
             running_var = (1 - momentum) * running_var + momentum * var
-        return batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps, train)
+        return batch_norm_forward(
+            x, weight, bias, running_mean, running_var, momentum, eps, train, total
+        )
 
     batch_norm_forward = impl_numpy.layers.batch_norm_forward
     monkeypatch.setattr(impl_numpy.layers, "batch_norm_forward", updating_in_evaluation)
@@ -323,15 +330,16 @@ def test_a_float32_loss_computed_in_float64(monkeypatch, jax_compiled_once):
             assert r.max_rel <= r.tolerance
 
 
-def softmax_without_max_subtraction(logits, labels, label_smoothing=0.0):
+def softmax_without_max_subtraction(logits, labels, label_smoothing=0.0, total=alone):
     """Cross-entropy from exp(logits) as they are: exp overflows beyond 88.7 in float32."""
-    n, k = logits.shape
+    k = logits.shape[1]
+    (n,) = total(len(logits))
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         exp = np.exp(logits)
         sum_exp = exp.sum(axis=1, keepdims=True)
         logp = logits - np.log(sum_exp)
         target = np.full_like(logits, label_smoothing / k)
-        target[np.arange(n), labels] += 1 - label_smoothing
+        target[np.arange(len(logits)), labels] += 1 - label_smoothing
         return -(target * logp).sum() / n, (exp / sum_exp - target) / n
 
 
