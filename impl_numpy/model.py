@@ -7,9 +7,7 @@ uses the batch's statistics and returns updated running ones, dropout applies th
 
 from __future__ import annotations
 
-import functools
-import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -27,7 +25,7 @@ from shared.layers import (
     Pool,
     Residual,
 )
-from shared.parallel import Total, alone, over_threads, thread_count
+from shared.parallel import Total, added, alone, over_threads, thread_count
 from shared.spec import Arch, Params
 
 Masks = dict[str, np.ndarray] | None
@@ -195,7 +193,7 @@ def _threads(arch: Arch, n: int) -> int:
     return thread_count(n, cost.activations + cost.unfolded, cost.parameters)
 
 
-def _joined(parts: list[np.ndarray]) -> np.ndarray:
+def _joined(parts: Sequence[np.ndarray]) -> np.ndarray:
     """The threads' rows, in order, as one batch."""
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
@@ -259,14 +257,9 @@ def _on_threads(
     if len(parts) == 1:
         return parts[0]
     losses, grads, dxs, logits, buffers = zip(*parts, strict=True)
-    summed = {name: _sum(g[name] for g in grads) for name in grads[0]}
-    dx = _joined(list(dxs)) if need_dx else None
-    return _sum(losses), summed, dx, _joined(list(logits)), buffers[0]
-
-
-def _sum(values) -> np.ndarray:
-    """The threads' shares added up in thread order."""
-    return functools.reduce(operator.add, values)
+    summed = {name: added(g[name] for g in grads) for name in grads[0]}
+    dx = _joined(dxs) if need_dx else None
+    return added(losses), summed, dx, _joined(logits), buffers[0]
 
 
 def training_pass(

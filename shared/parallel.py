@@ -17,7 +17,7 @@ import itertools
 import operator
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -67,6 +67,12 @@ def thread_count(n: int, values_per_row: int, parameters: int) -> int:
     return max(1, min(threads, n))
 
 
+def added(shares: Iterable[Any]) -> Any:
+    """The threads' shares added up in thread order: the same sums, bit for bit, wherever
+    and however often they are added."""
+    return functools.reduce(operator.add, shares)
+
+
 def row_ranges(n: int, threads: int) -> list[slice]:
     """n rows in `threads` consecutive ranges whose sizes differ by one at most."""
     bounds = [n * i // threads for i in range(threads + 1)]
@@ -90,9 +96,7 @@ class _Group:
         self._calls[index] += 1
         slots[index] = values
         self._barrier.wait()
-        # Added in thread order by every thread: the same sums, bit for bit, in each.
-        columns = zip(*slots, strict=True)
-        return tuple(functools.reduce(operator.add, column) for column in columns)
+        return tuple(added(column) for column in zip(*slots, strict=True))
 
     def run(self, fn: Callable[[slice, Total], R], rows: slice, index: int) -> R:
         try:
