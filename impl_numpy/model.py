@@ -187,12 +187,6 @@ def _rows(masks: Masks, rows: slice) -> Masks:
     return None if masks is None else {name: keep[rows] for name, keep in masks.items()}
 
 
-def _threads(arch: Arch, n: int) -> int:
-    """How many threads share a batch of n images of `arch` (shared/parallel.py)."""
-    cost = network_cost(arch.layers)
-    return thread_count(n, cost.activations + cost.unfolded, cost.parameters)
-
-
 def _joined(parts: Sequence[np.ndarray]) -> np.ndarray:
     """The threads' rows, in order, as one batch."""
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -211,7 +205,8 @@ def forward(params: Params, x: np.ndarray, arch: Arch) -> np.ndarray:
     def logits(rows: slice, total: Total) -> np.ndarray:
         return _forward(params, x[rows], arch, None)[0][arch.layers[-1].name]
 
-    return _joined(over_threads(logits, len(x), _threads(arch, len(x))))
+    threads = thread_count(len(x), network_cost(arch.layers))
+    return _joined(over_threads(logits, len(x), threads))
 
 
 def _loss_and_backward(
@@ -248,12 +243,13 @@ def _on_threads(
     thread's loss and gradients are its rows' shares of the batch's, which add up to them;
     BatchNorm's buffers come out the same in every thread."""
 
-    def rows_pass(rows: slice, total: Total):
+    def rows_pass(rows: slice, total: Total) -> tuple:
         return _loss_and_backward(
             params, x[rows], y[rows], arch, _rows(masks, rows), label_smoothing, need_dx, total
         )
 
-    parts = over_threads(rows_pass, len(x), _threads(arch, len(x)))
+    threads = thread_count(len(x), network_cost(arch.layers))
+    parts = over_threads(rows_pass, len(x), threads)
     if len(parts) == 1:
         return parts[0]
     losses, grads, dxs, logits, buffers = zip(*parts, strict=True)

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from threadpoolctl import ThreadpoolController
 
+from shared.cost import Cost
 from shared.errors import UsageError
 
 R = TypeVar("R")
@@ -38,32 +39,38 @@ def alone(*values: Any) -> tuple[Any, ...]:
     return values
 
 
-# When threads pay, measured on an Intel Xeon (family 6, model 207; docs/PERFORMANCE.md): each
-# thread makes and reads the whole network's parameters and gradients, and the threads meet
-# at a cost of about 0.1 ms a pass and 0.05 ms a total, so a batch's activations must
-# outweigh its parameters. Two threads were slower on the lab network at batch 32 (0.9 M
-# values of activations and unfolded inputs against 0.8 M parameters), as fast at 128 (3.5 M),
-# faster at 256 (6.9 M) and 512 (13.8 M); slower on the `pool` network at batch 32 (1.0 M
-# against 0.2 M) and on `noconv` at 512 (0.9 M against 0.1 M), faster on `pool` at 128 (3.8 M).
-VALUES_PER_PARAMETER = 8
-LEAST_VALUES = 2_000_000
+# When threads pay, measured with two threads on an Intel Xeon (family 6, model 207;
+# docs/PERFORMANCE.md): each thread makes and reads the whole network's parameters and
+# gradients, and the threads meet at a cost of about 0.1 ms a pass and 0.05 ms a total, so
+# each thread's share of the batch's values (activations and unfolded inputs) must outweigh
+# the parameters. Two threads were slower on the lab network at batch 32 (0.9 M values
+# against 0.8 M parameters), as fast at 128 (3.4 M), faster at 256 (6.9 M) and 512
+# (13.8 M); slower on the `pool` network at batch 32 (1.0 M against 0.2 M) and on `noconv`
+# at 512 (0.9 M against 0.1 M), faster on `pool` at 128 (3.8 M).
+VALUES_PER_PARAMETER = 4  # in each thread's share
+LEAST_VALUES = 1_000_000  # in each thread's share
 
 
-def thread_count(n: int, values_per_row: int, parameters: int) -> int:
-    """How many threads share a batch of n rows of a network whose rows each make
-    `values_per_row` values: THREEFOLD_NUMPY_THREADS if set, else one a core this process
-    may run on where the batch's values outweigh the parameters (see above), else one;
-    never more than the rows."""
+def requested_threads() -> int | None:
+    """THREEFOLD_NUMPY_THREADS, checked: a positive whole number, or None where unset."""
     given = os.environ.get(THREADS_VARIABLE)
-    values = n * values_per_row
-    if given is not None:
-        if not (given.isdigit() and int(given) > 0):
-            raise UsageError(f"{THREADS_VARIABLE}={given!r}: expected a positive whole number")
-        threads = int(given)
-    elif values >= max(LEAST_VALUES, VALUES_PER_PARAMETER * parameters):
-        threads = len(os.sched_getaffinity(0))
-    else:
-        threads = 1
+    if given is None:
+        return None
+    if not (given.isdecimal() and int(given) > 0):
+        raise UsageError(f"{THREADS_VARIABLE}={given!r}: expected a positive whole number")
+    return int(given)
+
+
+def thread_count(n: int, cost: Cost) -> int:
+    """How many threads share a batch of n images of a network of `cost`:
+    THREEFOLD_NUMPY_THREADS if set, else as many of the cores this process may run on as
+    leave each thread's share of the values outweighing the parameters (see above); never
+    more than the images."""
+    threads = requested_threads()
+    if threads is None:
+        values = n * (cost.activations + cost.unfolded)
+        worth = values // max(LEAST_VALUES, VALUES_PER_PARAMETER * cost.parameters)
+        threads = min(len(os.sched_getaffinity(0)), worth)
     return max(1, min(threads, n))
 
 
@@ -87,11 +94,12 @@ class _Group:
         # Two sets of slots, used in turn: a thread that has passed the barrier can write its
         # next values while the others still read these, and cannot get two totals ahead,
         # since the next barrier waits for them. One barrier a total rather than two (each
-        # costs about 40 microseconds).
+        # costs about 0.05 ms).
         self._slots: list[list[tuple[Any, ...]]] = [[()] * threads, [()] * threads]
         self._calls = [0] * threads
 
     def total(self, index: int, *values: Any) -> tuple[Any, ...]:
+        """Thread `index`'s values -> every thread's added up, once all have given theirs."""
         slots = self._slots[self._calls[index] % 2]
         self._calls[index] += 1
         slots[index] = values
@@ -99,11 +107,17 @@ class _Group:
         return tuple(added(column) for column in zip(*slots, strict=True))
 
     def run(self, fn: Callable[[slice, Total], R], rows: slice, index: int) -> R:
+        """fn(rows, total) as thread `index`."""
         try:
             return fn(rows, functools.partial(self.total, index))
         except BaseException:
-            self._barrier.abort()  # the others would wait at the barrier for ever
+            self.abort()
             raise
+
+    def abort(self) -> None:
+        """Free the threads that wait at the barrier (with an error): one that stopped will
+        never come."""
+        self._barrier.abort()
 
 
 @functools.cache
@@ -126,25 +140,29 @@ def _blas_on_one_thread() -> Iterator[None]:
         yield
 
 
+# One pass on threads at a time: the workers are shared and OpenBLAS's setting is the
+# process's, so a second caller waits rather than taking workers the first one waits for.
+_one_pass_at_a_time = threading.Lock()
+
+
 def over_threads(fn: Callable[[slice, Total], R], n: int, threads: int) -> list[R]:
     """[fn(rows, total) for each of `threads` ranges of a batch of n rows], each range on
     its own thread (the first on this one); in fn, `total(*values)` returns each value
     summed over all the ranges. An exception in any thread is raised here once every thread
-    has stopped."""
+    has stopped. fn must not itself call over_threads."""
     ranges = row_ranges(n, threads)
     if threads == 1:
         return [fn(ranges[0], alone)]
-    group = _Group(threads)
-    with _blas_on_one_thread():
-        # Each worker runs in a copy of this thread's context: NumPy's errstate lives there.
-        futures = [
-            _workers(threads - 1).submit(contextvars.copy_context().run, group.run, fn, rows, index)
-            for index, rows in enumerate(ranges[1:], 1)
-        ]
-        outcomes: list[Any] = []
+    group, futures, outcomes = _Group(threads), [], []
+    with _one_pass_at_a_time, _blas_on_one_thread():
         try:
+            for index, rows in enumerate(ranges[1:], 1):
+                # In a copy of this thread's context: NumPy's errstate lives there.
+                run = functools.partial(group.run, fn, rows, index)
+                futures.append(_workers(threads - 1).submit(contextvars.copy_context().run, run))
             outcomes.append(group.run(fn, ranges[0], 0))
-        except BaseException as error:
+        except BaseException as error:  # Ctrl-C between two submissions included
+            group.abort()
             outcomes.append(error)
         for future in futures:
             outcomes.append(future.exception() or future.result())
