@@ -8,6 +8,7 @@ uses the batch's statistics and returns updated running ones, dropout applies th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -29,6 +30,7 @@ from shared.parallel import Total, added, alone, over_threads, thread_count
 from shared.spec import Arch, Params
 
 Masks = dict[str, np.ndarray] | None
+R = TypeVar("R")
 
 
 def layer_forward(
@@ -187,6 +189,12 @@ def _rows(masks: Masks, rows: slice) -> Masks:
     return None if masks is None else {name: keep[rows] for name, keep in masks.items()}
 
 
+def _over_rows(fn: Callable[[slice, Total], R], n: int, arch: Arch) -> list[R]:
+    """fn(rows, total) for ranges of a batch of n images, on as many threads as `arch`'s
+    cost makes worth it (shared/parallel.py)."""
+    return over_threads(fn, n, thread_count(n, network_cost(arch.layers)))
+
+
 def _joined(parts: Sequence[np.ndarray]) -> np.ndarray:
     """The threads' rows, in order, as one batch."""
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -205,8 +213,7 @@ def forward(params: Params, x: np.ndarray, arch: Arch) -> np.ndarray:
     def logits(rows: slice, total: Total) -> np.ndarray:
         return _forward(params, x[rows], arch, None)[0][arch.layers[-1].name]
 
-    threads = thread_count(len(x), network_cost(arch.layers))
-    return _joined(over_threads(logits, len(x), threads))
+    return _joined(_over_rows(logits, len(x), arch))
 
 
 def _loss_and_backward(
@@ -248,8 +255,7 @@ def _on_threads(
             params, x[rows], y[rows], arch, _rows(masks, rows), label_smoothing, need_dx, total
         )
 
-    threads = thread_count(len(x), network_cost(arch.layers))
-    parts = over_threads(rows_pass, len(x), threads)
+    parts = _over_rows(rows_pass, len(x), arch)
     if len(parts) == 1:
         return parts[0]
     losses, grads, dxs, logits, buffers = zip(*parts, strict=True)
