@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -10,6 +11,10 @@ from impl_numpy import layers, model, optim
 from impl_numpy.augment import augment, erase
 from shared import backend
 from shared.batches import Batch
+from shared.layers import Layer
+from shared.parallel import Total, rows_of
+
+R = TypeVar("R")
 
 
 class Backend(backend.Backend):
@@ -29,6 +34,18 @@ class Backend(backend.Backend):
 
     def _tensor(self, value: np.ndarray, dtype: np.dtype) -> np.ndarray:
         return np.array(value, dtype=dtype)
+
+    def over_rows(self, fn: Callable[..., R], *batched: Any) -> list[R]:
+        def on_rows(rows: slice, total: Total) -> R:
+            return fn(*(rows_of(b, rows) for b in batched), total)
+
+        return model.over_rows(on_rows, len(batched[0]), self.arch)
+
+    def layer_vjp(self, layer: Layer, params, x, masks, total: Total) -> tuple:
+        return model.layer_vjp(layer, params, x, masks, total)
+
+    def outputs(self, params, x, masks, total: Total) -> dict[str, np.ndarray]:
+        return model.activations(params, x, self.arch, masks, total)
 
     # Overflow is left to the training loop, which stops at a non-finite loss and says where;
     # NumPy's own warnings would only repeat it less clearly.

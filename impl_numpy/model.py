@@ -7,7 +7,7 @@ uses the batch's statistics and returns updated running ones, dropout applies th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TypeVar
 
 import numpy as np
@@ -26,7 +26,15 @@ from shared.layers import (
     Pool,
     Residual,
 )
-from shared.parallel import Total, added, alone, over_threads, thread_count
+from shared.parallel import (
+    Total,
+    added,
+    alone,
+    joined,
+    over_threads,
+    rows_of,
+    thread_count,
+)
 from shared.spec import Arch, Params
 
 Masks = dict[str, np.ndarray] | None
@@ -131,11 +139,11 @@ def layer_backward(
 
 
 def layer_vjp(
-    layer: Layer, params: Params, x: np.ndarray, masks: Masks
+    layer: Layer, params: Params, x: np.ndarray, masks: Masks, total: Total = alone
 ) -> tuple[np.ndarray, Callable[[np.ndarray], Params]]:
     """The layer's output and its pullback: dout -> {"input": dx, parameter name: gradient}
-    (how the profile times one layer forward and backward)."""
-    out, cache = layer_forward(layer, params, x, masks, {}, {})
+    (how the profile times one layer forward and backward); `total` as in layer_forward."""
+    out, cache = layer_forward(layer, params, x, masks, {}, {}, total)
 
     def pullback(dout: np.ndarray) -> Params:
         grads: Params = {}
@@ -184,27 +192,19 @@ def _forward(
     return outputs, caches, buffers
 
 
-def _rows(masks: Masks, rows: slice) -> Masks:
-    """The dropout masks of a range of the batch's rows."""
-    return None if masks is None else {name: keep[rows] for name, keep in masks.items()}
-
-
-def _over_rows(fn: Callable[[slice, Total], R], n: int, arch: Arch) -> list[R]:
+def over_rows(fn: Callable[[slice, Total], R], n: int, arch: Arch) -> list[R]:
     """fn(rows, total) for ranges of a batch of n images, on as many threads as `arch`'s
-    cost makes worth it (shared/parallel.py)."""
+    cost makes worth it (shared/parallel.py); NumPy's alone, the other frameworks spread
+    each operation over the cores themselves."""
     return over_threads(fn, n, thread_count(n, network_cost(arch.layers)))
 
 
-def _joined(parts: Sequence[np.ndarray]) -> np.ndarray:
-    """The threads' rows, in order, as one batch."""
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
 def activations(
-    params: Params, x: np.ndarray, arch: Arch, masks: Masks = None
+    params: Params, x: np.ndarray, arch: Arch, masks: Masks = None, total: Total = alone
 ) -> dict[str, np.ndarray]:
-    """Every layer's output, by layer name; x (N, 1, 28, 28) -> ..., logits (N, 10) last."""
-    return _forward(params, x, arch, masks)[0]
+    """Every layer's output, by layer name; x (N, 1, 28, 28) -> ..., logits (N, 10) last;
+    `total` as in layer_forward."""
+    return _forward(params, x, arch, masks, total)[0]
 
 
 def forward(params: Params, x: np.ndarray, arch: Arch) -> np.ndarray:
@@ -213,7 +213,7 @@ def forward(params: Params, x: np.ndarray, arch: Arch) -> np.ndarray:
     def logits(rows: slice, total: Total) -> np.ndarray:
         return _forward(params, x[rows], arch, None)[0][arch.layers[-1].name]
 
-    return _joined(_over_rows(logits, len(x), arch))
+    return joined(over_rows(logits, len(x), arch))
 
 
 def _loss_and_backward(
@@ -252,16 +252,16 @@ def _on_threads(
 
     def rows_pass(rows: slice, total: Total) -> tuple:
         return _loss_and_backward(
-            params, x[rows], y[rows], arch, _rows(masks, rows), label_smoothing, need_dx, total
+            params, x[rows], y[rows], arch, rows_of(masks, rows), label_smoothing, need_dx, total
         )
 
-    parts = _over_rows(rows_pass, len(x), arch)
+    parts = over_rows(rows_pass, len(x), arch)
     if len(parts) == 1:
         return parts[0]
     losses, grads, dxs, logits, buffers = zip(*parts, strict=True)
     summed = {name: added(g[name] for g in grads) for name in grads[0]}
-    dx = _joined(dxs) if need_dx else None
-    return added(losses), summed, dx, _joined(logits), buffers[0]
+    dx = joined(dxs) if need_dx else None
+    return added(losses), summed, dx, joined(logits), buffers[0]
 
 
 def training_pass(

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from functools import partial
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -18,9 +18,12 @@ from shared.batches import Batch
 from shared.config import IMPLEMENTATIONS, Hyperparams
 from shared.cost import evaluation_batch, largest_training_batch, network_cost
 from shared.errors import UsageError
+from shared.layers import Layer
+from shared.parallel import Total, alone
 from shared.spec import Arch, Params, split_params, tensor_dtype
 
 TrainState = tuple[Any, Any]  # (canonical tensors, optimizer state), in the framework's form
+R = TypeVar("R")
 OptimizerTensors = dict[str, Params]  # by buffer ("momentum", "exp_avg", ...), then parameter
 
 
@@ -242,6 +245,25 @@ class Backend:
         return self._compiled_training_pass(
             params, x, y, masks=masks, label_smoothing=self.smoothing
         )
+
+    # --- a pass's pieces as the training pass runs them, for the profile -------------------
+
+    def over_rows(self, fn: Callable[..., R], *batched: Any) -> list[R]:
+        """[fn(*parts, total)] for each range of a batch's rows that the training pass runs
+        apart: `parts` is that range of each of `batched` (shared/parallel.py's rows_of) and
+        `total` sums values over the ranges. Here one range, the whole batch, since the
+        framework spreads each operation over the cores itself; NumPy splits the rows over
+        threads."""
+        return [fn(*batched, alone)]
+
+    def layer_vjp(self, layer: Layer, params: Any, x: Any, masks: Any, total: Total) -> tuple:
+        """The model's layer_vjp on a range of a batch's rows (see `over_rows`); `total`
+        reaches the models that run ranges apart."""
+        return self.model.layer_vjp(layer, params, x, masks)
+
+    def outputs(self, params: Any, x: Any, masks: Any, total: Total) -> dict[str, Any]:
+        """`activations_fn` on a range of a batch's rows (see `layer_vjp`)."""
+        return self.activations_fn(params, x, masks=masks)
 
     def init_state(
         self, params: Params, optimizer_tensors: OptimizerTensors | None = None

@@ -17,11 +17,12 @@ import itertools
 import operator
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from shared.cost import Cost
@@ -78,6 +79,21 @@ def added(shares: Iterable[Any]) -> Any:
     """The threads' shares added up in thread order: the same sums, bit for bit, wherever
     and however often they are added."""
     return functools.reduce(operator.add, shares)
+
+
+def rows_of(batched: Any, rows: slice) -> Any:
+    """A range of the batch's rows of `batched`: an array (N, ...), a dict of them (the
+    dropout masks), or None (no masks: evaluation)."""
+    if batched is None:
+        return None
+    if isinstance(batched, dict):
+        return {name: a[rows] for name, a in batched.items()}
+    return batched[rows]
+
+
+def joined(parts: Sequence[Any]) -> Any:
+    """The threads' rows, in order, as one batch."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def row_ranges(n: int, threads: int) -> list[slice]:

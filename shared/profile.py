@@ -23,6 +23,7 @@ import numpy as np
 from shared.backend import Backend, make_backend
 from shared.batches import Batch, steady_batches
 from shared.config import TrainConfig
+from shared.parallel import joined
 from shared.spec import get_arch, init_params
 
 
@@ -61,7 +62,8 @@ def step_phases(backend: Backend, state: Any, data: Any, batch: Batch, lr: float
     """Seconds of each phase of one step on `batch`, each run as the backend's step runs it
     (compiled where the framework compiles) and awaited. The forward runs as evaluation-time
     code does (PyTorch without recording the autograd graph, which the backward's share then
-    holds); NumPy and PyTorch update `state` in place, JAX's update is discarded."""
+    holds), NumPy's on the threads its pass splits the batch over; NumPy and PyTorch update
+    `state` in place, JAX's update is discarded."""
     params, opt_state = state
     clock = partial(_clock, wait=backend.wait)
     seconds = {}
@@ -72,7 +74,8 @@ def step_phases(backend: Backend, state: Any, data: Any, batch: Batch, lr: float
         lambda: backend.gather(data, arrays, batch.pad, batch.fill)
     )
     masks = arrays.masks
-    seconds["forward"], _ = clock(lambda: backend.activations_fn(params, x, masks=masks))
+    forward = partial(backend.outputs, params)
+    seconds["forward"], _ = clock(lambda: backend.over_rows(forward, x, masks))
     both, (loss, grads, logits, buffers) = clock(
         lambda: backend.training_pass(params, x, y, masks=masks)
     )
@@ -88,24 +91,33 @@ def step_phases(backend: Backend, state: Any, data: Any, batch: Batch, lr: float
 
 def layer_timers(backend: Backend, params: Any, x: Any, masks: Any) -> list[LayerTimer]:
     """For each layer of the network, its forward and its forward-and-backward (the output and
-    the pullback of every input, the layer's input included), each as the backend runs it fastest
-    (compiled on its own in JAX), with the arguments a training pass gives that layer from
-    images x (N, 1, 28, 28) and the step's dropout masks."""
-    model, timers = backend.model, []
+    the pullback of every input, the layer's input included), each as the training pass runs
+    it (compiled on its own in JAX; NumPy's on the threads its pass splits the batch over),
+    with the arguments a training pass gives that layer from images x (N, 1, 28, 28) and the
+    step's dropout masks."""
+    timers = []
     for layer in backend.arch.layers:
 
         def forward(params, x, layer=layer):
-            return model.layer_vjp(layer, params, x, masks)[0]
+            def rows_forward(x, masks, total):
+                return backend.layer_vjp(layer, params, x, masks, total)[0]
+
+            return backend.over_rows(rows_forward, x, masks)
 
         def forward_and_backward(params, x, dout, layer=layer):
-            # The output too, as training hands it on: XLA drops work whose result nothing
-            # returns, and a pullback that keeps only its inputs (a convolution's) leaves
-            # the forward unused. Without it JAX's layers' backward on strong at batch 128
-            # summed 59.8 ms, against 89.5 with it (docs/PERFORMANCE.md).
-            out, pullback = model.layer_vjp(layer, params, x, masks)
-            return out, pullback(dout)
+            def rows_pass(x, masks, dout, total):
+                # The output too, as training hands it on: XLA drops work whose result
+                # nothing returns, and a pullback that keeps only its inputs (a
+                # convolution's) leaves the forward unused. Without it JAX's layers'
+                # backward on strong at batch 128 summed 59.8 ms, against 89.5 with it
+                # (docs/PERFORMANCE.md).
+                out, pullback = backend.layer_vjp(layer, params, x, masks, total)
+                return out, pullback(dout)
 
-        out = backend.wait(forward(params, x))
+            return backend.over_rows(rows_pass, x, masks, dout)
+
+        # Joined here, untimed: a pass hands each range of rows' output to the same range.
+        out = joined(backend.wait(forward(params, x)))
         dout = out * 0 + 1  # a gradient of the output's shape, type and framework
         compiled = backend.compile(forward), backend.compile(forward_and_backward)
         timers.append(LayerTimer(layer.name, *compiled, params, x, dout))

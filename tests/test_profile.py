@@ -7,6 +7,7 @@ import json
 import statistics
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from shared.config import TrainConfig
 from shared.data import load_dataset
 from shared.ladder import conv_backward_loops, conv_forward_loops, lab_step
 from shared.loop import compile_steps
+from shared.parallel import THREADS_VARIABLE, joined
 from shared.profile import PHASES, cpu_name, layer_timers
 from shared.proof.report import plot_results, worst_by_row
 from shared.proof.rows import CheckResult
@@ -163,10 +165,42 @@ def test_a_layer_s_timed_backward_runs_its_forward_too(impl, tiny_data_dir):
     train_data = backend.put_data(data.train.x, data.train.y)
     x, _ = backend.gather(train_data, arrays, batch.pad, batch.fill)
     for timer in layer_timers(backend, params, x, arrays.masks):
-        result = timer.forward_and_backward(timer.params, timer.x, timer.dout)
+        # One part a range of rows the pass runs apart (one here: the suite's single core).
+        [result] = timer.forward_and_backward(timer.params, timer.x, timer.dout)
         assert isinstance(result, tuple) and len(result) == 2, timer.name
         out, grads = result
-        expected = timer.forward(timer.params, timer.x)
+        [expected] = timer.forward(timer.params, timer.x)
         # .item() in every framework (float() of a PyTorch tensor that needs grad warns)
         difference, size = abs(out - expected).max().item(), abs(expected).max().item()
         assert difference <= 1e-6 * (1 + size) and "input" in grads, timer.name
+
+
+def test_the_profile_times_numpy_on_the_threads_its_pass_splits_the_batch_over(monkeypatch):
+    # The training pass splits a batch's rows over threads, BatchNorm's sums totalled across
+    # them; a profile that timed NumPy's forward and layers on one thread timed other work.
+    arch = get_arch("conv4-bn-relu-dropout0.5-flatten-fc10")
+    backend = make_backend("numpy", arch, np.float64)
+    params, _ = backend.init_state(init_params(arch))
+    rng = np.random.default_rng(0)
+    x = rng.random((8, 1, 28, 28))
+    x[4:] += 10.0  # halves whose batch statistics differ
+    masks = {"dropout": rng.random((8, 4, 28, 28)) > 0.5}
+
+    def timed(threads: int) -> tuple[list, list]:
+        monkeypatch.setenv(THREADS_VARIABLE, str(threads))
+        forward = backend.over_rows(partial(backend.outputs, params), x, masks)
+        return forward, [
+            (t.forward(t.params, t.x), t.forward_and_backward(t.params, t.x, t.dout))
+            for t in layer_timers(backend, params, x, masks)
+        ]
+
+    whole_forward, whole_layers = timed(1)
+    forward, layers_on_threads = timed(2)
+    assert len(whole_forward) == 1 and len(forward) == 2
+    for name, out in whole_forward[0].items():
+        np.testing.assert_allclose(joined([f[name] for f in forward]), out, rtol=1e-10, atol=1e-12)
+    for (out, pass_), (parts, pass_parts) in zip(whole_layers, layers_on_threads, strict=True):
+        assert len(parts) == len(pass_parts) == 2
+        np.testing.assert_allclose(joined(parts), out[0], rtol=1e-10, atol=1e-12)
+        dx = joined([grads["input"] for _, grads in pass_parts])
+        np.testing.assert_allclose(dx, pass_[0][1]["input"], rtol=1e-10, atol=1e-12)
