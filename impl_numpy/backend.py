@@ -12,7 +12,7 @@ from impl_numpy.augment import augment, erase
 from shared import backend
 from shared.batches import Batch
 from shared.layers import Layer
-from shared.parallel import Total, rows_of
+from shared.parallel import Total
 
 R = TypeVar("R")
 
@@ -36,10 +36,7 @@ class Backend(backend.Backend):
         return np.array(value, dtype=dtype)
 
     def over_rows(self, fn: Callable[..., R], *batched: Any) -> list[R]:
-        def on_rows(rows: slice, total: Total) -> R:
-            return fn(*(rows_of(b, rows) for b in batched), total)
-
-        return model.over_rows(on_rows, len(batched[0]), self.arch)
+        return model.over_rows(fn, self.arch, *batched)
 
     def layer_vjp(self, layer: Layer, params, x, masks, total: Total) -> tuple:
         return model.layer_vjp(layer, params, x, masks, total)

@@ -192,11 +192,17 @@ def _forward(
     return outputs, caches, buffers
 
 
-def over_rows(fn: Callable[[slice, Total], R], n: int, arch: Arch) -> list[R]:
-    """fn(rows, total) for ranges of a batch of n images, on as many threads as `arch`'s
-    cost makes worth it (shared/parallel.py); NumPy's alone, the other frameworks spread
-    each operation over the cores themselves."""
-    return over_threads(fn, n, thread_count(n, network_cost(arch.layers)))
+def over_rows(fn: Callable[..., R], arch: Arch, *batched: object) -> list[R]:
+    """[fn(*parts, total)] for ranges of a batch's rows, `parts` being that range of each of
+    `batched` (arrays (N, ...), dicts of them or None, see shared/parallel.py's rows_of), on
+    as many threads as `arch`'s cost makes worth it (shared/parallel.py); NumPy's alone, the
+    other frameworks spread each operation over the cores themselves."""
+    n = len(batched[0])
+
+    def on_rows(rows: slice, total: Total) -> R:
+        return fn(*(rows_of(b, rows) for b in batched), total)
+
+    return over_threads(on_rows, n, thread_count(n, network_cost(arch.layers)))
 
 
 def activations(
@@ -210,10 +216,10 @@ def activations(
 def forward(params: Params, x: np.ndarray, arch: Arch) -> np.ndarray:
     """x (N, 1, 28, 28) -> logits (N, 10), in evaluation mode (rows on every core)."""
 
-    def logits(rows: slice, total: Total) -> np.ndarray:
-        return _forward(params, x[rows], arch, None)[0][arch.layers[-1].name]
+    def logits(x: np.ndarray, total: Total) -> np.ndarray:
+        return _forward(params, x, arch, None)[0][arch.layers[-1].name]
 
-    return joined(over_rows(logits, len(x), arch))
+    return joined(over_rows(logits, arch, x))
 
 
 def _loss_and_backward(
@@ -250,12 +256,10 @@ def _on_threads(
     thread's loss and gradients are its rows' shares of the batch's, which add up to them;
     BatchNorm's buffers come out the same in every thread."""
 
-    def rows_pass(rows: slice, total: Total) -> tuple:
-        return _loss_and_backward(
-            params, x[rows], y[rows], arch, rows_of(masks, rows), label_smoothing, need_dx, total
-        )
+    def rows_pass(x: np.ndarray, y: np.ndarray, masks: Masks, total: Total) -> tuple:
+        return _loss_and_backward(params, x, y, arch, masks, label_smoothing, need_dx, total)
 
-    parts = over_rows(rows_pass, len(x), arch)
+    parts = over_rows(rows_pass, arch, x, y, masks)
     if len(parts) == 1:
         return parts[0]
     losses, grads, dxs, logits, buffers = zip(*parts, strict=True)

@@ -1,7 +1,8 @@
 """Layers as PyTorch functions, and as forward/backward pairs mirroring impl_numpy.layers.
 
 `X_forward(inputs...) -> (out, cache)` and `X_backward(dout, cache) -> gradients of the inputs`:
-here the cache holds the autograd graph, so autograd supplies every backward pass.
+here the cache holds the autograd graph, so autograd supplies every backward pass (max-pooling's
+through _MaxPool, which picks PyTorch's faster kernels).
 Sliding windows (conv, pooling) cover H' = (H + 2 * padding - k) // stride + 1 rows: rows and
 columns that do not fill a window are dropped.
 """
@@ -72,7 +73,8 @@ class _MaxPool(torch.autograd.Function):
     input copied to channels-last and the output back; with the channels-last backward too,
     the input's gradient came out in that layout and the pair took 12.8 ms, against 5.8 this
     way and 17.4 in NCHW (docs/PERFORMANCE.md). Ties and NaNs go as in F.max_pool2d: both
-    kernels keep the first maximum, or the last NaN.
+    kernels keep the first maximum, or the last NaN. Unlike F.max_pool2d, it has no second
+    derivative and no forward-mode one (torch.func), which nothing here takes.
     """
 
     @staticmethod

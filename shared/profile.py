@@ -74,8 +74,7 @@ def step_phases(backend: Backend, state: Any, data: Any, batch: Batch, lr: float
         lambda: backend.gather(data, arrays, batch.pad, batch.fill)
     )
     masks = arrays.masks
-    forward = partial(backend.outputs, params)
-    seconds["forward"], _ = clock(lambda: backend.over_rows(forward, x, masks))
+    seconds["forward"], _ = clock(lambda: pass_forward(backend, params, x, masks))
     both, (loss, grads, logits, buffers) = clock(
         lambda: backend.training_pass(params, x, y, masks=masks)
     )
@@ -89,12 +88,20 @@ def step_phases(backend: Backend, state: Any, data: Any, batch: Batch, lr: float
     return seconds
 
 
+def pass_forward(backend: Backend, params: Any, x: Any, masks: Any) -> list[dict[str, Any]]:
+    """The training pass's forward alone, as the pass runs it (the profile's forward phase):
+    every layer's output, for each range of the batch's rows that the pass runs apart (one
+    in JAX and PyTorch; NumPy's threads')."""
+    return backend.over_rows(partial(backend.outputs, params), x, masks)
+
+
 def layer_timers(backend: Backend, params: Any, x: Any, masks: Any) -> list[LayerTimer]:
     """For each layer of the network, its forward and its forward-and-backward (the output and
     the pullback of every input, the layer's input included), each as the training pass runs
     it (compiled on its own in JAX; NumPy's on the threads its pass splits the batch over),
     with the arguments a training pass gives that layer from images x (N, 1, 28, 28) and the
-    step's dropout masks."""
+    step's dropout masks. Each timed call hands its work to NumPy's threads, about 0.1 ms
+    that a pass pays once: NumPy's small layers read high by that much."""
     timers = []
     for layer in backend.arch.layers:
 

@@ -7,7 +7,6 @@ import json
 import statistics
 import subprocess
 import sys
-from functools import partial
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from shared.data import load_dataset
 from shared.ladder import conv_backward_loops, conv_forward_loops, lab_step
 from shared.loop import compile_steps
 from shared.parallel import THREADS_VARIABLE, joined
-from shared.profile import PHASES, cpu_name, layer_timers
+from shared.profile import PHASES, cpu_name, layer_timers, pass_forward
 from shared.proof.report import plot_results, worst_by_row
 from shared.proof.rows import CheckResult
 from shared.spec import get_arch, init_params
@@ -152,7 +151,7 @@ def test_a_jax_step_reuses_the_memory_its_threads_freed():
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_a_layer_s_timed_backward_runs_its_forward_too(impl, tiny_data_dir):
+def test_a_layer_s_timed_backward_runs_its_forward_too(impl, tiny_data_dir, monkeypatch):
     # A layer's backward is timed as forward and backward together less the forward alone.
     # XLA drops work whose result nothing returns, and a convolution's pullback keeps only its
     # inputs: timed without the output, JAX's forward went unrun and the backward read short.
@@ -164,8 +163,9 @@ def test_a_layer_s_timed_backward_runs_its_forward_too(impl, tiny_data_dir):
     arrays = backend.moved(backend.step_arrays(batch))
     train_data = backend.put_data(data.train.x, data.train.y)
     x, _ = backend.gather(train_data, arrays, batch.pad, batch.fill)
+    monkeypatch.setenv(THREADS_VARIABLE, "1")  # NumPy's pass on one thread: one part
     for timer in layer_timers(backend, params, x, arrays.masks):
-        # One part a range of rows the pass runs apart (one here: the suite's single core).
+        # One part a range of rows the pass runs apart.
         [result] = timer.forward_and_backward(timer.params, timer.x, timer.dout)
         assert isinstance(result, tuple) and len(result) == 2, timer.name
         out, grads = result
@@ -188,19 +188,25 @@ def test_the_profile_times_numpy_on_the_threads_its_pass_splits_the_batch_over(m
 
     def timed(threads: int) -> tuple[list, list]:
         monkeypatch.setenv(THREADS_VARIABLE, str(threads))
-        forward = backend.over_rows(partial(backend.outputs, params), x, masks)
-        return forward, [
-            (t.forward(t.params, t.x), t.forward_and_backward(t.params, t.x, t.dout))
-            for t in layer_timers(backend, params, x, masks)
-        ]
+        layers = []
+        for t in layer_timers(backend, params, x, masks):
+            dout = np.random.default_rng(1).standard_normal(t.dout.shape)
+            layers.append((t.forward(t.params, t.x), t.forward_and_backward(t.params, t.x, dout)))
+        return pass_forward(backend, params, x, masks), layers
+
+    def close(actual, expected):
+        np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-12)
 
     whole_forward, whole_layers = timed(1)
     forward, layers_on_threads = timed(2)
     assert len(whole_forward) == 1 and len(forward) == 2
     for name, out in whole_forward[0].items():
-        np.testing.assert_allclose(joined([f[name] for f in forward]), out, rtol=1e-10, atol=1e-12)
-    for (out, pass_), (parts, pass_parts) in zip(whole_layers, layers_on_threads, strict=True):
+        close(joined([f[name] for f in forward]), out)
+    for (out, [(_, grads)]), (parts, pass_parts) in zip(
+        whole_layers, layers_on_threads, strict=True
+    ):
         assert len(parts) == len(pass_parts) == 2
-        np.testing.assert_allclose(joined(parts), out[0], rtol=1e-10, atol=1e-12)
-        dx = joined([grads["input"] for _, grads in pass_parts])
-        np.testing.assert_allclose(dx, pass_[0][1]["input"], rtol=1e-10, atol=1e-12)
+        close(joined(parts), out[0])
+        close(joined([g["input"] for _, g in pass_parts]), grads["input"])
+        for name in grads.keys() - {"input"}:  # each thread's share of the batch's
+            close(pass_parts[0][1][name] + pass_parts[1][1][name], grads[name])
