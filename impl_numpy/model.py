@@ -195,8 +195,8 @@ def _forward(
 def over_rows(fn: Callable[..., R], arch: Arch, *batched: object) -> list[R]:
     """[fn(*parts, total)] for ranges of a batch's rows, `parts` being that range of each of
     `batched` (arrays (N, ...), dicts of them or None, see shared/parallel.py's rows_of), on
-    as many threads as `arch`'s cost makes worth it (shared/parallel.py); NumPy's alone, the
-    other frameworks spread each operation over the cores themselves."""
+    as many threads as `arch`'s cost makes worth it (shared/parallel.py). Only NumPy has it:
+    JAX and PyTorch spread each operation over the cores themselves."""
     n = len(batched[0])
 
     def on_rows(rows: slice, total: Total) -> R:

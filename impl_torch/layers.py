@@ -74,7 +74,8 @@ class _MaxPool(torch.autograd.Function):
     the input's gradient came out in that layout and the pair took 12.8 ms, against 5.8 this
     way and 17.4 in NCHW (docs/PERFORMANCE.md). Ties and NaNs go as in F.max_pool2d: both
     kernels keep the first maximum, or the last NaN. Unlike F.max_pool2d, it has no second
-    derivative and no forward-mode one (torch.func), which nothing here takes.
+    derivative and no forward-mode one (torch.func), which nothing here takes. as_module
+    keeps nn.MaxPool2d (the same values, and a module users can export).
     """
 
     @staticmethod

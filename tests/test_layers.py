@@ -348,8 +348,8 @@ def loop_max_pool_grad(x, dout, size, stride):
 )
 def test_max_pool_ties_go_to_the_first_maximum_in_all_three(size, stride, dtype):
     rng = np.random.default_rng(10 * size + stride)
-    # 19 channels: PyTorch's channels-last kernel takes 16 (AVX-512) or 8 at once, then the
-    # rest one by one; fewer would test only the rest.
+    # 19 channels: PyTorch's channels-last kernel takes a vector's worth at once (16 or 8
+    # floats, 8 or 4 doubles), then the rest one by one; fewer would test only the rest.
     x = rng.integers(0, 3, (2, 19, 9, 8)).astype(dtype)  # values 0, 1, 2: ties everywhere
     x[:, :, :5, :5] = 1.0  # constant windows, every entry tied
     x[0, 0, 6:, 5:] = 0.0  # after a ReLU
