@@ -1,4 +1,5 @@
-"""benchmark.py --against REV: the working tree's training step against commit REV's, both
+"""benchmark.py --against REV: the working tree's training step against commit REV's; and
+--paired: each implementation's step against PyTorch's, in the working tree. Both sides are
 compiled and warm in two processes that take turns, one step each; each side's process is
 started first for half the pairs.
 
@@ -62,6 +63,7 @@ def extract_commit(rev: str, into: Path) -> str:
 class Side:
     """A worker process stepping one tree's code (shared/ab_worker.py)."""
 
+    flag: str  # the option measuring, for messages: "--against", "--paired"
     what: str  # "numpy at batch 64, tree"
     process: subprocess.Popen
     errors: IO[str]  # the worker's stderr
@@ -73,7 +75,7 @@ class Side:
             wait.register(self.process.stdout, selectors.EVENT_READ)
             if not wait.select(self.timeout):
                 raise ThreefoldError(
-                    f"--against: {self.what} did not answer within {self.timeout:g} s "
+                    f"{self.flag}: {self.what} did not answer within {self.timeout:g} s "
                     "(--timeout); stopped it"
                 )
         line = self.process.stdout.readline()
@@ -95,7 +97,7 @@ class Side:
             how = f"exit {code}"
         self.errors.seek(0)
         last = (self.errors.read().strip().splitlines() or ["no message"])[-1]
-        return ThreefoldError(f"--against: {self.what} failed ({how}): {last}")
+        return ThreefoldError(f"{self.flag}: {self.what} failed ({how}): {last}")
 
     def step(self) -> float:
         """Seconds of one training step."""
@@ -108,20 +110,28 @@ class Side:
         try:
             return float(answer)
         except ValueError:
-            raise ThreefoldError(f"--against: {self.what} answered {answer!r}") from None
+            raise ThreefoldError(f"{self.flag}: {self.what} answered {answer!r}") from None
+
+
+@dataclass(frozen=True)
+class Code:
+    """What one side steps: an implementation, from the files under a tree's root."""
+
+    root: Path
+    impl: str
 
 
 @contextmanager
 def start_side(
-    label: str, root: Path, impl: str, arch: str, batch_size: int, timeout: float
+    flag: str, label: str, code: Code, arch: str, batch_size: int, timeout: float
 ) -> Iterator[Side]:
-    """A worker stepping the code under `root`, compiled and warm; killed when the block ends."""
+    """A worker stepping `code`, compiled and warm; killed when the block ends."""
     # The tree first on the import path, and not the current folder (-P): every module then
     # comes from that tree, this worker file aside, while files the network names (--arch
     # FILE) are read from the same folder by both sides.
     launch = f"import runpy; runpy.run_path({str(WORKER)!r}, run_name='__main__')"
-    args = [impl, arch, str(batch_size), str(WARMUP_SECONDS)]
-    paths = [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
+    args = [code.impl, arch, str(batch_size), str(WARMUP_SECONDS)]
+    paths = [str(code.root), *filter(None, [os.environ.get("PYTHONPATH")])]
     with (
         tempfile.TemporaryFile(mode="w+") as errors,
         subprocess.Popen(
@@ -134,30 +144,32 @@ def start_side(
         ) as process,
     ):
         try:
-            side = Side(f"{impl} at batch {batch_size}, {label}", process, errors, timeout)
+            where = "" if label == code.impl else f", {label}"  # --paired's sides are named by impl
+            what = f"{code.impl} at batch {batch_size}{where}"
+            side = Side(flag, what, process, errors, timeout)
             if side.answer() != "ready":
-                raise ThreefoldError(f"--against: the worker for {side.what} did not start")
+                raise ThreefoldError(f"{flag}: the worker for {side.what} did not start")
             yield side
         finally:
             process.kill()
 
 
 def step_in_turn(
-    roots: dict[str, Path],
+    flag: str,
+    codes: dict[str, Code],
     starting: list[str],
     pairs: int,
     seconds: dict[str, list[float]],
-    impl: str,
     arch: str,
     batch_size: int,
     timeout: float,
 ) -> None:
-    """Start a worker for each tree of `roots` in the order of `starting`, then step them in
+    """Start a worker for each side of `codes` in the order of `starting`, then step them in
     turn for `pairs` pairs, each step's seconds added to `seconds` under its label."""
     with ExitStack() as stack:
         sides = {
             label: stack.enter_context(
-                start_side(label, roots[label], impl, arch, batch_size, timeout)
+                start_side(flag, label, codes[label], arch, batch_size, timeout)
             )
             for label in starting
         }
@@ -171,24 +183,23 @@ def step_in_turn(
 
 
 def compare(
-    roots: dict[str, Path], impl: str, arch: str, batch_size: int, pairs: int, timeout: float
+    flag: str, codes: dict[str, Code], arch: str, batch_size: int, pairs: int, timeout: float
 ) -> dict:
-    """Step both trees of `roots` ({label: folder}, the working tree first) in turn for
-    `pairs` pairs -> median seconds of each and the median of the pairs' ratios (first /
-    second: below 1, the first is faster)."""
-    labels = list(roots)
+    """Step both sides of `codes` ({label: code}, the side measured first) in turn for `pairs`
+    pairs -> median milliseconds of each ("<label>_ms") and the median of the pairs' ratios
+    (first / second: below 1, the first is faster)."""
+    labels = list(codes)
     seconds: dict[str, list[float]] = {label: [] for label in labels}
     # Each side is started first for half the pairs: in A/A runs (the same code on both
     # sides), the side started first measured up to 4% slower, whichever tree it ran.
     for starting, count in ((labels, pairs - pairs // 2), (labels[::-1], pairs // 2)):
         if count:
-            step_in_turn(roots, starting, count, seconds, impl, arch, batch_size, timeout)
+            step_in_turn(flag, codes, starting, count, seconds, arch, batch_size, timeout)
     first, second = (seconds[label] for label in labels)
     ratios = [a / b for a, b in zip(first, second, strict=True)]
     quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if pairs > 1 else ratios
     q1, q3 = quartiles[0], quartiles[-1]
     return {
-        "impl": impl,
         "batch_size": batch_size,
         "pairs": pairs,
         **{f"{label}_ms": 1e3 * statistics.median(s) for label, s in seconds.items()},
@@ -197,19 +208,39 @@ def compare(
     }
 
 
-def markdown(rows: list[dict], against: str) -> str:
+def markdown(rows: list[dict], keys: tuple[str, str], titles: tuple[str, str]) -> str:
+    """One line a comparison: each side's median milliseconds a step (row[keys[i]], headed
+    titles[i]), then the median of the pairs' ratios and their quartiles."""
     lines = [
-        f"| impl | batch | pairs | working tree, ms a step | {against}, ms a step "
+        f"| impl | batch | pairs | {titles[0]}, ms a step | {titles[1]}, ms a step "
         "| ratio (median of pairs) | quartiles of the ratios |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         q1, q3 = r["ratio_quartiles"]
         lines.append(
-            f"| {r['impl']} | {r['batch_size']} | {r['pairs']} | {r['tree_ms']:.2f} | "
-            f"{r['against_ms']:.2f} | {r['ratio']:.3f} | {q1:.3f}-{q3:.3f} |"
+            f"| {r['impl']} | {r['batch_size']} | {r['pairs']} | {r[keys[0]]:.2f} | "
+            f"{r[keys[1]]:.2f} | {r['ratio']:.3f} | {q1:.3f}-{q3:.3f} |"
         )
     return "\n".join(lines)
+
+
+def _progress(row: dict, keys: tuple[str, str]) -> None:
+    """One comparison's result as it comes, on stdout."""
+    first, second = (row[k] for k in keys)
+    print(
+        f"  {row['impl']:5} batch {row['batch_size']:4}: {first:8.2f} ms against "
+        f"{second:8.2f} ms, ratio {row['ratio']:.3f}",
+        flush=True,
+    )
+
+
+def _save(out: Path, name: str, text: str, payload: dict) -> None:
+    """The table `text` to `out`/name.md and `payload` to name.json."""
+    print("\n" + text)
+    atomic_write(out / f"{name}.md", lambda f: f.write((text + "\n").encode()))
+    write_json(out / f"{name}.json", payload)
+    print(f"\nwrote {out / f'{name}.md'}, {out / f'{name}.json'}")
 
 
 def run_ab(
@@ -217,27 +248,57 @@ def run_ab(
 ) -> int:
     """--against: every implementation at every batch size, the working tree against commit
     `rev`; tables in `out` (ab.md, ab.json)."""
+    keys = ("tree_ms", "against_ms")
     with tempfile.TemporaryDirectory(prefix="threefold-against-") as folder:
         commit = extract_commit(rev, Path(folder))
-        roots = {"tree": REPO, "against": Path(folder)}
         rows = []
         for b in sizes:
             for impl in impls:
-                r = compare(roots, impl, arch, b, pairs, timeout)
-                rows.append(r)
-                print(
-                    f"  {impl:5} batch {b:4}: {r['tree_ms']:8.2f} ms against "
-                    f"{r['against_ms']:8.2f} ms, ratio {r['ratio']:.3f}",
-                    flush=True,
-                )
+                codes = {"tree": Code(REPO, impl), "against": Code(Path(folder), impl)}
+                rows.append({"impl": impl, **compare("--against", codes, arch, b, pairs, timeout)})
+                _progress(rows[-1], keys)
     cpu = cpu_name()
     text = (
         f"`--arch {arch}`, float32, on {cpu}: the working tree against {rev} ({commit[:10]}), "
         f"stepping in turn in two processes (each started first for half), {pairs} pairs each; "
-        "ratio below 1: the working tree is faster.\n\n" + markdown(rows, rev)
+        "ratio below 1: the working tree is faster.\n\n"
+        + markdown(rows, keys, ("working tree", rev))
     )
-    print("\n" + text)
-    atomic_write(out / "ab.md", lambda f: f.write((text + "\n").encode()))
-    write_json(out / "ab.json", {"arch": arch, "cpu": cpu, "against": commit, "rows": rows})
-    print(f"\nwrote {out / 'ab.md'}, {out / 'ab.json'}")
+    _save(out, "ab", text, {"arch": arch, "cpu": cpu, "against": commit, "rows": rows})
+    return 0
+
+
+REFERENCE = "torch"  # what --paired steps each implementation against: the targets' reference
+
+
+def run_paired(
+    impls: list[str], arch: str, sizes: list[int], pairs: int, timeout: float, out: Path
+) -> int:
+    """--paired: each implementation of `impls` but PyTorch against PyTorch, at every batch
+    size, both from the working tree; tables in `out` (paired.md, paired.json). The ratio is
+    the implementation's step time over PyTorch's, which is its epoch time over PyTorch's (the
+    targets' ratio), measured in one moment rather than across a run's repeats. Each step
+    follows the other side's, which cost PyTorch's short steps more than JAX's
+    (docs/PERFORMANCE.md, "Method")."""
+    measured = [impl for impl in impls if impl != REFERENCE]
+    if not measured:
+        raise UsageError(f"--paired: name an implementation besides {REFERENCE} with --impl")
+    keys = ("impl_ms", f"{REFERENCE}_ms")
+    rows = []
+    for b in sizes:
+        for impl in measured:
+            codes = {impl: Code(REPO, impl), REFERENCE: Code(REPO, REFERENCE)}
+            r = compare("--paired", codes, arch, b, pairs, timeout)
+            r["impl_ms"] = r.pop(f"{impl}_ms")
+            rows.append({"impl": impl, **r})
+            _progress(rows[-1], keys)
+    cpu = cpu_name()
+    text = (
+        f"`--arch {arch}`, float32, on {cpu}: each implementation's training step against "
+        f"{REFERENCE}'s, both from the working tree, stepping in turn in two processes (each "
+        f"started first for half), {pairs} pairs each; the ratio is the implementation's epoch "
+        f"time over {REFERENCE}'s (below 1: faster).\n\n"
+        + markdown(rows, keys, ("the implementation", REFERENCE))
+    )
+    _save(out, "paired", text, {"arch": arch, "cpu": cpu, "reference": REFERENCE, "rows": rows})
     return 0

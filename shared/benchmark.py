@@ -283,13 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         type=positive_float,
         default=600.0,
         help="seconds one worker (one implementation, batch size and repeat) may take; "
-        "with --against, to start and warm up, then to answer each step",
+        "with --against or --paired, to start and warm up, then to answer each step",
     )
     parser.add_argument(
         "--out",
         type=Path,
         default=Path("docs/benchmark"),
-        help="folder for benchmark.md, benchmark.json and benchmark.png (profile.* with --profile)",
+        help="folder for benchmark.md, benchmark.json and benchmark.png (profile.* with "
+        "--profile, ab.* with --against, paired.* with --paired)",
     )
     parser.add_argument(
         "--profile",
@@ -305,6 +306,13 @@ def main(argv: list[str] | None = None) -> int:
         "at each of --batch-sizes; ratio below 1: the working tree is faster",
     )
     parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="instead: each implementation's training step against PyTorch's, both warm in two "
+        "processes that step in turn, --steps pairs (default 40) at each of --batch-sizes; the "
+        "ratio is the implementation's epoch time over PyTorch's",
+    )
+    parser.add_argument(
         "--ladder-images",
         type=number(int, 0, below=EPOCH_IMAGES + 1),
         default=200,
@@ -314,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        if args.profile and args.against:
-            raise UsageError("--profile and --against: choose one")
+        chosen = [f for f, on in (("--profile", args.profile), ("--against", args.against),
+                                   ("--paired", args.paired)) if on]  # fmt: skip
+        if len(chosen) > 1:
+            raise UsageError(f"{' and '.join(chosen)}: choose one")
         try:
             sizes = [batch_size(s) for s in args.batch_sizes.split(",")]
         except argparse.ArgumentTypeError as e:
@@ -335,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 steps = args.steps or 40
                 return run_ab(args.against, impls, arch.name, sizes, steps, args.timeout, out)
+            if args.paired:
+                from shared.ab import run_paired
+
+                steps = args.steps or 40
+                return run_paired(impls, arch.name, sizes, steps, args.timeout, out)
             if args.profile:
                 return run_profile(impls, arch.name, sizes, args.steps or 50, args.timeout, out)
             return run_benchmark(args, arch, sizes, impls, out)

@@ -69,31 +69,101 @@ def test_an_unknown_commit_is_refused_in_one_line(tmp_path, rev):
     assert not (tmp_path / "ab.json").exists()
 
 
-@pytest.mark.parametrize(("pairs", "halves"), [(5, [3, 2]), (1, [1])])
-def test_each_side_is_started_first_for_half_the_pairs(monkeypatch, pairs, halves):
-    """The working tree's worker is started first for the first half of the pairs (with the
-    odd one) and the commit's for the rest; every ratio is the working tree's step over the
-    commit's, whichever started first."""
+def fake_sides(monkeypatch, seconds: dict[str, float]) -> tuple[list, list]:
+    """Workers that answer each step at once with seconds[label] -> each start's (label,
+    code) and each step's (the pair of starts it ran under, label), in order."""
     starts, steps = [], []
 
     @contextmanager
-    def start_side(label, root, impl, arch, batch_size, timeout):
-        starts.append(label)
-        half = (len(starts) - 1) // 2
+    def start_side(flag, label, code, arch, batch_size, timeout):
+        starts.append((label, code))
+        started = (len(starts) - 1) // 2
 
         class Side:
             def step(self) -> float:
-                steps.append((half, label))
-                return {"tree": 0.3, "against": 0.1}[label]
+                steps.append((started, label))
+                return seconds[label]
 
         yield Side()
 
     monkeypatch.setattr(shared.ab, "start_side", start_side)
     monkeypatch.setattr(shared.ab, "SETTLE_SECONDS", 0.0)
-    roots = {"tree": Path("tree"), "against": Path("commit")}
-    row = shared.ab.compare(roots, "numpy", "lab", 8, pairs, 1.0)
-    assert starts == ["tree", "against", "against", "tree"][: 2 * len(halves)]
+    return starts, steps
+
+
+@pytest.mark.parametrize(("pairs", "halves"), [(5, [3, 2]), (1, [1])])
+def test_each_side_is_started_first_for_half_the_pairs(monkeypatch, pairs, halves):
+    """The working tree's worker is started first for the first half of the pairs (with the
+    odd one) and the commit's for the rest; every ratio is the working tree's step over the
+    commit's, whichever started first."""
+    starts, steps = fake_sides(monkeypatch, {"tree": 0.3, "against": 0.1})
+    codes = {"tree": shared.ab.Code(Path("tree"), "numpy"),
+             "against": shared.ab.Code(Path("commit"), "numpy")}  # fmt: skip
+    row = shared.ab.compare("--against", codes, "lab", 8, pairs, 1.0)
+    assert [label for label, _ in starts] == ["tree", "against", "against", "tree"][
+        : 2 * len(halves)
+    ]
     for half, count in enumerate(halves):
         assert steps.count((half, "tree")) == steps.count((half, "against")) == count
     assert row["ratio"] == pytest.approx(3.0) and row["ratio_quartiles"] == pytest.approx([3, 3])
     assert (row["tree_ms"], row["against_ms"]) == pytest.approx((300, 100))
+
+
+def test_paired_steps_each_implementation_against_pytorch_from_the_working_tree(
+    monkeypatch, tmp_path
+):
+    starts, _ = fake_sides(monkeypatch, {"numpy": 0.3, "jax": 0.2, "torch": 0.1})
+    assert shared.ab.run_paired(["numpy", "jax", "torch"], "lab", [8, 16], 2, 1.0, tmp_path) == 0
+    # Every side runs this tree's code, and each pairing is an implementation with PyTorch.
+    assert {code.root for _, code in starts} == {shared.ab.REPO}
+    assert all(label == code.impl for label, code in starts)
+    pairings = [{starts[i][0], starts[i + 1][0]} for i in range(0, len(starts), 2)]
+    assert pairings == [{"numpy", "torch"}] * 2 + [{"jax", "torch"}] * 2 + [
+        {"numpy", "torch"}] * 2 + [{"jax", "torch"}] * 2  # fmt: skip
+    saved = json.loads((tmp_path / "paired.json").read_text())
+    rows = {(r["impl"], r["batch_size"]): r for r in saved["rows"]}
+    assert set(rows) == {("numpy", 8), ("jax", 8), ("numpy", 16), ("jax", 16)}
+    for (impl, _), r in rows.items():
+        assert set(r) == {"impl", "batch_size", "pairs", "impl_ms", "torch_ms", "ratio",
+                          "ratio_quartiles"}  # fmt: skip
+        assert r["ratio"] == pytest.approx({"numpy": 3.0, "jax": 2.0}[impl])
+        assert (r["impl_ms"], r["torch_ms"]) == pytest.approx(
+            ({"numpy": 300, "jax": 200}[impl], 100)
+        )
+    assert (
+        "| numpy | 8 | 2 | 300.00 | 100.00 | 3.000 | 3.000-3.000 |"
+        in (tmp_path / "paired.md").read_text()
+    )
+
+
+def test_paired_runs_real_workers_and_writes_its_tables(tmp_path):
+    result = run_script(
+        "benchmark.py", "--paired", "--impl", "numpy", "--arch", "lab", "--batch-sizes", "16",
+        "--steps", "4", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads((tmp_path / "paired.json").read_text())["rows"]
+    assert (row["impl"], row["batch_size"], row["pairs"]) == ("numpy", 16, 4)
+    assert row["impl_ms"] > 0 and row["torch_ms"] > 0
+    q1, q3 = row["ratio_quartiles"]
+    assert q1 <= row["ratio"] <= q3
+    assert f"{row['ratio']:.3f}" in (tmp_path / "paired.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--paired", "--impl", "torch"],
+            "--paired: name an implementation besides torch with --impl",
+        ),
+        (["--paired", "--against", "HEAD"], "--against and --paired: choose one"),
+        (["--profile", "--paired"], "--profile and --paired: choose one"),
+    ],
+)
+def test_a_paired_run_that_cannot_work_is_refused_in_one_line(tmp_path, flags, message):
+    result = run_script("benchmark.py", *flags, "--steps", "2", "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(message)
+    assert not (tmp_path / "paired.json").exists()
