@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.ab import REFERENCE, run_ab, run_paired
 from shared.backend import IMPLEMENTATIONS
 from shared.cli import add_impl_flag, number, positive_float, positive_int, run_cli
 from shared.cost import check_training_batch, network_cost
@@ -308,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--paired",
         action="store_true",
-        help="instead: each implementation's training step against PyTorch's, both warm in two "
+        help="instead: each implementation of --impl but torch against torch, both warm in two "
         "processes that step in turn, --steps pairs (default 40) at each of --batch-sizes; the "
-        "ratio is the implementation's epoch time over PyTorch's",
+        "ratio of their step times estimates the implementation's epoch time over torch's",
     )
     parser.add_argument(
         "--ladder-images",
@@ -322,10 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        chosen = [f for f, on in (("--profile", args.profile), ("--against", args.against),
-                                   ("--paired", args.paired)) if on]  # fmt: skip
+        modes = {"--profile": args.profile, "--against": args.against, "--paired": args.paired}
+        chosen = [flag for flag, on in modes.items() if on]
         if len(chosen) > 1:
             raise UsageError(f"{' and '.join(chosen)}: choose one")
+        impls = args.impl or list(IMPLEMENTATIONS)
+        if args.paired and set(impls) == {REFERENCE}:
+            raise UsageError(f"--paired: name an implementation besides {REFERENCE} with --impl")
         try:
             sizes = [batch_size(s) for s in args.batch_sizes.split(",")]
         except argparse.ArgumentTypeError as e:
@@ -338,16 +342,11 @@ def main(argv: list[str] | None = None) -> int:
             whole = "the benchmark times whole steps"
             check_training_batch(cost, size, np.float32, f"--batch-sizes {size}", whole=whole)
         out = prepare_out_dir(args.out)
-        impls = args.impl or list(IMPLEMENTATIONS)
         with hold(out):  # one benchmark at a time writes its tables
             if args.against:
-                from shared.ab import run_ab
-
                 steps = args.steps or 40
                 return run_ab(args.against, impls, arch.name, sizes, steps, args.timeout, out)
             if args.paired:
-                from shared.ab import run_paired
-
                 steps = args.steps or 40
                 return run_paired(impls, arch.name, sizes, steps, args.timeout, out)
             if args.profile:

@@ -1,5 +1,6 @@
-"""benchmark.py --against REV: the working tree's training step against a commit's, the two
-stepping in turn in two processes."""
+"""benchmark.py --against REV: the working tree's training step against a commit's; and
+--paired: each implementation's step against PyTorch's. The two sides step in turn in two
+processes."""
 
 from __future__ import annotations
 
@@ -69,8 +70,8 @@ def test_an_unknown_commit_is_refused_in_one_line(tmp_path, rev):
     assert not (tmp_path / "ab.json").exists()
 
 
-def fake_sides(monkeypatch, seconds: dict[str, float]) -> tuple[list, list]:
-    """Workers that answer each step at once with seconds[label] -> each start's (label,
+def fake_sides(monkeypatch, seconds) -> tuple[list, list]:
+    """Workers that answer each step at once with seconds(label, code) -> each start's (label,
     code) and each step's (the pair of starts it ran under, label), in order."""
     starts, steps = [], []
 
@@ -82,7 +83,7 @@ def fake_sides(monkeypatch, seconds: dict[str, float]) -> tuple[list, list]:
         class Side:
             def step(self) -> float:
                 steps.append((started, label))
-                return seconds[label]
+                return seconds(label, code)
 
         yield Side()
 
@@ -96,7 +97,7 @@ def test_each_side_is_started_first_for_half_the_pairs(monkeypatch, pairs, halve
     """The working tree's worker is started first for the first half of the pairs (with the
     odd one) and the commit's for the rest; every ratio is the working tree's step over the
     commit's, whichever started first."""
-    starts, steps = fake_sides(monkeypatch, {"tree": 0.3, "against": 0.1})
+    starts, steps = fake_sides(monkeypatch, lambda label, _: {"tree": 0.3, "against": 0.1}[label])
     codes = {"tree": shared.ab.Code(Path("tree"), "numpy"),
              "against": shared.ab.Code(Path("commit"), "numpy")}  # fmt: skip
     row = shared.ab.compare("--against", codes, "lab", 8, pairs, 1.0)
@@ -112,12 +113,13 @@ def test_each_side_is_started_first_for_half_the_pairs(monkeypatch, pairs, halve
 def test_paired_steps_each_implementation_against_pytorch_from_the_working_tree(
     monkeypatch, tmp_path
 ):
-    starts, _ = fake_sides(monkeypatch, {"numpy": 0.3, "jax": 0.2, "torch": 0.1})
+    seconds = {"numpy": 0.3, "jax": 0.2, "torch": 0.1}
+    starts, _ = fake_sides(monkeypatch, lambda _, code: seconds[code.impl])
     assert shared.ab.run_paired(["numpy", "jax", "torch"], "lab", [8, 16], 2, 1.0, tmp_path) == 0
-    # Every side runs this tree's code, and each pairing is an implementation with PyTorch.
+    # Every side runs this tree's code; each pairing is an implementation and PyTorch.
     assert {code.root for _, code in starts} == {shared.ab.REPO}
-    assert all(label == code.impl for label, code in starts)
-    pairings = [{starts[i][0], starts[i + 1][0]} for i in range(0, len(starts), 2)]
+    assert all((label == "torch") == (code.impl == "torch") for label, code in starts)
+    pairings = [{starts[i][1].impl, starts[i + 1][1].impl} for i in range(0, len(starts), 2)]
     assert pairings == [{"numpy", "torch"}] * 2 + [{"jax", "torch"}] * 2 + [
         {"numpy", "torch"}] * 2 + [{"jax", "torch"}] * 2  # fmt: skip
     saved = json.loads((tmp_path / "paired.json").read_text())
@@ -126,10 +128,8 @@ def test_paired_steps_each_implementation_against_pytorch_from_the_working_tree(
     for (impl, _), r in rows.items():
         assert set(r) == {"impl", "batch_size", "pairs", "impl_ms", "torch_ms", "ratio",
                           "ratio_quartiles"}  # fmt: skip
-        assert r["ratio"] == pytest.approx({"numpy": 3.0, "jax": 2.0}[impl])
-        assert (r["impl_ms"], r["torch_ms"]) == pytest.approx(
-            ({"numpy": 300, "jax": 200}[impl], 100)
-        )
+        assert r["ratio"] == pytest.approx(seconds[impl] / seconds["torch"])
+        assert (r["impl_ms"], r["torch_ms"]) == pytest.approx((1e3 * seconds[impl], 100))
     assert (
         "| numpy | 8 | 2 | 300.00 | 100.00 | 3.000 | 3.000-3.000 |"
         in (tmp_path / "paired.md").read_text()
@@ -142,12 +142,28 @@ def test_paired_runs_real_workers_and_writes_its_tables(tmp_path):
         "--steps", "4", "--out", str(tmp_path),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    (row,) = json.loads((tmp_path / "paired.json").read_text())["rows"]
+    saved = json.loads((tmp_path / "paired.json").read_text())
+    assert saved["reference"] == "torch"
+    (row,) = saved["rows"]
     assert (row["impl"], row["batch_size"], row["pairs"]) == ("numpy", 16, 4)
     assert row["impl_ms"] > 0 and row["torch_ms"] > 0
-    q1, q3 = row["ratio_quartiles"]
-    assert q1 <= row["ratio"] <= q3
-    assert f"{row['ratio']:.3f}" in (tmp_path / "paired.md").read_text()
+    text = (tmp_path / "paired.md").read_text()
+    assert "| the implementation, ms a step | torch, ms a step |" in text
+    assert f"| {row['ratio']:.3f} |" in text
+
+
+def test_a_paired_worker_that_does_not_answer_is_named_in_one_line(tmp_path):
+    result = run_script(
+        "benchmark.py", "--paired", "--impl", "numpy", "--arch", "lab", "--batch-sizes", "16",
+        "--timeout", "0.01", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.endswith(
+        "--paired: numpy at batch 16 did not answer within 0.01 s (--timeout); stopped it"
+    )
+    assert not (tmp_path / "paired.json").exists() and not (tmp_path / "paired.md").exists()
 
 
 @pytest.mark.parametrize(
@@ -162,8 +178,9 @@ def test_paired_runs_real_workers_and_writes_its_tables(tmp_path):
     ],
 )
 def test_a_paired_run_that_cannot_work_is_refused_in_one_line(tmp_path, flags, message):
-    result = run_script("benchmark.py", *flags, "--steps", "2", "--out", str(tmp_path))
+    out = tmp_path / "out"
+    result = run_script("benchmark.py", *flags, "--steps", "2", "--out", str(out))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith(message)
-    assert not (tmp_path / "paired.json").exists()
+    assert not out.exists()
