@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import shared.ab
+from shared.backend import IMPLEMENTATIONS
 from tests.conftest import clone_with_this_checkouts
 from tests.test_training import ROOT, run_script
 
@@ -113,27 +114,27 @@ def test_each_side_is_started_first_for_half_the_pairs(monkeypatch, pairs, halve
 def test_paired_steps_each_implementation_against_pytorch_from_the_working_tree(
     monkeypatch, tmp_path
 ):
-    seconds = {"numpy": 0.3, "jax": 0.2, "torch": 0.1}
+    measured = [impl for impl in IMPLEMENTATIONS if impl != "torch"]
+    seconds = {"torch": 0.1} | {impl: 0.1 * (k + 2) for k, impl in enumerate(measured)}
     starts, _ = fake_sides(monkeypatch, lambda _, code: seconds[code.impl])
-    assert shared.ab.run_paired(["numpy", "jax", "torch"], "lab", [8, 16], 2, 1.0, tmp_path) == 0
-    # Every side runs this tree's code; each pairing is an implementation and PyTorch.
+    assert shared.ab.run_paired(list(IMPLEMENTATIONS), "lab", [8, 16], 2, 1.0, tmp_path) == 0
+    # Every side runs this tree's code; each pairing is an implementation and PyTorch, its two
+    # halves in turn.
     assert {code.root for _, code in starts} == {shared.ab.REPO}
     assert all((label == "torch") == (code.impl == "torch") for label, code in starts)
     pairings = [{starts[i][1].impl, starts[i + 1][1].impl} for i in range(0, len(starts), 2)]
-    assert pairings == [{"numpy", "torch"}] * 2 + [{"jax", "torch"}] * 2 + [
-        {"numpy", "torch"}] * 2 + [{"jax", "torch"}] * 2  # fmt: skip
+    assert pairings == [{impl, "torch"} for _ in (8, 16) for impl in measured for _ in (1, 2)]
     saved = json.loads((tmp_path / "paired.json").read_text())
     rows = {(r["impl"], r["batch_size"]): r for r in saved["rows"]}
-    assert set(rows) == {("numpy", 8), ("jax", 8), ("numpy", 16), ("jax", 16)}
+    assert set(rows) == {(impl, b) for impl in measured for b in (8, 16)}
     for (impl, _), r in rows.items():
         assert set(r) == {"impl", "batch_size", "pairs", "impl_ms", "torch_ms", "ratio",
                           "ratio_quartiles"}  # fmt: skip
         assert r["ratio"] == pytest.approx(seconds[impl] / seconds["torch"])
         assert (r["impl_ms"], r["torch_ms"]) == pytest.approx((1e3 * seconds[impl], 100))
-    assert (
-        "| numpy | 8 | 2 | 300.00 | 100.00 | 3.000 | 3.000-3.000 |"
-        in (tmp_path / "paired.md").read_text()
-    )
+    first, ratio = measured[0], seconds[measured[0]] / seconds["torch"]
+    line = f"| {first} | 8 | 2 | {1e3 * seconds[first]:.2f} | 100.00 | {ratio:.3f} | {ratio:.3f}-"
+    assert line in (tmp_path / "paired.md").read_text()
 
 
 def test_paired_runs_real_workers_and_writes_its_tables(tmp_path):
