@@ -19,7 +19,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,14 +227,29 @@ def markdown(rows: list[dict], keys: tuple[str, str], titles: tuple[str, str]) -
     return "\n".join(lines)
 
 
-def _progress(row: dict, keys: tuple[str, str]) -> None:
-    """One comparison's result as it comes, on stdout."""
-    first, second = (row[k] for k in keys)
-    print(
-        f"  {row['impl']:5} batch {row['batch_size']:4}: {first:8.2f} ms against "
-        f"{second:8.2f} ms, ratio {row['ratio']:.3f}",
-        flush=True,
-    )
+def _rows(
+    flag: str,
+    impls: list[str],
+    sizes: list[int],
+    sides: Callable[[str], dict[str, Code]],
+    keys: tuple[str, str],
+    arch: str,
+    pairs: int,
+    timeout: float,
+) -> list[dict]:
+    """A comparison of the two sides `sides(impl)` for each batch size and implementation,
+    each printed as it comes (`keys`: the row's two sides' milliseconds)."""
+    rows = []
+    for b in sizes:
+        for impl in impls:
+            rows.append({"impl": impl, **compare(flag, sides(impl), arch, b, pairs, timeout)})
+            first, second = (rows[-1][k] for k in keys)
+            print(
+                f"  {impl:5} batch {b:4}: {first:8.2f} ms against {second:8.2f} ms, "
+                f"ratio {rows[-1]['ratio']:.3f}",
+                flush=True,
+            )
+    return rows
 
 
 def _save(out: Path, name: str, text: str, payload: dict) -> None:
@@ -253,15 +268,14 @@ def run_ab(
     keys = ("tree_ms", "against_ms")
     with tempfile.TemporaryDirectory(prefix="threefold-against-") as folder:
         commit = extract_commit(rev, Path(folder))
-        rows = []
-        for b in sizes:
-            for impl in impls:
-                codes = {
-                    "tree": Code(REPO, impl, "tree"),
-                    "against": Code(Path(folder), impl, "against"),
-                }
-                rows.append({"impl": impl, **compare("--against", codes, arch, b, pairs, timeout)})
-                _progress(rows[-1], keys)
+
+        def sides(impl: str) -> dict[str, Code]:
+            return {
+                "tree": Code(REPO, impl, "tree"),
+                "against": Code(Path(folder), impl, "against"),
+            }
+
+        rows = _rows("--against", impls, sizes, sides, keys, arch, pairs, timeout)
     cpu = cpu_name()
     text = (
         f"`--arch {arch}`, float32, on {cpu}: the working tree against {rev} ({commit[:10]}), "
@@ -283,12 +297,12 @@ def run_paired(
     on steps under about 30 ms the paired ratio strayed from the benchmark's (docs/
     PERFORMANCE.md, "Method")."""
     keys = ("impl_ms", f"{REFERENCE}_ms")
-    rows = []
-    for b in sizes:
-        for impl in (i for i in impls if i != REFERENCE):
-            codes = {"impl": Code(REPO, impl), REFERENCE: Code(REPO, REFERENCE)}
-            rows.append({"impl": impl, **compare("--paired", codes, arch, b, pairs, timeout)})
-            _progress(rows[-1], keys)
+    measured = [impl for impl in impls if impl != REFERENCE]
+
+    def sides(impl: str) -> dict[str, Code]:
+        return {"impl": Code(REPO, impl), REFERENCE: Code(REPO, REFERENCE)}
+
+    rows = _rows("--paired", measured, sizes, sides, keys, arch, pairs, timeout)
     cpu = cpu_name()
     text = (
         f"`--arch {arch}`, float32, on {cpu}: each implementation's training step against "
