@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from shared.errors import ThreefoldError, UsageError
-from shared.io import atomic_write, write_json
+from shared.outputs import write_results
 from shared.profile import WARMUP_SECONDS, cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,14 +252,6 @@ def _rows(
     return rows
 
 
-def _save(out: Path, name: str, text: str, payload: dict) -> None:
-    """The table `text` to `out`/name.md and `payload` to name.json."""
-    print("\n" + text)
-    atomic_write(out / f"{name}.md", lambda f: f.write((text + "\n").encode()))
-    write_json(out / f"{name}.json", payload)
-    print(f"\nwrote {out / f'{name}.md'}, {out / f'{name}.json'}")
-
-
 def run_ab(
     rev: str, impls: list[str], arch: str, sizes: list[int], pairs: int, timeout: float, out: Path
 ) -> int:
@@ -283,7 +275,8 @@ def run_ab(
         "ratio below 1: the working tree is faster.\n\n"
         + markdown(rows, keys, ("working tree", rev))
     )
-    _save(out, "ab", text, {"arch": arch, "cpu": cpu, "against": commit, "rows": rows})
+    print("\n" + text)
+    write_results(out, "ab", text, {"arch": arch, "cpu": cpu, "against": commit, "rows": rows})
     return 0
 
 
@@ -311,5 +304,8 @@ def run_paired(
         f"the implementation's epoch time over {REFERENCE}'s (below 1: faster).\n\n"
         + markdown(rows, keys, ("the implementation", REFERENCE))
     )
-    _save(out, "paired", text, {"arch": arch, "cpu": cpu, "reference": REFERENCE, "rows": rows})
+    print("\n" + text)
+    write_results(
+        out, "paired", text, {"arch": arch, "cpu": cpu, "reference": REFERENCE, "rows": rows}
+    )
     return 0

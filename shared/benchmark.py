@@ -21,9 +21,8 @@ from shared.backend import IMPLEMENTATIONS
 from shared.cli import add_impl_flag, number, positive_float, positive_int, run_cli
 from shared.cost import check_training_batch, network_cost
 from shared.errors import ThreefoldError, UsageError
-from shared.io import atomic_write, write_json
 from shared.ladder import loop_epoch_seconds
-from shared.outputs import hold, prepare_out_dir
+from shared.outputs import hold, prepare_out_dir, write_results
 from shared.profile import WARMUP_SECONDS, cpu_name, timing_setup
 from shared.spec import Arch, get_arch
 
@@ -186,10 +185,8 @@ def run_profile(
         at_b = [r for r in rows if r["batch_size"] == b]
         text += f"\n\nBy layer, batch {b}, milliseconds:\n\n" + profile.layer_markdown(at_b)
     print("\n" + text)
-    atomic_write(out / "profile.md", lambda f: f.write((text + "\n").encode()))
-    write_json(out / "profile.json", {"arch": arch, "cpu": cpu, "rows": rows})
-    profile.chart(rows, out / "profile.png")
-    print(f"\nwrote {out / 'profile.md'}, {out / 'profile.json'}, {out / 'profile.png'}")
+    payload = {"arch": arch, "cpu": cpu, "rows": rows}
+    write_results(out, "profile", text, payload, lambda path: profile.chart(rows, path))
     return 0
 
 
@@ -250,13 +247,8 @@ def run_benchmark(
         f"repeats, each in a fresh process. float32 matmul ceiling {ceiling:.1f} GFLOP/s; "
         f"{flops / 1e6:.2f} MFLOP per image.\n\n"
     )
-    atomic_write(out / "benchmark.md", lambda f: f.write((header + table + "\n").encode()))
-    write_json(
-        out / "benchmark.json",
-        {"cpu": cpu, "ceiling_gflops": ceiling, "flops_per_image": flops, "rows": rows},
-    )
-    bar_chart(rows, out / "benchmark.png")
-    print(f"\nwrote {out / 'benchmark.md'}, {out / 'benchmark.json'}, {out / 'benchmark.png'}")
+    payload = {"cpu": cpu, "ceiling_gflops": ceiling, "flops_per_image": flops, "rows": rows}
+    write_results(out, "benchmark", header + table, payload, lambda path: bar_chart(rows, path))
     return 0
 
 

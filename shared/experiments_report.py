@@ -11,7 +11,7 @@ from pathlib import Path
 from shared.backend import IMPLEMENTATIONS
 from shared.config import DEEP_RECIPE, TrainConfig
 from shared.errors import DataError
-from shared.io import atomic_write, read_json
+from shared.io import read_json, write_text
 from shared.lab_questions import (
     AGREEMENT,
     SHORT,
@@ -94,7 +94,7 @@ def trained_text(trained: dict[str, int]) -> str:
 
 
 def write_report(out: Path, report: str) -> None:
-    atomic_write(out / "EXPERIMENTS.md", lambda f: f.write(report.encode()))
+    write_text(out / "EXPERIMENTS.md", report)
 
 
 def seed_spread(seeds_table, row: str) -> float:

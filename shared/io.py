@@ -53,11 +53,15 @@ def _umask() -> int:
     return mask
 
 
+def write_text(path: Path, text: str) -> None:
+    """Atomically write `text`, UTF-8."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def write_json(path: Path, data: Any) -> None:
     """Atomically write `data` as indented, strict JSON (NaN and infinities are refused: they
     are not JSON, and no result of the project may be one)."""
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
+    write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def read_json(path: Path) -> Any:

@@ -8,10 +8,11 @@ import contextlib
 import fcntl
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from shared.errors import UsageError
+from shared.io import write_json, write_text
 
 CHECKPOINT_NAME = "checkpoint.npz"
 METRICS_NAME = "metrics.json"
@@ -106,3 +107,17 @@ def hold(folder: Path, flag: str = "--out") -> Iterator[None]:
     finally:
         os.unlink(lock)  # while still locked, so no one else holds a lock on this file
         os.close(fd)
+
+
+def write_results(
+    out: Path, name: str, text: str, payload: dict, chart: Callable[[Path], None] | None = None
+) -> None:
+    """A command's results in `out`: the table `text` as name.md, `payload` as name.json and,
+    given a chart, its picture as name.png; then says what it wrote."""
+    paths = [out / f"{name}.md", out / f"{name}.json"]
+    write_text(paths[0], text + "\n")
+    write_json(paths[1], payload)
+    if chart is not None:
+        paths.append(out / f"{name}.png")
+        chart(paths[2])
+    print(f"\nwrote {', '.join(map(str, paths))}")

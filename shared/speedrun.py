@@ -31,7 +31,7 @@ from shared.grid import (
     engine_of,
     run_grid,
 )
-from shared.io import atomic_write, write_json
+from shared.io import write_json, write_text
 from shared.loop import train
 from shared.outputs import hold, prepare_out_dir
 
@@ -261,7 +261,7 @@ def run_speedrun(
         },
     )
     text = report(race, machines, quick, seeds, summary, engine)
-    atomic_write(out / "speedrun.md", lambda f: f.write((text + "\n").encode()))
+    write_text(out / "speedrun.md", text + "\n")
     where = "; ".join(cpu for cpu, _ in machines)
     plot(race, runs, out / "speedrun.png", f"{race.arch} network, time to accuracy ({where})")
     progress("\n" + text)

@@ -34,7 +34,7 @@ def relu_forward(x):
 
 
 def test_a_slower_working_tree_shows_against_its_commit(tmp_path):
-    code = ("ab.py", "ab_worker.py", "benchmark.py", "profile.py")
+    code = ("ab.py", "ab_worker.py", "benchmark.py", "io.py", "outputs.py", "profile.py")
     clone, git = clone_with_this_checkouts(tmp_path / "clone", *(f"shared/{f}" for f in code))
     layers = clone / "impl_numpy" / "layers.py"
     layers.write_text(layers.read_text() + SLOWED_RELU)  # left uncommitted: the working tree
