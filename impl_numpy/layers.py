@@ -294,7 +294,8 @@ def _per_channel(v: np.ndarray, x: np.ndarray) -> np.ndarray:
 def _channel_sum(x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
     """x (N, C, ...) -> (C,): the sum over every axis but 1 of x, or of x * y without
     forming it, by np.einsum: NumPy's pairwise sums along each image's pixels took 1.5-2.6
-    times as long (its sum over axes (0, 2, 3) at once 5x), np.vecdot as long for x * y."""
+    times as long (its sum over axes (0, 2, 3) at once 5x); np.vecdot for x * y as long on
+    (N, C, H, W), 4-6 times on (N, C)."""
     x3 = x.reshape(*x.shape[:2], -1)
     if y is None:
         return np.einsum("ncp->c", x3)

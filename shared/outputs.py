@@ -1,6 +1,7 @@
 """Where the commands write: output folders and files checked before any long work, the files
-of a run, a fresh folder for each new run, and a lock that keeps a second process out of a
-folder while a run holds it."""
+of a run, a fresh folder for each new run, a lock that keeps a second process out of a
+folder while a run holds it, and the result files (table, JSON, chart) of the measuring
+commands."""
 
 from __future__ import annotations
 

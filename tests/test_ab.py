@@ -34,8 +34,9 @@ def relu_forward(x):
 
 
 def test_a_slower_working_tree_shows_against_its_commit(tmp_path):
-    code = ("ab.py", "ab_worker.py", "benchmark.py", "io.py", "outputs.py", "profile.py")
-    clone, git = clone_with_this_checkouts(tmp_path / "clone", *(f"shared/{f}" for f in code))
+    # This checkout's measuring code (all of shared/) committed in the clone, whatever it imports.
+    shared_code = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "shared").glob("*.py"))
+    clone, git = clone_with_this_checkouts(tmp_path / "clone", *shared_code)
     layers = clone / "impl_numpy" / "layers.py"
     layers.write_text(layers.read_text() + SLOWED_RELU)  # left uncommitted: the working tree
     out = tmp_path / "out"
