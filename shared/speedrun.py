@@ -31,9 +31,8 @@ from shared.grid import (
     engine_of,
     run_grid,
 )
-from shared.io import write_json, write_text
 from shared.loop import train
-from shared.outputs import hold, prepare_out_dir
+from shared.outputs import hold, prepare_out_dir, write_results
 
 
 @dataclass(frozen=True)
@@ -247,24 +246,20 @@ def run_speedrun(
     ]
     machines = sorted({(r["cpu"], r["cores"]) for r in runs})
     summary = [summarize(race, runs, impl) for impl in impls]
-    write_json(
-        out / "speedrun.json",
-        {
-            "machines": [{"cpu": cpu, "cores": cores} for cpu, cores in machines],
-            "arch": race.arch,
-            "fast": race.fast,
-            "quick": quick,
-            "engine": engine.name,
-            "peak_mb": max(r["peak_mb"] for r in runs),
-            "summary": summary,
-            "runs": runs,
-        },
-    )
+    payload = {
+        "machines": [{"cpu": cpu, "cores": cores} for cpu, cores in machines],
+        "arch": race.arch,
+        "fast": race.fast,
+        "quick": quick,
+        "engine": engine.name,
+        "peak_mb": max(r["peak_mb"] for r in runs),
+        "summary": summary,
+        "runs": runs,
+    }
     text = report(race, machines, quick, seeds, summary, engine)
-    write_text(out / "speedrun.md", text + "\n")
-    where = "; ".join(cpu for cpu, _ in machines)
-    plot(race, runs, out / "speedrun.png", f"{race.arch} network, time to accuracy ({where})")
     progress("\n" + text)
+    title = f"{race.arch} network, time to accuracy ({'; '.join(cpu for cpu, _ in machines)})"
+    write_results(out, "speedrun", text, payload, lambda path: plot(race, runs, path, title))
     return summary
 
 
@@ -360,7 +355,6 @@ def main(argv: list[str] | None = None) -> int:
                 engine=engine,
                 fresh=args.fresh,
             )
-        print(f"wrote {out / 'speedrun.md'}, {out / 'speedrun.json'}, {out / 'speedrun.png'}")
         return 0
 
     return run_cli(parser, body)
