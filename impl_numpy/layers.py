@@ -104,7 +104,9 @@ def conv2d_backward(
     w2 = w.reshape(o, taps)
     if _one_product(c):
         douts = dout.transpose(1, 0, 2, 3).reshape(o, n * ho * wo)  # (O, N*H'*W')
-        dw = douts @ cols.T
+        # The same sums as douts @ cols.T, which OpenBLAS ran 1.2-1.7x slower alone, and
+        # the training step 0.97-1.00x the time (docs/PERFORMANCE.md).
+        dw = (cols @ douts.T).T
         if need_dx:
             # Summed back in the product's (C, N) order, where each offset's block is
             # contiguous, and turned to (N, C) once at the end.
