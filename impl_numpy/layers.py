@@ -104,8 +104,8 @@ def conv2d_backward(
     w2 = w.reshape(o, taps)
     if _one_product(c):
         douts = dout.transpose(1, 0, 2, 3).reshape(o, n * ho * wo)  # (O, N*H'*W')
-        # The same sums as douts @ cols.T, which OpenBLAS ran 1.2-1.7x slower alone, and
-        # the training step 0.97-1.00x the time (docs/PERFORMANCE.md).
+        # The same sums as douts @ cols.T, which OpenBLAS ran 1.2-1.7x slower alone; with
+        # this form the training step took 0.97-1.00x the time (docs/PERFORMANCE.md).
         dw = (cols @ douts.T).T
         if need_dx:
             # Summed back in the product's (C, N) order, where each offset's block is
