@@ -105,7 +105,7 @@ def conv2d_backward(
     if _one_product(c):
         douts = dout.transpose(1, 0, 2, 3).reshape(o, n * ho * wo)  # (O, N*H'*W')
         # The same sums as douts @ cols.T, which OpenBLAS ran 1.2-1.7x slower alone; with
-        # this form the training step took 0.97-1.00x the time (docs/PERFORMANCE.md).
+        # this form the training step took 0.97-1.01x the time (docs/PERFORMANCE.md).
         dw = (cols @ douts.T).T
         if need_dx:
             # Summed back in the product's (C, N) order, where each offset's block is
