@@ -111,14 +111,19 @@ def hold(folder: Path, flag: str = "--out") -> Iterator[None]:
 
 
 def write_results(
-    out: Path, name: str, text: str, payload: dict, chart: Callable[[Path], None] | None = None
+    out: Path,
+    name: str,
+    text: str,
+    payload: dict,
+    chart: Callable[[Path], None] | None = None,
+    say: Callable[[str], None] = print,
 ) -> None:
     """A command's results in `out`: the table `text` as name.md, `payload` as name.json and,
-    given a chart, its picture as name.png; then says what it wrote."""
+    given a chart, its picture as name.png; then says what it wrote, by `say`."""
     paths = [out / f"{name}.md", out / f"{name}.json"]
     write_text(paths[0], text + "\n")
     write_json(paths[1], payload)
     if chart is not None:
         paths.append(out / f"{name}.png")
         chart(paths[2])
-    print(f"\nwrote {', '.join(map(str, paths))}")
+    say(f"\nwrote {', '.join(map(str, paths))}")

@@ -259,7 +259,9 @@ def run_speedrun(
     text = report(race, machines, quick, seeds, summary, engine)
     progress("\n" + text)
     title = f"{race.arch} network, time to accuracy ({'; '.join(cpu for cpu, _ in machines)})"
-    write_results(out, "speedrun", text, payload, lambda path: plot(race, runs, path, title))
+    write_results(
+        out, "speedrun", text, payload, lambda path: plot(race, runs, path, title), progress
+    )
     return summary
 
 
