@@ -118,6 +118,10 @@ CONV_CASES = [
     conv(2, 3, 2, 5, 7, 1, 2, 0),  # stride > kernel: every other row unused
     conv(1, 2, 2, 6, 5, 1, 3, 1),
     conv(3, 3, 4, 6, 6, 3, 1, 1),  # batch == input channels: JAX adds an image of zeros
+    # NumPy's input gradient on stacked rows (stride 1, padding < kernel) at its edges:
+    conv(1, 2, 2, 5, 4, 3, 1, 2),  # output rows as long as an input row with its zeros
+    conv(2, 3, 2, 6, 5, 2, 1, 1),  # an even kernel: more zeros reached on one side
+    conv(2, 2, 3, 5, 4, 1, 1, 1),  # padding == kernel: the general path
 ]
 POOL_CASES = [
     pool(kind, h, w, size, stride)
