@@ -16,7 +16,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy import special
 
 from shared.layers import window_offsets
-from shared.parallel import Total, alone
+from shared.parallel import Total, added, alone, row_ranges
 
 Cache = Any
 
@@ -66,9 +66,10 @@ def _rows_fit(k: int, stride: int, padding: int) -> bool:
 
 
 def _dx_on_stacked_rows(
-    dout: np.ndarray, w2: np.ndarray, x_shape: tuple[int, ...], k: int, padding: int
-) -> np.ndarray:
-    """dout (N, O, H', W'), w2 (O, C*k*k) -> dx (N, C, H, W) of a stride-1 convolution.
+    dout: np.ndarray, w2: np.ndarray, k: int, padding: int, dx: np.ndarray
+) -> None:
+    """dout (N, O, H', W'), w2 (O, C*k*k) -> dx (N, C, H, W) of a stride-1 convolution,
+    written into dx.
 
     The batch lies as one flat row per channel: each image row followed by `padding` zeros,
     each image by `padding` zero rows. The zeros after a row are its right border and the
@@ -79,7 +80,7 @@ def _dx_on_stacked_rows(
     (1.15x the columns at 14x14), where dout is zero and adds nothing.
     """
     n, o, ho, wo = dout.shape
-    c, h, w = x_shape[1:]
+    c, h, w = dx.shape[1:]
     rows, cols = h + padding, w + padding
     grid = n * rows * cols
     douts = np.zeros((o, n, rows, cols), dtype=dout.dtype)
@@ -90,8 +91,8 @@ def _dx_on_stacked_rows(
     for tap in range(k * k):
         start = reach + (tap // k - padding) * cols + tap % k - padding
         dxs[:, start : start + grid] += dcols[:, tap]
-    dx = dxs[:, reach : reach + grid].reshape(c, n, rows, cols)[:, :, :h, :w]
-    return np.ascontiguousarray(dx.transpose(1, 0, 2, 3))
+    dx_by_channel = dxs[:, reach : reach + grid].reshape(c, n, rows, cols)[:, :, :h, :w]
+    np.copyto(dx, dx_by_channel.transpose(1, 0, 2, 3))
 
 
 def conv2d_forward(
@@ -128,6 +129,44 @@ def conv2d_forward(
     return out, (x.shape, w, cols, stride, padding)
 
 
+# The images whose columns a convolution's backward takes at a time (the one-product form):
+# its products and col2im then run on columns the cache still holds. On the PyTorch examples'
+# Net (32 -> 64 at 26x26, 0.67 MB of columns an image), groups of 8-16 images took 0.75-0.8x
+# the time of the whole batch's 64 at once; on `strong` (0.23 MB) groups of 16-32 as long
+# as 64 (docs/PERFORMANCE.md).
+COLUMNS_BYTES = 8 << 20
+
+
+def _one_product_backward(
+    dout: np.ndarray,
+    cols: np.ndarray,
+    w2: np.ndarray,
+    k: int,
+    stride: int,
+    padding: int,
+    dx: np.ndarray | None,
+) -> np.ndarray:
+    """The backward of one group of images of a one-product convolution: dout (M, O, H', W'),
+    cols (C*k*k [+ 1], M*H'*W') their columns, w2 (O, C*k*k) -> their share of dw
+    (O, C*k*k [+ 1]); their dx (M, C, H, W) written into dx unless it is None."""
+    m, o, ho, wo = dout.shape
+    douts = dout.transpose(1, 0, 2, 3).reshape(o, m * ho * wo)  # (O, M*H'*W')
+    # The same sums as douts @ cols.T, which OpenBLAS ran 1.2-1.7x slower alone; with
+    # this form the training step took 0.97-1.01x the time (docs/PERFORMANCE.md).
+    dw = (cols @ douts.T).T
+    if dx is None:
+        return dw
+    if _rows_fit(k, stride, padding):
+        _dx_on_stacked_rows(dout, w2, k, padding, dx)
+    else:
+        # Summed back in the product's (C, M) order, where each offset's block is
+        # contiguous, and turned to (M, C) at the end.
+        c = dx.shape[1]
+        dcols = (w2.T @ douts).reshape(c, k, k, m, ho, wo).transpose(0, 3, 1, 2, 4, 5)
+        np.copyto(dx, _col2im(dcols, dx.shape, stride, padding).transpose(1, 0, 2, 3))
+    return dw
+
+
 def conv2d_backward(
     dout: np.ndarray, cache: Cache, need_dx: bool = True
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
@@ -139,18 +178,21 @@ def conv2d_backward(
     taps, dx = c * k * k, None
     w2 = w.reshape(o, taps)
     if _one_product(c):
-        douts = dout.transpose(1, 0, 2, 3).reshape(o, n * ho * wo)  # (O, N*H'*W')
-        # The same sums as douts @ cols.T, which OpenBLAS ran 1.2-1.7x slower alone; with
-        # this form the training step took 0.97-1.01x the time (docs/PERFORMANCE.md).
-        dw = (cols @ douts.T).T
-        if need_dx and _rows_fit(k, stride, padding):
-            dx = _dx_on_stacked_rows(dout, w2, x_shape, k, padding)
-        elif need_dx:
-            # Summed back in the product's (C, N) order, where each offset's block is
-            # contiguous, and turned to (N, C) once at the end.
-            dcols = (w2.T @ douts).reshape(c, k, k, n, ho, wo).transpose(0, 3, 1, 2, 4, 5)
-            dx = _col2im(dcols, x_shape, stride, padding).transpose(1, 0, 2, 3)
-            dx = np.ascontiguousarray(dx)
+        per_image = ho * wo
+        group = max(1, COLUMNS_BYTES // (cols.shape[0] * per_image * cols.itemsize))
+        dx = np.empty(x_shape, dtype=dout.dtype) if need_dx else None
+        dw = added(
+            _one_product_backward(
+                dout[rows],
+                cols[:, rows.start * per_image : rows.stop * per_image],
+                w2,
+                k,
+                stride,
+                padding,
+                None if dx is None else dx[rows],
+            )
+            for rows in row_ranges(n, -(-n // group))
+        )
     else:
         douts = dout.reshape(n, o, ho * wo)
         # dw = sum over images of dout_n @ cols_n.T: a batched product, then one small sum

@@ -274,6 +274,15 @@ def test_layer_matches_torch_float64(rng, impl, name, build):
     check_against_torch(impl, name, inputs, static, rng, F64_TOL)
 
 
+@pytest.mark.parametrize(("name", "build"), CONV_CASES)
+def test_numpy_conv_backward_over_groups_of_images_matches_torch(rng, monkeypatch, name, build):
+    """Columns larger than COLUMNS_BYTES (here every image's) take the backward a group of
+    images at a time: each group's dw adds up, and each writes its own rows of dx."""
+    monkeypatch.setattr(layers, "COLUMNS_BYTES", 1)
+    inputs, static = build(rng)
+    check_against_torch("numpy", name, inputs, static, rng, F64_TOL)
+
+
 def _first_of_each_layer(cases):
     firsts = {}
     for case in cases:
