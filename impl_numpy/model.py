@@ -100,9 +100,15 @@ def layer_forward(
 
 
 def layer_backward(
-    layer: Layer, dout: np.ndarray, cache: object, need_dx: bool, grads: Params
+    layer: Layer,
+    dout: np.ndarray,
+    cache: object,
+    need_dx: bool,
+    grads: Params,
+    through_relu: bool = False,
 ) -> np.ndarray | None:
-    """Gradient with respect to the layer's input; parameter gradients go into `grads`."""
+    """Gradient with respect to the layer's input; parameter gradients go into `grads`.
+    through_relu (a max-pool's only): the gradient of the ReLU's input before it."""
     match layer:
         case Residual(body=body, shortcut=shortcut):
             body_caches, shortcut_caches = cache
@@ -126,7 +132,7 @@ def layer_backward(
             )
             return dx
         case Pool(op="max"):
-            return layers.max_pool_backward(dout, cache)[0]
+            return layers.max_pool_backward(dout, cache, through_relu)[0]
         case Pool(op="avg") | AdaptivePool():
             return layers.avg_pool_backward(dout, cache)[0]
         case Dropout():
@@ -177,9 +183,26 @@ def chain_backward(
 ) -> np.ndarray | None:
     """dout of the chain's output -> the gradient with respect to its input (computed for the
     first layer only if `need_dx`); parameter gradients go into `grads`."""
-    for depth in reversed(range(len(layers))):
-        dout = layer_backward(layers[depth], dout, caches[depth], need_dx or depth > 0, grads)
+    depth = len(layers) - 1
+    while depth >= 0:
+        # A max-pool over a ReLU's output takes the ReLU's gradient with its own, on the
+        # pooled values (impl_numpy.layers.max_pool_backward); the ReLU's two passes go.
+        fused = depth > 0 and _relu_then_max_pool(layers[depth - 1], layers[depth])
+        dout = layer_backward(
+            layers[depth], dout, caches[depth], need_dx or depth > 0, grads, through_relu=fused
+        )
+        depth -= 2 if fused else 1
     return dout
+
+
+def _relu_then_max_pool(first: Layer, second: Layer) -> bool:
+    """Whether `second` max-pools `first`'s output, which a ReLU makes."""
+    return (
+        isinstance(first, Activation)
+        and first.fn == "relu"
+        and isinstance(second, Pool)
+        and second.op == "max"
+    )
 
 
 def _forward(

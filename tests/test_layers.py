@@ -407,6 +407,23 @@ def test_max_pool_routes_ties_to_the_first_maximum():
     np.testing.assert_array_equal(dx, [[[[5.0, 0, 0, 0], [0, 0, 0, 7.0]]]])
 
 
+@pytest.mark.parametrize(("size", "stride"), [(2, 2), (3, 1), (3, 2)])
+def test_max_pool_through_relu_is_relu_backward_after_max_pool_backward(rng, size, stride):
+    """NumPy's chain takes a ReLU's gradient inside the max-pool after it: the same dx, on
+    windows all negative (a maximum of 0, ties), overlapping windows and a NaN."""
+    x = rng.standard_normal((2, 3, 7, 7))
+    x[0, 0, :4, :4] = -1.0
+    x[1, 2, 3, 3] = np.nan
+    relu_out, relu_cache = layers.relu_forward(x)
+    pooled, cache = layers.max_pool_forward(relu_out, size, stride)
+    dout = rng.standard_normal(pooled.shape)
+    (dpool,) = layers.max_pool_backward(dout, cache)
+    (expected,) = layers.relu_backward(dpool, relu_cache)
+    (dx,) = layers.max_pool_backward(dout, cache, through_relu=True)
+    np.testing.assert_array_equal(dx, expected)
+    assert (pooled == 0).any() and (dx != 0).any()
+
+
 def test_linear_backward_matches_finite_differences(rng):
     x, w, b = rng.standard_normal((5, 7)), rng.standard_normal((3, 7)), rng.standard_normal(3)
     out, cache = layers.linear_forward(x, w, b)
