@@ -47,12 +47,12 @@ def layer_forward(
     x: np.ndarray,
     masks: Masks,
     buffers: Params,
-    outputs: Params,
+    outputs: Params | None,
     total: Total = alone,
 ) -> tuple[np.ndarray, object]:
     """The layer's output and its cache; updated BatchNorm buffers go into `buffers`, the
-    outputs of a block's layers into `outputs`; `total` sums over the threads that share
-    the batch (shared/parallel.py)."""
+    outputs of a block's layers into `outputs` (unless None: see chain_forward); `total`
+    sums over the threads that share the batch (shared/parallel.py)."""
     match layer:
         case Residual(body=body, shortcut=shortcut):
             out, body_caches = chain_forward(body, params, x, masks, buffers, outputs, total)
@@ -100,15 +100,9 @@ def layer_forward(
 
 
 def layer_backward(
-    layer: Layer,
-    dout: np.ndarray,
-    cache: object,
-    need_dx: bool,
-    grads: Params,
-    through_relu: bool = False,
+    layer: Layer, dout: np.ndarray, cache: object, need_dx: bool, grads: Params
 ) -> np.ndarray | None:
-    """Gradient with respect to the layer's input; parameter gradients go into `grads`.
-    through_relu (a max-pool's only): the gradient of the ReLU's input before it."""
+    """Gradient with respect to the layer's input; parameter gradients go into `grads`."""
     match layer:
         case Residual(body=body, shortcut=shortcut):
             body_caches, shortcut_caches = cache
@@ -132,7 +126,7 @@ def layer_backward(
             )
             return dx
         case Pool(op="max"):
-            return layers.max_pool_backward(dout, cache, through_relu)[0]
+            return layers.max_pool_backward(dout, cache)[0]
         case Pool(op="avg") | AdaptivePool():
             return layers.avg_pool_backward(dout, cache)[0]
         case Dropout():
@@ -165,16 +159,35 @@ def chain_forward(
     x: np.ndarray,
     masks: Masks,
     buffers: Params,
-    outputs: Params,
+    outputs: Params | None,
     total: Total = alone,
 ) -> tuple[np.ndarray, list[object]]:
     """x through `layers` in turn: the last output and every layer's cache, in order; each
-    layer's output goes into `outputs` by name (a block's layers' too)."""
-    caches = []
-    for layer in layers:
+    layer's output goes into `outputs` by name (a block's layers' too).
+
+    Where no one asks for the outputs (`outputs` None), a ReLU before a max-pool runs after
+    it, on the pooled values: max(relu(x)) = relu(max(x)), and a quarter of the pass for
+    2x2 windows. Its gradient is then max-pooling's (see chain_backward), and its cache None.
+    """
+    caches: list[object] = []
+    depth = 0
+    while depth < len(layers):
+        layer = layers[depth]
+        if (
+            outputs is None
+            and depth + 1 < len(layers)
+            and _relu_then_max_pool(layer, layers[depth + 1])
+        ):
+            x, cache = layer_forward(layers[depth + 1], params, x, masks, buffers, None, total)
+            x = layer_forward(layer, params, x, masks, buffers, None, total)[0]
+            caches += [None, cache]
+            depth += 2
+            continue
         x, cache = layer_forward(layer, params, x, masks, buffers, outputs, total)
-        outputs[layer.name] = x
+        if outputs is not None:
+            outputs[layer.name] = x
         caches.append(cache)
+        depth += 1
     return x, caches
 
 
@@ -187,12 +200,18 @@ def chain_backward(
     while depth >= 0:
         # A max-pool over a ReLU's output takes the ReLU's gradient with its own, on the
         # pooled values (impl_numpy.layers.max_pool_backward); the ReLU's two passes go.
-        fused = depth > 0 and _relu_then_max_pool(layers[depth - 1], layers[depth])
-        dout = layer_backward(
-            layers[depth], dout, caches[depth], need_dx or depth > 0, grads, through_relu=fused
-        )
-        depth -= 2 if fused else 1
+        if depth > 0 and _relu_then_max_pool(layers[depth - 1], layers[depth]):
+            dout = _max_pool_through_relu(dout, caches[depth])
+            depth -= 2
+            continue
+        dout = layer_backward(layers[depth], dout, caches[depth], need_dx or depth > 0, grads)
+        depth -= 1
     return dout
+
+
+def _max_pool_through_relu(dout: np.ndarray, cache: object) -> np.ndarray:
+    """dout of a max-pool -> the gradient of the input of the ReLU before it."""
+    return layers.max_pool_backward(dout, cache, through_relu=True)[0]
 
 
 def _relu_then_max_pool(first: Layer, second: Layer) -> bool:
@@ -206,13 +225,19 @@ def _relu_then_max_pool(first: Layer, second: Layer) -> bool:
 
 
 def _forward(
-    params: Params, x: np.ndarray, arch: Arch, masks: Masks, total: Total = alone
-) -> tuple[Params, list[object], Params]:
-    """Every layer's output by name (a block's layers' too), the caches of the network's
-    layers in order, and the updated buffers (training only)."""
-    outputs, buffers = {}, {}
-    _, caches = chain_forward(arch.layers, params, x, masks, buffers, outputs, total)
-    return outputs, caches, buffers
+    params: Params,
+    x: np.ndarray,
+    arch: Arch,
+    masks: Masks,
+    total: Total = alone,
+    outputs: Params | None = None,
+) -> tuple[np.ndarray, list[object], Params]:
+    """The logits, the caches of the network's layers in order, and the updated buffers
+    (training only); every layer's output by name into `outputs` (a block's layers' too)
+    if given (see chain_forward)."""
+    buffers: Params = {}
+    logits, caches = chain_forward(arch.layers, params, x, masks, buffers, outputs, total)
+    return logits, caches, buffers
 
 
 def over_rows(fn: Callable[..., R], arch: Arch, *batched: object) -> list[R]:
@@ -233,14 +258,16 @@ def activations(
 ) -> dict[str, np.ndarray]:
     """Every layer's output, by layer name; x (N, 1, 28, 28) -> ..., logits (N, 10) last;
     `total` as in layer_forward."""
-    return _forward(params, x, arch, masks, total)[0]
+    outputs: Params = {}
+    _forward(params, x, arch, masks, total, outputs)
+    return outputs
 
 
 def forward(params: Params, x: np.ndarray, arch: Arch) -> np.ndarray:
     """x (N, 1, 28, 28) -> logits (N, 10), in evaluation mode (rows on every core)."""
 
     def logits(x: np.ndarray, total: Total) -> np.ndarray:
-        return _forward(params, x, arch, None)[0][arch.layers[-1].name]
+        return _forward(params, x, arch, None)[0]
 
     return joined(over_rows(logits, arch, x))
 
@@ -255,8 +282,7 @@ def _loss_and_backward(
     need_dx: bool,
     total: Total,
 ) -> tuple[np.ndarray, Params, np.ndarray | None, np.ndarray, Params]:
-    outputs, caches, buffers = _forward(params, x, arch, masks, total)
-    logits = outputs[arch.layers[-1].name]
+    logits, caches, buffers = _forward(params, x, arch, masks, total)
     loss, dout = layers.softmax_cross_entropy(logits, y, label_smoothing, total)
     grads: Params = {}
     # The first layer's input is the image: its gradient is only computed on request.
