@@ -86,7 +86,7 @@ def _dx_on_stacked_rows(
     douts = np.zeros((o, n, rows, cols), dtype=dout.dtype)
     douts[:, :, :ho, :wo] = dout.transpose(1, 0, 2, 3)
     dcols = (w2.T @ douts.reshape(o, grid)).reshape(c, k * k, grid)
-    reach = (k - 1) * (cols + 1)  # past the grid's either end, the farthest a tap lands
+    reach = (k - 1) * (cols + 1)  # room past either end of the grid for any tap's offset
     dxs = np.zeros((c, reach + grid + reach), dtype=dout.dtype)
     for tap in range(k * k):
         start = reach + (tap // k - padding) * cols + tap % k - padding
@@ -191,7 +191,7 @@ def conv2d_backward(
                 padding,
                 None if dx is None else dx[rows],
             )
-            for rows in row_ranges(n, -(-n // group))
+            for rows in row_ranges(n, max(1, -(-n // group)))  # one group, empty, if n = 0
         )
     else:
         douts = dout.reshape(n, o, ho * wo)
@@ -329,8 +329,9 @@ def max_pool_backward(
     """dout (N, C, H', W') -> dx (N, C, H, W): each window's maximum gets its gradient;
     an input that is the maximum of several overlapping windows gets their sum.
 
-    through_relu: x is a ReLU's output, and dx is the gradient of the ReLU's input. A
-    window's maximum is positive exactly where the ReLU passed the value the gradient goes
+    through_relu: a ReLU came before the pooling (the pool ran on the ReLU's output, or on
+    its input, impl_numpy.model.chain_forward), and dx is the gradient of the ReLU's input.
+    A window's maximum is positive exactly where the ReLU passed the value the gradient goes
     to, so ReLU's mask is taken on the pooled output: a pass over it rather than two over x
     (2x2 windows: a quarter of the values)."""
     x_shape, argmax, size, stride, padding, out = cache

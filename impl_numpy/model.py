@@ -201,7 +201,7 @@ def chain_backward(
         # A max-pool over a ReLU's output takes the ReLU's gradient with its own, on the
         # pooled values (impl_numpy.layers.max_pool_backward); the ReLU's two passes go.
         if depth > 0 and _relu_then_max_pool(layers[depth - 1], layers[depth]):
-            dout = _max_pool_through_relu(dout, caches[depth])
+            dout = _max_pool_through_relu(dout, caches[depth]) if need_dx or depth > 1 else None
             depth -= 2
             continue
         dout = layer_backward(layers[depth], dout, caches[depth], need_dx or depth > 0, grads)

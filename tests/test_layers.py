@@ -274,11 +274,15 @@ def test_layer_matches_torch_float64(rng, impl, name, build):
     check_against_torch(impl, name, inputs, static, rng, F64_TOL)
 
 
+@pytest.mark.parametrize("budget", [1, 5000])
 @pytest.mark.parametrize(("name", "build"), CONV_CASES)
-def test_numpy_conv_backward_over_groups_of_images_matches_torch(rng, monkeypatch, name, build):
-    """Columns larger than COLUMNS_BYTES (here every image's) take the backward a group of
-    images at a time: each group's dw adds up, and each writes its own rows of dx."""
-    monkeypatch.setattr(layers, "COLUMNS_BYTES", 1)
+def test_numpy_conv_backward_over_groups_of_images_matches_torch(
+    rng, monkeypatch, name, build, budget
+):
+    """Columns larger than COLUMNS_BYTES take the backward a group of images at a time (one
+    image a group, or groups of unequal size): each group's dw adds up, and each writes its
+    own rows of dx."""
+    monkeypatch.setattr(layers, "COLUMNS_BYTES", budget)
     inputs, static = build(rng)
     check_against_torch("numpy", name, inputs, static, rng, F64_TOL)
 
@@ -422,6 +426,11 @@ def test_max_pool_through_relu_is_relu_backward_after_max_pool_backward(rng, siz
     (dx,) = layers.max_pool_backward(dout, cache, through_relu=True)
     np.testing.assert_array_equal(dx, expected)
     assert (pooled == 0).any() and (dx != 0).any()
+    # The training pass pools the ReLU's input and takes the ReLU after: the same output and dx.
+    pooled_first, cache_of_input = layers.max_pool_forward(x, size, stride)
+    np.testing.assert_array_equal(layers.relu_forward(pooled_first)[0], pooled)
+    (dx,) = layers.max_pool_backward(dout, cache_of_input, through_relu=True)
+    np.testing.assert_array_equal(dx, expected)
 
 
 def test_linear_backward_matches_finite_differences(rng):
