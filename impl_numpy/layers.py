@@ -336,7 +336,7 @@ def max_pool_backward(
     (2x2 windows: a quarter of the values)."""
     x_shape, argmax, size, stride, padding, out = cache
     if through_relu:
-        dout = dout * (out > 0)  # ReLU's derivative at 0 is 0, as relu_backward's
+        (dout,) = relu_backward(dout, out)
     h, w = x_shape[2:]
     ho, wo = dout.shape[2:]
     padded = (*x_shape[:2], h + 2 * padding, w + 2 * padding)
