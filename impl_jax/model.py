@@ -78,15 +78,15 @@ def layer_forward(
     raise TypeError(f"unknown layer {layer!r}")
 
 
-def layer_vjp(
-    layer: Layer, params: Params, x: jax.Array, masks: Masks
+def chain_vjp(
+    layers: tuple[Layer, ...], params: Params, x: jax.Array, masks: Masks
 ) -> tuple[jax.Array, Callable[[jax.Array], Params]]:
-    """The layer's output and its pullback: dout -> {"input": dx, parameter name: gradient}
-    (how the profile times one layer forward and backward)."""
-    names = layer_trainable(layer)
+    """The chain's output and its pullback: dout -> {"input": dx, parameter name: gradient}
+    (how the profile times layers forward and backward)."""
+    names = [k for layer in layers for k in layer_trainable(layer)]
 
     def of_inputs(inputs: Params) -> jax.Array:
-        return layer_forward(layer, {**params, **inputs}, inputs["input"], masks, {}, {})
+        return chain_forward(layers, {**params, **inputs}, inputs["input"], masks, {}, {})
 
     out, pull = jax.vjp(of_inputs, {"input": x, **{k: params[k] for k in names}})
     return out, lambda dout: pull(dout)[0]

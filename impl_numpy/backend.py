@@ -38,11 +38,8 @@ class Backend(backend.Backend):
     def over_rows(self, fn: Callable[..., R], *batched: Any) -> list[R]:
         return model.over_rows(fn, self.arch, *batched)
 
-    def layer_vjp(self, layer: Layer, params, x, masks, total: Total) -> tuple:
-        return model.layer_vjp(layer, params, x, masks, total)
-
-    def outputs(self, params, x, masks, total: Total) -> dict[str, np.ndarray]:
-        return model.activations(params, x, self.arch, masks, total)
+    def chain_vjp(self, layers: tuple[Layer, ...], params, x, masks, total: Total) -> tuple:
+        return model.chain_vjp(layers, params, x, masks, total)
 
     # Overflow is left to the training loop, which stops at a non-finite loss and says where;
     # NumPy's own warnings would only repeat it less clearly.

@@ -25,6 +25,7 @@ from shared.layers import (
     Linear,
     Pool,
     Residual,
+    relu_then_max_pool,
 )
 from shared.parallel import (
     Total,
@@ -138,16 +139,17 @@ def layer_backward(
     raise TypeError(f"unknown layer {layer!r}")
 
 
-def layer_vjp(
-    layer: Layer, params: Params, x: np.ndarray, masks: Masks, total: Total = alone
+def chain_vjp(
+    layers: tuple[Layer, ...], params: Params, x: np.ndarray, masks: Masks, total: Total = alone
 ) -> tuple[np.ndarray, Callable[[np.ndarray], Params]]:
-    """The layer's output and its pullback: dout -> {"input": dx, parameter name: gradient}
-    (how the profile times one layer forward and backward); `total` as in layer_forward."""
-    out, cache = layer_forward(layer, params, x, masks, {}, {}, total)
+    """The chain's output, run as the training pass runs it, and its pullback: dout ->
+    {"input": dx, parameter name: gradient} (how the profile times layers forward and
+    backward); `total` as in layer_forward."""
+    out, caches = chain_forward(layers, params, x, masks, {}, None, total)
 
     def pullback(dout: np.ndarray) -> Params:
         grads: Params = {}
-        grads["input"] = layer_backward(layer, dout, cache, True, grads)
+        grads["input"] = chain_backward(layers, dout, caches, True, grads)
         return grads
 
     return out, pullback
@@ -176,7 +178,7 @@ def chain_forward(
         if (
             outputs is None
             and depth + 1 < len(layers)
-            and _relu_then_max_pool(layer, layers[depth + 1])
+            and relu_then_max_pool(layer, layers[depth + 1])
         ):
             x, cache = layer_forward(layers[depth + 1], params, x, masks, buffers, None, total)
             x = layer_forward(layer, params, x, masks, buffers, None, total)[0]
@@ -200,7 +202,7 @@ def chain_backward(
     while depth >= 0:
         # A max-pool over a ReLU's output takes the ReLU's gradient with its own, on the
         # pooled values (impl_numpy.layers.max_pool_backward); the ReLU's two passes go.
-        if depth > 0 and _relu_then_max_pool(layers[depth - 1], layers[depth]):
+        if depth > 0 and relu_then_max_pool(layers[depth - 1], layers[depth]):
             dout = _max_pool_through_relu(dout, caches[depth]) if need_dx or depth > 1 else None
             depth -= 2
             continue
@@ -212,16 +214,6 @@ def chain_backward(
 def _max_pool_through_relu(dout: np.ndarray, cache: object) -> np.ndarray:
     """dout of a max-pool -> the gradient of the input of the ReLU before it."""
     return layers.max_pool_backward(dout, cache, through_relu=True)[0]
-
-
-def _relu_then_max_pool(first: Layer, second: Layer) -> bool:
-    """Whether `second` max-pools `first`'s output, which a ReLU makes."""
-    return (
-        isinstance(first, Activation)
-        and first.fn == "relu"
-        and isinstance(second, Pool)
-        and second.op == "max"
-    )
 
 
 def _forward(

@@ -77,15 +77,15 @@ def layer_forward(
     raise TypeError(f"unknown layer {layer!r}")
 
 
-def layer_vjp(
-    layer: Layer, params: Params, x: torch.Tensor, masks: Masks
+def chain_vjp(
+    layers: tuple[Layer, ...], params: Params, x: torch.Tensor, masks: Masks
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], Params]]:
-    """The layer's output and its pullback: dout -> {"input": dx, parameter name: gradient}
-    (how the profile times one layer forward and backward)."""
-    names = layer_trainable(layer)
+    """The chain's output and its pullback: dout -> {"input": dx, parameter name: gradient}
+    (how the profile times layers forward and backward)."""
+    names = [k for layer in layers for k in layer_trainable(layer)]
     inputs = {"input": x, **{k: params[k] for k in names}}
     inputs = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}
-    out = layer_forward(layer, {**params, **inputs}, inputs["input"], masks, {}, {})
+    out = chain_forward(layers, {**params, **inputs}, inputs["input"], masks, {}, {})
 
     def pullback(dout: torch.Tensor) -> Params:
         return dict(zip(inputs, torch.autograd.grad(out, list(inputs.values()), dout), strict=True))

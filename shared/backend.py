@@ -256,14 +256,12 @@ class Backend:
         threads."""
         return [fn(*batched, alone)]
 
-    def layer_vjp(self, layer: Layer, params: Any, x: Any, masks: Any, total: Total) -> tuple:
-        """The model's layer_vjp on a range of a batch's rows (see `over_rows`); `total`
+    def chain_vjp(
+        self, layers: tuple[Layer, ...], params: Any, x: Any, masks: Any, total: Total
+    ) -> tuple:
+        """The model's chain_vjp on a range of a batch's rows (see `over_rows`); `total`
         reaches the models that run ranges apart."""
-        return self.model.layer_vjp(layer, params, x, masks)
-
-    def outputs(self, params: Any, x: Any, masks: Any, total: Total) -> dict[str, Any]:
-        """`activations_fn` on a range of a batch's rows (see `layer_vjp`)."""
-        return self.activations_fn(params, x, masks=masks)
+        return self.model.chain_vjp(layers, params, x, masks)
 
     def init_state(
         self, params: Params, optimizer_tensors: OptimizerTensors | None = None

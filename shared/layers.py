@@ -336,3 +336,14 @@ def window_offsets(x: Any, k: int, stride: int) -> list[Any]:
         for i in range(k)
         for j in range(k)
     ]
+
+
+def relu_then_max_pool(first: Layer, second: Layer) -> bool:
+    """Whether `second` max-pools `first`'s output, which a ReLU makes: a pair NumPy's pass
+    runs as one (impl_numpy/model.py), and the profile times as one row."""
+    return (
+        isinstance(first, Activation)
+        and first.fn == "relu"
+        and isinstance(second, Pool)
+        and second.op == "max"
+    )

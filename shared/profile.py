@@ -5,7 +5,8 @@ Each phase runs on its own, the framework's way (compiled for JAX), on the batch
 uses, and is timed to completion (JAX dispatches asynchronously, so its results are awaited).
 A JAX step compiles all phases into one program, which fuses across their borders: the step
 can take less than its phases' sum, and the difference is reported rather than hidden.
-Layers are timed the same way, each on its own (see `layer_timers`).
+Layers are timed the same way, each on its own but a ReLU with the max-pool over its output,
+which NumPy's pass runs as one (see `layer_rows`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from shared.backend import Backend, make_backend
 from shared.batches import Batch, steady_batches
 from shared.config import TrainConfig
+from shared.layers import Layer, relu_then_max_pool
 from shared.parallel import joined
 from shared.spec import get_arch, init_params
 
@@ -58,12 +60,14 @@ def _clock(fn: Callable[[], Any], wait: Callable[[Any], Any]) -> tuple[float, An
     return time.perf_counter() - start, out
 
 
-def step_phases(backend: Backend, state: Any, data: Any, batch: Batch, lr: float) -> dict:
+def step_phases(
+    backend: Backend, forward: Callable[..., Any], state: Any, data: Any, batch: Batch, lr: float
+) -> dict:
     """Seconds of each phase of one step on `batch`, each run as the backend's step runs it
-    (compiled where the framework compiles) and awaited. The forward runs as evaluation-time
-    code does (PyTorch without recording the autograd graph, which the backward's share then
-    holds), NumPy's on the threads its pass splits the batch over; NumPy and PyTorch update
-    `state` in place, JAX's update is discarded."""
+    (compiled where the framework compiles) and awaited. The forward is `forward`, the
+    network's compiled chain_forward: as the training pass runs it, keeping what the
+    backward needs (PyTorch's autograd graph, NumPy's caches, on the threads its pass splits
+    the batch over); NumPy and PyTorch update `state` in place, JAX's update is discarded."""
     params, opt_state = state
     clock = partial(_clock, wait=backend.wait)
     seconds = {}
@@ -74,7 +78,7 @@ def step_phases(backend: Backend, state: Any, data: Any, batch: Batch, lr: float
         lambda: backend.gather(data, arrays, batch.pad, batch.fill)
     )
     masks = arrays.masks
-    seconds["forward"], _ = clock(lambda: pass_forward(backend, params, x, masks))
+    seconds["forward"], _ = clock(lambda: forward(params, x, masks))
     both, (loss, grads, logits, buffers) = clock(
         lambda: backend.training_pass(params, x, y, masks=masks)
     )
@@ -88,46 +92,67 @@ def step_phases(backend: Backend, state: Any, data: Any, batch: Batch, lr: float
     return seconds
 
 
-def pass_forward(backend: Backend, params: Any, x: Any, masks: Any) -> list[dict[str, Any]]:
-    """The training pass's forward alone, as the pass runs it (the profile's forward phase):
-    every layer's output, for each range of the batch's rows that the pass runs apart (one
-    in JAX and PyTorch; NumPy's threads')."""
-    return backend.over_rows(partial(backend.outputs, params), x, masks)
+def layer_rows(layers: tuple[Layer, ...]) -> list[tuple[Layer, ...]]:
+    """The profile's rows: a layer each, but a ReLU with the max-pool over its output, which
+    NumPy's pass runs as one (impl_numpy/model.py); every implementation alike, so rows
+    compare."""
+    rows: list[tuple[Layer, ...]] = []
+    for layer in layers:
+        if rows and len(rows[-1]) == 1 and relu_then_max_pool(rows[-1][0], layer):
+            rows[-1] += (layer,)
+        else:
+            rows.append((layer,))
+    return rows
+
+
+def chain_forward(backend: Backend, layers: tuple[Layer, ...]) -> Callable[..., list]:
+    """(params, x, masks) -> the output of `layers` from x, computed as the training pass
+    computes it (keeping what its backward needs), for each range of the batch's rows that
+    the pass runs apart (one in JAX and PyTorch; NumPy's threads'). Uncompiled."""
+
+    def forward(params, x, masks):
+        def rows_forward(x, masks, total):
+            return backend.chain_vjp(layers, params, x, masks, total)[0]
+
+        return backend.over_rows(rows_forward, x, masks)
+
+    return forward
+
+
+def chain_forward_and_backward(backend: Backend, layers: tuple[Layer, ...]) -> Callable[..., list]:
+    """(params, x, dout, masks) -> (output, pullback of dout) of `layers`, as chain_forward."""
+
+    def forward_and_backward(params, x, dout, masks):
+        def rows_pass(x, masks, dout, total):
+            # The output too, as training hands it on: XLA drops work whose result nothing
+            # returns, and a pullback that keeps only its inputs (a convolution's) leaves
+            # the forward unused. Without it JAX's layers' backward on strong at batch 128
+            # summed 59.8 ms, against 89.5 with it (docs/PERFORMANCE.md).
+            out, pullback = backend.chain_vjp(layers, params, x, masks, total)
+            return out, pullback(dout)
+
+        return backend.over_rows(rows_pass, x, masks, dout)
+
+    return forward_and_backward
 
 
 def layer_timers(backend: Backend, params: Any, x: Any, masks: Any) -> list[LayerTimer]:
-    """For each layer of the network, its forward and its forward-and-backward (the output and
-    the pullback of every input, the layer's input included), each as the training pass runs
-    it (compiled on its own in JAX; NumPy's on the threads its pass splits the batch over),
-    with the arguments a training pass gives that layer from images x (N, 1, 28, 28) and the
-    step's dropout masks. Each timed call hands its work to NumPy's threads, about 0.1 ms
-    that a pass pays once: NumPy's small layers read high by that much."""
+    """For each of the profile's rows (`layer_rows`), its forward and its forward-and-backward
+    (the output and the pullback of every input, the row's input included), each as the
+    training pass runs it (compiled on its own in JAX; NumPy's on the threads its pass splits
+    the batch over), with the arguments a training pass gives those layers from images
+    x (N, 1, 28, 28) and the step's dropout masks. Each timed call hands its work to NumPy's
+    threads, about 0.1 ms that a pass pays once: NumPy's small layers read high by that
+    much."""
     timers = []
-    for layer in backend.arch.layers:
-
-        def forward(params, x, layer=layer):
-            def rows_forward(x, masks, total):
-                return backend.layer_vjp(layer, params, x, masks, total)[0]
-
-            return backend.over_rows(rows_forward, x, masks)
-
-        def forward_and_backward(params, x, dout, layer=layer):
-            def rows_pass(x, masks, dout, total):
-                # The output too, as training hands it on: XLA drops work whose result
-                # nothing returns, and a pullback that keeps only its inputs (a
-                # convolution's) leaves the forward unused. Without it JAX's layers'
-                # backward on strong at batch 128 summed 59.8 ms, against 89.5 with it
-                # (docs/PERFORMANCE.md).
-                out, pullback = backend.layer_vjp(layer, params, x, masks, total)
-                return out, pullback(dout)
-
-            return backend.over_rows(rows_pass, x, masks, dout)
-
+    for row in layer_rows(backend.arch.layers):
+        forward = partial(backend.compile(chain_forward(backend, row)), masks=masks)
+        both = partial(backend.compile(chain_forward_and_backward(backend, row)), masks=masks)
         # Joined here, untimed: a pass hands each range of rows' output to the same range.
         out = joined(backend.wait(forward(params, x)))
         dout = out * 0 + 1  # a gradient of the output's shape, type and framework
-        compiled = backend.compile(forward), backend.compile(forward_and_backward)
-        timers.append(LayerTimer(layer.name, *compiled, params, x, dout))
+        name = "+".join(layer.name for layer in row)
+        timers.append(LayerTimer(name, forward, both, params, x, dout))
         x = out
     return timers
 
@@ -190,9 +215,10 @@ def profile(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
     x, _ = backend.gather(train_data, arrays, batch.pad, batch.fill)
     params, _ = backend.init_state(backend.params(state))
     timers = layer_timers(backend, params, x, arrays.masks)
+    forward = backend.compile(chain_forward(backend, backend.arch.layers))
     for i in range(steps + 5):  # the first five compile and warm up
         batch = next(stream)
-        seconds = step_phases(backend, state, train_data, batch, 0.01)
+        seconds = step_phases(backend, forward, state, train_data, batch, 0.01)
         start = time.perf_counter()
         state, _, _ = backend.train_step(state, train_data, batch, 0.01)
         step = time.perf_counter() - start

@@ -19,7 +19,7 @@ from shared.data import load_dataset
 from shared.ladder import conv_backward_loops, conv_forward_loops, lab_step
 from shared.loop import compile_steps
 from shared.parallel import THREADS_VARIABLE, joined
-from shared.profile import PHASES, cpu_name, layer_timers, pass_forward
+from shared.profile import PHASES, chain_forward, cpu_name, layer_rows, layer_timers
 from shared.proof.report import plot_results, worst_by_row
 from shared.proof.rows import CheckResult
 from shared.spec import get_arch, init_params
@@ -175,6 +175,18 @@ def test_a_layer_s_timed_backward_runs_its_forward_too(impl, tiny_data_dir, monk
         assert difference <= 1e-6 * (1 + size) and "input" in grads, timer.name
 
 
+def test_the_profile_times_a_relu_and_the_max_pool_over_it_as_one_row():
+    # NumPy's pass runs a ReLU after the max-pool over its output, on the pooled values:
+    # timed apart, the ReLU's row would time a pass over the whole map that training skips.
+    rows = layer_rows(get_arch("strong").layers)
+    names = ["+".join(layer.name for layer in row) for row in rows]
+    assert names == [
+        "conv1", "bn1", "relu1+pool1", "conv2", "bn2", "relu2+pool2",
+        "flatten", "fc1", "relu3", "dropout", "fc2",
+    ]  # fmt: skip
+    assert [layer for row in rows for layer in row] == list(get_arch("strong").layers)
+
+
 def test_the_profile_times_numpy_on_the_threads_its_pass_splits_the_batch_over(monkeypatch):
     # The training pass splits a batch's rows over threads, BatchNorm's sums totalled across
     # them; a profile that timed NumPy's forward and layers on one thread timed other work.
@@ -192,7 +204,7 @@ def test_the_profile_times_numpy_on_the_threads_its_pass_splits_the_batch_over(m
         for t in layer_timers(backend, params, x, masks):
             dout = np.random.default_rng(1).standard_normal(t.dout.shape)
             layers.append((t.forward(t.params, t.x), t.forward_and_backward(t.params, t.x, dout)))
-        return pass_forward(backend, params, x, masks), layers
+        return chain_forward(backend, arch.layers)(params, x, masks), layers
 
     def close(actual, expected):
         np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-12)
@@ -200,8 +212,7 @@ def test_the_profile_times_numpy_on_the_threads_its_pass_splits_the_batch_over(m
     whole_forward, whole_layers = timed(1)
     forward, layers_on_threads = timed(2)
     assert len(whole_forward) == 1 and len(forward) == 2
-    for name, out in whole_forward[0].items():
-        close(joined([f[name] for f in forward]), out)
+    close(joined(forward), whole_forward[0])
     for (out, [(_, grads)]), (parts, pass_parts) in zip(
         whole_layers, layers_on_threads, strict=True
     ):
