@@ -26,6 +26,7 @@ from shared.layers import (
     Linear,
     Pool,
     Residual,
+    pass_steps,
 )
 from shared.spec import Arch, layer_trainable, split_params, state_shapes
 
@@ -115,11 +116,19 @@ def chain_forward(
     buffers: Params,
     outputs: Params,
 ) -> jax.Array:
-    """x through `layers` in turn; each layer's output goes into `outputs` by name (a block's
-    layers' too)."""
-    for layer in layers:
-        x = layer_forward(layer, params, x, masks, buffers, outputs)
-        outputs[layer.name] = x
+    """x through `layers` a step at a time (shared.layers.pass_steps); each layer's output
+    goes into `outputs` by name (a block's layers' too). A ReLU stepped with the max-pool
+    over its output runs on the pooled values; its own output, recorded for `outputs`, XLA
+    computes only where it is returned (activations)."""
+    for step in pass_steps(layers):
+        if len(step) == 2:
+            relu, pool = step
+            outputs[relu.name] = layer_forward(relu, params, x, masks, buffers, outputs)
+            x = layer_forward(pool, params, x, masks, buffers, outputs)
+            x = layer_forward(relu, params, x, masks, buffers, outputs)
+        else:
+            x = layer_forward(step[0], params, x, masks, buffers, outputs)
+        outputs[step[-1].name] = x
     return x
 
 

@@ -25,7 +25,7 @@ from shared.layers import (
     Linear,
     Pool,
     Residual,
-    relu_then_max_pool,
+    pass_steps,
 )
 from shared.parallel import (
     Total,
@@ -164,32 +164,23 @@ def chain_forward(
     outputs: Params | None,
     total: Total = alone,
 ) -> tuple[np.ndarray, list[object]]:
-    """x through `layers` in turn: the last output and every layer's cache, in order; each
-    layer's output goes into `outputs` by name (a block's layers' too).
-
-    Where no one asks for the outputs (`outputs` None), a ReLU before a max-pool runs after
-    it, on the pooled values: max(relu(x)) = relu(max(x)), and a quarter of the pass for
-    2x2 windows. Its gradient is then max-pooling's (see chain_backward), and its cache None.
-    """
+    """x through `layers` a step at a time (shared.layers.pass_steps): the last output and
+    each step's cache, in order; each layer's output goes into `outputs` by name (a block's
+    layers' too) unless it is None. A ReLU stepped with the max-pool over its output runs on
+    the pooled values; its own output is computed for `outputs` alone."""
     caches: list[object] = []
-    depth = 0
-    while depth < len(layers):
-        layer = layers[depth]
-        if (
-            outputs is None
-            and depth + 1 < len(layers)
-            and relu_then_max_pool(layer, layers[depth + 1])
-        ):
-            x, cache = layer_forward(layers[depth + 1], params, x, masks, buffers, None, total)
-            x = layer_forward(layer, params, x, masks, buffers, None, total)[0]
-            caches += [None, cache]
-            depth += 2
-            continue
-        x, cache = layer_forward(layer, params, x, masks, buffers, outputs, total)
+    for step in pass_steps(layers):
+        if len(step) == 2:
+            relu, pool = step
+            if outputs is not None:
+                outputs[relu.name] = layer_forward(relu, params, x, masks, buffers, None, total)[0]
+            x, cache = layer_forward(pool, params, x, masks, buffers, None, total)
+            x = layer_forward(relu, params, x, masks, buffers, None, total)[0]
+        else:
+            x, cache = layer_forward(step[0], params, x, masks, buffers, outputs, total)
         if outputs is not None:
-            outputs[layer.name] = x
+            outputs[step[-1].name] = x
         caches.append(cache)
-        depth += 1
     return x, caches
 
 
@@ -197,17 +188,17 @@ def chain_backward(
     layers: tuple[Layer, ...], dout: np.ndarray, caches: list[object], need_dx: bool, grads: Params
 ) -> np.ndarray | None:
     """dout of the chain's output -> the gradient with respect to its input (computed for the
-    first layer only if `need_dx`); parameter gradients go into `grads`."""
-    depth = len(layers) - 1
-    while depth >= 0:
-        # A max-pool over a ReLU's output takes the ReLU's gradient with its own, on the
-        # pooled values (impl_numpy.layers.max_pool_backward); the ReLU's two passes go.
-        if depth > 0 and relu_then_max_pool(layers[depth - 1], layers[depth]):
-            dout = _max_pool_through_relu(dout, caches[depth]) if need_dx or depth > 1 else None
-            depth -= 2
-            continue
-        dout = layer_backward(layers[depth], dout, caches[depth], need_dx or depth > 0, grads)
-        depth -= 1
+    first step only if `need_dx`), from chain_forward's caches; parameter gradients go into
+    `grads`."""
+    steps = pass_steps(layers)
+    for depth in reversed(range(len(steps))):
+        need = need_dx or depth > 0
+        if len(steps[depth]) == 2:
+            # The max-pool takes the ReLU's gradient with its own, on the pooled values
+            # (impl_numpy.layers.max_pool_backward): one pass over them, not two.
+            dout = _max_pool_through_relu(dout, caches[depth]) if need else None
+        else:
+            dout = layer_backward(steps[depth][0], dout, caches[depth], need, grads)
     return dout
 
 
@@ -224,7 +215,7 @@ def _forward(
     total: Total = alone,
     outputs: Params | None = None,
 ) -> tuple[np.ndarray, list[object], Params]:
-    """The logits, the caches of the network's layers in order, and the updated buffers
+    """The logits, the caches of the network's steps in order, and the updated buffers
     (training only); every layer's output by name into `outputs` (a block's layers' too)
     if given (see chain_forward)."""
     buffers: Params = {}

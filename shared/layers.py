@@ -338,9 +338,23 @@ def window_offsets(x: Any, k: int, stride: int) -> list[Any]:
     ]
 
 
-def relu_then_max_pool(first: Layer, second: Layer) -> bool:
-    """Whether `second` max-pools `first`'s output, which a ReLU makes: a pair NumPy's pass
-    runs as one (impl_numpy/model.py), and the profile times as one row."""
+def pass_steps(layers: tuple[Layer, ...]) -> list[tuple[Layer, ...]]:
+    """`layers` as NumPy's and JAX's passes run them: a layer a step, but a ReLU and the
+    max-pool over its output one step, max-pool first and the ReLU on the pooled values.
+    max(relu(x)) = relu(max(x)) and the gradients agree (but for the sign of some zeros),
+    for a quarter of the ReLU's work over 2x2 windows (docs/PERFORMANCE.md). PyTorch runs
+    the layers as written, as a user's module does. The profile times a step a row."""
+    steps: list[tuple[Layer, ...]] = []
+    for layer in layers:
+        if steps and len(steps[-1]) == 1 and _relu_then_max_pool(steps[-1][0], layer):
+            steps[-1] += (layer,)
+        else:
+            steps.append((layer,))
+    return steps
+
+
+def _relu_then_max_pool(first: Layer, second: Layer) -> bool:
+    """Whether `second` max-pools `first`'s output, which a ReLU makes."""
     return (
         isinstance(first, Activation)
         and first.fn == "relu"

@@ -6,7 +6,7 @@ uses, and is timed to completion (JAX dispatches asynchronously, so its results 
 A JAX step compiles all phases into one program, which fuses across their borders: the step
 can take less than its phases' sum, and the difference is reported rather than hidden.
 Layers are timed the same way, each on its own but a ReLU with the max-pool over its output,
-which NumPy's pass runs as one (see `layer_rows`).
+which NumPy's and JAX's passes run as one (shared.layers.pass_steps).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from shared.backend import Backend, make_backend
 from shared.batches import Batch, steady_batches
 from shared.config import TrainConfig
-from shared.layers import Layer, relu_then_max_pool
+from shared.layers import Layer, pass_steps
 from shared.parallel import joined
 from shared.spec import get_arch, init_params
 
@@ -92,19 +92,6 @@ def step_phases(
     return seconds
 
 
-def layer_rows(layers: tuple[Layer, ...]) -> list[tuple[Layer, ...]]:
-    """The profile's rows: a layer each, but a ReLU with the max-pool over its output, which
-    NumPy's pass runs as one (impl_numpy/model.py); every implementation alike, so rows
-    compare."""
-    rows: list[tuple[Layer, ...]] = []
-    for layer in layers:
-        if rows and len(rows[-1]) == 1 and relu_then_max_pool(rows[-1][0], layer):
-            rows[-1] += (layer,)
-        else:
-            rows.append((layer,))
-    return rows
-
-
 def chain_forward(backend: Backend, layers: tuple[Layer, ...]) -> Callable[..., list]:
     """(params, x, masks) -> the output of `layers` from x, computed as the training pass
     computes it (keeping what its backward needs), for each range of the batch's rows that
@@ -137,21 +124,21 @@ def chain_forward_and_backward(backend: Backend, layers: tuple[Layer, ...]) -> C
 
 
 def layer_timers(backend: Backend, params: Any, x: Any, masks: Any) -> list[LayerTimer]:
-    """For each of the profile's rows (`layer_rows`), its forward and its forward-and-backward
-    (the output and the pullback of every input, the row's input included), each as the
-    training pass runs it (compiled on its own in JAX; NumPy's on the threads its pass splits
-    the batch over), with the arguments a training pass gives those layers from images
-    x (N, 1, 28, 28) and the step's dropout masks. Each timed call hands its work to NumPy's
-    threads, about 0.1 ms that a pass pays once: NumPy's small layers read high by that
-    much."""
+    """For each step of the training pass (shared.layers.pass_steps), its forward and its
+    forward-and-backward (the output and the pullback of every input, the step's input
+    included), each as the training pass runs it (compiled on its own in JAX; NumPy's on the
+    threads its pass splits the batch over), with the arguments a training pass gives that
+    step from images x (N, 1, 28, 28) and the step's dropout masks. Each timed call hands its
+    work to NumPy's threads, about 0.1 ms that a pass pays once: NumPy's small layers read
+    high by that much."""
     timers = []
-    for row in layer_rows(backend.arch.layers):
-        forward = partial(backend.compile(chain_forward(backend, row)), masks=masks)
-        both = partial(backend.compile(chain_forward_and_backward(backend, row)), masks=masks)
+    for step in pass_steps(backend.arch.layers):
+        forward = partial(backend.compile(chain_forward(backend, step)), masks=masks)
+        both = partial(backend.compile(chain_forward_and_backward(backend, step)), masks=masks)
         # Joined here, untimed: a pass hands each range of rows' output to the same range.
         out = joined(backend.wait(forward(params, x)))
         dout = out * 0 + 1  # a gradient of the output's shape, type and framework
-        name = "+".join(layer.name for layer in row)
+        name = "+".join(layer.name for layer in step)
         timers.append(LayerTimer(name, forward, both, params, x, dout))
         x = out
     return timers

@@ -17,9 +17,10 @@ from shared.batches import steady_batches
 from shared.config import TrainConfig
 from shared.data import load_dataset
 from shared.ladder import conv_backward_loops, conv_forward_loops, lab_step
+from shared.layers import pass_steps
 from shared.loop import compile_steps
 from shared.parallel import THREADS_VARIABLE, joined
-from shared.profile import PHASES, chain_forward, cpu_name, layer_rows, layer_timers
+from shared.profile import PHASES, chain_forward, cpu_name, layer_timers
 from shared.proof.report import plot_results, worst_by_row
 from shared.proof.rows import CheckResult
 from shared.spec import get_arch, init_params
@@ -120,6 +121,7 @@ import itertools, resource
 import numpy as np
 from shared.backend import make_backend
 from shared.batches import steady_batches
+from shared.layers import pass_steps
 from shared.spec import get_arch, init_params
 
 arch = get_arch("strong")
@@ -176,9 +178,9 @@ def test_a_layer_s_timed_backward_runs_its_forward_too(impl, tiny_data_dir, monk
 
 
 def test_the_profile_times_a_relu_and_the_max_pool_over_it_as_one_row():
-    # NumPy's pass runs a ReLU after the max-pool over its output, on the pooled values:
-    # timed apart, the ReLU's row would time a pass over the whole map that training skips.
-    rows = layer_rows(get_arch("strong").layers)
+    # NumPy's and JAX's passes run a ReLU after the max-pool over its output, on the pooled
+    # values: timed apart, the ReLU's row would time a pass over the whole map they skip.
+    rows = pass_steps(get_arch("strong").layers)
     names = ["+".join(layer.name for layer in row) for row in rows]
     assert names == [
         "conv1", "bn1", "relu1+pool1", "conv2", "bn2", "relu2+pool2",
