@@ -119,7 +119,7 @@ def chain_forward(
     """x through `layers` a step at a time (shared.layers.pass_steps); each layer's output
     goes into `outputs` by name (a block's layers' too). A ReLU stepped with the max-pool
     over its output runs on the pooled values; its own output, recorded for `outputs`, XLA
-    computes only where it is returned (activations)."""
+    computes under jit only where it is returned (activations)."""
     for step in pass_steps(layers):
         if len(step) == 2:
             relu, pool = step

@@ -237,12 +237,11 @@ def over_rows(fn: Callable[..., R], arch: Arch, *batched: object) -> list[R]:
 
 
 def activations(
-    params: Params, x: np.ndarray, arch: Arch, masks: Masks = None, total: Total = alone
+    params: Params, x: np.ndarray, arch: Arch, masks: Masks = None
 ) -> dict[str, np.ndarray]:
-    """Every layer's output, by layer name; x (N, 1, 28, 28) -> ..., logits (N, 10) last;
-    `total` as in layer_forward."""
+    """Every layer's output, by layer name; x (N, 1, 28, 28) -> ..., logits (N, 10) last."""
     outputs: Params = {}
-    _forward(params, x, arch, masks, total, outputs)
+    _forward(params, x, arch, masks, alone, outputs)
     return outputs
 
 

@@ -30,7 +30,8 @@ from shared.spec import get_arch, init_params
 
 
 class LayerTimer(NamedTuple):
-    """One layer's two timed functions and the arguments they run on."""
+    """One step's (a layer, or a ReLU with its max-pool) two timed functions and the arguments
+    they run on."""
 
     name: str
     forward: Callable[[Any, Any], Any]
@@ -65,7 +66,7 @@ def step_phases(
 ) -> dict:
     """Seconds of each phase of one step on `batch`, each run as the backend's step runs it
     (compiled where the framework compiles) and awaited. The forward is `forward`, the
-    network's compiled chain_forward: as the training pass runs it, keeping what the
+    network's compiled pass_forward: as the training pass runs it, keeping what the
     backward needs (PyTorch's autograd graph, NumPy's caches, on the threads its pass splits
     the batch over); NumPy and PyTorch update `state` in place, JAX's update is discarded."""
     params, opt_state = state
@@ -92,7 +93,7 @@ def step_phases(
     return seconds
 
 
-def chain_forward(backend: Backend, layers: tuple[Layer, ...]) -> Callable[..., list]:
+def pass_forward(backend: Backend, layers: tuple[Layer, ...]) -> Callable[..., list]:
     """(params, x, masks) -> the output of `layers` from x, computed as the training pass
     computes it (keeping what its backward needs), for each range of the batch's rows that
     the pass runs apart (one in JAX and PyTorch; NumPy's threads'). Uncompiled."""
@@ -106,8 +107,8 @@ def chain_forward(backend: Backend, layers: tuple[Layer, ...]) -> Callable[..., 
     return forward
 
 
-def chain_forward_and_backward(backend: Backend, layers: tuple[Layer, ...]) -> Callable[..., list]:
-    """(params, x, dout, masks) -> (output, pullback of dout) of `layers`, as chain_forward."""
+def pass_forward_and_backward(backend: Backend, layers: tuple[Layer, ...]) -> Callable[..., list]:
+    """(params, x, dout, masks) -> (output, pullback of dout) of `layers`, as pass_forward."""
 
     def forward_and_backward(params, x, dout, masks):
         def rows_pass(x, masks, dout, total):
@@ -133,8 +134,8 @@ def layer_timers(backend: Backend, params: Any, x: Any, masks: Any) -> list[Laye
     high by that much."""
     timers = []
     for step in pass_steps(backend.arch.layers):
-        forward = partial(backend.compile(chain_forward(backend, step)), masks=masks)
-        both = partial(backend.compile(chain_forward_and_backward(backend, step)), masks=masks)
+        forward = partial(backend.compile(pass_forward(backend, step)), masks=masks)
+        both = partial(backend.compile(pass_forward_and_backward(backend, step)), masks=masks)
         # Joined here, untimed: a pass hands each range of rows' output to the same range.
         out = joined(backend.wait(forward(params, x)))
         dout = out * 0 + 1  # a gradient of the output's shape, type and framework
@@ -202,7 +203,7 @@ def profile(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
     x, _ = backend.gather(train_data, arrays, batch.pad, batch.fill)
     params, _ = backend.init_state(backend.params(state))
     timers = layer_timers(backend, params, x, arrays.masks)
-    forward = backend.compile(chain_forward(backend, backend.arch.layers))
+    forward = backend.compile(pass_forward(backend, backend.arch.layers))
     for i in range(steps + 5):  # the first five compile and warm up
         batch = next(stream)
         seconds = step_phases(backend, forward, state, train_data, batch, 0.01)

@@ -20,7 +20,7 @@ from shared.ladder import conv_backward_loops, conv_forward_loops, lab_step
 from shared.layers import pass_steps
 from shared.loop import compile_steps
 from shared.parallel import THREADS_VARIABLE, joined
-from shared.profile import PHASES, chain_forward, cpu_name, layer_timers
+from shared.profile import PHASES, cpu_name, layer_timers, pass_forward
 from shared.proof.report import plot_results, worst_by_row
 from shared.proof.rows import CheckResult
 from shared.spec import get_arch, init_params
@@ -121,7 +121,6 @@ import itertools, resource
 import numpy as np
 from shared.backend import make_backend
 from shared.batches import steady_batches
-from shared.layers import pass_steps
 from shared.spec import get_arch, init_params
 
 arch = get_arch("strong")
@@ -192,13 +191,13 @@ def test_the_profile_times_a_relu_and_the_max_pool_over_it_as_one_row():
 def test_the_profile_times_numpy_on_the_threads_its_pass_splits_the_batch_over(monkeypatch):
     # The training pass splits a batch's rows over threads, BatchNorm's sums totalled across
     # them; a profile that timed NumPy's forward and layers on one thread timed other work.
-    arch = get_arch("conv4-bn-relu-dropout0.5-flatten-fc10")
+    arch = get_arch("conv4-bn-relu-maxpool2-dropout0.5-flatten-fc10")
     backend = make_backend("numpy", arch, np.float64)
     params, _ = backend.init_state(init_params(arch))
     rng = np.random.default_rng(0)
     x = rng.random((8, 1, 28, 28))
     x[4:] += 10.0  # halves whose batch statistics differ
-    masks = {"dropout": rng.random((8, 4, 28, 28)) > 0.5}
+    masks = {"dropout": rng.random((8, 4, 14, 14)) > 0.5}
 
     def timed(threads: int) -> tuple[list, list]:
         monkeypatch.setenv(THREADS_VARIABLE, str(threads))
@@ -206,7 +205,7 @@ def test_the_profile_times_numpy_on_the_threads_its_pass_splits_the_batch_over(m
         for t in layer_timers(backend, params, x, masks):
             dout = np.random.default_rng(1).standard_normal(t.dout.shape)
             layers.append((t.forward(t.params, t.x), t.forward_and_backward(t.params, t.x, dout)))
-        return chain_forward(backend, arch.layers)(params, x, masks), layers
+        return pass_forward(backend, arch.layers)(params, x, masks), layers
 
     def close(actual, expected):
         np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-12)
