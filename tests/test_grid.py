@@ -187,6 +187,18 @@ def ray_runs_in_progress() -> list[int]:
     return pids
 
 
+def a_run_under_way(deadline: float) -> int:
+    """The pid of a Ray worker seen running a grid's run at two looks half a second apart
+    (into its training, past its imports), looking until `deadline`. One look, a second
+    after the first run was seen, found none: a run of seconds can end in between."""
+    while time.monotonic() < deadline:
+        first = set(ray_runs_in_progress())
+        time.sleep(0.5)
+        if under_way := first & set(ray_runs_in_progress()):
+            return under_way.pop()
+    raise AssertionError("no grid run under way")
+
+
 def test_a_killed_worker_loses_only_its_run_which_the_next_invocation_trains(
     grid_data, tmp_path, short_tmp
 ):
@@ -194,12 +206,7 @@ def test_a_killed_worker_loses_only_its_run_which_the_next_invocation_trains(
     flags += ("--engine", "ray", "--cpus-per-run", "1")
     flags += ("--arch", "strong", "--seeds", "5")  # runs of seconds, to be killed in
     grid = start("scripts/speedrun.py", *flags, cores=OWN_CORE, tmp=short_tmp)
-    deadline = time.monotonic() + 300
-    while not ray_runs_in_progress() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)  # into the run's training, past its imports
-    [victim, *_] = ray_runs_in_progress()
-    os.kill(victim, signal.SIGKILL)
+    os.kill(a_run_under_way(time.monotonic() + 300), signal.SIGKILL)
     code, out, err = finish(grid)
     assert code == 1 and "Traceback" not in err
     [line] = err.strip().splitlines()
