@@ -320,23 +320,13 @@ def max_pool_forward(
         larger |= np.isnan(view)
         np.maximum(argmax, larger * argmax.dtype.type(i), out=argmax)
         out = np.maximum(view, out)  # NaN-propagating, as the index; ties keep out (-0.0)
-    return out, (x.shape, argmax, size, stride, padding, out)
+    return out, (x.shape, argmax, size, stride, padding)
 
 
-def max_pool_backward(
-    dout: np.ndarray, cache: Cache, through_relu: bool = False
-) -> tuple[np.ndarray]:
+def max_pool_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray]:
     """dout (N, C, H', W') -> dx (N, C, H, W): each window's maximum gets its gradient;
-    an input that is the maximum of several overlapping windows gets their sum.
-
-    through_relu: a ReLU came before the pooling (the pool ran on the ReLU's output, or on
-    its input, impl_numpy.model.chain_forward), and dx is the gradient of the ReLU's input.
-    A window's maximum is positive exactly where the ReLU passed the value the gradient goes
-    to, so ReLU's mask is taken on the pooled output: a pass over it rather than two over x
-    (2x2 windows: a quarter of the values)."""
-    x_shape, argmax, size, stride, padding, out = cache
-    if through_relu:
-        (dout,) = relu_backward(dout, out)
+    an input that is the maximum of several overlapping windows gets their sum."""
+    x_shape, argmax, size, stride, padding = cache
     h, w = x_shape[2:]
     ho, wo = dout.shape[2:]
     padded = (*x_shape[:2], h + 2 * padding, w + 2 * padding)

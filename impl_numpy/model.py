@@ -164,23 +164,20 @@ def chain_forward(
     outputs: Params | None,
     total: Total = alone,
 ) -> tuple[np.ndarray, list[object]]:
-    """x through `layers` a step at a time (shared.layers.pass_steps): the last output and
-    each step's cache, in order; each layer's output goes into `outputs` by name (a block's
-    layers' too) unless it is None. A ReLU stepped with the max-pool over its output runs on
-    the pooled values; its own output is computed for `outputs` alone."""
+    """x through `layers` in the order the pass runs them (`run_order`): the last output and
+    every layer's cache, in that order; each layer's output goes into `outputs` by name (a
+    block's layers' too) unless it is None. A ReLU stepped with the max-pool over its output
+    runs after it, on the pooled values; its own output is computed for `outputs` alone."""
     caches: list[object] = []
     for step in pass_steps(layers):
-        if len(step) == 2:
-            relu, pool = step
-            if outputs is not None:
-                outputs[relu.name] = layer_forward(relu, params, x, masks, buffers, None, total)[0]
-            x, cache = layer_forward(pool, params, x, masks, buffers, None, total)
-            x = layer_forward(relu, params, x, masks, buffers, None, total)[0]
-        else:
-            x, cache = layer_forward(step[0], params, x, masks, buffers, outputs, total)
+        if outputs is not None and len(step) == 2:
+            relu = step[0]
+            outputs[relu.name] = layer_forward(relu, params, x, masks, buffers, None, total)[0]
+        for layer in run_order(step):
+            x, cache = layer_forward(layer, params, x, masks, buffers, outputs, total)
+            caches.append(cache)
         if outputs is not None:
             outputs[step[-1].name] = x
-        caches.append(cache)
     return x, caches
 
 
@@ -188,23 +185,19 @@ def chain_backward(
     layers: tuple[Layer, ...], dout: np.ndarray, caches: list[object], need_dx: bool, grads: Params
 ) -> np.ndarray | None:
     """dout of the chain's output -> the gradient with respect to its input (computed for the
-    first step only if `need_dx`), from chain_forward's caches; parameter gradients go into
-    `grads`."""
-    steps = pass_steps(layers)
-    for depth in reversed(range(len(steps))):
-        need = need_dx or depth > 0
-        if len(steps[depth]) == 2:
-            # The max-pool takes the ReLU's gradient with its own, on the pooled values
-            # (impl_numpy.layers.max_pool_backward): one pass over them, not two.
-            dout = _max_pool_through_relu(dout, caches[depth]) if need else None
-        else:
-            dout = layer_backward(steps[depth][0], dout, caches[depth], need, grads)
+    first layer run only if `need_dx`), from chain_forward's caches, back through the layers
+    in the order they ran; parameter gradients go into `grads`. A ReLU run after a max-pool
+    takes its mask on the pooled values: one pass over a quarter of them (2x2 windows)."""
+    ran = run_order(layers)
+    for depth in reversed(range(len(ran))):
+        dout = layer_backward(ran[depth], dout, caches[depth], need_dx or depth > 0, grads)
     return dout
 
 
-def _max_pool_through_relu(dout: np.ndarray, cache: object) -> np.ndarray:
-    """dout of a max-pool -> the gradient of the input of the ReLU before it."""
-    return layers.max_pool_backward(dout, cache, through_relu=True)[0]
+def run_order(layers: tuple[Layer, ...]) -> list[Layer]:
+    """`layers` in the order chain_forward runs them: shared.layers.pass_steps, a ReLU after
+    the max-pool it is stepped with."""
+    return [layer for step in pass_steps(layers) for layer in reversed(step)]
 
 
 def _forward(
@@ -215,7 +208,7 @@ def _forward(
     total: Total = alone,
     outputs: Params | None = None,
 ) -> tuple[np.ndarray, list[object], Params]:
-    """The logits, the caches of the network's steps in order, and the updated buffers
+    """The logits, the caches of the network's layers as they ran, and the updated buffers
     (training only); every layer's output by name into `outputs` (a block's layers' too)
     if given (see chain_forward)."""
     buffers: Params = {}

@@ -17,8 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from impl_numpy import layers
+from impl_numpy import layers, model
 from shared.backend import IMPLEMENTATIONS
+from shared.layers import Activation, Pool
 from tests.conftest import to_native
 
 IMPLS = IMPLEMENTATIONS
@@ -412,9 +413,10 @@ def test_max_pool_routes_ties_to_the_first_maximum():
 
 
 @pytest.mark.parametrize(("size", "stride"), [(2, 2), (3, 1), (3, 2)])
-def test_max_pool_through_relu_is_relu_backward_after_max_pool_backward(rng, size, stride):
-    """NumPy's chain takes a ReLU's gradient inside the max-pool after it: the same dx, on
-    windows all negative (a maximum of 0, ties), overlapping windows and a NaN."""
+def test_numpy_s_relu_after_the_max_pool_is_the_layers_in_written_order(rng, size, stride):
+    """NumPy's chain runs a ReLU after the max-pool over its output, on the pooled values:
+    the same output and dx as the two in written order, on windows all negative (a maximum
+    of 0, ties), overlapping windows and a NaN."""
     x = rng.standard_normal((2, 3, 7, 7))
     x[0, 0, :4, :4] = -1.0
     x[1, 2, 3, 3] = np.nan
@@ -423,14 +425,11 @@ def test_max_pool_through_relu_is_relu_backward_after_max_pool_backward(rng, siz
     dout = rng.standard_normal(pooled.shape)
     (dpool,) = layers.max_pool_backward(dout, cache)
     (expected,) = layers.relu_backward(dpool, relu_cache)
-    (dx,) = layers.max_pool_backward(dout, cache, through_relu=True)
-    np.testing.assert_array_equal(dx, expected)
-    assert (pooled == 0).any() and (dx != 0).any()
-    # The training pass pools the ReLU's input and takes the ReLU after: the same output and dx.
-    pooled_first, cache_of_input = layers.max_pool_forward(x, size, stride)
-    np.testing.assert_array_equal(layers.relu_forward(pooled_first)[0], pooled)
-    (dx,) = layers.max_pool_backward(dout, cache_of_input, through_relu=True)
-    np.testing.assert_array_equal(dx, expected)
+    pair = (Activation("relu", "relu"), Pool("pool", "max", size, stride))
+    out, pullback = model.chain_vjp(pair, {}, x, None)
+    np.testing.assert_array_equal(out, pooled)
+    np.testing.assert_array_equal(pullback(dout)["input"], expected)
+    assert (pooled == 0).any() and (expected != 0).any()
 
 
 def test_linear_backward_matches_finite_differences(rng):
