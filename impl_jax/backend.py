@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -74,3 +78,19 @@ class Backend(backend.Backend):
 
     def to_host(self, value: Any) -> Any:
         return jax.device_get(value)  # one transfer back, not one per value
+
+    def traced_steps(
+        self, state: backend.TrainState, data: Any, batches: list[Batch], lr: float
+    ) -> tuple[backend.TrainState, list[dict], str]:
+        last = batches[-1]
+        arrays, rate = self.step_arrays(last), self.scalar(lr)
+        args = (state, data, arrays, rate, self.smoothing)
+        program = self._step.lower(*args, pad=last.pad, fill=last.fill).compile().as_text()
+        with tempfile.TemporaryDirectory() as folder:
+            with jax.profiler.trace(folder, create_perfetto_trace=True):
+                for batch in batches:
+                    state, _, _ = self.train_step(state, data, batch, lr)
+            (path,) = Path(folder).rglob("perfetto_trace.json.gz")
+            trace = json.loads(gzip.decompress(path.read_bytes()))
+        events = trace["traceEvents"] if isinstance(trace, dict) else trace
+        return state, events, program

@@ -27,6 +27,7 @@ from shared.layers import (
     Pool,
     Residual,
     pass_steps,
+    step_name,
 )
 from shared.spec import Arch, layer_trainable, split_params, state_shapes
 
@@ -121,13 +122,16 @@ def chain_forward(
     over its output runs on the pooled values; its own output, recorded for `outputs`, XLA
     computes under jit only where it is returned (activations)."""
     for step in pass_steps(layers):
-        if len(step) == 2:
-            relu, pool = step
-            outputs[relu.name] = layer_forward(relu, params, x, masks, buffers, outputs)
-            x = layer_forward(pool, params, x, masks, buffers, outputs)
-            x = layer_forward(relu, params, x, masks, buffers, outputs)
-        else:
-            x = layer_forward(step[0], params, x, masks, buffers, outputs)
+        # The step's name on its operations in the compiled program (their op_name), forward
+        # and backward: the profile's trace of a compiled step sums them by layer.
+        with jax.named_scope(step_name(step)):
+            if len(step) == 2:
+                relu, pool = step
+                outputs[relu.name] = layer_forward(relu, params, x, masks, buffers, outputs)
+                x = layer_forward(pool, params, x, masks, buffers, outputs)
+                x = layer_forward(relu, params, x, masks, buffers, outputs)
+            else:
+                x = layer_forward(step[0], params, x, masks, buffers, outputs)
         outputs[step[-1].name] = x
     return x
 

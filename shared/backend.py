@@ -239,6 +239,15 @@ class Backend:
         for batch in batches:
             copy, _, _ = self.train_step(copy, data, batch, 0.0)
 
+    def traced_steps(
+        self, state: TrainState, data: Any, batches: list[Batch], lr: float
+    ) -> tuple[TrainState, list[dict], str]:
+        """Train on `batches` under the framework's profiler -> (the state after them, the
+        trace's events in Chrome's trace format, the compiled step as the framework's program
+        text): only where the step compiles (`compiles`), for the profile's table of the
+        compiled step by operation."""
+        raise NotImplementedError(f"{self.name} compiles no step to trace")
+
     def training_pass(self, params: Any, x: Any, y: Any, masks: dict[str, Any]) -> tuple:
         """The compiled training-mode pass over framework arrays (a batch from `gather`) ->
         (mean loss, gradients of the trainable parameters, logits, updated buffers)."""

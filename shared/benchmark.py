@@ -22,6 +22,7 @@ from shared.cli import add_impl_flag, number, positive_float, positive_int, run_
 from shared.cost import check_training_batch, network_cost
 from shared.errors import ThreefoldError, UsageError
 from shared.ladder import loop_epoch_seconds
+from shared.layers import pass_steps, step_name
 from shared.outputs import hold, prepare_out_dir, write_results
 from shared.profile import WARMUP_SECONDS, cpu_name, timing_setup
 from shared.spec import Arch, get_arch
@@ -184,6 +185,15 @@ def run_profile(
     for b in sizes:
         at_b = [r for r in rows if r["batch_size"] == b]
         text += f"\n\nBy layer, batch {b}, milliseconds:\n\n" + profile.layer_markdown(at_b)
+    names = [step_name(step) for step in pass_steps(get_arch(arch).layers)]
+    for r in rows:
+        if "ops" in r:
+            text += (
+                f"\n\n{r['impl']}'s compiled step at batch {r['batch_size']}, from a trace of "
+                f"{r['traced_steps']} steps (milliseconds a step; the trace slows the step): by "
+                "layer, summed over the operations whose source the layer's name scope holds, "
+                "then the slowest operations:\n\n" + profile.operation_markdown(r["ops"], names)
+            )
     print("\n" + text)
     payload = {"arch": arch, "cpu": cpu, "rows": rows}
     write_results(out, "profile", text, payload, lambda path: profile.chart(rows, path))

@@ -353,6 +353,11 @@ def pass_steps(layers: tuple[Layer, ...]) -> list[tuple[Layer, ...]]:
     return steps
 
 
+def step_name(step: tuple[Layer, ...]) -> str:
+    """A step's name (pass_steps): its layers' names joined by "+", as `relu1+pool1`."""
+    return "+".join(layer.name for layer in step)
+
+
 def _relu_then_max_pool(first: Layer, second: Layer) -> bool:
     """Whether `second` max-pools `first`'s output, which a ReLU makes."""
     return (

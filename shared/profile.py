@@ -12,9 +12,11 @@ which NumPy's and JAX's passes run as one (shared.layers.pass_steps).
 from __future__ import annotations
 
 import platform
+import re
 import statistics
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, NamedTuple
@@ -24,7 +26,7 @@ import numpy as np
 from shared.backend import Backend, make_backend
 from shared.batches import Batch, steady_batches
 from shared.config import TrainConfig
-from shared.layers import Layer, pass_steps
+from shared.layers import Layer, pass_steps, step_name
 from shared.parallel import joined
 from shared.spec import get_arch, init_params
 
@@ -139,8 +141,7 @@ def layer_timers(backend: Backend, params: Any, x: Any, masks: Any) -> list[Laye
         # Joined here, untimed: a pass hands each range of rows' output to the same range.
         out = joined(backend.wait(forward(params, x)))
         dout = out * 0 + 1  # a gradient of the output's shape, type and framework
-        name = "+".join(layer.name for layer in step)
-        timers.append(LayerTimer(name, forward, both, params, x, dout))
+        timers.append(LayerTimer(step_name(step), forward, both, params, x, dout))
         x = out
     return timers
 
@@ -217,7 +218,7 @@ def profile(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
                 phases[p].append(seconds[p])
             for k, v in by_layer.items():
                 layers.setdefault(k, []).append(v)
-    return {
+    result = {
         "impl": impl,
         "batch_size": batch_size,
         "steps": steps,
@@ -225,6 +226,128 @@ def profile(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
         "step": statistics.median(whole),
         "layers": {k: statistics.median(v) for k, v in layers.items()},
     }
+    if backend.compiles:
+        # The layers above compile one by one, and XLA compiles the step as one program,
+        # fusing across layers and overlapping operations: the trace shows the step's own.
+        traced = [next(stream) for _ in range(TRACED_STEPS)]
+        _, events, program = backend.traced_steps(state, train_data, traced, 0.01)
+        result["ops"] = step_by_operation(events, program, len(traced))
+        result["traced_steps"] = len(traced)
+    return result
+
+
+# Steps traced for the table of a compiled step (JAX's) by operation.
+TRACED_STEPS = 10
+
+# What an operation computes, by the opcodes in it (a fusion's, in the computation it calls);
+# with none of them it is element-wise work.
+KINDS = (
+    "convolution",
+    "dot",
+    "reduce",
+    "reduce-window",
+    "select-and-scatter",
+    "scatter",
+    "gather",
+    "concatenate",
+    "dynamic-update-slice",
+    "pad",
+    "transpose",
+)
+# Operations that run others (a loop's body), whose time the trace gives apart.
+CONTAINERS = ("while", "conditional", "call")
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$")
+# A layer's name scope in an operation's source: jvp(conv2) forward, transpose(jvp(conv2))
+# its backward (the pullback is the forward's linearisation, transposed).
+_SCOPE = re.compile(r"(transpose\()?jvp\(([^()]+)\)")
+
+
+def program_ops(program: str) -> dict[str, dict]:
+    """A compiled XLA program's instructions (HLO text) by name -> {"opcode", "shape" (its
+    output's, with layout), "computes" (KINDS in it, or "element-wise"), "source" (the
+    op_name of the JAX operation it came from)}."""
+    opcodes: dict[str, set[str]] = {}  # computation -> the opcodes in it
+    ops, computation = {}, ""
+    for line in program.splitlines():
+        if header := re.match(r"^(?:ENTRY )?%([\w.\-]+) ", line):
+            computation = header[1]
+            opcodes[computation] = set()
+        elif found := _INSTRUCTION.match(line):
+            name, shape, opcode, rest = found.groups()
+            opcodes[computation].add(opcode)
+            calls = re.search(r"calls=%([\w.\-]+)", rest)
+            source = re.search(r'op_name="([^"]*)"', rest)
+            ops[name] = {"opcode": opcode, "shape": shape, "calls": calls and calls[1]}
+            ops[name]["source"] = source[1] if source else ""
+    for op in ops.values():
+        inside = opcodes.get(op.pop("calls") or "", {op["opcode"]})
+        op["computes"] = ", ".join(k for k in KINDS if k in inside) or "element-wise"
+    return ops
+
+
+def step_by_operation(events: list[dict], program: str, steps: int) -> list[dict]:
+    """Milliseconds a step of each operation of a compiled step, from the trace `events`
+    (Chrome's format, microseconds) of `steps` steps of `program` (HLO text), slowest first,
+    each with the layer (a step of shared.layers.pass_steps) and pass its source names.
+    An operation the trace shows launched and ended apart ("async": XLA's own convolution
+    hands its work to other threads) has only its launch timed."""
+    module = re.match(r"HloModule ([^\s,]+)", program)[1]
+    ops = program_ops(program)
+    seconds: Counter[str] = Counter()
+    launched = set()
+    for event in events:
+        name = event.get("name", "")
+        if event.get("ph") != "X" or event.get("args", {}).get("hlo_module") != module:
+            continue
+        if name.startswith("end: "):
+            launched.add(name.removeprefix("end: "))
+        elif name in ops and ops[name]["opcode"] not in CONTAINERS:
+            seconds[name] += event["dur"] / 1e6
+    rows = []
+    for name, total in seconds.most_common():
+        op, scope = ops[name], _SCOPE.search(ops[name]["source"])
+        rows.append(
+            {
+                "op": name,
+                "ms": 1e3 * total / steps,
+                "layer": scope[2] if scope else "",
+                "pass": ("backward" if scope[1] else "forward") if scope else "",
+                "computes": op["computes"],
+                "shape": op["shape"],
+                "async": name in launched,
+            }
+        )
+    return rows
+
+
+def operation_markdown(ops: list[dict], names: list[str], top: int = 15) -> str:
+    """Two tables of a compiled step's operations: milliseconds a step of each layer
+    (`names`, in order) forward and backward, summed over its operations, and of the `top`
+    slowest operations."""
+    total = sum(o["ms"] for o in ops)
+    by_layer: Counter[tuple[str, str]] = Counter()
+    for o in ops:
+        by_layer[o["layer"], o["pass"]] += o["ms"]
+    outside = "(outside the layers)"
+    lines = ["| layer | forward | backward | both | share |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name in names:
+        f, b = by_layer[name, "forward"], by_layer[name, "backward"]
+        lines.append(f"| {name} | {f:.3f} | {b:.3f} | {f + b:.3f} | {100 * (f + b) / total:.1f}% |")
+    rest = by_layer["", ""]  # the batch's gather, the loss, the optimizer
+    lines.append(f"| {outside} | | | {rest:.3f} | {100 * rest / total:.1f}% |")
+    lines += [
+        "",
+        "| operation | ms a step | share | layer | pass | computes | output |",
+        "| --- | ---: | ---: | --- | --- | --- | --- |",
+    ]
+    for o in ops[:top]:
+        name = o["op"] + (" (async: launch only)" if o["async"] else "")
+        lines.append(
+            f"| {name} | {o['ms']:.3f} | {100 * o['ms'] / total:.1f}% | {o['layer'] or outside} "
+            f"| {o['pass']} | {o['computes']} | `{o['shape']}` |"
+        )
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict]) -> str:

@@ -3,6 +3,7 @@ implementation it is measured against."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import subprocess
@@ -17,10 +18,10 @@ from shared.batches import steady_batches
 from shared.config import TrainConfig
 from shared.data import load_dataset
 from shared.ladder import conv_backward_loops, conv_forward_loops, lab_step
-from shared.layers import pass_steps
+from shared.layers import pass_steps, step_name
 from shared.loop import compile_steps
 from shared.parallel import THREADS_VARIABLE, joined
-from shared.profile import PHASES, cpu_name, layer_timers, pass_forward
+from shared.profile import PHASES, cpu_name, layer_timers, pass_forward, step_by_operation
 from shared.proof.report import plot_results, worst_by_row
 from shared.proof.rows import CheckResult
 from shared.spec import get_arch, init_params
@@ -47,9 +48,12 @@ def test_profile_times_every_phase_and_every_layer_of_every_implementation(tmp_p
         # The layers, each timed on its own, account for most of the pass.
         pass_seconds = r["phases"]["forward"] + r["phases"]["backward"]
         assert 0.2 * pass_seconds < sum(r["layers"].values()) < 5 * pass_seconds, r["impl"]
+    # JAX's compiled step, traced: its operations, each under the layer that made it.
+    assert [r["impl"] for r in rows if "ops" in r] == ["jax"]
     assert (tmp_path / "profile.png").stat().st_size > 0
     text = (tmp_path / "profile.md").read_text()
     assert "| numpy | 16 |" in text and "| conv | " in text
+    assert "jax's compiled step at batch 16" in text and "| (outside the layers) |" in text
     # Timings compare only on one processor: the tables and the JSON name it.
     cpu = cpu_name()
     assert saved["cpu"] == cpu and f"on {cpu}," in text
@@ -222,3 +226,31 @@ def test_the_profile_times_numpy_on_the_threads_its_pass_splits_the_batch_over(m
         close(joined([g["input"] for _, g in pass_parts]), grads["input"])
         for name in grads.keys() - {"input"}:  # each thread's share of the batch's
             close(pass_parts[0][1][name] + pass_parts[1][1][name], grads[name])
+
+
+def test_a_traced_jax_step_gives_each_operation_its_layer_and_pass(tiny_data_dir):
+    """The compiled step's operations, from a trace, each under the step of the pass whose
+    name scope its source holds (a block's layers under the block), forward or backward;
+    the data's gather, the loss and the optimizer under none. Every layer that computes
+    shows in its pass."""
+    arch = get_arch("conv4-relu-maxpool2-res(conv4-bn-relu)-flatten-fc10")
+    backend = make_backend("jax", arch)
+    state = backend.init_state(init_params(arch))
+    data = load_dataset(tiny_data_dir)
+    on_device = backend.put_data(data.train.x, data.train.y)
+    batches = list(itertools.islice(steady_batches(len(data.train), 8, 0.0, (), False), 3))
+    state, events, program = backend.traced_steps(state, on_device, batches, 0.01)
+    ops = step_by_operation(events, program, len(batches))
+    assert ops and all(o["ms"] > 0 for o in ops)
+    assert [o["ms"] for o in ops] == sorted((o["ms"] for o in ops), reverse=True)
+    names = [step_name(step) for step in pass_steps(arch.layers)]
+    assert names == ["conv", "relu+pool", "block", "flatten", "fc"]
+    assert {o["layer"] for o in ops} <= {*names, ""}
+    timed = {(o["layer"], o["pass"]) for o in ops}
+    for name in ("conv", "relu+pool", "block", "fc"):
+        assert {(name, "forward"), (name, "backward")} <= timed, name
+    assert ("", "") in timed  # the optimizer's update
+    convolutions = [o for o in ops if "convolution" in o["computes"]]
+    assert convolutions and {o["layer"] for o in convolutions} == {"block"}
+    # The state after the traced steps trains on.
+    assert np.isfinite(backend.train_step(state, on_device, batches[0], 0.01)[1])
