@@ -192,7 +192,9 @@ def run_profile(
                 f"\n\n{r['impl']}'s compiled step at batch {r['batch_size']}, from a trace of "
                 f"{r['traced_steps']} steps (milliseconds a step; the trace slows the step): by "
                 "layer, summed over the operations whose source the layer's name scope holds, "
-                "then the slowest operations:\n\n" + profile.operation_markdown(r["ops"], names)
+                "then the slowest operations, and any convolution of XLA's own (outside "
+                "YNNPACK's fusions), which runs on other threads: the trace times its launch "
+                "alone.\n\n" + profile.operation_markdown(r["ops"], names)
             )
     print("\n" + text)
     payload = {"arch": arch, "cpu": cpu, "rows": rows}

@@ -290,19 +290,20 @@ def step_by_operation(events: list[dict], program: str, steps: int) -> list[dict
     """Milliseconds a step of each operation of a compiled step, from the trace `events`
     (Chrome's format, microseconds) of `steps` steps of `program` (HLO text), slowest first,
     each with the layer (a step of shared.layers.pass_steps) and pass its source names.
-    An operation the trace shows launched and ended apart ("async": XLA's own convolution
-    hands its work to other threads) has only its launch timed."""
+    XLA's own convolution (a convolution outside any fusion, which YNNPACK's fusions do
+    not take) hands its work to other threads: the trace times its launch alone
+    ("launch_only")."""
     module = re.match(r"HloModule ([^\s,]+)", program)[1]
     ops = program_ops(program)
     seconds: Counter[str] = Counter()
-    launched = set()
     for event in events:
         name = event.get("name", "")
-        if event.get("ph") != "X" or event.get("args", {}).get("hlo_module") != module:
-            continue
-        if name.startswith("end: "):
-            launched.add(name.removeprefix("end: "))
-        elif name in ops and ops[name]["opcode"] not in CONTAINERS:
+        if (
+            event.get("ph") == "X"
+            and event.get("args", {}).get("hlo_module") == module
+            and name in ops
+            and ops[name]["opcode"] not in CONTAINERS
+        ):
             seconds[name] += event["dur"] / 1e6
     rows = []
     for name, total in seconds.most_common():
@@ -315,7 +316,7 @@ def step_by_operation(events: list[dict], program: str, steps: int) -> list[dict
                 "pass": ("backward" if scope[1] else "forward") if scope else "",
                 "computes": op["computes"],
                 "shape": op["shape"],
-                "async": name in launched,
+                "launch_only": op["opcode"] == "convolution",
             }
         )
     return rows
@@ -324,7 +325,7 @@ def step_by_operation(events: list[dict], program: str, steps: int) -> list[dict
 def operation_markdown(ops: list[dict], names: list[str], top: int = 15) -> str:
     """Two tables of a compiled step's operations: milliseconds a step of each layer
     (`names`, in order) forward and backward, summed over its operations, and of the `top`
-    slowest operations."""
+    slowest operations, then every one whose launch alone the trace times."""
     total = sum(o["ms"] for o in ops)
     by_layer: Counter[tuple[str, str]] = Counter()
     for o in ops:
@@ -341,8 +342,9 @@ def operation_markdown(ops: list[dict], names: list[str], top: int = 15) -> str:
         "| operation | ms a step | share | layer | pass | computes | output |",
         "| --- | ---: | ---: | --- | --- | --- | --- |",
     ]
-    for o in ops[:top]:
-        name = o["op"] + (" (async: launch only)" if o["async"] else "")
+    shown = ops[:top] + [o for o in ops[top:] if o["launch_only"]]
+    for o in shown:
+        name = o["op"] + (" (XLA's own: its launch alone)" if o["launch_only"] else "")
         lines.append(
             f"| {name} | {o['ms']:.3f} | {100 * o['ms'] / total:.1f}% | {o['layer'] or outside} "
             f"| {o['pass']} | {o['computes']} | `{o['shape']}` |"

@@ -21,7 +21,14 @@ from shared.ladder import conv_backward_loops, conv_forward_loops, lab_step
 from shared.layers import pass_steps, step_name
 from shared.loop import compile_steps
 from shared.parallel import THREADS_VARIABLE, joined
-from shared.profile import PHASES, cpu_name, layer_timers, pass_forward, step_by_operation
+from shared.profile import (
+    PHASES,
+    cpu_name,
+    layer_timers,
+    operation_markdown,
+    pass_forward,
+    step_by_operation,
+)
 from shared.proof.report import plot_results, worst_by_row
 from shared.proof.rows import CheckResult
 from shared.spec import get_arch, init_params
@@ -254,3 +261,37 @@ def test_a_traced_jax_step_gives_each_operation_its_layer_and_pass(tiny_data_dir
     assert convolutions and {o["layer"] for o in convolutions} == {"block"}
     # The state after the traced steps trains on.
     assert np.isfinite(backend.train_step(state, on_device, batches[0], 0.01)[1])
+
+
+def test_xla_s_own_convolution_is_listed_as_timed_at_its_launch_whatever_its_traced_time():
+    """XLA's own convolution, outside YNNPACK's fusions, hands its work to other threads: the
+    trace times its launch. It is flagged, and listed below the slowest operations; events
+    of another program are not counted."""
+    program = """HloModule jit__train_step, entry_computation_layout={()->f32[2]}
+
+%fused_computation (param_0: f32[2]) -> f32[2] {
+  %param_0 = f32[2]{0} parameter(0)
+  ROOT %negate.1 = f32[2]{0} negate(%param_0), metadata={op_name="jit(_train_step)/jvp(fc)/neg"}
+}
+
+ENTRY %main (x: f32[2]) -> f32[2] {
+  %x = f32[2]{0} parameter(0)
+  %negate_fusion = f32[2]{0} fusion(%x), kind=kLoop, calls=%fused_computation, metadata={op_name="jit(_train_step)/jvp(fc)/neg"}
+  ROOT %convolution.1 = f32[2]{0} convolution(%negate_fusion, %x), metadata={op_name="jit(_train_step)/transpose(jvp(conv))/conv_general_dilated"}
+}
+"""  # noqa: E501
+    module = {"hlo_module": "jit__train_step"}
+    events = [
+        {"ph": "X", "name": "negate_fusion", "dur": 3000.0, "args": module},
+        {"ph": "X", "name": "convolution.1", "dur": 20.0, "args": module},
+        {"ph": "X", "name": "negate_fusion", "dur": 9000.0, "args": {"hlo_module": "other"}},
+    ]
+    ops = step_by_operation(events, program, steps=2)
+    rows = [(o["op"], o["ms"], o["layer"], o["pass"], o["computes"], o["launch_only"]) for o in ops]
+    assert rows == [
+        ("negate_fusion", 1.5, "fc", "forward", "element-wise", False),
+        ("convolution.1", 0.01, "conv", "backward", "convolution", True),
+    ]
+    text = operation_markdown(ops, ["conv", "fc"], top=1)
+    assert "| convolution.1 (XLA's own: its launch alone) | 0.010 |" in text
+    assert "| fc | 1.500 | 0.000 | 1.500 |" in text
