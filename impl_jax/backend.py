@@ -82,15 +82,23 @@ class Backend(backend.Backend):
     def traced_steps(
         self, state: backend.TrainState, data: Any, batches: list[Batch], lr: float
     ) -> tuple[backend.TrainState, list[dict], str]:
-        last = batches[-1]
-        arrays, rate = self.step_arrays(last), self.scalar(lr)
-        args = (state, data, arrays, rate, self.smoothing)
-        program = self._step.lower(*args, pad=last.pad, fill=last.fill).compile().as_text()
+        # The compiled step itself runs under the trace, so that the program's text is the
+        # one traced. Its static arguments are the batches' padding and fill: one for all.
+        statics = {(batch.pad, batch.fill) for batch in batches}
+        if len(statics) != 1:
+            raise ValueError(f"traced batches need one padding and fill, not {len(statics)}")
+        ((pad, fill),), rate = statics, self.scalar(lr)
+        arrays = [self.step_arrays(batch) for batch in batches]
+        lowered = self._step.lower(state, data, arrays[0], rate, self.smoothing, pad=pad, fill=fill)
+        step = lowered.compile()
         with tempfile.TemporaryDirectory() as folder:
             with jax.profiler.trace(folder, create_perfetto_trace=True):
-                for batch in batches:
-                    state, _, _ = self.train_step(state, data, batch, lr)
-            (path,) = Path(folder).rglob("perfetto_trace.json.gz")
-            trace = json.loads(gzip.decompress(path.read_bytes()))
+                for step_arrays in arrays:
+                    state, *result = step(state, data, step_arrays, rate, self.smoothing)
+                    self.to_host(result)  # awaited, as train_step awaits its loss
+            paths = list(Path(folder).rglob("perfetto_trace.json.gz"))
+            if len(paths) != 1:
+                raise RuntimeError(f"jax.profiler wrote {len(paths)} Perfetto traces, not one")
+            trace = json.loads(gzip.decompress(paths[0].read_bytes()))
         events = trace["traceEvents"] if isinstance(trace, dict) else trace
-        return state, events, program
+        return state, events, step.as_text()

@@ -6,7 +6,8 @@ uses, and is timed to completion (JAX dispatches asynchronously, so its results 
 A JAX step compiles all phases into one program, which fuses across their borders: the step
 can take less than its phases' sum, and the difference is reported rather than hidden.
 Layers are timed the same way, each on its own but a ReLU with the max-pool over its output,
-which NumPy's and JAX's passes run as one (shared.layers.pass_steps).
+which NumPy's and JAX's passes run as one (shared.layers.pass_steps). Where the step compiles
+(JAX), a trace of it gives its own operations as XLA compiled them, each under its layer.
 """
 
 from __future__ import annotations
@@ -226,9 +227,10 @@ def profile(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
         "step": statistics.median(whole),
         "layers": {k: statistics.median(v) for k, v in layers.items()},
     }
-    if backend.compiles:
+    if backend.compiles and batch_size <= backend.step_images:
         # The layers above compile one by one, and XLA compiles the step as one program,
         # fusing across layers and overlapping operations: the trace shows the step's own.
+        # (A batch too large to hold at once runs as a step in parts, compiled apart.)
         traced = [next(stream) for _ in range(TRACED_STEPS)]
         _, events, program = backend.traced_steps(state, train_data, traced, 0.01)
         result["ops"] = step_by_operation(events, program, len(traced))
@@ -265,25 +267,46 @@ _SCOPE = re.compile(r"(transpose\()?jvp\(([^()]+)\)")
 
 def program_ops(program: str) -> dict[str, dict]:
     """A compiled XLA program's instructions (HLO text) by name -> {"opcode", "shape" (its
-    output's, with layout), "computes" (KINDS in it, or "element-wise"), "source" (the
-    op_name of the JAX operation it came from)}."""
-    opcodes: dict[str, set[str]] = {}  # computation -> the opcodes in it
+    output's, with layout), "computes" (a fusion: the KINDS in the computation it calls, or
+    "element-wise"; another instruction: its opcode), "scope" (the layer's name scope in the
+    source of the JAX operation it came from, see scope_of), "also" (a fusion: the other
+    scopes of the instructions fused into it)}."""
+    inside: dict[str, list[tuple[str, str]]] = {}  # computation -> its (opcode, scope)s
     ops, computation = {}, ""
     for line in program.splitlines():
         if header := re.match(r"^(?:ENTRY )?%([\w.\-]+) ", line):
             computation = header[1]
-            opcodes[computation] = set()
+            inside[computation] = []
         elif found := _INSTRUCTION.match(line):
             name, shape, opcode, rest = found.groups()
-            opcodes[computation].add(opcode)
             calls = re.search(r"calls=%([\w.\-]+)", rest)
             source = re.search(r'op_name="([^"]*)"', rest)
-            ops[name] = {"opcode": opcode, "shape": shape, "calls": calls and calls[1]}
-            ops[name]["source"] = source[1] if source else ""
+            scope = scope_of(source[1] if source else "")
+            inside[computation].append((opcode, scope))
+            ops[name] = {"opcode": opcode, "shape": shape, "scope": scope}
+            ops[name]["calls"] = calls[1] if calls else None
     for op in ops.values():
-        inside = opcodes.get(op.pop("calls") or "", {op["opcode"]})
-        op["computes"] = ", ".join(k for k in KINDS if k in inside) or "element-wise"
+        called = inside.get(op.pop("calls"), [])
+        kinds = {opcode for opcode, _ in called}
+        op["computes"] = (
+            ", ".join(k for k in KINDS if k in kinds) or "element-wise"
+            if op["opcode"] == "fusion"
+            else op["opcode"]
+        )
+        layers = dict.fromkeys(scope[0] for _, scope in called if scope[0])
+        op["also"] = [layer for layer in layers if layer != op["scope"][0]]
     return ops
+
+
+def scope_of(source: str) -> tuple[str, str]:
+    """An operation's source (its op_name) -> (the name scope of the pass step it came from,
+    "forward" or "backward"), or ("", "") outside any (the data's gather, the loss, the
+    optimizer). A fusion's source is its root's, so work of another layer fused into it
+    counts under the root's layer."""
+    scope = _SCOPE.search(source)
+    if not scope:
+        return "", ""
+    return scope[2], "backward" if scope[1] else "forward"
 
 
 def step_by_operation(events: list[dict], program: str, steps: int) -> list[dict]:
@@ -292,7 +315,7 @@ def step_by_operation(events: list[dict], program: str, steps: int) -> list[dict
     each with the layer (a step of shared.layers.pass_steps) and pass its source names.
     XLA's own convolution (a convolution outside any fusion, which YNNPACK's fusions do
     not take) hands its work to other threads: the trace times its launch alone
-    ("launch_only")."""
+    ("launch_only"; seen of convolutions only)."""
     module = re.match(r"HloModule ([^\s,]+)", program)[1]
     ops = program_ops(program)
     seconds: Counter[str] = Counter()
@@ -305,15 +328,19 @@ def step_by_operation(events: list[dict], program: str, steps: int) -> list[dict
             and ops[name]["opcode"] not in CONTAINERS
         ):
             seconds[name] += event["dur"] / 1e6
+    if not seconds:
+        raise ValueError(f"the trace holds no operation of the program {module}")
     rows = []
     for name, total in seconds.most_common():
-        op, scope = ops[name], _SCOPE.search(ops[name]["source"])
+        op = ops[name]
+        layer, direction = op["scope"]
         rows.append(
             {
                 "op": name,
                 "ms": 1e3 * total / steps,
-                "layer": scope[2] if scope else "",
-                "pass": ("backward" if scope[1] else "forward") if scope else "",
+                "layer": layer,
+                "pass": direction,
+                "also": op["also"],
                 "computes": op["computes"],
                 "shape": op["shape"],
                 "launch_only": op["opcode"] == "convolution",
@@ -324,8 +351,9 @@ def step_by_operation(events: list[dict], program: str, steps: int) -> list[dict
 
 def operation_markdown(ops: list[dict], names: list[str], top: int = 15) -> str:
     """Two tables of a compiled step's operations: milliseconds a step of each layer
-    (`names`, in order) forward and backward, summed over its operations, and of the `top`
-    slowest operations, then every one whose launch alone the trace times."""
+    (`names`, in order) forward and backward, summed over its operations (a fusion under
+    its root's layer), and of the `top` slowest operations, then every one whose launch
+    alone the trace times."""
     total = sum(o["ms"] for o in ops)
     by_layer: Counter[tuple[str, str]] = Counter()
     for o in ops:
@@ -335,7 +363,8 @@ def operation_markdown(ops: list[dict], names: list[str], top: int = 15) -> str:
     for name in names:
         f, b = by_layer[name, "forward"], by_layer[name, "backward"]
         lines.append(f"| {name} | {f:.3f} | {b:.3f} | {f + b:.3f} | {100 * (f + b) / total:.1f}% |")
-    rest = by_layer["", ""]  # the batch's gather, the loss, the optimizer
+    # The batch's gather, the loss, the optimizer (and any scope not a step's, if one were).
+    rest = sum(ms for (layer, _), ms in by_layer.items() if layer not in names)
     lines.append(f"| {outside} | | | {rest:.3f} | {100 * rest / total:.1f}% |")
     lines += [
         "",
@@ -345,8 +374,9 @@ def operation_markdown(ops: list[dict], names: list[str], top: int = 15) -> str:
     shown = ops[:top] + [o for o in ops[top:] if o["launch_only"]]
     for o in shown:
         name = o["op"] + (" (XLA's own: its launch alone)" if o["launch_only"] else "")
+        layer = (o["layer"] or outside) + "".join(f" (with {a} fused in)" for a in o["also"])
         lines.append(
-            f"| {name} | {o['ms']:.3f} | {100 * o['ms'] / total:.1f}% | {o['layer'] or outside} "
+            f"| {name} | {o['ms']:.3f} | {100 * o['ms'] / total:.1f}% | {layer} "
             f"| {o['pass']} | {o['computes']} | `{o['shape']}` |"
         )
     return "\n".join(lines)

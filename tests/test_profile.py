@@ -235,6 +235,9 @@ def test_the_profile_times_numpy_on_the_threads_its_pass_splits_the_batch_over(m
             close(pass_parts[0][1][name] + pass_parts[1][1][name], grads[name])
 
 
+PASSES = {"forward", "backward"}
+
+
 def test_a_traced_jax_step_gives_each_operation_its_layer_and_pass(tiny_data_dir):
     """The compiled step's operations, from a trace, each under the step of the pass whose
     name scope its source holds (a block's layers under the block), forward or backward;
@@ -257,41 +260,67 @@ def test_a_traced_jax_step_gives_each_operation_its_layer_and_pass(tiny_data_dir
     for name in ("conv", "relu+pool", "block", "fc"):
         assert {(name, "forward"), (name, "backward")} <= timed, name
     assert ("", "") in timed  # the optimizer's update
+    # The products where they belong: the block's convolution forward and its input
+    # gradient backward; fc's product forward and its gradients backward.
     convolutions = [o for o in ops if "convolution" in o["computes"]]
-    assert convolutions and {o["layer"] for o in convolutions} == {"block"}
+    assert {(o["layer"], o["pass"]) for o in convolutions} == {("block", p) for p in PASSES}
+    assert {o["pass"] for o in ops if o["layer"] == "fc" and "dot" in o["computes"]} == PASSES
     # The state after the traced steps trains on.
     assert np.isfinite(backend.train_step(state, on_device, batches[0], 0.01)[1])
 
 
-def test_xla_s_own_convolution_is_listed_as_timed_at_its_launch_whatever_its_traced_time():
-    """XLA's own convolution, outside YNNPACK's fusions, hands its work to other threads: the
-    trace times its launch. It is flagged, and listed below the slowest operations; events
-    of another program are not counted."""
+def test_a_program_s_operations_are_timed_each_under_its_layer_and_pass():
+    """From a program and a trace written out by hand: a fusion counts under its root's
+    layer, the layers of the instructions fused into it named beside, and computes what is
+    inside it; an instruction in a loop's body counts, and the loop that runs it does not
+    (its time holds the body's); events of another program do not count. XLA's own
+    convolution, outside YNNPACK's fusions, hands its work to other threads: the trace times
+    its launch. It is flagged, and listed below the slowest operations."""
     program = """HloModule jit__train_step, entry_computation_layout={()->f32[2]}
 
 %fused_computation (param_0: f32[2]) -> f32[2] {
   %param_0 = f32[2]{0} parameter(0)
-  ROOT %negate.1 = f32[2]{0} negate(%param_0), metadata={op_name="jit(_train_step)/jvp(fc)/neg"}
+  %negate.1 = f32[2]{0} negate(%param_0), metadata={op_name="jit(_train_step)/jvp(fc)/neg"}
+  ROOT %convolution.2 = f32[2]{0} convolution(%negate.1, %param_0), metadata={op_name="jit(_train_step)/jvp(conv)/conv_general_dilated"}
+}
+
+%body (p: (s64[], f32[2])) -> (s64[], f32[2]) {
+  %p = (s64[], f32[2]{0}) parameter(0)
+  ROOT %sum-fusion.1 = (s64[], f32[2]{0}) fusion(%p), kind=kLoop, calls=%fused_computation, metadata={op_name="jit(_train_step)/transpose(jvp(fc))/while/body/add"}
 }
 
 ENTRY %main (x: f32[2]) -> f32[2] {
   %x = f32[2]{0} parameter(0)
-  %negate_fusion = f32[2]{0} fusion(%x), kind=kLoop, calls=%fused_computation, metadata={op_name="jit(_train_step)/jvp(fc)/neg"}
-  ROOT %convolution.1 = f32[2]{0} convolution(%negate_fusion, %x), metadata={op_name="jit(_train_step)/transpose(jvp(conv))/conv_general_dilated"}
+  %ynn_fusion = f32[2]{0} fusion(%x), kind=kCustom, calls=%fused_computation, metadata={op_name="jit(_train_step)/jvp(conv)/conv_general_dilated;jit(_train_step)"}
+  %while.3 = (s64[], f32[2]{0}) while(%x), condition=%body, body=%body
+  ROOT %convolution.1 = f32[2]{0} convolution(%ynn_fusion, %x), metadata={op_name="jit(_train_step)/transpose(jvp(conv))/conv_general_dilated"}
 }
 """  # noqa: E501
     module = {"hlo_module": "jit__train_step"}
     events = [
-        {"ph": "X", "name": "negate_fusion", "dur": 3000.0, "args": module},
+        {"ph": "X", "name": "ynn_fusion", "dur": 3000.0, "args": module},
+        {"ph": "X", "name": "while.3", "dur": 5000.0, "args": module},
+        {"ph": "X", "name": "sum-fusion.1", "dur": 1000.0, "args": module},
+        {"ph": "X", "name": "sum-fusion.1", "dur": 1000.0, "args": module},
         {"ph": "X", "name": "convolution.1", "dur": 20.0, "args": module},
-        {"ph": "X", "name": "negate_fusion", "dur": 9000.0, "args": {"hlo_module": "other"}},
+        {"ph": "X", "name": "ynn_fusion", "dur": 9000.0, "args": {"hlo_module": "other"}},
     ]
     ops = step_by_operation(events, program, steps=2)
-    rows = [(o["op"], o["ms"], o["layer"], o["pass"], o["computes"], o["launch_only"]) for o in ops]
+    rows = [
+        (o["op"], o["ms"], o["layer"], o["pass"], o["also"], o["computes"], o["launch_only"])
+        for o in ops
+    ]
     assert rows == [
-        ("negate_fusion", 1.5, "fc", "forward", "element-wise", False),
-        ("convolution.1", 0.01, "conv", "backward", "convolution", True),
+        ("ynn_fusion", 1.5, "conv", "forward", ["fc"], "convolution", False),
+        ("sum-fusion.1", 1.0, "fc", "backward", ["conv"], "convolution", False),
+        ("convolution.1", 0.01, "conv", "backward", [], "convolution", True),
     ]
     text = operation_markdown(ops, ["conv", "fc"], top=1)
+    assert (
+        "| ynn_fusion | 1.500 | 59.8% | conv (with fc fused in) | forward | convolution |" in text
+    )
     assert "| convolution.1 (XLA's own: its launch alone) | 0.010 |" in text
-    assert "| fc | 1.500 | 0.000 | 1.500 |" in text
+    assert "| conv | 1.500 | 0.010 | 1.510 | 60.2% |" in text
+    assert "| fc | 0.000 | 1.000 | 1.000 | 39.8% |" in text
+    with pytest.raises(ValueError, match="no operation of the program jit__train_step"):
+        step_by_operation(events[-1:], program, steps=2)
