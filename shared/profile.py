@@ -374,7 +374,8 @@ def operation_markdown(ops: list[dict], names: list[str], top: int = 15) -> str:
     shown = ops[:top] + [o for o in ops[top:] if o["launch_only"]]
     for o in shown:
         name = o["op"] + (" (XLA's own: its launch alone)" if o["launch_only"] else "")
-        layer = (o["layer"] or outside) + "".join(f" (with {a} fused in)" for a in o["also"])
+        also = f" (with {', '.join(o['also'])} fused in)" if o["also"] else ""
+        layer = (o["layer"] or outside) + also
         lines.append(
             f"| {name} | {o['ms']:.3f} | {100 * o['ms'] / total:.1f}% | {layer} "
             f"| {o['pass']} | {o['computes']} | `{o['shape']}` |"
