@@ -27,6 +27,7 @@ from shared.layers import (
     Pool,
     Residual,
     pass_steps,
+    run_order,
     step_name,
 )
 from shared.spec import Arch, layer_trainable, split_params, state_shapes
@@ -125,13 +126,11 @@ def chain_forward(
         # The step's name on its operations in the compiled program (their op_name), forward
         # and backward: the profile's trace of a compiled step sums them by layer.
         with jax.named_scope(step_name(step)):
-            if len(step) == 2:
-                relu, pool = step
+            if len(step) == 2:  # the ReLU's own output, on the values before pooling
+                relu = step[0]
                 outputs[relu.name] = layer_forward(relu, params, x, masks, buffers, outputs)
-                x = layer_forward(pool, params, x, masks, buffers, outputs)
-                x = layer_forward(relu, params, x, masks, buffers, outputs)
-            else:
-                x = layer_forward(step[0], params, x, masks, buffers, outputs)
+            for layer in run_order(step):
+                x = layer_forward(layer, params, x, masks, buffers, outputs)
         outputs[step[-1].name] = x
     return x
 

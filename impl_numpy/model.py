@@ -26,6 +26,7 @@ from shared.layers import (
     Pool,
     Residual,
     pass_steps,
+    run_order,
 )
 from shared.parallel import (
     Total,
@@ -164,10 +165,11 @@ def chain_forward(
     outputs: Params | None,
     total: Total = alone,
 ) -> tuple[np.ndarray, list[object]]:
-    """x through `layers` in the order the pass runs them (`run_order`): the last output and
-    every layer's cache, in that order; each layer's output goes into `outputs` by name (a
-    block's layers' too) unless it is None. A ReLU stepped with the max-pool over its output
-    runs after it, on the pooled values; its own output is computed for `outputs` alone."""
+    """x through `layers` in the order the pass runs them (shared.layers.run_order): the last
+    output and every layer's cache, in that order; each layer's output goes into `outputs`
+    by name (a block's layers' too) unless it is None. A ReLU stepped with the max-pool over
+    its output runs after it, on the pooled values; its own output is computed for `outputs`
+    alone."""
     caches: list[object] = []
     for step in pass_steps(layers):
         if outputs is not None and len(step) == 2:
@@ -192,12 +194,6 @@ def chain_backward(
     for depth in reversed(range(len(ran))):
         dout = layer_backward(ran[depth], dout, caches[depth], need_dx or depth > 0, grads)
     return dout
-
-
-def run_order(layers: tuple[Layer, ...]) -> list[Layer]:
-    """`layers` in the order chain_forward runs them: shared.layers.pass_steps, a ReLU after
-    the max-pool it is stepped with."""
-    return [layer for step in pass_steps(layers) for layer in reversed(step)]
 
 
 def _forward(

@@ -22,7 +22,6 @@ from shared.cli import add_impl_flag, number, positive_float, positive_int, run_
 from shared.cost import check_training_batch, network_cost
 from shared.errors import ThreefoldError, UsageError
 from shared.ladder import loop_epoch_seconds
-from shared.layers import pass_steps, step_name
 from shared.outputs import hold, prepare_out_dir, write_results
 from shared.profile import WARMUP_SECONDS, cpu_name, timing_setup
 from shared.spec import Arch, get_arch
@@ -185,7 +184,6 @@ def run_profile(
     for b in sizes:
         at_b = [r for r in rows if r["batch_size"] == b]
         text += f"\n\nBy layer, batch {b}, milliseconds:\n\n" + profile.layer_markdown(at_b)
-    names = [step_name(step) for step in pass_steps(get_arch(arch).layers)]
     for r in rows:
         if "ops" in r:
             text += (
@@ -194,7 +192,7 @@ def run_profile(
                 "layer, summed over the operations whose source the layer's name scope holds, "
                 "then the slowest operations, and any convolution of XLA's own (outside "
                 "YNNPACK's fusions), which runs on other threads: the trace times its launch "
-                "alone.\n\n" + profile.operation_markdown(r["ops"], names)
+                "alone.\n\n" + profile.operation_markdown(r)
             )
     print("\n" + text)
     payload = {"arch": arch, "cpu": cpu, "rows": rows}

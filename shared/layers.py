@@ -353,6 +353,12 @@ def pass_steps(layers: tuple[Layer, ...]) -> list[tuple[Layer, ...]]:
     return steps
 
 
+def run_order(layers: tuple[Layer, ...]) -> list[Layer]:
+    """`layers` in the order NumPy's and JAX's passes run them: pass_steps, each step's
+    layers in turn, but a ReLU after the max-pool it is stepped with."""
+    return [layer for step in pass_steps(layers) for layer in reversed(step)]
+
+
 def step_name(step: tuple[Layer, ...]) -> str:
     """A step's name (pass_steps): its layers' names joined by "+", as `relu1+pool1`."""
     return "+".join(layer.name for layer in step)

@@ -349,11 +349,12 @@ def step_by_operation(events: list[dict], program: str, steps: int) -> list[dict
     return rows
 
 
-def operation_markdown(ops: list[dict], names: list[str], top: int = 15) -> str:
-    """Two tables of a compiled step's operations: milliseconds a step of each layer
-    (`names`, in order) forward and backward, summed over its operations (a fusion under
+def operation_markdown(row: dict, top: int = 15) -> str:
+    """Two tables of a profile row's compiled step's operations: milliseconds a step of each
+    layer (layer_names) forward and backward, summed over its operations (a fusion under
     its root's layer), and of the `top` slowest operations, then every one whose launch
     alone the trace times."""
+    ops, names = row["ops"], layer_names(row)
     total = sum(o["ms"] for o in ops)
     by_layer: Counter[tuple[str, str]] = Counter()
     for o in ops:
@@ -396,10 +397,15 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def layer_names(row: dict) -> list[str]:
+    """The steps of the pass a profile's row times, in order (`relu1+pool1`, ...)."""
+    return list(dict.fromkeys(k.rsplit(" ", 1)[0] for k in row["layers"]))
+
+
 def layer_markdown(rows: list[dict]) -> str:
     """Rows of one batch size: milliseconds forward and backward of each layer, and its share
     of the layers' sum, an implementation a column group."""
-    names = list(dict.fromkeys(k.rsplit(" ", 1)[0] for k in rows[0]["layers"]))
+    names = layer_names(rows[0])
     totals = [sum(r["layers"].values()) for r in rows]
     head = "| layer | " + " | ".join(f"{r['impl']} forward | backward | share" for r in rows) + " |"
     lines = [head, "| --- |" + " ---: |" * (3 * len(rows))]
@@ -440,7 +446,7 @@ def chart(rows: list[dict], path) -> None:
     ax.set(ylabel="milliseconds per step", title="one training step, by phase")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3)
     first = [r for r in rows if r["batch_size"] == rows[0]["batch_size"]]
-    names = list(dict.fromkeys(k.rsplit(" ", 1)[0] for k in first[0]["layers"]))
+    names = layer_names(first[0])
     height = 0.8 / len(first)
     for i, r in enumerate(first):
         y = np.arange(len(names)) + i * height

@@ -315,7 +315,8 @@ ENTRY %main (x: f32[2]) -> f32[2] {
         ("sum-fusion.1", 1.0, "fc", "backward", ["conv"], "convolution", False),
         ("convolution.1", 0.01, "conv", "backward", [], "convolution", True),
     ]
-    text = operation_markdown(ops, ["conv", "fc"], top=1)
+    layers = {f"{name} {p}": 1.0 for name in ("conv", "fc") for p in ("forward", "backward")}
+    text = operation_markdown({"ops": ops, "layers": layers}, top=1)
     assert (
         "| ynn_fusion | 1.500 | 59.8% | conv (with fc fused in) | forward | convolution |" in text
     )
