@@ -28,7 +28,7 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding
     formulation that does build that copy (see _conv_many_channels).
     """
     n = x.shape[0]
-    if w.shape[1] > 1:
+    if by_xla_convolution(w.shape[1]):
         if n == w.shape[1]:
             # YNNPACK's convolution ran 2-3x slower where the batch equals the input channels,
             # and only there (strong's 32 -> 64 at batch 32: 47-54 GFLOP/s, against 140-150 at
@@ -45,6 +45,13 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding
     if b is not None:
         out = out + b[:, None]
     return out.reshape(n, o, ho, wo)
+
+
+def by_xla_convolution(in_channels: int) -> bool:
+    """Whether conv2d runs XLA's convolution for this many input channels. Its output then
+    lies channels-last (NHWC) in memory, where YNNPACK wrote it, whatever order the program
+    names its axes in; the 1-channel product's lies channels-first (see max_pool)."""
+    return in_channels > 1
 
 
 def _per_image_product(w: jax.Array, cols: jax.Array) -> jax.Array:
@@ -205,7 +212,9 @@ def sigmoid(x: jax.Array) -> jax.Array:
 SELECT_POOL_MAX = 16
 
 
-def max_pool(x: jax.Array, size: int, stride: int, padding: int = 0) -> jax.Array:
+def max_pool(
+    x: jax.Array, size: int, stride: int, padding: int = 0, channels_last: bool = False
+) -> jax.Array:
     """x (N, C, H, W) padded by `padding` with -inf -> (N, C, H', W'); the first maximum in a
     window takes the gradient, and a NaN counts as larger than anything (the last NaN takes
     it), as in PyTorch's kernel.
@@ -214,6 +223,11 @@ def max_pool(x: jax.Array, size: int, stride: int, padding: int = 0) -> jax.Arra
     by a select only where a value is larger or NaN, so the gradient goes to the value kept.
     Windows that tile the image (stride == size, the usual 2x2) build their gradient in the
     tiles' layout (see _first_max_of_tiles); overlapping ones take it through the selects.
+    `channels_last` says that x lies NHWC in memory (by_xla_convolution): the tiles are then
+    taken in that order, and XLA reads them without transposing. Read through transposes,
+    the Net's pooling took 19 ms of its step at batch 128; channels-last, the Net's step
+    took 0.90-0.92x the time and strong's 0.92-0.96x. Taken so from an NCHW input, deep's
+    first pooling made its step 1.02-1.05x slower (docs/PERFORMANCE.md).
     Picking the value by a gather at the windows' argmax made the gradient a scatter-add,
     the strong network's slowest operation in XLA here (kept for windows of more than
     SELECT_POOL_MAX positions); lax.reduce_window's gradient (select-and-scatter) ran the
@@ -225,15 +239,20 @@ def max_pool(x: jax.Array, size: int, stride: int, padding: int = 0) -> jax.Arra
     if stride == size:
         n, c, h, w = x.shape
         ho, wo = h // size, w // size
-        tiles = x[:, :, : ho * size, : wo * size].reshape(n, c, ho, size, wo, size)
-        return _first_max_of_tiles(tiles, size)
+        cropped = x[:, :, : ho * size, : wo * size]
+        if channels_last:
+            tiles = cropped.transpose(0, 2, 3, 1).reshape(n, ho, size, wo, size, c)
+            return _first_max_of_tiles(tiles, size).transpose(0, 3, 1, 2)
+        tiles = cropped.reshape(n * c, ho, size, wo, size, 1)
+        return _first_max_of_tiles(tiles, size).reshape(n, c, ho, wo)
     return _running_max(window_offsets(x, size, stride))[0]
 
 
 def _running_max(offsets: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """k*k offsets (N, C, H', W') of the windows -> their first maximum (the last NaN where a
-    window holds one) and its offset's index (int8: at most SELECT_POOL_MAX offsets), both
-    (N, C, H', W'). Where the index is not used, XLA drops it from the compiled program."""
+    """k*k offsets of the windows, each (N, C, H', W') or in the tiles' order -> their first
+    maximum (the last NaN where a window holds one) and its offset's index (int8: at most
+    SELECT_POOL_MAX offsets), both in the offsets' shape. Where the index is not used, XLA
+    drops it from the compiled program."""
     best, first = offsets[0], jnp.zeros(offsets[0].shape, jnp.int8)
     for index, view in enumerate(offsets[1:], start=1):
         larger = (view > best) | jnp.isnan(view)
@@ -243,8 +262,9 @@ def _running_max(offsets: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _first_max_of_tiles(tiles: jax.Array, k: int) -> jax.Array:
-    """tiles (N, C, H', k, W', k), the image's non-overlapping k x k windows -> each one's
-    first maximum (N, C, H', W'), by _running_max.
+    """tiles (A, H', k, W', k, B), the image's non-overlapping k x k windows, (N*C, ..., 1)
+    channels-first or (N, ..., C) channels-last -> each one's first maximum (A, H', W', B),
+    by _running_max.
 
     Its gradient is built in the tiles' own layout: for each offset, dout where that offset
     holds the window's first maximum, zero elsewhere, the k*k planes then stacked into place.
@@ -259,28 +279,28 @@ def _first_max_of_tiles(tiles: jax.Array, k: int) -> jax.Array:
 
 
 def _tile_offsets(tiles: jax.Array, k: int) -> list[jax.Array]:
-    """tiles (N, C, H', k, W', k) -> k*k views (N, C, H', W'), offset (i, j) in row-major order.
+    """tiles (A, H', k, W', k, B) -> k*k views (A, H', W', B), offset (i, j) in row-major order.
     The same views as shared.layers.window_offsets(x, k, k) give on the cropped image x;
     taken as x's strided slices instead (the gradient reshaped back), they made strong's
     step 1.04-1.08x slower at batch 128 (docs/PERFORMANCE.md)."""
-    return [tiles[:, :, :, i, :, j] for i in range(k) for j in range(k)]
+    return [tiles[:, :, i, :, j, :] for i in range(k) for j in range(k)]
 
 
 def _first_max_of_tiles_forward(tiles, k):
-    """-> the first maxima (N, C, H', W') and, for the gradient, their offsets' index."""
+    """-> the first maxima (A, H', W', B) and, for the gradient, their offsets' index."""
     return _running_max(_tile_offsets(tiles, k))
 
 
 def _first_max_of_tiles_backward(k, first, dout):
-    """first (N, C, H', W') int8, dout (N, C, H', W') -> (dtiles (N, C, H', k, W', k),).
+    """first (A, H', W', B) int8, dout (A, H', W', B) -> (dtiles (A, H', k, W', k, B),).
     Under jit XLA recomputes `first` inside this loop rather than store it (its CPU fusion
     copies element-wise producers into their consumers)."""
     zero = jnp.zeros((), dout.dtype)
     rows = [
-        jnp.stack([jnp.where(first == i * k + j, dout, zero) for j in range(k)], axis=-1)
+        jnp.stack([jnp.where(first == i * k + j, dout, zero) for j in range(k)], axis=3)
         for i in range(k)
-    ]  # k of (N, C, H', W', k)
-    return (jnp.stack(rows, axis=3),)
+    ]  # k of (A, H', W', k, B)
+    return (jnp.stack(rows, axis=2),)
 
 
 _first_max_of_tiles.defvjp(_first_max_of_tiles_forward, _first_max_of_tiles_backward)
@@ -410,8 +430,9 @@ def sigmoid_forward(x):
     return jax.vjp(sigmoid, x)
 
 
-def max_pool_forward(x, size: int, stride: int, padding: int = 0):
-    return jax.vjp(partial(max_pool, size=size, stride=stride, padding=padding), x)
+def max_pool_forward(x, size: int, stride: int, padding: int = 0, channels_last: bool = False):
+    pool = partial(max_pool, size=size, stride=stride, padding=padding, channels_last=channels_last)
+    return jax.vjp(pool, x)
 
 
 def avg_pool_forward(x, size: int, stride: int, padding: int = 0):

@@ -37,10 +37,17 @@ Masks = dict[str, jax.Array] | None
 
 
 def layer_forward(
-    layer: Layer, params: Params, x: jax.Array, masks: Masks, buffers: Params, outputs: Params
+    layer: Layer,
+    params: Params,
+    x: jax.Array,
+    masks: Masks,
+    buffers: Params,
+    outputs: Params,
+    channels_last: bool = False,
 ) -> jax.Array:
     """The layer's output; updated BatchNorm buffers go into `buffers`, the outputs of a
-    block's layers into `outputs`."""
+    block's layers into `outputs`. `channels_last`: x lies NHWC in memory (_lies_channels_last),
+    which max-pooling reads in that order."""
     match layer:
         case Residual(body=body, shortcut=shortcut):
             out = chain_forward(body, params, x, masks, buffers, outputs)
@@ -49,7 +56,7 @@ def layer_forward(
             w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
             return layers.conv2d(x, w, b, stride, padding)
         case Pool(op="max", size=size, stride=stride, padding=padding):
-            return layers.max_pool(x, size, stride, padding)
+            return layers.max_pool(x, size, stride, padding, channels_last)
         case Pool(op="avg", size=size, stride=stride, padding=padding):
             return layers.avg_pool(x, size, stride, padding)
         case AdaptivePool(window=window):
@@ -79,6 +86,19 @@ def layer_forward(
         case Linear(name):
             return layers.linear(x, params[f"{name}.weight"], params[f"{name}.bias"])
     raise TypeError(f"unknown layer {layer!r}")
+
+
+def _lies_channels_last(layer: Layer, input_channels_last: bool) -> bool:
+    """Whether the layer's output lies NHWC in memory in the compiled step: a convolution's
+    where it is XLA's (layers.by_xla_convolution); BatchNorm's, an activation's and dropout's
+    as their input's, since XLA computes them in their producer's layout; any other's NCHW,
+    the order the program names."""
+    match layer:
+        case Conv(in_channels=in_channels):
+            return layers.by_xla_convolution(in_channels)
+        case BatchNorm() | Activation() | Dropout():
+            return input_channels_last
+    return False
 
 
 def chain_vjp(
@@ -122,6 +142,7 @@ def chain_forward(
     goes into `outputs` by name (a block's layers' too). A ReLU stepped with the max-pool
     over its output runs on the pooled values; its own output, recorded for `outputs`, XLA
     computes under jit only where it is returned (activations)."""
+    channels_last = False
     for step in pass_steps(layers):
         # The step's name on its operations in the compiled program (their op_name), forward
         # and backward: the profile's trace of a compiled step sums them by layer.
@@ -130,7 +151,8 @@ def chain_forward(
                 relu = step[0]
                 outputs[relu.name] = layer_forward(relu, params, x, masks, buffers, outputs)
             for layer in run_order(step):
-                x = layer_forward(layer, params, x, masks, buffers, outputs)
+                x = layer_forward(layer, params, x, masks, buffers, outputs, channels_last)
+                channels_last = _lies_channels_last(layer, channels_last)
         outputs[step[-1].name] = x
     return x
 

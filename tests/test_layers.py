@@ -344,6 +344,11 @@ def test_batch_norm_does_not_touch_its_inputs(rng, impl, train):
     np.testing.assert_array_equal(running_var, np.ones(3))
 
 
+# impl_jax.layers.max_pool's padding and channels_last after (size, stride): its input read in
+# NHWC order, as after XLA's convolution.
+JAX_CHANNELS_LAST = (0, True)
+
+
 def loop_max_pool_grad(x, dout, size, stride):
     """Plain loops: each window's gradient to its first maximum in row-major order."""
     dx = np.zeros_like(x)
@@ -375,10 +380,17 @@ def test_max_pool_ties_go_to_the_first_maximum_in_all_three(size, stride, dtype)
     # Integer gradients: their sums over overlapping windows are exact in any order.
     dout = rng.integers(1, 10, out_shape).astype(dtype)
     expected = loop_max_pool_grad(x, dout, size, stride)
-    # JAX both compiled as a whole and op by op: XLA could choose differently.
-    for impl, jit in [("numpy", False), ("jax", True), ("jax", False), ("torch", False)]:
-        (dx,) = run_pair(impl, "max_pool", [x], (size, stride), dout, jit)[1]
-        np.testing.assert_array_equal(dx, expected, err_msg=f"{impl}, jit={jit}")
+    # JAX both compiled as a whole and op by op (XLA could choose differently), and reading
+    # its input channels-last.
+    for impl, jit, layout in [
+        ("numpy", False, ()),
+        ("jax", True, ()),
+        ("jax", False, ()),
+        *[("jax", jit, JAX_CHANNELS_LAST) for jit in (True, False)],
+        ("torch", False, ()),
+    ]:
+        (dx,) = run_pair(impl, "max_pool", [x], (size, stride, *layout), dout, jit)[1]
+        np.testing.assert_array_equal(dx, expected, err_msg=f"{impl}, jit={jit}, {layout}")
 
 
 # 5 x 5 windows are past JAX's SELECT_POOL_MAX: its gather, not its selects.
@@ -395,12 +407,14 @@ def test_max_pool_propagates_nan_and_routes_its_gradient_as_pytorch(size, stride
     dout = rng.integers(-9, 10, out_t.shape).astype(np.float64)
     out_t.backward(torch.tensor(dout))
     assert np.isnan(out_t.detach().numpy()).any()
-    for impl in IMPLEMENTATIONS:
-        out, (dx,), _ = run_pair(impl, "max_pool", [x], (size, stride), dout)
-        np.testing.assert_array_equal(out, out_t.detach().numpy(), err_msg=impl)
-        np.testing.assert_array_equal(np.signbit(out), np.signbit(out_t.detach().numpy()), impl)
-        np.testing.assert_array_equal(dx, xt.grad.numpy(), err_msg=impl)
-        np.testing.assert_array_equal(np.signbit(dx), np.signbit(xt.grad.numpy()), impl)
+    runs = [(impl, ()) for impl in IMPLEMENTATIONS] + [("jax", JAX_CHANNELS_LAST)]
+    for impl, layout in runs:
+        out, (dx,), _ = run_pair(impl, "max_pool", [x], (size, stride, *layout), dout)
+        what = f"{impl} {layout}"
+        np.testing.assert_array_equal(out, out_t.detach().numpy(), err_msg=what)
+        np.testing.assert_array_equal(np.signbit(out), np.signbit(out_t.detach().numpy()), what)
+        np.testing.assert_array_equal(dx, xt.grad.numpy(), err_msg=what)
+        np.testing.assert_array_equal(np.signbit(dx), np.signbit(xt.grad.numpy()), what)
 
 
 def test_max_pool_routes_ties_to_the_first_maximum():
