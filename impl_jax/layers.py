@@ -48,9 +48,11 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding
 
 
 def by_xla_convolution(in_channels: int) -> bool:
-    """Whether conv2d runs XLA's convolution for this many input channels. Its output then
-    lies channels-last (NHWC) in memory, where YNNPACK wrote it, whatever order the program
-    names its axes in; the 1-channel product's lies channels-first (see max_pool)."""
+    """Whether conv2d runs XLA's convolution for this many input channels. In the compiled
+    training step, with YNNPACK's fusions on, its output was laid out channels-last (NHWC)
+    in memory, whatever order the program names its axes in; the 1-channel product's
+    channels-first, as named (the traces in docs/PERFORMANCE.md). max_pool's
+    `channels_last` follows from it."""
     return in_channels > 1
 
 
@@ -225,9 +227,9 @@ def max_pool(
     tiles' layout (see _first_max_of_tiles); overlapping ones take it through the selects.
     `channels_last` says that x lies NHWC in memory (by_xla_convolution): the tiles are then
     taken in that order, and XLA reads them without transposing. Read through transposes,
-    the Net's pooling took 19 ms of its step at batch 128; channels-last, the Net's step
-    took 0.90-0.92x the time and strong's 0.92-0.96x. Taken so from an NCHW input, deep's
-    first pooling made its step 1.02-1.05x slower (docs/PERFORMANCE.md).
+    the Net's pooling took 16 ms of its traced step at batch 128; channels-last, the Net's
+    step took 0.89-0.91x the time and strong's 0.91-0.94x. Taken so from an NCHW input,
+    deep's first pooling made its step 1.02-1.05x slower (docs/PERFORMANCE.md).
     Picking the value by a gather at the windows' argmax made the gradient a scatter-add,
     the strong network's slowest operation in XLA here (kept for windows of more than
     SELECT_POOL_MAX positions); lax.reduce_window's gradient (select-and-scatter) ran the
@@ -249,7 +251,7 @@ def max_pool(
 
 
 def _running_max(offsets: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """k*k offsets of the windows, each (N, C, H', W') or in the tiles' order -> their first
+    """k*k offsets of the windows, each (N, C, H', W') or the tiles' (A, H', W', B) -> their first
     maximum (the last NaN where a window holds one) and its offset's index (int8: at most
     SELECT_POOL_MAX offsets), both in the offsets' shape. Where the index is not used, XLA
     drops it from the compiled program."""
@@ -280,7 +282,8 @@ def _first_max_of_tiles(tiles: jax.Array, k: int) -> jax.Array:
 
 def _tile_offsets(tiles: jax.Array, k: int) -> list[jax.Array]:
     """tiles (A, H', k, W', k, B) -> k*k views (A, H', W', B), offset (i, j) in row-major order.
-    The same views as shared.layers.window_offsets(x, k, k) give on the cropped image x;
+    The same values as shared.layers.window_offsets(x, k, k) give on the cropped image x,
+    in the tiles' layout;
     taken as x's strided slices instead (the gradient reshaped back), they made strong's
     step 1.04-1.08x slower at batch 128 (docs/PERFORMANCE.md)."""
     return [tiles[:, :, i, :, j, :] for i in range(k) for j in range(k)]

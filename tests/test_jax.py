@@ -227,8 +227,11 @@ def test_a_one_channel_convolution_s_weight_gradient_has_no_product(name):
     assert " reduce(" in dw_hlo and " dot(" not in dw_hlo
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("name", ["pool", "strong"])
-def test_a_tiling_max_pool_s_gradient_needs_no_pads_and_leaves_the_product_before_it_alone(name):
+def test_a_tiling_max_pool_s_gradient_needs_no_pads_and_leaves_the_product_before_it_alone(
+    name, channels_last
+):
     """2x2 max-pooling's gradient through its chain of selects placed each offset's gradient
     by a pad into its strided place, then summed the four (25 ms of strong's step at batch
     128): it compiles to no pad. Its dout, here from a product as fc1's input gradient, is
@@ -241,13 +244,44 @@ def test_a_tiling_max_pool_s_gradient_needs_no_pads_and_leaves_the_product_befor
     w = jnp.linspace(-1, 1, 16 * 32 * 14 * 14, dtype=jnp.float32).reshape(16, -1)
 
     def pullback(x, h, w):
-        pool = partial(impl_jax.layers.max_pool, size=2, stride=2)
+        pool = partial(impl_jax.layers.max_pool, size=2, stride=2, channels_last=channels_last)
         return jax.vjp(pool, x)[1]((h @ w).reshape(8, 32, 14, 14))[0]
 
     lowered = jax.jit(pullback, compiler_options=options).lower(x, h, w)
     assert " pad(" not in lowered.compile().as_text()
     with_dot = [body for body in ynn_fusions(lowered) if " dot(" in body]
     assert with_dot and not any(" broadcast(" in body for body in with_dot)
+
+
+NET = "conv32p0-relu-conv64p0-relu-maxpool2-dropout0.25-flatten-fc128-relu-dropout0.5-fc10"
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("strong", [False, True]),  # after the 1-channel product, then after XLA's conv
+        ("deep", [False]),
+        ("pool", [False]),
+        (NET, [True]),  # through a ReLU
+        ("conv8-relu-conv8-maxpool2-maxpool2-flatten-fc10", [True, False]),
+    ],
+)
+def test_a_max_pool_reads_channels_last_only_after_xla_s_convolution(monkeypatch, spec, expected):
+    """The layout each max-pool is told its input has in memory: channels-last where XLA's
+    convolution wrote it, through BatchNorm and element-wise layers. Wrong, it costs speed
+    only (docs/PERFORMANCE.md), so nothing else would catch it."""
+    told = []
+    original = impl_jax.layers.max_pool
+
+    def recording(x, size, stride, padding=0, channels_last=False):
+        told.append(channels_last)
+        return original(x, size, stride, padding, channels_last)
+
+    monkeypatch.setattr(impl_jax.layers, "max_pool", recording)
+    arch, _, jparams, x, _, masks = case(spec, n=2)
+    masks = jax.tree.map(jnp.asarray, masks)
+    impl_jax.model.chain_forward(arch.layers, jparams, jnp.asarray(x), masks, {}, {})
+    assert told == expected
 
 
 def ynn_fusions(lowered) -> list[str]:

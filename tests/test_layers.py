@@ -393,6 +393,18 @@ def test_max_pool_ties_go_to_the_first_maximum_in_all_three(size, stride, dtype)
         np.testing.assert_array_equal(dx, expected, err_msg=f"{impl}, jit={jit}, {layout}")
 
 
+@pytest.mark.parametrize(("h", "w", "size", "padding"), [(5, 5, 2, 1), (7, 9, 3, 1), (9, 8, 2, 0)])
+def test_jax_s_max_pool_read_channels_last_matches_torch(rng, h, w, size, padding):
+    """Windows that tile the input, padded with -inf or cropped, read channels-last."""
+    x = rng.standard_normal((2, 19, h, w))
+    static = (size, size, padding)
+    dout = rng.standard_normal(F.max_pool2d(torch.from_numpy(x), *static).shape)
+    out_t, (dx_t,), _ = torch_oracle("max_pool", [x], static, dout)
+    out, (dx,), _ = run_pair("jax", "max_pool", [x], (*static, True), dout)
+    assert_close(out, out_t, "jax max_pool channels-last out")
+    assert_close(dx, dx_t, "jax max_pool channels-last dx")
+
+
 # 5 x 5 windows are past JAX's SELECT_POOL_MAX: its gather, not its selects.
 @pytest.mark.parametrize(("size", "stride"), [(2, 2), (3, 3), (3, 1), (5, 1)])
 def test_max_pool_propagates_nan_and_routes_its_gradient_as_pytorch(size, stride):
