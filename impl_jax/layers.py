@@ -282,10 +282,9 @@ def _first_max_of_tiles(tiles: jax.Array, k: int) -> jax.Array:
 
 def _tile_offsets(tiles: jax.Array, k: int) -> list[jax.Array]:
     """tiles (A, H', k, W', k, B) -> k*k views (A, H', W', B), offset (i, j) in row-major order.
-    The same values as shared.layers.window_offsets(x, k, k) give on the cropped image x,
-    in the tiles' layout;
-    taken as x's strided slices instead (the gradient reshaped back), they made strong's
-    step 1.04-1.08x slower at batch 128 (docs/PERFORMANCE.md)."""
+    The same values as shared.layers.window_offsets(x, k, k) give on the cropped image x, in
+    the tiles' layout; taken as x's strided slices instead (the gradient reshaped back), they
+    made strong's step 1.04-1.08x slower at batch 128 (docs/PERFORMANCE.md)."""
     return [tiles[:, :, i, :, j, :] for i in range(k) for j in range(k)]
 
 
