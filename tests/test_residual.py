@@ -145,6 +145,28 @@ def test_the_shortcut_s_gradient_reaches_the_layers_before_the_block():
         assert np.abs(grads["block.bn.weight"]).max() > 0.0
 
 
+def test_a_max_pool_inside_a_block_trains_the_same_in_every_implementation():
+    """A block whose body pools, matched by a strided 1x1 shortcut: the training pass's loss
+    and gradients agree across the implementations (JAX's max-pool there reads its input
+    channels-last, after XLA's convolution; tests/test_jax.py)."""
+    arch = get_arch("conv4-res(conv8-relu-maxpool2)-relu-flatten-fc10")
+    assert [type(layer) for layer in arch.layers[1].shortcut] == [Conv]
+    params = init_params(arch, "torch", 0, np.float64)
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((4, 1, 28, 28)), rng.integers(0, 10, 4)
+    masks = dropout_masks(arch.dropouts, 4, 0, 0, 0)
+    results = {
+        impl: make_backend(impl, arch, np.float64).loss_and_grads(params, x, y, masks)
+        for impl in IMPLEMENTATIONS
+    }
+    expected_loss, expected = results["torch"]
+    for loss, grads in results.values():
+        np.testing.assert_allclose(loss, expected_loss, rtol=1e-12)
+        assert set(grads) == set(expected)
+        for name, grad in grads.items():
+            np.testing.assert_allclose(grad, expected[name], rtol=1e-9, atol=1e-13)
+
+
 def test_the_onnx_graph_adds_the_two_paths():
     pytest.importorskip("onnxruntime")
     from shared.onnx_export import onnx_model
