@@ -123,6 +123,8 @@ CONV_CASES = [
     conv(1, 2, 2, 5, 4, 3, 1, 2),  # output rows as long as an input row with its zeros
     conv(2, 3, 2, 6, 5, 2, 1, 1),  # an even kernel: more zeros reached on one side
     conv(2, 2, 3, 5, 4, 1, 1, 1),  # padding == kernel: the general path
+    conv(2, 3, 4, 9, 8, 5, 1, 0),  # unpadded: the input gradient reaches 4 beyond dout
+    conv(2, 2, 3, 6, 7, 2, 1, 0),  # an even kernel, unpadded
 ]
 POOL_CASES = [
     pool(kind, h, w, size, stride)
