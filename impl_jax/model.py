@@ -47,11 +47,11 @@ def layer_forward(
 ) -> jax.Array:
     """The layer's output; updated BatchNorm buffers go into `buffers`, the outputs of a
     block's layers into `outputs`. `channels_last`: x lies NHWC in memory (_lies_channels_last),
-    which max-pooling reads in that order."""
+    which max-pooling reads in that order (a block passes it on to its paths)."""
     match layer:
         case Residual(body=body, shortcut=shortcut):
-            out = chain_forward(body, params, x, masks, buffers, outputs)
-            return out + chain_forward(shortcut, params, x, masks, buffers, outputs)
+            out = chain_forward(body, params, x, masks, buffers, outputs, channels_last)
+            return out + chain_forward(shortcut, params, x, masks, buffers, outputs, channels_last)
         case Conv(name, stride=stride, padding=padding):
             w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
             return layers.conv2d(x, w, b, stride, padding)
@@ -92,7 +92,8 @@ def _lies_channels_last(layer: Layer, input_channels_last: bool) -> bool:
     """Whether the layer's output lies NHWC in memory in the compiled step: a convolution's
     where it is XLA's (layers.by_xla_convolution); BatchNorm's, an activation's and dropout's
     as their input's, since XLA computes them in their producer's layout; any other's NCHW,
-    the order the program names."""
+    the order the program names (after a block whose paths both end NHWC, a max-pool told
+    so was no faster, docs/PERFORMANCE.md)."""
     match layer:
         case Conv(in_channels=in_channels):
             return layers.by_xla_convolution(in_channels)
@@ -137,12 +138,13 @@ def chain_forward(
     masks: Masks,
     buffers: Params,
     outputs: Params,
+    channels_last: bool = False,
 ) -> jax.Array:
     """x through `layers` a step at a time (shared.layers.pass_steps); each layer's output
     goes into `outputs` by name (a block's layers' too). A ReLU stepped with the max-pool
     over its output runs on the pooled values; its own output, recorded for `outputs`, XLA
-    computes under jit only where it is returned (activations)."""
-    channels_last = False
+    computes under jit only where it is returned (activations). `channels_last`: x lies NHWC
+    in memory (a block's input after XLA's convolution, layer_forward)."""
     for step in pass_steps(layers):
         # The step's name on its operations in the compiled program (their op_name), forward
         # and backward: the profile's trace of a compiled step sums them by layer.

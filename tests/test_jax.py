@@ -265,6 +265,8 @@ NET = "conv32p0-relu-conv64p0-relu-maxpool2-dropout0.25-flatten-fc128-relu-dropo
         (NET, [True]),  # through a ReLU
         ("conv8-relu-conv8-maxpool2-maxpool2-flatten-fc10", [True, False]),
         ("conv4-res(conv8-relu-maxpool2)-relu-flatten-fc10", [True]),  # inside a block
+        ("conv4-relu-conv8-res(maxpool2-conv8)-relu-flatten-fc10", [True]),  # a block's input
+        ("conv4-relu-conv8-res(conv8)-maxpool2-flatten-fc10", [False]),  # after a block
     ],
 )
 def test_a_max_pool_reads_channels_last_only_after_xla_s_convolution(monkeypatch, spec, expected):
