@@ -136,8 +136,13 @@ def lockstep(
     unsteered = cancelled_biases(arch) if resync and config.optimizer != "sgd" else frozenset()
     # Without momentum SGD has no buffers to compare: PyTorch keeps none.
     buffers = [b for b in OPTIMIZER_BUFFERS[config.optimizer] if config.momentum or b != "momentum"]
+    kept = _steps_before_divergence(runs)
+    loss_check = f"lockstep loss x{steps}"
+    if kept < steps:
+        runs = {name: run[:kept] for name, run in runs.items()}
+        loss_check = f"lockstep loss x{kept} (then not finite in all)"
     for pair, run_a, run_b in _pairs(runs):
-        yield Compared(f"lockstep loss x{steps}", pair, _stacked(run_a, 0), _stacked(run_b, 0))
+        yield Compared(loss_check, pair, _stacked(run_a, 0), _stacked(run_b, 0))
         weights = _largest(_stacked(run_a, 1, name) for name in trainable)
         scales = {b: _largest(_stacked(run_a, 2, name, b) for name in trainable) for b in buffers}
         for name in params:
@@ -150,6 +155,17 @@ def lockstep(
             for buffer in buffers:
                 a, b = _stacked(run_a, 2, name, buffer), _stacked(run_b, 2, name, buffer)
                 yield Compared(f"lockstep {buffer} {name}", pair, a, b, scales[buffer])
+
+
+def _steps_before_divergence(runs: dict[str, list]) -> int:
+    """How many steps of a lockstep run to compare: all, or those before the first step whose
+    loss is not finite in every implementation (a rate too high for the network), after
+    which how NaN and infinity spread is each library's own (a mask times NaN, or a select).
+    A step whose loss only some implementations lose is kept: that is a difference. So is a
+    first step already lost, which the single pass shows too."""
+    losses = np.array([[float(step[0]) for step in run] for run in runs.values()])
+    lost = np.flatnonzero(~np.isfinite(losses).any(axis=0))
+    return int(lost[0]) if lost.size and lost[0] > 0 else losses.shape[1]
 
 
 def each_step_away_from_kinks(
