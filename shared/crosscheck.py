@@ -123,7 +123,7 @@ def run_crosscheck(
                 # float32 steps kept away from kinks as the single pass is; planted ties stay
                 kept = reference if resync and not setting.planted_ties else None
                 rows = list(lockstep(backends, arch, start, xs, setting, resync, kept, seed))
-                if notes is not None and "not finite" in rows[0].check:
+                if notes is not None and rows and "not finite" in rows[0].check:
                     notes.append(
                         f"{arch.name[:60]} | {dtype} | {setting.name}: {rows[0].check}: the "
                         "rate is too high for this network; the steps before are compared"

@@ -380,6 +380,18 @@ def test_a_lockstep_that_every_implementation_loses_alike_is_compared_up_to_ther
     assert len(notes) == 1 and "lockstep loss x2 (then not finite in all)" in notes[0]
 
 
+def test_a_cross_check_of_one_implementation_runs_what_needs_no_pair():
+    """threefold.crosscheck takes `impls`: with one, no pair is compared, and what is left
+    (NumPy's finite differences, the shared code against the libraries) runs and passes."""
+    notes = []
+    results = run_crosscheck(
+        [get_arch("noconv")], ["float64"], None, steps=1, batch_size=5,
+        impls=IMPLEMENTATIONS[:1], notes=notes,
+    )  # fmt: skip
+    assert results and all(r.passed for r in results) and notes == []
+    assert not any(r.check.startswith("lockstep") for r in results)
+
+
 def test_lockstep_on_real_data_agrees(real_data):
     """Every setting on real images, for networks that between them hold every kink and mode:
     max-pooling and BatchNorm (strong), BatchNorm 1d, sigmoid, tanh and dropout (BN_DROPOUT),
