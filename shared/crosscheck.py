@@ -123,10 +123,12 @@ def run_crosscheck(
                 # float32 steps kept away from kinks as the single pass is; planted ties stay
                 kept = reference if resync and not setting.planted_ties else None
                 rows = list(lockstep(backends, arch, start, xs, setting, resync, kept, seed))
-                if notes is not None and rows and "not finite" in rows[0].check:
+                if notes is not None and rows and " of " in rows[0].check:
                     notes.append(
-                        f"{arch.name[:60]} | {dtype} | {setting.name}: {rows[0].check}: the "
-                        "rate is too high for this network; the steps before are compared"
+                        f"{arch.name[:60]} | {dtype} | {setting.name}: {rows[0].check}: from "
+                        "the next step on, every implementation's loss is infinite or NaN (a "
+                        "rate too high for the network, or an error all three share); the "
+                        "steps before are compared"
                     )
                 checks.append(("lockstep", rows))
             for kind, rows in checks:

@@ -68,7 +68,9 @@ class Report:
     network: Network
     results: tuple[CheckResult, ...]
     images: str  # what the batches were: real images or seeded random ones
-    notes: tuple[str, ...] = ()  # what was not run, and why (onnxruntime's missing kernels)
+    # What was not run or compared, and why: onnxruntime's missing kernels, a lockstep cut
+    # short where every implementation's loss left the finite numbers.
+    notes: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -111,6 +113,7 @@ class Report:
             )
         if self.first_divergence:
             lines.append(f"  first divergence: {self.first_divergence}")
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 

@@ -89,6 +89,9 @@ def lockstep(
     `reference` (a float64 NumPy backend), each step's images are also kept away from the
     kinks the way the single pass's are (`away_from_kinks`), from the state that step starts
     from, so that no single unit's rounding decides a row.
+
+    A run whose loss every implementation loses for good is compared over the steps before
+    (`_steps_before_divergence`), its loss row then named `lockstep loss xK of N`.
     """
     config = setting.config
     steps, size = len(batches), len(batches[0][1])
@@ -140,7 +143,7 @@ def lockstep(
     loss_check = f"lockstep loss x{steps}"
     if kept < steps:
         runs = {name: run[:kept] for name, run in runs.items()}
-        loss_check = f"lockstep loss x{kept} (then not finite in all)"
+        loss_check = f"lockstep loss x{kept} of {steps}"
     for pair, run_a, run_b in _pairs(runs):
         yield Compared(loss_check, pair, _stacked(run_a, 0), _stacked(run_b, 0))
         weights = _largest(_stacked(run_a, 1, name) for name in trainable)
@@ -158,14 +161,31 @@ def lockstep(
 
 
 def _steps_before_divergence(runs: dict[str, list]) -> int:
-    """How many steps of a lockstep run to compare: all, or those before the first step whose
-    loss is not finite in every implementation (a rate too high for the network), after
-    which how NaN and infinity spread is each library's own (a mask times NaN, or a select).
-    A step whose loss only some implementations lose is kept: that is a difference. So is a
-    first step already lost, which the single pass shows too."""
+    """How many steps of a lockstep run to compare: all, or those before the last steps when
+    every implementation's loss is infinite or NaN to the end (a rate too high for the
+    network, say), after which how NaN and infinity spread is each library's own (a mask
+    times NaN, or a select). The cut is taken only where every implementation's state after
+    the last step kept is finite throughout, the tensors no row compares included: a NaN
+    that one implementation wrote there, and the others then started from (float32's
+    restarts), is not cut away. A step that only some implementations lose is kept, and
+    fails; so is a run lost from its first step, which the single pass shows too."""
+    if len(runs) < 2:
+        return min((len(run) for run in runs.values()), default=0)
     losses = np.array([[float(step[0]) for step in run] for run in runs.values()])
-    lost = np.flatnonzero(~np.isfinite(losses).any(axis=0))
-    return int(lost[0]) if lost.size and lost[0] > 0 else losses.shape[1]
+    lost = ~np.isfinite(losses).any(axis=0)  # (steps,): no implementation's loss finite
+    kept = len(lost)
+    while kept > 0 and lost[kept - 1]:
+        kept -= 1
+    if kept in (0, len(lost)) or not all(_finite(run[kept - 1]) for run in runs.values()):
+        return len(lost)
+    return kept
+
+
+def _finite(step: tuple) -> bool:
+    """Whether a lockstep step's loss and every float tensor of its state are finite."""
+    _, tensors, optimizer = step
+    values = [*tensors.values(), *(t for buffer in optimizer.values() for t in buffer.values())]
+    return all(np.isfinite(v).all() for v in map(np.asarray, values) if v.dtype.kind == "f")
 
 
 def each_step_away_from_kinks(
