@@ -76,7 +76,7 @@ def lockstep(
     resync: bool,
     reference: Backend | None = None,
     seed: int = 0,
-) -> Iterator[Compared]:
+) -> tuple[int, list[Compared]]:
     """Train from the same start on the same batches; compare losses, every tensor
     (parameters and BatchNorm's running statistics) and the optimizer's state (SGD's momentum,
     Adam's moments and step) after every step. With `resync`, each step starts every
@@ -90,8 +90,9 @@ def lockstep(
     kinks the way the single pass's are (`away_from_kinks`), from the state that step starts
     from, so that no single unit's rounding decides a row.
 
-    A run whose loss every implementation loses for good is compared over the steps before
-    (`_steps_before_divergence`), its loss row then named `lockstep loss xK of N`.
+    Returns how many steps are compared, and the rows: a run whose loss every implementation
+    loses for good is compared over the steps before (`_steps_before_divergence`), its loss
+    row then named `lockstep loss xK of N`.
     """
     config = setting.config
     steps, size = len(batches), len(batches[0][1])
@@ -139,29 +140,31 @@ def lockstep(
     unsteered = cancelled_biases(arch) if resync and config.optimizer != "sgd" else frozenset()
     # Without momentum SGD has no buffers to compare: PyTorch keeps none.
     buffers = [b for b in OPTIMIZER_BUFFERS[config.optimizer] if config.momentum or b != "momentum"]
-    kept = _steps_before_divergence(runs)
+    kept = _steps_before_divergence(runs, steps)
     loss_check = f"lockstep loss x{steps}"
     if kept < steps:
         runs = {name: run[:kept] for name, run in runs.items()}
         loss_check = f"lockstep loss x{kept} of {steps}"
+    rows = []
     for pair, run_a, run_b in _pairs(runs):
-        yield Compared(loss_check, pair, _stacked(run_a, 0), _stacked(run_b, 0))
+        rows.append(Compared(loss_check, pair, _stacked(run_a, 0), _stacked(run_b, 0)))
         weights = _largest(_stacked(run_a, 1, name) for name in trainable)
         scales = {b: _largest(_stacked(run_a, 2, name, b) for name in trainable) for b in buffers}
         for name in params:
             a, b = _stacked(run_a, 1, name), _stacked(run_b, 1, name)
             if name not in unsteered:
                 scale = weights if name in trainable else 0.0
-                yield Compared(f"lockstep {name}", pair, a, b, scale)
+                rows.append(Compared(f"lockstep {name}", pair, a, b, scale))
             if name not in trainable:
                 continue
             for buffer in buffers:
                 a, b = _stacked(run_a, 2, name, buffer), _stacked(run_b, 2, name, buffer)
-                yield Compared(f"lockstep {buffer} {name}", pair, a, b, scales[buffer])
+                rows.append(Compared(f"lockstep {buffer} {name}", pair, a, b, scales[buffer]))
+    return kept, rows
 
 
-def _steps_before_divergence(runs: dict[str, list]) -> int:
-    """How many steps of a lockstep run to compare: all, or those before the last steps when
+def _steps_before_divergence(runs: dict[str, list], steps: int) -> int:
+    """How many of a lockstep run's `steps` to compare: all, or those before the last steps when
     every implementation's loss is infinite or NaN to the end (a rate too high for the
     network, say), after which how NaN and infinity spread is each library's own (a mask
     times NaN, or a select). The cut is taken only where every implementation's state after
@@ -169,15 +172,15 @@ def _steps_before_divergence(runs: dict[str, list]) -> int:
     that one implementation wrote there, and the others then started from (float32's
     restarts), is not cut away. A step that only some implementations lose is kept, and
     fails; so is a run lost from its first step, which the single pass shows too."""
-    if len(runs) < 2:
-        return min((len(run) for run in runs.values()), default=0)
+    if len(runs) < 2:  # no pair to compare
+        return steps
     losses = np.array([[float(step[0]) for step in run] for run in runs.values()])
     lost = ~np.isfinite(losses).any(axis=0)  # (steps,): no implementation's loss finite
-    kept = len(lost)
+    kept = steps
     while kept > 0 and lost[kept - 1]:
         kept -= 1
-    if kept in (0, len(lost)) or not all(_finite(run[kept - 1]) for run in runs.values()):
-        return len(lost)
+    if kept in (0, steps) or not all(_finite(run[kept - 1]) for run in runs.values()):
+        return steps
     return kept
 
 
