@@ -111,7 +111,9 @@ def run_crosscheck(
                 start = scaled_logits(start, arch, first, xs[0][0], masks, setting.logit_scale)
             x0 = xs[0][0]
             if not setting.planted_ties and dtype == "float32":
-                x0 = away_from_kinks(reference, arch, start, batches[0][0], masks, seed)
+                x0 = away_from_kinks(
+                    reference, arch, start, batches[0][0], masks, seed, None, [*backends.values()]
+                )
             checks = [("pass", single_pass(backends, arch, start, x0, xs[0][1], masks))]
             if onnx and number == 1:
                 rows, why = onnx_rows(backends, arch, start, x0)

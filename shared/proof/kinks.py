@@ -6,7 +6,7 @@ entry's `kinks` and `keeps_zeros` in shared/kinds.py."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -136,13 +136,16 @@ def away_from_kinks(
     masks,
     seed: int | tuple[int, ...],
     augment: Callable[[np.ndarray], np.ndarray] | None = None,
+    backends: Sequence[Backend] = (),
 ):
     """x plus the first of a few seeded noises (std 0.01) that puts the float64 training pass
     (on `augment(x)`, where a training step flips or shifts its images) at least KINK_MARGIN
-    from every kink; where none does, the one that comes closest."""
+    from every kink. Where none does, the one closest to it on which every one of `backends`
+    (the implementations being compared, in x's dtype) puts its training pass on the same
+    side of every kink; where none of them agree, the closest."""
     params64 = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in params.items()}
     seeds = (seed,) if isinstance(seed, int) else seed
-    best, best_margin = x, -1.0
+    near = []  # (margin, candidate, the images the pass sees)
     for attempt in range(20):
         noise = np.random.default_rng([*seeds, 2, attempt]).normal(scale=1e-2, size=x.shape)
         candidate = (x + noise).astype(x.dtype)
@@ -150,9 +153,21 @@ def away_from_kinks(
         margin = kink_margin(arch, backend64.activations(params64, seen, masks), seen)
         if margin >= KINK_MARGIN:
             return candidate
-        if margin > best_margin:
-            best, best_margin = candidate, margin
-    return best
+        near.append((margin, candidate, seen.astype(x.dtype)))
+    near.sort(key=lambda tried: -tried[0])  # stable: the earlier attempt among equals
+    for _, candidate, seen in near:
+        if sides_agree(backends, arch, params, seen, masks):
+            return candidate
+    return near[0][1]
+
+
+def sides_agree(
+    backends: Sequence[Backend], arch: Arch, params: Params, x: np.ndarray, masks
+) -> bool:
+    """Whether every backend's training pass on x (N, C, H, W) is on the same side of every
+    kink (each ReLU input's sign, each max-pool window's argmax) as the first backend's."""
+    sides = [kink_state(arch, b.activations(params, x, masks), x) for b in backends]
+    return all(same_side(sides[0], other) for other in sides[1:])
 
 
 def same_side(a: list[np.ndarray], b: list[np.ndarray]) -> bool:

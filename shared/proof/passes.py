@@ -116,9 +116,8 @@ def lockstep(
         for step in range(steps)
     ]
     if reference is not None:
-        leader = next(iter(backends.values()))  # the state every step restarts from
         batches = each_step_away_from_kinks(
-            reference, leader, arch, params, batches, plan, rates, seed
+            reference, list(backends.values()), arch, params, batches, plan, rates, seed
         )
     x, y = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
     data = {name: backend.put_data(x, y) for name, backend in backends.items()}
@@ -192,11 +191,20 @@ def _finite(step: tuple) -> bool:
 
 
 def each_step_away_from_kinks(
-    reference: Backend, leader: Backend, arch: Arch, params: Params, batches, plan, rates, seed
+    reference: Backend,
+    backends: list[Backend],
+    arch: Arch,
+    params: Params,
+    batches,
+    plan,
+    rates,
+    seed,
 ):
     """The batches, each step's images re-noised until that step's float64 training pass
-    (augmented and masked as the step will be, from the state `leader` reaches by then) is
-    KINK_MARGIN from every kink, where a few seeded noises manage it."""
+    (augmented and masked as the step will be, from the state the first of `backends` reaches
+    by then, which every step restarts from) is KINK_MARGIN from every kink, where a few
+    seeded noises manage it; else until all of `backends` agree on every kink's side."""
+    leader = backends[0]
     state, chosen = leader.init_state(params), []
     for step, ((x, y), batch, lr) in enumerate(zip(batches, plan, rates, strict=True)):
         own = replace(batch, idx=np.arange(len(y)))  # this step's images alone
@@ -208,7 +216,7 @@ def each_step_away_from_kinks(
             )
 
         x = away_from_kinks(
-            reference, arch, leader.params(state), x, own.masks, (seed, step), augment
+            reference, arch, leader.params(state), x, own.masks, (seed, step), augment, backends
         )
         chosen.append((x, y))
         state, _, _ = leader.train_step(state, leader.put_data(x, y), own, lr)
