@@ -566,6 +566,17 @@ class _Nudged:
         return {name: a + self.by * np.abs(a).max() for name, a in acts.items()}
 
 
+def _sides_agree(backends, arch, params, x, masks) -> bool:
+    """Whether the backends' passes on x agree on every kink that counts in float64."""
+    from shared.proof.kinks import kink_distances, sides_agree
+
+    params64 = {k: v.astype(np.float64) for k, v in params.items()}
+    x64 = x.astype(np.float64)
+    acts = make_backend("numpy", arch, np.float64).activations(params64, x64, masks)
+    counted = [np.isfinite(d) for d in kink_distances(arch, acts, x64)]
+    return sides_agree(backends, arch, params, x, masks, counted)
+
+
 def test_where_no_noise_clears_the_kinks_the_implementations_must_agree(monkeypatch):
     """Where no noise puts a batch KINK_MARGIN clear of every kink (here a margin no batch
     has), the noise taken is the closest on which every implementation is on the same side of
@@ -583,8 +594,44 @@ def test_where_no_noise_clears_the_kinks_the_implementations_must_agree(monkeypa
     backends = [float32, _Nudged(float32, 5e-5)]
     closest = kinks.away_from_kinks(reference, arch, params, x, {}, 0)
     chosen = kinks.away_from_kinks(reference, arch, params, x, {}, 0, backends=backends)
-    assert not kinks.sides_agree(backends, arch, params, closest, {})  # the nudge bites there
-    assert kinks.sides_agree(backends, arch, params, chosen, {})
+    assert not _sides_agree(backends, arch, params, closest, {})  # the nudge bites there
+    assert _sides_agree(backends, arch, params, chosen, {})
+
+
+def test_each_lockstep_step_is_taken_where_the_implementations_agree(monkeypatch):
+    """The lockstep's steps ask every implementation it is given, not the leader alone: each
+    step's images, where no noise clears the (here unreachable) margin, are ones on which a
+    nudged implementation agrees with the leader, from the state that step starts from."""
+    from shared.batches import training_batches
+    from shared.proof import kinks
+    from shared.proof.passes import each_step_away_from_kinks
+    from shared.proof.settings import sample_batches
+
+    monkeypatch.setattr(kinks, "KINK_MARGIN", 1.0)
+    arch, steps, size, lr = get_arch("lab"), 3, 4, 0.05
+    batches = sample_batches(None, size, steps, 0)
+    params = init_params(arch, "he", 0, np.dtype(np.float32))
+    plan = list(
+        training_batches(
+            steps * size, size, seed=0, epoch=0, fill=0.0, flip=False, shift=0, erase=0.0,
+            shuffle=False, dropouts=arch.dropouts,
+        )
+    )  # fmt: skip
+    reference = make_backend("numpy", arch, np.float64)
+    leader = make_backend("numpy", arch, np.float32, ALL_ON.hyperparams)
+    backends = [leader, _Nudged(leader, 5e-5)]
+    chosen = each_step_away_from_kinks(
+        reference, backends, arch, params, batches, plan, [lr] * steps, 0
+    )
+    state, closest_agree = leader.init_state(params), []
+    for step, ((x, y), (x0, _), batch) in enumerate(zip(chosen, batches, plan, strict=True)):
+        own = replace(batch, idx=np.arange(size))
+        at = leader.params(state)
+        assert _sides_agree(backends, arch, at, x, own.masks)
+        closest = kinks.away_from_kinks(reference, arch, at, x0, own.masks, (0, step))
+        closest_agree.append(_sides_agree(backends, arch, at, closest, own.masks))
+        state, _, _ = leader.train_step(state, leader.put_data(x, y), own, lr)
+    assert not all(closest_agree)  # the nudge bites on some step's closest
 
 
 class _LosesFrom:

@@ -1,6 +1,7 @@
 """Kinks: where the loss has no derivative (a ReLU's input at 0, a max-pool window's tie),
 which round-off may decide differently in two implementations. The cross-check keeps its
-float32 batches away from them, passes finite differences over them, and plants them on
+float32 batches away from them (or, where no noise manages that, on the side of each that
+every implementation agrees on), passes finite differences over them, and plants them on
 purpose where the network keeps exact zeros exact. What a layer kind contributes is its
 entry's `kinks` and `keeps_zeros` in shared/kinds.py."""
 
@@ -35,10 +36,12 @@ def keeps_zeros_exact(arch: Arch) -> bool:
     return all(kind_of(node.layer).keeps_zeros for node in arch.nodes)
 
 
-# A float32 pass starts from a batch whose every ReLU input and every max-pool window's gap
-# between its two largest values is at least this share of the layer's scale away from a kink
-# (measured in float64): round-off (~1e-7 of the scale) then cannot decide a ReLU or a window's
-# maximum differently in two implementations, which would swap whole gradient terms.
+# A float32 pass starts, where one of a few noises manages it, from a batch whose every ReLU
+# input and every max-pool window's gap between its two largest values is at least this share
+# of the layer's scale away from a kink (measured in float64): round-off (~1e-7 of the scale)
+# then cannot decide a ReLU or a window's maximum differently in two implementations, which
+# would swap whole gradient terms, in any of their programs. Where none manages it, the
+# implementations' forward passes are asked which side each kink is on (`away_from_kinks`).
 KINK_MARGIN = 1e-6
 # Among n kinks the nearest lies about 1/n of the scale away, so a batch of more than a few
 # hundred thousand cannot be found 1e-6 from all of them by chance: `strong` has 47,168 per
@@ -97,27 +100,36 @@ def _kinks(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> Iterator[t
             yield kinks.at, kinks.values(node.layer, before), scale
 
 
-def kink_margin(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> float:
-    """The smallest distance to a kink, relative to its layer's scale: of any ReLU's input
-    from 0, and of any max-pool window's largest value from its second largest. ReLU inputs
-    that are exactly 0 in float64 are left out: they come from exact zeros (an erased box
-    through a convolution whose bias is still 0), which every implementation computes as 0
-    and none passes a gradient through (ReLU'(0) = 0), and no noise can move. Windows whose
-    maximum is an exact 0 are left out: after a ReLU those zeros take no gradient whichever
-    wins, and the ReLU's own margin covers them. So are windows whose two largest values are
-    exactly equal in float64: equal values come from equal inputs (the constant border a
-    shift pads with), whose weight gradients are the same whichever of them takes it."""
-    margins = [np.inf]
+def kink_distances(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> list[np.ndarray]:
+    """Every kink's distance, relative to its layer's scale, inf where it does not count: of
+    each ReLU's input from 0 (N, C, H, W), and of each max-pool window's largest value from
+    its second largest (N, C, H', W'). ReLU inputs that are exactly 0 in float64 do not count:
+    they come from exact zeros (an erased box through a convolution whose bias is still 0),
+    which every implementation computes as 0 and none passes a gradient through
+    (ReLU'(0) = 0), and no noise can move. Windows whose maximum is an exact 0 do not count:
+    after a ReLU those zeros take no gradient whichever wins, and the ReLU's own distance
+    covers them. Nor do windows whose two largest values are exactly equal in float64: equal
+    values come from equal inputs (the constant border a shift pads with), whose weight
+    gradients are the same whichever of them takes it."""
+    distances = []
     for at, values, scale in _kinks(arch, acts, x):
         if at == "zero":
-            off_zero = np.abs(values[values != 0])
-            margins.append(float(off_zero.min(initial=np.inf)) / scale)
+            distances.append(np.where(values == 0, np.inf, np.abs(values)) / scale)
         else:
             top2 = np.sort(values, axis=-1)[..., -2:]
             tied = (top2[..., 1] == 0) | (top2[..., 1] == top2[..., 0])
-            gaps = np.where(tied, np.inf, top2[..., 1] - top2[..., 0])
-            margins.append(float(gaps.min()) / scale)
-    return min(margins)
+            distances.append(np.where(tied, np.inf, top2[..., 1] - top2[..., 0]) / scale)
+    return distances
+
+
+def kink_margin(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> float:
+    """How far a pass is from its nearest kink that counts, relative to the kink's layer's
+    scale (see `kink_distances`)."""
+    return _nearest(kink_distances(arch, acts, x))
+
+
+def _nearest(distances: list[np.ndarray]) -> float:
+    return min((float(d.min(initial=np.inf)) for d in distances), default=np.inf)
 
 
 def kink_state(arch: Arch, acts: dict[str, np.ndarray], x: np.ndarray) -> list[np.ndarray]:
@@ -141,33 +153,48 @@ def away_from_kinks(
     """x plus the first of a few seeded noises (std 0.01) that puts the float64 training pass
     (on `augment(x)`, where a training step flips or shifts its images) at least KINK_MARGIN
     from every kink. Where none does, the one closest to it on which every one of `backends`
-    (the implementations being compared, in x's dtype) puts its training pass on the same
-    side of every kink; where none of them agree, the closest."""
+    (the implementations being compared, in x's dtype) puts its forward pass on the same side
+    of every kink that counts; where none of them agree, the closest."""
     params64 = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in params.items()}
     seeds = (seed,) if isinstance(seed, int) else seed
-    near = []  # (margin, candidate, the images the pass sees)
+    near = []  # (margin, candidate, the images the pass sees, which kinks count)
     for attempt in range(20):
         noise = np.random.default_rng([*seeds, 2, attempt]).normal(scale=1e-2, size=x.shape)
         candidate = (x + noise).astype(x.dtype)
         seen = (candidate if augment is None else augment(candidate)).astype(np.float64)
-        margin = kink_margin(arch, backend64.activations(params64, seen, masks), seen)
+        distances = kink_distances(arch, backend64.activations(params64, seen, masks), seen)
+        margin = _nearest(distances)
         if margin >= KINK_MARGIN:
             return candidate
-        near.append((margin, candidate, seen.astype(x.dtype)))
+        counted = [np.isfinite(d) for d in distances]
+        near.append((margin, candidate, seen.astype(x.dtype), counted))
     near.sort(key=lambda tried: -tried[0])  # stable: the earlier attempt among equals
-    for _, candidate, seen in near:
-        if sides_agree(backends, arch, params, seen, masks):
+    for _, candidate, seen, counted in near:
+        if sides_agree(backends, arch, params, seen, masks, counted):
             return candidate
     return near[0][1]
 
 
 def sides_agree(
-    backends: Sequence[Backend], arch: Arch, params: Params, x: np.ndarray, masks
+    backends: Sequence[Backend],
+    arch: Arch,
+    params: Params,
+    x: np.ndarray,
+    masks,
+    counted: list[np.ndarray],
 ) -> bool:
-    """Whether every backend's training pass on x (N, C, H, W) is on the same side of every
-    kink (each ReLU input's sign, each max-pool window's argmax) as the first backend's."""
-    sides = [kink_state(arch, b.activations(params, x, masks), x) for b in backends]
-    return all(same_side(sides[0], other) for other in sides[1:])
+    """Whether every backend's forward pass on x (N, C, H, W) in training mode is on the same
+    side of every kink that `counted` marks (each ReLU input's sign, each max-pool window's
+    argmax; as `kink_distances` lays them out) as the first backend's."""
+    if len(backends) < 2:
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):  # a state a rate too high blew up
+        sides = [kink_state(arch, b.activations(params, x, masks), x) for b in backends]
+    return all(
+        np.array_equal(first[count], other[count])
+        for side in sides[1:]
+        for first, other, count in zip(sides[0], side, counted, strict=True)
+    )
 
 
 def same_side(a: list[np.ndarray], b: list[np.ndarray]) -> bool:

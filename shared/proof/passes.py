@@ -87,8 +87,9 @@ def lockstep(
     changes a whole row of fc1's gradient; carried forward, that one rounding decision would
     be all the comparison measures. float64 carries the runs through without it. With a
     `reference` (a float64 NumPy backend), each step's images are also kept away from the
-    kinks the way the single pass's are (`away_from_kinks`), from the state that step starts
-    from, so that no single unit's rounding decides a row.
+    kinks the way the single pass's are (`away_from_kinks`: or, where no noise manages it, on
+    the side of each that every implementation's forward agrees on), from the state that step
+    starts from, so that no single unit's rounding decides a row.
 
     Returns how many steps are compared, and the rows: a run whose loss every implementation
     loses for good is compared over the steps before (`_steps_before_divergence`), its loss
