@@ -1,7 +1,8 @@
 """benchmark.py --against REV: the working tree's training step against commit REV's; and
 --paired: each implementation's step against PyTorch's, in the working tree. Both sides are
-compiled and warm in two processes that take turns, one step each; each side's process is
-started first for half the pairs.
+compiled and warm in two processes that take turns (each turn a short warm-up of untimed
+steps, then the mean of a few timed ones: shared/ab_worker.py); each side's process is started
+first for half the pairs.
 
 Two benchmark runs minutes apart on a shared VM drift by up to a third (docs/PERFORMANCE.md),
 more than most changes buy. Stepping in turn (A B, B A, A B, ...) puts both sides in the same
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from shared.ab_worker import TIMED_STEPS, WARM_SECONDS
 from shared.errors import ThreefoldError, UsageError
 from shared.outputs import write_results
 from shared.profile import WARMUP_SECONDS, cpu_name
@@ -33,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("ab_worker.py")
 SETTLE_SECONDS = 0.2
 REFERENCE = "torch"  # what --paired steps each implementation against: the targets' reference
+TURN = f"each turn {WARM_SECONDS:g} s of untimed steps, then the mean of {TIMED_STEPS} timed ones"
 
 
 def extract_commit(rev: str, into: Path) -> str:
@@ -271,8 +274,8 @@ def run_ab(
     cpu = cpu_name()
     text = (
         f"`--arch {arch}`, float32, on {cpu}: the working tree against {rev} ({commit[:10]}), "
-        f"stepping in turn in two processes (each started first for half), {pairs} pairs each; "
-        "ratio below 1: the working tree is faster.\n\n"
+        f"stepping in turn in two processes ({TURN}; each started first for half), {pairs} "
+        "pairs each; ratio below 1: the working tree is faster.\n\n"
         + markdown(rows, keys, ("working tree", rev))
     )
     print("\n" + text)
@@ -286,9 +289,8 @@ def run_paired(
     """--paired: each implementation of `impls` but PyTorch (at least one) against PyTorch,
     at every batch size, both from the working tree; tables in `out` (paired.md,
     paired.json). The ratio of their step times, taken in one moment, estimates the targets'
-    ratio of epoch times. Each step follows the other side's, which can cost either side:
-    on steps under about 30 ms the paired ratio strayed from the benchmark's (docs/
-    PERFORMANCE.md, "Method")."""
+    ratio of epoch times. A step soon after the other side's turn runs slow, so each turn
+    warms up before it times (shared/ab_worker.py; docs/PERFORMANCE.md, "Method")."""
     keys = ("impl_ms", f"{REFERENCE}_ms")
     measured = [impl for impl in impls if impl != REFERENCE]
 
@@ -299,10 +301,10 @@ def run_paired(
     cpu = cpu_name()
     text = (
         f"`--arch {arch}`, float32, on {cpu}: each implementation's training step against "
-        f"{REFERENCE}'s, both from the working tree, stepping in turn in two processes (each "
-        f"started first for half), {pairs} pairs each; the ratio of the step times estimates "
-        f"the implementation's epoch time over {REFERENCE}'s (below 1: faster).\n\n"
-        + markdown(rows, keys, ("the implementation", REFERENCE))
+        f"{REFERENCE}'s, both from the working tree, stepping in turn in two processes "
+        f"({TURN}; each started first for half), {pairs} pairs each; the ratio of the step "
+        f"times estimates the implementation's epoch time over {REFERENCE}'s (below 1: "
+        "faster).\n\n" + markdown(rows, keys, ("the implementation", REFERENCE))
     )
     print("\n" + text)
     write_results(

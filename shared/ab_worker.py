@@ -6,7 +6,8 @@ every module it imports (the network, the implementation, the data loader) comes
 tree, which may be an older commit without this file (but with shared.profile.timing_setup:
 cb70b92, 2026-11-27, and after). Only the standard library is imported at the top. On stdout,
 one line each: "ready" once compiled and warm; then, for every line read from stdin until
-stdin closes, the seconds of one training step taken right after an untimed one.
+stdin closes, the mean seconds of TIMED_STEPS training steps taken back to back after
+WARM_SECONDS of untimed ones.
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ from __future__ import annotations
 import os
 import sys
 import time
+
+# A step soon after the other side's turn ran slower than one among others, JAX's the most: on
+# an Intel Xeon (family 6 model 167), JAX's `lab` step at 128 took 12.5 ms so, 9.1 after one
+# untimed step, 5.4 after 0.1 s of them, against 5.1 in the benchmark's back-to-back steps
+# (docs/PERFORMANCE.md, "Method").
+WARM_SECONDS = 0.1
+TIMED_STEPS = 4
 
 
 def serve(impl: str, arch: str, batch_size: int, warmup_seconds: float) -> None:
@@ -38,11 +46,11 @@ def serve(impl: str, arch: str, batch_size: int, warmup_seconds: float) -> None:
         step()
     print("ready", file=answers)
     for _ in sys.stdin:
-        # The first step after the other side's turn finds this side's threads parked: on an
-        # Intel Xeon (family 6 model 167) JAX's `strong` step at 128 took 62.8 ms so, against
-        # 42.5 after an untimed step and 42 in the benchmark's back-to-back steps.
+        warm_until = time.perf_counter() + WARM_SECONDS
         step()
-        print(f"{step():.9f}", file=answers)
+        while time.perf_counter() < warm_until:
+            step()
+        print(f"{sum(step() for _ in range(TIMED_STEPS)) / TIMED_STEPS:.9f}", file=answers)
 
 
 if __name__ == "__main__":

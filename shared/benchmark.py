@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         type=positive_float,
         default=600.0,
         help="seconds one worker (one implementation, batch size and repeat) may take; "
-        "with --against or --paired, to start and warm up, then to answer each step",
+        "with --against or --paired, to start and warm up, then to answer each turn "
+        "(a short warm-up, then a few timed steps)",
     )
     parser.add_argument(
         "--out",
