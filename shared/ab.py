@@ -35,7 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("ab_worker.py")
 SETTLE_SECONDS = 0.2
 REFERENCE = "torch"  # what --paired steps each implementation against: the targets' reference
-TURN = f"each turn {WARM_SECONDS:g} s of untimed steps, then the mean of {TIMED_STEPS} timed ones"
+TURN = (
+    f"each turn untimed steps for {WARM_SECONDS:g} s (one at least), then the mean of "
+    f"{TIMED_STEPS} timed ones"
+)
 
 
 def extract_commit(rev: str, into: Path) -> str:
@@ -104,7 +107,7 @@ class Side:
         return ThreefoldError(f"{self.flag}: {self.what} failed ({how}): {last}")
 
     def step(self) -> float:
-        """Seconds of one training step."""
+        """Mean seconds a training step over one turn (see shared/ab_worker.py)."""
         try:
             self.process.stdin.write("step\n")
             self.process.stdin.flush()
@@ -170,7 +173,8 @@ def step_in_turn(
     timeout: float,
 ) -> None:
     """Start a worker for each side of `codes` in the order of `starting`, then step them in
-    turn for `pairs` pairs, each step's seconds added to `seconds` under its label."""
+    turn for `pairs` pairs, each turn's mean seconds a step added to `seconds` under its
+    label."""
     with ExitStack() as stack:
         sides = {
             label: stack.enter_context(

@@ -7,7 +7,7 @@ tree, which may be an older commit without this file (but with shared.profile.ti
 cb70b92, 2026-11-27, and after). Only the standard library is imported at the top. On stdout,
 one line each: "ready" once compiled and warm; then, for every line read from stdin until
 stdin closes, the mean seconds of TIMED_STEPS training steps taken back to back after
-WARM_SECONDS of untimed ones.
+untimed ones for WARM_SECONDS (one at least).
 """
 
 from __future__ import annotations
