@@ -112,7 +112,13 @@ def run_crosscheck(
             x0 = xs[0][0]
             if not setting.planted_ties and dtype == "float32":
                 x0 = away_from_kinks(
-                    reference, arch, start, batches[0][0], masks, seed, None, [*backends.values()]
+                    reference,
+                    arch,
+                    start,
+                    batches[0][0],
+                    masks,
+                    seed,
+                    backends=[*backends.values()],
                 )
             checks = [("pass", single_pass(backends, arch, start, x0, xs[0][1], masks))]
             if onnx and number == 1:
