@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import threefold
+from impl_numpy import optim as numpy_optim
 from shared.backend import IMPLEMENTATIONS, make_backend
 from shared.batches import dropout_masks
 from shared.checkpoint import load_checkpoint
@@ -360,6 +361,37 @@ def test_optimizer_steps_agree(dtype, steps, momentum, nesterov):
     lockstep = [r for r in results if r.check.startswith("lockstep")]
     kinds = {"defaults", "fast recipe", "drawn", "drawn Adam", "drawn AdamW"}
     assert {setting_kind(r.setting) for r in lockstep} == kinds
+
+
+def test_numpy_optimizers_step_in_pieces_as_the_frameworks_do(monkeypatch):
+    """NumPy's optimizers update each tensor a piece at a time (impl_numpy.optim.PIECE). In
+    pieces of 1,000 elements, which leave fc1's and fc2's weights a shorter last piece, every
+    optimizer's steps still agree with JAX's and PyTorch's."""
+    monkeypatch.setattr(numpy_optim, "PIECE", 1000)
+    archs = [get_arch("noconv")]
+    results = run_crosscheck(archs, ["float64"], None, steps=3, batch_size=5, seed=1)
+    assert_rows_as_expected(results, archs, 3, ALL_ON)
+    assert [(r.setting, r.check, r.pair) for r in results if not r.passed] == []
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [numpy_optim.SGD(0.9, True, 0.01), numpy_optim.Adam(0.9, 0.99, 1e-8, 0.01, True)],
+    ids=["SGD", "AdamW"],
+)
+def test_numpy_optimizers_update_a_tensor_that_is_not_contiguous_in_place(optimizer, monkeypatch):
+    """A tensor laid out column by column (one from a transposed array) has no flat view, so
+    it is updated whole: in place, as a contiguous copy of it is in pieces."""
+    monkeypatch.setattr(numpy_optim, "PIECE", 7)
+    rng = np.random.default_rng(0)
+    weight, grad = rng.standard_normal((2, 5, 9))
+    by_columns, by_rows = {"w": np.asfortranarray(weight)}, {"w": weight.copy()}
+    for params in (by_columns, by_rows):
+        state = optimizer.init(params)
+        for _ in range(2):
+            optimizer.update(params, {"w": grad.copy()}, state, 0.1)
+    assert not np.array_equal(by_rows["w"], weight)
+    np.testing.assert_array_equal(by_columns["w"], by_rows["w"])
 
 
 def test_a_lockstep_that_every_implementation_loses_alike_is_compared_up_to_there():
