@@ -16,7 +16,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy import special
 
 from shared.layers import window_offsets
-from shared.parallel import Total, added, alone, row_ranges
+from shared.parallel import Total, added, alone, ranges_within
 
 Cache = Any
 
@@ -179,7 +179,7 @@ def conv2d_backward(
     w2 = w.reshape(o, taps)
     if _one_product(c):
         per_image = ho * wo
-        group = max(1, COLUMNS_BYTES // (cols.shape[0] * per_image * cols.itemsize))
+        image_bytes = cols.shape[0] * per_image * cols.itemsize
         dx = np.empty(x_shape, dtype=dout.dtype) if need_dx else None
         dw = added(
             _one_product_backward(
@@ -191,7 +191,7 @@ def conv2d_backward(
                 padding,
                 None if dx is None else dx[rows],
             )
-            for rows in row_ranges(n, max(1, -(-n // group)))  # one group, empty, if n = 0
+            for rows in ranges_within(n, image_bytes, COLUMNS_BYTES)  # one, empty, if n = 0
         )
     else:
         douts = dout.reshape(n, o, ho * wo)

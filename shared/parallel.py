@@ -102,6 +102,13 @@ def row_ranges(n: int, threads: int) -> list[slice]:
     return [slice(a, b) for a, b in itertools.pairwise(bounds)]
 
 
+def ranges_within(n: int, row_bytes: int, budget: int) -> list[slice]:
+    """n rows of row_bytes each in as few consecutive ranges as keep each about `budget`
+    bytes or less (one row at least), their sizes differing by one at most; one empty range
+    if n = 0."""
+    return row_ranges(n, max(1, min(n, -(-n * row_bytes // budget))))
+
+
 class _Group:
     """The threads of one pass: `total` meets them all at a barrier."""
 

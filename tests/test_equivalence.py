@@ -364,10 +364,11 @@ def test_optimizer_steps_agree(dtype, steps, momentum, nesterov):
 
 
 def test_numpy_optimizers_step_in_pieces_as_the_frameworks_do(monkeypatch):
-    """NumPy's optimizers update each tensor a piece at a time (impl_numpy.optim.PIECE). In
-    pieces of 1,000 elements, which leave fc1's and fc2's weights a shorter last piece, every
-    optimizer's steps still agree with JAX's and PyTorch's."""
-    monkeypatch.setattr(numpy_optim, "PIECE", 1000)
+    """NumPy's optimizers update each tensor a piece at a time (impl_numpy.optim.PIECE_BYTES
+    of its values and buffers together). In pieces of 12,000 bytes, fc1's weights in about 200
+    pieces and fc2's in 3 or 4 of sizes a value apart, every optimizer's steps still agree
+    with JAX's and PyTorch's."""
+    monkeypatch.setattr(numpy_optim, "PIECE_BYTES", 12_000)
     archs = [get_arch("noconv")]
     results = run_crosscheck(archs, ["float64"], None, steps=3, batch_size=5, seed=1)
     assert_rows_as_expected(results, archs, 3, ALL_ON)
@@ -382,7 +383,7 @@ def test_numpy_optimizers_step_in_pieces_as_the_frameworks_do(monkeypatch):
 def test_numpy_optimizers_update_a_tensor_that_is_not_contiguous_in_place(optimizer, monkeypatch):
     """A tensor laid out column by column (one from a transposed array) has no flat view, so
     it is updated whole: in place, as a contiguous copy of it is in pieces."""
-    monkeypatch.setattr(numpy_optim, "PIECE", 7)
+    monkeypatch.setattr(numpy_optim, "PIECE_BYTES", 100)
     rng = np.random.default_rng(0)
     weight, grad = rng.standard_normal((2, 5, 9))
     by_columns, by_rows = {"w": np.asfortranarray(weight)}, {"w": weight.copy()}

@@ -7,6 +7,7 @@ more with THREEFOLD_NUMPY_THREADS.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from impl_numpy import model
 from shared.cost import network_cost
 from shared.errors import UsageError
-from shared.parallel import THREADS_VARIABLE, over_threads, row_ranges, thread_count
+from shared.parallel import THREADS_VARIABLE, over_threads, ranges_within, row_ranges, thread_count
 from shared.spec import Arch, Params, get_arch, init_params
 
 T = TypeVar("T")
@@ -139,6 +140,23 @@ def test_ranges_cover_the_batch_in_order():
             rows = [i for r in ranges for i in range(n)[r]]
             sizes = {len(range(n)[r]) for r in ranges}
             assert rows == list(range(n)) and max(sizes) - min(sizes) <= 1
+
+
+def test_ranges_within_a_budget_are_as_few_as_keep_each_near_it():
+    for n, row_bytes, budget in itertools.product(range(12), (1, 3, 8), (1, 8, 20, 100)):
+        ranges = ranges_within(n, row_bytes, budget)
+        rows = [i for r in ranges for i in range(n)[r]]
+        sizes = [len(range(n)[r]) for r in ranges]
+        assert rows == list(range(n)) and max(sizes) - min(sizes) <= 1
+        if n == 0:
+            assert sizes == [0]
+        elif row_bytes > budget:
+            assert sizes == [1] * n  # a row alone is over the budget: one a range
+        else:
+            # Every range within the budget but by one row at most, and one range fewer
+            # would hold more than the budget allows.
+            assert max(sizes) * row_bytes < budget + row_bytes
+            assert (len(ranges) - 1) * budget < n * row_bytes
 
 
 @pytest.mark.parametrize("failing", [0, 1])
