@@ -133,7 +133,7 @@ def conv2d_forward(
 # its products and col2im then run on columns the cache still holds. On the PyTorch examples'
 # Net (32 -> 64 at 26x26, 0.67 MB of columns an image), groups of 8-16 images took 0.75-0.8x
 # the time of the whole batch's 64 at once; on `strong` (0.23 MB) groups of 16-32 as long
-# as 64 (docs/PERFORMANCE.md).
+# as 64 (docs/PERFORMANCE.md). A group may hold less than an image more (see ranges_within).
 COLUMNS_BYTES = 8 << 20
 
 

@@ -103,8 +103,9 @@ def row_ranges(n: int, threads: int) -> list[slice]:
 
 
 def ranges_within(n: int, row_bytes: int, budget: int) -> list[slice]:
-    """n rows of row_bytes each in as few consecutive ranges as keep each about `budget`
-    bytes or less (one row at least), their sizes differing by one at most; one empty range
+    """n rows of row_bytes each in as few consecutive ranges of near-equal size (differing by
+    one row at most) as hold n * row_bytes within `budget` bytes a range on average; so a
+    range may exceed `budget` by less than a row, and holds one row at least. One empty range
     if n = 0."""
     return row_ranges(n, max(1, min(n, -(-n * row_bytes // budget))))
 

@@ -365,7 +365,7 @@ def test_optimizer_steps_agree(dtype, steps, momentum, nesterov):
 
 def test_numpy_optimizers_step_in_pieces_as_the_frameworks_do(monkeypatch):
     """NumPy's optimizers update each tensor a piece at a time (impl_numpy.optim.PIECE_BYTES
-    of its values and buffers together). In pieces of 12,000 bytes, fc1's weights in about 200
+    of its values and buffers together). In pieces of 12,000 bytes, fc1's weights in 201-268
     pieces and fc2's in 3 or 4 of sizes a value apart, every optimizer's steps still agree
     with JAX's and PyTorch's."""
     monkeypatch.setattr(numpy_optim, "PIECE_BYTES", 12_000)
@@ -681,6 +681,78 @@ class _LosesFrom:
         state, loss, extra = self.backend.train_step(state, data, batch, lr)
         self.steps += 1
         return state, np.full_like(loss, np.nan) if self.steps > self.step else loss, extra
+
+
+class _WeightOffAt:
+    """A backend whose `name` after its `step`-th step (from 1) is `factor` times the true
+    one: a small error in one step of one implementation."""
+
+    def __init__(self, backend, name: str, step: int, factor: float):
+        self.backend, self.name, self.step, self.factor, self.steps = backend, name, step, factor, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
+
+    def train_step(self, state, data, batch, lr):
+        state, loss, extra = self.backend.train_step(state, data, batch, lr)
+        self.steps += 1
+        if self.steps == self.step:
+            params = self.backend.params(state)
+            params[self.name] = params[self.name] * self.factor
+            state = self.backend.init_state(params, self.backend.optimizer_tensors(state))
+        return state, loss, extra
+
+
+def test_each_lockstep_step_is_measured_against_its_own_scale():
+    """A run at rate 100 grows fc1's weights from about 60 to about 5e8 in 4 steps. An error
+    of 1e-6 in one implementation's weights after the first step (every step restarting
+    from the first implementation's state, as float32's do) fails its pairs' rows of those
+    weights, though against the last step's weights it would be 1e-13, inside float64's
+    tolerance."""
+    from shared.proof.passes import lockstep
+    from shared.proof.rows import TOLERANCES, judge
+    from shared.proof.settings import noisy_batches, sample_batches, settings
+
+    arch, steps, name = get_arch("noconv"), 4, "fc1.weight"
+    setting = settings(replace(ALL_ON, lr=100.0), steps, 0, arch)[0]
+    batches = noisy_batches(sample_batches(None, 5, steps, 0), 0)
+    params = init_params(arch, "he", 0, np.dtype(np.float64))
+    hyperparams = setting.config.hyperparams
+    backends = {impl: make_backend(impl, arch, np.float64, hyperparams) for impl in IMPLEMENTATIONS}
+    off = IMPLEMENTATIONS[-1]  # not the first, whose state every step restarts from
+    backends[off] = _WeightOffAt(backends[off], name, 1, 1 + 1e-6)
+    _, rows = lockstep(backends, arch, params, batches, setting, resync=True)
+    tolerance = TOLERANCES[("float64", "lockstep")]
+    weights = {row.pair: row for row in rows if row.check == f"lockstep {name}"}
+    grown = np.abs(next(iter(weights.values())).a).reshape(steps, -1).max(axis=1)
+    assert grown[-1] > 1e6 * grown[0]  # the run this test needs
+    verdicts = {
+        pair: judge(row, "float64", arch.name, setting.name, tolerance).passed
+        for pair, row in weights.items()
+    }
+    assert verdicts == {pair: off not in pair.split("-") for pair in verdicts}
+    # Against the whole run's scale, the same rows would pass.
+    assert all(compare(row.a, row.b, row.scale.max())[1] < tolerance for row in weights.values())
+    # Every other row passes: the error is in those weights alone, at that step alone.
+    others = [row for row in rows if row.check != f"lockstep {name}"]
+    assert all(judge(row, "float64", arch.name, setting.name, tolerance).passed for row in others)
+
+
+def test_compare_by_step_measures_each_step_against_its_family_then():
+    """A tensor zero in exact arithmetic is measured against its family's size at each step
+    (round-off of 1e-17 at a step whose family is 1 reads 1e-17; against the run's family,
+    1e12, the row would read 1e-18), and 1e-3 of a step whose family is about 1 fails though
+    a later step's family is 1e12."""
+    zero_exact = np.array([[1e-17, 0.0], [0.0, 1e-6]])
+    exact = np.zeros((2, 2))
+    assert compare(zero_exact, exact, np.array([1.0, 1e12]), by_step=True)[1] == 1e-17
+    assert compare(zero_exact, exact, 1e12)[1] == pytest.approx(1e-18)
+    grows = np.array([[1.0, 0.5], [1e12, 3e11]])
+    wrong_early = grows + np.array([[1e-3, 0.0], [0.0, 0.0]])
+    assert compare(grows, wrong_early, np.array([1.0, 1e12]), by_step=True)[1] == pytest.approx(
+        1e-3 / (1 + 1e-3)
+    )
+    assert compare(grows, wrong_early, 1e12)[1] < 1e-14  # the whole run's scale hides it
 
 
 @pytest.mark.parametrize("resync", [False, True])

@@ -145,21 +145,31 @@ def lockstep(
     if kept < steps:
         runs = {name: run[:kept] for name, run in runs.items()}
         loss_check = f"lockstep loss x{kept} of {steps}"
+    # Every tensor's row stacks the steps, each step measured against its own scale
+    # (by_step): a run that grows by orders of magnitude would otherwise measure its early
+    # steps against its last. The loss keeps the run's scale: it is the log-sum-exp of the
+    # logits less the true class's, whose round-off grows with the logits, not with the loss
+    # (float32's lab under the fast recipe: 3e-5 of a step's own loss of 22, a third of the
+    # tolerance, against 2e-7 of the run's largest); a step's error in the training shows in
+    # the tensors.
     rows = []
     for pair, run_a, run_b in _pairs(runs):
         rows.append(Compared(loss_check, pair, _stacked(run_a, 0), _stacked(run_b, 0)))
-        weights = _largest(_stacked(run_a, 1, name) for name in trainable)
-        scales = {b: _largest(_stacked(run_a, 2, name, b) for name in trainable) for b in buffers}
+        weights = _largest_by_step(_stacked(run_a, 1, name) for name in trainable)
+        scales = {
+            b: _largest_by_step(_stacked(run_a, 2, name, b) for name in trainable) for b in buffers
+        }
         for name in params:
             a, b = _stacked(run_a, 1, name), _stacked(run_b, 1, name)
             if name not in unsteered:
                 scale = weights if name in trainable else 0.0
-                rows.append(Compared(f"lockstep {name}", pair, a, b, scale))
+                rows.append(Compared(f"lockstep {name}", pair, a, b, scale, by_step=True))
             if name not in trainable:
                 continue
             for buffer in buffers:
                 a, b = _stacked(run_a, 2, name, buffer), _stacked(run_b, 2, name, buffer)
-                rows.append(Compared(f"lockstep {buffer} {name}", pair, a, b, scales[buffer]))
+                check = f"lockstep {buffer} {name}"
+                rows.append(Compared(check, pair, a, b, scales[buffer], by_step=True))
     return kept, rows
 
 
@@ -227,6 +237,15 @@ def each_step_away_from_kinks(
 def _largest(tensors) -> float:
     """The largest magnitude in any of the tensors: their family's scale for `compare`."""
     return max((float(np.abs(t).max()) for t in tensors if np.size(t)), default=0.0)
+
+
+def _largest_by_step(stacked) -> np.ndarray | float:
+    """The largest magnitude at each step in any of the tensors, each stacked (steps, ...):
+    their family's scale at each step, for `compare`'s by_step (0.0 if they hold none). A NaN
+    is passed over (fmax): the tensor holding it fails its own row, and the rest of its
+    family are still measured against the family's size, not each against itself."""
+    largest = [np.fmax.reduce(np.abs(t).reshape(len(t), -1), axis=1) for t in stacked if np.size(t)]
+    return np.fmax.reduce(largest, axis=0) if largest else 0.0
 
 
 def _stacked(run: list, field: int, name: str | None = None, buffer: str = "") -> np.ndarray:

@@ -38,13 +38,16 @@ class Compared:
     """One comparison: `check` (what is compared: a layer's output, a gradient, a step's
     weights) between the two sides of `pair` ("numpy-jax", "numpy-fd", "shared-optax"), `a`
     and `b`. `scale` is the size of the tensor's family (every gradient of the pass, say):
-    a tensor that is zero in exact arithmetic is measured against its family, not itself."""
+    a tensor that is zero in exact arithmetic is measured against its family, not itself.
+    With `by_step`, a and b stack a tensor of each step of a run (axis 0), and `scale` holds
+    the family's size at each step (see `compare`)."""
 
     check: str
     pair: str
     a: np.ndarray
     b: np.ndarray
-    scale: float = 0.0
+    scale: float | np.ndarray = 0.0
+    by_step: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,18 +82,29 @@ class CheckResult:
         return row
 
 
-def compare(a: np.ndarray, b: np.ndarray, scale: float = 0.0) -> tuple[float, float]:
+def compare(
+    a: np.ndarray, b: np.ndarray, scale: float | np.ndarray = 0.0, by_step: bool = False
+) -> tuple[float, float]:
     """(max |a - b|, max |a - b| / max(|a|, |b|, scale)); shapes must match exactly.
 
     `scale` is the size of the tensor's family (every gradient of the pass, say): a tensor
     that is zero in exact arithmetic, such as the gradient of a conv bias that BatchNorm
     follows (BatchNorm subtracts the mean the bias adds), is pure round-off in every
-    implementation, and is measured against its family rather than against itself."""
+    implementation, and is measured against its family rather than against itself.
+
+    With `by_step`, a and b (steps, ...) stack a tensor of each step of a run and `scale`
+    (steps,) its family's size at each: each step's difference is measured against that
+    step's sizes, and the worst step is returned. Against the whole run's, the early steps
+    of a run that grows by orders of magnitude would be measured against its last."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape:
         return float("inf"), float("inf")
     if a.size == 0:
         return 0.0, 0.0
+    if by_step:
+        scales = np.broadcast_to(np.asarray(scale, np.float64), a.shape[:1])
+        steps = [compare(a_s, b_s, s) for a_s, b_s, s in zip(a, b, scales, strict=True)]
+        return max(d for d, _ in steps), max(r for _, r in steps)
     diff = float(np.max(np.abs(a - b)))
     scale = float(max(np.max(np.abs(a)), np.max(np.abs(b)), scale))
     if not np.isfinite(diff):
@@ -119,7 +133,7 @@ def judge(
         setting,
         row.check,
         row.pair,
-        *compare(row.a, row.b, row.scale),
+        *compare(row.a, row.b, row.scale, row.by_step),
         tolerance,
         dtypes_of(row.a, row.b),
         expected_dtype,
