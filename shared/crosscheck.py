@@ -125,7 +125,7 @@ def run_crosscheck(
                 rows, why = onnx_rows(backends, arch, start, x0)
                 checks.append(("pass", rows))
                 if why is not None and notes is not None:
-                    notes.append(f"{arch.name[:60]} | {dtype} | onnxruntime not run: {why}")
+                    notes.append(note_on(arch.name, dtype, f"onnxruntime not run: {why}"))
             if setting.lockstep:
                 resync = dtype == "float32"
                 # float32 steps kept away from kinks as the single pass is; planted ties stay
@@ -133,10 +133,13 @@ def run_crosscheck(
                 compared, rows = lockstep(backends, arch, start, xs, setting, resync, kept, seed)
                 if notes is not None and compared < len(xs):
                     notes.append(
-                        f"{arch.name[:60]} | {dtype} | {setting.name}: {rows[0].check}: from "
-                        "the next step on, every implementation's loss is infinite or NaN (a "
-                        "rate too high for the network, or an error all three share); the "
-                        "steps before are compared"
+                        note_on(
+                            arch.name,
+                            dtype,
+                            f"{setting.name}: {rows[0].check}: from the next step on, every "
+                            "implementation's loss is infinite or NaN (a rate too high for the "
+                            "network, or an error all three share); the steps before are compared",
+                        )
                     )
                 checks.append(("lockstep", rows))
             for kind, rows in checks:
@@ -156,6 +159,18 @@ def run_crosscheck(
             results += [judge(row, dtype, arch.name, DEFAULTS, tol) for row in rows]
     results += shared_code_checks(config, steps, seed)
     return results
+
+
+def note_on(arch: str, dtype: str, text: str) -> str:
+    """A note on one network's run in one dtype, as the report prints it: the network's
+    whole name, so that no two networks' notes are alike (see notes_on)."""
+    return f"{arch} | {dtype} | {text}"
+
+
+def notes_on(row: CheckResult, notes: list[str]) -> list[str]:
+    """The texts of the notes on the network and dtype of `row` (see note_on)."""
+    scope = note_on(row.arch, row.dtype, "")
+    return [note[len(scope) :] for note in notes if note.startswith(scope)]
 
 
 def _expected(check: str, dtype: str, arch: Arch) -> str | None:
@@ -295,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         failed = [r for r in results if not r.passed]
         print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
         if args.json is not None:
-            write_json(args.json, [r.as_dict() for r in results])
+            # Each row carries the notes on its network and dtype: what was not run or
+            # compared there is as plain to a program reading the rows as to a reader.
+            write_json(args.json, [{**r.as_dict(), "notes": notes_on(r, notes)} for r in results])
         if args.plot is not None:
             plot_results(results, args.plot)
             print(f"wrote {args.plot}")

@@ -201,6 +201,21 @@ def test_the_crosscheck_adds_the_fourth_witness_and_notes_what_it_cannot_run():
     ]
 
 
+def test_the_crosscheck_s_json_rows_carry_the_notes_on_their_network(tmp_path, capsys):
+    """crosscheck.py --json: what onnxruntime could not run is in the rows of that network and
+    dtype, for a program reading them, as well as in the printed report."""
+    from shared.crosscheck import main
+
+    rows_file, net = tmp_path / "rows.json", "conv2-relu-flatten-fc10"
+    flags = ["--onnx", "--quiet", "--dtype", "float64", "--steps", "1", "--batch-size", "4"]
+    assert main(["--arch", net, *flags, "--json", str(rows_file)]) == 0
+    rows = json.loads(rows_file.read_text())
+    why = "onnxruntime not run: onnxruntime has no float64 CPU kernel for Conv"
+    assert {r["arch"] for r in rows} == {net, "-"}  # "-": the shared code's own checks
+    assert all(r["notes"] == ([why] if r["arch"] == net else []) for r in rows)
+    assert f"{net} | float64 | {why}" in capsys.readouterr().out
+
+
 def transposed_flatten(layer, x, out, constant):
     """A planted export bug: flatten in H, W, C order (a channels-last exporter's mistake)."""
     if isinstance(layer, onnx_export.Flatten):
