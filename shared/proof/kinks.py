@@ -190,13 +190,14 @@ def sides_agree(
         return True
     with np.errstate(over="ignore", invalid="ignore"):  # a state a rate too high blew up
         sides = [kink_state(arch, b.activations(params, x, masks), x) for b in backends]
-    return all(
-        np.array_equal(first[count], other[count])
-        for side in sides[1:]
-        for first, other, count in zip(sides[0], side, counted, strict=True)
-    )
+    return all(same_side(sides[0], side, counted) for side in sides[1:])
 
 
-def same_side(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
-    """Whether two passes are on the same side of every kink (from `kink_state`)."""
-    return all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
+def same_side(
+    a: list[np.ndarray], b: list[np.ndarray], counted: list[np.ndarray] | None = None
+) -> bool:
+    """Whether two passes are on the same side of every kink (from `kink_state`), or of
+    those that `counted` marks."""
+    if counted is None:
+        return all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
+    return all(np.array_equal(u[c], v[c]) for u, v, c in zip(a, b, counted, strict=True))
