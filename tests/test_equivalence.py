@@ -667,40 +667,66 @@ def test_each_lockstep_step_is_taken_where_the_implementations_agree(monkeypatch
     assert not all(closest_agree)  # the nudge bites on some step's closest
 
 
-class _LosesFrom:
+class _AlteredAfterSteps:
+    """A backend whose training steps are its own but for what `altered` does after each:
+    one implementation's planted error in a lockstep run."""
+
+    def __init__(self, backend):
+        self.backend, self.steps = backend, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
+
+    def train_step(self, state, data, batch, lr):
+        state, loss, extra = self.backend.train_step(state, data, batch, lr)
+        self.steps += 1
+        return (*self.altered(state, loss), extra)
+
+    def altered(self, state, loss):
+        """(state, loss) after step `self.steps` (from 1), as the error leaves them."""
+        raise NotImplementedError
+
+
+class _LosesFrom(_AlteredAfterSteps):
     """A backend whose training loss is NaN from its `step`-th step on, its state finite: one
     implementation alone losing steps."""
 
     def __init__(self, backend, step: int):
-        self.backend, self.step, self.steps = backend, step, 0
+        super().__init__(backend)
+        self.step = step
 
-    def __getattr__(self, name: str):
-        return getattr(self.backend, name)
-
-    def train_step(self, state, data, batch, lr):
-        state, loss, extra = self.backend.train_step(state, data, batch, lr)
-        self.steps += 1
-        return state, np.full_like(loss, np.nan) if self.steps > self.step else loss, extra
+    def altered(self, state, loss):
+        return state, np.full_like(loss, np.nan) if self.steps > self.step else loss
 
 
-class _WeightOffAt:
+class _WeightOffAt(_AlteredAfterSteps):
     """A backend whose `name` after its `step`-th step (from 1) is `factor` times the true
     one: a small error in one step of one implementation."""
 
     def __init__(self, backend, name: str, step: int, factor: float):
-        self.backend, self.name, self.step, self.factor, self.steps = backend, name, step, factor, 0
+        super().__init__(backend)
+        self.name, self.step, self.factor = name, step, factor
 
-    def __getattr__(self, name: str):
-        return getattr(self.backend, name)
-
-    def train_step(self, state, data, batch, lr):
-        state, loss, extra = self.backend.train_step(state, data, batch, lr)
-        self.steps += 1
+    def altered(self, state, loss):
         if self.steps == self.step:
             params = self.backend.params(state)
             params[self.name] = params[self.name] * self.factor
             state = self.backend.init_state(params, self.backend.optimizer_tensors(state))
-        return state, loss, extra
+        return state, loss
+
+
+def _noconv_lockstep(config: TrainConfig, steps: int):
+    """What a float64 lockstep of `noconv` under `config`'s first setting takes: the network,
+    the setting, its batches of 5, seeded weights and every implementation's backend."""
+    from shared.proof.settings import noisy_batches, sample_batches, settings
+
+    arch = get_arch("noconv")
+    setting = settings(config, steps, 0, arch)[0]
+    batches = noisy_batches(sample_batches(None, 5, steps, 0), 0)
+    params = init_params(arch, "he", 0, np.dtype(np.float64))
+    hyperparams = setting.config.hyperparams
+    backends = {impl: make_backend(impl, arch, np.float64, hyperparams) for impl in IMPLEMENTATIONS}
+    return arch, setting, batches, params, backends
 
 
 def test_each_lockstep_step_is_measured_against_its_own_scale():
@@ -711,14 +737,9 @@ def test_each_lockstep_step_is_measured_against_its_own_scale():
     tolerance."""
     from shared.proof.passes import lockstep
     from shared.proof.rows import TOLERANCES, judge
-    from shared.proof.settings import noisy_batches, sample_batches, settings
 
-    arch, steps, name = get_arch("noconv"), 4, "fc1.weight"
-    setting = settings(replace(ALL_ON, lr=100.0), steps, 0, arch)[0]
-    batches = noisy_batches(sample_batches(None, 5, steps, 0), 0)
-    params = init_params(arch, "he", 0, np.dtype(np.float64))
-    hyperparams = setting.config.hyperparams
-    backends = {impl: make_backend(impl, arch, np.float64, hyperparams) for impl in IMPLEMENTATIONS}
+    steps, name = 4, "fc1.weight"
+    arch, setting, batches, params, backends = _noconv_lockstep(replace(ALL_ON, lr=100.0), steps)
     off = IMPLEMENTATIONS[-1]  # not the first, whose state every step restarts from
     backends[off] = _WeightOffAt(backends[off], name, 1, 1 + 1e-6)
     _, rows = lockstep(backends, arch, params, batches, setting, resync=True)
@@ -762,14 +783,9 @@ def test_steps_one_implementation_alone_loses_are_compared_and_fail(resync):
     while the others' pass."""
     from shared.proof.passes import lockstep
     from shared.proof.rows import TOLERANCES, judge
-    from shared.proof.settings import noisy_batches, sample_batches, settings
 
-    arch, steps = get_arch("noconv"), 4
-    setting = settings(ALL_ON, steps, 0, arch)[0]
-    batches = noisy_batches(sample_batches(None, 5, steps, 0), 0)
-    params = init_params(arch, "he", 0, np.dtype(np.float64))
-    hyperparams = setting.config.hyperparams
-    backends = {impl: make_backend(impl, arch, np.float64, hyperparams) for impl in IMPLEMENTATIONS}
+    steps = 4
+    arch, setting, batches, params, backends = _noconv_lockstep(ALL_ON, steps)
     loser = IMPLEMENTATIONS[0]
     backends[loser] = _LosesFrom(backends[loser], 2)
     compared, rows = lockstep(backends, arch, params, batches, setting, resync)
