@@ -33,7 +33,7 @@ import numpy as np
 
 from shared.config import FIELDS, OPTIMIZER_BUFFERS, check_saved_field
 from shared.errors import CheckpointError, UsageError
-from shared.io import atomic_write
+from shared.io import atomic_write, regular_file
 from shared.layers import Tensor
 from shared.spec import (
     MAX_PARAMETERS,
@@ -142,11 +142,14 @@ def load_checkpoint(path: Path, dtype: Any = None) -> Checkpoint:
     `dtype` (the run's), cast the tensors to it. Anything amiss is one CheckpointError that
     names the file and the member, tensor or metadata field at fault."""
     where = str(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{where}: no such checkpoint")
     try:
-        with open(path, "rb") as file:
+        # A FIFO or a device would wait for a writer or never end (/dev/zero).
+        with regular_file(path, where) as file:
             return _read_file(file, where, None if dtype is None else np.dtype(dtype))
-    except FileNotFoundError:
-        raise CheckpointError(f"{where}: no such checkpoint") from None
+    except UsageError as e:
+        raise CheckpointError(str(e)) from None
     except OSError as e:
         raise CheckpointError(f"{where}: cannot read it ({e.strerror or e})") from None
 

@@ -29,7 +29,7 @@ from shared.errors import UsageError
 from shared.io import write_json
 from shared.network import import_network
 from shared.onnx_export import require_onnx
-from shared.outputs import check_out_file
+from shared.outputs import check_out_files
 from shared.proof.kinks import BATCH_SIZE, away_from_kinks, batch_size_for, crosscheck_cost
 from shared.proof.onnx_witness import onnx_rows
 from shared.proof.passes import (
@@ -50,7 +50,15 @@ from shared.proof.settings import (
     scaled_logits,
     settings,
 )
-from shared.spec import Arch, Params, cast_params, get_arch, init_params, is_model_file
+from shared.spec import (
+    Arch,
+    Params,
+    cast_params,
+    get_arch,
+    init_params,
+    is_model_file,
+    model_file_path,
+)
 
 
 def run_crosscheck(
@@ -254,10 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if args.onnx:
             require_onnx()
-        if args.json is not None:
-            check_out_file(args.json, "--json")
-        if args.plot is not None:
-            check_out_file(args.plot, "--plot")
+        model_files = [model_file_path(text) for text in args.arch or [] if is_model_file(text)]
+        check_out_files(
+            [("--json", args.json), ("--plot", args.plot)],
+            reads=[("--checkpoint", args.checkpoint), *(("--arch", f) for f in model_files)],
+        )
         # A model file is proven from its own weights; a spec or preset from seeded ones.
         archs, initial = [], {}
         for text in args.arch or ["lab", "pool"]:

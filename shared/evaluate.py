@@ -18,7 +18,7 @@ from shared.data import Dataset, load_dataset
 from shared.errors import CheckpointError
 from shared.io import write_json
 from shared.layers import NUM_CLASSES
-from shared.outputs import prepare_out_dir
+from shared.outputs import EVALUATION_FILES, prepare_out_dir
 from shared.plots import plt, save_figure
 from shared.spec import get_arch
 
@@ -106,10 +106,11 @@ def write_report(path: Path, result: dict[str, Any], data: Dataset, out: Path) -
         print(f"  {name:<12} " + ("no images" if acc is None else f"{100 * acc:6.2f}%"))
     title = f"{result['arch']} | test accuracy {100 * result['acc']:.2f}% | {impl}"
     cm = np.array(result["confusion_matrix"])
-    plot_confusion(cm, data.spec.class_names, title, out / "confusion.png")
-    plot_misclassified(data, logits.argmax(axis=1), out / "misclassified.png")
-    write_json(out / "evaluation.json", result)
-    print(f"wrote {out / 'confusion.png'}, {out / 'misclassified.png'}, {out / 'evaluation.json'}")
+    confusion, misclassified, evaluation = (out / name for name in EVALUATION_FILES)
+    plot_confusion(cm, data.spec.class_names, title, confusion)
+    plot_misclassified(data, logits.argmax(axis=1), misclassified)
+    write_json(evaluation, result)
+    print(f"wrote {confusion}, {misclassified}, {evaluation}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,10 @@ from shared.backend import batched_logits, make_backend
 from shared.cli import run_cli
 from shared.data import load_dataset
 from shared.errors import ThreefoldError, UsageError
+from shared.io import staged
 from shared.network import Network, load_network
 from shared.onnx_export import OPSET, require_onnx
-from shared.outputs import check_out_file
+from shared.outputs import check_out_files
 from shared.proof.onnx_witness import onnx_logits
 from shared.proof.rows import TOLERANCES, compare
 
@@ -67,24 +69,24 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("give --onnx FILE.onnx, --safetensors FILE or both")
         if args.onnx is not None:
             require_onnx()
-            check_out_file(args.onnx, "--onnx")
         weights = args.safetensors
         if weights is None:
             weights = args.onnx.with_suffix(".safetensors")
-        check_out_file(weights, "--safetensors")
+        check_out_files(
+            [("--onnx", args.onnx), ("--safetensors", weights)],
+            reads=[("the checkpoint", args.checkpoint)],
+        )
         network = load_network(
             args.checkpoint, "export.py"
         )  # checked whole before anything is written
-        written = []
-        try:
-            if args.onnx is not None:
-                written.append(network.to_onnx(args.onnx))
-            written.append(network.to_safetensors(weights))
-        except BaseException:
-            for path in written:  # a pair or nothing: the graph without its weights is removed
-                path.unlink(missing_ok=True)
-            raise
-        for path in written:
+        # A pair or nothing: the graph replaces an older one only once its weights are
+        # written, so a failure leaves both older files as they were.
+        with staged(args.onnx) if args.onnx is not None else nullcontext() as graph:
+            if graph is not None:
+                network.to_onnx(graph)
+            network.to_safetensors(weights)
+        written = [] if args.onnx is None else [args.onnx]
+        for path in [*written, weights]:
             print(f"wrote {path} ({path.stat().st_size:,} bytes)")
         if args.onnx is None:
             return 0

@@ -22,6 +22,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     `path`, and the old file, if any, is left as it was.
     """
     path = Path(path)
+    _refuse_special(path)
     try:
         _write_and_replace(path, write)
     except OSError as e:
@@ -45,6 +46,38 @@ def _write_and_replace(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def staged(path: Path) -> Iterator[Path]:
+    """A hidden name beside `path` to write it under, moved to `path` when the block ends
+    without an error and removed otherwise: a file written with others replaces its older
+    version only once all of them are written. Where the folder refuses, an OutputError."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+        )
+        os.close(fd)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write it ({e.strerror or e}); nothing written") from None
+    try:
+        yield Path(tmp)
+        _refuse_special(path)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _refuse_special(path: Path) -> None:
+    """An OutputError where `path` is a FIFO, a device or a socket: a rename would put a
+    plain file in its place."""
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise OutputError(f"{path}: not a regular file; nothing written")
 
 
 def _umask() -> int:
@@ -105,7 +138,8 @@ def regular_file(path: Path, where: str) -> Iterator[IO[bytes]]:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise UsageError(f"{where}: cannot read it ({e.strerror or e})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a folder
+        os.close(fd)
+        raise UsageError(f"{where}: not a regular file")
     with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UsageError(f"{where}: not a regular file")
         yield file

@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import itertools
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ CHECKPOINT_NAME = "checkpoint.npz"
 METRICS_NAME = "metrics.json"
 CURVES_NAME = "curves.png"
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, CURVES_NAME)
+EVALUATION_FILES = ("confusion.png", "misclassified.png", "evaluation.json")  # evaluate.py's
 LOCK_NAME = ".lock"
 
 
@@ -39,6 +41,30 @@ def prepare_out_dir(folder: Path, flag: str = "--out") -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def replacing_run(folder: Path) -> Iterator[None]:
+    """For a run that replaces the one in `folder` (--overwrite): the old run's files, and
+    those an evaluation of it wrote, moved aside into a hidden folder while the new run
+    starts; put back if the new run ends before saving a checkpoint of its own (a divergence
+    in its first epoch, Ctrl-C), deleted once it has saved one. A process killed meanwhile
+    leaves them in `.replaced-PID`."""
+    names = [name for name in (*RUN_FILES, *EVALUATION_FILES) if (folder / name).exists()]
+    aside = folder / f".replaced-{os.getpid()}"
+    if names:
+        aside.mkdir()
+    for name in names:
+        os.replace(folder / name, aside / name)
+    try:
+        yield
+    except BaseException:
+        if not (folder / CHECKPOINT_NAME).exists():
+            for name in names:
+                os.replace(aside / name, folder / name)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def check_out_file(path: Path, flag: str) -> Path:
     """Say in one line, before any work, why `path` could not be written as a file: it is a
     folder, or its folder is missing or not writable."""
@@ -50,6 +76,33 @@ def check_out_file(path: Path, flag: str) -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: folder {folder} is not writable")
     return path
+
+
+def check_out_files(
+    outputs: list[tuple[str, Path | None]], reads: list[tuple[str, Path | None]] = ()
+) -> None:
+    """check_out_file on each output given (flag, path; None where not given), and refuse an
+    output that is a file the command reads or another output: writing it would destroy
+    the input, or what the command wrote a moment before."""
+    seen = [(flag, path) for flag, path in reads if path is not None]
+    for flag, path in outputs:
+        if path is None:
+            continue
+        check_out_file(path, flag)
+        for other_flag, other in seen:
+            if _same_file(path, other):
+                raise UsageError(f"{flag} {path}: the same file as {other_flag} {other}")
+        seen.append((flag, path))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same path once resolved, or hard links."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet)
+        return False
 
 
 def fresh_run_dir(base: Path) -> Path:
@@ -106,7 +159,10 @@ def hold(folder: Path, flag: str = "--out") -> Iterator[None]:
             os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
-        os.unlink(lock)  # while still locked, so no one else holds a lock on this file
+        # While still locked, so no one else holds a lock on this file; someone may have
+        # deleted it by hand, which must not fail a finished run.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
         os.close(fd)
 
 

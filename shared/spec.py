@@ -198,6 +198,11 @@ def is_model_file(text: str) -> bool:
     return (path.lower().endswith(".py") and name.isidentifier()) or text.lower().endswith(".onnx")
 
 
+def model_file_path(text: str) -> Path:
+    """The file a model file's text names (see is_model_file)."""
+    return Path(text if text.lower().endswith(".onnx") else text.rpartition(":")[0])
+
+
 def presets() -> dict[str, Arch]:
     return {name: get_arch(name) for name in PRESETS}
 

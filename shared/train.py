@@ -18,11 +18,11 @@ from shared.outputs import (
     CHECKPOINT_NAME,
     CURVES_NAME,
     METRICS_NAME,
-    RUN_FILES,
     fresh_run_dir,
     hold,
     holds_run,
     prepare_out_dir,
+    replacing_run,
 )
 from shared.spec import GRAMMAR, Arch, Params, get_arch, is_model_file
 
@@ -234,12 +234,10 @@ def _start(args: argparse.Namespace, typed: set[str]) -> int:
         prepare_out_dir(folder)
     try:
         with hold(folder):
-            if args.overwrite:
-                for name in RUN_FILES:
-                    (folder / name).unlink(missing_ok=True)
-            else:
+            if not args.overwrite:
                 _refuse_a_run_in(folder)  # again: a run may have finished meanwhile
-            return _run(config, arch, data, folder, None, initial)
+            with replacing_run(folder) if args.overwrite else contextlib.nullcontext():
+                return _run(config, arch, data, folder, None, initial)
     except BaseException:
         for made_here in made:  # folders this run made and left empty go with it
             with contextlib.suppress(OSError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import time
 import warnings
@@ -349,7 +350,14 @@ def test_a_zip64_directory_of_over_a_mebibyte_is_refused_before_zipfile(tmp_path
 
 def test_missing_file_and_folder(tmp_path):
     refused(tmp_path / "nothing.npz", "no such checkpoint")
-    refused(tmp_path, "cannot read it")
+    refused(tmp_path, "not a regular file")
+
+
+def test_a_fifo_or_a_device_is_refused_without_reading_it(tmp_path):
+    # A FIFO would wait for a writer forever; /dev/zero would fill the memory.
+    os.mkfifo(tmp_path / "fifo.npz")
+    refused(tmp_path / "fifo.npz", "not a regular file")
+    refused(Path("/dev/zero"), "not a regular file")
 
 
 # --- the zip's directory ----------------------------------------------------------------

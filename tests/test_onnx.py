@@ -28,9 +28,10 @@ import shared.onnx_export as onnx_export
 import threefold
 from shared.config import IMPLEMENTATIONS
 from shared.crosscheck import run_crosscheck
-from shared.errors import UsageError
+from shared.errors import OutputError, UsageError
+from shared.export import main as export_main
 from shared.kinds import KINDS, kind_of
-from shared.network import load_weights
+from shared.network import Network, load_weights
 from shared.onnx_export import check_model, onnx_model
 from shared.onnx_file import MAX_NODES
 from shared.onnx_import import from_onnx
@@ -473,7 +474,8 @@ def huge_initialiser(path) -> None:
 
 REFUSE = """
 import sys, time
-from shared.errors import UsageError
+from shared.errors import OutputError, UsageError
+from shared.export import main as export_main
 started = time.perf_counter()
 from shared.onnx_import import from_onnx
 try:
@@ -504,7 +506,9 @@ def test_a_graph_claiming_a_huge_size_is_refused_within_bounds(write, message, t
 # --- the commands -----------------------------------------------------------------------------
 
 
-def test_export_writes_a_checked_graph_and_weights_and_checks_them(tmp_path, tiny_data_dir):
+def test_export_writes_a_checked_graph_and_weights_and_checks_them(
+    tmp_path, tiny_data_dir, monkeypatch, capsys
+):
     from shared.config import TrainConfig
     from shared.data import load_dataset
     from shared.loop import train
@@ -533,15 +537,21 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(tmp_path, tin
     onnx.checker.check_model(onnx.load(out / "pool.onnx"), full_check=True)
     network = threefold.load(out / "pool.onnx")
     assert network.standardise is not None  # the checkpoint's standardisation is in the graph
-    # Bad input: one line, non-zero exit, nothing written.
+    # Bad input: one line, non-zero exit, nothing written; no output over the checkpoint or
+    # over the other output.
+    checkpoint = (run / "checkpoint.npz").read_bytes()
     for args, message in [
         ([], "give --onnx FILE.onnx, --safetensors FILE or both"),
         (["--onnx", str(out / "missing" / "m.onnx")], "folder .* does not exist"),
+        (["--safetensors", str(run / "checkpoint.npz")], "the same file as the checkpoint"),
+        (["--onnx", str(out / "w.safetensors")], "--safetensors .*: the same file as --onnx"),
+        (["--onnx", str(out / "a.onnx"), "--safetensors", str(out / "a.onnx")], "same file"),
     ]:
         bad = subprocess.run([*command, *args], capture_output=True, text=True, cwd=ROOT)
         last = bad.stderr.strip().splitlines()[-1]
         assert bad.returncode == 2 and last.startswith("export.py: error: ")
         assert re.search(message, last) and "Traceback" not in bad.stderr
+    assert (run / "checkpoint.npz").read_bytes() == checkpoint
     missing = subprocess.run(
         [
             sys.executable,
@@ -556,6 +566,17 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(tmp_path, tin
     )
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert sorted(p.name for p in out.iterdir()) == ["pool.onnx", "pool.safetensors"]
+    # The weights' write refused: the older graph and weights stay as they were.
+    older = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def refused(self, path):
+        raise OutputError(f"{path}: cannot write it (planted); nothing written")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Network, "to_safetensors", refused)
+        status = export_main([str(run / "checkpoint.npz"), "--onnx", str(out / "pool.onnx")])
+    assert status == 1 and "planted" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == older
 
 
 def test_an_onnx_file_is_a_network_for_train_and_its_weights_a_start(tmp_path, tiny_data_dir):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -14,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import threefold
 from shared.backend import IMPLEMENTATIONS
 from shared.checkpoint import load_checkpoint
 from shared.config import ADDED_FIELDS, FIELDS, TrainConfig
 from shared.data import load_dataset
-from shared.errors import Interrupted
+from shared.errors import Interrupted, OutputError, UsageError
 from shared.io import remove_stale_temporaries, write_json
 from shared.loop import train
 from shared.outputs import fresh_run_dir, hold
@@ -69,6 +71,58 @@ def test_an_out_folder_holding_a_run_is_refused_unless_overwritten(tiny_data_dir
     result = run_script("train.py", *args, "--seed", "1", "--overwrite")
     assert result.returncode == 0, result.stderr
     assert load_checkpoint(out / "checkpoint.npz").meta["config"]["seed"] == 1
+
+
+def test_an_overwriting_run_that_saves_nothing_leaves_the_old_run_in_place(
+    finished_run, tiny_data_dir
+):
+    (finished_run / "evaluation.json").write_text("{}")  # an evaluation of the old run
+    before = {p.name: p.read_bytes() for p in finished_run.iterdir() if p.is_file()}
+    diverges = ["--lr", "1e30", "--warmup", "0", "--no-flip", "--seed", "1", "--overwrite"]
+    result = run_script(
+        "train.py", *QUICK, *diverges, "--data-dir", str(tiny_data_dir), "--out", str(finished_run)
+    )
+    assert result.returncode == 1 and "nothing was saved" in result.stderr, result.stderr
+    assert {p.name: p.read_bytes() for p in finished_run.iterdir() if p.is_file()} == before
+    assert not [p for p in finished_run.iterdir() if p.name.startswith(".replaced")]
+    # One that saves replaces the old run whole: no evaluation of the old run stays beside it.
+    result = run_script(
+        "train.py",
+        *QUICK,
+        "--seed",
+        "1",
+        "--overwrite",
+        "--data-dir",
+        str(tiny_data_dir),
+        "--out",
+        str(finished_run),
+    )
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(finished_run / "checkpoint.npz").meta["config"]["seed"] == 1
+    assert not (finished_run / "evaluation.json").exists()
+
+
+def test_a_file_written_over_a_fifo_is_refused_and_the_fifo_kept(tmp_path):
+    fifo = tmp_path / "m.onnx"
+    os.mkfifo(fifo)
+    network = threefold.network("flatten-fc10")
+    for write in (network.to_onnx, network.to_safetensors):
+        with pytest.raises(OutputError, match=f"{fifo}: not a regular file"):
+            write(fifo)
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_a_folder_read_as_a_file_is_named(tmp_path):
+    for name in ("d.safetensors", "d.onnx"):
+        (tmp_path / name).mkdir()
+        with pytest.raises(UsageError, match=f"{name}.*: not a regular file"):
+            threefold.load(tmp_path / name)
+
+
+def test_a_lock_deleted_by_hand_does_not_fail_the_run(tmp_path):
+    with hold(tmp_path):
+        (tmp_path / ".lock").unlink()
 
 
 def test_a_held_folder_refuses_a_second_process_naming_the_first(tiny_data_dir, tmp_path):
@@ -376,6 +430,19 @@ def test_benchmark_refuses_an_impossible_batch_size_at_once():
 def test_crosscheck_checks_its_output_paths_before_working(flag, tmp_path):
     result = run_script("crosscheck.py", flag, str(tmp_path))
     assert result.returncode == 2 and f"{flag} {tmp_path}: is a folder" in result.stderr
+
+
+def test_crosscheck_writes_over_neither_its_checkpoint_nor_its_other_output(finished_run, tmp_path):
+    checkpoint = finished_run / "checkpoint.npz"
+    before = checkpoint.read_bytes()
+    for flags, message in [
+        (["--json", str(checkpoint)], f"--json {checkpoint}: the same file as --checkpoint"),
+        (["--plot", str(checkpoint)], "the same file as --checkpoint"),
+        (["--json", str(tmp_path / "r"), "--plot", str(tmp_path / "r")], "the same file as"),
+    ]:
+        result = run_script("crosscheck.py", "--checkpoint", str(checkpoint), *flags)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert checkpoint.read_bytes() == before and not (tmp_path / "r").exists()
 
 
 def test_damaged_experiment_results_are_one_line_errors(tmp_path):
