@@ -474,8 +474,7 @@ def huge_initialiser(path) -> None:
 
 REFUSE = """
 import sys, time
-from shared.errors import OutputError, UsageError
-from shared.export import main as export_main
+from shared.errors import UsageError
 started = time.perf_counter()
 from shared.onnx_import import from_onnx
 try:
