@@ -1,6 +1,7 @@
 """An untrusted ONNX file read into its graph within bounds: its size before it is parsed, its
-node count off the protobuf wire format before a node is decoded, its initialisers' count, no
-operators of other domains and no external data (tensors in other files)."""
+node and message counts off the protobuf wire format before a node is decoded, its
+initialisers' count, its structure as onnx.checker sees it, no operators of other domains and
+no external data (tensors in other files)."""
 
 from __future__ import annotations
 
@@ -51,24 +52,52 @@ def read_graph(path: Path, label: str):
             raise UsageError(
                 f"{label}: initialiser {tensor.name} is stored in another file (external data)"
             )
+    # ONNX's own rules (each node's inputs and outputs by its operator's schema, the nodes in
+    # an order that computes each input first, the types and shapes inferred) hold before the
+    # reader walks the graph: one that breaks them is no model any runtime reads.
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"{label}: not a valid ONNX model ({first})") from None
     return graph
 
 
-# Protobuf field numbers: ModelProto.graph, GraphProto.node.
-GRAPH_FIELD, NODE_FIELD = 7, 1
+# A parsed protobuf message costs a hundred bytes or more, on the wire as little as two: a file
+# of many small messages (nodes, value_info entries, a subgraph in a node's attribute) would
+# take gigabytes to parse. A network of MAX_LAYERS layers needs a few thousand. The fields
+# walked are bounded too, which bounds the walk's time (tensors' values come packed, one field).
+MAX_MESSAGES = 100_000
+MAX_FIELDS = 1_000_000
 
 
 def _count_nodes(data: bytes, label: str) -> int:
-    """The graph's node count, read off the protobuf wire format without decoding a node
-    (counting stops past MAX_NODES)."""
-    count = 0
-    for field, start, end in _fields(data, 0, len(data), label):
-        if field == GRAPH_FIELD and end is not None:
-            for inner, _, _ in _fields(data, start, end, label):
-                count += inner == NODE_FIELD
-                if count > MAX_NODES:
-                    return count
-    return count
+    """The nodes in the file, anywhere (a subgraph's too), read off the protobuf wire format
+    with ONNX's own schema before anything is decoded; a UsageError past MAX_MESSAGES
+    messages of any kind (counting nodes stops past MAX_NODES)."""
+    import onnx
+
+    node_type = onnx.NodeProto.DESCRIPTOR
+    nodes = messages = fields = 0
+    pending = [(onnx.ModelProto.DESCRIPTOR, 0, len(data))]
+    while pending:
+        descriptor, start, end = pending.pop()
+        for number, value_start, value_end in _fields(data, start, end, label):
+            field = descriptor.fields_by_number.get(number)
+            is_message = field is not None and field.message_type is not None
+            fields, messages = fields + 1, messages + (is_message and value_end is not None)
+            if messages > MAX_MESSAGES or fields > MAX_FIELDS:
+                raise UsageError(
+                    f"{label}: more than {MAX_MESSAGES} protobuf messages or {MAX_FIELDS} "
+                    "fields; not a model threefold reads"
+                )
+            if not is_message or value_end is None:
+                continue
+            nodes += field.message_type is node_type
+            if nodes > MAX_NODES:
+                return nodes
+            pending.append((field.message_type, value_start, value_end))
+    return nodes
 
 
 def _fields(data: bytes, start: int, end: int, label: str):

@@ -53,7 +53,7 @@ class _Block:
     taken: str = "res"
 
 
-def from_onnx(path: str | Path, where: str = "--arch") -> Network:
+def from_onnx(path: str | Path, where: str = "") -> Network:
     """The network an ONNX file computes, with its initialisers as weights and buffers (a
     BatchNorm's step counter, not in ONNX, starts at 0). Refuses in one UsageError naming the
     node and op type what threefold cannot compute the same way."""
@@ -61,7 +61,7 @@ def from_onnx(path: str | Path, where: str = "--arch") -> Network:
 
     require_onnx()
     path = Path(path)
-    label = f"{where} {path}"
+    label = f"{where} {path}" if where else str(path)  # where: the flag, from a command
     graph = read_graph(path, label)
     initialisers = {t.name: t for t in graph.initializer}
     current = _input_name(graph, initialisers, label)
@@ -89,7 +89,7 @@ def _input_name(graph, initialisers: dict, label: str) -> str:
     dims = inputs[0].type.tensor_type.shape.dim
     shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
     if len(shape) != 4 or shape[1:] != INPUT_SHAPE:
-        shown = "x".join("?" if d is None else str(d) for d in shape)
+        shown = "x".join("?" if d is None else str(d) for d in shape) or "of no shape"
         raise UsageError(
             f"{label}: input {inputs[0].name} is {shown}; threefold's networks take Nx1x28x28"
         )
@@ -243,6 +243,8 @@ def _take(node, initialisers: dict, where: str, source: str, last: bool) -> _Ste
         taken, reads, note = TAKERS[op](node, attributes, initialisers, last)
     except Refused as refused:
         raise UsageError(f"{where}: {refused.option}: {refused.why}") from None
+    except UsageError as error:  # a constant input at fault, which _scalar names
+        raise UsageError(f"{where}: {error}") from None
     return _Step(source, what, taken, reads, note)
 
 
@@ -317,9 +319,10 @@ def _pool(op: str):
             _require(attributes, "count_include_pad", (1,), why)
         if op == "max":
             _require(attributes, "storage_order", (0,), "indices are not an output")
-        adaptive = node.doc_string.startswith(ADAPTIVE)
-        if adaptive and size == stride and padding == 0:
-            return ("adaptiveavgpool", {"size": int(node.doc_string.split()[-1])}), [], ""
+        # Only the exporter's own mark ("adaptiveavgpool N"); any other doc_string is a note.
+        mark, _, outputs = node.doc_string.partition(" ")
+        if mark == ADAPTIVE and outputs.isdigit() and size == stride and padding == 0:
+            return ("adaptiveavgpool", {"size": int(outputs)}), [], ""
         return (f"{op}pool", {"size": size, "stride": stride, "padding": padding}), [], ""
 
     return take

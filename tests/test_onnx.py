@@ -33,7 +33,7 @@ from shared.export import main as export_main
 from shared.kinds import KINDS, kind_of
 from shared.network import Network, load_weights
 from shared.onnx_export import check_model, onnx_model
-from shared.onnx_file import MAX_NODES
+from shared.onnx_file import MAX_MESSAGES, MAX_NODES
 from shared.onnx_import import from_onnx
 from shared.proof.onnx_witness import WITNESSES, onnx_logits
 from shared.proof.rows import TOLERANCES, compare
@@ -398,22 +398,76 @@ def test_an_unsupported_node_is_one_line_naming_it(extra, message, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("node", "message"),
+    ("nodes", "message"),
     [
-        (dict(op_type="MaxPool", kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1), "ceil_mode=1"),
-        (
-            dict(op_type="AveragePool", kernel_shape=[3, 3], pads=[1] * 4, count_include_pad=0),
-            "count_include_pad=0",
+        (  # a cycle inside a residual block, which the reader once followed forever
+            [
+                helper.make_node("Relu", ["x"], ["a"]),
+                helper.make_node("Relu", ["q"], ["p"]),
+                helper.make_node("Relu", ["p"], ["q"]),
+                helper.make_node("Add", ["a", "q"], ["s"]),
+                *fc_nodes("s")[0],
+            ],
+            "topologically sorted",
         ),
-        (dict(op_type="MaxPool", kernel_shape=[2, 3]), "kernel_shape=\\[2, 3\\]: .*square"),
-        (dict(op_type="MaxPool", kernel_shape=[3, 3], pads=[0, 0, 1, 1]), "pads=\\[0, 0, 1, 1\\]"),
+        ([helper.make_node("Add", ["x"], ["s"]), *fc_nodes("s")[0]], "input size 1"),
+        ([helper.make_node("Relu", ["x"], []), *fc_nodes("x")[0]], "output size 0"),
     ],
 )
-def test_an_unsupported_option_is_one_line_naming_node_and_option(node, message, tmp_path):
+def test_a_graph_that_breaks_onnx_s_rules_is_refused_by_the_checker(nodes, message, tmp_path):
+    path = graph_file(tmp_path, nodes, fc_nodes()[1])
+    with pytest.raises(UsageError, match=f"m.onnx: not a valid ONNX model \\(.*{message}"):
+        from_onnx(path)
+
+
+def test_an_exporter_s_mark_is_read_only_as_written_and_a_constant_names_its_node(tmp_path):
+    nodes, inits = fc_nodes("pooled")
+    inits[0] = numpy_helper.from_array(np.zeros((10, 196), np.float32), "w")
+    window = {"kernel_shape": [2, 2], "strides": [2, 2]}
+    for note in ("adaptiveavgpool x", "adaptiveavgpool", "a note"):
+        pool = helper.make_node("AveragePool", ["x"], ["pooled"], "pool", note, **window)
+        network = from_onnx(graph_file(tmp_path, [pool, *nodes], inits))
+        assert network.arch.name.startswith("avgpool2")
+    ratio = numpy_helper.from_array(np.array(np.nan, np.float32), "r")
+    drop = helper.make_node("Dropout", ["x", "r"], ["pooled"], "drop")
+    with pytest.raises(UsageError, match="drop \\(Dropout\\): ratio: r is nan"):
+        from_onnx(graph_file(tmp_path, [drop, *fc_nodes("pooled")[0]], [*fc_nodes()[1], ratio]))
+
+
+@pytest.mark.parametrize(
+    ("node", "features", "message"),
+    [
+        (
+            dict(op_type="MaxPool", kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+            14 * 14,
+            "ceil_mode=1",
+        ),
+        (
+            dict(op_type="AveragePool", kernel_shape=[3, 3], pads=[1] * 4, count_include_pad=0),
+            28 * 28,
+            "count_include_pad=0",
+        ),
+        (
+            dict(op_type="MaxPool", kernel_shape=[2, 3]),
+            27 * 26,
+            "kernel_shape=\\[2, 3\\]: .*square",
+        ),
+        (
+            dict(op_type="MaxPool", kernel_shape=[3, 3], pads=[0, 0, 1, 1]),
+            27 * 27,
+            "pads=\\[0, 0, 1, 1\\]",
+        ),
+    ],
+)
+def test_an_unsupported_option_is_one_line_naming_node_and_option(
+    node, features, message, tmp_path
+):
+    # Each graph is a valid ONNX model (the fc takes the pool's output): what threefold
+    # cannot compute is named, not what onnx.checker would.
     options = dict(node)
     op = options.pop("op_type")
     pool = helper.make_node(op, ["x"], ["pooled"], "pool", **options)
-    weight = numpy_helper.from_array(np.zeros((10, 196), np.float32), "w")
+    weight = numpy_helper.from_array(np.zeros((10, features), np.float32), "w")
     bias = numpy_helper.from_array(np.zeros(10, np.float32), "b")
     nodes = [
         pool,
@@ -462,6 +516,36 @@ def million_nodes(path) -> None:
     path.write_bytes(model.SerializeToString() + b"\x3a" + varint(len(graph)) + graph)
 
 
+def graph_field_repeated(path, number: int, message: bytes, times: int, nodes=()) -> None:
+    """A model whose graph holds `times` copies of one serialised message as its field
+    `number`, written at the wire level, before a graph with `nodes`."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 28, 28])
+    y = helper.make_tensor_value_info("v", TensorProto.FLOAT, ["n", 10])
+    key = varint(number << 3 | 2)  # a length-delimited field
+    graph = (key + varint(len(message)) + message) * times
+    graph += helper.make_graph(list(nodes), "g", [x], [y]).SerializeToString()
+    model = helper.make_model(helper.make_graph([], "g", [x], [y]))
+    model.ClearField("graph")
+    path.write_bytes(model.SerializeToString() + b"\x3a" + varint(len(graph)) + graph)
+
+
+def many_value_infos(path) -> None:
+    """200,000 value_info entries (GraphProto field 13): 8 MB, each a few messages deep."""
+    entry = helper.make_tensor_value_info("t", TensorProto.FLOAT, ["n", 1, 28, 28])
+    graph_field_repeated(path, 13, entry.SerializeToString(), 200_000)
+
+
+def a_subgraph_of_many_nodes(path) -> None:
+    """A node whose attribute holds a graph of a million nodes, which the top level's node
+    count does not see."""
+    relu = helper.make_node("Relu", ["v"], ["v"]).SerializeToString()
+    subgraph = (b"\x0a" + varint(len(relu)) + relu) * 1_000_000
+    attribute = b"\x0a\x0bthen_branch" + b"\x32" + varint(len(subgraph)) + subgraph
+    node = helper.make_node("Relu", ["x"], ["v"]).SerializeToString()
+    node += b"\x2a" + varint(len(attribute)) + attribute  # NodeProto.attribute is field 5
+    graph_field_repeated(path, 1, node, 1)
+
+
 def huge_initialiser(path) -> None:
     """An fc whose weight claims 2**32 floats and holds 40 bytes."""
     nodes, _ = fc_nodes()
@@ -487,8 +571,11 @@ except UsageError as e:
 @pytest.mark.parametrize(
     ("write", "message"),
     [
-        (huge_initialiser, "fc: Gemm\\(transB=1\\): the network has more than 25000000 parameters"),
+        # onnx.checker finds the data short of the claim before any array is made.
+        (huge_initialiser, "w\\) raw_data size \\(40 bytes\\) is too small"),
         (million_nodes, f"more than {MAX_NODES} nodes"),
+        (many_value_infos, f"more than {MAX_MESSAGES} protobuf messages"),
+        (a_subgraph_of_many_nodes, f"more than {MAX_NODES} nodes"),
     ],
 )
 def test_a_graph_claiming_a_huge_size_is_refused_within_bounds(write, message, tmp_path):
