@@ -11,15 +11,19 @@ read, never when this module is.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from shared.checkpoint import value_problem
 from shared.errors import UsageError
 from shared.kinds import token
 from shared.layers import INPUT_SHAPE, Layer
@@ -30,6 +34,7 @@ from shared.torch_ops import DROP, METHODS, MODULES, RESHAPES, Refused, Taken, b
 # A model file is a Python module the user names; a weights file holds one state_dict.
 MAX_MODEL_FILE_BYTES = 2**20
 MAX_WEIGHTS_FILE_BYTES = 2**30
+ZIP_SLACK_BYTES = 2**20  # a state_dict zip's names, pickle and alignment, beyond the data
 
 
 # --- the chain ----------------------------------------------------------------------------------
@@ -81,12 +86,12 @@ def _trace(module: Any, where: str):
         parameter = next(iter(module.parameters()), None)
         dtype = torch.float32 if parameter is None else parameter.dtype
         try:
-            with torch.no_grad():
+            # ShapeProp prints the traceback of the user's error itself, then wraps it.
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
                 ShapeProp(graph).propagate(torch.zeros(2, *INPUT_SHAPE, dtype=dtype))
         except Exception as error:
-            raise UsageError(
-                f"{where}: its forward fails on 1x28x28 images ({_first_line(error)})"
-            ) from None
+            cause = _first_line(error.__cause__ or error)
+            raise UsageError(f"{where}: its forward fails on 1x28x28 images ({cause})") from None
         return graph
     finally:
         for name, m in module.named_modules():
@@ -381,10 +386,12 @@ def from_torch(module: Any, where: str = "module") -> Network:
 
     if not isinstance(module, torch.nn.Module):
         raise UsageError(f"{where}: {type(module).__name__} is not a torch.nn.Module")
+    _refuse_hidden_behaviour(module, where)
     for name, value in module.state_dict().items():
         if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
             raise UsageError(f"{where}: {name}: {value.dtype}; threefold computes in float32/64")
     graph = _trace(module, where)
+    _refuse_tied_weights(module, graph, where)
     steps = _read_steps(module, graph, where)
     entries, placed = _entries(steps, where)
     if not entries:
@@ -392,7 +399,7 @@ def from_torch(module: Any, where: str = "module") -> Network:
     layers = build_layers(entries, where)  # one per entry, refusals named by its source
     arch = get_arch("-".join(token(layer) for layer in layers), where)
     state = module.state_dict()
-    mapping, canonical = [], {}
+    mapping, canonical, expected = [], {}, tensors(arch)
     for step, position in placed:
         if position is None:
             same_loss = "cross-entropy on log-probabilities is the same loss"
@@ -408,16 +415,72 @@ def from_torch(module: Any, where: str = "module") -> Network:
             mapping.append(Mapped(step.source, step.what, token(layer, every=True)))
             continue
         moved = []
-        for name in tensors(arch):
+        for name in expected:
             if not name.startswith(f"{layer.name}."):
                 continue
             theirs = f"{step.module_path}.{name[len(layer.name) + 1 :]}"
             canonical[name] = _numpy(state[theirs])
+            problem = value_problem(expected[name], canonical[name])
+            if problem is not None:
+                raise UsageError(f"{where}: {theirs} {problem}")
             moved.append((theirs, name))
         written = token(layer, every=True)
         block = arch.layers[position[0]].name if len(position) > 1 else ""
         mapping.append(Mapped(step.source, step.what, written, tensors=tuple(moved), block=block))
     return Network(arch, canonical, tuple(mapping))
+
+
+HOOKS = {
+    "_forward_hooks": "forward hooks",
+    "_forward_pre_hooks": "forward pre-hooks",
+    "_backward_hooks": "backward hooks",
+    "_backward_pre_hooks": "backward pre-hooks",
+}
+
+
+def _refuse_hidden_behaviour(module: Any, where: str) -> None:
+    """Refuse what changes a module's computation outside the forward that torch.fx traces:
+    lazy parameters not yet given a shape, hooks (pruning and the older weight_norm are
+    forward pre-hooks), parametrizations (the newer weight_norm, spectral_norm)."""
+    from torch.nn.parameter import is_lazy
+    from torch.nn.utils import parametrize
+
+    for name, sub in module.named_modules():
+        shown = name or type(module).__name__
+        # A lazy module's own pre-hook gives it its shape on the first batch.
+        if any(is_lazy(p) for p in sub.parameters(recurse=False)):
+            raise UsageError(
+                f"{where}: {shown}: has lazy parameters not yet of a shape; run the module "
+                "on one batch first"
+            )
+        hooks = [shown_kind for kind, shown_kind in HOOKS.items() if getattr(sub, kind, None)]
+        if hooks:
+            raise UsageError(
+                f"{where}: {shown}: has {hooks[0]} (pruning, the older weight_norm, or one of "
+                "yours), which change what it computes; remove them to import it"
+            )
+        if parametrize.is_parametrized(sub):
+            raise UsageError(
+                f"{where}: {shown}: has parametrizations (weight_norm, spectral_norm); "
+                "remove them (torch.nn.utils.parametrize.remove_parametrizations) to import it"
+            )
+
+
+def _refuse_tied_weights(module: Any, graph: Any, where: str) -> None:
+    """Refuse one tensor held by two modules that the forward calls (tied weights): threefold
+    would import two, and training would untie them."""
+    owners: dict[int, str] = {}
+    for node in graph.graph.nodes:
+        if node.op != "call_module":
+            continue
+        for name, parameter in module.get_submodule(node.target).named_parameters():
+            path = f"{node.target}.{name}"
+            first = owners.setdefault(id(parameter), path)
+            if first != path:
+                raise UsageError(
+                    f"{where}: {first} and {path} are one tensor (tied weights); threefold's "
+                    "layers do not share weights"
+                )
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -462,6 +525,26 @@ def import_file(text: str, where: str = "--arch") -> Network:
     return from_torch(module, label)
 
 
+def _refuse_inflating(path: Path, expected: dict, label: str) -> None:
+    """torch.save writes a zip, whose members may be compressed: a small file could inflate
+    to gigabytes in torch.load. Refuse members that add up to more than the network's tensors
+    in float64, and the zip's own bookkeeping (an older, unzipped file is as large as what
+    it holds)."""
+    if not zipfile.is_zipfile(path):
+        return
+    bound = 8 * sum(math.prod(t.shape) for t in expected.values()) + ZIP_SLACK_BYTES
+    try:
+        with zipfile.ZipFile(path) as archive:
+            inflated = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        raise UsageError(f"{label}: not a state_dict torch.load can read ({error})") from None
+    if inflated > bound:
+        raise UsageError(
+            f"{label}: holds {inflated:,} bytes once inflated, more than the network's "
+            f"tensors can take ({bound:,})"
+        )
+
+
 def load_state_dict_file(
     path: Path, arch: Arch, renames: dict[str, str], where: str
 ) -> tuple[Params, str]:
@@ -478,6 +561,8 @@ def load_state_dict_file(
         raise UsageError(f"{label}: larger than {MAX_WEIGHTS_FILE_BYTES} bytes")
     with path.open("rb") as file:
         digest = hashlib.file_digest(file, "sha256").hexdigest()
+    expected = tensors(arch)
+    _refuse_inflating(path, expected, label)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # whatever the file holds, one line
@@ -486,7 +571,6 @@ def load_state_dict_file(
     tensors_only = all(isinstance(v, torch.Tensor) for v in getattr(loaded, "values", list)())
     if not isinstance(loaded, dict) or not tensors_only:
         raise UsageError(f"{label}: holds a {type(loaded).__name__}, not a state_dict of tensors")
-    expected = tensors(arch)
     weights = {}
     for theirs, value in loaded.items():
         ours = renames.get(theirs, theirs)
@@ -498,8 +582,9 @@ def load_state_dict_file(
                 f"{label}: {theirs} has shape {tuple(value.shape)}, the network's {shape}"
             )
         array = _numpy(value)
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise UsageError(f"{label}: {theirs} holds NaN or infinity")
+        problem = value_problem(expected[ours], array)
+        if problem is not None:
+            raise UsageError(f"{label}: {theirs} {problem}")
         weights[ours] = array
     missing = sorted(set(expected) - set(weights))
     if missing:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrizations, prune
 
 import threefold
 from shared.config import IMPLEMENTATIONS, TrainConfig
@@ -219,13 +222,18 @@ def test_a_weights_file_that_does_not_fit_is_one_line(tmp_path):
     expected = {
         "missing": "1 tensors missing, the first 0.bias (conv1.bias)",
         "shape": "0.bias has shape (3,)",
-        "nan": "8.weight holds NaN",
+        "nan": "8.weight has NaN or inf values",
         "stranger": "extra.weight is not a tensor of the network",
     }
     for case, content in cases.items():
         torch.save(content, tmp_path / f"{case}.pt")
         with pytest.raises(UsageError, match=re.escape(expected[case])):
             load_weights(tmp_path / f"{case}.pt", network.arch, network.renames, "--weights")
+    # A zip of 16 KB that inflates to 16 MB, refused before torch.load inflates it.
+    with zipfile.ZipFile(tmp_path / "inflates.pt", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data/0", bytes(16 << 20))
+    with pytest.raises(UsageError, match="holds 16,777,216 bytes once inflated, more than"):
+        load_weights(tmp_path / "inflates.pt", network.arch, network.renames, "--weights")
     # A pickled object, not tensors: torch.load(weights_only=True) refuses to run it.
     (tmp_path / "object.pt").write_bytes(b"not a zip archive")
     with pytest.raises(UsageError, match=r"not a state_dict torch\.load can read"):
@@ -284,6 +292,29 @@ def _data_dependent(m, x):
     if x.sum() > 0:
         x = F.relu(x)
     return m.fc(torch.flatten(x, 1))
+
+
+def _flat_fc() -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+
+def _altered(module: nn.Module, alter: Callable[[nn.Module], object]) -> nn.Module:
+    """`module` altered in place by `alter`."""
+    with torch.no_grad():
+        alter(module)
+    return module
+
+
+def _tied() -> Chain:
+    """Two convs holding one weight tensor."""
+    module = Chain(
+        lambda m, x: m.fc(torch.flatten(m.second(m.first(x)), 1)),
+        first=nn.Conv2d(1, 1, 3, padding=1),
+        second=nn.Conv2d(1, 1, 3, padding=1),
+        fc=nn.Linear(784, 10),
+    )
+    module.second.weight = module.first.weight
+    return module
 
 
 REFUSED = {
@@ -391,6 +422,44 @@ REFUSED = {
     "half precision": (
         nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).half(),
         "1.weight: torch.float16; threefold computes in float32/64",
+    ),
+    "a forward that fails": (
+        nn.Sequential(nn.Flatten(), nn.Linear(100, 10)),
+        "its forward fails on 1x28x28 images (RuntimeError: mat1 and mat2 shapes cannot be "
+        "multiplied (2x784 and 100x10))",
+    ),
+    "NaN in a weight": (
+        _altered(_flat_fc(), lambda m: m[1].weight.fill_(float("nan"))),
+        "module: 1.weight has NaN or inf values",
+    ),
+    "a negative running variance": (
+        _altered(
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), head(2)),
+            lambda m: m[1].running_var.fill_(-1.0),
+        ),
+        "module: 1.running_var has negative values",
+    ),
+    "a forward hook": (
+        _altered(
+            _flat_fc(), lambda m: m[1].register_forward_hook(lambda module, inputs, out: out * 2)
+        ),
+        "module: 1: has forward hooks",
+    ),
+    "pruned": (
+        _altered(_flat_fc(), lambda m: prune.l1_unstructured(m[1], "weight", 0.5)),
+        "module: 1: has forward pre-hooks",
+    ),
+    "weight_norm": (
+        _altered(_flat_fc(), lambda m: m.__setitem__(1, parametrizations.weight_norm(m[1]))),
+        "module: 1: has parametrizations",
+    ),
+    "lazy": (
+        nn.Sequential(nn.Flatten(), nn.LazyLinear(10)),
+        "module: 1: has lazy parameters not yet of a shape",
+    ),
+    "tied weights": (
+        _tied(),
+        "first.weight and second.weight are one tensor (tied weights)",
     ),
 }
 
