@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from shared.backend import IMPLEMENTATIONS, make_backend
 from shared.batches import dropout_masks
 from shared.checkpoint import load_checkpoint
 from shared.cli import positive_int, run_cli, seed_type
-from shared.config import DTYPES, TrainConfig
+from shared.config import DTYPES, FIELDS, Bound, TrainConfig
 from shared.cost import check_training_batch
 from shared.data import Dataset, load_dataset
 from shared.errors import UsageError
@@ -59,6 +60,74 @@ from shared.spec import (
     is_model_file,
     model_file_path,
 )
+
+# How the options of check_batches are named to the caller: the command's flags, the API's
+# keyword arguments.
+FLAGS = {"batch_size": "--batch-size", "steps": "--steps", "arch": "--arch"}
+KEYWORDS = {"batch_size": "batch_size", "steps": "steps", "arch": "network"}
+
+
+def check_batches(
+    archs: list[Arch], batch_size: int | None, steps: int, data: Dataset | None, names: dict
+) -> None:
+    """What a cross-check's batches need, refused in one UsageError naming the option as
+    `names` spells it: two images at least where BatchNorm takes batch statistics, a float64
+    step of every network within the memory bound, and enough training images for the steps."""
+    size_name, steps_name = names["batch_size"], names["steps"]
+    if batch_size == 1 and any(a.uses_batch_statistics for a in archs):
+        raise UsageError(f"{size_name} 1: BatchNorm cannot take statistics of one image")
+    for arch in archs:  # the float64 pass compares whole batches in every implementation
+        why = "the cross-check compares whole steps in every implementation at once"
+        where = f"{names['arch']} {arch.name[:60]}"
+        check_training_batch(
+            crosscheck_cost(arch), batch_size or 2, np.float64, where, least=2, whole=why
+        )
+    largest = batch_size or BATCH_SIZE
+    if data is not None and steps * largest > len(data.train):
+        raise UsageError(
+            f"{steps_name} {steps} x {size_name} {largest} exceeds the "
+            f"{len(data.train)} training images"
+        )
+
+
+def check_options(
+    archs: list[Arch],
+    dtypes: Any,
+    steps: Any,
+    batch_size: Any,
+    seed: Any,
+    impls: Any,
+    data: Dataset | None,
+) -> None:
+    """The options of a cross-check called from Python (threefold.crosscheck) checked as the
+    command checks its flags: one UsageError naming the keyword at fault. One implementation,
+    or no dtype, would compare nothing and pass."""
+    if not _some_of(dtypes, DTYPES, least=1):
+        raise UsageError(f"dtypes={dtypes!r}: a tuple of one or more of {', '.join(DTYPES)}")
+    if not _some_of(impls, IMPLEMENTATIONS, least=2):
+        raise UsageError(
+            f"impls={impls!r}: a tuple of two or more of {', '.join(IMPLEMENTATIONS)} (the "
+            "cross-check compares pairs)"
+        )
+    counts = Bound(int, 1)
+    for name, value, bound in (
+        ("steps", steps, counts),
+        ("batch_size", batch_size, Bound(int, 1, optional=True)),
+        ("seed", seed, FIELDS["seed"]),
+    ):
+        problem = bound.problem(value)
+        if problem is not None:
+            raise UsageError(f"{name}={value!r}: {problem}")
+    check_batches(archs, batch_size, steps, data, KEYWORDS)
+
+
+def _some_of(values: Any, allowed: tuple[str, ...], least: int) -> bool:
+    """Whether `values` is a tuple or list of at least `least` different `allowed` names."""
+    return (
+        isinstance(values, tuple | list)
+        and all(v in allowed for v in values)
+        and len(set(values)) >= least
+    )
 
 
 def run_crosscheck(
@@ -276,22 +345,10 @@ def main(argv: list[str] | None = None) -> int:
                 initial[network.arch.name] = network.tensors
             else:
                 archs.append(get_arch(text))
-        if args.batch_size == 1 and any(a.uses_batch_statistics for a in archs):
-            raise UsageError("--batch-size 1: BatchNorm cannot take statistics of one image")
-        for arch in archs:  # the float64 pass compares whole batches in every implementation
-            why = "the cross-check compares whole steps in every implementation at once"
-            batch, where = args.batch_size or 2, f"--arch {arch.name[:60]}"
-            cost = crosscheck_cost(arch)
-            check_training_batch(cost, batch, np.float64, where, least=2, whole=why)
         # Read (and checked) before any work: a damaged checkpoint wastes no cross-check.
         ckpt = None if args.checkpoint is None else load_checkpoint(args.checkpoint, np.float32)
         data = load_dataset(args.data_dir)
-        largest = args.batch_size or BATCH_SIZE
-        if args.steps * largest > len(data.train):
-            raise UsageError(
-                f"--steps {args.steps} x --batch-size {largest} exceeds the "
-                f"{len(data.train)} training images"
-            )
+        check_batches(archs, args.batch_size, args.steps, data, FLAGS)
         started = time.perf_counter()
         notes: list[str] = []
 

@@ -526,7 +526,7 @@ def test_a_spec_file_too_big_or_missing_is_one_line(tmp_path):
     refused(str(missing), "cannot read it (No such file or directory)", where=f"--arch {missing}: ")
     folder = tmp_path / "folder.json"
     folder.mkdir()
-    refused(str(folder), "cannot read it (Is a directory)", where=f"--arch {folder}: ")
+    refused(str(folder), "not a regular file", where=f"--arch {folder}: ")
 
 
 def test_a_file_entry_of_several_layers_is_one_clear_line(tmp_path):

@@ -125,6 +125,44 @@ def test_a_public_model_is_proven_in_all_three(name, real_data):
     assert set(report.worst_by_layer()) <= layers | {"loss"}
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"dtypes": "float32"}, "dtypes='float32': a tuple of one or more of"),
+        ({"dtypes": ()}, "dtypes=\\(\\): a tuple"),
+        ({"dtypes": ("float16",)}, "dtypes=\\('float16',\\)"),
+        ({"impls": IMPLEMENTATIONS[:1]}, "impls=.*: a tuple of two or more of .*compares pairs"),
+        ({"impls": ()}, "impls=\\(\\)"),
+        ({"steps": 0}, "steps=0: out of range"),
+        ({"steps": 1.5}, "steps=1.5: not an integer"),
+        ({"batch_size": -3}, "batch_size=-3: out of range"),
+        (
+            {"batch_size": 10**9},
+            "network flatten-fc10: a step of this network on 1000000000 images",
+        ),
+        ({"seed": -1}, "seed=-1: out of range"),
+        ({"data": "bogus"}, "data='bogus': a Dataset, 'auto' or None"),
+    ],
+)
+def test_the_api_s_crosscheck_refuses_an_option_as_the_command_does(options, message):
+    # One implementation or no dtype would compare nothing and pass.
+    with pytest.raises(UsageError, match=message):
+        threefold.crosscheck("flatten-fc10", **{"data": None, **options})
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ((None,), "network: None is not a spec"),
+        (("lab", -1), "network: seed=-1: out of range"),
+        (("lab", 0, "x"), "network: init='x': not one of"),
+    ],
+)
+def test_the_api_s_network_refuses_what_its_flags_would(arguments, message):
+    with pytest.raises(UsageError, match=message):
+        threefold.network(*arguments)
+
+
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_an_imported_model_trains_from_its_own_weights(impl, tmp_path):
     network = import_file(f"{MODELS / 'keras_simple_convnet.py'}:build")

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from shared.config import IMPLEMENTATIONS, PAIRS
+from shared.config import FIELDS, IMPLEMENTATIONS, PAIRS
 from shared.data import Dataset, load_dataset
-from shared.errors import ThreefoldError
+from shared.errors import ThreefoldError, UsageError
 from shared.network import Network, identity_mapping, import_network, load_network
 from shared.proof.rows import CheckResult
 from shared.spec import Arch, get_arch, init_params, is_model_file
@@ -22,6 +22,12 @@ from shared.torch_import import from_torch
 def network(spec: str, seed: int = 0, init: str = "he") -> Network:
     """A network from a preset, a spec or a .json/.toml/FILE.py:NAME, with initial weights
     drawn by `init` from `seed` (a model file's own weights for FILE.py:NAME)."""
+    if not isinstance(spec, str):
+        raise UsageError(f"network: {spec!r} is not a spec (a str)")
+    for name, value in (("seed", seed), ("init", init)):
+        problem = FIELDS[name].problem(value)
+        if problem is not None:
+            raise UsageError(f"network: {name}={value!r}: {problem}")
     if is_model_file(spec):
         return import_network(spec, "network")
     arch = get_arch(spec, "network")
@@ -168,7 +174,7 @@ def crosscheck(
     against each implementation in evaluation mode, layer by layer. `data`: "auto"
     (Fashion-MNIST where installed, else seeded random images), a Dataset, or None (random
     images)."""
-    from shared.crosscheck import run_crosscheck
+    from shared.crosscheck import check_options, run_crosscheck
     from shared.onnx_export import require_onnx
 
     if onnx:
@@ -176,6 +182,7 @@ def crosscheck(
     net = _as_network(subject)
     notes: list[str] = []
     images, dataset = _images(data)
+    check_options([net.arch], dtypes, steps, batch_size, seed, impls, dataset)
     results = run_crosscheck(
         [net.arch],
         list(dtypes),
@@ -198,7 +205,7 @@ def _images(data: Dataset | str | None) -> tuple[str, Dataset | None]:
     if data is None:
         return "seeded random images", None
     if data != "auto":
-        raise ValueError(f"data: a Dataset, 'auto' or None, not {data!r}")
+        raise UsageError(f"data={data!r}: a Dataset, 'auto' or None")
     try:
         dataset = load_dataset()
     except ThreefoldError:
