@@ -5,6 +5,7 @@ taken, and the input scaling it expects; and the ways out of it (PyTorch, ONNX, 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.checkpoint import load_checkpoint
+from shared.checkpoint import form_problem, load_checkpoint, value_problem
 from shared.data import get_dataset_spec
 from shared.errors import UsageError
 from shared.kinds import kind_of, token
@@ -73,6 +74,32 @@ class Network:
             for r in rows
         ).rstrip()
 
+    def check(self, where: str) -> None:
+        """Refuse, in one UsageError starting with `where`, a network whose tensors are not
+        its layers' (missing, extra, of another dtype or shape) or hold what no network can
+        (NaN, a negative variance), or whose input scaling is not a finite mean and a
+        positive std: a network built by hand, or altered after it was read."""
+        expected = tensors(self.arch)
+        missing = sorted(set(expected) - set(self.tensors))
+        extra = sorted(set(self.tensors) - set(expected))
+        if missing:
+            raise UsageError(f"{where}: tensor {missing[0]} is missing ({len(missing)} in all)")
+        if extra:
+            raise UsageError(f"{where}: {extra[0]} is not a tensor of the network")
+        for name, tensor in expected.items():
+            value = np.asarray(self.tensors[name])
+            problem = form_problem(tensor, value.dtype, value.shape, self.arch.name)
+            problem = problem or value_problem(tensor, value)
+            if problem is not None:
+                raise UsageError(f"{where}: tensor {name} {problem}")
+        if self.standardise is not None:
+            mean, std = map(float, self.standardise)
+            if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+                raise UsageError(
+                    f"{where}: standardise={self.standardise!r}: a finite mean and a positive "
+                    "std are needed"
+                )
+
     def to_onnx(self, path: str | Path) -> Path:
         """Write the network as an ONNX graph (float32, a dynamic batch axis, opset
         `shared.onnx_export.OPSET`) taking raw [0, 1] pixels where it standardises them;
@@ -80,6 +107,7 @@ class Network:
         from shared.onnx_export import onnx_model, require_onnx, write_onnx
 
         require_onnx()
+        self.check(str(path))
         write_onnx(onnx_model(self.arch, self.tensors, self.standardise), Path(path))
         return Path(path)
 
@@ -89,6 +117,7 @@ class Network:
         path."""
         from shared.weights_file import write_safetensors
 
+        self.check(str(path))
         write_safetensors(Path(path), self.tensors, self.standardise, self.arch.name)
         return Path(path)
 

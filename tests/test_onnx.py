@@ -5,6 +5,7 @@ bugs by layer; hostile files refused in one line, within bounds."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -663,6 +664,31 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
         status = export_main([str(run / "checkpoint.npz"), "--onnx", str(out / "pool.onnx")])
     assert status == 1 and "planted" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == older
+
+
+@pytest.mark.parametrize(
+    ("alter", "message"),
+    [
+        (lambda t: {k: v for k, v in t.items() if k != "fc.bias"}, "tensor fc.bias is missing"),
+        (lambda t: {**t, "fc.weight": t["fc.weight"] * np.nan}, "fc.weight has NaN or inf"),
+        (lambda t: {**t, "fc.bias": np.zeros(3, np.float32)}, "fc.bias has shape \\(3,\\)"),
+        (lambda t: {**t, "fc.bias": np.zeros(10, np.float16)}, "dtype float16"),
+        (lambda t: {**t, "bn.running_var": -t["bn.running_var"]}, "running_var has negative"),
+        (lambda t: {**t, "extra": t["fc.bias"]}, "extra is not a tensor of the network"),
+    ],
+)
+def test_a_network_altered_by_hand_is_refused_before_a_file_is_written(alter, message, tmp_path):
+    original = threefold.network("conv4-bn-relu-flatten-fc10")
+    network = dataclasses.replace(original, tensors=alter(dict(original.tensors)))
+    for write in (network.to_onnx, network.to_safetensors):
+        with pytest.raises(UsageError, match=message):
+            write(tmp_path / "m")
+    with pytest.raises(UsageError, match=f"to_torch: .*{message}"):
+        threefold.to_torch(network)
+    scaled = dataclasses.replace(original, standardise=(0.5, 0.0))
+    with pytest.raises(UsageError, match="a finite mean and a positive std"):
+        scaled.to_onnx(tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_onnx_file_is_a_network_for_train_and_its_weights_a_start(tmp_path, tiny_data_dir):

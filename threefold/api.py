@@ -44,8 +44,9 @@ def load(path: str | Path) -> Network:
     return load_network(Path(path), "load")
 
 
-def _as_network(subject: Network | Any | str) -> Network:
+def _as_network(subject: Network | Any | str, where: str) -> Network:
     if isinstance(subject, Network):
+        subject.check(where)  # built by hand, perhaps
         return subject
     if isinstance(subject, str):
         return network(subject)
@@ -60,7 +61,7 @@ def to_torch(subject: Network | str):
 
     from impl_torch.model import as_module
 
-    net = _as_network(subject)
+    net = _as_network(subject, "to_torch")
     module = as_module(net.arch, net.standardise)
     state = {k: torch.from_numpy(np.array(v)) for k, v in net.tensors.items()}
     module.load_state_dict(state, strict=True)
@@ -179,7 +180,7 @@ def crosscheck(
 
     if onnx:
         require_onnx()
-    net = _as_network(subject)
+    net = _as_network(subject, "crosscheck")
     notes: list[str] = []
     images, dataset = _images(data)
     check_options([net.arch], dtypes, steps, batch_size, seed, impls, dataset)
