@@ -16,7 +16,7 @@ from shared.backend import IMPLEMENTATIONS
 from shared.cli import add_impl_flag, run_cli
 from shared.config import DEEP_RECIPE, TrainConfig
 from shared.data import Dataset, load_dataset
-from shared.errors import UsageError
+from shared.errors import DataError, UsageError
 from shared.experiments_report import (
     load_results,
     plot_comparison,
@@ -148,8 +148,7 @@ def run_experiments(
     out/experiments/; runs stored there are reused unless `fresh`). Returns all results."""
     plan = plan_experiments(**settings)
     impls, cells = plan.impls, plan.cells
-    figures = out / "experiments"
-    figures.mkdir(parents=True, exist_ok=True)
+    figures = prepare_out_dir(out / "experiments", "--out")
     store = RunStore(figures / "runs.json", fresh)
     run_grid(trained_summary, plan.grid(), data, store, engine, progress)
     tables = []
@@ -300,11 +299,26 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+def _has_variants(saved: dict) -> bool:
+    """Whether saved results hold the settings of every row of their comparisons."""
+    variants = saved.get("variants")
+    return isinstance(variants, dict) and all(
+        isinstance(variants.get(title), dict)
+        and all(isinstance(variants[title].get(label), dict) for label in table)
+        for title, table in saved["comparisons"].items()
+    )
+
+
 def _rerender(args: argparse.Namespace, out: Path, data: Dataset | None, engine: Engine) -> int:
     """--render-only: EXPERIMENTS.md again from the saved results; --recheck-float64: first
     train again in float64 the rows whose implementations disagree."""
     path = out / "experiments" / "results.json"
     saved, report = load_results(path)
+    if args.recheck_float64 and not _has_variants(saved):
+        raise DataError(
+            f"{path}: lacks the variants of its comparisons, to train them again (written "
+            "before --recheck-float64 existed, or damaged); run the experiments again"
+        )
     if args.recheck_float64:
         store = RunStore(path.parent / "runs.json", args.fresh)
         saved["float64"] = recheck_in_float64(data, saved, _say, store, engine)

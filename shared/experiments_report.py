@@ -59,7 +59,15 @@ def load_results(path: Path) -> tuple[dict, str]:
     try:
         saved = read_json(path)
         return saved, report_text(saved)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration) as e:
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        StopIteration,
+        IndexError,
+    ) as e:
         raise DataError(
             f"{path}: damaged or not threefold's results ({type(e).__name__}: {e})"
         ) from None

@@ -122,6 +122,13 @@ def engine_of(args: argparse.Namespace) -> Engine:
     return Engine(args.engine, args.address, args.cpus_per_run)
 
 
+def _machine_recorded(run: dict) -> bool:
+    """Whether a stored run's processor and cores, where it has them (runs stored before
+    they were recorded do not), are a name and a count."""
+    cpu, cores = run.get("cpu", ""), run.get("cores", 1)
+    return isinstance(cpu, str) and isinstance(cores, int) and not isinstance(cores, bool)
+
+
 class RunStore:
     """Finished runs' summaries, keyed by their whole configuration, in a JSON file beside the
     results; each says when, from which commit and on what processor and cores it trained."""
@@ -134,6 +141,8 @@ class RunStore:
                 runs = read_json(path)["runs"]
                 if not all(_a_share(r["summary"]["test_acc"]) for r in runs.values()):
                     raise TypeError("a run without a test accuracy")
+                if not all(_machine_recorded(r) for r in runs.values()):
+                    raise TypeError("a run whose processor or cores are not a name and a count")
                 self.runs = _current_keys(runs)
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 raise DataError(

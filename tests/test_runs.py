@@ -448,9 +448,33 @@ def test_crosscheck_writes_over_neither_its_checkpoint_nor_its_other_output(fini
 def test_damaged_experiment_results_are_one_line_errors(tmp_path):
     results = tmp_path / "experiments" / "results.json"
     results.parent.mkdir()
-    for text in ("{not json", '{"base": {}}', "[]"):
+    empty = '{"base": {}, "comparisons": {}, "seeds": {}, "command": "x"}'
+    for text in ("{not json", '{"base": {}}', "[]", empty):
         results.write_text(text)
         result = run_script("experiments.py", "--render-only", "--out", str(tmp_path))
         assert result.returncode == 1 and "damaged" in result.stderr, result.stderr
         assert result.stderr.strip().count("\n") == 0
         assert not (tmp_path / "EXPERIMENTS.md").exists()
+
+
+def test_experiments_refuse_results_without_variants_and_a_file_for_their_folder(
+    tmp_path, monkeypatch, capsys
+):
+    # Results that render, written before the variants were kept, cannot be trained again.
+    import shared.experiments_report as report
+    from shared.experiments import main
+
+    results = tmp_path / "experiments" / "results.json"
+    results.parent.mkdir()
+    comparison = {"a": {"numpy": {"test_acc": 0.8}}}
+    saved = {"base": {}, "comparisons": {"t": comparison}, "seeds": {}, "command": "x"}
+    results.write_text(json.dumps(saved))
+    monkeypatch.setattr(report, "report_text", lambda saved: "rendered")  # a full file's
+    assert main(["--recheck-float64", "--out", str(tmp_path)]) == 1
+    assert "lacks the variants of its comparisons" in capsys.readouterr().err
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "experiments").write_text("")  # a file where the folder goes
+    result = run_script("experiments.py", "--quick", "--out", str(out))
+    assert result.returncode == 2 and "cannot create folder" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -144,3 +144,10 @@ def test_bad_flags_are_one_line_errors(flags, message, tmp_path, tiny_data_dir):
     result = run_script("speedrun.py", "--quick", "--out", str(out), *data, *flags)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_seeds_beyond_the_bound_are_refused_before_any_run_is_planned(capsys):
+    with pytest.raises(SystemExit) as refused:
+        speedrun.main(["--seeds", str(speedrun.MAX_SEEDS + 1)])
+    assert refused.value.code == 2
+    assert f"--seeds: {speedrun.MAX_SEEDS + 1} is out of range" in capsys.readouterr().err

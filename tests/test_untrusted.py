@@ -147,9 +147,17 @@ def test_a_checkpoint_whose_logits_overflow_is_refused_by_evaluate(tmp_path, tin
     assert load_checkpoint(path).meta["arch"] == "noconv"
 
 
-def test_a_damaged_stored_run_is_refused_not_averaged(tmp_path):
+@pytest.mark.parametrize(
+    "run",
+    [
+        '{"summary": {"test_acc": NaN}, "trained": "t"}',
+        '{"summary": {"test_acc": 0.9}, "cpu": 3, "cores": 2}',
+        '{"summary": {"test_acc": 0.9}, "cpu": "x", "cores": "two"}',
+    ],
+)
+def test_a_damaged_stored_run_is_refused_not_averaged(run, tmp_path):
     path = tmp_path / "runs.json"
-    path.write_text('{"runs": {"x": {"summary": {"test_acc": NaN}, "trained": "t"}}}')
+    path.write_text(f'{{"runs": {{"x": {run}}}}}')
     with pytest.raises(DataError, match="damaged or not threefold's runs"):
         RunStore(path)
 
