@@ -22,7 +22,13 @@ from shared.cli import add_impl_flag, number, positive_float, positive_int, run_
 from shared.cost import check_training_batch, network_cost
 from shared.errors import ThreefoldError, UsageError
 from shared.ladder import loop_epoch_seconds
-from shared.outputs import hold, prepare_out_dir, write_results
+from shared.outputs import (
+    hold,
+    missing_folders,
+    prepare_out_dir,
+    remove_if_empty,
+    write_results,
+)
 from shared.profile import WARMUP_SECONDS, cpu_name, timing_setup
 from shared.spec import Arch, get_arch
 
@@ -344,17 +350,23 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             whole = "the benchmark times whole steps"
             check_training_batch(cost, size, np.float32, f"--batch-sizes {size}", whole=whole)
+        made = missing_folders(args.out)
         out = prepare_out_dir(args.out)
-        with hold(out):  # one benchmark at a time writes its tables
-            if args.against:
-                steps = args.steps or 40
-                return run_ab(args.against, impls, arch.name, sizes, steps, args.timeout, out)
-            if args.paired:
-                steps = args.steps or 40
-                return run_paired(impls, arch.name, sizes, steps, args.timeout, out)
-            if args.profile:
-                return run_profile(impls, arch.name, sizes, args.steps or 50, args.timeout, out)
-            return run_benchmark(args, arch, sizes, impls, out)
+        try:
+            with hold(out):  # one benchmark at a time writes its tables
+                if args.against:
+                    steps = args.steps or 40
+                    return run_ab(args.against, impls, arch.name, sizes, steps, args.timeout, out)
+                if args.paired:
+                    steps = args.steps or 40
+                    return run_paired(impls, arch.name, sizes, steps, args.timeout, out)
+                if args.profile:
+                    steps = args.steps or 50
+                    return run_profile(impls, arch.name, sizes, steps, args.timeout, out)
+                return run_benchmark(args, arch, sizes, impls, out)
+        except BaseException:
+            remove_if_empty(made)  # a bad --against, say, leaves no empty folder behind
+            raise
 
     return run_cli(parser, body)
 

@@ -177,6 +177,9 @@ def _idx_path(folder: Path, stem: str, spec: DatasetSpec) -> Path:
     for candidate in (folder / f"{stem}.gz", folder / stem):
         if candidate.is_file():
             return candidate
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if os.path.lexists(candidate):  # a folder, a FIFO, a link to nothing or a loop
+            raise DataError(f"{candidate}: not a regular file")
     raise DataError(f"{folder / stem}[.gz]: missing; {_how_to_get(spec)}")
 
 

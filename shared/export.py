@@ -22,12 +22,15 @@ from shared.proof.rows import TOLERANCES, compare
 
 
 def raw_test_images(data_dir: str | None) -> tuple[np.ndarray, str]:
-    """(images (N, 1, 28, 28) as the exported graph takes them, what they are): the real
-    test set where installed, else 256 seeded random images in [0, 1]."""
+    """(images (N, 1, 28, 28) as the exported graph takes them, what they are): the test set
+    of --data-dir (whose problems are the user's to hear), else of the usual places where
+    installed, else 256 seeded random images in [0, 1]."""
     try:
         data = load_dataset(data_dir, pixels="raw")
         return data.test.x, f"{len(data.test.x):,} test images"
     except ThreefoldError:
+        if data_dir is not None:
+            raise
         images = np.random.default_rng(0).random((256, 1, 28, 28), dtype=np.float32)
         return images, "256 seeded random images (the test set is not installed)"
 
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         network = load_network(
             args.checkpoint, "export.py"
         )  # checked whole before anything is written
+        if args.onnx is not None:  # so are the images the graph is verified on
+            images, what = raw_test_images(args.data_dir)
         # A pair or nothing: the graph replaces an older one only once its weights are
         # written, so a failure leaves both older files as they were.
         with staged(args.onnx) if args.onnx is not None else nullcontext() as graph:
@@ -90,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path} ({path.stat().st_size:,} bytes)")
         if args.onnx is None:
             return 0
-        images, what = raw_test_images(args.data_dir)
         relative, differ = verify(network, images)
         tolerance = TOLERANCES[("float32", "pass")]
         print(

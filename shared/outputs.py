@@ -29,6 +29,19 @@ def holds_run(folder: Path) -> bool:
     return any((folder / name).exists() for name in (CHECKPOINT_NAME, METRICS_NAME))
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """`folder` and its parents that do not exist yet, deepest first: what making it makes."""
+    return [p for p in (folder, *folder.parents) if not p.exists()]
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove each of `folders` (deepest first) that is empty: the folders a command made for
+    work that then failed."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def prepare_out_dir(folder: Path, flag: str = "--out") -> Path:
     """Create `folder` (and its parents) if need be, or say in one line why it cannot be
     written."""

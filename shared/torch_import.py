@@ -101,7 +101,7 @@ def _trace(module: Any, where: str):
                 value.copy_(saved[key])
 
 
-def _first_line(error: Exception) -> str:
+def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     line = text[0] if text else ""
     line = line if len(line) <= 200 else line[:197] + "..."
@@ -507,14 +507,16 @@ def load_module_file(text: str, where: str = "--arch") -> tuple[Any, str]:
     namespace = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(namespace)
-    except Exception as error:  # the user's file: any error is theirs, in one line
+    # The user's file: any error is theirs, in one line; an exit() in it would end the
+    # command without a word.
+    except (Exception, SystemExit) as error:
         raise UsageError(f"{label}: running {path.name} raised {_first_line(error)}") from None
     if not hasattr(namespace, name):
         defined = sorted(k for k, v in vars(namespace).items() if callable(v) and k[0] != "_")
         raise UsageError(f"{label}: {path.name} defines no {name} (it has {', '.join(defined)})")
     try:
         module = getattr(namespace, name)()
-    except Exception as error:
+    except (Exception, SystemExit) as error:
         raise UsageError(f"{label}: {name}() raised {_first_line(error)}") from None
     return module, label
 

@@ -21,7 +21,9 @@ from shared.outputs import (
     fresh_run_dir,
     hold,
     holds_run,
+    missing_folders,
     prepare_out_dir,
+    remove_if_empty,
     replacing_run,
 )
 from shared.spec import GRAMMAR, Arch, Params, get_arch, is_model_file
@@ -226,11 +228,11 @@ def _start(args: argparse.Namespace, typed: set[str]) -> int:
     train_split(config, arch, data)  # --limit and --batch-size fit the data
     if folder is None:
         base = Path("runs") / f"{config.impl}-{arch.label}"
-        made = _missing(base.parent)
+        made = missing_folders(base.parent)
         folder = fresh_run_dir(base)
         made.insert(0, folder)
     else:
-        made = _missing(folder)
+        made = missing_folders(folder)
         prepare_out_dir(folder)
     try:
         with hold(folder):
@@ -239,15 +241,8 @@ def _start(args: argparse.Namespace, typed: set[str]) -> int:
             with replacing_run(folder) if args.overwrite else contextlib.nullcontext():
                 return _run(config, arch, data, folder, None, initial)
     except BaseException:
-        for made_here in made:  # folders this run made and left empty go with it
-            with contextlib.suppress(OSError):
-                made_here.rmdir()
+        remove_if_empty(made)  # folders this run made and left empty go with it
         raise
-
-
-def _missing(folder: Path) -> list[Path]:
-    """`folder` and its parents that do not exist yet, deepest first: what making it makes."""
-    return [p for p in (folder, *folder.parents) if not p.exists()]
 
 
 def _load_data(args: argparse.Namespace, config: TrainConfig, ckpt: Checkpoint | None) -> Dataset:

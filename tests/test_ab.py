@@ -177,6 +177,8 @@ def test_a_paired_worker_that_does_not_answer_is_named_in_one_line(tmp_path):
         ),
         (["--paired", "--against", "HEAD"], "--against and --paired: choose one"),
         (["--profile", "--paired"], "--profile and --paired: choose one"),
+        # Found out once the folder is made: it goes again.
+        (["--against", "no-such-revision"], "no-such-revision: no such commit in " + str(ROOT)),
     ],
 )
 def test_a_paired_run_that_cannot_work_is_refused_in_one_line(tmp_path, flags, message):

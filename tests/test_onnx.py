@@ -633,6 +633,7 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
         (["--safetensors", str(run / "checkpoint.npz")], "the same file as the checkpoint"),
         (["--onnx", str(out / "w.safetensors")], "--safetensors .*: the same file as --onnx"),
         (["--onnx", str(out / "a.onnx"), "--safetensors", str(out / "a.onnx")], "same file"),
+        (["--onnx", str(out / "b.onnx"), "--data-dir", str(tmp_path / "typo")], "typo"),
     ]:
         bad = subprocess.run([*command, *args], capture_output=True, text=True, cwd=ROOT)
         last = bad.stderr.strip().splitlines()[-1]

@@ -230,6 +230,7 @@ def test_the_crosscheck_command_takes_a_model_file():
         ("{bad}:Net", "running bad.py raised ZeroDivisionError"),
         ("{bad_init}:Net", "Net() raised ValueError: no"),
         ("{not_module}:Net", "int is not a torch.nn.Module"),
+        ("{exits}:Net", "running exits.py raised SystemExit: 0"),
     ],
 )
 def test_a_model_file_that_cannot_be_read_is_one_line(tmp_path, text, expected):
@@ -237,6 +238,7 @@ def test_a_model_file_that_cannot_be_read_is_one_line(tmp_path, text, expected):
         "bad": "1 / 0\n",
         "bad_init": "def Net():\n    raise ValueError('no')\n",
         "not_module": "def Net():\n    return 3\n",
+        "exits": "raise SystemExit(0)\n",  # once ended the command without a word
     }
     paths = {}
     for stem, code in files.items():
