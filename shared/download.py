@@ -21,12 +21,22 @@ DOWNLOAD_URL_ENV = "THREEFOLD_DOWNLOAD_URL"
 TIMEOUT_SECONDS = 60
 
 
-def _fetch(url: str, target: Path, progress: bool) -> None:
-    """Stream `url` into `target`; an HTTP error, a dropped connection or a body shorter than
-    its Content-Length is a DataError naming the address."""
+def most_bytes(file: OfficialFile) -> int:
+    """The most a gzip of the official IDX file can take: the IDX itself (a header, then a
+    byte a pixel or a label) and room for gzip's headers and stored blocks."""
+    header, item = (16, 28 * 28) if "images" in file.name else (8, 1)
+    return header + file.count * item + (1 << 20)
+
+
+def _fetch(url: str, target: Path, progress: bool, limit: int) -> None:
+    """Stream `url` into `target`, at most `limit` bytes; an HTTP error, a dropped connection,
+    a body shorter than its Content-Length or longer than `limit` is a DataError naming the
+    address."""
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
+            if total is not None and total > limit:
+                raise DataError(f"{url}: {total:,} bytes, more than the file can be ({limit:,})")
             received = 0
             with (
                 open(target, "wb") as f,
@@ -40,8 +50,10 @@ def _fetch(url: str, target: Path, progress: bool) -> None:
                 ) as bar,
             ):
                 while chunk := response.read(1 << 16):
-                    f.write(chunk)
                     received += len(chunk)
+                    if received > limit:  # a server that sends no length, or lies about it
+                        raise DataError(f"{url}: more than the file can be ({limit:,} bytes)")
+                    f.write(chunk)
                     bar.update(len(chunk))
     except urllib.error.HTTPError as e:
         raise DataError(f"{url}: the server answered HTTP {e.code} ({e.reason})") from None
@@ -100,7 +112,7 @@ def download_dataset(
     try:
         names = [f"{file.name}.gz" for file in spec.files]
         for file, name in zip(spec.files, names, strict=True):
-            _fetch(f"{base_url.rstrip('/')}/{name}", staging / name, progress)
+            _fetch(f"{base_url.rstrip('/')}/{name}", staging / name, progress, most_bytes(file))
             verify_download(staging / name, file)
         for name in names:
             os.replace(staging / name, dest / name)

@@ -23,7 +23,7 @@ from shared.backend import IMPLEMENTATIONS
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.config import TrainConfig
 from shared.data import FASHION_MNIST, OfficialFiles, load_dataset
-from shared.download import download_dataset
+from shared.download import download_dataset, most_bytes
 from shared.errors import CheckpointError, DataError
 from shared.loop import TrainingDiverged, train
 from tests.conftest import idx_bytes, make_dataset_dir, write_idx
@@ -358,10 +358,16 @@ def test_the_real_files_pass_their_checksums(real_data):
 
 class Server:
     """A local HTTP server on 127.0.0.1 that serves `files` (name -> bytes), can cut a body
-    short, and can answer with an error status."""
+    short, send no Content-Length, and answer with an error status."""
 
-    def __init__(self, files: dict[str, bytes], truncate: str | None = None, status: int = 200):
-        self.files, self.truncate, self.status = files, truncate, status
+    def __init__(
+        self,
+        files: dict[str, bytes],
+        truncate: str | None = None,
+        status: int = 200,
+        length: bool = True,
+    ):
+        self.files, self.truncate, self.status, self.length = files, truncate, status, length
         handler = functools.partial(self._Handler, self)
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
@@ -379,7 +385,8 @@ class Server:
                 self.send_error(self.state.status if body is not None else 404)
                 return
             self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
+            if self.state.length:
+                self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body[: len(body) // 2] if name == self.state.truncate else body)
 
@@ -421,7 +428,9 @@ def test_download_verifies_then_moves_into_place(served_files, tmp_path):
     assert len(load_dataset(dest).test) == 30
 
 
-@pytest.mark.parametrize("fault", ["truncated", "wrong checksum", "server error", "missing"])
+@pytest.mark.parametrize(
+    "fault", ["truncated", "wrong checksum", "server error", "missing", "endless", "too long"]
+)
 def test_a_failed_download_leaves_nothing_that_looks_valid(served_files, tmp_path, fault):
     files, spec = served_files
     dest = tmp_path / "dest"
@@ -430,11 +439,22 @@ def test_a_failed_download_leaves_nothing_that_looks_valid(served_files, tmp_pat
         spec = dataclasses.replace(spec, files=spec.files._replace(test_images=test_images))
     if fault == "missing":
         files = {k: v for k, v in files.items() if not k.startswith("t10k-labels")}
+    if fault in ("endless", "too long"):  # past what the labels' file can be, told or not
+        files = {
+            **files,
+            "train-labels-idx1-ubyte.gz": bytes(most_bytes(spec.files.train_labels) + 1),
+        }
     kwargs = {"truncate": "train-labels-idx1-ubyte.gz"} if fault == "truncated" else {}
     status = 500 if fault == "server error" else 200
-    with Server(files, status=status, **kwargs) as server, pytest.raises(DataError) as err:
+    length = fault != "endless"
+    with (
+        Server(files, status=status, length=length, **kwargs) as server,
+        pytest.raises(DataError) as err,
+    ):
         download_dataset(spec, dest, server.url, progress=False)
     assert "\n" not in str(err.value)
+    if fault in ("endless", "too long"):
+        assert "more than the file can be" in str(err.value)
     assert idx_files_in(dest) == []  # not even the files that downloaded fine
 
 
