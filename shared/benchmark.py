@@ -18,7 +18,7 @@ import numpy as np
 
 from shared.ab import REFERENCE, run_ab, run_paired
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import add_impl_flag, number, positive_float, positive_int, run_cli
+from shared.cli import add_impl_flag, number, path_type, positive_float, positive_int, run_cli
 from shared.cost import check_training_batch, network_cost
 from shared.errors import ThreefoldError, UsageError
 from shared.ladder import loop_epoch_seconds
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--out",
-        type=Path,
+        type=path_type,
         default=Path("docs/benchmark"),
         help="folder for benchmark.md, benchmark.json and benchmark.png (profile.* with "
         "--profile, ab.* with --against, paired.* with --paired)",

@@ -8,6 +8,7 @@ import copy
 import math
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from shared.config import (
     ADAM_RATE,
@@ -41,6 +42,13 @@ def number(
     """An argparse type: a finite number of `kind` at least (or above) `minimum` and below
     `below`."""
     return flag(Bound(kind, minimum, inclusive, below))
+
+
+def path_type(text: str) -> Path:
+    """An argparse type for a file or folder: an empty one would be the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name a file or folder")
+    return Path(text)
 
 
 positive_int = number(int, 0, inclusive=False)

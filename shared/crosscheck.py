@@ -14,7 +14,6 @@ import itertools
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ import numpy as np
 from shared.backend import IMPLEMENTATIONS, make_backend
 from shared.batches import dropout_masks
 from shared.checkpoint import load_checkpoint
-from shared.cli import positive_int, run_cli, seed_type
+from shared.cli import path_type, positive_int, run_cli, seed_type
 from shared.config import DTYPES, FIELDS, Bound, TrainConfig
 from shared.cost import check_training_batch
 from shared.data import Dataset, load_dataset
@@ -302,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=seed_type, default=0)
     parser.add_argument(
         "--checkpoint",
-        type=Path,
+        type=path_type,
         default=None,
         help="also load this checkpoint into all three and compare test predictions",
     )
@@ -313,10 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         "every implementation in evaluation mode, its graph optimisations off and on (needs "
         "the optional extra: pip install -e '.[onnx]')",
     )
-    parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--json", type=path_type, default=None, help="write the results as JSON here"
+    )
     parser.add_argument(
         "--plot",
-        type=Path,
+        type=path_type,
         default=None,
         metavar="FILE",
         help="draw every compared tensor's worst relative difference per pair, float64 and "

@@ -12,7 +12,7 @@ import numpy as np
 from shared import metrics
 from shared.backend import IMPLEMENTATIONS, batched_logits, make_backend
 from shared.checkpoint import Checkpoint, load_checkpoint
-from shared.cli import run_cli
+from shared.cli import path_type, run_cli
 from shared.config import averages_mirrors
 from shared.data import Dataset, load_dataset
 from shared.errors import CheckpointError
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Test accuracy, per-class accuracy, a confusion matrix and the misclassified "
         "images of a checkpoint written by any implementation, computed by any of them.",
     )
-    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("checkpoint", type=path_type)
     parser.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--out",
-        type=Path,
+        type=path_type,
         default=None,
         help="folder for confusion.png, misclassified.png and evaluation.json "
         "(default: the checkpoint's folder)",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import add_impl_flag, run_cli
+from shared.cli import add_impl_flag, path_type, run_cli
 from shared.config import DEEP_RECIPE, TrainConfig
 from shared.data import Dataset, load_dataset
 from shared.errors import DataError, UsageError
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     add_impl_flag(parser, "run")
     parser.add_argument(
         "--out",
-        type=Path,
+        type=path_type,
         default=None,
         help="folder for EXPERIMENTS.md and experiments/ (default: docs, or "
         "runs/experiments-quick with --quick)",

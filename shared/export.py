@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import argparse
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 
 from shared.backend import batched_logits, make_backend
-from shared.cli import run_cli
+from shared.cli import path_type, run_cli
 from shared.data import load_dataset
 from shared.errors import ThreefoldError, UsageError
 from shared.io import staged
@@ -56,11 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{OPSET}, a dynamic batch axis, taking raw [0, 1] pixels) and its weights as "
         ".safetensors with PyTorch's state_dict names.",
     )
-    parser.add_argument("checkpoint", type=Path, help="a checkpoint.npz written by train.py")
-    parser.add_argument("--onnx", type=Path, metavar="FILE.onnx", help="write the ONNX graph here")
+    parser.add_argument("checkpoint", type=path_type, help="a checkpoint.npz written by train.py")
+    parser.add_argument(
+        "--onnx", type=path_type, metavar="FILE.onnx", help="write the ONNX graph here"
+    )
     parser.add_argument(
         "--safetensors",
-        type=Path,
+        type=path_type,
         metavar="FILE",
         help="write the weights here (default with --onnx: beside it, FILE.safetensors)",
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import add_impl_flag, number, run_cli
+from shared.cli import add_impl_flag, number, path_type, run_cli
 from shared.config import FAST_RECIPE, STRONG_FAST_RECIPE, TrainConfig
 from shared.data import Dataset, load_dataset
 from shared.grid import (
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--out",
-        type=Path,
+        type=path_type,
         default=None,
         help="folder for speedrun.md, speedrun.json and speedrun.png (default: docs/speedrun, "
         "docs/speedrun-strong with --arch strong, or runs/speedrun-quick with --quick)",

@@ -8,7 +8,7 @@ import contextlib
 from pathlib import Path
 
 from shared.checkpoint import Checkpoint, load_checkpoint
-from shared.cli import add_training_flags, config_from_args, given_flags, run_cli
+from shared.cli import add_training_flags, config_from_args, given_flags, path_type, run_cli
 from shared.config import RECIPES, TrainConfig, check_config, config_from_saved
 from shared.data import Dataset, get_dataset_spec, load_dataset
 from shared.errors import CheckpointError, UsageError
@@ -116,7 +116,7 @@ def build_parser(defaults: TrainConfig) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--weights",
-        type=Path,
+        type=path_type,
         default=None,
         metavar="FILE",
         dest="weights_file",
@@ -126,7 +126,7 @@ def build_parser(defaults: TrainConfig) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--out",
-        type=Path,
+        type=path_type,
         default=None,
         help="folder for metrics.json, checkpoint.npz and curves.png; refused if it holds a "
         "run, unless --overwrite (default: runs/IMPL-ARCH, or runs/IMPL-ARCH-2, -3, ... if "
@@ -139,7 +139,7 @@ def build_parser(defaults: TrainConfig) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--resume",
-        type=Path,
+        type=path_type,
         default=None,
         metavar="DIR",
         help="continue the run in DIR from its last completed epoch, on the data it was "

@@ -120,6 +120,21 @@ def test_a_folder_read_as_a_file_is_named(tmp_path):
             threefold.load(tmp_path / name)
 
 
+@pytest.mark.parametrize(
+    ("script", "flags"),
+    [
+        ("train.py", ["--out", ""]),
+        ("benchmark.py", ["--out", " "]),
+        ("export.py", ["x.npz", "--onnx", ""]),
+        ("crosscheck.py", ["--json", ""]),
+    ],
+)
+def test_an_empty_path_is_refused_not_taken_as_the_current_folder(script, flags, tmp_path):
+    result = run_script(script, *flags, cwd=tmp_path)
+    assert result.returncode == 2 and "an empty path" in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_lock_deleted_by_hand_does_not_fail_the_run(tmp_path):
     with hold(tmp_path):
         (tmp_path / ".lock").unlink()
