@@ -554,3 +554,12 @@ def test_importing_leaves_the_users_module_as_it_was():
     threefold.from_torch(module)
     assert module.training and all(m.training for m in module.modules())
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_a_float64_module_comes_back_in_float64():
+    module = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), head(2)).double().eval()
+    back = threefold.to_torch(threefold.from_torch(module))
+    assert {p.dtype for p in back.parameters()} == {torch.float64}
+    x = torch.rand(3, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(back(x), module(x))

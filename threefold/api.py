@@ -55,14 +55,17 @@ def _as_network(subject: Network | Any | str, where: str) -> Network:
 
 def to_torch(subject: Network | str):
     """The network as a plain `torch.nn.Sequential` holding its weights (canonical state_dict
-    names), in evaluation mode; a network trained on standardised pixels standardises raw
-    [0, 1] pixels first (`Network.standardise`), so it predicts from the images as they are."""
+    names, in their dtype), in evaluation mode; a network trained on standardised pixels
+    standardises raw [0, 1] pixels first (`Network.standardise`), so it predicts from the
+    images as they are."""
     import torch
 
     from impl_torch.model import as_module
 
     net = _as_network(subject, "to_torch")
     module = as_module(net.arch, net.standardise)
+    if any(v.dtype == np.float64 for v in net.tensors.values()):
+        module = module.double()  # a float64 network (from a .double() module) stays one
     state = {k: torch.from_numpy(np.array(v)) for k, v in net.tensors.items()}
     module.load_state_dict(state, strict=True)
     return module.eval()
