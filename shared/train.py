@@ -201,9 +201,6 @@ def _resume(args: argparse.Namespace, typed: set[str]) -> int:
         config, ckpt = resumed_config(args, typed)
         data = _load_data(args, config, ckpt)
         check_same_data(ckpt, data, folder)
-        if ckpt.meta["epoch"] >= config.epochs:  # its metrics stay as the run wrote them
-            print(f"{folder}: the run finished all {config.epochs} epochs; nothing to resume")
-            return 0
         return _run(config, get_arch(config.arch, files=False), data, folder, ckpt)
 
 
