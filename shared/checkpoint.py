@@ -60,14 +60,14 @@ _ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, 
 
 # A checkpoint's zip directory has a few records per layer: a megabyte is far more than any
 # needs, and zipfile reads the whole directory into memory before anything else.
-_DIRECTORY_MAX_BYTES = 2**20
+DIRECTORY_MAX_BYTES = 2**20
 
 
 def _checkpoint_bytes(parameters: int, buffers: int) -> int:
     """Bytes of the biggest checkpoint of a network of this many parameters and buffer values
     (each in float64, the parameters with the largest optimizer state: Adam's two moments and
     steps), the largest metadata, and room for the zip's records."""
-    return 8 * (4 * parameters + buffers) + _META_MAX_BYTES + _DIRECTORY_MAX_BYTES
+    return 8 * (4 * parameters + buffers) + _META_MAX_BYTES + DIRECTORY_MAX_BYTES
 
 
 def _numel(shapes: dict[str, tuple[int, ...]]) -> int:
@@ -162,11 +162,14 @@ def _read_file(file: IO[bytes], where: str, dtype: np.dtype | None) -> Checkpoin
             f"{where}: not a threefold checkpoint (.npz): {size} bytes, more than any "
             f"network's ({_MAX_FILE_BYTES})"
         )
-    directory = _directory_bytes(file, where)
-    if directory is not None and directory > _DIRECTORY_MAX_BYTES:
+    try:
+        directory = zip_directory_bytes(file)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: not a threefold checkpoint (.npz): {e}") from None
+    if directory is not None and directory > DIRECTORY_MAX_BYTES:
         raise CheckpointError(
             f"{where}: not a threefold checkpoint (.npz): its zip directory is {directory} "
-            f"bytes, more than any checkpoint's ({_DIRECTORY_MAX_BYTES})"
+            f"bytes, more than any checkpoint's ({DIRECTORY_MAX_BYTES})"
         )
     try:
         archive = zipfile.ZipFile(file)
@@ -176,9 +179,10 @@ def _read_file(file: IO[bytes], where: str, dtype: np.dtype | None) -> Checkpoin
         return _read(archive, where, dtype, size)
 
 
-def _directory_bytes(file: IO[bytes], where: str) -> int | None:
-    """The size of the zip's central directory, from its end record (None if there is none,
-    which zipfile then reports); a zip64 directory is refused."""
+def zip_directory_bytes(file: IO[bytes]) -> int | None:
+    """The size of a zip's central directory, from its end record, read before zipfile builds
+    an entry for each member (None if there is none, which zipfile then reports); a ValueError
+    for a zip64 directory."""
     end = file.seek(0, os.SEEK_END)
     tail_size = min(end, 22 + 2**16)  # the end record: 22 bytes and a comment of < 64 KiB
     file.seek(end - tail_size)
@@ -189,8 +193,8 @@ def _directory_bytes(file: IO[bytes], where: str) -> int | None:
         return None
     if tail[max(at - 20, 0) : max(at - 16, 0)] == b"PK\x06\x07":
         # zipfile would take the directory's size from the zip64 record instead: a form only
-        # needed past 65,535 members or 4 GiB, which no checkpoint comes near.
-        raise CheckpointError(f"{where}: not a threefold checkpoint (.npz): a zip64 directory")
+        # needed past 65,535 members or 4 GiB, which no checkpoint or state_dict comes near.
+        raise ValueError("a zip64 directory")
     return int.from_bytes(tail[at + 12 : at + 16], "little")
 
 

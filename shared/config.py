@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 
 from shared.data import DATASETS
@@ -151,6 +153,13 @@ class TrainConfig:
             self.beta2,
             self.eps,
         )
+
+
+def python_int(value: object) -> object:
+    """A NumPy integer as the Python int it is (a Bound takes Python's); anything else as
+    it is."""
+    is_integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return operator.index(value) if is_integer else value
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from shared.backend import IMPLEMENTATIONS, make_backend
 from shared.batches import dropout_masks
 from shared.checkpoint import load_checkpoint
 from shared.cli import path_type, positive_int, run_cli, seed_type
-from shared.config import DTYPES, FIELDS, Bound, TrainConfig
+from shared.config import DTYPES, FIELDS, Bound, TrainConfig, python_int
 from shared.cost import check_training_batch
 from shared.data import Dataset, load_dataset
 from shared.errors import UsageError
@@ -57,7 +57,7 @@ from shared.spec import (
     get_arch,
     init_params,
     is_model_file,
-    model_file_path,
+    network_file,
 )
 
 # How the options of check_batches are named to the caller: the command's flags, the API's
@@ -66,25 +66,26 @@ FLAGS = {"batch_size": "--batch-size", "steps": "--steps", "arch": "--arch"}
 KEYWORDS = {"batch_size": "batch_size", "steps": "steps", "arch": "network"}
 
 
-def check_batches(
-    archs: list[Arch], batch_size: int | None, steps: int, data: Dataset | None, names: dict
-) -> None:
+def check_batches(archs: list[Arch], batch_size: int | None, names: dict) -> None:
     """What a cross-check's batches need, refused in one UsageError naming the option as
-    `names` spells it: two images at least where BatchNorm takes batch statistics, a float64
-    step of every network within the memory bound, and enough training images for the steps."""
-    size_name, steps_name = names["batch_size"], names["steps"]
+    `names` spells it: two images at least where BatchNorm takes batch statistics, and a
+    float64 step of every network within the memory bound."""
     if batch_size == 1 and any(a.uses_batch_statistics for a in archs):
-        raise UsageError(f"{size_name} 1: BatchNorm cannot take statistics of one image")
+        raise UsageError(f"{names['batch_size']} 1: BatchNorm cannot take statistics of one image")
     for arch in archs:  # the float64 pass compares whole batches in every implementation
         why = "the cross-check compares whole steps in every implementation at once"
         where = f"{names['arch']} {arch.name[:60]}"
         check_training_batch(
             crosscheck_cost(arch), batch_size or 2, np.float64, where, least=2, whole=why
         )
+
+
+def check_steps(steps: int, batch_size: int | None, data: Dataset | None, names: dict) -> None:
+    """Enough training images in `data` for the steps' batches (random images always are)."""
     largest = batch_size or BATCH_SIZE
     if data is not None and steps * largest > len(data.train):
         raise UsageError(
-            f"{steps_name} {steps} x {size_name} {largest} exceeds the "
+            f"{names['steps']} {steps} x {names['batch_size']} {largest} exceeds the "
             f"{len(data.train)} training images"
         )
 
@@ -109,6 +110,7 @@ def check_options(
             "cross-check compares pairs)"
         )
     counts = Bound(int, 1)
+    steps, batch_size, seed = map(python_int, (steps, batch_size, seed))
     for name, value, bound in (
         ("steps", steps, counts),
         ("batch_size", batch_size, Bound(int, 1, optional=True)),
@@ -117,7 +119,8 @@ def check_options(
         problem = bound.problem(value)
         if problem is not None:
             raise UsageError(f"{name}={value!r}: {problem}")
-    check_batches(archs, batch_size, steps, data, KEYWORDS)
+    check_batches(archs, batch_size, KEYWORDS)
+    check_steps(steps, batch_size, data, KEYWORDS)
 
 
 def _some_of(values: Any, allowed: tuple[str, ...], least: int) -> bool:
@@ -332,10 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if args.onnx:
             require_onnx()
-        model_files = [model_file_path(text) for text in args.arch or [] if is_model_file(text)]
+        files = [("--arch", network_file(text)) for text in args.arch or []]
         check_out_files(
             [("--json", args.json), ("--plot", args.plot)],
-            reads=[("--checkpoint", args.checkpoint), *(("--arch", f) for f in model_files)],
+            reads=[("--checkpoint", args.checkpoint), *files],
         )
         # A model file is proven from its own weights; a spec or preset from seeded ones.
         archs, initial = [], {}
@@ -346,10 +349,11 @@ def main(argv: list[str] | None = None) -> int:
                 initial[network.arch.name] = network.tensors
             else:
                 archs.append(get_arch(text))
+        check_batches(archs, args.batch_size, FLAGS)
         # Read (and checked) before any work: a damaged checkpoint wastes no cross-check.
         ckpt = None if args.checkpoint is None else load_checkpoint(args.checkpoint, np.float32)
         data = load_dataset(args.data_dir)
-        check_batches(archs, args.batch_size, args.steps, data, FLAGS)
+        check_steps(args.steps, args.batch_size, data, FLAGS)
         started = time.perf_counter()
         notes: list[str] = []
 

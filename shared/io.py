@@ -54,6 +54,7 @@ def staged(path: Path) -> Iterator[Path]:
     without an error and removed otherwise: a file written with others replaces its older
     version only once all of them are written. Where the folder refuses, an OutputError."""
     path = Path(path)
+    _refuse_special(path)  # before the block writes the others
     try:
         fd, tmp = tempfile.mkstemp(
             dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
@@ -63,12 +64,12 @@ def staged(path: Path) -> Iterator[Path]:
         raise OutputError(f"{path}: cannot write it ({e.strerror or e}); nothing written") from None
     try:
         yield Path(tmp)
-        _refuse_special(path)
         os.replace(tmp, path)
-    except BaseException:
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write it ({e.strerror or e})") from None
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
 
 
 def _refuse_special(path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,13 +93,11 @@ class Network:
             problem = problem or value_problem(tensor, value)
             if problem is not None:
                 raise UsageError(f"{where}: tensor {name} {problem}")
-        if self.standardise is not None:
-            mean, std = map(float, self.standardise)
-            if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-                raise UsageError(
-                    f"{where}: standardise={self.standardise!r}: a finite mean and a positive "
-                    "std are needed"
-                )
+        if self.standardise is not None and not _mean_and_std(self.standardise):
+            raise UsageError(
+                f"{where}: standardise={self.standardise!r}: a finite mean and a positive std "
+                "are needed"
+            )
 
     def to_onnx(self, path: str | Path) -> Path:
         """Write the network as an ONNX graph (float32, a dynamic batch axis, opset
@@ -120,6 +119,16 @@ class Network:
         self.check(str(path))
         write_safetensors(Path(path), self.tensors, self.standardise, self.arch.name)
         return Path(path)
+
+
+def _mean_and_std(pair: object) -> bool:
+    """Whether `pair` is a finite mean and a positive, finite std."""
+    if not isinstance(pair, tuple | list) or len(pair) != 2:
+        return False
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in pair):
+        return False
+    mean, std = map(float, pair)
+    return math.isfinite(mean) and math.isfinite(std) and std > 0
 
 
 def body_and_shortcut(paths: list[list], taken: Callable[[Any], Any]) -> tuple[list, list]:

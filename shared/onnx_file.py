@@ -56,7 +56,7 @@ def read_graph(path: Path, label: str):
     # an order that computes each input first, the types and shapes inferred) hold before the
     # reader walks the graph: one that breaks them is no model any runtime reads.
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(data, full_check=True)  # the bytes: no second copy
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"{label}: not a valid ONNX model ({first})") from None

@@ -10,10 +10,12 @@ import fcntl
 import itertools
 import os
 import shutil
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from shared.errors import UsageError
+from shared.errors import OutputError, ThreefoldError, UsageError
 from shared.io import write_json, write_text
 
 CHECKPOINT_NAME = "checkpoint.npz"
@@ -57,32 +59,51 @@ def prepare_out_dir(folder: Path, flag: str = "--out") -> Path:
 @contextlib.contextmanager
 def replacing_run(folder: Path) -> Iterator[None]:
     """For a run that replaces the one in `folder` (--overwrite): the old run's files, and
-    those an evaluation of it wrote, moved aside into a hidden folder while the new run
-    starts; put back if the new run ends before saving a checkpoint of its own (a divergence
-    in its first epoch, Ctrl-C), deleted once it has saved one. A process killed meanwhile
-    leaves them in `.replaced-PID`."""
+    those an evaluation of it wrote, moved aside into a hidden `.replaced-*` folder while the
+    new run trains, so that the folder never mixes two runs. Deleted once the new run has
+    finished; put back if it ends before saving a checkpoint of its own (a divergence in its
+    first epoch, Ctrl-C); kept where they are otherwise, the error naming the folder. A
+    finished run is gone only once the one replacing it has finished."""
     names = [name for name in (*RUN_FILES, *EVALUATION_FILES) if (folder / name).exists()]
-    aside = folder / f".replaced-{os.getpid()}"
-    if names:
-        aside.mkdir()
-    for name in names:
-        os.replace(folder / name, aside / name)
-    try:
+    if not names:
         yield
-    except BaseException:
-        if not (folder / CHECKPOINT_NAME).exists():
-            for name in names:
+        return
+    try:
+        aside = Path(tempfile.mkdtemp(dir=folder, prefix=".replaced-"))
+    except OSError as e:
+        raise OutputError(f"{folder}: cannot set the old run aside ({e.strerror or e})") from None
+    moved = []
+    try:
+        for name in names:
+            os.replace(folder / name, aside / name)
+            moved.append(name)
+        yield
+    except BaseException as error:
+        if len(moved) == len(names) and (folder / CHECKPOINT_NAME).exists():  # the new one's
+            _tell(error, f"the run it was to replace is kept in {aside}")
+        else:
+            for name in moved:
                 os.replace(aside / name, folder / name)
+            aside.rmdir()
         raise
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _tell(error: BaseException, note: str) -> None:
+    """Add `note` to the one line a ThreefoldError prints; print it before anything else."""
+    if isinstance(error, ThreefoldError) and error.args:
+        error.args = (f"{error.args[0]}; {note}", *error.args[1:])
+    else:
+        print(note, file=sys.stderr)
 
 
 def check_out_file(path: Path, flag: str) -> Path:
     """Say in one line, before any work, why `path` could not be written as a file: it is a
-    folder, or its folder is missing or not writable."""
+    folder, a FIFO or a device, or its folder is missing or not writable."""
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a folder; give a file name")
+    if path.exists() and not path.is_file():  # a FIFO or a device, which a rename would replace
+        raise UsageError(f"{flag} {path}: not a regular file")
     folder = path.parent
     if not folder.is_dir():
         raise UsageError(f"{flag} {path}: folder {folder} does not exist")

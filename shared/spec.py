@@ -198,9 +198,12 @@ def is_model_file(text: str) -> bool:
     return (path.lower().endswith(".py") and name.isidentifier()) or text.lower().endswith(".onnx")
 
 
-def model_file_path(text: str) -> Path:
-    """The file a model file's text names (see is_model_file)."""
-    return Path(text if text.lower().endswith(".onnx") else text.rpartition(":")[0])
+def network_file(text: str) -> Path | None:
+    """The file a network's text names: a model file's (see is_model_file) or a .json or
+    .toml spec; None for a preset or a spec written out."""
+    if is_model_file(text) and not text.lower().endswith(".onnx"):
+        return Path(text.rpartition(":")[0])
+    return Path(text) if text.lower().endswith((".onnx", ".json", ".toml")) else None
 
 
 def presets() -> dict[str, Arch]:

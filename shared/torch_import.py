@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import io
 import math
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.checkpoint import value_problem
+from shared.checkpoint import DIRECTORY_MAX_BYTES, value_problem, zip_directory_bytes
 from shared.errors import UsageError
 from shared.kinds import token
 from shared.layers import INPUT_SHAPE, Layer
@@ -85,13 +86,16 @@ def _trace(module: Any, where: str):
         graph.eval()
         parameter = next(iter(module.parameters()), None)
         dtype = torch.float32 if parameter is None else parameter.dtype
+        # ShapeProp prints the traceback of the user's error itself, then wraps it: what it
+        # writes is kept back, and passed on only where the forward ran (its warnings).
+        written = io.StringIO()
         try:
-            # ShapeProp prints the traceback of the user's error itself, then wraps it.
-            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            with torch.no_grad(), contextlib.redirect_stderr(written):
                 ShapeProp(graph).propagate(torch.zeros(2, *INPUT_SHAPE, dtype=dtype))
         except Exception as error:
             cause = _first_line(error.__cause__ or error)
             raise UsageError(f"{where}: its forward fails on 1x28x28 images ({cause})") from None
+        sys.stderr.write(written.getvalue())
         return graph
     finally:
         for name, m in module.named_modules():
@@ -430,12 +434,9 @@ def from_torch(module: Any, where: str = "module") -> Network:
     return Network(arch, canonical, tuple(mapping))
 
 
-HOOKS = {
-    "_forward_hooks": "forward hooks",
-    "_forward_pre_hooks": "forward pre-hooks",
-    "_backward_hooks": "backward hooks",
-    "_backward_pre_hooks": "backward pre-hooks",
-}
+# The hooks that change what a module computes (a backward hook changes only PyTorch's own
+# gradients, which the import does not take).
+HOOKS = {"_forward_hooks": "forward hooks", "_forward_pre_hooks": "forward pre-hooks"}
 
 
 def _refuse_hidden_behaviour(module: Any, where: str) -> None:
@@ -448,7 +449,8 @@ def _refuse_hidden_behaviour(module: Any, where: str) -> None:
     for name, sub in module.named_modules():
         shown = name or type(module).__name__
         # A lazy module's own pre-hook gives it its shape on the first batch.
-        if any(is_lazy(p) for p in sub.parameters(recurse=False)):
+        own = [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]
+        if any(is_lazy(t) for t in own):
             raise UsageError(
                 f"{where}: {shown}: has lazy parameters not yet of a shape; run the module "
                 "on one batch first"
@@ -532,14 +534,19 @@ def _refuse_inflating(path: Path, expected: dict, label: str) -> None:
     to gigabytes in torch.load. Refuse members that add up to more than the network's tensors
     in float64, and the zip's own bookkeeping (an older, unzipped file is as large as what
     it holds)."""
-    if not zipfile.is_zipfile(path):
-        return
     bound = 8 * sum(math.prod(t.shape) for t in expected.values()) + ZIP_SLACK_BYTES
-    try:
-        with zipfile.ZipFile(path) as archive:
-            inflated = sum(info.file_size for info in archive.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError) as error:
-        raise UsageError(f"{label}: not a state_dict torch.load can read ({error})") from None
+    with path.open("rb") as file:
+        if file.read(4) != b"PK\x03\x04":  # torch.load's own test of a zip
+            return
+        try:
+            directory = zip_directory_bytes(file)
+            if directory is not None and directory > DIRECTORY_MAX_BYTES:
+                raise ValueError(f"a zip directory of {directory:,} bytes")
+            with zipfile.ZipFile(file) as archive:
+                inflated = sum(info.file_size for info in archive.infolist())
+        except (zipfile.BadZipFile, OSError, ValueError) as error:
+            why = f"not a state_dict torch.load can read ({error})"
+            raise UsageError(f"{label}: {why}") from None
     if inflated > bound:
         raise UsageError(
             f"{label}: holds {inflated:,} bytes once inflated, more than the network's "

@@ -686,9 +686,10 @@ def test_a_network_altered_by_hand_is_refused_before_a_file_is_written(alter, me
             write(tmp_path / "m")
     with pytest.raises(UsageError, match=f"to_torch: .*{message}"):
         threefold.to_torch(network)
-    scaled = dataclasses.replace(original, standardise=(0.5, 0.0))
-    with pytest.raises(UsageError, match="a finite mean and a positive std"):
-        scaled.to_onnx(tmp_path / "m")
+    for standardise in ((0.5, 0.0), 0.5, (0.5,), ("a", "b")):
+        scaled = dataclasses.replace(original, standardise=standardise)
+        with pytest.raises(UsageError, match="a finite mean and a positive std"):
+            scaled.to_onnx(tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -23,7 +23,7 @@ from shared.data import load_dataset
 from shared.errors import Interrupted, OutputError, UsageError
 from shared.io import remove_stale_temporaries, write_json
 from shared.loop import train
-from shared.outputs import fresh_run_dir, hold
+from shared.outputs import fresh_run_dir, hold, replacing_run
 from tests.conftest import make_dataset_dir
 from tests.test_training import ROOT, run_script
 
@@ -133,6 +133,41 @@ def test_an_empty_path_is_refused_not_taken_as_the_current_folder(script, flags,
     result = run_script(script, *flags, cwd=tmp_path)
     assert result.returncode == 2 and "an empty path" in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_replaced_run_goes_only_once_its_replacement_has_finished(tmp_path):
+    old = {"checkpoint.npz": b"old run", "metrics.json": b"{}", "evaluation.json": b"{}"}
+
+    def folder_with_the_old_run(name: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / ".replaced-x").mkdir()  # a killed process's leftover, not to be touched
+        for file, content in old.items():
+            (folder / file).write_bytes(content)
+        return folder
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+    # The new run fails before saving: the old run is put back as it was.
+    folder = folder_with_the_old_run("restored")
+    with pytest.raises(OutputError, match=r"^disk full$"), replacing_run(folder):
+        assert files(folder) == {}
+        raise OutputError("disk full")
+    assert files(folder) == old
+    # It fails after saving: its checkpoint stays, and the old run too, named in the error.
+    folder = folder_with_the_old_run("kept")
+    kept_in = "the run it was to replace is kept in .*replaced-"
+    with pytest.raises(Interrupted, match=kept_in), replacing_run(folder):
+        (folder / "checkpoint.npz").write_bytes(b"new run, epoch 1")
+        raise Interrupted("stopped in epoch 2")
+    aside = [p for p in folder.iterdir() if p.name.startswith(".replaced-") and p.name[-1] != "x"]
+    assert len(aside) == 1 and files(aside[0]) == old
+    # It finishes: the old run is gone, the leftover of another process stays.
+    folder = folder_with_the_old_run("finished")
+    with replacing_run(folder):
+        (folder / "checkpoint.npz").write_bytes(b"new run, done")
+    assert sorted(p.name for p in folder.iterdir()) == [".replaced-x", "checkpoint.npz"]
 
 
 def test_a_lock_deleted_by_hand_does_not_fail_the_run(tmp_path):
@@ -450,6 +485,11 @@ def test_crosscheck_checks_its_output_paths_before_working(flag, tmp_path):
 def test_crosscheck_writes_over_neither_its_checkpoint_nor_its_other_output(finished_run, tmp_path):
     checkpoint = finished_run / "checkpoint.npz"
     before = checkpoint.read_bytes()
+    spec = tmp_path / "net.json"
+    spec.write_text('{"layers": ["flatten", "fc10"]}')
+    result = run_script("crosscheck.py", "--arch", str(spec), "--json", str(spec))
+    assert result.returncode == 2 and "the same file as --arch" in result.stderr, result.stderr
+    assert spec.read_text() == '{"layers": ["flatten", "fc10"]}'
     for flags, message in [
         (["--json", str(checkpoint)], f"--json {checkpoint}: the same file as --checkpoint"),
         (["--plot", str(checkpoint)], "the same file as --checkpoint"),

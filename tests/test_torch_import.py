@@ -563,3 +563,11 @@ def test_a_float64_module_comes_back_in_float64():
     x = torch.rand(3, 1, 28, 28, dtype=torch.float64)
     with torch.no_grad():
         assert torch.equal(back(x), module(x))
+
+
+def test_the_api_takes_numpy_integers_as_python_ints():
+    assert threefold.network("flatten-fc10", seed=np.int64(3)).arch.name == "flatten-fc10"
+    report = threefold.crosscheck(
+        "flatten-fc10", dtypes=("float64",), steps=np.int64(1), batch_size=np.int32(4), data=None
+    )
+    assert report.passed

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.config import FIELDS, IMPLEMENTATIONS, PAIRS
+from shared.config import FIELDS, IMPLEMENTATIONS, PAIRS, python_int
 from shared.data import Dataset, load_dataset
 from shared.errors import ThreefoldError, UsageError
 from shared.network import Network, identity_mapping, import_network, load_network
@@ -24,6 +24,7 @@ def network(spec: str, seed: int = 0, init: str = "he") -> Network:
     drawn by `init` from `seed` (a model file's own weights for FILE.py:NAME)."""
     if not isinstance(spec, str):
         raise UsageError(f"network: {spec!r} is not a spec (a str)")
+    seed = python_int(seed)
     for name, value in (("seed", seed), ("init", init)):
         problem = FIELDS[name].problem(value)
         if problem is not None:
