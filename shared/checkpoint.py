@@ -179,10 +179,11 @@ def _read_file(file: IO[bytes], where: str, dtype: np.dtype | None) -> Checkpoin
         return _read(archive, where, dtype, size)
 
 
-def zip_directory_bytes(file: IO[bytes]) -> int | None:
+def zip_directory_bytes(file: IO[bytes], zip64: bool = False) -> int | None:
     """The size of a zip's central directory, from its end record, read before zipfile builds
-    an entry for each member (None if there is none, which zipfile then reports); a ValueError
-    for a zip64 directory."""
+    an entry for each member (None if there is none, which zipfile then reports). A zip64
+    directory (torch.save writes one) is read from its own record where `zip64`, else a
+    ValueError."""
     end = file.seek(0, os.SEEK_END)
     tail_size = min(end, 22 + 2**16)  # the end record: 22 bytes and a comment of < 64 KiB
     file.seek(end - tail_size)
@@ -191,11 +192,18 @@ def zip_directory_bytes(file: IO[bytes]) -> int | None:
     at = tail.rfind(b"PK\x05\x06")
     if at < 0 or len(tail) - at < 22:
         return None
-    if tail[max(at - 20, 0) : max(at - 16, 0)] == b"PK\x06\x07":
+    if tail[max(at - 20, 0) : max(at - 16, 0)] != b"PK\x06\x07":
+        return int.from_bytes(tail[at + 12 : at + 16], "little")
+    if not zip64:
         # zipfile would take the directory's size from the zip64 record instead: a form only
-        # needed past 65,535 members or 4 GiB, which no checkpoint or state_dict comes near.
+        # needed past 65,535 members or 4 GiB, which no checkpoint comes near.
         raise ValueError("a zip64 directory")
-    return int.from_bytes(tail[at + 12 : at + 16], "little")
+    file.seek(int.from_bytes(tail[at - 12 : at - 4], "little"))  # the locator's offset
+    record = file.read(56)
+    file.seek(0)
+    if len(record) < 56 or record[:4] != b"PK\x06\x06":
+        raise ValueError("a damaged zip64 directory")
+    return int.from_bytes(record[40:48], "little")
 
 
 def _read(archive: zipfile.ZipFile, where: str, dtype: np.dtype | None, size: int) -> Checkpoint:

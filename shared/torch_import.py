@@ -539,7 +539,7 @@ def _refuse_inflating(path: Path, expected: dict, label: str) -> None:
         if file.read(4) != b"PK\x03\x04":  # torch.load's own test of a zip
             return
         try:
-            directory = zip_directory_bytes(file)
+            directory = zip_directory_bytes(file, zip64=True)
             if directory is not None and directory > DIRECTORY_MAX_BYTES:
                 raise ValueError(f"a zip directory of {directory:,} bytes")
             with zipfile.ZipFile(file) as archive:
