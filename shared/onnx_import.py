@@ -39,6 +39,7 @@ class _Step:
     taken: tuple[str, dict[str, Any]] | None  # None: dropped (an identity, a final LogSoftmax)
     reads: list[tuple[str, str]]
     note: str = ""
+    window: int | None = None  # an AveragePool read as adaptive: its own window, to check
 
 
 @dataclass
@@ -245,7 +246,9 @@ def _take(node, initialisers: dict, where: str, source: str, last: bool) -> _Ste
         raise UsageError(f"{where}: {refused.option}: {refused.why}") from None
     except UsageError as error:  # a constant input at fault, which _scalar names
         raise UsageError(f"{where}: {error}") from None
-    return _Step(source, what, taken, reads, note)
+    adaptive = op == "AveragePool" and taken is not None and taken[0] == "adaptiveavgpool"
+    window = attributes["kernel_shape"][0] if adaptive else None
+    return _Step(source, what, taken, reads, note, window)
 
 
 def _square(attributes: dict, name: str, default: int | None = None) -> int:
@@ -526,6 +529,12 @@ def _map(steps, layers, expected, initialisers, label, params, mapping, block: s
                 )
             mapping.append(Mapped(step.source, step.what, token(layer, every=True)))
             continue
+        if step.window is not None and step.window != layer.window:
+            raise UsageError(
+                f"{label}: {step.source}: {step.what}: marked as an adaptive pool to "
+                f"{layer.size}x{layer.size}, which takes windows of {layer.window}; the graph's "
+                "window does not fit its mark"
+            )
         moved = []
         for name, suffix in step.reads:
             ours = f"{layer.name}.{suffix.removesuffix('.T')}"

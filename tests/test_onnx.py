@@ -429,6 +429,10 @@ def test_an_exporter_s_mark_is_read_only_as_written_and_a_constant_names_its_nod
         pool = helper.make_node("AveragePool", ["x"], ["pooled"], "pool", note, **window)
         network = from_onnx(graph_file(tmp_path, [pool, *nodes], inits))
         assert network.arch.name.startswith("avgpool2")
+    # A mark that the window does not fit (2x2 windows make 14x14, not 7x7) is refused.
+    pool = helper.make_node("AveragePool", ["x"], ["pooled"], "pool", "adaptiveavgpool 7", **window)
+    with pytest.raises(UsageError, match="windows of 4; the graph's window does not fit its mark"):
+        from_onnx(graph_file(tmp_path, [pool, *nodes], inits))
     ratio = numpy_helper.from_array(np.array(np.nan, np.float32), "r")
     drop = helper.make_node("Dropout", ["x", "r"], ["pooled"], "drop")
     with pytest.raises(UsageError, match="drop \\(Dropout\\): ratio: r is nan"):
