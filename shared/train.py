@@ -12,6 +12,7 @@ from shared.cli import add_training_flags, config_from_args, given_flags, path_t
 from shared.config import RECIPES, TrainConfig, check_config, config_from_saved
 from shared.data import Dataset, get_dataset_spec, load_dataset
 from shared.errors import CheckpointError, UsageError
+from shared.io import read_json
 from shared.loop import data_identity, terminate_on_sigterm, train, train_split
 from shared.network import import_network, load_weights
 from shared.outputs import (
@@ -201,7 +202,20 @@ def _resume(args: argparse.Namespace, typed: set[str]) -> int:
         config, ckpt = resumed_config(args, typed)
         data = _load_data(args, config, ckpt)
         check_same_data(ckpt, data, folder)
+        if ckpt.meta["epoch"] >= config.epochs and _finished(folder):
+            # Run again, its test and curves would be written anew over the ones it has.
+            print(f"{folder}: the run is finished (its test and curves are written); nothing to do")
+            return 0
         return _run(config, get_arch(config.arch, files=False), data, folder, ckpt)
+
+
+def _finished(folder: Path) -> bool:
+    """Whether a run that trained all its epochs also wrote its test and its curves: one
+    stopped during them (Ctrl-C, SIGTERM) is finished by --resume."""
+    try:
+        return "test" in read_json(folder / METRICS_NAME) and (folder / CURVES_NAME).is_file()
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _start(args: argparse.Namespace, typed: set[str]) -> int:

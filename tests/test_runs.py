@@ -249,9 +249,13 @@ def test_resume_compares_the_flags_as_typed(finished_run, tiny_data_dir):
 
 
 def test_resume_finds_its_data_and_refuses_other_data(finished_run, tmp_path):
-    # Without --data-dir the run goes on with the data it was trained on.
+    # Without --data-dir the run goes on with the data it was trained on; a finished run is
+    # left as it is, its metrics as it wrote them.
+    metrics = (finished_run / "metrics.json").read_bytes()
     result = run_script("train.py", "--resume", str(finished_run))
     assert result.returncode == 0, result.stderr
+    assert "the run is finished (its test and curves are written); nothing to do" in result.stdout
+    assert (finished_run / "metrics.json").read_bytes() == metrics
     other = make_dataset_dir(tmp_path / "other", seed=1)
     result = run_script("train.py", "--resume", str(finished_run), "--data-dir", str(other))
     assert result.returncode == 2 and "holds other data" in result.stderr

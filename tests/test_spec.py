@@ -698,9 +698,11 @@ def test_a_spec_run_records_the_canonical_spec_and_batch_norm_s_state(spec_run):
 
 
 def test_a_spec_run_resumes_without_its_spec(spec_run, workspace):
+    (spec_run / "curves.png").unlink()  # as if stopped while drawing them: --resume finishes it
     result = run_script("train.py", "--resume", str(spec_run), cwd=workspace)
     assert result.returncode == 0, result.stderr
     assert f"numpy | {SPEC} |" in result.stdout and "resuming after epoch 1 of 1" in result.stdout
+    assert (spec_run / "curves.png").is_file()
     # Typed again in another spelling, the network agrees with the run's.
     result = run_script("train.py", "--resume", str(spec_run), "--arch", TYPED, cwd=workspace)
     assert result.returncode == 0, result.stderr
