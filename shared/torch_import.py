@@ -121,7 +121,7 @@ def _read_steps(module: Any, graph: Any, where: str) -> list[_Step | _Block]:
     """The module's operations in order, each checked to take the one before's output; where
     the output feeds two paths that an add joins, a residual block of them."""
     calls = functions()
-    current, steps, used_modules, read = None, [], {}, set()
+    current, steps, read = None, [], set()
     for node in graph.graph.nodes:
         if node in read:
             continue
@@ -140,17 +140,17 @@ def _read_steps(module: Any, graph: Any, where: str) -> list[_Step | _Block]:
         if node.op == "call_method" and node.target == "size":
             continue  # x.size(0) in a view: read with the view
         if len(_users(current)) > 1:
-            block, join, nodes = _read_block(module, current, calls, used_modules, where)
+            block, join, nodes = _read_block(module, current, calls, where)
             steps.append(block)
             read |= nodes
             current = join
             continue
-        steps.append(_read_step(module, node, current, calls, used_modules, where))
+        steps.append(_read_step(module, node, current, calls, where))
         current = node
     return steps
 
 
-def _read_step(module: Any, node: Any, current: Any, calls: dict, used: dict, where: str) -> _Step:
+def _read_step(module: Any, node: Any, current: Any, calls: dict, where: str) -> _Step:
     """One operation, checked to take `current` alone."""
     if node.op == "get_attr":
         raise UsageError(
@@ -167,7 +167,7 @@ def _read_step(module: Any, node: Any, current: Any, calls: dict, used: dict, wh
     shape_in, shape_out = _shape(current), _shape(node)
     if shape_out is None:
         raise UsageError(f"{where}: {node.name} ({_name_of(node)}): does not give a tensor")
-    source, what, taken, path = _take(module, node, calls, used, where)
+    source, what, taken, path = _take(module, node, calls, where)
     return _Step(source, what, taken, path, shape_in, shape_out)
 
 
@@ -194,9 +194,7 @@ def _is_add(node: Any) -> bool:
     return node.op == "call_method" and node.target in ("add", "add_")
 
 
-def _read_block(
-    module: Any, fork: Any, calls: dict, used: dict, where: str
-) -> tuple[_Block, Any, set]:
+def _read_block(module: Any, fork: Any, calls: dict, where: str) -> tuple[_Block, Any, set]:
     """The residual block starting where `fork`'s output feeds two paths: (the block, the add
     node joining them, every node it read)."""
     users = _users(fork)
@@ -209,7 +207,7 @@ def _read_block(
     for user in users:
         steps, previous, node = [], fork, user
         while len(_tensor_inputs(node)) < 2:  # up to the node joining the paths
-            steps.append(_read_step(module, node, previous, calls, used, where))
+            steps.append(_read_step(module, node, previous, calls, where))
             read.add(node)
             following = _users(node)
             if len(following) != 1:
@@ -243,7 +241,7 @@ def _name_of(node: Any) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
-def _take(module: Any, node: Any, calls: dict, used: dict, where: str):
+def _take(module: Any, node: Any, calls: dict, where: str):
     """(source, what, taken, tensors' prefix) for one node; refusals named by the node."""
     if node.op == "call_module":
         sub = module.get_submodule(node.target)
@@ -252,12 +250,6 @@ def _take(module: Any, node: Any, calls: dict, used: dict, where: str):
             raise UsageError(f"{where}: {node.target}: {type_name}: not a layer threefold has")
         names, mapper = MODULES[type_name]
         options = {name: _module_option(sub, name) for name in names}
-        if node.target in used and any(True for _ in sub.parameters()):
-            raise UsageError(
-                f"{where}: {node.target}: {type_name}: used twice; its weights would be shared, "
-                "which threefold's layers are not"
-            )
-        used[node.target] = True
         try:
             taken = mapper(options)
         except Refused as refused:
@@ -395,7 +387,7 @@ def from_torch(module: Any, where: str = "module") -> Network:
         if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
             raise UsageError(f"{where}: {name}: {value.dtype}; threefold computes in float32/64")
     graph = _trace(module, where)
-    _refuse_tied_weights(module, graph, where)
+    _refuse_shared_weights(module, graph, where)
     steps = _read_steps(module, graph, where)
     entries, placed = _entries(steps, where)
     if not entries:
@@ -468,14 +460,23 @@ def _refuse_hidden_behaviour(module: Any, where: str) -> None:
             )
 
 
-def _refuse_tied_weights(module: Any, graph: Any, where: str) -> None:
-    """Refuse one tensor held by two modules that the forward calls (tied weights): threefold
-    would import two, and training would untie them."""
+def _refuse_shared_weights(module: Any, graph: Any, where: str) -> None:
+    """Refuse weights that the forward would use twice: a module with weights called twice,
+    or one tensor held by two modules it calls (tied weights). Threefold would import two
+    layers, and training would untie them."""
     owners: dict[int, str] = {}
+    called: set[str] = set()
     for node in graph.graph.nodes:
         if node.op != "call_module":
             continue
-        for name, parameter in module.get_submodule(node.target).named_parameters():
+        sub = module.get_submodule(node.target)
+        if node.target in called and any(True for _ in sub.parameters()):
+            raise UsageError(
+                f"{where}: {node.target}: {type(sub).__name__}: used twice; its weights would "
+                "be shared, which threefold's layers are not"
+            )
+        called.add(node.target)
+        for name, parameter in sub.named_parameters():
             path = f"{node.target}.{name}"
             first = owners.setdefault(id(parameter), path)
             if first != path:
