@@ -462,8 +462,8 @@ def _refuse_hidden_behaviour(module: Any, where: str) -> None:
 
 def _refuse_shared_weights(module: Any, graph: Any, where: str) -> None:
     """Refuse weights that the forward would use twice: a module with weights called twice,
-    or one tensor held by two modules it calls (tied weights). Threefold would import two
-    layers, and training would untie them."""
+    or one tensor (a parameter or a buffer) held by two modules it calls (tied weights).
+    Threefold would import two layers, and training would untie them."""
     owners: dict[int, str] = {}
     called: set[str] = set()
     for node in graph.graph.nodes:
@@ -476,9 +476,9 @@ def _refuse_shared_weights(module: Any, graph: Any, where: str) -> None:
                 "be shared, which threefold's layers are not"
             )
         called.add(node.target)
-        for name, parameter in sub.named_parameters():
+        for name, tensor in [*sub.named_parameters(), *sub.named_buffers()]:
             path = f"{node.target}.{name}"
-            first = owners.setdefault(id(parameter), path)
+            first = owners.setdefault(id(tensor), path)
             if first != path:
                 raise UsageError(
                     f"{where}: {first} and {path} are one tensor (tied weights); threefold's "

@@ -501,6 +501,13 @@ REFUSED = {
         _tied(),
         "first.weight and second.weight are one tensor (tied weights)",
     ),
+    "tied buffers": (
+        _altered(
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.BatchNorm2d(2), head(2)),
+            lambda m: setattr(m[2], "running_mean", m[1].running_mean),
+        ),
+        "1.running_mean and 2.running_mean are one tensor (tied weights)",
+    ),
 }
 
 
