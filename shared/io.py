@@ -29,11 +29,15 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise OutputError(f"{path}: cannot write it ({e.strerror or e}); nothing written") from None
 
 
+def _temporary_beside(path: Path) -> tuple[int, str]:
+    """A new hidden file in `path`'s folder, (its descriptor, its name), named
+    `.NAME.PID.*.tmp`: the pid tells a later clean-up (remove_stale_temporaries) whether
+    the writer may still be alive."""
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+
+
 def _write_and_replace(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    # The pid in the name tells a later clean-up whether the writer may still be alive.
-    fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
-    )
+    fd, tmp = _temporary_beside(path)
     try:
         # mkstemp makes the file private (0600); give it the mode a plain open() would.
         os.fchmod(fd, 0o666 & ~_umask())
@@ -56,9 +60,7 @@ def staged(path: Path) -> Iterator[Path]:
     path = Path(path)
     _refuse_special(path)  # before the block writes the others
     try:
-        fd, tmp = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
-        )
+        fd, tmp = _temporary_beside(path)
         os.close(fd)
     except OSError as e:
         raise OutputError(f"{path}: cannot write it ({e.strerror or e}); nothing written") from None
