@@ -109,10 +109,9 @@ def check_options(
             f"impls={impls!r}: a tuple of two or more of {', '.join(IMPLEMENTATIONS)} (the "
             "cross-check compares pairs)"
         )
-    counts = Bound(int, 1)
     steps, batch_size, seed = map(python_int, (steps, batch_size, seed))
     for name, value, bound in (
-        ("steps", steps, counts),
+        ("steps", steps, Bound(int, 1)),
         ("batch_size", batch_size, Bound(int, 1, optional=True)),
         ("seed", seed, FIELDS["seed"]),
     ):
