@@ -131,12 +131,15 @@ def _machine_recorded(run: dict) -> bool:
 
 class RunStore:
     """Finished runs' summaries, keyed by their whole configuration, in a JSON file beside the
-    results; each says when, from which commit and on what processor and cores it trained."""
+    results; each says when, from which commit and on what processor and cores it trained.
+    `fresh`: a run counts as stored only once this process has trained it again; the other
+    runs the file holds are kept in it (a damaged file is then started afresh)."""
 
     def __init__(self, path: Path | None, fresh: bool = False):
-        self.path = path
+        self.path, self.fresh = path, fresh
         self.runs: dict[str, dict] = {}
-        if path is not None and not fresh and path.is_file():
+        self.trained: set[str] = set()  # keys this process trained
+        if path is not None and path.is_file():
             try:
                 runs = read_json(path)["runs"]
                 if not all(_a_share(r["summary"]["test_acc"]) for r in runs.values()):
@@ -144,18 +147,20 @@ class RunStore:
                 if not all(_machine_recorded(r) for r in runs.values()):
                     raise TypeError("a run whose processor or cores are not a name and a count")
                 self.runs = _current_keys(runs)
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise DataError(
-                    f"{path}: damaged or not threefold's runs ({type(e).__name__}: {e}); "
-                    "move it away or pass --fresh"
-                ) from None
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+                if not fresh:
+                    raise DataError(
+                        f"{path}: damaged or not threefold's runs ({type(e).__name__}: {e}); "
+                        "move it away or pass --fresh"
+                    ) from None
 
     @staticmethod
     def key(config: TrainConfig) -> str:
         return _key(_with_preset(dataclasses.asdict(config)))
 
     def __contains__(self, config: TrainConfig) -> bool:
-        return self.key(config) in self.runs
+        key = self.key(config)
+        return key in self.runs and (not self.fresh or key in self.trained)
 
     def entry(self, config: TrainConfig) -> dict:
         """A stored run: its summary, and when, where and on how many cores it trained."""
@@ -167,6 +172,7 @@ class RunStore:
     def add(self, config: TrainConfig, finished: dict) -> None:
         """Keep a finished run (`run_here`'s result) and write the store at once."""
         self.runs[self.key(config)] = finished
+        self.trained.add(self.key(config))
         if self.path is not None:
             write_json(self.path, {"runs": self.runs})
 
@@ -282,16 +288,19 @@ def run_grid(
         if engine.name == "ray":
             _on_ray(task, todo, data, engine, finished)
         else:
-            for config in todo:
-                try:
-                    result = run_here(task, config, data)
-                except Interrupted:
-                    raise
-                except ThreefoldError as e:  # a diverged or misfit run; the others go on
-                    finished(config, None, f"{type(e).__name__}: {e}")
-                else:
-                    finished(config, result, None)
-    except KeyboardInterrupt as stop:
+            with terminate_on_sigterm():
+                for config in todo:
+                    try:
+                        result = run_here(task, config, data)
+                    except Interrupted:
+                        raise
+                    except ThreefoldError as e:  # a diverged or misfit run; the others go on
+                        finished(config, None, f"{type(e).__name__}: {e}")
+                    else:
+                        finished(config, result, None)
+    # A run stopped in this process says what its own loop kept (nothing: a grid's runs save no
+    # checkpoint); what the grid kept is the news.
+    except (KeyboardInterrupt, Interrupted) as stop:
         kept = sum(1 for config in todo if config in store)
         where = f" in {store.path}" if store.path else ""
         raise interrupted(

@@ -234,9 +234,11 @@ def data_identity(data: Dataset) -> dict[str, str]:
     }
 
 
-def interrupted(stop: KeyboardInterrupt, what: str) -> Interrupted:
-    """The one-line error for Ctrl-C or SIGTERM (`stop`), followed by `what` was kept."""
-    if isinstance(stop, Terminated):
+def interrupted(stop: KeyboardInterrupt | Interrupted, what: str) -> Interrupted:
+    """The one-line error for Ctrl-C or SIGTERM (`stop`, or the Interrupted already made of
+    it), followed by `what` was kept."""
+    sigterm = 128 + signal.SIGTERM
+    if isinstance(stop, Terminated) or getattr(stop, "exit_code", None) == sigterm:
         return Interrupted(f"terminated (SIGTERM) {what}", signal_number=signal.SIGTERM)
     return Interrupted(f"interrupted {what}", signal_number=signal.SIGINT)
 

@@ -118,6 +118,21 @@ def test_runs_that_do_not_fit_the_data_are_refused_before_any_folder(tmp_path, t
     assert not out.exists()
 
 
+def test_a_fresh_store_trains_its_grid_again_and_keeps_every_other_run(tmp_path):
+    path = tmp_path / "runs.json"
+    ran = {"summary": {"test_acc": 0.5}, "trained": "t", "cpu": "x", "cores": 1}
+    this, other = TrainConfig(impl="numpy"), TrainConfig(impl="numpy", seed=1)
+    store = RunStore(path)
+    store.add(this, ran)
+    store.add(other, ran)
+    fresh = RunStore(path, fresh=True)
+    assert this not in fresh and other not in fresh  # neither counts until trained again
+    fresh.add(this, {**ran, "trained": "again"})
+    assert this in fresh and other not in fresh
+    kept = RunStore(path)  # --fresh for one grid once dropped every run it did not train
+    assert kept.entry(this)["trained"] == "again" and kept.entry(other)["trained"] == "t"
+
+
 def test_a_damaged_run_store_is_refused_unless_fresh(tmp_path):
     data_dir = make_dataset_dir(tmp_path / "data", n_train=1400, n_test=100)  # fits --quick
     store = tmp_path / "docs" / "experiments" / "runs.json"

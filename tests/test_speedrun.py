@@ -102,20 +102,36 @@ def test_the_fast_recipe_is_the_configuration_trained():
     assert config == TrainConfig(impl="numpy", arch="strong", seed=1, **STRONG_FAST_RECIPE)
 
 
-def test_an_interrupted_speedrun_keeps_the_runs_it_finished_and_resumes(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("stop", "said"),
+    [
+        (KeyboardInterrupt(), "interrupted"),
+        # As the training loop raises it: its "nothing was saved" is not the grid's news.
+        (Interrupted("interrupted in epoch 1; nothing was saved"), "interrupted"),
+        (
+            Interrupted("terminated (SIGTERM) in epoch 1", signal_number=15),
+            "terminated \\(SIGTERM\\)",
+        ),
+    ],
+)
+def test_an_interrupted_speedrun_keeps_the_runs_it_finished_and_resumes(
+    stop, said, tmp_path, monkeypatch
+):
     real, calls = speedrun.timed_run, []
 
     def stopped_at_the_third(config, data):
         calls.append(config)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            raise stop
         return real(config, data)
 
     monkeypatch.setattr(speedrun, "timed_run", stopped_at_the_third)
     data = load_dataset(make_dataset_dir(tmp_path / "data", n_train=400))
     race = speedrun.RACES["lab"]
-    with pytest.raises(Interrupted, match=r"with 2 of 3 runs finished, kept in .*runs\.json"):
+    kept_in = f"^{said} with 2 of 3 runs finished, kept in .*runs\\.json"
+    with pytest.raises(Interrupted, match=kept_in) as raised:
         speedrun.run_speedrun(race, data, tmp_path, ("numpy",), 2, True, lambda _: None)
+    assert raised.value.exit_code == (143 if "SIGTERM" in said else 130)
     kept = json.loads((tmp_path / "runs.json").read_text())["runs"]
     assert [(r["summary"]["seed"]) for r in kept.values()] == [0, 0]
     assert not (tmp_path / "speedrun.json").exists()
