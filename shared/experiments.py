@@ -14,7 +14,7 @@ from typing import Any
 
 from shared.backend import IMPLEMENTATIONS
 from shared.cli import add_impl_flag, path_type, run_cli
-from shared.config import DEEP_RECIPE, TrainConfig
+from shared.config import DEEP_RECIPE, FIELDS, TrainConfig
 from shared.data import Dataset, load_dataset
 from shared.errors import DataError, UsageError
 from shared.experiments_report import (
@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"{flag}: no {results}; run without it first")
         # The data is read, and every run checked to fit it, before any folder is made (a
         # re-render needs none).
-        data = None if args.render_only else load_dataset(args.data_dir)
+        rendered_only = args.render_only and not args.recheck_float64  # a recheck trains
+        data = None if rendered_only else load_dataset(args.data_dir)
         settings = {"impls": tuple(args.impl or IMPLEMENTATIONS), **(QUICK if args.quick else {})}
         if not rerender:
             check_fits(plan_experiments(**settings).grid(), data)
@@ -299,14 +300,26 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def _has_variants(saved: dict) -> bool:
-    """Whether saved results hold the settings of every row of their comparisons."""
+def _check_variants(saved: dict, path: Path) -> None:
+    """The settings of every row of saved results' comparisons, there and each checked as its
+    flag would be, before any is trained again: else a DataError naming the file."""
     variants = saved.get("variants")
-    return isinstance(variants, dict) and all(
-        isinstance(variants.get(title), dict)
-        and all(isinstance(variants[title].get(label), dict) for label in table)
-        for title, table in saved["comparisons"].items()
-    )
+    rows = [(title, label) for title, table in saved["comparisons"].items() for label in table]
+    if not isinstance(variants, dict) or not all(
+        isinstance(variants.get(title), dict) and isinstance(variants[title].get(label), dict)
+        for title, label in rows
+    ):
+        raise DataError(
+            f"{path}: lacks the variants of its comparisons, to train them again (written "
+            "before --recheck-float64 existed, or damaged); run the experiments again"
+        )
+    for title, label in rows:
+        for name, value in variants[title][label].items():
+            problem = FIELDS[name].problem(value) if name in FIELDS else "not a setting"
+            if problem is not None:
+                raise DataError(
+                    f"{path}: variants / {title} / {label}: {name} = {value!r}, {problem}"
+                )
 
 
 def _rerender(args: argparse.Namespace, out: Path, data: Dataset | None, engine: Engine) -> int:
@@ -314,11 +327,8 @@ def _rerender(args: argparse.Namespace, out: Path, data: Dataset | None, engine:
     train again in float64 the rows whose implementations disagree."""
     path = out / "experiments" / "results.json"
     saved, report = load_results(path)
-    if args.recheck_float64 and not _has_variants(saved):
-        raise DataError(
-            f"{path}: lacks the variants of its comparisons, to train them again (written "
-            "before --recheck-float64 existed, or damaged); run the experiments again"
-        )
+    if args.recheck_float64:
+        _check_variants(saved, path)
     if args.recheck_float64:
         store = RunStore(path.parent / "runs.json", args.fresh)
         saved["float64"] = recheck_in_float64(data, saved, _say, store, engine)

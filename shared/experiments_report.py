@@ -67,6 +67,7 @@ def load_results(path: Path) -> tuple[dict, str]:
         AttributeError,
         StopIteration,
         IndexError,
+        RecursionError,  # JSON nested past Python's stack
     ) as e:
         raise DataError(
             f"{path}: damaged or not threefold's results ({type(e).__name__}: {e})"

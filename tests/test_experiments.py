@@ -137,7 +137,8 @@ def test_a_damaged_run_store_is_refused_unless_fresh(tmp_path):
     data_dir = make_dataset_dir(tmp_path / "data", n_train=1400, n_test=100)  # fits --quick
     store = tmp_path / "docs" / "experiments" / "runs.json"
     store.parent.mkdir(parents=True)
-    for damaged in ('{"runs": [1, 2', '{"runs": [1, 2]}', '{"runs": {"k": 1}}'):
+    deep = "[" * 100_000 + "]" * 100_000  # nested past Python's stack
+    for damaged in ('{"runs": [1, 2', '{"runs": [1, 2]}', '{"runs": {"k": 1}}', deep):
         store.write_text(damaged)
         with pytest.raises(DataError, match=r"runs.json: damaged.*--fresh"):
             RunStore(store)

@@ -508,7 +508,8 @@ def test_damaged_experiment_results_are_one_line_errors(tmp_path):
     results = tmp_path / "experiments" / "results.json"
     results.parent.mkdir()
     empty = '{"base": {}, "comparisons": {}, "seeds": {}, "command": "x"}'
-    for text in ("{not json", '{"base": {}}', "[]", empty):
+    deep = "[" * 100_000 + "]" * 100_000  # nested past Python's stack
+    for text in ("{not json", '{"base": {}}', "[]", empty, deep):
         results.write_text(text)
         result = run_script("experiments.py", "--render-only", "--out", str(tmp_path))
         assert result.returncode == 1 and "damaged" in result.stderr, result.stderr
@@ -531,6 +532,14 @@ def test_experiments_refuse_results_without_variants_and_a_file_for_their_folder
     monkeypatch.setattr(report, "report_text", lambda saved: "rendered")  # a full file's
     assert main(["--recheck-float64", "--out", str(tmp_path)]) == 1
     assert "lacks the variants of its comparisons" in capsys.readouterr().err
+    # Variants are checked as flags would be, before anything trains again.
+    for variant, problem in (
+        ({"epochs": 10**9}, "variants / t / a: epochs = 1000000000, out of range"),
+        ({"foo": 1}, "variants / t / a: foo = 1, not a setting"),
+    ):
+        results.write_text(json.dumps({**saved, "variants": {"t": {"a": variant}}}))
+        assert main(["--recheck-float64", "--out", str(tmp_path)]) == 1
+        assert problem in capsys.readouterr().err
     out = tmp_path / "other"
     out.mkdir()
     (out / "experiments").write_text("")  # a file where the folder goes
