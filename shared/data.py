@@ -152,7 +152,7 @@ def _how_to_get(spec: DatasetSpec) -> str:
     if spec.name == "fashion-mnist":
         return (
             "install it with 'apt-get install dataset-fashion-mnist', fetch it with "
-            "--download, or pass --data-dir FOLDER"
+            "'train.py --download' (every command then finds it), or pass --data-dir FOLDER"
         )
     return f"pass --data-dir FOLDER holding the four {spec.name} IDX files"
 
