@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from shared.config import (
     Bound,
     TrainConfig,
 )
+from shared.data import DATA_DIR_ENV, FASHION_MNIST
 from shared.errors import Interrupted, ThreefoldError, UsageError
 from shared.spec import presets
 
@@ -140,11 +142,18 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
         else:
             checked = {"choices": bound.choices} if bound.choices else {"type": flag(bound)}
         parser.add_argument(f"--{field.replace('_', '-')}", default=default, help=help, **checked)
+    add_data_dir_flag(parser)
+
+
+def add_data_dir_flag(parser: argparse.ArgumentParser, why: str = "") -> None:
+    """The --data-dir flag every command that reads the data takes (`why`: what for)."""
+    spec = FASHION_MNIST
     parser.add_argument(
         "--data-dir",
+        type=path_type,
         default=None,
-        help="folder with the four IDX files (default: $THREEFOLD_DATA, "
-        "then /usr/share/datasets/fashion-mnist)",
+        help=f"folder with the four IDX files{why} (default: ${DATA_DIR_ENV}, then "
+        f"{spec.default_dir}, then {spec.user_dir}, where train.py --download puts them)",
     )
 
 
@@ -177,3 +186,8 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"\n{parser.prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of the output went away (`| head`): as Python's docs advise, what is
+        # left to flush at exit goes nowhere, quietly. 141: the shell's for SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -21,7 +21,7 @@ import numpy as np
 from shared.backend import IMPLEMENTATIONS, make_backend
 from shared.batches import dropout_masks
 from shared.checkpoint import load_checkpoint
-from shared.cli import path_type, positive_int, run_cli, seed_type
+from shared.cli import add_data_dir_flag, path_type, positive_int, run_cli, seed_type
 from shared.config import DTYPES, FIELDS, Bound, TrainConfig, python_int
 from shared.cost import check_training_batch
 from shared.data import Dataset, load_dataset
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         help="draw every compared tensor's worst relative difference per pair, float64 and "
         "float32 side by side, against its tolerance (PNG)",
     )
-    parser.add_argument("--data-dir", default=None)
+    add_data_dir_flag(parser)
     parser.add_argument(
         "--quiet", action="store_true", help="no progress lines (network, dtype, setting)"
     )

@@ -12,7 +12,7 @@ import numpy as np
 from shared import metrics
 from shared.backend import IMPLEMENTATIONS, batched_logits, make_backend
 from shared.checkpoint import Checkpoint, load_checkpoint
-from shared.cli import path_type, run_cli
+from shared.cli import add_data_dir_flag, path_type, run_cli
 from shared.config import averages_mirrors
 from shared.data import Dataset, load_dataset
 from shared.errors import CheckpointError
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         help="folder for confusion.png, misclassified.png and evaluation.json "
         "(default: the checkpoint's folder)",
     )
-    parser.add_argument("--data-dir", default=None)
+    add_data_dir_flag(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:

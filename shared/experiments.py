@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import add_impl_flag, path_type, run_cli
+from shared.cli import add_data_dir_flag, add_impl_flag, path_type, run_cli
 from shared.config import DEEP_RECIPE, FIELDS, TrainConfig
 from shared.data import Dataset, load_dataset
 from shared.errors import DataError, UsageError
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         help="folder for EXPERIMENTS.md and experiments/ (default: docs, or "
         "runs/experiments-quick with --quick)",
     )
-    parser.add_argument("--data-dir", default=None)
+    add_data_dir_flag(parser)
     parser.add_argument(
         "--fresh",
         action="store_true",

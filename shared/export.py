@@ -9,7 +9,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from shared.backend import batched_logits, make_backend
-from shared.cli import path_type, run_cli
+from shared.cli import add_data_dir_flag, path_type, run_cli
 from shared.data import load_dataset
 from shared.errors import ThreefoldError, UsageError
 from shared.io import staged
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="write the weights here (default with --onnx: beside it, FILE.safetensors)",
     )
-    parser.add_argument("--data-dir", default=None, help="where the test images are, to verify")
+    add_data_dir_flag(parser, ", whose test images verify the graph")
     args = parser.parse_args(argv)
 
     def body() -> int:

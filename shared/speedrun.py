@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import add_impl_flag, number, path_type, run_cli
+from shared.cli import add_data_dir_flag, add_impl_flag, number, path_type, run_cli
 from shared.config import FAST_RECIPE, STRONG_FAST_RECIPE, TrainConfig
 from shared.data import Dataset, load_dataset
 from shared.grid import (
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         help="folder for speedrun.md, speedrun.json and speedrun.png (default: docs/speedrun, "
         "docs/speedrun-strong with --arch strong, or runs/speedrun-quick with --quick)",
     )
-    parser.add_argument("--data-dir", default=None)
+    add_data_dir_flag(parser)
     parser.add_argument(
         "--fresh",
         action="store_true",

@@ -170,6 +170,24 @@ def test_a_replaced_run_goes_only_once_its_replacement_has_finished(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == [".replaced-x", "checkpoint.npz"]
 
 
+def test_output_into_a_pipe_that_closes_is_no_traceback(finished_run, tiny_data_dir, tmp_path):
+    # `| head -2` closes the pipe while evaluate.py still prints its table.
+    evaluate = [
+        sys.executable,
+        str(ROOT / "scripts" / "evaluate.py"),
+        str(finished_run / "checkpoint.npz"),
+    ]
+    command = " ".join([*evaluate, "--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "e")])
+    done = subprocess.run(
+        ["bash", "-c", f"{command} 2> {tmp_path / 'err'} | head -2; exit ${{PIPESTATUS[0]}}"],
+        capture_output=True,
+        text=True,
+    )
+    assert len(done.stdout.splitlines()) == 2
+    assert "Traceback" not in (tmp_path / "err").read_text()
+    assert done.returncode in (0, 141)  # 0 where the table fitted the pipe before it closed
+
+
 def test_a_lock_deleted_by_hand_does_not_fail_the_run(tmp_path):
     with hold(tmp_path):
         (tmp_path / ".lock").unlink()
