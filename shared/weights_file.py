@@ -159,7 +159,10 @@ def read_network_file(path: Path, where: str = "load"):
         header, _ = read_header(file, size, label)
     metadata = header.get("__metadata__")
     if not isinstance(metadata, dict) or not isinstance(metadata.get(SPEC), str):
-        raise UsageError(f"{label}: its metadata names no network ({SPEC}); give --arch")
+        raise UsageError(
+            f"{label}: its metadata names no network ({SPEC}); a run takes it as "
+            "--arch NETWORK --weights FILE"
+        )
     arch = get_arch(metadata[SPEC], f"{label} metadata {SPEC}", files=False)
     params, _ = read_safetensors(path, arch, where=where)
     standardise = _standardise(metadata.get(PIXELS, "none"), f"{label} metadata {PIXELS}")
