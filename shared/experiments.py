@@ -44,7 +44,7 @@ from shared.lab_questions import (
     seed_row_label,
 )
 from shared.loop import train
-from shared.outputs import hold, prepare_out_dir
+from shared.outputs import check_out_files, hold, prepare_out_dir
 
 # --quick: a reduced run for tests, the same code path on 1,000 images.
 QUICK = dict(
@@ -277,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         if not rerender:
             check_fits(plan_experiments(**settings).grid(), data)
         out = prepare_out_dir(out)
+        # Checked before any run trains, not found when the grid has ended.
+        figures = out / "experiments"
+        stored = ("results.json", "runs.json") if figures.is_dir() else ()
+        written = [out / "EXPERIMENTS.md", *(figures / name for name in stored)]
+        check_out_files([("--out", path) for path in written])
         with hold(out):  # one grid at a time writes its run store and report
             if rerender:
                 return _rerender(args, out, data, engine)

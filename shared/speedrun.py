@@ -32,7 +32,7 @@ from shared.grid import (
     run_grid,
 )
 from shared.loop import train
-from shared.outputs import hold, prepare_out_dir, write_results
+from shared.outputs import check_out_files, hold, prepare_out_dir, write_results
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,8 @@ RACES = {
     "strong": Race("strong", {"fast": STRONG_FAST_RECIPE}, 0.925, None, 3, "docs/speedrun-strong"),
 }
 # --quick: the same code on 2,000 images, for tests.
+OUTPUT_FILES = ("runs.json", "speedrun.md", "speedrun.json", "speedrun.png")
+
 # Every run of a race is planned (and listed in runs.json) before the first trains; each takes
 # minutes, so a thousand seeds is already weeks.
 MAX_SEEDS = 1000
@@ -241,7 +243,7 @@ def run_speedrun(
     implementation on `engine`. Finished runs are kept in out/runs.json as they end, so an
     interrupted speedrun resumes with the runs it lacks (all again with `fresh`)."""
     recipes = race_runs(race, impls, seeds, quick_images(data, quick))
-    store = RunStore(out / "runs.json", fresh)
+    store = RunStore(out / OUTPUT_FILES[0], fresh)
     run_grid(timed_run, labelled(recipes), data, store, engine, progress)
     runs = [
         {"recipe": recipe, **store.summary(config), **machine_of(store.entry(config))}
@@ -352,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         impls = tuple(dict.fromkeys(args.impl or IMPLEMENTATIONS))  # each once
         check_fits(labelled(race_runs(race, impls, seeds, quick_images(data, args.quick))), data)
         out = prepare_out_dir(args.out or Path(default_out))
+        # Checked before any run trains, not found when the race has ended.
+        check_out_files([("--out", out / name) for name in OUTPUT_FILES])
         with hold(out):
             run_speedrun(
                 race,

@@ -166,7 +166,9 @@ def test_training_on_every_training_image(tmp_path):
     record = json.loads((out / "metrics.json").read_text())
     assert [(h["val_loss"], h["val_acc"]) for h in record["history"]] == [(None, None)] * 2
     assert record["test"]["acc"] is not None and (out / "curves.png").is_file()
-    # The run continues as it was: without a validation split.
+    # The run continues as it was: without a validation split (its curves gone, as if stopped
+    # while drawing them, so that --resume has work to do).
+    (out / "curves.png").unlink()
     resumed = run_train("--resume", str(out))
     assert resumed.returncode == 0 and "120 train, 0 validation" in resumed.stdout
 

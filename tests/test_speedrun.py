@@ -167,3 +167,15 @@ def test_seeds_beyond_the_bound_are_refused_before_any_run_is_planned(capsys):
         speedrun.main(["--seeds", str(speedrun.MAX_SEEDS + 1)])
     assert refused.value.code == 2
     assert f"--seeds: {speedrun.MAX_SEEDS + 1} is out of range" in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_run(tmp_path, capsys):
+    data_dir = make_dataset_dir(tmp_path / "data", n_train=400)
+    out = tmp_path / "out"
+    (out / "speedrun.png").mkdir(parents=True)  # found once the race had ended, before
+    with pytest.raises(SystemExit) as refused:
+        speedrun.main(
+            ["--quick", "--impl", "numpy", "--out", str(out), "--data-dir", str(data_dir)]
+        )
+    assert refused.value.code == 2 and "speedrun.png: is a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["speedrun.png"]  # no run trained
