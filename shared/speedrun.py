@@ -261,7 +261,7 @@ def run_speedrun(
         "summary": summary,
         "runs": runs,
     }
-    text = report(race, machines, quick, seeds, summary, engine)
+    text = report(race, machines, quick_images(data, quick), seeds, summary, engine)
     progress("\n" + text)
     title = f"{race.arch} network, time to accuracy ({'; '.join(cpu for cpu, _ in machines)})"
     write_results(
@@ -279,26 +279,30 @@ def machine_of(stored: dict) -> dict[str, Any]:
 def report(
     race: Race,
     machines: list[tuple[str, int]],
-    quick: bool,
+    images: int | None,
     seeds: int,
     summary: list[dict],
     engine: Engine = LOCAL,
 ) -> str:
-    """speedrun.md: the command, the machines and cores a run had, the recipe, the table."""
+    """speedrun.md: the command, the machines and cores a run had, the recipe as the runs
+    trained it (`images`: a --quick run's, None for the whole set), the table."""
+    quick = images is not None
+    fast = race.fast | ({"epochs": QUICK["epochs"]["fast"], "limit": images} if quick else {})
     defaults = (
-        f"{QUICK['epochs']['defaults']} epochs on {QUICK['limit']:,} images"
+        f"{QUICK['epochs']['defaults']} epochs on {images:,} images"
         if quick
         else f"{TrainConfig().epochs} epochs at batch {TrainConfig().batch_size}"
     )
     impls = [s["impl"] for s in summary]
     flags = (" --arch " + race.arch if race.arch != "lab" else "") + (" --quick" if quick else "")
     flags += "".join(f" --impl {impl}" for impl in impls) if impls != list(IMPLEMENTATIONS) else ""
+    flags += f" --seeds {seeds}" if seeds != (QUICK["seeds"] if quick else race.seeds) else ""
     flags += f" --engine {engine.name}" if engine.name != "local" else ""
     where = "; ".join(f"{cpu}, {cores} core{'s' * (cores > 1)} a run" for cpu, cores in machines)
     header = f"`python scripts/speedrun.py{flags}` on {where}. Fast recipe: " + ", ".join(
-        f"{k}={v}" for k, v in race.fast.items()
+        f"{k}={v}" for k, v in fast.items()
     )
-    header += f" ({seeds} seeds)"
+    header += f" ({seeds} seed{'s' * (seeds > 1)})"
     if race.has_defaults:
         header += (
             f"; defaults: {defaults} (1 run). Ratio: the fast recipe's mean training time over "

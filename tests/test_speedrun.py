@@ -25,6 +25,10 @@ def test_quick_speedrun_writes_every_implementation_and_its_summary(tmp_path):
     assert saved["fast"] == FAST_RECIPE and saved["machines"][0]["cores"] >= 1
     assert (out / "speedrun.png").stat().st_size > 0
     report = (out / "speedrun.md").read_text()
+    # The header gives the recipe as the runs trained it: one epoch on the images there were.
+    images = saved["runs"][0]["config"]["limit"]
+    assert "epochs=1, " in report and f"limit={images} (2 seeds)" in report
+    assert f"defaults: 2 epochs on {images:,} images" in report
     for s in saved["summary"]:
         fast = [r for r in saved["runs"] if r["impl"] == s["impl"] and r["recipe"] == "fast"]
         default = [r for r in saved["runs"] if r["impl"] == s["impl"] and r["recipe"] == "defaults"]
@@ -54,7 +58,7 @@ def test_the_strong_race_trains_its_fast_recipe_only_and_judges_accuracy(tmp_pat
     runs = [(r["impl"], r["recipe"], r["config"]["arch"]) for r in saved["runs"]]
     assert runs == [(impl, "fast", "strong") for impl in chosen]
     report = (out / "speedrun.md").read_text()
-    command = "speedrun.py --arch strong --quick " + " ".join(impl_flags) + "`"
+    command = "speedrun.py --arch strong --quick " + " ".join(impl_flags) + " --seeds 1`"
     assert command in report and "mean >= 92.5%" in report
     assert "defaults" not in report and "ratio" not in report
     for s in saved["summary"]:
