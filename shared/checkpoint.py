@@ -124,10 +124,7 @@ def save_checkpoint(
     if sorted(arrays) != sorted(wanted):
         raise CheckpointError(f"{where}: its tensors are not those of arch {arch.name!r}")
     for name, value in arrays.items():
-        value = np.asarray(value)
-        tensor = expected[name]
-        problem = form_problem(tensor, value.dtype, value.shape, arch.name)
-        problem = problem or value_problem(tensor, value)
+        problem = tensor_problem(expected[name], np.asarray(value), arch.name)
         if problem is not None:
             raise CheckpointError(f"{where}: tensor {name} {problem}")
     text = json.dumps(meta, allow_nan=False)
@@ -333,6 +330,12 @@ def form_problem(tensor: Tensor, dtype: np.dtype, shape: tuple[int, ...], arch: 
     if shape != tensor.shape:
         return f"has shape {_cut(str(shape))}, arch {arch!r} expects {tensor.shape}"
     return None
+
+
+def tensor_problem(tensor: Tensor, value: np.ndarray, arch: str) -> str | None:
+    """Why an array in hand cannot be `tensor` of the network named `arch`: its form, then its
+    values (None if it can be)."""
+    return form_problem(tensor, value.dtype, value.shape, arch) or value_problem(tensor, value)
 
 
 def value_problem(tensor: Tensor, value: np.ndarray) -> str | None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.checkpoint import form_problem, load_checkpoint, value_problem
+from shared.checkpoint import load_checkpoint, tensor_problem
 from shared.data import get_dataset_spec
 from shared.errors import UsageError
 from shared.kinds import kind_of, token
@@ -88,9 +88,7 @@ class Network:
         if extra:
             raise UsageError(f"{where}: {extra[0]} is not a tensor of the network")
         for name, tensor in expected.items():
-            value = np.asarray(self.tensors[name])
-            problem = form_problem(tensor, value.dtype, value.shape, self.arch.name)
-            problem = problem or value_problem(tensor, value)
+            problem = tensor_problem(tensor, np.asarray(self.tensors[name]), self.arch.name)
             if problem is not None:
                 raise UsageError(f"{where}: tensor {name} {problem}")
         if self.standardise is not None and not _mean_and_std(self.standardise):
