@@ -177,7 +177,7 @@ def import_network(text: str, where: str = "--arch") -> Network:
         from shared.onnx_import import from_onnx
 
         return from_onnx(text, where)
-    from shared.torch_import import import_file
+    from shared.torch_files import import_file
 
     return import_file(text, where)
 
@@ -204,7 +204,7 @@ def load_weights(
             )
         with open(path, "rb") as file:
             return network.tensors, hashlib.file_digest(file, "sha256").hexdigest()
-    from shared.torch_import import load_state_dict_file
+    from shared.torch_files import load_state_dict_file
 
     return load_state_dict_file(Path(path), arch, renames, where)
 

@@ -12,31 +12,21 @@ read, never when this module is.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.util
 import io
 import math
 import sys
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from shared.checkpoint import DIRECTORY_MAX_BYTES, value_problem, zip_directory_bytes
+from shared.checkpoint import value_problem
 from shared.errors import UsageError
 from shared.kinds import token
 from shared.layers import INPUT_SHAPE, Layer
 from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
-from shared.spec import Arch, Entry, Params, build_layers, get_arch, tensors
+from shared.spec import Entry, build_layers, get_arch, tensors
 from shared.torch_ops import DROP, METHODS, MODULES, RESHAPES, Refused, Taken, bind, functions
-
-# A model file is a Python module the user names; a weights file holds one state_dict.
-MAX_MODEL_FILE_BYTES = 2**20
-MAX_WEIGHTS_FILE_BYTES = 2**30
-ZIP_SLACK_BYTES = 2**20  # a state_dict zip's names, pickle and alignment, beyond the data
-
 
 # --- the chain ----------------------------------------------------------------------------------
 
@@ -80,7 +70,7 @@ def _trace(module: Any, where: str):
             graph = torch.fx.symbolic_trace(module)
         except Exception as error:  # tracing runs the user's forward: any error is theirs
             raise UsageError(
-                f"{where}: torch.fx cannot trace its forward ({_first_line(error)}); threefold "
+                f"{where}: torch.fx cannot trace its forward ({first_line(error)}); threefold "
                 "reads forwards that are chains of layers and functional calls"
             ) from None
         graph.eval()
@@ -93,7 +83,7 @@ def _trace(module: Any, where: str):
             with torch.no_grad(), contextlib.redirect_stderr(written):
                 ShapeProp(graph).propagate(torch.zeros(2, *INPUT_SHAPE, dtype=dtype))
         except Exception as error:
-            cause = _first_line(error.__cause__ or error)
+            cause = first_line(error.__cause__ or error)
             raise UsageError(f"{where}: its forward fails on 1x28x28 images ({cause})") from None
         sys.stderr.write(written.getvalue())
         return graph
@@ -105,7 +95,8 @@ def _trace(module: Any, where: str):
                 value.copy_(saved[key])
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The error's type and first line (200 characters at most): a user's error in one line."""
     text = str(error).strip().splitlines()
     line = text[0] if text else ""
     line = line if len(line) <= 200 else line[:197] + "..."
@@ -415,7 +406,7 @@ def from_torch(module: Any, where: str = "module") -> Network:
             if not name.startswith(f"{layer.name}."):
                 continue
             theirs = f"{step.module_path}.{name[len(layer.name) + 1 :]}"
-            canonical[name] = _numpy(state[theirs])
+            canonical[name] = to_numpy(state[theirs])
             problem = value_problem(expected[name], canonical[name])
             if problem is not None:
                 raise UsageError(f"{where}: {theirs} {problem}")
@@ -486,119 +477,7 @@ def _refuse_shared_weights(module: Any, graph: Any, where: str) -> None:
                 )
 
 
-def _numpy(value: Any) -> np.ndarray:
+def to_numpy(value: Any) -> np.ndarray:
+    """A torch tensor as a NumPy copy: floats as they are, anything else as int64."""
     array = value.detach().cpu().numpy()
     return array.astype(np.int64) if not np.issubdtype(array.dtype, np.floating) else array.copy()
-
-
-# --- files ---------------------------------------------------------------------------------------
-
-
-def load_module_file(text: str, where: str = "--arch") -> tuple[Any, str]:
-    """The module FILE.py:NAME builds (NAME a class or function called with no arguments),
-    and the label naming it. The file is executed, as importing it would."""
-    path_text, _, name = text.rpartition(":")
-    path, label = Path(path_text), f"{where} {text}"
-    if not path.is_file():
-        raise UsageError(f"{label}: {path} is not a file")
-    if path.stat().st_size > MAX_MODEL_FILE_BYTES:
-        raise UsageError(f"{label}: {path} is larger than {MAX_MODEL_FILE_BYTES} bytes")
-    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    spec = importlib.util.spec_from_file_location(f"threefold_model_{digest}", path)
-    if spec is None or spec.loader is None:
-        raise UsageError(f"{label}: {path} cannot be loaded as Python")
-    namespace = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(namespace)
-    # The user's file: any error is theirs, in one line; an exit() in it would end the
-    # command without a word.
-    except (Exception, SystemExit) as error:
-        raise UsageError(f"{label}: running {path.name} raised {_first_line(error)}") from None
-    if not hasattr(namespace, name):
-        defined = sorted(k for k, v in vars(namespace).items() if callable(v) and k[0] != "_")
-        raise UsageError(f"{label}: {path.name} defines no {name} (it has {', '.join(defined)})")
-    try:
-        module = getattr(namespace, name)()
-    except (Exception, SystemExit) as error:
-        raise UsageError(f"{label}: {name}() raised {_first_line(error)}") from None
-    return module, label
-
-
-def import_file(text: str, where: str = "--arch") -> Network:
-    """The network of a model file FILE.py:NAME."""
-    module, label = load_module_file(text, where)
-    return from_torch(module, label)
-
-
-def _refuse_inflating(path: Path, expected: dict, label: str) -> None:
-    """torch.save writes a zip, whose members may be compressed: a small file could inflate
-    to gigabytes in torch.load. Refuse members that add up to more than the network's tensors
-    in float64, and the zip's own bookkeeping (an older, unzipped file is as large as what
-    it holds)."""
-    bound = 8 * sum(math.prod(t.shape) for t in expected.values()) + ZIP_SLACK_BYTES
-    with path.open("rb") as file:
-        if file.read(4) != b"PK\x03\x04":  # torch.load's own test of a zip
-            return
-        try:
-            directory = zip_directory_bytes(file, zip64=True)
-            if directory is not None and directory > DIRECTORY_MAX_BYTES:
-                raise ValueError(f"a zip directory of {directory:,} bytes")
-            with zipfile.ZipFile(file) as archive:
-                inflated = sum(info.file_size for info in archive.infolist())
-        except (zipfile.BadZipFile, OSError, ValueError) as error:
-            why = f"not a state_dict torch.load can read ({error})"
-            raise UsageError(f"{label}: {why}") from None
-    if inflated > bound:
-        raise UsageError(
-            f"{label}: holds {inflated:,} bytes once inflated, more than the network's "
-            f"tensors can take ({bound:,})"
-        )
-
-
-def load_state_dict_file(
-    path: Path, arch: Arch, renames: dict[str, str], where: str
-) -> tuple[Params, str]:
-    """A state_dict file (torch.save) read with `torch.load(weights_only=True)` -> (the
-    canonical tensors of `arch`, the file's SHA-256), renamed by `renames` (the module's
-    names -> canonical; canonical names are taken as they are). Every tensor must be there,
-    of its shape, and finite."""
-    import torch
-
-    label = f"{where} {path}"
-    if not path.is_file():
-        raise UsageError(f"{label}: not a file")
-    if path.stat().st_size > MAX_WEIGHTS_FILE_BYTES:
-        raise UsageError(f"{label}: larger than {MAX_WEIGHTS_FILE_BYTES} bytes")
-    with path.open("rb") as file:
-        digest = hashlib.file_digest(file, "sha256").hexdigest()
-    expected = tensors(arch)
-    _refuse_inflating(path, expected, label)
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # whatever the file holds, one line
-        why = _first_line(error)
-        raise UsageError(f"{label}: not a state_dict torch.load can read ({why})") from None
-    tensors_only = all(isinstance(v, torch.Tensor) for v in getattr(loaded, "values", list)())
-    if not isinstance(loaded, dict) or not tensors_only:
-        raise UsageError(f"{label}: holds a {type(loaded).__name__}, not a state_dict of tensors")
-    weights = {}
-    for theirs, value in loaded.items():
-        ours = renames.get(theirs, theirs)
-        if ours not in expected:
-            raise UsageError(f"{label}: {theirs} is not a tensor of the network")
-        shape = expected[ours].shape
-        if tuple(value.shape) != shape:
-            raise UsageError(
-                f"{label}: {theirs} has shape {tuple(value.shape)}, the network's {shape}"
-            )
-        array = _numpy(value)
-        problem = value_problem(expected[ours], array)
-        if problem is not None:
-            raise UsageError(f"{label}: {theirs} {problem}")
-        weights[ours] = array
-    missing = sorted(set(expected) - set(weights))
-    if missing:
-        theirs = {ours: theirs for theirs, ours in renames.items()}.get(missing[0], missing[0])
-        named = theirs if theirs == missing[0] else f"{theirs} ({missing[0]})"
-        raise UsageError(f"{label}: {len(missing)} tensors missing, the first {named}")
-    return weights, digest

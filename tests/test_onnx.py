@@ -133,7 +133,7 @@ MODELS = ["pytorch_examples_net.py:Net", "d2l_lenet.py:LeNet", "bn_cnn.py:Net"]
 
 @pytest.mark.parametrize("model", MODELS)
 def test_a_graph_pytorchs_exporter_wrote_imports_and_computes_the_same(model, tmp_path):
-    from shared.torch_import import load_module_file
+    from shared.torch_files import load_module_file
 
     module, _ = load_module_file(str(ROOT / "tests" / "models" / model))
     module.eval()
@@ -734,7 +734,7 @@ def test_an_onnx_file_is_a_network_for_train_and_its_weights_a_start(tmp_path, t
 def test_the_crosscheck_proves_a_graph_pytorchs_exporter_wrote_from_its_weights(tmp_path):
     """crosscheck.py --arch FILE.onnx --onnx: the file's own weights in all three and in
     onnxruntime (Keras' MNIST convnet written in PyTorch, exported by torch.onnx.export)."""
-    from shared.torch_import import load_module_file
+    from shared.torch_files import load_module_file
 
     module, _ = load_module_file(str(ROOT / "tests" / "models" / "keras_simple_convnet.py:build"))
     path = tmp_path / "keras.onnx"

@@ -25,7 +25,7 @@ from shared.data import load_dataset
 from shared.errors import UsageError
 from shared.loop import train
 from shared.network import load_weights
-from shared.torch_import import import_file
+from shared.torch_files import import_file
 from tests.conftest import make_dataset_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def model(name: str) -> nn.Module:
 
 
 def threefold_module(name: str):
-    from shared.torch_import import load_module_file
+    from shared.torch_files import load_module_file
 
     return load_module_file(f"{MODELS / name}")
 

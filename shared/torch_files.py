@@ -1,0 +1,133 @@
+"""A user's PyTorch files, read as untrusted input: a model file FILE.py:NAME (executed, as
+importing it would be) and a state_dict saved by torch.save, its inflated size bounded before
+torch.load reads it. The module they hold becomes a network in shared/torch_import.py."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from shared.checkpoint import DIRECTORY_MAX_BYTES, value_problem, zip_directory_bytes
+from shared.errors import UsageError
+from shared.network import Network
+from shared.spec import Arch, Params, tensors
+from shared.torch_import import first_line, from_torch, to_numpy
+
+# A model file is a Python module the user names; a weights file holds one state_dict.
+MAX_MODEL_FILE_BYTES = 2**20
+MAX_WEIGHTS_FILE_BYTES = 2**30
+ZIP_SLACK_BYTES = 2**20  # a state_dict zip's names, pickle and alignment, beyond the data
+
+
+def load_module_file(text: str, where: str = "--arch") -> tuple[Any, str]:
+    """The module FILE.py:NAME builds (NAME a class or function called with no arguments),
+    and the label naming it. The file is executed, as importing it would."""
+    path_text, _, name = text.rpartition(":")
+    path, label = Path(path_text), f"{where} {text}"
+    if not path.is_file():
+        raise UsageError(f"{label}: {path} is not a file")
+    if path.stat().st_size > MAX_MODEL_FILE_BYTES:
+        raise UsageError(f"{label}: {path} is larger than {MAX_MODEL_FILE_BYTES} bytes")
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    spec = importlib.util.spec_from_file_location(f"threefold_model_{digest}", path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"{label}: {path} cannot be loaded as Python")
+    namespace = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(namespace)
+    # The user's file: any error is theirs, in one line; an exit() in it would end the
+    # command without a word.
+    except (Exception, SystemExit) as error:
+        raise UsageError(f"{label}: running {path.name} raised {first_line(error)}") from None
+    if not hasattr(namespace, name):
+        defined = sorted(k for k, v in vars(namespace).items() if callable(v) and k[0] != "_")
+        raise UsageError(f"{label}: {path.name} defines no {name} (it has {', '.join(defined)})")
+    try:
+        module = getattr(namespace, name)()
+    except (Exception, SystemExit) as error:
+        raise UsageError(f"{label}: {name}() raised {first_line(error)}") from None
+    return module, label
+
+
+def import_file(text: str, where: str = "--arch") -> Network:
+    """The network of a model file FILE.py:NAME."""
+    module, label = load_module_file(text, where)
+    return from_torch(module, label)
+
+
+def _refuse_inflating(path: Path, expected: dict, label: str) -> None:
+    """torch.save writes a zip, whose members may be compressed: a small file could inflate
+    to gigabytes in torch.load. Refuse members that add up to more than the network's tensors
+    in float64, and the zip's own bookkeeping (an older, unzipped file is as large as what
+    it holds)."""
+    bound = 8 * sum(math.prod(t.shape) for t in expected.values()) + ZIP_SLACK_BYTES
+    with path.open("rb") as file:
+        if file.read(4) != b"PK\x03\x04":  # torch.load's own test of a zip
+            return
+        try:
+            directory = zip_directory_bytes(file, zip64=True)
+            if directory is not None and directory > DIRECTORY_MAX_BYTES:
+                raise ValueError(f"a zip directory of {directory:,} bytes")
+            with zipfile.ZipFile(file) as archive:
+                inflated = sum(info.file_size for info in archive.infolist())
+        except (zipfile.BadZipFile, OSError, ValueError) as error:
+            why = f"not a state_dict torch.load can read ({error})"
+            raise UsageError(f"{label}: {why}") from None
+    if inflated > bound:
+        raise UsageError(
+            f"{label}: holds {inflated:,} bytes once inflated, more than the network's "
+            f"tensors can take ({bound:,})"
+        )
+
+
+def load_state_dict_file(
+    path: Path, arch: Arch, renames: dict[str, str], where: str
+) -> tuple[Params, str]:
+    """A state_dict file (torch.save) read with `torch.load(weights_only=True)` -> (the
+    canonical tensors of `arch`, the file's SHA-256), renamed by `renames` (the module's
+    names -> canonical; canonical names are taken as they are). Every tensor must be there,
+    of its shape, and finite."""
+    import torch
+
+    label = f"{where} {path}"
+    if not path.is_file():
+        raise UsageError(f"{label}: not a file")
+    if path.stat().st_size > MAX_WEIGHTS_FILE_BYTES:
+        raise UsageError(f"{label}: larger than {MAX_WEIGHTS_FILE_BYTES} bytes")
+    with path.open("rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    expected = tensors(arch)
+    _refuse_inflating(path, expected, label)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # whatever the file holds, one line
+        why = first_line(error)
+        raise UsageError(f"{label}: not a state_dict torch.load can read ({why})") from None
+    tensors_only = all(isinstance(v, torch.Tensor) for v in getattr(loaded, "values", list)())
+    if not isinstance(loaded, dict) or not tensors_only:
+        raise UsageError(f"{label}: holds a {type(loaded).__name__}, not a state_dict of tensors")
+    weights = {}
+    for theirs, value in loaded.items():
+        ours = renames.get(theirs, theirs)
+        if ours not in expected:
+            raise UsageError(f"{label}: {theirs} is not a tensor of the network")
+        shape = expected[ours].shape
+        if tuple(value.shape) != shape:
+            raise UsageError(
+                f"{label}: {theirs} has shape {tuple(value.shape)}, the network's {shape}"
+            )
+        array = to_numpy(value)
+        problem = value_problem(expected[ours], array)
+        if problem is not None:
+            raise UsageError(f"{label}: {theirs} {problem}")
+        weights[ours] = array
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        theirs = {ours: theirs for theirs, ours in renames.items()}.get(missing[0], missing[0])
+        named = theirs if theirs == missing[0] else f"{theirs} ({missing[0]})"
+        raise UsageError(f"{label}: {len(missing)} tensors missing, the first {named}")
+    return weights, digest
