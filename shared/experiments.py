@@ -28,6 +28,8 @@ from shared.grid import (
     LOCAL,
     Engine,
     RunStore,
+    a_curve,
+    a_share,
     add_engine_flags,
     check_fits,
     engine_of,
@@ -55,6 +57,9 @@ QUICK = dict(
     short={"epochs": 1, "limit": 500},
     deep={**DEEP_RECIPE, "epochs": 1, "limit": 500},
 )
+
+# What a comparison's report and plot read of each stored run.
+CURVES = {"test_acc": a_share, "val_curve": a_curve}
 
 
 def variant_config(base: TrainConfig, changes: dict[str, Any], impl: str) -> TrainConfig:
@@ -154,7 +159,7 @@ def run_experiments(
     tables = []
     for comp in plan.comps:
         results = {
-            v.label: {i: store.summary(cells[comp.title, v.label, i][0]) for i in impls}
+            v.label: {i: store.summary(cells[comp.title, v.label, i][0], CURVES) for i in impls}
             for v in comp.variants
         }
         slug = comp.title.lower().replace(" ", "-")
@@ -334,7 +339,6 @@ def _rerender(args: argparse.Namespace, out: Path, data: Dataset | None, engine:
     saved, report = load_results(path)
     if args.recheck_float64:
         _check_variants(saved, path)
-    if args.recheck_float64:
         store = RunStore(path.parent / "runs.json", args.fresh)
         saved["float64"] = recheck_in_float64(data, saved, _say, store, engine)
         saved["trained"] = store.provenance()

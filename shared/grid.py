@@ -31,6 +31,7 @@ import importlib.util
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import socket
@@ -38,7 +39,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ from shared.spec import PRESETS, get_arch
 
 ENGINES = ("local", "ray")
 Task = Callable[[TrainConfig, Dataset], dict[str, Any]]
+# A summary's fields a report reads, each with the check its stored value must pass.
+Fields = Mapping[str, Callable[[object], bool]]
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,7 @@ class RunStore:
         if path is not None and path.is_file():
             try:
                 runs = read_json(path)["runs"]
-                if not all(_a_share(r["summary"]["test_acc"]) for r in runs.values()):
+                if not all(a_share(r["summary"]["test_acc"]) for r in runs.values()):
                     raise TypeError("a run without a test accuracy")
                 if not all(_machine_recorded(r) for r in runs.values()):
                     raise TypeError("a run whose processor or cores are not a name and a count")
@@ -166,8 +169,17 @@ class RunStore:
         """A stored run: its summary, and when, where and on how many cores it trained."""
         return self.runs[self.key(config)]
 
-    def summary(self, config: TrainConfig) -> dict:
-        return self.entry(config)["summary"]
+    def summary(self, config: TrainConfig, reads: Fields | None = None) -> dict:
+        """A stored run's summary, refused in one line unless each field the caller `reads`
+        passes its check (a store written by hand or by an older version may lack it)."""
+        summary = self.entry(config)["summary"]
+        for field, check in (reads or {"test_acc": a_share}).items():
+            if not check(summary.get(field)):
+                raise DataError(
+                    f"{self.path}: the stored {config.impl} run of seed {config.seed} has no "
+                    f"valid {field!r}; move the file away or pass --fresh"
+                )
+        return summary
 
     def add(self, config: TrainConfig, finished: dict) -> None:
         """Keep a finished run (`run_here`'s result) and write the store at once."""
@@ -208,9 +220,19 @@ def _current_keys(runs: dict[str, dict]) -> dict[str, dict]:
     return {key: run for key, (_, run) in current.items()}
 
 
-def _a_share(value: object) -> bool:
+def a_share(value: object) -> bool:
     """Whether a stored accuracy is one: a finite float in [0, 1] (JSON may hold NaN)."""
     return isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+def a_curve(value: object) -> bool:
+    """Whether a stored learning curve is one: a non-empty list of accuracies."""
+    return isinstance(value, list) and bool(value) and all(map(a_share, value))
+
+
+def a_duration(value: object) -> bool:
+    """Whether a stored time (or size) is one: a finite number >= 0."""
+    return type(value) in (int, float) and 0 <= value < math.inf
 
 
 def checkout_label() -> str:

@@ -103,6 +103,16 @@ def test_experiments_write_every_table_and_plot(tiny_data_dir, tmp_path, monkeyp
     monkeypatch.setattr(experiments, "train", no_training)
     assert run_experiments(data, out, **setup)["seeds"] == results["seeds"]
     assert (out / "EXPERIMENTS.md").read_text() == report
+    # A comparison's stored run without its curve (an older version's, or edited) is refused in
+    # one line before anything is drawn, the report left as it was.
+    path = out / "experiments" / "runs.json"
+    store = json.loads(path.read_text())
+    drawn = next(r for r in store["runs"].values() if r["summary"] == by_impl["numpy"])
+    del drawn["summary"]["val_curve"]
+    path.write_text(json.dumps(store))
+    with pytest.raises(DataError, match=r"runs\.json: the stored numpy run .*'val_curve'"):
+        run_experiments(data, out, **setup)
+    assert (out / "EXPERIMENTS.md").read_text() == report
 
 
 def test_runs_that_do_not_fit_the_data_are_refused_before_any_folder(tmp_path, tiny_data_dir):

@@ -12,7 +12,7 @@ from shared import speedrun
 from shared.backend import IMPLEMENTATIONS
 from shared.config import FAST_RECIPE, STRONG_FAST_RECIPE, TrainConfig
 from shared.data import load_dataset
-from shared.errors import Interrupted
+from shared.errors import DataError, Interrupted
 from tests.conftest import make_dataset_dir
 from tests.test_training import run_script
 
@@ -148,6 +148,23 @@ def test_an_interrupted_speedrun_keeps_the_runs_it_finished_and_resumes(
         ("fast", 0),
         ("fast", 1),
     ]
+
+
+@pytest.mark.parametrize(
+    ("field", "stored"), [("train_seconds", None), ("compile_seconds", "1"), ("peak_mb", -1)]
+)
+def test_a_stored_run_without_what_the_report_reads_is_refused_in_one_line(field, stored, tmp_path):
+    data = load_dataset(make_dataset_dir(tmp_path / "data", n_train=400))
+    race, say = speedrun.RACES["strong"], lambda _: None
+    speedrun.run_speedrun(race, data, tmp_path, ("numpy",), 1, True, say)
+    path, results = tmp_path / "runs.json", (tmp_path / "speedrun.json").read_bytes()
+    store = json.loads(path.read_text())
+    (run,) = store["runs"].values()
+    run["summary"][field] = stored  # an older version's store, or one edited by hand
+    path.write_text(json.dumps(store))
+    with pytest.raises(DataError, match=rf"runs\.json: the stored numpy run of seed 0 .*'{field}'"):
+        speedrun.run_speedrun(race, data, tmp_path, ("numpy",), 1, True, say)
+    assert (tmp_path / "speedrun.json").read_bytes() == results
 
 
 @pytest.mark.parametrize(
