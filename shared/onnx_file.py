@@ -74,7 +74,7 @@ MAX_FIELDS = 1_000_000
 def _count_nodes(data: bytes, label: str) -> int:
     """The nodes in the file, anywhere (a subgraph's too), read off the protobuf wire format
     with ONNX's own schema before anything is decoded; a UsageError past MAX_MESSAGES
-    messages of any kind (counting nodes stops past MAX_NODES)."""
+    messages of any kind or MAX_FIELDS fields (counting nodes stops past MAX_NODES)."""
     import onnx
 
     node_type = onnx.NodeProto.DESCRIPTOR
@@ -87,9 +87,13 @@ def _count_nodes(data: bytes, label: str) -> int:
             is_message = field is not None and field.message_type is not None
             fields, messages = fields + 1, messages + (is_message and value_end is not None)
             if messages > MAX_MESSAGES or fields > MAX_FIELDS:
+                kind, bound = (
+                    ("messages", MAX_MESSAGES)
+                    if messages > MAX_MESSAGES
+                    else ("fields", MAX_FIELDS)
+                )
                 raise UsageError(
-                    f"{label}: more than {MAX_MESSAGES} protobuf messages or {MAX_FIELDS} "
-                    "fields; not a model threefold reads"
+                    f"{label}: more than {bound} protobuf {kind}; not a model threefold reads"
                 )
             if not is_message or value_end is None:
                 continue

@@ -34,7 +34,7 @@ from shared.export import main as export_main
 from shared.kinds import KINDS, kind_of
 from shared.network import Network, load_weights
 from shared.onnx_export import check_model, onnx_model
-from shared.onnx_file import MAX_MESSAGES, MAX_NODES
+from shared.onnx_file import MAX_FIELDS, MAX_MESSAGES, MAX_NODES
 from shared.onnx_import import from_onnx
 from shared.proof.onnx_witness import WITNESSES, onnx_logits
 from shared.proof.rows import TOLERANCES, compare
@@ -483,6 +483,14 @@ def test_an_unsupported_option_is_one_line_naming_node_and_option(
         from_onnx(graph_file(tmp_path, nodes, [weight, bias]))
 
 
+def test_an_initialiser_whose_shape_is_not_its_layer_s_is_named(tmp_path):
+    # A valid ONNX model (a Gemm's bias broadcasts): the layer's shape is threefold's check.
+    nodes, inits = fc_nodes()
+    inits[1] = numpy_helper.from_array(np.zeros(5, np.float32), "b")
+    with pytest.raises(UsageError, match=r"m\.onnx: b: shape \(5,\), the layer's \(10,\)"):
+        from_onnx(graph_file(tmp_path, nodes, inits))
+
+
 def test_external_data_is_refused(tmp_path):
     nodes, inits = fc_nodes()
     inits[0].data_location = TensorProto.EXTERNAL
@@ -551,6 +559,13 @@ def a_subgraph_of_many_nodes(path) -> None:
     graph_field_repeated(path, 1, node, 1)
 
 
+def many_small_fields(path) -> None:
+    """One initialiser of 1.5 million dims, each its own 2-byte field (unpacked): 3 MB, few
+    messages, a walk of many fields."""
+    dims = b"\x08\x01" * 1_500_000  # TensorProto.dims is field 1, a varint
+    graph_field_repeated(path, 5, dims, 1)  # GraphProto.initializer is field 5
+
+
 def huge_initialiser(path) -> None:
     """An fc whose weight claims 2**32 floats and holds 40 bytes."""
     nodes, _ = fc_nodes()
@@ -580,6 +595,7 @@ except UsageError as e:
         (huge_initialiser, "w\\) raw_data size \\(40 bytes\\) is too small"),
         (million_nodes, f"more than {MAX_NODES} nodes"),
         (many_value_infos, f"more than {MAX_MESSAGES} protobuf messages"),
+        (many_small_fields, f"more than {MAX_FIELDS} protobuf fields"),
         (a_subgraph_of_many_nodes, f"more than {MAX_NODES} nodes"),
     ],
 )
