@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "--impl",
         choices=IMPLEMENTATIONS,
         default="numpy",
-        help="implementation that computes the predictions",
+        help="implementation that computes the predictions (default: numpy)",
     )
     parser.add_argument(
         "--out",
