@@ -1,5 +1,6 @@
-"""A network from an ONNX file: its nodes read as a chain of the operators threefold computes,
-its initialisers as the canonical tensors, its leading Sub/Div as the input scaling.
+"""A network from an ONNX file: its nodes read as a chain (and residual blocks) of the
+operators threefold computes, its initialisers (and constant nodes) as the canonical tensors,
+its leading Sub/Div as the input scaling.
 
 The file is untrusted: shared/onnx_file.py bounds its size and node count before it is parsed,
 and an initialiser's claimed shape is checked against the network (itself held to the cost
@@ -64,9 +65,9 @@ def from_onnx(path: str | Path, where: str = "") -> Network:
     path = Path(path)
     label = f"{where} {path}" if where else str(path)  # where: the flag, from a command
     graph = read_graph(path, label)
-    initialisers = {t.name: t for t in graph.initializer}
+    nodes, initialisers = _constants(list(graph.node), {t.name: t for t in graph.initializer})
     current = _input_name(graph, initialisers, label)
-    standardise, nodes = _scaling(list(graph.node), initialisers, current, label)
+    standardise, nodes = _scaling(nodes, initialisers, current, label)
     if standardise is not None:
         current = nodes[0].input[0] if nodes else current
     steps = _steps(nodes, initialisers, current, graph, label)
@@ -77,6 +78,27 @@ def from_onnx(path: str | Path, where: str = "") -> Network:
     arch = get_arch("-".join(token(layer) for layer in layers), label)
     params, mapping = _tensors(arch, steps, initialisers, label)
     return Network(arch, params, tuple(mapping), standardise)
+
+
+def _constants(nodes: list, initialisers: dict) -> tuple[list, dict]:
+    """The nodes that compute from the input, and the initialisers joined by every constant
+    node's output: a Constant holding a tensor, and an Identity of a constant (PyTorch's
+    exporter writes one for each copy of an initialiser it has deduplicated, such as the
+    equal biases of BatchNorms folded into convolutions)."""
+    from onnx import TensorProto
+
+    constants, computing = dict(initialisers), []
+    for node in nodes:
+        if node.op_type == "Identity" and node.input and node.input[0] in constants:
+            constants[node.output[0]] = constants[node.input[0]]
+        elif node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]:
+            tensor = TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            constants[node.output[0]] = tensor
+        else:
+            computing.append(node)
+    return computing, constants
 
 
 def _input_name(graph, initialisers: dict, label: str) -> str:

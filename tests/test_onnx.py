@@ -129,15 +129,18 @@ def test_generated_specs_go_through_onnx_and_back(spec):
 # --- PyTorch's own exporter, read back -------------------------------------------------------
 
 MODELS = ["pytorch_examples_net.py:Net", "d2l_lenet.py:LeNet", "bn_cnn.py:Net"]
+# Exported without folding its BatchNorms into its convolutions (folded, below): PyTorch's
+# exporter then writes an Identity node for each copy of an initialiser it deduplicated.
+RESNET = "resnet_basic_block.py:ResNet"
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_a_graph_pytorchs_exporter_wrote_imports_and_computes_the_same(model, tmp_path):
+def exported(model: str, path, **options):
+    """The module of tests/models/`model`, in evaluation mode, and its graph as
+    torch.onnx.export writes it into `path`."""
     from shared.torch_files import load_module_file
 
     module, _ = load_module_file(str(ROOT / "tests" / "models" / model))
     module.eval()
-    path = tmp_path / "exported.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -148,7 +151,18 @@ def test_a_graph_pytorchs_exporter_wrote_imports_and_computes_the_same(model, tm
             input_names=["x"],
             dynamic_axes={"x": {0: "batch"}},
             opset_version=onnx_export.OPSET,
+            **options,
         )
+    return module
+
+
+@pytest.mark.parametrize(
+    ("model", "options"),
+    [*((model, {}) for model in MODELS), (RESNET, {"do_constant_folding": False})],
+)
+def test_a_graph_pytorchs_exporter_wrote_imports_and_computes_the_same(model, options, tmp_path):
+    path = tmp_path / "exported.onnx"
+    module = exported(model, path, **options)
     network = from_onnx(path)
     x = torch.rand(5, 1, 28, 28)
     with torch.no_grad():
@@ -157,6 +171,25 @@ def test_a_graph_pytorchs_exporter_wrote_imports_and_computes_the_same(model, tm
     if any(m.note.startswith("cross-entropy") for m in network.mapping):  # a dropped log_softmax
         got = torch.log_softmax(got, 1)
     assert relative(got.numpy(), expected.numpy()) < FLOAT32
+
+
+def test_a_resnet_whose_batchnorms_the_exporter_folded_is_one_line_naming_its_shortcut(tmp_path):
+    # Folded, a BatchNorm gives its 1x1 shortcut convolution a bias, which no block of
+    # threefold's holds; unfolded, the same network imports (above).
+    path = tmp_path / "folded.onnx"
+    exported(RESNET, path)
+    with pytest.raises(UsageError, match=r"layer2\.0/Add: its shortcut \(Conv\(.*conv32k1s2p0b0"):
+        from_onnx(path)
+
+
+def test_constant_nodes_are_read_as_initialisers(tmp_path):
+    nodes, (weight, bias) = fc_nodes()
+    constant = helper.make_node("Constant", [], ["w"], "weights", value=weight)
+    copy = helper.make_node("Identity", ["b"], ["b2"], "bias copy")
+    nodes[-1].input[2] = "b2"
+    network = from_onnx(graph_file(tmp_path, [constant, copy, *nodes], [bias]))
+    assert network.arch.name == "flatten-fc10"
+    assert dict(network.mapping[-1].tensors) == {"w": "fc.weight", "b2": "fc.bias"}
 
 
 # --- the fourth witness -----------------------------------------------------------------------
