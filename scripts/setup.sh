@@ -17,6 +17,10 @@ python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null || python=python3
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 echo "setup: installing the project into .venv"
-# torch is pinned to the CPU build on local disk (see pyproject.toml).
-.venv/bin/pip install -q --disable-pip-version-check -e '.[dev,onnx,cluster]' 2>&1 | grep -v "is ignored: it is neither" || true
+# torch is pinned to 2.13.0 (pyproject.toml), and PyPI's build of it is the multi-GB CUDA one:
+# where pip's local wheels (its find-links) hold no CPU build, PyTorch's CPU index is added.
+torch_cpu=()
+.venv/bin/pip install -q --dry-run --no-index --no-deps 'torch==2.13.0+cpu' >/dev/null 2>&1 ||
+    torch_cpu=(--extra-index-url https://download.pytorch.org/whl/cpu)
+.venv/bin/pip install -q --disable-pip-version-check "${torch_cpu[@]}" -e '.[dev,onnx,cluster]' 2>&1 | grep -v "is ignored: it is neither" || true
 .venv/bin/python -c "import numpy, jax, optax, torch, onnx, onnxruntime, safetensors" || { echo "setup: install failed" >&2; exit 1; }
