@@ -30,7 +30,7 @@ from shared.layers import Activation, BatchNorm, Conv, Dropout, Pool
 from shared.loop import train
 from shared.proof.kinks import cancelled_biases, keeps_zeros_exact
 from shared.proof.passes import checkpoint_agreement
-from shared.proof.rows import CheckResult, compare
+from shared.proof.rows import CheckResult, Measured, compare
 from shared.proof.settings import ALL_ON
 from shared.spec import PRESETS, Arch, get_arch, init_params, param_shapes, state_shapes
 from tests.conftest import pairs_with, to_native
@@ -745,34 +745,38 @@ def test_each_lockstep_step_is_measured_against_its_own_scale():
     _, rows = lockstep(backends, arch, params, batches, setting, resync=True)
     tolerance = TOLERANCES[("float64", "lockstep")]
     weights = {row.pair: row for row in rows if row.check == f"lockstep {name}"}
-    grown = np.abs(next(iter(weights.values())).a).reshape(steps, -1).max(axis=1)
-    assert grown[-1] > 1e6 * grown[0]  # the run this test needs
+    grown = next(iter(weights.values())).sizes  # the weights' size at each step
+    assert len(grown) == steps and grown[-1] > 1e6 * grown[0]  # the run this test needs
     verdicts = {
         pair: judge(row, "float64", arch.name, setting.name, tolerance).passed
         for pair, row in weights.items()
     }
     assert verdicts == {pair: off not in pair.split("-") for pair in verdicts}
     # Against the whole run's scale, the same rows would pass.
-    assert all(compare(row.a, row.b, row.scale.max())[1] < tolerance for row in weights.values())
+    assert all(max(row.diffs) / max(row.sizes) < tolerance for row in weights.values())
     # Every other row passes: the error is in those weights alone, at that step alone.
     others = [row for row in rows if row.check != f"lockstep {name}"]
     assert all(judge(row, "float64", arch.name, setting.name, tolerance).passed for row in others)
 
 
-def test_compare_by_step_measures_each_step_against_its_family_then():
+def test_a_measured_row_measures_each_step_against_its_family_then():
     """A tensor zero in exact arithmetic is measured against its family's size at each step
     (round-off of 1e-17 at a step whose family is 1 reads 1e-17; against the run's family,
     1e12, the row would read 1e-18), and 1e-3 of a step whose family is about 1 fails though
-    a later step's family is 1e12."""
-    zero_exact = np.array([[1e-17, 0.0], [0.0, 1e-6]])
-    exact = np.zeros((2, 2))
-    assert compare(zero_exact, exact, np.array([1.0, 1e12]), by_step=True)[1] == 1e-17
-    assert compare(zero_exact, exact, 1e12)[1] == pytest.approx(1e-18)
+    a later step's family is 1e12. The row keeps two numbers a step, not the tensors."""
+    zero_exact, exact = Measured("c", "p"), Measured("c", "p")
+    for step, family in ((np.array([1e-17, 0.0]), 1.0), (np.array([0.0, 1e-6]), 1e12)):
+        zero_exact.add(step, np.zeros(2), family)
+    assert zero_exact.measured()[1] == 1e-17
+    assert compare(np.array([[1e-17, 0.0], [0.0, 1e-6]]), np.zeros((2, 2)), 1e12)[1] == (
+        pytest.approx(1e-18)
+    )
     grows = np.array([[1.0, 0.5], [1e12, 3e11]])
     wrong_early = grows + np.array([[1e-3, 0.0], [0.0, 0.0]])
-    assert compare(grows, wrong_early, np.array([1.0, 1e12]), by_step=True)[1] == pytest.approx(
-        1e-3 / (1 + 1e-3)
-    )
+    for a, b, family in zip(grows, wrong_early, (1.0, 1e12), strict=True):
+        exact.add(a, b, family)
+    assert exact.measured() == (pytest.approx(1e-3), pytest.approx(1e-3 / (1 + 1e-3)), "float64")
+    assert exact.first(1).measured()[1] == exact.measured()[1] and len(exact.diffs) == 2
     assert compare(grows, wrong_early, 1e12)[1] < 1e-14  # the whole run's scale hides it
 
 

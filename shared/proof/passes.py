@@ -1,7 +1,8 @@
 """The comparisons: every pair of implementations on one training pass and on a lockstep
 run, NumPy's gradients against finite differences, and a checkpoint's predictions. The first
-three give `Compared` rows (shared/proof/rows.py) for the caller to judge; the checkpoint's
-agreement, whose predicted-class row counts differing classes, gives its verdicts itself."""
+three give rows (shared/proof/rows.py: `Compared`, and `Measured` for the lockstep's tensors,
+compared step by step) for the caller to judge; the checkpoint's agreement, whose
+predicted-class row counts differing classes, gives its verdicts itself."""
 
 from __future__ import annotations
 
@@ -17,7 +18,15 @@ from shared.config import OPTIMIZER_BUFFERS, learning_rate
 from shared.data import FASHION_MNIST
 from shared.proof.kinks import away_from_kinks, cancelled_biases, kink_state, same_side
 from shared.proof.onnx_witness import onnx_logits
-from shared.proof.rows import FD_STEP, TOLERANCES, CheckResult, Compared, compare, dtypes_of
+from shared.proof.rows import (
+    FD_STEP,
+    TOLERANCES,
+    CheckResult,
+    Compared,
+    Measured,
+    compare,
+    dtypes_of,
+)
 from shared.proof.settings import Setting
 from shared.spec import Arch, Params, split_params
 
@@ -50,7 +59,7 @@ def single_pass(
                 yield Compared(f"{label} ({mode})", pair, a[layer.name], b[layer.name])
     for pair, (loss_a, grads_a), (loss_b, grads_b) in _pairs(grads):
         yield Compared("loss", pair, loss_a, loss_b)
-        scale = _largest(grads_a.values())
+        scale = _family_size(grads_a.values())
         for name in grads_a:
             yield Compared(f"grad {name}", pair, grads_a[name], grads_b[name], scale)
     for pair, a, b in _pairs(dx):
@@ -76,7 +85,7 @@ def lockstep(
     resync: bool,
     reference: Backend | None = None,
     seed: int = 0,
-) -> tuple[int, list[Compared]]:
+) -> tuple[int, list[Compared | Measured]]:
     """Train from the same start on the same batches; compare losses, every tensor
     (parameters and BatchNorm's running statistics) and the optimizer's state (SGD's momentum,
     Adam's moments and step) after every step. With `resync`, each step starts every
@@ -123,15 +132,6 @@ def lockstep(
     x, y = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
     data = {name: backend.put_data(x, y) for name, backend in backends.items()}
     states = {name: backend.init_state(params) for name, backend in backends.items()}
-    runs: dict[str, list] = {name: [] for name in backends}  # (loss, tensors, state) a step
-    for batch, lr in zip(plan, rates, strict=True):
-        for name, backend in backends.items():
-            states[name], loss, _ = backend.train_step(states[name], data[name], batch, lr)
-            tensors = backend.params(states[name])
-            runs[name].append((loss, tensors, backend.optimizer_tensors(states[name])))
-        if resync:
-            _, p, optimizer = runs[next(iter(backends))][-1]
-            states = {name: backend.init_state(p, optimizer) for name, backend in backends.items()}
     trainable = arch.trainable
     # Adam divides a gradient by its own root mean square plus eps: a gradient that is round-off
     # (~1e-6 in float32, as large as eps) moves its parameter by a rate's worth in a direction
@@ -140,63 +140,78 @@ def lockstep(
     unsteered = cancelled_biases(arch) if resync and config.optimizer != "sgd" else frozenset()
     # Without momentum SGD has no buffers to compare: PyTorch keeps none.
     buffers = [b for b in OPTIMIZER_BUFFERS[config.optimizer] if config.momentum or b != "momentum"]
-    kept = _steps_before_divergence(runs, steps)
-    loss_check = f"lockstep loss x{steps}"
-    if kept < steps:
-        runs = {name: run[:kept] for name, run in runs.items()}
-        loss_check = f"lockstep loss x{kept} of {steps}"
-    # Every tensor's row stacks the steps, each step measured against its own scale
-    # (by_step): a run that grows by orders of magnitude would otherwise measure its early
-    # steps against its last. The loss keeps the run's scale: it is the log-sum-exp of the
-    # logits less the true class's, whose round-off grows with the logits, not with the loss
-    # (float32's lab under the fast recipe: 3e-5 of a step's own loss of 22, a third of the
-    # tolerance, against 2e-7 of the run's largest); a step's error in the training shows in
-    # the tensors.
-    rows = []
-    for pair, run_a, run_b in _pairs(runs):
-        rows.append(Compared(loss_check, pair, _stacked(run_a, 0), _stacked(run_b, 0)))
-        weights = _largest_by_step(_stacked(run_a, 1, name) for name in trainable)
-        scales = {
-            b: _largest_by_step(_stacked(run_a, 2, name, b) for name in trainable) for b in buffers
-        }
-        for name in params:
-            a, b = _stacked(run_a, 1, name), _stacked(run_b, 1, name)
-            if name not in unsteered:
-                scale = weights if name in trainable else 0.0
-                rows.append(Compared(f"lockstep {name}", pair, a, b, scale, by_step=True))
-            if name not in trainable:
-                continue
-            for buffer in buffers:
-                a, b = _stacked(run_a, 2, name, buffer), _stacked(run_b, 2, name, buffer)
-                check = f"lockstep {buffer} {name}"
-                rows.append(Compared(check, pair, a, b, scales[buffer], by_step=True))
+    losses: dict[str, list] = {name: [] for name in backends}
+    finite: dict[str, list[bool]] = {name: [] for name in backends}  # each step's whole state
+    measured: dict[tuple[str, str], Measured] = {}  # (pair, check) -> its row, in row order
+    for batch, lr in zip(plan, rates, strict=True):
+        step = {}
+        for name, backend in backends.items():
+            states[name], loss, _ = backend.train_step(states[name], data[name], batch, lr)
+            step[name] = backend.params(states[name]), backend.optimizer_tensors(states[name])
+            losses[name].append(loss)
+            finite[name].append(_finite(*step[name]))
+        # Each step is compared as it ends and not kept: the run's memory does not grow with
+        # its steps. Each tensor against its family's size at this step (see Measured).
+        for pair, (tensors_a, optimizer_a), (tensors_b, optimizer_b) in _pairs(step):
+            weights = _family_size(tensors_a[name] for name in trainable)
+            scales = {b: _family_size(optimizer_a[b][name] for name in trainable) for b in buffers}
+            for name in params:
+                if name not in unsteered:
+                    scale = weights if name in trainable else 0.0
+                    row = _row(measured, pair, f"lockstep {name}")
+                    row.add(tensors_a[name], tensors_b[name], scale)
+                if name not in trainable:
+                    continue
+                for buffer in buffers:
+                    row = _row(measured, pair, f"lockstep {buffer} {name}")
+                    row.add(optimizer_a[buffer][name], optimizer_b[buffer][name], scales[buffer])
+        if resync:
+            p, optimizer = step[next(iter(backends))]
+            states = {name: backend.init_state(p, optimizer) for name, backend in backends.items()}
+    kept = _steps_before_divergence(losses, finite, steps)
+    loss_check = f"lockstep loss x{steps}" if kept == steps else f"lockstep loss x{kept} of {steps}"
+    # The loss keeps the run's scale: it is the log-sum-exp of the logits less the true
+    # class's, whose round-off grows with the logits, not with the loss (float32's lab under
+    # the fast recipe: 3e-5 of a step's own loss of 22, a third of the tolerance, against
+    # 2e-7 of the run's largest); a step's error in the training shows in the tensors.
+    rows: list[Compared | Measured] = []
+    for pair, losses_a, losses_b in _pairs(losses):
+        a, b = np.asarray(losses_a[:kept]), np.asarray(losses_b[:kept])
+        rows.append(Compared(loss_check, pair, a, b))
+        rows += [row.first(kept) for (of, _), row in measured.items() if of == pair]
     return kept, rows
 
 
-def _steps_before_divergence(runs: dict[str, list], steps: int) -> int:
+def _row(rows: dict[tuple[str, str], Measured], pair: str, check: str) -> Measured:
+    """The row of `check` between `pair`, made at its first step."""
+    return rows.setdefault((pair, check), Measured(check, pair))
+
+
+def _steps_before_divergence(
+    losses: dict[str, list], finite: dict[str, list[bool]], steps: int
+) -> int:
     """How many of a lockstep run's `steps` to compare: all, or those before the last steps when
     every implementation's loss is infinite or NaN to the end (a rate too high for the
     network, say), after which how NaN and infinity spread is each library's own (a mask
     times NaN, or a select). The cut is taken only where every implementation's state after
-    the last step kept is finite throughout, the tensors no row compares included: a NaN
+    the last step kept is `finite` throughout, the tensors no row compares included: a NaN
     that one implementation wrote there, and the others then started from (float32's
     restarts), is not cut away. A step that only some implementations lose is kept, and
     fails; so is a run lost from its first step, which the single pass shows too."""
-    if len(runs) < 2:  # no pair to compare
+    if len(losses) < 2:  # no pair to compare
         return steps
-    losses = np.array([[float(step[0]) for step in run] for run in runs.values()])
-    lost = ~np.isfinite(losses).any(axis=0)  # (steps,): no implementation's loss finite
+    values = np.array([[float(loss) for loss in run] for run in losses.values()])
+    lost = ~np.isfinite(values).any(axis=0)  # (steps,): no implementation's loss finite
     kept = steps
     while kept > 0 and lost[kept - 1]:
         kept -= 1
-    if kept in (0, steps) or not all(_finite(run[kept - 1]) for run in runs.values()):
+    if kept in (0, steps) or not all(run[kept - 1] for run in finite.values()):
         return steps
     return kept
 
 
-def _finite(step: tuple) -> bool:
-    """Whether a lockstep step's loss and every float tensor of its state are finite."""
-    _, tensors, optimizer = step
+def _finite(tensors: dict, optimizer: dict) -> bool:
+    """Whether every float tensor of a lockstep step's state is finite."""
     values = [*tensors.values(), *(t for buffer in optimizer.values() for t in buffer.values())]
     return all(np.isfinite(v).all() for v in map(np.asarray, values) if v.dtype.kind == "f")
 
@@ -234,31 +249,13 @@ def each_step_away_from_kinks(
     return chosen
 
 
-def _largest(tensors) -> float:
-    """The largest magnitude in any of the tensors: their family's scale for `compare`."""
-    return max((float(np.abs(t).max()) for t in tensors if np.size(t)), default=0.0)
-
-
-def _largest_by_step(stacked) -> np.ndarray | float:
-    """The largest magnitude at each step in any of the tensors, each stacked (steps, ...):
-    their family's scale at each step, for `compare`'s by_step (0.0 if they hold none). A NaN
-    is passed over (fmax): the tensor holding it fails its own row, and the rest of its
-    family are still measured against the family's size, not each against itself."""
-    largest = [np.fmax.reduce(np.abs(t).reshape(len(t), -1), axis=1) for t in stacked if np.size(t)]
-    return np.fmax.reduce(largest, axis=0) if largest else 0.0
-
-
-def _stacked(run: list, field: int, name: str | None = None, buffer: str = "") -> np.ndarray:
-    """One quantity of every step of a lockstep run, stacked (steps, ...): the loss, a tensor,
-    or a tensor of one of the optimizer's buffers."""
-
-    def quantity(step: tuple) -> np.ndarray:
-        value = step[field]
-        if buffer:
-            value = value[buffer]
-        return np.asarray(value if name is None else value[name])
-
-    return np.stack([quantity(s) for s in run])
+def _family_size(tensors) -> float:
+    """The largest magnitude in any of the tensors: their family's size for `compare` (0.0 if
+    they hold none). A NaN is passed over (fmax): the tensor holding it fails its own row,
+    and the rest of its family are still measured against the family's size, not each
+    against itself."""
+    largest = [np.fmax.reduce(np.abs(t), axis=None) for t in tensors if np.size(t)]
+    return float(np.fmax.reduce(largest)) if largest else 0.0
 
 
 # A central difference of a float64 loss L carries round-off of about 1e-16 |L| / FD_STEP =
@@ -310,7 +307,7 @@ def finite_difference_grads(
                 break
         sampled[name] = analytic_of[name].flat[picks], np.array(numeric)
     floor = FD_FLOOR * abs(float(loss))
-    scale = max(_largest(a for name, (a, _) in sampled.items() if name != "input"), floor)
+    scale = max(_family_size(a for name, (a, _) in sampled.items() if name != "input"), floor)
     return [
         Compared(
             f"finite-diff {name}", f"{backend.name}-fd", a, b, floor if name == "input" else scale

@@ -1,15 +1,16 @@
-"""The rows of the proof: two tensors that should agree (`Compared`), and the verdict on them
-(`CheckResult`), with the tolerance table and the one comparison every part uses.
+"""The rows of the proof: two tensors that should agree (`Compared`), a comparison made step
+by step as a run goes (`Measured`), and the verdict on either (`CheckResult`), with the
+tolerance table and the one comparison every part uses.
 
-Every part of the cross-check yields `Compared` rows (the single pass, the lockstep run, the
-finite differences, the shared code against the libraries); `judge` turns each into a
+Every part of the cross-check yields rows (the single pass, the lockstep run, the finite
+differences, the shared code against the libraries); `judge` turns each into a
 `CheckResult`, which the report and the picture read.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -36,18 +37,52 @@ FD_STEP = 1e-6
 @dataclass(frozen=True)
 class Compared:
     """One comparison: `check` (what is compared: a layer's output, a gradient, a step's
-    weights) between the two sides of `pair` ("numpy-jax", "numpy-fd", "shared-optax"), `a`
+    loss) between the two sides of `pair` ("numpy-jax", "numpy-fd", "shared-optax"), `a`
     and `b`. `scale` is the size of the tensor's family (every gradient of the pass, say):
-    a tensor that is zero in exact arithmetic is measured against its family, not itself.
-    With `by_step`, a and b stack a tensor of each step of a run (axis 0), and `scale` holds
-    the family's size at each step (see `compare`)."""
+    a tensor that is zero in exact arithmetic is measured against its family, not itself."""
 
     check: str
     pair: str
     a: np.ndarray
     b: np.ndarray
-    scale: float | np.ndarray = 0.0
-    by_step: bool = False
+    scale: float = 0.0
+
+    def measured(self) -> tuple[float, float, str]:
+        """(max |a - b|, that relative to the size, the pair's dtype): see `compare`."""
+        return (*compare(self.a, self.b, self.scale), dtypes_of(self.a, self.b))
+
+
+@dataclass
+class Measured:
+    """A tensor compared at each step of a run as the run goes (a lockstep's weights and
+    optimizer state): two numbers a step, not the run's tensors, so that a run's memory does
+    not grow with its steps. Each step's difference is measured against that step's size
+    (the larger of the two tensors and their family then), and the worst step is the row's:
+    against the whole run's, the early steps of a run that grows by orders of magnitude would
+    be measured against its last."""
+
+    check: str
+    pair: str
+    dtypes: str = ""
+    diffs: list[float] = field(default_factory=list)
+    sizes: list[float] = field(default_factory=list)
+
+    def add(self, a: np.ndarray, b: np.ndarray, scale: float = 0.0) -> None:
+        """One step's tensors and their family's size at that step."""
+        diff, size = difference(a, b, scale)
+        self.diffs.append(diff)
+        self.sizes.append(size)
+        self.dtypes = self.dtypes or dtypes_of(a, b)
+
+    def first(self, steps: int) -> Measured:
+        """The row over the first `steps` steps alone."""
+        return Measured(self.check, self.pair, self.dtypes, self.diffs[:steps], self.sizes[:steps])
+
+    def measured(self) -> tuple[float, float, str]:
+        """(the worst step's difference, the worst step's relative difference, the dtype)."""
+        relative = [_relative(d, s) for d, s in zip(self.diffs, self.sizes, strict=True)]
+        nothing = float("inf")  # a row that compared no step fails
+        return max(self.diffs, default=nothing), max(relative, default=nothing), self.dtypes
 
 
 @dataclass(frozen=True)
@@ -82,34 +117,35 @@ class CheckResult:
         return row
 
 
-def compare(
-    a: np.ndarray, b: np.ndarray, scale: float | np.ndarray = 0.0, by_step: bool = False
-) -> tuple[float, float]:
+def compare(a: np.ndarray, b: np.ndarray, scale: float = 0.0) -> tuple[float, float]:
     """(max |a - b|, max |a - b| / max(|a|, |b|, scale)); shapes must match exactly.
 
     `scale` is the size of the tensor's family (every gradient of the pass, say): a tensor
     that is zero in exact arithmetic, such as the gradient of a conv bias that BatchNorm
     follows (BatchNorm subtracts the mean the bias adds), is pure round-off in every
-    implementation, and is measured against its family rather than against itself.
+    implementation, and is measured against its family rather than against itself."""
+    diff, size = difference(a, b, scale)
+    return diff, _relative(diff, size)
 
-    With `by_step`, a and b (steps, ...) stack a tensor of each step of a run and `scale`
-    (steps,) its family's size at each: each step's difference is measured against that
-    step's sizes, and the worst step is returned. Against the whole run's, the early steps
-    of a run that grows by orders of magnitude would be measured against its last."""
+
+def difference(a: np.ndarray, b: np.ndarray, scale: float = 0.0) -> tuple[float, float]:
+    """(max |a - b|, the size it is measured against: max(|a|, |b|, scale)); an infinite
+    difference where the shapes differ or it is not finite, (0, 0) for empty tensors."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape:
         return float("inf"), float("inf")
     if a.size == 0:
         return 0.0, 0.0
-    if by_step:
-        scales = np.broadcast_to(np.asarray(scale, np.float64), a.shape[:1])
-        steps = [compare(a_s, b_s, s) for a_s, b_s, s in zip(a, b, scales, strict=True)]
-        return max(d for d, _ in steps), max(r for _, r in steps)
     diff = float(np.max(np.abs(a - b)))
-    scale = float(max(np.max(np.abs(a)), np.max(np.abs(b)), scale))
     if not np.isfinite(diff):
         return float("inf"), float("inf")
-    return diff, (diff / scale if scale > 0 else 0.0)
+    return diff, float(max(np.max(np.abs(a)), np.max(np.abs(b)), scale))
+
+
+def _relative(diff: float, size: float) -> float:
+    if math.isinf(diff):
+        return float("inf")
+    return diff / size if size > 0 else 0.0
 
 
 def dtypes_of(a: np.ndarray, b: np.ndarray) -> str:
@@ -119,7 +155,7 @@ def dtypes_of(a: np.ndarray, b: np.ndarray) -> str:
 
 
 def judge(
-    row: Compared,
+    row: Compared | Measured,
     dtype: str,
     arch: str,
     setting: str,
@@ -127,14 +163,16 @@ def judge(
     expected_dtype: str | None = None,
 ) -> CheckResult:
     """The verdict on one comparison, made under (dtype, arch, setting)."""
+    max_abs, max_rel, dtypes = row.measured()
     return CheckResult(
         dtype,
         arch,
         setting,
         row.check,
         row.pair,
-        *compare(row.a, row.b, row.scale, row.by_step),
+        max_abs,
+        max_rel,
         tolerance,
-        dtypes_of(row.a, row.b),
+        dtypes,
         expected_dtype,
     )
