@@ -28,13 +28,14 @@ from typing import IO
 
 from shared.ab_worker import TIMED_STEPS, WARM_SECONDS
 from shared.errors import ThreefoldError, UsageError
-from shared.outputs import write_results
+from shared.outputs import kept_when_stopped, write_results
 from shared.profile import WARMUP_SECONDS, cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("ab_worker.py")
 SETTLE_SECONDS = 0.2
 REFERENCE = "torch"  # what --paired steps each implementation against: the targets' reference
+FIRST_COMMIT = "cb70b92"  # the first whose training step shared/ab_worker.py can run
 TURN = (
     f"each turn untimed steps for {WARM_SECONDS:g} s (one at least), then the mean of "
     f"{TIMED_STEPS} timed ones"
@@ -55,14 +56,28 @@ def extract_commit(rev: str, into: Path) -> str:
     if found.returncode != 0:
         raise UsageError(f"--against {rev}: no such commit in {REPO}")
     commit = found.stdout.strip()
+    older = subprocess.run(
+        [*git, "merge-base", "--is-ancestor", FIRST_COMMIT, commit], capture_output=True
+    )
+    if older.returncode == 1:  # 0: it descends; other codes: git cannot tell (a shallow clone)
+        raise UsageError(
+            f"--against {rev}: does not descend from {FIRST_COMMIT}, the first commit whose "
+            "training step the worker can run"
+        )
     # Streamed from git into the folder: the archive is never held whole in memory.
-    with (
-        subprocess.Popen([*git, "archive", "--format=tar", commit], stdout=subprocess.PIPE) as a,
-        tarfile.open(fileobj=a.stdout, mode="r|") as tar,
-    ):
-        tar.extractall(into, filter="data")
-    if a.returncode != 0:
-        raise ThreefoldError(f"--against {rev}: git archive failed (exit {a.returncode})")
+    archive = subprocess.Popen([*git, "archive", "--format=tar", commit], stdout=subprocess.PIPE)
+    failed = f"--against {rev}: git archive failed"
+    try:
+        with archive, tarfile.open(fileobj=archive.stdout, mode="r|") as tar:
+            tar.extractall(into, filter="data")
+    except tarfile.TarError:  # git's stream ended short, or was no archive
+        raise ThreefoldError(f"{failed} (exit {archive.wait()})") from None
+    except OSError as e:  # a write refused: a full disk, say
+        raise ThreefoldError(
+            f"--against {rev}: cannot write its files into {into} ({e.strerror or e})"
+        ) from None
+    if archive.returncode != 0:
+        raise ThreefoldError(f"{failed} (exit {archive.returncode})")
     return commit
 
 
@@ -235,6 +250,7 @@ def markdown(rows: list[dict], keys: tuple[str, str], titles: tuple[str, str]) -
 
 
 def _rows(
+    rows: list[dict],
     flag: str,
     impls: list[str],
     sizes: list[int],
@@ -243,10 +259,9 @@ def _rows(
     arch: str,
     pairs: int,
     timeout: float,
-) -> list[dict]:
+) -> None:
     """A comparison of the two sides `sides(impl)` for each batch size and implementation,
-    each printed as it comes (`keys`: the row's two sides' milliseconds)."""
-    rows = []
+    added to `rows` and printed as each comes (`keys`: the row's two sides' milliseconds)."""
     for b in sizes:
         for impl in impls:
             rows.append({"impl": impl, **compare(flag, sides(impl), arch, b, pairs, timeout)})
@@ -256,15 +271,14 @@ def _rows(
                 f"ratio {rows[-1]['ratio']:.3f}",
                 flush=True,
             )
-    return rows
 
 
 def run_ab(
     rev: str, impls: list[str], arch: str, sizes: list[int], pairs: int, timeout: float, out: Path
 ) -> int:
     """--against: every implementation at every batch size, the working tree against commit
-    `rev`; tables in `out` (ab.md, ab.json)."""
-    keys = ("tree_ms", "against_ms")
+    `rev`; tables in `out` (ab.md, ab.json), with the rows measured if it stops early."""
+    keys, rows = ("tree_ms", "against_ms"), []
     with tempfile.TemporaryDirectory(prefix="threefold-against-") as folder:
         commit = extract_commit(rev, Path(folder))
 
@@ -274,16 +288,21 @@ def run_ab(
                 "against": Code(Path(folder), impl, "against"),
             }
 
-        rows = _rows("--against", impls, sizes, sides, keys, arch, pairs, timeout)
-    cpu = cpu_name()
-    text = (
-        f"`--arch {arch}`, float32, on {cpu}: the working tree against {rev} ({commit[:10]}), "
-        f"stepping in turn in two processes ({TURN}; each started first for half), {pairs} "
-        "pairs each; ratio below 1: the working tree is faster.\n\n"
-        + markdown(rows, keys, ("working tree", rev))
-    )
-    print("\n" + text)
-    write_results(out, "ab", text, {"arch": arch, "cpu": cpu, "against": commit, "rows": rows})
+        def write(stopped: str = "") -> None:
+            cpu = cpu_name()
+            text = (
+                f"{stopped}`--arch {arch}`, float32, on {cpu}: the working tree against {rev} "
+                f"({commit[:10]}), stepping in turn in two processes ({TURN}; each started "
+                f"first for half), {pairs} pairs each; ratio below 1: the working tree is "
+                "faster.\n\n" + markdown(rows, keys, ("working tree", rev))
+            )
+            payload = {"arch": arch, "cpu": cpu, "against": commit, "rows": rows}
+            write_results(out, "ab", text, payload)
+            print("\n" + text)
+
+        with kept_when_stopped(write, lambda: bool(rows)):
+            _rows(rows, "--against", impls, sizes, sides, keys, arch, pairs, timeout)
+    write()
     return 0
 
 
@@ -292,26 +311,30 @@ def run_paired(
 ) -> int:
     """--paired: each implementation of `impls` but PyTorch (at least one) against PyTorch,
     at every batch size, both from the working tree; tables in `out` (paired.md,
-    paired.json). The ratio of their step times, taken in one moment, estimates the targets'
-    ratio of epoch times. A step soon after the other side's turn runs slow, so each turn
-    warms up before it times (shared/ab_worker.py; docs/PERFORMANCE.md, "Method")."""
-    keys = ("impl_ms", f"{REFERENCE}_ms")
+    paired.json), with the rows measured if it stops early. The ratio of their step times,
+    taken in one moment, estimates the targets' ratio of epoch times. A step soon after the
+    other side's turn runs slow, so each turn warms up before it times
+    (shared/ab_worker.py; docs/PERFORMANCE.md, "Method")."""
+    keys, rows = ("impl_ms", f"{REFERENCE}_ms"), []
     measured = [impl for impl in impls if impl != REFERENCE]
 
     def sides(impl: str) -> dict[str, Code]:
         return {"impl": Code(REPO, impl), REFERENCE: Code(REPO, REFERENCE)}
 
-    rows = _rows("--paired", measured, sizes, sides, keys, arch, pairs, timeout)
-    cpu = cpu_name()
-    text = (
-        f"`--arch {arch}`, float32, on {cpu}: each implementation's training step against "
-        f"{REFERENCE}'s, both from the working tree, stepping in turn in two processes "
-        f"({TURN}; each started first for half), {pairs} pairs each; the ratio of the step "
-        f"times estimates the implementation's epoch time over {REFERENCE}'s (below 1: "
-        "faster).\n\n" + markdown(rows, keys, ("the implementation", REFERENCE))
-    )
-    print("\n" + text)
-    write_results(
-        out, "paired", text, {"arch": arch, "cpu": cpu, "reference": REFERENCE, "rows": rows}
-    )
+    def write(stopped: str = "") -> None:
+        cpu = cpu_name()
+        text = (
+            f"{stopped}`--arch {arch}`, float32, on {cpu}: each implementation's training step "
+            f"against {REFERENCE}'s, both from the working tree, stepping in turn in two "
+            f"processes ({TURN}; each started first for half), {pairs} pairs each; the ratio "
+            f"of the step times estimates the implementation's epoch time over {REFERENCE}'s "
+            "(below 1: faster).\n\n" + markdown(rows, keys, ("the implementation", REFERENCE))
+        )
+        payload = {"arch": arch, "cpu": cpu, "reference": REFERENCE, "rows": rows}
+        write_results(out, "paired", text, payload)
+        print("\n" + text)
+
+    with kept_when_stopped(write, lambda: bool(rows)):
+        _rows(rows, "--paired", measured, sizes, sides, keys, arch, pairs, timeout)
+    write()
     return 0

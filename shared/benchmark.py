@@ -5,28 +5,37 @@ memory is its own."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from shared.ab import REFERENCE, run_ab, run_paired
+from shared.ab import FIRST_COMMIT, REFERENCE, run_ab, run_paired
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import add_impl_flag, number, path_type, positive_float, positive_int, run_cli
+from shared.cli import add_data_dir_flag, add_impl_flag, number, path_type, run_cli
 from shared.cost import check_training_batch, network_cost
-from shared.errors import ThreefoldError, UsageError
+from shared.data import DATA_DIR_ENV, load_dataset
+from shared.errors import Interrupted, Terminated, ThreefoldError, UsageError
 from shared.ladder import loop_epoch_seconds
+from shared.loop import terminate_on_sigterm
 from shared.outputs import (
+    check_out_files,
     hold,
+    kept_when_stopped,
     missing_folders,
     prepare_out_dir,
     remove_if_empty,
+    result_files,
     write_results,
 )
 from shared.profile import WARMUP_SECONDS, cpu_name, timing_setup
@@ -35,6 +44,20 @@ from shared.spec import Arch, get_arch
 EPOCH_IMAGES = 50_000
 # Every timed step takes a full batch of the 50,000 training images, so none can be larger.
 batch_size = number(int, 1, below=EPOCH_IMAGES + 1)
+# Bounds on the flags that set how long a benchmark runs: an epoch's steps at batch 1, a
+# day for one worker (beyond about 25 days, the operating system's wait refuses the
+# timeout), and the lab's loops on 1,500 images (37 s for 1,000 on an Intel Xeon; they run
+# in this process, outside any worker's timeout).
+MAX_STEPS = EPOCH_IMAGES
+MAX_REPEATS = 100
+MAX_TIMEOUT = 86_400
+MAX_LADDER_IMAGES = 1_500
+# Each mode's result files: (name, whether it draws a chart).
+RESULTS = {
+    "--against": ("ab", False),
+    "--paired": ("paired", False),
+    "--profile": ("profile", True),
+}
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -82,6 +105,21 @@ def measure(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _reading(folder: Path) -> Iterator[None]:
+    """Within the block, every worker this process starts (they inherit its environment) and
+    this process read the data in `folder`; the environment is as it was after."""
+    before = os.environ.get(DATA_DIR_ENV)
+    os.environ[DATA_DIR_ENV] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[DATA_DIR_ENV]
+        else:
+            os.environ[DATA_DIR_ENV] = before
+
+
 def run_worker(
     impl: str, arch: str, batch_size: int, steps: int, timeout: float, kind: str = "--worker"
 ) -> dict:
@@ -99,6 +137,8 @@ def run_worker(
         ) from None
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        if last.startswith("shared.errors."):  # the project's message, not its class's name
+            last = last.split(": ", 1)[-1]
         raise ThreefoldError(f"benchmark of {impl} at batch {batch_size} failed: {last}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -177,32 +217,39 @@ def run_profile(
     chart in `out`."""
     from shared import profile
 
-    rows = []
-    for b in sizes:
-        for impl in impls:
-            rows.append(run_worker(impl, arch, b, steps, timeout, kind="--profile-worker"))
-            print(f"  profiled {impl} at batch {b}", flush=True)
-    cpu = cpu_name()
-    text = (
-        f"`--arch {arch}`, float32, training defaults (flips on), on {cpu}, median of {steps} "
-        "steps; milliseconds per step.\n\n" + profile.markdown(rows)
-    )
-    for b in sizes:
-        at_b = [r for r in rows if r["batch_size"] == b]
-        text += f"\n\nBy layer, batch {b}, milliseconds:\n\n" + profile.layer_markdown(at_b)
-    for r in rows:
-        if "ops" in r:
-            text += (
-                f"\n\n{r['impl']}'s compiled step at batch {r['batch_size']}, from a trace of "
-                f"{r['traced_steps']} steps (milliseconds a step; the trace slows the step): by "
-                "layer, summed over the operations whose source the layer's name scope holds, "
-                "then the slowest operations, and any convolution of XLA's own (outside "
-                "YNNPACK's fusions), which runs on other threads: the trace times its launch "
-                "alone.\n\n" + profile.operation_markdown(r)
-            )
-    print("\n" + text)
-    payload = {"arch": arch, "cpu": cpu, "rows": rows}
-    write_results(out, "profile", text, payload, lambda path: profile.chart(rows, path))
+    rows: list[dict] = []
+
+    def write(stopped: str = "") -> None:
+        cpu = cpu_name()
+        text = (
+            stopped
+            + f"`--arch {arch}`, float32, training defaults (flips on), on {cpu}, median of "
+            f"{steps} steps; milliseconds per step.\n\n" + profile.markdown(rows)
+        )
+        for b in sizes:
+            at_b = [r for r in rows if r["batch_size"] == b]
+            if at_b:
+                text += f"\n\nBy layer, batch {b}, milliseconds:\n\n" + profile.layer_markdown(at_b)
+        for r in rows:
+            if "ops" in r:
+                text += (
+                    f"\n\n{r['impl']}'s compiled step at batch {r['batch_size']}, from a trace "
+                    f"of {r['traced_steps']} steps (milliseconds a step; the trace slows the "
+                    "step): by layer, summed over the operations whose source the layer's name "
+                    "scope holds, then the slowest operations, and any convolution of XLA's own "
+                    "(outside YNNPACK's fusions), which runs on other threads: the trace times "
+                    "its launch alone.\n\n" + profile.operation_markdown(r)
+                )
+        payload = {"arch": arch, "cpu": cpu, "rows": rows}
+        write_results(out, "profile", text, payload, lambda path: profile.chart(rows, path))
+        print("\n" + text)
+
+    with kept_when_stopped(write, lambda: bool(rows)):
+        for b in sizes:
+            for impl in impls:
+                rows.append(run_worker(impl, arch, b, steps, timeout, kind="--profile-worker"))
+                print(f"  profiled {impl} at batch {b}", flush=True)
+    write()
     return 0
 
 
@@ -241,30 +288,40 @@ def run_benchmark(
         f"float32 matmul ceiling: {ceiling:.1f} GFLOP/s; "
         f"work per image: {flops / 1e6:.2f} MFLOP (forward + backward)"
     )
-    rows = []
-    for b in sizes:
-        steps = args.steps or EPOCH_IMAGES // b
-        runs: dict[str, list[dict]] = {impl: [] for impl in impls}
-        # Interleaved, so that a slow spell of the machine hits every implementation alike.
-        for r in range(args.repeats):
-            for impl in impls:
-                runs[impl].append(run_worker(impl, arch.name, b, steps, args.timeout))
-                ips = runs[impl][-1]["images_per_s"]
-                print(f"  batch {b:4} repeat {r + 1}: {impl:5} {ips:8,.0f} images/s", flush=True)
-        rows += [summarize(runs[impl]) for impl in impls]
-    rows = add_derived(rows, flops, ceiling)
-    table = markdown_table(rows)
-    if args.ladder_images and arch.name == "lab":  # the loops are the lab network's
-        table += "\n\n" + ladder_table(loop_epoch_seconds(args.ladder_images), rows)
-    print("\n" + table)
-    cpu = cpu_name()
-    header = (
-        f"`--arch {args.arch}`, float32, on {cpu}, median of {args.repeats} interleaved "
-        f"repeats, each in a fresh process. float32 matmul ceiling {ceiling:.1f} GFLOP/s; "
-        f"{flops / 1e6:.2f} MFLOP per image.\n\n"
-    )
-    payload = {"cpu": cpu, "ceiling_gflops": ceiling, "flops_per_image": flops, "rows": rows}
-    write_results(out, "benchmark", header + table, payload, lambda path: bar_chart(rows, path))
+    runs: dict[tuple[int, str], list[dict]] = {}  # (batch, impl) -> its repeats so far
+    loops: list[dict] = []  # the lab's loops, once timed
+
+    def write(stopped: str = "") -> None:
+        rows = add_derived([summarize(repeats) for repeats in runs.values()], flops, ceiling)
+        table = markdown_table(rows)
+        if loops:
+            table += "\n\n" + ladder_table(loops[0], rows)
+        cpu = cpu_name()
+        header = (
+            f"`--arch {args.arch}`, float32, on {cpu}, median of {args.repeats} interleaved "
+            f"repeats, each in a fresh process. float32 matmul ceiling {ceiling:.1f} GFLOP/s; "
+            f"{flops / 1e6:.2f} MFLOP per image.\n\n"
+        )
+        payload = {"cpu": cpu, "ceiling_gflops": ceiling, "flops_per_image": flops, "rows": rows}
+        text = stopped + header + table
+        write_results(out, "benchmark", text, payload, lambda path: bar_chart(rows, path))
+        print("\n" + table)
+
+    with kept_when_stopped(write, lambda: bool(runs)):
+        for b in sizes:
+            steps = args.steps or EPOCH_IMAGES // b
+            # Interleaved, so that a slow spell of the machine hits every implementation alike.
+            for r in range(args.repeats):
+                for impl in impls:
+                    measured = run_worker(impl, arch.name, b, steps, args.timeout)
+                    runs.setdefault((b, impl), []).append(measured)
+                    ips = measured["images_per_s"]
+                    print(
+                        f"  batch {b:4} repeat {r + 1}: {impl:5} {ips:8,.0f} images/s", flush=True
+                    )
+        if args.ladder_images and arch.name == "lab":  # the loops are the lab network's
+            loops.append(loop_epoch_seconds(args.ladder_images))
+    write()
     return 0
 
 
@@ -282,18 +339,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--steps",
-        type=positive_int,
+        type=number(int, 1, below=MAX_STEPS + 1),
         default=None,
-        help="timed steps per repeat (default: one 50,000-image epoch)",
+        help="timed steps per repeat, or pairs with --against and --paired (default: one "
+        f"50,000-image epoch; at most {MAX_STEPS:,})",
     )
-    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument(
+        "--repeats",
+        type=number(int, 1, below=MAX_REPEATS + 1),
+        default=5,
+        help=f"at most {MAX_REPEATS}",
+    )
     parser.add_argument(
         "--timeout",
-        type=positive_float,
+        type=number(float, 0.0, inclusive=False, below=MAX_TIMEOUT),
         default=600.0,
         help="seconds one worker (one implementation, batch size and repeat) may take; "
         "with --against or --paired, to start and warm up, then to answer each turn "
-        "(a short warm-up, then a few timed steps)",
+        f"(a short warm-up, then a few timed steps); less than a day ({MAX_TIMEOUT:,})",
     )
     parser.add_argument(
         "--out",
@@ -311,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--against",
         metavar="REV",
-        help="instead: the working tree's training step against commit REV's (git; cb70b92 "
+        help=f"instead: the working tree's training step against commit REV's (git; {FIRST_COMMIT} "
         "or later), both warm in two processes that step in turn, --steps pairs (default 40) "
         "at each of --batch-sizes; ratio below 1: the working tree is faster",
     )
@@ -324,14 +387,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--ladder-images",
-        type=number(int, 0, below=EPOCH_IMAGES + 1),
+        type=number(int, 0, below=MAX_LADDER_IMAGES + 1),
         default=200,
         help="images to time the lab's loop implementation on, extrapolated to an epoch "
-        "(0: skip it)",
+        f"(0: skip it; at most {MAX_LADDER_IMAGES:,}, about a minute)",
     )
+    add_data_dir_flag(parser, ", which every worker reads")
     args = parser.parse_args(argv)
 
     def body() -> int:
+        if args.against is not None and not args.against.strip():
+            raise UsageError("--against: an empty revision; name a commit")
         modes = {"--profile": args.profile, "--against": args.against, "--paired": args.paired}
         chosen = [flag for flag, on in modes.items() if on]
         if len(chosen) > 1:
@@ -350,10 +416,16 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             whole = "the benchmark times whole steps"
             check_training_batch(cost, size, np.float32, f"--batch-sizes {size}", whole=whole)
+        # Read once here, so that a problem is one line before any work; every worker, the
+        # other tree of --against and the lab's loops then read the same folder.
+        folder = load_dataset(args.data_dir).source
         made = missing_folders(args.out)
         out = prepare_out_dir(args.out)
+        name, chart = RESULTS.get(chosen[0] if chosen else "", ("benchmark", True))
         try:
-            with hold(out):  # one benchmark at a time writes its tables
+            check_out_files([("--out", path) for path in result_files(out, name, chart)])
+            # One benchmark at a time writes its tables.
+            with hold(out), terminate_on_sigterm(), _reading(folder):
                 if args.against:
                     steps = args.steps or 40
                     return run_ab(args.against, impls, arch.name, sizes, steps, args.timeout, out)
@@ -364,8 +436,10 @@ def main(argv: list[str] | None = None) -> int:
                     steps = args.steps or 50
                     return run_profile(impls, arch.name, sizes, steps, args.timeout, out)
                 return run_benchmark(args, arch, sizes, impls, out)
-        except BaseException:
+        except BaseException as stop:
             remove_if_empty(made)  # a bad --against, say, leaves no empty folder behind
+            if isinstance(stop, Terminated):
+                raise Interrupted("terminated (SIGTERM)", signal.SIGTERM) from None
             raise
 
     return run_cli(parser, body)

@@ -31,6 +31,11 @@ class Interrupted(ThreefoldError):
         self.exit_code = 128 + signal_number
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, which a command takes like Ctrl-C (shared.loop.terminate_on_sigterm): a run
+    stops, keeps its last epoch and says how to continue; a benchmark keeps what it measured."""
+
+
 class GridFailed(ThreefoldError):
     """Runs of a grid failed; the others finished and are kept, and the message names each
     failed run and what stopped it."""

@@ -59,6 +59,8 @@ def staged(path: Path) -> Iterator[Path]:
     version only once all of them are written. Where the folder refuses, an OutputError."""
     path = Path(path)
     _refuse_special(path)  # before the block writes the others
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; nothing written")
     try:
         fd, tmp = _temporary_beside(path)
         os.close(fd)

@@ -32,7 +32,7 @@ from shared.config import (
 )
 from shared.cost import check_training_batch, network_cost
 from shared.data import Dataset, Split
-from shared.errors import Interrupted, OutputError, ThreefoldError, UsageError
+from shared.errors import Interrupted, OutputError, Terminated, ThreefoldError, UsageError
 from shared.io import remove_stale_temporaries, write_json
 from shared.layers import NUM_CLASSES
 from shared.outputs import CHECKPOINT_NAME, CURVES_NAME, METRICS_NAME
@@ -42,11 +42,6 @@ from shared.spec import Arch, Params, cast_params, get_arch, init_params
 
 class TrainingDiverged(ThreefoldError):
     """The loss, a validation loss or a weight stopped being a finite number."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, which a run takes like Ctrl-C: it stops, keeps its last epoch and says how to
-    continue."""
 
 
 @contextlib.contextmanager

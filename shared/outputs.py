@@ -15,8 +15,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from shared.errors import OutputError, ThreefoldError, UsageError
-from shared.io import write_json, write_text
+from shared.errors import OutputError, Terminated, ThreefoldError, UsageError
+from shared.io import staged, write_json, write_text
 
 CHECKPOINT_NAME = "checkpoint.npz"
 METRICS_NAME = "metrics.json"
@@ -200,6 +200,11 @@ def hold(folder: Path, flag: str = "--out") -> Iterator[None]:
         os.close(fd)
 
 
+def result_files(out: Path, name: str, chart: bool = True) -> list[Path]:
+    """The files write_results writes: name.md, name.json and, with a chart, name.png."""
+    return [out / f"{name}.{ext}" for ext in ("md", "json", "png")[: 3 if chart else 2]]
+
+
 def write_results(
     out: Path,
     name: str,
@@ -209,11 +214,34 @@ def write_results(
     say: Callable[[str], None] = print,
 ) -> None:
     """A command's results in `out`: the table `text` as name.md, `payload` as name.json and,
-    given a chart, its picture as name.png; then says what it wrote, by `say`."""
-    paths = [out / f"{name}.md", out / f"{name}.json"]
-    write_text(paths[0], text + "\n")
-    write_json(paths[1], payload)
-    if chart is not None:
-        paths.append(out / f"{name}.png")
-        chart(paths[2])
+    given a chart, its picture as name.png; then says what it wrote, by `say`. The files
+    replace their older versions only once all are written (a chart that fails leaves the
+    older set whole)."""
+    paths = result_files(out, name, chart is not None)
+    with contextlib.ExitStack() as stack:
+        staging = [stack.enter_context(staged(path)) for path in paths]
+        write_text(staging[0], text + "\n")
+        write_json(staging[1], payload)
+        if chart is not None:
+            chart(staging[2])
     say(f"\nwrote {', '.join(map(str, paths))}")
+
+
+@contextlib.contextmanager
+def kept_when_stopped(write: Callable[[str], None], measured: Callable[[], bool]) -> Iterator[None]:
+    """Within the block, anything that stops it (a worker that fails or runs out of time,
+    Ctrl-C, SIGTERM) first has what was measured written (`write(note)`, where `measured()`),
+    its table headed by why it stopped; then the stop goes on as it came, whatever the
+    writing met (said in one line): a long benchmark keeps what it finished."""
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as stop:
+        if measured():
+            why = str(stop) or (
+                "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+            )
+            try:
+                write(f"Stopped early ({why}): the rows measured before.\n\n")
+            except (Exception, KeyboardInterrupt) as failed:
+                print(f"the rows measured were not kept: {failed}", file=sys.stderr)
+        raise

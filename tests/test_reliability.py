@@ -195,23 +195,27 @@ def test_killed_mid_write_never_leaves_a_corrupt_file(tiny_data_dir, tmp_path):
 # --- divergence ---------------------------------------------------------------------------
 
 
-# Runs scripts/train.py with ARGS under a file-size limit of LIMIT bytes: a write past it
+# Runs scripts/SCRIPT with ARGS under a file-size limit of LIMIT bytes: a write past it
 # fails with EFBIG, as on a full disk (SIGXFSZ, which would kill the process, is ignored).
 UNDER_A_FILE_SIZE_LIMIT = """
 import resource, runpy, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-limit = int(sys.argv[1])
+script, limit = f"scripts/{sys.argv[1]}", int(sys.argv[2])
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-sys.argv = ["scripts/train.py", *sys.argv[2:]]
-runpy.run_path("scripts/train.py", run_name="__main__")
+sys.argv = [script, *sys.argv[3:]]
+runpy.run_path(script, run_name="__main__")
 """
 
 
-def train_with_full_disk(limit: int, *args: str) -> subprocess.CompletedProcess:
+def with_full_disk(script: str, limit: int, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", UNDER_A_FILE_SIZE_LIMIT, str(limit), *args],
+        [sys.executable, "-c", UNDER_A_FILE_SIZE_LIMIT, script, str(limit), *args],
         capture_output=True, text=True, cwd=ROOT, check=False,
     )  # fmt: skip
+
+
+def train_with_full_disk(limit: int, *args: str) -> subprocess.CompletedProcess:
+    return with_full_disk("train.py", limit, *args)
 
 
 def test_a_full_disk_ends_in_one_line_and_loses_no_epoch(tiny_data_dir, tmp_path):

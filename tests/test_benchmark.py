@@ -1,0 +1,149 @@
+"""benchmark.py as a command: its flags bounded, its result files checked before it measures
+and replaced together, what it measured kept when it stops early, and SIGTERM ending its
+workers with it. (Its measurements: tests/test_profile.py and tests/test_ab.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import shared.ab
+from shared import benchmark
+from shared.ab import FIRST_COMMIT
+from shared.backend import IMPLEMENTATIONS
+from shared.errors import ThreefoldError
+from tests.test_ab import fake_sides
+from tests.test_reliability import with_full_disk
+from tests.test_training import ROOT, run_script
+
+SMALL = ["--batch-sizes", "8", "--steps", "2", "--repeats", "1", "--ladder-images", "0"]
+
+
+def _older_commit() -> str:
+    """The commit before the first the worker can run, as this checkout's history has it."""
+    done = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", f"{FIRST_COMMIT}~1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--timeout", "3e6"], "--timeout"),  # the operating system's wait refused it
+        (["--steps", "50001"], "--steps"),
+        (["--repeats", "101"], "--repeats"),
+        (["--ladder-images", "1501"], "--ladder-images"),  # it ran 30 minutes outside workers
+        (["--against", ""], "--against: an empty revision"),  # it ran the plain benchmark
+        (["--against", "OLDER"], f"does not descend from {FIRST_COMMIT}"),
+    ],
+)
+def test_a_flag_that_cannot_work_is_one_line_before_anything_is_measured(flags, message, tmp_path):
+    flags = [_older_commit() if flag == "OLDER" else flag for flag in flags]
+    out = tmp_path / "out"
+    started = time.monotonic()
+    result = run_script("benchmark.py", "--impl", "numpy", *flags, "--out", str(out))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert not out.exists() and time.monotonic() - started < 60
+
+
+def test_its_result_files_are_checked_before_it_measures(tmp_path):
+    (tmp_path / "benchmark.json").mkdir()
+    (tmp_path / "benchmark.md").write_text("earlier results")
+    result = run_script("benchmark.py", "--impl", "numpy", *SMALL, "--out", str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{tmp_path / 'benchmark.json'}: is a folder" in result.stderr
+    assert "ceiling" not in result.stdout  # nothing was measured
+    assert (tmp_path / "benchmark.md").read_text() == "earlier results"
+
+
+def test_what_it_measured_is_kept_when_a_worker_fails(tmp_path, tiny_data_dir, monkeypatch):
+    first, failing = IMPLEMENTATIONS[:2]
+
+    def run_worker(impl, arch, batch_size, steps, timeout, kind="--worker"):
+        if impl == failing:
+            raise ThreefoldError(f"benchmark of {impl} at batch {batch_size} did not finish")
+        row = {"impl": impl, "batch_size": batch_size, "steps": steps}
+        return row | {"first_step_seconds": 0.1, "images_per_s": 1000.0, "peak_mb": 100.0}
+
+    monkeypatch.setattr(benchmark, "run_worker", run_worker)
+    monkeypatch.setattr(benchmark, "matmul_gflops", lambda: 100.0)
+    flags = ["--impl", first, "--impl", failing, *SMALL, "--data-dir", str(tiny_data_dir)]
+    before = os.environ.get("THREEFOLD_DATA")
+    assert benchmark.main([*flags, "--out", str(tmp_path)]) == 1
+    assert os.environ.get("THREEFOLD_DATA") == before  # told to its workers alone
+    text = (tmp_path / "benchmark.md").read_text()
+    assert text.startswith(f"Stopped early (benchmark of {failing} at batch 8 did not finish)")
+    assert f"| {first} | 8 | 1,000 |" in text
+    rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
+    assert [r["impl"] for r in rows] == [first]
+    assert (tmp_path / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_paired_run_keeps_its_rows_when_a_later_one_fails(tmp_path, monkeypatch):
+    fake_sides(monkeypatch, lambda _, code: 0.1)
+    real = shared.ab.compare
+
+    def compare(flag, codes, arch, batch_size, pairs, timeout):
+        if batch_size == 16:
+            raise KeyboardInterrupt
+        return real(flag, codes, arch, batch_size, pairs, timeout)
+
+    monkeypatch.setattr(shared.ab, "compare", compare)
+    measured = next(impl for impl in IMPLEMENTATIONS if impl != shared.ab.REFERENCE)
+    with pytest.raises(KeyboardInterrupt):
+        shared.ab.run_paired([measured], "lab", [8, 16], 2, 1.0, tmp_path)
+    text = (tmp_path / "paired.md").read_text()
+    assert text.startswith("Stopped early (interrupted): the rows measured before.")
+    rows = json.loads((tmp_path / "paired.json").read_text())["rows"]
+    assert [(r["impl"], r["batch_size"]) for r in rows] == [(measured, 8)]
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_sigterm_stops_its_worker_and_leaves_no_lock(tmp_path):
+    out = tmp_path / "out"
+    flags = ["--impl", "numpy", "--batch-sizes", "8", "--steps", "50000", "--repeats", "1"]
+    benchmark_run = subprocess.Popen(
+        [sys.executable, "scripts/benchmark.py", *flags, "--ladder-images", "0", "--out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300  # the data read and the ceiling measured first
+        while not _children(benchmark_run.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (worker,) = _children(benchmark_run.pid)  # measuring, 50,000 steps ahead of it
+        benchmark_run.terminate()
+        _, stderr = benchmark_run.communicate(timeout=60)
+    finally:
+        benchmark_run.kill()
+    assert benchmark_run.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "benchmark.py: terminated (SIGTERM)"
+    assert not Path(f"/proc/{worker}").exists()  # stopped, not left running without a timeout
+    assert not out.exists()  # nothing was measured: the folder it made goes, and its lock
+
+
+def test_a_commit_whose_files_cannot_be_written_is_one_line(tmp_path):
+    # Extracting the commit is the command's first write; its pictures are hundreds of KB.
+    out = tmp_path / "out"
+    done = with_full_disk("benchmark.py", 20_000, "--against", "HEAD", "--impl", "numpy",
+                          *SMALL, "--out", str(out))  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "--against HEAD: cannot write its files into" in last and "File too large" in last
+    assert not out.exists()
