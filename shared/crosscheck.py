@@ -24,7 +24,7 @@ from shared.checkpoint import load_checkpoint
 from shared.cli import add_data_dir_flag, path_type, positive_int, run_cli, seed_type
 from shared.config import DTYPES, FIELDS, Bound, TrainConfig, python_int
 from shared.cost import check_training_batch
-from shared.data import Dataset, load_dataset
+from shared.data import Dataset, data_files, load_dataset
 from shared.errors import UsageError
 from shared.io import write_json
 from shared.network import import_network
@@ -157,15 +157,21 @@ def run_crosscheck(
     evaluation mode under the first setting; what it cannot run is added to `notes`, and so
     is any lockstep cut short where every implementation's loss left the finite numbers."""
     config = config or ALL_ON
-    initial = initial or {}
+    # A network's own weights in each dtype, before any work: one that float32 cannot hold
+    # is refused at once, not after the float64 check.
+    own = {
+        (dtype, arch.name): cast_params(initial[arch.name], arch, np.dtype(dtype))
+        for dtype, arch in itertools.product(dtypes, archs)
+        if initial and arch.name in initial
+    }
     tell = progress or (lambda _: None)
     results = []
     for dtype, arch in itertools.product(dtypes, archs):
         size = batch_size or batch_size_for(arch)  # batch_size_for: the same for both dtypes
         batches = sample_batches(data, size, steps, seed)
         noisy = noisy_batches(batches, seed)
-        if arch.name in initial:
-            params = cast_params(initial[arch.name], arch, np.dtype(dtype))
+        if (dtype, arch.name) in own:
+            params = own[dtype, arch.name]
         else:
             params = init_params(arch, config.init, seed, np.dtype(dtype))
         masks = dropout_masks(arch.dropouts, size, seed, 0, 0)
@@ -337,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         files = [("--arch", network_file(text)) for text in args.arch or []]
         check_out_files(
             [("--json", args.json), ("--plot", args.plot)],
-            reads=[("--checkpoint", args.checkpoint), *files],
+            reads=[("--checkpoint", args.checkpoint), *files, *data_files(args.data_dir)],
         )
         # A model file is proven from its own weights; a spec or preset from seeded ones.
         archs, initial = [], {}
@@ -374,18 +380,20 @@ def main(argv: list[str] | None = None) -> int:
         if ckpt is not None:  # in float32, as checkpoint_agreement computes
             arch = get_arch(ckpt.meta["arch"], files=False)
             results += checkpoint_agreement(ckpt.params, arch, data.test.x, onnx=args.onnx)
-        print(format_table(results))
-        for note in notes:
-            print(note)
-        failed = [r for r in results if not r.passed]
-        print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
+        # The files first: a reader of the table that goes away (`| head`) costs none of them.
         if args.json is not None:
             # Each row carries the notes on its network and dtype: what was not run or
             # compared there is as plain to a program reading the rows as to a reader.
             write_json(args.json, [{**r.as_dict(), "notes": notes_on(r, notes)} for r in results])
         if args.plot is not None:
             plot_results(results, args.plot)
-            print(f"wrote {args.plot}")
+        print(format_table(results))
+        for note in notes:
+            print(note)
+        failed = [r for r in results if not r.passed]
+        print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
+        for written in filter(None, (args.json, args.plot)):
+            print(f"wrote {written}")
         return 1 if failed else 0
 
     return run_cli(parser, body)

@@ -173,6 +173,19 @@ def find_data_dir(data_dir: str | Path | None = None, spec: DatasetSpec = FASHIO
     raise UsageError(f"no {spec.name} folder found (tried {tried}); {_how_to_get(spec)}")
 
 
+def data_files(
+    data_dir: str | Path | None = None, spec: DatasetSpec = FASHION_MNIST
+) -> list[tuple[str, Path]]:
+    """("the data", path) of each IDX file that loading the data would read, as far as can be
+    told before reading it (none where no folder is found): an output must not be one."""
+    try:
+        folder = find_data_dir(data_dir, spec)
+    except UsageError:
+        return []
+    names = [name for file in spec.files for name in (f"{file.name}.gz", file.name)]
+    return [("the data", folder / name) for name in names if (folder / name).exists()]
+
+
 def _idx_path(folder: Path, stem: str, spec: DatasetSpec) -> Path:
     for candidate in (folder / f"{stem}.gz", folder / stem):
         if candidate.is_file():

@@ -10,7 +10,7 @@ import numpy as np
 
 from shared.backend import batched_logits, make_backend
 from shared.cli import add_data_dir_flag, path_type, run_cli
-from shared.data import load_dataset
+from shared.data import data_files, load_dataset
 from shared.errors import ThreefoldError, UsageError
 from shared.io import staged
 from shared.network import Network, load_network
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             weights = args.onnx.with_suffix(".safetensors")
         check_out_files(
             [("--onnx", args.onnx), ("--safetensors", weights)],
-            reads=[("the checkpoint", args.checkpoint)],
+            reads=[("the checkpoint", args.checkpoint), *data_files(args.data_dir)],
         )
         network = load_network(
             args.checkpoint, "export.py"

@@ -469,8 +469,18 @@ def tensor_dtype(arch: Arch, name: str, dtype: Any) -> np.dtype:
 
 
 def cast_params(params: Params, arch: Arch, dtype: Any) -> Params:
-    """Canonical tensors in `dtype` (counters int64), copied."""
-    return {k: np.asarray(v).astype(tensor_dtype(arch, k, dtype)) for k, v in params.items()}
+    """Canonical tensors in `dtype` (counters int64), copied; a UsageError naming a tensor
+    whose finite values `dtype` cannot hold (a float64 weight of 1e300 in float32)."""
+    cast = {}
+    for name, value in params.items():
+        value = np.asarray(value)
+        with np.errstate(over="ignore"):
+            cast[name] = value.astype(tensor_dtype(arch, name, dtype))
+        finite = cast[name].dtype.kind != "f" or np.isfinite(cast[name]).all()
+        if not finite and np.isfinite(value).all():  # NaN and infinities are refused elsewhere
+            largest = float(np.abs(value).max())
+            raise UsageError(f"{name}: a value of {largest:.3g} does not fit {cast[name].dtype}")
+    return cast
 
 
 INITS = ("he", "lab", "torch", "xavier-uniform", "xavier-normal")

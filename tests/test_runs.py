@@ -522,6 +522,56 @@ def test_crosscheck_writes_over_neither_its_checkpoint_nor_its_other_output(fini
     assert checkpoint.read_bytes() == before and not (tmp_path / "r").exists()
 
 
+def test_a_model_weight_that_float32_cannot_hold_is_refused_before_any_work(tmp_path):
+    model = tmp_path / "big.py"
+    model.write_text(
+        "import torch\n"
+        "def Net():\n"
+        "    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)).double()\n"
+        "    with torch.no_grad():\n"
+        "        net[1].weight[0, 0] = 1e300\n"
+        "    return net\n"
+    )
+    # Its float64 check used to come first, then 144 failed float32 rows.
+    started = time.monotonic()
+    result = run_script("crosscheck.py", "--arch", f"{model}:Net", "--quiet")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "a value of 1e+300 does not fit float32" in result.stderr.strip().splitlines()[-1]
+    assert time.monotonic() - started < 60
+
+
+def test_crosscheck_writes_its_files_before_its_table_reaches_a_closed_pipe(tmp_path):
+    json_file, plot = tmp_path / "rows.json", tmp_path / "rows.png"
+    flags = ["--arch", "noconv", "--dtype", "float64", "--steps", "1", "--batch-size", "2"]
+    files = ["--quiet", "--json", str(json_file), "--plot", str(plot)]
+    read, write = os.pipe()
+    os.close(read)  # the reader went away: the table's first line meets a closed pipe
+    try:
+        done = subprocess.run([sys.executable, "scripts/crosscheck.py", *flags, *files],
+                              stdout=write, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              timeout=300)  # fmt: skip
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and "Traceback" not in done.stderr, done.stderr
+    assert json.loads(json_file.read_text()) and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_no_output_is_written_over_the_data_it_reads(finished_run, tiny_data_dir):
+    labels = tiny_data_dir / "t10k-labels-idx1-ubyte.gz"
+    before = labels.read_bytes()
+    data = ["--data-dir", str(tiny_data_dir)]
+    checkpoint = str(finished_run / "checkpoint.npz")
+    for script, flags in [
+        ("crosscheck.py", ["--json", str(labels)]),
+        ("crosscheck.py", ["--plot", str(labels)]),
+        ("export.py", [checkpoint, "--safetensors", str(labels)]),
+    ]:
+        result = run_script(script, *flags, *data)
+        assert result.returncode == 2, result.stderr
+        assert f"{labels}: the same file as the data {labels}" in result.stderr
+    assert labels.read_bytes() == before
+
+
 def test_damaged_experiment_results_are_one_line_errors(tmp_path):
     results = tmp_path / "experiments" / "results.json"
     results.parent.mkdir()
