@@ -22,7 +22,7 @@ import numpy as np
 
 from shared.ab import FIRST_COMMIT, REFERENCE, run_ab, run_paired
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import add_data_dir_flag, add_impl_flag, number, path_type, run_cli
+from shared.cli import add_data_dir_flag, add_impl_flag, chosen_impls, number, path_type, run_cli
 from shared.cost import check_training_batch, network_cost
 from shared.data import DATA_DIR_ENV, load_dataset
 from shared.errors import Interrupted, Terminated, ThreefoldError, UsageError
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [flag for flag, on in modes.items() if on]
         if len(chosen) > 1:
             raise UsageError(f"{' and '.join(chosen)}: choose one")
-        impls = args.impl or list(IMPLEMENTATIONS)
+        impls = list(chosen_impls(args))
         if args.paired and set(impls) == {REFERENCE}:
             raise UsageError(f"--paired: name an implementation besides {REFERENCE} with --impl")
         try:

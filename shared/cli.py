@@ -77,6 +77,11 @@ def add_impl_flag(parser: argparse.ArgumentParser, verb: str) -> None:
     )
 
 
+def chosen_impls(args: argparse.Namespace) -> tuple[str, ...]:
+    """The implementations --impl named, each once, in the order typed (default: all)."""
+    return tuple(dict.fromkeys(args.impl or IMPLEMENTATIONS))
+
+
 def _help(d: TrainConfig) -> dict[str, str]:
     """Each training flag's help, in the order --help lists them (`d`: the defaults)."""
     warmup = (

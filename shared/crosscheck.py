@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
 
         results = run_crosscheck(
             archs,
-            args.dtype or ["float64", "float32"],
+            list(dict.fromkeys(args.dtype or ["float64", "float32"])),  # each once
             data,
             steps=args.steps,
             batch_size=args.batch_size,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import add_data_dir_flag, add_impl_flag, path_type, run_cli
+from shared.cli import add_data_dir_flag, add_impl_flag, chosen_impls, path_type, run_cli
 from shared.config import DEEP_RECIPE, FIELDS, TrainConfig
 from shared.data import Dataset, load_dataset
 from shared.errors import DataError, UsageError
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         # re-render needs none).
         rendered_only = args.render_only and not args.recheck_float64  # a recheck trains
         data = None if rendered_only else load_dataset(args.data_dir)
-        settings = {"impls": tuple(args.impl or IMPLEMENTATIONS), **(QUICK if args.quick else {})}
+        settings = {"impls": chosen_impls(args), **(QUICK if args.quick else {})}
         if not rerender:
             check_fits(plan_experiments(**settings).grid(), data)
         out = prepare_out_dir(out)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import add_data_dir_flag, add_impl_flag, number, path_type, run_cli
+from shared.cli import add_data_dir_flag, add_impl_flag, chosen_impls, number, path_type, run_cli
 from shared.config import FAST_RECIPE, STRONG_FAST_RECIPE, TrainConfig
 from shared.data import Dataset, load_dataset
 from shared.grid import (
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         default_out = "runs/speedrun-quick" if args.quick else race.out
         seeds = args.seeds or (QUICK["seeds"] if args.quick else race.seeds)
         data = load_dataset(args.data_dir)
-        impls = tuple(dict.fromkeys(args.impl or IMPLEMENTATIONS))  # each once
+        impls = chosen_impls(args)
         check_fits(labelled(race_runs(race, impls, seeds, quick_images(data, args.quick))), data)
         out = prepare_out_dir(args.out or Path(default_out))
         # Checked before any run trains, not found when the race has ended.

@@ -90,6 +90,22 @@ def test_what_it_measured_is_kept_when_a_worker_fails(tmp_path, tiny_data_dir, m
     assert (tmp_path / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_an_implementation_named_twice_is_timed_once(tmp_path, tiny_data_dir, monkeypatch):
+    timed = []
+
+    def run_worker(impl, arch, batch_size, steps, timeout, kind="--worker"):
+        timed.append(impl)
+        row = {"impl": impl, "batch_size": batch_size, "steps": steps}
+        return row | {"first_step_seconds": 0.1, "images_per_s": 1000.0, "peak_mb": 100.0}
+
+    monkeypatch.setattr(benchmark, "run_worker", run_worker)
+    monkeypatch.setattr(benchmark, "matmul_gflops", lambda: 100.0)
+    twice = ["--impl", IMPLEMENTATIONS[0]] * 2
+    flags = [*twice, *SMALL, "--data-dir", str(tiny_data_dir), "--out", str(tmp_path)]
+    assert benchmark.main(flags) == 0
+    assert timed == [IMPLEMENTATIONS[0]]
+
+
 def test_a_paired_run_keeps_its_rows_when_a_later_one_fails(tmp_path, monkeypatch):
     fake_sides(monkeypatch, lambda _, code: 0.1)
     real = shared.ab.compare
