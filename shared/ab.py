@@ -273,12 +273,44 @@ def _rows(
             )
 
 
+def _compared_and_written(
+    name: str,
+    flag: str,
+    impls: list[str],
+    sides: Callable[[str], dict[str, Code]],
+    columns: dict[str, str],
+    about: str,
+    sizes: list[int],
+    arch: str,
+    pairs: int,
+    timeout: float,
+    out: Path,
+    **payload: str,
+) -> None:
+    """_rows, then their table (after `about`, `columns`: each side's key and title) and their
+    JSON (with `payload`) in `out` as name.md and name.json: the rows measured so far if the
+    comparison stops early."""
+    keys, titles = tuple(columns), tuple(columns.values())
+    rows: list[dict] = []
+
+    def write(stopped: str = "") -> None:
+        cpu = cpu_name()
+        text = f"{stopped}`--arch {arch}`, float32, on {cpu}: {about}\n\n" + markdown(
+            rows, keys, titles
+        )
+        write_results(out, name, text, {"arch": arch, "cpu": cpu, **payload, "rows": rows})
+        print("\n" + text)
+
+    with kept_when_stopped(write, lambda: bool(rows)):
+        _rows(rows, flag, impls, sizes, sides, keys, arch, pairs, timeout)
+    write()
+
+
 def run_ab(
     rev: str, impls: list[str], arch: str, sizes: list[int], pairs: int, timeout: float, out: Path
 ) -> int:
     """--against: every implementation at every batch size, the working tree against commit
     `rev`; tables in `out` (ab.md, ab.json), with the rows measured if it stops early."""
-    keys, rows = ("tree_ms", "against_ms"), []
     with tempfile.TemporaryDirectory(prefix="threefold-against-") as folder:
         commit = extract_commit(rev, Path(folder))
 
@@ -288,21 +320,16 @@ def run_ab(
                 "against": Code(Path(folder), impl, "against"),
             }
 
-        def write(stopped: str = "") -> None:
-            cpu = cpu_name()
-            text = (
-                f"{stopped}`--arch {arch}`, float32, on {cpu}: the working tree against {rev} "
-                f"({commit[:10]}), stepping in turn in two processes ({TURN}; each started "
-                f"first for half), {pairs} pairs each; ratio below 1: the working tree is "
-                "faster.\n\n" + markdown(rows, keys, ("working tree", rev))
-            )
-            payload = {"arch": arch, "cpu": cpu, "against": commit, "rows": rows}
-            write_results(out, "ab", text, payload)
-            print("\n" + text)
-
-        with kept_when_stopped(write, lambda: bool(rows)):
-            _rows(rows, "--against", impls, sizes, sides, keys, arch, pairs, timeout)
-    write()
+        about = (
+            f"the working tree against {rev} ({commit[:10]}), stepping in turn in two processes "
+            f"({TURN}; each started first for half), {pairs} pairs each; ratio below 1: the "
+            "working tree is faster."
+        )
+        columns = {"tree_ms": "working tree", "against_ms": rev}
+        _compared_and_written(
+            "ab", "--against", impls, sides, columns, about, sizes, arch, pairs, timeout, out,
+            against=commit,
+        )  # fmt: skip
     return 0
 
 
@@ -315,26 +342,20 @@ def run_paired(
     taken in one moment, estimates the targets' ratio of epoch times. A step soon after the
     other side's turn runs slow, so each turn warms up before it times
     (shared/ab_worker.py; docs/PERFORMANCE.md, "Method")."""
-    keys, rows = ("impl_ms", f"{REFERENCE}_ms"), []
     measured = [impl for impl in impls if impl != REFERENCE]
 
     def sides(impl: str) -> dict[str, Code]:
         return {"impl": Code(REPO, impl), REFERENCE: Code(REPO, REFERENCE)}
 
-    def write(stopped: str = "") -> None:
-        cpu = cpu_name()
-        text = (
-            f"{stopped}`--arch {arch}`, float32, on {cpu}: each implementation's training step "
-            f"against {REFERENCE}'s, both from the working tree, stepping in turn in two "
-            f"processes ({TURN}; each started first for half), {pairs} pairs each; the ratio "
-            f"of the step times estimates the implementation's epoch time over {REFERENCE}'s "
-            "(below 1: faster).\n\n" + markdown(rows, keys, ("the implementation", REFERENCE))
-        )
-        payload = {"arch": arch, "cpu": cpu, "reference": REFERENCE, "rows": rows}
-        write_results(out, "paired", text, payload)
-        print("\n" + text)
-
-    with kept_when_stopped(write, lambda: bool(rows)):
-        _rows(rows, "--paired", measured, sizes, sides, keys, arch, pairs, timeout)
-    write()
+    about = (
+        f"each implementation's training step against {REFERENCE}'s, both from the working "
+        f"tree, stepping in turn in two processes ({TURN}; each started first for half), "
+        f"{pairs} pairs each; the ratio of the step times estimates the implementation's epoch "
+        f"time over {REFERENCE}'s (below 1: faster)."
+    )
+    columns = {"impl_ms": "the implementation", f"{REFERENCE}_ms": REFERENCE}
+    _compared_and_written(
+        "paired", "--paired", measured, sides, columns, about, sizes, arch, pairs, timeout, out,
+        reference=REFERENCE,
+    )  # fmt: skip
     return 0
