@@ -298,9 +298,9 @@ def run_benchmark(
             table += "\n\n" + ladder_table(loops[0], rows)
         cpu = cpu_name()
         header = (
-            f"`--arch {args.arch}`, float32, on {cpu}, median of {args.repeats} interleaved "
-            f"repeats, each in a fresh process. float32 matmul ceiling {ceiling:.1f} GFLOP/s; "
-            f"{flops / 1e6:.2f} MFLOP per image.\n\n"
+            f"`--arch {args.arch}`, float32, on {cpu}, median of {'up to ' * bool(stopped)}"
+            f"{args.repeats} interleaved repeats, each in a fresh process. float32 matmul "
+            f"ceiling {ceiling:.1f} GFLOP/s; {flops / 1e6:.2f} MFLOP per image.\n\n"
         )
         payload = {"cpu": cpu, "ceiling_gflops": ceiling, "flops_per_image": flops, "rows": rows}
         text = stopped + header + table
