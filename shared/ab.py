@@ -28,7 +28,7 @@ from typing import IO
 
 from shared.ab_worker import TIMED_STEPS, WARM_SECONDS
 from shared.errors import ThreefoldError, UsageError
-from shared.outputs import kept_when_stopped, write_results
+from shared.outputs import write_results, written_at_the_end
 from shared.profile import WARMUP_SECONDS, cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -301,9 +301,8 @@ def _compared_and_written(
         write_results(out, name, text, {"arch": arch, "cpu": cpu, **payload, "rows": rows})
         print("\n" + text)
 
-    with kept_when_stopped(write, lambda: bool(rows)):
+    with written_at_the_end(write, lambda: bool(rows)):
         _rows(rows, flag, impls, sizes, sides, keys, arch, pairs, timeout)
-    write()
 
 
 def run_ab(

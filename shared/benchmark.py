@@ -10,7 +10,6 @@ import itertools
 import json
 import os
 import resource
-import signal
 import statistics
 import subprocess
 import sys
@@ -25,18 +24,18 @@ from shared.backend import IMPLEMENTATIONS
 from shared.cli import add_data_dir_flag, add_impl_flag, chosen_impls, number, path_type, run_cli
 from shared.cost import check_training_batch, network_cost
 from shared.data import DATA_DIR_ENV, load_dataset
-from shared.errors import Interrupted, Terminated, ThreefoldError, UsageError
+from shared.errors import Terminated, ThreefoldError, UsageError, interrupted
 from shared.ladder import loop_epoch_seconds
 from shared.loop import terminate_on_sigterm
 from shared.outputs import (
     check_out_files,
     hold,
-    kept_when_stopped,
     missing_folders,
     prepare_out_dir,
     remove_if_empty,
     result_files,
     write_results,
+    written_at_the_end,
 )
 from shared.profile import WARMUP_SECONDS, cpu_name, timing_setup
 from shared.spec import Arch, get_arch
@@ -244,12 +243,11 @@ def run_profile(
         write_results(out, "profile", text, payload, lambda path: profile.chart(rows, path))
         print("\n" + text)
 
-    with kept_when_stopped(write, lambda: bool(rows)):
+    with written_at_the_end(write, lambda: bool(rows)):
         for b in sizes:
             for impl in impls:
                 rows.append(run_worker(impl, arch, b, steps, timeout, kind="--profile-worker"))
                 print(f"  profiled {impl} at batch {b}", flush=True)
-    write()
     return 0
 
 
@@ -307,7 +305,7 @@ def run_benchmark(
         write_results(out, "benchmark", text, payload, lambda path: bar_chart(rows, path))
         print("\n" + table)
 
-    with kept_when_stopped(write, lambda: bool(runs)):
+    with written_at_the_end(write, lambda: bool(runs)):
         for b in sizes:
             steps = args.steps or EPOCH_IMAGES // b
             # Interleaved, so that a slow spell of the machine hits every implementation alike.
@@ -321,7 +319,6 @@ def run_benchmark(
                     )
         if args.ladder_images and arch.name == "lab":  # the loops are the lab network's
             loops.append(loop_epoch_seconds(args.ladder_images))
-    write()
     return 0
 
 
@@ -439,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         except BaseException as stop:
             remove_if_empty(made)  # a bad --against, say, leaves no empty folder behind
             if isinstance(stop, Terminated):
-                raise Interrupted("terminated (SIGTERM)", signal.SIGTERM) from None
+                raise interrupted(stop) from None
             raise
 
     return run_cli(parser, body)

@@ -182,15 +182,20 @@ def data_files(
         folder = find_data_dir(data_dir, spec)
     except UsageError:
         return []
-    names = [name for file in spec.files for name in (f"{file.name}.gz", file.name)]
-    return [("the data", folder / name) for name in names if (folder / name).exists()]
+    paths = [path for file in spec.files for path in _idx_candidates(folder, file.name)]
+    return [("the data", path) for path in paths if path.exists()]
+
+
+def _idx_candidates(folder: Path, stem: str) -> tuple[Path, Path]:
+    """Where one of the four files may be, in the order looked in: gzipped, then plain."""
+    return folder / f"{stem}.gz", folder / stem
 
 
 def _idx_path(folder: Path, stem: str, spec: DatasetSpec) -> Path:
-    for candidate in (folder / f"{stem}.gz", folder / stem):
+    for candidate in _idx_candidates(folder, stem):
         if candidate.is_file():
             return candidate
-    for candidate in (folder / f"{stem}.gz", folder / stem):
+    for candidate in _idx_candidates(folder, stem):
         if os.path.lexists(candidate):  # a folder, a FIFO, a link to nothing or a loop
             raise DataError(f"{candidate}: not a regular file")
     raise DataError(f"{folder / stem}[.gz]: missing; {_how_to_get(spec)}")

@@ -1,5 +1,7 @@
 """The project's own errors: each carries a one-line message for the user, never a traceback."""
 
+import signal
+
 
 class ThreefoldError(Exception):
     """Base class: a problem the user can fix, described in one line."""
@@ -34,6 +36,15 @@ class Interrupted(ThreefoldError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM, which a command takes like Ctrl-C (shared.loop.terminate_on_sigterm): a run
     stops, keeps its last epoch and says how to continue; a benchmark keeps what it measured."""
+
+
+def interrupted(stop: KeyboardInterrupt | Interrupted, what: str = "") -> Interrupted:
+    """The one-line error for Ctrl-C or SIGTERM (`stop`, or the Interrupted already made of
+    it), followed by what was kept (`what`, where there is news of it)."""
+    sigterm = 128 + signal.SIGTERM
+    if isinstance(stop, Terminated) or getattr(stop, "exit_code", None) == sigterm:
+        return Interrupted(" ".join(filter(None, ("terminated (SIGTERM)", what))), signal.SIGTERM)
+    return Interrupted(" ".join(filter(None, ("interrupted", what))), signal.SIGINT)
 
 
 class GridFailed(ThreefoldError):

@@ -48,9 +48,16 @@ from shared.backend import MALLOC_TUNABLES
 from shared.config import ADDED_FIELDS, TrainConfig, with_added_fields
 from shared.cost import network_cost
 from shared.data import Dataset
-from shared.errors import DataError, GridFailed, Interrupted, ThreefoldError, UsageError
+from shared.errors import (
+    DataError,
+    GridFailed,
+    Interrupted,
+    ThreefoldError,
+    UsageError,
+    interrupted,
+)
 from shared.io import read_json, write_json
-from shared.loop import interrupted, terminate_on_sigterm, train_split
+from shared.loop import terminate_on_sigterm, train_split
 from shared.profile import cpu_name
 from shared.spec import PRESETS, get_arch
 

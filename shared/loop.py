@@ -32,7 +32,13 @@ from shared.config import (
 )
 from shared.cost import check_training_batch, network_cost
 from shared.data import Dataset, Split
-from shared.errors import Interrupted, OutputError, Terminated, ThreefoldError, UsageError
+from shared.errors import (
+    OutputError,
+    Terminated,
+    ThreefoldError,
+    UsageError,
+    interrupted,
+)
 from shared.io import remove_stale_temporaries, write_json
 from shared.layers import NUM_CLASSES
 from shared.outputs import CHECKPOINT_NAME, CURVES_NAME, METRICS_NAME
@@ -227,15 +233,6 @@ def data_identity(data: Dataset) -> dict[str, str]:
         "folder": str(Path(data.source).resolve()),
         "sha256": data.content_sha256,
     }
-
-
-def interrupted(stop: KeyboardInterrupt | Interrupted, what: str) -> Interrupted:
-    """The one-line error for Ctrl-C or SIGTERM (`stop`, or the Interrupted already made of
-    it), followed by `what` was kept."""
-    sigterm = 128 + signal.SIGTERM
-    if isinstance(stop, Terminated) or getattr(stop, "exit_code", None) == sigterm:
-        return Interrupted(f"terminated (SIGTERM) {what}", signal_number=signal.SIGTERM)
-    return Interrupted(f"interrupted {what}", signal_number=signal.SIGINT)
 
 
 def evaluate_epoch(

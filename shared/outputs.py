@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from shared.errors import OutputError, Terminated, ThreefoldError, UsageError
+from shared.errors import OutputError, ThreefoldError, UsageError, interrupted
 from shared.io import staged, write_json, write_text
 
 CHECKPOINT_NAME = "checkpoint.npz"
@@ -228,20 +228,22 @@ def write_results(
 
 
 @contextlib.contextmanager
-def kept_when_stopped(write: Callable[[str], None], measured: Callable[[], bool]) -> Iterator[None]:
-    """Within the block, anything that stops it (a worker that fails or runs out of time,
-    Ctrl-C, SIGTERM) first has what was measured written (`write(note)`, where `measured()`),
-    its table headed by why it stopped; then the stop goes on as it came, whatever the
-    writing met (said in one line): a long benchmark keeps what it finished."""
+def written_at_the_end(
+    write: Callable[[str], None], measured: Callable[[], bool]
+) -> Iterator[None]:
+    """Within the block a command measures; when it ends, `write(note)` writes the results:
+    all of them (`note` empty), or, where something stopped the block (a worker that failed
+    or ran out of time, Ctrl-C, SIGTERM), those measured before, if any (`measured()`),
+    headed by why. The stop then goes on as it came, whatever the writing met (said in one
+    line): a long benchmark keeps what it finished."""
     try:
         yield
     except (Exception, KeyboardInterrupt) as stop:
         if measured():
-            why = str(stop) or (
-                "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
-            )
+            why = str(stop) or str(interrupted(stop))
             try:
                 write(f"Stopped early ({why}): the rows measured before.\n\n")
             except (Exception, KeyboardInterrupt) as failed:
                 print(f"the rows measured were not kept: {failed}", file=sys.stderr)
         raise
+    write("")
