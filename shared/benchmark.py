@@ -24,9 +24,8 @@ from shared.backend import IMPLEMENTATIONS
 from shared.cli import add_data_dir_flag, add_impl_flag, chosen_impls, number, path_type, run_cli
 from shared.cost import check_training_batch, network_cost
 from shared.data import DATA_DIR_ENV, load_dataset
-from shared.errors import Terminated, ThreefoldError, UsageError, interrupted
+from shared.errors import Terminated, ThreefoldError, UsageError, interrupted, terminate_on_sigterm
 from shared.ladder import loop_epoch_seconds
-from shared.loop import terminate_on_sigterm
 from shared.outputs import (
     check_out_files,
     hold,

@@ -1,6 +1,8 @@
 """The project's own errors: each carries a one-line message for the user, never a traceback."""
 
+import contextlib
 import signal
+from collections.abc import Iterator
 
 
 class ThreefoldError(Exception):
@@ -34,8 +36,30 @@ class Interrupted(ThreefoldError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, which a command takes like Ctrl-C (shared.loop.terminate_on_sigterm): a run
+    """SIGTERM, which a command takes like Ctrl-C (terminate_on_sigterm): a run
     stops, keeps its last epoch and says how to continue; a benchmark keeps what it measured."""
+
+
+@contextlib.contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM stops a run as Ctrl-C does (keeping its last epoch). The
+    signal is noted as well as raised: a library's blocking call (Ray's) may turn the
+    handler's exception into a plain KeyboardInterrupt, which still leaves as Terminated."""
+    received: list[int] = []
+
+    def terminate(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        if received and not isinstance(stop, Terminated):
+            raise Terminated from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def interrupted(stop: KeyboardInterrupt | Interrupted, what: str = "") -> Interrupted:

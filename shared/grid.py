@@ -55,9 +55,10 @@ from shared.errors import (
     ThreefoldError,
     UsageError,
     interrupted,
+    terminate_on_sigterm,
 )
 from shared.io import read_json, write_json
-from shared.loop import terminate_on_sigterm, train_split
+from shared.loop import train_split
 from shared.profile import cpu_name
 from shared.spec import PRESETS, get_arch
 

@@ -51,28 +51,6 @@ class TrainingDiverged(ThreefoldError):
 
 
 @contextlib.contextmanager
-def terminate_on_sigterm() -> Iterator[None]:
-    """Within the block, SIGTERM stops a run as Ctrl-C does (keeping its last epoch). The
-    signal is noted as well as raised: a library's blocking call (Ray's) may turn the
-    handler's exception into a plain KeyboardInterrupt, which still leaves as Terminated."""
-    received: list[int] = []
-
-    def terminate(signum: int, frame: object) -> None:
-        received.append(signum)
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    except KeyboardInterrupt as stop:
-        if received and not isinstance(stop, Terminated):
-            raise Terminated from None
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM until the block ends, then act on them: an epoch's checkpoint
     and metrics.json are written together, so they always tell the same story. (Python runs

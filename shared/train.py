@@ -11,9 +11,9 @@ from shared.checkpoint import Checkpoint, load_checkpoint
 from shared.cli import add_training_flags, config_from_args, given_flags, path_type, run_cli
 from shared.config import RECIPES, TrainConfig, check_config, config_from_saved
 from shared.data import Dataset, get_dataset_spec, load_dataset
-from shared.errors import CheckpointError, UsageError
+from shared.errors import CheckpointError, UsageError, terminate_on_sigterm
 from shared.io import read_json
-from shared.loop import data_identity, terminate_on_sigterm, train, train_split
+from shared.loop import data_identity, train, train_split
 from shared.network import import_network, load_weights
 from shared.outputs import (
     CHECKPOINT_NAME,
