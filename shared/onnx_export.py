@@ -77,7 +77,7 @@ def onnx_model(
         out = OUTPUT if layer is arch.layers[-1] else layer.name
         for name in _tensor_names(layer):
             constant(name, tensors[name])
-        nodes += _nodes(layer, current, out, constant)
+        nodes += layer_nodes(layer, current, out, constant)
         current = out
     outputs = [helper.make_tensor_value_info(OUTPUT, element, ["batch", 10])]
     if every_layer:
@@ -126,7 +126,7 @@ def _tensor_names(layer: Layer) -> list[str]:
     return []
 
 
-def _nodes(layer: Layer, x: str, out: str, constant) -> list:
+def layer_nodes(layer: Layer, x: str, out: str, constant) -> list:
     """The ONNX nodes computing `layer` on the value `x` into the value `out`."""
     from onnx import helper
 
@@ -138,7 +138,7 @@ def _nodes(layer: Layer, x: str, out: str, constant) -> list:
             for chain in (body, shortcut):
                 current = x
                 for inner in chain:  # each inner layer's output is a value of its name
-                    made += _nodes(inner, current, inner.name, constant)
+                    made += layer_nodes(inner, current, inner.name, constant)
                     current = inner.name
                 paths.append(current)
             return [*made, node("Add", paths, [out], name)]

@@ -663,11 +663,7 @@ def test_a_meta_arch_naming_a_file_is_refused_without_reading_it(tmp_path, monke
     (work / "NOCONV.JSON").write_text(NOCONV_JSON)
     noconv = get_arch("noconv").layers
     assert get_arch("x.toml").layers == get_arch("noconv.json").layers == noconv
-
-    def never(*args, **kwargs):
-        raise AssertionError("a checkpoint's meta made the loader read a spec file")
-
-    monkeypatch.setattr("shared.spec._file_entries", never)
+    # Read, any of them would load or say it cannot be read; refused as a token, none was.
     members = with_member("meta.npy", meta_npy({**META, "arch": arch}))
     refused(
         write_zip(tmp_path / "c.npz", members.items()),

@@ -54,6 +54,13 @@ def test_every_link_resolves(page):
     assert broken == []
 
 
+@pytest.mark.parametrize("page", PAGES[1:], ids=lambda p: p.name)
+def test_every_page_of_the_docs_opens_with_the_way_back(page):
+    """Its third line, under the title, links to the README: a reader who arrives from a
+    search finds the front page, and every page has a link for the test above to follow."""
+    assert page.read_text().splitlines()[2].startswith("Back to the [README](../README.md).")
+
+
 def test_the_front_page_links_to_every_page_of_the_docs():
     linked = {Path(link.partition("#")[0]).name for link in local_links(ROOT / "README.md")}
     assert {p.name for p in PAGES[1:]} <= linked

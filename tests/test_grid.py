@@ -228,15 +228,21 @@ def test_sigterm_stops_a_ray_grid_in_one_line_keeping_its_finished_runs(
     flags += ("--engine", "ray", "--cpus-per-run", "1", "--arch", "strong", "--seeds", "5")
     grid = start("scripts/speedrun.py", *flags, cores=OWN_CORE, tmp=short_tmp)
     deadline = time.monotonic() + 300
-    while not ray_runs_in_progress() and time.monotonic() < deadline:
+    while not (tmp_path / "runs.json").exists():  # a run finished and stored
+        assert time.monotonic() < deadline and grid.poll() is None, "no run finished"
         time.sleep(0.2)
+    a_run_under_way(deadline)  # and the next under way
+    finished = stored(tmp_path)
     grid.send_signal(signal.SIGTERM)
     code, _, err = finish(grid)
     assert code == 128 + signal.SIGTERM
     [line] = err.strip().splitlines()
-    assert "terminated (SIGTERM) with" in line and "the same command again trains the rest" in line
-    time.sleep(2)
-    assert not ray_runs_in_progress()  # the runs under way stopped with the grid
+    kept = stored(tmp_path)
+    assert finished.items() <= kept.items() and f"terminated (SIGTERM) with {len(kept)} of" in line
+    assert "the same command again trains the rest" in line
+    while ray_runs_in_progress():  # the runs under way stop with the grid
+        assert time.monotonic() < deadline, "a run outlived its grid"
+        time.sleep(0.2)
 
 
 @pytest.fixture
@@ -307,16 +313,21 @@ def hold_a_core(tmp: str) -> tuple[subprocess.Popen, str]:
 def test_claimed_cores_are_never_shared_and_a_killed_holder_frees_them(short_tmp):
     if len(ALL_CORES) < 2:
         pytest.skip("needs two cores")
-    (first, core), (second, other) = hold_a_core(short_tmp), hold_a_core(short_tmp)
+    holders = []  # each started one, ended however the test ends
+
+    def held() -> int:
+        holder, core = hold_a_core(short_tmp)
+        holders.append(holder)
+        return core
+
     try:
+        core, other = held(), held()
         assert core != other
-        first.kill()
-        first.wait()
-        third, again = hold_a_core(short_tmp)
-        third.kill()
-        assert again == core
+        holders[0].kill()
+        holders[0].wait()
+        assert held() == core
     finally:
-        for holder in (first, second, third):
+        for holder in holders:
             holder.kill()
             holder.wait()
 

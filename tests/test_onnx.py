@@ -27,7 +27,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import shared.onnx_export as onnx_export
 import threefold
-from shared.config import IMPLEMENTATIONS
+from shared.checkpoint import load_checkpoint
+from shared.config import IMPLEMENTATIONS, TrainConfig
 from shared.crosscheck import run_crosscheck
 from shared.errors import OutputError, UsageError
 from shared.export import main as export_main
@@ -38,7 +39,7 @@ from shared.onnx_file import MAX_FIELDS, MAX_MESSAGES, MAX_NODES
 from shared.onnx_import import from_onnx
 from shared.proof.onnx_witness import WITNESSES, onnx_logits
 from shared.proof.rows import TOLERANCES, compare
-from shared.spec import PRESETS, get_arch, param_shapes
+from shared.spec import PRESETS, get_arch, init_params, param_shapes
 from shared.weights_file import read_safetensors, write_safetensors
 from tests.conftest import ROOT, run_measured
 from tests.test_fuzz import specs
@@ -268,7 +269,7 @@ def dropped_pool_padding(layer, x, out, constant):
     return ORIGINAL(layer, x, out, constant)
 
 
-ORIGINAL = onnx_export._nodes
+ORIGINAL = onnx_export.layer_nodes
 
 
 @pytest.mark.parametrize(
@@ -287,7 +288,7 @@ def test_a_planted_export_bug_is_caught_and_named(planted, spec, caught_at, monk
     from shared.proof.onnx_witness import onnx_rows
     from shared.proof.rows import judge
 
-    monkeypatch.setattr(onnx_export, "_nodes", planted)
+    monkeypatch.setattr(onnx_export, "layer_nodes", planted)
     network = threefold.network(spec)
     backends = {impl: make_backend(impl, network.arch) for impl in IMPLEMENTATIONS}
     x = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
@@ -777,7 +778,15 @@ def test_an_onnx_file_is_a_network_for_train_and_its_weights_a_start(tmp_path, t
             check=False,
         )
         assert done.returncode == 0, done.stderr
-        assert (run / "checkpoint.npz").is_file()
+        # The run is the file's network, trained from the file's weights: one epoch moved each
+        # weight less than the seeded start (seed 0, where the file's are seed 2's) is from them.
+        trained = load_checkpoint(run / "checkpoint.npz")
+        assert trained.meta["arch"] == network.arch.spec
+        seeded = init_params(network.arch, TrainConfig().init, 0)
+        for name in ("conv.weight", "fc.weight"):  # drawn: the others start as constants
+            given = network.tensors[name]
+            moved = np.abs(trained.params[name] - given).max()
+            assert 0 < moved < np.abs(seeded[name] - given).max(), (start.name, name)
 
 
 def test_the_crosscheck_proves_a_graph_pytorchs_exporter_wrote_from_its_weights(tmp_path):

@@ -171,6 +171,8 @@ def test_training_on_every_training_image(tmp_path):
     (out / "curves.png").unlink()
     resumed = run_train("--resume", str(out))
     assert resumed.returncode == 0 and "120 train, 0 validation" in resumed.stdout
+    assert (out / "curves.png").is_file()
+    assert json.loads((out / "metrics.json").read_text())["history"] == record["history"]
 
 
 def test_finite_differences_judge_a_tiny_input_gradient_against_the_loss():

@@ -168,7 +168,6 @@ def test_a_max_pool_inside_a_block_gives_the_same_loss_and_gradients_in_every_im
 
 
 def test_the_onnx_graph_adds_the_two_paths():
-    pytest.importorskip("onnxruntime")
     from shared.onnx_export import onnx_model
     from shared.proof.onnx_witness import onnx_logits
 

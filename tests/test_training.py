@@ -170,8 +170,8 @@ def test_train_script_writes_all_outputs(tiny_data_dir, tmp_path, impl):
         ("--warmup", "-1", "--warmup"),
     ],
 )
-def test_bad_flag_value_is_a_usage_error(flag, value, message):
-    result = run_script("train.py", flag, value)
+def test_bad_flag_value_is_a_usage_error(flag, value, message, tmp_path):
+    result = run_script("train.py", flag, value, cwd=tmp_path)
     assert result.returncode == 2
     assert "usage:" in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
