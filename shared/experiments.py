@@ -154,7 +154,7 @@ def run_experiments(
     plan = plan_experiments(**settings)
     impls, cells = plan.impls, plan.cells
     figures = prepare_out_dir(out / "experiments", "--out")
-    store = RunStore(figures / "runs.json", fresh)
+    store = RunStore(figures / "runs.json", data.content_sha256, fresh)
     run_grid(trained_summary, plan.grid(), data, store, engine, progress)
     tables = []
     for comp in plan.comps:
@@ -205,7 +205,7 @@ def recheck_in_float64(
     more than AGREEMENT: float32 drift vanishes there, a real difference would not.
     -> {"title / label": {impl: test accuracy}}."""
     base = dataclasses.replace(TrainConfig(**saved["base"]), dtype="float64")
-    store = store or RunStore(None)
+    store = store or RunStore(None, data.content_sha256)
     rows = {
         f"{title} / {label}": {
             impl: variant_config(base, saved["variants"][title][label], impl) for impl in by_impl
@@ -287,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         stored = ("results.json", "runs.json") if figures.is_dir() else ()
         written = [out / "EXPERIMENTS.md", *(figures / name for name in stored)]
         check_out_files([("--out", path) for path in written])
-        with hold(out):  # one grid at a time writes its run store and report
+        # One grid at a time writes its report and, in its own folder, its run store (which a
+        # speedrun given --out OUT/experiments would share).
+        with hold(out), hold(prepare_out_dir(figures)):
             if rerender:
                 return _rerender(args, out, data, engine)
             command = "python scripts/experiments.py" + (" --quick" if args.quick else "")
@@ -339,7 +341,7 @@ def _rerender(args: argparse.Namespace, out: Path, data: Dataset | None, engine:
     saved, report = load_results(path)
     if args.recheck_float64:
         _check_variants(saved, path)
-        store = RunStore(path.parent / "runs.json", args.fresh)
+        store = RunStore(path.parent / "runs.json", data.content_sha256, args.fresh)
         saved["float64"] = recheck_in_float64(data, saved, _say, store, engine)
         saved["trained"] = store.provenance()
         write_json(path, saved)

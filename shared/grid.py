@@ -2,9 +2,10 @@
 Ray cluster, with one store of finished runs whatever the engine.
 
 A grid is a set of configurations, each a task `task(config, data) -> summary`. The run store
-keeps every finished run's summary, keyed by its whole configuration, in a JSON file written
-after each run: an interrupted grid resumes where it stopped and a rerun trains only what is
-new or what failed. The engine only decides where the missing runs train:
+keeps every finished run's summary, keyed by its whole configuration and its data's content
+digest, in a JSON file written after each run: an interrupted grid resumes where it stopped
+and a rerun trains only what is new or what failed. The engine only decides where the
+missing runs train:
 
 - local: one after the other in this process, on every core it may use (as before engines);
 - ray: each run one Ray task declaring `cpus_per_run` CPUs, in a fresh worker process pinned
@@ -141,33 +142,37 @@ def _machine_recorded(run: dict) -> bool:
 
 
 class RunStore:
-    """Finished runs' summaries, keyed by their whole configuration, in a JSON file beside the
-    results; each says when, from which commit and on what processor and cores it trained.
-    `fresh`: a run counts as stored only once this process has trained it again; the other
-    runs the file holds are kept in it (a damaged file is then started afresh)."""
+    """Finished runs' summaries, keyed by their whole configuration and the data they trained
+    on (`data`, the dataset's content digest: runs on other files never stand in for these),
+    in a JSON file beside the results; each says when, from which commit and on what
+    processor and cores it trained. `fresh`: a run counts as stored only once this process
+    has trained it again; the other runs the file holds are kept in it. A file that cannot
+    be read or is not a store of runs is refused, `fresh` or not: writing over it would lose
+    the runs it holds."""
 
-    def __init__(self, path: Path | None, fresh: bool = False):
-        self.path, self.fresh = path, fresh
+    def __init__(self, path: Path | None, data: str | None, fresh: bool = False):
+        self.path, self.data, self.fresh = path, data, fresh
         self.runs: dict[str, dict] = {}
         self.trained: set[str] = set()  # keys this process trained
-        if path is not None and path.is_file():
-            try:
-                runs = read_json(path)["runs"]
-                if not all(a_share(r["summary"]["test_acc"]) for r in runs.values()):
-                    raise TypeError("a run without a test accuracy")
-                if not all(_machine_recorded(r) for r in runs.values()):
-                    raise TypeError("a run whose processor or cores are not a name and a count")
-                self.runs = _current_keys(runs)
-            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-                if not fresh:
-                    raise DataError(
-                        f"{path}: damaged or not threefold's runs ({type(e).__name__}: {e}); "
-                        "move it away or pass --fresh"
-                    ) from None
+        if path is None or not path.exists():
+            return
+        try:
+            runs = read_json(path)["runs"]
+        except OSError as e:
+            raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            raise _damaged(path, e) from None
+        try:
+            if not all(a_share(r["summary"]["test_acc"]) for r in runs.values()):
+                raise TypeError("a run without a test accuracy")
+            if not all(_machine_recorded(r) for r in runs.values()):
+                raise TypeError("a run whose processor or cores are not a name and a count")
+            self.runs = _current_keys(runs)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise _damaged(path, e) from None
 
-    @staticmethod
-    def key(config: TrainConfig) -> str:
-        return _key(_with_preset(dataclasses.asdict(config)))
+    def key(self, config: TrainConfig) -> str:
+        return _key({**_with_preset(dataclasses.asdict(config)), "data": self.data})
 
     def __contains__(self, config: TrainConfig) -> bool:
         key = self.key(config)
@@ -201,6 +206,13 @@ class RunStore:
         return dict(Counter(r["trained"] for r in self.runs.values()))
 
 
+def _damaged(path: Path, error: Exception) -> DataError:
+    return DataError(
+        f"{path}: damaged or not threefold's runs ({type(error).__name__}: {error}); move it "
+        "away to start a new store"
+    )
+
+
 def _key(config: dict) -> str:
     return json.dumps(config, sort_keys=True)
 
@@ -220,7 +232,8 @@ def _current_keys(runs: dict[str, dict]) -> dict[str, dict]:
     current: dict[str, tuple[tuple[bool, bool], dict]] = {}
     for stored, run in runs.items():
         config = json.loads(stored)
-        full = with_added_fields(config)
+        # A run stored before its data was recorded trained on data nobody can name now.
+        full = {"data": None, **with_added_fields(config)}
         key = _key(full if "preset" in full else _with_preset(full))
         rank = (ADDED_FIELDS.keys() <= config.keys(), "preset" in config)  # how current
         if key not in current or rank > current[key][0]:
@@ -335,8 +348,8 @@ def run_grid(
         where = f" in {store.path}" if store.path else ""
         raise interrupted(
             stop,
-            f"with {kept} of {len(todo)} runs finished, kept{where}; the same command again "
-            "trains the rest",
+            f"with {kept} of {len(todo)} runs finished, kept{where}; {_again(store)} trains "
+            "the rest",
         ) from None
     if failures:
         kept = f"kept in {store.path}" if store.path else "kept"
@@ -344,9 +357,15 @@ def run_grid(
             f"; {len(failures) - 3} more above" if failures[3:] else ""
         )
         raise GridFailed(
-            f"{len(failures)} of {len(todo)} runs failed ({named}); the others are {kept}: run "
-            "the same command again to train the failed ones"
+            f"{len(failures)} of {len(todo)} runs failed ({named}); the others are {kept}: "
+            f"{_again(store)} trains the failed ones"
         )
+
+
+def _again(store: RunStore) -> str:
+    """The command that trains what a grid left: with --fresh, the same command would train
+    every run again."""
+    return "the same command without --fresh" if store.fresh else "the same command again"
 
 
 def _causes(error: BaseException) -> Iterator[BaseException]:

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from shared.experiments import recheck_in_float64, run_experiments
 from shared.grid import RunStore
 from shared.lab_questions import AGREEMENT, DEEP, STRONG, comparisons, seed_row_label
 from shared.loop import train
+from shared.outputs import hold, prepare_out_dir
 from shared.spec import PRESETS, get_arch, param_shapes
 from tests.conftest import make_dataset_dir
 from tests.test_training import run_script
@@ -87,7 +89,7 @@ def test_experiments_write_every_table_and_plot(tiny_data_dir, tmp_path, monkeyp
         assert f"- {row}: " in report and "trained again in float64" in report
     # Every finished run is stored with its date: run again, nothing is trained and the
     # report is the same.
-    stored = RunStore(out / "experiments" / "runs.json")
+    stored = RunStore(out / "experiments" / "runs.json", data.content_sha256)
     assert sum(saved["trained"].values()) == len(stored.runs)
     summaries = [r["summary"] for r in stored.runs.values()]
     for rows in saved["comparisons"].values():
@@ -128,31 +130,59 @@ def test_runs_that_do_not_fit_the_data_are_refused_before_any_folder(tmp_path, t
     assert not out.exists()
 
 
+# A dataset's content digest, as a store keys its runs by (any string serves here).
+DATA = "d" * 64
+
+
 def test_a_fresh_store_trains_its_grid_again_and_keeps_every_other_run(tmp_path):
     path = tmp_path / "runs.json"
     ran = {"summary": {"test_acc": 0.5}, "trained": "t", "cpu": "x", "cores": 1}
     this, other = TrainConfig(impl="numpy"), TrainConfig(impl="numpy", seed=1)
-    store = RunStore(path)
+    store = RunStore(path, DATA)
     store.add(this, ran)
     store.add(other, ran)
-    fresh = RunStore(path, fresh=True)
+    fresh = RunStore(path, DATA, fresh=True)
     assert this not in fresh and other not in fresh  # neither counts until trained again
     fresh.add(this, {**ran, "trained": "again"})
     assert this in fresh and other not in fresh
-    kept = RunStore(path)  # --fresh for one grid once dropped every run it did not train
+    kept = RunStore(path, DATA)  # --fresh for one grid once dropped every run it did not train
     assert kept.entry(this)["trained"] == "again" and kept.entry(other)["trained"] == "t"
 
 
-def test_a_damaged_run_store_is_refused_unless_fresh(tmp_path):
+def test_a_run_counts_only_for_the_data_it_trained_on(tmp_path):
+    """Another dataset's runs, or runs stored before a store named the data, are kept in the
+    file and never stand in for this data's: the speedrun once reported runs on a folder of
+    test images as the real data's."""
+    path = tmp_path / "runs.json"
+    config = TrainConfig(impl="numpy")
+    ran = {"summary": {"test_acc": 0.5}, "trained": "t", "cpu": "x", "cores": 1}
+    RunStore(path, "e" * 64).add(config, ran)
+    store = RunStore(path, DATA)
+    assert config not in store
+    undated = {k: v for k, v in json.loads(store.key(config)).items() if k != "data"}
+    runs = json.loads(path.read_text())["runs"]
+    path.write_text(json.dumps({"runs": {**runs, json.dumps(undated): ran}}))
+    store = RunStore(path, DATA)
+    assert config not in store and len(store.runs) == 2
+    store.add(config, {**ran, "trained": "here"})
+    assert len(RunStore(path, DATA).runs) == 3 and config in RunStore(path, DATA)
+
+
+def test_a_damaged_or_unreadable_run_store_is_refused_fresh_or_not(tmp_path):
     data_dir = make_dataset_dir(tmp_path / "data", n_train=1400, n_test=100)  # fits --quick
     store = tmp_path / "docs" / "experiments" / "runs.json"
     store.parent.mkdir(parents=True)
     deep = "[" * 100_000 + "]" * 100_000  # nested past Python's stack
     for damaged in ('{"runs": [1, 2', '{"runs": [1, 2]}', '{"runs": {"k": 1}}', deep):
         store.write_text(damaged)
-        with pytest.raises(DataError, match=r"runs.json: damaged.*--fresh"):
-            RunStore(store)
-    assert RunStore(store, fresh=True).runs == {}
+        for fresh in (False, True):  # written over, its runs would be lost
+            with pytest.raises(DataError, match=r"runs.json: damaged.*move it away"):
+                RunStore(store, DATA, fresh)
+    unreadable = tmp_path / "folder" / "runs.json"
+    unreadable.mkdir(parents=True)
+    for fresh in (False, True):
+        with pytest.raises(DataError, match=r"runs.json: cannot read it \(Is a directory\)"):
+            RunStore(unreadable, DATA, fresh)
     out = store.parents[1]
     result = run_script("experiments.py", "--quick", "--data-dir", str(data_dir), "--out", str(out))
     assert result.returncode != 0 and "Traceback" not in result.stderr
@@ -163,12 +193,12 @@ def test_a_damaged_run_store_is_refused_unless_fresh(tmp_path):
 def test_runs_stored_before_a_setting_was_added_still_count(tmp_path):
     # A setting joins TrainConfig at the value earlier runs had, so they stay reusable.
     config = TrainConfig(arch="pool", seed=3)
-    older = dataclasses.asdict(config)
+    older = {**dataclasses.asdict(config), "data": DATA}
     del older["erase"], older["optimizer"]
     finished = {"summary": {"test_acc": 0.9}, "trained": "2026-01-01 0123abc"}
     path = tmp_path / "runs.json"
     path.write_text(json.dumps({"runs": {json.dumps(older): finished}}))
-    store = RunStore(path)
+    store = RunStore(path, DATA)
     assert config in store and store.entry(config) == finished
     assert dataclasses.replace(config, erase=0.5) not in store
     assert dataclasses.replace(config, optimizer="adam") not in store
@@ -178,7 +208,7 @@ def test_a_preset_redefined_since_a_run_does_not_reuse_it(tmp_path):
     """A key names the preset's layers: a run of an earlier `pool` does not count for today's,
     while a run stored before keys named them is taken as today's."""
     config = TrainConfig(arch="pool", seed=3)
-    current = json.loads(RunStore.key(config))
+    current = json.loads(RunStore(None, DATA).key(config))
     assert current["preset"] == PRESETS["pool"][0]
     finished = {"summary": {"test_acc": 0.9}, "trained": "2026-01-01 0123abc"}
     path = tmp_path / "runs.json"
@@ -187,14 +217,14 @@ def test_a_preset_redefined_since_a_run_does_not_reuse_it(tmp_path):
         ({k: v for k, v in current.items() if k != "preset"}, True),
     ):
         path.write_text(json.dumps({"runs": {json.dumps(stored): finished}}))
-        assert (config in RunStore(path)) == counts
+        assert (config in RunStore(path, DATA)) == counts
 
 
 def test_a_run_stored_under_an_old_and_a_current_key_keeps_the_current_one(tmp_path):
     # A version that did not read old keys trained the run again under a fuller key: all are
     # in the file, in any order, and the most current key's run is the one that counts.
     config = TrainConfig(arch="pool", seed=3)
-    current = json.loads(RunStore.key(config))
+    current = json.loads(RunStore(None, DATA).key(config))
     full = {k: v for k, v in current.items() if k != "preset"}  # before presets were keyed
     older = {k: v for k, v in full.items() if k not in ("erase", "optimizer")}
     runs = [
@@ -206,12 +236,12 @@ def test_a_run_stored_under_an_old_and_a_current_key_keeps_the_current_one(tmp_p
     for order in itertools.permutations(runs):
         for stored in (order, [run for run in order if run[0] is not current]):
             path.write_text(json.dumps({"runs": {json.dumps(k): r for k, r in stored}}))
-            store = RunStore(path)
+            store = RunStore(path, DATA)
             assert len(store.runs) == 1
             assert store.summary(config)["test_acc"] == (0.9 if len(stored) == 3 else 0.8)
     # Written back, the store holds the current keys only and reads back the same.
     store.add(TrainConfig(arch="lab"), runs[0][1])
-    assert RunStore(path).runs == store.runs and len(store.runs) == 2
+    assert RunStore(path, DATA).runs == store.runs and len(store.runs) == 2
 
 
 def test_residual_and_erasing_are_judged_on_the_deep_seed_row():
@@ -294,3 +324,18 @@ def test_evaluate_any_checkpoint_with_any_implementation(tiny_data_dir, tmp_path
     )
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "plain" / "evaluation.json").read_text())["tta"] is False
+
+
+def test_a_grid_holds_the_folder_of_its_run_store(tmp_path):
+    """A speedrun given --out OUT/experiments writes the run store the experiments of OUT
+    keep there: whichever starts second is refused, naming the first."""
+    data_dir = make_dataset_dir(tmp_path / "data", n_train=1400, n_test=100)  # fits --quick
+    out = tmp_path / "docs"
+    with hold(prepare_out_dir(out / "experiments")):  # a speedrun's --out, under way
+        result = run_script(
+            "experiments.py", "--quick", "--data-dir", str(data_dir), "--out", str(out)
+        )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert f"--out {out / 'experiments'}: in use by a run of process {os.getpid()}" in line
+    assert [p.name for p in out.rglob("*")] == ["experiments"]  # nothing written in them

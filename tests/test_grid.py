@@ -147,7 +147,8 @@ def thread_faults(config, data):
     thread.join()
     return {"test_acc": 0.0, "faults": faults}
 
-config, store, data = TrainConfig(impl="numpy"), RunStore(None), load_dataset(sys.argv[1])
+config, data = TrainConfig(impl="numpy"), load_dataset(sys.argv[1])
+store = RunStore(None, data.content_sha256)
 run_grid(thread_faults, {config: "faults"}, data, store, Engine("ray", cpus_per_run=1), print)
 print(*store.summary(config)["faults"])
 """
@@ -210,7 +211,7 @@ def test_a_killed_worker_loses_only_its_run_which_the_next_invocation_trains(
     code, out, err = finish(grid)
     assert code == 1 and "Traceback" not in err
     [line] = err.strip().splitlines()
-    assert "1 of 5 runs failed" in line and "run the same command again" in line
+    assert "1 of 5 runs failed" in line and "the same command again trains the failed ones" in line
     assert len(stored(tmp_path)) == 4
     assert not (tmp_path / "speedrun.md").exists()
     again = start("scripts/speedrun.py", *flags, cores=OWN_CORE, tmp=short_tmp)

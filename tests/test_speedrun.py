@@ -148,6 +148,11 @@ def test_an_interrupted_speedrun_keeps_the_runs_it_finished_and_resumes(
         ("fast", 0),
         ("fast", 1),
     ]
+    # On other files none of these runs stands in: all three train again, kept beside them.
+    other = load_dataset(make_dataset_dir(tmp_path / "other", n_train=400, seed=1))
+    speedrun.run_speedrun(race, other, tmp_path, ("numpy",), 2, True, lambda _: None)
+    assert len(calls) == 7 and calls[4:] == calls[:3]
+    assert len(json.loads((tmp_path / "runs.json").read_text())["runs"]) == 6
 
 
 @pytest.mark.parametrize(
