@@ -47,11 +47,9 @@ def read_graph(path: Path, label: str):
             raise UsageError(
                 f"{label}: operators of domain {opset.domain!r}; threefold reads ONNX's own"
             )
-    for tensor in graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise UsageError(
-                f"{label}: initialiser {tensor.name} is stored in another file (external data)"
-            )
+    elsewhere = _external_tensor(graph)
+    if elsewhere:
+        raise UsageError(f"{label}: {elsewhere} is stored in another file (external data)")
     # ONNX's own rules (each node's inputs and outputs by its operator's schema, the nodes in
     # an order that computes each input first, the types and shapes inferred) hold before the
     # reader walks the graph: one that breaks them is no model any runtime reads.
@@ -61,6 +59,32 @@ def read_graph(path: Path, label: str):
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"{label}: not a valid ONNX model ({first})") from None
     return graph
+
+
+def _external_tensor(graph) -> str | None:
+    """The first tensor of `graph` whose data lies in another file, named, or None: an
+    initialiser, or a node's constant (a Constant's value), in a subgraph too. Read, such a
+    tensor's bytes come from a path the file chooses, relative to the working folder."""
+    import onnx
+
+    external = onnx.TensorProto.EXTERNAL
+    for tensor in graph.initializer:
+        if tensor.data_location == external:
+            return f"initialiser {tensor.name}"
+    for sparse in graph.sparse_initializer:
+        if external in (sparse.values.data_location, sparse.indices.data_location):
+            return f"sparse initialiser {sparse.values.name}"
+    for node in graph.node:
+        for attribute in node.attribute:
+            sparse = [attribute.sparse_tensor, *attribute.sparse_tensors]
+            tensors = [attribute.t, *attribute.tensors, *(s.values for s in sparse)]
+            tensors += [s.indices for s in sparse]
+            if any(t.data_location == external for t in tensors):
+                return f"node {node.name or node.op_type}'s {attribute.name}"
+            for subgraph in [attribute.g, *attribute.graphs]:
+                if found := _external_tensor(subgraph):
+                    return found
+    return None
 
 
 # A parsed protobuf message costs a hundred bytes or more, on the wire as little as two: a file

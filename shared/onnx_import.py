@@ -19,7 +19,7 @@ import numpy as np
 
 from shared.checkpoint import value_problem
 from shared.errors import UsageError
-from shared.kinds import token
+from shared.kinds import output_shape, token
 from shared.layers import INPUT_SHAPE
 from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
 from shared.onnx_export import ADAPTIVE, CHANNELWISE
@@ -67,14 +67,14 @@ def from_onnx(path: str | Path, where: str = "") -> Network:
     graph = read_graph(path, label)
     nodes, initialisers = _constants(list(graph.node), {t.name: t for t in graph.initializer})
     current = _input_name(graph, initialisers, label)
-    standardise, nodes = _scaling(nodes, initialisers, current, label)
-    if standardise is not None:
-        current = nodes[0].input[0] if nodes else current
+    standardise, nodes, current = _scaling(nodes, initialisers, current, label)
     steps = _steps(nodes, initialisers, current, graph, label)
-    entries = _resolve_shapes(steps)
+    widths: dict[int, tuple[int, str]] = {}
+    entries = _resolve_shapes(steps, widths)
     if not entries:
         raise UsageError(f"{label}: no layers found in its graph")
     layers = build_layers(entries, label)
+    _check_widths(layers, widths, label)
     arch = get_arch("-".join(token(layer) for layer in layers), label)
     params, mapping = _tensors(arch, steps, initialisers, label)
     return Network(arch, params, tuple(mapping), standardise)
@@ -140,16 +140,17 @@ def _short(value: float) -> float:
 
 
 def _scaling(nodes: list, initialisers: dict, current: str, label: str):
-    """((mean, std) of a leading Sub by a constant then Div by one, or None; the rest)."""
+    """((mean, std) of a leading Sub by a constant then Div by one, or None; the rest of the
+    nodes; the value they start from: the Div's output, which the next node must take)."""
     ops = [n.op_type for n in nodes[:2]]
     if ops != list(SCALING) or nodes[0].input[0] != current:
-        return None, nodes
+        return None, nodes, current
     sub, div = nodes[:2]
     mean = _scalar(sub.input[1], initialisers, f"{label}: {_name(sub, 0)} (Sub)")
     std = _scalar(div.input[1], initialisers, f"{label}: {_name(div, 1)} (Div)")
     if div.input[0] != sub.output[0] or std <= 0:
         raise UsageError(f"{label}: {_name(div, 1)} (Div): not a standardisation by a positive std")
-    return (mean, std), nodes[2:]
+    return (mean, std), nodes[2:], div.output[0]
 
 
 def _name(node, index: int) -> str:
@@ -339,9 +340,10 @@ def _pool(op: str):
         size = _square(attributes, "kernel_shape")
         padding = _pads(attributes, size)
         stride = _square(attributes, "strides", 1)
-        if op == "avg" and padding:
+        if op == "avg" and padding and attributes.get("count_include_pad", 0) != 1:
+            # ONNX's default leaves the padding out of the mean, PyTorch's counts it.
             why = "threefold averages over the padding too, PyTorch's default"
-            _require(attributes, "count_include_pad", (1,), why)
+            raise Refused(f"count_include_pad={attributes.get('count_include_pad', 0)}", why)
         if op == "max":
             _require(attributes, "storage_order", (0,), "indices are not an output")
         # Only the exporter's own mark ("adaptiveavgpool N"); any other doc_string is a note.
@@ -371,10 +373,11 @@ def _dropout(node, attributes, initialisers, last):
         training = _scalar(node.input[2], initialisers, "training_mode")
         if training:
             raise Refused("training_mode=true", "an evaluation graph is needed")
+    # An input since opset 12, an attribute before it.
     ratio = (
         _scalar(node.input[1], initialisers, "ratio")
         if len(node.input) > 1 and node.input[1]
-        else 0.5
+        else _short(attributes.get("ratio", 0.5))
     )
     kind = "dropout2d" if node.doc_string.startswith(CHANNELWISE) else "dropout"
     return (kind, {"p": ratio}), [], ""
@@ -490,28 +493,44 @@ TAKERS = {
 }
 
 
-def _resolve_shapes(steps: list[_Step]) -> list[Entry]:
+def _resolve_shapes(steps: list[_Step], widths: dict[int, tuple[int, str]]) -> list[Entry]:
     """The spec's entries, each flatten and reshape resolved: one of an input already flat
-    (after a flatten or an fc) changes nothing and its step is dropped. (A reshape to the
-    wrong number of features shows as the next fc's weight of the wrong shape.)"""
+    (after a flatten or an fc) changes nothing and its step is dropped. A reshape that names
+    its features puts them in `widths`, by the entry whose output it reshapes (its own
+    flatten's, or the entry before a dropped one), for _check_widths."""
     entries: list[Entry] = []
     for step in steps:
         if isinstance(step, _Block):
-            entries.append(
-                (f"{step.source}: {step.what}", "res", {"body": _resolve_shapes(step.body)})
-            )
+            body = _resolve_shapes(step.body, {})  # a block's output is added, never flat
+            entries.append((f"{step.source}: {step.what}", "res", {"body": body}))
             continue
         if step.taken is None:
             continue
         kind, options = step.taken
         if kind in ("flatten", "reshape"):
-            if any(k in ("flatten", "fc") for _, k, _ in entries):
+            flat = any(k in ("flatten", "fc") for _, k, _ in entries)
+            if kind == "reshape" and options["features"] != -1:
+                widths[len(entries) - flat] = options["features"], f"{step.source}: {step.what}"
+            if flat:
                 step.taken, step.note = None, "flattens a flat input: changes nothing"
                 continue
             kind, options = "flatten", {}
         step.taken = kind, options
         entries.append((f"{step.source}: {step.what}", kind, options))
     return entries
+
+
+def _check_widths(layers: tuple, widths: dict[int, tuple[int, str]], label: str) -> None:
+    """Refuse a reshape to other than the features per image its input has (Reshape [-1, 5]
+    of 10 would give twice the rows)."""
+    shape = INPUT_SHAPE
+    for index, layer in enumerate(layers):
+        shape = output_shape(layer, shape)
+        features, where = widths.get(index, (math.prod(shape), ""))
+        if features != math.prod(shape):
+            raise UsageError(
+                f"{label}: {where}: reshapes {math.prod(shape)} features an image to {features}"
+            )
 
 
 def _tensors(arch: Arch, steps: list[_Step | _Block], initialisers: dict, label: str):

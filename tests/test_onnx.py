@@ -812,3 +812,113 @@ def test_the_crosscheck_proves_a_graph_pytorchs_exporter_wrote_from_its_weights(
     results = json.loads((tmp_path / "rows.json").read_text())
     assert any(r["pair"] == "torch-onnx-opt" and r["passed"] for r in results)
     assert all(r["passed"] for r in results)
+
+
+# --- read as onnxruntime runs the file (found by a review of the API) -------------------------
+
+
+def random_fc(start: str, features: int, seed: int = 0) -> tuple[list, list]:
+    """A Gemm of `start` (N, features) to 10 logits, its weights drawn."""
+    rng = np.random.default_rng(seed)
+    weight = numpy_helper.from_array(rng.standard_normal((10, features), np.float32), "w")
+    bias = numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "b")
+    return [helper.make_node("Gemm", [start, "w", "b"], ["logits"], "fc", transB=1)], [weight, bias]
+
+
+def reads_as_onnxruntime_runs_it(path: Path) -> Network:
+    """The file's network, checked to compute what onnxruntime computes from the file."""
+    import onnxruntime
+
+    network = from_onnx(path)
+    x = np.random.default_rng(1).random((4, 1, 28, 28), np.float32)
+    run = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = run.run(None, {"x": x})[0]
+    got = onnx_logits(network.arch, network.tensors, x, network.standardise)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    return network
+
+
+def test_a_padded_average_pool_counts_its_padding_only_where_the_file_says_so(tmp_path):
+    """ONNX leaves the padding out of the mean unless count_include_pad=1; PyTorch, and
+    threefold, count it. Read as counting it, the first was 7.24 off onnxruntime."""
+    fc, weights = random_fc("flat", 14 * 14)
+    window = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}
+    flatten = helper.make_node("Flatten", ["pooled"], ["flat"], "flatten", axis=1)
+    for counted in ({}, {"count_include_pad": 0}):
+        pool = helper.make_node("AveragePool", ["x"], ["pooled"], "pool", **window, **counted)
+        path = graph_file(tmp_path, [pool, flatten, *fc], weights)
+        with pytest.raises(UsageError, match=r"pool \(AveragePool\): count_include_pad=0: "):
+            from_onnx(path)
+    pool = helper.make_node("AveragePool", ["x"], ["pooled"], "pool", **window, count_include_pad=1)
+    network = reads_as_onnxruntime_runs_it(graph_file(tmp_path, [pool, flatten, *fc], weights))
+    assert network.arch.name.startswith("avgpool3s2p1-")
+
+
+def test_a_scaling_the_next_node_does_not_take_is_refused(tmp_path):
+    """A leading Sub and Div whose output nothing reads once set the network's
+    standardisation while its Flatten read the raw images (71 off onnxruntime)."""
+    consts = [
+        numpy_helper.from_array(np.array(0.5, np.float32), "mean"),
+        numpy_helper.from_array(np.array(0.25, np.float32), "std"),
+    ]
+    scaling = [
+        helper.make_node("Sub", ["x", "mean"], ["centred"], "sub"),
+        helper.make_node("Div", ["centred", "std"], ["scaled"], "div"),
+    ]
+    fc, weights = random_fc("flat", 784)
+    for read in ("x", "scaled"):
+        flatten = helper.make_node("Flatten", [read], ["flat"], "flatten", axis=1)
+        path = graph_file(tmp_path, [*scaling, flatten, *fc], [*consts, *weights])
+        if read == "x":
+            with pytest.raises(UsageError, match="flatten \\(Flatten\\): does not take the prev"):
+                from_onnx(path)
+        else:
+            assert reads_as_onnxruntime_runs_it(path).standardise == (0.5, 0.25)
+
+
+def test_a_constant_stored_in_another_file_is_refused_without_reading_it(tmp_path, monkeypatch):
+    """A Constant node's tensor may name any file as its data, read from the working folder:
+    its bytes once became a bias."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "secret.bin").write_bytes(b"SECRETDATA" * 4)
+    bias = helper.make_tensor(
+        "b", TensorProto.FLOAT, [10], np.zeros(10, np.float32).tobytes(), raw=True
+    )
+    bias.data_location = TensorProto.EXTERNAL
+    bias.ClearField("raw_data")
+    bias.external_data.add(key="location", value="secret.bin")
+    constant = helper.make_node("Constant", [], ["b"], "bias", value=bias)
+    fc, weights = random_fc("flat", 784)
+    flatten = helper.make_node("Flatten", ["x"], ["flat"], "flatten", axis=1)
+    path = graph_file(tmp_path, [constant, flatten, *fc], weights[:1])
+    message = "node bias's value is stored in another file \\(external data\\)"
+    with pytest.raises(UsageError, match=message):
+        from_onnx(path)
+
+
+def test_an_older_opset_s_dropout_ratio_attribute_is_read(tmp_path):
+    fc, weights = random_fc("dropped", 784)
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["flat"], "flatten", axis=1),
+        helper.make_node("Dropout", ["flat"], ["dropped"], "drop", ratio=0.2),
+        *fc,
+    ]
+    network = reads_as_onnxruntime_runs_it(graph_file(tmp_path, nodes, weights, opset=11))
+    assert network.arch.name == "flatten-dropout0.2-fc10"
+
+
+def test_a_reshape_to_other_than_an_image_s_features_is_refused(tmp_path):
+    """Reshape [-1, 392] of 784 pixels makes two rows an image (onnxruntime gives 2N rows);
+    threefold's flatten gives one, so it is refused, however the graph goes on."""
+    target = numpy_helper.from_array(np.array([-1, 392], np.int64), "target")
+    fc, weights = random_fc("flat", 392)
+    reshape = helper.make_node("Reshape", ["x", "target"], ["flat"], "reshape")
+    path = graph_file(tmp_path, [reshape, *fc], [target, *weights])
+    with pytest.raises(
+        UsageError, match="reshape: Reshape\\(\\): reshapes 784 features an image to 392"
+    ):
+        from_onnx(path)
+    target = numpy_helper.from_array(np.array([-1, 784], np.int64), "target")
+    fc, weights = random_fc("flat", 784)
+    network = reads_as_onnxruntime_runs_it(graph_file(tmp_path, [reshape, *fc], [target, *weights]))
+    assert network.arch.name == "flatten-fc10"
