@@ -77,12 +77,16 @@ def staged(path: Path) -> Iterator[Path]:
 
 
 def _refuse_special(path: Path) -> None:
-    """An OutputError where `path` is a FIFO, a device or a socket: a rename would put a
-    plain file in its place."""
-    with contextlib.suppress(FileNotFoundError):
+    """An OutputError where `path` is a FIFO, a device or a socket (a rename would put a
+    plain file in its place), or cannot be a file at all."""
+    try:
         mode = os.stat(path).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise OutputError(f"{path}: not a regular file; nothing written")
+    except FileNotFoundError:
+        return
+    except OSError as e:  # a parent that is a file, a name too long: no write gets through
+        raise OutputError(f"{path}: cannot write it ({e.strerror or e}); nothing written") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise OutputError(f"{path}: not a regular file; nothing written")
 
 
 def _umask() -> int:

@@ -19,7 +19,7 @@ from shared.data import get_dataset_spec
 from shared.errors import UsageError
 from shared.kinds import kind_of, token
 from shared.layers import Residual
-from shared.spec import Arch, Params, get_arch, tensors
+from shared.spec import Arch, Params, cast_params, get_arch, tensors
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,11 @@ class Network:
 
         require_onnx()
         self.check(str(path))
-        write_onnx(onnx_model(self.arch, self.tensors, self.standardise), Path(path))
+        try:  # the graph is float32: a float64 weight past its range would be written as inf
+            tensors = cast_params(self.tensors, self.arch, np.float32)
+        except UsageError as error:
+            raise UsageError(f"{path}: {error}") from None
+        write_onnx(onnx_model(self.arch, tensors, self.standardise), Path(path))
         return Path(path)
 
     def to_safetensors(self, path: str | Path) -> Path:

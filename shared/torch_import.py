@@ -234,11 +234,19 @@ def _name_of(node: Any) -> str:
 
 def _take(module: Any, node: Any, calls: dict, where: str):
     """(source, what, taken, tensors' prefix) for one node; refusals named by the node."""
+    import torch
+
     if node.op == "call_module":
         sub = module.get_submodule(node.target)
         type_name = type(sub).__name__
         if type_name not in MODULES:
             raise UsageError(f"{where}: {node.target}: {type_name}: not a layer threefold has")
+        if type(sub) is not getattr(torch.nn, type_name):  # torch.fx keeps torch.ao's too
+            raise UsageError(
+                f"{where}: {node.target}: {type(sub).__module__}.{type_name}: not torch.nn's "
+                f"{type_name}; it computes its own way (a quantization-aware Linear rounds "
+                "its weight)"
+            )
         names, mapper = MODULES[type_name]
         options = {name: _module_option(sub, name) for name in names}
         try:
@@ -373,10 +381,15 @@ def from_torch(module: Any, where: str = "module") -> Network:
 
     if not isinstance(module, torch.nn.Module):
         raise UsageError(f"{where}: {type(module).__name__} is not a torch.nn.Module")
-    _refuse_hidden_behaviour(module, where)
     for name, value in module.state_dict().items():
+        if not isinstance(value, torch.Tensor):  # a quantized module's, an extra state
+            raise UsageError(
+                f"{where}: {name}: a {type(value).__name__} in its state_dict; threefold reads "
+                "modules whose state is tensors"
+            )
         if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
             raise UsageError(f"{where}: {name}: {value.dtype}; threefold computes in float32/64")
+    _refuse_hidden_behaviour(module, where)
     graph = _trace(module, where)
     _refuse_shared_weights(module, graph, where)
     steps = _read_steps(module, graph, where)

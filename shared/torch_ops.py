@@ -104,7 +104,11 @@ def _batch_norm(options: dict[str, Any]) -> Taken:
 
 def _dropout(kind: str) -> Callable[[dict[str, Any]], Taken]:
     def take(options: dict[str, Any]) -> Taken:
-        return kind, {"p": float(options["p"])}
+        # A functional dropout's `training` as traced: self.training is read then, True.
+        training = options.get("training", True)
+        if not isinstance(training, bool):
+            raise Refused(f"training={training!r}", "a constant True or False is needed")
+        return (kind, {"p": float(options["p"])}) if training else None  # never drops
 
     return take
 

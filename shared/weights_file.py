@@ -59,7 +59,8 @@ def write_safetensors(
 
 
 def _pixels_text(standardise: tuple[float, float] | None) -> str:
-    return "none" if standardise is None else f"{standardise[0]!r} {standardise[1]!r}"
+    # As Python floats: a NumPy scalar's repr is "np.float32(0.5)", which no reader parses.
+    return "none" if standardise is None else " ".join(repr(float(v)) for v in standardise)
 
 
 def read_header(file, size: int, where: str) -> tuple[dict, int]:

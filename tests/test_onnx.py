@@ -922,3 +922,38 @@ def test_a_reshape_to_other_than_an_image_s_features_is_refused(tmp_path):
     fc, weights = random_fc("flat", 784)
     network = reads_as_onnxruntime_runs_it(graph_file(tmp_path, [reshape, *fc], [target, *weights]))
     assert network.arch.name == "flatten-fc10"
+
+
+def test_writing_where_no_file_can_be_is_one_output_error(tmp_path):
+    """A folder that is a file, a name too long: each was an OSError from deep inside."""
+    network = threefold.network("flatten-fc10")
+    (tmp_path / "file").write_text("not a folder")
+    for path in (tmp_path / "file" / "m.out", tmp_path / ("a" * 300)):
+        for write in (network.to_safetensors, network.to_onnx):
+            with pytest.raises(OutputError, match=r"cannot write it \(.*\); nothing written"):
+                write(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_numpy_scalars_as_the_input_scaling_write_a_file_that_loads(tmp_path):
+    """Written by repr, np.float32(0.5) gave metadata no reader parses, threefold's included."""
+    network = threefold.network("flatten-fc10")
+    scaled = Network(
+        network.arch, network.tensors, network.mapping, (np.float32(0.5), np.float64(0.25))
+    )
+    assert threefold.load(scaled.to_safetensors(tmp_path / "m.safetensors")).standardise == (
+        0.5,
+        0.25,
+    )
+
+
+def test_a_float64_weight_past_float32_s_range_is_refused_before_the_graph_is_written(tmp_path):
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)).double()
+    with torch.no_grad():
+        module[1].weight[0, 0] = 1e300
+    network = threefold.from_torch(module)
+    with pytest.raises(
+        UsageError, match=r"m\.onnx: fc\.weight: a value of 1e\+300 does not fit float32"
+    ):
+        network.to_onnx(tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []

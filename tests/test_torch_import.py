@@ -369,7 +369,35 @@ def _tied() -> Chain:
     return module
 
 
+def _fake_quantized() -> nn.Sequential:
+    """A quantization-aware Linear: named Linear, it fake-quantizes its weight."""
+    qconfig = torch.ao.quantization.get_default_qat_qconfig("fbgemm")
+    module = nn.Sequential(nn.Flatten(), torch.ao.nn.qat.Linear(784, 10, qconfig=qconfig))
+    module(torch.rand(8, 1, 28, 28))  # its observers see a batch, as in training
+    return module.eval()
+
+
+class _WithExtraState(nn.Sequential):
+    def get_extra_state(self):
+        return {"version": 2}
+
+    def set_extra_state(self, state):
+        pass
+
+
 REFUSED = {
+    "fake-quantized": (
+        _fake_quantized(),
+        "module: 1: torch.ao.nn.qat.modules.linear.Linear: not torch.nn's Linear",
+    ),
+    "dynamically quantized": (
+        torch.ao.quantization.quantize_dynamic(_flat_fc().eval(), {nn.Linear}, torch.qint8),
+        "module: 1._packed_params.dtype: a dtype in its state_dict",
+    ),
+    "extra state": (
+        _WithExtraState(nn.Flatten(), nn.Linear(784, 10)),
+        "module: _extra_state: a dict in its state_dict",
+    ),
     "ceil_mode": (
         nn.Sequential(nn.MaxPool2d(2, ceil_mode=True), head(1, 14 * 14)),
         "0: MaxPool2d(ceil_mode=True): threefold floors",
@@ -521,6 +549,23 @@ REFUSED = {
         "1.running_mean and 2.running_mean are one tensor (tied weights)",
     ),
 }
+
+
+@pytest.mark.parametrize(
+    ("training", "spec"),
+    [(False, "flatten-fc10"), (True, "flatten-dropout0.9-fc10"), (None, "flatten-dropout0.9-fc10")],
+)
+def test_a_functional_dropout_is_a_layer_only_where_it_drops(training, spec):
+    """F.dropout(x, p, training=False) never drops: it once became a dropout layer, which the
+    cross-check then proved in all three. None: the module's own flag, True when traced."""
+
+    def body(m, x):
+        return m.fc(
+            F.dropout(torch.flatten(x, 1), 0.9, m.training if training is None else training)
+        )
+
+    network = threefold.from_torch(Chain(body, fc=nn.Linear(784, 10)))
+    assert network.spec == spec
 
 
 def test_a_block_written_as_a_functional_add_is_read_as_one():
