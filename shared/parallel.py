@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from shared.cost import Cost
+from shared.cost import MEMORY_BUDGET, Cost
 from shared.errors import UsageError
 
 R = TypeVar("R")
@@ -67,11 +67,20 @@ def thread_count(n: int, cost: Cost) -> int:
     THREEFOLD_NUMPY_THREADS if set, else as many of the cores this process may run on as
     leave each thread's share of the values outweighing the parameters (see above); never
     more than the images."""
+    # Each thread makes the whole network's gradients: the copies are held to the memory
+    # bound (in float64's 8 bytes a value), as the network itself is.
+    most = max(1, MEMORY_BUDGET // (8 * max(cost.parameters, 1)))
     threads = requested_threads()
     if threads is None:
         values = n * (cost.activations + cost.unfolded)
         worth = values // max(LEAST_VALUES, VALUES_PER_PARAMETER * cost.parameters)
-        threads = min(len(os.sched_getaffinity(0)), worth)
+        threads = min(len(os.sched_getaffinity(0)), worth, most)
+    elif min(threads, n) > most:
+        raise UsageError(
+            f"{THREADS_VARIABLE}={threads}: each thread makes the network's {cost.parameters:,} "
+            f"gradients, and more than {most} copies would pass the "
+            f"{MEMORY_BUDGET / 2**30:.0f} GiB bound"
+        )
     return max(1, min(threads, n))
 
 

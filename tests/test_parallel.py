@@ -205,3 +205,18 @@ def test_blas_runs_on_one_thread_during_the_pass_and_is_restored():
     assert before and set(before.values()) == {2}
     assert during == [dict.fromkeys(before, 1)] * 2
     assert after == before
+
+
+def test_the_threads_gradients_are_held_to_the_memory_bound(monkeypatch):
+    """Each thread makes the whole network's gradients: THREEFOLD_NUMPY_THREADS=64 once took
+    a 15.9 M-parameter network's training from 0.36 GB to 4.3 GB."""
+    cost = network_cost(get_arch("flatten-fc20000-relu-fc10").layers)
+    most = 2**30 // (8 * cost.parameters)  # float64 copies within 1 GiB: 8
+    monkeypatch.setenv(THREADS_VARIABLE, str(most))
+    assert thread_count(500, cost) == most
+    monkeypatch.setenv(THREADS_VARIABLE, str(most + 1))
+    with pytest.raises(UsageError, match=f"=9: .* more than {most} copies would pass the 1 GiB"):
+        thread_count(500, cost)
+    monkeypatch.delenv(THREADS_VARIABLE)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert thread_count(100_000, cost) == most  # the rule alone would take every core
