@@ -9,6 +9,8 @@ import numbers
 import operator
 from dataclasses import dataclass
 
+import numpy as np
+
 from shared.data import DATASETS
 from shared.errors import CheckpointError, UsageError
 from shared.layers import INPUT_SHAPE
@@ -334,6 +336,9 @@ def peak_rate(config: TrainConfig, total_steps: int) -> float:
 def check_config(config: TrainConfig) -> None:
     """Refuse settings that contradict each other, naming the flags (each flag's own range is
     checked where it is parsed)."""
+    for flag, value in (("--lr", config.lr), ("--eps", config.eps)):
+        if float(np.dtype(config.dtype).type(value)) == 0.0:  # positive, yet 0 in the dtype
+            raise UsageError(f"{flag} {value:g} is 0 in {config.dtype}; the run computes in it")
     if config.warmup is not None and config.warmup > config.epochs / 2:
         raise UsageError(
             f"--warmup {config.warmup:g} is more than half of --epochs {config.epochs}: the "

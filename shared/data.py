@@ -301,9 +301,11 @@ def load_dataset(
     test_images, test_labels, test_sha = load_images_and_labels(
         folder, files.test_images, files.test_labels, spec
     )
+    if len(test_labels) < 1:
+        raise DataError(f"{folder}: the test files ({files.test_images.name}) hold no images")
     n_val = round(len(train_labels) * VALIDATION_FRACTION) if validation else 0
     n_train = len(train_labels) - n_val
-    if n_train < 1 or (validation and n_val < 1) or len(test_labels) < 1:
+    if n_train < 1 or (validation and n_val < 1):
         raise DataError(f"{folder}: too few images to split ({len(train_labels)} training)")
     x, y = normalize(train_images, spec, pixels), train_labels.astype(np.int64)
     return Dataset(

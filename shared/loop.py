@@ -71,13 +71,24 @@ def _signals_held() -> Iterator[None]:
 
 
 def _hyperparameters(config: TrainConfig) -> str:
-    """The flags that shape a step's size, as the user would type them."""
-    nesterov = "--nesterov" if config.nesterov else "--no-nesterov"
+    """The flags that shape a step's size under the run's optimizer, as the user would type
+    them."""
+    if config.optimizer == "sgd":
+        nesterov = "--nesterov" if config.nesterov else "--no-nesterov"
+        moves = f"--momentum {config.momentum:g} {nesterov}"
+    else:
+        moves = f"--beta1 {config.beta1:g} --beta2 {config.beta2:g} --eps {config.eps:g}"
+    warmup = "default" if config.warmup is None else f"{config.warmup:g}"
     return (
-        f"--lr {config.lr:g}, --momentum {config.momentum:g} {nesterov}, --weight-decay "
-        f"{config.weight_decay:g}, --batch-size {config.batch_size}, --warmup "
-        f"{'default' if config.warmup is None else f'{config.warmup:g}'}"
+        f"--lr {config.lr:g}, {moves}, --weight-decay {config.weight_decay:g}, --batch-size "
+        f"{config.batch_size}, --warmup {warmup}"
     )
+
+
+def _smaller_step(config: TrainConfig) -> str:
+    """What makes the run's steps smaller, in its optimizer's flags."""
+    slower = "--momentum" if config.optimizer == "sgd" else "a larger --eps"
+    return f"a smaller step (lower --lr or {slower}, a longer --warmup) keeps it finite"
 
 
 def train_split(config: TrainConfig, arch: Arch, data: Dataset) -> Split:
@@ -160,8 +171,8 @@ def run_epoch(
         if not math.isfinite(loss):
             raise TrainingDiverged(
                 f"loss became {loss} at step {step + 1} (epoch {epoch}, batch {i + 1}) "
-                f"with learning rate {lr:.6g} ({_hyperparameters(config)}); a smaller step "
-                "(lower --lr or --momentum, a longer --warmup) keeps it finite"
+                f"with learning rate {lr:.6g} ({_hyperparameters(config)}); "
+                f"{_smaller_step(config)}"
             )
         size = len(batch.idx)
         loss_sum, correct, seen = loss_sum + loss * size, correct + n_correct, seen + size

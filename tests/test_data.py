@@ -238,3 +238,10 @@ def test_real_split_sizes(real_data):
 def test_normalisation_constants_match_the_training_images(real_data):
     pixels = np.concatenate([real_data.train.x, real_data.val.x]).astype(np.float64)
     assert abs(pixels.mean()) < 1e-5 and abs(pixels.std() - 1) < 1e-5
+
+
+def test_a_test_set_of_no_images_is_named(tmp_path):
+    """It was 'too few images to split (600 training)', of the training files."""
+    folder = make_dataset_dir(tmp_path / "data", n_train=600, n_test=0)
+    with pytest.raises(DataError, match=r"the test files \(t10k-images-idx3-ubyte\) hold no"):
+        data.load_dataset(folder)

@@ -18,13 +18,14 @@ import pytest
 import threefold
 from shared.backend import IMPLEMENTATIONS
 from shared.checkpoint import load_checkpoint
-from shared.config import ADDED_FIELDS, FIELDS, TrainConfig
+from shared.config import ADDED_FIELDS, FIELDS, TrainConfig, check_config
 from shared.data import load_dataset
 from shared.errors import Interrupted, OutputError, UsageError
 from shared.io import remove_stale_temporaries, write_json
 from shared.loop import train
 from shared.outputs import fresh_run_dir, hold, replacing_run
 from tests.conftest import make_dataset_dir
+from tests.test_spec import usage_error
 from tests.test_training import ROOT, run_script
 
 QUICK = ["--epochs", "1", "--batch-size", "16"]
@@ -464,6 +465,28 @@ def test_a_diverging_run_names_the_flags_involved(tiny_data_dir, tmp_path):
     assert "--lr 1e+30, --momentum 0.9 --nesterov, --weight-decay 0.001" in result.stderr
     assert "nothing was saved" in result.stderr
     assert not out.exists()  # the folder the run made, left empty, went with it
+
+
+def test_an_adam_run_that_diverges_names_adam_s_flags(tiny_data_dir, tmp_path):
+    result = run_script(
+        "train.py", "--optimizer", "adam", "--epochs", "1", "--batch-size", "16", "--lr", "1e30",
+        "--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip()
+    assert "--beta1 0.9 --beta2 0.999 --eps 1e-08" in line and "a larger --eps" in line
+    assert "--momentum" not in line and "nesterov" not in line
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--eps", "1e-50"), ("--lr", "1e-320")])
+def test_a_positive_value_that_is_0_in_the_run_s_dtype_is_refused(flag, value, tmp_path):
+    """Adam's eps of 1e-50 is 0 in float32: the run once went to NaN at its second step,
+    blaming --momentum; --lr 1e-320 trained nothing and said nothing."""
+    out = tmp_path / "run"
+    result = run_script("train.py", flag, value, "--optimizer", "adam", "--out", str(out))
+    line = usage_error(result)
+    assert f"{flag} " in line and "is 0 in float32" in line and not out.exists()
+    check_config(TrainConfig(dtype="float64", **{flag[2:]: float(value)}))  # float64 holds it
 
 
 def test_json_written_by_the_project_is_strict(tmp_path):
