@@ -813,3 +813,27 @@ def test_steps_one_implementation_alone_loses_are_compared_and_fail(resync):
     }
     assert verdicts == {pair: loser not in pair.split("-") for pair in verdicts}
     assert len(verdicts) == len(list(itertools.combinations(IMPLEMENTATIONS, 2)))
+
+
+def test_the_first_divergence_is_where_the_computation_first_parts():
+    """A wrong tanh fails its own output and, through the backward, the gradients of every
+    layer before it: the network's order alone named fc1, whatever the fault."""
+    network = threefold.network("flatten-fc32-relu-fc16-tanh-fc10")
+
+    def report(*failing: str) -> threefold.Report:
+        checks = ["activation relu (eval)", "grad fc3.weight", "lockstep fc1.weight", *failing]
+        rows = [
+            CheckResult("float64", network.spec, "defaults", check, "numpy-torch", 0.0,
+                        1.0 if check in failing else 0.0, 1e-9)
+            for check in checks
+        ]  # fmt: skip
+        return threefold.Report(network, tuple(rows), "seeded random images")
+
+    grads = ("grad fc1.weight", "grad fc2.bias")
+    wrong_tanh = report("activation tanh (eval)", *grads, "lockstep fc1.weight")
+    assert wrong_tanh.divergence == ("tanh", "forward") and wrong_tanh.first_divergence == "tanh"
+    assert "first divergence: tanh (forward)" in wrong_tanh.summary()
+    assert report(*grads).divergence == ("fc2", "backward")  # fc2, or the tanh after it
+    assert report("grad input").divergence == ("flatten", "backward")
+    assert report("lockstep fc1.weight").divergence == ("fc1", "training")
+    assert report().divergence is None and report().first_divergence is None

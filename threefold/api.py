@@ -106,11 +106,38 @@ class Report:
 
     @property
     def first_divergence(self) -> str | None:
-        """The first layer, in the network's order, where a pair of implementations parts
-        (a row beyond its tolerance); None when every row passes."""
-        failing = {layer_of(r.check, self.network.arch) for r in self.failed}
-        order = [node.layer.name for node in self.network.arch.nodes] + ["loss"]
-        return next((name for name in order if name in failing), None)
+        """The layer where a pair of implementations first parts as the computation runs
+        (a row beyond its tolerance); None when every row passes. See `divergence`."""
+        found = self.divergence
+        return found[0] if found else None
+
+    @property
+    def divergence(self) -> tuple[str, str] | None:
+        """(layer, how it was found) where the implementations first part: the first layer
+        of the forward pass with a failing output ("forward"); else the layer nearest the
+        loss whose gradient fails ("backward": it, or a layer after it without weights,
+        whose gradients are not compared one by one); else the first layer of any failing
+        row (the optimizer's steps, the running statistics). Gradients of layers before a
+        fault fail with it, so the network's order alone would name the first layer with
+        weights, whatever the fault."""
+        arch = self.network.arch
+        order = [node.layer.name for node in arch.nodes] + ["loss"]
+
+        def failing(rows) -> list[str]:
+            # The images' gradient is the first layer's to compute, the backward's last step.
+            layers = {
+                order[0] if r.check == "grad input" else layer_of(r.check, arch) for r in rows
+            }
+            return [name for name in order if name in layers]
+
+        forward = failing(r for r in self.failed if r.check.startswith(FORWARD_ROWS))
+        backward = failing(r for r in self.failed if r.check.startswith("grad "))
+        if forward:
+            return forward[0], "forward"
+        if backward:
+            return backward[-1], "backward"
+        rest = failing(self.failed)
+        return (rest[0], "training") if rest else None
 
     def summary(self) -> str:
         lines = [
@@ -122,10 +149,14 @@ class Report:
                 f"  {layer:<12} worst {row.max_rel:.1e} of {row.tolerance:.0e} "
                 f"({row.check}, {row.pair}, {row.dtype})"
             )
-        if self.first_divergence:
-            lines.append(f"  first divergence: {self.first_divergence}")
+        if self.divergence:
+            lines.append("  first divergence: {} ({})".format(*self.divergence))
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+# The rows of the forward pass: each layer's output, the dropout masks, the loss.
+FORWARD_ROWS = ("activation ", "logits", "dropout mask ", "loss")
 
 
 def _share(row: CheckResult) -> float:
@@ -154,7 +185,8 @@ class NotEquivalent(AssertionError):
         more = len(report.failed) - 20
         super().__init__(
             f"{len(report.failed)} of {len(report.results)} comparisons failed, first "
-            f"divergence at {report.first_divergence}:\n{rows}"
+            "divergence at {} ({}):\n".format(*report.divergence)
+            + rows
             + (f"\n  ... and {more} more" if more > 0 else "")
         )
         self.report = report
