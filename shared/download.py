@@ -3,6 +3,7 @@ official files, on request (--download), into the user's data folder."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -104,11 +105,13 @@ def download_dataset(
     if not base_url:
         raise UsageError(f"--download: no official source is known for {spec.name}")
     dest = Path(dest or spec.user_dir)
+    made = [folder for folder in (dest, *dest.parents) if not folder.exists()]  # deepest first
     try:
         dest.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=dest, prefix=".download-"))
     except OSError as e:
         raise UsageError(f"--download: cannot write to {dest} ({e.strerror or e})") from None
+    done = False
     try:
         names = [f"{file.name}.gz" for file in spec.files]
         for file, name in zip(spec.files, names, strict=True):
@@ -116,6 +119,10 @@ def download_dataset(
             verify_download(staging / name, file)
         for name in names:
             os.replace(staging / name, dest / name)
+        done = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in [] if done else made:  # a failed download leaves no folder it made
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return dest

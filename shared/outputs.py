@@ -116,8 +116,9 @@ def check_out_files(
     outputs: list[tuple[str, Path | None]], reads: list[tuple[str, Path | None]] = ()
 ) -> None:
     """check_out_file on each output given (flag, path; None where not given), and refuse an
-    output that is a file the command reads or another output: writing it would destroy
-    the input, or what the command wrote a moment before."""
+    output that is a file the command reads, another output, or a file of a run (its
+    checkpoint, metrics or curves): writing it would destroy the input, what the command
+    wrote a moment before, or a finished run."""
     seen = [(flag, path) for flag, path in reads if path is not None]
     for flag, path in outputs:
         if path is None:
@@ -126,6 +127,8 @@ def check_out_files(
         for other_flag, other in seen:
             if _same_file(path, other):
                 raise UsageError(f"{flag} {path}: the same file as {other_flag} {other}")
+        if path.name in RUN_FILES and (path.parent / CHECKPOINT_NAME).is_file():
+            raise UsageError(f"{flag} {path}: one of the files of the run in {path.parent}")
         seen.append((flag, path))
 
 

@@ -681,7 +681,12 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
     # Bad input: one line, non-zero exit, nothing written; no output over the checkpoint or
     # over the other output.
     checkpoint = (run / "checkpoint.npz").read_bytes()
+    other_run = tmp_path / "other-run"
+    other_run.mkdir()
+    (other_run / "checkpoint.npz").write_bytes(checkpoint)
     for args, message in [
+        (["--safetensors", str(other_run / "checkpoint.npz")], "one of the files of the run in"),
+        (["--safetensors", str(other_run / "metrics.json")], "one of the files of the run in"),
         ([], "give --onnx FILE.onnx, --safetensors FILE or both"),
         (["--onnx", str(out / "missing" / "m.onnx")], "folder .* does not exist"),
         (["--safetensors", str(run / "checkpoint.npz")], "the same file as the checkpoint"),
@@ -694,6 +699,8 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
         assert bad.returncode == 2 and last.startswith("export.py: error: ")
         assert re.search(message, last) and "Traceback" not in bad.stderr
     assert (run / "checkpoint.npz").read_bytes() == checkpoint
+    assert [p.name for p in other_run.iterdir()] == ["checkpoint.npz"]
+    assert (other_run / "checkpoint.npz").read_bytes() == checkpoint
     missing = subprocess.run(
         [
             sys.executable,
