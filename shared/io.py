@@ -14,6 +14,15 @@ from typing import IO, Any
 from shared.errors import OutputError, UsageError
 
 
+def a_path(value: object, where: str) -> Path:
+    """`value` as a Path, or a UsageError naming `where`: the API's callers may pass anything
+    (None, a number, bytes, "", a name holding a NUL byte)."""
+    text = os.fspath(value) if isinstance(value, str | os.PathLike) else None
+    if not isinstance(text, str) or not text or "\0" in text:
+        raise UsageError(f"{where}: {value!r} is not a file's path")
+    return Path(text)
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call write(file) on a temporary file beside `path`, fsync it, then rename it into place.
 

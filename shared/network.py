@@ -17,6 +17,7 @@ import numpy as np
 from shared.checkpoint import load_checkpoint, tensor_problem
 from shared.data import get_dataset_spec
 from shared.errors import UsageError
+from shared.io import a_path
 from shared.kinds import kind_of, token
 from shared.layers import Residual
 from shared.spec import Arch, Params, cast_params, get_arch, tensors
@@ -104,6 +105,7 @@ class Network:
         from shared.onnx_export import onnx_model, require_onnx, write_onnx
 
         require_onnx()
+        path = a_path(path, "to_onnx")
         self.check(str(path))
         try:  # the graph is float32: a float64 weight past its range would be written as inf
             tensors = cast_params(self.tensors, self.arch, np.float32)
@@ -118,6 +120,7 @@ class Network:
         path."""
         from shared.weights_file import write_safetensors
 
+        path = a_path(path, "to_safetensors")
         self.check(str(path))
         write_safetensors(Path(path), self.tensors, self.standardise, self.arch.name)
         return Path(path)

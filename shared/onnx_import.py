@@ -19,6 +19,7 @@ import numpy as np
 
 from shared.checkpoint import value_problem
 from shared.errors import UsageError
+from shared.io import a_path
 from shared.kinds import output_shape, token
 from shared.layers import INPUT_SHAPE
 from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
@@ -62,7 +63,7 @@ def from_onnx(path: str | Path, where: str = "") -> Network:
     from shared.onnx_export import require_onnx
 
     require_onnx()
-    path = Path(path)
+    path = a_path(path, where or "from_onnx")
     label = f"{where} {path}" if where else str(path)  # where: the flag, from a command
     graph = read_graph(path, label)
     nodes, initialisers = _constants(list(graph.node), {t.name: t for t in graph.initializer})

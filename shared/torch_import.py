@@ -128,8 +128,8 @@ def _read_steps(module: Any, graph: Any, where: str) -> list[_Step | _Block]:
                     "(threefold reads chains of layers)"
                 )
             break
-        if node.op == "call_method" and node.target == "size":
-            continue  # x.size(0) in a view: read with the view
+        if _size_source(node) is not None:
+            continue  # x.size(0) or x.shape[0] in a view: read with the view
         if len(_users(current)) > 1:
             block, join, nodes = _read_block(module, current, calls, where)
             steps.append(block)
@@ -169,7 +169,7 @@ def _users(node: Any) -> list[Any]:
 
 def _tensor_inputs(node: Any) -> list[Any]:
     """The nodes whose tensors `node` takes (not those it only takes the size of)."""
-    return [a for a in node.all_input_nodes if not (a.op == "call_method" and a.target == "size")]
+    return [a for a in node.all_input_nodes if _size_source(a) is None]
 
 
 def _is_add(node: Any) -> bool:
@@ -222,7 +222,21 @@ def _read_block(module: Any, fork: Any, calls: dict, where: str) -> tuple[_Block
 
 
 def _is_size_of(node: Any, current: Any) -> bool:
-    return node.op == "call_method" and node.target == "size" and node.args[0] is current
+    return _size_source(node) is current
+
+
+def _size_source(node: Any) -> Any | None:
+    """The node whose size `node` reads (x.size(...), x.shape, or an item of either, as in
+    x.view(x.shape[0], -1)), or None where `node` is no size."""
+    import operator
+
+    if node.op == "call_method" and node.target == "size":
+        return node.args[0]
+    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
+        return node.args[0]
+    if node.op == "call_function" and node.target is operator.getitem:
+        return _size_source(node.args[0])
+    return None
 
 
 def _name_of(node: Any) -> str:
@@ -381,6 +395,8 @@ def from_torch(module: Any, where: str = "module") -> Network:
 
     if not isinstance(module, torch.nn.Module):
         raise UsageError(f"{where}: {type(module).__name__} is not a torch.nn.Module")
+    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):  # torch.compile(model)
+        module = module._orig_mod  # what it compiles computes as the module does
     for name, value in module.state_dict().items():
         if not isinstance(value, torch.Tensor):  # a quantized module's, an extra state
             raise UsageError(
@@ -439,9 +455,16 @@ def _refuse_hidden_behaviour(module: Any, where: str) -> None:
     """Refuse what changes a module's computation outside the forward that torch.fx traces:
     lazy parameters not yet given a shape, hooks (pruning and the older weight_norm are
     forward pre-hooks), parametrizations (the newer weight_norm, spectral_norm)."""
+    from torch.nn.modules import module as every_module
     from torch.nn.parameter import is_lazy
     from torch.nn.utils import parametrize
 
+    # Hooks set on every module at once (register_module_forward_hook) run outside any one.
+    if any(getattr(every_module, f"_global{kind}", None) for kind in HOOKS):
+        raise UsageError(
+            f"{where}: torch.nn has global forward hooks (register_module_forward_hook), which "
+            "change what every module computes; remove them to import it"
+        )
     for name, sub in module.named_modules():
         shown = name or type(module).__name__
         # A lazy module's own pre-hook gives it its shape on the first batch.
@@ -466,7 +489,8 @@ def _refuse_hidden_behaviour(module: Any, where: str) -> None:
 
 def _refuse_shared_weights(module: Any, graph: Any, where: str) -> None:
     """Refuse weights that the forward would use twice: a module with weights called twice,
-    or one tensor (a parameter or a buffer) held by two modules it calls (tied weights).
+    or one tensor's memory (a parameter or a buffer, or `nn.Parameter(other.weight.data)`,
+    another tensor of the same storage) held by two modules it calls (tied weights).
     Threefold would import two layers, and training would untie them."""
     owners: dict[int, str] = {}
     called: set[str] = set()
@@ -482,7 +506,9 @@ def _refuse_shared_weights(module: Any, graph: Any, where: str) -> None:
         called.add(node.target)
         for name, tensor in [*sub.named_parameters(), *sub.named_buffers()]:
             path = f"{node.target}.{name}"
-            first = owners.setdefault(id(tensor), path)
+            if not tensor.numel():
+                continue
+            first = owners.setdefault(tensor.untyped_storage().data_ptr(), path)
             if first != path:
                 raise UsageError(
                     f"{where}: {first} and {path} are one tensor (tied weights); threefold's "

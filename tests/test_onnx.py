@@ -964,3 +964,17 @@ def test_a_float64_weight_past_float32_s_range_is_refused_before_the_graph_is_wr
     ):
         network.to_onnx(tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", [None, 3, b"m.onnx", "", "m\0.onnx"], ids=repr)
+def test_what_is_not_a_path_is_one_line_naming_the_call(value):
+    network = threefold.network("flatten-fc10")
+    calls = {
+        "load": threefold.load,
+        "from_onnx": threefold.from_onnx,
+        "to_onnx": network.to_onnx,
+        "to_safetensors": network.to_safetensors,
+    }
+    for name, call in calls.items():
+        with pytest.raises(UsageError, match=f"^{name}: .* is not a file's path$"):
+            call(value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -371,10 +372,18 @@ def _tied() -> Chain:
 
 def _fake_quantized() -> nn.Sequential:
     """A quantization-aware Linear: named Linear, it fake-quantizes its weight."""
-    qconfig = torch.ao.quantization.get_default_qat_qconfig("fbgemm")
-    module = nn.Sequential(nn.Flatten(), torch.ao.nn.qat.Linear(784, 10, qconfig=qconfig))
-    module(torch.rand(8, 1, 28, 28))  # its observers see a batch, as in training
+    with warnings.catch_warnings():  # torch.ao.quantization says it is deprecated
+        warnings.simplefilter("ignore")
+        qconfig = torch.ao.quantization.get_default_qat_qconfig("fbgemm")
+        module = nn.Sequential(nn.Flatten(), torch.ao.nn.qat.Linear(784, 10, qconfig=qconfig))
+        module(torch.rand(8, 1, 28, 28))  # its observers see a batch, as in training
     return module.eval()
+
+
+def _dynamically_quantized() -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(_flat_fc().eval(), {nn.Linear}, torch.qint8)
 
 
 class _WithExtraState(nn.Sequential):
@@ -391,7 +400,7 @@ REFUSED = {
         "module: 1: torch.ao.nn.qat.modules.linear.Linear: not torch.nn's Linear",
     ),
     "dynamically quantized": (
-        torch.ao.quantization.quantize_dynamic(_flat_fc().eval(), {nn.Linear}, torch.qint8),
+        _dynamically_quantized(),
         "module: 1._packed_params.dtype: a dtype in its state_dict",
     ),
     "extra state": (
@@ -541,6 +550,15 @@ REFUSED = {
         _tied(),
         "first.weight and second.weight are one tensor (tied weights)",
     ),
+    "tied storage": (
+        _altered(
+            nn.Sequential(
+                nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1), head(1, 784)
+            ),
+            lambda m: setattr(m[1], "weight", nn.Parameter(m[0].weight.data)),
+        ),
+        "0.weight and 1.weight are one tensor (tied weights)",
+    ),
     "tied buffers": (
         _altered(
             nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.BatchNorm2d(2), head(2)),
@@ -566,6 +584,44 @@ def test_a_functional_dropout_is_a_layer_only_where_it_drops(training, spec):
 
     network = threefold.from_torch(Chain(body, fc=nn.Linear(784, 10)))
     assert network.spec == spec
+
+
+@pytest.mark.parametrize(
+    "flat",
+    [
+        lambda x: x.view(x.size(0), -1),
+        lambda x: x.view(x.shape[0], -1),  # refused as "getattr_1 does not give a tensor"
+        lambda x: x.view(x.size()[0], -1),
+        lambda x: x.reshape(-1, 4 * 26 * 26),
+    ],
+    ids=["size(0)", "shape[0]", "size()[0]", "constant"],
+)
+def test_a_view_that_flattens_each_image_is_a_flatten(flat):
+    module = Chain(
+        lambda m, x: m.fc(flat(torch.relu(m.conv(x)))),
+        conv=nn.Conv2d(1, 4, 3),
+        fc=nn.Linear(4 * 26 * 26, 10),
+    )
+    network = threefold.from_torch(module)
+    assert network.spec == "conv4k3s1p0b1-relu-flatten-fc10"
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            threefold.to_torch(network)(x).numpy(), module(x).numpy(), rtol=1e-6, atol=1e-6
+        )
+
+
+def test_global_forward_hooks_are_refused_and_a_compiled_module_is_its_module():
+    module = _flat_fc()
+    hook = nn.modules.module.register_module_forward_hook(lambda m, inputs, out: 2 * out)
+    try:
+        with pytest.raises(UsageError, match=r"torch\.nn has global forward hooks"):
+            threefold.from_torch(module)
+    finally:
+        hook.remove()
+    network = threefold.from_torch(torch.compile(module))  # never run: nothing compiles
+    assert network.spec == "flatten-fc10"
+    np.testing.assert_array_equal(network.tensors["fc.weight"], module[1].weight.detach().numpy())
 
 
 def test_a_block_written_as_a_functional_add_is_read_as_one():

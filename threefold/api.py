@@ -13,6 +13,7 @@ import numpy as np
 from shared.config import FIELDS, IMPLEMENTATIONS, PAIRS, python_int
 from shared.data import Dataset, load_dataset
 from shared.errors import ThreefoldError, UsageError
+from shared.io import a_path
 from shared.network import Network, identity_mapping, import_network, load_network
 from shared.proof.rows import CheckResult
 from shared.spec import Arch, get_arch, init_params, is_model_file
@@ -42,7 +43,7 @@ def load(path: str | Path) -> Network:
     (train.py's checkpoint.npz), a .safetensors file written by threefold (its metadata
     names the network), or an ONNX graph (.onnx). Each is read as untrusted input, its
     network held to the cost bounds before a tensor is read."""
-    return load_network(Path(path), "load")
+    return load_network(a_path(path, "load"), "load")
 
 
 def _as_network(subject: Network | Any | str, where: str) -> Network:
