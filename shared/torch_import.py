@@ -66,13 +66,14 @@ def _trace(module: Any, where: str):
         # Traced in training mode: a functional dropout's `training=self.training` is read
         # at trace time, and a dropout is a layer whichever mode the module was left in.
         module.train()
-        try:
-            graph = torch.fx.symbolic_trace(module)
-        except Exception as error:  # tracing runs the user's forward: any error is theirs
+        graph = _traced(module, where)
+        # A forward that branches on self.training computes two networks; one is read.
+        module.eval()
+        if _operations(_traced(module, where)) != _operations(graph):
             raise UsageError(
-                f"{where}: torch.fx cannot trace its forward ({first_line(error)}); threefold "
-                "reads forwards that are chains of layers and functional calls"
-            ) from None
+                f"{where}: its forward computes other operations in evaluation mode (it branches "
+                "on self.training); threefold reads one network for both modes"
+            )
         graph.eval()
         parameter = next(iter(module.parameters()), None)
         dtype = torch.float32 if parameter is None else parameter.dtype
@@ -93,6 +94,24 @@ def _trace(module: Any, where: str):
         with torch.no_grad():
             for key, value in module.state_dict().items():
                 value.copy_(saved[key])
+
+
+def _traced(module: Any, where: str):
+    import torch
+
+    try:
+        return torch.fx.symbolic_trace(module)
+    except Exception as error:  # tracing runs the user's forward: any error is theirs
+        raise UsageError(
+            f"{where}: torch.fx cannot trace its forward ({first_line(error)}); threefold "
+            "reads forwards that are chains of layers and functional calls"
+        ) from None
+
+
+def _operations(graph: Any) -> list[tuple[str, Any]]:
+    """A traced graph's operations in order, their arguments aside (F.dropout's `training`
+    differs between the modes, and is read from the training trace)."""
+    return [(node.op, node.target) for node in graph.graph.nodes]
 
 
 def first_line(error: BaseException) -> str:

@@ -550,6 +550,13 @@ REFUSED = {
         _tied(),
         "first.weight and second.weight are one tensor (tied weights)",
     ),
+    "training branch": (
+        Chain(
+            lambda m, x: m.fc(torch.flatten(x, 1) if m.training else torch.flatten(x, 1) / 2),
+            fc=nn.Linear(784, 10),
+        ),
+        "module: its forward computes other operations in evaluation mode",
+    ),
     "tied storage": (
         _altered(
             nn.Sequential(
