@@ -212,17 +212,20 @@ def _forward(
     return logits, caches, buffers
 
 
-def over_rows(fn: Callable[..., R], arch: Arch, *batched: object) -> list[R]:
+def over_rows(
+    fn: Callable[..., R], arch: Arch, *batched: object, gradients: bool = True
+) -> list[R]:
     """[fn(*parts, total)] for ranges of a batch's rows, `parts` being that range of each of
     `batched` (arrays (N, ...), dicts of them or None, see shared/parallel.py's rows_of), on
-    as many threads as `arch`'s cost makes worth it (shared/parallel.py). Only NumPy has it:
-    JAX and PyTorch spread each operation over the cores themselves."""
+    as many threads as `arch`'s cost makes worth it (shared/parallel.py; `gradients`: whether
+    each thread makes them). Only NumPy has it: JAX and PyTorch spread each operation over
+    the cores themselves."""
     n = len(batched[0])
 
     def on_rows(rows: slice, total: Total) -> R:
         return fn(*(rows_of(b, rows) for b in batched), total)
 
-    return over_threads(on_rows, n, thread_count(n, network_cost(arch.layers)))
+    return over_threads(on_rows, n, thread_count(n, network_cost(arch.layers), gradients))
 
 
 def activations(
@@ -240,7 +243,7 @@ def forward(params: Params, x: np.ndarray, arch: Arch) -> np.ndarray:
     def logits(x: np.ndarray, total: Total) -> np.ndarray:
         return _forward(params, x, arch, None)[0]
 
-    return joined(over_rows(logits, arch, x))
+    return joined(over_rows(logits, arch, x, gradients=False))
 
 
 def _loss_and_backward(

@@ -336,7 +336,8 @@ def peak_rate(config: TrainConfig, total_steps: int) -> float:
 def check_config(config: TrainConfig) -> None:
     """Refuse settings that contradict each other, naming the flags (each flag's own range is
     checked where it is parsed)."""
-    for flag, value in (("--lr", config.lr), ("--eps", config.eps)):
+    used = [("--lr", config.lr)] + ([("--eps", config.eps)] if config.optimizer != "sgd" else [])
+    for flag, value in used:
         if float(np.dtype(config.dtype).type(value)) == 0.0:  # positive, yet 0 in the dtype
             raise UsageError(f"{flag} {value:g} is 0 in {config.dtype}; the run computes in it")
     if config.warmup is not None and config.warmup > config.epochs / 2:

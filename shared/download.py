@@ -3,7 +3,6 @@ official files, on request (--download), into the user's data folder."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
@@ -17,6 +16,7 @@ from tqdm import tqdm
 from shared.data import DatasetSpec, OfficialFile
 from shared.errors import DataError, UsageError
 from shared.idx import read_idx_content
+from shared.outputs import missing_folders, remove_if_empty
 
 DOWNLOAD_URL_ENV = "THREEFOLD_DOWNLOAD_URL"
 TIMEOUT_SECONDS = 60
@@ -105,14 +105,13 @@ def download_dataset(
     if not base_url:
         raise UsageError(f"--download: no official source is known for {spec.name}")
     dest = Path(dest or spec.user_dir)
-    made = [folder for folder in (dest, *dest.parents) if not folder.exists()]  # deepest first
+    made, staging, done = missing_folders(dest), None, False
     try:
-        dest.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=dest, prefix=".download-"))
-    except OSError as e:
-        raise UsageError(f"--download: cannot write to {dest} ({e.strerror or e})") from None
-    done = False
-    try:
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=dest, prefix=".download-"))
+        except OSError as e:
+            raise UsageError(f"--download: cannot write to {dest} ({e.strerror or e})") from None
         names = [f"{file.name}.gz" for file in spec.files]
         for file, name in zip(spec.files, names, strict=True):
             _fetch(f"{base_url.rstrip('/')}/{name}", staging / name, progress, most_bytes(file))
@@ -121,8 +120,7 @@ def download_dataset(
             os.replace(staging / name, dest / name)
         done = True
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        for folder in [] if done else made:  # a failed download leaves no folder it made
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        remove_if_empty([] if done else made)  # a failed download leaves no folder it made
     return dest

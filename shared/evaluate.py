@@ -155,9 +155,15 @@ def main(argv: list[str] | None = None) -> int:
             run.get("flip", False), run.get("tta") if args.tta is None else args.tta
         )
         result = evaluate_checkpoint(ckpt, args.impl, data, tta, str(args.checkpoint))
-        write_report(
-            args.checkpoint, result, data, prepare_out_dir(args.out or args.checkpoint.parent)
-        )
+        write_report(args.checkpoint, result, data, prepare_out_dir(*_out_and_flag(args)))
         return 0
 
     return run_cli(parser, body)
+
+
+def _out_and_flag(args) -> tuple[Path, str]:
+    """Where the report goes, and how an error names it: --out, or the checkpoint's folder
+    (the default, which the user did not type)."""
+    if args.out is not None:
+        return args.out, "--out"
+    return args.checkpoint.parent, "the checkpoint's folder (--out's default)"

@@ -150,7 +150,7 @@ class RunStore:
     be read or is not a store of runs is refused, `fresh` or not: writing over it would lose
     the runs it holds."""
 
-    def __init__(self, path: Path | None, data: str | None, fresh: bool = False):
+    def __init__(self, path: Path | None, data: str, fresh: bool = False):
         self.path, self.data, self.fresh = path, data, fresh
         self.runs: dict[str, dict] = {}
         self.trained: set[str] = set()  # keys this process trained
@@ -200,6 +200,12 @@ class RunStore:
         self.trained.add(self.key(config))
         if self.path is not None:
             write_json(self.path, {"runs": self.runs})
+
+    @property
+    def undated(self) -> int:
+        """Stored runs whose key names no data: stored before runs were keyed by it, kept in
+        the file and never counted."""
+        return sum(json.loads(key)["data"] is None for key in self.runs)
 
     def provenance(self) -> dict[str, int]:
         """How many stored runs each (date, commit) trained."""
@@ -314,7 +320,12 @@ def run_grid(
     todo = [config for config in grid if config not in store]
     todo.sort(key=lambda config: training_flops(config, data), reverse=True)
     if grid:
-        progress(f"{len(todo)} runs to train, {len(grid) - len(todo)} already stored")
+        undated = (
+            f" ({store.undated} stored before runs named their data: kept, not reused)"
+            if store.undated
+            else ""
+        )
+        progress(f"{len(todo)} runs to train, {len(grid) - len(todo)} already stored{undated}")
     failures: list[str] = []
     ended = itertools.count(1)
 

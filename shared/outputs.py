@@ -117,8 +117,8 @@ def check_out_files(
 ) -> None:
     """check_out_file on each output given (flag, path; None where not given), and refuse an
     output that is a file the command reads, another output, or a file of a run (its
-    checkpoint, metrics or curves): writing it would destroy the input, what the command
-    wrote a moment before, or a finished run."""
+    checkpoint, metrics, curves or evaluation): writing it would destroy the input, what the
+    command wrote a moment before, or a finished run's."""
     seen = [(flag, path) for flag, path in reads if path is not None]
     for flag, path in outputs:
         if path is None:
@@ -127,7 +127,7 @@ def check_out_files(
         for other_flag, other in seen:
             if _same_file(path, other):
                 raise UsageError(f"{flag} {path}: the same file as {other_flag} {other}")
-        if path.name in RUN_FILES and (path.parent / CHECKPOINT_NAME).is_file():
+        if path.name in (*RUN_FILES, *EVALUATION_FILES) and holds_run(path.parent):
             raise UsageError(f"{flag} {path}: one of the files of the run in {path.parent}")
         seen.append((flag, path))
 

@@ -62,14 +62,14 @@ def requested_threads() -> int | None:
     return int(given)
 
 
-def thread_count(n: int, cost: Cost) -> int:
+def thread_count(n: int, cost: Cost, gradients: bool = True) -> int:
     """How many threads share a batch of n images of a network of `cost`:
     THREEFOLD_NUMPY_THREADS if set, else as many of the cores this process may run on as
     leave each thread's share of the values outweighing the parameters (see above); never
-    more than the images."""
-    # Each thread makes the whole network's gradients: the copies are held to the memory
-    # bound (in float64's 8 bytes a value), as the network itself is.
-    most = max(1, MEMORY_BUDGET // (8 * max(cost.parameters, 1)))
+    more than the images. Where they make `gradients`, each thread makes the whole
+    network's: the copies are held to the memory bound (in float64's 8 bytes a value), as
+    the network itself is."""
+    most = max(1, MEMORY_BUDGET // (8 * max(cost.parameters, 1))) if gradients else n
     threads = requested_threads()
     if threads is None:
         values = n * (cost.activations + cost.unfolded)

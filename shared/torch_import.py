@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import math
 import sys
 from dataclasses import dataclass
@@ -69,11 +70,14 @@ def _trace(module: Any, where: str):
         graph = _traced(module, where)
         # A forward that branches on self.training computes two networks; one is read.
         module.eval()
-        if _operations(_traced(module, where)) != _operations(graph):
+        evaluated = _traced(module, where)
+        if _operations(evaluated) != _operations(graph):
             raise UsageError(
                 f"{where}: its forward computes other operations in evaluation mode (it branches "
                 "on self.training); threefold reads one network for both modes"
             )
+        for node, in_evaluation in zip(graph.graph.nodes, evaluated.graph.nodes, strict=True):
+            node.meta[EVALUATION_CALL] = in_evaluation.args, dict(in_evaluation.kwargs)
         graph.eval()
         parameter = next(iter(module.parameters()), None)
         dtype = torch.float32 if parameter is None else parameter.dtype
@@ -94,6 +98,10 @@ def _trace(module: Any, where: str):
         with torch.no_grad():
             for key, value in module.state_dict().items():
                 value.copy_(saved[key])
+
+
+# A traced node's call as the module in evaluation mode makes it: (args, kwargs).
+EVALUATION_CALL = "threefold_evaluation_call"
 
 
 def _traced(module: Any, where: str):
@@ -305,6 +313,11 @@ def _take(module: Any, node: Any, calls: dict, where: str):
     try:
         options = bind(signature, node.args, dict(node.kwargs))
         options.pop("input")
+        if "training" in options:  # F.dropout(x, p) drops in evaluation too: the default
+            in_evaluation = bind(signature, *node.meta[EVALUATION_CALL])["training"]
+            if in_evaluation is not False:
+                why = "it would drop in evaluation too; pass training=self.training"
+                raise Refused(f"training={in_evaluation!r} in evaluation mode", why)
         taken = mapper(options)
     except Refused as refused:
         raise UsageError(
@@ -414,7 +427,10 @@ def from_torch(module: Any, where: str = "module") -> Network:
 
     if not isinstance(module, torch.nn.Module):
         raise UsageError(f"{where}: {type(module).__name__} is not a torch.nn.Module")
-    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):  # torch.compile(model)
+    # torch.compile(model) wraps the module it compiles (and has loaded torch._dynamo, whose
+    # import takes a second that a plain module need not wait for).
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None and isinstance(module, dynamo.eval_frame.OptimizedModule):
         module = module._orig_mod  # what it compiles computes as the module does
     for name, value in module.state_dict().items():
         if not isinstance(value, torch.Tensor):  # a quantized module's, an extra state
@@ -468,6 +484,10 @@ def from_torch(module: Any, where: str = "module") -> Network:
 # The hooks that change what a module computes (a backward hook changes only PyTorch's own
 # gradients, which the import does not take).
 HOOKS = {"_forward_hooks": "forward hooks", "_forward_pre_hooks": "forward pre-hooks"}
+GLOBAL_HOOKS = {
+    "_global_forward_hooks": "register_module_forward_hook",
+    "_global_forward_pre_hooks": "register_module_forward_pre_hook",
+}
 
 
 def _refuse_hidden_behaviour(module: Any, where: str) -> None:
@@ -478,11 +498,12 @@ def _refuse_hidden_behaviour(module: Any, where: str) -> None:
     from torch.nn.parameter import is_lazy
     from torch.nn.utils import parametrize
 
-    # Hooks set on every module at once (register_module_forward_hook) run outside any one.
-    if any(getattr(every_module, f"_global{kind}", None) for kind in HOOKS):
+    # Hooks set on every module at once run outside any one module's own.
+    found = [made for kind, made in GLOBAL_HOOKS.items() if getattr(every_module, kind, None)]
+    if found:
         raise UsageError(
-            f"{where}: torch.nn has global forward hooks (register_module_forward_hook), which "
-            "change what every module computes; remove them to import it"
+            f"{where}: torch.nn has hooks on every module ({found[0]}), which change what each "
+            "computes; remove them to import it"
         )
     for name, sub in module.named_modules():
         shown = name or type(module).__name__
@@ -511,7 +532,7 @@ def _refuse_shared_weights(module: Any, graph: Any, where: str) -> None:
     or one tensor's memory (a parameter or a buffer, or `nn.Parameter(other.weight.data)`,
     another tensor of the same storage) held by two modules it calls (tied weights).
     Threefold would import two layers, and training would untie them."""
-    owners: dict[int, str] = {}
+    spans: list[tuple[int, int, str]] = []  # each tensor's bytes: [start, end), its path
     called: set[str] = set()
     for node in graph.graph.nodes:
         if node.op != "call_module":
@@ -524,15 +545,23 @@ def _refuse_shared_weights(module: Any, graph: Any, where: str) -> None:
             )
         called.add(node.target)
         for name, tensor in [*sub.named_parameters(), *sub.named_buffers()]:
-            path = f"{node.target}.{name}"
-            if not tensor.numel():
-                continue
-            first = owners.setdefault(tensor.untyped_storage().data_ptr(), path)
-            if first != path:
-                raise UsageError(
-                    f"{where}: {first} and {path} are one tensor (tied weights); threefold's "
-                    "layers do not share weights"
-                )
+            if tensor.numel():
+                start = tensor.data_ptr()
+                spans.append((start, start + _byte_span(tensor), f"{node.target}.{name}"))
+    # Sorted by start, two tensors share memory where one starts before the other ends.
+    spans.sort()
+    for (_, end, first), (start, _, path) in itertools.pairwise(spans):
+        if start < end:
+            raise UsageError(
+                f"{where}: {first} and {path} are one tensor (tied weights); threefold's "
+                "layers do not share weights"
+            )
+
+
+def _byte_span(tensor: Any) -> int:
+    """The bytes from a tensor's first element to just past its last, strides included."""
+    last = sum((size - 1) * step for size, step in zip(tensor.shape, tensor.stride(), strict=True))
+    return (last + 1) * tensor.element_size()
 
 
 def to_numpy(value: Any) -> np.ndarray:

@@ -104,7 +104,8 @@ def _batch_norm(options: dict[str, Any]) -> Taken:
 
 def _dropout(kind: str) -> Callable[[dict[str, Any]], Taken]:
     def take(options: dict[str, Any]) -> Taken:
-        # A functional dropout's `training` as traced: self.training is read then, True.
+        # A functional dropout's `training` as traced in training mode (self.training: True);
+        # the importer checks that it is False in evaluation mode.
         training = options.get("training", True)
         if not isinstance(training, bool):
             raise Refused(f"training={training!r}", "a constant True or False is needed")

@@ -835,5 +835,6 @@ def test_the_first_divergence_is_where_the_computation_first_parts():
     assert "first divergence: tanh (forward)" in wrong_tanh.summary()
     assert report(*grads).divergence == ("fc2", "backward")  # fc2, or the tanh after it
     assert report("grad input").divergence == ("flatten", "backward")
+    assert report("logits (eval)", "grad fc3.bias").divergence == ("fc3", "forward")
     assert report("lockstep fc1.weight").divergence == ("fc1", "training")
     assert report().divergence is None and report().first_divergence is None

@@ -17,7 +17,7 @@ from shared.config import TrainConfig
 from shared.data import FASHION_MNIST, load_dataset
 from shared.errors import DataError
 from shared.experiments import recheck_in_float64, run_experiments
-from shared.grid import RunStore
+from shared.grid import RunStore, run_grid
 from shared.lab_questions import AGREEMENT, DEEP, STRONG, comparisons, seed_row_label
 from shared.loop import train
 from shared.outputs import hold, prepare_out_dir
@@ -149,7 +149,7 @@ def test_a_fresh_store_trains_its_grid_again_and_keeps_every_other_run(tmp_path)
     assert kept.entry(this)["trained"] == "again" and kept.entry(other)["trained"] == "t"
 
 
-def test_a_run_counts_only_for_the_data_it_trained_on(tmp_path):
+def test_a_run_counts_only_for_the_data_it_trained_on(tmp_path, tiny_data_dir):
     """Another dataset's runs, or runs stored before a store named the data, are kept in the
     file and never stand in for this data's: the speedrun once reported runs on a folder of
     test images as the real data's."""
@@ -163,8 +163,15 @@ def test_a_run_counts_only_for_the_data_it_trained_on(tmp_path):
     runs = json.loads(path.read_text())["runs"]
     path.write_text(json.dumps({"runs": {**runs, json.dumps(undated): ran}}))
     store = RunStore(path, DATA)
-    assert config not in store and len(store.runs) == 2
-    store.add(config, {**ran, "trained": "here"})
+    assert config not in store and len(store.runs) == 2 and store.undated == 1
+    said, data = [], load_dataset(tiny_data_dir)
+
+    def trained(config: TrainConfig, data) -> dict:
+        return {"test_acc": 0.5}
+
+    run_grid(trained, {config: "the run"}, data, store, progress=said.append)
+    undated = "(1 stored before runs named their data: kept, not reused)"
+    assert said[0] == f"1 runs to train, 0 already stored {undated}"
     assert len(RunStore(path, DATA).runs) == 3 and config in RunStore(path, DATA)
 
 

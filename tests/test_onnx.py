@@ -687,6 +687,7 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
     for args, message in [
         (["--safetensors", str(other_run / "checkpoint.npz")], "one of the files of the run in"),
         (["--safetensors", str(other_run / "metrics.json")], "one of the files of the run in"),
+        (["--onnx", str(other_run / "evaluation.json")], "one of the files of the run in"),
         ([], "give --onnx FILE.onnx, --safetensors FILE or both"),
         (["--onnx", str(out / "missing" / "m.onnx")], "folder .* does not exist"),
         (["--safetensors", str(run / "checkpoint.npz")], "the same file as the checkpoint"),

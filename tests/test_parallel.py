@@ -215,8 +215,9 @@ def test_the_threads_gradients_are_held_to_the_memory_bound(monkeypatch):
     monkeypatch.setenv(THREADS_VARIABLE, str(most))
     assert thread_count(500, cost) == most
     monkeypatch.setenv(THREADS_VARIABLE, str(most + 1))
-    with pytest.raises(UsageError, match=f"=9: .* more than {most} copies would pass the 1 GiB"):
+    with pytest.raises(UsageError, match=f"={most + 1}: .* more than {most} copies would pass"):
         thread_count(500, cost)
+    assert thread_count(500, cost, gradients=False) == most + 1  # evaluation makes none
     monkeypatch.delenv(THREADS_VARIABLE)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
     assert thread_count(100_000, cost) == most  # the rule alone would take every core

@@ -487,6 +487,7 @@ def test_a_positive_value_that_is_0_in_the_run_s_dtype_is_refused(flag, value, t
     line = usage_error(result)
     assert f"{flag} " in line and "is 0 in float32" in line and not out.exists()
     check_config(TrainConfig(dtype="float64", **{flag[2:]: float(value)}))  # float64 holds it
+    check_config(TrainConfig(eps=1e-50))  # SGD, which never uses it: a run resumes
 
 
 def test_json_written_by_the_project_is_strict(tmp_path):

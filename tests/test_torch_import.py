@@ -576,21 +576,30 @@ REFUSED = {
 }
 
 
+DROPPED = {  # F.dropout(x, 0.9, training) by its `training`
+    "self.training": lambda m, x: m.fc(F.dropout(torch.flatten(x, 1), 0.9, m.training)),
+    "False": lambda m, x: m.fc(F.dropout(torch.flatten(x, 1), 0.9, False)),
+    "True": lambda m, x: m.fc(F.dropout(torch.flatten(x, 1), 0.9, True)),
+    "default": lambda m, x: m.fc(F.dropout(torch.flatten(x, 1), 0.9)),  # True
+}
+
+
 @pytest.mark.parametrize(
-    ("training", "spec"),
-    [(False, "flatten-fc10"), (True, "flatten-dropout0.9-fc10"), (None, "flatten-dropout0.9-fc10")],
+    ("training", "read"),
+    [
+        ("self.training", "flatten-dropout0.9-fc10"),
+        ("False", "flatten-fc10"),  # never drops: it once became a dropout layer
+        ("True", r"\(training=True in evaluation mode\): it would drop in evaluation too"),
+        ("default", r"\(training=True in evaluation mode\)"),
+    ],
 )
-def test_a_functional_dropout_is_a_layer_only_where_it_drops(training, spec):
-    """F.dropout(x, p, training=False) never drops: it once became a dropout layer, which the
-    cross-check then proved in all three. None: the module's own flag, True when traced."""
-
-    def body(m, x):
-        return m.fc(
-            F.dropout(torch.flatten(x, 1), 0.9, m.training if training is None else training)
-        )
-
-    network = threefold.from_torch(Chain(body, fc=nn.Linear(784, 10)))
-    assert network.spec == spec
+def test_a_functional_dropout_is_read_as_it_drops_in_each_mode(training, read):
+    module = Chain(DROPPED[training], fc=nn.Linear(784, 10))
+    if "evaluation" not in read:
+        assert threefold.from_torch(module).spec == read
+        return
+    with pytest.raises(UsageError, match=read):
+        threefold.from_torch(module)
 
 
 @pytest.mark.parametrize(
@@ -618,14 +627,27 @@ def test_a_view_that_flattens_each_image_is_a_flatten(flat):
         )
 
 
+def test_weights_carved_from_one_buffer_apart_are_not_tied():
+    module = _flat_fc()
+    flat = torch.randn(784 * 10 + 10)
+    module[1].weight = nn.Parameter(flat[: 784 * 10].view(10, 784))
+    module[1].bias = nn.Parameter(flat[784 * 10 :])
+    network = threefold.from_torch(module)
+    np.testing.assert_array_equal(network.tensors["fc.bias"], flat[784 * 10 :].numpy())
+
+
 def test_global_forward_hooks_are_refused_and_a_compiled_module_is_its_module():
     module = _flat_fc()
-    hook = nn.modules.module.register_module_forward_hook(lambda m, inputs, out: 2 * out)
-    try:
-        with pytest.raises(UsageError, match=r"torch\.nn has global forward hooks"):
-            threefold.from_torch(module)
-    finally:
-        hook.remove()
+    for register, hook in (
+        (nn.modules.module.register_module_forward_hook, lambda m, inputs, out: 2 * out),
+        (nn.modules.module.register_module_forward_pre_hook, lambda m, inputs: None),
+    ):
+        handle, made = register(hook), re.escape(f"hooks on every module ({register.__name__})")
+        try:
+            with pytest.raises(UsageError, match=made):
+                threefold.from_torch(module)
+        finally:
+            handle.remove()
     network = threefold.from_torch(torch.compile(module))  # never run: nothing compiles
     assert network.spec == "flatten-fc10"
     np.testing.assert_array_equal(network.tensors["fc.weight"], module[1].weight.detach().numpy())

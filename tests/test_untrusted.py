@@ -162,7 +162,7 @@ def test_a_damaged_stored_run_is_refused_not_averaged(run, tmp_path):
     path = tmp_path / "runs.json"
     path.write_text(f'{{"runs": {{"x": {run}}}}}')
     with pytest.raises(DataError, match="damaged or not threefold's runs"):
-        RunStore(path, None)
+        RunStore(path, "d" * 64)
 
 
 def test_a_long_lockstep_takes_no_more_memory_than_a_short_one(tmp_path):

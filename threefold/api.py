@@ -165,7 +165,10 @@ def _share(row: CheckResult) -> float:
 
 
 def layer_of(check: str, arch: Arch) -> str:
-    """The layer a row's check is about (its tensor's or its activation's), or "loss"."""
+    """The layer a row's check is about (its tensor's or its activation's; the logits are
+    the last layer's output), or "loss"."""
+    if check.startswith("logits"):
+        return arch.layers[-1].name
     # The longest name that heads a word: block1.conv1.weight is block1.conv1's, not block1's.
     names = sorted((node.layer.name for node in arch.nodes), key=len, reverse=True)
     for word in check.replace("(", " ").split():
