@@ -602,6 +602,17 @@ def test_a_functional_dropout_is_read_as_it_drops_in_each_mode(training, read):
         threefold.from_torch(module)
 
 
+def reads_as(module: nn.Module, spec: str) -> None:
+    """The module imports as `spec`, and the module exported from it computes what it does."""
+    network = threefold.from_torch(module)
+    assert network.spec == spec
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            threefold.to_torch(network)(x).numpy(), module(x).numpy(), rtol=1e-6, atol=1e-6
+        )
+
+
 @pytest.mark.parametrize(
     "flat",
     [
@@ -618,13 +629,7 @@ def test_a_view_that_flattens_each_image_is_a_flatten(flat):
         conv=nn.Conv2d(1, 4, 3),
         fc=nn.Linear(4 * 26 * 26, 10),
     )
-    network = threefold.from_torch(module)
-    assert network.spec == "conv4k3s1p0b1-relu-flatten-fc10"
-    x = torch.randn(3, 1, 28, 28)
-    with torch.no_grad():
-        np.testing.assert_allclose(
-            threefold.to_torch(network)(x).numpy(), module(x).numpy(), rtol=1e-6, atol=1e-6
-        )
+    reads_as(module, "conv4k3s1p0b1-relu-flatten-fc10")
 
 
 def test_weights_carved_from_one_buffer_apart_are_not_tied():
@@ -656,13 +661,7 @@ def test_global_forward_hooks_are_refused_and_a_compiled_module_is_its_module():
 def test_a_block_written_as_a_functional_add_is_read_as_one():
     """relu(y) + y: y feeds a ReLU and the add, a block whose body is the ReLU."""
     module = Chain(_relu_plus_input, conv=nn.Conv2d(1, 4, 3), fc=nn.Linear(4 * 26 * 26, 10))
-    network = threefold.from_torch(module)
-    assert network.spec == "conv4k3s1p0b1-res(relu)-flatten-fc10"
-    x = torch.randn(3, 1, 28, 28)
-    with torch.no_grad():
-        np.testing.assert_allclose(
-            threefold.to_torch(network)(x).numpy(), module(x).numpy(), rtol=1e-6, atol=1e-6
-        )
+    reads_as(module, "conv4k3s1p0b1-res(relu)-flatten-fc10")
 
 
 @pytest.mark.parametrize("construct", REFUSED)
