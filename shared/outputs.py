@@ -194,6 +194,14 @@ def hold(folder: Path, flag: str = "--out") -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
+        # Held, no --overwrite is under way here: one set aside is a run it did not finish
+        # replacing (killed, or stopped after its first epoch), which only its folder keeps.
+        for aside in sorted(folder.glob(".replaced-*")):
+            print(
+                f"note: {aside} holds the files of a run that an --overwrite did not finish "
+                "replacing; move them back to keep that run, or delete the folder",
+                file=sys.stderr,
+            )
         yield
     finally:
         # While still locked, so no one else holds a lock on this file; someone may have

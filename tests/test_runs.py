@@ -171,6 +171,23 @@ def test_a_replaced_run_goes_only_once_its_replacement_has_finished(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == [".replaced-x", "checkpoint.npz"]
 
 
+def test_a_run_an_overwrite_did_not_finish_replacing_is_named_by_the_next_command(
+    tiny_data_dir, tmp_path
+):
+    """A process killed while replacing a run leaves the old run in .replaced-*, which no
+    message named: the next command that holds the folder does."""
+    out = tmp_path / "run"
+    aside = out / ".replaced-abc"
+    aside.mkdir(parents=True)
+    (aside / "checkpoint.npz").write_bytes(b"the old run")
+    result = run_script("train.py", *QUICK, "--data-dir", str(tiny_data_dir), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"note: {aside} holds the files of a run that an --overwrite did not finish" in (
+        result.stderr
+    )
+    assert (aside / "checkpoint.npz").read_bytes() == b"the old run"
+
+
 def test_output_into_a_pipe_that_closes_is_no_traceback(finished_run, tiny_data_dir, tmp_path):
     # `| head -2` closes the pipe while evaluate.py still prints its table.
     evaluate = [
