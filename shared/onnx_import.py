@@ -66,7 +66,13 @@ def from_onnx(path: str | Path, where: str = "") -> Network:
     path = a_path(path, where or "from_onnx")
     label = f"{where} {path}" if where else str(path)  # where: the flag, from a command
     graph = read_graph(path, label)
-    nodes, initialisers = _constants(list(graph.node), {t.name: t for t in graph.initializer})
+    if len(graph.output) != 1:  # onnxruntime's first output need not be the chain's end
+        raise UsageError(f"{label}: {len(graph.output)} outputs; threefold's networks give one")
+    for index, node in enumerate(graph.node):  # named by their place in the whole file
+        node.name = node.name or f"node {index}"
+    nodes, initialisers = _constants(
+        list(graph.node), {t.name: t for t in graph.initializer}, label
+    )
     current = _input_name(graph, initialisers, label)
     standardise, nodes, current = _scaling(nodes, initialisers, current, label)
     steps = _steps(nodes, initialisers, current, graph, label)
@@ -81,7 +87,7 @@ def from_onnx(path: str | Path, where: str = "") -> Network:
     return Network(arch, params, tuple(mapping), standardise)
 
 
-def _constants(nodes: list, initialisers: dict) -> tuple[list, dict]:
+def _constants(nodes: list, initialisers: dict, label: str) -> tuple[list, dict]:
     """The nodes that compute from the input, and the initialisers joined by every constant
     node's output: a Constant holding a tensor, and an Identity of a constant (PyTorch's
     exporter writes one for each copy of an initialiser it has deduplicated, such as the
@@ -92,7 +98,13 @@ def _constants(nodes: list, initialisers: dict) -> tuple[list, dict]:
     for node in nodes:
         if node.op_type == "Identity" and node.input and node.input[0] in constants:
             constants[node.output[0]] = constants[node.input[0]]
-        elif node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]:
+        elif node.op_type == "Constant":
+            forms = [a.name for a in node.attribute]
+            if forms != ["value"]:
+                raise UsageError(
+                    f"{label}: {node.name} (Constant): {', '.join(forms)}; threefold reads a "
+                    "Constant's `value` tensor"
+                )
             tensor = TensorProto()
             tensor.CopyFrom(node.attribute[0].t)
             tensor.name = node.output[0]
@@ -199,7 +211,9 @@ def _steps(
                     f"{where}: its output {extra} is used; threefold's layers give one output"
                 )
         last = index == len(nodes) - 1 and not chain
-        if node.op_type == "MatMul" and not last and nodes[index + 1].op_type == "Add":
+        if node.op_type == "MatMul":
+            if index + 1 == len(nodes) or nodes[index + 1].op_type != "Add":
+                raise UsageError(f"{where}: no Add of a bias after it; threefold's fc has one")
             steps.append(_matmul_add(node, nodes[index + 1], initialisers, where, index))
             index += 1
         else:
@@ -250,6 +264,11 @@ def _block(
         )
     read = [_steps(path, initialisers, fork, graph, label, chain=True) for path in paths]
     body, shortcut = body_and_shortcut(read, lambda step: step.taken)
+    if all(step.taken is None for step in body):
+        raise UsageError(
+            f"{label}: {_name(add, join)} (Add): both paths change nothing; threefold's residual "
+            "blocks add a body of layers to the shortcut"
+        )
     return _Block(_name(add, join), "Add(body, shortcut)", body, shortcut), join
 
 
@@ -341,15 +360,21 @@ def _pool(op: str):
         size = _square(attributes, "kernel_shape")
         padding = _pads(attributes, size)
         stride = _square(attributes, "strides", 1)
-        if op == "avg" and padding and attributes.get("count_include_pad", 0) != 1:
+        if op == "avg" and padding and not attributes.get("count_include_pad", 0):
             # ONNX's default leaves the padding out of the mean, PyTorch's counts it.
             why = "threefold averages over the padding too, PyTorch's default"
-            raise Refused(f"count_include_pad={attributes.get('count_include_pad', 0)}", why)
+            raise Refused("count_include_pad=0", why)
         if op == "max":
             _require(attributes, "storage_order", (0,), "indices are not an output")
         # Only the exporter's own mark ("adaptiveavgpool N"); any other doc_string is a note.
         mark, _, outputs = node.doc_string.partition(" ")
-        if mark == ADAPTIVE and outputs.isdigit() and size == stride and padding == 0:
+        if (
+            op == "avg"
+            and mark == ADAPTIVE
+            and outputs.isdigit()
+            and size == stride
+            and not padding
+        ):
             return ("adaptiveavgpool", {"size": int(outputs)}), [], ""
         return (f"{op}pool", {"size": size, "stride": stride, "padding": padding}), [], ""
 
@@ -358,6 +383,9 @@ def _pool(op: str):
 
 def _batch_norm(node, attributes, initialisers, last):
     _require(attributes, "training_mode", (0,), "an evaluation graph is needed")
+    if any(node.output[1:]):  # before opset 14, a node giving its statistics trains
+        why = "it normalises with the batch's statistics; an evaluation graph is needed"
+        raise Refused(f"outputs {', '.join(o for o in node.output[1:] if o)}", why)
     if not math.isclose(attributes.get("epsilon", 1e-5), 1e-5, rel_tol=1e-6):
         raise Refused(f"epsilon={attributes['epsilon']:.3g}", "threefold's BatchNorm adds 1e-5")
     if not math.isclose(attributes.get("momentum", 0.9), 0.9, rel_tol=1e-6):
@@ -427,7 +455,7 @@ def _gemm(node, attributes, initialisers, last):
     if len(node.input) < 3 or not node.input[2]:
         raise Refused("C", "threefold's fc has a bias")
     _initialiser(node, 2, initialisers)
-    transposed = attributes.get("transB", 0) == 1  # (out, in), PyTorch's layout
+    transposed = attributes.get("transB", 0) != 0  # (out, in), PyTorch's layout; any non-zero
     features = int(weight.dims[0] if transposed else weight.dims[1])
     weight_name = "weight" if transposed else "weight.T"
     return (

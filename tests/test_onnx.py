@@ -979,3 +979,114 @@ def test_what_is_not_a_path_is_one_line_naming_the_call(value):
     for name, call in calls.items():
         with pytest.raises(UsageError, match=f"^{name}: .* is not a file's path$"):
             call(value)
+
+
+def test_a_batch_norm_that_gives_its_statistics_is_refused_as_training(tmp_path):
+    """Before opset 14 a BatchNormalization with its statistics among its outputs normalises
+    with the batch's (PyTorch's exporter writes it so in training mode): read with the running
+    statistics, it was 162 off onnxruntime."""
+    rng = np.random.default_rng(0)
+    stats = [
+        numpy_helper.from_array(v.astype(np.float32), name)
+        for name, v in zip(
+            ("s", "o", "m", "v"),
+            (rng.random(1), rng.random(1), rng.random(1), rng.random(1) + 0.5),
+            strict=True,
+        )
+    ]
+    fc, weights = random_fc("flat", 784)
+    flatten = helper.make_node("Flatten", ["n"], ["flat"], "flatten", axis=1)
+    for outputs, refused in ((["n", "o1", "o2", "o3", "o4"], True), (["n"], False)):
+        norm = helper.make_node("BatchNormalization", ["x", "s", "o", "m", "v"], outputs, "bn")
+        path = graph_file(tmp_path, [norm, flatten, *fc], [*stats, *weights], opset=9)
+        if refused:
+            with pytest.raises(
+                UsageError,
+                match=r"bn \(BatchNormalization\): outputs o1, o2, o3, o4: it normalises with",
+            ):
+                from_onnx(path)
+        else:
+            assert reads_as_onnxruntime_runs_it(path).arch.name == "bn-flatten-fc10"
+
+
+def test_any_non_zero_trans_b_transposes_and_a_max_pool_is_never_a_marked_average(tmp_path):
+    """onnxruntime transposes for transB=2 as for 1 (read untransposed, 96 off); a MaxPool
+    carrying the exporter's adaptive mark was read as an average pool (9.5 off)."""
+    rng = np.random.default_rng(2)
+    square = numpy_helper.from_array(rng.standard_normal((10, 10), np.float32), "w2")
+    bias = numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "b2")
+    fc, weights = random_fc("flat", 14 * 14)
+    nodes = [
+        helper.make_node(
+            "MaxPool",
+            ["x"],
+            ["pooled"],
+            "pool",
+            "adaptiveavgpool 14",
+            kernel_shape=[2, 2],
+            strides=[2, 2],
+        ),
+        helper.make_node("Flatten", ["pooled"], ["flat"], "flatten", axis=1),
+        *fc,
+        helper.make_node("Gemm", ["logits", "w2", "b2"], ["out"], "fc2", transB=2),
+    ]
+    network = reads_as_onnxruntime_runs_it(graph_file(tmp_path, nodes, [*weights, square, bias]))
+    assert network.arch.name == "maxpool2-flatten-fc10-fc10"
+
+
+def test_what_the_reader_cannot_take_is_named_in_the_file_s_own_terms(tmp_path):
+    fc, weights = random_fc("flat", 784)
+    flatten = helper.make_node("Flatten", ["x"], ["flat"], "flatten", axis=1)
+    x, h = (
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+        for n, s in (("x", ["n", 1, 28, 28]), ("flat", ["n", 784]))
+    )
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])
+    two = helper.make_model(
+        helper.make_graph([flatten, *fc], "g", [x], [h, y], weights),
+        opset_imports=[helper.make_opsetid("", onnx_export.OPSET)],
+    )
+    (tmp_path / "two.onnx").write_bytes(two.SerializeToString())
+    matmul = helper.make_node("MatMul", ["flat", "wt"], ["logits"])
+    wt = numpy_helper.from_array(np.zeros((784, 10), np.float32), "wt")
+    std = helper.make_node("Constant", [], ["std"], value_float=0.25)
+    mean = numpy_helper.from_array(np.array(0.5, np.float32), "mean")
+    scaling = [
+        helper.make_node("Sub", ["x", "mean"], ["c"]),
+        helper.make_node("Div", ["c", "std"], ["s"]),
+    ]
+    again = [
+        helper.make_node("Sub", ["s", "mean"], ["c2"]),
+        helper.make_node("Flatten", ["c2"], ["flat"], axis=1),
+    ]
+    same = [
+        helper.make_node("Identity", ["x"], ["i"]),
+        helper.make_node("Add", ["x", "i"], ["a"]),
+        helper.make_node("Flatten", ["a"], ["flat"], axis=1),
+    ]
+    for path, message in [
+        (tmp_path / "two.onnx", "two.onnx: 2 outputs; threefold's networks give one"),
+        (
+            graph_file(tmp_path, [flatten, matmul], [wt], "mm.onnx"),
+            r"node 1 \(MatMul\): no Add of a bias after it",
+        ),
+        (
+            graph_file(tmp_path, [std, *scaling, flatten, *fc], [mean, *weights], "c.onnx"),
+            r"node 0 \(Constant\): value_float; threefold reads a Constant's `value`",
+        ),
+        (
+            graph_file(
+                tmp_path,
+                [*scaling, *again, *fc],
+                [mean, numpy_helper.from_array(np.array(0.25, np.float32), "std"), *weights],
+                "sd.onnx",
+            ),
+            r"node 2 \(Sub\): not an operator",
+        ),
+        (
+            graph_file(tmp_path, [*same, *fc], weights, "same.onnx"),
+            r"node 1 \(Add\): both paths change nothing",
+        ),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            from_onnx(path)
