@@ -64,17 +64,20 @@ def _trace(module: Any, where: str):
     flags = {name: m.training for name, m in module.named_modules()}
     saved = {k: v.clone() for k, v in module.state_dict().items()}
     try:
+        _refuse_frozen(module, where)
         # Traced in training mode: a functional dropout's `training=self.training` is read
         # at trace time, and a dropout is a layer whichever mode the module was left in.
         module.train()
+        _refuse_frozen(module, where)  # a train() of its own may keep some layers frozen
         graph = _traced(module, where)
         # A forward that branches on self.training computes two networks; one is read.
         module.eval()
         evaluated = _traced(module, where)
         if _operations(evaluated) != _operations(graph):
             raise UsageError(
-                f"{where}: its forward computes other operations in evaluation mode (it branches "
-                "on self.training); threefold reads one network for both modes"
+                f"{where}: its forward computes other operations, or with other options, in "
+                "evaluation mode (it reads self.training); threefold reads one network for both "
+                "modes"
             )
         for node, in_evaluation in zip(graph.graph.nodes, evaluated.graph.nodes, strict=True):
             node.meta[EVALUATION_CALL] = in_evaluation.args, dict(in_evaluation.kwargs)
@@ -104,6 +107,22 @@ def _trace(module: Any, where: str):
 EVALUATION_CALL = "threefold_evaluation_call"
 
 
+def _refuse_frozen(module: Any, where: str) -> None:
+    """Refuse a BatchNorm or dropout left in the other mode than the module (a BatchNorm kept
+    in evaluation mode while the network trains, as fine-tuning does): threefold's layers
+    train, and evaluate, with their network."""
+    for name, sub in module.named_modules():
+        if (
+            type(sub).__name__.startswith(("BatchNorm", "Dropout"))
+            and sub.training != module.training
+        ):
+            mode = "evaluation" if module.training else "training"
+            raise UsageError(
+                f"{where}: {name}: in {mode} mode while the module is not (frozen); threefold's "
+                "layers train and evaluate with their network"
+            )
+
+
 def _traced(module: Any, where: str):
     import torch
 
@@ -116,10 +135,21 @@ def _traced(module: Any, where: str):
         ) from None
 
 
-def _operations(graph: Any) -> list[tuple[str, Any]]:
-    """A traced graph's operations in order, their arguments aside (F.dropout's `training`
-    differs between the modes, and is read from the training trace)."""
-    return [(node.op, node.target) for node in graph.graph.nodes]
+def _operations(graph: Any) -> list[tuple[Any, ...]]:
+    """A traced graph's operations in order with their arguments (the nodes they take by
+    name), a dropout's aside: its `training` differs between the modes, and each is read."""
+    calls = functions()
+
+    def drops(node: Any) -> bool:
+        call = calls.get(node.target) if node.op == "call_function" else None
+        return call is not None and "training" in dict(call[1])
+
+    return [
+        (node.op, node.target)
+        if drops(node)
+        else (node.op, node.target, repr(node.args), repr(node.kwargs))
+        for node in graph.graph.nodes
+    ]
 
 
 def first_line(error: BaseException) -> str:
@@ -175,18 +205,40 @@ def _read_step(module: Any, node: Any, current: Any, calls: dict, where: str) ->
             f"{where}: {node.target}: a tensor used directly in forward; threefold reads "
             "layers (modules and functional calls)"
         )
-    inputs = [a for a in node.all_input_nodes if not _is_size_of(a, current)]
+    inputs = _tensor_inputs(node)  # a size read from any tensor is the batch's, a number
     if inputs != [current] or (node.args and node.args[0] is not current):
         takes = "several tensors" if len(inputs) > 1 else "a tensor other than the one before"
         raise UsageError(
             f"{where}: {node.name} ({_name_of(node)}): takes {takes}; threefold's networks "
             "are chains of layers and residual blocks, each taking the one before's output"
         )
+    if len(_users(current)) > 1 and _writes_its_input(module, node, calls):
+        raise UsageError(
+            f"{where}: {node.name} ({_name_of(node)}): in place on a value another path also "
+            "reads, which then reads the result; threefold's layers make new values (drop "
+            "inplace=True)"
+        )
     shape_in, shape_out = _shape(current), _shape(node)
     if shape_out is None:
         raise UsageError(f"{where}: {node.name} ({_name_of(node)}): does not give a tensor")
     source, what, taken, path = _take(module, node, calls, where)
     return _Step(source, what, taken, path, shape_in, shape_out)
+
+
+def _writes_its_input(module: Any, node: Any, calls: dict) -> bool:
+    """Whether `node` overwrites its input (inplace=True, relu_): every other reader of that
+    input then reads the result."""
+    if node.op == "call_module":
+        return getattr(module.get_submodule(node.target), "inplace", False) is True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name.endswith("_") and not name.endswith("__"):
+        return True
+    if node.op == "call_function" and node.target in calls:
+        try:
+            return bind(calls[node.target][1], node.args, dict(node.kwargs)).get("inplace") is True
+        except Refused:  # refused with its own message once read
+            return False
+    return False
 
 
 def _users(node: Any) -> list[Any]:
@@ -340,19 +392,26 @@ Position = tuple[Any, ...] | None
 
 
 def _entries(
-    steps: list[_Step | _Block], where: str
+    steps: list[_Step | _Block], where: str, network: bool = True
 ) -> tuple[list[Entry], list[tuple[_Step | _Block, Position]]]:
     """The spec's entries from the steps (each labelled with its source), and for each step
-    the position of the layer it became; a block's steps before the block's own."""
+    the position of the layer it became; a block's steps before the block's own. `network`:
+    the steps are the whole network's, not a block's path (whose last step is not the
+    network's)."""
     entries, placed = [], []
     for position, step in enumerate(steps):
         if isinstance(step, _Block):
             index = len(entries)
             for part in ("body", "shortcut"):
-                inner, inner_placed = _entries(getattr(step, part), where)
+                inner, inner_placed = _entries(getattr(step, part), where, network=False)
                 if part == "body":
                     body = inner
                 placed += [(s, None if p is None else (index, part, *p)) for s, p in inner_placed]
+            if not body:
+                raise UsageError(
+                    f"{where}: {step.source}: both paths change nothing; threefold's residual "
+                    "blocks add a body of layers to the shortcut"
+                )
             placed.append((step, (index,)))
             entries.append((f"{step.source}: {step.what}", "res", {"body": body}))
             continue
@@ -364,7 +423,7 @@ def _entries(
             taken = _flatten(step, taken[1], where)
         elif isinstance(taken, tuple) and taken[0] == "fc":
             taken = _linear(step, taken[1], where)
-        if taken == DROP and position != len(steps) - 1:
+        if taken == DROP and not (network and position == len(steps) - 1):
             raise UsageError(
                 f"{where}: {label}: a log_softmax before the last layer is not a layer "
                 "threefold has"
@@ -451,6 +510,13 @@ def from_torch(module: Any, where: str = "module") -> Network:
     arch = get_arch("-".join(token(layer) for layer in layers), where)
     state = module.state_dict()
     mapping, canonical, expected = [], {}, tensors(arch)
+    for step, position in placed:  # each block's shortcut first, which its steps are mapped to
+        if isinstance(step, _Block):
+            shown = ", ".join(s.what for s in step.shortcut)
+            layer = _layer_at(arch.layers, position)
+            check_shortcut(
+                [s.taken for s in step.shortcut], shown, layer, f"{where}: {step.source}"
+            )
     for step, position in placed:
         if position is None:
             same_loss = "cross-entropy on log-probabilities is the same loss"
@@ -459,10 +525,6 @@ def from_torch(module: Any, where: str = "module") -> Network:
             continue
         layer = _layer_at(arch.layers, position)
         if isinstance(step, _Block):
-            shown = ", ".join(s.what for s in step.shortcut)
-            check_shortcut(
-                [s.taken for s in step.shortcut], shown, layer, f"{where}: {step.source}"
-            )
             mapping.append(Mapped(step.source, step.what, token(layer, every=True)))
             continue
         moved = []
@@ -482,8 +544,13 @@ def from_torch(module: Any, where: str = "module") -> Network:
 
 
 # The hooks that change what a module computes (a backward hook changes only PyTorch's own
-# gradients, which the import does not take).
-HOOKS = {"_forward_hooks": "forward hooks", "_forward_pre_hooks": "forward pre-hooks"}
+# gradients, which the import does not take), or the weights it reads (its state_dict's).
+HOOKS = {
+    "_forward_hooks": "forward hooks",
+    "_forward_pre_hooks": "forward pre-hooks",
+    "_state_dict_hooks": "state_dict hooks",
+    "_state_dict_pre_hooks": "state_dict pre-hooks",
+}
 GLOBAL_HOOKS = {
     "_global_forward_hooks": "register_module_forward_hook",
     "_global_forward_pre_hooks": "register_module_forward_pre_hook",
@@ -517,14 +584,24 @@ def _refuse_hidden_behaviour(module: Any, where: str) -> None:
         hooks = [shown_kind for kind, shown_kind in HOOKS.items() if getattr(sub, kind, None)]
         if hooks:
             raise UsageError(
-                f"{where}: {shown}: has {hooks[0]} (pruning, the older weight_norm, or one of "
-                "yours), which change what it computes; remove them to import it"
+                f"{where}: {shown}: has {hooks[0]} (pruning and the older weight_norm are "
+                "forward pre-hooks), which change what it computes or the weights it gives; "
+                "remove them to import it"
             )
         if parametrize.is_parametrized(sub):
             raise UsageError(
                 f"{where}: {shown}: has parametrizations (weight_norm, spectral_norm); "
                 "remove them (torch.nn.utils.parametrize.remove_parametrizations) to import it"
             )
+        if "forward" in vars(sub):  # torch.fx and the mapping read the class's
+            raise UsageError(f"{where}: {shown}: its forward is replaced on the instance")
+        for weight, tensor in sub.named_parameters(recurse=False):
+            if not tensor.requires_grad or tensor._backward_hooks:
+                why = "does not train" if not tensor.requires_grad else "has gradient hooks"
+                raise UsageError(
+                    f"{where}: {shown}.{weight}: {why}; threefold trains every weight by its "
+                    "plain gradient"
+                )
 
 
 def _refuse_shared_weights(module: Any, graph: Any, where: str) -> None:

@@ -394,7 +394,82 @@ class _WithExtraState(nn.Sequential):
         pass
 
 
+def _in_place_fork(m, x):
+    h = m.conv(x)
+    return m.fc(torch.flatten(F.relu(h, inplace=True) + h, 1))  # PyTorch adds relu(h) twice
+
+
+def _log_softmax_in_block(m, x):
+    h = m.conv(x)
+    return m.fc(torch.flatten(h + F.log_softmax(m.conv2(h), 1), 1))
+
+
+def _frozen_batch_norm() -> nn.Module:
+    module = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), head(2))
+    module.train()
+    module[1].eval()  # kept in evaluation mode while the rest trains, as fine-tuning does
+    return module
+
+
+HEAD = 4 * 26 * 26  # features of a 4-channel 3x3 conv's output, flattened
 REFUSED = {
+    "in place on a fork": (
+        Chain(_in_place_fork, conv=nn.Conv2d(1, 4, 3), fc=nn.Linear(HEAD, 10)),
+        "relu (relu): in place on a value another path also reads",
+    ),
+    "an option by mode": (
+        Chain(
+            lambda m, x: m.fc(F.leaky_relu(torch.flatten(x, 1), 0.01 if m.training else 0.5)),
+            fc=nn.Linear(784, 10),
+        ),
+        "computes other operations, or with other options, in evaluation mode",
+    ),
+    "frozen BatchNorm": (_frozen_batch_norm(), "module: 1: in evaluation mode while the module"),
+    "log_softmax in a block": (
+        Chain(
+            _log_softmax_in_block,
+            conv=nn.Conv2d(1, 4, 3),
+            conv2=nn.Conv2d(4, 4, 3, padding=1),
+            fc=nn.Linear(HEAD, 10),
+        ),
+        "a log_softmax before the last layer",
+    ),
+    "two branches": (
+        Chain(
+            lambda m, x: m.fc(torch.flatten(m.a(x) + m.b(x), 1)),
+            a=nn.Conv2d(1, 4, 3, padding=1),
+            b=nn.Conv2d(1, 4, 5, padding=2),
+            fc=nn.Linear(4 * 784, 10),
+        ),
+        "is not the one threefold's blocks take for this body",
+    ),
+    "an empty block": (
+        Chain(
+            lambda m, x: m.fc(torch.flatten(x + m.same(x), 1)),
+            same=nn.Identity(),
+            fc=nn.Linear(784, 10),
+        ),
+        "both paths change nothing",
+    ),
+    "forward replaced": (
+        _altered(
+            nn.Sequential(nn.Flatten(), nn.ReLU(), nn.Linear(784, 10)),
+            lambda m: setattr(m[1], "forward", torch.tanh),
+        ),
+        "module: 1: its forward is replaced on the instance",
+    ),
+    "state_dict hook": (
+        _altered(_flat_fc(), lambda m: m[1]._register_state_dict_hook(lambda *args: None)),
+        "module: 1: has state_dict hooks",
+    ),
+    "frozen weight": (
+        _altered(_flat_fc(), lambda m: m[1].weight.requires_grad_(False)),
+        "module: 1.weight: does not train",
+    ),
+    "gradient hook": (
+        _altered(_flat_fc(), lambda m: m[1].weight.register_hook(lambda grad: grad.clamp(-1, 1))),
+        "module: 1.weight: has gradient hooks",
+    ),
     "fake-quantized": (
         _fake_quantized(),
         "module: 1: torch.ao.nn.qat.modules.linear.Linear: not torch.nn's Linear",
@@ -555,7 +630,7 @@ REFUSED = {
             lambda m, x: m.fc(torch.flatten(x, 1) if m.training else torch.flatten(x, 1) / 2),
             fc=nn.Linear(784, 10),
         ),
-        "module: its forward computes other operations in evaluation mode",
+        "module: its forward computes other operations, or with other options, in evaluation",
     ),
     "tied storage": (
         _altered(
@@ -628,6 +703,16 @@ def test_a_view_that_flattens_each_image_is_a_flatten(flat):
         lambda m, x: m.fc(flat(torch.relu(m.conv(x)))),
         conv=nn.Conv2d(1, 4, 3),
         fc=nn.Linear(4 * 26 * 26, 10),
+    )
+    reads_as(module, "conv4k3s1p0b1-relu-flatten-fc10")
+
+
+def test_a_view_by_the_input_s_size_is_a_flatten():
+    """out.view(x.size(0), -1), the images' size on a later value: 'takes several tensors'."""
+    module = Chain(
+        lambda m, x: m.fc(torch.relu(m.conv(x)).view(x.size(0), -1)),
+        conv=nn.Conv2d(1, 4, 3),
+        fc=nn.Linear(HEAD, 10),
     )
     reads_as(module, "conv4k3s1p0b1-relu-flatten-fc10")
 
