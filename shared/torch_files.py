@@ -16,6 +16,7 @@ from shared.errors import UsageError
 from shared.network import Network
 from shared.spec import Arch, Params, tensors
 from shared.torch_import import first_line, from_torch, to_numpy
+from shared.weights_file import renamed
 
 # A model file is a Python module the user names; a weights file holds one state_dict.
 MAX_MODEL_FILE_BYTES = 2**20
@@ -110,11 +111,9 @@ def load_state_dict_file(
     tensors_only = all(isinstance(v, torch.Tensor) for v in getattr(loaded, "values", list)())
     if not isinstance(loaded, dict) or not tensors_only:
         raise UsageError(f"{label}: holds a {type(loaded).__name__}, not a state_dict of tensors")
-    weights = {}
+    weights, names = {}, renamed(loaded, renames, expected, label)
     for theirs, value in loaded.items():
-        ours = renames.get(theirs, theirs)
-        if ours not in expected:
-            raise UsageError(f"{label}: {theirs} is not a tensor of the network")
+        ours = names[theirs]
         shape = expected[ours].shape
         if tuple(value.shape) != shape:
             raise UsageError(

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -103,11 +104,9 @@ def read_safetensors(
         file.seek(0)
         header, start = read_header(file, size, label)
         entries = {k: v for k, v in header.items() if k != "__metadata__"}
-        checked = {}
+        checked, names = {}, renamed(entries, renames, expected, label)
         for name, entry in entries.items():
-            ours = renames.get(name, name)
-            if ours not in expected:
-                raise UsageError(f"{label}: {name} is not a tensor of the network")
+            ours = names[name]
             checked[ours] = _entry(entry, expected[ours], size - start, arch, f"{label}: {name}")
         missing = sorted(set(expected) - set(checked))
         if missing:
@@ -124,6 +123,24 @@ def read_safetensors(
         file.seek(0)
         digest = hashlib.file_digest(file, "sha256").hexdigest()
     return {name: params[name] for name in expected}, digest
+
+
+def renamed(
+    names: Iterable[str], renames: dict[str, str], expected: Params, label: str
+) -> dict[str, str]:
+    """Each of a weights file's names -> its canonical one (`renames`, else the name itself),
+    refused in one line where one is no tensor of the network, or where two give one tensor
+    (a module's unused layer named like a canonical tensor would overwrite a used one's)."""
+    canonical, given = {}, {}
+    for theirs in names:
+        ours = renames.get(theirs, theirs)
+        if ours not in expected:
+            raise UsageError(f"{label}: {theirs} is not a tensor of the network")
+        first = given.setdefault(ours, theirs)
+        if first != theirs:
+            raise UsageError(f"{label}: {first} and {theirs} both give {ours}")
+        canonical[theirs] = ours
+    return canonical
 
 
 def _entry(entry, tensor, data_bytes: int, arch: Arch, where: str) -> tuple[np.dtype, tuple, int]:

@@ -271,12 +271,15 @@ def test_a_weights_file_that_does_not_fit_is_one_line(tmp_path):
         "shape": {**state, "0.bias": torch.zeros(3)},
         "nan": {**state, "8.weight": torch.full_like(state["8.weight"], float("nan"))},
         "stranger": {**state, "extra.weight": torch.zeros(1)},
+        # An unused layer left in the module under a canonical name once overwrote conv1's.
+        "twice": {**state, "conv1.bias": torch.zeros_like(state["0.bias"])},
     }
     expected = {
         "missing": "1 tensors missing, the first 0.bias (conv1.bias)",
         "shape": "0.bias has shape (3,)",
         "nan": "8.weight has NaN or inf values",
         "stranger": "extra.weight is not a tensor of the network",
+        "twice": "0.bias and conv1.bias both give conv1.bias",
     }
     for case, content in cases.items():
         torch.save(content, tmp_path / f"{case}.pt")
