@@ -165,8 +165,9 @@ class Option:
 
     @property
     def pattern(self) -> str:
-        # 7 digits, so that every number a table may hold has a token (see `_table_entry`).
-        return r"(\d{1,7})" if self.type is int else r"(\d?\.\d+|\d)"
+        # 7 digits, so that every number a table may hold has a token (see `_table_entry`), an
+        # ELU's alpha of 12.5 too.
+        return r"(\d{1,7})" if self.type is int else r"(\d{0,7}\.\d+|\d{1,7})"
 
     def __post_init__(self):
         if self.type not in (int, float):

@@ -710,6 +710,11 @@ def test_a_view_that_flattens_each_image_is_a_flatten(flat):
     reads_as(module, "conv4k3s1p0b1-relu-flatten-fc10")
 
 
+def test_an_elu_of_alpha_past_ten_has_its_token():
+    """Its token, elu12.5, was 'malformed' (a float's token had one digit before its point)."""
+    reads_as(nn.Sequential(nn.Flatten(), nn.ELU(12.5), nn.Linear(784, 10)), "flatten-elu12.5-fc10")
+
+
 def test_a_view_by_the_input_s_size_is_a_flatten():
     """out.view(x.size(0), -1), the images' size on a later value: 'takes several tensors'."""
     module = Chain(
