@@ -23,8 +23,8 @@ from shared.io import a_path
 from shared.kinds import output_shape, token
 from shared.layers import INPUT_SHAPE
 from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
-from shared.onnx_export import ADAPTIVE, CHANNELWISE
 from shared.onnx_file import read_graph
+from shared.onnx_ops import TAKERS, initialiser, scalar
 from shared.spec import Arch, Entry, Params, build_layers, get_arch, tensors
 from shared.torch_ops import Refused
 
@@ -132,26 +132,6 @@ def _input_name(graph, initialisers: dict, label: str) -> str:
     return inputs[0].name
 
 
-def _scalar(name: str, initialisers: dict, where: str) -> float:
-    """The value of a one-element initialiser."""
-    from onnx import numpy_helper
-
-    if name not in initialisers:
-        raise UsageError(f"{where}: {name} is not a constant of the file")
-    tensor = initialisers[name]
-    if math.prod(tensor.dims) != 1:
-        raise UsageError(f"{where}: {name} has shape {tuple(tensor.dims)}; one number is needed")
-    value = float(numpy_helper.to_array(tensor).reshape(()))
-    if not math.isfinite(value):
-        raise UsageError(f"{where}: {name} is {value}")
-    return _short(value)
-
-
-def _short(value: float) -> float:
-    """A float32 attribute as the decimal it was written from (0.2, not 0.2000000029802)."""
-    return float(str(np.float32(value))) if value == np.float32(value) else value
-
-
 def _scaling(nodes: list, initialisers: dict, current: str, label: str):
     """((mean, std) of a leading Sub by a constant then Div by one, or None; the rest of the
     nodes; the value they start from: the Div's output, which the next node must take)."""
@@ -159,15 +139,11 @@ def _scaling(nodes: list, initialisers: dict, current: str, label: str):
     if ops != list(SCALING) or nodes[0].input[0] != current:
         return None, nodes, current
     sub, div = nodes[:2]
-    mean = _scalar(sub.input[1], initialisers, f"{label}: {_name(sub, 0)} (Sub)")
-    std = _scalar(div.input[1], initialisers, f"{label}: {_name(div, 1)} (Div)")
+    mean = scalar(sub.input[1], initialisers, f"{label}: {sub.name} (Sub)")
+    std = scalar(div.input[1], initialisers, f"{label}: {div.name} (Div)")
     if div.input[0] != sub.output[0] or std <= 0:
-        raise UsageError(f"{label}: {_name(div, 1)} (Div): not a standardisation by a positive std")
+        raise UsageError(f"{label}: {div.name} (Div): not a standardisation by a positive std")
     return (mean, std), nodes[2:], div.output[0]
-
-
-def _name(node, index: int) -> str:
-    return node.name or f"node {index}"
 
 
 def _attributes(node) -> dict[str, Any]:
@@ -187,7 +163,7 @@ def _steps(
     outputs = {o.name for o in graph.output}
     while index < len(nodes):
         node = nodes[index]
-        where = f"{label}: {_name(node, index)} ({node.op_type})"
+        where = f"{label}: {node.name} ({node.op_type})"
         takers = [n for n in nodes[index:] if current in n.input]
         if len(takers) > 1:
             block, index = _block(nodes, index, initialisers, current, graph, label)
@@ -214,10 +190,10 @@ def _steps(
         if node.op_type == "MatMul":
             if index + 1 == len(nodes) or nodes[index + 1].op_type != "Add":
                 raise UsageError(f"{where}: no Add of a bias after it; threefold's fc has one")
-            steps.append(_matmul_add(node, nodes[index + 1], initialisers, where, index))
+            steps.append(_matmul_add(node, nodes[index + 1], initialisers, where))
             index += 1
         else:
-            steps.append(_take(node, initialisers, where, _name(node, index), last))
+            steps.append(_take(node, initialisers, where, node.name, last))
         current = nodes[index].output[0]
         index += 1
     if not chain and current not in outputs:
@@ -251,7 +227,7 @@ def _block(
             node = next((n for n in inside if n.output and n.output[0] == value), None)
             if node is None:
                 raise UsageError(
-                    f"{label}: {_name(add, join)} (Add): adds {value}, which the chain from "
+                    f"{label}: {add.name} (Add): adds {value}, which the chain from "
                     f"{fork} does not compute; a residual block adds two paths from one input"
                 )
             path.insert(0, node)
@@ -259,22 +235,17 @@ def _block(
         paths.append(path)
     if len(paths[0]) + len(paths[1]) != len(inside):
         raise UsageError(
-            f"{label}: {_name(add, join)} (Add): nodes between {fork} and it are on neither "
+            f"{label}: {add.name} (Add): nodes between {fork} and it are on neither "
             "path; a residual block holds two chains"
         )
     read = [_steps(path, initialisers, fork, graph, label, chain=True) for path in paths]
     body, shortcut = body_and_shortcut(read, lambda step: step.taken)
     if all(step.taken is None for step in body):
         raise UsageError(
-            f"{label}: {_name(add, join)} (Add): both paths change nothing; threefold's residual "
+            f"{label}: {add.name} (Add): both paths change nothing; threefold's residual "
             "blocks add a body of layers to the shortcut"
         )
-    return _Block(_name(add, join), "Add(body, shortcut)", body, shortcut), join
-
-
-def _require(attributes: dict, name: str, allowed: tuple, why: str) -> None:
-    if name in attributes and attributes[name] not in allowed:
-        raise Refused(f"{name}={attributes[name]!r}", why)
+    return _Block(add.name, "Add(body, shortcut)", body, shortcut), join
 
 
 def _take(node, initialisers: dict, where: str, source: str, last: bool) -> _Step:
@@ -294,181 +265,10 @@ def _take(node, initialisers: dict, where: str, source: str, last: bool) -> _Ste
     return _Step(source, what, taken, reads, note, window)
 
 
-def _square(attributes: dict, name: str, default: int | None = None) -> int:
-    """A pair of equal ints (threefold's windows and strides are square)."""
-    value = attributes.get(name)
-    if value is None:
-        if default is None:
-            raise Refused(name, "is needed")
-        return default
-    if len(value) != 2 or value[0] != value[1]:
-        raise Refused(f"{name}={list(value)}", "threefold's windows are square")
-    return int(value[0])
-
-
-def _pads(attributes: dict, kernel: int) -> int:
-    auto = attributes.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto == "VALID":
-        return 0
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        if kernel % 2 == 0 or _square(attributes, "strides", 1) != 1:
-            raise Refused(f"auto_pad={auto}", "pads unevenly (an even kernel or a stride)")
-        return kernel // 2
-    if auto != "NOTSET":
-        raise Refused(f"auto_pad={auto}", "unknown")
-    pads = list(attributes.get("pads", [0, 0, 0, 0]))
-    if len(set(pads)) != 1:
-        raise Refused(f"pads={pads}", "threefold pads every side alike")
-    return int(pads[0])
-
-
-def _dilation(attributes: dict) -> None:
-    if any(d != 1 for d in attributes.get("dilations", [1, 1])):
-        raise Refused(f"dilations={list(attributes['dilations'])}", "dilation is not supported")
-
-
-def _conv(node, attributes, initialisers, last):
-    _require(attributes, "group", (1,), "grouped convolutions are not supported")
-    _dilation(attributes)
-    weight = _initialiser(node, 1, initialisers)
-    if len(weight.dims) != 4 or weight.dims[2] != weight.dims[3]:
-        raise Refused(f"weight {tuple(weight.dims)}", "a square kernel (O, I, K, K) is needed")
-    kernel = _square(attributes, "kernel_shape", int(weight.dims[2]))
-    bias = len(node.input) > 2 and bool(node.input[2])
-    options = {
-        "channels": int(weight.dims[0]),
-        "kernel": kernel,
-        "stride": _square(attributes, "strides", 1),
-        "padding": _pads(attributes, kernel),
-        "bias": int(bias),
-    }
-    reads = [(node.input[1], "weight")] + ([(node.input[2], "bias")] if bias else [])
-    return ("conv", options), reads, ""
-
-
-def _initialiser(node, position: int, initialisers: dict):
-    if len(node.input) <= position or node.input[position] not in initialisers:
-        raise Refused(f"input {position}", "a constant (initialiser) is needed")
-    return initialisers[node.input[position]]
-
-
-def _pool(op: str):
-    def take(node, attributes, initialisers, last):
-        _require(attributes, "ceil_mode", (0,), "threefold floors, like PyTorch's default")
-        _dilation(attributes)
-        size = _square(attributes, "kernel_shape")
-        padding = _pads(attributes, size)
-        stride = _square(attributes, "strides", 1)
-        if op == "avg" and padding and not attributes.get("count_include_pad", 0):
-            # ONNX's default leaves the padding out of the mean, PyTorch's counts it.
-            why = "threefold averages over the padding too, PyTorch's default"
-            raise Refused("count_include_pad=0", why)
-        if op == "max":
-            _require(attributes, "storage_order", (0,), "indices are not an output")
-        # Only the exporter's own mark ("adaptiveavgpool N"); any other doc_string is a note.
-        mark, _, outputs = node.doc_string.partition(" ")
-        if (
-            op == "avg"
-            and mark == ADAPTIVE
-            and outputs.isdigit()
-            and size == stride
-            and not padding
-        ):
-            return ("adaptiveavgpool", {"size": int(outputs)}), [], ""
-        return (f"{op}pool", {"size": size, "stride": stride, "padding": padding}), [], ""
-
-    return take
-
-
-def _batch_norm(node, attributes, initialisers, last):
-    _require(attributes, "training_mode", (0,), "an evaluation graph is needed")
-    if any(node.output[1:]):  # before opset 14, a node giving its statistics trains
-        why = "it normalises with the batch's statistics; an evaluation graph is needed"
-        raise Refused(f"outputs {', '.join(o for o in node.output[1:] if o)}", why)
-    if not math.isclose(attributes.get("epsilon", 1e-5), 1e-5, rel_tol=1e-6):
-        raise Refused(f"epsilon={attributes['epsilon']:.3g}", "threefold's BatchNorm adds 1e-5")
-    if not math.isclose(attributes.get("momentum", 0.9), 0.9, rel_tol=1e-6):
-        why = "threefold's running averages use PyTorch's 0.1 (ONNX's momentum 0.9)"
-        raise Refused(f"momentum={attributes['momentum']:.3g}", why)
-    for position in range(1, 5):
-        _initialiser(node, position, initialisers)
-    names = ("weight", "bias", "running_mean", "running_var")
-    return ("bn", {}), list(zip(node.input[1:5], names, strict=True)), ""
-
-
-def _dropout(node, attributes, initialisers, last):
-    if len(node.input) > 2 and node.input[2]:
-        training = _scalar(node.input[2], initialisers, "training_mode")
-        if training:
-            raise Refused("training_mode=true", "an evaluation graph is needed")
-    # An input since opset 12, an attribute before it.
-    ratio = (
-        _scalar(node.input[1], initialisers, "ratio")
-        if len(node.input) > 1 and node.input[1]
-        else _short(attributes.get("ratio", 0.5))
-    )
-    kind = "dropout2d" if node.doc_string.startswith(CHANNELWISE) else "dropout"
-    return (kind, {"p": ratio}), [], ""
-
-
-def _activation(kind: str, option: str | None = None, default: float = 0.0):
-    def take(node, attributes, initialisers, last):
-        if option is None:
-            return (kind, {}), [], ""
-        return (kind, {option: _short(attributes.get("alpha", default))}), [], ""
-
-    return take
-
-
-def _gelu(node, attributes, initialisers, last):
-    form = attributes.get("approximate", b"none")
-    form = form.decode() if isinstance(form, bytes) else form
-    if form not in ("none", "tanh"):
-        raise Refused(f"approximate={form!r}", "'none' or 'tanh'")
-    return ("gelu" if form == "none" else "gelutanh", {}), [], ""
-
-
-def _flatten(node, attributes, initialisers, last):
-    _require(attributes, "axis", (1,), "threefold flattens each image whole (axis=1)")
-    return ("flatten", {}), [], ""
-
-
-def _reshape(node, attributes, initialisers, last):
-    from onnx import numpy_helper
-
-    shape = _initialiser(node, 1, initialisers)
-    if math.prod(shape.dims) != 2:
-        raise Refused(f"shape {tuple(shape.dims)}", "threefold reshapes (N, C, H, W) to (N, -1)")
-    target = [int(v) for v in numpy_helper.to_array(shape)]
-    if target[0] not in (0, -1) or target[1] == 0:
-        why = "threefold flattens each image whole: shape [0, -1] or [-1, C*H*W]"
-        raise Refused(f"shape={target}", why)
-    return ("reshape", {"features": target[1]}), [], ""
-
-
-def _gemm(node, attributes, initialisers, last):
-    _require(attributes, "alpha", (1.0,), "a scaled product is not supported")
-    _require(attributes, "beta", (1.0,), "a scaled bias is not supported")
-    _require(attributes, "transA", (0,), "the input is not transposed in threefold's fc")
-    weight = _initialiser(node, 1, initialisers)
-    if len(node.input) < 3 or not node.input[2]:
-        raise Refused("C", "threefold's fc has a bias")
-    _initialiser(node, 2, initialisers)
-    transposed = attributes.get("transB", 0) != 0  # (out, in), PyTorch's layout; any non-zero
-    features = int(weight.dims[0] if transposed else weight.dims[1])
-    weight_name = "weight" if transposed else "weight.T"
-    return (
-        ("fc", {"features": features}),
-        [(node.input[1], weight_name), (node.input[2], "bias")],
-        "",
-    )
-
-
-def _matmul_add(matmul, add, initialisers: dict, where: str, index: int) -> _Step:
+def _matmul_add(matmul, add, initialisers: dict, where: str) -> _Step:
     """MatMul by a constant (in, out) then Add of a constant (out,): threefold's fc."""
     try:
-        weight = _initialiser(matmul, 1, initialisers)
+        weight = initialiser(matmul, 1, initialisers)
         if add.input[0] != matmul.output[0] or add.input[1] not in initialisers:
             raise Refused("Add", "the bias must be a constant added to the product")
         if len(weight.dims) != 2:
@@ -476,50 +276,8 @@ def _matmul_add(matmul, add, initialisers: dict, where: str, index: int) -> _Ste
     except Refused as refused:
         raise UsageError(f"{where}: {refused.option}: {refused.why}") from None
     reads = [(matmul.input[1], "weight.T"), (add.input[1], "bias")]
-    source = f"{_name(matmul, index)} + {_name(add, index + 1)}"
+    source = f"{matmul.name} + {add.name}"
     return _Step(source, "MatMul + Add", ("fc", {"features": int(weight.dims[1])}), reads)
-
-
-def _final(kind: str):
-    def take(node, attributes, initialisers, last):
-        axis = attributes.get("axis", -1)
-        if axis not in (1, -1):
-            raise Refused(f"axis={axis}", "a softmax over the classes has axis 1")
-        if kind == "Softmax" or not last:
-            raise Refused(
-                f"{kind} not last" if kind == "LogSoftmax" else "Softmax",
-                "threefold trains on logits with softmax cross-entropy; a final softmax would "
-                "be applied twice (return the logits, or LogSoftmax last)",
-            )
-        return None, [], "cross-entropy on log-probabilities is the same loss"
-
-    return take
-
-
-def _identity(node, attributes, initialisers, last):
-    return None, [], "changes nothing"
-
-
-TAKERS = {
-    "Conv": _conv,
-    "MaxPool": _pool("max"),
-    "AveragePool": _pool("avg"),
-    "GlobalAveragePool": lambda *_: (("adaptiveavgpool", {"size": 1}), [], ""),
-    "BatchNormalization": _batch_norm,
-    "Dropout": _dropout,
-    "Relu": _activation("relu"),
-    "Tanh": _activation("tanh"),
-    "Sigmoid": _activation("sigmoid"),
-    "LeakyRelu": _activation("leakyrelu", "slope", 0.01),
-    "Elu": _activation("elu", "alpha", 1.0),
-    "Gelu": _gelu,
-    "Flatten": _flatten,
-    "Reshape": _reshape,
-    "Gemm": _gemm,
-    "LogSoftmax": _final("LogSoftmax"),
-    "Softmax": _final("Softmax"),
-    "Identity": _identity,
-}
 
 
 def _resolve_shapes(steps: list[_Step], widths: dict[int, tuple[int, str]]) -> list[Entry]:
