@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import itertools
 import math
 import sys
 from dataclasses import dataclass
@@ -28,6 +27,11 @@ from shared.layers import INPUT_SHAPE, Layer
 from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
 from shared.spec import Entry, build_layers, get_arch, tensors
 from shared.torch_ops import DROP, METHODS, MODULES, RESHAPES, Refused, Taken, bind, functions
+from shared.torch_refusals import (
+    refuse_frozen,
+    refuse_hidden_behaviour,
+    refuse_shared_weights,
+)
 
 # --- the chain ----------------------------------------------------------------------------------
 
@@ -64,11 +68,11 @@ def _trace(module: Any, where: str):
     flags = {name: m.training for name, m in module.named_modules()}
     saved = {k: v.clone() for k, v in module.state_dict().items()}
     try:
-        _refuse_frozen(module, where)
+        refuse_frozen(module, where)
         # Traced in training mode: a functional dropout's `training=self.training` is read
         # at trace time, and a dropout is a layer whichever mode the module was left in.
         module.train()
-        _refuse_frozen(module, where)  # a train() of its own may keep some layers frozen
+        refuse_frozen(module, where)  # a train() of its own may keep some layers frozen
         graph = _traced(module, where)
         # A forward that branches on self.training computes two networks; one is read.
         module.eval()
@@ -105,22 +109,6 @@ def _trace(module: Any, where: str):
 
 # A traced node's call as the module in evaluation mode makes it: (args, kwargs).
 EVALUATION_CALL = "threefold_evaluation_call"
-
-
-def _refuse_frozen(module: Any, where: str) -> None:
-    """Refuse a BatchNorm or dropout left in the other mode than the module (a BatchNorm kept
-    in evaluation mode while the network trains, as fine-tuning does): threefold's layers
-    train, and evaluate, with their network."""
-    for name, sub in module.named_modules():
-        if (
-            type(sub).__name__.startswith(("BatchNorm", "Dropout"))
-            and sub.training != module.training
-        ):
-            mode = "evaluation" if module.training else "training"
-            raise UsageError(
-                f"{where}: {name}: in {mode} mode while the module is not (frozen); threefold's "
-                "layers train and evaluate with their network"
-            )
 
 
 def _traced(module: Any, where: str):
@@ -499,9 +487,9 @@ def from_torch(module: Any, where: str = "module") -> Network:
             )
         if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
             raise UsageError(f"{where}: {name}: {value.dtype}; threefold computes in float32/64")
-    _refuse_hidden_behaviour(module, where)
+    refuse_hidden_behaviour(module, where)
     graph = _trace(module, where)
-    _refuse_shared_weights(module, graph, where)
+    refuse_shared_weights(module, graph, where)
     steps = _read_steps(module, graph, where)
     entries, placed = _entries(steps, where)
     if not entries:
@@ -541,104 +529,6 @@ def from_torch(module: Any, where: str = "module") -> Network:
         block = arch.layers[position[0]].name if len(position) > 1 else ""
         mapping.append(Mapped(step.source, step.what, written, tensors=tuple(moved), block=block))
     return Network(arch, canonical, tuple(mapping))
-
-
-# The hooks that change what a module computes (a backward hook changes only PyTorch's own
-# gradients, which the import does not take), or the weights it reads (its state_dict's).
-HOOKS = {
-    "_forward_hooks": "forward hooks",
-    "_forward_pre_hooks": "forward pre-hooks",
-    "_state_dict_hooks": "state_dict hooks",
-    "_state_dict_pre_hooks": "state_dict pre-hooks",
-}
-GLOBAL_HOOKS = {
-    "_global_forward_hooks": "register_module_forward_hook",
-    "_global_forward_pre_hooks": "register_module_forward_pre_hook",
-}
-
-
-def _refuse_hidden_behaviour(module: Any, where: str) -> None:
-    """Refuse what changes a module's computation outside the forward that torch.fx traces:
-    lazy parameters not yet given a shape, hooks (pruning and the older weight_norm are
-    forward pre-hooks), parametrizations (the newer weight_norm, spectral_norm)."""
-    from torch.nn.modules import module as every_module
-    from torch.nn.parameter import is_lazy
-    from torch.nn.utils import parametrize
-
-    # Hooks set on every module at once run outside any one module's own.
-    found = [made for kind, made in GLOBAL_HOOKS.items() if getattr(every_module, kind, None)]
-    if found:
-        raise UsageError(
-            f"{where}: torch.nn has hooks on every module ({found[0]}), which change what each "
-            "computes; remove them to import it"
-        )
-    for name, sub in module.named_modules():
-        shown = name or type(module).__name__
-        # A lazy module's own pre-hook gives it its shape on the first batch.
-        own = [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]
-        if any(is_lazy(t) for t in own):
-            raise UsageError(
-                f"{where}: {shown}: has lazy parameters not yet of a shape; run the module "
-                "on one batch first"
-            )
-        hooks = [shown_kind for kind, shown_kind in HOOKS.items() if getattr(sub, kind, None)]
-        if hooks:
-            raise UsageError(
-                f"{where}: {shown}: has {hooks[0]} (pruning and the older weight_norm are "
-                "forward pre-hooks), which change what it computes or the weights it gives; "
-                "remove them to import it"
-            )
-        if parametrize.is_parametrized(sub):
-            raise UsageError(
-                f"{where}: {shown}: has parametrizations (weight_norm, spectral_norm); "
-                "remove them (torch.nn.utils.parametrize.remove_parametrizations) to import it"
-            )
-        if "forward" in vars(sub):  # torch.fx and the mapping read the class's
-            raise UsageError(f"{where}: {shown}: its forward is replaced on the instance")
-        for weight, tensor in sub.named_parameters(recurse=False):
-            if not tensor.requires_grad or tensor._backward_hooks:
-                why = "does not train" if not tensor.requires_grad else "has gradient hooks"
-                raise UsageError(
-                    f"{where}: {shown}.{weight}: {why}; threefold trains every weight by its "
-                    "plain gradient"
-                )
-
-
-def _refuse_shared_weights(module: Any, graph: Any, where: str) -> None:
-    """Refuse weights that the forward would use twice: a module with weights called twice,
-    or one tensor's memory (a parameter or a buffer, or `nn.Parameter(other.weight.data)`,
-    another tensor of the same storage) held by two modules it calls (tied weights).
-    Threefold would import two layers, and training would untie them."""
-    spans: list[tuple[int, int, str]] = []  # each tensor's bytes: [start, end), its path
-    called: set[str] = set()
-    for node in graph.graph.nodes:
-        if node.op != "call_module":
-            continue
-        sub = module.get_submodule(node.target)
-        if node.target in called and any(True for _ in sub.parameters()):
-            raise UsageError(
-                f"{where}: {node.target}: {type(sub).__name__}: used twice; its weights would "
-                "be shared, which threefold's layers are not"
-            )
-        called.add(node.target)
-        for name, tensor in [*sub.named_parameters(), *sub.named_buffers()]:
-            if tensor.numel():
-                start = tensor.data_ptr()
-                spans.append((start, start + _byte_span(tensor), f"{node.target}.{name}"))
-    # Sorted by start, two tensors share memory where one starts before the other ends.
-    spans.sort()
-    for (_, end, first), (start, _, path) in itertools.pairwise(spans):
-        if start < end:
-            raise UsageError(
-                f"{where}: {first} and {path} are one tensor (tied weights); threefold's "
-                "layers do not share weights"
-            )
-
-
-def _byte_span(tensor: Any) -> int:
-    """The bytes from a tensor's first element to just past its last, strides included."""
-    last = sum((size - 1) * step for size, step in zip(tensor.shape, tensor.stride(), strict=True))
-    return (last + 1) * tensor.element_size()
 
 
 def to_numpy(value: Any) -> np.ndarray:

@@ -1,0 +1,126 @@
+"""What a PyTorch module does beyond the forward torch.fx traces, which an import would
+miss: hooks (its own, global ones, its state_dict's), parametrizations, lazy parameters, a
+forward replaced on the instance, weights that do not train or have gradient hooks, layers
+frozen in the other mode than the module, and weights two layers share. Each is refused in
+one line naming the submodule; shared/torch_import.py calls these before and after tracing."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from shared.errors import UsageError
+
+
+def refuse_frozen(module: Any, where: str) -> None:
+    """Refuse a BatchNorm or dropout left in the other mode than the module (a BatchNorm kept
+    in evaluation mode while the network trains, as fine-tuning does): threefold's layers
+    train, and evaluate, with their network."""
+    for name, sub in module.named_modules():
+        if (
+            type(sub).__name__.startswith(("BatchNorm", "Dropout"))
+            and sub.training != module.training
+        ):
+            mode = "evaluation" if module.training else "training"
+            raise UsageError(
+                f"{where}: {name}: in {mode} mode while the module is not (frozen); threefold's "
+                "layers train and evaluate with their network"
+            )
+
+
+# The hooks that change what a module computes (a backward hook changes only PyTorch's own
+# gradients, which the import does not take), or the weights it reads (its state_dict's).
+HOOKS = {
+    "_forward_hooks": "forward hooks",
+    "_forward_pre_hooks": "forward pre-hooks",
+    "_state_dict_hooks": "state_dict hooks",
+    "_state_dict_pre_hooks": "state_dict pre-hooks",
+}
+GLOBAL_HOOKS = {
+    "_global_forward_hooks": "register_module_forward_hook",
+    "_global_forward_pre_hooks": "register_module_forward_pre_hook",
+}
+
+
+def refuse_hidden_behaviour(module: Any, where: str) -> None:
+    """Refuse what changes a module's computation outside the forward that torch.fx traces:
+    lazy parameters not yet given a shape, hooks (pruning and the older weight_norm are
+    forward pre-hooks), parametrizations (the newer weight_norm, spectral_norm)."""
+    from torch.nn.modules import module as every_module
+    from torch.nn.parameter import is_lazy
+    from torch.nn.utils import parametrize
+
+    # Hooks set on every module at once run outside any one module's own.
+    found = [made for kind, made in GLOBAL_HOOKS.items() if getattr(every_module, kind, None)]
+    if found:
+        raise UsageError(
+            f"{where}: torch.nn has hooks on every module ({found[0]}), which change what each "
+            "computes; remove them to import it"
+        )
+    for name, sub in module.named_modules():
+        shown = name or type(module).__name__
+        # A lazy module's own pre-hook gives it its shape on the first batch.
+        own = [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]
+        if any(is_lazy(t) for t in own):
+            raise UsageError(
+                f"{where}: {shown}: has lazy parameters not yet of a shape; run the module "
+                "on one batch first"
+            )
+        hooks = [shown_kind for kind, shown_kind in HOOKS.items() if getattr(sub, kind, None)]
+        if hooks:
+            raise UsageError(
+                f"{where}: {shown}: has {hooks[0]} (pruning and the older weight_norm are "
+                "forward pre-hooks), which change what it computes or the weights it gives; "
+                "remove them to import it"
+            )
+        if parametrize.is_parametrized(sub):
+            raise UsageError(
+                f"{where}: {shown}: has parametrizations (weight_norm, spectral_norm); "
+                "remove them (torch.nn.utils.parametrize.remove_parametrizations) to import it"
+            )
+        if "forward" in vars(sub):  # torch.fx and the mapping read the class's
+            raise UsageError(f"{where}: {shown}: its forward is replaced on the instance")
+        for weight, tensor in sub.named_parameters(recurse=False):
+            if not tensor.requires_grad or tensor._backward_hooks:
+                why = "does not train" if not tensor.requires_grad else "has gradient hooks"
+                raise UsageError(
+                    f"{where}: {shown}.{weight}: {why}; threefold trains every weight by its "
+                    "plain gradient"
+                )
+
+
+def refuse_shared_weights(module: Any, graph: Any, where: str) -> None:
+    """Refuse weights that the forward would use twice: a module with weights called twice,
+    or one tensor's memory (a parameter or a buffer, or `nn.Parameter(other.weight.data)`,
+    another tensor of the same storage) held by two modules it calls (tied weights).
+    Threefold would import two layers, and training would untie them."""
+    spans: list[tuple[int, int, str]] = []  # each tensor's bytes: [start, end), its path
+    called: set[str] = set()
+    for node in graph.graph.nodes:
+        if node.op != "call_module":
+            continue
+        sub = module.get_submodule(node.target)
+        if node.target in called and any(True for _ in sub.parameters()):
+            raise UsageError(
+                f"{where}: {node.target}: {type(sub).__name__}: used twice; its weights would "
+                "be shared, which threefold's layers are not"
+            )
+        called.add(node.target)
+        for name, tensor in [*sub.named_parameters(), *sub.named_buffers()]:
+            if tensor.numel():
+                start = tensor.data_ptr()
+                spans.append((start, start + _byte_span(tensor), f"{node.target}.{name}"))
+    # Sorted by start, two tensors share memory where one starts before the other ends.
+    spans.sort()
+    for (_, end, first), (start, _, path) in itertools.pairwise(spans):
+        if start < end:
+            raise UsageError(
+                f"{where}: {first} and {path} are one tensor (tied weights); threefold's "
+                "layers do not share weights"
+            )
+
+
+def _byte_span(tensor: Any) -> int:
+    """The bytes from a tensor's first element to just past its last, strides included."""
+    last = sum((size - 1) * step for size, step in zip(tensor.shape, tensor.stride(), strict=True))
+    return (last + 1) * tensor.element_size()
