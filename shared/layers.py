@@ -146,6 +146,11 @@ Layer = Conv | Pool | AdaptivePool | BatchNorm | Dropout | Activation | Flatten 
 Fail = Callable[[str], UsageError]
 
 
+# Every option's numbers stay below this, the 7 digits a token writes before any point, so
+# that every network has a canonical spec.
+TOKEN_BOUND = 10**7
+
+
 @dataclass(frozen=True)
 class Option:
     """One option of a layer kind. In a token it is a number after `letter` ("" for the
@@ -165,8 +170,7 @@ class Option:
 
     @property
     def pattern(self) -> str:
-        # 7 digits, so that every number a table may hold has a token (see `_table_entry`), an
-        # ELU's alpha of 12.5 too.
+        # 7 digits before any point, so that every number below TOKEN_BOUND has a token.
         return r"(\d{1,7})" if self.type is int else r"(\d{0,7}\.\d+|\d{1,7})"
 
     def __post_init__(self):
@@ -180,12 +184,13 @@ class Option:
     def check(self, value: Any, fail: Fail) -> None:
         label = self.label or self.name
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        high = min(self.high, TOKEN_BOUND)  # past it, no token could write the value
         if self.type is int and value < self.low:
             raise fail(f"{label} {shown} is not at least {self.low}")
-        if self.type is int and value >= self.high:
-            raise fail(f"{label} {shown} is not below {self.high}")
-        if self.type is float and not self.low <= value < self.high:
-            raise fail(f"{label} {shown} is not in [{self.low:g}, {self.high:g})")
+        if self.type is int and value >= high:
+            raise fail(f"{label} {shown} is not below {high}")
+        if self.type is float and not self.low <= value < high:
+            raise fail(f"{label} {shown} is not in [{self.low:g}, {high:g})")
 
 
 @dataclass(frozen=True)

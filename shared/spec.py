@@ -422,9 +422,6 @@ def _table_entry(table: dict, label: str, where: str) -> Entry:
         if isinstance(value, bool) or not isinstance(value, wanted):
             kind = "an integer" if is_int else "a number"
             raise UsageError(f"{where}: {label} option {key} is {value!r:.40}, not {kind}")
-        if is_int and not 0 <= value < 10**7:
-            # The compact grammar's bound (7 digits), so that the network has a canonical spec.
-            raise UsageError(f"{where}: {label} option {key} is {value}, not in [0, 10**7)")
         options[key] = value
     return label, name, options
 

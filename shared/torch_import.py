@@ -268,6 +268,11 @@ def _read_block(module: Any, fork: Any, calls: dict, where: str) -> tuple[_Block
             steps.append(_read_step(module, node, previous, calls, where))
             read.add(node)
             following = _users(node)
+            if not following:
+                raise UsageError(
+                    f"{where}: {node.name} ({_name_of(node)}): its result is never used; "
+                    "threefold reads chains of layers (drop the call)"
+                )
             if len(following) != 1:
                 raise UsageError(
                     f"{where}: {node.name} ({_name_of(node)}): inside a residual block its "

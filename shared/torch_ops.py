@@ -6,6 +6,7 @@ computed the same way is `Refused`, naming the option at fault."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 
@@ -217,9 +218,10 @@ _SOFTMAX: Signature = (("input", _REQUIRED), ("dim", None), ("_stacklevel", 3), 
 _FLATTEN: Signature = (("input", _REQUIRED), ("start_dim", 0), ("end_dim", -1))
 
 
+@cache  # built once, on the first import of a module, so that torch loads only then
 def functions() -> dict[Any, tuple[str, Signature, Callable[[dict[str, Any]], Taken]]]:
     """Functional calls by the function object torch.fx records: (name shown, parameters,
-    how it maps)."""
+    how it maps). Read, never changed."""
     import torch
     import torch.nn.functional as F
 

@@ -402,6 +402,12 @@ def _in_place_fork(m, x):
     return m.fc(torch.flatten(F.relu(h, inplace=True) + h, 1))  # PyTorch adds relu(h) twice
 
 
+def _result_never_used(m, x):
+    h = m.conv(x)
+    F.relu(h)
+    return m.fc(torch.flatten(h, 1))
+
+
 def _log_softmax_in_block(m, x):
     h = m.conv(x)
     return m.fc(torch.flatten(h + F.log_softmax(m.conv2(h), 1), 1))
@@ -445,6 +451,10 @@ REFUSED = {
             fc=nn.Linear(4 * 784, 10),
         ),
         "is not the one threefold's blocks take for this body",
+    ),
+    "a result never used": (
+        Chain(_result_never_used, conv=nn.Conv2d(1, 4, 3), fc=nn.Linear(HEAD, 10)),
+        "relu (relu): its result is never used",  # was "inside a residual block"
     ),
     "an empty block": (
         Chain(
@@ -713,6 +723,17 @@ def test_a_view_that_flattens_each_image_is_a_flatten(flat):
 def test_an_elu_of_alpha_past_ten_has_its_token():
     """Its token, elu12.5, was 'malformed' (a float's token had one digit before its point)."""
     reads_as(nn.Sequential(nn.Flatten(), nn.ELU(12.5), nn.Linear(784, 10)), "flatten-elu12.5-fc10")
+
+
+def test_an_elu_of_alpha_no_token_can_write_is_refused_naming_it():
+    """Past 7 digits before the point it was "token 'elu100000000' is malformed", naming
+    neither the module nor the bound."""
+    module = nn.Sequential(nn.Flatten(), nn.ELU(1e8), nn.Linear(784, 10))
+    with pytest.raises(UsageError) as refused:
+        threefold.from_torch(module)
+    assert str(refused.value).endswith(
+        "1: ELU(alpha=100000000.0): alpha 100000000.0 is not in [0, 1e+07)"
+    ), refused.value
 
 
 def test_a_view_by_the_input_s_size_is_a_flatten():
