@@ -24,7 +24,7 @@ from shared.backend import IMPLEMENTATIONS
 from shared.cli import add_data_dir_flag, add_impl_flag, chosen_impls, number, path_type, run_cli
 from shared.cost import check_training_batch, network_cost
 from shared.data import DATA_DIR_ENV, load_dataset
-from shared.errors import Terminated, ThreefoldError, UsageError, interrupted, terminate_on_sigterm
+from shared.errors import Terminated, ThreefoldError, UsageError, interrupted, stop_on_signals
 from shared.ladder import loop_epoch_seconds
 from shared.outputs import (
     check_out_files,
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             check_out_files([("--out", path) for path in result_files(out, name, chart)])
             # One benchmark at a time writes its tables.
-            with hold(out), terminate_on_sigterm(), _reading(folder):
+            with hold(out), stop_on_signals(), _reading(folder):
                 if args.against:
                     steps = args.steps or 40
                     return run_ab(args.against, impls, arch.name, sizes, steps, args.timeout, out)

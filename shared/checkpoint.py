@@ -520,6 +520,10 @@ def _check_history_entry(entry: dict, i: int, refuse: Callable[[str], Checkpoint
         raise refuse(f"field history entry {i} has other fields than an epoch's ({differ})")
     if entry["epoch"] != i:
         raise refuse(f"field history entry {i} is of epoch {_json_type(entry['epoch'])}")
+    for name, value in entry.items():  # losses and times are >= 0, accuracies shares
+        high = 1 if name.endswith("_acc") else math.inf
+        if value is not None and not 0 <= value <= high:
+            raise refuse(f"field history entry {i} {_show(name)} is {_json_type(value)}")
 
 
 def _finite_number(value: Any) -> bool:

@@ -21,7 +21,7 @@ from shared.config import (
     TrainConfig,
 )
 from shared.data import DATA_DIR_ENV, FASHION_MNIST
-from shared.errors import Interrupted, ThreefoldError, UsageError
+from shared.errors import Interrupted, ThreefoldError, UsageError, interrupted
 from shared.spec import presets
 
 
@@ -93,7 +93,7 @@ def _help(d: TrainConfig) -> dict[str, str]:
         "impl": "implementation to train",
         "init": "weight initialisation: he (Kaiming normal), lab (randn*0.01), torch (PyTorch's "
         "default uniform), xavier-uniform, xavier-normal (Glorot's)",
-        "epochs": ">= 1",
+        "epochs": f"passes over the training images, 1 to {FIELDS['epochs'].below - 1}",
         "batch_size": "images per step, at most the number of training images",
         "optimizer": "sgd (--momentum, --nesterov), adam or adamw (--beta1, --beta2, --eps; "
         "AdamW's decay decoupled), each as torch.optim computes it",
@@ -157,7 +157,7 @@ def add_data_dir_flag(parser: argparse.ArgumentParser, why: str = "") -> None:
         "--data-dir",
         type=path_type,
         default=None,
-        help=f"folder with the four IDX files{why} (default: ${DATA_DIR_ENV}, then "
+        help=f"folder with the four IDX files{why} (default: ${DATA_DIR_ENV} where set, else "
         f"{spec.default_dir}, then {spec.user_dir}, where train.py --download puts them)",
     )
 
@@ -188,9 +188,10 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[], int]) -> int:
     except ThreefoldError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"\n{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # before a run had anything to keep
+        stopped = interrupted(stop)
+        print(f"\n{parser.prog}: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     except BrokenPipeError:
         # The reader of the output went away (`| head`): as Python's docs advise, what is
         # left to flush at exit goes nowhere, quietly. 141: the shell's for SIGPIPE.

@@ -35,7 +35,7 @@ def _fetch(url: str, target: Path, progress: bool, limit: int) -> None:
     address."""
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
+            total = _length(response.headers.get("Content-Length"), url)
             if total is not None and total > limit:
                 raise DataError(f"{url}: {total:,} bytes, more than the file can be ({limit:,})")
             received = 0
@@ -63,6 +63,15 @@ def _fetch(url: str, target: Path, progress: bool, limit: int) -> None:
         raise DataError(f"{url}: download failed ({reason})") from None
     if total is not None and received != total:
         raise DataError(f"{url}: download cut short ({received} of {total} bytes)")
+
+
+def _length(header: str | None, url: str) -> int | None:
+    """The body's length a Content-Length header declares (None where there is none)."""
+    if not header:
+        return None
+    if not header.strip().isdigit():  # int() also takes "-5", "1_000" and " 7 "
+        raise DataError(f"{url}: the server declared a length of {header[:40]!r}, not a number")
+    return int(header) or None
 
 
 def _md5(path: Path) -> str:

@@ -40,26 +40,54 @@ class Terminated(KeyboardInterrupt):
     stops, keeps its last epoch and says how to continue; a benchmark keeps what it measured."""
 
 
+# Ctrl-C and SIGTERM received within stop_on_signals whose exception has not yet left it.
+_PENDING: list[int] = []
+
+
+def _stop(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 @contextlib.contextmanager
-def terminate_on_sigterm() -> Iterator[None]:
-    """Within the block, SIGTERM stops a run as Ctrl-C does (keeping its last epoch). The
-    signal is noted as well as raised: a library's blocking call (Ray's) may turn the
-    handler's exception into a plain KeyboardInterrupt, which still leaves as Terminated."""
-    received: list[int] = []
+def stop_on_signals() -> Iterator[None]:
+    """Within the block, Ctrl-C and SIGTERM stop a run alike (keeping its last epoch).
 
-    def terminate(signum: int, frame: object) -> None:
-        received.append(signum)
-        raise Terminated
+    Each signal is noted as well as raised, for two thieves of the handler's exception: a
+    library's blocking call (Ray's) may turn it into a plain KeyboardInterrupt, which still
+    leaves as Terminated; and an exception raised while Python runs a garbage-collector
+    callback (JAX's, during a compile) is printed and dropped. act_on_signals raises a dropped
+    one between steps, and the block raises it on leaving, so the command never ends as if
+    nothing had been asked."""
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    def note(signum: int, frame: object) -> None:
+        _PENDING.append(signum)
+        raise _stop(signum)
+
+    _PENDING.clear()
+    # Ctrl-C only where Python's own handler takes it: not where it is ignored, as in a
+    # background job or under nohup, nor where another handler owns it.
+    taken = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        taken.append(signal.SIGINT)
+    previous = {s: signal.signal(s, note) for s in taken}
     try:
         yield
+        act_on_signals()
     except KeyboardInterrupt as stop:
-        if received and not isinstance(stop, Terminated):
+        if signal.SIGTERM in _PENDING and not isinstance(stop, Terminated):
             raise Terminated from None
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        _PENDING.clear()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def act_on_signals() -> None:
+    """Raise the Ctrl-C or SIGTERM that stop_on_signals noted, if any: the call costs a
+    list's test, for loops to make between steps."""
+    if _PENDING:
+        raise _stop(_PENDING[0])
 
 
 def interrupted(stop: KeyboardInterrupt | Interrupted, what: str = "") -> Interrupted:

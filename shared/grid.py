@@ -32,7 +32,6 @@ import importlib.util
 import itertools
 import json
 import logging
-import math
 import os
 import platform
 import socket
@@ -56,7 +55,7 @@ from shared.errors import (
     ThreefoldError,
     UsageError,
     interrupted,
-    terminate_on_sigterm,
+    stop_on_signals,
 )
 from shared.io import read_json, write_json
 from shared.loop import train_split
@@ -257,9 +256,13 @@ def a_curve(value: object) -> bool:
     return isinstance(value, list) and bool(value) and all(map(a_share, value))
 
 
-def a_duration(value: object) -> bool:
-    """Whether a stored time (or size) is one: a finite number >= 0."""
-    return type(value) in (int, float) and 0 <= value < math.inf
+def a_duration(value: object, positive: bool = False) -> bool:
+    """Whether a stored time (or size) is one: a number >= 0 (> 0 if `positive`), short of
+    1e12, beyond any a run measures (30,000 years; an exabyte in MB): nearer float's maximum,
+    a report's sums and plots overflow."""
+    if type(value) not in (int, float):  # not bool, nor a string
+        return False
+    return (value > 0 if positive else value >= 0) and value < 1e12
 
 
 def checkout_label() -> str:
@@ -342,7 +345,7 @@ def run_grid(
         if engine.name == "ray":
             _on_ray(task, todo, data, engine, finished)
         else:
-            with terminate_on_sigterm():
+            with stop_on_signals():
                 for config in todo:
                     try:
                         result = run_here(task, config, data)
@@ -471,7 +474,7 @@ def _on_ray(
         remote = ray.remote(num_cpus=cpus, max_calls=1, max_retries=0)(run_pinned)
         data_ref = ray.put(data)
         pending = {remote.remote(task, config, data_ref, cpus): config for config in todo}
-        with terminate_on_sigterm():  # after ray.init, which sets its own handler
+        with stop_on_signals():  # after ray.init, which sets its own handler
             wait_for(ray, pending, finished)
     finally:
         for ref in pending:  # interrupted: what has not ended is stopped, not left running

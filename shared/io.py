@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -128,20 +129,22 @@ def read_json(path: Path) -> Any:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # no such process, or no such pid at all
         return False
     except PermissionError:
         return True  # someone else's process
     return True
 
 
-def remove_stale_temporaries(folder: Path) -> None:
+def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
     """Delete what `atomic_write` leaves when its process is killed mid-write: hidden
-    `.NAME.PID.*.tmp` files, which never look like data but should not pile up. Files of a
-    process still alive are another writer's, in progress, and stay."""
+    `.NAME.PID.*.tmp` files for each of `names` (the files a command writes in `folder`),
+    which never look like data but should not pile up. Files of a process still alive are
+    another writer's, in progress, and stay; files named otherwise are not ours, and stay."""
+    ours = re.compile(rf"\.(?:{'|'.join(map(re.escape, names))})\.(\d+)\.[a-z0-9_]+\.tmp")
     for leftover in Path(folder).glob(".*.tmp"):
-        pid = leftover.name.rsplit(".", 3)[-3]
-        if pid.isdigit() and _alive(int(pid)):
+        match = ours.fullmatch(leftover.name)
+        if match is None or _alive(int(match[1])):
             continue
         with contextlib.suppress(FileNotFoundError):
             leftover.unlink()

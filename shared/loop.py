@@ -37,11 +37,12 @@ from shared.errors import (
     Terminated,
     ThreefoldError,
     UsageError,
+    act_on_signals,
     interrupted,
 )
 from shared.io import remove_stale_temporaries, write_json
 from shared.layers import NUM_CLASSES
-from shared.outputs import CHECKPOINT_NAME, CURVES_NAME, METRICS_NAME
+from shared.outputs import CHECKPOINT_NAME, CURVES_NAME, METRICS_NAME, RUN_FILES
 from shared.plots import plot_curves
 from shared.spec import Arch, Params, cast_params, get_arch, init_params
 
@@ -168,6 +169,7 @@ def run_epoch(
         step = (epoch - 1) * steps + i
         lr = learning_rate(step, total, peak, config.schedule, warmup)
         state, loss, n_correct = backend.train_step(state, data, batch, lr)
+        act_on_signals()  # one a library's callback swallowed stops the run here
         if not math.isfinite(loss):
             raise TrainingDiverged(
                 f"loss became {loss} at step {step + 1} (epoch {epoch}, batch {i + 1}) "
@@ -349,7 +351,7 @@ def start_run(
             backend, state, train_data, len(split), config, data.background
         )
     if out_dir is not None:
-        remove_stale_temporaries(out_dir)
+        remove_stale_temporaries(out_dir, RUN_FILES)
     return run
 
 

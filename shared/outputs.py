@@ -79,14 +79,24 @@ def replacing_run(folder: Path) -> Iterator[None]:
             moved.append(name)
         yield
     except BaseException as error:
-        if len(moved) == len(names) and (folder / CHECKPOINT_NAME).exists():  # the new one's
+        new_run_saved = len(moved) == len(names) and (folder / CHECKPOINT_NAME).exists()
+        if new_run_saved or not _put_back(aside, folder, moved):
             _tell(error, f"the run it was to replace is kept in {aside}")
-        else:
-            for name in moved:
-                os.replace(aside / name, folder / name)
-            aside.rmdir()
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _put_back(aside: Path, folder: Path, names: list[str]) -> bool:
+    """Move `names` from `aside` back into `folder`, then remove `aside`: whether the files
+    went back (a folder made read-only meanwhile keeps them aside)."""
+    try:
+        for name in names:
+            os.replace(aside / name, folder / name)
+    except OSError:
+        return False
+    with contextlib.suppress(OSError):
+        aside.rmdir()
+    return True
 
 
 def _tell(error: BaseException, note: str) -> None:
@@ -171,7 +181,8 @@ def hold(folder: Path, flag: str = "--out") -> Iterator[None]:
     lock = folder / LOCK_NAME
     while True:
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            # Never through a symlink, whose target the pid below would overwrite.
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             raise UsageError(f"{flag} {folder}: cannot lock it ({e.strerror or e})") from None
         try:
@@ -205,8 +216,9 @@ def hold(folder: Path, flag: str = "--out") -> Iterator[None]:
         yield
     finally:
         # While still locked, so no one else holds a lock on this file; someone may have
-        # deleted it by hand, which must not fail a finished run.
-        with contextlib.suppress(FileNotFoundError):
+        # deleted it by hand, or made the folder read-only, which must not fail a finished
+        # run (a lock left behind holds nothing once closed).
+        with contextlib.suppress(OSError):
             os.unlink(lock)
         os.close(fd)
 

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 
 from shared.io import atomic_write
 
@@ -28,7 +29,10 @@ def plot_curves(history: list[dict], title: str, path: Path) -> None:
     for split, style in (("train", "-o"), ("val", "--s")):
         if any(h[f"{split}_loss"] is None for h in history):
             continue  # a run without a validation split
-        ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], style, label=split, ms=3)
+        # Drawn at most at float32's maximum: matplotlib's ticks overflow on a finite loss
+        # near float64's (a diverging float64 run's), where the curve looks the same.
+        losses = np.minimum([h[f"{split}_loss"] for h in history], np.finfo(np.float32).max)
+        ax_loss.plot(epochs, losses, style, label=split, ms=3)
         ax_acc.plot(epochs, [100 * h[f"{split}_acc"] for h in history], style, label=split, ms=3)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")

@@ -11,7 +11,7 @@ from shared.checkpoint import Checkpoint, load_checkpoint
 from shared.cli import add_training_flags, config_from_args, given_flags, path_type, run_cli
 from shared.config import RECIPES, TrainConfig, check_config, config_from_saved
 from shared.data import Dataset, get_dataset_spec, load_dataset
-from shared.errors import CheckpointError, UsageError, terminate_on_sigterm
+from shared.errors import CheckpointError, UsageError, stop_on_signals
 from shared.io import read_json
 from shared.loop import data_identity, train, train_split
 from shared.network import import_network, load_weights
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     typed = given_flags(parser, argv)
 
     def body() -> int:
-        with terminate_on_sigterm():
+        with stop_on_signals():
             if args.resume is not None:
                 return _resume(args, typed)
             return _start(args, typed)
@@ -282,10 +282,11 @@ def _run(
     ckpt: Checkpoint | None,
     initial: Params | None = None,
 ) -> int:
+    limited = "" if config.limit is None else f" (--limit; of {len(data.train)})"
     print(
-        f"{config.impl} | {config.arch} | {len(data.train)} train, {len(data.val)} "
-        f"validation, {len(data.test)} test images from {data.source} ({config.pixels} "
-        f"pixels) | writing to {folder}"
+        f"{config.impl} | {config.arch} | {config.limit or len(data.train)} train"
+        f"{limited}, {len(data.val)} validation, {len(data.test)} test images from "
+        f"{data.source} ({config.pixels} pixels) | writing to {folder}"
     )
     if ckpt is not None:
         print(f"resuming after epoch {ckpt.meta['epoch']} of {config.epochs}")

@@ -606,6 +606,15 @@ def test_unreadable_metadata_is_refused(tmp_path, content, problem):
             {"epoch": 1, "history": [{**META["history"][0], "train_loss": 10**400}]},
             "field history entry 1 'train_loss' is a big integer",
         ),
+        # Accepted, then --resume's curves, or a report, failed on them in a traceback.
+        (
+            {"epoch": 1, "history": [{**META["history"][0], "val_acc": 2.0}]},
+            "field history entry 1 'val_acc' is 2.0",
+        ),
+        (
+            {"epoch": 1, "history": [{**META["history"][0], "epoch_seconds": -1.0}]},
+            "field history entry 1 'epoch_seconds' is -1.0",
+        ),
         ({"impl": "tensorflow"}, "field impl is 'tensorflow', not one of numpy, jax, torch"),
         ({"dataset": "cifar10"}, "field dataset is 'cifar10', not one of fashion-mnist, mnist"),
         ({"config": {"flip": "yes"}}, "field config.flip is 'yes', not true or false"),

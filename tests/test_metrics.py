@@ -5,6 +5,7 @@ import math
 import numpy as np
 
 from shared import metrics
+from shared.plots import plot_curves
 
 
 def test_cross_entropy_by_hand():
@@ -36,3 +37,14 @@ def test_epoch_line_has_the_labs_format():
         "numpy | Epoch:  3 | Train Loss:  0.4123 | Train Acc: 85.1200 | "
         "Val Loss:  0.3990 | Val Acc: 86.0100 | Epoch time: 11.20 sec"
     )
+
+
+def test_the_curves_draw_any_finite_loss(tmp_path):
+    """A loss near float64's maximum (a diverging float64 run's, or a hand-edited checkpoint's)
+    overflowed matplotlib's ticks: "arange: cannot compute length"."""
+    history = [
+        {"epoch": epoch, "train_loss": loss, "train_acc": 0.5, "val_loss": 1.0, "val_acc": 0.5}
+        for epoch, loss in ((1, 1.7e308), (2, 0.5))
+    ]
+    plot_curves(history, "a diverging run", tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
+import gc
 import gzip
 import hashlib
 import http.server
@@ -21,10 +23,11 @@ import pytest
 
 from shared.backend import IMPLEMENTATIONS
 from shared.checkpoint import load_checkpoint, save_checkpoint
+from shared.cli import run_cli
 from shared.config import TrainConfig
 from shared.data import FASHION_MNIST, OfficialFiles, find_data_dir, load_dataset
 from shared.download import download_dataset, most_bytes
-from shared.errors import DataError
+from shared.errors import DataError, Terminated, act_on_signals, stop_on_signals
 from shared.loop import TrainingDiverged, train
 from tests.conftest import make_dataset_dir, write_idx
 from tests.test_runs import wait_for_line
@@ -168,6 +171,54 @@ def test_ctrl_c_stops_with_a_message_and_keeps_the_checkpoint(tiny_data_dir, tmp
     ckpt = load_checkpoint(out / "checkpoint.npz")
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert ckpt.meta["epoch"] == len(history) >= 1
+
+
+def test_a_signal_whose_exception_a_gc_callback_dropped_still_stops_the_command():
+    """JAX's garbage-collector callback ran while Ctrl-C or SIGTERM arrived: Python printed the
+    handler's exception and dropped it, and the run trained on to the end and exited 0."""
+    dropped = []
+
+    def callback(phase: str, info: dict) -> None:
+        if phase != "start":
+            return
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs here, in the callback
+        except BaseException as stop:
+            dropped.append(stop)
+            raise
+
+    for stops_itself in (act_on_signals, lambda: None):  # between steps; else on leaving
+        gc.callbacks.append(callback)
+        try:
+            with pytest.raises(Terminated), stop_on_signals():
+                gc.collect()
+                gc.callbacks.remove(callback)
+                stops_itself()
+        finally:
+            if callback in gc.callbacks:
+                gc.callbacks.remove(callback)
+        assert len(dropped) == 1 and isinstance(dropped.pop(), Terminated)
+    act_on_signals()  # nothing is left noted after the block
+
+
+def test_ctrl_c_ignored_as_in_a_background_job_stays_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stop_on_signals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_sigterm_before_a_run_has_anything_to_keep_exits_143(capsys):
+    """It said "interrupted" and exited 130, as for Ctrl-C."""
+
+    def body() -> int:
+        raise Terminated
+
+    assert run_cli(argparse.ArgumentParser(prog="train.py"), body) == 143
+    assert capsys.readouterr().err.strip() == "train.py: terminated (SIGTERM)"
 
 
 def test_killed_mid_write_never_leaves_a_corrupt_file(tiny_data_dir, tmp_path):
@@ -354,14 +405,15 @@ def test_the_real_files_are_the_official_ones_and_load(real_data):
 
 class Server:
     """A local HTTP server on 127.0.0.1 that serves `files` (name -> bytes), can cut a body
-    short, send no Content-Length, and answer with an error status."""
+    short, send no Content-Length or one of its own (`length` a string), and answer with an
+    error status."""
 
     def __init__(
         self,
         files: dict[str, bytes],
         truncate: str | None = None,
         status: int = 200,
-        length: bool = True,
+        length: bool | str = True,
     ):
         self.files, self.truncate, self.status, self.length = files, truncate, status, length
         handler = functools.partial(self._Handler, self)
@@ -382,7 +434,8 @@ class Server:
                 return
             self.send_response(200)
             if self.state.length:
-                self.send_header("Content-Length", str(len(body)))
+                told = self.state.length
+                self.send_header("Content-Length", told if told is not True else str(len(body)))
             self.end_headers()
             self.wfile.write(body[: len(body) // 2] if name == self.state.truncate else body)
 
@@ -425,7 +478,8 @@ def test_download_verifies_then_moves_into_place(served_files, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "fault", ["truncated", "wrong checksum", "server error", "missing", "endless", "too long"]
+    "fault",
+    ["truncated", "wrong checksum", "server error", "missing", "endless", "too long", "bad length"],
 )
 def test_a_failed_download_leaves_nothing_that_looks_valid(served_files, tmp_path, fault):
     files, spec = served_files
@@ -442,7 +496,7 @@ def test_a_failed_download_leaves_nothing_that_looks_valid(served_files, tmp_pat
         }
     kwargs = {"truncate": "train-labels-idx1-ubyte.gz"} if fault == "truncated" else {}
     status = 500 if fault == "server error" else 200
-    length = fault != "endless"
+    length = {"endless": False, "bad length": "abc"}.get(fault, True)  # "abc": a ValueError
     with (
         Server(files, status=status, length=length, **kwargs) as server,
         pytest.raises(DataError) as err,
@@ -451,6 +505,8 @@ def test_a_failed_download_leaves_nothing_that_looks_valid(served_files, tmp_pat
     assert "\n" not in str(err.value)
     if fault in ("endless", "too long"):
         assert "more than the file can be" in str(err.value)
+    if fault == "bad length":
+        assert "the server declared a length of 'abc', not a number" in str(err.value)
     assert not dest.exists()  # not the files that downloaded fine, nor the folder it made
 
 

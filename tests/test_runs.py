@@ -54,6 +54,14 @@ def test_the_same_command_twice_keeps_both_runs(tiny_data_dir, tmp_path):
         assert strict_json(run / "metrics.json")["test"]["acc"] >= 0
 
 
+def test_a_limited_run_says_how_many_images_it_trains_on(tiny_data_dir, tmp_path):
+    """Its first line said the split's 100, whatever --limit."""
+    data, out = ["--data-dir", str(tiny_data_dir)], ["--out", str(tmp_path / "run")]
+    result = run_script("train.py", *QUICK, "--limit", "40", *data, *out)
+    assert result.returncode == 0, result.stderr
+    assert "| 40 train (--limit; of 100), " in result.stdout.splitlines()[0]
+
+
 def test_fresh_run_dirs_are_distinct(tmp_path):
     folders = [fresh_run_dir(tmp_path / "runs" / "jax-lab") for _ in range(3)]
     assert [f.name for f in folders] == ["jax-lab", "jax-lab-2", "jax-lab-3"]
@@ -136,7 +144,7 @@ def test_an_empty_path_is_refused_not_taken_as_the_current_folder(script, flags,
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_replaced_run_goes_only_once_its_replacement_has_finished(tmp_path):
+def test_a_replaced_run_goes_only_once_its_replacement_has_finished(tmp_path, monkeypatch):
     old = {"checkpoint.npz": b"old run", "metrics.json": b"{}", "evaluation.json": b"{}"}
 
     def folder_with_the_old_run(name: str) -> Path:
@@ -162,6 +170,22 @@ def test_a_replaced_run_goes_only_once_its_replacement_has_finished(tmp_path):
     with pytest.raises(Interrupted, match=kept_in), replacing_run(folder):
         (folder / "checkpoint.npz").write_bytes(b"new run, epoch 1")
         raise Interrupted("stopped in epoch 2")
+    aside = [p for p in folder.iterdir() if p.name.startswith(".replaced-") and p.name[-1] != "x"]
+    assert len(aside) == 1 and files(aside[0]) == old
+    # It fails before saving, and the folder refuses the old run back (made read-only
+    # meanwhile): the old run stays aside, named; it was a second traceback, unnamed.
+    folder = folder_with_the_old_run("unreturnable")
+    real_replace = os.replace
+
+    def refusing_to_put_back(source, target):
+        if Path(source).parent.name.startswith(".replaced-"):
+            raise PermissionError(1, "Operation not permitted")
+        real_replace(source, target)
+
+    with pytest.raises(OutputError, match=f"^disk full; {kept_in}"), replacing_run(folder):
+        monkeypatch.setattr(os, "replace", refusing_to_put_back)  # once set aside
+        raise OutputError("disk full")
+    monkeypatch.undo()
     aside = [p for p in folder.iterdir() if p.name.startswith(".replaced-") and p.name[-1] != "x"]
     assert len(aside) == 1 and files(aside[0]) == old
     # It finishes: the old run is gone, the leftover of another process stays.
@@ -215,6 +239,33 @@ def test_a_lock_deleted_by_hand_does_not_fail_the_run(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_lock_the_folder_refuses_to_remove_does_not_fail_the_run(tmp_path, monkeypatch):
+    """A folder made read-only during the run: the lock's removal failed in a traceback."""
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    with hold(tmp_path):
+        monkeypatch.setattr(os, "unlink", refused)
+    monkeypatch.undo()
+    with hold(tmp_path):  # the lock left behind holds nothing
+        pass
+
+
+def test_a_lock_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path):
+    """The pid was written through it, over the target's content."""
+    target = tmp_path / "precious.txt"
+    target.write_text("the user's")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").symlink_to(target)
+    with (
+        pytest.raises(UsageError, match=r"^--out .*run: cannot lock it \("),
+        hold(tmp_path / "run"),
+    ):
+        pass
+    assert target.read_text() == "the user's"
+
+
 def test_a_held_folder_refuses_a_second_process_naming_the_first(tiny_data_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -248,13 +299,15 @@ def test_a_killed_holder_never_leaves_the_folder_locked(tmp_path):
         pass
 
 
-def test_start_up_clean_up_spares_live_writers(tmp_path):
+def test_start_up_clean_up_spares_live_writers_and_files_not_its_own(tmp_path):
     mine = tmp_path / f".metrics.json.{os.getpid()}.abcd1234.tmp"
     dead = tmp_path / ".metrics.json.999999999.abcd1234.tmp"
-    for path in (mine, dead):
+    # The user's own hidden temporaries, and another file's, were deleted too.
+    users = [tmp_path / name for name in (".mywork.tmp", ".notes.txt.999999999.abcd1234.tmp")]
+    for path in (mine, dead, *users):
         path.write_text("partial")
-    remove_stale_temporaries(tmp_path)
-    assert mine.exists() and not dead.exists()
+    remove_stale_temporaries(tmp_path, ("metrics.json", "checkpoint.npz"))
+    assert mine.exists() and not dead.exists() and all(path.exists() for path in users)
 
 
 # --- resume ---------------------------------------------------------------------------------

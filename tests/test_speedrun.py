@@ -156,7 +156,15 @@ def test_an_interrupted_speedrun_keeps_the_runs_it_finished_and_resumes(
 
 
 @pytest.mark.parametrize(
-    ("field", "stored"), [("train_seconds", None), ("compile_seconds", "1"), ("peak_mb", -1)]
+    ("field", "stored"),
+    [
+        ("train_seconds", None),
+        ("compile_seconds", "1"),
+        ("peak_mb", -1),
+        # A ZeroDivisionError and a plot's overflow, in tracebacks.
+        ("train_seconds", 0),
+        ("test_seconds", 1.7e308),
+    ],
 )
 def test_a_stored_run_without_what_the_report_reads_is_refused_in_one_line(field, stored, tmp_path):
     data = load_dataset(make_dataset_dir(tmp_path / "data", n_train=400))
