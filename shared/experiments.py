@@ -48,7 +48,8 @@ from shared.lab_questions import (
 from shared.loop import train
 from shared.outputs import check_out_files, hold, prepare_out_dir
 
-# --quick: a reduced run for tests, the same code path on 1,000 images.
+# --quick: a reduced run for tests, the same code path on 1,000 images (the questions asked on
+# a shorter or deeper run: 500 images, 1 epoch).
 QUICK = dict(
     base=TrainConfig(epochs=2, limit=1000),
     budgets=(1, 2),
@@ -236,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a reduced run: 1,000 images, 2 epochs, one seed (for tests)",
+        help="a reduced run: 1,000 images, 2 epochs (500 and 1 for the short and deep questions), "
+        "one seed (for tests)",
     )
     add_impl_flag(parser, "run")
     parser.add_argument(

@@ -11,11 +11,11 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from shared.checkpoint import DIRECTORY_MAX_BYTES, value_problem, zip_directory_bytes
+from shared.checkpoint import DIRECTORY_MAX_BYTES, zip_directory_bytes
 from shared.errors import UsageError
 from shared.network import Network
 from shared.spec import Arch, Params, tensors
-from shared.torch_import import first_line, from_torch, to_numpy
+from shared.torch_import import canonical_array, first_line, from_torch
 from shared.weights_file import renamed
 
 # A model file is a Python module the user names; a weights file holds one state_dict.
@@ -108,8 +108,9 @@ def load_state_dict_file(
     except Exception as error:  # whatever the file holds, one line
         why = first_line(error)
         raise UsageError(f"{label}: not a state_dict torch.load can read ({why})") from None
-    tensors_only = all(isinstance(v, torch.Tensor) for v in getattr(loaded, "values", list)())
-    if not isinstance(loaded, dict) or not tensors_only:
+    # A bare tensor's values() is a sparse tensor's method: the dict is asked first.
+    is_dict = isinstance(loaded, dict)
+    if not is_dict or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise UsageError(f"{label}: holds a {type(loaded).__name__}, not a state_dict of tensors")
     weights, names = {}, renamed(loaded, renames, expected, label)
     for theirs, value in loaded.items():
@@ -119,11 +120,7 @@ def load_state_dict_file(
             raise UsageError(
                 f"{label}: {theirs} has shape {tuple(value.shape)}, the network's {shape}"
             )
-        array = to_numpy(value)
-        problem = value_problem(expected[ours], array)
-        if problem is not None:
-            raise UsageError(f"{label}: {theirs} {problem}")
-        weights[ours] = array
+        weights[ours] = canonical_array(value, expected[ours], f"{label}: {theirs}")
     missing = sorted(set(expected) - set(weights))
     if missing:
         theirs = {ours: theirs for theirs, ours in renames.items()}.get(missing[0], missing[0])

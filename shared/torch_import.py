@@ -23,7 +23,7 @@ import numpy as np
 from shared.checkpoint import value_problem
 from shared.errors import UsageError
 from shared.kinds import token
-from shared.layers import INPUT_SHAPE, Layer
+from shared.layers import INPUT_SHAPE, Layer, Tensor
 from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
 from shared.spec import Entry, build_layers, get_arch, tensors
 from shared.torch_ops import DROP, METHODS, MODULES, RESHAPES, Refused, Taken, bind, functions
@@ -525,10 +525,7 @@ def from_torch(module: Any, where: str = "module") -> Network:
             if not name.startswith(f"{layer.name}."):
                 continue
             theirs = f"{step.module_path}.{name[len(layer.name) + 1 :]}"
-            canonical[name] = to_numpy(state[theirs])
-            problem = value_problem(expected[name], canonical[name])
-            if problem is not None:
-                raise UsageError(f"{where}: {theirs} {problem}")
+            canonical[name] = canonical_array(state[theirs], expected[name], f"{where}: {theirs}")
             moved.append((theirs, name))
         written = token(layer, every=True)
         block = arch.layers[position[0]].name if len(position) > 1 else ""
@@ -536,7 +533,20 @@ def from_torch(module: Any, where: str = "module") -> Network:
     return Network(arch, canonical, tuple(mapping))
 
 
-def to_numpy(value: Any) -> np.ndarray:
-    """A torch tensor as a NumPy copy: floats as they are, anything else as int64."""
-    array = value.detach().cpu().numpy()
-    return array.astype(np.int64) if not np.issubdtype(array.dtype, np.floating) else array.copy()
+def canonical_array(value: Any, tensor: Tensor, where: str) -> np.ndarray:
+    """A torch tensor as a NumPy copy holding `tensor`: dense, float32 or float64 (int64 for a
+    counter), its values checked; anything else is refused, naming `where` (a complex or int8
+    weight was cast to int64, a bfloat16 or sparse one a traceback)."""
+    import torch
+
+    if value.is_quantized or value.is_meta or value.layout != torch.strided:
+        form = "quantized" if value.is_quantized else "meta" if value.is_meta else value.layout
+        raise UsageError(f"{where}: a {form} tensor; threefold reads dense tensors")
+    wanted = (torch.int64,) if tensor.counter else (torch.float32, torch.float64)
+    if value.dtype not in wanted:
+        raise UsageError(f"{where}: {value.dtype}, not {' or '.join(map(str, wanted))}")
+    array = value.detach().cpu().numpy().copy()
+    problem = value_problem(tensor, array)
+    if problem is not None:
+        raise UsageError(f"{where} {problem}")
+    return array

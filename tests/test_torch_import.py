@@ -273,6 +273,13 @@ def test_a_weights_file_that_does_not_fit_is_one_line(tmp_path):
         "stranger": {**state, "extra.weight": torch.zeros(1)},
         # An unused layer left in the module under a canonical name once overwrote conv1's.
         "twice": {**state, "conv1.bias": torch.zeros_like(state["0.bias"])},
+        # Cast to int64 without a word (complex, int8), or a traceback (bfloat16, sparse, a
+        # bare tensor, whose values() is a sparse tensor's method).
+        "complex": {**state, "0.bias": state["0.bias"].to(torch.complex64)},
+        "int8": {**state, "0.bias": state["0.bias"].to(torch.int8)},
+        "bfloat16": {**state, "0.bias": state["0.bias"].to(torch.bfloat16)},
+        "sparse": {**state, "0.bias": state["0.bias"].to_sparse()},
+        "tensor": state["0.bias"],
     }
     expected = {
         "missing": "1 tensors missing, the first 0.bias (conv1.bias)",
@@ -280,6 +287,11 @@ def test_a_weights_file_that_does_not_fit_is_one_line(tmp_path):
         "nan": "8.weight has NaN or inf values",
         "stranger": "extra.weight is not a tensor of the network",
         "twice": "0.bias and conv1.bias both give conv1.bias",
+        "complex": "0.bias: torch.complex64, not torch.float32 or torch.float64",
+        "int8": "0.bias: torch.int8, not torch.float32 or torch.float64",
+        "bfloat16": "0.bias: torch.bfloat16, not torch.float32 or torch.float64",
+        "sparse": "0.bias: a torch.sparse_coo tensor; threefold reads dense tensors",
+        "tensor": "holds a Tensor, not a state_dict of tensors",
     }
     for case, content in cases.items():
         torch.save(content, tmp_path / f"{case}.pt")
