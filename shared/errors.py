@@ -2,6 +2,7 @@
 
 import contextlib
 import signal
+import sys
 from collections.abc import Iterator
 
 
@@ -55,15 +56,22 @@ def stop_on_signals() -> Iterator[None]:
     Each signal is noted as well as raised, for two thieves of the handler's exception: a
     library's blocking call (Ray's) may turn it into a plain KeyboardInterrupt, which still
     leaves as Terminated; and an exception raised while Python runs a garbage-collector
-    callback (JAX's, during a compile) is printed and dropped. act_on_signals raises a dropped
-    one between steps, and the block raises it on leaving, so the command never ends as if
-    nothing had been asked."""
+    callback (JAX's, during a compile) is dropped, and Python prints its traceback.
+    act_on_signals raises a dropped one between steps, and the block raises it on leaving, so
+    the command never ends as if nothing had been asked; its traceback is not printed."""
 
     def note(signum: int, frame: object) -> None:
         _PENDING.append(signum)
         raise _stop(signum)
 
+    def unraisable(info: "sys.UnraisableHookArgs") -> None:
+        # A stop that `note` raised and a callback dropped is raised again between steps;
+        # Python's traceback of it would only alarm.
+        if not (isinstance(info.exc_value, KeyboardInterrupt) and _PENDING):
+            hook(info)
+
     _PENDING.clear()
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable
     # Ctrl-C only where Python's own handler takes it: not where it is ignored, as in a
     # background job or under nohup, nor where another handler owns it.
     taken = [signal.SIGTERM]
@@ -79,6 +87,7 @@ def stop_on_signals() -> Iterator[None]:
         raise
     finally:
         _PENDING.clear()
+        sys.unraisablehook = hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

@@ -173,7 +173,7 @@ def test_ctrl_c_stops_with_a_message_and_keeps_the_checkpoint(tiny_data_dir, tmp
     assert ckpt.meta["epoch"] == len(history) >= 1
 
 
-def test_a_signal_whose_exception_a_gc_callback_dropped_still_stops_the_command():
+def test_a_signal_whose_exception_a_gc_callback_dropped_still_stops_the_command(capsys):
     """JAX's garbage-collector callback ran while Ctrl-C or SIGTERM arrived: Python printed the
     handler's exception and dropped it, and the run trained on to the end and exited 0."""
     dropped = []
@@ -199,6 +199,7 @@ def test_a_signal_whose_exception_a_gc_callback_dropped_still_stops_the_command(
             if callback in gc.callbacks:
                 gc.callbacks.remove(callback)
         assert len(dropped) == 1 and isinstance(dropped.pop(), Terminated)
+        assert "Exception ignored" not in capsys.readouterr().err  # Python's traceback of it
     act_on_signals()  # nothing is left noted after the block
 
 
