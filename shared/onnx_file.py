@@ -1,10 +1,12 @@
 """An untrusted ONNX file read into its graph within bounds: its size before it is parsed, its
 node and message counts off the protobuf wire format before a node is decoded, its
-initialisers' count, its structure as onnx.checker sees it, no operators of other domains and
-no external data (tensors in other files)."""
+initialisers' count, its structure as onnx.checker sees it, no operators of other domains;
+initialisers stored in other files (external data, torch.onnx.export's default) read only from
+files beside it, within their bounds."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from shared.errors import UsageError
@@ -20,7 +22,8 @@ MAX_NODES = 2 * MAX_LAYERS + 4
 
 
 def read_graph(path: Path, label: str):
-    """The parsed graph, its size and node count bounded, no external data."""
+    """The parsed graph, its size and node count bounded, its initialisers' external data
+    read in (see _read_external); no other tensor may have any."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -47,6 +50,8 @@ def read_graph(path: Path, label: str):
             raise UsageError(
                 f"{label}: operators of domain {opset.domain!r}; threefold reads ONNX's own"
             )
+    if _read_external(graph, path, label):
+        data = model.SerializeToString()  # checked below with the tensors read in
     elsewhere = _external_tensor(graph)
     if elsewhere:
         raise UsageError(f"{label}: {elsewhere} is stored in another file (external data)")
@@ -54,11 +59,49 @@ def read_graph(path: Path, label: str):
     # an order that computes each input first, the types and shapes inferred) hold before the
     # reader walks the graph: one that breaks them is no model any runtime reads.
     try:
-        onnx.checker.check_model(data, full_check=True)  # the bytes: no second copy
+        onnx.checker.check_model(data, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"{label}: not a valid ONNX model ({first})") from None
     return graph
+
+
+def _read_external(graph, path: Path, label: str) -> bool:
+    """Read into `graph` each initialiser stored in another file, as torch.onnx.export writes
+    them by default (`external_data=True`): whether there was one. The file must be a plain
+    name in the model's own folder (a path, or `..`, would let the model read any file) and
+    a regular file, each tensor's bytes within it and exactly its size, and all of them at
+    most MAX_ONNX_FILE_BYTES."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    total = 0
+    for tensor in external:
+        where = f"{label}: initialiser {tensor.name}'s external data"
+        try:
+            info = ExternalDataInfo(tensor)
+            item = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, ValueError, TypeError) as error:
+            raise UsageError(f"{where}: not readable ({type(error).__name__})") from None
+        location = str(info.location)
+        if not location or Path(location).name != location or location in (".", ".."):
+            raise UsageError(f"{where}: {location[:60]!r} is not a file beside the model")
+        size = math.prod(tensor.dims) * item
+        offset = int(info.offset or 0)
+        length = size if info.length is None else int(info.length)
+        total += length
+        if length != size or offset < 0 or total > MAX_ONNX_FILE_BYTES:
+            raise UsageError(f"{where}: {length:,} bytes at {offset:,}, for a tensor of {size:,}")
+        with regular_file(path.parent / location, f"{where} {location}") as file:
+            file.seek(offset)
+            raw = file.read(length)
+        if len(raw) != length:
+            raise UsageError(f"{where}: {location} ends before the tensor's {length:,} bytes")
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.raw_data = raw
+    return bool(external)
 
 
 def _external_tensor(graph) -> str | None:

@@ -73,7 +73,8 @@ def from_onnx(path: str | Path, where: str = "") -> Network:
     nodes, initialisers = _constants(
         list(graph.node), {t.name: t for t in graph.initializer}, label
     )
-    current = _input_name(graph, initialisers, label)
+    current, batch = _input(graph, initialisers, label)
+    nodes = _reshapes_by_image(nodes, initialisers, batch)
     standardise, nodes, current = _scaling(nodes, initialisers, current, label)
     steps = _steps(nodes, initialisers, current, graph, label)
     widths: dict[int, tuple[int, str]] = {}
@@ -114,9 +115,9 @@ def _constants(nodes: list, initialisers: dict, label: str) -> tuple[list, dict]
     return computing, constants
 
 
-def _input_name(graph, initialisers: dict, label: str) -> str:
+def _input(graph, initialisers: dict, label: str) -> tuple[str, int | None]:
     """The graph's one input (an image batch (N, 1, 28, 28)), not counting initialisers that
-    older exporters list as inputs."""
+    older exporters list as inputs: (its name, N where the graph fixes it)."""
     inputs = [i for i in graph.input if i.name not in initialisers]
     if len(inputs) != 1:
         raise UsageError(
@@ -129,7 +130,73 @@ def _input_name(graph, initialisers: dict, label: str) -> str:
         raise UsageError(
             f"{label}: input {inputs[0].name} is {shown}; threefold's networks take Nx1x28x28"
         )
-    return inputs[0].name
+    return inputs[0].name, shape[0] or None  # a dim_value of 0: none given
+
+
+# A Reshape's target item that is the batch's size, read off the graph (x.size(0)).
+BATCH = "batch"
+
+
+def _reshapes_by_image(nodes: list, constants: dict, batch: int | None) -> list:
+    """The nodes with each Reshape that keeps the batch and reshapes every image given the
+    target threefold reads ([0, F] or [-1, F]), and the nodes computing its target from the
+    batch's size dropped: x.view(x.size(0), -1) exported with a dynamic batch (Shape,
+    Gather, Unsqueeze, Concat), or a target leading with the batch the input fixes (exported
+    with a static one; the reshape of each image is the same at any batch). A target
+    computed otherwise stays as it is, for the Reshape's own refusal."""
+    from onnx import numpy_helper
+
+    sizes: dict[str, Any] = {}  # value -> "shape", BATCH, or a list of BATCH and ints
+    kept = []
+    for node in nodes:
+        op, attributes = node.op_type, _attributes(node)
+        given = [sizes.get(name) for name in node.input]
+        if op == "Shape" and attributes.get("start", 0) == 0:
+            sizes[node.output[0]] = "shape"
+        elif op == "Gather" and given[0] == "shape" and attributes.get("axis", 0) == 0:
+            index = _constant_ints(node.input[1], constants)
+            if index in ([0], 0):
+                sizes[node.output[0]] = BATCH if index == 0 else [BATCH]
+        elif op == "Unsqueeze" and given[0] == BATCH:
+            sizes[node.output[0]] = [BATCH]
+        elif op == "Concat" and attributes.get("axis") == 0:
+            parts = [
+                g if g is not None else _constant_ints(n, constants)
+                for g, n in zip(given, node.input, strict=True)
+            ]
+            if all(isinstance(part, list) for part in parts):
+                sizes[node.output[0]] = [item for part in parts for item in part]
+        if node.output[0] in sizes:
+            continue  # computes a size, not from the images
+        if op == "Reshape" and len(node.input) > 1:
+            target = sizes.get(node.input[1]) or _constant_ints(node.input[1], constants)
+            if isinstance(target, list) and target and batch is not None and target[0] == batch:
+                target = [BATCH, *target[1:]]
+            if isinstance(target, list) and target[:1] == [BATCH] and BATCH not in target[1:]:
+                # The batch as -1 where the rest has none, else as 0, which copies it (with
+                # allowzero off: this target is now the reader's own).
+                rest = target[1:]
+                target = [-1, *rest] if -1 not in rest else [0, *rest]
+                name = f"{node.output[0]} target"
+                constants[name] = numpy_helper.from_array(np.array(target, np.int64), name)
+                node.input[1] = name
+                kept_attributes = [a for a in node.attribute if a.name != "allowzero"]
+                del node.attribute[:]
+                node.attribute.extend(kept_attributes)
+        kept.append(node)
+    return kept
+
+
+def _constant_ints(name: str, constants: dict) -> list[int] | int | None:
+    """A constant integer tensor's values (a list, or an int for a scalar), None otherwise."""
+    from onnx import numpy_helper
+
+    if name not in constants:
+        return None
+    value = numpy_helper.to_array(constants[name])
+    if value.dtype.kind not in "iu" or value.ndim > 1 or value.size > 8:
+        return None
+    return int(value) if value.ndim == 0 else [int(v) for v in value]
 
 
 def _scaling(nodes: list, initialisers: dict, current: str, label: str):
@@ -215,9 +282,10 @@ def _block(
         None,
     )
     if join is None:
+        takers = ", ".join(f"{n.name} ({n.op_type})" for n in nodes[index:] if fork in n.input)
         raise UsageError(
-            f"{label}: {fork} feeds several nodes that no Add joins; threefold reads residual "
-            "blocks, whose input feeds two chains that add"
+            f"{label}: {fork} feeds {takers[:200]}, which no Add joins; threefold reads chains, "
+            "and residual blocks whose input feeds two chains that add"
         )
     add, inside = nodes[join], nodes[index:join]
     paths = []

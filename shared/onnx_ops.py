@@ -174,6 +174,21 @@ def _gelu(node, attributes, initialisers, last):
     return ("gelu" if form == "none" else "gelutanh", {}), [], ""
 
 
+def _reduce_mean(node, attributes, initialisers, last):
+    """The mean over each channel's plane, kept as (N, C, 1, 1): AdaptiveAvgPool2d(1) as
+    torch.onnx.export's dynamo exporter writes it (axes an input since opset 18)."""
+    from onnx import numpy_helper
+
+    if len(node.input) > 1 and node.input[1]:
+        axes = [int(a) for a in numpy_helper.to_array(initialiser(node, 1, initialisers)).ravel()]
+    else:
+        axes = list(attributes.get("axes", []))
+    if sorted(a % 4 for a in axes) != [2, 3]:
+        raise Refused(f"axes={axes}", "threefold averages over each plane (axes 2 and 3)")
+    _require(attributes, "keepdims", (1,), "threefold's pooling keeps the (1, 1) plane")
+    return ("adaptiveavgpool", {"size": 1}), [], ""
+
+
 def _flatten(node, attributes, initialisers, last):
     _require(attributes, "axis", (1,), "threefold flattens each image whole (axis=1)")
     return ("flatten", {}), [], ""
@@ -186,6 +201,8 @@ def _reshape(node, attributes, initialisers, last):
     if math.prod(shape.dims) != 2:
         raise Refused(f"shape {tuple(shape.dims)}", "threefold reshapes (N, C, H, W) to (N, -1)")
     target = [int(v) for v in numpy_helper.to_array(shape)]
+    if attributes.get("allowzero", 0) and 0 in target:  # a 0 is then a size, not a copy
+        raise Refused(f"shape={target} with allowzero=1", "a dimension of 0 holds nothing")
     if target[0] not in (0, -1) or target[1] == 0:
         why = "threefold flattens each image whole: shape [0, -1] or [-1, C*H*W]"
         raise Refused(f"shape={target}", why)
@@ -245,6 +262,7 @@ TAKERS = {
     "Gelu": _gelu,
     "Flatten": _flatten,
     "Reshape": _reshape,
+    "ReduceMean": _reduce_mean,
     "Gemm": _gemm,
     "LogSoftmax": _final("LogSoftmax"),
     "Softmax": _final("Softmax"),

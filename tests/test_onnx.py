@@ -525,12 +525,12 @@ def test_an_initialiser_whose_shape_is_not_its_layer_s_is_named(tmp_path):
         from_onnx(graph_file(tmp_path, nodes, inits))
 
 
-def test_external_data_is_refused(tmp_path):
+def test_external_data_elsewhere_than_beside_the_model_is_refused(tmp_path):
     nodes, inits = fc_nodes()
     inits[0].data_location = TensorProto.EXTERNAL
     inits[0].ClearField("raw_data")
     inits[0].external_data.add(key="location", value="/etc/passwd")
-    with pytest.raises(UsageError, match="initialiser w is stored in another file"):
+    with pytest.raises(UsageError, match="'/etc/passwd' is not a file beside the model"):
         from_onnx(graph_file(tmp_path, nodes, inits))
 
 
@@ -1090,3 +1090,137 @@ def test_what_the_reader_cannot_take_is_named_in_the_file_s_own_terms(tmp_path):
     ]:
         with pytest.raises(UsageError, match=message):
             from_onnx(path)
+
+
+# --- files as torch.onnx.export writes them by default (found by a review of the API) ---------
+
+
+class _ViewNet(torch.nn.Module):
+    """A flatten by the batch's size, as tutorials write it: x.view(x.size(0), -1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.fc = torch.nn.Linear(4 * 26 * 26, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(h.size(0), -1))
+
+
+@pytest.mark.parametrize("batch", ["dynamic", "static"])
+def test_a_view_by_the_batch_s_size_imports_whether_the_batch_is_fixed_or_not(batch, tmp_path):
+    """Exported with a dynamic batch, its target was computed from the batch's size (Shape,
+    Gather, Unsqueeze, Concat): "feeds several nodes that no Add joins". With a static one
+    it was the constant [2, -1]: "threefold flattens each image whole"."""
+    path, module = tmp_path / "view.onnx", _ViewNet().eval()
+    dynamic = {"dynamic_axes": {"x": {0: "n"}}} if batch == "dynamic" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            torch.zeros(2, 1, 28, 28),
+            path,
+            dynamo=False,
+            input_names=["x"],
+            opset_version=onnx_export.OPSET,
+            **dynamic,
+        )
+    network = from_onnx(path)
+    assert network.arch.name == "conv4p0-relu-flatten-fc10"
+    x = torch.rand(5, 1, 28, 28)  # any batch: the static file's too reshapes each image alike
+    with torch.no_grad():
+        assert relative(threefold.to_torch(network)(x).numpy(), module(x).numpy()) < FLOAT32
+
+
+def test_initialisers_in_a_file_beside_the_model_are_read_from_there_alone(tmp_path):
+    """torch.onnx.export's default writes the weights into m.onnx.data (external data): such
+    files were refused. The data file must be a plain name beside the model, hold each tensor
+    whole, and be a regular file."""
+    fc, weights = random_fc("flat", 784)
+    flatten = helper.make_node("Flatten", ["x"], ["flat"], "flatten", axis=1)
+    model = onnx.load(graph_file(tmp_path, [flatten, *fc], weights, "inline.onnx"))
+    onnx.save_model(
+        model,
+        tmp_path / "m.onnx",
+        save_as_external_data=True,
+        location="m.onnx.data",
+        size_threshold=0,
+    )
+    assert (tmp_path / "m.onnx.data").stat().st_size == 4 * (10 * 784 + 10)
+    network = reads_as_onnxruntime_runs_it(tmp_path / "m.onnx")
+    assert np.array_equal(network.tensors["fc.weight"], numpy_helper.to_array(weights[0]))
+    (tmp_path / "elsewhere").mkdir()
+    os.replace(tmp_path / "m.onnx.data", tmp_path / "elsewhere" / "w.data")
+    cases = {
+        "../elsewhere/w.data": r"'\.\./elsewhere/w\.data' is not a file beside the model",
+        "missing.data": r"initialiser w's external data missing\.data: cannot read it",
+    }
+    for location, message in cases.items():
+        stored = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+        for tensor in stored.graph.initializer:
+            tensor.external_data[0].value = location
+        (tmp_path / "moved.onnx").write_bytes(stored.SerializeToString())
+        with pytest.raises(UsageError, match=message):
+            from_onnx(tmp_path / "moved.onnx")
+    # A data file cut short of its tensors.
+    os.replace(tmp_path / "elsewhere" / "w.data", tmp_path / "m.onnx.data")
+    with open(tmp_path / "m.onnx.data", "r+b") as data:
+        data.truncate(100)
+    with pytest.raises(UsageError, match=r"m\.onnx\.data ends before the tensor's 31,360 bytes"):
+        from_onnx(tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("opset", [13, 18])  # axes an attribute, then an input
+def test_a_mean_over_each_plane_is_a_global_average_pool(opset, tmp_path):
+    """AdaptiveAvgPool2d(1) as the dynamo exporter writes it: "ReduceMean: not an operator"."""
+    conv_w = numpy_helper.from_array(
+        np.random.default_rng(2).standard_normal((8, 1, 3, 3), np.float32), "cw"
+    )
+    fc, weights = random_fc("flat", 8)
+    axes = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
+    conv = helper.make_node("Conv", ["x", "cw"], ["c"], "conv", kernel_shape=[3, 3])
+    mean = (
+        helper.make_node("ReduceMean", ["c", "axes"], ["m"], "mean", keepdims=1)
+        if opset >= 18
+        else helper.make_node("ReduceMean", ["c"], ["m"], "mean", axes=[-2, -1], keepdims=1)
+    )
+    flatten = helper.make_node("Flatten", ["m"], ["flat"], "flatten", axis=1)
+    initialisers = [conv_w, *weights, *([axes] if opset >= 18 else [])]
+    path = graph_file(tmp_path, [conv, mean, flatten, *fc], initialisers, opset=opset)
+    assert reads_as_onnxruntime_runs_it(path).arch.name == "conv8p0b0-adaptiveavgpool1-flatten-fc10"
+    if opset == 13:  # the mean over the channels is no pooling
+        over_channels = helper.make_node("ReduceMean", ["c"], ["m"], "mean", axes=[1], keepdims=1)
+        fc, weights = random_fc("flat", 26 * 26)
+        path = graph_file(
+            tmp_path, [conv, over_channels, flatten, *fc], [conv_w, *weights], "c.onnx", opset=13
+        )
+        with pytest.raises(
+            UsageError, match=r"mean \(ReduceMean\): axes=\[1\]: threefold averages"
+        ):
+            from_onnx(path)
+
+
+def test_a_reshape_to_zero_with_allowzero_is_not_read_as_keeping_the_batch(tmp_path):
+    """With allowzero=1 a 0 in the target is a size of 0, not a copy of the input's."""
+    fc, weights = random_fc("flat", 784)
+    target = numpy_helper.from_array(np.array([0, 784], np.int64), "target")
+    reshape = helper.make_node("Reshape", ["x", "target"], ["flat"], "view", allowzero=1)
+    path = graph_file(tmp_path, [reshape, *fc], [target, *weights])
+    with pytest.raises(UsageError, match=r"view \(Reshape\): shape=\[0, 784\] with allowzero=1"):
+        from_onnx(path)
+
+
+def test_a_value_feeding_paths_that_no_add_joins_names_the_nodes_it_feeds(tmp_path):
+    """GELU written out (Div, Erf, Add, Mul, Mul, before opset 20) read as a broken residual
+    block, naming none of the nodes."""
+    fc, weights = random_fc("flat", 784)
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], "relu"),
+        helper.make_node("Tanh", ["x"], ["t"], "tanh"),
+        helper.make_node("Mul", ["r", "t"], ["m"], "product"),
+        helper.make_node("Flatten", ["m"], ["flat"], "flatten", axis=1),
+        *fc,
+    ]
+    with pytest.raises(UsageError, match=r": x feeds relu \(Relu\), tanh \(Tanh\), which no Add"):
+        from_onnx(graph_file(tmp_path, nodes, weights))
