@@ -308,7 +308,10 @@ class LayerKind:
     def token(self, layer: Layer, every: bool = False) -> str:
         """The canonical token of a layer: its options, defaults left out (with `every`,
         written too: conv32k3s1p0b1 says what conv32k3p0 means)."""
-        options = self.options_of(layer)
+        return self.written(self.options_of(layer), every)
+
+    def written(self, options: dict[str, Any], every: bool = False) -> str:
+        """The token of a layer of this kind with `options` (each of them given)."""
         text = self.name
         for option in self.options:
             value = options[option.name]

@@ -18,7 +18,7 @@ from shared.checkpoint import load_checkpoint, tensor_problem
 from shared.data import get_dataset_spec
 from shared.errors import UsageError
 from shared.io import a_path
-from shared.kinds import kind_of, token
+from shared.kinds import KINDS, kind_of, token
 from shared.layers import Residual
 from shared.spec import Arch, Params, cast_params, get_arch, tensors
 
@@ -155,12 +155,15 @@ def check_shortcut(read: list, shown: str, block: Residual, where: str) -> None:
     None for one that changes nothing; `shown` as the source writes them) must be the one
     threefold infers for the block's body; else one line starting with `where`."""
     inferred = [(kind_of(inner).name, kind_of(inner).options_of(inner)) for inner in block.shortcut]
-    if [taken for taken in read if taken is not None] != inferred:
+    layers = [taken for taken in read if taken is not None]
+    if layers != inferred:
         wanted = "-".join(token(layer, every=True) for layer in block.shortcut) or "the identity"
+        # As a token too: a source's own form (a Conv's attributes) need not show its bias.
+        got = "-".join(KINDS[kind].written(options, every=True) for kind, options in layers)
         raise UsageError(
-            f"{where}: its shortcut ({shown or 'the identity'}) is not the one threefold's "
-            f"blocks take for this body ({wanted}: a 1x1 conv with the body's stride, no "
-            "bias, a BatchNorm where the body has one)"
+            f"{where}: its shortcut ({shown or 'the identity'}: {got or 'the identity'}) is not "
+            f"the one threefold's blocks take for this body ({wanted}: a 1x1 conv with the "
+            "body's stride, no bias, a BatchNorm where the body has one)"
         )
 
 

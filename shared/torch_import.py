@@ -157,6 +157,12 @@ def _read_steps(module: Any, graph: Any, where: str) -> list[_Step | _Block]:
     """The module's operations in order, each checked to take the one before's output; where
     the output feeds two paths that an add joins, a residual block of them."""
     calls = functions()
+    returned = next(n for n in graph.graph.nodes if n.op == "output").args[0]
+    if isinstance(returned, tuple | list | dict):  # before its paths read as a block
+        raise UsageError(
+            f"{where}: its forward returns {len(returned)} values; threefold's networks "
+            "return the logits alone"
+        )
     current, steps, read = None, [], set()
     for node in graph.graph.nodes:
         if node in read:
@@ -194,6 +200,12 @@ def _read_step(module: Any, node: Any, current: Any, calls: dict, where: str) ->
             "layers (modules and functional calls)"
         )
     inputs = _tensor_inputs(node)  # a size read from any tensor is the batch's, a number
+    read = node.all_input_nodes
+    if read and not inputs and all(_size_source(a) is not None for a in read):
+        raise UsageError(
+            f"{where}: {node.name} ({_name_of(node)}): computes with the batch's size; an "
+            "image's features in threefold's layers do not depend on the batch"
+        )
     if inputs != [current] or (node.args and node.args[0] is not current):
         takes = "several tensors" if len(inputs) > 1 else "a tensor other than the one before"
         raise UsageError(
@@ -299,7 +311,8 @@ def _is_size_of(node: Any, current: Any) -> bool:
 
 def _size_source(node: Any) -> Any | None:
     """The node whose size `node` reads (x.size(...), x.shape, or an item of either, as in
-    x.view(x.shape[0], -1)), or None where `node` is no size."""
+    x.view(x.shape[0], -1); or a product or sum of an image's sizes and numbers, as in
+    x.view(-1, x.size(1) * x.size(2) * x.size(3))), or None where `node` is no size."""
     import operator
 
     if node.op == "call_method" and node.target == "size":
@@ -308,7 +321,25 @@ def _size_source(node: Any) -> Any | None:
         return node.args[0]
     if node.op == "call_function" and node.target is operator.getitem:
         return _size_source(node.args[0])
+    if node.op == "call_function" and node.target in (operator.mul, operator.add):
+        sizes = [a for a in node.args if hasattr(a, "op")]  # the rest are numbers
+        sources = {_size_source(a) for a in sizes}
+        # Not of the batch's size: each image's features would then depend on the batch.
+        if len(sources) == 1 and None not in sources and not any(map(_batch_size, sizes)):
+            return sources.pop()
     return None
+
+
+def _batch_size(node: Any) -> bool:
+    """Whether a size node reads the batch's size: x.size(0), x.shape[0], x.size()[0]."""
+    import operator
+
+    if node.op == "call_method" and node.target == "size":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return dim in (0, None)  # None: the whole size, the batch's among them
+    if node.op == "call_function" and node.target is operator.getitem:
+        return node.args[1] == 0
+    return node.op == "call_function" and node.target is getattr  # the whole shape
 
 
 def _name_of(node: Any) -> str:

@@ -67,22 +67,20 @@ def _conv(options: dict[str, Any]) -> Taken:
 def _pool(op: str) -> Callable[[dict[str, Any]], Taken]:
     def take(options: dict[str, Any]) -> Taken:
         _require(options, "ceil_mode", False, "threefold floors like PyTorch's default")
+        padding = _pair(options["padding"], "padding")
         if op == "max":
             _require(options, "return_indices", False, "indices are not an output")
             if _pair(options["dilation"], "dilation") != 1:
                 raise Refused(f"dilation={options['dilation']!r}", "dilated pooling")
         else:
-            why = "threefold averages over the padding too, PyTorch's default"
-            _require(options, "count_include_pad", True, why)
+            if padding:  # without it, the mean is the same either way
+                why = "threefold averages over the padding too, PyTorch's default"
+                _require(options, "count_include_pad", True, why)
             _require(options, "divisor_override", None, "the divisor is the window's size")
         size = _pair(options["kernel_size"], "kernel_size")
         stride = options["stride"]
         stride = size if stride is None or stride == [] else _pair(stride, "stride")
-        return f"{op}pool", {
-            "size": size,
-            "stride": stride,
-            "padding": _pair(options["padding"], "padding"),
-        }
+        return f"{op}pool", {"size": size, "stride": stride, "padding": padding}
 
     return take
 
@@ -124,7 +122,9 @@ def _gelu(options: dict[str, Any]) -> Taken:
 
 def _softmax(final: bool) -> Callable[[dict[str, Any]], Taken]:
     def take(options: dict[str, Any]) -> Taken:
-        if options["dim"] not in (1, -1):
+        # No dim: PyTorch's implicit one, 1 for the (N, classes) logits at the end (and a
+        # deprecation warning); a softmax elsewhere is refused below.
+        if options["dim"] not in (1, -1, None):
             raise Refused(f"dim={options['dim']!r}", "a softmax over the classes has dim 1")
         if final:  # only allowed last; the chain walk checks where it stands
             return DROP

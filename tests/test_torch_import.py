@@ -464,6 +464,18 @@ REFUSED = {
         ),
         "is not the one threefold's blocks take for this body",
     ),
+    "features by the batch's size": (
+        Chain(
+            lambda m, x: m.fc(m.conv(x).view(-1, x.size(0) * HEAD // 2)),
+            conv=nn.Conv2d(1, 4, 3),
+            fc=nn.Linear(HEAD, 10),
+        ),
+        "mul (mul): computes with the batch's size",  # a flatten at the traced batch of 2 alone
+    ),
+    "a tuple returned": (
+        Chain(lambda m, x: (m.fc(torch.flatten(x, 1)), x), fc=nn.Linear(784, 10)),
+        "its forward returns 2 values",  # was "joins two paths other than by adding them"
+    ),
     "a result never used": (
         Chain(_result_never_used, conv=nn.Conv2d(1, 4, 3), fc=nn.Linear(HEAD, 10)),
         "relu (relu): its result is never used",  # was "inside a residual block"
@@ -559,6 +571,10 @@ REFUSED = {
         nn.Sequential(nn.AvgPool2d(3, 1, 1, count_include_pad=False), head(1, 28 * 28)),
         "0: AvgPool2d(count_include_pad=False)",
     ),
+    "softmax without dim": (
+        Chain(lambda m, x: F.softmax(m.fc(torch.flatten(x, 1))), fc=nn.Linear(784, 10)),
+        "softmax: F.softmax(dim=None): threefold trains on logits",
+    ),
     "functional ceil": (
         Chain(
             lambda m, x: m.fc(torch.flatten(F.max_pool2d(x, 3, ceil_mode=True), 1)),
@@ -578,7 +594,9 @@ REFUSED = {
             side=nn.Conv2d(4, 8, 1, 2),
             fc=nn.Linear(8 * 13 * 13, 10),
         ),
-        "add: its shortcut (Conv2d(4, 8, kernel_size=(1, 1), stride=(2, 2))) is not the one",
+        # The bias, which the module's repr does not show, is in the token (conv8k1s2p0b1).
+        "add: its shortcut (Conv2d(4, 8, kernel_size=(1, 1), stride=(2, 2)): conv8k1s2p0b1) "
+        "is not the one",
     ),
     "three paths": (
         Chain(_three_paths, conv=nn.Conv2d(1, 4, 3), fc=nn.Linear(4 * 26 * 26, 10)),
@@ -713,6 +731,11 @@ def reads_as(module: nn.Module, spec: str) -> None:
         )
 
 
+def _by_unpacked_shape(x):
+    b, c, h, w = x.shape
+    return x.reshape(b, c * h * w)
+
+
 @pytest.mark.parametrize(
     "flat",
     [
@@ -720,8 +743,11 @@ def reads_as(module: nn.Module, spec: str) -> None:
         lambda x: x.view(x.shape[0], -1),  # refused as "getattr_1 does not give a tensor"
         lambda x: x.view(x.size()[0], -1),
         lambda x: x.reshape(-1, 4 * 26 * 26),
+        # Products of sizes were "mul takes a tensor other than the one before".
+        lambda x: x.view(-1, x.size(1) * x.size(2) * x.size(3)),
+        _by_unpacked_shape,
     ],
-    ids=["size(0)", "shape[0]", "size()[0]", "constant"],
+    ids=["size(0)", "shape[0]", "size()[0]", "constant", "product of sizes", "unpacked shape"],
 )
 def test_a_view_that_flattens_each_image_is_a_flatten(flat):
     module = Chain(
@@ -735,6 +761,25 @@ def test_a_view_that_flattens_each_image_is_a_flatten(flat):
 def test_an_elu_of_alpha_past_ten_has_its_token():
     """Its token, elu12.5, was 'malformed' (a float's token had one digit before its point)."""
     reads_as(nn.Sequential(nn.Flatten(), nn.ELU(12.5), nn.Linear(784, 10)), "flatten-elu12.5-fc10")
+
+
+def test_what_pytorch_computes_the_same_either_way_is_read_not_refused():
+    """A padding-free average's count_include_pad, and log_softmax's implicit dim (1 on the
+    final logits, as old pytorch/examples wrote it), were refused."""
+    reads_as(
+        nn.Sequential(nn.AvgPool2d(2, count_include_pad=False), nn.Flatten(), nn.Linear(196, 10)),
+        "avgpool2s2p0-flatten-fc10",
+    )
+    module = Chain(lambda m, x: F.log_softmax(m.fc(torch.flatten(x, 1))), fc=nn.Linear(784, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Implicit dimension choice for log_softmax"
+        network = threefold.from_torch(module)
+        x = torch.randn(3, 1, 28, 28)
+        with torch.no_grad():
+            expected = module(x).numpy()
+    assert network.spec == "flatten-fc10" and "same loss" in network.mapping[-1].note
+    got = torch.log_softmax(threefold.to_torch(network)(x), 1).detach().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_an_elu_of_alpha_no_token_can_write_is_refused_naming_it():
