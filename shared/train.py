@@ -225,6 +225,12 @@ def _start(args: argparse.Namespace, typed: set[str]) -> int:
     # Parsed once; the run keeps the network's canonical name and never needs a spec file.
     network = import_network(args.arch) if is_model_file(args.arch) else None
     arch = get_arch(args.arch) if network is None else network.arch
+    if args.arch.lower().endswith(".onnx") and args.weights_file is None:
+        # A graph's weights are trained ones, which a user may take to be the start.
+        print(
+            f"note: --arch {args.arch} gives the layers; training starts from --init "
+            f"{args.init}, not from its weights (add --weights {args.arch} for those)"
+        )
     args.arch = arch.name
     initial = None
     if args.weights_file is not None:

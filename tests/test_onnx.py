@@ -762,16 +762,15 @@ def test_an_onnx_file_is_a_network_for_train_and_its_weights_a_start(tmp_path, t
     network = with_statistics(threefold.network("conv4-bn-relu-maxpool2-flatten-fc10", seed=2))
     model = network.to_onnx(tmp_path / "m.onnx")
     weights = network.to_safetensors(tmp_path / "m.safetensors")
-    for start in (model, weights):
-        run = tmp_path / f"run-{start.suffix[1:]}"
+    for start in (model, weights, None):
+        run = tmp_path / f"run-{start.suffix[1:] if start else 'none'}"
         done = subprocess.run(
             [
                 sys.executable,
                 "scripts/train.py",
                 "--arch",
                 str(model),
-                "--weights",
-                str(start),
+                *(["--weights", str(start)] if start else []),
                 "--impl",
                 "torch",
                 "--epochs",
@@ -789,6 +788,11 @@ def test_an_onnx_file_is_a_network_for_train_and_its_weights_a_start(tmp_path, t
             check=False,
         )
         assert done.returncode == 0, done.stderr
+        # Without --weights the graph's trained weights are not the start, which is said.
+        note = f"note: --arch {model} gives the layers; training starts from --init he, not"
+        assert (note in done.stdout) == (start is None), done.stdout
+        if start is None:
+            continue
         # The run is the file's network, trained from the file's weights: one epoch moved each
         # weight less than the seeded start (seed 0, where the file's are seed 2's) is from them.
         trained = load_checkpoint(run / "checkpoint.npz")
