@@ -141,7 +141,13 @@ def exported(model: str, path, **options):
     from shared.torch_files import load_module_file
 
     module, _ = load_module_file(str(ROOT / "tests" / "models" / model))
-    module.eval()
+    return export_module(module.eval(), path, **options)
+
+
+def export_module(module, path, dynamic: bool = True, **options):
+    """`module`, its graph written into `path` by torch.onnx.export (dynamo=False), its batch
+    dynamic or fixed at 2."""
+    dynamic_axes = {"dynamic_axes": {"x": {0: "batch"}}} if dynamic else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -150,8 +156,8 @@ def exported(model: str, path, **options):
             path,
             dynamo=False,
             input_names=["x"],
-            dynamic_axes={"x": {0: "batch"}},
             opset_version=onnx_export.OPSET,
+            **dynamic_axes,
             **options,
         )
     return module
@@ -1120,19 +1126,8 @@ def test_a_view_by_the_batch_s_size_imports_whether_the_batch_is_fixed_or_not(ba
     """Exported with a dynamic batch, its target was computed from the batch's size (Shape,
     Gather, Unsqueeze, Concat): "feeds several nodes that no Add joins". With a static one
     it was the constant [2, -1]: "threefold flattens each image whole"."""
-    path, module = tmp_path / "view.onnx", _ViewNet().eval()
-    dynamic = {"dynamic_axes": {"x": {0: "n"}}} if batch == "dynamic" else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            torch.zeros(2, 1, 28, 28),
-            path,
-            dynamo=False,
-            input_names=["x"],
-            opset_version=onnx_export.OPSET,
-            **dynamic,
-        )
+    path = tmp_path / "view.onnx"
+    module = export_module(_ViewNet().eval(), path, dynamic=batch == "dynamic")
     network = from_onnx(path)
     assert network.arch.name == "conv4p0-relu-flatten-fc10"
     x = torch.rand(5, 1, 28, 28)  # any batch: the static file's too reshapes each image alike
