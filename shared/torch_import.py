@@ -380,6 +380,17 @@ def _take(module: Any, node: Any, calls: dict, where: str):
             )
         shown, signature, mapper = calls[node.target]
     elif node.op == "call_method" and node.target in RESHAPES:
+        shape = (
+            node.args[1]
+            if len(node.args) == 2 and isinstance(node.args[1], tuple | list)
+            else node.args[1:]
+        )
+        if shape and isinstance(shape[0], int) and shape[0] != -1:
+            # Read off the trace's 2 images alone: x.view(2, -1) flattens at that batch only.
+            raise UsageError(
+                f"{where}: {node.name}: x.{node.target}({shape[0]}, ...) fixes the batch at "
+                f"{shape[0]}; write x.{node.target}(x.size(0), -1)"
+            )
         return node.name, f"x.{node.target}(...)", "reshape", None
     elif node.op == "call_method" and node.target in METHODS:
         signature, mapper = METHODS[node.target]

@@ -472,6 +472,10 @@ REFUSED = {
         ),
         "mul (mul): computes with the batch's size",  # a flatten at the traced batch of 2 alone
     ),
+    "a batch fixed in a view": (
+        Chain(lambda m, x: m.fc(x.view(2, -1)), fc=nn.Linear(784, 10)),
+        "view: x.view(2, ...) fixes the batch at 2",  # a flatten at the traced 2 images alone
+    ),
     "a tuple returned": (
         Chain(lambda m, x: (m.fc(torch.flatten(x, 1)), x), fc=nn.Linear(784, 10)),
         "its forward returns 2 values",  # was "joins two paths other than by adding them"
