@@ -69,7 +69,8 @@ def _length(header: str | None, url: str) -> int | None:
     """The body's length a Content-Length header declares (None where there is none)."""
     if not header:
         return None
-    if not header.strip().isdigit():  # int() also takes "-5", "1_000" and " 7 "
+    # int() also takes "-5", "1_000" and " 7 "; isdigit() also "²", which int() does not.
+    if not (header.strip().isascii() and header.strip().isdigit()):
         raise DataError(f"{url}: the server declared a length of {header[:40]!r}, not a number")
     return int(header) or None
 

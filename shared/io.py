@@ -151,12 +151,13 @@ def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
 
 
 @contextlib.contextmanager
-def regular_file(path: Path, where: str) -> Iterator[IO[bytes]]:
+def regular_file(path: Path, where: str, follow: bool = True) -> Iterator[IO[bytes]]:
     """`path` opened for reading without blocking, if it is a regular file: a FIFO or a
-    device under a file's name would otherwise wait for a writer, or never end. Anything
-    else, or a file that cannot be opened, is a UsageError naming `where`."""
+    device under a file's name would otherwise wait for a writer, or never end. Without
+    `follow`, a symlink is refused too. Anything else, or a file that cannot be opened, is a
+    UsageError naming `where`."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
     except OSError as e:
         raise UsageError(f"{where}: cannot read it ({e.strerror or e})") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a folder

@@ -7,6 +7,7 @@ files beside it, within their bounds."""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 from shared.errors import UsageError
@@ -80,20 +81,27 @@ def _read_external(graph, path: Path, label: str) -> bool:
     for tensor in external:
         where = f"{label}: initialiser {tensor.name}'s external data"
         try:
-            info = ExternalDataInfo(tensor)
+            with warnings.catch_warnings():  # onnx warns of keys it does not know
+                warnings.simplefilter("ignore")
+                info = ExternalDataInfo(tensor)
             item = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            offset = int(info.offset or 0)
+            length = None if info.length is None else int(info.length)
         except (KeyError, ValueError, TypeError) as error:
             raise UsageError(f"{where}: not readable ({type(error).__name__})") from None
         location = str(info.location)
-        if not location or Path(location).name != location or location in (".", ".."):
+        plain = location not in ("", ".", "..") and "\0" not in location
+        if not plain or Path(location).name != location:
             raise UsageError(f"{where}: {location[:60]!r} is not a file beside the model")
+        if any(d < 0 for d in tensor.dims):
+            raise UsageError(f"{where}: dims {list(tensor.dims)[:8]}, not a tensor's shape")
         size = math.prod(tensor.dims) * item
-        offset = int(info.offset or 0)
-        length = size if info.length is None else int(info.length)
+        length = size if length is None else length
         total += length
-        if length != size or offset < 0 or total > MAX_ONNX_FILE_BYTES:
+        if length != size or not 0 <= offset <= MAX_ONNX_FILE_BYTES or total > MAX_ONNX_FILE_BYTES:
             raise UsageError(f"{where}: {length:,} bytes at {offset:,}, for a tensor of {size:,}")
-        with regular_file(path.parent / location, f"{where} {location}") as file:
+        # Never through a symlink, which could name any file (/proc/self/environ, say).
+        with regular_file(path.parent / location, f"{where} {location}", follow=False) as file:
             file.seek(offset)
             raw = file.read(length)
         if len(raw) != length:

@@ -74,7 +74,7 @@ def from_onnx(path: str | Path, where: str = "") -> Network:
         list(graph.node), {t.name: t for t in graph.initializer}, label
     )
     current, batch = _input(graph, initialisers, label)
-    nodes = _reshapes_by_image(nodes, initialisers, batch)
+    nodes = _reshapes_by_image(nodes, initialisers, current, batch)
     standardise, nodes, current = _scaling(nodes, initialisers, current, label)
     steps = _steps(nodes, initialisers, current, graph, label)
     widths: dict[int, tuple[int, str]] = {}
@@ -137,21 +137,22 @@ def _input(graph, initialisers: dict, label: str) -> tuple[str, int | None]:
 BATCH = "batch"
 
 
-def _reshapes_by_image(nodes: list, constants: dict, batch: int | None) -> list:
+def _reshapes_by_image(nodes: list, constants: dict, images: str, batch: int | None) -> list:
     """The nodes with each Reshape that keeps the batch and reshapes every image given the
     target threefold reads ([0, F] or [-1, F]), and the nodes computing its target from the
     batch's size dropped: x.view(x.size(0), -1) exported with a dynamic batch (Shape,
     Gather, Unsqueeze, Concat), or a target leading with the batch the input fixes (exported
     with a static one; the reshape of each image is the same at any batch). A target
-    computed otherwise stays as it is, for the Reshape's own refusal."""
+    computed otherwise stays as it is, for the Reshape's own refusal. `images`: the graph's
+    input."""
     from onnx import numpy_helper
 
     sizes: dict[str, Any] = {}  # value -> "shape", BATCH, or a list of BATCH and ints
-    kept = []
+    from_images, kept = {images}, []  # values computed from the images: their first axis
     for node in nodes:
         op, attributes = node.op_type, _attributes(node)
         given = [sizes.get(name) for name in node.input]
-        if op == "Shape" and attributes.get("start", 0) == 0:
+        if op == "Shape" and attributes.get("start", 0) == 0 and node.input[0] in from_images:
             sizes[node.output[0]] = "shape"
         elif op == "Gather" and given[0] == "shape" and attributes.get("axis", 0) == 0:
             index = _constant_ints(node.input[1], constants)
@@ -168,6 +169,7 @@ def _reshapes_by_image(nodes: list, constants: dict, batch: int | None) -> list:
                 sizes[node.output[0]] = [item for part in parts for item in part]
         if node.output[0] in sizes:
             continue  # computes a size, not from the images
+        from_images.update(node.output)
         if op == "Reshape" and len(node.input) > 1:
             target = sizes.get(node.input[1]) or _constant_ints(node.input[1], constants)
             if isinstance(target, list) and target and batch is not None and target[0] == batch:

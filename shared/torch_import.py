@@ -331,15 +331,27 @@ def _size_source(node: Any) -> Any | None:
 
 
 def _batch_size(node: Any) -> bool:
-    """Whether a size node reads the batch's size: x.size(0), x.shape[0], x.size()[0]."""
+    """Whether a size node reads the batch's size: x.size(0), x.shape[0], x.size()[0], the
+    same by a negative dim (x.size(-4) of an image batch), or a slice of the shape."""
     import operator
 
     if node.op == "call_method" and node.target == "size":
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        return dim in (0, None)  # None: the whole size, the batch's among them
+        # None: the whole size, the batch's among them
+        return dim is None or _batch_dim(dim, node.args[0])
     if node.op == "call_function" and node.target is operator.getitem:
-        return node.args[1] == 0
+        index = node.args[1]
+        return isinstance(index, slice) or _batch_dim(index, _size_source(node.args[0]))
     return node.op == "call_function" and node.target is getattr  # the whole shape
+
+
+def _batch_dim(dim: Any, tensor: Any) -> bool:
+    """Whether `dim` of the value `tensor` computes is its batch's: 0, or minus its rank (any
+    negative dim where its shape is not known)."""
+    shape = None if tensor is None else _shape(tensor)
+    if not isinstance(dim, int):
+        return True
+    return dim == 0 or (dim == -(len(shape) + 1) if shape is not None else dim < 0)
 
 
 def _name_of(node: Any) -> str:

@@ -1154,9 +1154,12 @@ def test_initialisers_in_a_file_beside_the_model_are_read_from_there_alone(tmp_p
     assert np.array_equal(network.tensors["fc.weight"], numpy_helper.to_array(weights[0]))
     (tmp_path / "elsewhere").mkdir()
     os.replace(tmp_path / "m.onnx.data", tmp_path / "elsewhere" / "w.data")
+    (tmp_path / "link.data").symlink_to(tmp_path / "elsewhere" / "w.data")  # any file
     cases = {
         "../elsewhere/w.data": r"'\.\./elsewhere/w\.data' is not a file beside the model",
         "missing.data": r"initialiser w's external data missing\.data: cannot read it",
+        "link.data": r"external data link\.data: cannot read it \(Too many levels of symbolic",
+        "m.onnx.data\0": r"'m\.onnx\.data\\x00' is not a file beside the model",
     }
     for location, message in cases.items():
         stored = onnx.load(tmp_path / "m.onnx", load_external_data=False)
@@ -1165,6 +1168,12 @@ def test_initialisers_in_a_file_beside_the_model_are_read_from_there_alone(tmp_p
         (tmp_path / "moved.onnx").write_bytes(stored.SerializeToString())
         with pytest.raises(UsageError, match=message):
             from_onnx(tmp_path / "moved.onnx")
+    # A tensor of negative size (read(-1) read the whole file first), an offset past the bound.
+    stored = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    stored.graph.initializer[0].dims[:] = [-1]
+    (tmp_path / "negative.onnx").write_bytes(stored.SerializeToString())
+    with pytest.raises(UsageError, match=r"external data: dims \[-1\], not a tensor's shape"):
+        from_onnx(tmp_path / "negative.onnx")
     # A data file cut short of its tensors.
     os.replace(tmp_path / "elsewhere" / "w.data", tmp_path / "m.onnx.data")
     with open(tmp_path / "m.onnx.data", "r+b") as data:
@@ -1201,6 +1210,27 @@ def test_a_mean_over_each_plane_is_a_global_average_pool(opset, tmp_path):
             UsageError, match=r"mean \(ReduceMean\): axes=\[1\]: threefold averages"
         ):
             from_onnx(path)
+
+
+def test_a_target_from_the_size_of_a_constant_is_not_read_as_the_batch(tmp_path):
+    """Shape of an initialiser (2 rows) in the target's place of the batch's size imported as
+    a flatten, which onnxruntime computed at batch 2 alone."""
+    fc, weights = random_fc("flat", 784)
+    rows = numpy_helper.from_array(np.zeros((2, 3), np.float32), "rows")
+    first = numpy_helper.from_array(np.array(0, np.int64), "first")
+    rest = numpy_helper.from_array(np.array([-1], np.int64), "rest")
+    nodes = [
+        helper.make_node("Shape", ["rows"], ["shape"], "shape"),
+        helper.make_node("Gather", ["shape", "first"], ["n"], "n", axis=0),
+        helper.make_node("Unsqueeze", ["n", "zero"], ["n1"], "n1"),
+        helper.make_node("Concat", ["n1", "rest"], ["target"], "target", axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["flat"], "view"),
+        *fc,
+    ]
+    zero = numpy_helper.from_array(np.array([0], np.int64), "zero")
+    path = graph_file(tmp_path, nodes, [rows, first, rest, zero, *weights])
+    with pytest.raises(UsageError, match=r"shape \(Shape\): does not take the previous node's"):
+        from_onnx(path)
 
 
 def test_a_reshape_to_zero_with_allowzero_is_not_read_as_keeping_the_batch(tmp_path):

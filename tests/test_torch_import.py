@@ -472,6 +472,14 @@ REFUSED = {
         ),
         "mul (mul): computes with the batch's size",  # a flatten at the traced batch of 2 alone
     ),
+    "the batch's size by a negative dim": (
+        Chain(
+            lambda m, x: m.fc(m.conv(x).view(-1, x.size(-4) * HEAD // 2)),
+            conv=nn.Conv2d(1, 4, 3),
+            fc=nn.Linear(HEAD, 10),
+        ),
+        "mul (mul): computes with the batch's size",  # x.size(-4): imported as a flatten
+    ),
     "a batch fixed in a view": (
         Chain(lambda m, x: m.fc(x.view(2, -1)), fc=nn.Linear(784, 10)),
         "view: x.view(2, ...) fixes the batch at 2",  # a flatten at the traced 2 images alone
