@@ -431,6 +431,7 @@ def finish_run(run: Run) -> None:
     """The test metrics into the record; with an out_dir, metrics.json and curves.png."""
     try:
         run.record["test"] = evaluate_test_set(run.backend, run.state, run.data, run.tta)
+        act_on_signals()  # one dropped during the test stops here, saying what was kept
         run.record["params_sha256"] = params_digest(run.backend.params(run.state))
         _finite({"loss": run.record["test"]["loss"]}, "the test", run.config.epochs, run.config)
         if run.out_dir is not None:

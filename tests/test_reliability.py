@@ -238,6 +238,29 @@ def test_a_stop_dropped_during_a_training_step_ends_the_run_at_the_next(tiny_dat
     assert len(dropped) == 1 and steps == [0]  # of the epoch's 7
 
 
+def test_a_stop_dropped_during_the_test_says_the_epochs_are_saved(
+    tiny_data_dir, tmp_path, monkeypatch
+):
+    """It ended the finished run's command with a bare "interrupted", its test unwritten."""
+    import shared.loop
+
+    dropped, evaluate = [], shared.loop.evaluate_test_set
+    callback = dropping_a_sigterm(dropped)
+
+    def evaluate_dropping_a_stop(*args):
+        gc.callbacks.append(callback)
+        gc.collect()
+        gc.callbacks.remove(callback)
+        return evaluate(*args)
+
+    monkeypatch.setattr(shared.loop, "evaluate_test_set", evaluate_dropping_a_stop)
+    config = TrainConfig(impl="numpy", epochs=1, batch_size=16)
+    said = r"^terminated \(SIGTERM\) after the last epoch: all 1 epochs are saved in "
+    with pytest.raises(Interrupted, match=said), stop_on_signals():
+        train(config, load_dataset(tiny_data_dir), tmp_path, log=lambda _: None)
+    assert len(dropped) == 1 and "test" not in json.loads((tmp_path / "metrics.json").read_text())
+
+
 def test_ctrl_c_ignored_as_in_a_background_job_stays_ignored():
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
