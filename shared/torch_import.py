@@ -23,7 +23,7 @@ import numpy as np
 from shared.checkpoint import value_problem
 from shared.errors import UsageError
 from shared.kinds import token
-from shared.layers import INPUT_SHAPE, Layer, Tensor
+from shared.layers import INPUT_SHAPE, Layer, Tensor, show_shape
 from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
 from shared.spec import Entry, build_layers, get_arch, tensors
 from shared.torch_ops import DROP, METHODS, MODULES, RESHAPES, Refused, Taken, bind, functions
@@ -470,6 +470,8 @@ def _entries(
             taken = _flatten(step, taken[1], where)
         elif isinstance(taken, tuple) and taken[0] == "fc":
             taken = _linear(step, taken[1], where)
+        elif isinstance(taken, tuple) and taken[0] in ("maxpool", "avgpool"):
+            taken = _floored(step, taken, where)
         if taken == DROP and not (network and position == len(steps) - 1):
             raise UsageError(
                 f"{where}: {label}: a log_softmax before the last layer is not a layer "
@@ -509,6 +511,23 @@ def _flatten(step: _Step, options: dict[str, Any], where: str) -> Taken:
             f"{where}: {step.source}: {step.what}: threefold flattens from dim 1 to the last"
         )
     return None if len(step.shape_in) == 1 else ("flatten", {})
+
+
+def _floored(step: _Step, taken: Taken, where: str) -> Taken:
+    """A pooling, whose ceil_mode=True is read where it computes what flooring does: where
+    the windows fit the input exactly (2x2 windows on an even size), no window is added."""
+    kind, options = taken
+    options = dict(options)
+    if options.pop("ceil"):
+        k, s, p = options["size"], options["stride"], options["padding"]
+        floored = tuple((n + 2 * p - k) // s + 1 for n in step.shape_in[1:])
+        if tuple(step.shape_out[1:]) != floored:
+            raise UsageError(
+                f"{where}: {step.source}: {step.what}: ceil_mode=True adds a window here "
+                f"({show_shape(step.shape_in[1:])} -> {show_shape(step.shape_out[1:])}, not "
+                f"{show_shape(floored)}); threefold floors like PyTorch's default"
+            )
+    return kind, options
 
 
 def _linear(step: _Step, options: dict[str, Any], where: str) -> Taken:

@@ -66,7 +66,6 @@ def _conv(options: dict[str, Any]) -> Taken:
 
 def _pool(op: str) -> Callable[[dict[str, Any]], Taken]:
     def take(options: dict[str, Any]) -> Taken:
-        _require(options, "ceil_mode", False, "threefold floors like PyTorch's default")
         padding = _pair(options["padding"], "padding")
         if op == "max":
             _require(options, "return_indices", False, "indices are not an output")
@@ -80,7 +79,9 @@ def _pool(op: str) -> Callable[[dict[str, Any]], Taken]:
         size = _pair(options["kernel_size"], "kernel_size")
         stride = options["stride"]
         stride = size if stride is None or stride == [] else _pair(stride, "stride")
-        return f"{op}pool", {"size": size, "stride": stride, "padding": padding}
+        # ceil_mode, which the importer checks against the traced shapes (see its _floored)
+        ceil = bool(options["ceil_mode"])
+        return f"{op}pool", {"size": size, "stride": stride, "padding": padding, "ceil": ceil}
 
     return take
 

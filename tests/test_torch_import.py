@@ -532,8 +532,8 @@ REFUSED = {
         "module: _extra_state: a dict in its state_dict",
     ),
     "ceil_mode": (
-        nn.Sequential(nn.MaxPool2d(2, ceil_mode=True), head(1, 14 * 14)),
-        "0: MaxPool2d(ceil_mode=True): threefold floors",
+        nn.Sequential(nn.MaxPool2d(3, ceil_mode=True), head(1, 10 * 10)),
+        "ceil_mode=True adds a window here (28x28 -> 10x10, not 9x9); threefold floors",
     ),
     "groups": (
         nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2), head(4, 24 * 24)),
@@ -592,7 +592,8 @@ REFUSED = {
             lambda m, x: m.fc(torch.flatten(F.max_pool2d(x, 3, ceil_mode=True), 1)),
             fc=nn.Linear(100, 10),
         ),
-        "max_pool2d: F.max_pool2d(ceil_mode=True)",
+        "F.max_pool2d(kernel_size=3, stride=None, padding=0, dilation=1, ceil_mode=True, "
+        "return_indices=False): ceil_mode=True adds a window here (28x28 -> 10x10, not 9x9)",
     ),
     "concatenated paths": (
         Chain(_concatenated, conv=nn.Conv2d(1, 4, 3), fc=nn.Linear(8 * 26 * 26, 10)),
@@ -776,11 +777,18 @@ def test_an_elu_of_alpha_past_ten_has_its_token():
 
 
 def test_what_pytorch_computes_the_same_either_way_is_read_not_refused():
-    """A padding-free average's count_include_pad, and log_softmax's implicit dim (1 on the
-    final logits, as old pytorch/examples wrote it), were refused."""
+    """A padding-free average's count_include_pad, log_softmax's implicit dim (1 on the final
+    logits, as old pytorch/examples wrote it) and ceil_mode where the windows fit exactly
+    were refused."""
     reads_as(
         nn.Sequential(nn.AvgPool2d(2, count_include_pad=False), nn.Flatten(), nn.Linear(196, 10)),
         "avgpool2s2p0-flatten-fc10",
+    )
+    # ceil_mode where the windows fit exactly: no window is added (28 / 2, then 14 / 2).
+    pools = [nn.MaxPool2d(2, ceil_mode=True), nn.AvgPool2d(2, ceil_mode=True)]
+    reads_as(
+        nn.Sequential(*pools, nn.Flatten(), nn.Linear(49, 10)),
+        "maxpool2s2p0-avgpool2s2p0-flatten-fc10",
     )
     module = Chain(lambda m, x: F.log_softmax(m.fc(torch.flatten(x, 1))), fc=nn.Linear(784, 10))
     with warnings.catch_warnings():
@@ -867,7 +875,11 @@ def test_the_command_line_refuses_in_one_line_naming_the_submodule(tmp_path):
     )
     for script in ("train.py", "crosscheck.py"):
         line = one_line_error(run(f"scripts/{script}", "--arch", f"{tmp_path / 'model.py'}:Net"))
-        assert "0.3: MaxPool2d(ceil_mode=True): threefold floors like PyTorch's default" in line
+        assert (
+            "0.3: MaxPool2d(kernel_size=3, stride=3, padding=0, dilation=1, ceil_mode=True): "
+            in line
+        )
+        assert "adds a window here (13x13 -> 5x5, not 4x4); threefold floors like PyTorch's" in line
 
 
 def test_the_final_log_softmax_is_dropped_and_said_so():
