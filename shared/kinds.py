@@ -81,7 +81,7 @@ def _padded(shape: Shape, padding: int) -> str:
     return f"{padded} (padded by {padding})" if padding else padded
 
 
-def _sliding(extent: int, size: int, stride: int, padding: int = 0) -> int:
+def sliding(extent: int, size: int, stride: int, padding: int = 0) -> int:
     """Windows along one axis, as PyTorch counts them."""
     return (extent + 2 * padding - size) // stride + 1
 
@@ -107,7 +107,7 @@ def _columns(conv: Conv, shape: Shape, out: Shape) -> int:
 
 def _conv_shape(conv: Conv, shape: Shape) -> Shape:
     k, s, p = conv.kernel_size, conv.stride, conv.padding
-    return (conv.out_channels, *(_sliding(n, k, s, p) for n in shape[1:]))
+    return (conv.out_channels, *(sliding(n, k, s, p) for n in shape[1:]))
 
 
 def _conv_tensors(c: Conv) -> dict[str, Tensor]:
@@ -131,7 +131,7 @@ def _build_pool(op: str) -> Callable[[str, dict[str, Any], Shape, Fail], Pool]:
 
 
 def _pool_shape(pool: Pool, shape: Shape) -> Shape:
-    return (shape[0], *(_sliding(n, pool.size, pool.stride, pool.padding) for n in shape[1:]))
+    return (shape[0], *(sliding(n, pool.size, pool.stride, pool.padding) for n in shape[1:]))
 
 
 def _pool_kind(op: str, help: str, kinks: Kinks | None) -> LayerKind:
@@ -255,7 +255,7 @@ def _build_residual(name: str, o: dict[str, Any], shape: Shape, fail: Fail) -> R
     if out == shape:
         return Residual(name, body)
     stride = -(-shape[1] // out[1])
-    if any(_sliding(n, 1, stride) != m for n, m in zip(shape[1:], out[1:], strict=True)):
+    if any(sliding(n, 1, stride) != m for n, m in zip(shape[1:], out[1:], strict=True)):
         raise fail(
             f"its layers take {show_shape(shape)} to {show_shape(out)}, which no strided 1x1 "
             "convolution can match for the shortcut"

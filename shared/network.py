@@ -20,7 +20,7 @@ from shared.errors import UsageError
 from shared.io import a_path
 from shared.kinds import KINDS, kind_of, token
 from shared.layers import Residual
-from shared.spec import Arch, Params, cast_params, get_arch, tensors
+from shared.spec import Arch, Params, cast_params, get_arch, is_onnx_file, tensors
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ def identity_mapping(arch: Arch) -> tuple[Mapped, ...]:
 def import_network(text: str, where: str = "--arch") -> Network:
     """The network of a model file: a PyTorch FILE.py:NAME (the file is executed) or an ONNX
     FILE.onnx, with the file's own weights."""
-    if text.lower().endswith(".onnx"):
+    if is_onnx_file(text):
         from shared.onnx_import import from_onnx
 
         return from_onnx(text, where)

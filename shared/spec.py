@@ -191,17 +191,22 @@ def get_arch(text: str, where: str = "--arch", files: bool = True) -> Arch:
     return Arch(spec, spec, layers)
 
 
+def is_onnx_file(text: str) -> bool:
+    """Whether a network's text names an ONNX file (FILE.onnx, in any case)."""
+    return text.lower().endswith(".onnx")
+
+
 def is_model_file(text: str) -> bool:
     """Whether a network's text names a model file: a PyTorch FILE.py:NAME or an ONNX
     FILE.onnx."""
     path, _, name = text.rpartition(":")
-    return (path.lower().endswith(".py") and name.isidentifier()) or text.lower().endswith(".onnx")
+    return (path.lower().endswith(".py") and name.isidentifier()) or is_onnx_file(text)
 
 
 def network_file(text: str) -> Path | None:
     """The file a network's text names: a model file's (see is_model_file) or a .json or
     .toml spec; None for a preset or a spec written out."""
-    if is_model_file(text) and not text.lower().endswith(".onnx"):
+    if is_model_file(text) and not is_onnx_file(text):
         return Path(text.rpartition(":")[0])
     return Path(text) if text.lower().endswith((".onnx", ".json", ".toml")) else None
 

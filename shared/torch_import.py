@@ -22,7 +22,7 @@ import numpy as np
 
 from shared.checkpoint import value_problem
 from shared.errors import UsageError
-from shared.kinds import token
+from shared.kinds import sliding, token
 from shared.layers import INPUT_SHAPE, Layer, Tensor, show_shape
 from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
 from shared.spec import Entry, build_layers, get_arch, tensors
@@ -519,8 +519,8 @@ def _floored(step: _Step, taken: Taken, where: str) -> Taken:
     kind, options = taken
     options = dict(options)
     if options.pop("ceil"):
-        k, s, p = options["size"], options["stride"], options["padding"]
-        floored = tuple((n + 2 * p - k) // s + 1 for n in step.shape_in[1:])
+        window = options["size"], options["stride"], options["padding"]
+        floored = tuple(sliding(n, *window) for n in step.shape_in[1:])
         if tuple(step.shape_out[1:]) != floored:
             raise UsageError(
                 f"{where}: {step.source}: {step.what}: ceil_mode=True adds a window here "

@@ -27,7 +27,7 @@ from shared.outputs import (
     remove_if_empty,
     replacing_run,
 )
-from shared.spec import GRAMMAR, Arch, Params, get_arch, is_model_file
+from shared.spec import GRAMMAR, Arch, Params, get_arch, is_model_file, is_onnx_file
 
 
 def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConfig, Checkpoint]:
@@ -225,7 +225,7 @@ def _start(args: argparse.Namespace, typed: set[str]) -> int:
     # Parsed once; the run keeps the network's canonical name and never needs a spec file.
     network = import_network(args.arch) if is_model_file(args.arch) else None
     arch = get_arch(args.arch) if network is None else network.arch
-    if args.arch.lower().endswith(".onnx") and args.weights_file is None:
+    if is_onnx_file(args.arch) and args.weights_file is None:
         # A graph's weights are trained ones, which a user may take to be the start.
         print(
             f"note: --arch {args.arch} gives the layers; training starts from --init "
