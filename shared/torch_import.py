@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import operator
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from shared.torch_refusals import (
     refuse_hidden_behaviour,
     refuse_shared_weights,
 )
+from shared.torch_sizes import image_shape, size_source, tensor_inputs, users
 
 # --- the chain ----------------------------------------------------------------------------------
 
@@ -148,11 +150,6 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {line}" if line else type(error).__name__
 
 
-def _shape(node: Any) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return None if meta is None or not hasattr(meta, "shape") else tuple(meta.shape)[1:]
-
-
 def _read_steps(module: Any, graph: Any, where: str) -> list[_Step | _Block]:
     """The module's operations in order, each checked to take the one before's output; where
     the output feeds two paths that an add joins, a residual block of them."""
@@ -179,9 +176,9 @@ def _read_steps(module: Any, graph: Any, where: str) -> list[_Step | _Block]:
                     "(threefold reads chains of layers)"
                 )
             break
-        if _size_source(node) is not None:
+        if size_source(node) is not None:
             continue  # x.size(0) or x.shape[0] in a view: read with the view
-        if len(_users(current)) > 1:
+        if len(users(current)) > 1:
             block, join, nodes = _read_block(module, current, calls, where)
             steps.append(block)
             read |= nodes
@@ -199,9 +196,9 @@ def _read_step(module: Any, node: Any, current: Any, calls: dict, where: str) ->
             f"{where}: {node.target}: a tensor used directly in forward; threefold reads "
             "layers (modules and functional calls)"
         )
-    inputs = _tensor_inputs(node)  # a size read from any tensor is the batch's, a number
+    inputs = tensor_inputs(node)  # a size read from any tensor is the batch's, a number
     read = node.all_input_nodes
-    if read and not inputs and all(_size_source(a) is not None for a in read):
+    if read and not inputs and all(size_source(a) is not None for a in read):
         raise UsageError(
             f"{where}: {node.name} ({_name_of(node)}): computes with the batch's size; an "
             "image's features in threefold's layers do not depend on the batch"
@@ -212,13 +209,13 @@ def _read_step(module: Any, node: Any, current: Any, calls: dict, where: str) ->
             f"{where}: {node.name} ({_name_of(node)}): takes {takes}; threefold's networks "
             "are chains of layers and residual blocks, each taking the one before's output"
         )
-    if len(_users(current)) > 1 and _writes_its_input(module, node, calls):
+    if len(users(current)) > 1 and _writes_its_input(module, node, calls):
         raise UsageError(
             f"{where}: {node.name} ({_name_of(node)}): in place on a value another path also "
             "reads, which then reads the result; threefold's layers make new values (drop "
             "inplace=True)"
         )
-    shape_in, shape_out = _shape(current), _shape(node)
+    shape_in, shape_out = image_shape(current), image_shape(node)
     if shape_out is None:
         raise UsageError(f"{where}: {node.name} ({_name_of(node)}): does not give a tensor")
     source, what, taken, path = _take(module, node, calls, where)
@@ -241,23 +238,11 @@ def _writes_its_input(module: Any, node: Any, calls: dict) -> bool:
     return False
 
 
-def _users(node: Any) -> list[Any]:
-    """The nodes that take `node`'s output as a tensor (not only its size)."""
-    return [user for user in node.users if not _is_size_of(user, node)]
-
-
-def _tensor_inputs(node: Any) -> list[Any]:
-    """The nodes whose tensors `node` takes (not those it only takes the size of)."""
-    return [a for a in node.all_input_nodes if _size_source(a) is None]
-
-
 def _is_add(node: Any) -> bool:
     """x + y, torch.add(x, y) or x.add(y) of two tensors, with no scaling."""
-    import operator
-
     import torch
 
-    if len(_tensor_inputs(node)) != 2 or len(node.args) != 2 or node.kwargs:
+    if len(tensor_inputs(node)) != 2 or len(node.args) != 2 or node.kwargs:
         return False
     if node.op == "call_function":
         return node.target in (operator.add, operator.iadd, torch.add)
@@ -267,19 +252,19 @@ def _is_add(node: Any) -> bool:
 def _read_block(module: Any, fork: Any, calls: dict, where: str) -> tuple[_Block, Any, set]:
     """The residual block starting where `fork`'s output feeds two paths: (the block, the add
     node joining them, every node it read)."""
-    users = _users(fork)
-    if len(users) != 2:
+    takers = users(fork)
+    if len(takers) != 2:
         raise UsageError(
-            f"{where}: {fork.name}: its output feeds {len(users)} operations; threefold reads "
+            f"{where}: {fork.name}: its output feeds {len(takers)} operations; threefold reads "
             "residual blocks, whose input feeds two paths that add"
         )
     paths, ends, read = [], [], set()
-    for user in users:
+    for user in takers:
         steps, previous, node = [], fork, user
-        while len(_tensor_inputs(node)) < 2:  # up to the node joining the paths
+        while len(tensor_inputs(node)) < 2:  # up to the node joining the paths
             steps.append(_read_step(module, node, previous, calls, where))
             read.add(node)
-            following = _users(node)
+            following = users(node)
             if not following:
                 raise UsageError(
                     f"{where}: {node.name} ({_name_of(node)}): its result is never used; "
@@ -303,55 +288,6 @@ def _read_block(module: Any, fork: Any, calls: dict, where: str) -> tuple[_Block
     read.add(join)
     block = _Block(join.name, f"{_name_of(join)}(body, shortcut)", body, shortcut)
     return block, join, read
-
-
-def _is_size_of(node: Any, current: Any) -> bool:
-    return _size_source(node) is current
-
-
-def _size_source(node: Any) -> Any | None:
-    """The node whose size `node` reads (x.size(...), x.shape, or an item of either, as in
-    x.view(x.shape[0], -1); or a product or sum of an image's sizes and numbers, as in
-    x.view(-1, x.size(1) * x.size(2) * x.size(3))), or None where `node` is no size."""
-    import operator
-
-    if node.op == "call_method" and node.target == "size":
-        return node.args[0]
-    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
-        return node.args[0]
-    if node.op == "call_function" and node.target is operator.getitem:
-        return _size_source(node.args[0])
-    if node.op == "call_function" and node.target in (operator.mul, operator.add):
-        sizes = [a for a in node.args if hasattr(a, "op")]  # the rest are numbers
-        sources = {_size_source(a) for a in sizes}
-        # Not of the batch's size: each image's features would then depend on the batch.
-        if len(sources) == 1 and None not in sources and not any(map(_batch_size, sizes)):
-            return sources.pop()
-    return None
-
-
-def _batch_size(node: Any) -> bool:
-    """Whether a size node reads the batch's size: x.size(0), x.shape[0], x.size()[0], the
-    same by a negative dim (x.size(-4) of an image batch), or a slice of the shape."""
-    import operator
-
-    if node.op == "call_method" and node.target == "size":
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        # None: the whole size, the batch's among them
-        return dim is None or _batch_dim(dim, node.args[0])
-    if node.op == "call_function" and node.target is operator.getitem:
-        index = node.args[1]
-        return isinstance(index, slice) or _batch_dim(index, _size_source(node.args[0]))
-    return node.op == "call_function" and node.target is getattr  # the whole shape
-
-
-def _batch_dim(dim: Any, tensor: Any) -> bool:
-    """Whether `dim` of the value `tensor` computes is its batch's: 0, or minus its rank (any
-    negative dim where its shape is not known)."""
-    shape = None if tensor is None else _shape(tensor)
-    if not isinstance(dim, int):
-        return True
-    return dim == 0 or (dim == -(len(shape) + 1) if shape is not None else dim < 0)
 
 
 def _name_of(node: Any) -> str:
