@@ -46,7 +46,7 @@ from shared.lab_questions import (
     seed_row_label,
 )
 from shared.loop import train
-from shared.outputs import check_out_files, hold, prepare_out_dir
+from shared.outputs import STORE_NAME, check_out_files, hold, prepare_out_dir
 
 # --quick: a reduced run for tests, the same code path on 1,000 images (the questions asked on
 # a shorter or deeper run: 500 images, 1 epoch).
@@ -155,7 +155,7 @@ def run_experiments(
     plan = plan_experiments(**settings)
     impls, cells = plan.impls, plan.cells
     figures = prepare_out_dir(out / "experiments", "--out")
-    store = RunStore(figures / "runs.json", data.content_sha256, fresh)
+    store = RunStore(figures / STORE_NAME, data.content_sha256, fresh)
     run_grid(trained_summary, plan.grid(), data, store, engine, progress)
     tables = []
     for comp in plan.comps:
@@ -286,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         out = prepare_out_dir(out)
         # Checked before any run trains, not found when the grid has ended.
         figures = out / "experiments"
-        stored = ("results.json", "runs.json") if figures.is_dir() else ()
+        stored = ("results.json", STORE_NAME) if figures.is_dir() else ()
         written = [out / "EXPERIMENTS.md", *(figures / name for name in stored)]
-        check_out_files([("--out", path) for path in written])
+        check_out_files([("--out", path) for path in written], store=figures / STORE_NAME)
         # One grid at a time writes its report and, in its own folder, its run store (which a
         # speedrun given --out OUT/experiments would share).
         with hold(out), hold(prepare_out_dir(figures)):
@@ -343,7 +343,7 @@ def _rerender(args: argparse.Namespace, out: Path, data: Dataset | None, engine:
     saved, report = load_results(path)
     if args.recheck_float64:
         _check_variants(saved, path)
-        store = RunStore(path.parent / "runs.json", data.content_sha256, args.fresh)
+        store = RunStore(path.parent / STORE_NAME, data.content_sha256, args.fresh)
         saved["float64"] = recheck_in_float64(data, saved, _say, store, engine)
         saved["trained"] = store.provenance()
         write_json(path, saved)

@@ -24,6 +24,7 @@ CURVES_NAME = "curves.png"
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, CURVES_NAME)
 EVALUATION_FILES = ("confusion.png", "misclassified.png", "evaluation.json")  # evaluate.py's
 LOCK_NAME = ".lock"
+STORE_NAME = "runs.json"  # a grid's or a speedrun's finished runs (shared.grid.RunStore)
 
 
 def holds_run(folder: Path) -> bool:
@@ -123,12 +124,15 @@ def check_out_file(path: Path, flag: str) -> Path:
 
 
 def check_out_files(
-    outputs: list[tuple[str, Path | None]], reads: list[tuple[str, Path | None]] = ()
+    outputs: list[tuple[str, Path | None]],
+    reads: list[tuple[str, Path | None]] = (),
+    store: Path | None = None,
 ) -> None:
     """check_out_file on each output given (flag, path; None where not given), and refuse an
-    output that is a file the command reads, another output, or a file of a run (its
-    checkpoint, metrics, curves or evaluation): writing it would destroy the input, what the
-    command wrote a moment before, or a finished run's."""
+    output that is a file the command reads, another output, a file of a run (its
+    checkpoint, metrics, curves or evaluation) or a store of runs other than the command's
+    own `store`: writing it would destroy the input, what the command wrote a moment before,
+    or finished runs."""
     seen = [(flag, path) for flag, path in reads if path is not None]
     for flag, path in outputs:
         if path is None:
@@ -139,6 +143,8 @@ def check_out_files(
                 raise UsageError(f"{flag} {path}: the same file as {other_flag} {other}")
         if path.name in (*RUN_FILES, *EVALUATION_FILES) and holds_run(path.parent):
             raise UsageError(f"{flag} {path}: one of the files of the run in {path.parent}")
+        if path.name == STORE_NAME and path.exists() and not (store and _same_file(path, store)):
+            raise UsageError(f"{flag} {path}: the finished runs of a grid or a speedrun")
         seen.append((flag, path))
 
 

@@ -35,7 +35,7 @@ from shared.grid import (
     run_grid,
 )
 from shared.loop import train
-from shared.outputs import check_out_files, hold, prepare_out_dir, write_results
+from shared.outputs import STORE_NAME, check_out_files, hold, prepare_out_dir, write_results
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ RACES = {
     "strong": Race("strong", {"fast": STRONG_FAST_RECIPE}, 0.925, None, 3, "docs/speedrun-strong"),
 }
 # --quick: the same code on 2,000 images, for tests.
-OUTPUT_FILES = ("runs.json", "speedrun.md", "speedrun.json", "speedrun.png")
+OUTPUT_FILES = (STORE_NAME, "speedrun.md", "speedrun.json", "speedrun.png")
 
 # Every run of a race is planned (and listed in runs.json) before the first trains; each takes
 # minutes, so a thousand seeds is already weeks.
@@ -250,7 +250,7 @@ def run_speedrun(
     implementation on `engine`. Finished runs are kept in out/runs.json as they end, so an
     interrupted speedrun resumes with the runs it lacks (all again with `fresh`)."""
     recipes = race_runs(race, impls, seeds, quick_images(data, quick))
-    store = RunStore(out / OUTPUT_FILES[0], data.content_sha256, fresh)
+    store = RunStore(out / STORE_NAME, data.content_sha256, fresh)
     run_grid(timed_run, labelled(recipes), data, store, engine, progress)
     runs = [
         # The store's key, not the summary, says which implementation trained it.
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         check_fits(labelled(race_runs(race, impls, seeds, quick_images(data, args.quick))), data)
         out = prepare_out_dir(args.out or Path(default_out))
         # Checked before any run trains, not found when the race has ended.
-        check_out_files([("--out", out / name) for name in OUTPUT_FILES])
+        check_out_files([("--out", out / name) for name in OUTPUT_FILES], store=out / STORE_NAME)
         with hold(out):
             run_speedrun(
                 race,

@@ -693,7 +693,11 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
     other_run = tmp_path / "other-run"
     other_run.mkdir()
     (other_run / "checkpoint.npz").write_bytes(checkpoint)
+    store = tmp_path / "grid" / "runs.json"
+    store.parent.mkdir()
+    store.write_text('{"runs": {}}')
     for args, message in [
+        (["--safetensors", str(store)], "runs.json: the finished runs of a grid or a speedrun"),
         (["--safetensors", str(other_run / "checkpoint.npz")], "one of the files of the run in"),
         (["--safetensors", str(other_run / "metrics.json")], "one of the files of the run in"),
         (["--onnx", str(other_run / "evaluation.json")], "one of the files of the run in"),
@@ -711,6 +715,7 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
     assert (run / "checkpoint.npz").read_bytes() == checkpoint
     assert [p.name for p in other_run.iterdir()] == ["checkpoint.npz"]
     assert (other_run / "checkpoint.npz").read_bytes() == checkpoint
+    assert store.read_text() == '{"runs": {}}'
     missing = subprocess.run(
         [
             sys.executable,
@@ -731,11 +736,14 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
     def refused(self, path):
         raise OutputError(f"{path}: cannot write it (planted); nothing written")
 
-    with monkeypatch.context() as patch:
-        patch.setattr(Network, "to_safetensors", refused)
-        status = export_main([str(run / "checkpoint.npz"), "--onnx", str(out / "pool.onnx")])
-    assert status == 1 and "planted" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == older
+    for method in ("to_safetensors", "to_onnx"):
+        with monkeypatch.context() as patch:
+            patch.setattr(Network, method, refused)
+            status = export_main([str(run / "checkpoint.npz"), "--onnx", str(out / "pool.onnx")])
+        # The graph is written under a hidden name first; the error names the user's.
+        named = out / ("pool.safetensors" if method == "to_safetensors" else "pool.onnx")
+        assert status == 1 and f"{named}: cannot write it (planted)" in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == older
 
 
 @pytest.mark.parametrize(
