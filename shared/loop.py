@@ -449,3 +449,8 @@ def finish_run(run: Run) -> None:
         ) from None
     except (TrainingDiverged, OutputError) as e:
         raise type(e)(f"{e}; {_saved(run.out_dir, run.done)}") from None
+    try:
+        act_on_signals()  # one dropped while the files were written: they are whole
+    except KeyboardInterrupt as stop:
+        kept = "" if run.out_dir is None else f"; the run is whole in {run.out_dir}"
+        raise interrupted(stop, f"after the test{kept}") from None

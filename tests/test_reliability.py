@@ -238,27 +238,35 @@ def test_a_stop_dropped_during_a_training_step_ends_the_run_at_the_next(tiny_dat
     assert len(dropped) == 1 and steps == [0]  # of the epoch's 7
 
 
-def test_a_stop_dropped_during_the_test_says_the_epochs_are_saved(
-    tiny_data_dir, tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    ("during", "said", "tested"),
+    [
+        ("evaluate_test_set", r"after the last epoch: all 1 epochs are saved in .*--resume", False),
+        ("plot_curves", r"after the test; the run is whole in ", True),
+    ],
+)
+def test_a_stop_dropped_after_the_last_epoch_says_what_is_kept(
+    during, said, tested, tiny_data_dir, tmp_path, monkeypatch
 ):
-    """It ended the finished run's command with a bare "interrupted", its test unwritten."""
+    """Each ended the finished run's command with a bare "interrupted"."""
     import shared.loop
 
-    dropped, evaluate = [], shared.loop.evaluate_test_set
+    dropped, done = [], getattr(shared.loop, during)
     callback = dropping_a_sigterm(dropped)
 
-    def evaluate_dropping_a_stop(*args):
+    def dropping_a_stop(*args):
         gc.callbacks.append(callback)
         gc.collect()
         gc.callbacks.remove(callback)
-        return evaluate(*args)
+        return done(*args)
 
-    monkeypatch.setattr(shared.loop, "evaluate_test_set", evaluate_dropping_a_stop)
+    monkeypatch.setattr(shared.loop, during, dropping_a_stop)
     config = TrainConfig(impl="numpy", epochs=1, batch_size=16)
-    said = r"^terminated \(SIGTERM\) after the last epoch: all 1 epochs are saved in "
-    with pytest.raises(Interrupted, match=said), stop_on_signals():
+    with pytest.raises(Interrupted, match=r"^terminated \(SIGTERM\) " + said), stop_on_signals():
         train(config, load_dataset(tiny_data_dir), tmp_path, log=lambda _: None)
-    assert len(dropped) == 1 and "test" not in json.loads((tmp_path / "metrics.json").read_text())
+    assert len(dropped) == 1
+    assert ("test" in json.loads((tmp_path / "metrics.json").read_text())) == tested
+    assert (tmp_path / "curves.png").exists() == tested
 
 
 def test_ctrl_c_ignored_as_in_a_background_job_stays_ignored():
