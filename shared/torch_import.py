@@ -150,9 +150,46 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {line}" if line else type(error).__name__
 
 
-def _read_steps(module: Any, graph: Any, where: str) -> list[_Step | _Block]:
-    """The module's operations in order, each checked to take the one before's output; where
-    the output feeds two paths that an add joins, a residual block of them."""
+# (x - mean) / std, x - mean or x / std as a forward's first operations, however written.
+_SUBTRACTS = {("call_function", operator.sub), ("call_method", "sub")}
+_DIVIDES = {("call_function", operator.truediv), ("call_method", "div")}
+
+
+def _input_scaling(graph: Any, where: str) -> tuple[tuple[float, float] | None, list[Any]]:
+    """((mean, std), its nodes) of a forward that starts (x - mean) / std, x - mean or x /
+    std by numbers: the input's standardisation, as ONNX's leading Sub and Div; (None, [])
+    where it starts otherwise."""
+    import torch
+
+    subtracts = _SUBTRACTS | {("call_function", torch.sub)}
+    divides = _DIVIDES | {("call_function", torch.div), ("call_function", torch.true_divide)}
+    nodes = [n for n in graph.graph.nodes if size_source(n) is None]  # the images first
+    scaling, values = [], {"mean": 0.0, "std": 1.0}
+    for name, kinds in (("mean", subtracts), ("std", divides)):
+        of, node = nodes[len(scaling)], nodes[len(scaling) + 1]
+        if (
+            (node.op, node.target) in kinds
+            and len(node.args) == 2
+            and node.args[0] is of
+            and not node.kwargs
+            and type(node.args[1]) in (int, float)  # a number, not a tensor or a bool
+            and users(of) == [node]
+        ):
+            scaling.append(node)
+            values[name] = float(node.args[1])
+    mean, std = values["mean"], values["std"]
+    if scaling and not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise UsageError(
+            f"{where}: {', '.join(n.name for n in scaling)}: (x - {mean!r}) / {std!r}: a "
+            "standardisation of the input needs a finite mean and a positive std"
+        )
+    return ((mean, std) if scaling else None), scaling
+
+
+def _read_steps(module: Any, graph: Any, scaling: list[Any], where: str) -> list[_Step | _Block]:
+    """The module's operations in order after its input's `scaling` (its nodes), each
+    checked to take the one before's output; where the output feeds two paths that an add
+    joins, a residual block of them."""
     calls = functions()
     returned = next(n for n in graph.graph.nodes if n.op == "output").args[0]
     if isinstance(returned, tuple | list | dict):  # before its paths read as a block
@@ -160,14 +197,14 @@ def _read_steps(module: Any, graph: Any, where: str) -> list[_Step | _Block]:
             f"{where}: its forward returns {len(returned)} values; threefold's networks "
             "return the logits alone"
         )
-    current, steps, read = None, [], set()
+    current, steps, read = None, [], set(scaling)
     for node in graph.graph.nodes:
         if node in read:
             continue
         if node.op == "placeholder":
             if current is not None:
                 raise UsageError(f"{where}: its forward takes more than one input")
-            current = node
+            current = scaling[-1] if scaling else node
             continue
         if node.op == "output":
             if node.args[0] is not current:
@@ -504,7 +541,8 @@ def from_torch(module: Any, where: str = "module") -> Network:
     refuse_hidden_behaviour(module, where)
     graph = _trace(module, where)
     refuse_shared_weights(module, graph, where)
-    steps = _read_steps(module, graph, where)
+    standardise, scaling = _input_scaling(graph, where)
+    steps = _read_steps(module, graph, scaling, where)
     entries, placed = _entries(steps, where)
     if not entries:
         raise UsageError(f"{where}: no layers found in its forward")
@@ -539,7 +577,7 @@ def from_torch(module: Any, where: str = "module") -> Network:
         written = token(layer, every=True)
         block = arch.layers[position[0]].name if len(position) > 1 else ""
         mapping.append(Mapped(step.source, step.what, written, tensors=tuple(moved), block=block))
-    return Network(arch, canonical, tuple(mapping))
+    return Network(arch, canonical, tuple(mapping), standardise)
 
 
 def canonical_array(value: Any, tensor: Tensor, where: str) -> np.ndarray:

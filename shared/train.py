@@ -231,6 +231,14 @@ def _start(args: argparse.Namespace, typed: set[str]) -> int:
             f"note: --arch {args.arch} gives the layers; training starts from --init "
             f"{args.init}, not from its weights (add --weights {args.arch} for those)"
         )
+    if network is not None and network.standardise is not None:
+        # The network is trained on this run's pixels; its own scaling is not a layer.
+        mean, std = network.standardise
+        fed = {"standardised": "the training set's mean and std", "raw": "raw [0, 1] pixels"}
+        print(
+            f"note: --arch {args.arch} scales its input as (x - {mean:.6g}) / {std:.6g}; "
+            f"training feeds it --pixels {args.pixels} ({fed[args.pixels]}) instead"
+        )
     args.arch = arch.name
     initial = None
     if args.weights_file is not None:

@@ -774,6 +774,7 @@ def test_a_network_altered_by_hand_is_refused_before_a_file_is_written(alter, me
 
 def test_an_onnx_file_is_a_network_for_train_and_its_weights_a_start(tmp_path, tiny_data_dir):
     network = with_statistics(threefold.network("conv4-bn-relu-maxpool2-flatten-fc10", seed=2))
+    network = dataclasses.replace(network, standardise=(0.5, 0.25))
     model = network.to_onnx(tmp_path / "m.onnx")
     weights = network.to_safetensors(tmp_path / "m.safetensors")
     for start in (model, weights, None):
@@ -805,6 +806,9 @@ def test_an_onnx_file_is_a_network_for_train_and_its_weights_a_start(tmp_path, t
         # Without --weights the graph's trained weights are not the start, which is said.
         note = f"note: --arch {model} gives the layers; training starts from --init he, not"
         assert (note in done.stdout) == (start is None), done.stdout
+        # Nor is its input scaling, which this run's pixels replace.
+        scaling = f"--arch {model} scales its input as (x - 0.5) / 0.25; training feeds it "
+        assert scaling + "--pixels standardised (the training set's mean" in done.stdout
         if start is None:
             continue
         # The run is the file's network, trained from the file's weights: one epoch moved each

@@ -771,6 +771,45 @@ def test_a_view_that_flattens_each_image_is_a_flatten(flat):
     reads_as(module, "conv4k3s1p0b1-relu-flatten-fc10")
 
 
+@pytest.mark.parametrize(
+    ("scale", "standardise"),
+    [
+        (lambda x: (x - 0.1307) / 0.3081, (0.1307, 0.3081)),
+        (lambda x: x.sub(0.5).div(0.25), (0.5, 0.25)),
+        (lambda x: torch.div(torch.sub(x, 0.5), 2), (0.5, 2.0)),
+        (lambda x: x - 1, (1.0, 1.0)),
+        (lambda x: x / 255, (0.0, 255.0)),
+    ],
+    ids=["operators", "methods", "functions", "centred", "scaled"],
+)
+def test_a_forward_that_standardises_its_input_is_read_as_its_scaling(scale, standardise):
+    """It was "sub: not an operation threefold has", where ONNX's Sub and Div were read."""
+    module = Chain(
+        lambda m, x: m.fc(torch.flatten(torch.relu(m.conv(scale(x))), 1)),
+        conv=nn.Conv2d(1, 4, 3),
+        fc=nn.Linear(HEAD, 10),
+    )
+    reads_as(module, "conv4k3s1p0b1-relu-flatten-fc10")  # the scaling exported too
+    assert threefold.from_torch(module).standardise == standardise
+
+
+@pytest.mark.parametrize(
+    ("scale", "refused"),
+    [
+        (lambda x: (x - 0.5) / -2.0, "sub, truediv: \\(x - 0.5\\) / -2.0: a standardisation"),
+        (lambda x: x / 0, "truediv: \\(x - 0.0\\) / 0.0: a standardisation"),
+        (lambda x: (x - float("nan")) / 2, "sub, truediv: \\(x - nan\\) / 2.0"),
+        # Neither a standardisation nor a layer: refused as before.
+        (lambda x: (x - 0.5) * 2, "mul: mul: not an operation threefold has"),
+        (lambda x: torch.relu(x) - 0.5, "sub: sub: not an operation threefold has"),
+    ],
+)
+def test_a_scaling_that_is_no_standardisation_is_refused_naming_it(scale, refused):
+    module = Chain(lambda m, x: m.fc(torch.flatten(scale(x), 1)), fc=nn.Linear(784, 10))
+    with pytest.raises(UsageError, match=f"^module: {refused}"):
+        threefold.from_torch(module)
+
+
 def test_an_elu_of_alpha_past_ten_has_its_token():
     """Its token, elu12.5, was 'malformed' (a float's token had one digit before its point)."""
     reads_as(nn.Sequential(nn.Flatten(), nn.ELU(12.5), nn.Linear(784, 10)), "flatten-elu12.5-fc10")
