@@ -27,7 +27,17 @@ from shared.kinds import sliding, token
 from shared.layers import INPUT_SHAPE, Layer, Tensor, show_shape
 from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
 from shared.spec import Entry, build_layers, get_arch, tensors
-from shared.torch_ops import DROP, METHODS, MODULES, RESHAPES, Refused, Taken, bind, functions
+from shared.torch_ops import (
+    DROP,
+    METHODS,
+    MODULES,
+    RESHAPES,
+    Refused,
+    Taken,
+    bind,
+    functions,
+    input_scaling,
+)
 from shared.torch_refusals import (
     refuse_frozen,
     refuse_hidden_behaviour,
@@ -148,42 +158,6 @@ def first_line(error: BaseException) -> str:
     line = text[0] if text else ""
     line = line if len(line) <= 200 else line[:197] + "..."
     return f"{type(error).__name__}: {line}" if line else type(error).__name__
-
-
-# (x - mean) / std, x - mean or x / std as a forward's first operations, however written.
-_SUBTRACTS = {("call_function", operator.sub), ("call_method", "sub")}
-_DIVIDES = {("call_function", operator.truediv), ("call_method", "div")}
-
-
-def _input_scaling(graph: Any, where: str) -> tuple[tuple[float, float] | None, list[Any]]:
-    """((mean, std), its nodes) of a forward that starts (x - mean) / std, x - mean or x /
-    std by numbers: the input's standardisation, as ONNX's leading Sub and Div; (None, [])
-    where it starts otherwise."""
-    import torch
-
-    subtracts = _SUBTRACTS | {("call_function", torch.sub)}
-    divides = _DIVIDES | {("call_function", torch.div), ("call_function", torch.true_divide)}
-    nodes = [n for n in graph.graph.nodes if size_source(n) is None]  # the images first
-    scaling, values = [], {"mean": 0.0, "std": 1.0}
-    for name, kinds in (("mean", subtracts), ("std", divides)):
-        of, node = nodes[len(scaling)], nodes[len(scaling) + 1]
-        if (
-            (node.op, node.target) in kinds
-            and len(node.args) == 2
-            and node.args[0] is of
-            and not node.kwargs
-            and type(node.args[1]) in (int, float)  # a number, not a tensor or a bool
-            and users(of) == [node]
-        ):
-            scaling.append(node)
-            values[name] = float(node.args[1])
-    mean, std = values["mean"], values["std"]
-    if scaling and not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-        raise UsageError(
-            f"{where}: {', '.join(n.name for n in scaling)}: (x - {mean!r}) / {std!r}: a "
-            "standardisation of the input needs a finite mean and a positive std"
-        )
-    return ((mean, std) if scaling else None), scaling
 
 
 def _read_steps(module: Any, graph: Any, scaling: list[Any], where: str) -> list[_Step | _Block]:
@@ -541,7 +515,7 @@ def from_torch(module: Any, where: str = "module") -> Network:
     refuse_hidden_behaviour(module, where)
     graph = _trace(module, where)
     refuse_shared_weights(module, graph, where)
-    standardise, scaling = _input_scaling(graph, where)
+    standardise, scaling = input_scaling(graph, where)
     steps = _read_steps(module, graph, scaling, where)
     entries, placed = _entries(steps, where)
     if not entries:

@@ -1,13 +1,19 @@
 """What each PyTorch operation becomes in threefold: the modules, functional calls and
 tensor methods a user's model may use, each with the options read off it and how they map to
-a layer kind's options (or to nothing: an identity, a final log_softmax). What cannot be
-computed the same way is `Refused`, naming the option at fault."""
+a layer kind's options (or to nothing: an identity, a final log_softmax), and the
+arithmetic a forward may start with to standardise its input. What cannot be computed the
+same way is `Refused`, naming the option at fault."""
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Callable
 from functools import cache
 from typing import Any
+
+from shared.errors import UsageError
+from shared.torch_sizes import size_source, users
 
 
 class Refused(Exception):
@@ -292,3 +298,39 @@ def bind(signature: Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str,
                 raise Refused(name, "missing")
             bound[name] = default
     return bound
+
+
+# (x - mean) / std, x - mean or x / std as a forward's first operations, however written.
+_SUBTRACTS = {("call_function", operator.sub), ("call_method", "sub")}
+_DIVIDES = {("call_function", operator.truediv), ("call_method", "div")}
+
+
+def input_scaling(graph: Any, where: str) -> tuple[tuple[float, float] | None, list[Any]]:
+    """((mean, std), its nodes) of a forward that starts (x - mean) / std, x - mean or x /
+    std by numbers: the input's standardisation, as ONNX's leading Sub and Div; (None, [])
+    where it starts otherwise."""
+    import torch
+
+    subtracts = _SUBTRACTS | {("call_function", torch.sub)}
+    divides = _DIVIDES | {("call_function", torch.div), ("call_function", torch.true_divide)}
+    nodes = [n for n in graph.graph.nodes if size_source(n) is None]  # the images first
+    scaling, values = [], {"mean": 0.0, "std": 1.0}
+    for name, kinds in (("mean", subtracts), ("std", divides)):
+        of, node = nodes[len(scaling)], nodes[len(scaling) + 1]
+        if (
+            (node.op, node.target) in kinds
+            and len(node.args) == 2
+            and node.args[0] is of
+            and not node.kwargs
+            and type(node.args[1]) in (int, float)  # a number, not a tensor or a bool
+            and users(of) == [node]
+        ):
+            scaling.append(node)
+            values[name] = float(node.args[1])
+    mean, std = values["mean"], values["std"]
+    if scaling and not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise UsageError(
+            f"{where}: {', '.join(n.name for n in scaling)}: (x - {mean!r}) / {std!r}: a "
+            "standardisation of the input needs a finite mean and a positive std"
+        )
+    return ((mean, std) if scaling else None), scaling
