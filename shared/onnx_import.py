@@ -21,7 +21,7 @@ from shared.checkpoint import value_problem
 from shared.errors import UsageError
 from shared.io import a_path
 from shared.kinds import output_shape, token
-from shared.layers import INPUT_SHAPE
+from shared.layers import INPUT_SHAPE, Pool, show_shape
 from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
 from shared.onnx_file import read_graph
 from shared.onnx_ops import TAKERS, initialiser, scalar
@@ -42,6 +42,7 @@ class _Step:
     reads: list[tuple[str, str]]
     note: str = ""
     window: int | None = None  # an AveragePool read as adaptive: its own window, to check
+    ceil: bool = False  # a pooling's ceil_mode=1, read where its windows fit exactly
 
 
 @dataclass
@@ -332,7 +333,7 @@ def _take(node, initialisers: dict, where: str, source: str, last: bool) -> _Ste
         raise UsageError(f"{where}: {error}") from None
     adaptive = op == "AveragePool" and taken is not None and taken[0] == "adaptiveavgpool"
     window = attributes["kernel_shape"][0] if adaptive else None
-    return _Step(source, what, taken, reads, note, window)
+    return _Step(source, what, taken, reads, note, window, attributes.get("ceil_mode") == 1)
 
 
 def _matmul_add(matmul, add, initialisers: dict, where: str) -> _Step:
@@ -396,13 +397,15 @@ def _tensors(arch: Arch, steps: list[_Step | _Block], initialisers: dict, label:
     expected = tensors(arch)
     params: Params = {}
     mapping: list[Mapped] = []
-    _map(steps, iter(arch.layers), expected, initialisers, label, params, mapping, "")
+    shapes = {node.layer.name: node.shape for node in arch.nodes}
+    _map(steps, iter(arch.layers), expected, initialisers, label, params, mapping, shapes, "")
     return {name: params[name] for name in expected}, mapping
 
 
-def _map(steps, layers, expected, initialisers, label, params, mapping, block: str) -> None:
+def _map(steps, layers, expected, initialisers, label, params, mapping, shapes, block: str) -> None:
     """Each step's layer, taken in turn from `layers`, its tensors into `params` and its row
-    into `mapping` (`block`: the block the steps are inside); a block's layers first."""
+    into `mapping` (`shapes`: each layer's input; `block`: the block the steps are inside);
+    a block's layers first."""
     for step in steps:
         if step.taken is None:
             mapping.append(Mapped(step.source, step.what, "", step.note, block=block))
@@ -423,6 +426,7 @@ def _map(steps, layers, expected, initialisers, label, params, mapping, block: s
                     label,
                     params,
                     mapping,
+                    shapes,
                     layer.name,
                 )
             mapping.append(Mapped(step.source, step.what, token(layer, every=True)))
@@ -433,6 +437,8 @@ def _map(steps, layers, expected, initialisers, label, params, mapping, block: s
                 f"{layer.size}x{layer.size}, which takes windows of {layer.window}; the graph's "
                 "window does not fit its mark"
             )
+        if step.ceil and isinstance(layer, Pool):  # an adaptive pool's windows tile its input
+            _floored(layer, shapes[layer.name], f"{label}: {step.source}: {step.what}")
         moved = []
         for name, suffix in step.reads:
             ours = f"{layer.name}.{suffix.removesuffix('.T')}"
@@ -444,6 +450,17 @@ def _map(steps, layers, expected, initialisers, label, params, mapping, block: s
                 params[ours] = np.zeros(tensor.shape, np.int64)  # not in ONNX: no step taken
         written = token(layer, every=True)
         mapping.append(Mapped(step.source, step.what, written, tensors=tuple(moved), block=block))
+
+
+def _floored(pool: Pool, shape: tuple[int, ...], where: str) -> None:
+    """Refuse a pooling's ceil_mode=1 unless its windows fit its input exactly, where
+    ceiling and flooring count the same windows (2x2 windows on an even size)."""
+    if any((n + 2 * pool.padding - pool.size) % pool.stride for n in shape[1:]):
+        raise UsageError(
+            f"{where}: ceil_mode=1: its {pool.size}x{pool.size} windows, stride {pool.stride}, "
+            f"do not fit its {show_shape(shape[1:])} input exactly; threefold floors like "
+            "PyTorch's default"
+        )
 
 
 def _array(tensor, expected, transposed: bool, where: str) -> np.ndarray:

@@ -100,7 +100,8 @@ def initialiser(node, position: int, initialisers: dict):
 
 def _pool(op: str):
     def take(node, attributes, initialisers, last):
-        _require(attributes, "ceil_mode", (0,), "threefold floors, like PyTorch's default")
+        # ceil_mode=1 is read where it computes what flooring does (the importer's check)
+        _require(attributes, "ceil_mode", (0, 1), "neither flooring nor ceiling")
         _dilation(attributes)
         size = _square(attributes, "kernel_shape")
         padding = _pads(attributes, size)

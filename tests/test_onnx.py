@@ -486,11 +486,6 @@ def test_an_exporter_s_mark_is_read_only_as_written_and_a_constant_names_its_nod
     ("node", "features", "message"),
     [
         (
-            dict(op_type="MaxPool", kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
-            14 * 14,
-            "ceil_mode=1",
-        ),
-        (
             dict(op_type="AveragePool", kernel_shape=[3, 3], pads=[1] * 4, count_include_pad=0),
             28 * 28,
             "count_include_pad=0",
@@ -524,6 +519,31 @@ def test_an_unsupported_option_is_one_line_naming_node_and_option(
     ]
     with pytest.raises(UsageError, match=f"pool \\({op}\\): {message}"):
         from_onnx(graph_file(tmp_path, nodes, [weight, bias]))
+
+
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+def test_ceil_mode_where_the_windows_fit_exactly_is_read_as_flooring(op, tmp_path):
+    """ceil_mode=1 was refused everywhere; 2x2 windows on 28x28, then on 14x14 padded by 1,
+    count the same windows either way. 3x3 windows with stride 2 on 28x28 do not: ceiling
+    makes 14x14 where flooring makes 13x13."""
+    flatten = helper.make_node("Flatten", ["pooled"], ["flat"], "flatten", axis=1)
+    counted = {"count_include_pad": 1} if op == "AveragePool" else {}
+    pools = [
+        helper.make_node(op, ["x"], ["p1"], "pool1", kernel_shape=[2, 2], strides=[2, 2],
+                         ceil_mode=1),
+        helper.make_node(op, ["p1"], ["pooled"], "pool2", kernel_shape=[2, 2], strides=[2, 2],
+                         pads=[1] * 4, ceil_mode=1, **counted),
+    ]  # fmt: skip
+    fc, weights = random_fc("flat", 8 * 8)
+    network = reads_as_onnxruntime_runs_it(graph_file(tmp_path, [*pools, flatten, *fc], weights))
+    kind = {"MaxPool": "max", "AveragePool": "avg"}[op]
+    assert network.arch.name == f"{kind}pool2-{kind}pool2p1-flatten-fc10"
+    pool = helper.make_node(op, ["x"], ["pooled"], "pool", kernel_shape=[3, 3], strides=[2, 2],
+                            ceil_mode=1)  # fmt: skip
+    fc, weights = random_fc("flat", 14 * 14)
+    refused = "ceil_mode=1: its 3x3 windows, stride 2, do not fit its 28x28 input exactly"
+    with pytest.raises(UsageError, match=f"m.onnx: pool: {op}\\(.*\\): {refused}"):
+        from_onnx(graph_file(tmp_path, [pool, flatten, *fc], weights))
 
 
 def test_an_initialiser_whose_shape_is_not_its_layer_s_is_named(tmp_path):
