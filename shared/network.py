@@ -64,6 +64,9 @@ class Network:
     def describe(self) -> str:
         """The mapping as a table: each source operation, the layer it became, its tensors."""
         rows = [("source", "operation", "threefold", "tensors")]
+        if self.standardise is not None:
+            mean, std = self.standardise
+            rows.append(("(input)", f"(x - {mean:.6g}) / {std:.6g}", "standardise", ""))
         for m in self.mapping:
             moved = ", ".join(f"{a} -> {b}" if a != b else a for a, b in m.tensors)
             token = m.token or f"(dropped: {m.note})"
@@ -111,6 +114,14 @@ class Network:
             tensors = cast_params(self.tensors, self.arch, np.float32)
         except UsageError as error:
             raise UsageError(f"{path}: {error}") from None
+        if self.standardise is not None:  # and so would its scaling, or a std of 0
+            with np.errstate(over="ignore", under="ignore"):
+                scaling = tuple(float(np.float32(v)) for v in self.standardise)
+            if not _mean_and_std(scaling):
+                raise UsageError(
+                    f"{path}: standardise={self.standardise!r} is {scaling!r} in the graph's "
+                    "float32; a finite mean and a positive std are needed"
+                )
         write_onnx(onnx_model(self.arch, tensors, self.standardise), Path(path))
         return Path(path)
 

@@ -126,6 +126,7 @@ EVALUATION_CALL = "threefold_evaluation_call"
 def _traced(module: Any, where: str):
     import torch
 
+    before = set(vars(module))
     try:
         return torch.fx.symbolic_trace(module)
     except Exception as error:  # tracing runs the user's forward: any error is theirs
@@ -133,6 +134,11 @@ def _traced(module: Any, where: str):
             f"{where}: torch.fx cannot trace its forward ({first_line(error)}); threefold "
             "reads forwards that are chains of layers and functional calls"
         ) from None
+    finally:
+        # torch.fx keeps a tensor made in forward (torch.tensor(0.5)) as an attribute of the
+        # module (_tensor_constant0), which the graph has copied: the module stays as it was.
+        for name in set(vars(module)) - before:
+            delattr(module, name)
 
 
 def _operations(graph: Any) -> list[tuple[Any, ...]]:

@@ -785,10 +785,10 @@ def test_a_network_altered_by_hand_is_refused_before_a_file_is_written(alter, me
             write(tmp_path / "m")
     with pytest.raises(UsageError, match=f"to_torch: .*{message}"):
         threefold.to_torch(network)
-    for standardise in ((0.5, 0.0), 0.5, (0.5,), ("a", "b")):
+    for standardise in ((0.5, 0.0), 0.5, (0.5,), ("a", "b"), (1e39, 1.0), (0.0, 1e-50)):
         scaled = dataclasses.replace(original, standardise=standardise)
         with pytest.raises(UsageError, match="a finite mean and a positive std"):
-            scaled.to_onnx(tmp_path / "m")
+            scaled.to_onnx(tmp_path / "m")  # the last two fit float64, not the graph's float32
     assert list(tmp_path.iterdir()) == []
 
 

@@ -790,7 +790,12 @@ def test_a_forward_that_standardises_its_input_is_read_as_its_scaling(scale, sta
         fc=nn.Linear(HEAD, 10),
     )
     reads_as(module, "conv4k3s1p0b1-relu-flatten-fc10")  # the scaling exported too
-    assert threefold.from_torch(module).standardise == standardise
+    network = threefold.from_torch(module)
+    assert network.standardise == standardise
+    mean, std = standardise
+    assert network.describe().splitlines()[1].split() == [
+        "(input)", "(x", "-", f"{mean:.6g})", "/", f"{std:.6g}", "standardise"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -936,6 +941,18 @@ def test_importing_leaves_the_users_module_as_it_was():
     threefold.from_torch(module)
     assert module.training and all(m.training for m in module.modules())
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_a_tensor_made_in_forward_is_named_and_left_off_the_module():
+    """torch.fx kept it on the module as _tensor_constant0, then _tensor_constant1 on the
+    second trace, and the two traces' names differing read as "reads self.training"."""
+    module = Chain(
+        lambda m, x: m.fc(torch.flatten(x / torch.tensor(0.5), 1)), fc=nn.Linear(784, 10)
+    )
+    attributes = set(vars(module))
+    with pytest.raises(UsageError, match="_tensor_constant0: a tensor used directly in forward"):
+        threefold.from_torch(module)
+    assert set(vars(module)) == attributes
 
 
 def test_a_float64_module_comes_back_in_float64():
