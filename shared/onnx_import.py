@@ -76,6 +76,7 @@ def from_onnx(path: str | Path, where: str = "") -> Network:
     )
     current, batch = _input(graph, initialisers, label)
     nodes = _reshapes_by_image(nodes, initialisers, current, batch)
+    nodes = _gelus_written_out(nodes, initialisers)
     standardise, nodes, current = _scaling(nodes, initialisers, current, label)
     steps = _steps(nodes, initialisers, current, graph, label)
     widths: dict[int, tuple[int, str]] = {}
@@ -188,6 +189,97 @@ def _reshapes_by_image(nodes: list, constants: dict, images: str, batch: int | N
                 node.attribute.extend(kept_attributes)
         kept.append(node)
     return kept
+
+
+# GELU as PyTorch's exporter writes it out before opset 20 (x: the value it takes), each
+# operation of two values in either order: exact, x * (erf(x / sqrt(2)) + 1) * 0.5, and by
+# tanh, x * (tanh((x + x * x * x * 0.044715) * sqrt(2 / pi)) + 1) * 0.5.
+_X = "x"
+_GELUS = {
+    "none": ("Mul", ("Mul", _X, ("Add", ("Erf", ("Div", _X, math.sqrt(2))), 1.0)), 0.5),
+    "tanh": (
+        "Mul",
+        (
+            "Mul",
+            _X,
+            (
+                "Add",
+                (
+                    "Tanh",
+                    (
+                        "Mul",
+                        ("Add", _X, ("Mul", ("Mul", _X, ("Mul", _X, _X)), 0.044715)),
+                        math.sqrt(2 / math.pi),
+                    ),
+                ),
+                1.0,
+            ),
+        ),
+        0.5,
+    ),
+}
+
+
+def _gelus_written_out(nodes: list, constants: dict) -> list:
+    """The nodes with each GELU written out (_GELUS) as one Gelu node, where nothing else
+    takes the values computed on the way."""
+    from onnx import helper
+
+    made = {node.output[0]: node for node in nodes}
+    takers: dict[str, int] = {}
+    for node in nodes:
+        for name in node.input:
+            takers[name] = takers.get(name, 0) + 1
+
+    def match(pattern: Any, name: str, found: dict) -> dict | None:
+        """`found` grown by the value `name` computed as `pattern` (x bound, the nodes
+        matched), or None."""
+        if pattern == _X:
+            return found if found.setdefault(_X, name) == name else None
+        if isinstance(pattern, float):
+            value = _constant_float(name, constants)
+            # float32's nearest: sqrt(2)'s is 1.7e-8 off
+            close = value is not None and math.isclose(value, pattern, rel_tol=1e-6)
+            return found if close else None
+        node, (op, *parts) = made.get(name), pattern
+        if node is None or node.op_type != op or len(node.input) != len(parts):
+            return None
+        if found.get("nodes") and takers.get(name) != 1:
+            return None  # a value on the way that something else takes too
+        orders = [node.input] if op in ("Div", "Tanh", "Erf") else [node.input, node.input[::-1]]
+        for inputs in orders:
+            tried = {**found, "nodes": [*found.get("nodes", []), node]}
+            for part, given in zip(parts, inputs, strict=True):
+                tried = tried and match(part, given, tried)
+            if tried:
+                return tried
+        return None
+
+    replaced: dict[int, Any] = {}  # by node id: its Gelu, or None where dropped
+    for node in reversed(nodes):
+        if id(node) in replaced:
+            continue
+        for approximate, pattern in _GELUS.items():
+            found = match(pattern, node.output[0], {})
+            if found:
+                name = f"{found['nodes'][-1].name}..{node.name}"
+                gelu = helper.make_node("Gelu", [found[_X]], node.output, name)
+                gelu.attribute.append(helper.make_attribute("approximate", approximate))
+                replaced.update({id(n): None for n in found["nodes"]})
+                replaced[id(node)] = gelu
+                break
+    kept = [replaced.get(id(node), node) for node in nodes]
+    return [node for node in kept if node is not None]
+
+
+def _constant_float(name: str, constants: dict) -> float | None:
+    """A one-element floating constant's value, None otherwise."""
+    from onnx import numpy_helper
+
+    if name not in constants or math.prod(constants[name].dims) != 1:
+        return None
+    value = numpy_helper.to_array(constants[name])
+    return float(value.reshape(())) if value.dtype.kind == "f" else None
 
 
 def _constant_ints(name: str, constants: dict) -> list[int] | int | None:
@@ -321,7 +413,7 @@ def _block(
 
 def _take(node, initialisers: dict, where: str, source: str, last: bool) -> _Step:
     op, attributes = node.op_type, _attributes(node)
-    shown = ", ".join(f"{k}={v!r}" for k, v in attributes.items() if not isinstance(v, bytes))
+    shown = ", ".join(f"{k}={_shown(v)}" for k, v in attributes.items())
     what = f"{op}({shown})"
     if op not in TAKERS:
         raise UsageError(f"{where}: not an operator threefold has")
@@ -334,6 +426,16 @@ def _take(node, initialisers: dict, where: str, source: str, last: bool) -> _Ste
     adaptive = op == "AveragePool" and taken is not None and taken[0] == "adaptiveavgpool"
     window = attributes["kernel_shape"][0] if adaptive else None
     return _Step(source, what, taken, reads, note, window, attributes.get("ceil_mode") == 1)
+
+
+def _shown(value: Any) -> str:
+    """An attribute's value as written: a string's text, other bytes by their length."""
+    if isinstance(value, bytes):
+        try:
+            return repr(value.decode("ascii"))
+        except UnicodeDecodeError:
+            return f"<{len(value)} bytes>"
+    return repr(value)
 
 
 def _matmul_add(matmul, add, initialisers: dict, where: str) -> _Step:

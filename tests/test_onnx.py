@@ -156,9 +156,8 @@ def export_module(module, path, dynamic: bool = True, **options):
             path,
             dynamo=False,
             input_names=["x"],
-            opset_version=onnx_export.OPSET,
+            **{"opset_version": onnx_export.OPSET, **options},
             **dynamic_axes,
-            **options,
         )
     return module
 
@@ -544,6 +543,43 @@ def test_ceil_mode_where_the_windows_fit_exactly_is_read_as_flooring(op, tmp_pat
     refused = "ceil_mode=1: its 3x3 windows, stride 2, do not fit its 28x28 input exactly"
     with pytest.raises(UsageError, match=f"m.onnx: pool: {op}\\(.*\\): {refused}"):
         from_onnx(graph_file(tmp_path, [pool, flatten, *fc], weights))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("opset", [11, 17])
+def test_a_gelu_an_older_opset_writes_out_is_read_as_one(approximate, opset, tmp_path):
+    """Before opset 20 PyTorch's exporter writes GELU out (exact: Div, Erf, Add, Mul, Mul; by
+    tanh, nine nodes): each was refused as a value feeding paths that no Add joins."""
+    gelu = torch.nn.GELU(approximate=approximate)
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), gelu, torch.nn.Flatten(), torch.nn.Linear(4 * 26 * 26, 10)
+    )
+    export_module(module.eval(), tmp_path / "m.onnx", opset_version=opset)
+    assert "Gelu" not in {n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node}
+    network = reads_as_onnxruntime_runs_it(tmp_path / "m.onnx")
+    token = "gelu" if approximate == "none" else "gelutanh"
+    assert network.spec == f"conv4k3s1p0b1-{token}-flatten-fc10"
+    row = network.mapping[1]
+    assert row.token == token and row.what == f"Gelu(approximate='{approximate}')"
+
+
+def test_a_gelu_written_out_with_another_constant_is_not_one(tmp_path):
+    """x * (erf(x / sqrt(2)) + 1) * 0.6 is no GELU: refused, as any fork no Add joins."""
+    consts = [
+        numpy_helper.from_array(np.array(value, np.float32), name)
+        for name, value in (("root2", math.sqrt(2)), ("one", 1.0), ("scale", 0.6))
+    ]
+    nodes = [
+        helper.make_node("Div", ["x", "root2"], ["d"], "div"),
+        helper.make_node("Erf", ["d"], ["e"], "erf"),
+        helper.make_node("Add", ["e", "one"], ["a"], "add"),
+        helper.make_node("Mul", ["x", "a"], ["m"], "mul"),
+        helper.make_node("Mul", ["m", "scale"], ["g"], "scale"),
+        helper.make_node("Flatten", ["g"], ["flat"], "flatten", axis=1),
+    ]
+    fc, weights = random_fc("flat", 784)
+    with pytest.raises(UsageError, match="x feeds div \\(Div\\), mul \\(Mul\\), which no Add"):
+        from_onnx(graph_file(tmp_path, [*nodes, *fc], [*consts, *weights]))
 
 
 def test_an_initialiser_whose_shape_is_not_its_layer_s_is_named(tmp_path):
