@@ -1,0 +1,177 @@
+"""An ONNX graph's nodes rewritten into the forms the importer reads, before it reads them:
+a Reshape that keeps the batch, its target computed from the batch's size (as
+`x.view(x.size(0), -1)` exports), with the target threefold reads; and GELU written out in
+elementary operations (as exporters write it before opset 20) as one Gelu node."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+def node_attributes(node) -> dict[str, Any]:
+    """A node's attributes by name, as Python values."""
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+# A Reshape's target item that is the batch's size, read off the graph (x.size(0)).
+BATCH = "batch"
+
+
+def reshapes_by_image(nodes: list, constants: dict, images: str, batch: int | None) -> list:
+    """The nodes with each Reshape that keeps the batch and reshapes every image given the
+    target threefold reads ([0, F] or [-1, F]), and the nodes computing its target from the
+    batch's size dropped: x.view(x.size(0), -1) exported with a dynamic batch (Shape,
+    Gather, Unsqueeze, Concat), or a target leading with the batch the input fixes (exported
+    with a static one; the reshape of each image is the same at any batch). A target
+    computed otherwise stays as it is, for the Reshape's own refusal. `images`: the graph's
+    input."""
+    from onnx import numpy_helper
+
+    sizes: dict[str, Any] = {}  # value -> "shape", BATCH, or a list of BATCH and ints
+    from_images, kept = {images}, []  # values computed from the images: their first axis
+    for node in nodes:
+        op, attributes = node.op_type, node_attributes(node)
+        given = [sizes.get(name) for name in node.input]
+        if op == "Shape" and attributes.get("start", 0) == 0 and node.input[0] in from_images:
+            sizes[node.output[0]] = "shape"
+        elif op == "Gather" and given[0] == "shape" and attributes.get("axis", 0) == 0:
+            index = _constant_ints(node.input[1], constants)
+            if index in ([0], 0):
+                sizes[node.output[0]] = BATCH if index == 0 else [BATCH]
+        elif op == "Unsqueeze" and given[0] == BATCH:
+            sizes[node.output[0]] = [BATCH]
+        elif op == "Concat" and attributes.get("axis") == 0:
+            parts = [
+                g if g is not None else _constant_ints(n, constants)
+                for g, n in zip(given, node.input, strict=True)
+            ]
+            if all(isinstance(part, list) for part in parts):
+                sizes[node.output[0]] = [item for part in parts for item in part]
+        if node.output[0] in sizes:
+            continue  # computes a size, not from the images
+        from_images.update(node.output)
+        if op == "Reshape" and len(node.input) > 1:
+            target = sizes.get(node.input[1]) or _constant_ints(node.input[1], constants)
+            if isinstance(target, list) and target and batch is not None and target[0] == batch:
+                target = [BATCH, *target[1:]]
+            if isinstance(target, list) and target[:1] == [BATCH] and BATCH not in target[1:]:
+                # The batch as -1 where the rest has none, else as 0, which copies it (with
+                # allowzero off: this target is now the reader's own).
+                rest = target[1:]
+                target = [-1, *rest] if -1 not in rest else [0, *rest]
+                name = f"{node.output[0]} target"
+                constants[name] = numpy_helper.from_array(np.array(target, np.int64), name)
+                node.input[1] = name
+                kept_attributes = [a for a in node.attribute if a.name != "allowzero"]
+                del node.attribute[:]
+                node.attribute.extend(kept_attributes)
+        kept.append(node)
+    return kept
+
+
+# GELU as PyTorch's exporter writes it out before opset 20 (x: the value it takes), each
+# operation of two values in either order: exact, x * (erf(x / sqrt(2)) + 1) * 0.5, and by
+# tanh, x * (tanh((x + x * x * x * 0.044715) * sqrt(2 / pi)) + 1) * 0.5.
+_X = "x"
+_GELUS = {
+    "none": ("Mul", ("Mul", _X, ("Add", ("Erf", ("Div", _X, math.sqrt(2))), 1.0)), 0.5),
+    "tanh": (
+        "Mul",
+        (
+            "Mul",
+            _X,
+            (
+                "Add",
+                (
+                    "Tanh",
+                    (
+                        "Mul",
+                        ("Add", _X, ("Mul", ("Mul", _X, ("Mul", _X, _X)), 0.044715)),
+                        math.sqrt(2 / math.pi),
+                    ),
+                ),
+                1.0,
+            ),
+        ),
+        0.5,
+    ),
+}
+
+
+def gelus_written_out(nodes: list, constants: dict) -> list:
+    """The nodes with each GELU written out (_GELUS) as one Gelu node, where nothing else
+    takes the values computed on the way."""
+    from onnx import helper
+
+    made = {node.output[0]: node for node in nodes}
+    takers: dict[str, int] = {}
+    for node in nodes:
+        for name in node.input:
+            takers[name] = takers.get(name, 0) + 1
+
+    def match(pattern: Any, name: str, found: dict) -> dict | None:
+        """`found` grown by the value `name` computed as `pattern` (x bound, the nodes
+        matched), or None."""
+        if pattern == _X:
+            return found if found.setdefault(_X, name) == name else None
+        if isinstance(pattern, float):
+            value = _constant_float(name, constants)
+            # float32's nearest: sqrt(2)'s is 1.7e-8 off
+            close = value is not None and math.isclose(value, pattern, rel_tol=1e-6)
+            return found if close else None
+        node, (op, *parts) = made.get(name), pattern
+        if node is None or node.op_type != op or len(node.input) != len(parts):
+            return None
+        if found.get("nodes") and takers.get(name) != 1:
+            return None  # a value on the way that something else takes too
+        orders = [node.input] if op in ("Div", "Tanh", "Erf") else [node.input, node.input[::-1]]
+        for inputs in orders:
+            tried = {**found, "nodes": [*found.get("nodes", []), node]}
+            for part, given in zip(parts, inputs, strict=True):
+                tried = tried and match(part, given, tried)
+            if tried:
+                return tried
+        return None
+
+    replaced: dict[int, Any] = {}  # by node id: its Gelu, or None where dropped
+    for node in reversed(nodes):
+        if id(node) in replaced:
+            continue
+        for approximate, pattern in _GELUS.items():
+            found = match(pattern, node.output[0], {})
+            if found:
+                name = f"{found['nodes'][-1].name}..{node.name}"
+                gelu = helper.make_node("Gelu", [found[_X]], node.output, name)
+                gelu.attribute.append(helper.make_attribute("approximate", approximate))
+                replaced.update({id(n): None for n in found["nodes"]})
+                replaced[id(node)] = gelu
+                break
+    kept = [replaced.get(id(node), node) for node in nodes]
+    return [node for node in kept if node is not None]
+
+
+def _constant_float(name: str, constants: dict) -> float | None:
+    """A one-element floating constant's value, None otherwise."""
+    from onnx import numpy_helper
+
+    if name not in constants or math.prod(constants[name].dims) != 1:
+        return None
+    value = numpy_helper.to_array(constants[name])
+    return float(value.reshape(())) if value.dtype.kind == "f" else None
+
+
+def _constant_ints(name: str, constants: dict) -> list[int] | int | None:
+    """A constant integer tensor's values (a list, or an int for a scalar), None otherwise."""
+    from onnx import numpy_helper
+
+    if name not in constants:
+        return None
+    value = numpy_helper.to_array(constants[name])
+    if value.dtype.kind not in "iu" or value.ndim > 1 or value.size > 8:
+        return None
+    return int(value) if value.ndim == 0 else [int(v) for v in value]
