@@ -341,10 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.onnx:
             require_onnx()
         files = [("--arch", network_file(text)) for text in args.arch or []]
-        check_out_files(
-            [("--json", args.json), ("--plot", args.plot)],
-            reads=[("--checkpoint", args.checkpoint), *files, *data_files(args.data_dir)],
-        )
+        outputs = [("--json", args.json), ("--plot", args.plot)]
+        reads = [("--checkpoint", args.checkpoint), *files, *data_files(args.data_dir)]
+        check_out_files(outputs, reads)
         # A model file is proven from its own weights; a spec or preset from seeded ones.
         archs, initial = [], {}
         for text in args.arch or ["lab", "pool"]:
@@ -380,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         if ckpt is not None:  # in float32, as checkpoint_agreement computes
             arch = get_arch(ckpt.meta["arch"], files=False)
             results += checkpoint_agreement(ckpt.params, arch, data.test.x, onnx=args.onnx)
+        # Checked again: a run or a grid may have written its files there meanwhile.
+        check_out_files(outputs, reads)
         # The files first: a reader of the table that goes away (`| head`) costs none of them.
         if args.json is not None:
             # Each row carries the notes on its network and dtype: what was not run or

@@ -57,9 +57,15 @@ def _write_and_replace(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        _discard(tmp)
         raise
+
+
+def _discard(tmp: str) -> None:
+    """Remove a hidden temporary left by a write that failed or moved it. A folder that
+    refuses (made read-only meanwhile) keeps it, and the write's own error is the one said."""
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -84,8 +90,7 @@ def staged(path: Path) -> Iterator[Path]:
     except OSError as e:
         raise OutputError(f"{path}: cannot write it ({e.strerror or e})") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        _discard(tmp)
 
 
 def _refuse_special(path: Path) -> None:

@@ -33,6 +33,7 @@ from shared.config import (
 from shared.cost import check_training_batch, network_cost
 from shared.data import Dataset, Split
 from shared.errors import (
+    Interrupted,
     OutputError,
     Terminated,
     ThreefoldError,
@@ -452,5 +453,10 @@ def finish_run(run: Run) -> None:
     try:
         act_on_signals()  # one dropped while the files were written: they are whole
     except KeyboardInterrupt as stop:
-        kept = "" if run.out_dir is None else f"; the run is whole in {run.out_dir}"
-        raise interrupted(stop, f"after the test{kept}") from None
+        raise stopped_when_whole(stop, run.record, run.out_dir) from None
+
+
+def stopped_when_whole(stop: KeyboardInterrupt, record: dict, out_dir: Path | None) -> Interrupted:
+    """The one-line error for a stop once a run has finished (its test and files written)."""
+    kept = "" if out_dir is None else f"; the run is whole in {out_dir}"
+    return interrupted(stop, f"after the test (accuracy {100 * record['test']['acc']:.2f}%){kept}")

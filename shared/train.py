@@ -11,9 +11,9 @@ from shared.checkpoint import Checkpoint, load_checkpoint
 from shared.cli import add_training_flags, config_from_args, given_flags, path_type, run_cli
 from shared.config import RECIPES, TrainConfig, check_config, config_from_saved
 from shared.data import Dataset, get_dataset_spec, load_dataset
-from shared.errors import CheckpointError, UsageError, stop_on_signals
+from shared.errors import CheckpointError, UsageError, act_on_signals, stop_on_signals
 from shared.io import read_json
-from shared.loop import data_identity, train, train_split
+from shared.loop import data_identity, stopped_when_whole, train, train_split
 from shared.network import import_network, load_weights
 from shared.outputs import (
     CHECKPOINT_NAME,
@@ -305,7 +305,11 @@ def _run(
     if ckpt is not None:
         print(f"resuming after epoch {ckpt.meta['epoch']} of {config.epochs}")
     record = train(config, data, folder, resume=ckpt, arch=arch, initial=initial)
-    test = record["test"]
-    print(f"{config.impl} | Test Loss: {test['loss']:7.4f} | Test Acc: {100 * test['acc']:7.4f}")
-    print(f"wrote {folder / CHECKPOINT_NAME}, {folder / METRICS_NAME}, {folder / CURVES_NAME}")
+    loss, accuracy = record["test"]["loss"], 100 * record["test"]["acc"]
+    try:  # a stop while the output is blocked (a pager, Ctrl-S) finds the run whole
+        print(f"{config.impl} | Test Loss: {loss:7.4f} | Test Acc: {accuracy:7.4f}")
+        print(f"wrote {folder / CHECKPOINT_NAME}, {folder / METRICS_NAME}, {folder / CURVES_NAME}")
+        act_on_signals()
+    except KeyboardInterrupt as stop:
+        raise stopped_when_whole(stop, record, folder) from None
     return 0

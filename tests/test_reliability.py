@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import functools
 import gc
 import gzip
@@ -11,6 +12,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,6 +33,7 @@ from shared.download import download_dataset, most_bytes
 from shared.errors import (
     DataError,
     Interrupted,
+    OutputError,
     Terminated,
     act_on_signals,
     stop_on_signals,
@@ -242,7 +245,7 @@ def test_a_stop_dropped_during_a_training_step_ends_the_run_at_the_next(tiny_dat
     ("during", "said", "tested"),
     [
         ("evaluate_test_set", r"after the last epoch: all 1 epochs are saved in .*--resume", False),
-        ("plot_curves", r"after the test; the run is whole in ", True),
+        ("plot_curves", r"after the test \(accuracy \d+\.\d\d%\); the run is whole in ", True),
     ],
 )
 def test_a_stop_dropped_after_the_last_epoch_says_what_is_kept(
@@ -267,6 +270,28 @@ def test_a_stop_dropped_after_the_last_epoch_says_what_is_kept(
     assert len(dropped) == 1
     assert ("test" in json.loads((tmp_path / "metrics.json").read_text())) == tested
     assert (tmp_path / "curves.png").exists() == tested
+
+
+def test_a_stop_while_train_py_prints_the_test_says_the_run_is_whole(
+    tiny_data_dir, tmp_path, monkeypatch, capsys
+):
+    """A stop while its output was blocked (a pager, Ctrl-S) gave a bare "interrupted"."""
+    import shared.train
+
+    def blocked(*args, **kwargs):
+        if "Test Loss" in str(args[0]):
+            raise KeyboardInterrupt
+        print(*args, **kwargs)
+
+    monkeypatch.setattr(shared.train, "print", blocked, raising=False)
+    out = tmp_path / "run"
+    status = shared.train.main(["--impl", "numpy", "--epochs", "1", "--batch-size", "16",
+                                "--data-dir", str(tiny_data_dir), "--out", str(out)])  # fmt: skip
+    said = capsys.readouterr().err.strip()
+    assert status == 130 and "\n" not in said and "Traceback" not in said
+    whole = rf"after the test \(accuracy \d+\.\d\d%\); the run is whole in {re.escape(str(out))}"
+    assert re.fullmatch(f"train.py: interrupted {whole}", said)
+    assert "test" in json.loads((out / "metrics.json").read_text())
 
 
 def test_ctrl_c_ignored_as_in_a_background_job_stays_ignored():
@@ -360,6 +385,25 @@ def test_a_full_disk_ends_in_one_line_and_loses_no_epoch(tiny_data_dir, tmp_path
     assert "checkpoint.npz holds epoch 1, intact" in done.stderr
     assert (out / "checkpoint.npz").read_bytes() == saved
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_failed_write_in_a_folder_that_refuses_the_clean_up_is_one_error(tmp_path, monkeypatch):
+    """A folder made read-only during a write: removing the hidden temporary failed too, and
+    its PermissionError came after the write's own error as a second traceback."""
+    from shared.outputs import write_results
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+
+    def chart(path):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    (tmp_path / "r.md").write_text("older")
+    monkeypatch.setattr(os, "unlink", refused)
+    named = re.escape(str(tmp_path / "r.png"))
+    with pytest.raises(OutputError, match=f"^{named}: cannot write it \\(Operation not permitted"):
+        write_results(tmp_path, "r", "text", {}, chart, say=lambda _: None)
+    assert (tmp_path / "r.md").read_text() == "older"
 
 
 def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tiny_data_dir, tmp_path):

@@ -652,6 +652,28 @@ def test_crosscheck_writes_its_files_before_its_table_reaches_a_closed_pipe(tmp_
     assert json.loads(json_file.read_text()) and plot.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_crosscheck_checks_its_outputs_again_before_it_writes(tmp_path, monkeypatch, capsys):
+    """A speedrun that stored its first finished runs in the folder while the cross-check
+    ran had them replaced by the cross-check's rows."""
+    import shared.crosscheck
+
+    store = tmp_path / "runs.json"
+    computed = shared.crosscheck.run_crosscheck
+
+    def a_speedrun_writes_meanwhile(*args, **kwargs):
+        rows = computed(*args, **kwargs)
+        store.write_text('{"runs": {}}')
+        return rows
+
+    monkeypatch.setattr(shared.crosscheck, "run_crosscheck", a_speedrun_writes_meanwhile)
+    flags = ["--arch", "noconv", "--dtype", "float64", "--steps", "1", "--batch-size", "2"]
+    with pytest.raises(SystemExit) as refused:  # argparse's usage error
+        shared.crosscheck.main([*flags, "--quiet", "--json", str(store)])
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert refused.value.code == 2 and said.endswith("the finished runs of a grid or a speedrun")
+    assert store.read_text() == '{"runs": {}}'
+
+
 def test_no_output_is_written_over_the_data_it_reads(finished_run, tiny_data_dir):
     labels = tiny_data_dir / "t10k-labels-idx1-ubyte.gz"
     before = labels.read_bytes()
