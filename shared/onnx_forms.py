@@ -78,28 +78,17 @@ def reshapes_by_image(nodes: list, constants: dict, images: str, batch: int | No
 # operation of two values in either order: exact, x * (erf(x / sqrt(2)) + 1) * 0.5, and by
 # tanh, x * (tanh((x + x * x * x * 0.044715) * sqrt(2 / pi)) + 1) * 0.5.
 _X = "x"
+
+
+def _gelu_of(inner: tuple) -> tuple:
+    """x * (inner + 1) * 0.5, as operations."""
+    return ("Mul", ("Mul", _X, ("Add", inner, 1.0)), 0.5)
+
+
+_CUBIC = ("Add", _X, ("Mul", ("Mul", _X, ("Mul", _X, _X)), 0.044715))
 _GELUS = {
-    "none": ("Mul", ("Mul", _X, ("Add", ("Erf", ("Div", _X, math.sqrt(2))), 1.0)), 0.5),
-    "tanh": (
-        "Mul",
-        (
-            "Mul",
-            _X,
-            (
-                "Add",
-                (
-                    "Tanh",
-                    (
-                        "Mul",
-                        ("Add", _X, ("Mul", ("Mul", _X, ("Mul", _X, _X)), 0.044715)),
-                        math.sqrt(2 / math.pi),
-                    ),
-                ),
-                1.0,
-            ),
-        ),
-        0.5,
-    ),
+    "none": _gelu_of(("Erf", ("Div", _X, math.sqrt(2)))),
+    "tanh": _gelu_of(("Tanh", ("Mul", _CUBIC, math.sqrt(2 / math.pi)))),
 }
 
 
