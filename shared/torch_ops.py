@@ -300,19 +300,24 @@ def bind(signature: Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str,
     return bound
 
 
-# (x - mean) / std, x - mean or x / std as a forward's first operations, however written.
-_SUBTRACTS = {("call_function", operator.sub), ("call_method", "sub")}
-_DIVIDES = {("call_function", operator.truediv), ("call_method", "div")}
-
-
 def input_scaling(graph: Any, where: str) -> tuple[tuple[float, float] | None, list[Any]]:
     """((mean, std), its nodes) of a forward that starts (x - mean) / std, x - mean or x /
     std by numbers: the input's standardisation, as ONNX's leading Sub and Div; (None, [])
     where it starts otherwise."""
     import torch
 
-    subtracts = _SUBTRACTS | {("call_function", torch.sub)}
-    divides = _DIVIDES | {("call_function", torch.div), ("call_function", torch.true_divide)}
+    # Each way of writing them: operators, tensor methods, torch functions.
+    subtracts = {
+        ("call_function", operator.sub),
+        ("call_method", "sub"),
+        ("call_function", torch.sub),
+    }
+    divides = {
+        ("call_function", operator.truediv),
+        ("call_method", "div"),
+        ("call_function", torch.div),
+        ("call_function", torch.true_divide),
+    }
     nodes = [n for n in graph.graph.nodes if size_source(n) is None]  # the images first
     scaling, values = [], {"mean": 0.0, "std": 1.0}
     for name, kinds in (("mean", subtracts), ("std", divides)):
