@@ -37,12 +37,13 @@ class Interrupted(ThreefoldError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, which a command takes like Ctrl-C (terminate_on_sigterm): a run
+    """SIGTERM, which a command takes like Ctrl-C (stop_on_signals): a run
     stops, keeps its last epoch and says how to continue; a benchmark keeps what it measured."""
 
 
 # Ctrl-C and SIGTERM received within stop_on_signals whose exception has not yet left it.
 _PENDING: list[int] = []
+_WITHIN: list[bool] = []  # an entry for each stop_on_signals block running
 
 
 def _stop(signum: int) -> KeyboardInterrupt:
@@ -70,7 +71,9 @@ def stop_on_signals() -> Iterator[None]:
         if not (isinstance(info.exc_value, KeyboardInterrupt) and _PENDING):
             hook(info)
 
-    _PENDING.clear()
+    outermost = not _WITHIN  # a nested block leaves the stops the outer one noted
+    if outermost:
+        _PENDING.clear()
     hook, sys.unraisablehook = sys.unraisablehook, unraisable
     # Ctrl-C only where Python's own handler takes it: not where it is ignored, as in a
     # background job or under nohup, nor where another handler owns it.
@@ -78,6 +81,7 @@ def stop_on_signals() -> Iterator[None]:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         taken.append(signal.SIGINT)
     previous = {s: signal.signal(s, note) for s in taken}
+    _WITHIN.append(True)
     try:
         yield
         act_on_signals()
@@ -86,7 +90,9 @@ def stop_on_signals() -> Iterator[None]:
             raise Terminated from None
         raise
     finally:
-        _PENDING.clear()
+        _WITHIN.pop()
+        if outermost:
+            _PENDING.clear()
         sys.unraisablehook = hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)

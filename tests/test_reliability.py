@@ -220,6 +220,25 @@ def test_a_signal_whose_exception_a_gc_callback_dropped_still_stops_the_command(
     act_on_signals()  # nothing is left noted after the block
 
 
+def test_a_nested_block_keeps_the_stop_the_outer_one_noted(monkeypatch):
+    """The nested block cleared it on entering, and the command went on as if not asked."""
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: None)
+    callback = dropping_a_sigterm(dropped)
+    gc.callbacks.append(callback)
+    try:
+        with pytest.raises(Terminated), stop_on_signals():
+            gc.collect()
+            gc.callbacks.remove(callback)
+            with stop_on_signals():
+                pass
+    finally:
+        if callback in gc.callbacks:
+            gc.callbacks.remove(callback)
+    assert len(dropped) == 1
+    act_on_signals()  # nothing is left noted after the outer block
+
+
 def test_a_stop_dropped_during_a_training_step_ends_the_run_at_the_next(tiny_data_dir, monkeypatch):
     from impl_numpy.backend import Backend
 
