@@ -49,6 +49,7 @@ from shared.proof.settings import (
     sample_batches,
     scaled_logits,
     settings,
+    warmup_steps,
 )
 from shared.spec import (
     Arch,
@@ -274,7 +275,7 @@ def shared_code_checks(config: TrainConfig, steps: int, seed: int) -> list[Check
     frameworks' libraries. The loss layer is the same whatever the network: a NumPy backend
     of the smallest preset computes it."""
     loss = make_backend("numpy", get_arch("noconv")).loss_and_dlogits
-    rows = reference_checks(config, steps, steps // 4, seed, loss)
+    rows = reference_checks(config, steps, warmup_steps(steps), seed, loss)
     return [judge(row, "any", "-", "shared code vs libraries", tolerance(row.a)) for row in rows]
 
 

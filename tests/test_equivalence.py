@@ -307,10 +307,10 @@ SETTING_KINDS = {
 
 def expected_rows(arch: Arch, kind: str, dtype: str, steps: int, momentum: float) -> Counter:
     """The (check, pair) rows the cross-check makes for `arch` under one setting: the single
-    pass (every layer in both modes, loss, gradients, input gradient, dropout masks against the
-    shared ones), and the lockstep where the setting trains (every canonical tensor, and the
-    momentum buffers of the trainable ones when there is momentum), and, for float64 under
-    the defaults, the finite differences."""
+    pass (every layer in both modes, the prediction path's logits, loss, gradients, input
+    gradient, dropout masks against the shared ones), and the lockstep where the setting
+    trains (every canonical tensor, and the momentum buffers of the trainable ones when
+    there is momentum), and, for float64 under the defaults, the finite differences."""
     rows: Counter = Counter()
     last = arch.layers[-1]
     checks = [
@@ -318,7 +318,8 @@ def expected_rows(arch: Arch, kind: str, dtype: str, steps: int, momentum: float
         for mode in ("eval", "train")
         for layer in (node.layer for node in arch.nodes)
     ]
-    checks += ["loss", *(f"grad {name}" for name in param_shapes(arch)), "grad input"]
+    checks += ["logits (predict)", "loss", *(f"grad {name}" for name in param_shapes(arch))]
+    checks += ["grad input"]
     buffers = SETTING_KINDS[kind]
     # In float32 Adam moves a bias whose exact gradient is 0 by round-off / eps: not compared.
     unsteered = cancelled_biases(arch) if dtype == "float32" and "Adam" in kind else set()

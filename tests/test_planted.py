@@ -21,8 +21,10 @@ import impl_numpy.model
 import impl_numpy.optim
 import impl_torch.layers
 import impl_torch.model
+import shared.config
 from shared import crosscheck
 from shared.backend import make_backend
+from shared.config import TrainConfig
 from shared.crosscheck import run_crosscheck
 from shared.layers import Residual
 from shared.parallel import alone
@@ -87,10 +89,12 @@ def layer_names(spec: str) -> list[str]:
 
 
 def activation_rows(spec: str, first: str, mode: str) -> set[str]:
-    """The activation checks of every layer from `first` on, in `mode`."""
+    """The activation checks of every layer from `first` on, in `mode` (in evaluation mode,
+    the prediction path's logits too)."""
     names = layer_names(spec)
     later = names[names.index(first) :]
-    return {f"activation {n} ({mode})" for n in later[:-1]} | {f"logits ({mode})"}
+    predicted = {"logits (predict)"} if mode == "eval" else set()
+    return {f"activation {n} ({mode})" for n in later[:-1]} | {f"logits ({mode})"} | predicted
 
 
 _JAX_BACKENDS: dict = {}
@@ -195,6 +199,44 @@ def test_running_statistics_updated_in_evaluation_mode(monkeypatch, jax_compiled
         for row in activation_rows(SPEC, "bn1", "eval")
         for pair in pairs_with("numpy")
     }
+
+
+def test_a_prediction_path_that_normalises_with_the_batch_s_statistics(
+    monkeypatch, jax_compiled_once
+):
+    """The logits of validation, the test and evaluate.py come from the prediction path, its
+    own function: run in training mode there, BatchNorm's batch statistics changed a third
+    of strong's test predictions, while the layer-by-layer passes and the lockstep, which
+    do not take that path, passed every row."""
+    forward = impl_numpy.model._forward
+
+    def forward_in_training_mode(params, x, arch):
+        masks = {layer.name: np.ones(1, bool) for layer in arch.dropouts}
+        return forward(params, x, arch, masks)[0]
+
+    monkeypatch.setattr(impl_numpy.model, "forward", forward_in_training_mode)
+    failed = failures(check(), "numpy")
+    assert failed == {
+        (setting, "logits (predict)", pair) for setting in PASSES for pair in pairs_with("numpy")
+    }
+
+
+@pytest.mark.parametrize("steps", [3, 20])
+def test_a_warm_up_one_step_late_is_caught_however_short_the_check(monkeypatch, steps):
+    """A 3-step check warmed up for 3 // 4 = 0 steps: a warm-up that started at 0 instead
+    of base_lr / W passed it (the schedule is shared code, so no pair can tell)."""
+    on_time = shared.config.learning_rate
+
+    def late(step, total_steps, base_lr, schedule, warmup_steps=0):
+        if step < warmup_steps:
+            return base_lr * step / warmup_steps
+        return on_time(step, total_steps, base_lr, schedule, warmup_steps)
+
+    monkeypatch.setattr(shared.config, "learning_rate", late)
+    failed = {
+        r.check for r in crosscheck.shared_code_checks(TrainConfig(), steps, 0) if not r.passed
+    }
+    assert failed and all(check.startswith("schedule ") for check in failed)
 
 
 # --- dropout and strides -------------------------------------------------------------------

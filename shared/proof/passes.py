@@ -44,10 +44,12 @@ def single_pass(
     y: np.ndarray,
     masks: dict[str, np.ndarray],
 ) -> Iterator[Compared]:
-    """Rows for every layer's output in evaluation and in training mode, the
-    loss, every parameter gradient, the input gradient, and each dropout layer's mask against
-    the shared one."""
+    """Rows for every layer's output in evaluation and in training mode, the logits the
+    prediction path gives (validation, test, evaluate.py: its own function), the loss, every
+    parameter gradient, the input gradient, and each dropout layer's mask against the shared
+    one."""
     evals = {name: b.activations(params, x) for name, b in backends.items()}
+    predicted = {name: b.predict(b.init_state(params), x) for name, b in backends.items()}
     trains = {name: b.activations(params, x, masks) for name, b in backends.items()}
     grads = {name: b.loss_and_grads(params, x, y, masks) for name, b in backends.items()}
     dx = {name: b.input_grad(params, x, y, masks) for name, b in backends.items()}
@@ -57,6 +59,8 @@ def single_pass(
                 layer = node.layer
                 label = "logits" if layer is arch.layers[-1] else f"activation {layer.name}"
                 yield Compared(f"{label} ({mode})", pair, a[layer.name], b[layer.name])
+    for pair, a, b in _pairs(predicted):
+        yield Compared("logits (predict)", pair, a, b)
     for pair, (loss_a, grads_a), (loss_b, grads_b) in _pairs(grads):
         yield Compared("loss", pair, loss_a, loss_b)
         scale = _family_size(grads_a.values())
