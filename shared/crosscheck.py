@@ -25,7 +25,7 @@ from shared.cli import add_data_dir_flag, path_type, positive_int, run_cli, seed
 from shared.config import DTYPES, FIELDS, Bound, TrainConfig, python_int
 from shared.cost import check_training_batch
 from shared.data import Dataset, data_files, load_dataset
-from shared.errors import UsageError
+from shared.errors import OutputError, UsageError
 from shared.io import write_json
 from shared.network import import_network
 from shared.onnx_export import require_onnx
@@ -380,20 +380,27 @@ def main(argv: list[str] | None = None) -> int:
         if ckpt is not None:  # in float32, as checkpoint_agreement computes
             arch = get_arch(ckpt.meta["arch"], files=False)
             results += checkpoint_agreement(ckpt.params, arch, data.test.x, onnx=args.onnx)
-        # Checked again: a run or a grid may have written its files there meanwhile.
-        check_out_files(outputs, reads)
+        # Checked again: a run or a grid may have written its files there meanwhile. Then the
+        # table is still printed, minutes of work, and the files are not written.
+        try:
+            check_out_files(outputs, reads)
+            refused = None
+        except UsageError as error:
+            refused = OutputError(f"{error}; nothing written (the table above is the result)")
         # The files first: a reader of the table that goes away (`| head`) costs none of them.
-        if args.json is not None:
+        if args.json is not None and refused is None:
             # Each row carries the notes on its network and dtype: what was not run or
             # compared there is as plain to a program reading the rows as to a reader.
             write_json(args.json, [{**r.as_dict(), "notes": notes_on(r, notes)} for r in results])
-        if args.plot is not None:
+        if args.plot is not None and refused is None:
             plot_results(results, args.plot)
         print(format_table(results))
         for note in notes:
             print(note)
         failed = [r for r in results if not r.passed]
         print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
+        if refused is not None:
+            raise refused
         for written in filter(None, (args.json, args.plot)):
             print(f"wrote {written}")
         return 1 if failed else 0

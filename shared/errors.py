@@ -43,7 +43,7 @@ class Terminated(KeyboardInterrupt):
 
 # Ctrl-C and SIGTERM received within stop_on_signals whose exception has not yet left it.
 _PENDING: list[int] = []
-_WITHIN: list[bool] = []  # an entry for each stop_on_signals block running
+_depth = 0  # how many stop_on_signals blocks are running, one inside the other
 
 
 def _stop(signum: int) -> KeyboardInterrupt:
@@ -71,7 +71,8 @@ def stop_on_signals() -> Iterator[None]:
         if not (isinstance(info.exc_value, KeyboardInterrupt) and _PENDING):
             hook(info)
 
-    outermost = not _WITHIN  # a nested block leaves the stops the outer one noted
+    global _depth
+    outermost = _depth == 0  # a nested block leaves the stops the outer one noted
     if outermost:
         _PENDING.clear()
     hook, sys.unraisablehook = sys.unraisablehook, unraisable
@@ -81,7 +82,7 @@ def stop_on_signals() -> Iterator[None]:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         taken.append(signal.SIGINT)
     previous = {s: signal.signal(s, note) for s in taken}
-    _WITHIN.append(True)
+    _depth += 1
     try:
         yield
         act_on_signals()
@@ -90,7 +91,7 @@ def stop_on_signals() -> Iterator[None]:
             raise Terminated from None
         raise
     finally:
-        _WITHIN.pop()
+        _depth -= 1
         if outermost:
             _PENDING.clear()
         sys.unraisablehook = hook

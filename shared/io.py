@@ -85,8 +85,8 @@ def staged(path: Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except OutputError as e:  # a write into the hidden name: the user knows `path`
-        raise OutputError(str(e).replace(tmp, str(path))) from None
+    except (OutputError, UsageError) as e:  # one naming the hidden name: the user knows `path`
+        raise type(e)(str(e).replace(tmp, str(path))) from None
     except OSError as e:
         raise OutputError(f"{path}: cannot write it ({e.strerror or e})") from None
     finally:

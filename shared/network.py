@@ -5,7 +5,6 @@ taken, and the input scaling it expects; and the ways out of it (PyTorch, ONNX, 
 from __future__ import annotations
 
 import hashlib
-import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,11 +94,7 @@ class Network:
             problem = tensor_problem(tensor, np.asarray(self.tensors[name]), self.arch.name)
             if problem is not None:
                 raise UsageError(f"{where}: tensor {name} {problem}")
-        if self.standardise is not None and not _mean_and_std(self.standardise):
-            raise UsageError(
-                f"{where}: standardise={self.standardise!r}: a finite mean and a positive std "
-                "are needed"
-            )
+        _check_scaling(self.standardise, np.float64, where)
 
     def to_onnx(self, path: str | Path) -> Path:
         """Write the network as an ONNX graph (float32, a dynamic batch axis, opset
@@ -114,14 +109,7 @@ class Network:
             tensors = cast_params(self.tensors, self.arch, np.float32)
         except UsageError as error:
             raise UsageError(f"{path}: {error}") from None
-        if self.standardise is not None:  # and so would its scaling, or a std of 0
-            with np.errstate(over="ignore", under="ignore"):
-                scaling = tuple(float(np.float32(v)) for v in self.standardise)
-            if not _mean_and_std(scaling):
-                raise UsageError(
-                    f"{path}: standardise={self.standardise!r} is {scaling!r} in the graph's "
-                    "float32; a finite mean and a positive std are needed"
-                )
+        _check_scaling(self.standardise, np.float32, str(path))  # and so would its scaling
         write_onnx(onnx_model(self.arch, tensors, self.standardise), Path(path))
         return Path(path)
 
@@ -137,14 +125,25 @@ class Network:
         return Path(path)
 
 
-def _mean_and_std(pair: object) -> bool:
-    """Whether `pair` is a finite mean and a positive, finite std."""
-    if not isinstance(pair, tuple | list) or len(pair) != 2:
-        return False
-    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in pair):
-        return False
-    mean, std = map(float, pair)
-    return math.isfinite(mean) and math.isfinite(std) and std > 0
+def _check_scaling(standardise: object, dtype: type, where: str) -> None:
+    """Refuse, naming `where`, an input scaling (mean, std) other than None that is not a
+    finite mean and a positive std under which pixels of 0 and 1 stay finite in `dtype`
+    (float32's range is a graph's: 1e39 overflows it, a std of 1e-40 makes pixels inf)."""
+    if standardise is None:
+        return
+    fits = isinstance(standardise, tuple | list) and len(standardise) == 2
+    fits = fits and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in standardise
+    )
+    if fits:
+        with np.errstate(all="ignore"):
+            mean, std = (dtype(v) for v in standardise)
+            fits = bool(std > 0 and np.isfinite([(dtype(p) - mean) / std for p in (0, 1)]).all())
+    if not fits:
+        raise UsageError(
+            f"{where}: standardise={standardise!r}: a finite mean and a positive std are needed "
+            f"that keep pixels finite in {np.dtype(dtype).name}"
+        )
 
 
 def body_and_shortcut(paths: list[list], taken: Callable[[Any], Any]) -> tuple[list, list]:

@@ -74,8 +74,8 @@ def reshapes_by_image(nodes: list, constants: dict, images: str, batch: int | No
     return kept
 
 
-# GELU as PyTorch's exporter writes it out before opset 20 (x: the value it takes), each
-# operation of two values in either order: exact, x * (erf(x / sqrt(2)) + 1) * 0.5, and by
+# GELU as PyTorch's exporter writes it out before opset 20 (x: the value it takes), each Add
+# and Mul of its two values in either order: exact, x * (erf(x / sqrt(2)) + 1) * 0.5, and by
 # tanh, x * (tanh((x + x * x * x * 0.044715) * sqrt(2 / pi)) + 1) * 0.5.
 _X = "x"
 
@@ -92,13 +92,13 @@ _GELUS = {
 }
 
 
-def gelus_written_out(nodes: list, constants: dict) -> list:
+def gelus_written_out(nodes: list, constants: dict, outputs: set[str]) -> list:
     """The nodes with each GELU written out (_GELUS) as one Gelu node, where nothing else
-    takes the values computed on the way."""
+    takes the values computed on the way, nor are they among the graph's `outputs`."""
     from onnx import helper
 
     made = {node.output[0]: node for node in nodes}
-    takers: dict[str, int] = {}
+    takers = dict.fromkeys(outputs, 1)
     for node in nodes:
         for name in node.input:
             takers[name] = takers.get(name, 0) + 1

@@ -77,7 +77,7 @@ def from_onnx(path: str | Path, where: str = "") -> Network:
     )
     current, batch = _input(graph, initialisers, label)
     nodes = reshapes_by_image(nodes, initialisers, current, batch)
-    nodes = gelus_written_out(nodes, initialisers)
+    nodes = gelus_written_out(nodes, initialisers, {o.name for o in graph.output})
     standardise, nodes, current = _scaling(nodes, initialisers, current, label)
     steps = _steps(nodes, initialisers, current, graph, label)
     widths: dict[int, tuple[int, str]] = {}
@@ -137,17 +137,19 @@ def _input(graph, initialisers: dict, label: str) -> tuple[str, int | None]:
 
 
 def _scaling(nodes: list, initialisers: dict, current: str, label: str):
-    """((mean, std) of a leading Sub by a constant then Div by one, or None; the rest of the
-    nodes; the value they start from: the Div's output, which the next node must take)."""
-    ops = [n.op_type for n in nodes[:2]]
-    if ops != list(SCALING) or nodes[0].input[0] != current:
-        return None, nodes, current
-    sub, div = nodes[:2]
-    mean = scalar(sub.input[1], initialisers, f"{label}: {sub.name} (Sub)")
-    std = scalar(div.input[1], initialisers, f"{label}: {div.name} (Div)")
-    if div.input[0] != sub.output[0] or std <= 0:
-        raise UsageError(f"{label}: {div.name} (Div): not a standardisation by a positive std")
-    return (mean, std), nodes[2:], div.output[0]
+    """((mean, std) of a leading Sub of a constant then Div by one, or of either alone (as
+    PyTorch exports x - mean or x / std), or None; the rest of the nodes; the value they
+    start from: the scaling's output, which the next node must take)."""
+    values, taken = {"Sub": 0.0, "Div": 1.0}, 0
+    for op in SCALING:
+        node = nodes[taken] if taken < len(nodes) else None
+        if node is not None and node.op_type == op and list(node.input[:1]) == [current]:
+            values[op] = scalar(node.input[1], initialisers, f"{label}: {node.name} ({op})")
+            current, taken = node.output[0], taken + 1
+    if values["Div"] <= 0:
+        why = "not a standardisation by a positive std"
+        raise UsageError(f"{label}: {nodes[taken - 1].name} (Div): {why}")
+    return ((values["Sub"], values["Div"]) if taken else None), nodes[taken:], current
 
 
 def _steps(
@@ -376,7 +378,7 @@ def _map(steps, layers, expected, initialisers, label, params, mapping, shapes, 
                 "window does not fit its mark"
             )
         if step.ceil and isinstance(layer, Pool):  # an adaptive pool's windows tile its input
-            _floored(layer, shapes[layer.name], f"{label}: {step.source}: {step.what}")
+            _fits_exactly(layer, shapes[layer.name], f"{label}: {step.source}: {step.what}")
         moved = []
         for name, suffix in step.reads:
             ours = f"{layer.name}.{suffix.removesuffix('.T')}"
@@ -390,9 +392,13 @@ def _map(steps, layers, expected, initialisers, label, params, mapping, shapes, 
         mapping.append(Mapped(step.source, step.what, written, tensors=tuple(moved), block=block))
 
 
-def _floored(pool: Pool, shape: tuple[int, ...], where: str) -> None:
+def _fits_exactly(pool: Pool, shape: tuple[int, ...], where: str) -> None:
     """Refuse a pooling's ceil_mode=1 unless its windows fit its input exactly, where
-    ceiling and flooring count the same windows (2x2 windows on an even size)."""
+    ceiling and flooring count the same windows (2x2 windows on an even size). Elsewhere
+    a file's readers disagree: where a last window would start in the padding, onnxruntime
+    drops it, as PyTorch does, and ONNX's shape inference counts it (2x2 windows, stride 2,
+    padding 1 on 5x5: 3x3 against 4x4), so the PyTorch import's rule, which reads what the
+    traced module computes, is not this one."""
     if any((n + 2 * pool.padding - pool.size) % pool.stride for n in shape[1:]):
         raise UsageError(
             f"{where}: ceil_mode=1: its {pool.size}x{pool.size} windows, stride {pool.stride}, "

@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import itertools
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -143,9 +144,20 @@ def check_out_files(
                 raise UsageError(f"{flag} {path}: the same file as {other_flag} {other}")
         if path.name in (*RUN_FILES, *EVALUATION_FILES) and holds_run(path.parent):
             raise UsageError(f"{flag} {path}: one of the files of the run in {path.parent}")
-        if path.name == STORE_NAME and path.exists() and not (store and _same_file(path, store)):
-            raise UsageError(f"{flag} {path}: the finished runs of a grid or a speedrun")
+        if _holds_runs(path) and not (store and _same_file(path, store)):
+            raise UsageError(f"{flag} {path}: holds the finished runs of a grid or a speedrun")
         seen.append((flag, path))
+
+
+def _holds_runs(path: Path) -> bool:
+    """Whether `path` (through any link) is a store of finished runs, which RunStore writes as
+    {"runs": ...} under whatever name: its first bytes tell, however large the file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:  # none there yet, or a file no command could read back either
+        return False
+    return re.match(rb'\s*\{\s*"runs"\s*:', head) is not None
 
 
 def _same_file(a: Path, b: Path) -> bool:

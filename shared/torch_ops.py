@@ -7,6 +7,7 @@ same way is `Refused`, naming the option at fault."""
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Callable
 from functools import cache
@@ -303,7 +304,8 @@ def bind(signature: Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str,
 def input_scaling(graph: Any, where: str) -> tuple[tuple[float, float] | None, list[Any]]:
     """((mean, std), its nodes) of a forward that starts (x - mean) / std, x - mean or x /
     std by numbers: the input's standardisation, as ONNX's leading Sub and Div; (None, [])
-    where it starts otherwise."""
+    where it starts otherwise. One that is no standardisation (a std of 0) is a UsageError
+    naming its nodes."""
     import torch
 
     # Each way of writing them: operators, tensor methods, torch functions.
@@ -318,20 +320,23 @@ def input_scaling(graph: Any, where: str) -> tuple[tuple[float, float] | None, l
         ("call_function", torch.div),
         ("call_function", torch.true_divide),
     }
-    nodes = [n for n in graph.graph.nodes if size_source(n) is None]  # the images first
-    scaling, values = [], {"mean": 0.0, "std": 1.0}
+    # The images, then what the forward computes in order (an output node ends it).
+    images, *computed = (n for n in graph.graph.nodes if size_source(n) is None)
+    current, scaling, values = images, [], {"mean": 0.0, "std": 1.0}
     for name, kinds in (("mean", subtracts), ("std", divides)):
-        of, node = nodes[len(scaling)], nodes[len(scaling) + 1]
+        node = computed[len(scaling)]
+        by = node.args[1] if len(node.args) == 2 else None
         if (
             (node.op, node.target) in kinds
-            and len(node.args) == 2
-            and node.args[0] is of
+            and node.args[0] is current
             and not node.kwargs
-            and type(node.args[1]) in (int, float)  # a number, not a tensor or a bool
-            and users(of) == [node]
+            and isinstance(by, numbers.Real)  # a number (NumPy's too), not a tensor
+            and not isinstance(by, bool)
+            and users(current) == [node]
         ):
             scaling.append(node)
-            values[name] = float(node.args[1])
+            values[name] = float(by)
+            current = node
     mean, std = values["mean"], values["std"]
     if scaling and not (math.isfinite(mean) and math.isfinite(std) and std > 0):
         raise UsageError(

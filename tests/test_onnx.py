@@ -32,6 +32,7 @@ from shared.config import IMPLEMENTATIONS, TrainConfig
 from shared.crosscheck import run_crosscheck
 from shared.errors import OutputError, UsageError
 from shared.export import main as export_main
+from shared.io import staged
 from shared.kinds import KINDS, kind_of
 from shared.network import Network, load_weights
 from shared.onnx_export import check_model, onnx_model
@@ -563,8 +564,35 @@ def test_a_gelu_an_older_opset_writes_out_is_read_as_one(approximate, opset, tmp
     assert row.token == token and row.what == f"Gelu(approximate='{approximate}')"
 
 
+def test_a_gelu_written_out_of_two_values_is_not_one(tmp_path):
+    """relu(x) * (erf(relu(x) / sqrt(2)) + 1) * 0.5 is a GELU of relu(x); with the images in
+    place of the first relu(x) it is none, and read as one it would compute another thing."""
+    consts = [
+        numpy_helper.from_array(np.array(value, np.float32), name)
+        for name, value in (("root2", math.sqrt(2)), ("one", 1.0), ("half", 0.5))
+    ]
+    fc, weights = random_fc("flat", 784)
+    for first in ("r", "x"):
+        nodes = [
+            helper.make_node("Relu", ["x"], ["r"], "relu"),
+            helper.make_node("Div", ["r", "root2"], ["d"], "div"),
+            helper.make_node("Erf", ["d"], ["e"], "erf"),
+            helper.make_node("Add", ["e", "one"], ["a"], "add"),
+            helper.make_node("Mul", [first, "a"], ["m"], "mul"),
+            helper.make_node("Mul", ["m", "half"], ["g"], "half"),
+            helper.make_node("Flatten", ["g"], ["flat"], "flatten", axis=1),
+        ]
+        path = graph_file(tmp_path, [*nodes, *fc], [*consts, *weights])
+        if first == "r":
+            assert reads_as_onnxruntime_runs_it(path).spec == "relu-gelu-flatten-fc10"
+        else:
+            with pytest.raises(UsageError, match="x feeds relu \\(Relu\\), mul \\(Mul\\)"):
+                from_onnx(path)
+
+
 def test_a_gelu_written_out_with_another_constant_is_not_one(tmp_path):
-    """x * (erf(x / sqrt(2)) + 1) * 0.6 is no GELU: refused, as any fork no Add joins."""
+    """x * (erf(x / sqrt(2)) + 1) * 0.6 is no GELU: its Div is read as the input's scaling,
+    and its Erf refused."""
     consts = [
         numpy_helper.from_array(np.array(value, np.float32), name)
         for name, value in (("root2", math.sqrt(2)), ("one", 1.0), ("scale", 0.6))
@@ -578,7 +606,7 @@ def test_a_gelu_written_out_with_another_constant_is_not_one(tmp_path):
         helper.make_node("Flatten", ["g"], ["flat"], "flatten", axis=1),
     ]
     fc, weights = random_fc("flat", 784)
-    with pytest.raises(UsageError, match="x feeds div \\(Div\\), mul \\(Mul\\), which no Add"):
+    with pytest.raises(UsageError, match="erf \\(Erf\\): not an operator threefold has"):
         from_onnx(graph_file(tmp_path, [*nodes, *fc], [*consts, *weights]))
 
 
@@ -752,8 +780,10 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
     store = tmp_path / "grid" / "runs.json"
     store.parent.mkdir()
     store.write_text('{"runs": {}}')
+    (tmp_path / "grid" / "link.safetensors").symlink_to(store)
     for args, message in [
-        (["--safetensors", str(store)], "runs.json: the finished runs of a grid or a speedrun"),
+        (["--safetensors", str(store)], "runs.json: holds the finished runs of a grid or a"),
+        (["--safetensors", str(store.with_name("link.safetensors"))], "holds the finished runs"),
         (["--safetensors", str(other_run / "checkpoint.npz")], "one of the files of the run in"),
         (["--safetensors", str(other_run / "metrics.json")], "one of the files of the run in"),
         (["--onnx", str(other_run / "evaluation.json")], "one of the files of the run in"),
@@ -821,10 +851,11 @@ def test_a_network_altered_by_hand_is_refused_before_a_file_is_written(alter, me
             write(tmp_path / "m")
     with pytest.raises(UsageError, match=f"to_torch: .*{message}"):
         threefold.to_torch(network)
-    for standardise in ((0.5, 0.0), 0.5, (0.5,), ("a", "b"), (1e39, 1.0), (0.0, 1e-50)):
+    scalings = ((0.5, 0.0), 0.5, (0.5,), ("a", "b"), (1e39, 1.0), (0.0, 1e-50), (0.0, 1e-40))
+    for standardise in scalings:
         scaled = dataclasses.replace(original, standardise=standardise)
         with pytest.raises(UsageError, match="a finite mean and a positive std"):
-            scaled.to_onnx(tmp_path / "m")  # the last two fit float64, not the graph's float32
+            scaled.to_onnx(tmp_path / "m")  # the last three fit float64, not the graph's float32
     assert list(tmp_path.iterdir()) == []
 
 
@@ -943,6 +974,26 @@ def test_a_padded_average_pool_counts_its_padding_only_where_the_file_says_so(tm
     assert network.arch.name.startswith("avgpool3s2p1-")
 
 
+@pytest.mark.parametrize(
+    ("ops", "standardise"), [(["Sub"], (0.5, 1.0)), (["Div"], (0.0, 0.25)), (["Div"], None)]
+)
+def test_a_lone_sub_or_div_is_the_input_scaling(ops, standardise, tmp_path):
+    """x - mean or x / std as PyTorch exports them: the PyTorch import read them, this one
+    refused a lone Div as "not an operator threefold has". A std that is not positive is
+    refused naming the Div."""
+    value = 0.5 if ops == ["Sub"] else 0.25 if standardise else -0.25
+    const = numpy_helper.from_array(np.array(value, np.float32), "c")
+    scale = helper.make_node(ops[0], ["x", "c"], ["scaled"], "scale")
+    flatten = helper.make_node("Flatten", ["scaled"], ["flat"], "flatten", axis=1)
+    fc, weights = random_fc("flat", 784)
+    path = graph_file(tmp_path, [scale, flatten, *fc], [const, *weights])
+    if standardise is None:
+        with pytest.raises(UsageError, match="scale \\(Div\\): not a standardisation by a pos"):
+            from_onnx(path)
+    else:
+        assert reads_as_onnxruntime_runs_it(path).standardise == standardise
+
+
 def test_a_scaling_the_next_node_does_not_take_is_refused(tmp_path):
     """A leading Sub and Div whose output nothing reads once set the network's
     standardisation while its Flatten read the raw images (71 off onnxruntime)."""
@@ -1011,6 +1062,20 @@ def test_a_reshape_to_other_than_an_image_s_features_is_refused(tmp_path):
     fc, weights = random_fc("flat", 784)
     network = reads_as_onnxruntime_runs_it(graph_file(tmp_path, [reshape, *fc], [target, *weights]))
     assert network.arch.name == "flatten-fc10"
+
+
+def test_a_refusal_of_a_graph_staged_under_a_hidden_name_names_the_user_s_file(tmp_path):
+    """export.py writes the graph under a hidden name first: a weight past float32's range
+    was reported as "/.../.m.onnx.4121.x1y2.tmp: fc.weight: ..."."""
+    network = threefold.network("flatten-fc10")
+    tensors = {k: v.astype(np.float64) for k, v in network.tensors.items()}
+    tensors["fc.weight"][0, 0] = 1e300
+    network = dataclasses.replace(network, tensors=tensors)
+    named = re.escape(str(tmp_path / "m.onnx"))
+    refused = pytest.raises(UsageError, match=f"^{named}: fc.weight: a value of 1e\\+300")
+    with refused, staged(tmp_path / "m.onnx") as graph:
+        network.to_onnx(graph)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_writing_where_no_file_can_be_is_one_output_error(tmp_path):
@@ -1312,8 +1377,8 @@ def test_a_reshape_to_zero_with_allowzero_is_not_read_as_keeping_the_batch(tmp_p
 
 
 def test_a_value_feeding_paths_that_no_add_joins_names_the_nodes_it_feeds(tmp_path):
-    """GELU written out (Div, Erf, Add, Mul, Mul, before opset 20) read as a broken residual
-    block, naming none of the nodes."""
+    """relu(x) * tanh(x) was read as a broken residual block, naming none of the nodes (so
+    was GELU written out before opset 20, which is now read as GELU)."""
     fc, weights = random_fc("flat", 784)
     nodes = [
         helper.make_node("Relu", ["x"], ["r"], "relu"),

@@ -224,7 +224,8 @@ def test_a_prediction_path_that_normalises_with_the_batch_s_statistics(
 @pytest.mark.parametrize("steps", [3, 20])
 def test_a_warm_up_one_step_late_is_caught_however_short_the_check(monkeypatch, steps):
     """A 3-step check warmed up for 3 // 4 = 0 steps: a warm-up that started at 0 instead
-    of base_lr / W passed it (the schedule is shared code, so no pair can tell)."""
+    of base_lr / W passed it (the schedule is shared code, so no pair can tell). 20 steps,
+    the default, warmed up for 5 before: the control."""
     on_time = shared.config.learning_rate
 
     def late(step, total_steps, base_lr, schedule, warmup_steps=0):

@@ -665,12 +665,17 @@ def test_crosscheck_checks_its_outputs_again_before_it_writes(tmp_path, monkeypa
         store.write_text('{"runs": {}}')
         return rows
 
-    monkeypatch.setattr(shared.crosscheck, "run_crosscheck", a_speedrun_writes_meanwhile)
     flags = ["--arch", "noconv", "--dtype", "float64", "--steps", "1", "--batch-size", "2"]
-    with pytest.raises(SystemExit) as refused:  # argparse's usage error
-        shared.crosscheck.main([*flags, "--quiet", "--json", str(store)])
-    said = capsys.readouterr().err.strip().splitlines()[-1]
-    assert refused.value.code == 2 and said.endswith("the finished runs of a grid or a speedrun")
+    for _ in range(2):  # a file of rows named runs.json is no store: written over again
+        assert shared.crosscheck.main([*flags, "--quiet", "--json", str(store)]) == 0
+    assert isinstance(json.loads(store.read_text()), list)
+    monkeypatch.setattr(shared.crosscheck, "run_crosscheck", a_speedrun_writes_meanwhile)
+    capsys.readouterr()
+    assert shared.crosscheck.main([*flags, "--quiet", "--json", str(store)]) == 1
+    printed, said = capsys.readouterr()
+    assert "passed, 0 failed" in printed  # the table, minutes of work, is still shown
+    assert said.count("\n") == 1 and said.startswith("crosscheck.py: error: --json ")
+    assert "holds the finished runs of a grid or a speedrun; nothing written" in said
     assert store.read_text() == '{"runs": {}}'
 
 

@@ -779,8 +779,9 @@ def test_a_view_that_flattens_each_image_is_a_flatten(flat):
         (lambda x: torch.div(torch.sub(x, 0.5), 2), (0.5, 2.0)),
         (lambda x: x - 1, (1.0, 1.0)),
         (lambda x: x / 255, (0.0, 255.0)),
+        (lambda x: (x - np.float64(0.25)) / 2, (0.25, 2.0)),  # np.int64 fx cannot trace
     ],
-    ids=["operators", "methods", "functions", "centred", "scaled"],
+    ids=["operators", "methods", "functions", "centred", "scaled", "NumPy's numbers"],
 )
 def test_a_forward_that_standardises_its_input_is_read_as_its_scaling(scale, standardise):
     """It was "sub: not an operation threefold has", where ONNX's Sub and Div were read."""
