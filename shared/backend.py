@@ -166,6 +166,12 @@ class Backend:
             x = self.erase(x, arrays.boxes)
         return x, y
 
+    def images(self, data: Any, batch: Batch) -> np.ndarray:
+        """The images (B, 1, 28, 28) a step on `batch` of `data` trains on: gathered,
+        augmented and erased as the step does it, as NumPy."""
+        x, _ = self.gather(data, self.step_arrays(batch), pad=batch.pad, fill=batch.fill)
+        return np.asarray(x).copy()
+
     def _update_state(self, params: dict, grads: dict, buffers: dict, opt_state: Any, lr: Any):
         """The state after one step: trainable parameters moved by the optimizer, BatchNorm
         buffers replaced by the pass's updated ones."""

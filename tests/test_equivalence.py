@@ -309,8 +309,9 @@ def expected_rows(arch: Arch, kind: str, dtype: str, steps: int, momentum: float
     """The (check, pair) rows the cross-check makes for `arch` under one setting: the single
     pass (every layer in both modes, the prediction path's logits, loss, gradients, input
     gradient, dropout masks against the shared ones), and the lockstep where the setting
-    trains (every canonical tensor, and the momentum buffers of the trainable ones when
-    there is momentum), and, for float64 under the defaults, the finite differences."""
+    trains (the images each step trains on, every canonical tensor, and the momentum buffers
+    of the trainable ones when there is momentum), and, for float64 under the defaults, the
+    finite differences."""
     rows: Counter = Counter()
     last = arch.layers[-1]
     checks = [
@@ -325,7 +326,8 @@ def expected_rows(arch: Arch, kind: str, dtype: str, steps: int, momentum: float
     unsteered = cancelled_biases(arch) if dtype == "float32" and "Adam" in kind else set()
     if buffers is not None:
         states = [n for n in state_shapes(arch) if n not in unsteered]
-        checks += [f"lockstep loss x{steps}", *(f"lockstep {n}" for n in states)]
+        checks += [f"lockstep loss x{steps}", "lockstep images"]
+        checks += [f"lockstep {n}" for n in states]
         if momentum or buffers != ("momentum",):
             checks += [f"lockstep {b} {name}" for b in buffers for name in param_shapes(arch)]
     rows.update((check, pair) for check in checks for pair in PAIR_NAMES)

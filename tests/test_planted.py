@@ -19,6 +19,8 @@ import impl_jax.layers
 import impl_numpy.layers
 import impl_numpy.model
 import impl_numpy.optim
+import impl_torch.augment
+import impl_torch.backend
 import impl_torch.layers
 import impl_torch.model
 import shared.config
@@ -238,6 +240,23 @@ def test_a_warm_up_one_step_late_is_caught_however_short_the_check(monkeypatch, 
         r.check for r in crosscheck.shared_code_checks(TrainConfig(), steps, 0) if not r.passed
     }
     assert failed and all(check.startswith("schedule ") for check in failed)
+
+
+def test_an_erasing_box_one_row_too_tall_is_named_in_the_images(monkeypatch, jax_compiled_once):
+    """It failed the lockstep's loss and tensors alone: no row named the augmentation."""
+
+    def one_row_too_tall(x, boxes):
+        taller = boxes.clone()
+        taller[:, 2] += 1
+        return erase(x, taller)
+
+    erase = impl_torch.augment.erase
+    monkeypatch.setattr(impl_torch.backend.Backend, "erase", staticmethod(one_row_too_tall))
+    failed = failures(check(), "torch")
+    images = {(setting, pair) for setting, row, pair in failed if row == "lockstep images"}
+    # Every setting that erases trains on other images from its first step with a box.
+    assert {setting for setting, _, _ in failed} == {setting for setting, _ in images}
+    assert images and all(pair in pairs_with("torch") for _, pair in images)
 
 
 # --- dropout and strides -------------------------------------------------------------------

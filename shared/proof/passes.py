@@ -148,6 +148,11 @@ def lockstep(
     finite: dict[str, list[bool]] = {name: [] for name in backends}  # each step's whole state
     measured: dict[tuple[str, str], Measured] = {}  # (pair, check) -> its row, in row order
     for batch, lr in zip(plan, rates, strict=True):
+        # The images as each step augments them: a wrong flip, shift or erasing box is named
+        # here, before the loss and every tensor it moves.
+        images = {name: backend.images(data[name], batch) for name, backend in backends.items()}
+        for pair, images_a, images_b in _pairs(images):
+            _row(measured, pair, "lockstep images").add(images_a, images_b, 0.0)
         step = {}
         for name, backend in backends.items():
             states[name], loss, _ = backend.train_step(states[name], data[name], batch, lr)
