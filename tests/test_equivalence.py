@@ -34,7 +34,8 @@ from shared.layers import Activation, BatchNorm, Conv, Dropout, Pool
 from shared.loop import train
 from shared.proof.kinks import cancelled_biases, keeps_zeros_exact
 from shared.proof.passes import checkpoint_agreement
-from shared.proof.rows import CheckResult, Measured, compare
+from shared.proof.report import format_table
+from shared.proof.rows import CheckResult, Compared, Measured, compare, judge
 from shared.proof.settings import ALL_ON
 from shared.spec import PRESETS, Arch, get_arch, init_params, param_shapes, state_shapes
 from tests.conftest import pairs_with, to_native
@@ -792,6 +793,20 @@ def test_a_measured_row_measures_each_step_against_its_family_then():
     assert exact.measured() == (pytest.approx(1e-3), pytest.approx(1e-3 / (1 + 1e-3)), "float64")
     assert exact.first(1).measured()[1] == exact.measured()[1] and len(exact.diffs) == 2
     assert compare(grows, wrong_early, 1e12)[1] < 1e-14  # the whole run's scale hides it
+
+
+def test_a_failing_lockstep_row_names_the_first_step_past_its_tolerance():
+    """A row gave its worst step alone: a momentum planted wrong, off by 1e-3 from step 3 and
+    by 1e-1 at step 4, read as a failure of step 4's size."""
+    row = Measured("lockstep momentum fc.weight", "numpy-torch")
+    for off in (0.0, 1e-12, 1e-3, 1e-1):
+        row.add(np.ones(3), np.ones(3) + off)
+    failed = judge(row, "float64", "lab", "defaults", 1e-9)
+    assert not failed.passed and failed.first_step == 3 and failed.as_dict()["first_step"] == 3
+    assert format_table([failed]).splitlines()[-1].endswith("FAIL (from step 3)")
+    assert judge(row.first(2), "float64", "lab", "defaults", 1e-9).first_step is None  # passes
+    single = Compared("loss", "numpy-torch", np.ones(3), np.ones(3) + 1e-3)
+    assert judge(single, "float64", "lab", "defaults", 1e-9).first_step is None  # one step
 
 
 @pytest.mark.parametrize("resync", [False, True])

@@ -184,6 +184,7 @@ class NotEquivalent(AssertionError):
     def __init__(self, report: Report):
         rows = "\n".join(
             f"  {r.check} {r.pair} {r.dtype} [{r.setting}]: {r.max_rel:.2e} > {r.tolerance:.0e}"
+            + ("" if r.first_step is None else f" from step {r.first_step}")
             for r in report.failed[:20]
         )
         more = len(report.failed) - 20

@@ -23,9 +23,12 @@ def format_table(results: list[CheckResult]) -> str:
     for (dtype, arch, setting), group in itertools.groupby(results, key=key):
         lines += ["", f"== {dtype} | arch {arch} | {setting}", header]
         for r in group:
+            verdict = "pass" if r.passed else "FAIL"
+            if r.first_step is not None:
+                verdict += f" (from step {r.first_step})"
             lines.append(
                 f"{r.check:<36} {r.pair:<14} {r.dtypes:<9} {r.max_abs:10.2e} {r.max_rel:10.2e} "
-                f"{r.tolerance:8.0e}  {'pass' if r.passed else 'FAIL'}"
+                f"{r.tolerance:8.0e}  {verdict}"
             )
     return "\n".join(lines)
 

@@ -78,11 +78,14 @@ class Measured:
         """The row over the first `steps` steps alone."""
         return Measured(self.check, self.pair, self.dtypes, self.diffs[:steps], self.sizes[:steps])
 
+    def relative(self) -> list[float]:
+        """Each step's relative difference."""
+        return [_relative(d, s) for d, s in zip(self.diffs, self.sizes, strict=True)]
+
     def measured(self) -> tuple[float, float, str]:
         """(the worst step's difference, the worst step's relative difference, the dtype)."""
-        relative = [_relative(d, s) for d, s in zip(self.diffs, self.sizes, strict=True)]
         nothing = float("inf")  # a row that compared no step fails
-        return max(self.diffs, default=nothing), max(relative, default=nothing), self.dtypes
+        return max(self.diffs, default=nothing), max(self.relative(), default=nothing), self.dtypes
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,8 @@ class CheckResult:
     """One row of the cross-check: the worst difference of one tensor between a pair, under
     one setting (the hyperparameters or the planted batch the row ran with). `dtypes` is the
     pair's dtype, or both when they differ; a row passes only within tolerance and with both
-    in `expected_dtype` (None: no dtype to check)."""
+    in `expected_dtype` (None: no dtype to check). A lockstep row that fails also gives the
+    first step past its tolerance (1-based), where the worst may come steps later."""
 
     dtype: str
     arch: str
@@ -102,6 +106,7 @@ class CheckResult:
     tolerance: float
     dtypes: str = ""
     expected_dtype: str | None = None
+    first_step: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -164,6 +169,7 @@ def judge(
 ) -> CheckResult:
     """The verdict on one comparison, made under (dtype, arch, setting)."""
     max_abs, max_rel, dtypes = row.measured()
+    past = [] if isinstance(row, Compared) else [r > tolerance for r in row.relative()]
     return CheckResult(
         dtype,
         arch,
@@ -175,4 +181,5 @@ def judge(
         tolerance,
         dtypes,
         expected_dtype,
+        past.index(True) + 1 if any(past) else None,
     )
