@@ -157,6 +157,11 @@ class TrainConfig:
         )
 
 
+def real_number(value: object) -> bool:
+    """Whether `value` is a real number (NumPy's too), not a bool, which Python counts as one."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def python_int(value: object) -> object:
     """A NumPy integer as the Python int it is (a Bound takes Python's); anything else as
     it is."""

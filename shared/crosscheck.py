@@ -44,12 +44,12 @@ from shared.proof.rows import TOLERANCES, CheckResult, judge
 from shared.proof.settings import (
     ALL_ON,
     DEFAULTS,
+    check_warmup,
     noisy_batches,
     planted_ties,
     sample_batches,
     scaled_logits,
     settings,
-    warmup_steps,
 )
 from shared.spec import (
     Arch,
@@ -275,7 +275,7 @@ def shared_code_checks(config: TrainConfig, steps: int, seed: int) -> list[Check
     frameworks' libraries. The loss layer is the same whatever the network: a NumPy backend
     of the smallest preset computes it."""
     loss = make_backend("numpy", get_arch("noconv")).loss_and_dlogits
-    rows = reference_checks(config, steps, warmup_steps(steps), seed, loss)
+    rows = reference_checks(config, steps, check_warmup(steps), seed, loss)
     return [judge(row, "any", "-", "shared code vs libraries", tolerance(row.a)) for row in rows]
 
 

@@ -5,7 +5,6 @@ taken, and the input scaling it expects; and the ways out of it (PyTorch, ONNX, 
 from __future__ import annotations
 
 import hashlib
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from shared.checkpoint import load_checkpoint, tensor_problem
+from shared.config import real_number
 from shared.data import get_dataset_spec
 from shared.errors import UsageError
 from shared.io import a_path
@@ -125,21 +125,23 @@ class Network:
         return Path(path)
 
 
+def scaling_fits(standardise: object, dtype: type) -> bool:
+    """Whether `standardise` is an input scaling (mean, std) of numbers, std positive, under
+    which pixels of 0 and 1 stay finite in `dtype` (float32's range is a graph's: a mean of
+    1e39 overflows it, a std of 1e-40 makes pixels inf)."""
+    if not (isinstance(standardise, tuple | list) and len(standardise) == 2):
+        return False
+    if not all(real_number(v) for v in standardise):
+        return False
+    with np.errstate(all="ignore"):
+        mean, std = (dtype(v) for v in standardise)
+        return bool(std > 0 and np.isfinite([(dtype(p) - mean) / std for p in (0, 1)]).all())
+
+
 def _check_scaling(standardise: object, dtype: type, where: str) -> None:
-    """Refuse, naming `where`, an input scaling (mean, std) other than None that is not a
-    finite mean and a positive std under which pixels of 0 and 1 stay finite in `dtype`
-    (float32's range is a graph's: 1e39 overflows it, a std of 1e-40 makes pixels inf)."""
-    if standardise is None:
-        return
-    fits = isinstance(standardise, tuple | list) and len(standardise) == 2
-    fits = fits and all(
-        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in standardise
-    )
-    if fits:
-        with np.errstate(all="ignore"):
-            mean, std = (dtype(v) for v in standardise)
-            fits = bool(std > 0 and np.isfinite([(dtype(p) - mean) / std for p in (0, 1)]).all())
-    if not fits:
+    """Refuse, naming `where`, an input scaling other than None that does not fit `dtype`
+    (see scaling_fits)."""
+    if standardise is not None and not scaling_fits(standardise, dtype):
         raise UsageError(
             f"{where}: standardise={standardise!r}: a finite mean and a positive std are needed "
             f"that keep pixels finite in {np.dtype(dtype).name}"

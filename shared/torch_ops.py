@@ -6,14 +6,16 @@ same way is `Refused`, naming the option at fault."""
 
 from __future__ import annotations
 
-import math
-import numbers
 import operator
 from collections.abc import Callable
 from functools import cache
 from typing import Any
 
+import numpy as np
+
+from shared.config import real_number
 from shared.errors import UsageError
+from shared.network import scaling_fits
 from shared.torch_sizes import size_source, users
 
 
@@ -330,15 +332,14 @@ def input_scaling(graph: Any, where: str) -> tuple[tuple[float, float] | None, l
             (node.op, node.target) in kinds
             and node.args[0] is current
             and not node.kwargs
-            and isinstance(by, numbers.Real)  # a number (NumPy's too), not a tensor
-            and not isinstance(by, bool)
+            and real_number(by)  # not a tensor
             and users(current) == [node]
         ):
             scaling.append(node)
             values[name] = float(by)
             current = node
     mean, std = values["mean"], values["std"]
-    if scaling and not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+    if scaling and not scaling_fits((mean, std), np.float64):
         raise UsageError(
             f"{where}: {', '.join(n.name for n in scaling)}: (x - {mean!r}) / {std!r}: a "
             "standardisation of the input needs a finite mean and a positive std"

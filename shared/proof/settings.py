@@ -96,7 +96,7 @@ def drawn_adam(seed: int, steps: int, optimizer: str) -> Setting:
 DEFAULTS = "defaults, all techniques on"
 
 
-def warmup_steps(steps: int) -> int:
+def check_warmup(steps: int) -> int:
     """A quarter of the steps warm up, one at least: a run of 3 steps still checks it."""
     return max(1, steps // 4)
 
@@ -105,11 +105,11 @@ def settings(config: TrainConfig, steps: int, seed: int, arch: Arch) -> list[Set
     """The defaults with every technique on, drawn SGD, Adam and AdamW hyperparameters, huge
     logits and, where the network keeps planted zeros exact (see `planted_ties`), exact ReLU
     zeros and pooling ties."""
-    base = Setting(DEFAULTS, config, warmup_steps(steps) if config.warmup != 0 else 0)
+    base = Setting(DEFAULTS, config, check_warmup(steps) if config.warmup != 0 else 0)
     chosen = [
         base,
         # The speedrun's changes (its rate, weight decay, linear schedule) on these settings.
-        Setting("fast recipe of speedrun.py", replace(config, **FAST_RECIPE), warmup_steps(steps)),
+        Setting("fast recipe of speedrun.py", replace(config, **FAST_RECIPE), check_warmup(steps)),
         drawn_setting(seed, steps),
         drawn_adam(seed, steps, "adam"),
         drawn_adam(seed, steps, "adamw"),
