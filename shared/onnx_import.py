@@ -331,21 +331,34 @@ def _check_widths(layers: tuple, widths: dict[int, tuple[int, str]], label: str)
             )
 
 
+@dataclass
+class _Reading:
+    """What each level of `_map` shares: the canonical tensors expected, the file's
+    initialisers, the file's label for errors, each layer's input shape, and what the
+    mapping has produced so far (`params`, `mapping`)."""
+
+    expected: dict
+    initialisers: dict
+    label: str
+    shapes: dict[str, tuple[int, ...]]
+    params: Params
+    mapping: list[Mapped]
+
+
 def _tensors(arch: Arch, steps: list[_Step | _Block], initialisers: dict, label: str):
     """(the canonical tensors, the mapping): each step's initialisers checked against its
     layer's tensors (shape before data, then the values)."""
-    expected = tensors(arch)
-    params: Params = {}
-    mapping: list[Mapped] = []
     shapes = {node.layer.name: node.shape for node in arch.nodes}
-    _map(steps, iter(arch.layers), expected, initialisers, label, params, mapping, shapes, "")
-    return {name: params[name] for name in expected}, mapping
+    reading = _Reading(tensors(arch), initialisers, label, shapes, {}, [])
+    _map(reading, steps, iter(arch.layers), block="")
+    return {name: reading.params[name] for name in reading.expected}, reading.mapping
 
 
-def _map(steps, layers, expected, initialisers, label, params, mapping, shapes, block: str) -> None:
-    """Each step's layer, taken in turn from `layers`, its tensors into `params` and its row
-    into `mapping` (`shapes`: each layer's input; `block`: the block the steps are inside);
-    a block's layers first."""
+def _map(reading: _Reading, steps, layers, block: str) -> None:
+    """Each step's layer, taken in turn from `layers`, its tensors into `reading.params` and
+    its row into `reading.mapping` (`block`: the block the steps are inside); a block's
+    layers first."""
+    label, mapping, params = reading.label, reading.mapping, reading.params
     for step in steps:
         if step.taken is None:
             mapping.append(Mapped(step.source, step.what, "", step.note, block=block))
@@ -357,18 +370,7 @@ def _map(steps, layers, expected, initialisers, label, params, mapping, shapes, 
                 read, ", ".join(s.what for s in step.shortcut), layer, f"{label}: {step.source}"
             )
             for part in ("body", "shortcut"):
-                inner = iter(getattr(layer, part))
-                _map(
-                    getattr(step, part),
-                    inner,
-                    expected,
-                    initialisers,
-                    label,
-                    params,
-                    mapping,
-                    shapes,
-                    layer.name,
-                )
+                _map(reading, getattr(step, part), iter(getattr(layer, part)), layer.name)
             mapping.append(Mapped(step.source, step.what, token(layer, every=True)))
             continue
         if step.window is not None and step.window != layer.window:
@@ -378,14 +380,16 @@ def _map(steps, layers, expected, initialisers, label, params, mapping, shapes, 
                 "window does not fit its mark"
             )
         if step.ceil and isinstance(layer, Pool):  # an adaptive pool's windows tile its input
-            _fits_exactly(layer, shapes[layer.name], f"{label}: {step.source}: {step.what}")
+            _fits_exactly(layer, reading.shapes[layer.name], f"{label}: {step.source}: {step.what}")
         moved = []
         for name, suffix in step.reads:
             ours = f"{layer.name}.{suffix.removesuffix('.T')}"
             where = f"{label}: {name}"
-            params[ours] = _array(initialisers[name], expected[ours], suffix.endswith(".T"), where)
+            params[ours] = _array(
+                reading.initialisers[name], reading.expected[ours], suffix.endswith(".T"), where
+            )
             moved.append((name, ours))
-        for ours, tensor in expected.items():
+        for ours, tensor in reading.expected.items():
             if ours.startswith(f"{layer.name}.") and tensor.counter:
                 params[ours] = np.zeros(tensor.shape, np.int64)  # not in ONNX: no step taken
         written = token(layer, every=True)
