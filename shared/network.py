@@ -5,7 +5,7 @@ taken, and the input scaling it expects; and the ways out of it (PyTorch, ONNX, 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,13 +42,15 @@ class Mapped:
 class Network:
     """A network in threefold: `arch` (its layers), `tensors` (canonical names, NumPy: a
     module's own values, a checkpoint's, or drawn), `mapping` (each operation of the source
-    and what it became) and `standardise`: the (mean, std) its raw [0, 1] pixels are
-    standardised with before the first layer, or None when it takes its input as it is."""
+    and what it became), `standardise`: the (mean, std) its raw [0, 1] pixels are
+    standardised with before the first layer, or None when it takes its input as it is, and
+    `unread`: the source's tensors of modules its forward never calls (an unused head)."""
 
     arch: Arch
     tensors: Params
     mapping: tuple[Mapped, ...]
     standardise: tuple[float, float] | None = None
+    unread: tuple[str, ...] = ()
 
     @property
     def spec(self) -> str:
@@ -150,15 +152,20 @@ def _check_scaling(standardise: object, dtype: type, where: str) -> None:
 
 def body_and_shortcut(paths: list[list], taken: Callable[[Any], Any]) -> tuple[list, list]:
     """The two paths an importer read from a block's fork to its add, as (body, shortcut):
-    the shortcut is the identity, or a path of at most two operations with one 1x1 conv (the
-    longer path where both could be). `taken(step)` is a step's (kind, options) or None."""
+    the shortcut is the identity, or a path of at most two layers with one 1x1 conv (the body
+    is the path of more layers where both could be). Steps that change nothing (nn.Identity,
+    .contiguous()) are no layers. `taken(step)` is a step's (kind, options) or None."""
+
+    def layers(path: list) -> list[tuple]:
+        return [t for t in map(taken, path) if isinstance(t, tuple)]
 
     def could_be_shortcut(path: list) -> bool:
-        read = [t for t in map(taken, path) if isinstance(t, tuple)]
+        read = layers(path)
         convs = [options for kind, options in read if kind == "conv"]
-        return not path or (len(path) <= 2 and len(convs) == 1 and convs[0]["kernel"] == 1)
+        return not read or (len(read) <= 2 and len(convs) == 1 and convs[0]["kernel"] == 1)
 
-    body, shortcut = sorted(paths, key=lambda path: (could_be_shortcut(path), -len(path)))
+    ranked = sorted(paths, key=lambda path: (could_be_shortcut(path), -len(layers(path))))
+    body, shortcut = ranked
     return body, shortcut
 
 
@@ -205,17 +212,21 @@ def import_network(text: str, where: str = "--arch") -> Network:
 
 
 def load_weights(
-    path: Path, arch: Arch, renames: dict[str, str], where: str = "--weights"
+    path: Path,
+    arch: Arch,
+    renames: dict[str, str],
+    where: str = "--weights",
+    unread: Iterable[str] = (),
 ) -> tuple[Params, str]:
     """(the canonical tensors of `arch` from a weights file, the file's SHA-256): a
     state_dict saved by torch.save (.pt, .pth, read with weights_only=True), a .safetensors
     file, or an ONNX file's initialisers (.onnx). `renames` maps the source's names to
-    canonical ones."""
+    canonical ones; names in `unread` (an unused module's) are passed over."""
     suffix = Path(path).suffix.lower()
     if suffix == ".safetensors":
         from shared.weights_file import read_safetensors
 
-        return read_safetensors(Path(path), arch, renames, where)
+        return read_safetensors(Path(path), arch, renames, where, unread)
     if suffix == ".onnx":
         from shared.onnx_import import from_onnx
 
@@ -228,7 +239,7 @@ def load_weights(
             return network.tensors, hashlib.file_digest(file, "sha256").hexdigest()
     from shared.torch_files import load_state_dict_file
 
-    return load_state_dict_file(Path(path), arch, renames, where)
+    return load_state_dict_file(Path(path), arch, renames, where, unread)
 
 
 def load_network(path: Path, where: str) -> Network:

@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import math
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +87,12 @@ def _refuse_inflating(path: Path, expected: dict, label: str) -> None:
 
 
 def load_state_dict_file(
-    path: Path, arch: Arch, renames: dict[str, str], where: str
+    path: Path, arch: Arch, renames: dict[str, str], where: str, unread: Iterable[str] = ()
 ) -> tuple[Params, str]:
     """A state_dict file (torch.save) read with `torch.load(weights_only=True)` -> (the
     canonical tensors of `arch`, the file's SHA-256), renamed by `renames` (the module's
-    names -> canonical; canonical names are taken as they are). Every tensor must be there,
-    of its shape, and finite."""
+    names -> canonical; canonical names are taken as they are; names in `unread` passed
+    over). Every tensor must be there, of its shape, and finite."""
     import torch
 
     label = f"{where} {path}"
@@ -112,9 +113,9 @@ def load_state_dict_file(
     is_dict = isinstance(loaded, dict)
     if not is_dict or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise UsageError(f"{label}: holds a {type(loaded).__name__}, not a state_dict of tensors")
-    weights, names = {}, renamed(loaded, renames, expected, label)
-    for theirs, value in loaded.items():
-        ours = names[theirs]
+    weights, names = {}, renamed(loaded, renames, expected, label, unread)
+    for theirs, ours in names.items():
+        value = loaded[theirs]
         shape = expected[ours].shape
         if tuple(value.shape) != shape:
             raise UsageError(

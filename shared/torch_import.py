@@ -12,6 +12,7 @@ read, never when this module is.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import math
 import operator
@@ -39,6 +40,7 @@ from shared.torch_ops import (
     input_scaling,
 )
 from shared.torch_refusals import (
+    refuse_cut_gradients,
     refuse_frozen,
     refuse_hidden_behaviour,
     refuse_shared_weights,
@@ -73,7 +75,8 @@ class _Block:
 
 def _trace(module: Any, where: str):
     """The module's graph (torch.fx), each node's output shape on 2 blank images, in evaluation
-    mode; the module's own flags and buffers are left as they were."""
+    mode, the module itself run on them to see that each weight it calls gets a gradient; the
+    module's own flags and buffers are left as they were."""
     import torch
     from torch.fx.passes.shape_prop import ShapeProp
 
@@ -103,13 +106,17 @@ def _trace(module: Any, where: str):
         # ShapeProp prints the traceback of the user's error itself, then wraps it: what it
         # writes is kept back, and passed on only where the forward ran (its warnings).
         written = io.StringIO()
+        images = torch.zeros(2, *INPUT_SHAPE, dtype=dtype)
         try:
             with torch.no_grad(), contextlib.redirect_stderr(written):
-                ShapeProp(graph).propagate(torch.zeros(2, *INPUT_SHAPE, dtype=dtype))
+                ShapeProp(graph).propagate(images)
+            with torch.enable_grad(), contextlib.redirect_stderr(written):
+                output = module(images)  # what torch.fx did not record: gradients cut
         except Exception as error:
             cause = first_line(error.__cause__ or error)
             raise UsageError(f"{where}: its forward fails on 1x28x28 images ({cause})") from None
         sys.stderr.write(written.getvalue())
+        refuse_cut_gradients(module, graph, output, where)
         return graph
     finally:
         for name, m in module.named_modules():
@@ -124,11 +131,18 @@ EVALUATION_CALL = "threefold_evaluation_call"
 
 
 def _traced(module: Any, where: str):
+    """The module's forward traced by torch.fx, as `module(x)` calls it: an argument after x
+    whose default is a plain value (`targets=None`) takes it; any other is refused."""
     import torch
 
     before = set(vars(module))
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    defaults = {p.name: p.default for p in parameters[1:] if _plain(p.default)}
+    if len(parameters) != 1 + len(defaults):
+        many = "no input" if not parameters else "more than one input"
+        raise UsageError(f"{where}: its forward takes {many}")
     try:
-        return torch.fx.symbolic_trace(module)
+        graph = torch.fx.symbolic_trace(module, concrete_args=defaults or None)
     except Exception as error:  # tracing runs the user's forward: any error is theirs
         raise UsageError(
             f"{where}: torch.fx cannot trace its forward ({first_line(error)}); threefold "
@@ -139,6 +153,35 @@ def _traced(module: Any, where: str):
         # module (_tensor_constant0), which the graph has copied: the module stays as it was.
         for name in set(vars(module)) - before:
             delattr(module, name)
+    return _without_placeholders(graph, where) if defaults else graph
+
+
+def _plain(default: Any) -> bool:
+    """Whether an argument's default is one torch.fx can trace the forward with."""
+    return default is None or type(default) in (bool, int, float, str)
+
+
+def _without_placeholders(graph: Any, where: str) -> Any:
+    """`graph` without the placeholders torch.fx keeps for the arguments it specialised to
+    their defaults, and without its checks of their values: a graph of the one input."""
+    import torch
+
+    checks = {torch._assert, torch.fx._symbolic_trace._assert_is_none, operator.eq}
+    dropped, frontier = set(), [n for n in graph.graph.nodes if n.op == "placeholder"][1:]
+    while frontier:
+        node = frontier.pop()
+        if node.op != "placeholder" and node.target not in checks:
+            raise UsageError(
+                f"{where}: {node.name} ({_name_of(node)}): computes with an argument of "
+                "forward other than its input; threefold's networks take one input"
+            )
+        dropped.add(node)
+        frontier.extend(node.users)
+    for node in reversed(graph.graph.nodes):  # each check before the value it checks
+        if node in dropped:
+            graph.graph.erase_node(node)
+    graph.recompile()
+    return graph
 
 
 def _operations(graph: Any) -> list[tuple[Any, ...]]:
@@ -181,9 +224,7 @@ def _read_steps(module: Any, graph: Any, scaling: list[Any], where: str) -> list
     for node in graph.graph.nodes:
         if node in read:
             continue
-        if node.op == "placeholder":
-            if current is not None:
-                raise UsageError(f"{where}: its forward takes more than one input")
+        if node.op == "placeholder":  # the one input (_traced)
             current = scaling[-1] if scaling else node
             continue
         if node.op == "output":
@@ -557,7 +598,14 @@ def from_torch(module: Any, where: str = "module") -> Network:
         written = token(layer, every=True)
         block = arch.layers[position[0]].name if len(position) > 1 else ""
         mapping.append(Mapped(step.source, step.what, written, tensors=tuple(moved), block=block))
-    return Network(arch, canonical, tuple(mapping), standardise)
+    return Network(arch, canonical, tuple(mapping), standardise, _unread(state, graph))
+
+
+def _unread(state: dict[str, Any], graph: Any) -> tuple[str, ...]:
+    """The state_dict's names under modules the forward never calls (an auxiliary head),
+    which a weights file of the module holds and the network does not read."""
+    called = [n.target for n in graph.graph.nodes if n.op == "call_module"]
+    return tuple(name for name in state if not any(name.startswith(f"{path}.") for path in called))
 
 
 def canonical_array(value: Any, tensor: Tensor, where: str) -> np.ndarray:

@@ -1,7 +1,8 @@
 """What a PyTorch module does beyond the forward torch.fx traces, which an import would
 miss: hooks (its own, global ones, its state_dict's), parametrizations, lazy parameters, a
-forward replaced on the instance, weights that do not train or have gradient hooks, layers
-frozen in the other mode than the module, and weights two layers share. Each is refused in
+forward replaced on the instance, weights that do not train, have gradient hooks or get no
+gradient (torch.no_grad inside forward), layers frozen in the other mode than the module, and
+weights two layers share. Each is refused in
 one line naming the submodule; shared/torch_import.py calls these before and after tracing."""
 
 from __future__ import annotations
@@ -28,17 +29,21 @@ def refuse_frozen(module: Any, where: str) -> None:
             )
 
 
-# The hooks that change what a module computes (a backward hook changes only PyTorch's own
-# gradients, which the import does not take), or the weights it reads (its state_dict's).
+# The hooks that change what a module computes, the gradients it trains by (a backward hook
+# may return others), or the weights it reads (its state_dict's).
 HOOKS = {
     "_forward_hooks": "forward hooks",
     "_forward_pre_hooks": "forward pre-hooks",
+    "_backward_hooks": "backward hooks",
+    "_backward_pre_hooks": "backward pre-hooks",
     "_state_dict_hooks": "state_dict hooks",
     "_state_dict_pre_hooks": "state_dict pre-hooks",
 }
 GLOBAL_HOOKS = {
     "_global_forward_hooks": "register_module_forward_hook",
     "_global_forward_pre_hooks": "register_module_forward_pre_hook",
+    "_global_backward_hooks": "register_module_full_backward_hook",
+    "_global_backward_pre_hooks": "register_module_full_backward_pre_hook",
 }
 
 
@@ -70,8 +75,8 @@ def refuse_hidden_behaviour(module: Any, where: str) -> None:
         if hooks:
             raise UsageError(
                 f"{where}: {shown}: has {hooks[0]} (pruning and the older weight_norm are "
-                "forward pre-hooks), which change what it computes or the weights it gives; "
-                "remove them to import it"
+                "forward pre-hooks), which change what it computes, the gradients it trains "
+                "by or the weights it gives; remove them to import it"
             )
         if parametrize.is_parametrized(sub):
             raise UsageError(
@@ -87,6 +92,34 @@ def refuse_hidden_behaviour(module: Any, where: str) -> None:
                     f"{where}: {shown}.{weight}: {why}; threefold trains every weight by its "
                     "plain gradient"
                 )
+
+
+def refuse_cut_gradients(module: Any, graph: Any, output: Any, where: str) -> None:
+    """Refuse a weight of a layer the forward calls that gets no gradient: a part of the
+    forward under torch.no_grad or inference_mode, which torch.fx does not record, would
+    train in threefold and not in the module. `output`: the module's own, computed with
+    gradients on; autograd.grad leaves its weights' .grad as they were."""
+    import torch
+
+    weights = {}
+    for node in graph.graph.nodes:
+        if node.op == "call_module":
+            for name, tensor in module.get_submodule(node.target).named_parameters():
+                weights[f"{node.target}.{name}"] = tensor
+    if not weights or not isinstance(output, torch.Tensor):  # other outputs: refused later
+        return
+    grads = (
+        torch.autograd.grad(output.sum(), list(weights.values()), allow_unused=True)
+        if output.requires_grad
+        else [None] * len(weights)
+    )
+    for name, grad in zip(weights, grads, strict=True):
+        if grad is None:
+            raise UsageError(
+                f"{where}: {name}: its forward gives it no gradient (torch.no_grad or "
+                "inference_mode, which torch.fx does not record); threefold trains every "
+                "weight by its plain gradient"
+            )
 
 
 def refuse_shared_weights(module: Any, graph: Any, where: str) -> None:

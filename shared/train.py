@@ -239,11 +239,14 @@ def _start(args: argparse.Namespace, typed: set[str]) -> int:
             f"note: --arch {args.arch} scales its input as (x - {mean:.6g}) / {std:.6g}; "
             f"training feeds it --pixels {args.pixels} ({fed[args.pixels]}) instead"
         )
-    args.arch = arch.name
+    source, args.arch = args.arch, arch.name
     initial = None
     if args.weights_file is not None:
-        renames = {} if network is None else network.renames
-        initial, args.weights = load_weights(args.weights_file, arch, renames, "--weights")
+        renames, unread = ({}, ()) if network is None else (network.renames, network.unread)
+        if unread:
+            shown = ", ".join(unread[:3]) + (", ..." if len(unread) > 3 else "")
+            print(f"note: --weights passes over {shown}: --arch {source} never calls them")
+        initial, args.weights = load_weights(args.weights_file, arch, renames, "--weights", unread)
     config = config_from_args(args, typed)
     check_config(config)
     folder = args.out

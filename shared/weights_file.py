@@ -90,12 +90,17 @@ def _no_constant(name: str):
 
 
 def read_safetensors(
-    path: Path, arch: Arch, renames: dict[str, str] | None = None, where: str = "--weights"
+    path: Path,
+    arch: Arch,
+    renames: dict[str, str] | None = None,
+    where: str = "--weights",
+    unread: Iterable[str] = (),
 ) -> tuple[Params, str]:
     """(the canonical tensors of `arch` read from a .safetensors file, the file's SHA-256).
     Names are renamed by `renames` (source -> canonical; canonical names are taken as they
-    are). Every entry must be a tensor of the network, of its shape and a float (int64 for a
-    counter), within the file, and finite; every tensor must be there."""
+    are; names in `unread` passed over). Every other entry must be a tensor of the network,
+    of its shape and a float (int64 for a counter), within the file, and finite; every tensor
+    must be there."""
     renames = renames or {}
     label = f"{where} {path}"
     expected = tensors(arch)
@@ -104,9 +109,9 @@ def read_safetensors(
         file.seek(0)
         header, start = read_header(file, size, label)
         entries = {k: v for k, v in header.items() if k != "__metadata__"}
-        checked, names = {}, renamed(entries, renames, expected, label)
-        for name, entry in entries.items():
-            ours = names[name]
+        checked, names = {}, renamed(entries, renames, expected, label, unread)
+        for name, ours in names.items():
+            entry = entries[name]
             checked[ours] = _entry(entry, expected[ours], size - start, arch, f"{label}: {name}")
         missing = sorted(set(expected) - set(checked))
         if missing:
@@ -126,13 +131,20 @@ def read_safetensors(
 
 
 def renamed(
-    names: Iterable[str], renames: dict[str, str], expected: Params, label: str
+    names: Iterable[str],
+    renames: dict[str, str],
+    expected: Params,
+    label: str,
+    unread: Iterable[str] = (),
 ) -> dict[str, str]:
-    """Each of a weights file's names -> its canonical one (`renames`, else the name itself),
-    refused in one line where one is no tensor of the network, or where two give one tensor
-    (a module's unused layer named like a canonical tensor would overwrite a used one's)."""
-    canonical, given = {}, {}
+    """Each of a weights file's names but those `unread` (an unused module's) -> its canonical
+    one (`renames`, else the name itself), refused in one line where one is no tensor of the
+    network, or where two give one tensor (a module's unused layer named like a canonical
+    tensor, not known to be unused, would overwrite a used one's)."""
+    canonical, given, passed_over = {}, {}, set(unread)
     for theirs in names:
+        if theirs in passed_over:
+            continue
         ours = renames.get(theirs, theirs)
         if ours not in expected:
             raise UsageError(f"{label}: {theirs} is not a tensor of the network")

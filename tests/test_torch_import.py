@@ -425,6 +425,21 @@ def _log_softmax_in_block(m, x):
     return m.fc(torch.flatten(h + F.log_softmax(m.conv2(h), 1), 1))
 
 
+def _conv_under_no_grad(m, x):
+    with torch.no_grad():  # a frozen feature extractor: torch.fx records no trace of it
+        h = F.relu(m.conv(x))
+    return m.fc(torch.flatten(h, 1))
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x, mask):
+        return self.fc(torch.flatten(x * mask, 1))
+
+
 def _frozen_batch_norm() -> nn.Module:
     module = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), head(2))
     module.train()
@@ -515,6 +530,15 @@ REFUSED = {
         _altered(_flat_fc(), lambda m: m[1].weight.requires_grad_(False)),
         "module: 1.weight: does not train",
     ),
+    "no gradient": (
+        Chain(_conv_under_no_grad, conv=nn.Conv2d(1, 4, 3), fc=nn.Linear(HEAD, 10)),
+        "module: conv.weight: its forward gives it no gradient (torch.no_grad or inference_mode",
+    ),
+    "backward hook": (
+        _altered(_flat_fc(), lambda m: m[1].register_full_backward_hook(lambda m, gi, go: None)),
+        "module: 1: has backward hooks",
+    ),
+    "a second input": (_TwoInputs(), "module: its forward takes more than one input"),
     "gradient hook": (
         _altered(_flat_fc(), lambda m: m[1].weight.register_hook(lambda grad: grad.clamp(-1, 1))),
         "module: 1.weight: has gradient hooks",
@@ -898,6 +922,59 @@ def test_a_block_written_as_a_functional_add_is_read_as_one():
     """relu(y) + y: y feeds a ReLU and the add, a block whose body is the ReLU."""
     module = Chain(_relu_plus_input, conv=nn.Conv2d(1, 4, 3), fc=nn.Linear(4 * 26 * 26, 10))
     reads_as(module, "conv4k3s1p0b1-res(relu)-flatten-fc10")
+
+
+class _WithTargets(nn.Module):
+    """A forward that also computes its loss when given targets, as some training code does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(HEAD, 10)
+
+    def forward(self, x, targets=None, *, smoothing: float = 0.0):
+        logits = self.fc(torch.flatten(F.relu(self.conv(x)), 1))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits, targets, label_smoothing=smoothing)
+
+
+def test_a_forward_s_arguments_with_defaults_take_them():
+    # Read as `module(x)` computes it; refused before, as taking more than one input.
+    reads_as(_WithTargets(), "conv4k3s1p0b1-relu-flatten-fc10")
+
+
+def _identity_path_plus_conv(m, x):
+    h = F.relu(m.stem(x))
+    return m.fc(torch.flatten(F.relu(m.same(h) + m.conv(h)), 1))
+
+
+@pytest.mark.parametrize("kernel", [3, 1])
+def test_a_shortcut_written_as_an_identity_module_is_the_identity(kernel):
+    # nn.Identity() makes the shortcut a path of one step, as long as a one-conv body: the
+    # body is the path with layers (the identity was taken as the body, and refused).
+    module = Chain(
+        _identity_path_plus_conv,
+        stem=nn.Conv2d(1, 4, 3, padding=1),
+        same=nn.Identity(),
+        conv=nn.Conv2d(4, 4, kernel, padding=kernel // 2),
+        fc=nn.Linear(4 * 784, 10),
+    )
+    conv = f"conv4k{kernel}s1p{kernel // 2}b1"
+    reads_as(module, f"conv4k3s1p1b1-relu-res({conv})-relu-flatten-fc10")
+
+
+def test_weights_of_a_layer_the_forward_never_calls_are_passed_over(tmp_path):
+    module = Chain(
+        lambda m, x: m.fc(torch.flatten(x, 1)), fc=nn.Linear(784, 10), aux=nn.Linear(10, 10)
+    )
+    network = threefold.from_torch(module)
+    assert network.unread == ("aux.weight", "aux.bias")
+    torch.save(module.state_dict(), tmp_path / "module.pt")
+    args = (tmp_path / "module.pt", network.arch, network.renames, "--weights")
+    loaded, _ = load_weights(*args, network.unread)
+    assert all(np.array_equal(loaded[k], network.tensors[k]) for k in network.tensors)
+    with pytest.raises(UsageError, match=re.escape("aux.weight is not a tensor of the network")):
+        load_weights(*args)  # the control: not known to be unused, it is refused
 
 
 @pytest.mark.parametrize("construct", REFUSED)
