@@ -81,13 +81,21 @@ def check_batches(archs: list[Arch], batch_size: int | None, names: dict) -> Non
         )
 
 
+# Random images, drawn when there is no data, are held in memory like a dataset's: at most
+# as many as Fashion-MNIST's training split.
+RANDOM_IMAGES = 50_000
+
+
 def check_steps(steps: int, batch_size: int | None, data: Dataset | None, names: dict) -> None:
-    """Enough training images in `data` for the steps' batches (random images always are)."""
+    """Enough training images in `data` for the steps' batches (or random images, at most
+    RANDOM_IMAGES)."""
     largest = batch_size or BATCH_SIZE
-    if data is not None and steps * largest > len(data.train):
+    available = RANDOM_IMAGES if data is None else len(data.train)
+    if steps * largest > available:
+        kind = "random images a check draws at most" if data is None else "training images"
         raise UsageError(
             f"{names['steps']} {steps} x {names['batch_size']} {largest} exceeds the "
-            f"{len(data.train)} training images"
+            f"{available} {kind}"
         )
 
 

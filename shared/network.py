@@ -55,7 +55,7 @@ class Network:
     @property
     def spec(self) -> str:
         """The network's spec with every option written out, as PyTorch computes it."""
-        return "-".join(m.token for m in self.mapping if m.token and not m.block)
+        return "-".join(token(layer, every=True) for layer in self.arch.layers)
 
     @property
     def renames(self) -> dict[str, str]:
@@ -85,6 +85,13 @@ class Network:
         its layers' (missing, extra, of another dtype or shape) or hold what no network can
         (NaN, a negative variance), or whose input scaling is not a finite mean and a
         positive std: a network built by hand, or altered after it was read."""
+        if not isinstance(self.arch, Arch):
+            raise UsageError(
+                f"{where}: arch is a {type(self.arch).__name__}, not an Arch "
+                "(threefold.network(spec).arch)"
+            )
+        if not isinstance(self.tensors, dict):
+            raise UsageError(f"{where}: tensors is a {type(self.tensors).__name__}, not a dict")
         expected = tensors(self.arch)
         missing = sorted(set(expected) - set(self.tensors))
         extra = sorted(set(self.tensors) - set(expected))
@@ -93,9 +100,22 @@ class Network:
         if extra:
             raise UsageError(f"{where}: {extra[0]} is not a tensor of the network")
         for name, tensor in expected.items():
-            problem = tensor_problem(tensor, np.asarray(self.tensors[name]), self.arch.name)
+            value = self.tensors[name]
+            if not isinstance(value, np.ndarray):
+                raise UsageError(
+                    f"{where}: tensor {name} is a {type(value).__name__}, not a NumPy array"
+                )
+            problem = tensor_problem(tensor, value, self.arch.name)
             if problem is not None:
                 raise UsageError(f"{where}: tensor {name} {problem}")
+        floats = {name: v.dtype for name, v in self.tensors.items() if v.dtype.kind == "f"}
+        if len(set(floats.values())) > 1:
+            first = next(iter(floats.values()))
+            other = next(name for name, dtype in floats.items() if dtype != first)
+            raise UsageError(
+                f"{where}: tensor {other} is {floats[other]} where others are {first}; a "
+                "network computes in one dtype"
+            )
         _check_scaling(self.standardise, np.float64, where)
 
     def to_onnx(self, path: str | Path) -> Path:

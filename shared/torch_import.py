@@ -546,6 +546,11 @@ def from_torch(module: Any, where: str = "module") -> Network:
 
     if not isinstance(module, torch.nn.Module):
         raise UsageError(f"{where}: {type(module).__name__} is not a torch.nn.Module")
+    if isinstance(module, torch.jit.ScriptModule):
+        raise UsageError(
+            f"{where}: a TorchScript module, whose forward is compiled; threefold reads the "
+            "nn.Module it was scripted from"
+        )
     # torch.compile(model) wraps the module it compiles (and has loaded torch._dynamo, whose
     # import takes a second that a plain module need not wait for).
     dynamo = sys.modules.get("torch._dynamo")

@@ -225,11 +225,13 @@ def _start(args: argparse.Namespace, typed: set[str]) -> int:
     # Parsed once; the run keeps the network's canonical name and never needs a spec file.
     network = import_network(args.arch) if is_model_file(args.arch) else None
     arch = get_arch(args.arch) if network is None else network.arch
-    if is_onnx_file(args.arch) and args.weights_file is None:
-        # A graph's weights are trained ones, which a user may take to be the start.
+    if network is not None and args.weights_file is None:
+        # A graph's weights are trained ones, and a module's constructor may load some:
+        # a user may take them to be the start.
+        add = args.arch if is_onnx_file(args.arch) else "FILE.pt, its state_dict saved,"
         print(
             f"note: --arch {args.arch} gives the layers; training starts from --init "
-            f"{args.init}, not from its weights (add --weights {args.arch} for those)"
+            f"{args.init}, not from its weights (add --weights {add} for those)"
         )
     if network is not None and network.standardise is not None:
         # The network is trained on this run's pixels; its own scaling is not a layer.

@@ -841,6 +841,13 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
         (lambda t: {**t, "fc.bias": np.zeros(10, np.float16)}, "dtype float16"),
         (lambda t: {**t, "bn.running_var": -t["bn.running_var"]}, "running_var has negative"),
         (lambda t: {**t, "extra": t["fc.bias"]}, "extra is not a tensor of the network"),
+        (lambda t: {**t, "fc.bias": [0.0] * 10}, "tensor fc.bias is a list, not a NumPy array"),
+        (lambda t: None, "tensors is a NoneType, not a dict"),
+        # NumPy's default dtype: the module PyTorch made from it failed on float32 images.
+        (
+            lambda t: {**t, "fc.bias": np.zeros(10)},
+            "fc.bias is float64 where others are float32; a network computes in one dtype",
+        ),
     ],
 )
 def test_a_network_altered_by_hand_is_refused_before_a_file_is_written(alter, message, tmp_path):

@@ -145,6 +145,9 @@ def test_a_public_model_is_proven_in_all_three(name, real_data):
         ),
         ({"seed": -1}, "seed=-1: out of range"),
         ({"data": "bogus"}, "data='bogus': a Dataset, 'auto' or None"),
+        # Random images are held in memory: 10**9 steps ran on, unbounded.
+        ({"steps": 10**9}, "steps 1000000000 x batch_size 32 exceeds the 50000 random images"),
+        ({"progress": 3}, "crosscheck: progress=3: a callable taking a str, or None"),
     ],
 )
 def test_the_api_s_crosscheck_refuses_an_option_as_the_command_does(options, message):
@@ -164,6 +167,23 @@ def test_the_api_s_crosscheck_refuses_an_option_as_the_command_does(options, mes
 def test_the_api_s_network_refuses_what_its_flags_would(arguments, message):
     with pytest.raises(UsageError, match=message):
         threefold.network(*arguments)
+
+
+@pytest.mark.parametrize(
+    ("subject", "message"),
+    [
+        ("runs/jax-lab/checkpoint.npz", "is a file of weights; threefold.load reads it"),
+        (Path("model.onnx"), "a PosixPath; it takes a Network, a torch.nn.Module or a spec"),
+        (None, "a NoneType; it takes a Network"),
+        (threefold.Network("lab", {}, ()), "arch is a str, not an Arch"),
+    ],
+)
+def test_the_api_names_what_it_takes_where_it_is_given_something_else(subject, message):
+    # A checkpoint's path was read as a spec ("token 'runs/jax' is not a layer"), a Path as
+    # a module, a Network of a str as a traceback.
+    for call in (threefold.to_torch, threefold.crosscheck):
+        with pytest.raises(threefold.UsageError, match=re.escape(message)):
+            call(subject)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -223,6 +243,15 @@ def test_train_takes_a_model_file_and_its_weights(tmp_path):
         )
     saved = threefold.load(out / "checkpoint.npz")
     assert saved.arch.name == import_file(arch).arch.name
+    assert "not from its weights" not in result.stdout
+    # Without --weights it starts from --init, which a user whose constructor loads trained
+    # weights would not expect: it says so.
+    result = run(
+        "scripts/train.py", "--arch", arch, "--epochs", "1", "--batch-size", "16",
+        "--data-dir", str(data), "--out", str(tmp_path / "drawn"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"note: --arch {arch} gives the layers; training starts from --init he" in result.stdout
 
 
 def test_the_crosscheck_command_takes_a_model_file():
@@ -539,6 +568,7 @@ REFUSED = {
         "module: 1: has backward hooks",
     ),
     "a second input": (_TwoInputs(), "module: its forward takes more than one input"),
+    "TorchScript": (torch.jit.script(_flat_fc()), "module: a TorchScript module"),
     "gradient hook": (
         _altered(_flat_fc(), lambda m: m[1].weight.register_hook(lambda grad: grad.clamp(-1, 1))),
         "module: 1.weight: has gradient hooks",

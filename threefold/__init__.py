@@ -15,8 +15,13 @@ the same thing in training as in evaluation.
 A network is also a spec or a preset (`threefold.network("conv8-relu-flatten-fc10")`), or a
 trained run (`threefold.load("runs/jax-lab/checkpoint.npz")`, or a .safetensors or .onnx file
 threefold wrote).
+
+Every refusal is a `threefold.ThreefoldError` in one line (`UsageError` for an argument,
+`DataError`, `CheckpointError`, `OutputError` for files); a failed proof is `NotEquivalent`,
+an AssertionError.
 """
 
+from shared.errors import CheckpointError, DataError, OutputError, ThreefoldError, UsageError
 from shared.network import Mapped, Network
 from shared.onnx_import import from_onnx
 from shared.proof.rows import CheckResult
@@ -33,10 +38,15 @@ from threefold.api import (
 
 __all__ = [
     "CheckResult",
+    "CheckpointError",
+    "DataError",
     "Mapped",
     "Network",
     "NotEquivalent",
+    "OutputError",
     "Report",
+    "ThreefoldError",
+    "UsageError",
     "assert_equivalent",
     "crosscheck",
     "from_onnx",

@@ -3,6 +3,7 @@ data, and the way back to PyTorch."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +47,29 @@ def load(path: str | Path) -> Network:
     return load_network(a_path(path, "load"), "load")
 
 
+# Files of weights, which name no layers: threefold.load reads them (a .onnx names both).
+WEIGHTS_SUFFIXES = (".npz", ".safetensors", ".pt", ".pth")
+
+
 def _as_network(subject: Network | Any | str, where: str) -> Network:
     if isinstance(subject, Network):
         subject.check(where)  # built by hand, perhaps
         return subject
+    if isinstance(subject, str) and subject.lower().endswith(WEIGHTS_SUFFIXES):
+        raise UsageError(f"{where}: {subject!r} is a file of weights; threefold.load reads it")
     if isinstance(subject, str):
         return network(subject)
+    if not _is_module(subject):
+        raise UsageError(
+            f"{where}: a {type(subject).__name__}; it takes a Network, a torch.nn.Module or a "
+            "spec (threefold.load reads a file)"
+        )
     return from_torch(subject)
+
+
+def _is_module(subject: Any) -> bool:
+    torch = sys.modules.get("torch")  # a module's class has imported torch
+    return torch is not None and isinstance(subject, torch.nn.Module)
 
 
 def to_torch(subject: Network | str):
@@ -221,6 +238,8 @@ def crosscheck(
 
     if onnx:
         require_onnx()
+    if progress is not None and not callable(progress):
+        raise UsageError(f"crosscheck: progress={progress!r}: a callable taking a str, or None")
     net = _as_network(subject, "crosscheck")
     notes: list[str] = []
     images, dataset = _images(data)
