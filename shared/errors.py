@@ -10,6 +10,14 @@ class ThreefoldError(Exception):
     """Base class: a problem the user can fix, described in one line."""
 
 
+def first_line(error: BaseException) -> str:
+    """The error's type and first line (200 characters at most): a user's error in one line."""
+    text = str(error).strip().splitlines()
+    line = text[0] if text else ""
+    line = line if len(line) <= 200 else line[:197] + "..."
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
 class DataError(ThreefoldError):
     """A data file is missing, corrupt, truncated or inconsistent."""
 

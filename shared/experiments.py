@@ -30,6 +30,7 @@ from shared.grid import (
     RunStore,
     a_curve,
     a_share,
+    a_time,
     add_engine_flags,
     check_fits,
     engine_of,
@@ -60,7 +61,11 @@ QUICK = dict(
 )
 
 # What a comparison's report and plot read of each stored run.
-CURVES = {"test_acc": a_share, "val_curve": a_curve}
+CURVES = {
+    "test_acc": a_share,
+    "val_curve": a_curve,
+    "epoch_seconds": a_time,
+}
 
 
 def variant_config(base: TrainConfig, changes: dict[str, Any], impl: str) -> TrainConfig:
@@ -294,11 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         with hold(out), hold(prepare_out_dir(figures)):
             if rerender:
                 return _rerender(args, out, data, engine)
-            command = "python scripts/experiments.py" + (" --quick" if args.quick else "")
             run_experiments(
                 data,
                 out,
-                command=command,
+                command=command_of(args.quick, settings["impls"], engine),
                 fresh=args.fresh,
                 progress=_say,
                 engine=engine,
@@ -308,6 +312,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_cli(parser, body)
+
+
+def command_of(quick: bool, impls: tuple[str, ...], engine: Engine) -> str:
+    """The command the report names: the flags that change what its tables hold, and where
+    they trained."""
+    command = "python scripts/experiments.py" + (" --quick" if quick else "")
+    if impls != IMPLEMENTATIONS:
+        command += "".join(f" --impl {impl}" for impl in impls)
+    return command + (f" --engine {engine.name}" if engine.name != "local" else "")
 
 
 def _say(line: str) -> None:

@@ -178,8 +178,8 @@ def render(
         + ".",
         "Test accuracy is on the official 10,000 test images, which choose nothing; the defaults",
         "were chosen on the validation split (the last 10,000 training images).",
-        "Epoch time is the median over the run's epochs (training plus validation) on the",
-        "2-core machine, all implementations sharing it in turn.",
+        "Epoch time is the median over the run's epochs (training plus validation), on the",
+        "processor and cores each run records in experiments/runs.json.",
         "",
     ]
     for comp, results, figure in tables:

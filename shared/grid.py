@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import socket
 import subprocess
 import tempfile
@@ -52,8 +53,9 @@ from shared.errors import (
     DataError,
     GridFailed,
     Interrupted,
-    ThreefoldError,
+    Terminated,
     UsageError,
+    first_line,
     interrupted,
     stop_on_signals,
 )
@@ -153,6 +155,7 @@ class RunStore:
         self.path, self.data, self.fresh = path, data, fresh
         self.runs: dict[str, dict] = {}
         self.trained: set[str] = set()  # keys this process trained
+        self.read: set[str] = set()  # keys whose runs this process read
         if path is None or not path.exists():
             return
         try:
@@ -166,6 +169,8 @@ class RunStore:
                 raise TypeError("a run without a test accuracy")
             if not all(_machine_recorded(r) for r in runs.values()):
                 raise TypeError("a run whose processor or cores are not a name and a count")
+            if not all(isinstance(r["trained"], str) for r in runs.values()):
+                raise TypeError("a run whose date and commit are not a text")
             self.runs = _current_keys(runs)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise _damaged(path, e) from None
@@ -179,6 +184,7 @@ class RunStore:
 
     def entry(self, config: TrainConfig) -> dict:
         """A stored run: its summary, and when, where and on how many cores it trained."""
+        self.read.add(self.key(config))
         return self.runs[self.key(config)]
 
     def summary(self, config: TrainConfig, reads: Fields | None = None) -> dict:
@@ -207,8 +213,9 @@ class RunStore:
         return sum(json.loads(key)["data"] is None for key in self.runs)
 
     def provenance(self) -> dict[str, int]:
-        """How many stored runs each (date, commit) trained."""
-        return dict(Counter(r["trained"] for r in self.runs.values()))
+        """How many of the runs this process read (those behind its tables, not every run the
+        file keeps) each (date, commit) trained."""
+        return dict(Counter(self.runs[key]["trained"] for key in sorted(self.read)))
 
 
 def _damaged(path: Path, error: Exception) -> DataError:
@@ -263,6 +270,11 @@ def a_duration(value: object, positive: bool = False) -> bool:
     if type(value) not in (int, float):  # not bool, nor a string
         return False
     return (value > 0 if positive else value >= 0) and value < 1e12
+
+
+def a_time(value: object) -> bool:
+    """Whether a stored time a run took is one: a duration > 0."""
+    return a_duration(value, positive=True)
 
 
 def checkout_label() -> str:
@@ -351,15 +363,17 @@ def run_grid(
                         result = run_here(task, config, data)
                     except Interrupted:
                         raise
-                    except ThreefoldError as e:  # a diverged or misfit run; the others go on
-                        finished(config, None, f"{type(e).__name__}: {e}")
+                    # A diverged or misfit run, or one a framework or the memory failed (as
+                    # a Ray task's failure is): reported, and the others go on.
+                    except Exception as e:
+                        finished(config, None, first_line(e))
                     else:
                         finished(config, result, None)
     # A run stopped in this process says what its own loop kept (nothing: a grid's runs save no
     # checkpoint); what the grid kept is the news.
     except (KeyboardInterrupt, Interrupted) as stop:
         kept = sum(1 for config in todo if config in store)
-        where = f" in {store.path}" if store.path else ""
+        where = f" in {store.path}" if store.path and store.path.exists() else ""
         raise interrupted(
             stop,
             f"with {kept} of {len(todo)} runs finished, kept{where}; {_again(store)} trains "
@@ -437,22 +451,71 @@ def _on_ray(
     import ray
 
     cpus = engine.run_cpus()
-    try:
-        if engine.address is None:
-            # A cluster of this process's cores for the grid's length, quiet on the terminal,
-            # whose workers keep the memory their threads free (see keep_freed_memory; JAX
-            # `strong` at batch 128 in a task: 26,205 page faults a step -> 0).
-            # A user's own tunables come after ours, so that theirs win where both set one.
-            own = os.environ.get("GLIBC_TUNABLES")
-            with _environment(GLIBC_TUNABLES=":".join(filter(None, (MALLOC_TUNABLES, own)))):
-                ray.init(
-                    num_cpus=len(os.sched_getaffinity(0)),
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    logging_level=logging.ERROR,
+    pending: dict[Any, TrainConfig] = {}
+    # From before ray.init: a stop while it starts a cluster shuts the cluster down.
+    with stop_on_signals():
+        try:
+            _join(ray, engine)
+            largest = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
+            if cpus > largest:
+                default = "" if engine.cpus_per_run else " (by default, this machine's cores)"
+                raise UsageError(
+                    f"--cpus-per-run {cpus}{default}: no node of the cluster has that many "
+                    f"CPUs (the largest has {largest:g})"
                 )
-        else:
-            ray.init(address=engine.address, log_to_driver=False, logging_level=logging.ERROR)
+            # max_calls=1: a fresh process per run, pinned before its frameworks load; no
+            # retries: a run whose worker died is reported, and the next invocation trains it.
+            remote = ray.remote(num_cpus=cpus, max_calls=1, max_retries=0)(run_pinned)
+            data_ref = ray.put(data)
+            pending.update({remote.remote(task, config, data_ref, cpus): config for config in todo})
+            wait_for(ray, pending, finished)
+        finally:
+            for ref in pending:  # interrupted: what has not ended is stopped, not left running
+                ray.cancel(ref, force=True)
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def _handlers_kept() -> Iterator[None]:
+    """The handlers of SIGTERM and SIGINT set back on leaving the block: ray.init sets its
+    own, which exits with the signal's number for a status and nothing said, where the
+    command's own stop the grid and say what it kept."""
+    kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in kept.items():
+            if handler is not None:  # None: set outside Python, which cannot set it back
+                signal.signal(signum, handler)
+
+
+def _join(ray: Any, engine: Engine) -> None:
+    """ray.init: the cluster at --address, or one of this process's cores; the command's
+    signal handlers kept, and a SIGTERM that Ray's took while it ran raised as the command's
+    would raise it."""
+    try:
+        with _handlers_kept():
+            if engine.address is None:
+                # A cluster of this process's cores for the grid's length, quiet on the
+                # terminal, whose workers keep the memory their threads free (see
+                # keep_freed_memory; JAX `strong` at batch 128 in a task: 26,205 page faults
+                # a step -> 0). A user's own tunables come after ours: theirs win.
+                own = os.environ.get("GLIBC_TUNABLES")
+                tunables = ":".join(filter(None, (MALLOC_TUNABLES, own)))
+                with _environment(GLIBC_TUNABLES=tunables):
+                    ray.init(
+                        num_cpus=len(os.sched_getaffinity(0)),
+                        include_dashboard=False,
+                        log_to_driver=False,
+                        logging_level=logging.ERROR,
+                    )
+            else:
+                ray.init(address=engine.address, log_to_driver=False, logging_level=logging.ERROR)
+    except SystemExit as e:
+        # Ray's handler, set first thing in ray.init, exits with the signal's number.
+        if e.code == signal.SIGTERM:
+            raise Terminated from None
+        raise
     except (ConnectionError, ValueError, RuntimeError) as e:
         # Ray 2.59+ starts clusters with token authentication; a driver without the token is
         # refused with a bare "Failed to connect".
@@ -460,26 +523,6 @@ def _on_ray(
         hint = "; set RAY_AUTH_MODE=token with the cluster's token (docs/CLUSTER.md)" * refused
         where = f"--address {engine.address}" if engine.address else "--engine ray"
         raise UsageError(f"{where}: no Ray cluster to join ({e}){hint}") from None
-    pending: dict[Any, TrainConfig] = {}
-    try:
-        largest = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
-        if cpus > largest:
-            default = "" if engine.cpus_per_run else " (by default, this machine's cores)"
-            raise UsageError(
-                f"--cpus-per-run {cpus}{default}: no node of the cluster has that many CPUs "
-                f"(the largest has {largest:g})"
-            )
-        # max_calls=1: a fresh process per run, pinned before its frameworks load; no retries:
-        # a run whose worker died is reported, and the next invocation trains it again.
-        remote = ray.remote(num_cpus=cpus, max_calls=1, max_retries=0)(run_pinned)
-        data_ref = ray.put(data)
-        pending = {remote.remote(task, config, data_ref, cpus): config for config in todo}
-        with stop_on_signals():  # after ray.init, which sets its own handler
-            wait_for(ray, pending, finished)
-    finally:
-        for ref in pending:  # interrupted: what has not ended is stopped, not left running
-            ray.cancel(ref, force=True)
-        ray.shutdown()
 
 
 def wait_for(ray, pending: dict[Any, TrainConfig], finished: Callable) -> None:
@@ -491,10 +534,9 @@ def wait_for(ray, pending: dict[Any, TrainConfig], finished: Callable) -> None:
         try:
             result = ray.get(ref)
         except ray.exceptions.RayTaskError as e:
-            cause = e.cause if e.cause is not None else e
-            finished(config, None, f"{type(cause).__name__}: {str(cause).splitlines()[0]}")
+            finished(config, None, first_line(e.cause if e.cause is not None else e))
         except ray.exceptions.RayError as e:  # the worker or its node died
-            finished(config, None, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+            finished(config, None, first_line(e))
         else:
             finished(config, result, None)
 
@@ -505,8 +547,8 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     if address == "auto":
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+    try:  # an IPv6 host is written in brackets: [::1]:6379
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except ValueError:
         raise UsageError(f"--address {address}: not HOST:PORT") from None
     except OSError as e:

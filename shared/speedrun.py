@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import resource
 import statistics
 import time
@@ -29,6 +28,7 @@ from shared.grid import (
     RunStore,
     a_duration,
     a_share,
+    a_time,
     add_engine_flags,
     check_fits,
     engine_of,
@@ -75,7 +75,7 @@ MAX_SEEDS = 1000
 QUICK = {"limit": 2000, "seeds": 2, "epochs": {"fast": 1, "defaults": 2}}
 # What the report, its results and its plot read of each stored run.
 # A training takes time; a summary divides by it.
-TIMES = {"test_acc": a_share, "train_seconds": functools.partial(a_duration, positive=True)}
+TIMES = {"test_acc": a_share, "train_seconds": a_time}
 TIMES |= dict.fromkeys(("compile_seconds", "test_seconds", "peak_mb"), a_duration)
 
 

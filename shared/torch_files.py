@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from shared.checkpoint import DIRECTORY_MAX_BYTES, zip_directory_bytes
-from shared.errors import UsageError
+from shared.errors import UsageError, first_line
 from shared.network import Network
 from shared.spec import Arch, Params, tensors
-from shared.torch_import import canonical_array, first_line, from_torch
+from shared.torch_import import canonical_array, from_torch
 from shared.weights_file import renamed
 
 # A model file is a Python module the user names; a weights file holds one state_dict.

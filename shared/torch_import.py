@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from shared.checkpoint import value_problem
-from shared.errors import UsageError
+from shared.errors import UsageError, first_line
 from shared.kinds import sliding, token
 from shared.layers import INPUT_SHAPE, Layer, Tensor, show_shape
 from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
@@ -199,14 +199,6 @@ def _operations(graph: Any) -> list[tuple[Any, ...]]:
         else (node.op, node.target, repr(node.args), repr(node.kwargs))
         for node in graph.graph.nodes
     ]
-
-
-def first_line(error: BaseException) -> str:
-    """The error's type and first line (200 characters at most): a user's error in one line."""
-    text = str(error).strip().splitlines()
-    line = text[0] if text else ""
-    line = line if len(line) <= 200 else line[:197] + "..."
-    return f"{type(error).__name__}: {line}" if line else type(error).__name__
 
 
 def _read_steps(module: Any, graph: Any, scaling: list[Any], where: str) -> list[_Step | _Block]:

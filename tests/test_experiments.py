@@ -15,9 +15,9 @@ from shared import experiments
 from shared.backend import IMPLEMENTATIONS
 from shared.config import TrainConfig
 from shared.data import FASHION_MNIST, load_dataset
-from shared.errors import DataError
-from shared.experiments import recheck_in_float64, run_experiments
-from shared.grid import RunStore, run_grid
+from shared.errors import DataError, GridFailed
+from shared.experiments import command_of, recheck_in_float64, run_experiments
+from shared.grid import LOCAL, RunStore, run_grid
 from shared.lab_questions import AGREEMENT, DEEP, STRONG, comparisons, seed_row_label
 from shared.loop import train
 from shared.outputs import hold, prepare_out_dir
@@ -115,6 +115,13 @@ def test_experiments_write_every_table_and_plot(tiny_data_dir, tmp_path, monkeyp
     with pytest.raises(DataError, match=r"runs\.json: the stored numpy run .*'val_curve'"):
         run_experiments(data, out, **setup)
     assert (out / "EXPERIMENTS.md").read_text() == report
+    # Its epoch time, which the report prints, too: a traceback, or -5.00 s in the table.
+    for seconds in (None, "fast", -5.0):
+        drawn["summary"] |= {"val_curve": [0.5], "epoch_seconds": seconds}
+        path.write_text(json.dumps(store))
+        with pytest.raises(DataError, match=r"the stored numpy run .*'epoch_seconds'"):
+            run_experiments(data, out, **setup)
+    assert (out / "EXPERIMENTS.md").read_text() == report
 
 
 def test_runs_that_do_not_fit_the_data_are_refused_before_any_folder(tmp_path, tiny_data_dir):
@@ -175,12 +182,65 @@ def test_a_run_counts_only_for_the_data_it_trained_on(tmp_path, tiny_data_dir):
     assert len(RunStore(path, DATA).runs) == 3 and config in RunStore(path, DATA)
 
 
+def test_a_run_that_fails_outside_threefold_is_reported_and_the_others_go_on(
+    tmp_path, tiny_data_dir
+):
+    # Out of memory, or a framework's own error: it stopped the local grid with a traceback,
+    # and the runs after it never started (on Ray, a FAILED line and the others went on).
+    store, said = RunStore(tmp_path / "runs.json", DATA), []
+    configs = {TrainConfig(impl="numpy", seed=seed): f"seed {seed}" for seed in range(3)}
+
+    def trained(config: TrainConfig, data) -> dict:
+        if config.seed == 0:
+            raise MemoryError()  # numpy's has a message; a bare one has none
+        if config.seed == 1:
+            raise RuntimeError("a framework's failure\nits second line")
+        return {"test_acc": 0.5}
+
+    with pytest.raises(GridFailed) as failed:
+        run_grid(trained, configs, load_dataset(tiny_data_dir), store, progress=said.append)
+    assert "2 of 3 runs failed (seed 0: MemoryError; seed 1: RuntimeError: a framework's" in str(
+        failed.value
+    )
+    assert [config.seed for config in configs if config in store] == [2]
+    assert any(
+        line.endswith("seed 1: FAILED: RuntimeError: a framework's failure") for line in said
+    )
+
+
+def test_the_report_names_the_command_that_made_its_tables():
+    # `--impl torch` made a report of torch alone that said `experiments.py --quick`.
+    assert (
+        command_of(True, ("torch",), LOCAL) == "python scripts/experiments.py --quick --impl torch"
+    )
+    assert command_of(False, IMPLEMENTATIONS, LOCAL) == "python scripts/experiments.py"
+    ray = dataclasses.replace(LOCAL, name="ray")  # not constructed: Ray would be checked
+    assert command_of(False, ("jax", "numpy"), ray).endswith("--impl jax --impl numpy --engine ray")
+
+
+def test_provenance_counts_the_runs_read_not_every_run_the_store_keeps(tmp_path):
+    # A speedrun's runs copied into the experiments' store were counted behind its tables.
+    path = tmp_path / "runs.json"
+    ran = {"summary": {"test_acc": 0.5}, "cpu": "x", "cores": 1}
+    configs = [TrainConfig(impl="numpy", seed=seed) for seed in range(3)]
+    for config, trained in zip(configs, ("day 1", "day 1", "day 2"), strict=True):
+        RunStore(path, DATA).add(config, {**ran, "trained": trained})
+    store = RunStore(path, DATA)
+    store.summary(configs[0])
+    store.summary(configs[2])
+    assert store.provenance() == {"day 1": 1, "day 2": 1}
+
+
 def test_a_damaged_or_unreadable_run_store_is_refused_fresh_or_not(tmp_path):
     data_dir = make_dataset_dir(tmp_path / "data", n_train=1400, n_test=100)  # fits --quick
     store = tmp_path / "docs" / "experiments" / "runs.json"
     store.parent.mkdir(parents=True)
     deep = "[" * 100_000 + "]" * 100_000  # nested past Python's stack
-    for damaged in ('{"runs": [1, 2', '{"runs": [1, 2]}', '{"runs": {"k": 1}}', deep):
+    ran = {"summary": {"test_acc": 0.5}, "cpu": "x", "cores": 1}
+    undated = json.dumps({"runs": {"k": ran}})  # no date and commit: the report's traceback
+    listed = json.dumps({"runs": {"k": {**ran, "trained": [1]}}})
+    damages = ('{"runs": [1, 2', '{"runs": [1, 2]}', '{"runs": {"k": 1}}', deep, undated, listed)
+    for damaged in damages:
         store.write_text(damaged)
         for fresh in (False, True):  # written over, its runs would be lost
             with pytest.raises(DataError, match=r"runs.json: damaged.*move it away"):

@@ -246,6 +246,25 @@ def test_sigterm_stops_a_ray_grid_in_one_line_keeping_its_finished_runs(
         time.sleep(0.2)
 
 
+def test_sigterm_while_ray_starts_its_cluster_stops_the_grid_in_one_line(
+    grid_data, tmp_path, short_tmp
+):
+    # ray.init sets a handler that exits at once: status 15, nothing said, until the grid's
+    # own took over; the cluster it was starting is shut down.
+    flags = ("--quick", "--impl", "numpy", "--data-dir", str(grid_data), "--out", str(tmp_path))
+    grid = start("scripts/speedrun.py", *flags, "--engine", "ray", cores=OWN_CORE, tmp=short_tmp)
+    deadline = time.monotonic() + 120
+    while not (Path(short_tmp) / "ray").exists():  # ray.init under way
+        assert time.monotonic() < deadline and grid.poll() is None, "Ray never started"
+        time.sleep(0.05)
+    grid.send_signal(signal.SIGTERM)
+    code, _, err = finish(grid)
+    assert code == 128 + signal.SIGTERM, err
+    [line] = err.strip().splitlines()
+    assert "terminated (SIGTERM) with 0 of 3 runs finished, kept;" in line
+    assert not (tmp_path / "runs.json").exists()
+
+
 @pytest.fixture
 def ray_head(short_tmp):
     """An existing cluster, as a user starts one (`ray start --head`, token authentication on,
