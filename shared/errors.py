@@ -1,6 +1,7 @@
 """The project's own errors: each carries a one-line message for the user, never a traceback."""
 
 import contextlib
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -11,8 +12,9 @@ class ThreefoldError(Exception):
 
 
 def first_line(error: BaseException) -> str:
-    """The error's type and first line (200 characters at most): a user's error in one line."""
-    text = str(error).strip().splitlines()
+    """The error's type and first line (200 characters at most, without a terminal's colour
+    codes, which torch.load's messages hold): a user's error in one line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()
     line = text[0] if text else ""
     line = line if len(line) <= 200 else line[:197] + "..."
     return f"{type(error).__name__}: {line}" if line else type(error).__name__

@@ -20,7 +20,9 @@ def a_path(value: object, where: str) -> Path:
     (None, a number, bytes, "", a name holding a NUL byte)."""
     text = os.fspath(value) if isinstance(value, str | os.PathLike) else None
     if not isinstance(text, str) or not text or "\0" in text:
-        raise UsageError(f"{where}: {value!r} is not a file's path")
+        shown = repr(value)  # a module's repr runs over lines: its type instead
+        shown = shown if len(shown) <= 80 and "\n" not in shown else f"a {type(value).__name__}"
+        raise UsageError(f"{where}: {shown} is not a file's path")
     return Path(text)
 
 

@@ -26,8 +26,9 @@ ZIP_SLACK_BYTES = 2**20  # a state_dict zip's names, pickle and alignment, beyon
 
 
 def load_module_file(text: str, where: str = "--arch") -> tuple[Any, str]:
-    """The module FILE.py:NAME builds (NAME a class or function called with no arguments),
-    and the label naming it. The file is executed, as importing it would."""
+    """The module FILE.py:NAME builds (NAME a class or function called with no arguments, or
+    a module itself: `Net = nn.Sequential(...)`), and the label naming it. The file is
+    executed, as importing it would."""
     path_text, _, name = text.rpartition(":")
     path, label = Path(path_text), f"{where} {text}"
     if not path.is_file():
@@ -48,8 +49,13 @@ def load_module_file(text: str, where: str = "--arch") -> tuple[Any, str]:
     if not hasattr(namespace, name):
         defined = sorted(k for k, v in vars(namespace).items() if callable(v) and k[0] != "_")
         raise UsageError(f"{label}: {path.name} defines no {name} (it has {', '.join(defined)})")
+    built = getattr(namespace, name)
+    import torch  # the file has imported it, to build a module
+
+    if isinstance(built, torch.nn.Module):  # called, it would run its forward on nothing
+        return built, label
     try:
-        module = getattr(namespace, name)()
+        module = built()
     except (Exception, SystemExit) as error:
         raise UsageError(f"{label}: {name}() raised {first_line(error)}") from None
     return module, label

@@ -1120,7 +1120,11 @@ def test_a_float64_weight_past_float32_s_range_is_refused_before_the_graph_is_wr
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("value", [None, 3, b"m.onnx", "", "m\0.onnx"], ids=repr)
+# A module given for a file: its repr runs over lines, and the type is said instead.
+NOT_PATHS = [None, 3, b"m.onnx", "", "m\0.onnx", torch.nn.Sequential(torch.nn.Flatten())]
+
+
+@pytest.mark.parametrize("value", NOT_PATHS, ids=lambda value: type(value).__name__)
 def test_what_is_not_a_path_is_one_line_naming_the_call(value):
     network = threefold.network("flatten-fc10")
     calls = {

@@ -254,6 +254,14 @@ def test_train_takes_a_model_file_and_its_weights(tmp_path):
     assert f"note: --arch {arch} gives the layers; training starts from --init he" in result.stdout
 
 
+def test_a_model_file_may_name_a_module_built_at_its_top(tmp_path):
+    # `Net = nn.Sequential(...)`: NAME() ran the module's forward on nothing, and failed.
+    (tmp_path / "model.py").write_text(
+        "from torch import nn\nNet = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))\n"
+    )
+    assert import_file(f"{tmp_path / 'model.py'}:Net").spec == "flatten-fc10"
+
+
 def test_the_crosscheck_command_takes_a_model_file():
     result = run(
         "scripts/crosscheck.py", "--arch", f"{MODELS / 'keras_simple_convnet.py'}:build",
@@ -335,6 +343,11 @@ def test_a_weights_file_that_does_not_fit_is_one_line(tmp_path):
     (tmp_path / "object.pt").write_bytes(b"not a zip archive")
     with pytest.raises(UsageError, match=r"not a state_dict torch\.load can read"):
         load_weights(tmp_path / "object.pt", network.arch, network.renames, "--weights")
+    # A whole module pickled: torch's refusal holds a terminal's colour codes, left out.
+    torch.save(nn.Linear(2, 2), tmp_path / "whole.pt")
+    with pytest.raises(UsageError, match="do those steps only if you trust the source") as whole:
+        load_weights(tmp_path / "whole.pt", network.arch, network.renames, "--weights")
+    assert "\x1b" not in str(whole.value)
     torch.save({"model": state}, tmp_path / "nested.pt")
     with pytest.raises(UsageError, match="not a state_dict of tensors"):
         load_weights(tmp_path / "nested.pt", network.arch, network.renames, "--weights")
