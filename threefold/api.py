@@ -162,9 +162,11 @@ class Report:
             f"{self.network.arch.name}: {len(self.results) - len(self.failed)} passed, "
             f"{len(self.failed)} failed ({self.images})"
         ]
-        for layer, row in self.worst_by_layer().items():
+        worst = self.worst_by_layer()
+        width = max(map(len, worst), default=0)  # a block's layers: block2.downsample.0
+        for layer, row in worst.items():
             lines.append(
-                f"  {layer:<12} worst {row.max_rel:.1e} of {row.tolerance:.0e} "
+                f"  {layer:<{width}} worst {row.max_rel:.1e} of {row.tolerance:.0e} "
                 f"({row.check}, {row.pair}, {row.dtype})"
             )
         if self.divergence:
