@@ -1,8 +1,7 @@
 """Time the three implementations side by side: python scripts/benchmark.py [--help]."""
 
-import sys
-
 from shared.benchmark import main
+from shared.errors import exit_process
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

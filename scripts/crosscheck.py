@@ -1,8 +1,7 @@
 """Compare the three implementations tensor by tensor: python scripts/crosscheck.py [--help]."""
 
-import sys
-
 from shared.crosscheck import main
+from shared.errors import exit_process
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -1,8 +1,7 @@
 """Evaluate a checkpoint on the test set: python scripts/evaluate.py CHECKPOINT [--impl jax]."""
 
-import sys
-
+from shared.errors import exit_process
 from shared.evaluate import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

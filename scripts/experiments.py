@@ -1,8 +1,7 @@
 """Rerun the lab's claims as controlled comparisons: python scripts/experiments.py [--quick]."""
 
-import sys
-
+from shared.errors import exit_process
 from shared.experiments import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -1,8 +1,7 @@
 """Export a checkpoint: python scripts/export.py CHECKPOINT --onnx FILE.onnx."""
 
-import sys
-
+from shared.errors import exit_process
 from shared.export import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

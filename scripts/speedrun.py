@@ -1,8 +1,7 @@
 """Time to accuracy, fast recipe against the defaults: python scripts/speedrun.py [--help]."""
 
-import sys
-
+from shared.errors import exit_process
 from shared.speedrun import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

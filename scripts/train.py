@@ -1,8 +1,7 @@
 """Train the CNN: python scripts/train.py --impl {numpy,jax,torch} [--help for all flags]."""
 
-import sys
-
+from shared.errors import exit_process
 from shared.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -1,10 +1,12 @@
 """The project's own errors: each carries a one-line message for the user, never a traceback."""
 
 import contextlib
+import os
 import re
 import signal
 import sys
 from collections.abc import Iterator
+from typing import NoReturn
 
 
 class ThreefoldError(Exception):
@@ -128,3 +130,15 @@ def interrupted(stop: KeyboardInterrupt | Interrupted, what: str = "") -> Interr
 class GridFailed(ThreefoldError):
     """Runs of a grid failed; the others finished and are kept, and the message names each
     failed run and what stopped it."""
+
+
+def exit_process(code: int) -> NoReturn:
+    """A script's exit with `code`. A stopped one (130, 143) leaves at once, without
+    Python's clean-up, where JAX is loaded: a stop during a compile leaves XLA compiling on
+    its own threads, and the interpreter's clean-up crashed under them (a segfault, exit 139,
+    in 5 stops of 10 at start-up); what the command keeps is on disk by now."""
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM) and "jax" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -313,6 +313,27 @@ def test_a_stop_while_train_py_prints_the_test_says_the_run_is_whole(
     assert "test" in json.loads((out / "metrics.json").read_text())
 
 
+# A script's ending, with JAX loaded and a clean-up Python would run at exit.
+EXIT_WITH_JAX = """
+import atexit, sys
+import jax
+from shared.errors import exit_process
+atexit.register(lambda: print("clean-up ran", flush=True))
+exit_process(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize(("code", "cleaned"), [(130, False), (143, False), (1, True), (0, True)])
+def test_a_stopped_script_with_jax_loaded_leaves_without_python_s_clean_up(code, cleaned):
+    # A Ctrl-C during a compile left XLA's threads compiling, and the interpreter's clean-up
+    # crashed under them: exit 139 in 5 stops of 10 at train.py's start-up.
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_WITH_JAX, str(code)], capture_output=True, text=True
+    )
+    assert done.returncode == code, done.stderr
+    assert ("clean-up ran" in done.stdout) == cleaned
+
+
 def test_ctrl_c_ignored_as_in_a_background_job_stays_ignored():
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
