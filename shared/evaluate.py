@@ -18,7 +18,7 @@ from shared.data import Dataset, load_dataset
 from shared.errors import CheckpointError
 from shared.io import write_json
 from shared.layers import NUM_CLASSES
-from shared.outputs import EVALUATION_FILES, prepare_out_dir
+from shared.outputs import EVALUATION_FILES, hold, prepare_out_dir
 from shared.plots import plt, save_figure
 from shared.spec import get_arch
 
@@ -155,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             run.get("flip", False), run.get("tta") if args.tta is None else args.tta
         )
         result = evaluate_checkpoint(ckpt, args.impl, data, tta, str(args.checkpoint))
-        write_report(args.checkpoint, result, data, prepare_out_dir(*_out_and_flag(args)))
+        out, flag = _out_and_flag(args)
+        # Not into a folder a training holds: its checkpoint is about to change.
+        with hold(prepare_out_dir(out, flag), flag):
+            write_report(args.checkpoint, result, data, out)
         return 0
 
     return run_cli(parser, body)

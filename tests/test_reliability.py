@@ -39,6 +39,7 @@ from shared.errors import (
     stop_on_signals,
 )
 from shared.loop import TrainingDiverged, train
+from shared.outputs import EVALUATION_FILES
 from tests.conftest import make_dataset_dir, write_idx
 from tests.test_runs import wait_for_line
 from tests.test_training import ROOT, run_script
@@ -181,6 +182,25 @@ def test_ctrl_c_stops_with_a_message_and_keeps_the_checkpoint(tiny_data_dir, tmp
     ckpt = load_checkpoint(out / "checkpoint.npz")
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert ckpt.meta["epoch"] == len(history) >= 1
+
+
+def test_an_evaluation_is_never_of_a_checkpoint_a_training_replaces(tiny_data_dir, tmp_path):
+    """evaluate.py wrote into a folder a training held, and --resume left its report of the
+    older checkpoint beside the finished run's (80.74% where the run scored 85.35%)."""
+    out = tmp_path / "run"
+    training = start_training(out, tiny_data_dir)
+    wait_for_line(training, "| Epoch:  1 |")
+    evaluate = ("evaluate.py", str(out / "checkpoint.npz"), "--data-dir", str(tiny_data_dir))
+    refused = run_script(*evaluate)
+    assert refused.returncode == 2 and f"{out}: in use by a run of process" in refused.stderr
+    training.send_signal(signal.SIGINT)
+    training.communicate(timeout=60)
+    assert run_script(*evaluate).returncode == 0 and (out / "evaluation.json").exists()
+    resumed = start_training(out, tiny_data_dir, "--resume", str(out))
+    wait_for_line(resumed, "evaluate.py's report of epoch")
+    resumed.send_signal(signal.SIGINT)
+    resumed.communicate(timeout=60)
+    assert not any((out / name).exists() for name in EVALUATION_FILES)
 
 
 def dropping_a_sigterm(dropped: list) -> Callable[[str, dict], None]:
