@@ -217,6 +217,13 @@ def read_checked_idx(
             f"reinstall it ('apt-get install --reinstall dataset-fashion-mnist') or fetch "
             "it again with --download"
         )
+    # MNIST's files are not pinned, but Fashion-MNIST's are: its files are not MNIST's.
+    for other in DATASETS.values():
+        if other is not spec and any(f.content_sha256 == actual for f in other.files):
+            raise DataError(
+                f"{path}: the official {other.name} file, not {spec.name}'s; give --dataset "
+                f"{other.name} or the folder of {spec.name}'s files"
+            )
     return array, actual, path
 
 

@@ -235,6 +235,12 @@ def test_real_split_sizes(real_data):
     )
 
 
+def test_fashion_mnist_s_files_are_not_taken_for_mnist(real_data):
+    # MNIST's files are not pinned: Fashion-MNIST's trained as digits, with MNIST's scaling.
+    with pytest.raises(DataError, match="the official fashion-mnist file, not mnist's"):
+        data.load_dataset(real_data.source, "mnist")
+
+
 def test_normalisation_constants_match_the_training_images(real_data):
     pixels = np.concatenate([real_data.train.x, real_data.val.x]).astype(np.float64)
     assert abs(pixels.mean()) < 1e-5 and abs(pixels.std() - 1) < 1e-5
