@@ -352,6 +352,26 @@ def check_config(config: TrainConfig) -> None:
         )
 
 
+# Each optimizer's own flags: typed with another optimizer, they would change nothing.
+OPTIMIZER_FLAGS = {"momentum": ("sgd",), "nesterov": ("sgd",)} | dict.fromkeys(
+    ("beta1", "beta2", "eps"), ("adam", "adamw")
+)
+
+
+def check_flags_used(config: TrainConfig, typed: set[str]) -> None:
+    """Refuse a flag the user typed that the run would not use: another optimizer's, or
+    Nesterov's look-ahead without momentum, which torch.optim.SGD refuses too."""
+    for name, optimizers in OPTIMIZER_FLAGS.items():
+        if name in typed and config.optimizer not in optimizers:
+            flag = name.replace("_", "-")
+            raise UsageError(
+                f"--{flag}: --optimizer {config.optimizer} does not use it (it is "
+                f"{' and '.join(optimizers)}'s)"
+            )
+    if "nesterov" in typed and config.nesterov and config.momentum == 0:
+        raise UsageError("--nesterov: needs --momentum above 0 (torch.optim.SGD refuses it too)")
+
+
 def learning_rate(
     step: int, total_steps: int, base_lr: float, schedule: str, warmup_steps: int = 0
 ) -> float:

@@ -9,7 +9,13 @@ from pathlib import Path
 
 from shared.checkpoint import Checkpoint, load_checkpoint
 from shared.cli import add_training_flags, config_from_args, given_flags, path_type, run_cli
-from shared.config import RECIPES, TrainConfig, check_config, config_from_saved
+from shared.config import (
+    RECIPES,
+    TrainConfig,
+    check_config,
+    check_flags_used,
+    config_from_saved,
+)
 from shared.data import Dataset, get_dataset_spec, load_dataset
 from shared.errors import (
     CheckpointError,
@@ -278,6 +284,9 @@ def _start(args: argparse.Namespace, typed: set[str]) -> int:
         initial, args.weights = load_weights(args.weights_file, arch, renames, "--weights", unread)
     config = config_from_args(args, typed)
     check_config(config)
+    check_flags_used(config, typed)
+    if args.download_url is not None and not args.download:
+        raise UsageError("--download-url: without --download nothing is fetched")
     folder = args.out
     if folder is not None:
         if folder.exists() and not folder.is_dir():

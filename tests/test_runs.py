@@ -560,6 +560,24 @@ def test_a_positive_value_that_is_0_in_the_run_s_dtype_is_refused(flag, value, t
     check_config(TrainConfig(eps=1e-50))  # SGD, which never uses it: a run resumes
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--momentum", "0", "--nesterov"), "--nesterov: needs --momentum above 0"),
+        (("--beta1", "0.5"), "--beta1: --optimizer sgd does not use it (it is adam and adamw's)"),
+        (("--optimizer", "adam", "--momentum", "0.5"), "--momentum: --optimizer adam does not"),
+        (("--optimizer", "adamw", "--no-nesterov"), "--nesterov: --optimizer adamw does not"),
+        (("--download-url", "http://127.0.0.1:9"), "--download-url: without --download nothing"),
+    ],
+)
+def test_a_flag_the_run_would_not_use_is_refused(flags, message, tmp_path):
+    """Each trained, recording what it did not do (`nesterov: true` at momentum 0, which
+    torch.optim.SGD itself refuses)."""
+    out = tmp_path / "run"
+    line = usage_error(run_script("train.py", *flags, "--out", str(out)))
+    assert message in line and not out.exists()
+
+
 def test_json_written_by_the_project_is_strict(tmp_path):
     with pytest.raises(ValueError):
         write_json(tmp_path / "x.json", {"loss": float("nan")})
