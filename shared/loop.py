@@ -314,7 +314,10 @@ def train(
     elif arch.name != config.arch:
         raise ValueError(f"arch {arch.name!r} is not config.arch {config.arch!r}")
     run = start_run(config, data, out_dir, resume, arch, initial)
-    train_epochs(run, log)
+    # A diverging run overflows in NumPy's products before its loss is found non-finite,
+    # which the run reports in one line naming the flags; NumPy's warnings would precede it.
+    with np.errstate(over="ignore", invalid="ignore"):
+        train_epochs(run, log)
     finish_run(run)
     return run.record
 

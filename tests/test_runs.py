@@ -537,6 +537,17 @@ def test_a_diverging_run_names_the_flags_involved(tiny_data_dir, tmp_path):
     assert not out.exists()  # the folder the run made, left empty, went with it
 
 
+def test_a_run_overflowing_numpy_s_products_says_so_in_one_line(real_data, tmp_path):
+    # NumPy's overflow warnings, with their source lines, came before the run's own line.
+    result = run_script(
+        "train.py", "--impl", "numpy", "--limit", "64", "--epochs", "2", "--lr", "1e10",
+        "--data-dir", str(real_data.source), "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert "the validation loss became non-finite in epoch 2 (--lr 1e+10" in line
+
+
 def test_an_adam_run_that_diverges_names_adam_s_flags(tiny_data_dir, tmp_path):
     result = run_script(
         "train.py", "--optimizer", "adam", "--epochs", "1", "--batch-size", "16", "--lr", "1e30",
