@@ -40,7 +40,15 @@ from shared.outputs import (
     remove_if_empty,
     replacing_run,
 )
-from shared.spec import GRAMMAR, Arch, Params, get_arch, is_model_file, is_onnx_file
+from shared.spec import (
+    GRAMMAR,
+    Arch,
+    Params,
+    cast_params,
+    get_arch,
+    is_model_file,
+    is_onnx_file,
+)
 
 
 def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConfig, Checkpoint]:
@@ -287,6 +295,11 @@ def _start(args: argparse.Namespace, typed: set[str]) -> int:
     check_flags_used(config, typed)
     if args.download_url is not None and not args.download:
         raise UsageError("--download-url: without --download nothing is fetched")
+    if initial is not None:  # in the run's dtype, as it trains: refused here, naming the file
+        try:
+            cast_params(initial, arch, config.dtype)
+        except UsageError as error:
+            raise UsageError(f"--weights {args.weights_file}: {error}") from None
     folder = args.out
     if folder is not None:
         if folder.exists() and not folder.is_dir():

@@ -665,6 +665,23 @@ def test_a_model_weight_that_float32_cannot_hold_is_refused_before_any_work(tmp_
     assert time.monotonic() - started < 60
 
 
+def test_weights_that_float32_cannot_hold_are_refused_naming_the_file(tmp_path):
+    # The message named the tensor alone, not --weights or its file.
+    from safetensors.numpy import save_file
+
+    network = threefold.network("flatten-fc10")
+    tensors = {**network.tensors, "fc.weight": network.tensors["fc.weight"].astype(np.float64)}
+    tensors["fc.weight"][0, 0] = 1e300
+    save_file(tensors, tmp_path / "big.safetensors")
+    out = tmp_path / "run"
+    weights = ("--weights", str(tmp_path / "big.safetensors"))
+    line = usage_error(
+        run_script("train.py", "--arch", "flatten-fc10", *weights, "--out", str(out))
+    )
+    assert f"--weights {tmp_path / 'big.safetensors'}: fc.weight: a value of 1e+300" in line
+    assert not out.exists()
+
+
 def test_crosscheck_writes_its_files_before_its_table_reaches_a_closed_pipe(tmp_path):
     json_file, plot = tmp_path / "rows.json", tmp_path / "rows.png"
     flags = ["--arch", "noconv", "--dtype", "float64", "--steps", "1", "--batch-size", "2"]
