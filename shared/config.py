@@ -213,6 +213,9 @@ class Bound:
 
     def parse(self, text: str) -> object:
         """A flag's text as this setting; ValueError with the reason if it cannot be."""
+        # Python's int and float also read "1_0" and other scripts' digits ("٣").
+        if self.kind in (int, float) and (not text.isascii() or "_" in text):
+            raise ValueError(f"{text!r} is not {_a(self)} in ASCII digits")
         try:
             value = self.kind(text)
         except (ValueError, OverflowError):

@@ -291,7 +291,7 @@ class LayerKind:
         for option in self.options:
             written = f"{option.letter}{option.pattern}"
             parts.append(written if option.default is None else f"(?:{written})?")
-        return re.compile("".join(parts))
+        return re.compile("".join(parts), re.ASCII)  # \d: no other script's digits
 
     @property
     def example(self) -> str:

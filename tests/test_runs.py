@@ -24,6 +24,7 @@ from shared.errors import Interrupted, OutputError, UsageError
 from shared.io import remove_stale_temporaries, write_json
 from shared.loop import train
 from shared.outputs import fresh_run_dir, hold, replacing_run
+from shared.spec import get_arch
 from tests.conftest import make_dataset_dir
 from tests.test_spec import usage_error
 from tests.test_training import ROOT, run_script
@@ -516,6 +517,15 @@ def test_numbers_out_of_bounds_are_usage_errors(args, message, tiny_data_dir, tm
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "o" / "checkpoint.npz").exists()
+
+
+@pytest.mark.parametrize(("field", "text"), [("epochs", "٣"), ("lr", "1_0"), ("seed", "1_0")])
+def test_a_number_is_written_in_ascii_digits(field, text):
+    # Python's int and float read both: --epochs=٣ trained three epochs.
+    with pytest.raises(ValueError, match="in ASCII digits"):
+        FIELDS[field].parse(text)
+    with pytest.raises(UsageError, match="token 'conv٣' is malformed"):
+        get_arch("conv٣-flatten-fc10")
 
 
 def test_help_states_the_bounds():
