@@ -374,7 +374,10 @@ def _file_entries(path: Path, where: str) -> list[Entry]:
         raise UsageError(f"{where}: more than {MAX_SPEC_FILE_BYTES} bytes; not a network spec")
     try:
         text = raw.decode("utf-8")
-        document = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+        if path.suffix.lower() == ".json":  # TOML refuses a key given twice; JSON keeps the last
+            document = json.loads(text, object_pairs_hook=_once_each)
+        else:
+            document = tomllib.loads(text)
     except (ValueError, RecursionError) as e:
         raise UsageError(
             f"{where}: not valid {path.suffix[1:].upper()} ({_first_line(e)})"
@@ -382,7 +385,19 @@ def _file_entries(path: Path, where: str) -> list[Entry]:
     layers = document.get("layers") if isinstance(document, dict) else None
     if not isinstance(layers, list) or not layers:
         raise UsageError(f'{where}: expected {{"layers": [...]}} with at least one layer')
+    if len(document) > 1:  # a key misspelt, or meant for another tool, would go unread
+        other = sorted(set(document) - {"layers"})[0]
+        raise UsageError(f'{where}: {other!r}: a spec holds "layers" alone')
     return _list_entries(layers, "layers", where)
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once."""
+    keys = [key for key, _ in pairs]
+    twice = next((key for key in keys if keys.count(key) > 1), None)
+    if twice is not None:
+        raise ValueError(f"{twice!r} given twice")
+    return dict(pairs)
 
 
 def _list_entries(items: Any, label: str, where: str) -> list[Entry]:

@@ -503,6 +503,15 @@ def test_a_spec_that_cannot_work_names_the_token_and_the_conflict(spec, parts):
         ("a.json", '{"layers": ["", "flatten", "fc10"]}', ["layers[0]: the spec is empty"]),
         ("a.json", '{"layers": ["flatten", "fc128"]}', ["the network ends with 128 outputs"]),
         ("a.json", '{"layers": ' + "[" * 100_000 + "]" * 100_000 + "}", ["not valid JSON"]),
+        # Each was read, the key unread or the last of two taken.
+        ("a.json", '{"layers": ["flatten", "fc10"], "other": 1}', ["'other': a spec holds"]),
+        ("a.toml", 'layers = ["flatten", "fc10"]\n[x]\ny = 1\n', ["'x': a spec holds"]),
+        ("a.json", '{"layers": ["relu"], "layers": ["flatten", "fc10"]}', ["'layers' given twice"]),
+        (
+            "a.json",
+            '{"layers": ["flatten", {"type": "fc", "features": 10, "features": 5}]}',
+            ["not valid JSON ('features' given twice)"],
+        ),
         (
             "a.json",
             json.dumps({"layers": ["relu"] * (MAX_LAYERS + 1) + ["flatten", "fc10"]}),
