@@ -366,13 +366,18 @@ def check_flags_used(config: TrainConfig, typed: set[str]) -> None:
     Nesterov's look-ahead without momentum, which torch.optim.SGD refuses too."""
     for name, optimizers in OPTIMIZER_FLAGS.items():
         if name in typed and config.optimizer not in optimizers:
-            flag = name.replace("_", "-")
             raise UsageError(
-                f"--{flag}: --optimizer {config.optimizer} does not use it (it is "
+                f"--{name}: --optimizer {config.optimizer} does not use it (it is "
                 f"{' and '.join(optimizers)}'s)"
             )
-    if "nesterov" in typed and config.nesterov and config.momentum == 0:
-        raise UsageError("--nesterov: needs --momentum above 0 (torch.optim.SGD refuses it too)")
+    if config.optimizer == "sgd" and config.nesterov and config.momentum == 0:
+        if "nesterov" in typed:
+            raise UsageError("--nesterov: needs --momentum above 0 (torch.optim.SGD's too)")
+        if "momentum" in typed:  # the run would record a look-ahead it does not take
+            raise UsageError(
+                "--momentum 0: Nesterov's look-ahead, on by default, needs momentum; add "
+                "--no-nesterov (or use --plain)"
+            )
 
 
 def learning_rate(

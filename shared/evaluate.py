@@ -4,6 +4,7 @@ evaluate.py command."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -145,19 +146,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        # Everything is read and evaluated before any folder is made for the report.
-        ckpt = load_checkpoint(args.checkpoint, dtype=np.float32)  # evaluation runs in float32
-        dataset = ckpt.meta.get("dataset", "fashion-mnist")
-        data = load_dataset(args.data_dir, dataset, ckpt.pixels)  # as the network was trained
-        # Runs from before test-time augmentation existed evaluated without it.
-        run = ckpt.meta.get("config", {})
-        tta = averages_mirrors(
-            run.get("flip", False), run.get("tta") if args.tta is None else args.tta
-        )
-        result = evaluate_checkpoint(ckpt, args.impl, data, tta, str(args.checkpoint))
         out, flag = _out_and_flag(args)
-        # Not into a folder a training holds: its checkpoint is about to change.
-        with hold(prepare_out_dir(out, flag), flag):
+        with contextlib.ExitStack() as held:
+            # Not a folder a training holds, from before the checkpoint is read to the last
+            # write: its checkpoint is about to change. A folder not yet made holds none, and
+            # everything is read and evaluated before it is made.
+            if out.is_dir():
+                held.enter_context(hold(out, flag))
+            ckpt = load_checkpoint(args.checkpoint, dtype=np.float32)  # evaluated in float32
+            dataset = ckpt.meta.get("dataset", "fashion-mnist")
+            data = load_dataset(args.data_dir, dataset, ckpt.pixels)  # as it was trained
+            # Runs from before test-time augmentation existed evaluated without it.
+            run = ckpt.meta.get("config", {})
+            tta = averages_mirrors(
+                run.get("flip", False), run.get("tta") if args.tta is None else args.tta
+            )
+            result = evaluate_checkpoint(ckpt, args.impl, data, tta, str(args.checkpoint))
+            if not out.is_dir():
+                held.enter_context(hold(prepare_out_dir(out, flag), flag))
             write_report(args.checkpoint, result, data, out)
         return 0
 

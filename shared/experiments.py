@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         # speedrun given --out OUT/experiments would share).
         with hold(out), hold(prepare_out_dir(figures)):
             if rerender:
-                return _rerender(args, out, data, engine)
+                return _rerender(args, out, data, engine, settings)
             run_experiments(
                 data,
                 out,
@@ -349,7 +349,9 @@ def _check_variants(saved: dict, path: Path) -> None:
                 )
 
 
-def _rerender(args: argparse.Namespace, out: Path, data: Dataset | None, engine: Engine) -> int:
+def _rerender(
+    args: argparse.Namespace, out: Path, data: Dataset | None, engine: Engine, settings: dict
+) -> int:
     """--render-only: EXPERIMENTS.md again from the saved results; --recheck-float64: first
     train again in float64 the rows whose implementations disagree."""
     path = out / "experiments" / "results.json"
@@ -357,6 +359,9 @@ def _rerender(args: argparse.Namespace, out: Path, data: Dataset | None, engine:
     if args.recheck_float64:
         _check_variants(saved, path)
         store = RunStore(path.parent / STORE_NAME, data.content_sha256, args.fresh)
+        for config in plan_experiments(**settings).grid():  # behind the tables: provenance
+            if config in store:
+                store.entry(config)
         saved["float64"] = recheck_in_float64(data, saved, _say, store, engine)
         saved["trained"] = store.provenance()
         write_json(path, saved)

@@ -191,10 +191,11 @@ def body_and_shortcut(paths: list[list], taken: Callable[[Any], Any]) -> tuple[l
 
 def check_shortcut(read: list, shown: str, block: Residual, where: str) -> None:
     """A residual block's shortcut as an importer read it (each operation's (kind, options),
-    None for one that changes nothing; `shown` as the source writes them) must be the one
-    threefold infers for the block's body; else one line starting with `where`."""
+    None or "reshape" for one that changes nothing; `shown` as the source writes them) must
+    be the one threefold infers for the block's body; else one line starting with `where`."""
     inferred = [(kind_of(inner).name, kind_of(inner).options_of(inner)) for inner in block.shortcut]
-    layers = [taken for taken in read if taken is not None]
+    # A view of the block's input to the body's output shape is the identity: no layer.
+    layers = [taken for taken in read if isinstance(taken, tuple)]
     if layers != inferred:
         wanted = "-".join(token(layer, every=True) for layer in block.shortcut) or "the identity"
         # As a token too: a source's own form (a Conv's attributes) need not show its bias.

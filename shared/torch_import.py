@@ -40,6 +40,7 @@ from shared.torch_ops import (
     input_scaling,
 )
 from shared.torch_refusals import (
+    left_as_it_was,
     refuse_cut_gradients,
     refuse_frozen,
     refuse_hidden_behaviour,
@@ -75,55 +76,41 @@ class _Block:
 
 def _trace(module: Any, where: str):
     """The module's graph (torch.fx), each node's output shape on 2 blank images, in evaluation
-    mode, the module itself run on them to see that each weight it calls gets a gradient; the
-    module's own flags and buffers are left as they were."""
+    mode (the caller leaves the module as it was: from_torch)."""
     import torch
     from torch.fx.passes.shape_prop import ShapeProp
 
-    flags = {name: m.training for name, m in module.named_modules()}
-    saved = {k: v.clone() for k, v in module.state_dict().items()}
+    refuse_frozen(module, where)
+    # Traced in training mode: a functional dropout's `training=self.training` is read
+    # at trace time, and a dropout is a layer whichever mode the module was left in.
+    module.train()
+    refuse_frozen(module, where)  # a train() of its own may keep some layers frozen
+    graph = _traced(module, where)
+    # A forward that branches on self.training computes two networks; one is read.
+    module.eval()
+    evaluated = _traced(module, where)
+    if _operations(evaluated) != _operations(graph):
+        raise UsageError(
+            f"{where}: its forward computes other operations, or with other options, in "
+            "evaluation mode (it reads self.training); threefold reads one network for both "
+            "modes"
+        )
+    for node, in_evaluation in zip(graph.graph.nodes, evaluated.graph.nodes, strict=True):
+        node.meta[EVALUATION_CALL] = in_evaluation.args, dict(in_evaluation.kwargs)
+    graph.eval()
+    parameter = next(iter(module.parameters()), None)
+    dtype = torch.float32 if parameter is None else parameter.dtype
+    # ShapeProp prints the traceback of the user's error itself, then wraps it: what it
+    # writes is kept back, and passed on only where the forward ran (its warnings).
+    written = io.StringIO()
     try:
-        refuse_frozen(module, where)
-        # Traced in training mode: a functional dropout's `training=self.training` is read
-        # at trace time, and a dropout is a layer whichever mode the module was left in.
-        module.train()
-        refuse_frozen(module, where)  # a train() of its own may keep some layers frozen
-        graph = _traced(module, where)
-        # A forward that branches on self.training computes two networks; one is read.
-        module.eval()
-        evaluated = _traced(module, where)
-        if _operations(evaluated) != _operations(graph):
-            raise UsageError(
-                f"{where}: its forward computes other operations, or with other options, in "
-                "evaluation mode (it reads self.training); threefold reads one network for both "
-                "modes"
-            )
-        for node, in_evaluation in zip(graph.graph.nodes, evaluated.graph.nodes, strict=True):
-            node.meta[EVALUATION_CALL] = in_evaluation.args, dict(in_evaluation.kwargs)
-        graph.eval()
-        parameter = next(iter(module.parameters()), None)
-        dtype = torch.float32 if parameter is None else parameter.dtype
-        # ShapeProp prints the traceback of the user's error itself, then wraps it: what it
-        # writes is kept back, and passed on only where the forward ran (its warnings).
-        written = io.StringIO()
-        images = torch.zeros(2, *INPUT_SHAPE, dtype=dtype)
-        try:
-            with torch.no_grad(), contextlib.redirect_stderr(written):
-                ShapeProp(graph).propagate(images)
-            with torch.enable_grad(), contextlib.redirect_stderr(written):
-                output = module(images)  # what torch.fx did not record: gradients cut
-        except Exception as error:
-            cause = first_line(error.__cause__ or error)
-            raise UsageError(f"{where}: its forward fails on 1x28x28 images ({cause})") from None
-        sys.stderr.write(written.getvalue())
-        refuse_cut_gradients(module, graph, output, where)
-        return graph
-    finally:
-        for name, m in module.named_modules():
-            m.training = flags[name]
-        with torch.no_grad():
-            for key, value in module.state_dict().items():
-                value.copy_(saved[key])
+        with torch.no_grad(), contextlib.redirect_stderr(written):
+            ShapeProp(graph).propagate(torch.zeros(2, *INPUT_SHAPE, dtype=dtype))
+    except Exception as error:
+        cause = first_line(error.__cause__ or error)
+        raise UsageError(f"{where}: its forward fails on 1x28x28 images ({cause})") from None
+    sys.stderr.write(written.getvalue())
+    return graph
 
 
 # A traced node's call as the module in evaluation mode makes it: (args, kwargs).
@@ -138,9 +125,17 @@ def _traced(module: Any, where: str):
     before = set(vars(module))
     parameters = list(inspect.signature(module.forward).parameters.values())
     defaults = {p.name: p.default for p in parameters[1:] if _plain(p.default)}
-    if len(parameters) != 1 + len(defaults):
-        many = "no input" if not parameters else "more than one input"
-        raise UsageError(f"{where}: its forward takes {many}")
+    if not parameters:
+        raise UsageError(f"{where}: its forward takes no input")
+    for parameter in parameters[1:]:
+        if parameter.default is inspect.Parameter.empty:
+            raise UsageError(f"{where}: its forward takes more than one input")
+        if not _plain(parameter.default):
+            raise UsageError(
+                f"{where}: its forward's {parameter.name}={str(parameter.default)[:40]}: "
+                "threefold traces a forward with plain defaults (None, a bool, a number, a "
+                "string)"
+            )
     try:
         graph = torch.fx.symbolic_trace(module, concrete_args=defaults or None)
     except Exception as error:  # tracing runs the user's forward: any error is theirs
@@ -538,11 +533,6 @@ def from_torch(module: Any, where: str = "module") -> Network:
 
     if not isinstance(module, torch.nn.Module):
         raise UsageError(f"{where}: {type(module).__name__} is not a torch.nn.Module")
-    if isinstance(module, torch.jit.ScriptModule):
-        raise UsageError(
-            f"{where}: a TorchScript module, whose forward is compiled; threefold reads the "
-            "nn.Module it was scripted from"
-        )
     # torch.compile(model) wraps the module it compiles (and has loaded torch._dynamo, whose
     # import takes a second that a plain module need not wait for).
     dynamo = sys.modules.get("torch._dynamo")
@@ -557,13 +547,15 @@ def from_torch(module: Any, where: str = "module") -> Network:
         if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
             raise UsageError(f"{where}: {name}: {value.dtype}; threefold computes in float32/64")
     refuse_hidden_behaviour(module, where)
-    graph = _trace(module, where)
-    refuse_shared_weights(module, graph, where)
-    standardise, scaling = input_scaling(graph, where)
-    steps = _read_steps(module, graph, scaling, where)
-    entries, placed = _entries(steps, where)
-    if not entries:
-        raise UsageError(f"{where}: no layers found in its forward")
+    with left_as_it_was(module):  # tracing and the probe run its forward
+        graph = _trace(module, where)
+        refuse_shared_weights(module, graph, where)
+        standardise, scaling = input_scaling(graph, where)
+        steps = _read_steps(module, graph, scaling, where)
+        entries, placed = _entries(steps, where)
+        if not entries:
+            raise UsageError(f"{where}: no layers found in its forward")
+        refuse_cut_gradients(module, graph, where)
     layers = build_layers(entries, where)  # one per entry, refusals named by its source
     arch = get_arch("-".join(token(layer) for layer in layers), where)
     state = module.state_dict()

@@ -1,16 +1,21 @@
 """What a PyTorch module does beyond the forward torch.fx traces, which an import would
-miss: hooks (its own, global ones, its state_dict's), parametrizations, lazy parameters, a
-forward replaced on the instance, weights that do not train, have gradient hooks or get no
-gradient (torch.no_grad inside forward), layers frozen in the other mode than the module, and
-weights two layers share. Each is refused in
-one line naming the submodule; shared/torch_import.py calls these before and after tracing."""
+miss: hooks (its own, global ones, its state_dict's), parametrizations, lazy parameters,
+TorchScript, a forward replaced on the instance, weights that do not train, have gradient
+hooks or get no gradient (torch.no_grad inside forward), layers frozen in the other mode
+than the module, and weights two layers share. Each is refused in one line naming the
+submodule; shared/torch_import.py calls these before and after tracing, and leaves the
+module as it was (left_as_it_was)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import random
+from collections.abc import Iterator
 from typing import Any
 
-from shared.errors import UsageError
+from shared.errors import UsageError, first_line
+from shared.layers import INPUT_SHAPE
 
 
 def refuse_frozen(module: Any, where: str) -> None:
@@ -50,7 +55,9 @@ GLOBAL_HOOKS = {
 def refuse_hidden_behaviour(module: Any, where: str) -> None:
     """Refuse what changes a module's computation outside the forward that torch.fx traces:
     lazy parameters not yet given a shape, hooks (pruning and the older weight_norm are
-    forward pre-hooks), parametrizations (the newer weight_norm, spectral_norm)."""
+    forward pre-hooks), parametrizations (the newer weight_norm, spectral_norm), TorchScript
+    (the whole module or a part)."""
+    import torch
     from torch.nn.modules import module as every_module
     from torch.nn.parameter import is_lazy
     from torch.nn.utils import parametrize
@@ -83,10 +90,17 @@ def refuse_hidden_behaviour(module: Any, where: str) -> None:
                 f"{where}: {shown}: has parametrizations (weight_norm, spectral_norm); "
                 "remove them (torch.nn.utils.parametrize.remove_parametrizations) to import it"
             )
+        if isinstance(sub, torch.jit.ScriptModule):
+            raise UsageError(
+                f"{where}: {shown}: a TorchScript module, whose forward is compiled; threefold "
+                "reads the nn.Module it was scripted from"
+            )
         if "forward" in vars(sub):  # torch.fx and the mapping read the class's
             raise UsageError(f"{where}: {shown}: its forward is replaced on the instance")
         for weight, tensor in sub.named_parameters(recurse=False):
-            if not tensor.requires_grad or tensor._backward_hooks:
+            # Post-accumulate hooks step an optimizer in the backward, or change the gradient.
+            hooked = tensor._backward_hooks or tensor._post_accumulate_grad_hooks
+            if not tensor.requires_grad or hooked:
                 why = "does not train" if not tensor.requires_grad else "has gradient hooks"
                 raise UsageError(
                     f"{where}: {shown}.{weight}: {why}; threefold trains every weight by its "
@@ -94,11 +108,12 @@ def refuse_hidden_behaviour(module: Any, where: str) -> None:
                 )
 
 
-def refuse_cut_gradients(module: Any, graph: Any, output: Any, where: str) -> None:
-    """Refuse a weight of a layer the forward calls that gets no gradient: a part of the
-    forward under torch.no_grad or inference_mode, which torch.fx does not record, would
-    train in threefold and not in the module. `output`: the module's own, computed with
-    gradients on; autograd.grad leaves its weights' .grad as they were."""
+def refuse_cut_gradients(module: Any, graph: Any, where: str) -> None:
+    """Refuse a weight of a layer the forward calls that gets no gradient in training: a part
+    of the forward under torch.no_grad or inference_mode, which torch.fx does not record,
+    would train in threefold and not in the module. The module runs once, in training mode,
+    on 2 blank images, whatever grad mode the caller is in; autograd.grad leaves its
+    weights' .grad as they were (and left_as_it_was the rest)."""
     import torch
 
     weights = {}
@@ -106,20 +121,57 @@ def refuse_cut_gradients(module: Any, graph: Any, output: Any, where: str) -> No
         if node.op == "call_module":
             for name, tensor in module.get_submodule(node.target).named_parameters():
                 weights[f"{node.target}.{name}"] = tensor
-    if not weights or not isinstance(output, torch.Tensor):  # other outputs: refused later
+    # Weights made under inference_mode take no gradient anywhere: nothing to see.
+    if not weights or any(t.is_inference() for t in weights.values()):
         return
-    grads = (
-        torch.autograd.grad(output.sum(), list(weights.values()), allow_unused=True)
-        if output.requires_grad
-        else [None] * len(weights)
-    )
-    for name, grad in zip(weights, grads, strict=True):
-        if grad is None:
-            raise UsageError(
-                f"{where}: {name}: its forward gives it no gradient (torch.no_grad or "
-                "inference_mode, which torch.fx does not record); threefold trains every "
-                "weight by its plain gradient"
+    dtype = next(iter(weights.values())).dtype
+    try:
+        module.train()
+        with torch.inference_mode(False), torch.enable_grad():
+            output = module(torch.zeros(2, *INPUT_SHAPE, dtype=dtype))
+            grads = (
+                torch.autograd.grad(output.sum(), list(weights.values()), allow_unused=True)
+                if isinstance(output, torch.Tensor) and output.requires_grad
+                else [None] * len(weights)
             )
+    except Exception as error:  # the user's forward: any error is theirs
+        raise UsageError(
+            f"{where}: its forward fails on 1x28x28 images in training mode ({first_line(error)})"
+        ) from None
+    cut = next((name for name, grad in zip(weights, grads, strict=True) if grad is None), None)
+    if cut is not None:
+        raise UsageError(
+            f"{where}: {cut}: its forward gives it no gradient in training (torch.no_grad or "
+            "inference_mode, which torch.fx does not record); threefold trains every weight by "
+            "its plain gradient"
+        )
+
+
+@contextlib.contextmanager
+def left_as_it_was(module: Any) -> Iterator[None]:
+    """Within the block the module's forward may run (torch.fx's traces, the gradient probe):
+    on leaving, its attributes (training flags, a counter it keeps), its parameters' and
+    buffers' values (non-persistent ones too) and torch's and Python's random number
+    generators are as they were."""
+    import torch
+
+    attributes = {sub: dict(vars(sub)) for sub in module.modules()}
+    # An inference tensor cannot be written outside inference_mode: by the forward neither.
+    every = [*module.parameters(), *module.buffers()]
+    tensors = [(t, t.detach().clone()) for t in every if not t.is_inference()]
+    python_random = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(python_random)
+        for sub, saved in attributes.items():
+            for name in set(vars(sub)) - set(saved):
+                delattr(sub, name)
+            vars(sub).update(saved)
+        with torch.no_grad():
+            for tensor, value in tensors:
+                tensor.copy_(value)
 
 
 def refuse_shared_weights(module: Any, graph: Any, where: str) -> None:

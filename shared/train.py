@@ -293,8 +293,6 @@ def _start(args: argparse.Namespace, typed: set[str]) -> int:
     config = config_from_args(args, typed)
     check_config(config)
     check_flags_used(config, typed)
-    if args.download_url is not None and not args.download:
-        raise UsageError("--download-url: without --download nothing is fetched")
     if initial is not None:  # in the run's dtype, as it trains: refused here, naming the file
         try:
             cast_params(initial, arch, config.dtype)
@@ -330,6 +328,8 @@ def _start(args: argparse.Namespace, typed: set[str]) -> int:
 def _load_data(args: argparse.Namespace, config: TrainConfig, ckpt: Checkpoint | None) -> Dataset:
     """The data of the run: from --data-dir, else (resuming) where the run found it, else the
     usual lookup; fetched first with --download."""
+    if args.download_url is not None and not args.download:
+        raise UsageError("--download-url: without --download nothing is fetched")
     data_dir = args.data_dir
     if data_dir is None and ckpt is not None and Path(ckpt.meta["data"]["folder"]).is_dir():
         data_dir = ckpt.meta["data"]["folder"]

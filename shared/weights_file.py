@@ -140,8 +140,12 @@ def renamed(
     """Each of a weights file's names but those `unread` (an unused module's) -> its canonical
     one (`renames`, else the name itself), refused in one line where one is no tensor of the
     network, or where two give one tensor (a module's unused layer named like a canonical
-    tensor, not known to be unused, would overwrite a used one's)."""
-    canonical, given, passed_over = {}, {}, set(unread)
+    tensor, not known to be unused, would overwrite a used one's). Names are passed over only
+    in a file of the module's own names: in a file of canonical ones, an unused layer's name
+    (fc) may be a used one's canonical name."""
+    names = list(names)
+    own = any(name in renames for name in names)
+    canonical, given, passed_over = {}, {}, set(unread) if own else set()
     for theirs in names:
         if theirs in passed_over:
             continue

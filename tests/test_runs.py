@@ -585,6 +585,7 @@ def test_a_positive_value_that_is_0_in_the_run_s_dtype_is_refused(flag, value, t
     ("flags", "message"),
     [
         (("--momentum", "0", "--nesterov"), "--nesterov: needs --momentum above 0"),
+        (("--momentum", "0"), "--momentum 0: Nesterov's look-ahead, on by default, needs"),
         (("--beta1", "0.5"), "--beta1: --optimizer sgd does not use it (it is adam and adamw's)"),
         (("--optimizer", "adam", "--momentum", "0.5"), "--momentum: --optimizer adam does not"),
         (("--optimizer", "adamw", "--no-nesterov"), "--nesterov: --optimizer adamw does not"),

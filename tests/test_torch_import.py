@@ -5,6 +5,7 @@ same way refused in one line naming the submodule."""
 
 from __future__ import annotations
 
+import random
 import re
 import subprocess
 import sys
@@ -473,6 +474,15 @@ def _conv_under_no_grad(m, x):
     return m.fc(torch.flatten(h, 1))
 
 
+class _SizesDefault(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x, sizes=(1, 2)):
+        return self.fc(torch.flatten(x, 1))
+
+
 class _TwoInputs(nn.Module):
     def __init__(self):
         super().__init__()
@@ -574,14 +584,35 @@ REFUSED = {
     ),
     "no gradient": (
         Chain(_conv_under_no_grad, conv=nn.Conv2d(1, 4, 3), fc=nn.Linear(HEAD, 10)),
-        "module: conv.weight: its forward gives it no gradient (torch.no_grad or inference_mode",
+        "module: conv.weight: its forward gives it no gradient in training (torch.no_grad or",
     ),
     "backward hook": (
         _altered(_flat_fc(), lambda m: m[1].register_full_backward_hook(lambda m, gi, go: None)),
         "module: 1: has backward hooks",
     ),
     "a second input": (_TwoInputs(), "module: its forward takes more than one input"),
-    "TorchScript": (torch.jit.script(_flat_fc()), "module: a TorchScript module"),
+    "TorchScript": (torch.jit.script(_flat_fc()), "a TorchScript module, whose forward is"),
+    "TorchScript inside": (
+        nn.Sequential(nn.Flatten(), torch.jit.script(nn.Linear(784, 10))),
+        "module: 1: a TorchScript module",  # was "its forward is replaced on the instance"
+    ),
+    "a layer's result never used": (
+        Chain(
+            lambda m, x: (m.aux(m.flat(x)), m.fc(m.flat(x)))[1],
+            flat=nn.Flatten(),
+            aux=nn.Linear(784, 3),
+            fc=nn.Linear(784, 10),
+        ),
+        "its result is never used",  # not "aux.weight: its forward gives it no gradient"
+    ),
+    "a post-accumulate hook": (
+        _altered(_flat_fc(), lambda m: m[1].weight.register_post_accumulate_grad_hook(print)),
+        "module: 1.weight: has gradient hooks",  # as an optimizer stepped in the backward
+    ),
+    "a default not plain": (
+        _SizesDefault(),
+        "its forward's sizes=(1, 2): threefold traces a forward with plain defaults",
+    ),
     "gradient hook": (
         _altered(_flat_fc(), lambda m: m[1].weight.register_hook(lambda grad: grad.clamp(-1, 1))),
         "module: 1.weight: has gradient hooks",
@@ -986,6 +1017,73 @@ def test_a_forward_s_arguments_with_defaults_take_them():
     reads_as(_WithTargets(), "conv4k3s1p0b1-relu-flatten-fc10")
 
 
+class _GradientsWhileTraining(nn.Module):
+    """Gradients on in training alone: every weight trains (it was refused, probed in
+    evaluation mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(HEAD, 10)
+
+    def forward(self, x):
+        with torch.set_grad_enabled(self.training):
+            return self.fc(torch.flatten(F.relu(self.conv(x)), 1))
+
+
+class _Counting(nn.Module):
+    """A forward with side effects: a count kept, a non-persistent buffer, the seed reset."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.calls = nn.Linear(784, 10), 0
+        self.register_buffer("seen", torch.zeros(1), persistent=False)
+
+    def forward(self, x):
+        self.calls = self.calls + 1
+        self.seen += 1
+        torch.manual_seed(5)
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_importing_runs_the_forward_and_leaves_the_module_and_the_generators_as_they_were():
+    # The count was left a torch.fx Proxy, the buffer at 4, the caller's generator reseeded.
+    module = _Counting()
+    torch.manual_seed(1)
+    random.seed(1)
+    expected = torch.rand(1), random.random()
+    torch.manual_seed(1)
+    random.seed(1)
+    threefold.from_torch(module)
+    assert (torch.rand(1), random.random()) == expected
+    assert module.calls == 0 and module.seen.item() == 0
+    reads_as(_GradientsWhileTraining(), "conv4k3s1p0b1-relu-flatten-fc10")
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_a_module_imports_whatever_grad_mode_the_caller_is_in(mode):
+    # Under no_grad a traceback; under inference_mode its weights "got no gradient".
+    with getattr(torch, mode)():
+        assert threefold.from_torch(_flat_fc()).spec == "flatten-fc10"
+        made_here = _flat_fc()  # weights that take no gradient anywhere
+    assert threefold.from_torch(made_here).spec == "flatten-fc10"
+
+
+def _view_path_plus_conv(m, x):
+    h = m.stem(x)
+    return m.fc(torch.flatten(m.conv(h) + h.view(h.size(0), 4, 28, 28), 1))
+
+
+def test_a_view_to_its_own_shape_on_the_shortcut_is_the_identity():
+    # Read as the identity by the body's choice, then a ValueError in the shortcut's check.
+    module = Chain(
+        _view_path_plus_conv,
+        stem=nn.Conv2d(1, 4, 3, padding=1),
+        conv=nn.Conv2d(4, 4, 3, padding=1),
+        fc=nn.Linear(4 * 784, 10),
+    )
+    reads_as(module, "conv4k3s1p1b1-res(conv4k3s1p1b1)-flatten-fc10")
+
+
 def _identity_path_plus_conv(m, x):
     h = F.relu(m.stem(x))
     return m.fc(torch.flatten(F.relu(m.same(h) + m.conv(h)), 1))
@@ -1018,6 +1116,17 @@ def test_weights_of_a_layer_the_forward_never_calls_are_passed_over(tmp_path):
     assert all(np.array_equal(loaded[k], network.tensors[k]) for k in network.tensors)
     with pytest.raises(UsageError, match=re.escape("aux.weight is not a tensor of the network")):
         load_weights(*args)  # the control: not known to be unused, it is refused
+    # An unused layer named as a used one's canonical name: a file of canonical names (the
+    # exported module's) still loads, its fc.* not taken for the unused fc's.
+    used = nn.Linear(784, 10)
+    module = Chain(lambda m, x: m.fc1(torch.flatten(x, 1)), fc=nn.Linear(784, 3), fc1=used)
+    network = threefold.from_torch(module)
+    exported = threefold.to_torch(network).state_dict()
+    for name, state in (("own", module.state_dict()), ("canonical", exported)):
+        torch.save(state, tmp_path / f"{name}.pt")
+        args = (tmp_path / f"{name}.pt", network.arch, network.renames, "--weights")
+        loaded, _ = load_weights(*args, network.unread)
+        assert all(np.array_equal(loaded[k], network.tensors[k]) for k in network.tensors)
 
 
 @pytest.mark.parametrize("construct", REFUSED)

@@ -47,16 +47,22 @@ def load(path: str | Path) -> Network:
     return load_network(a_path(path, "load"), "load")
 
 
-# Files of weights, which name no layers: threefold.load reads them (a .onnx names both).
-WEIGHTS_SUFFIXES = (".npz", ".safetensors", ".pt", ".pth")
+# Files of weights, which name no layers (a .onnx names both), and where they are read.
+WEIGHTS_FILES = {
+    ".npz": "threefold.load reads it",
+    ".safetensors": "threefold.load reads one threefold wrote",
+    ".pt": "load it into your module, then threefold.from_torch(module)",
+    ".pth": "load it into your module, then threefold.from_torch(module)",
+}
 
 
 def _as_network(subject: Network | Any | str, where: str) -> Network:
     if isinstance(subject, Network):
         subject.check(where)  # built by hand, perhaps
         return subject
-    if isinstance(subject, str) and subject.lower().endswith(WEIGHTS_SUFFIXES):
-        raise UsageError(f"{where}: {subject!r} is a file of weights; threefold.load reads it")
+    read = isinstance(subject, str) and WEIGHTS_FILES.get(Path(subject).suffix.lower())
+    if read:
+        raise UsageError(f"{where}: {subject!r} is a file of weights; {read}")
     if isinstance(subject, str):
         return network(subject)
     if not _is_module(subject):
