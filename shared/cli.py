@@ -21,7 +21,7 @@ from shared.config import (
     TrainConfig,
 )
 from shared.data import DATA_DIR_ENV, FASHION_MNIST
-from shared.errors import Interrupted, ThreefoldError, UsageError, interrupted
+from shared.errors import Interrupted, ThreefoldError, UsageError, interrupted, stop_on_signals
 from shared.spec import presets
 
 
@@ -41,8 +41,7 @@ def flag(bound: Bound) -> Callable[[str], object]:
 def number(
     kind: type, minimum: float, inclusive: bool = True, below: float = math.inf
 ) -> Callable[[str], object]:
-    """An argparse type: a finite number of `kind` at least (or above) `minimum` and below
-    `below`."""
+    """An argparse type: a finite `kind` at least (or above) `minimum` and below `below`."""
     return flag(Bound(kind, minimum, inclusive, below))
 
 
@@ -177,9 +176,10 @@ def config_from_args(args: argparse.Namespace, typed: set[str]) -> TrainConfig:
 def run_cli(parser: argparse.ArgumentParser, body: Callable[[], int]) -> int:
     """Run `body`, turning the project's errors into one line and an exit status, never a
     traceback: 2 for usage errors, 1 for bad data or a failed run, 130 for Ctrl-C (143 for
-    SIGTERM)."""
+    SIGTERM, and for a stop a library's callback dropped: stop_on_signals)."""
     try:
-        return body()
+        with stop_on_signals():
+            return body()
     except UsageError as e:
         parser.error(str(e))
     except Interrupted as e:
@@ -193,7 +193,7 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[], int]) -> int:
         print(f"\n{parser.prog}: {stopped}", file=sys.stderr)
         return stopped.exit_code
     except BrokenPipeError:
-        # The reader of the output went away (`| head`): as Python's docs advise, what is
-        # left to flush at exit goes nowhere, quietly. 141: the shell's for SIGPIPE.
+        # The reader went away (`| head`): as Python's docs advise, what is left to flush goes
+        # nowhere, quietly. 141: the shell's for SIGPIPE.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

@@ -16,10 +16,10 @@ from shared.checkpoint import Checkpoint, load_checkpoint
 from shared.cli import add_data_dir_flag, path_type, run_cli
 from shared.config import averages_mirrors
 from shared.data import Dataset, load_dataset
-from shared.errors import CheckpointError
+from shared.errors import CheckpointError, act_on_signals, signals_held
 from shared.io import write_json
 from shared.layers import NUM_CLASSES
-from shared.outputs import EVALUATION_FILES, hold, prepare_out_dir
+from shared.outputs import EVALUATION_FILES, check_out_files, hold, prepare_out_dir
 from shared.plots import plt, save_figure
 from shared.spec import get_arch
 
@@ -147,12 +147,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         out, flag = _out_and_flag(args)
+        outputs = [(flag, out / name) for name in EVALUATION_FILES]
         with contextlib.ExitStack() as held:
             # Not a folder a training holds, from before the checkpoint is read to the last
             # write: its checkpoint is about to change. A folder not yet made holds none, and
-            # everything is read and evaluated before it is made.
+            # everything is read and evaluated before it is made. Not over the checkpoint, nor
+            # another run's files (its own run's evaluation is where its report goes).
             if out.is_dir():
                 held.enter_context(hold(out, flag))
+                reads = [("checkpoint", args.checkpoint)]
+                check_out_files(outputs, reads, own_run=args.checkpoint.parent)
             ckpt = load_checkpoint(args.checkpoint, dtype=np.float32)  # evaluated in float32
             dataset = ckpt.meta.get("dataset", "fashion-mnist")
             data = load_dataset(args.data_dir, dataset, ckpt.pixels)  # as it was trained
@@ -164,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate_checkpoint(ckpt, args.impl, data, tta, str(args.checkpoint))
             if not out.is_dir():
                 held.enter_context(hold(prepare_out_dir(out, flag), flag))
-            write_report(args.checkpoint, result, data, out)
+            act_on_signals()  # a stop a library's callback dropped: nothing written
+            with signals_held():  # the report's three files are one set
+                write_report(args.checkpoint, result, data, out)
         return 0
 
     return run_cli(parser, body)

@@ -4,11 +4,8 @@ it too."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,11 +32,11 @@ from shared.data import Dataset, Split
 from shared.errors import (
     Interrupted,
     OutputError,
-    Terminated,
     ThreefoldError,
     UsageError,
     act_on_signals,
     interrupted,
+    signals_held,
 )
 from shared.io import remove_stale_temporaries, write_json
 from shared.layers import NUM_CLASSES
@@ -50,26 +47,6 @@ from shared.spec import Arch, Params, cast_params, get_arch, init_params
 
 class TrainingDiverged(ThreefoldError):
     """The loss, a validation loss or a weight stopped being a finite number."""
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM until the block ends, then act on them: an epoch's checkpoint
-    and metrics.json are written together, so they always tell the same story. (Python runs
-    signal handlers in the main thread only; elsewhere the block runs unguarded.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, lambda number, frame: caught.append(number)) for s in held}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    if caught:
-        raise Terminated if caught[0] == signal.SIGTERM else KeyboardInterrupt
 
 
 def _hyperparameters(config: TrainConfig) -> str:
@@ -424,7 +401,7 @@ def save_epoch(run: Run, entry: dict[str, Any]) -> None:
         "config": run.record["config"],
         "history": history,
     }
-    with _signals_held():
+    with signals_held():
         optimizer = run.backend.optimizer_tensors(run.state)
         save_checkpoint(run.out_dir / CHECKPOINT_NAME, params, meta, optimizer)
         run.record["history"] = history  # the checkpoint holds the epoch from here on

@@ -128,12 +128,14 @@ def check_out_files(
     outputs: list[tuple[str, Path | None]],
     reads: list[tuple[str, Path | None]] = (),
     store: Path | None = None,
+    own_run: Path | None = None,
 ) -> None:
     """check_out_file on each output given (flag, path; None where not given), and refuse an
     output that is a file the command reads, another output, a file of a run (its
-    checkpoint, metrics, curves or evaluation) or a store of runs other than the command's
-    own `store`: writing it would destroy the input, what the command wrote a moment before,
-    or finished runs."""
+    checkpoint, metrics, curves or evaluation) other than the evaluation of the run in
+    `own_run` (evaluate.py's, of its checkpoint), or a store of runs other than the
+    command's own `store`: writing it would destroy the input, what the command wrote a
+    moment before, or finished runs."""
     seen = [(flag, path) for flag, path in reads if path is not None]
     for flag, path in outputs:
         if path is None:
@@ -142,7 +144,9 @@ def check_out_files(
         for other_flag, other in seen:
             if _same_file(path, other):
                 raise UsageError(f"{flag} {path}: the same file as {other_flag} {other}")
-        if path.name in (*RUN_FILES, *EVALUATION_FILES) and holds_run(path.parent):
+        own = own_run is not None and path.name in EVALUATION_FILES
+        own = own and path.parent.resolve() == own_run.resolve()
+        if path.name in (*RUN_FILES, *EVALUATION_FILES) and holds_run(path.parent) and not own:
             raise UsageError(f"{flag} {path}: one of the files of the run in {path.parent}")
         if _holds_runs(path) and not (store and _same_file(path, store)):
             raise UsageError(f"{flag} {path}: holds the finished runs of a grid or a speedrun")

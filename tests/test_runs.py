@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -321,6 +322,32 @@ def finished_run(tiny_data_dir, tmp_path) -> Path:
     result = run_script("train.py", *args, "--data-dir", str(tiny_data_dir))
     assert result.returncode == 0, result.stderr
     return out
+
+
+def test_evaluate_writes_neither_over_its_checkpoint_nor_into_another_run(
+    finished_run, tiny_data_dir, tmp_path
+):
+    # Both were written: another run's folder then mixed two runs' files, and a checkpoint
+    # named evaluation.json was replaced by the report.
+    data = ("--data-dir", str(tiny_data_dir))
+    other = tmp_path / "other"
+    shutil.copytree(finished_run, other)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    checkpoint = finished_run / "checkpoint.npz"
+    line = usage_error(
+        run_script("evaluate.py", str(checkpoint), "--out", str(other), *data), "evaluate.py"
+    )
+    assert f"one of the files of the run in {other}" in line
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    named = tmp_path / "lone" / "evaluation.json"
+    named.parent.mkdir()
+    shutil.copy(checkpoint, named)
+    line = usage_error(run_script("evaluate.py", str(named), *data), "evaluate.py")
+    assert f"the same file as checkpoint {named}" in line
+    assert named.read_bytes() == checkpoint.read_bytes()
+    # Into its own run's folder, the default, it writes its report.
+    assert run_script("evaluate.py", str(checkpoint), *data).returncode == 0
+    assert (finished_run / "evaluation.json").exists()
 
 
 def test_resume_compares_the_flags_as_typed(finished_run, tiny_data_dir):
