@@ -37,7 +37,7 @@ from shared.outputs import (
     written_at_the_end,
 )
 from shared.profile import WARMUP_SECONDS, cpu_name, timing_setup
-from shared.spec import Arch, get_arch
+from shared.spec import Arch, get_arch, network_file
 
 EPOCH_IMAGES = 50_000
 # Every timed step takes a full batch of the 50,000 training images, so none can be larger.
@@ -419,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         out = prepare_out_dir(args.out)
         name, chart = RESULTS.get(chosen[0] if chosen else "", ("benchmark", True))
         try:
-            check_out_files([("--out", path) for path in result_files(out, name, chart)])
+            reads = [("--arch", network_file(args.arch))]  # a spec or model file: not written over
+            outputs = [("--out", path) for path in result_files(out, name, chart)]
+            check_out_files(outputs, reads)
             # One benchmark at a time writes its tables.
             with hold(out), stop_on_signals(), _reading(folder):
                 if args.against:

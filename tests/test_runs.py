@@ -653,6 +653,17 @@ def test_one_epoch_on_500_images_learns(impl, real_data):
 # --- the other commands -----------------------------------------------------------------------
 
 
+def test_benchmark_does_not_write_its_results_over_its_network_s_file(tmp_path):
+    # A spec named benchmark.json in --out was replaced by the results.
+    spec = tmp_path / "benchmark.json"
+    spec.write_text('{"layers": ["flatten", "fc10"]}')
+    flags = ("--impl", "numpy", "--steps", "3", "--batch-sizes", "8", "--ladder-images", "0")
+    result = run_script("benchmark.py", "--arch", str(spec), "--out", str(tmp_path), *flags)
+    line = usage_error(result, "benchmark.py")
+    assert f"--out {spec}: the same file as --arch {spec}" in line
+    assert spec.read_text() == '{"layers": ["flatten", "fc10"]}'
+
+
 def test_benchmark_refuses_an_impossible_batch_size_at_once(tmp_path):
     start_time = time.monotonic()
     out = tmp_path / "out"
