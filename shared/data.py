@@ -166,9 +166,12 @@ def find_data_dir(data_dir: str | Path | None = None, spec: DatasetSpec = FASHIO
         candidates = [(Path(os.environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}")]
     else:
         candidates = [(d, "default") for d in (spec.default_dir, spec.user_dir) if d is not None]
-    for folder, _ in candidates:
-        if folder.is_dir():
-            return folder
+    for folder, source in candidates:
+        try:
+            if folder.is_dir():
+                return folder
+        except OSError as e:  # a name too long for the file system
+            raise UsageError(f"{source} {folder}: {e.strerror or e}") from None
     tried = ", ".join(f"{folder} ({source})" for folder, source in candidates)
     raise UsageError(f"no {spec.name} folder found (tried {tried}); {_how_to_get(spec)}")
 

@@ -41,6 +41,10 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise OutputError(f"{path}: cannot write it ({e.strerror or e}); nothing written") from None
 
 
+# What a temporary's name adds to its file's: ".NAME.PID.XXXXXXXX.tmp", a pid of 7 digits.
+TEMPORARY_NAME_EXTRA = len("..1234567.abcdefgh.tmp")
+
+
 def _temporary_beside(path: Path) -> tuple[int, str]:
     """A new hidden file in `path`'s folder, (its descriptor, its name), named
     `.NAME.PID.*.tmp`: the pid tells a later clean-up (remove_stale_temporaries) whether

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from shared.errors import OutputError, ThreefoldError, UsageError, interrupted
-from shared.io import staged, write_json, write_text
+from shared.io import TEMPORARY_NAME_EXTRA, staged, write_json, write_text
 
 CHECKPOINT_NAME = "checkpoint.npz"
 METRICS_NAME = "metrics.json"
@@ -111,7 +111,16 @@ def _tell(error: BaseException, note: str) -> None:
 
 def check_out_file(path: Path, flag: str) -> Path:
     """Say in one line, before any work, why `path` could not be written as a file: it is a
-    folder, a FIFO or a device, or its folder is missing or not writable."""
+    folder, a FIFO or a device, its folder is missing or not writable, or its name leaves no
+    room for the temporary written beside it."""
+    try:
+        _check_writable(path, flag)
+    except (OSError, RuntimeError) as e:  # a name too long, a loop of symlinks
+        raise UsageError(f"{flag} {path}: {getattr(e, 'strerror', None) or e}") from None
+    return path
+
+
+def _check_writable(path: Path, flag: str) -> None:
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a folder; give a file name")
     if path.exists() and not path.is_file():  # a FIFO or a device, which a rename would replace
@@ -121,7 +130,12 @@ def check_out_file(path: Path, flag: str) -> Path:
         raise UsageError(f"{flag} {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: folder {folder} is not writable")
-    return path
+    room = os.pathconf(folder, "PC_NAME_MAX") - TEMPORARY_NAME_EXTRA
+    if len(os.fsencode(path.name)) > room:
+        raise UsageError(
+            f"{flag} {path}: a name of {len(os.fsencode(path.name))} bytes; at most {room} here "
+            "(the temporary written beside it adds to it)"
+        )
 
 
 def check_out_files(
@@ -141,16 +155,27 @@ def check_out_files(
         if path is None:
             continue
         check_out_file(path, flag)
-        for other_flag, other in seen:
-            if _same_file(path, other):
-                raise UsageError(f"{flag} {path}: the same file as {other_flag} {other}")
-        own = own_run is not None and path.name in EVALUATION_FILES
-        own = own and path.parent.resolve() == own_run.resolve()
-        if path.name in (*RUN_FILES, *EVALUATION_FILES) and holds_run(path.parent) and not own:
-            raise UsageError(f"{flag} {path}: one of the files of the run in {path.parent}")
-        if _holds_runs(path) and not (store and _same_file(path, store)):
-            raise UsageError(f"{flag} {path}: holds the finished runs of a grid or a speedrun")
+        try:
+            _check_other_files(flag, path, seen, store, own_run)
+        except (OSError, RuntimeError) as e:  # a loop of symlinks among the files read
+            raise UsageError(f"{flag} {path}: {getattr(e, 'strerror', None) or e}") from None
         seen.append((flag, path))
+
+
+def _check_other_files(
+    flag: str, path: Path, seen: list, store: Path | None, own_run: Path | None
+) -> None:
+    """Refuse `path` as an output where it is a file read or written already (`seen`), a
+    run's file other than `own_run`'s evaluation, or a store of runs other than `store`."""
+    for other_flag, other in seen:
+        if _same_file(path, other):
+            raise UsageError(f"{flag} {path}: the same file as {other_flag} {other}")
+    own = own_run is not None and path.name in EVALUATION_FILES
+    own = own and path.parent.resolve() == own_run.resolve()
+    if path.name in (*RUN_FILES, *EVALUATION_FILES) and holds_run(path.parent) and not own:
+        raise UsageError(f"{flag} {path}: one of the files of the run in {path.parent}")
+    if _holds_runs(path) and not (store and _same_file(path, store)):
+        raise UsageError(f"{flag} {path}: holds the finished runs of a grid or a speedrun")
 
 
 def _holds_runs(path: Path) -> bool:

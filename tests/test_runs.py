@@ -653,6 +653,27 @@ def test_one_epoch_on_500_images_learns(impl, real_data):
 # --- the other commands -----------------------------------------------------------------------
 
 
+def test_a_name_too_long_or_a_loop_of_links_is_one_line(finished_run, tmp_path):
+    # Each was a traceback (OSError: File name too long; RuntimeError: Symlink loop), and a
+    # name of 236 bytes was refused only after the check had run, for its temporary's sake.
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    checkpoint, long, near = str(finished_run / "checkpoint.npz"), "x" * 300, "y" * 236
+    check = ("--arch", "noconv", "--steps", "1", "--batch-size", "2", "--dtype", "float64")
+    cases = [
+        (("export.py", checkpoint, "--onnx", str(tmp_path / f"{long}.onnx")), "too long"),
+        (("export.py", checkpoint, "--onnx", str(tmp_path / f"{near}.onnx")), "at most"),
+        (("crosscheck.py", *check, "--json", str(tmp_path / f"{near}.json")), "at most"),
+        (("crosscheck.py", *check, "--json", str(tmp_path / "loop1")), "Symlink loop"),
+        (("export.py", str(tmp_path / "loop1"), "--onnx", str(tmp_path / "k.onnx")), "loop"),
+        (("train.py", "--data-dir", str(tmp_path / long)), "File name too long"),
+    ]
+    for command, message in cases:
+        started = time.monotonic()
+        line = usage_error(run_script(*command), command[0])
+        assert message in line and time.monotonic() - started < 30, line
+
+
 def test_benchmark_does_not_write_its_results_over_its_network_s_file(tmp_path):
     # A spec named benchmark.json in --out was replaced by the results.
     spec = tmp_path / "benchmark.json"
