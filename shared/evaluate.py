@@ -31,7 +31,8 @@ def evaluate_checkpoint(
     by `impl` whatever implementation wrote it (with `tta`, averaged over each image and its
     mirror image); also the logits (N, 10)."""
     backend = make_backend(impl, get_arch(ckpt.meta["arch"], files=False))
-    logits = batched_logits(backend, backend.init_state(ckpt.params), data.test.x, tta)
+    with np.errstate(over="ignore", invalid="ignore"):  # refused below, in one line
+        logits = batched_logits(backend, backend.init_state(ckpt.params), data.test.x, tta)
     if not np.isfinite(logits).all():
         raise CheckpointError(
             f"{source}: its weights give non-finite logits on the test images (beyond "

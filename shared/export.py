@@ -11,7 +11,7 @@ import numpy as np
 from shared.backend import batched_logits, make_backend
 from shared.cli import add_data_dir_flag, path_type, run_cli
 from shared.data import data_files, load_dataset
-from shared.errors import ThreefoldError, UsageError
+from shared.errors import CheckpointError, OutputError, UsageError
 from shared.io import staged
 from shared.network import Network, load_network
 from shared.onnx_export import OPSET, require_onnx
@@ -27,24 +27,45 @@ def raw_test_images(data_dir: str | None) -> tuple[np.ndarray, str]:
     try:
         data = load_dataset(data_dir, pixels="raw")
         return data.test.x, f"{len(data.test.x):,} test images"
-    except ThreefoldError:
+    except UsageError:  # no folder found; a damaged file is the user's to hear
         if data_dir is not None:
             raise
         images = np.random.default_rng(0).random((256, 1, 28, 28), dtype=np.float32)
         return images, "256 seeded random images (the test set is not installed)"
 
 
-def verify(network: Network, images: np.ndarray) -> tuple[float, int]:
-    """(max |logit difference| relative to the logits' scale, images whose predicted class
-    differs) between onnxruntime running the exported graph on `images` (raw pixels) and the
-    PyTorch implementation (the three agree; it is the quickest to evaluate on a CPU) on the
-    same images standardised as the network was trained."""
+def reference_logits(network: Network, images: np.ndarray, source: str) -> np.ndarray:
+    """The PyTorch implementation's logits (N, 10) (the three agree; it is the quickest to
+    evaluate on a CPU) on `images` (raw pixels) standardised as the network was trained;
+    refused, naming `source`, where they leave float32's range (nothing could verify it)."""
     mean, std = network.standardise or (0.0, 1.0)
     backend = make_backend("torch", network.arch)
-    expected = batched_logits(backend, backend.init_state(network.tensors), (images - mean) / std)
-    got = onnx_logits(network.arch, network.tensors, images, network.standardise)
+    with np.errstate(over="ignore", invalid="ignore"):
+        logits = batched_logits(backend, backend.init_state(network.tensors), (images - mean) / std)
+    if not np.isfinite(logits).all():
+        raise CheckpointError(
+            f"{source}: its weights give non-finite logits on the images that would verify "
+            "the graph (beyond float32's range); nothing written"
+        )
+    return logits
+
+
+def verify(written: Network, images: np.ndarray, expected: np.ndarray) -> tuple[float, int]:
+    """(max |logit difference| relative to the logits' scale, images whose predicted class
+    differs) between onnxruntime running the graph as written and read back (`written`) on
+    `images` (raw pixels) and the `expected` logits."""
+    got = onnx_logits(written.arch, written.tensors, images, written.standardise)
     _, relative = compare(got, expected)
     return relative, int((got.argmax(1) != expected.argmax(1)).sum())
+
+
+def _check_read_back(read: Network, network: Network, path) -> None:
+    """Refuse weights that read back other than the network written (a writer racing this
+    one, a disk that changed them)."""
+    same = read.arch.name == network.arch.name and read.standardise == network.standardise
+    same = same and all(np.array_equal(read.tensors[k], v) for k, v in network.tensors.items())
+    if not same:
+        raise OutputError(f"{path}: reads back other than was written; export again")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # checked whole before anything is written
         if args.onnx is not None:  # so are the images the graph is verified on
             images, what = raw_test_images(args.data_dir)
+            expected = reference_logits(network, images, str(args.checkpoint))
         # A pair or nothing: the graph replaces an older one only once its weights are
         # written, so a failure leaves both older files as they were.
         with staged(args.onnx) if args.onnx is not None else nullcontext() as graph:
@@ -94,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         written = [] if args.onnx is None else [args.onnx]
         for path in [*written, weights]:
             print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+        _check_read_back(load_network(weights, "export.py"), network, weights)
         if args.onnx is None:
             return 0
-        relative, differ = verify(network, images)
+        relative, differ = verify(load_network(args.onnx, "export.py"), images, expected)
         tolerance = TOLERANCES[("float32", "pass")]
         print(
             f"onnxruntime on {what}, raw pixels: logits within {relative:.1e} of PyTorch's "

@@ -14,11 +14,14 @@ from impl_torch.model import as_module
 from shared.backend import IMPLEMENTATIONS, batched_logits, make_backend
 from shared.checkpoint import load_checkpoint
 from shared.config import TrainConfig
-from shared.data import load_dataset
+from shared.data import DATA_DIR_ENV, load_dataset
+from shared.errors import DataError
+from shared.export import raw_test_images
 from shared.layers import BatchNorm
 from shared.loop import train
 from shared.proof.rows import TOLERANCES, compare
 from shared.spec import get_arch, init_params, state_shapes
+from tests.conftest import make_dataset_dir
 
 # BatchNorm 2d and 1d (running statistics to carry over), dropout (off in evaluation), a
 # strided conv, max- and average-pooling.
@@ -111,3 +114,16 @@ def test_pytorch_fills_a_missing_batch_counter_even_when_strict():
     module = as_module(arch)
     module.load_state_dict(state, strict=True)
     assert int(module.state_dict()["bn1.num_batches_tracked"]) == 0
+
+
+def test_export_checks_on_random_images_only_where_no_test_set_is_installed(tmp_path, monkeypatch):
+    # A damaged test set under $THREEFOLD_DATA was passed over for random images, unsaid.
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "nowhere"))
+    images, what = raw_test_images(None)
+    assert images.shape == (256, 1, 28, 28) and "not installed" in what
+    folder = make_dataset_dir(tmp_path / "data")
+    test_images = folder / "t10k-images-idx3-ubyte.gz"
+    test_images.write_bytes(test_images.read_bytes()[:-40])  # truncated
+    monkeypatch.setenv(DATA_DIR_ENV, str(folder))
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte"):
+        raw_test_images(None)

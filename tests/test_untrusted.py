@@ -148,6 +148,13 @@ def test_a_checkpoint_whose_logits_overflow_is_refused_by_evaluate(tmp_path, tin
     assert result.returncode == 1 and "non-finite logits" in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
     assert load_checkpoint(path).meta["arch"] == "noconv"
+    # export.py wrote the pair, then failed its check, with NumPy's warnings before it.
+    graph = tmp_path / "huge.onnx"
+    result = run_script("export.py", str(path), "--onnx", str(graph), "--data-dir",
+                        str(tiny_data_dir))  # fmt: skip
+    [line] = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and "non-finite logits" in line and "nothing written" in line
+    assert not graph.exists() and not graph.with_suffix(".safetensors").exists()
 
 
 @pytest.mark.parametrize(
