@@ -139,6 +139,16 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(), parse_constant=refuse)
 
 
+def once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once (json keeps the last of two): an
+    object_pairs_hook."""
+    keys = [key for key, _ in pairs]
+    twice = next((key for key in keys if keys.count(key) > 1), None)
+    if twice is not None:
+        raise ValueError(f"{twice!r} given twice")
+    return dict(pairs)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

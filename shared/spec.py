@@ -27,7 +27,7 @@ import numpy as np
 
 from shared.cost import check_network
 from shared.errors import UsageError
-from shared.io import regular_file
+from shared.io import once_each, regular_file
 from shared.kinds import KINDS, Node, kind_of, nodes, output_shape
 from shared.kinds import token as layer_token
 from shared.layers import (
@@ -375,7 +375,7 @@ def _file_entries(path: Path, where: str) -> list[Entry]:
     try:
         text = raw.decode("utf-8")
         if path.suffix.lower() == ".json":  # TOML refuses a key given twice; JSON keeps the last
-            document = json.loads(text, object_pairs_hook=_once_each)
+            document = json.loads(text, object_pairs_hook=once_each)
         else:
             document = tomllib.loads(text)
     except (ValueError, RecursionError) as e:
@@ -389,15 +389,6 @@ def _file_entries(path: Path, where: str) -> list[Entry]:
         other = sorted(set(document) - {"layers"})[0]
         raise UsageError(f'{where}: {other!r}: a spec holds "layers" alone')
     return _list_entries(layers, "layers", where)
-
-
-def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object whose keys are each given once."""
-    keys = [key for key, _ in pairs]
-    twice = next((key for key in keys if keys.count(key) > 1), None)
-    if twice is not None:
-        raise ValueError(f"{twice!r} given twice")
-    return dict(pairs)
 
 
 def _list_entries(items: Any, label: str, where: str) -> list[Entry]:

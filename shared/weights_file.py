@@ -10,6 +10,7 @@ tensor's bytes are read, each tensor's values checked for what they mean.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import struct
@@ -20,7 +21,7 @@ import numpy as np
 
 from shared.checkpoint import form_problem, value_problem
 from shared.errors import UsageError
-from shared.io import atomic_write, regular_file
+from shared.io import atomic_write, once_each, regular_file
 from shared.spec import Arch, Params, get_arch, tensors
 
 DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8")}
@@ -77,7 +78,9 @@ def read_header(file, size: int, where: str) -> tuple[dict, int]:
             f"the file's {size}); not a .safetensors file threefold reads"
         )
     try:
-        header = json.loads(file.read(length), parse_constant=_no_constant)
+        header = json.loads(
+            file.read(length), parse_constant=_no_constant, object_pairs_hook=once_each
+        )
     except (ValueError, RecursionError) as error:
         raise UsageError(f"{where}: its header is not JSON ({error})") from None
     if not isinstance(header, dict):
@@ -113,6 +116,7 @@ def read_safetensors(
         for name, ours in names.items():
             entry = entries[name]
             checked[ours] = _entry(entry, expected[ours], size - start, arch, f"{label}: {name}")
+        _refuse_overlaps(checked, label)
         missing = sorted(set(expected) - set(checked))
         if missing:
             raise UsageError(f"{label}: {len(missing)} tensors missing, the first {missing[0]}")
@@ -157,6 +161,18 @@ def renamed(
             raise UsageError(f"{label}: {first} and {theirs} both give {ours}")
         canonical[theirs] = ours
     return canonical
+
+
+def _refuse_overlaps(checked: dict[str, tuple[np.dtype, tuple, int]], label: str) -> None:
+    """Refuse tensors whose bytes overlap: one tensor's bytes read as another's (the
+    safetensors library refuses them too)."""
+    spans = sorted(
+        (begin, begin + math.prod(shape) * dtype.itemsize, name)
+        for name, (dtype, shape, begin) in checked.items()
+    )
+    for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
+        if begin < end:
+            raise UsageError(f"{label}: {first} and {second} share bytes of the file")
 
 
 def _entry(entry, tensor, data_bytes: int, arch: Arch, where: str) -> tuple[np.dtype, tuple, int]:

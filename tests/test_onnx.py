@@ -355,8 +355,31 @@ GOOD = {"dtype": "F32", "shape": [8, 1, 3, 3], "data_offsets": [0, 288]}
         (safetensors_bytes({"conv.weight": {**GOOD, "data_offsets": [0, 2**40]}}), "data_offsets"),
         (safetensors_bytes({"conv.weight": GOOD}, b"\0" * 288), "tensors missing"),
         (safetensors_bytes({"evil": GOOD}), "evil is not a tensor of the network"),
+        # Both were read: a bias from the weight's bytes, the last of two entries.
+        (
+            safetensors_bytes(
+                {"conv.weight": GOOD, "conv.bias": {**GOOD, "shape": [8], "data_offsets": [0, 32]}},
+                b"\0" * 288,
+            ),
+            "conv.bias and conv.weight share bytes of the file",
+        ),
+        (
+            struct.pack("<Q", 54) + b'{"conv.weight": {}, "conv.weight": {}, "fc1.bias": {}}',
+            "'conv.weight' given twice",
+        ),
     ],
-    ids=["huge-header", "short", "not-json", "f16", "shape", "offsets", "missing", "foreign"],
+    ids=[
+        "huge-header",
+        "short",
+        "not-json",
+        "f16",
+        "shape",
+        "offsets",
+        "missing",
+        "foreign",
+        "overlap",
+        "twice",
+    ],
 )
 def test_a_hostile_safetensors_file_is_one_line(content, message, tmp_path):
     path = tmp_path / "w.safetensors"
