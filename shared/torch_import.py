@@ -11,9 +11,6 @@ read, never when this module is.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import io
 import math
 import operator
 import sys
@@ -23,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from shared.checkpoint import value_problem
-from shared.errors import UsageError, first_line
+from shared.errors import UsageError
 from shared.kinds import sliding, token
-from shared.layers import INPUT_SHAPE, Layer, Tensor, show_shape
+from shared.layers import Layer, Tensor, show_shape
 from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
 from shared.spec import Entry, build_layers, get_arch, tensors
 from shared.torch_ops import (
@@ -42,11 +39,11 @@ from shared.torch_ops import (
 from shared.torch_refusals import (
     left_as_it_was,
     refuse_cut_gradients,
-    refuse_frozen,
     refuse_hidden_behaviour,
     refuse_shared_weights,
 )
 from shared.torch_sizes import image_shape, size_source, tensor_inputs, users
+from shared.torch_trace import EVALUATION_CALL, name_of, trace
 
 # --- the chain ----------------------------------------------------------------------------------
 
@@ -72,128 +69,6 @@ class _Block:
     what: str
     body: list[_Step]
     shortcut: list[_Step]
-
-
-def _trace(module: Any, where: str):
-    """The module's graph (torch.fx), each node's output shape on 2 blank images, in evaluation
-    mode (the caller leaves the module as it was: from_torch)."""
-    import torch
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    refuse_frozen(module, where)
-    # Traced in training mode: a functional dropout's `training=self.training` is read
-    # at trace time, and a dropout is a layer whichever mode the module was left in.
-    module.train()
-    refuse_frozen(module, where)  # a train() of its own may keep some layers frozen
-    graph = _traced(module, where)
-    # A forward that branches on self.training computes two networks; one is read.
-    module.eval()
-    evaluated = _traced(module, where)
-    if _operations(evaluated) != _operations(graph):
-        raise UsageError(
-            f"{where}: its forward computes other operations, or with other options, in "
-            "evaluation mode (it reads self.training); threefold reads one network for both "
-            "modes"
-        )
-    for node, in_evaluation in zip(graph.graph.nodes, evaluated.graph.nodes, strict=True):
-        node.meta[EVALUATION_CALL] = in_evaluation.args, dict(in_evaluation.kwargs)
-    graph.eval()
-    parameter = next(iter(module.parameters()), None)
-    dtype = torch.float32 if parameter is None else parameter.dtype
-    # ShapeProp prints the traceback of the user's error itself, then wraps it: what it
-    # writes is kept back, and passed on only where the forward ran (its warnings).
-    written = io.StringIO()
-    try:
-        with torch.no_grad(), contextlib.redirect_stderr(written):
-            ShapeProp(graph).propagate(torch.zeros(2, *INPUT_SHAPE, dtype=dtype))
-    except Exception as error:
-        cause = first_line(error.__cause__ or error)
-        raise UsageError(f"{where}: its forward fails on 1x28x28 images ({cause})") from None
-    sys.stderr.write(written.getvalue())
-    return graph
-
-
-# A traced node's call as the module in evaluation mode makes it: (args, kwargs).
-EVALUATION_CALL = "threefold_evaluation_call"
-
-
-def _traced(module: Any, where: str):
-    """The module's forward traced by torch.fx, as `module(x)` calls it: an argument after x
-    whose default is a plain value (`targets=None`) takes it; any other is refused."""
-    import torch
-
-    before = set(vars(module))
-    parameters = list(inspect.signature(module.forward).parameters.values())
-    defaults = {p.name: p.default for p in parameters[1:] if _plain(p.default)}
-    if not parameters:
-        raise UsageError(f"{where}: its forward takes no input")
-    for parameter in parameters[1:]:
-        if parameter.default is inspect.Parameter.empty:
-            raise UsageError(f"{where}: its forward takes more than one input")
-        if not _plain(parameter.default):
-            raise UsageError(
-                f"{where}: its forward's {parameter.name}={str(parameter.default)[:40]}: "
-                "threefold traces a forward with plain defaults (None, a bool, a number, a "
-                "string)"
-            )
-    try:
-        graph = torch.fx.symbolic_trace(module, concrete_args=defaults or None)
-    except Exception as error:  # tracing runs the user's forward: any error is theirs
-        raise UsageError(
-            f"{where}: torch.fx cannot trace its forward ({first_line(error)}); threefold "
-            "reads forwards that are chains of layers and functional calls"
-        ) from None
-    finally:
-        # torch.fx keeps a tensor made in forward (torch.tensor(0.5)) as an attribute of the
-        # module (_tensor_constant0), which the graph has copied: the module stays as it was.
-        for name in set(vars(module)) - before:
-            delattr(module, name)
-    return _without_placeholders(graph, where) if defaults else graph
-
-
-def _plain(default: Any) -> bool:
-    """Whether an argument's default is one torch.fx can trace the forward with."""
-    return default is None or type(default) in (bool, int, float, str)
-
-
-def _without_placeholders(graph: Any, where: str) -> Any:
-    """`graph` without the placeholders torch.fx keeps for the arguments it specialised to
-    their defaults, and without its checks of their values: a graph of the one input."""
-    import torch
-
-    checks = {torch._assert, torch.fx._symbolic_trace._assert_is_none, operator.eq}
-    dropped, frontier = set(), [n for n in graph.graph.nodes if n.op == "placeholder"][1:]
-    while frontier:
-        node = frontier.pop()
-        if node.op != "placeholder" and node.target not in checks:
-            raise UsageError(
-                f"{where}: {node.name} ({_name_of(node)}): computes with an argument of "
-                "forward other than its input; threefold's networks take one input"
-            )
-        dropped.add(node)
-        frontier.extend(node.users)
-    for node in reversed(graph.graph.nodes):  # each check before the value it checks
-        if node in dropped:
-            graph.graph.erase_node(node)
-    graph.recompile()
-    return graph
-
-
-def _operations(graph: Any) -> list[tuple[Any, ...]]:
-    """A traced graph's operations in order with their arguments (the nodes they take by
-    name), a dropout's aside: its `training` differs between the modes, and each is read."""
-    calls = functions()
-
-    def drops(node: Any) -> bool:
-        call = calls.get(node.target) if node.op == "call_function" else None
-        return call is not None and "training" in dict(call[1])
-
-    return [
-        (node.op, node.target)
-        if drops(node)
-        else (node.op, node.target, repr(node.args), repr(node.kwargs))
-        for node in graph.graph.nodes
-    ]
 
 
 def _read_steps(module: Any, graph: Any, scaling: list[Any], where: str) -> list[_Step | _Block]:
@@ -245,24 +120,24 @@ def _read_step(module: Any, node: Any, current: Any, calls: dict, where: str) ->
     read = node.all_input_nodes
     if read and not inputs and all(size_source(a) is not None for a in read):
         raise UsageError(
-            f"{where}: {node.name} ({_name_of(node)}): computes with the batch's size; an "
+            f"{where}: {node.name} ({name_of(node)}): computes with the batch's size; an "
             "image's features in threefold's layers do not depend on the batch"
         )
     if inputs != [current] or (node.args and node.args[0] is not current):
         takes = "several tensors" if len(inputs) > 1 else "a tensor other than the one before"
         raise UsageError(
-            f"{where}: {node.name} ({_name_of(node)}): takes {takes}; threefold's networks "
+            f"{where}: {node.name} ({name_of(node)}): takes {takes}; threefold's networks "
             "are chains of layers and residual blocks, each taking the one before's output"
         )
     if len(users(current)) > 1 and _writes_its_input(module, node, calls):
         raise UsageError(
-            f"{where}: {node.name} ({_name_of(node)}): in place on a value another path also "
+            f"{where}: {node.name} ({name_of(node)}): in place on a value another path also "
             "reads, which then reads the result; threefold's layers make new values (drop "
             "inplace=True)"
         )
     shape_in, shape_out = image_shape(current), image_shape(node)
     if shape_out is None:
-        raise UsageError(f"{where}: {node.name} ({_name_of(node)}): does not give a tensor")
+        raise UsageError(f"{where}: {node.name} ({name_of(node)}): does not give a tensor")
     source, what, taken, path = _take(module, node, calls, where)
     return _Step(source, what, taken, path, shape_in, shape_out)
 
@@ -312,12 +187,12 @@ def _read_block(module: Any, fork: Any, calls: dict, where: str) -> tuple[_Block
             following = users(node)
             if not following:
                 raise UsageError(
-                    f"{where}: {node.name} ({_name_of(node)}): its result is never used; "
+                    f"{where}: {node.name} ({name_of(node)}): its result is never used; "
                     "threefold reads chains of layers (drop the call)"
                 )
             if len(following) != 1:
                 raise UsageError(
-                    f"{where}: {node.name} ({_name_of(node)}): inside a residual block its "
+                    f"{where}: {node.name} ({name_of(node)}): inside a residual block its "
                     "output feeds other than the next layer; a block holds a chain"
                 )
             previous, node = node, following[0]
@@ -326,20 +201,13 @@ def _read_block(module: Any, fork: Any, calls: dict, where: str) -> tuple[_Block
     join = ends[0]
     if ends[1] is not join or not _is_add(join):
         raise UsageError(
-            f"{where}: {join.name} ({_name_of(join)}): joins two paths other than by adding "
+            f"{where}: {join.name} ({name_of(join)}): joins two paths other than by adding "
             "them; threefold's residual blocks add body and shortcut"
         )
     body, shortcut = body_and_shortcut(paths, lambda step: step.taken)
     read.add(join)
-    block = _Block(join.name, f"{_name_of(join)}(body, shortcut)", body, shortcut)
+    block = _Block(join.name, f"{name_of(join)}(body, shortcut)", body, shortcut)
     return block, join, read
-
-
-def _name_of(node: Any) -> str:
-    if node.op == "call_module":
-        return str(node.target)
-    target = node.target
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
 def _take(module: Any, node: Any, calls: dict, where: str):
@@ -369,7 +237,7 @@ def _take(module: Any, node: Any, calls: dict, where: str):
     if node.op == "call_function":
         if node.target not in calls:
             raise UsageError(
-                f"{where}: {node.name}: {_name_of(node)}: not an operation threefold has"
+                f"{where}: {node.name}: {name_of(node)}: not an operation threefold has"
             )
         shown, signature, mapper = calls[node.target]
     elif node.op == "call_method" and node.target in RESHAPES:
@@ -389,7 +257,7 @@ def _take(module: Any, node: Any, calls: dict, where: str):
         signature, mapper = METHODS[node.target]
         shown = f"x.{node.target}"
     else:
-        raise UsageError(f"{where}: {node.name}: {_name_of(node)}: not an operation threefold has")
+        raise UsageError(f"{where}: {node.name}: {name_of(node)}: not an operation threefold has")
     try:
         options = bind(signature, node.args, dict(node.kwargs))
         options.pop("input")
@@ -548,7 +416,7 @@ def from_torch(module: Any, where: str = "module") -> Network:
             raise UsageError(f"{where}: {name}: {value.dtype}; threefold computes in float32/64")
     refuse_hidden_behaviour(module, where)
     with left_as_it_was(module):  # tracing and the probe run its forward
-        graph = _trace(module, where)
+        graph = trace(module, where)
         refuse_shared_weights(module, graph, where)
         standardise, scaling = input_scaling(graph, where)
         steps = _read_steps(module, graph, scaling, where)
