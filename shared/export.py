@@ -15,9 +15,11 @@ from shared.errors import CheckpointError, OutputError, UsageError
 from shared.io import staged
 from shared.network import Network, load_network
 from shared.onnx_export import OPSET, require_onnx
+from shared.onnx_import import from_onnx
 from shared.outputs import check_out_files
 from shared.proof.onnx_witness import onnx_logits
 from shared.proof.rows import TOLERANCES, compare
+from shared.weights_file import read_network_file
 
 
 def raw_test_images(data_dir: str | None) -> tuple[np.ndarray, str]:
@@ -116,10 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         written = [] if args.onnx is None else [args.onnx]
         for path in [*written, weights]:
             print(f"wrote {path} ({path.stat().st_size:,} bytes)")
-        _check_read_back(load_network(weights, "export.py"), network, weights)
+        # Read back as what they are, whatever their names' suffixes.
+        _check_read_back(read_network_file(weights, "export.py"), network, weights)
         if args.onnx is None:
             return 0
-        relative, differ = verify(load_network(args.onnx, "export.py"), images, expected)
+        relative, differ = verify(from_onnx(args.onnx, "export.py"), images, expected)
         tolerance = TOLERANCES[("float32", "pass")]
         print(
             f"onnxruntime on {what}, raw pixels: logits within {relative:.1e} of PyTorch's "

@@ -13,6 +13,7 @@ import re
 import shutil
 import sys
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -176,6 +177,18 @@ def _check_other_files(
         raise UsageError(f"{flag} {path}: one of the files of the run in {path.parent}")
     if _holds_runs(path) and not (store and _same_file(path, store)):
         raise UsageError(f"{flag} {path}: holds the finished runs of a grid or a speedrun")
+    if _is_checkpoint(path):  # a run's, copied or renamed
+        raise UsageError(f"{flag} {path}: a checkpoint of threefold's; choose another name")
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether `path` is a threefold checkpoint under any name: a zip holding meta.npy (its
+    directory, at the end, tells however large the file)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "meta.npy" in archive.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):  # none there, or not a zip
+        return False
 
 
 def _holds_runs(path: Path) -> bool:

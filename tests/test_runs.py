@@ -674,6 +674,22 @@ def test_a_name_too_long_or_a_loop_of_links_is_one_line(finished_run, tmp_path):
         assert message in line and time.monotonic() - started < 30, line
 
 
+def test_export_reads_its_files_back_whatever_their_names_and_never_over_a_checkpoint(
+    finished_run, tmp_path
+):
+    checkpoint = finished_run / "checkpoint.npz"
+    graph, weights = tmp_path / "model.graph", tmp_path / "weights.bin"
+    result = run_script("export.py", str(checkpoint), "--onnx", str(graph),
+                        "--safetensors", str(weights))  # fmt: skip
+    assert result.returncode == 0 and "0 predicted classes differ" in result.stdout, result.stderr
+    # A copy of a run's checkpoint under another name was written over.
+    kept = tmp_path / "kept.npz"
+    shutil.copy(checkpoint, kept)
+    line = usage_error(run_script("export.py", str(checkpoint), "--onnx", str(kept)), "export.py")
+    assert f"--onnx {kept}: a checkpoint of threefold's" in line
+    assert kept.read_bytes() == checkpoint.read_bytes()
+
+
 def test_benchmark_does_not_write_its_results_over_its_network_s_file(tmp_path):
     # A spec named benchmark.json in --out was replaced by the results.
     spec = tmp_path / "benchmark.json"
