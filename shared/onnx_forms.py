@@ -6,9 +6,12 @@ elementary operations (as exporters write it before opset 20) as one Gelu node."
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from shared.layers import INPUT_SHAPE
 
 
 def node_attributes(node) -> dict[str, Any]:
@@ -22,29 +25,50 @@ def node_attributes(node) -> dict[str, Any]:
 BATCH = "batch"
 
 
+@dataclass(frozen=True)
+class _Sizes:
+    """A product of a value's sizes along `axes` (none the batch's), read off the graph:
+    x.size(1) * x.size(2) * x.size(3)."""
+
+    value: str
+    axes: frozenset[int]
+
+
 def reshapes_by_image(nodes: list, constants: dict, images: str, batch: int | None) -> list:
     """The nodes with each Reshape that keeps the batch and reshapes every image given the
     target threefold reads ([0, F] or [-1, F]), and the nodes computing its target from the
-    batch's size dropped: x.view(x.size(0), -1) exported with a dynamic batch (Shape,
-    Gather, Unsqueeze, Concat), or a target leading with the batch the input fixes (exported
-    with a static one; the reshape of each image is the same at any batch). A target
-    computed otherwise stays as it is, for the Reshape's own refusal. `images`: the graph's
-    input."""
+    value's sizes dropped: x.view(x.size(0), -1) exported with a dynamic batch (Shape,
+    Gather, Unsqueeze, Concat), a view by the product of an image's sizes (n, c, h, w =
+    x.size(); x.view(n, c * h * w)), or a target leading with the batch the input fixes
+    (exported with a static one; the reshape of each image is the same at any batch). A
+    reshape of the images to their own shape (x.view(-1, 1, 28, 28)) becomes an Identity. A
+    target computed otherwise stays as it is, for the Reshape's own refusal. `images`: the
+    graph's input."""
     from onnx import numpy_helper
 
-    sizes: dict[str, Any] = {}  # value -> "shape", BATCH, or a list of BATCH and ints
+    sizes: dict[str, Any] = {}  # value -> ("shape", of), BATCH, _Sizes, or a list of those
     from_images, kept = {images}, []  # values computed from the images: their first axis
     for node in nodes:
         op, attributes = node.op_type, node_attributes(node)
         given = [sizes.get(name) for name in node.input]
         if op == "Shape" and attributes.get("start", 0) == 0 and node.input[0] in from_images:
-            sizes[node.output[0]] = "shape"
-        elif op == "Gather" and given[0] == "shape" and attributes.get("axis", 0) == 0:
+            sizes[node.output[0]] = ("shape", node.input[0])
+        elif op == "Gather" and isinstance(given[0], tuple) and attributes.get("axis", 0) == 0:
             index = _constant_ints(node.input[1], constants)
-            if index in ([0], 0):
-                sizes[node.output[0]] = BATCH if index == 0 else [BATCH]
-        elif op == "Unsqueeze" and given[0] == BATCH:
-            sizes[node.output[0]] = [BATCH]
+            scalar = index if isinstance(index, int) else (index or [None])[0]
+            if (
+                isinstance(scalar, int)
+                and scalar >= 0
+                and (isinstance(index, int) or len(index) == 1)
+            ):
+                item = BATCH if scalar == 0 else _Sizes(given[0][1], frozenset({scalar}))
+                sizes[node.output[0]] = item if isinstance(index, int) else [item]
+        elif op == "Mul" and all(isinstance(g, _Sizes) for g in given) and len(given) == 2:
+            first, second = given
+            if first.value == second.value and not first.axes & second.axes:
+                sizes[node.output[0]] = _Sizes(first.value, first.axes | second.axes)
+        elif op == "Unsqueeze" and (given[0] == BATCH or isinstance(given[0], _Sizes)):
+            sizes[node.output[0]] = [given[0]]
         elif op == "Concat" and attributes.get("axis") == 0:
             parts = [
                 g if g is not None else _constant_ints(n, constants)
@@ -56,22 +80,48 @@ def reshapes_by_image(nodes: list, constants: dict, images: str, batch: int | No
             continue  # computes a size, not from the images
         from_images.update(node.output)
         if op == "Reshape" and len(node.input) > 1:
-            target = sizes.get(node.input[1]) or _constant_ints(node.input[1], constants)
-            if isinstance(target, list) and target and batch is not None and target[0] == batch:
-                target = [BATCH, *target[1:]]
-            if isinstance(target, list) and target[:1] == [BATCH] and BATCH not in target[1:]:
-                # The batch as -1 where the rest has none, else as 0, which copies it (with
-                # allowzero off: this target is now the reader's own).
-                rest = target[1:]
-                target = [-1, *rest] if -1 not in rest else [0, *rest]
-                name = f"{node.output[0]} target"
-                constants[name] = numpy_helper.from_array(np.array(target, np.int64), name)
-                node.input[1] = name
-                kept_attributes = [a for a in node.attribute if a.name != "allowzero"]
-                del node.attribute[:]
-                node.attribute.extend(kept_attributes)
+            _read_target(node, sizes, constants, images, batch, numpy_helper)
         kept.append(node)
     return kept
+
+
+def _read_target(node, sizes: dict, constants: dict, images: str, batch, numpy_helper) -> None:
+    """A Reshape's target rewritten as threefold reads it, where it keeps the batch (see
+    reshapes_by_image); left as it is otherwise."""
+    data = node.input[0]
+    target = sizes.get(node.input[1]) or _constant_ints(node.input[1], constants)
+    if not isinstance(target, list) or not target:
+        return
+    if batch is not None and target[0] == batch:
+        target = [BATCH, *target[1:]]
+    # The product of every size after the batch's (as exported, it fits the value) is its
+    # features: x.view(n, c * h * w) and x.view(-1, c * h * w) are x.view(n, -1).
+    whole = len(target) == 2 and isinstance(target[1], _Sizes)
+    whole = (
+        whole
+        and target[1].value == data
+        and target[1].axes == set(range(1, max(target[1].axes) + 1))
+    )
+    if whole and target[0] in (BATCH, -1):
+        target = [BATCH, -1]
+    if data == images and target[0] in (BATCH, -1) and target[1:] == list(INPUT_SHAPE):
+        node.op_type = "Identity"  # the images to their own shape
+        del node.input[1:]
+        del node.attribute[:]
+        return
+    if target[:1] == [BATCH] and all(isinstance(t, int) or t == BATCH for t in target[1:]):
+        if BATCH in target[1:]:
+            return
+        # The batch as -1 where the rest has none, else as 0, which copies it (with
+        # allowzero off: this target is now the reader's own).
+        rest = target[1:]
+        target = [-1, *rest] if -1 not in rest else [0, *rest]
+        name = f"{node.output[0]} target"
+        constants[name] = numpy_helper.from_array(np.array(target, np.int64), name)
+        node.input[1] = name
+        kept_attributes = [a for a in node.attribute if a.name != "allowzero"]
+        del node.attribute[:]
+        node.attribute.extend(kept_attributes)
 
 
 # GELU as PyTorch's exporter writes it out before opset 20 (x: the value it takes), each Add

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -1298,6 +1299,39 @@ def test_a_view_by_the_batch_s_size_imports_whether_the_batch_is_fixed_or_not(ba
     network = from_onnx(path)
     assert network.arch.name == "conv4p0-relu-flatten-fc10"
     x = torch.rand(5, 1, 28, 28)  # any batch: the static file's too reshapes each image alike
+    with torch.no_grad():
+        assert relative(threefold.to_torch(network)(x).numpy(), module(x).numpy()) < FLOAT32
+
+
+def _by_sizes(m, x):
+    h = torch.relu(m.conv(x))
+    n, c, height, width = h.size()
+    return m.fc(h.view(n, c * height * width))
+
+
+def _by_a_product(m, x):
+    h = torch.relu(m.conv(x))
+    return m.fc(h.view(-1, h.size(1) * h.size(2) * h.size(3)))
+
+
+def _images_to_their_shape(m, x):
+    return m.fc(torch.relu(m.conv(x.view(-1, 1, 28, 28))).flatten(1))
+
+
+@pytest.mark.parametrize("forward", [_by_sizes, _by_a_product, _images_to_their_shape])
+@pytest.mark.parametrize("batch", ["dynamic", "static"])
+def test_views_the_pytorch_import_reads_are_read_from_onnx_too(forward, batch, tmp_path):
+    """Read from the module, each was refused from ONNX: the views by sizes with a dynamic
+    batch ("does not take the previous node's output"), the images' view with either
+    ("threefold reshapes (N, C, H, W) to (N, -1)"). With a static batch the first two were
+    read already: the controls."""
+    module = _ViewNet().eval()
+    module.forward = types.MethodType(forward, module)
+    path = tmp_path / "view.onnx"
+    export_module(module, path, dynamic=batch == "dynamic")
+    network = from_onnx(path)
+    assert network.arch.name == "conv4p0-relu-flatten-fc10"
+    x = torch.rand(5, 1, 28, 28)
     with torch.no_grad():
         assert relative(threefold.to_torch(network)(x).numpy(), module(x).numpy()) < FLOAT32
 
