@@ -203,6 +203,16 @@ def zip_directory_bytes(file: IO[bytes], zip64: bool = False) -> int | None:
     return int.from_bytes(record[40:48], "little")
 
 
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` is a threefold checkpoint under any name: a zip holding its metadata
+    (the zip's directory, at its end, tells however large the file)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return _META + ".npy" in archive.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):  # none there, or not a zip
+        return False
+
+
 def _read(archive: zipfile.ZipFile, where: str, dtype: np.dtype | None, size: int) -> Checkpoint:
     """The checkpoint in an open zip: its directory, then `meta`, then each tensor."""
     members = _directory(archive, where)

@@ -184,8 +184,7 @@ def body_and_shortcut(paths: list[list], taken: Callable[[Any], Any]) -> tuple[l
         convs = [options for kind, options in read if kind == "conv"]
         return not read or (len(read) <= 2 and len(convs) == 1 and convs[0]["kernel"] == 1)
 
-    ranked = sorted(paths, key=lambda path: (could_be_shortcut(path), -len(layers(path))))
-    body, shortcut = ranked
+    body, shortcut = sorted(paths, key=lambda path: (could_be_shortcut(path), -len(layers(path))))
     return body, shortcut
 
 

@@ -44,8 +44,6 @@ def reshapes_by_image(nodes: list, constants: dict, images: str, batch: int | No
     reshape of the images to their own shape (x.view(-1, 1, 28, 28)) becomes an Identity. A
     target computed otherwise stays as it is, for the Reshape's own refusal. `images`: the
     graph's input."""
-    from onnx import numpy_helper
-
     sizes: dict[str, Any] = {}  # value -> ("shape", of), BATCH, _Sizes, or a list of those
     from_images, kept = {images}, []  # values computed from the images: their first axis
     for node in nodes:
@@ -55,13 +53,9 @@ def reshapes_by_image(nodes: list, constants: dict, images: str, batch: int | No
             sizes[node.output[0]] = ("shape", node.input[0])
         elif op == "Gather" and isinstance(given[0], tuple) and attributes.get("axis", 0) == 0:
             index = _constant_ints(node.input[1], constants)
-            scalar = index if isinstance(index, int) else (index or [None])[0]
-            if (
-                isinstance(scalar, int)
-                and scalar >= 0
-                and (isinstance(index, int) or len(index) == 1)
-            ):
-                item = BATCH if scalar == 0 else _Sizes(given[0][1], frozenset({scalar}))
+            axes = [index] if isinstance(index, int) else index or []
+            if len(axes) == 1 and axes[0] >= 0:
+                item = BATCH if axes[0] == 0 else _Sizes(given[0][1], frozenset(axes))
                 sizes[node.output[0]] = item if isinstance(index, int) else [item]
         elif op == "Mul" and all(isinstance(g, _Sizes) for g in given) and len(given) == 2:
             first, second = given
@@ -80,29 +74,31 @@ def reshapes_by_image(nodes: list, constants: dict, images: str, batch: int | No
             continue  # computes a size, not from the images
         from_images.update(node.output)
         if op == "Reshape" and len(node.input) > 1:
-            _read_target(node, sizes, constants, images, batch, numpy_helper)
+            _read_target(node, sizes, constants, images, batch)
         kept.append(node)
     return kept
 
 
-def _read_target(node, sizes: dict, constants: dict, images: str, batch, numpy_helper) -> None:
+def _every_feature(item: Any, value: str) -> bool:
+    """Whether a target's item is the product of every size of `value` after the batch's,
+    x.size(1) * x.size(2) * x.size(3): as exported, the product fits the value."""
+    if not isinstance(item, _Sizes) or item.value != value:
+        return False
+    return item.axes == set(range(1, max(item.axes) + 1))
+
+
+def _read_target(node, sizes: dict, constants: dict, images: str, batch: int | None) -> None:
     """A Reshape's target rewritten as threefold reads it, where it keeps the batch (see
     reshapes_by_image); left as it is otherwise."""
+    from onnx import numpy_helper
+
     data = node.input[0]
     target = sizes.get(node.input[1]) or _constant_ints(node.input[1], constants)
     if not isinstance(target, list) or not target:
         return
     if batch is not None and target[0] == batch:
         target = [BATCH, *target[1:]]
-    # The product of every size after the batch's (as exported, it fits the value) is its
-    # features: x.view(n, c * h * w) and x.view(-1, c * h * w) are x.view(n, -1).
-    whole = len(target) == 2 and isinstance(target[1], _Sizes)
-    whole = (
-        whole
-        and target[1].value == data
-        and target[1].axes == set(range(1, max(target[1].axes) + 1))
-    )
-    if whole and target[0] in (BATCH, -1):
+    if len(target) == 2 and target[0] in (BATCH, -1) and _every_feature(target[1], data):
         target = [BATCH, -1]
     if data == images and target[0] in (BATCH, -1) and target[1:] == list(INPUT_SHAPE):
         node.op_type = "Identity"  # the images to their own shape

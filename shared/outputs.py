@@ -13,10 +13,10 @@ import re
 import shutil
 import sys
 import tempfile
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from shared.checkpoint import is_checkpoint
 from shared.errors import OutputError, ThreefoldError, UsageError, interrupted
 from shared.io import TEMPORARY_NAME_EXTRA, staged, write_json, write_text
 
@@ -114,11 +114,19 @@ def check_out_file(path: Path, flag: str) -> Path:
     """Say in one line, before any work, why `path` could not be written as a file: it is a
     folder, a FIFO or a device, its folder is missing or not writable, or its name leaves no
     room for the temporary written beside it."""
-    try:
+    with _one_line(flag, path):
         _check_writable(path, flag)
-    except (OSError, RuntimeError) as e:  # a name too long, a loop of symlinks
-        raise UsageError(f"{flag} {path}: {getattr(e, 'strerror', None) or e}") from None
     return path
+
+
+@contextlib.contextmanager
+def _one_line(flag: str, path: Path) -> Iterator[None]:
+    """What the file system says of `path` within the block (a name too long, a loop of
+    symbolic links) as one UsageError naming `flag`."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        raise UsageError(f"{flag} {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def _check_writable(path: Path, flag: str) -> None:
@@ -156,10 +164,8 @@ def check_out_files(
         if path is None:
             continue
         check_out_file(path, flag)
-        try:
+        with _one_line(flag, path):  # a loop of symbolic links among the files read
             _check_other_files(flag, path, seen, store, own_run)
-        except (OSError, RuntimeError) as e:  # a loop of symlinks among the files read
-            raise UsageError(f"{flag} {path}: {getattr(e, 'strerror', None) or e}") from None
         seen.append((flag, path))
 
 
@@ -177,18 +183,8 @@ def _check_other_files(
         raise UsageError(f"{flag} {path}: one of the files of the run in {path.parent}")
     if _holds_runs(path) and not (store and _same_file(path, store)):
         raise UsageError(f"{flag} {path}: holds the finished runs of a grid or a speedrun")
-    if _is_checkpoint(path):  # a run's, copied or renamed
+    if is_checkpoint(path):  # a run's, copied or renamed
         raise UsageError(f"{flag} {path}: a checkpoint of threefold's; choose another name")
-
-
-def _is_checkpoint(path: Path) -> bool:
-    """Whether `path` is a threefold checkpoint under any name: a zip holding meta.npy (its
-    directory, at the end, tells however large the file)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return "meta.npy" in archive.namelist()
-    except (OSError, zipfile.BadZipFile, ValueError):  # none there, or not a zip
-        return False
 
 
 def _holds_runs(path: Path) -> bool:

@@ -67,7 +67,6 @@ def _traced(module: Any, where: str):
 
     before = set(vars(module))
     parameters = list(inspect.signature(module.forward).parameters.values())
-    defaults = {p.name: p.default for p in parameters[1:] if _plain(p.default)}
     if not parameters:
         raise UsageError(f"{where}: its forward takes no input")
     for parameter in parameters[1:]:
@@ -79,6 +78,7 @@ def _traced(module: Any, where: str):
                 "threefold traces a forward with plain defaults (None, a bool, a number, a "
                 "string)"
             )
+    defaults = {p.name: p.default for p in parameters[1:]}
     try:
         graph = torch.fx.symbolic_trace(module, concrete_args=defaults or None)
     except Exception as error:  # tracing runs the user's forward: any error is theirs
