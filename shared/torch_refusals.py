@@ -14,6 +14,8 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from shared.errors import UsageError, first_line
 from shared.layers import INPUT_SHAPE
 
@@ -151,20 +153,21 @@ def refuse_cut_gradients(module: Any, graph: Any, where: str) -> None:
 def left_as_it_was(module: Any) -> Iterator[None]:
     """Within the block the module's forward may run (torch.fx's traces, the gradient probe):
     on leaving, its attributes (training flags, a counter it keeps), its parameters' and
-    buffers' values (non-persistent ones too) and torch's and Python's random number
-    generators are as they were."""
+    buffers' values (non-persistent ones too) and torch's, Python's and NumPy's global random
+    number generators are as they were."""
     import torch
 
     attributes = {sub: dict(vars(sub)) for sub in module.modules()}
     # An inference tensor cannot be written outside inference_mode: by the forward neither.
     every = [*module.parameters(), *module.buffers()]
     tensors = [(t, t.detach().clone()) for t in every if not t.is_inference()]
-    python_random = random.getstate()
+    python_random, numpy_random = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):
             yield
     finally:
         random.setstate(python_random)
+        np.random.set_state(numpy_random)
         for sub, saved in attributes.items():
             for name in set(vars(sub)) - set(saved):
                 delattr(sub, name)

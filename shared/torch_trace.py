@@ -8,6 +8,7 @@ import contextlib
 import inspect
 import io
 import operator
+import random
 import sys
 from typing import Any
 
@@ -79,6 +80,7 @@ def _traced(module: Any, where: str):
                 "string)"
             )
     defaults = {p.name: p.default for p in parameters[1:]}
+    drawn = _global_draws()
     try:
         graph = torch.fx.symbolic_trace(module, concrete_args=defaults or None)
     except Exception as error:  # tracing runs the user's forward: any error is theirs
@@ -91,7 +93,22 @@ def _traced(module: Any, where: str):
         # module (_tensor_constant0), which the graph has copied: the module stays as it was.
         for name in set(vars(module)) - before:
             delattr(module, name)
+    if _global_draws() != drawn:
+        raise UsageError(
+            f"{where}: its forward draws from Python's or NumPy's random numbers (stochastic "
+            "depth?); torch.fx records the branch one draw took as the network, so threefold "
+            "reads forwards whose random numbers are torch's dropout"
+        )
     return _without_placeholders(graph, where) if defaults else graph
+
+
+def _global_draws() -> tuple[Any, ...]:
+    """Python's and NumPy's global random states, which a draw moves on: equal before and
+    after a trace where the forward drew none."""
+    import numpy as np
+
+    _, keys, position, *gauss = np.random.get_state()
+    return random.getstate(), keys.tobytes(), position, *gauss
 
 
 def _plain(default: Any) -> bool:

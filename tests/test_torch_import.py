@@ -1059,6 +1059,32 @@ def test_importing_runs_the_forward_and_leaves_the_module_and_the_generators_as_
     reads_as(_GradientsWhileTraining(), "conv4k3s1p0b1-relu-flatten-fc10")
 
 
+class _StochasticDepth(nn.Module):
+    """A residual block skipped at random in training, by a draw from a global generator."""
+
+    def __init__(self, draw: Callable[[], float]):
+        super().__init__()
+        self.conv, self.fc, self.draw = nn.Conv2d(1, 1, 3, padding=1), nn.Linear(784, 10), draw
+
+    def forward(self, x):
+        if self.training and self.draw() < 0.5:
+            return self.fc(torch.flatten(x, 1))
+        return self.fc(torch.flatten(x + self.conv(x), 1))
+
+
+@pytest.mark.parametrize("draw", [random.random, np.random.random_sample])
+def test_a_forward_that_draws_from_a_global_generator_is_refused_and_left_as_it_was(draw):
+    # Imported as whichever branch the trace's draw took: the block, or at random not.
+    random.seed(3)
+    np.random.seed(3)
+    expected = random.random(), np.random.random_sample()
+    random.seed(3)
+    np.random.seed(3)
+    with pytest.raises(UsageError, match="draws from Python's or NumPy's random numbers"):
+        threefold.from_torch(_StochasticDepth(draw))
+    assert (random.random(), np.random.random_sample()) == expected
+
+
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 def test_a_module_imports_whatever_grad_mode_the_caller_is_in(mode):
     # Under no_grad a traceback; under inference_mode its weights "got no gradient".
