@@ -277,16 +277,18 @@ def _shown(value: Any) -> str:
 
 
 def _matmul_add(matmul, add, initialisers: dict, where: str) -> _Step:
-    """MatMul by a constant (in, out) then Add of a constant (out,): threefold's fc."""
+    """MatMul by a constant (in, out) then Add of a constant (out,), on either side (PyTorch
+    writes Add(bias, product) for a Linear on more than two axes): threefold's fc."""
+    bias = next((name for name in add.input if name != matmul.output[0]), None)
     try:
         weight = initialiser(matmul, 1, initialisers)
-        if add.input[0] != matmul.output[0] or add.input[1] not in initialisers:
+        if matmul.output[0] not in add.input or bias not in initialisers:
             raise Refused("Add", "the bias must be a constant added to the product")
         if len(weight.dims) != 2:
             raise Refused(f"weight {tuple(weight.dims)}", "a matrix (in, out) is needed")
     except Refused as refused:
         raise UsageError(f"{where}: {refused.option}: {refused.why}") from None
-    reads = [(matmul.input[1], "weight.T"), (add.input[1], "bias")]
+    reads = [(matmul.input[1], "weight.T"), (bias, "bias")]
     source = f"{matmul.name} + {add.name}"
     return _Step(source, "MatMul + Add", ("fc", {"features": int(weight.dims[1])}), reads)
 

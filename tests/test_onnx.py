@@ -1215,6 +1215,34 @@ def test_any_non_zero_trans_b_transposes_and_a_max_pool_is_never_a_marked_averag
     assert network.arch.name == "maxpool2-flatten-fc10-fc10"
 
 
+@pytest.mark.parametrize("bias_first", [False, True])
+def test_a_matmul_and_its_bias_read_as_an_fc_whichever_side_of_the_add_the_bias_is(
+    tmp_path, bias_first
+):
+    # PyTorch writes Add(bias, product) for a Linear on more than two axes; read as an fc, the
+    # Linear on 4-d images is then refused for its input, not "the bias must be a constant".
+    rng = np.random.default_rng(2)
+    weight = numpy_helper.from_array(rng.standard_normal((784, 10), np.float32), "wt")
+    bias = numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "bias")
+
+    def matmul_add(start: str, out: str = "logits") -> list:
+        added = ["bias", "product"] if bias_first else ["product", "bias"]
+        return [
+            helper.make_node("MatMul", [start, "wt"], ["product"], "fc"),
+            helper.make_node("Add", added, [out], "fc_bias"),
+        ]
+
+    flatten = helper.make_node("Flatten", ["x"], ["flat"], "flatten", axis=1)
+    flat = graph_file(tmp_path, [flatten, *matmul_add("flat")], [weight, bias], "flat.onnx")
+    assert reads_as_onnxruntime_runs_it(flat).arch.name == "flatten-fc10"
+    images = numpy_helper.from_array(rng.standard_normal((28, 10), np.float32), "wt")
+    gemm, gemm_weights = random_fc("rows", 280)
+    nodes = [*matmul_add("x", "columns"), helper.make_node("Flatten", ["columns"], ["rows"]), *gemm]
+    on_images = graph_file(tmp_path, nodes, [images, bias, *gemm_weights], "images.onnx")
+    with pytest.raises(UsageError, match=r"fc \+ fc_bias: MatMul \+ Add: its input is 1x28x28"):
+        from_onnx(on_images)
+
+
 def test_what_the_reader_cannot_take_is_named_in_the_file_s_own_terms(tmp_path):
     fc, weights = random_fc("flat", 784)
     flatten = helper.make_node("Flatten", ["x"], ["flat"], "flatten", axis=1)
