@@ -32,7 +32,7 @@ from typing import IO, Any
 import numpy as np
 
 from shared.config import FIELDS, OPTIMIZER_BUFFERS, check_saved_field
-from shared.errors import CheckpointError, UsageError
+from shared.errors import CheckpointError, UsageError, first_line
 from shared.io import atomic_write, regular_file
 from shared.layers import Tensor
 from shared.spec import (
@@ -323,7 +323,7 @@ def _read_meta(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> A
         return json.loads(raw.decode("utf-32-le").rstrip("\0"))
     except (ValueError, RecursionError) as e:
         # ValueError: invalid code points or JSON; RecursionError: JSON nested too deep.
-        raise CheckpointError(f"{where}: meta is not valid JSON ({_first_line(e)})") from None
+        raise CheckpointError(f"{where}: meta is not valid JSON ({first_line(e)})") from None
 
 
 # A counter this close to int64's end would overflow within the life of any run.
@@ -431,7 +431,7 @@ def _member(
         with archive.open(info) as stream:
             yield stream
     except _ZIP_ERRORS as e:
-        raise CheckpointError(f"{where}: {label} is damaged ({_first_line(e)})") from None
+        raise CheckpointError(f"{where}: {label} is damaged ({first_line(e)})") from None
 
 
 def _header(head: bytes, label: str, where: str) -> tuple[np.dtype, tuple[int, ...], int]:
@@ -562,7 +562,3 @@ def _show(text: str) -> str:
 
 def _cut(text: str) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _first_line(error: Exception) -> str:
-    return _cut(str(error).split("\n", 1)[0])

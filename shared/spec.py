@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from shared.cost import check_network
-from shared.errors import UsageError
+from shared.errors import UsageError, first_line
 from shared.io import once_each, regular_file
 from shared.kinds import KINDS, Node, kind_of, nodes, output_shape
 from shared.kinds import token as layer_token
@@ -380,7 +380,7 @@ def _file_entries(path: Path, where: str) -> list[Entry]:
             document = tomllib.loads(text)
     except (ValueError, RecursionError) as e:
         raise UsageError(
-            f"{where}: not valid {path.suffix[1:].upper()} ({_first_line(e)})"
+            f"{where}: not valid {path.suffix[1:].upper()} ({first_line(e)})"
         ) from None
     layers = document.get("layers") if isinstance(document, dict) else None
     if not isinstance(layers, list) or not layers:
@@ -435,10 +435,6 @@ def _table_entry(table: dict, label: str, where: str) -> Entry:
             raise UsageError(f"{where}: {label} option {key} is {value!r:.40}, not {kind}")
         options[key] = value
     return label, name, options
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).split("\n", 1)[0][:80]
 
 
 # --- canonical tensors ----------------------------------------------------------------------

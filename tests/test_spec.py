@@ -402,14 +402,18 @@ def test_a_spec_that_cannot_work_names_the_token_and_the_conflict(spec, parts):
 @pytest.mark.parametrize(
     "name, content, parts",
     [
-        ("a.json", '{"layers": [', ["not valid JSON (Expecting value: line 1"]),
+        ("a.json", '{"layers": [', ["not valid JSON (JSONDecodeError: Expecting value: line 1"]),
         ("a.json", "[1, 2]", ['expected {"layers": [...]} with at least one layer']),
         ("a.json", '{"layers": []}', ['expected {"layers": [...]}']),
         ("a.json", '{"layers": "flatten-fc10"}', ['expected {"layers": [...]}']),
         ("a.json", '{"layer": ["flatten", "fc10"]}', ['expected {"layers": [...]}']),
         ("a.json", "", ["not valid JSON"]),
         ("a.json", "\ufeff\xff", ["not valid JSON"]),
-        ("a.toml", 'layers = [ "flatten", "fc10" ', ["not valid TOML (Unclosed array"]),
+        (
+            "a.toml",
+            'layers = [ "flatten", "fc10" ',
+            ["not valid TOML (TOMLDecodeError: Unclosed array"],
+        ),
         ("a.toml", 'layers = "flatten-fc10"', ['expected {"layers": [...]}']),
         (
             "a.json",
@@ -510,7 +514,7 @@ def test_a_spec_that_cannot_work_names_the_token_and_the_conflict(spec, parts):
         (
             "a.json",
             '{"layers": ["flatten", {"type": "fc", "features": 10, "features": 5}]}',
-            ["not valid JSON ('features' given twice)"],
+            ["not valid JSON (ValueError: 'features' given twice)"],
         ),
         (
             "a.json",
