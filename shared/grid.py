@@ -57,6 +57,7 @@ from shared.errors import (
     UsageError,
     first_line,
     interrupted,
+    signals_held,
     stop_on_signals,
 )
 from shared.io import read_json, write_json
@@ -470,9 +471,11 @@ def _on_ray(
             pending.update({remote.remote(task, config, data_ref, cpus): config for config in todo})
             wait_for(ray, pending, finished)
         finally:
-            for ref in pending:  # interrupted: what has not ended is stopped, not left running
-                ray.cancel(ref, force=True)
-            ray.shutdown()
+            # Stopped whole: a second stop waits for the cluster's end, then is raised.
+            with signals_held():
+                for ref in pending:  # interrupted: what has not ended is stopped, not left running
+                    ray.cancel(ref, force=True)
+                ray.shutdown()
 
 
 @contextlib.contextmanager

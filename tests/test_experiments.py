@@ -7,6 +7,10 @@ import itertools
 import json
 import math
 import os
+import signal
+import sys
+import time
+import types
 
 import numpy as np
 import pytest
@@ -15,9 +19,9 @@ from shared import experiments
 from shared.backend import IMPLEMENTATIONS
 from shared.config import TrainConfig
 from shared.data import FASHION_MNIST, load_dataset
-from shared.errors import DataError, GridFailed
+from shared.errors import DataError, GridFailed, Interrupted
 from shared.experiments import command_of, recheck_in_float64, run_experiments
-from shared.grid import LOCAL, RunStore, run_grid
+from shared.grid import LOCAL, Engine, RunStore, run_grid
 from shared.lab_questions import AGREEMENT, DEEP, STRONG, comparisons, seed_row_label
 from shared.loop import train
 from shared.outputs import hold, prepare_out_dir
@@ -206,6 +210,38 @@ def test_a_run_that_fails_outside_threefold_is_reported_and_the_others_go_on(
     assert any(
         line.endswith("seed 1: FAILED: RuntimeError: a framework's failure") for line in said
     )
+
+
+class _StoppedCluster(types.ModuleType):
+    """A stand-in for `ray` whose start and shutdown each receive a SIGTERM, as a user's second
+    stop would land while the grid shuts its cluster down."""
+
+    def __init__(self):
+        super().__init__("ray")
+        self.shut_down = False
+
+    def init(self, **options) -> None:
+        _terminated_here()
+
+    def shutdown(self) -> None:
+        _terminated_here()
+        self.shut_down = True
+
+
+def _terminated_here() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)  # the handler runs between bytecodes
+
+
+def test_a_second_stop_waits_for_the_ray_cluster_to_shut_down(tmp_path, tiny_data_dir, monkeypatch):
+    # The second SIGTERM was raised inside ray.shutdown, which stopped partway.
+    engine, cluster = Engine("ray"), _StoppedCluster()
+    monkeypatch.setitem(sys.modules, "ray", cluster)
+    store = RunStore(tmp_path / "runs.json", DATA)
+    configs = {TrainConfig(impl="numpy"): "the run"}
+    with pytest.raises(Interrupted, match="terminated"):
+        run_grid(lambda c, d: {}, configs, load_dataset(tiny_data_dir), store, engine, print)
+    assert cluster.shut_down
 
 
 def test_the_report_names_the_command_that_made_its_tables():
