@@ -150,6 +150,8 @@ def steady_batches(
 ) -> Iterator[Batch]:
     """Training batches of n images, epoch after epoch, all of `batch_size` (a ragged last
     batch would make JAX compile again), with dropout masks and flips drawn as in training."""
+    if batch_size > n:  # no batch would ever be whole: the loop below would never yield
+        raise ValueError(f"a batch of {batch_size} from {n} images")
     for epoch in itertools.count():
         for batch in training_batches(
             n, batch_size, seed=0, epoch=epoch, fill=fill, flip=flip, dropouts=dropouts

@@ -414,7 +414,14 @@ def main(argv: list[str] | None = None) -> int:
             check_training_batch(cost, size, np.float32, f"--batch-sizes {size}", whole=whole)
         # Read once here, so that a problem is one line before any work; every worker, the
         # other tree of --against and the lab's loops then read the same folder.
-        folder = load_dataset(args.data_dir).source
+        data = load_dataset(args.data_dir)
+        for size in sizes:
+            if size > len(data.train):  # no whole batch to time
+                raise UsageError(
+                    f"--batch-sizes {size}: more than the {len(data.train):,} training images "
+                    f"in {data.source}"
+                )
+        folder = data.source
         made = missing_folders(args.out)
         out = prepare_out_dir(args.out)
         name, chart = RESULTS.get(chosen[0] if chosen else "", ("benchmark", True))

@@ -148,7 +148,7 @@ def get_dataset_spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
-def _how_to_get(spec: DatasetSpec) -> str:
+def how_to_get(spec: DatasetSpec) -> str:
     if spec.name == "fashion-mnist":
         return (
             "install it with 'apt-get install dataset-fashion-mnist', fetch it with "
@@ -159,21 +159,26 @@ def _how_to_get(spec: DatasetSpec) -> str:
 
 def find_data_dir(data_dir: str | Path | None = None, spec: DatasetSpec = FASHION_MNIST) -> Path:
     """The folder to read: `data_dir`, else $THREEFOLD_DATA, else the system-wide install
-    (Debian's), else where --download puts the files."""
+    (Debian's), else where --download puts the files. Of those two, one that holds the four
+    files comes first: a damaged system install, whose error says to --download, must not
+    hide the download."""
     if data_dir is not None:
         candidates = [(Path(data_dir), "--data-dir")]
     elif os.environ.get(DATA_DIR_ENV):
         candidates = [(Path(os.environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}")]
     else:
         candidates = [(d, "default") for d in (spec.default_dir, spec.user_dir) if d is not None]
+    found = []
     for folder, source in candidates:
         try:
             if folder.is_dir():
-                return folder
+                found.append(folder)
         except OSError as e:  # a name too long for the file system
             raise UsageError(f"{source} {folder}: {e.strerror or e}") from None
+    if found:
+        return next((f for f in found if _holds_every_file(f, spec)), found[0])
     tried = ", ".join(f"{folder} ({source})" for folder, source in candidates)
-    raise UsageError(f"no {spec.name} folder found (tried {tried}); {_how_to_get(spec)}")
+    raise UsageError(f"no {spec.name} folder found (tried {tried}); {how_to_get(spec)}")
 
 
 def data_files(
@@ -189,6 +194,11 @@ def data_files(
     return [("the data", path) for path in paths if path.exists()]
 
 
+def _holds_every_file(folder: Path, spec: DatasetSpec) -> bool:
+    """Whether each of the dataset's four files is in `folder`, gzipped or plain."""
+    return all(any(p.is_file() for p in _idx_candidates(folder, f.name)) for f in spec.files)
+
+
 def _idx_candidates(folder: Path, stem: str) -> tuple[Path, Path]:
     """Where one of the four files may be, in the order looked in: gzipped, then plain."""
     return folder / f"{stem}.gz", folder / stem
@@ -201,7 +211,7 @@ def _idx_path(folder: Path, stem: str, spec: DatasetSpec) -> Path:
     for candidate in _idx_candidates(folder, stem):
         if os.path.lexists(candidate):  # a folder, a FIFO, a link to nothing or a loop
             raise DataError(f"{candidate}: not a regular file")
-    raise DataError(f"{folder / stem}[.gz]: missing; {_how_to_get(spec)}")
+    raise DataError(f"{folder / stem}[.gz]: missing; {how_to_get(spec)}")
 
 
 def read_checked_idx(

@@ -4,17 +4,19 @@ official files, on request (--download), into the user's data folder."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
 
-from shared.data import DatasetSpec, OfficialFile
-from shared.errors import DataError, UsageError
+from shared.data import DatasetSpec, OfficialFile, how_to_get
+from shared.errors import DataError, UsageError, first_line
 from shared.idx import read_idx_content
 from shared.outputs import missing_folders, remove_if_empty
 
@@ -58,9 +60,12 @@ def _fetch(url: str, target: Path, progress: bool, limit: int) -> None:
                     bar.update(len(chunk))
     except urllib.error.HTTPError as e:
         raise DataError(f"{url}: the server answered HTTP {e.code} ({e.reason})") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise DataError(f"{url}: download failed ({reason})") from None
+    except urllib.error.URLError as e:
+        raise DataError(f"{url}: download failed ({e.reason})") from None
+    # A connection dropped mid-body (IncompleteRead), a reply that is not HTTP, a redirect to
+    # an address urllib cannot take (ValueError, InvalidURL): each the server's doing.
+    except (http.client.HTTPException, OSError, ValueError) as e:
+        raise DataError(f"{url}: download failed ({first_line(e)})") from None
     if total is not None and received != total:
         raise DataError(f"{url}: download cut short ({received} of {total} bytes)")
 
@@ -70,9 +75,12 @@ def _length(header: str | None, url: str) -> int | None:
     if not header:
         return None
     # int() also takes "-5", "1_000" and " 7 "; isdigit() also "²", which int() does not.
-    if not (header.strip().isascii() and header.strip().isdigit()):
+    text = header.strip()
+    if not (text.isascii() and text.isdigit()):
         raise DataError(f"{url}: the server declared a length of {header[:40]!r}, not a number")
-    return int(header) or None
+    if len(text) > 18:  # int() refuses 4,300 digits; no file is near 10**18 bytes
+        raise DataError(f"{url}: the server declared a length of {len(text):,} digits")
+    return int(text) or None
 
 
 def _md5(path: Path) -> str:
@@ -111,9 +119,16 @@ def download_dataset(
     """Fetch the four .gz files into a hidden staging folder inside `dest`, verify every one,
     and only then move them into place: a failed or partial download leaves nothing that
     looks like data. Returns `dest` (default: the dataset's user folder)."""
-    base_url = base_url or os.environ.get(DOWNLOAD_URL_ENV) or spec.download_url
-    if not base_url:
-        raise UsageError(f"--download: no official source is known for {spec.name}")
+    if not all(file.gzip_md5 or file.content_sha256 for file in spec.files):
+        raise UsageError(
+            f"--download: no checksums are known for {spec.name}'s files, and threefold "
+            f"downloads only what it can verify; {how_to_get(spec)}"
+        )
+    source = "--download-url"
+    if base_url is None:
+        source = f"${DOWNLOAD_URL_ENV}" if os.environ.get(DOWNLOAD_URL_ENV) else "the source"
+        base_url = os.environ.get(DOWNLOAD_URL_ENV) or spec.download_url
+    base_url = _checked_address(base_url, source)
     dest = Path(dest or spec.user_dir)
     made, staging, done = missing_folders(dest), None, False
     try:
@@ -126,11 +141,40 @@ def download_dataset(
         for file, name in zip(spec.files, names, strict=True):
             _fetch(f"{base_url.rstrip('/')}/{name}", staging / name, progress, most_bytes(file))
             verify_download(staging / name, file)
-        for name in names:
-            os.replace(staging / name, dest / name)
+        _move_into_place(staging, dest, names)
         done = True
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         remove_if_empty([] if done else made)  # a failed download leaves no folder it made
     return dest
+
+
+def _checked_address(base_url: str, source: str) -> str:
+    """`base_url` if it is an http:// or https:// address with a host; else a one-line
+    UsageError naming `source` (urllib's own errors for the rest are tracebacks)."""
+    shown = f"{source} {base_url[:80]!r}"
+    try:
+        parts = urllib.parse.urlsplit(base_url)
+        parts.port  # noqa: B018 -- a port that is not a number raises here
+    except ValueError as e:
+        raise UsageError(f"{shown}: not an address ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"{shown}: not an http:// or https:// address")
+    if not base_url.isprintable() or " " in base_url:
+        raise UsageError(f"{shown}: an address holds no spaces or control characters")
+    return base_url
+
+
+def _move_into_place(staging: Path, dest: Path, names: list[str]) -> None:
+    """Each verified file from `staging` to `dest`; a folder in a file's place is refused
+    before any moves, so that a failure leaves the data folder as it was."""
+    for name in names:
+        if (dest / name).is_dir():
+            raise DataError(f"{dest / name}: a folder where the download puts its file")
+    try:
+        for name in names:
+            os.replace(staging / name, dest / name)
+    except OSError as e:
+        why = e.strerror or e
+        raise DataError(f"{dest}: cannot move the download into place ({why})") from None

@@ -57,6 +57,17 @@ def test_a_flag_that_cannot_work_is_one_line_before_anything_is_measured(flags, 
     assert not out.exists() and time.monotonic() - started < 60
 
 
+def test_a_batch_larger_than_the_training_images_is_one_line(tmp_path, tiny_data_dir):
+    # Its worker waited for a whole batch that never came, until --timeout (10 minutes).
+    out = tmp_path / "out"
+    flags = ["--batch-sizes", "1000", "--data-dir", str(tiny_data_dir), "--out", str(out)]
+    result = run_script("benchmark.py", "--impl", "numpy", "--timeout", "60", *flags)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "--batch-sizes 1000: more than the" in line and "training images" in line
+    assert not out.exists()
+
+
 def test_its_result_files_are_checked_before_it_measures(tmp_path):
     (tmp_path / "benchmark.json").mkdir()
     (tmp_path / "benchmark.md").write_text("earlier results")

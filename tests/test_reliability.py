@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,13 +29,14 @@ from shared.backend import IMPLEMENTATIONS
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.cli import run_cli
 from shared.config import TrainConfig
-from shared.data import FASHION_MNIST, OfficialFiles, find_data_dir, load_dataset
+from shared.data import DATASETS, FASHION_MNIST, OfficialFiles, find_data_dir, load_dataset
 from shared.download import download_dataset, most_bytes
 from shared.errors import (
     DataError,
     Interrupted,
     OutputError,
     Terminated,
+    UsageError,
     act_on_signals,
     stop_on_signals,
 )
@@ -559,6 +561,20 @@ def test_a_file_with_the_official_count_must_have_the_official_content(tmp_path)
         load_dataset(folder)
 
 
+def test_a_damaged_system_install_does_not_hide_the_download(tmp_path, monkeypatch):
+    # Its error said to --download, and every command went on reading the damaged one.
+    system, downloaded = tmp_path / "system", make_dataset_dir(tmp_path / "xdg/threefold/f")
+    system.mkdir()
+    (system / "t10k-labels-idx1-ubyte.gz").write_bytes(b"")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("THREEFOLD_DATA", raising=False)
+    spec = dataclasses.replace(FASHION_MNIST, name="f", default_dir=system)
+    assert find_data_dir(spec=spec) == downloaded
+    for file in downloaded.iterdir():
+        file.unlink()
+    assert find_data_dir(spec=spec) == system  # neither whole: the first, whose error names it
+
+
 def test_the_real_files_are_the_official_ones_and_load(real_data):
     """The pinned digests are those of this machine's files, hashed here apart from the
     loader (whose check of them the test above plants a wrong file against)."""
@@ -679,6 +695,86 @@ def test_a_failed_download_leaves_nothing_that_looks_valid(served_files, tmp_pat
     if fault == "bad length":
         assert "the server declared a length of '²', not a number" in str(err.value)
     assert not dest.exists()  # not the files that downloaded fine, nor the folder it made
+
+
+class RawServer:
+    """A server on 127.0.0.1 that answers every connection with `reply`'s bytes and closes it:
+    replies no HTTP server would send."""
+
+    def __init__(self, reply: bytes):
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}/"
+        self.reply = reply
+        threading.Thread(target=self._answer, daemon=True).start()
+
+    def _answer(self) -> None:
+        while True:
+            try:
+                connection, _ = self.socket.accept()
+            except OSError:  # closed
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(self.reply)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.socket.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [  # each was a traceback: IncompleteRead, BadStatusLine, int()'s limit of 4,300 digits
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n100\r\nabc", "IncompleteRead"),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", "BadStatusLine"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", "5,000 digits"),
+    ],
+)
+def test_a_reply_that_is_not_a_file_is_one_line(served_files, tmp_path, reply, message):
+    _, spec = served_files
+    dest = tmp_path / "dest"
+    with RawServer(reply) as server, pytest.raises(DataError) as err:
+        download_dataset(spec, dest, server.url, progress=False)
+    assert "\n" not in str(err.value) and message in str(err.value)
+    assert not dest.exists()
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("/usr/share/datasets/fashion-mnist", "not an http:// or https:// address"),
+        ("", "not an http:// or https:// address"),  # it fell back to the official address
+        ("http://localhost:8O8O/", "not an address (Port could not be cast"),
+        ("http://[::1", "not an address (Invalid IPv6 URL)"),
+        ("http://a b/", "an address holds no spaces or control characters"),
+    ],
+)
+def test_a_download_address_that_is_not_one_is_refused_naming_the_flag(
+    served_files, tmp_path, address, message
+):
+    _, spec = served_files
+    with pytest.raises(UsageError, match=re.escape(f"--download-url {address!r}: {message}")):
+        download_dataset(spec, tmp_path / "dest", address, progress=False)
+    assert not (tmp_path / "dest").exists()
+
+
+def test_a_folder_in_a_file_s_place_is_refused_before_any_file_moves(served_files, tmp_path):
+    files, spec = served_files
+    dest = tmp_path / "dest"
+    (dest / "t10k-labels-idx1-ubyte.gz").mkdir(parents=True)
+    with Server(files) as server, pytest.raises(DataError, match="a folder where the download"):
+        download_dataset(spec, dest, server.url, progress=False)
+    assert idx_files_in(dest) == ["t10k-labels-idx1-ubyte.gz"]  # three had moved in
+
+
+def test_a_dataset_without_checksums_is_not_downloaded(served_files, tmp_path):
+    # MNIST's files came from any address and were called verified.
+    files, _ = served_files
+    with Server(files) as server, pytest.raises(UsageError, match="no checksums are known"):
+        download_dataset(DATASETS["mnist"], tmp_path / "dest", server.url, progress=False)
+    assert not (tmp_path / "dest").exists()
 
 
 def test_download_flag_checks_the_official_checksums(served_files, tmp_path):
