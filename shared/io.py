@@ -129,14 +129,28 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
+# More than any JSON file the project writes (a grid's store of a thousand runs: a few MB).
+JSON_MOST_BYTES = 1 << 28
+
+
 def read_json(path: Path) -> Any:
     """A JSON file the project wrote, read as strictly: NaN and infinities, which Python's
-    json would accept, are refused with a ValueError, as they would be when written."""
+    json would accept, are refused with a ValueError, as they would be when written; so are
+    a FIFO or a device under its name (which would wait for a writer, or never end) and a
+    file of more than JSON_MOST_BYTES."""
 
     def refuse(constant: str) -> None:
         raise ValueError(f"{constant} is not a number JSON holds")
 
-    return json.loads(Path(path).read_text(), parse_constant=refuse)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a folder
+        os.close(fd)
+        raise ValueError("not a regular file")
+    with os.fdopen(fd, "rb") as file:
+        text = file.read(JSON_MOST_BYTES + 1)
+    if len(text) > JSON_MOST_BYTES:
+        raise ValueError(f"more than {JSON_MOST_BYTES:,} bytes, more than threefold writes")
+    return json.loads(text.decode(), parse_constant=refuse)
 
 
 def once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

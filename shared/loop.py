@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -182,7 +183,9 @@ def _saved(out_dir: Path | None, last_epoch: int) -> str:
 
 
 def _resume_command(out_dir: Path, data: Dataset) -> str:
-    return f"python scripts/train.py --resume {out_dir} --data-dir {data.source}"
+    """The command that continues the run, its paths quoted for the shell as needed."""
+    folders = f"--resume {shlex.quote(str(out_dir))} --data-dir {shlex.quote(str(data.source))}"
+    return f"python scripts/train.py {folders}"
 
 
 def _finite(values: dict[str, Any], what: str, epoch: int, config: TrainConfig) -> None:

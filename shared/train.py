@@ -32,6 +32,7 @@ from shared.outputs import (
     CURVES_NAME,
     EVALUATION_FILES,
     METRICS_NAME,
+    check_out_file,
     fresh_run_dir,
     hold,
     holds_run,
@@ -358,6 +359,9 @@ def _run(
     )
     if ckpt is not None:
         print(f"resuming after epoch {ckpt.meta['epoch']} of {config.epochs}")
+    flag = "--out" if ckpt is None else "--resume"
+    for name in (CHECKPOINT_NAME, METRICS_NAME, CURVES_NAME):  # not found after the training
+        check_out_file(folder / name, flag)
     record = train(config, data, folder, resume=ckpt, arch=arch, initial=initial)
     loss, accuracy = record["test"]["loss"], 100 * record["test"]["acc"]
     try:  # a stop while the output is blocked (a pager, Ctrl-S) finds the run whole

@@ -13,6 +13,7 @@ import http.server
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import shared.io
 from shared.backend import IMPLEMENTATIONS
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.cli import run_cli
@@ -96,6 +98,46 @@ def test_resume_ends_with_exactly_the_uninterrupted_parameters(impl, tiny_data_d
         np.testing.assert_array_equal(resumed.params[name], value, err_msg=name)
         for buffer, tensors in expected.optimizer.items():
             np.testing.assert_array_equal(resumed.optimizer[buffer][name], tensors[name])
+
+
+def test_the_command_that_continues_a_stopped_run_is_quoted_for_the_shell(tiny_data_dir, tmp_path):
+    # "--resume /tmp/my run" was printed as it was: pasted, "unrecognized arguments: run".
+    out = tmp_path / "my run"
+    out.mkdir()
+    config = TrainConfig(impl=IMPLS[0], epochs=2, batch_size=32)
+    with pytest.raises(Exception, match="interrupted in epoch 2") as stopped:
+        train(config, load_dataset(tiny_data_dir), out, log=StopAfter(1))
+    command = str(stopped.value).split("continue with: ")[1]
+    assert shlex.split(command)[2:] == ["--resume", str(out), "--data-dir", str(tiny_data_dir)]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "too large"])
+def test_json_that_is_not_a_file_threefold_wrote_is_refused_not_waited_for(
+    tmp_path, monkeypatch, kind
+):
+    # A metrics.json that was /dev/zero took --resume to 2.6 GB and a MemoryError; a FIFO hung.
+    path = tmp_path / "metrics.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    else:
+        monkeypatch.setattr(shared.io, "JSON_MOST_BYTES", 10)
+        path.write_text('{"test": "a result"}')
+    with pytest.raises(ValueError, match=r"not a regular file|more than 10 bytes"):
+        shared.io.read_json(path)
+
+
+def test_a_run_s_file_that_cannot_be_written_is_refused_before_it_trains(tiny_data_dir, tmp_path):
+    # A folder named curves.png: every epoch trained, then "cannot write it", exit 1.
+    out = tmp_path / "run"
+    (out / "curves.png").mkdir(parents=True)
+    result = run_script(
+        "train.py", "--impl", IMPLS[0], "--data-dir", str(tiny_data_dir), "--out", str(out)
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--out {out / 'curves.png'}: is a folder" in result.stderr.splitlines()[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png"]
 
 
 def test_resume_command_continues_and_refuses_changed_flags(tiny_data_dir, tmp_path):
