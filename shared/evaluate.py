@@ -16,8 +16,8 @@ from shared.checkpoint import Checkpoint, load_checkpoint
 from shared.cli import add_data_dir_flag, path_type, run_cli
 from shared.config import averages_mirrors
 from shared.data import Dataset, load_dataset
-from shared.errors import CheckpointError, act_on_signals, signals_held
-from shared.io import write_json
+from shared.errors import CheckpointError, UsageError, act_on_signals, signals_held
+from shared.io import staged, write_json
 from shared.layers import NUM_CLASSES
 from shared.outputs import EVALUATION_FILES, check_out_files, hold, prepare_out_dir
 from shared.plots import plt, save_figure
@@ -108,11 +108,15 @@ def write_report(path: Path, result: dict[str, Any], data: Dataset, out: Path) -
         print(f"  {name:<12} " + ("no images" if acc is None else f"{100 * acc:6.2f}%"))
     title = f"{result['arch']} | test accuracy {100 * result['acc']:.2f}% | {impl}"
     cm = np.array(result["confusion_matrix"])
-    confusion, misclassified, evaluation = (out / name for name in EVALUATION_FILES)
-    plot_confusion(cm, data.spec.class_names, title, confusion)
-    plot_misclassified(data, logits.argmax(axis=1), misclassified)
-    write_json(evaluation, result)
-    print(f"wrote {confusion}, {misclassified}, {evaluation}")
+    paths = [out / name for name in EVALUATION_FILES]
+    # One set: each replaces its older version only once all three are written (a full disk
+    # at the second left a new confusion matrix beside an older report).
+    with contextlib.ExitStack() as stack:
+        confusion, misclassified, evaluation = (stack.enter_context(staged(p)) for p in paths)
+        plot_confusion(cm, data.spec.class_names, title, confusion)
+        plot_misclassified(data, logits.argmax(axis=1), misclassified)
+        write_json(evaluation, result)
+    print(f"wrote {', '.join(map(str, paths))}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             # write: its checkpoint is about to change. A folder not yet made holds none, and
             # everything is read and evaluated before it is made. Not over the checkpoint, nor
             # another run's files (its own run's evaluation is where its report goes).
+            if out.exists() and not out.is_dir():  # found only once it had evaluated
+                raise UsageError(f"{flag} {out}: is a file, not a folder")
             if out.is_dir():
                 held.enter_context(hold(out, flag))
                 reads = [("checkpoint", args.checkpoint)]

@@ -465,6 +465,36 @@ def train_with_full_disk(limit: int, *args: str) -> subprocess.CompletedProcess:
     return with_full_disk("train.py", limit, *args)
 
 
+def test_evaluate_refuses_an_out_that_is_a_file_before_it_evaluates(tiny_data_dir, tmp_path):
+    # Found only once the whole test set was evaluated: "cannot create folder".
+    run = ("--impl", IMPLS[0], "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert run_script("train.py", *run, "--data-dir", str(tiny_data_dir)).returncode == 0
+    metrics = tmp_path / "run" / "metrics.json"
+    before = metrics.read_bytes()
+    flags = ("--out", str(metrics), "--data-dir", str(tmp_path / "no data"))  # never read
+    done = run_script("evaluate.py", str(tmp_path / "run" / "checkpoint.npz"), *flags)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"--out {metrics}: is a file, not a folder" in done.stderr.splitlines()[-1]
+    assert metrics.read_bytes() == before
+
+
+def test_an_evaluation_report_is_replaced_whole_or_not_at_all(tiny_data_dir, tmp_path):
+    # A full disk at its second picture left a new confusion matrix beside the older report.
+    data = ("--data-dir", str(tiny_data_dir))
+    run = ("--impl", IMPLS[0], "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert run_script("train.py", *run, *data).returncode == 0
+    checkpoint = tmp_path / "run" / "checkpoint.npz"
+    assert run_script("evaluate.py", str(checkpoint), "--tta", *data).returncode == 0
+    report = [checkpoint.parent / name for name in EVALUATION_FILES]
+    before = [path.read_bytes() for path in report]
+    pictures = sorted(len(path.read_bytes()) for path in report if path.suffix == ".png")
+    assert pictures[0] < 0.9 * pictures[1]  # a limit between them fails the larger alone
+    limit = (pictures[0] + pictures[1]) // 2
+    done = with_full_disk("evaluate.py", limit, str(checkpoint), "--no-tta", *data)
+    assert done.returncode == 1 and "File too large" in done.stderr
+    assert [path.read_bytes() for path in report] == before
+
+
 def test_a_full_disk_ends_in_one_line_and_loses_no_epoch(tiny_data_dir, tmp_path):
     out = tmp_path / "run"
     args = ["--impl", "numpy", "--epochs", "2", "--batch-size", "16", "--out", str(out),
