@@ -41,7 +41,13 @@ from shared.errors import (
 )
 from shared.io import remove_stale_temporaries, write_json
 from shared.layers import NUM_CLASSES
-from shared.outputs import CHECKPOINT_NAME, CURVES_NAME, METRICS_NAME, RUN_FILES
+from shared.outputs import (
+    CHECKPOINT_NAME,
+    CURVES_NAME,
+    METRICS_NAME,
+    RUN_FILES,
+    remove_evaluation,
+)
 from shared.plots import plot_curves
 from shared.spec import Arch, Params, cast_params, get_arch, init_params
 
@@ -360,7 +366,7 @@ def train_epochs(run: Run, log: Callable[[str], None]) -> None:
             )
             if entry["val_loss"] is not None:
                 _finite({"loss": entry["val_loss"]}, "the validation", epoch, config)
-            save_epoch(run, entry)
+            removed = save_epoch(run, entry)
             # Printed once saved: an epoch on the screen is an epoch in the checkpoint.
             log(
                 metrics.epoch_line(
@@ -373,6 +379,12 @@ def train_epochs(run: Run, log: Callable[[str], None]) -> None:
                     entry["epoch_seconds"],
                 )
             )
+            if removed:
+                log(
+                    f"note: removed {', '.join(removed)}, evaluate.py's report of epoch "
+                    f"{epoch - 1}'s checkpoint, which epoch {epoch}'s replaced (evaluate it "
+                    "again once the run ends)"
+                )
     except KeyboardInterrupt as stop:
         resume_hint = (
             f"; continue with: {_resume_command(run.out_dir, run.data)}"
@@ -386,12 +398,13 @@ def train_epochs(run: Run, log: Callable[[str], None]) -> None:
         raise type(e)(f"{e}; {_saved(run.out_dir, run.done)}") from None
 
 
-def save_epoch(run: Run, entry: dict[str, Any]) -> None:
+def save_epoch(run: Run, entry: dict[str, Any]) -> list[str]:
     """Add the epoch's history entry to the record; with an out_dir, write the checkpoint and
-    metrics.json together, Ctrl-C and SIGTERM held until both are written."""
+    metrics.json together, Ctrl-C and SIGTERM held until both are written, and remove
+    evaluate.py's report of the checkpoint replaced. -> the report's files removed."""
     if run.out_dir is None:
         run.record["history"].append(entry)
-        return
+        return []
     params = run.backend.params(run.state)
     _finite(params, "the weights of", entry["epoch"], run.config)
     history = [*run.record["history"], entry]
@@ -409,6 +422,7 @@ def save_epoch(run: Run, entry: dict[str, Any]) -> None:
         save_checkpoint(run.out_dir / CHECKPOINT_NAME, params, meta, optimizer)
         run.record["history"] = history  # the checkpoint holds the epoch from here on
         write_json(run.out_dir / METRICS_NAME, run.record)
+        return remove_evaluation(run.out_dir)
 
 
 def finish_run(run: Run) -> None:

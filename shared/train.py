@@ -19,7 +19,6 @@ from shared.config import (
 from shared.data import Dataset, get_dataset_spec, load_dataset
 from shared.errors import (
     CheckpointError,
-    OutputError,
     UsageError,
     act_on_signals,
     stop_on_signals,
@@ -30,7 +29,6 @@ from shared.network import import_network, load_weights
 from shared.outputs import (
     CHECKPOINT_NAME,
     CURVES_NAME,
-    EVALUATION_FILES,
     METRICS_NAME,
     check_out_file,
     fresh_run_dir,
@@ -228,27 +226,7 @@ def _resume(args: argparse.Namespace, typed: set[str]) -> int:
             # Run again, its test and curves would be written anew over the ones it has.
             print(f"{folder}: the run is finished (its test and curves are written); nothing to do")
             return 0
-        if ckpt.meta["epoch"] < config.epochs:  # else only its test is left to write
-            _drop_evaluation(folder, ckpt.meta["epoch"])
         return _run(config, get_arch(config.arch, files=False), data, folder, ckpt)
-
-
-def _drop_evaluation(folder: Path, epoch: int) -> None:
-    """Remove evaluate.py's report of the checkpoint a resumed run is about to replace: left,
-    it gave the accuracy of epoch `epoch` beside the finished run's checkpoint."""
-    stale = [folder / name for name in EVALUATION_FILES if (folder / name).exists()]
-    for path in stale:
-        try:
-            path.unlink()
-        except OSError as e:
-            raise OutputError(
-                f"{path}: cannot remove it ({e.strerror or e}); nothing trained"
-            ) from None
-    if stale:
-        print(
-            f"note: removed {', '.join(p.name for p in stale)}, evaluate.py's report of epoch "
-            f"{epoch}'s checkpoint, which the run replaces (evaluate it again once it ends)"
-        )
 
 
 def _finished(folder: Path) -> bool:

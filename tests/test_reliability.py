@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 import shared.io
+import shared.loop
 from shared.backend import IMPLEMENTATIONS
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.cli import run_cli
@@ -245,6 +246,33 @@ def test_an_evaluation_is_never_of_a_checkpoint_a_training_replaces(tiny_data_di
     resumed.send_signal(signal.SIGINT)
     resumed.communicate(timeout=60)
     assert not any((out / name).exists() for name in EVALUATION_FILES)
+
+
+def test_a_resumed_run_removes_the_report_once_it_replaces_the_checkpoint(
+    tiny_data_dir, tmp_path, monkeypatch
+):
+    # --resume removed it at start: stopped before an epoch, the run had lost the report of a
+    # checkpoint that had not changed.
+    data, out = load_dataset(tiny_data_dir), tmp_path / "run"
+    out.mkdir()
+    config = TrainConfig(impl=IMPLS[0], epochs=2, batch_size=32)
+    with pytest.raises(Exception, match="interrupted in epoch 2"):
+        train(config, data, out, log=StopAfter(1))
+    for name in EVALUATION_FILES:
+        (out / name).write_text("the report of epoch 1")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(shared.loop, "evaluate_epoch", stopped)
+        with pytest.raises(Exception, match="interrupted in epoch 2"):
+            train(config, data, out, log=print, resume=load_checkpoint(out / "checkpoint.npz"))
+    assert all((out / name).exists() for name in EVALUATION_FILES)
+    said = []
+    train(config, data, out, log=said.append, resume=load_checkpoint(out / "checkpoint.npz"))
+    assert not any((out / name).exists() for name in EVALUATION_FILES)
+    assert sum("report of epoch 1's checkpoint, which epoch 2's replaced" in s for s in said) == 1
 
 
 def dropping_a_sigterm(dropped: list) -> Callable[[str, dict], None]:
