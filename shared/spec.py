@@ -166,9 +166,10 @@ def get_arch(text: str, where: str = "--arch", files: bool = True) -> Arch:
     """The network `text` describes: a preset name, a .json or .toml file, a PyTorch model
     FILE.py:NAME or an ONNX FILE.onnx (if `files`), or a compact spec. A spec that cannot
     work raises a UsageError naming `where`, the token and the conflict."""
-    if text in PRESETS:
-        spec, description = PRESETS[text]
-        return Arch(text, description, build_layers(_tokens(spec, where), where))
+    if text.strip() in PRESETS:  # as a spec's tokens are, " lab" is the preset
+        name = text.strip()
+        spec, description = PRESETS[name]
+        return Arch(name, description, build_layers(_tokens(spec, where), where))
     if files and is_model_file(text):
         from shared.network import import_network  # imports PyTorch or ONNX, as only this needs
 

@@ -88,6 +88,8 @@ def test_a_preset_written_out_is_that_preset():
     arch = get_arch(spec)
     assert arch.layers == get_arch("pool").layers
     assert arch.name == arch.label == "pool"
+    # Stripped as a spec is: " lab" was "token 'lab' is not a layer".
+    assert get_arch(" lab\n").name == "lab"
 
 
 # --- the grammar: what builds -------------------------------------------------------------
