@@ -20,14 +20,20 @@ from shared.layers import window_offsets
 def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding: int) -> jax.Array:
     """x (N, C, H, W), w (O, C, k, k), b (O,) or None -> out (N, O, H', W').
 
-    Chosen by the input's channels, as measured on this CPU (docs/PERFORMANCE.md): with one
-    channel, one matrix product w (O, k*k) @ im2col(x) per image, as in impl_numpy (XLA's
-    own convolution made the lab network's step 1.35x slower), its weight gradient one
-    reduction (see _one_channel_product); with more, XLA's convolution (im2col's k*k-fold
-    unfolded copy made the forward slower), its weight gradient taken from another
-    formulation that does build that copy (see _conv_many_channels).
+    For kernels of at most LARGE_KERNEL positions, chosen by the input's channels, as
+    measured on this CPU (docs/PERFORMANCE.md): with one channel, one matrix product
+    w (O, k*k) @ im2col(x) per image, as in impl_numpy (XLA's own convolution made the lab
+    network's step 1.35x slower), its weight gradient one reduction (see
+    _one_channel_product); with more, XLA's convolution (im2col's k*k-fold unfolded copy made
+    the forward slower), its weight gradient taken from another formulation that does build
+    that copy (see _conv_many_channels).
     """
     n = x.shape[0]
+    if w.shape[2] * w.shape[3] > LARGE_KERNEL:
+        # Both formulations below write a slice per kernel position: at 28 x 28, XLA's
+        # compiling outlasted a minute. XLA's convolution and its gradients are one each.
+        out = _conv_xla(x, w, stride, padding)
+        return out if b is None else out + b[:, None, None]
     if by_xla_convolution(w.shape[1]):
         if n == w.shape[1]:
             # YNNPACK's convolution ran 2-3x slower where the batch equals the input channels,
@@ -45,6 +51,11 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding
     if b is not None:
         out = out + b[:, None]
     return out.reshape(n, o, ho, wo)
+
+
+# Kernels of more positions run XLA's convolution alone (conv2d): 7 x 7 and smaller keep the
+# formulations measured fastest.
+LARGE_KERNEL = 49
 
 
 def by_xla_convolution(in_channels: int) -> bool:
@@ -236,18 +247,24 @@ def max_pool(
     pool network 1.85x slower.
     """
     x = _pad(x, padding, -jnp.inf)
+    if stride != size:  # windows that overlap, or leave gaps
+        offsets = window_offsets(x, size, stride)
+        if size * size > SELECT_POOL_MAX:
+            return _max_pool_by_gather(jnp.stack(offsets, axis=-1))
+        return _running_max(offsets)[0]
+    n, c, h, w = x.shape
+    ho, wo = h // size, w // size
+    cropped = x[:, :, : ho * size, : wo * size]
     if size * size > SELECT_POOL_MAX:
-        return _max_pool_by_gather(window_offsets(x, size, stride))
-    if stride == size:
-        n, c, h, w = x.shape
-        ho, wo = h // size, w // size
-        cropped = x[:, :, : ho * size, : wo * size]
-        if channels_last:
-            tiles = cropped.transpose(0, 2, 3, 1).reshape(n, ho, size, wo, size, c)
-            return _first_max_of_tiles(tiles, size).transpose(0, 3, 1, 2)
-        tiles = cropped.reshape(n * c, ho, size, wo, size, 1)
-        return _first_max_of_tiles(tiles, size).reshape(n, c, ho, wo)
-    return _running_max(window_offsets(x, size, stride))[0]
+        # One reshape: a slice per position made XLA compile a 28 x 28 window for 11 s, and a
+        # 100 x 100 one for minutes.
+        tiles = cropped.reshape(n, c, ho, size, wo, size).transpose(0, 1, 2, 4, 3, 5)
+        return _max_pool_by_gather(tiles.reshape(n, c, ho, wo, size * size))
+    if channels_last:
+        tiles = cropped.transpose(0, 2, 3, 1).reshape(n, ho, size, wo, size, c)
+        return _first_max_of_tiles(tiles, size).transpose(0, 3, 1, 2)
+    tiles = cropped.reshape(n * c, ho, size, wo, size, 1)
+    return _first_max_of_tiles(tiles, size).reshape(n, c, ho, wo)
 
 
 def _running_max(offsets: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -308,10 +325,10 @@ def _first_max_of_tiles_backward(k, first, dout):
 _first_max_of_tiles.defvjp(_first_max_of_tiles_forward, _first_max_of_tiles_backward)
 
 
-def _max_pool_by_gather(offsets: list[jax.Array]) -> jax.Array:
-    """The same maximum as max_pool's, picked from the stacked offsets at its index: the
-    last NaN where a window holds one, else the first maximum."""
-    windows = jnp.stack(offsets, axis=-1)  # (N, C, H', W', size*size)
+def _max_pool_by_gather(windows: jax.Array) -> jax.Array:
+    """windows (N, C, H', W', size*size), positions in row-major order -> the same maximum
+    as max_pool's, picked at its index: the last NaN where a window holds one, else the first
+    maximum."""
     nan = jnp.isnan(windows)
     last_nan = windows.shape[-1] - 1 - jnp.argmax(nan[..., ::-1], axis=-1)
     first = jnp.where(nan.any(axis=-1), last_nan, jnp.argmax(windows, axis=-1))

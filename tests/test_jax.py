@@ -330,3 +330,19 @@ def test_another_label_smoothing_compiles_nothing_new():
     assert requests > 0 and events.count("/jax/compilation_cache/cache_hits") == requests
     expected = impl_numpy.model.loss_and_grads(params, x, y, arch, {}, 0.25)[0]
     np.testing.assert_allclose(ours, [expected, expected], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("layer", "grown"),
+    [  # a 28 x 28 window as a slice per position: 784 slices, 11 s to compile with its gradient
+        (partial(impl_jax.layers.max_pool, size=28, stride=28), "maxpool28"),
+        (
+            lambda x: impl_jax.layers.conv2d(x, jnp.ones((1, 1, 28, 28)), None, 1, 14),
+            "conv1k28p14",
+        ),
+    ],
+)
+def test_a_large_window_compiles_to_a_few_operations_not_one_per_position(layer, grown):
+    x = jnp.zeros((2, 1, 28, 28))
+    program = jax.jit(jax.grad(lambda x: layer(x).sum())).lower(x).as_text()
+    assert len(re.findall(r"stablehlo\.slice\b", program)) < 10, grown
