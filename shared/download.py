@@ -8,6 +8,7 @@ import http.client
 import os
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -21,7 +22,10 @@ from shared.idx import read_idx_content
 from shared.outputs import missing_folders, remove_if_empty
 
 DOWNLOAD_URL_ENV = "THREEFOLD_DOWNLOAD_URL"
-TIMEOUT_SECONDS = 60
+TIMEOUT_SECONDS = 60  # for each read: a server that says nothing for this long has gone
+# A whole file may take TIMEOUT_SECONDS and its largest size at this rate: a server that
+# trickles a byte every few seconds is stopped in minutes, not after days.
+SLOWEST_BYTES_PER_SECOND = 50_000
 
 
 def most_bytes(file: OfficialFile) -> int:
@@ -40,7 +44,7 @@ def _fetch(url: str, target: Path, progress: bool, limit: int) -> None:
             total = _length(response.headers.get("Content-Length"), url)
             if total is not None and total > limit:
                 raise DataError(f"{url}: {total:,} bytes, more than the file can be ({limit:,})")
-            received = 0
+            received, deadline = 0, time.monotonic() + _allowed_seconds(limit)
             with (
                 open(target, "wb") as f,
                 tqdm(
@@ -52,10 +56,15 @@ def _fetch(url: str, target: Path, progress: bool, limit: int) -> None:
                     leave=False,
                 ) as bar,
             ):
-                while chunk := response.read(1 << 16):
+                while chunk := response.read1(1 << 16):  # what has arrived: a trickle meets the deadline
                     received += len(chunk)
                     if received > limit:  # a server that sends no length, or lies about it
                         raise DataError(f"{url}: more than the file can be ({limit:,} bytes)")
+                    if time.monotonic() > deadline:
+                        raise DataError(
+                            f"{url}: {received:,} bytes in {_allowed_seconds(limit):.0f} s, "
+                            f"slower than {SLOWEST_BYTES_PER_SECOND:,} bytes a second; stopped"
+                        )
                     f.write(chunk)
                     bar.update(len(chunk))
     except urllib.error.HTTPError as e:
@@ -68,6 +77,11 @@ def _fetch(url: str, target: Path, progress: bool, limit: int) -> None:
         raise DataError(f"{url}: download failed ({first_line(e)})") from None
     if total is not None and received != total:
         raise DataError(f"{url}: download cut short ({received} of {total} bytes)")
+
+
+def _allowed_seconds(limit: int) -> float:
+    """The longest a file of at most `limit` bytes may take to arrive."""
+    return TIMEOUT_SECONDS + limit / SLOWEST_BYTES_PER_SECOND
 
 
 def _length(header: str | None, url: str) -> int | None:

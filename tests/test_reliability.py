@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import shared.download
 import shared.io
 import shared.loop
 from shared.backend import IMPLEMENTATIONS
@@ -798,13 +799,13 @@ def test_a_failed_download_leaves_nothing_that_looks_valid(served_files, tmp_pat
 
 
 class RawServer:
-    """A server on 127.0.0.1 that answers every connection with `reply`'s bytes and closes it:
-    replies no HTTP server would send."""
+    """A server on 127.0.0.1 that answers every connection with `reply`'s bytes, then
+    `trickle`'s a byte every 0.2 s, and closes it: replies no HTTP server would send."""
 
-    def __init__(self, reply: bytes):
+    def __init__(self, reply: bytes, trickle: bytes = b""):
         self.socket = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}/"
-        self.reply = reply
+        self.reply, self.trickle = reply, trickle
         threading.Thread(target=self._answer, daemon=True).start()
 
     def _answer(self) -> None:
@@ -816,6 +817,12 @@ class RawServer:
             with connection:
                 connection.recv(65536)
                 connection.sendall(self.reply)
+                for byte in self.trickle:
+                    time.sleep(0.2)
+                    try:
+                        connection.sendall(bytes([byte]))
+                    except OSError:  # the client gave up
+                        break
 
     def __enter__(self):
         return self
@@ -839,6 +846,19 @@ def test_a_reply_that_is_not_a_file_is_one_line(served_files, tmp_path, reply, m
         download_dataset(spec, dest, server.url, progress=False)
     assert "\n" not in str(err.value) and message in str(err.value)
     assert not dest.exists()
+
+
+def test_a_server_that_trickles_is_stopped(served_files, tmp_path, monkeypatch):
+    # A byte every 5 s: the download would have gone on for 83 minutes a file.
+    _, spec = served_files
+    monkeypatch.setattr(shared.download, "TIMEOUT_SECONDS", 1)
+    monkeypatch.setattr(shared.download, "SLOWEST_BYTES_PER_SECOND", 10**12)
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+    started = time.monotonic()
+    with RawServer(reply, trickle=bytes(100)) as server, pytest.raises(DataError) as err:
+        download_dataset(spec, tmp_path / "dest", server.url, progress=False)
+    assert "slower than 1,000,000,000,000 bytes a second; stopped" in str(err.value)
+    assert time.monotonic() - started < 10 and not (tmp_path / "dest").exists()
 
 
 @pytest.mark.parametrize(
