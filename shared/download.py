@@ -56,7 +56,9 @@ def _fetch(url: str, target: Path, progress: bool, limit: int) -> None:
                     leave=False,
                 ) as bar,
             ):
-                while chunk := response.read1(1 << 16):  # what has arrived: a trickle meets the deadline
+                while chunk := response.read1(
+                    1 << 16
+                ):  # what has arrived: a trickle meets the deadline
                     received += len(chunk)
                     if received > limit:  # a server that sends no length, or lies about it
                         raise DataError(f"{url}: more than the file can be ({limit:,} bytes)")
