@@ -160,8 +160,8 @@ def how_to_get(spec: DatasetSpec) -> str:
 def find_data_dir(data_dir: str | Path | None = None, spec: DatasetSpec = FASHION_MNIST) -> Path:
     """The folder to read: `data_dir`, else $THREEFOLD_DATA, else the system-wide install
     (Debian's), else where --download puts the files. Of those two, one that holds the four
-    files comes first: a damaged system install, whose error says to --download, must not
-    hide the download."""
+    files comes first: a system install missing a file, whose error says to --download, must
+    not hide the download. (One whose files are all there but damaged still does.)"""
     if data_dir is not None:
         candidates = [(Path(data_dir), "--data-dir")]
     elif os.environ.get(DATA_DIR_ENV):
@@ -228,7 +228,7 @@ def read_checked_idx(
             f"{path}: content differs from the official {spec.name} file (SHA-256 of the "
             f"IDX bytes {actual[:16]}..., expected {expected[:16]}...): the file is damaged; "
             f"reinstall it ('apt-get install --reinstall dataset-fashion-mnist') or fetch "
-            "it again with --download"
+            "it again with --download --data-dir FOLDER, then pass --data-dir FOLDER"
         )
     # MNIST's files are not pinned, but Fashion-MNIST's are: its files are not MNIST's.
     for other in DATASETS.values():

@@ -23,8 +23,9 @@ from shared.outputs import missing_folders, remove_if_empty
 
 DOWNLOAD_URL_ENV = "THREEFOLD_DOWNLOAD_URL"
 TIMEOUT_SECONDS = 60  # for each read: a server that says nothing for this long has gone
-# A whole file may take TIMEOUT_SECONDS and its largest size at this rate: a server that
-# trickles a byte every few seconds is stopped in minutes, not after days.
+# A file's body may take TIMEOUT_SECONDS and the file's largest size (most_bytes) at this
+# rate: a server that trickles a byte every few seconds is stopped in minutes, not hours.
+# (Its headers are read under the per-read timeout alone.)
 SLOWEST_BYTES_PER_SECOND = 50_000
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -135,17 +136,20 @@ JSON_MOST_BYTES = 1 << 28
 
 def read_json(path: Path) -> Any:
     """A JSON file the project wrote, read as strictly: NaN and infinities, which Python's
-    json would accept, are refused with a ValueError, as they would be when written; so are
-    a FIFO or a device under its name (which would wait for a writer, or never end) and a
-    file of more than JSON_MOST_BYTES."""
+    json would accept, are refused with a ValueError, as they would be when written, and so is
+    a file of more than JSON_MOST_BYTES; a folder, a FIFO or a device under its name (which
+    would wait for a writer, or never end) is an OSError, as a file that cannot be read."""
 
     def refuse(constant: str) -> None:
         raise ValueError(f"{constant} is not a number JSON holds")
 
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a folder
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # before fdopen, which refuses a folder
         os.close(fd)
-        raise ValueError("not a regular file")
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        raise OSError("not a regular file")
     with os.fdopen(fd, "rb") as file:
         text = file.read(JSON_MOST_BYTES + 1)
     if len(text) > JSON_MOST_BYTES:

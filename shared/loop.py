@@ -349,6 +349,7 @@ def train_epochs(run: Run, log: Callable[[str], None]) -> None:
     """The remaining epochs, each evaluated on validation, saved, then printed. Ctrl-C,
     SIGTERM or a divergence end the run in one line that says what was kept."""
     config, backend = run.config, run.backend
+    resumed_after = run.done  # the epochs of the checkpoint resumed; 0 for a new run
     try:
         for epoch in range(run.done + 1, config.epochs + 1):
             start = time.perf_counter()
@@ -366,7 +367,8 @@ def train_epochs(run: Run, log: Callable[[str], None]) -> None:
             )
             if entry["val_loss"] is not None:
                 _finite({"loss": entry["val_loss"]}, "the validation", epoch, config)
-            removed = save_epoch(run, entry)
+            # A report in a new run's folder is of another checkpoint, which stays.
+            removed = save_epoch(run, entry, drop_report=resumed_after > 0)
             # Printed once saved: an epoch on the screen is an epoch in the checkpoint.
             log(
                 metrics.epoch_line(
@@ -398,10 +400,11 @@ def train_epochs(run: Run, log: Callable[[str], None]) -> None:
         raise type(e)(f"{e}; {_saved(run.out_dir, run.done)}") from None
 
 
-def save_epoch(run: Run, entry: dict[str, Any]) -> list[str]:
+def save_epoch(run: Run, entry: dict[str, Any], drop_report: bool = False) -> list[str]:
     """Add the epoch's history entry to the record; with an out_dir, write the checkpoint and
-    metrics.json together, Ctrl-C and SIGTERM held until both are written, and remove
-    evaluate.py's report of the checkpoint replaced. -> the report's files removed."""
+    metrics.json together, Ctrl-C and SIGTERM held until both are written, and with
+    `drop_report` remove evaluate.py's report of the checkpoint replaced. -> the report's
+    files removed."""
     if run.out_dir is None:
         run.record["history"].append(entry)
         return []
@@ -422,7 +425,7 @@ def save_epoch(run: Run, entry: dict[str, Any]) -> list[str]:
         save_checkpoint(run.out_dir / CHECKPOINT_NAME, params, meta, optimizer)
         run.record["history"] = history  # the checkpoint holds the epoch from here on
         write_json(run.out_dir / METRICS_NAME, run.record)
-        return remove_evaluation(run.out_dir)
+        return remove_evaluation(run.out_dir) if drop_report else []
 
 
 def finish_run(run: Run) -> None:
