@@ -318,11 +318,7 @@ def load_dataset(
     train_images, train_labels, train_sha = load_images_and_labels(
         folder, files.train_images, files.train_labels, spec
     )
-    test_images, test_labels, test_sha = load_images_and_labels(
-        folder, files.test_images, files.test_labels, spec
-    )
-    if len(test_labels) < 1:
-        raise DataError(f"{folder}: the test files ({files.test_images.name}) hold no images")
+    test, test_sha = _test_split(folder, spec, pixels)
     n_val = round(len(train_labels) * VALIDATION_FRACTION) if validation else 0
     n_train = len(train_labels) - n_val
     if n_train < 1 or (validation and n_val < 1):
@@ -331,9 +327,40 @@ def load_dataset(
     return Dataset(
         train=Split(x[:n_train], y[:n_train]),
         val=Split(x[n_train:], y[n_train:]),
-        test=Split(normalize(test_images, spec, pixels), test_labels.astype(np.int64)),
+        test=test,
         source=folder,
         spec=spec,
         content_sha256=hashlib.sha256("".join(train_sha + test_sha).encode()).hexdigest(),
         pixels=pixels,
     )
+
+
+def load_test_set(
+    data_dir: str | Path | None = None, dataset: str = "fashion-mnist", pixels: str = "standardised"
+) -> Dataset:
+    """The test set alone, for what evaluates a trained network: the training files need not
+    be there (evaluate.py asked for them, and read 60,000 images it never used). Its train and
+    validation splits are empty, and its digest is of the two test files."""
+    spec = get_dataset_spec(dataset)
+    folder = find_data_dir(data_dir, spec)
+    test, test_sha = _test_split(folder, spec, pixels)
+    empty = Split(test.x[:0], test.y[:0])
+    return Dataset(
+        train=empty,
+        val=empty,
+        test=test,
+        source=folder,
+        spec=spec,
+        content_sha256=hashlib.sha256("".join(test_sha).encode()).hexdigest(),
+        pixels=pixels,
+    )
+
+
+def _test_split(folder: Path, spec: DatasetSpec, pixels: str) -> tuple[Split, tuple[str, str]]:
+    """The test images (N, 1, 28, 28) and labels (N,) read from `folder`, and their files'
+    content hashes; a test set of no images is refused."""
+    files = spec.files
+    images, labels, sha = load_images_and_labels(folder, files.test_images, files.test_labels, spec)
+    if len(labels) < 1:
+        raise DataError(f"{folder}: the test files ({files.test_images.name}) hold no images")
+    return Split(normalize(images, spec, pixels), labels.astype(np.int64)), sha

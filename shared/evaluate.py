@@ -15,7 +15,7 @@ from shared.backend import IMPLEMENTATIONS, batched_logits, make_backend
 from shared.checkpoint import Checkpoint, load_checkpoint
 from shared.cli import add_data_dir_flag, path_type, run_cli
 from shared.config import averages_mirrors
-from shared.data import Dataset, load_dataset
+from shared.data import Dataset, load_test_set
 from shared.errors import CheckpointError, UsageError, act_on_signals, signals_held
 from shared.io import staged, write_json
 from shared.layers import NUM_CLASSES
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_out_files(outputs, reads, own_run=args.checkpoint.parent)
             ckpt = load_checkpoint(args.checkpoint, dtype=np.float32)  # evaluated in float32
             dataset = ckpt.meta.get("dataset", "fashion-mnist")
-            data = load_dataset(args.data_dir, dataset, ckpt.pixels)  # as it was trained
+            data = load_test_set(args.data_dir, dataset, ckpt.pixels)  # as it was trained
             # Runs from before test-time augmentation existed evaluated without it.
             run = ckpt.meta.get("config", {})
             tta = averages_mirrors(

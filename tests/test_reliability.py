@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -509,6 +510,24 @@ def test_evaluate_refuses_an_out_that_is_a_file_before_it_evaluates(tiny_data_di
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"--out {metrics}: is a file, not a folder" in done.stderr.splitlines()[-1]
     assert metrics.read_bytes() == before
+
+
+def test_evaluate_needs_the_test_files_alone(tiny_data_dir, tmp_path):
+    # "train-images-idx3-ubyte[.gz]: missing": it read 60,000 training images it never used.
+    run = ("--impl", IMPLS[0], "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert run_script("train.py", *run, "--data-dir", str(tiny_data_dir)).returncode == 0
+    test_only = tmp_path / "test-only"
+    test_only.mkdir()
+    for path in tiny_data_dir.glob("t10k-*"):
+        shutil.copy(path, test_only)
+    reports = []
+    for data_dir in (tiny_data_dir, test_only):
+        out = tmp_path / f"report-{data_dir.name}"
+        flags = ("--data-dir", str(data_dir), "--out", str(out))
+        done = run_script("evaluate.py", str(tmp_path / "run" / "checkpoint.npz"), *flags)
+        assert done.returncode == 0, done.stderr
+        reports.append(json.loads((out / "evaluation.json").read_text()))
+    assert reports[0]["acc"] == reports[1]["acc"] and reports[0]["loss"] == reports[1]["loss"]
 
 
 def test_an_evaluation_report_is_replaced_whole_or_not_at_all(tiny_data_dir, tmp_path):
