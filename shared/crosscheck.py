@@ -354,14 +354,20 @@ def main(argv: list[str] | None = None) -> int:
         reads = [("--checkpoint", args.checkpoint), *files, *data_files(args.data_dir)]
         check_out_files(outputs, reads)
         # A model file is proven from its own weights; a spec or preset from seeded ones.
-        archs, initial = [], {}
+        archs, initial, named = [], {}, {}
         for text in args.arch or ["lab", "pool"]:
-            if is_model_file(text):
-                network = import_network(text)
-                archs.append(network.arch)
-                initial[network.arch.name] = network.tensors
-            else:
-                archs.append(get_arch(text))
+            network = import_network(text) if is_model_file(text) else None
+            arch = get_arch(text) if network is None else network.arch
+            # Checked twice, or (two model files) both from the weights of one of them.
+            if arch.name in named:
+                raise UsageError(
+                    f"--arch {text}: the same network as --arch {named[arch.name]} "
+                    f"({arch.name}); check it once"
+                )
+            named[arch.name] = text
+            archs.append(arch)
+            if network is not None:
+                initial[arch.name] = network.tensors
         check_batches(archs, args.batch_size, FLAGS)
         # Read (and checked) before any work: a damaged checkpoint wastes no cross-check.
         ckpt = None if args.checkpoint is None else load_checkpoint(args.checkpoint, np.float32)

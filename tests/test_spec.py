@@ -631,6 +631,16 @@ def test_crosscheck_refuses_a_bad_arch_in_one_line(tiny_data_dir):
     assert "the network ends with 12 outputs" in usage_error(result, "crosscheck.py")
 
 
+def test_crosscheck_refuses_one_network_named_twice(tiny_data_dir):
+    # Checked twice; two model files of one network were both checked with one's weights.
+    result = run_script(
+        "crosscheck.py", "--arch", "noconv", "--arch", "flatten-fc128-relu-fc10", "--steps", "1",
+        "--data-dir", str(tiny_data_dir),
+    )  # fmt: skip
+    line = usage_error(result, "crosscheck.py")
+    assert "--arch flatten-fc128-relu-fc10: the same network as --arch noconv" in line
+
+
 def test_crosscheck_refuses_batch_norm_on_batches_of_one(tiny_data_dir):
     result = run_script(
         "crosscheck.py", "--arch", "strong", "--batch-size", "1", "--steps", "1",
