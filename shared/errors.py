@@ -122,7 +122,9 @@ def signals_held() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
+    # Not one the process ignores (SIGINT under nohup or in a background job): held, it
+    # would be raised.
+    held = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]
     previous = {s: signal.signal(s, lambda number, frame: caught.append(number)) for s in held}
     try:
         yield

@@ -43,6 +43,7 @@ from shared.errors import (
     Terminated,
     UsageError,
     act_on_signals,
+    signals_held,
     stop_on_signals,
 )
 from shared.loop import TrainingDiverged, train
@@ -279,6 +280,24 @@ def test_a_resumed_run_removes_the_report_once_it_replaces_the_checkpoint(
     train(config, data, out, log=said.append, resume=load_checkpoint(out / "checkpoint.npz"))
     assert not any((out / name).exists() for name in EVALUATION_FILES)
     assert sum("report of epoch 1's checkpoint, which epoch 2's replaced" in s for s in said) == 1
+
+
+def test_a_signal_the_process_ignores_stays_ignored_while_signals_are_held():
+    # Under nohup SIGINT is ignored; signals_held took it, then raised it as a Ctrl-C.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        try:
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            pytest.fail("the SIGINT the process ignores was raised")
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        with pytest.raises(Terminated), signals_held():  # one it takes is still held, then raised
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def dropping_a_sigterm(dropped: list) -> Callable[[str, dict], None]:
