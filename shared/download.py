@@ -45,7 +45,8 @@ def _fetch(url: str, target: Path, progress: bool, limit: int) -> None:
             total = _length(response.headers.get("Content-Length"), url)
             if total is not None and total > limit:
                 raise DataError(f"{url}: {total:,} bytes, more than the file can be ({limit:,})")
-            received, deadline = 0, time.monotonic() + _allowed_seconds(limit)
+            allowed = TIMEOUT_SECONDS + limit / SLOWEST_BYTES_PER_SECOND
+            received, deadline = 0, time.monotonic() + allowed
             with (
                 open(target, "wb") as f,
                 tqdm(
@@ -57,15 +58,14 @@ def _fetch(url: str, target: Path, progress: bool, limit: int) -> None:
                     leave=False,
                 ) as bar,
             ):
-                while chunk := response.read1(
-                    1 << 16
-                ):  # what has arrived: a trickle meets the deadline
+                # read1: what has arrived, so that a trickle meets the deadline.
+                while chunk := response.read1(1 << 16):
                     received += len(chunk)
                     if received > limit:  # a server that sends no length, or lies about it
                         raise DataError(f"{url}: more than the file can be ({limit:,} bytes)")
                     if time.monotonic() > deadline:
                         raise DataError(
-                            f"{url}: {received:,} bytes in {_allowed_seconds(limit):.0f} s, "
+                            f"{url}: {received:,} bytes in {allowed:.0f} s, "
                             f"slower than {SLOWEST_BYTES_PER_SECOND:,} bytes a second; stopped"
                         )
                     f.write(chunk)
@@ -80,11 +80,6 @@ def _fetch(url: str, target: Path, progress: bool, limit: int) -> None:
         raise DataError(f"{url}: download failed ({first_line(e)})") from None
     if total is not None and received != total:
         raise DataError(f"{url}: download cut short ({received} of {total} bytes)")
-
-
-def _allowed_seconds(limit: int) -> float:
-    """The longest a file of at most `limit` bytes may take to arrive."""
-    return TIMEOUT_SECONDS + limit / SLOWEST_BYTES_PER_SECOND
 
 
 def _length(header: str | None, url: str) -> int | None:
@@ -141,10 +136,10 @@ def download_dataset(
             f"--download: no checksums are known for {spec.name}'s files, and threefold "
             f"downloads only what it can verify; {how_to_get(spec)}"
         )
-    source = "--download-url"
+    source, from_env = "--download-url", os.environ.get(DOWNLOAD_URL_ENV)
     if base_url is None:
-        source = f"${DOWNLOAD_URL_ENV}" if os.environ.get(DOWNLOAD_URL_ENV) else "the source"
-        base_url = os.environ.get(DOWNLOAD_URL_ENV) or spec.download_url
+        source = f"${DOWNLOAD_URL_ENV}" if from_env else "the source"
+        base_url = from_env or spec.download_url
     base_url = _checked_address(base_url, source)
     dest = Path(dest or spec.user_dir)
     made, staging, done = missing_folders(dest), None, False

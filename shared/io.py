@@ -143,14 +143,7 @@ def read_json(path: Path) -> Any:
     def refuse(constant: str) -> None:
         raise ValueError(f"{constant} is not a number JSON holds")
 
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):  # before fdopen, which refuses a folder
-        os.close(fd)
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-        raise OSError("not a regular file")
-    with os.fdopen(fd, "rb") as file:
+    with _opened_regular(path) as file:
         text = file.read(JSON_MOST_BYTES + 1)
     if len(text) > JSON_MOST_BYTES:
         raise ValueError(f"more than {JSON_MOST_BYTES:,} bytes, more than threefold writes")
@@ -198,11 +191,28 @@ def regular_file(path: Path, where: str, follow: bool = True) -> Iterator[IO[byt
     `follow`, a symlink is refused too. Anything else, or a file that cannot be opened, is a
     UsageError naming `where`."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
+        opened = _opened_regular(path, follow)
+    except _NotRegular:
+        raise UsageError(f"{where}: not a regular file") from None
     except OSError as e:
         raise UsageError(f"{where}: cannot read it ({e.strerror or e})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a folder
-        os.close(fd)
-        raise UsageError(f"{where}: not a regular file")
-    with os.fdopen(fd, "rb") as file:
+    with opened as file:
         yield file
+
+
+class _NotRegular(OSError):
+    """A folder, a FIFO, a device or a socket where a file was to be read."""
+
+
+def _opened_regular(path: Path, follow: bool = True) -> IO[bytes]:
+    """`path` opened for reading without blocking (a FIFO would wait for a writer), if it
+    is a regular file; else _NotRegular, whose strerror says "Is a directory" for a folder.
+    Without `follow`, a symlink is refused (an OSError)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # before fdopen, which refuses a folder
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise _NotRegular(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        raise _NotRegular("not a regular file")
+    return os.fdopen(fd, "rb")

@@ -30,6 +30,7 @@ from shared.outputs import (
     CHECKPOINT_NAME,
     CURVES_NAME,
     METRICS_NAME,
+    RUN_FILES,
     check_out_file,
     fresh_run_dir,
     hold,
@@ -338,7 +339,7 @@ def _run(
     if ckpt is not None:
         print(f"resuming after epoch {ckpt.meta['epoch']} of {config.epochs}")
     flag = "--out" if ckpt is None else "--resume"
-    for name in (CHECKPOINT_NAME, METRICS_NAME, CURVES_NAME):  # not found after the training
+    for name in RUN_FILES:  # not found after the training
         check_out_file(folder / name, flag)
     record = train(config, data, folder, resume=ckpt, arch=arch, initial=initial)
     loss, accuracy = record["test"]["loss"], 100 * record["test"]["acc"]
