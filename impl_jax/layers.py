@@ -30,8 +30,8 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None, stride: int, padding
     """
     n = x.shape[0]
     if w.shape[2] * w.shape[3] > LARGE_KERNEL:
-        # Both formulations below write a slice per kernel position: at 28 x 28, XLA's
-        # compiling outlasted a minute. XLA's convolution and its gradients are one each.
+        # Both formulations below write a slice per kernel position: a 28 x 28 kernel's
+        # gradient compiled in 8.5 s. XLA's convolution and its gradients are one each (0.1 s).
         out = _conv_xla(x, w, stride, padding)
         return out if b is None else out + b[:, None, None]
     if by_xla_convolution(w.shape[1]):
@@ -256,8 +256,8 @@ def max_pool(
     ho, wo = h // size, w // size
     cropped = x[:, :, : ho * size, : wo * size]
     if size * size > SELECT_POOL_MAX:
-        # One reshape: a slice per position made XLA compile a 28 x 28 window for 11 s, and a
-        # 100 x 100 one for minutes.
+        # One reshape: with a slice per position, a 28 x 28 window's gradient compiled in
+        # 8.0 s (now 0.1 s), and a 100 x 100 window's 64-image run was stopped after 55 s.
         tiles = cropped.reshape(n, c, ho, size, wo, size).transpose(0, 1, 2, 4, 3, 5)
         return _max_pool_by_gather(tiles.reshape(n, c, ho, wo, size * size))
     if channels_last:
