@@ -113,6 +113,30 @@ def stop_on_signals() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def exit_not_swallowed() -> Iterator[None]:
+    """Within the block, a SystemExit that Python reports as ignored is raised again when the
+    block ends, unprinted: Ray's SIGTERM handler, set in ray.init, exits from wherever the
+    signal lands, and in a finaliser or logging's lock release the exit was lost (a grid
+    stopped while its cluster started trained on and exited 0)."""
+    lost: list[SystemExit] = []
+    hook = sys.unraisablehook
+
+    def unraisable(info: "sys.UnraisableHookArgs") -> None:
+        if isinstance(info.exc_value, SystemExit):
+            lost.append(info.exc_value)
+        else:
+            hook(info)
+
+    sys.unraisablehook = unraisable
+    try:
+        yield
+    finally:
+        sys.unraisablehook = hook
+    if lost:
+        raise lost[0]
+
+
+@contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM until the block ends, then act on them: files written together
     (an epoch's checkpoint and metrics.json, an evaluation's report) tell the same story.

@@ -55,6 +55,7 @@ from shared.errors import (
     Interrupted,
     Terminated,
     UsageError,
+    exit_not_swallowed,
     first_line,
     interrupted,
     signals_held,
@@ -497,7 +498,7 @@ def _join(ray: Any, engine: Engine) -> None:
     signal handlers kept, and a SIGTERM that Ray's took while it ran raised as the command's
     would raise it."""
     try:
-        with _handlers_kept():
+        with _handlers_kept(), exit_not_swallowed():
             if engine.address is None:
                 # A cluster of this process's cores for the grid's length, quiet on the
                 # terminal, whose workers keep the memory their threads free (see

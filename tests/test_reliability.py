@@ -43,6 +43,7 @@ from shared.errors import (
     Terminated,
     UsageError,
     act_on_signals,
+    exit_not_swallowed,
     signals_held,
     stop_on_signals,
 )
@@ -280,6 +281,20 @@ def test_a_resumed_run_removes_the_report_once_it_replaces_the_checkpoint(
     train(config, data, out, log=said.append, resume=load_checkpoint(out / "checkpoint.npz"))
     assert not any((out / name).exists() for name in EVALUATION_FILES)
     assert sum("report of epoch 1's checkpoint, which epoch 2's replaced" in s for s in said) == 1
+
+
+class _ExitsWhenFinalised:
+    """Exits in its finaliser, as Ray's SIGTERM handler did when the signal landed in one."""
+
+    def __del__(self):
+        raise SystemExit(signal.SIGTERM)
+
+
+def test_an_exit_python_would_ignore_is_raised_when_the_block_ends(capsys):
+    # A SIGTERM while ray.init ran: "Exception ignored", and the grid trained on, exit 0.
+    with pytest.raises(SystemExit) as exited, exit_not_swallowed():
+        _ExitsWhenFinalised()  # finalised at once: Python reports its exit and goes on
+    assert exited.value.code == signal.SIGTERM and capsys.readouterr().err == ""
 
 
 def test_a_signal_the_process_ignores_stays_ignored_while_signals_are_held():
