@@ -295,11 +295,10 @@ def _compared_and_written(
 
     def write(stopped: str = "") -> None:
         cpu = cpu_name()
-        text = f"{stopped}`--arch {arch}`, float32, on {cpu}: {about}\n\n" + markdown(
-            rows, keys, titles
-        )
-        write_results(out, name, text, {"arch": arch, "cpu": cpu, **payload, "rows": rows})
-        print("\n" + text)
+        text = f"`--arch {arch}`, float32, on {cpu}: {about}\n\n" + markdown(rows, keys, titles)
+        results = {"arch": arch, "cpu": cpu, **payload, "rows": rows}
+        write_results(out, name, text, results, stopped=stopped)
+        print("\n" + stopped + text)
 
     with written_at_the_end(write, lambda: bool(rows)):
         _rows(rows, flag, impls, sizes, sides, keys, arch, pairs, timeout)

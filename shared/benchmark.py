@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -220,8 +221,7 @@ def run_profile(
     def write(stopped: str = "") -> None:
         cpu = cpu_name()
         text = (
-            stopped
-            + f"`--arch {arch}`, float32, training defaults (flips on), on {cpu}, median of "
+            f"`--arch {arch}`, float32, training defaults (flips on), on {cpu}, median of "
             f"{steps} steps; milliseconds per step.\n\n" + profile.markdown(rows)
         )
         for b in sizes:
@@ -239,8 +239,8 @@ def run_profile(
                     "its launch alone.\n\n" + profile.operation_markdown(r)
                 )
         payload = {"arch": arch, "cpu": cpu, "rows": rows}
-        write_results(out, "profile", text, payload, lambda path: profile.chart(rows, path))
-        print("\n" + text)
+        write_results(out, "profile", text, payload, partial(profile.chart, rows), stopped=stopped)
+        print("\n" + stopped + text)
 
     with written_at_the_end(write, lambda: bool(rows)):
         for b in sizes:
@@ -300,8 +300,8 @@ def run_benchmark(
             f"ceiling {ceiling:.1f} GFLOP/s; {flops / 1e6:.2f} MFLOP per image.\n\n"
         )
         payload = {"cpu": cpu, "ceiling_gflops": ceiling, "flops_per_image": flops, "rows": rows}
-        text = stopped + header + table
-        write_results(out, "benchmark", text, payload, lambda path: bar_chart(rows, path))
+        chart = partial(bar_chart, rows)
+        write_results(out, "benchmark", header + table, payload, chart, stopped=stopped)
         print("\n" + table)
 
     with written_at_the_end(write, lambda: bool(runs)):
@@ -427,7 +427,11 @@ def main(argv: list[str] | None = None) -> int:
         name, chart = RESULTS.get(chosen[0] if chosen else "", ("benchmark", True))
         try:
             reads = [("--arch", network_file(args.arch))]  # a spec or model file: not written over
-            outputs = [("--out", path) for path in result_files(out, name, chart)]
+            outputs = [
+                ("--out", path)
+                for stopped in (False, True)
+                for path in result_files(out, name, chart, stopped)
+            ]
             check_out_files(outputs, reads)
             # One benchmark at a time writes its tables.
             with hold(out), stop_on_signals(), _reading(folder):

@@ -296,9 +296,11 @@ def hold(folder: Path, flag: str = "--out") -> Iterator[None]:
         os.close(fd)
 
 
-def result_files(out: Path, name: str, chart: bool = True) -> list[Path]:
-    """The files write_results writes: name.md, name.json and, with a chart, name.png."""
-    return [out / f"{name}.{ext}" for ext in ("md", "json", "png")[: 3 if chart else 2]]
+def result_files(out: Path, name: str, chart: bool = True, stopped: bool = False) -> list[Path]:
+    """The files write_results writes: name.md, name.json and, with a chart, name.png; for a
+    command stopped early, name-stopped.* instead."""
+    stem = f"{name}-stopped" if stopped else name
+    return [out / f"{stem}.{ext}" for ext in ("md", "json", "png")[: 3 if chart else 2]]
 
 
 def write_results(
@@ -308,12 +310,16 @@ def write_results(
     payload: dict,
     chart: Callable[[Path], None] | None = None,
     say: Callable[[str], None] = print,
+    stopped: str = "",
 ) -> None:
     """A command's results in `out`: the table `text` as name.md, `payload` as name.json and,
     given a chart, its picture as name.png; then says what it wrote, by `say`. The files
     replace their older versions only once all are written (a chart that fails leaves the
-    older set whole)."""
-    paths = result_files(out, name, chart is not None)
+    older set whole). Rows of a command stopped early (`stopped`, why, heads the table) go to
+    name-stopped.*: they never replace a finished run's results."""
+    paths = result_files(out, name, chart is not None, bool(stopped))
+    if stopped:
+        text, payload = stopped + text, {**payload, "stopped": stopped.strip()}
     with contextlib.ExitStack() as stack:
         staging = [stack.enter_context(staged(path)) for path in paths]
         write_text(staging[0], text + "\n")

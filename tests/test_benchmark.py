@@ -68,12 +68,13 @@ def test_a_batch_larger_than_the_training_images_is_one_line(tmp_path, tiny_data
     assert not out.exists()
 
 
-def test_its_result_files_are_checked_before_it_measures(tmp_path):
-    (tmp_path / "benchmark.json").mkdir()
+@pytest.mark.parametrize("name", ["benchmark.json", "benchmark-stopped.png"])
+def test_its_result_files_are_checked_before_it_measures(tmp_path, name):
+    (tmp_path / name).mkdir()
     (tmp_path / "benchmark.md").write_text("earlier results")
     result = run_script("benchmark.py", "--impl", "numpy", *SMALL, "--out", str(tmp_path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"{tmp_path / 'benchmark.json'}: is a folder" in result.stderr
+    assert f"{tmp_path / name}: is a folder" in result.stderr
     assert "ceiling" not in result.stdout  # nothing was measured
     assert (tmp_path / "benchmark.md").read_text() == "earlier results"
 
@@ -91,14 +92,19 @@ def test_what_it_measured_is_kept_when_a_worker_fails(tmp_path, tiny_data_dir, m
     monkeypatch.setattr(benchmark, "matmul_gflops", lambda: 100.0)
     flags = ["--impl", first, "--impl", failing, *SMALL, "--data-dir", str(tiny_data_dir)]
     before = os.environ.get("THREEFOLD_DATA")
+    finished = {f"benchmark.{ext}": f"a finished run's {ext}" for ext in ("md", "json", "png")}
+    for name, text in finished.items():
+        (tmp_path / name).write_text(text)
     assert benchmark.main([*flags, "--out", str(tmp_path)]) == 1
     assert os.environ.get("THREEFOLD_DATA") == before  # told to its workers alone
-    text = (tmp_path / "benchmark.md").read_text()
+    text = (tmp_path / "benchmark-stopped.md").read_text()
     assert text.startswith(f"Stopped early (benchmark of {failing} at batch 8 did not finish)")
     assert f"| {first} | 8 | 1,000 |" in text and "median of up to 1 interleaved" in text
-    rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
-    assert [r["impl"] for r in rows] == [first]
-    assert (tmp_path / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / "benchmark-stopped.json").read_text())
+    assert [r["impl"] for r in saved["rows"]] == [first] and saved["stopped"].startswith("Stopped")
+    assert (tmp_path / "benchmark-stopped.png").read_bytes()[:4] == b"\x89PNG"
+    # The stopped rows sit beside a finished run's results, never over them.
+    assert {name: (tmp_path / name).read_text() for name in finished} == finished
 
 
 def test_an_implementation_named_twice_is_timed_once(tmp_path, tiny_data_dir, monkeypatch):
@@ -130,9 +136,10 @@ def test_a_paired_run_keeps_its_rows_when_a_later_one_fails(tmp_path, monkeypatc
     measured = next(impl for impl in IMPLEMENTATIONS if impl != shared.ab.REFERENCE)
     with pytest.raises(KeyboardInterrupt):
         shared.ab.run_paired([measured], "lab", [8, 16], 2, 1.0, tmp_path)
-    text = (tmp_path / "paired.md").read_text()
+    text = (tmp_path / "paired-stopped.md").read_text()
     assert text.startswith("Stopped early (interrupted): the rows measured before.")
-    rows = json.loads((tmp_path / "paired.json").read_text())["rows"]
+    assert not (tmp_path / "paired.md").exists()
+    rows = json.loads((tmp_path / "paired-stopped.json").read_text())["rows"]
     assert [(r["impl"], r["batch_size"]) for r in rows] == [(measured, 8)]
 
 
