@@ -27,10 +27,13 @@ from shared.config import Hyperparams
 from shared.spec import get_arch, init_params, split_params
 
 # A network with every kind of layer and buffer: conv with stride, BatchNorm 2d and 1d,
-# max-pooling, tanh, sigmoid, dropout.
+# max-pooling, tanh, sigmoid, dropout. The third max-pools a sigmoid's and a tanh's output,
+# whose gradients this jaxlib's XLA computed over a buffer it was still reading (tanh and
+# sigmoid in impl_jax.layers) under jit.
 NETWORKS = (
     "lab",
     "conv4-bn-relu-maxpool2-conv6s2-bn-tanh-flatten-fc16-bn-sigmoid-dropout0.25-fc10",
+    "conv4-bn-sigmoid-maxpool2-conv6-bn-tanh-maxpool2-flatten-fc10",
 )
 TOL = {"rtol": 1e-10, "atol": 1e-12}  # float64: what differs is round-off
 
