@@ -41,6 +41,13 @@ class Backend(backend.Backend):
     def chain_vjp(self, layers: tuple[Layer, ...], params, x, masks, total: Total) -> tuple:
         return model.chain_vjp(layers, params, x, masks, total)
 
+    def pass_parts(self, params, x: np.ndarray, y: np.ndarray, masks) -> tuple[dict, dict, dict]:
+        """A training-mode pass's outputs, the gradients its layers are given and its
+        parameter gradients, by name: the by-hand backward's alone (model.pass_parts), which
+        the cross-check's reference runs."""
+        args = self._copy(params), self._array(x), y, self.arch, self._masks(masks)
+        return model.pass_parts(*args, label_smoothing=self.smoothing)
+
     # Overflow is left to the training loop, which stops at a non-finite loss and says where;
     # NumPy's own warnings would only repeat it less clearly.
     @np.errstate(over="ignore", invalid="ignore")

@@ -102,15 +102,21 @@ def layer_forward(
 
 
 def layer_backward(
-    layer: Layer, dout: np.ndarray, cache: object, need_dx: bool, grads: Params
+    layer: Layer,
+    dout: np.ndarray,
+    cache: object,
+    need_dx: bool,
+    grads: Params,
+    douts: Params | None = None,
 ) -> np.ndarray | None:
-    """Gradient with respect to the layer's input; parameter gradients go into `grads`."""
+    """Gradient with respect to the layer's input; parameter gradients go into `grads`, and a
+    block's layers' output gradients into `douts` (see chain_backward)."""
     match layer:
         case Residual(body=body, shortcut=shortcut):
             body_caches, shortcut_caches = cache
             # The input fed both paths: its gradient is the sum of both paths' gradients.
-            dx_body = chain_backward(body, dout, body_caches, need_dx, grads)
-            dx_shortcut = chain_backward(shortcut, dout, shortcut_caches, need_dx, grads)
+            dx_body = chain_backward(body, dout, body_caches, need_dx, grads, douts)
+            dx_shortcut = chain_backward(shortcut, dout, shortcut_caches, need_dx, grads, douts)
             return dx_body + dx_shortcut if need_dx else None
         case Conv(name, bias=bias):
             dx, grads[f"{name}.weight"], db = layers.conv2d_backward(dout, cache, need_dx)
@@ -184,15 +190,25 @@ def chain_forward(
 
 
 def chain_backward(
-    layers: tuple[Layer, ...], dout: np.ndarray, caches: list[object], need_dx: bool, grads: Params
+    layers: tuple[Layer, ...],
+    dout: np.ndarray,
+    caches: list[object],
+    need_dx: bool,
+    grads: Params,
+    douts: Params | None = None,
 ) -> np.ndarray | None:
     """dout of the chain's output -> the gradient with respect to its input (computed for the
     first layer run only if `need_dx`), from chain_forward's caches, back through the layers
-    in the order they ran; parameter gradients go into `grads`. A ReLU run after a max-pool
-    takes its mask on the pooled values: one pass over a quarter of them (2x2 windows)."""
+    in the order they ran; parameter gradients go into `grads`, and, unless it is None, the
+    gradient each layer is given (its output's as the pass ran it) into `douts` by name. A
+    ReLU run after a max-pool takes its mask on the pooled values: one pass over a quarter
+    of them (2x2 windows)."""
     ran = run_order(layers)
     for depth in reversed(range(len(ran))):
-        dout = layer_backward(ran[depth], dout, caches[depth], need_dx or depth > 0, grads)
+        if douts is not None:
+            douts[ran[depth].name] = dout
+        need = need_dx or depth > 0
+        dout = layer_backward(ran[depth], dout, caches[depth], need, grads, douts)
     return dout
 
 
@@ -318,6 +334,27 @@ def loss_and_grads(
     """Mean cross-entropy and its gradient for every trainable parameter, in training mode."""
     loss, grads, _, _ = training_pass(params, x, y, arch, masks, label_smoothing)
     return loss, grads
+
+
+def pass_parts(
+    params: Params,
+    x: np.ndarray,
+    y: np.ndarray,
+    arch: Arch,
+    masks: dict[str, np.ndarray],
+    label_smoothing: float = 0.0,
+) -> tuple[Params, Params, Params]:
+    """A training-mode pass in parts, by name: every layer's output (as `activations`), the
+    gradient of the loss each layer is given (of its output, (N, C, H, W) or (N, F), as the
+    pass runs it: see chain_backward) and every trainable parameter's gradient. The
+    cross-check measures a gradient's round-off by the sizes of the terms it sums."""
+    outputs: Params = {}
+    logits, caches, _ = _forward(params, x, arch, masks, alone, outputs)
+    _, dlogits = layers.softmax_cross_entropy(logits, y, label_smoothing)
+    douts: Params = {}
+    grads: Params = {}
+    chain_backward(arch.layers, dlogits, caches, False, grads, douts)
+    return outputs, douts, grads
 
 
 def input_grad(

@@ -550,12 +550,12 @@ def test_a_block_that_drops_its_shortcut_s_gradient(monkeypatch, jax_compiled_on
     model = impl_numpy.model
     original = model.layer_backward
 
-    def body_only(layer, dout, cache, need_dx, grads):
+    def body_only(layer, dout, cache, need_dx, grads, douts=None):
         if not isinstance(layer, Residual):
-            return original(layer, dout, cache, need_dx, grads)
+            return original(layer, dout, cache, need_dx, grads, douts)
         body_caches, shortcut_caches = cache
-        model.chain_backward(layer.shortcut, dout, shortcut_caches, need_dx, grads)
-        return model.chain_backward(layer.body, dout, body_caches, need_dx, grads)
+        model.chain_backward(layer.shortcut, dout, shortcut_caches, need_dx, grads, douts)
+        return model.chain_backward(layer.body, dout, body_caches, need_dx, grads, douts)
 
     monkeypatch.setattr(model, "layer_backward", body_only)
     failed = failures(check(SPEC_RESIDUAL), "numpy")

@@ -14,8 +14,10 @@ import numpy as np
 
 from shared.backend import IMPLEMENTATIONS, Backend, batched_logits, make_backend
 from shared.batches import training_batches
-from shared.config import OPTIMIZER_BUFFERS, learning_rate
+from shared.config import OPTIMIZER_BUFFERS, TrainConfig, learning_rate
 from shared.data import FASHION_MNIST
+from shared.layers import BatchNorm, Conv, Linear
+from shared.parallel import alone
 from shared.proof.kinks import away_from_kinks, cancelled_biases, kink_state, same_side
 from shared.proof.onnx_witness import onnx_logits
 from shared.proof.rows import (
@@ -28,7 +30,65 @@ from shared.proof.rows import (
     dtypes_of,
 )
 from shared.proof.settings import Setting
-from shared.spec import Arch, Params, split_params
+from shared.spec import Arch, Params, cast_params, layer_trainable, split_params
+
+
+def summed_terms(
+    reference: Backend,
+    arch: Arch,
+    params: Params,
+    x: np.ndarray,
+    y: np.ndarray,
+    masks: dict[str, np.ndarray],
+) -> tuple[Params, Params]:
+    """For every gradient a layer's backward sums over the batch and the positions, the sum of
+    its terms' magnitudes, entry by entry; and the gradients; both by `reference` (NumPy's
+    backward, float64). A convolution's or a linear layer's weight sums |dout| x |input|, its
+    bias |dout| (its own backward run on those magnitudes); BatchNorm's weight |dout| x
+    |xhat|, its bias |dout|.
+
+    Two orders of summing n terms differ by up to about log2(n) unit round-offs of the terms'
+    magnitudes, not of the sum: where the terms cancel, the sum is far smaller than they are.
+    BatchNorm, which centres the gradient over the batch, makes the gradients of the layers
+    before it such sums: in float32, `conv4-bn-tanh-flatten-bn-fc10`'s `grad bn1.bias`
+    differed by 1.2e-4 of its family's size between XLA's order and NumPy's, over 25,088
+    terms a channel (docs/CROSSCHECK.md)."""
+    params = cast_params(params, arch, np.float64)
+    inputs, douts, grads = reference.pass_parts(params, x, y, masks)
+    terms = {}
+    for node in arch.nodes:
+        layer = node.layer
+        if not isinstance(layer, Conv | Linear | BatchNorm):
+            continue
+        dout = np.abs(douts[layer.name])
+        before = np.asarray(x if node.input is None else inputs[node.input], np.float64)
+        if isinstance(layer, BatchNorm):
+            weight, bias = layer_trainable(layer)
+            ones, zeros = np.ones_like(params[weight]), np.zeros_like(params[bias])
+            unit = {**params, weight: ones, bias: zeros}
+            xhat, _ = reference.chain_vjp((layer,), unit, before, masks, alone)
+            across = (0, *range(2, dout.ndim))  # all but the channels
+            terms |= {weight: (dout * np.abs(xhat)).sum(across), bias: dout.sum(across)}
+        else:
+            pulled = reference.chain_vjp((layer,), params, np.abs(before), masks, alone)[1](dout)
+            terms |= {name: pulled[name] for name in layer_trainable(layer)}
+    return terms, grads
+
+
+def round_off_sizes(terms: Params, grads: Params, config: TrainConfig) -> dict[str, dict]:
+    """What a step's round-off in its gradient's sums (`summed_terms`) reaches, by optimizer
+    buffer, then parameter: SGD's momentum takes the gradient whole (PyTorch's, without
+    dampening), Adam's first moment (1 - beta1) of it, its second moment (1 - beta2) of its
+    square, whose round-off is 2 |g| times the gradient's; the step count none."""
+    shares = {
+        "momentum": lambda t, g: t,
+        "exp_avg": lambda t, g: (1 - config.beta1) * t,
+        "exp_avg_sq": lambda t, g: (1 - config.beta2) * 2 * np.abs(g) * t,
+    }
+    return {
+        buffer: {name: float(np.max(share(t, grads[name]))) for name, t in terms.items()}
+        for buffer, share in shares.items()
+    }
 
 
 def _pairs(results: dict[str, object]) -> Iterator[tuple[str, object, object]]:
@@ -43,11 +103,14 @@ def single_pass(
     x: np.ndarray,
     y: np.ndarray,
     masks: dict[str, np.ndarray],
+    terms: Params | None = None,
 ) -> Iterator[Compared]:
     """Rows for every layer's output in evaluation and in training mode, the logits the
     prediction path gives (validation, test, evaluate.py: its own function), the loss, every
     parameter gradient, the input gradient, and each dropout layer's mask against the shared
-    one."""
+    one. A gradient is measured against its family's size, or, where larger, the largest
+    sum of its terms' sizes (`terms`, from summed_terms)."""
+    terms = terms or {}
     evals = {name: b.activations(params, x) for name, b in backends.items()}
     predicted = {name: b.predict(b.init_state(params), x) for name, b in backends.items()}
     trains = {name: b.activations(params, x, masks) for name, b in backends.items()}
@@ -63,8 +126,9 @@ def single_pass(
         yield Compared("logits (predict)", pair, a, b)
     for pair, (loss_a, grads_a), (loss_b, grads_b) in _pairs(grads):
         yield Compared("loss", pair, loss_a, loss_b)
-        scale = _family_size(grads_a.values())
+        family = _family_size(grads_a.values())
         for name in grads_a:
+            scale = max(family, float(np.max(terms.get(name, 0.0))))
             yield Compared(f"grad {name}", pair, grads_a[name], grads_b[name], scale)
     for pair, a, b in _pairs(dx):
         yield Compared("grad input", pair, a, b)
@@ -89,6 +153,7 @@ def lockstep(
     resync: bool,
     reference: Backend | None = None,
     seed: int = 0,
+    summing: Backend | None = None,
 ) -> tuple[int, list[Compared | Measured]]:
     """Train from the same start on the same batches; compare losses, every tensor
     (parameters and BatchNorm's running statistics) and the optimizer's state (SGD's momentum,
@@ -102,7 +167,10 @@ def lockstep(
     `reference` (a float64 NumPy backend), each step's images are also kept away from the
     kinks the way the single pass's are (`away_from_kinks`: or, where no noise manages it, on
     the side of each that every implementation's forward agrees on), from the state that step
-    starts from, so that no single unit's rounding decides a row.
+    starts from, so that no single unit's rounding decides a row. With `summing` (a float64
+    NumPy backend of the setting's; resynced runs only), an optimizer buffer is measured
+    against what the round-off of that step's gradient sums reaches in it too, where larger
+    (`round_off_sizes`), as the single pass measures the gradients.
 
     Returns how many steps are compared, and the rows: a run whose loss every implementation
     loses for good is compared over the steps before (`_steps_before_divergence`), its loss
@@ -147,12 +215,18 @@ def lockstep(
     losses: dict[str, list] = {name: [] for name in backends}
     finite: dict[str, list[bool]] = {name: [] for name in backends}  # each step's whole state
     measured: dict[tuple[str, str], Measured] = {}  # (pair, check) -> its row, in row order
+    starts_from = params  # each step's, with resync
     for batch, lr in zip(plan, rates, strict=True):
         # The images as each step augments them: a wrong flip, shift or erasing box is named
         # here, before the loss and every tensor it moves.
         images = {name: backend.images(data[name], batch) for name, backend in backends.items()}
         for pair, images_a, images_b in _pairs(images):
             _row(measured, pair, "lockstep images").add(images_a, images_b, 0.0)
+        reached: dict[str, dict] = {}
+        if summing is not None:
+            first = images[next(iter(backends))]
+            terms = summed_terms(summing, arch, starts_from, first, y[batch.idx], batch.masks)
+            reached = round_off_sizes(*terms, config)
         step = {}
         for name, backend in backends.items():
             states[name], loss, _ = backend.train_step(states[name], data[name], batch, lr)
@@ -172,11 +246,15 @@ def lockstep(
                 if name not in trainable:
                     continue
                 for buffer in buffers:
+                    scale = max(scales[buffer], reached.get(buffer, {}).get(name, 0.0))
                     row = _row(measured, pair, f"lockstep {buffer} {name}")
-                    row.add(optimizer_a[buffer][name], optimizer_b[buffer][name], scales[buffer])
+                    row.add(optimizer_a[buffer][name], optimizer_b[buffer][name], scale)
         if resync:
-            p, optimizer = step[next(iter(backends))]
-            states = {name: backend.init_state(p, optimizer) for name, backend in backends.items()}
+            starts_from, optimizer = step[next(iter(backends))]
+            states = {
+                name: backend.init_state(starts_from, optimizer)
+                for name, backend in backends.items()
+            }
     kept = _steps_before_divergence(losses, finite, steps)
     loss_check = f"lockstep loss x{steps}" if kept == steps else f"lockstep loss x{kept} of {steps}"
     # The loss keeps the run's scale: it is the log-sum-exp of the logits less the true
