@@ -229,7 +229,7 @@ def _logistic_slope(x: jax.Array) -> jax.Array:
     read y in the backward twice, element by element for the derivative and by window for
     the first maximum, in one of XLA's fusions, and this jaxlib's XLA wrote that fusion's
     result over y while still reading other windows' values from it:
-    `conv16-bn-sigmoid-maxpool2-flatten-fc10` (and tanh) trained on gradients up to 100% off
+    `conv16-bn-sigmoid-maxpool2-flatten-bn-fc10` (and tanh) trained on gradients up to 100% off
     under jit, where NumPy and PyTorch agreed to 1e-16 (docs/CROSSCHECK.md). From x, the
     pooled y is read by window alone, and XLA does not write over it."""
     e = jnp.exp(-jnp.abs(x))

@@ -271,12 +271,14 @@ def _loss_and_backward(
     label_smoothing: float,
     need_dx: bool,
     total: Total,
+    outputs: Params | None = None,
+    douts: Params | None = None,
 ) -> tuple[np.ndarray, Params, np.ndarray | None, np.ndarray, Params]:
-    logits, caches, buffers = _forward(params, x, arch, masks, total)
+    logits, caches, buffers = _forward(params, x, arch, masks, total, outputs)
     loss, dout = layers.softmax_cross_entropy(logits, y, label_smoothing, total)
     grads: Params = {}
     # The first layer's input is the image: its gradient is only computed on request.
-    dout = chain_backward(arch.layers, dout, caches, need_dx, grads)
+    dout = chain_backward(arch.layers, dout, caches, need_dx, grads, douts)
     # Gradients in the canonical order (the backward pass met them last layer first).
     grads = {name: grads[name] for name in params if name in grads}
     return loss, grads, dout, logits, buffers
@@ -346,14 +348,14 @@ def pass_parts(
 ) -> tuple[Params, Params, Params]:
     """A training-mode pass in parts, by name: every layer's output (as `activations`), the
     gradient of the loss each layer is given (of its output, (N, C, H, W) or (N, F), as the
-    pass runs it: see chain_backward) and every trainable parameter's gradient. The
-    cross-check measures a gradient's round-off by the sizes of the terms it sums."""
+    pass runs it: a ReLU stepped with its max-pool is given the pooled positions', see
+    chain_backward) and every trainable parameter's gradient. The cross-check measures a
+    gradient's round-off by the sizes of the terms it sums."""
     outputs: Params = {}
-    logits, caches, _ = _forward(params, x, arch, masks, alone, outputs)
-    _, dlogits = layers.softmax_cross_entropy(logits, y, label_smoothing)
     douts: Params = {}
-    grads: Params = {}
-    chain_backward(arch.layers, dlogits, caches, False, grads, douts)
+    _, grads, *_ = _loss_and_backward(
+        params, x, y, arch, masks, label_smoothing, False, alone, outputs, douts
+    )
     return outputs, douts, grads
 
 

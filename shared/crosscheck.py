@@ -215,7 +215,7 @@ def run_crosscheck(
                     backends=[*backends.values()],
                 )
             # float32's round-off of a sum whose terms cancel is measured against the terms
-            # (summed_term_sizes); float64 keeps every gradient to its family's size.
+            # (summed_terms); float64 keeps every gradient to its family's size.
             summing, terms = None, {}
             if dtype == "float32":
                 summing = make_backend("numpy", arch, np.float64, hyperparams)

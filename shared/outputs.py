@@ -316,7 +316,8 @@ def write_results(
     given a chart, its picture as name.png; then says what it wrote, by `say`. The files
     replace their older versions only once all are written (a chart that fails leaves the
     older set whole). Rows of a command stopped early (`stopped`, why, heads the table) go to
-    name-stopped.*: they never replace a finished run's results."""
+    name-stopped.*: they never replace a finished run's results, and a finished run's
+    results, once written, replace them (removed)."""
     paths = result_files(out, name, chart is not None, bool(stopped))
     if stopped:
         text, payload = stopped + text, {**payload, "stopped": stopped.strip()}
@@ -326,6 +327,10 @@ def write_results(
         write_json(staging[1], payload)
         if chart is not None:
             chart(staging[2])
+    if not stopped:
+        for path in result_files(out, name, chart is not None, stopped=True):
+            with contextlib.suppress(OSError):  # none there; or not ours to remove (a folder)
+                path.unlink()
     say(f"\nwrote {', '.join(map(str, paths))}")
 
 

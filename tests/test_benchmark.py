@@ -107,6 +107,18 @@ def test_what_it_measured_is_kept_when_a_worker_fails(tmp_path, tiny_data_dir, m
     assert {name: (tmp_path / name).read_text() for name in finished} == finished
 
 
+def test_a_finished_run_s_results_replace_an_older_stopped_set(tmp_path):
+    from shared.outputs import write_results
+
+    stopped = "Stopped early (interrupted): the rows measured before.\n\n"
+    write_results(tmp_path, "r", "part", {"rows": [1]}, stopped=stopped, say=lambda _: None)
+    assert (tmp_path / "r-stopped.md").read_text() == stopped + "part\n"
+    assert json.loads((tmp_path / "r-stopped.json").read_text())["stopped"].startswith("Stopped")
+    write_results(tmp_path, "r", "whole", {"rows": [1, 2]}, say=lambda _: None)
+    assert (tmp_path / "r.md").read_text() == "whole\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]
+
+
 def test_an_implementation_named_twice_is_timed_once(tmp_path, tiny_data_dir, monkeypatch):
     timed = []
 

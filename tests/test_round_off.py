@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from shared.backend import make_backend
+from shared.config import TrainConfig
 from shared.crosscheck import run_crosscheck
-from shared.proof.passes import summed_terms
+from shared.proof.passes import round_off_sizes, summed_terms
 from shared.spec import get_arch, init_params, split_params
 
 # BatchNorm 2d and 1d, the second centring the gradient over the batch for all before it.
@@ -46,3 +47,14 @@ def test_a_float32_cross_check_whose_batchnorm_cancels_sums_passes(real_data):
     )
     assert [(r.setting, r.check, r.pair) for r in results if not r.passed] == []
     assert any(r.check == "lockstep momentum conv.bias" for r in results)
+
+
+def test_a_run_past_the_finite_numbers_gives_no_size():
+    """A lockstep whose weights overflowed (a rate too high) is compared up to there: its
+    terms, infinite or NaN, give no size, not a NaN that a comparison would have to skip."""
+    terms = {"fc.weight": np.array([[np.inf, 2.0], [np.nan, 1.0]]), "fc.bias": np.full(2, np.nan)}
+    grads = {"fc.weight": np.ones((2, 2)), "fc.bias": np.zeros(2)}
+    params = {"fc.weight": np.ones((2, 2)), "fc.bias": np.zeros(2)}
+    sizes = round_off_sizes(terms, grads, params, TrainConfig(optimizer="adam", beta1=0.75))
+    assert sizes["momentum"] == {"fc.weight": 2.0, "fc.bias": 0.0}
+    assert sizes["exp_avg"] == {"fc.weight": 0.5, "fc.bias": 0.0}

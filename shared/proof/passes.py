@@ -54,14 +54,14 @@ def summed_terms(
     differed by 1.2e-4 of its family's size between XLA's order and NumPy's, over 25,088
     terms a channel (docs/CROSSCHECK.md)."""
     params = cast_params(params, arch, np.float64)
-    inputs, douts, grads = reference.pass_parts(params, x, y, masks)
+    outputs, douts, grads = reference.pass_parts(params, x, y, masks)
     terms = {}
     for node in arch.nodes:
         layer = node.layer
         if not isinstance(layer, Conv | Linear | BatchNorm):
             continue
         dout = np.abs(douts[layer.name])
-        before = np.asarray(x if node.input is None else inputs[node.input], np.float64)
+        before = np.asarray(x if node.input is None else outputs[node.input], np.float64)
         if isinstance(layer, BatchNorm):
             weight, bias = layer_trainable(layer)
             ones, zeros = np.ones_like(params[weight]), np.zeros_like(params[bias])
@@ -75,20 +75,33 @@ def summed_terms(
     return terms, grads
 
 
-def round_off_sizes(terms: Params, grads: Params, config: TrainConfig) -> dict[str, dict]:
+def round_off_sizes(
+    terms: Params, grads: Params, params: Params, config: TrainConfig
+) -> dict[str, dict]:
     """What a step's round-off in its gradient's sums (`summed_terms`) reaches, by optimizer
     buffer, then parameter: SGD's momentum takes the gradient whole (PyTorch's, without
-    dampening), Adam's first moment (1 - beta1) of it, its second moment (1 - beta2) of its
-    square, whose round-off is 2 |g| times the gradient's; the step count none."""
+    dampening), Adam's first moment (1 - beta1) of it, its second moment (1 - beta2) of the
+    square of what it takes (the gradient, plus the weight decay for Adam's coupled form),
+    whose round-off is 2 |that| times the gradient's; the step count none."""
+    decay = config.weight_decay if config.optimizer == "adam" else 0.0
     shares = {
-        "momentum": lambda t, g: t,
-        "exp_avg": lambda t, g: (1 - config.beta1) * t,
-        "exp_avg_sq": lambda t, g: (1 - config.beta2) * 2 * np.abs(g) * t,
+        "momentum": lambda t, name: t,
+        "exp_avg": lambda t, name: (1 - config.beta1) * t,
+        "exp_avg_sq": lambda t, name: (
+            (1 - config.beta2) * 2 * np.abs(grads[name] + decay * params[name]) * t
+        ),
     }
     return {
-        buffer: {name: float(np.max(share(t, grads[name]))) for name, t in terms.items()}
+        buffer: {name: largest_finite(share(t, name)) for name, t in terms.items()}
         for buffer, share in shares.items()
     }
+
+
+def largest_finite(values: np.ndarray | float) -> float:
+    """The largest finite value (0.0 if none): a run that has left the finite numbers, which
+    the lockstep compares only up to there, gives no size."""
+    values = np.asarray(values, np.float64)
+    return float(np.max(values, where=np.isfinite(values), initial=0.0))
 
 
 def _pairs(results: dict[str, object]) -> Iterator[tuple[str, object, object]]:
@@ -128,7 +141,7 @@ def single_pass(
         yield Compared("loss", pair, loss_a, loss_b)
         family = _family_size(grads_a.values())
         for name in grads_a:
-            scale = max(family, float(np.max(terms.get(name, 0.0))))
+            scale = max(family, largest_finite(terms.get(name, 0.0)))
             yield Compared(f"grad {name}", pair, grads_a[name], grads_b[name], scale)
     for pair, a, b in _pairs(dx):
         yield Compared("grad input", pair, a, b)
@@ -223,10 +236,13 @@ def lockstep(
         for pair, images_a, images_b in _pairs(images):
             _row(measured, pair, "lockstep images").add(images_a, images_b, 0.0)
         reached: dict[str, dict] = {}
-        if summing is not None:
+        if summing is not None and resync:  # from the state every implementation started at
             first = images[next(iter(backends))]
-            terms = summed_terms(summing, arch, starts_from, first, y[batch.idx], batch.masks)
-            reached = round_off_sizes(*terms, config)
+            with np.errstate(over="ignore", invalid="ignore"):  # a run past the finite numbers
+                terms, grads = summed_terms(
+                    summing, arch, starts_from, first, y[batch.idx], batch.masks
+                )
+            reached = round_off_sizes(terms, grads, starts_from, config)
         step = {}
         for name, backend in backends.items():
             states[name], loss, _ = backend.train_step(states[name], data[name], batch, lr)
