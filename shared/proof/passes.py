@@ -92,12 +92,12 @@ def round_off_sizes(
         ),
     }
     return {
-        buffer: {name: largest_finite(share(t, name)) for name, t in terms.items()}
+        buffer: {name: _largest_finite(share(t, name)) for name, t in terms.items()}
         for buffer, share in shares.items()
     }
 
 
-def largest_finite(values: np.ndarray | float) -> float:
+def _largest_finite(values: np.ndarray | float) -> float:
     """The largest finite value (0.0 if none): a run that has left the finite numbers, which
     the lockstep compares only up to there, gives no size."""
     values = np.asarray(values, np.float64)
@@ -141,7 +141,7 @@ def single_pass(
         yield Compared("loss", pair, loss_a, loss_b)
         family = _family_size(grads_a.values())
         for name in grads_a:
-            scale = max(family, largest_finite(terms.get(name, 0.0)))
+            scale = max(family, _largest_finite(terms.get(name, 0.0)))
             yield Compared(f"grad {name}", pair, grads_a[name], grads_b[name], scale)
     for pair, a, b in _pairs(dx):
         yield Compared("grad input", pair, a, b)
