@@ -1,10 +1,10 @@
-"""Claim one core (shared.grid.claimed_cores), print it and the process's affinity, and hold
+"""Claim one core (shared.ray_engine.claimed_cores), print it and the process's affinity, and hold
 it until killed: a stand-in for a run, for tests/test_grid.py."""
 
 import os
 import time
 
-from shared.grid import claimed_cores
+from shared.ray_engine import claimed_cores
 
 with claimed_cores(1) as cores:
     print(cores[0], sorted(os.sched_getaffinity(0)), flush=True)

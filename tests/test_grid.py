@@ -36,7 +36,7 @@ def grid_data(tmp_path_factory) -> Path:
 @pytest.fixture
 def short_tmp():
     """A TMPDIR short enough for Ray's socket paths (at most 107 bytes), of this test alone:
-    its Ray session and the core locks of shared.grid.claimed_cores live there."""
+    its Ray session and the core locks of shared.ray_engine.claimed_cores live there."""
     with tempfile.TemporaryDirectory(prefix="tf", dir="/tmp") as folder:
         yield folder
 
