@@ -30,6 +30,7 @@ from shared.config import Hyperparams, TrainConfig
 from shared.crosscheck import run_crosscheck
 from shared.data import load_dataset
 from shared.errors import UsageError
+from shared.kinds import KINDS, kind_of
 from shared.layers import Activation, BatchNorm, Conv, Dropout, Pool
 from shared.loop import train
 from shared.proof.kinks import cancelled_biases, keeps_zeros_exact
@@ -48,6 +49,7 @@ F64_TOL = 1e-10
 BN_DROPOUT = PLANTED_SPEC
 # Dropout on 4-d maps (N, C, H, W), each unit masked on its own.
 SPATIAL_DROPOUT = "conv4-relu-dropout0.3-maxpool2-flatten-fc10"
+EVERY_ACTIVATION = [name for name, kind in KINDS.items() if kind.layer is Activation]
 
 
 def assert_same(a: np.ndarray, b: np.ndarray, what: str, tol: float = F64_TOL, scale=0.0):
@@ -61,25 +63,38 @@ def assert_same(a: np.ndarray, b: np.ndarray, what: str, tol: float = F64_TOL, s
 # --- seeded random networks --------------------------------------------------------------
 
 
-def random_spec(seed: int) -> Arch:
+def random_spec(seed: int, every_kind: bool = False) -> Arch:
     """A random valid network: one or two blocks of conv (random channels, kernel, stride,
     padding), maybe BatchNorm, an activation, maybe a pooling (max or avg, any stride) and
     dropout; then flatten, maybe BatchNorm, maybe a hidden fc with its BatchNorm, activation
-    and dropout; fc10. Drawn again until get_arch accepts it (pools must tile their input)."""
+    and dropout; fc10. Drawn again until get_arch accepts it (pools must tile their input).
+
+    `every_kind` draws from the whole grammar: every activation, padded pools, whole-channel
+    dropout, residual blocks after the first block, adaptive pooling before flatten (the
+    same seed without it draws the same network as before it existed)."""
     rng = np.random.default_rng([seed, 2024])
+    activations = EVERY_ACTIVATION if every_kind else ["relu", "tanh", "sigmoid"]
 
     def maybe(probability: float, token: str) -> list[str]:
         return [token] if rng.random() < probability else []
 
     def activation() -> str:
-        return str(rng.choice(["relu", "tanh", "sigmoid"]))
+        return str(rng.choice(activations))
 
-    def dropout() -> str:
-        return f"dropout{rng.uniform(0.1, 0.5):.2f}"
+    def dropout(kind: str = "dropout") -> str:
+        return f"{kind}{rng.uniform(0.1, 0.5):.2f}"
+
+    def residual() -> str:
+        c, stride = rng.integers(2, 7), rng.choice(["", "s2"])
+        body = [f"conv{c}{stride}b0", *maybe(0.5, "bn"), activation(), f"conv{c}b0"]
+        return f"res({'-'.join(body + maybe(0.5, 'bn'))})"
 
     for _ in range(200):
         tokens = []
-        for _ in range(int(rng.integers(1, 3))):
+        for block in range(int(rng.integers(1, 3))):
+            if every_kind and block > 0 and rng.random() < 0.5:
+                tokens += [residual(), activation()]
+                continue
             k = int(rng.choice([1, 3, 5]))
             tokens.append(f"conv{rng.integers(2, 7)}k{k}s{rng.integers(1, 4)}p{rng.integers(0, k)}")
             tokens += maybe(0.5, "bn")
@@ -87,8 +102,14 @@ def random_spec(seed: int) -> Arch:
             if rng.random() < 0.6:
                 size, op = int(rng.integers(2, 4)), rng.choice(["max", "avg"])
                 tokens.append(f"{op}pool{size}s{rng.integers(1, size + 1)}")
+                if every_kind:
+                    tokens[-1] += f"p{rng.integers(0, size // 2 + 1)}"
             if rng.random() < 0.3:
-                tokens.append(dropout())
+                tokens.append(
+                    dropout(rng.choice(["dropout", "dropout2d"]) if every_kind else "dropout")
+                )
+        if every_kind:
+            tokens += maybe(0.3, "adaptiveavgpool1")
         tokens += ["flatten", *maybe(0.4, "bn")]
         if rng.random() < 0.8:
             tokens += [f"fc{rng.integers(8, 33)}", *maybe(0.5, "bn"), activation()]
@@ -103,12 +124,21 @@ def random_spec(seed: int) -> Arch:
 
 
 GENERATED = [random_spec(seed).spec for seed in range(6)]
+# Drawn from the whole grammar, for the float64 passes alone: what fuses across layers in a
+# compiler (JAX's sigmoid before a max-pool, docs/CROSSCHECK.md) no one layer's test reaches.
+EVERY_KIND = [random_spec(seed, every_kind=True).spec for seed in range(12)]
 # Residual blocks: an identity shortcut, a strided projection with BatchNorm, one without.
 RESIDUAL = (
     "conv4-bn-relu-res(conv4b0-bn-relu-conv4b0-bn)-relu-res(conv6s2b0-bn-relu-conv6b0-bn)-relu"
     "-res(conv6-relu-conv8)-relu-adaptiveavgpool1-flatten-fc10"
 )
-NETWORKS = [*PRESETS, *GENERATED, RESIDUAL]
+NETWORKS = [*PRESETS, *GENERATED, RESIDUAL, *EVERY_KIND]
+NETWORK_IDS = [
+    *PRESETS,
+    *(f"random{i}" for i in range(len(GENERATED))),
+    "residual",
+    *(f"every-kind{i}" for i in range(len(EVERY_KIND))),
+]
 
 
 def features(arch: Arch) -> set[str]:
@@ -161,6 +191,15 @@ def test_the_generated_networks_cover_the_grammar():
     assert drawn.stdout.strip() == str(GENERATED)
 
 
+def test_the_networks_drawn_from_every_kind_hold_every_kind():
+    """Every kind of layer, a padded pool and a block that changes the shape among them."""
+    archs = [get_arch(spec) for spec in EVERY_KIND]
+    assert {kind_of(node.layer).name for arch in archs for node in arch.nodes} == set(KINDS)
+    layers = [node.layer for arch in archs for node in arch.nodes]
+    assert any(isinstance(layer, Pool) and layer.padding > 0 for layer in layers)
+    assert any(layer.name.endswith("downsample.0") for layer in layers)
+
+
 # --- whole networks ----------------------------------------------------------------------
 
 
@@ -178,9 +217,7 @@ def with_running_stats(params: dict, rng: np.random.Generator) -> dict:
     return out
 
 
-@pytest.mark.parametrize(
-    "spec", NETWORKS, ids=[*PRESETS, *(f"random{i}" for i in range(6)), "residual"]
-)
+@pytest.mark.parametrize("spec", NETWORKS, ids=NETWORK_IDS)
 def test_model_passes_agree(spec):
     """Every layer's output in evaluation and in training mode, the loss, every gradient and
     the input gradient, in float64. (BatchNorm's updated buffers and the optimizer step are
