@@ -14,11 +14,12 @@ import numpy as np
 
 from shared.checkpoint import load_checkpoint, tensor_problem
 from shared.config import real_number
-from shared.data import get_dataset_spec
+from shared.data import data_files, get_dataset_spec
 from shared.errors import UsageError
 from shared.io import a_path
 from shared.kinds import KINDS, kind_of, token
 from shared.layers import Residual
+from shared.outputs import check_out_files
 from shared.spec import Arch, Params, cast_params, get_arch, is_onnx_file, tensors
 
 
@@ -125,7 +126,7 @@ class Network:
         from shared.onnx_export import onnx_model, require_onnx, write_onnx
 
         require_onnx()
-        path = a_path(path, "to_onnx")
+        path = _an_output(path, "to_onnx")
         self.check(str(path))
         try:  # the graph is float32: a float64 weight past its range would be written as inf
             tensors = cast_params(self.tensors, self.arch, np.float32)
@@ -141,10 +142,19 @@ class Network:
         path."""
         from shared.weights_file import write_safetensors
 
-        path = a_path(path, "to_safetensors")
+        path = _an_output(path, "to_safetensors")
         self.check(str(path))
         write_safetensors(Path(path), self.tensors, self.standardise, self.arch.name)
         return Path(path)
+
+
+def _an_output(path: object, where: str) -> Path:
+    """`path` as a Path, refused as export.py refuses its outputs: not a file that could be
+    written (a folder, a missing folder), a run's checkpoint or other file, a checkpoint
+    under another name, a store of finished runs or the data's files."""
+    path = a_path(path, where)
+    check_out_files([(where, path)], reads=data_files())
+    return path
 
 
 def scaling_fits(standardise: object, dtype: type) -> bool:

@@ -118,7 +118,7 @@ def test_a_file_written_over_a_fifo_is_refused_and_the_fifo_kept(tmp_path):
     os.mkfifo(fifo)
     network = threefold.network("flatten-fc10")
     for write in (network.to_onnx, network.to_safetensors):
-        with pytest.raises(OutputError, match=f"{fifo}: not a regular file"):
+        with pytest.raises(UsageError, match=f"{write.__name__} {fifo}: not a regular file"):
             write(fifo)
         assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
@@ -322,6 +322,30 @@ def finished_run(tiny_data_dir, tmp_path) -> Path:
     result = run_script("train.py", *args, "--data-dir", str(tiny_data_dir))
     assert result.returncode == 0, result.stderr
     return out
+
+
+def test_the_api_writes_over_no_run_checkpoint_or_data(finished_run, tiny_data_dir, monkeypatch):
+    """Network.to_onnx and to_safetensors refuse what export.py refuses: a run's files, a
+    checkpoint under another name, the data's files. A run's checkpoint was written over,
+    and the run lost."""
+    monkeypatch.setenv("THREEFOLD_DATA", str(tiny_data_dir))
+    network = threefold.load(finished_run / "checkpoint.npz")
+    renamed = finished_run.parent / "weights.bin"
+    shutil.copy(finished_run / "checkpoint.npz", renamed)
+    data = sorted(tiny_data_dir.iterdir())[0]
+    kept = {p: p.read_bytes() for p in [*finished_run.iterdir(), renamed, data]}
+    refusals = {
+        finished_run / "checkpoint.npz": "one of the files of the run",
+        finished_run / "metrics.json": "one of the files of the run",
+        renamed: "a checkpoint of threefold's",
+        data: "the same file as the data",
+    }
+    for write in (network.to_onnx, network.to_safetensors):
+        for path, message in refusals.items():
+            with pytest.raises(UsageError, match=f"{write.__name__} {path}: {message}"):
+                write(path)
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert threefold.load(finished_run / "checkpoint.npz").tensors.keys() == network.tensors.keys()
 
 
 def test_evaluate_writes_neither_over_its_checkpoint_nor_into_another_run(
