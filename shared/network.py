@@ -19,7 +19,7 @@ from shared.errors import UsageError
 from shared.io import a_path
 from shared.kinds import KINDS, kind_of, token
 from shared.layers import Residual
-from shared.outputs import check_out_files
+from shared.outputs import check_nothing_kept
 from shared.spec import Arch, Params, cast_params, get_arch, is_onnx_file, tensors
 
 
@@ -149,11 +149,11 @@ class Network:
 
 
 def _an_output(path: object, where: str) -> Path:
-    """`path` as a Path, refused as export.py refuses its outputs: not a file that could be
-    written (a folder, a missing folder), a run's checkpoint or other file, a checkpoint
-    under another name, a store of finished runs or the data's files."""
+    """`path` as a Path, refused where export.py refuses its outputs for what writing would
+    destroy: a run's checkpoint or other file, a checkpoint under another name, a store of
+    finished runs, the data's files. (A write the machine refuses is an OutputError.)"""
     path = a_path(path, where)
-    check_out_files([(where, path)], reads=data_files())
+    check_nothing_kept(where, path, data_files())
     return path
 
 

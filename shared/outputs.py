@@ -181,16 +181,34 @@ def check_out_files(
         if path is None:
             continue
         check_out_file(path, flag)
-        with _one_line(flag, path):  # a loop of symbolic links among the files read
-            _check_other_files(flag, path, seen, store, own_run)
+        check_nothing_kept(flag, path, seen, store, own_run)
         seen.append((flag, path))
+
+
+def check_nothing_kept(
+    flag: str,
+    path: Path,
+    seen: list[tuple[str, Path]],
+    store: Path | None = None,
+    own_run: Path | None = None,
+) -> None:
+    """Refuse `path` as an output where it is a file read or written already (`seen`), a
+    run's file other than `own_run`'s evaluation, a checkpoint under another name, or a store
+    of runs other than `store`. A FIFO or a device is not opened, which would wait for a
+    writer: writing it is refused (check_out_file, atomic_write)."""
+    try:
+        special = path.exists() and not path.is_file()
+    except OSError:  # a name the file system refuses (too long): no file is kept there
+        return
+    if special:
+        return
+    with _one_line(flag, path):  # a loop of symbolic links among the files read
+        _check_other_files(flag, path, seen, store, own_run)
 
 
 def _check_other_files(
     flag: str, path: Path, seen: list, store: Path | None, own_run: Path | None
 ) -> None:
-    """Refuse `path` as an output where it is a file read or written already (`seen`), a
-    run's file other than `own_run`'s evaluation, or a store of runs other than `store`."""
     for other_flag, other in seen:
         if _same_file(path, other):
             raise UsageError(f"{flag} {path}: the same file as {other_flag} {other}")
