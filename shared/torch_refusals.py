@@ -136,7 +136,7 @@ def refuse_cut_gradients(module: Any, graph: Any, where: str) -> None:
                 if isinstance(output, torch.Tensor) and output.requires_grad
                 else [None] * len(weights)
             )
-    except Exception as error:  # the user's forward: any error is theirs
+    except (Exception, SystemExit) as error:  # the user's forward: any error is theirs
         raise UsageError(
             f"{where}: its forward fails on 1x28x28 images in training mode ({first_line(error)})"
         ) from None

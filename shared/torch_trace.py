@@ -50,7 +50,7 @@ def trace(module: Any, where: str):
     try:
         with torch.no_grad(), contextlib.redirect_stderr(written):
             ShapeProp(graph).propagate(torch.zeros(2, *INPUT_SHAPE, dtype=dtype))
-    except Exception as error:
+    except (Exception, SystemExit) as error:  # an exit() would end the command without a word
         cause = first_line(error.__cause__ or error)
         raise UsageError(f"{where}: its forward fails on 1x28x28 images ({cause})") from None
     sys.stderr.write(written.getvalue())
@@ -83,7 +83,8 @@ def _traced(module: Any, where: str):
     drawn = _global_draws()
     try:
         graph = torch.fx.symbolic_trace(module, concrete_args=defaults or None)
-    except Exception as error:  # tracing runs the user's forward: any error is theirs
+    # Tracing runs the user's forward: any error is theirs, an exit() too.
+    except (Exception, SystemExit) as error:
         raise UsageError(
             f"{where}: torch.fx cannot trace its forward ({first_line(error)}); threefold "
             "reads forwards that are chains of layers and functional calls"

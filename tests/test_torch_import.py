@@ -273,6 +273,23 @@ def test_the_crosscheck_command_takes_a_model_file():
     assert " 0 failed" in result.stdout
 
 
+# A model file whose forward runs `body` before its one layer.
+FORWARD = """import sys
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x):
+        {body}
+        return self.fc(torch.flatten(x, 1))
+"""
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -282,6 +299,8 @@ def test_the_crosscheck_command_takes_a_model_file():
         ("{bad_init}:Net", "Net() raised ValueError: no"),
         ("{not_module}:Net", "int is not a torch.nn.Module"),
         ("{exits}:Net", "running exits.py raised SystemExit: 0"),
+        ("{exits_traced}:Net", "torch.fx cannot trace its forward (SystemExit: 0)"),
+        ("{exits_run}:Net", "images in training mode (SystemExit: 3)"),
     ],
 )
 def test_a_model_file_that_cannot_be_read_is_one_line(tmp_path, text, expected):
@@ -290,6 +309,9 @@ def test_a_model_file_that_cannot_be_read_is_one_line(tmp_path, text, expected):
         "bad_init": "def Net():\n    raise ValueError('no')\n",
         "not_module": "def Net():\n    return 3\n",
         "exits": "raise SystemExit(0)\n",  # once ended the command without a word
+        # A forward's exit() ended it with the exit's status, 0 too, and nothing said.
+        "exits_traced": FORWARD.format(body="raise SystemExit(0)"),
+        "exits_run": FORWARD.format(body="if not isinstance(x, torch.fx.Proxy): sys.exit(3)"),
     }
     paths = {}
     for stem, code in files.items():
