@@ -38,7 +38,7 @@ from shared.outputs import (
     written_at_the_end,
 )
 from shared.profile import WARMUP_SECONDS, cpu_name, timing_setup
-from shared.spec import Arch, get_arch, network_file
+from shared.spec import Arch, get_arch, network_files
 
 EPOCH_IMAGES = 50_000
 # Every timed step takes a full batch of the 50,000 training images, so none can be larger.
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         out = prepare_out_dir(args.out)
         name, chart = RESULTS.get(chosen[0] if chosen else "", ("benchmark", True))
         try:
-            reads = [("--arch", network_file(args.arch))]  # a spec or model file: not written over
+            reads = [("--arch", path) for path in network_files(args.arch)]  # not written over
             outputs = [
                 ("--out", path)
                 for stopped in (False, True)

@@ -59,7 +59,7 @@ from shared.spec import (
     get_arch,
     init_params,
     is_model_file,
-    network_file,
+    network_files,
 )
 
 # How the options of check_batches are named to the caller: the command's flags, the API's
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if args.onnx:
             require_onnx()
-        files = [("--arch", network_file(text)) for text in args.arch or []]
+        files = [("--arch", path) for text in args.arch or [] for path in network_files(text)]
         outputs = [("--json", args.json), ("--plot", args.plot)]
         reads = [("--checkpoint", args.checkpoint), *files, *data_files(args.data_dir)]
         check_out_files(outputs, reads)

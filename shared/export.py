@@ -15,6 +15,7 @@ from shared.errors import CheckpointError, OutputError, UsageError
 from shared.io import staged
 from shared.network import Network, load_network
 from shared.onnx_export import OPSET, require_onnx
+from shared.onnx_file import external_files
 from shared.onnx_import import from_onnx
 from shared.outputs import check_out_files
 from shared.proof.onnx_witness import onnx_logits
@@ -99,9 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         weights = args.safetensors
         if weights is None:
             weights = args.onnx.with_suffix(".safetensors")
+        # A model read from ONNX may keep its weights in files beside it.
+        onnx_model = args.checkpoint.suffix.lower() == ".onnx"
+        model_data = external_files(args.checkpoint) if onnx_model else []
         check_out_files(
             [("--onnx", args.onnx), ("--safetensors", weights)],
-            reads=[("the checkpoint", args.checkpoint), *data_files(args.data_dir)],
+            reads=[
+                ("the checkpoint", args.checkpoint),
+                *(("the checkpoint's external data", path) for path in model_data),
+                *data_files(args.data_dir),
+            ],
         )
         network = load_network(
             args.checkpoint, "export.py"

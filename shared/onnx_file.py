@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
+from typing import Any
 
 from shared.errors import UsageError
 from shared.io import regular_file
@@ -26,21 +27,8 @@ def read_graph(path: Path, label: str):
     """The parsed graph, its size and node count bounded, its initialisers' external data
     read in (see _read_external); no other tensor may have any."""
     import onnx
-    from google.protobuf.message import DecodeError
 
-    with regular_file(path, label) as file:
-        data = file.read(MAX_ONNX_FILE_BYTES + 1)
-    if len(data) > MAX_ONNX_FILE_BYTES:
-        raise UsageError(
-            f"{label}: larger than {MAX_ONNX_FILE_BYTES} bytes; not a model threefold reads"
-        )
-    nodes = _count_nodes(data, label)
-    if nodes > MAX_NODES:  # counted before parsing: a parsed node costs hundreds of bytes
-        raise UsageError(f"{label}: more than {MAX_NODES} nodes ({MAX_LAYERS} layers at most)")
-    try:
-        model = onnx.load_model_from_string(data)
-    except (DecodeError, ValueError, RuntimeError) as error:
-        raise UsageError(f"{label}: not an ONNX model ({type(error).__name__})") from None
+    model, data = _bounded_model(path, label)
     graph = model.graph
     if len(graph.initializer) > MAX_NODES * 4:
         raise UsageError(
@@ -67,12 +55,61 @@ def read_graph(path: Path, label: str):
     return graph
 
 
+def _bounded_model(path: Path, label: str) -> tuple[Any, bytes]:
+    """The parsed model and its file's bytes, their size and node count bounded before it is
+    parsed."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    with regular_file(path, label) as file:
+        data = file.read(MAX_ONNX_FILE_BYTES + 1)
+    if len(data) > MAX_ONNX_FILE_BYTES:
+        raise UsageError(
+            f"{label}: larger than {MAX_ONNX_FILE_BYTES} bytes; not a model threefold reads"
+        )
+    nodes = _count_nodes(data, label)
+    if nodes > MAX_NODES:  # counted before parsing: a parsed node costs hundreds of bytes
+        raise UsageError(f"{label}: more than {MAX_NODES} nodes ({MAX_LAYERS} layers at most)")
+    try:
+        model = onnx.load_model_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as error:
+        raise UsageError(f"{label}: not an ONNX model ({type(error).__name__})") from None
+    return model, data
+
+
+def external_files(path: Path) -> list[Path]:
+    """The files beside the model that its initialisers' external data names: a command that
+    reads the model must not write over them. None where the file is no model threefold
+    reads, as reading it will say."""
+    import onnx
+
+    try:
+        graph = _bounded_model(path, str(path))[0].graph
+    except UsageError:
+        return []
+    external = onnx.TensorProto.EXTERNAL
+    names = {
+        entry.value
+        for tensor in graph.initializer
+        if tensor.data_location == external
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return [path.parent / name for name in sorted(names) if _beside_the_model(name)]
+
+
+def _beside_the_model(location: str) -> bool:
+    """Whether an external data's `location` names a file in the model's own folder: a path,
+    or `..`, would let the model read any file."""
+    plain = location not in ("", ".", "..") and "\0" not in location
+    return plain and Path(location).name == location
+
+
 def _read_external(graph, path: Path, label: str) -> bool:
     """Read into `graph` each initialiser stored in another file, as torch.onnx.export writes
     them by default (`external_data=True`): whether there was one. The file must be a plain
-    name in the model's own folder (a path, or `..`, would let the model read any file) and
-    a regular file, each tensor's bytes within it and exactly its size, and all of them at
-    most MAX_ONNX_FILE_BYTES."""
+    name in the model's own folder (_beside_the_model) and a regular file, each tensor's
+    bytes within it and exactly its size, and all of them at most MAX_ONNX_FILE_BYTES."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo
 
@@ -90,8 +127,7 @@ def _read_external(graph, path: Path, label: str) -> bool:
         except (KeyError, ValueError, TypeError) as error:
             raise UsageError(f"{where}: not readable ({type(error).__name__})") from None
         location = str(info.location)
-        plain = location not in ("", ".", "..") and "\0" not in location
-        if not plain or Path(location).name != location:
+        if not _beside_the_model(location):
             raise UsageError(f"{where}: {location[:60]!r} is not a file beside the model")
         if any(d < 0 for d in tensor.dims):
             raise UsageError(f"{where}: dims {list(tensor.dims)[:8]}, not a tensor's shape")

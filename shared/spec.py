@@ -204,12 +204,17 @@ def is_model_file(text: str) -> bool:
     return (path.lower().endswith(".py") and name.isidentifier()) or is_onnx_file(text)
 
 
-def network_file(text: str) -> Path | None:
-    """The file a network's text names: a model file's (see is_model_file) or a .json or
-    .toml spec; None for a preset or a spec written out."""
-    if is_model_file(text) and not is_onnx_file(text):
-        return Path(text.rpartition(":")[0])
-    return Path(text) if text.lower().endswith((".onnx", ".json", ".toml")) else None
+def network_files(text: str) -> list[Path]:
+    """The files a network's text names, which a command reading it must not write over: a
+    model file's (see is_model_file), with an ONNX model's external data beside it, or a
+    .json or .toml spec; none for a preset or a spec written out."""
+    if is_onnx_file(text):
+        from shared.onnx_file import external_files  # which imports this module
+
+        return [Path(text), *external_files(Path(text))]
+    if is_model_file(text):
+        return [Path(text.rpartition(":")[0])]
+    return [Path(text)] if text.lower().endswith((".json", ".toml")) else []
 
 
 def presets() -> dict[str, Arch]:

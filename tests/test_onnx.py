@@ -1411,6 +1411,33 @@ def test_initialisers_in_a_file_beside_the_model_are_read_from_there_alone(tmp_p
         from_onnx(tmp_path / "m.onnx")
 
 
+def test_no_command_writes_over_the_file_that_holds_a_model_s_weights(tmp_path, capsys):
+    """crosscheck.py's --json and --plot and export.py's --safetensors refuse an ONNX model's
+    external data file, as they refuse the model: crosscheck.py wrote its rows there, and the
+    model then read them as its weights."""
+    from shared.crosscheck import main as crosscheck_main
+
+    fc, weights = random_fc("flat", 784)
+    flatten = helper.make_node("Flatten", ["x"], ["flat"], "flatten", axis=1)
+    model = onnx.load(graph_file(tmp_path, [flatten, *fc], weights, "inline.onnx"))
+    path, data = tmp_path / "m.onnx", tmp_path / "m.onnx.data"
+    onnx.save_model(model, path, save_as_external_data=True, location=data.name, size_threshold=0)
+    kept = data.read_bytes()
+    runs = {
+        "--json": (crosscheck_main, ["--arch", str(path), "--onnx", "--json", str(data)]),
+        "--plot": (crosscheck_main, ["--arch", str(path), "--plot", str(data)]),
+        "--safetensors": (export_main, [str(path), "--safetensors", str(data)]),
+    }
+    for flag, (main, argv) in runs.items():
+        with pytest.raises(SystemExit) as refused:  # a usage error: argparse's exit status 2
+            main(argv)
+        assert refused.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]  # after the usage lines
+        assert f"{flag} {data}: the same file as " in error, error
+        assert data.read_bytes() == kept
+    assert np.array_equal(from_onnx(path).tensors["fc.weight"], numpy_helper.to_array(weights[0]))
+
+
 @pytest.mark.parametrize("opset", [13, 18])  # axes an attribute, then an input
 def test_a_mean_over_each_plane_is_a_global_average_pool(opset, tmp_path):
     """AdaptiveAvgPool2d(1) as the dynamo exporter writes it: "ReduceMean: not an operator"."""
