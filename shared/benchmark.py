@@ -405,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
             sizes = [batch_size(s) for s in args.batch_sizes.split(",")]
         except argparse.ArgumentTypeError as e:
             raise UsageError(f"--batch-sizes: {e}") from None
+        twice = sorted({size for size in sizes if sizes.count(size) > 1})
+        if twice:  # each would be timed twice, as a repeat of the other
+            raise UsageError(f"--batch-sizes {args.batch_sizes}: {twice[0]} is named twice")
         arch = get_arch(args.arch)
         if arch.uses_batch_statistics and 1 in sizes:
             raise UsageError("--batch-sizes 1: BatchNorm cannot take statistics of one image")

@@ -45,6 +45,8 @@ def _older_commit() -> str:
         (["--ladder-images", "1501"], "--ladder-images"),  # it ran 30 minutes outside workers
         (["--against", ""], "--against: an empty revision"),  # it ran the plain benchmark
         (["--against", "OLDER"], f"does not descend from {FIRST_COMMIT}"),
+        # Timed twice, as one size's repeats, which the header still counted as one.
+        (["--batch-sizes", "32,8,32"], "--batch-sizes 32,8,32: 32 is named twice"),
     ],
 )
 def test_a_flag_that_cannot_work_is_one_line_before_anything_is_measured(flags, message, tmp_path):
