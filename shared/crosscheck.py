@@ -113,11 +113,13 @@ def check_options(
     command checks its flags: one UsageError naming the keyword at fault. One implementation,
     or no dtype, would compare nothing and pass."""
     if not _some_of(dtypes, DTYPES, least=1):
-        raise UsageError(f"dtypes={dtypes!r}: a tuple of one or more of {', '.join(DTYPES)}")
+        raise UsageError(
+            f"dtypes={dtypes!r}: a tuple of one or more of {', '.join(DTYPES)}, each once"
+        )
     if not _some_of(impls, IMPLEMENTATIONS, least=2):
         raise UsageError(
-            f"impls={impls!r}: a tuple of two or more of {', '.join(IMPLEMENTATIONS)} (the "
-            "cross-check compares pairs)"
+            f"impls={impls!r}: a tuple of two or more of {', '.join(IMPLEMENTATIONS)}, each once "
+            "(the cross-check compares pairs)"
         )
     steps, batch_size, seed = map(python_int, (steps, batch_size, seed))
     for name, value, bound in (
@@ -133,11 +135,12 @@ def check_options(
 
 
 def _some_of(values: Any, allowed: tuple[str, ...], least: int) -> bool:
-    """Whether `values` is a tuple or list of at least `least` different `allowed` names."""
+    """Whether `values` is a tuple or list of at least `least` `allowed` names, none twice (a
+    dtype named twice ran every check twice)."""
     return (
         isinstance(values, tuple | list)
         and all(v in allowed for v in values)
-        and len(set(values)) >= least
+        and len(set(values)) == len(values) >= least
     )
 
 
