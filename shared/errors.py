@@ -14,6 +14,12 @@ class ThreefoldError(Exception):
     """Base class: a problem the user can fix, described in one line."""
 
 
+# What a user's own code (a model file run, its module built, its forward traced or run) may
+# raise, each an error of theirs in one line: an exit() in it would otherwise end the command
+# with its status, 0 too, and nothing said. Ctrl-C is not among them.
+USER_CODE_ERRORS = (Exception, SystemExit)
+
+
 def first_line(error: BaseException) -> str:
     """The error's type and first line (200 characters at most, without a terminal's colour
     codes, which torch.load's messages hold): a user's error in one line."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.checkpoint import DIRECTORY_MAX_BYTES, zip_directory_bytes
-from shared.errors import UsageError, first_line
+from shared.errors import USER_CODE_ERRORS, UsageError, first_line
 from shared.network import Network
 from shared.spec import Arch, Params, tensors
 from shared.torch_import import canonical_array, from_torch
@@ -42,9 +42,7 @@ def load_module_file(text: str, where: str = "--arch") -> tuple[Any, str]:
     namespace = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(namespace)
-    # The user's file: any error is theirs, in one line; an exit() in it would end the
-    # command without a word.
-    except (Exception, SystemExit) as error:
+    except USER_CODE_ERRORS as error:  # the user's file: any error is theirs
         raise UsageError(f"{label}: running {path.name} raised {first_line(error)}") from None
     if not hasattr(namespace, name):
         defined = sorted(k for k, v in vars(namespace).items() if callable(v) and k[0] != "_")
@@ -56,7 +54,7 @@ def load_module_file(text: str, where: str = "--arch") -> tuple[Any, str]:
         return built, label
     try:
         module = built()
-    except (Exception, SystemExit) as error:
+    except USER_CODE_ERRORS as error:
         raise UsageError(f"{label}: {name}() raised {first_line(error)}") from None
     return module, label
 

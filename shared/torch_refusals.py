@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import UsageError, first_line
+from shared.errors import USER_CODE_ERRORS, UsageError, first_line
 from shared.layers import INPUT_SHAPE
 
 
@@ -136,7 +136,7 @@ def refuse_cut_gradients(module: Any, graph: Any, where: str) -> None:
                 if isinstance(output, torch.Tensor) and output.requires_grad
                 else [None] * len(weights)
             )
-    except (Exception, SystemExit) as error:  # the user's forward: any error is theirs
+    except USER_CODE_ERRORS as error:  # the user's forward: any error is theirs
         raise UsageError(
             f"{where}: its forward fails on 1x28x28 images in training mode ({first_line(error)})"
         ) from None

@@ -12,7 +12,7 @@ import random
 import sys
 from typing import Any
 
-from shared.errors import UsageError, first_line
+from shared.errors import USER_CODE_ERRORS, UsageError, first_line
 from shared.layers import INPUT_SHAPE
 from shared.torch_ops import functions
 from shared.torch_refusals import refuse_frozen
@@ -50,7 +50,7 @@ def trace(module: Any, where: str):
     try:
         with torch.no_grad(), contextlib.redirect_stderr(written):
             ShapeProp(graph).propagate(torch.zeros(2, *INPUT_SHAPE, dtype=dtype))
-    except (Exception, SystemExit) as error:  # an exit() would end the command without a word
+    except USER_CODE_ERRORS as error:
         cause = first_line(error.__cause__ or error)
         raise UsageError(f"{where}: its forward fails on 1x28x28 images ({cause})") from None
     sys.stderr.write(written.getvalue())
@@ -83,8 +83,7 @@ def _traced(module: Any, where: str):
     drawn = _global_draws()
     try:
         graph = torch.fx.symbolic_trace(module, concrete_args=defaults or None)
-    # Tracing runs the user's forward: any error is theirs, an exit() too.
-    except (Exception, SystemExit) as error:
+    except USER_CODE_ERRORS as error:  # tracing runs the user's forward: any error is theirs
         raise UsageError(
             f"{where}: torch.fx cannot trace its forward ({first_line(error)}); threefold "
             "reads forwards that are chains of layers and functional calls"
