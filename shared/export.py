@@ -20,6 +20,7 @@ from shared.onnx_import import from_onnx
 from shared.outputs import check_out_files
 from shared.proof.onnx_witness import onnx_logits
 from shared.proof.rows import TOLERANCES, compare
+from shared.spec import is_onnx_file
 from shared.weights_file import read_network_file
 
 
@@ -101,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if weights is None:
             weights = args.onnx.with_suffix(".safetensors")
         # A model read from ONNX may keep its weights in files beside it.
-        onnx_model = args.checkpoint.suffix.lower() == ".onnx"
-        model_data = external_files(args.checkpoint) if onnx_model else []
+        model_data = external_files(args.checkpoint) if is_onnx_file(str(args.checkpoint)) else []
         check_out_files(
             [("--onnx", args.onnx), ("--safetensors", weights)],
             reads=[
