@@ -18,6 +18,7 @@ from shared.config import DEEP_RECIPE, FIELDS, TrainConfig
 from shared.data import Dataset, load_dataset
 from shared.errors import DataError, UsageError
 from shared.experiments_report import (
+    CURVES,
     load_results,
     plot_comparison,
     report_text,
@@ -28,9 +29,6 @@ from shared.grid import (
     LOCAL,
     Engine,
     RunStore,
-    a_curve,
-    a_share,
-    a_time,
     add_engine_flags,
     check_fits,
     engine_of,
@@ -59,13 +57,6 @@ QUICK = dict(
     short={"epochs": 1, "limit": 500},
     deep={**DEEP_RECIPE, "epochs": 1, "limit": 500},
 )
-
-# What a comparison's report and plot read of each stored run.
-CURVES = {
-    "test_acc": a_share,
-    "val_curve": a_curve,
-    "epoch_seconds": a_time,
-}
 
 
 def variant_config(base: TrainConfig, changes: dict[str, Any], impl: str) -> TrainConfig:

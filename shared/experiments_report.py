@@ -9,8 +9,9 @@ import statistics
 from pathlib import Path
 
 from shared.backend import IMPLEMENTATIONS
-from shared.config import DEEP_RECIPE, TrainConfig
+from shared.config import DEEP_RECIPE, FIELDS, TrainConfig
 from shared.errors import DataError
+from shared.grid import a_curve, a_share, a_time
 from shared.io import read_json, write_text
 from shared.lab_questions import (
     AGREEMENT,
@@ -23,6 +24,18 @@ from shared.plots import plt, save_figure
 
 # One line style per implementation, in the order of IMPLEMENTATIONS.
 LINE_STYLES = ("-", "--", ":", "-.")
+
+# What a comparison's report and plot read of each stored run, and what each check asks.
+CURVES = {
+    "test_acc": a_share,
+    "val_curve": a_curve,
+    "epoch_seconds": a_time,
+}
+CHECKED = {
+    a_share: "not an accuracy in [0, 1]",
+    a_curve: "not a list of accuracies in [0, 1]",
+    a_time: "not a time in seconds",
+}
 
 
 def plot_comparison(title: str, results: dict[str, dict[str, dict]], path: Path) -> None:
@@ -54,24 +67,121 @@ def spread_of(by_impl: dict[str, float]) -> float:
 
 
 def load_results(path: Path) -> tuple[dict, str]:
-    """Saved results (experiments/results.json) and their report; a damaged file is refused in
-    one line before anything is written."""
+    """Saved results (experiments/results.json) and their report; a file that is damaged, or
+    holds a figure no run could have made, is refused in one line before anything is written."""
     try:
         saved = read_json(path)
-        return saved, report_text(saved)
-    except (
-        OSError,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        StopIteration,
-        IndexError,
-        RecursionError,  # JSON nested past Python's stack
-    ) as e:
-        raise DataError(
-            f"{path}: damaged or not threefold's results ({type(e).__name__}: {e})"
-        ) from None
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
+        raise DataError(f"{path}: damaged or not threefold's results ({e})") from None
+    problem = results_problem(saved)
+    if problem is not None:
+        raise DataError(f"{path}: damaged or not threefold's results: {problem}")
+    return saved, report_text(saved)
+
+
+def results_problem(saved: object) -> str | None:
+    """What keeps saved results from being reported, naming the field (`comparisons / t / row
+    / jax / test_acc is 1.5, not ...`), or None: every figure the report reads checked as a
+    finished run's summary is."""
+    if not isinstance(saved, dict):
+        return "not an object"
+    for name in ("base", "command", "comparisons", "seeds"):
+        if name not in saved:
+            return f"lacks the field {name!r}"
+    settings = {name: saved[name] for name in ("base", "short", "deep") if name in saved}
+    problems = [
+        *(_settings_problem(name, value) for name, value in settings.items()),
+        _kind_problem("command", saved["command"], str, "a text"),
+        _comparisons_problem(saved["comparisons"]),
+        _shares_problem("seeds", saved["seeds"], nested=False),
+        _shares_problem("float64", saved.get("float64", {}), nested=True),
+        _trained_problem(saved.get("trained", {})),
+    ]
+    return next((p for p in problems if p is not None), None)
+
+
+def _kind_problem(where: str, value: object, kind: type, called: str) -> str | None:
+    return None if isinstance(value, kind) else f"{where} is {_shown(value)}, not {called}"
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _settings_problem(where: str, settings: object) -> str | None:
+    """A configuration's settings (`base`) or a budget's (`short`, `deep`), each value
+    checked as its flag is."""
+    if not isinstance(settings, dict):
+        return f"{where} is {_shown(settings)}, not an object of settings"
+    for name, value in settings.items():
+        problem = FIELDS[name].problem(value) if name in FIELDS else "not a setting"
+        if problem is not None:
+            return f"{where} / {name} is {_shown(value)}, {problem}"
+    return None
+
+
+def _comparisons_problem(comparisons: object) -> str | None:
+    """Every row of every table: the same implementations, each with the figures a
+    comparison reads (CURVES), valid; at least one table this version asks."""
+    if not isinstance(comparisons, dict) or not comparisons:
+        return f"comparisons is {_shown(comparisons)}, not an object of tables"
+    if not comparisons.keys() & {c.title for c in comparisons_asked()}:
+        return "comparisons holds none of the questions this version asks"
+    impls = None
+    for title, table in comparisons.items():
+        if not isinstance(table, dict) or not table:
+            return f"comparisons / {title} is {_shown(table)}, not an object of rows"
+        for label, by_impl in table.items():
+            where = f"comparisons / {title} / {label}"
+            if not isinstance(by_impl, dict) or not by_impl:
+                return f"{where} is {_shown(by_impl)}, not figures by implementation"
+            if not by_impl.keys() <= set(IMPLEMENTATIONS):
+                unknown = sorted(by_impl.keys() - set(IMPLEMENTATIONS))[0]
+                return f"{where} / {_shown(unknown)} is not an implementation"
+            impls = impls or set(by_impl)
+            if set(by_impl) != impls:
+                return f"{where} has other implementations than the first row ({sorted(impls)})"
+            for impl, figures in by_impl.items():
+                for field, check in CURVES.items():
+                    value = figures.get(field) if isinstance(figures, dict) else None
+                    if not check(value):
+                        return f"{where} / {impl} / {field} is {_shown(value)}, {CHECKED[check]}"
+    return None
+
+
+def comparisons_asked() -> list:
+    """The comparisons this version asks, for their titles (their budgets do not matter)."""
+    return comparisons(0, (), 0, SHORT, DEEP_RECIPE)
+
+
+def _shares_problem(where: str, table: object, nested: bool) -> str | None:
+    """`seeds` ({"arch|impl": [accuracy, ...]}) or `float64` ({row: {impl: accuracy}})."""
+    if not isinstance(table, dict):
+        return f"{where} is {_shown(table)}, not an object"
+    for row, accs in table.items():
+        if nested:
+            held = isinstance(accs, dict) and accs.keys() <= set(IMPLEMENTATIONS)
+            called = "accuracies by implementation"
+        else:
+            held = isinstance(accs, list) and row.count("|") == 1
+            called = "a list of accuracies"
+        if not held or not accs:
+            return f"{where} / {row} is {_shown(accs)}, not {called}"
+        bad = [a for a in (accs.values() if nested else accs) if not a_share(a)]
+        if bad:
+            return f"{where} / {row} holds {_shown(bad[0])}, {CHECKED[a_share]}"
+    return None
+
+
+def _trained_problem(trained: object) -> str | None:
+    """`trained`: runs by date and commit, each a count."""
+    if not isinstance(trained, dict):
+        return f"trained is {_shown(trained)}, not an object"
+    for when, count in trained.items():
+        if type(count) is not int or count < 1:
+            return f"trained / {when} is {_shown(count)}, not a count of runs"
+    return None
 
 
 def report_text(saved: dict) -> str:

@@ -864,27 +864,77 @@ def test_damaged_experiment_results_are_one_line_errors(tmp_path):
         assert not (tmp_path / "EXPERIMENTS.md").exists()
 
 
-def test_experiments_refuse_results_without_variants_and_a_file_for_their_folder(
-    tmp_path, monkeypatch, capsys
-):
+def saved_results() -> dict:
+    """The experiments' results as docs/ keeps them: every field a report reads."""
+    return json.loads((ROOT / "docs" / "experiments" / "results.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (
+            lambda s: s["comparisons"]["Initialisation"]["He (default)"]["jax"].update(
+                test_acc=1.5
+            ),
+            "comparisons / Initialisation / He (default) / jax / test_acc is 1.5, not an accuracy",
+        ),
+        (
+            lambda s: s["comparisons"]["Epochs"]["15 epochs (default)"]["torch"].pop("val_curve"),
+            "comparisons / Epochs / 15 epochs (default) / torch / val_curve is None, not a list",
+        ),
+        (
+            lambda s: s["comparisons"]["Epochs"]["15 epochs (default)"]["numpy"].update(
+                epoch_seconds=-2
+            ),
+            "/ numpy / epoch_seconds is -2, not a time in seconds",
+        ),
+        (
+            lambda s: s["comparisons"]["Dropout"]["with dropout (`strong`)"].pop("jax"),
+            "Dropout / with dropout (`strong`) has other implementations than the first row",
+        ),
+        (lambda s: s.pop("seeds"), "lacks the field 'seeds'"),
+        (lambda s: s["seeds"].update({"lab|jax": [0.9, 91.4]}), "seeds / lab|jax holds 91.4"),
+        (lambda s: s["float64"].update({"x": {"mx": 0.5}}), "float64 / x is {'mx': 0.5}, not"),
+        (lambda s: s["trained"].update({"today": 0}), "trained / today is 0, not a count"),
+        (lambda s: s["base"].update(epochs=0), "base / epochs is 0, out of range"),
+        (lambda s: s["deep"].update(lr="fast"), "deep / lr is 'fast', "),
+        (lambda s: s.update(comparisons={"Foo": {}}), "holds none of the questions this version"),
+    ],
+)
+def test_experiment_results_no_run_could_have_made_are_refused_by_field(tmp_path, edit, problem):
+    # A hand-edited figure would render as a result (an accuracy of 1.5 as 150.00%).
+    saved = saved_results()
+    edit(saved)
+    results = tmp_path / "experiments" / "results.json"
+    results.parent.mkdir()
+    results.write_text(json.dumps(saved))
+    result = run_script("experiments.py", "--render-only", "--out", str(tmp_path))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and problem in result.stderr, result.stderr
+    assert not (tmp_path / "EXPERIMENTS.md").exists()
+
+
+def test_experiments_refuse_results_without_variants_and_a_file_for_their_folder(tmp_path, capsys):
     # Results that render, written before the variants were kept, cannot be trained again.
-    import shared.experiments_report as report
     from shared.experiments import main
 
     results = tmp_path / "experiments" / "results.json"
     results.parent.mkdir()
-    comparison = {"a": {"numpy": {"test_acc": 0.8}}}
-    saved = {"base": {}, "comparisons": {"t": comparison}, "seeds": {}, "command": "x"}
+    saved = saved_results()
+    variants = saved.pop("variants")
     results.write_text(json.dumps(saved))
-    monkeypatch.setattr(report, "report_text", lambda saved: "rendered")  # a full file's
     assert main(["--recheck-float64", "--out", str(tmp_path)]) == 1
     assert "lacks the variants of its comparisons" in capsys.readouterr().err
     # Variants are checked as flags would be, before anything trains again.
     for variant, problem in (
-        ({"epochs": 10**9}, "variants / t / a: epochs = 1000000000, out of range"),
-        ({"foo": 1}, "variants / t / a: foo = 1, not a setting"),
+        (
+            {"epochs": 10**9},
+            "variants / Dropout / without dropout: epochs = 1000000000, out of range",
+        ),
+        ({"foo": 1}, "variants / Dropout / without dropout: foo = 1, not a setting"),
     ):
-        results.write_text(json.dumps({**saved, "variants": {"t": {"a": variant}}}))
+        variants["Dropout"]["without dropout"] = variant
+        results.write_text(json.dumps({**saved, "variants": variants}))
         assert main(["--recheck-float64", "--out", str(tmp_path)]) == 1
         assert problem in capsys.readouterr().err
     out = tmp_path / "other"
