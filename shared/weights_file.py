@@ -10,7 +10,6 @@ tensor's bytes are read, each tensor's values checked for what they mean.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import struct
@@ -116,7 +115,9 @@ def read_safetensors(
         for name, ours in names.items():
             entry = entries[name]
             checked[ours] = _entry(entry, expected[ours], size - start, arch, f"{label}: {name}")
-        _refuse_overlaps(checked, label)
+        # Every entry's, an unused module's too: the bytes between them count.
+        spans = {name: _span(e, size - start, f"{label}: {name}") for name, e in entries.items()}
+        _refuse_gaps_and_overlaps(spans, start, size, label)
         missing = sorted(set(expected) - set(checked))
         if missing:
             raise UsageError(f"{label}: {len(missing)} tensors missing, the first {missing[0]}")
@@ -163,16 +164,35 @@ def renamed(
     return canonical
 
 
-def _refuse_overlaps(checked: dict[str, tuple[np.dtype, tuple, int]], label: str) -> None:
-    """Refuse tensors whose bytes overlap: one tensor's bytes read as another's (the
-    safetensors library refuses them too)."""
-    spans = sorted(
-        (begin, begin + math.prod(shape) * dtype.itemsize, name)
-        for name, (dtype, shape, begin) in checked.items()
-    )
-    for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
+def _span(entry, data_bytes: int, where: str) -> tuple[int, int]:
+    """An entry's data_offsets (begin, end), in order within the tensors' `data_bytes`."""
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    valid = isinstance(offsets, list) and len(offsets) == 2
+    if not (valid and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise UsageError(f"{where}: data_offsets {str(offsets)[:60]} are not a span of bytes")
+    if offsets[1] > data_bytes:
+        raise UsageError(f"{where}: data_offsets {offsets} end past the file's end")
+    return offsets[0], offsets[1]
+
+
+def _refuse_gaps_and_overlaps(
+    spans: dict[str, tuple[int, int]], start: int, size: int, label: str
+) -> None:
+    """Refuse a file whose tensors' bytes, in order, do not fill it after the header exactly,
+    as the safetensors library does: bytes shared read one tensor as another's, and bytes no
+    tensor holds (between them or after the last) are no part of a .safetensors file."""
+    end, previous = 0, None
+    for begin, stop, name in sorted((begin, stop, name) for name, (begin, stop) in spans.items()):
         if begin < end:
-            raise UsageError(f"{label}: {first} and {second} share bytes of the file")
+            raise UsageError(f"{label}: {previous} and {name} share bytes of the file")
+        if begin > end:
+            raise UsageError(f"{label}: the {begin - end} bytes at {start + end} are no tensor's")
+        end, previous = stop, name
+    if start + end != size:
+        raise UsageError(
+            f"{label}: its last {size - start - end} bytes are no tensor's (a file cut and "
+            "joined to another, or not a .safetensors file)"
+        )
 
 
 def _entry(entry, tensor, data_bytes: int, arch: Arch, where: str) -> tuple[np.dtype, tuple, int]:

@@ -368,6 +368,22 @@ GOOD = {"dtype": "F32", "shape": [8, 1, 3, 3], "data_offsets": [0, 288]}
             struct.pack("<Q", 54) + b'{"conv.weight": {}, "conv.weight": {}, "fc1.bias": {}}',
             "'conv.weight' given twice",
         ),
+        # Bytes no tensor holds, which the safetensors library refuses: after the last...
+        (
+            safetensors_bytes({"conv.weight": GOOD}, b"\0" * 300),
+            "its last 12 bytes are no tensor's",
+        ),
+        # ... or between two.
+        (
+            safetensors_bytes(
+                {
+                    "conv.weight": GOOD,
+                    "conv.bias": {**GOOD, "shape": [8], "data_offsets": [300, 332]},
+                },
+                b"\0" * 332,
+            ),
+            "the 12 bytes at 451 are no tensor's",
+        ),
     ],
     ids=[
         "huge-header",
@@ -380,6 +396,8 @@ GOOD = {"dtype": "F32", "shape": [8, 1, 3, 3], "data_offsets": [0, 288]}
         "foreign",
         "overlap",
         "twice",
+        "trailing",
+        "gap",
     ],
 )
 def test_a_hostile_safetensors_file_is_one_line(content, message, tmp_path):
