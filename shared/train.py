@@ -223,11 +223,16 @@ def _resume(args: argparse.Namespace, typed: set[str]) -> int:
         config, ckpt = resumed_config(args, typed)
         data = _load_data(args, config, ckpt)
         check_same_data(ckpt, data, folder)
+        arch = get_arch(config.arch, files=False)
+        try:  # settings each in range may still not fit together, or the data
+            train_split(config, arch, data)
+        except UsageError as e:
+            raise CheckpointError(f"{folder / CHECKPOINT_NAME}: meta field config: {e}") from None
         if ckpt.meta["epoch"] >= config.epochs and _finished(folder):
             # Run again, its test and curves would be written anew over the ones it has.
             print(f"{folder}: the run is finished (its test and curves are written); nothing to do")
             return 0
-        return _run(config, get_arch(config.arch, files=False), data, folder, ckpt)
+        return _run(config, arch, data, folder, ckpt)
 
 
 def _finished(folder: Path) -> bool:
