@@ -195,6 +195,8 @@ def regular_file(path: Path, where: str, follow: bool = True) -> Iterator[IO[byt
     except _NotRegular:
         raise UsageError(f"{where}: not a regular file") from None
     except OSError as e:
+        if not follow and e.errno == errno.ELOOP:  # O_NOFOLLOW's answer to a symlink
+            raise UsageError(f"{where}: a symlink, which is not followed") from None
         raise UsageError(f"{where}: cannot read it ({e.strerror or e})") from None
     with opened as file:
         yield file

@@ -1405,7 +1405,7 @@ def test_initialisers_in_a_file_beside_the_model_are_read_from_there_alone(tmp_p
     cases = {
         "../elsewhere/w.data": r"'\.\./elsewhere/w\.data' is not a file beside the model",
         "missing.data": r"initialiser w's external data missing\.data: cannot read it",
-        "link.data": r"external data link\.data: cannot read it \(Too many levels of symbolic",
+        "link.data": r"external data link\.data: a symlink, which is not followed$",
         "m.onnx.data\0": r"'m\.onnx\.data\\x00' is not a file beside the model",
     }
     for location, message in cases.items():
