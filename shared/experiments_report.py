@@ -91,17 +91,13 @@ def results_problem(saved: object) -> str | None:
     settings = {name: saved[name] for name in ("base", "short", "deep") if name in saved}
     problems = [
         *(_settings_problem(name, value) for name, value in settings.items()),
-        _kind_problem("command", saved["command"], str, "a text"),
+        None if isinstance(saved["command"], str) else "command is not a text",
         _comparisons_problem(saved["comparisons"]),
         _shares_problem("seeds", saved["seeds"], nested=False),
         _shares_problem("float64", saved.get("float64", {}), nested=True),
         _trained_problem(saved.get("trained", {})),
     ]
     return next((p for p in problems if p is not None), None)
-
-
-def _kind_problem(where: str, value: object, kind: type, called: str) -> str | None:
-    return None if isinstance(value, kind) else f"{where} is {_shown(value)}, not {called}"
 
 
 def _shown(value: object) -> str:
@@ -126,7 +122,7 @@ def _comparisons_problem(comparisons: object) -> str | None:
     comparison reads (CURVES), valid; at least one table this version asks."""
     if not isinstance(comparisons, dict) or not comparisons:
         return f"comparisons is {_shown(comparisons)}, not an object of tables"
-    if not comparisons.keys() & {c.title for c in comparisons_asked()}:
+    if not comparisons.keys() & _titles_asked():
         return "comparisons holds none of the questions this version asks"
     impls = None
     for title, table in comparisons.items():
@@ -150,9 +146,9 @@ def _comparisons_problem(comparisons: object) -> str | None:
     return None
 
 
-def comparisons_asked() -> list:
-    """The comparisons this version asks, for their titles (their budgets do not matter)."""
-    return comparisons(0, (), 0, SHORT, DEEP_RECIPE)
+def _titles_asked() -> set[str]:
+    """The titles of the comparisons this version asks (whatever their budgets)."""
+    return {c.title for c in comparisons(0, (), 0, SHORT, DEEP_RECIPE)}
 
 
 def _shares_problem(where: str, table: object, nested: bool) -> str | None:

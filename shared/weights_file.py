@@ -171,7 +171,7 @@ def _span(entry, data_bytes: int, where: str) -> tuple[int, int]:
     if not (valid and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
         raise UsageError(f"{where}: data_offsets {str(offsets)[:60]} are not a span of bytes")
     if offsets[1] > data_bytes:
-        raise UsageError(f"{where}: data_offsets {offsets} end past the file's end")
+        raise UsageError(f"{where}: data_offsets {str(offsets)[:60]} end past the file's end")
     return offsets[0], offsets[1]
 
 
