@@ -3,6 +3,7 @@ official files, on request (--download), into the user's data folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.client
 import os
@@ -130,7 +131,9 @@ def download_dataset(
 ) -> Path:
     """Fetch the four .gz files into a hidden staging folder inside `dest`, verify every one,
     and only then move them into place: a failed or partial download leaves nothing that
-    looks like data. Returns `dest` (default: the dataset's user folder)."""
+    looks like data. A file `dest` already holds with the official content is not fetched
+    again; one with other content is refused before any network access (see _held). Returns
+    `dest` (default: the dataset's user folder)."""
     if not all(file.gzip_md5 or file.content_sha256 for file in spec.files):
         raise UsageError(
             f"--download: no checksums are known for {spec.name}'s files, and threefold "
@@ -142,6 +145,9 @@ def download_dataset(
         base_url = from_env or spec.download_url
     base_url = _checked_address(base_url, source)
     dest = Path(dest or spec.user_dir)
+    wanted = [file for file in spec.files if not _held(dest, file)]
+    if not wanted:
+        return dest
     made, staging, done = missing_folders(dest), None, False
     try:
         try:
@@ -149,8 +155,8 @@ def download_dataset(
             staging = Path(tempfile.mkdtemp(dir=dest, prefix=".download-"))
         except OSError as e:
             raise UsageError(f"--download: cannot write to {dest} ({e.strerror or e})") from None
-        names = [f"{file.name}.gz" for file in spec.files]
-        for file, name in zip(spec.files, names, strict=True):
+        names = [f"{file.name}.gz" for file in wanted]
+        for file, name in zip(wanted, names, strict=True):
             _fetch(f"{base_url.rstrip('/')}/{name}", staging / name, progress, most_bytes(file))
             verify_download(staging / name, file)
         _move_into_place(staging, dest, names)
@@ -160,6 +166,28 @@ def download_dataset(
             shutil.rmtree(staging, ignore_errors=True)
         remove_if_empty([] if done else made)  # a failed download leaves no folder it made
     return dest
+
+
+def _held(dest: Path, file: OfficialFile) -> bool:
+    """Whether `dest` holds `file` (gzipped or plain, as the loader finds it) with the official
+    content. Any other file under its names is refused: the download would write over it, or
+    a new .gz would stand in front of a plain file, and a user's own data (a run's, which
+    --resume looks for there) would be lost."""
+    held = [p for p in (dest / f"{file.name}.gz", dest / file.name) if os.path.lexists(p)]
+    for path in held:
+        if path.is_dir():
+            raise DataError(f"{path}: a folder where the download puts its file")
+        # By its IDX content where that is pinned, which a recompressed copy keeps.
+        pinned = file if file.content_sha256 is None else dataclasses.replace(file, gzip_md5=None)
+        try:
+            verify_download(path, pinned)
+        except DataError:
+            raise DataError(
+                f"--download: {path} is not the official {file.name} (other data, or "
+                "damaged), and a download writes over no file; move it away, or pass another "
+                "--data-dir"
+            ) from None
+    return bool(held)
 
 
 def _checked_address(base_url: str, source: str) -> str:

@@ -323,7 +323,7 @@ def _load_data(args: argparse.Namespace, config: TrainConfig, ckpt: Checkpoint |
 
         spec = get_dataset_spec(config.dataset)
         data_dir = download_dataset(spec, data_dir, args.download_url)
-        print(f"downloaded and verified {spec.name} in {data_dir}")
+        print(f"{spec.name}: the official files, verified, in {data_dir}")
     return load_dataset(data_dir, config.dataset, config.pixels, config.validation)
 
 

@@ -946,6 +946,28 @@ def test_a_folder_in_a_file_s_place_is_refused_before_any_file_moves(served_file
     assert idx_files_in(dest) == ["t10k-labels-idx1-ubyte.gz"]  # three had moved in
 
 
+def test_a_download_writes_over_no_other_data_and_fetches_nothing_twice(served_files, tmp_path):
+    files, spec = served_files
+    dest = tmp_path / "dest"
+    with Server(files) as server:
+        download_dataset(spec, dest, server.url, progress=False)
+    # Run again, it fetches nothing: the server has nothing left to give.
+    with Server({}) as server:
+        assert download_dataset(spec, dest, server.url, progress=False) == dest
+    # A user's own data under the official names, gzipped or plain (which a .gz would stand
+    # in front of), is never written over; refused before any network access.
+    own = make_dataset_dir(tmp_path / "own", seed=1)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in files:
+        (plain / name.removesuffix(".gz")).write_bytes(gzip.decompress((own / name).read_bytes()))
+    for folder in (own, plain):
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        with pytest.raises(DataError, match=r"is not the official .*writes over no file"):
+            download_dataset(spec, folder, "http://127.0.0.1:9/", progress=False)
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 def test_a_dataset_without_checksums_is_not_downloaded(served_files, tmp_path):
     # MNIST's files came from any address and were called verified.
     files, _ = served_files

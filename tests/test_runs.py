@@ -407,6 +407,17 @@ def test_resume_finds_its_data_and_refuses_other_data(finished_run, tmp_path):
     assert "--data-dir" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_resumed_download_leaves_the_run_s_own_data_alone(finished_run, tiny_data_dir):
+    # --resume took the folder the checkpoint names, and --download wrote the official
+    # files over the run's own data: the run could never be resumed again.
+    before = {p.name: p.read_bytes() for p in tiny_data_dir.iterdir()}
+    address = ["--download-url", "http://127.0.0.1:9/"]  # never reached
+    result = run_script("train.py", "--resume", str(finished_run), "--download", *address)
+    assert result.returncode == 1, result.stderr
+    assert "is not the official" in result.stderr and "Traceback" not in result.stderr
+    assert {p.name: p.read_bytes() for p in tiny_data_dir.iterdir()} == before
+
+
 def test_a_checkpoint_records_its_data(finished_run, tiny_data_dir):
     data = load_checkpoint(finished_run / "checkpoint.npz").meta["data"]
     assert data["dataset"] == "fashion-mnist"
