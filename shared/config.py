@@ -344,10 +344,14 @@ def peak_rate(config: TrainConfig, total_steps: int) -> float:
 def check_config(config: TrainConfig) -> None:
     """Refuse settings that contradict each other, naming the flags (each flag's own range is
     checked where it is parsed)."""
-    used = [("--lr", config.lr)] + ([("--eps", config.eps)] if config.optimizer != "sgd" else [])
+    used = [("--lr", config.lr), ("--weight-decay", config.weight_decay)]
+    used += [("--eps", config.eps)] if config.optimizer != "sgd" else []
     for flag, value in used:
-        if float(np.dtype(config.dtype).type(value)) == 0.0:  # positive, yet 0 in the dtype
-            raise UsageError(f"{flag} {value:g} is 0 in {config.dtype}; the run computes in it")
+        with np.errstate(over="ignore"):
+            cast = float(np.dtype(config.dtype).type(value))
+        if cast == 0.0 < value or not math.isfinite(cast):  # 1e-50 or 1e39 in float32
+            became = "0" if cast == 0.0 else "inf"
+            raise UsageError(f"{flag} {value:g} is {became} in {config.dtype}, which the run uses")
     if config.warmup is not None and config.warmup > config.epochs / 2:
         raise UsageError(
             f"--warmup {config.warmup:g} is more than half of --epochs {config.epochs}: the "

@@ -634,16 +634,27 @@ def test_an_adam_run_that_diverges_names_adam_s_flags(tiny_data_dir, tmp_path):
     assert "--momentum" not in line and "nesterov" not in line
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--eps", "1e-50"), ("--lr", "1e-320")])
-def test_a_positive_value_that_is_0_in_the_run_s_dtype_is_refused(flag, value, tmp_path):
+@pytest.mark.parametrize(
+    ("flag", "value", "became"),
+    [
+        ("--eps", "1e-50", "0"),
+        ("--lr", "1e-320", "0"),
+        ("--eps", "1e39", "inf"),
+        ("--weight-decay", "1e39", "inf"),
+        ("--weight-decay", "1e-50", "0"),
+    ],
+)
+def test_a_value_that_is_0_or_inf_in_the_run_s_dtype_is_refused(flag, value, became, tmp_path):
     """Adam's eps of 1e-50 is 0 in float32: the run once went to NaN at its second step,
-    blaming --momentum; --lr 1e-320 trained nothing and said nothing."""
+    blaming --momentum; --lr 1e-320 trained nothing and said nothing; an eps of 1e39, inf in
+    float32, trained nothing and exited 0."""
     out = tmp_path / "run"
     result = run_script("train.py", flag, value, "--optimizer", "adam", "--out", str(out))
     line = usage_error(result)
-    assert f"{flag} " in line and "is 0 in float32" in line and not out.exists()
-    check_config(TrainConfig(dtype="float64", **{flag[2:]: float(value)}))  # float64 holds it
-    check_config(TrainConfig(eps=1e-50))  # SGD, which never uses it: a run resumes
+    assert f"{flag} {float(value):g} is {became} in float32" in line and not out.exists()
+    field = flag[2:].replace("-", "_")
+    check_config(TrainConfig(dtype="float64", **{field: float(value)}))  # float64 holds it
+    check_config(TrainConfig(eps=float(value)))  # SGD, which never uses it: a run resumes
 
 
 @pytest.mark.parametrize(
