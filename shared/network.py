@@ -284,7 +284,7 @@ def load_network(path: Path, where: str) -> Network:
         from shared.onnx_import import from_onnx
 
         return from_onnx(path, where)
-    ckpt = load_checkpoint(path, np.float32)
+    ckpt = load_checkpoint(path)  # in the dtype its run trained in
     arch = get_arch(ckpt.meta["arch"], str(path), files=False)
     spec = get_dataset_spec(ckpt.meta.get("dataset", "fashion-mnist"))
     standardise = spec.standardisation("standardised") if ckpt.pixels == "standardised" else None

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import threefold
 from shared.backend import IMPLEMENTATIONS
@@ -322,6 +323,20 @@ def finished_run(tiny_data_dir, tmp_path) -> Path:
     result = run_script("train.py", *args, "--data-dir", str(tiny_data_dir))
     assert result.returncode == 0, result.stderr
     return out
+
+
+def test_the_api_loads_a_float64_run_in_float64(tiny_data_dir, tmp_path):
+    # threefold.load cast every checkpoint to float32: a float64 run lost its precision, and
+    # to_torch built a float32 module from it.
+    out = tmp_path / "run64"
+    flags = ["--dtype", "float64", "--epochs", "1", "--batch-size", "16", "--out", str(out)]
+    result = run_script("train.py", *flags, "--data-dir", str(tiny_data_dir))
+    assert result.returncode == 0, result.stderr
+    network = threefold.load(out / "checkpoint.npz")
+    stored = load_checkpoint(out / "checkpoint.npz").params
+    for name, value in network.tensors.items():
+        assert value.dtype == np.float64 and np.array_equal(value, stored[name]), name
+    assert next(threefold.to_torch(network).parameters()).dtype == torch.float64
 
 
 def test_the_api_writes_over_no_run_checkpoint_or_data(finished_run, tiny_data_dir, monkeypatch):

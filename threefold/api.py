@@ -43,7 +43,8 @@ def load(path: str | Path) -> Network:
     """The network of a file, with its weights and the input scaling it expects: a checkpoint
     (train.py's checkpoint.npz), a .safetensors file written by threefold (its metadata
     names the network), or an ONNX graph (.onnx). Each is read as untrusted input, its
-    network held to the cost bounds before a tensor is read."""
+    network held to the cost bounds before a tensor is read; its tensors keep the dtype the
+    file stores them in (a float64 run's are float64)."""
     return load_network(a_path(path, "load"), "load")
 
 
