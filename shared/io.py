@@ -126,12 +126,18 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     """Atomically write `data` as indented, strict JSON (NaN and infinities are refused: they
-    are not JSON, and no result of the project may be one)."""
-    write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+    are not JSON, and no result of the project may be one), of at most JSON_MOST_BYTES: no
+    file the project writes is one it refuses to read."""
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    if len(text) > JSON_MOST_BYTES:
+        raise OutputError(f"{path}: {len(text):,} bytes of JSON, more than {JSON_MOST_BYTES:,}")
+    write_text(path, text)
 
 
-# More than any JSON file the project writes (a grid's store of a thousand runs: a few MB).
-JSON_MOST_BYTES = 1 << 28
+# The most a JSON file the project writes may hold: a grid's store takes about 1 kB a run,
+# so 32,000 runs. Parsed, a file of empty objects takes 23 bytes of memory a byte (740 MB):
+# at 256 MiB, as before, a hostile metrics.json or store took 7 GB.
+JSON_MOST_BYTES = 32 << 20
 
 
 def read_json(path: Path) -> Any:

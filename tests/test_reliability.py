@@ -134,6 +134,15 @@ def test_json_that_is_not_a_file_threefold_wrote_is_refused_not_waited_for(
         shared.io.read_json(path)
 
 
+def test_no_json_file_is_written_that_would_be_refused_on_reading(tmp_path, monkeypatch):
+    path = tmp_path / "runs.json"
+    monkeypatch.setattr(shared.io, "JSON_MOST_BYTES", 30)
+    shared.io.write_json(path, {"runs": {}})
+    with pytest.raises(OutputError, match="more than 30"):
+        shared.io.write_json(path, {"runs": {"a run": "and its results"}})
+    assert shared.io.read_json(path) == {"runs": {}}  # the file as it was
+
+
 def test_a_run_s_file_that_cannot_be_written_is_refused_before_it_trains(tiny_data_dir, tmp_path):
     # A folder named curves.png: every epoch trained, then "cannot write it", exit 1.
     out = tmp_path / "run"
