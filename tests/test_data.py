@@ -144,6 +144,17 @@ def test_the_gzip_of_zeros_helper_is_a_valid_gzip(tmp_path):
     assert gzip.decompress(path.read_bytes()) == b"head" + bytes(3 << 20)
 
 
+def write_named_gzip(path: Path, name_bytes: int) -> Path:
+    """A gzip of 120 labels whose header carries a file name of `name_bytes` bytes."""
+    body = zlib.compressobj(9, zlib.DEFLATED, -15)
+    labels = idx_bytes(np.zeros(120, np.uint8))
+    deflated = body.compress(labels) + body.flush()
+    with open(path, "wb") as f:
+        f.write(b"\x1f\x8b\x08\x08\x00\x00\x00\x00\x00\xff" + b"a" * name_bytes + b"\0")
+        f.write(deflated + struct.pack("<II", zlib.crc32(labels), len(labels)))
+    return path
+
+
 def write_raw_header(folder: Path, header: bytes, size: int | None = None) -> Path:
     """A raw IDX file in place of the .gz: `header`, then zeros up to `size` (sparse)."""
     (folder / f"{IMAGES}.gz").unlink()
@@ -163,7 +174,13 @@ HOSTILE = {
     # The official header, then 64 GiB on disk (sparse: no disk space used).
     "raw file of 64 GiB": (
         lambda folder: write_raw_header(folder, idx_header(60_000, 28, 28), 1 << 36),
-        "has trailing bytes: header says 60000x28x28 (47040016 bytes), file holds 68719476736",
+        "68,719,476,736 bytes, more than any file of images can be",
+    ),
+    # A gzip header whose name field is 32 MiB: gzip reads it a byte at a time (85 s a GB),
+    # before the IDX header it guards. Labels are at most 60,008 bytes.
+    "gzip of labels behind a name of 32 MiB": (
+        lambda folder: write_named_gzip(folder / "train-labels-idx1-ubyte.gz", 32 << 20),
+        "33,554,464 bytes, more than any file of labels can be",
     ),
     # 2 MB of gzip inflating to 2 GiB behind a header of 10 images: its size gives it away.
     "gzip of 10 images then 2 GiB": (
