@@ -5,6 +5,7 @@ taken, and the input scaling it expects; and the ways out of it (PyTorch, ONNX, 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,15 +107,20 @@ class Network:
                 raise UsageError(
                     f"{where}: tensor {name} is a {type(value).__name__}, not a NumPy array"
                 )
+            if not value.dtype.isnative:  # torch.from_numpy refuses it; the kernels would swap
+                raise UsageError(
+                    f"{where}: tensor {name} is {value.dtype.str}, not in this machine's byte "
+                    f"order; pass it as .astype({value.dtype.name!r})"
+                )
             problem = tensor_problem(tensor, value, self.arch.name)
             if problem is not None:
                 raise UsageError(f"{where}: tensor {name} {problem}")
         floats = {name: v.dtype for name, v in self.tensors.items() if v.dtype.kind == "f"}
         if len(set(floats.values())) > 1:
-            first = next(iter(floats.values()))
-            other = next(name for name, dtype in floats.items() if dtype != first)
+            most = Counter(floats.values()).most_common(1)[0][0]  # the odd one is named
+            other = next(name for name, dtype in floats.items() if dtype != most)
             raise UsageError(
-                f"{where}: tensor {other} is {floats[other]} where others are {first}; a "
+                f"{where}: tensor {other} is {floats[other]} where others are {most}; a "
                 "network computes in one dtype"
             )
         _check_scaling(self.standardise, np.float64, where)

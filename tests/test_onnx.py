@@ -890,6 +890,16 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
             lambda t: {**t, "fc.bias": np.zeros(10)},
             "fc.bias is float64 where others are float32; a network computes in one dtype",
         ),
+        # The odd one is named, wherever it comes: before, the first tensor was the norm.
+        (
+            lambda t: {**t, "conv.weight": t["conv.weight"].astype(np.float64)},
+            "conv.weight is float64 where others are float32",
+        ),
+        # Big-endian: torch.from_numpy raised its own ValueError in to_torch.
+        (
+            lambda t: {k: v.astype(v.dtype.newbyteorder(">")) for k, v in t.items()},
+            "tensor conv.weight is >f4, not in this machine's byte order",
+        ),
     ],
 )
 def test_a_network_altered_by_hand_is_refused_before_a_file_is_written(alter, message, tmp_path):
