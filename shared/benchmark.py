@@ -39,6 +39,7 @@ from shared.outputs import (
 )
 from shared.profile import WARMUP_SECONDS, cpu_name, timing_setup
 from shared.spec import Arch, get_arch, network_files
+from shared.typed import parse_once
 
 EPOCH_IMAGES = 50_000
 # Every timed step takes a full batch of the 50,000 training images, so none can be larger.
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(0: skip it; at most {MAX_LADDER_IMAGES:,}, about a minute)",
     )
     add_data_dir_flag(parser, ", which every worker reads")
-    args = parser.parse_args(argv)
+    args = parse_once(parser, argv)
 
     def body() -> int:
         if args.against is not None and not args.against.strip():

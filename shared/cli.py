@@ -1,10 +1,9 @@
-"""What every command's front end shares: flag types, the training flags, the flags a user
-typed, and the wrapper that turns the project's errors into one line and an exit status."""
+"""What every command's front end shares: flag types, the training flags, and the wrapper
+that turns the project's errors into one line and an exit status."""
 
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import sys
@@ -55,15 +54,6 @@ def path_type(text: str) -> Path:
 positive_int = number(int, 0, inclusive=False)
 positive_float = number(float, 0.0, inclusive=False)
 seed_type = flag(FIELDS["seed"])
-
-
-def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """The destinations of the options the user typed in `argv` (whatever their values), as
-    opposed to those left at their defaults: parsed again with every default suppressed."""
-    probe = copy.deepcopy(parser)
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(probe.parse_args(argv)))
 
 
 def add_impl_flag(parser: argparse.ArgumentParser, verb: str) -> None:

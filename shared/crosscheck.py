@@ -61,6 +61,7 @@ from shared.spec import (
     is_model_file,
     network_files,
 )
+from shared.typed import parse_once
 
 # How the options of check_batches are named to the caller: the command's flags, the API's
 # keyword arguments.
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quiet", action="store_true", help="no progress lines (network, dtype, setting)"
     )
-    args = parser.parse_args(argv)
+    args = parse_once(parser, argv)
 
     def body() -> int:
         if args.onnx:

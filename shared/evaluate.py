@@ -22,6 +22,7 @@ from shared.layers import NUM_CLASSES
 from shared.outputs import EVALUATION_FILES, check_out_files, hold, prepare_out_dir
 from shared.plots import plt, save_figure
 from shared.spec import get_arch
+from shared.typed import parse_once
 
 
 def evaluate_checkpoint(
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "(default: the checkpoint's folder)",
     )
     add_data_dir_flag(parser)
-    args = parser.parse_args(argv)
+    args = parse_once(parser, argv)
 
     def body() -> int:
         out, flag = _out_and_flag(args)

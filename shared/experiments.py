@@ -46,6 +46,7 @@ from shared.lab_questions import (
 )
 from shared.loop import train
 from shared.outputs import STORE_NAME, check_out_files, hold, prepare_out_dir
+from shared.typed import parse_once
 
 # --quick: a reduced run for tests, the same code path on 1,000 images (the questions asked on
 # a shorter or deeper run: 500 images, 1 epoch).
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "implementations differ by more than 0.3 points, then rewrite EXPERIMENTS.md",
     )
     add_engine_flags(parser)
-    args = parser.parse_args(argv)
+    args = parse_once(parser, argv)
 
     def body() -> int:
         engine = engine_of(args)

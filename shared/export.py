@@ -21,6 +21,7 @@ from shared.outputs import check_out_files
 from shared.proof.onnx_witness import onnx_logits
 from shared.proof.rows import TOLERANCES, compare
 from shared.spec import is_onnx_file
+from shared.typed import parse_once
 from shared.weights_file import read_network_file
 
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         help="write the weights here (default with --onnx: beside it, FILE.safetensors)",
     )
     add_data_dir_flag(parser, ", whose test images verify the graph")
-    args = parser.parse_args(argv)
+    args = parse_once(parser, argv)
 
     def body() -> int:
         if args.onnx is None and args.safetensors is None:

@@ -36,6 +36,7 @@ from shared.grid import (
 )
 from shared.loop import train
 from shared.outputs import STORE_NAME, check_out_files, hold, prepare_out_dir, write_results
+from shared.typed import parse_once
 
 
 @dataclass(frozen=True)
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         help="train every run again instead of reusing those stored in OUT/runs.json",
     )
     add_engine_flags(parser)
-    args = parser.parse_args(argv)
+    args = parse_once(parser, argv)
 
     def body() -> int:
         engine = engine_of(args)

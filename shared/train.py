@@ -8,7 +8,7 @@ import contextlib
 from pathlib import Path
 
 from shared.checkpoint import Checkpoint, load_checkpoint
-from shared.cli import add_training_flags, config_from_args, given_flags, path_type, run_cli
+from shared.cli import add_training_flags, config_from_args, path_type, run_cli
 from shared.config import (
     RECIPES,
     TrainConfig,
@@ -49,6 +49,7 @@ from shared.spec import (
     is_model_file,
     is_onnx_file,
 )
+from shared.typed import given_flags, parse_once
 
 
 def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConfig, Checkpoint]:
@@ -193,7 +194,7 @@ def _refuse_a_run_in(folder: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """scripts/train.py: train, print progress and the test accuracy, write the run's files."""
     parser = build_parser(TrainConfig())
-    args = parser.parse_args(argv)
+    args = parse_once(parser, argv)
     typed = given_flags(parser, argv)
 
     def body() -> int:

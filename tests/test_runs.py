@@ -325,6 +325,24 @@ def finished_run(tiny_data_dir, tmp_path) -> Path:
     return out
 
 
+@pytest.mark.parametrize(
+    ("script", "flags", "message"),
+    [
+        ("train.py", ["--plain", "--recipe", "deep"], "--plain and --recipe set the same setting"),
+        ("train.py", ["--recipe", "fast", "--recipe", "deep"], "--recipe given twice"),
+        ("train.py", ["--arch", "lab", "--arch", "pool"], "--arch given twice"),
+        ("train.py", ["--flip", "--no-flip"], "--flip and --no-flip set the same setting"),
+        ("train.py", ["--epochs", "1", "--epochs=2", "--epochs", "3"], "--epochs given 3 times"),
+        ("evaluate.py", ["a.npz", "--out", "x", "--out", "y"], "--out given twice"),
+    ],
+)
+def test_a_setting_given_twice_is_refused_not_the_last_kept(script, flags, message, tmp_path):
+    # argparse keeps the last: `--plain --recipe deep` trained the deep recipe without a word.
+    result = run_script(script, *flags, cwd=tmp_path)
+    assert message in usage_error(result, script)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_api_loads_a_float64_run_in_float64(tiny_data_dir, tmp_path):
     # threefold.load cast every checkpoint to float32: a float64 run lost its precision, and
     # to_torch built a float32 module from it.

@@ -1,0 +1,50 @@
+"""What the user typed on a command line, beyond the values argparse keeps: which options were
+given at all, and none given twice where argparse would keep the last without a word."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+# Options meant to be given more than once (--impl, --arch in crosscheck.py), or that end the
+# parse (--help).
+_REPEATABLE = (argparse._AppendAction, argparse._CountAction, argparse._HelpAction)
+
+
+def parse_once(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`argv` parsed by `parser`, where a setting given twice (`--recipe fast --recipe deep`,
+    `--plain --recipe deep`, `--flip --no-flip`) is refused as argparse refuses a bad value:
+    it would keep the last and train what the user may not have meant."""
+    probe, given = copy.deepcopy(parser), {}
+    for action in probe._actions:
+        if action.option_strings and not isinstance(action, _REPEATABLE):
+            action.__class__ = _recorded(type(action), given)
+    args = probe.parse_args(argv)
+    for flags in given.values():
+        if len(flags) > 1:
+            named = sorted(set(flags))
+            if len(named) == 1:
+                times = "twice" if len(flags) == 2 else f"{len(flags)} times"
+                parser.error(f"{named[0]} given {times}; give it once")
+            parser.error(f"{' and '.join(named)} set the same setting; give one")
+    return args
+
+
+def _recorded(kind: type, given: dict[str, list[str]]) -> type:
+    """`kind` of action, noting in `given` (dest -> options typed) each time it is used."""
+
+    class Recorded(kind):
+        def __call__(self, parser, namespace, values, option_string=None):
+            given.setdefault(self.dest, []).append(option_string)
+            super().__call__(parser, namespace, values, option_string)
+
+    return Recorded
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations of the options the user typed in `argv` (whatever their values), as
+    opposed to those left at their defaults: parsed again with every default suppressed."""
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
