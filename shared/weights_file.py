@@ -84,6 +84,11 @@ def read_header(file, size: int, where: str) -> tuple[dict, int]:
         raise UsageError(f"{where}: its header is not JSON ({error})") from None
     if not isinstance(header, dict):
         raise UsageError(f"{where}: its header is not a JSON object")
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):  # the safetensors library refuses any other
+        raise UsageError(f"{where}: its __metadata__ is not an object of strings")
     return header, 8 + length
 
 

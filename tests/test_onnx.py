@@ -368,6 +368,10 @@ GOOD = {"dtype": "F32", "shape": [8, 1, 3, 3], "data_offsets": [0, 288]}
             struct.pack("<Q", 54) + b'{"conv.weight": {}, "conv.weight": {}, "fc1.bias": {}}',
             "'conv.weight' given twice",
         ),
+        (
+            safetensors_bytes({"__metadata__": {"pixels": 0.5}}),
+            "its __metadata__ is not an object of strings",
+        ),
         # Bytes no tensor holds, which the safetensors library refuses: after the last...
         (
             safetensors_bytes({"conv.weight": GOOD}, b"\0" * 300),
@@ -396,6 +400,7 @@ GOOD = {"dtype": "F32", "shape": [8, 1, 3, 3], "data_offsets": [0, 288]}
         "foreign",
         "overlap",
         "twice",
+        "metadata",
         "trailing",
         "gap",
     ],

@@ -154,6 +154,7 @@ def test_a_public_model_is_proven_in_all_three(name, real_data):
         # Random images are held in memory: 10**9 steps ran on, unbounded.
         ({"steps": 10**9}, "steps 1000000000 x batch_size 32 exceeds the 50000 random images"),
         ({"progress": 3}, "crosscheck: progress=3: a callable taking a str, or None"),
+        ({"onnx": "no"}, "crosscheck: onnx='no': True or False"),  # was taken as True
     ],
 )
 def test_the_api_s_crosscheck_refuses_an_option_as_the_command_does(options, message):

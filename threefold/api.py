@@ -245,6 +245,8 @@ def crosscheck(
     from shared.crosscheck import check_options, run_crosscheck
     from shared.onnx_export import require_onnx
 
+    if not isinstance(onnx, bool):  # "no" would be taken as True
+        raise UsageError(f"crosscheck: onnx={onnx!r}: True or False")
     if onnx:
         require_onnx()
     if progress is not None and not callable(progress):
