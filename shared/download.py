@@ -37,12 +37,25 @@ def most_bytes(file: OfficialFile) -> int:
     return header + file.count * item + (1 << 20)
 
 
+class _RedirectOverHttp(urllib.request.HTTPRedirectHandler):
+    """urllib's redirects, but only to another http:// or https:// address (its own also
+    follow ftp://, which the download's address may not be)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
+            raise urllib.error.URLError(f"redirected to {newurl[:80]!r}, not http(s)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_RedirectOverHttp)
+
+
 def _fetch(url: str, target: Path, progress: bool, limit: int) -> None:
     """Stream `url` into `target`, at most `limit` bytes; an HTTP error, a dropped connection,
     a body shorter than its Content-Length or longer than `limit` is a DataError naming the
     address."""
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response:
+        with _OPENER.open(url, timeout=TIMEOUT_SECONDS) as response:
             total = _length(response.headers.get("Content-Length"), url)
             if total is not None and total > limit:
                 raise DataError(f"{url}: {total:,} bytes, more than the file can be ({limit:,})")
@@ -104,20 +117,21 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_download(path: Path, file: OfficialFile) -> None:
+def verify_download(path: Path, file: OfficialFile, label: str) -> None:
     """The published MD5 of the .gz, then its IDX header and body (read_idx_content), then
-    the SHA-256 of its IDX content; a checksum the row does not know is skipped."""
+    the SHA-256 of its IDX content; a checksum the row does not know is skipped. Errors name
+    `label` (the address a download came from: its staging file is gone by then)."""
     expected_md5 = file.gzip_md5
     if expected_md5 and (actual := _md5(path)) != expected_md5:
         raise DataError(
-            f"{path.name}: MD5 {actual} differs from the published {expected_md5}; "
+            f"{label}: MD5 {actual} differs from the published {expected_md5}; "
             "the download is damaged or not the official file"
         )
-    actual = read_idx_content(path).sha256
+    actual = read_idx_content(path, label=label).sha256
     expected_sha = file.content_sha256
     if expected_sha and actual != expected_sha:
         raise DataError(
-            f"{path.name}: SHA-256 of the IDX content {actual[:16]}... differs from "
+            f"{label}: SHA-256 of the IDX content {actual[:16]}... differs from "
             f"the official {expected_sha[:16]}..."
         )
 
@@ -157,8 +171,9 @@ def download_dataset(
             raise UsageError(f"--download: cannot write to {dest} ({e.strerror or e})") from None
         names = [f"{file.name}.gz" for file in wanted]
         for file, name in zip(wanted, names, strict=True):
-            _fetch(f"{base_url.rstrip('/')}/{name}", staging / name, progress, most_bytes(file))
-            verify_download(staging / name, file)
+            url = f"{base_url.rstrip('/')}/{name}"
+            _fetch(url, staging / name, progress, most_bytes(file))
+            verify_download(staging / name, file, url)
         _move_into_place(staging, dest, names)
         done = True
     finally:
@@ -180,7 +195,7 @@ def _held(dest: Path, file: OfficialFile) -> bool:
         # By its IDX content where that is pinned, which a recompressed copy keeps.
         pinned = file if file.content_sha256 is None else dataclasses.replace(file, gzip_md5=None)
         try:
-            verify_download(path, pinned)
+            verify_download(path, pinned, str(path))
         except DataError:
             raise DataError(
                 f"--download: {path} is not the official {file.name} (other data, or "

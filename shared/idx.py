@@ -186,23 +186,26 @@ def _read_stream(
     return _read_body(stream, header, name)
 
 
-def read_idx_content(path: Path, expect: IdxExpect | None = None) -> IdxContent:
+def read_idx_content(
+    path: Path, expect: IdxExpect | None = None, label: str | None = None
+) -> IdxContent:
     """Read an IDX file of unsigned bytes, gzip-compressed or raw, as untrusted input: the
     header is checked against `expect` and the size on disk before the body is read, and a
-    gzip stream is never inflated beyond what its header declares (+1 byte)."""
-    gzipped = False
+    gzip stream is never inflated beyond what its header declares (+1 byte). Errors name
+    `label` (default: the path)."""
+    gzipped, label = False, label or str(path)
     try:
         with open(path, "rb") as f:
             gzipped = f.read(2) == _GZIP_MAGIC
             f.seek(0)
             stored = os.fstat(f.fileno()).st_size
-            _check_file_size(str(path), stored, expect)
+            _check_file_size(label, stored, expect)
             stream = gzip.GzipFile(fileobj=f) if gzipped else f
-            return _read_stream(stream, str(path), stored, gzipped, expect)
+            return _read_stream(stream, label, stored, gzipped, expect)
     except (OSError, EOFError, zlib.error) as e:
         if gzipped:
-            raise DataError(f"{path}: corrupt or truncated gzip stream ({e})") from None
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+            raise DataError(f"{label}: corrupt or truncated gzip stream ({e})") from None
+        raise DataError(f"{label}: cannot read ({e.strerror or e})") from None
 
 
 def read_idx(path: Path, expect: IdxExpect | None = None) -> np.ndarray:

@@ -833,11 +833,24 @@ def test_download_verifies_then_moves_into_place(served_files, tmp_path):
 
 @pytest.mark.parametrize(
     "fault",
-    ["truncated", "wrong checksum", "server error", "missing", "endless", "too long", "bad length"],
+    [
+        "truncated",
+        "wrong checksum",
+        "server error",
+        "missing",
+        "endless",
+        "too long",
+        "bad length",
+        "corrupt gzip",
+    ],
 )
 def test_a_failed_download_leaves_nothing_that_looks_valid(served_files, tmp_path, fault):
     files, spec = served_files
     dest = tmp_path / "dest"
+    if fault == "corrupt gzip":  # whole as served, no MD5 to catch it: its IDX reader does
+        labels = dataclasses.replace(spec.files.train_labels, gzip_md5=None)
+        spec = dataclasses.replace(spec, files=spec.files._replace(train_labels=labels))
+        files = {**files, "train-labels-idx1-ubyte.gz": files["train-labels-idx1-ubyte.gz"][:-20]}
     if fault == "wrong checksum":
         test_images = dataclasses.replace(spec.files.test_images, gzip_md5="0" * 32)
         spec = dataclasses.replace(spec, files=spec.files._replace(test_images=test_images))
@@ -856,7 +869,9 @@ def test_a_failed_download_leaves_nothing_that_looks_valid(served_files, tmp_pat
         pytest.raises(DataError) as err,
     ):
         download_dataset(spec, dest, server.url, progress=False)
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and ".download-" not in str(err.value)
+    if fault == "corrupt gzip":  # named by its address: the staging file is gone
+        assert str(err.value).startswith(f"{server.url}train-labels-idx1-ubyte.gz: corrupt")
     if fault in ("endless", "too long"):
         assert "more than the file can be" in str(err.value)
     if fault == "bad length":
@@ -903,6 +918,11 @@ class RawServer:
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n100\r\nabc", "IncompleteRead"),
         (b"SSH-2.0-OpenSSH_9.6\r\n", "BadStatusLine"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", "5,000 digits"),
+        # urllib follows a redirect to ftp:// of its own accord.
+        (
+            b"HTTP/1.1 302 Found\r\nLocation: ftp://127.0.0.1/x.gz\r\nContent-Length: 0\r\n\r\n",
+            "redirected to 'ftp://127.0.0.1/x.gz', not http(s)",
+        ),
     ],
 )
 def test_a_reply_that_is_not_a_file_is_one_line(served_files, tmp_path, reply, message):
