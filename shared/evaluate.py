@@ -19,6 +19,7 @@ from shared.data import Dataset, load_test_set
 from shared.errors import CheckpointError, UsageError, act_on_signals, signals_held
 from shared.io import staged, write_json
 from shared.layers import NUM_CLASSES
+from shared.loop import data_identity
 from shared.outputs import EVALUATION_FILES, check_out_files, hold, prepare_out_dir
 from shared.plots import plt, save_figure
 from shared.spec import get_arch
@@ -45,6 +46,8 @@ def evaluate_checkpoint(
         "written_by": ckpt.meta.get("impl"),
         "evaluated_by": impl,
         "arch": ckpt.meta["arch"],
+        # Which test set: a folder of ten images would otherwise report as the official one.
+        "test_data": {**data_identity(data), "images": len(data.test)},
         "tta": tta,
         "loss": metrics.cross_entropy(logits, data.test.y),
         "acc": metrics.accuracy(logits, data.test.y),
@@ -104,6 +107,8 @@ def write_report(path: Path, result: dict[str, Any], data: Dataset, out: Path) -
         f"{path} (arch {result['arch']}, written by {result['written_by']}, evaluated by "
         f"{impl}{', mirror images averaged in' if result['tta'] else ''})"
     )
+    test = result["test_data"]
+    print(f"on {test['images']:,} test images of {test['dataset']} in {test['folder']}")
     print(f"test accuracy {100 * result['acc']:.2f}%, loss {result['loss']:.4f}")
     for name, acc in result["per_class_acc"].items():
         print(f"  {name:<12} " + ("no images" if acc is None else f"{100 * acc:6.2f}%"))

@@ -413,6 +413,9 @@ def test_evaluate_any_checkpoint_with_any_implementation(tiny_data_dir, tmp_path
         evaluation = json.loads((tmp_path / impl / "evaluation.json").read_text())
         assert evaluation["written_by"] == "torch" and evaluation["evaluated_by"] == impl
         assert np.array(evaluation["confusion_matrix"]).sum() == 30
+        test = evaluation["test_data"]  # which test set, said and kept
+        assert test["images"] == 30 and test["folder"] == str(tiny_data_dir.resolve())
+        assert len(test["sha256"]) == 64 and "on 30 test images of fashion-mnist" in result.stdout
         for name in ("confusion.png", "misclassified.png"):
             assert (tmp_path / impl / name).read_bytes()[:4] == b"\x89PNG"
         assert evaluation["tta"] is True  # as the run evaluated
