@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -425,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         for note in notes:
             print(note)
         failed = [r for r in results if not r.passed]
+        if any(math.isinf(r.max_rel) for r in failed):
+            print(
+                "inf: the pair's shapes differ, a value is not finite, or nothing was compared "
+                "(a finite difference whose every entry crosses a kink: a dead ReLU layer)"
+            )
         print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
         if refused is not None:
             raise refused

@@ -589,6 +589,26 @@ def test_the_biases_batchnorm_cancels_are_named():
     arch = get_arch("conv4-bn-relu-conv4b0-bn-relu-conv4-relu-flatten-fc16-bn-relu-fc10")
     assert cancelled_biases(arch) == {"conv1.bias", "fc1.bias"}
     assert cancelled_biases(get_arch("lab")) == frozenset()
+    # The block's add takes conv's output too: its bias has a gradient, and Adam's rows
+    # left it uncompared.
+    assert cancelled_biases(get_arch("conv4-res(bn-relu-conv4)-flatten-fc10")) == frozenset()
+
+
+def test_a_check_that_compared_nothing_fails_and_a_zero_head_is_checked():
+    # Every ReLU of a dead layer sits at its kink: the finite differences found no entry to
+    # compare, and their rows passed. A head initialised to zero: ZeroDivisionError.
+    network = threefold.network("conv4-relu-flatten-fc10")
+    zero = {k: np.zeros_like(v) for k, v in network.tensors.items() if k.startswith("conv")}
+    options = dict(dtypes=("float64",), steps=1, batch_size=2, data=None)
+    report = threefold.crosscheck(replace(network, tensors={**network.tensors, **zero}), **options)
+    assert {(r.check, r.max_rel) for r in report.failed} == {
+        ("finite-diff conv.weight", float("inf")),
+        ("finite-diff conv.bias", float("inf")),
+    }
+    head = {k: np.zeros_like(v) for k, v in network.tensors.items() if k.startswith("fc")}
+    assert threefold.crosscheck(
+        replace(network, tensors={**network.tensors, **head}), **options
+    ).passed
 
 
 def test_float32_lockstep_steps_are_kept_away_from_kinks(real_data):

@@ -7,6 +7,7 @@ entry's `kinks` and `keeps_zeros` in shared/kinds.py."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 
@@ -19,13 +20,17 @@ from shared.spec import Arch, Params
 
 
 def cancelled_biases(arch: Arch) -> frozenset[str]:
-    """The biases of layers right before a layer normalising across the batch (a conv's bias
-    before BatchNorm, which subtracts the batch mean the bias adds): their gradient is zero in
-    exact arithmetic, and round-off in every implementation."""
+    """The biases of layers whose output only a layer normalising across the batch takes (a
+    conv's bias before BatchNorm, which subtracts the batch mean the bias adds): their gradient
+    is zero in exact arithmetic, and round-off in every implementation. Where a shortcut also
+    takes that output (a block whose body starts with BatchNorm), the gradient is not zero."""
+    takers = Counter(node.input for node in arch.nodes)  # a block's add takes its input too
     return frozenset(
         f"{node.input}.bias"
         for node in arch.nodes
-        if kind_of(node.layer).batch_statistics and f"{node.input}.bias" in arch.trainable
+        if kind_of(node.layer).batch_statistics
+        and takers[node.input] == 1
+        and f"{node.input}.bias" in arch.trainable
     )
 
 

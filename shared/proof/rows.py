@@ -118,7 +118,8 @@ class CheckResult:
         infinity, a shape mismatch: see `compare`) is null, with the reason."""
         row = {**asdict(self), "passed": self.passed}
         if not math.isfinite(self.max_rel):
-            row |= {"max_abs": None, "max_rel": None, "why_null": "not finite (NaN, inf or shape)"}
+            why = "not finite (NaN, inf or shape), or nothing compared"
+            row |= {"max_abs": None, "max_rel": None, "why_null": why}
         return row
 
 
@@ -135,12 +136,11 @@ def compare(a: np.ndarray, b: np.ndarray, scale: float = 0.0) -> tuple[float, fl
 
 def difference(a: np.ndarray, b: np.ndarray, scale: float = 0.0) -> tuple[float, float]:
     """(max |a - b|, the size it is measured against: max(|a|, |b|, scale)); an infinite
-    difference where the shapes differ or it is not finite, (0, 0) for empty tensors."""
+    difference where the shapes differ, it is not finite, or nothing was compared (a finite
+    difference that found no entry away from a kink): a row that compared nothing fails."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape:
+    if a.shape != b.shape or a.size == 0:
         return float("inf"), float("inf")
-    if a.size == 0:
-        return 0.0, 0.0
     diff = float(np.max(np.abs(a - b)))
     if not np.isfinite(diff):
         return float("inf"), float("inf")

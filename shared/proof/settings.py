@@ -175,11 +175,18 @@ def planted_ties(batches, params: Params, arch: Arch):
 
 def scaled_logits(params: Params, arch: Arch, backend: Backend, x, masks, scale: float) -> Params:
     """The parameters with the last linear layer scaled so that the largest training-mode logit
-    is `scale` (logits are linear in that layer's weight and bias when it comes last)."""
+    is `scale` (logits are linear in that layer's weight and bias when it comes last); where
+    every logit is 0, its bias set to spread them over [-scale, scale]."""
     last = arch.layers[-1]
     if not isinstance(last, Linear):
         return params
     logits = backend.activations(params, x, masks)[last.name]
-    factor = scale / float(np.abs(logits).max())
-    names = (f"{last.name}.weight", f"{last.name}.bias")
-    return {k: (v * factor).astype(v.dtype) if k in names else v for k, v in params.items()}
+    peak = float(np.abs(logits).max())
+    bias = f"{last.name}.bias"
+    if peak == 0.0:  # a head initialised to zero scales to nothing: its bias spreads them
+        if bias not in params:
+            return params
+        spread = np.linspace(-scale, scale, len(params[bias]))
+        return {**params, bias: spread.astype(params[bias].dtype)}
+    names = (f"{last.name}.weight", bias)
+    return {k: (v * scale / peak).astype(v.dtype) if k in names else v for k, v in params.items()}
