@@ -99,13 +99,16 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("give --onnx FILE.onnx, --safetensors FILE or both")
         if args.onnx is not None:
             require_onnx()
-        weights = args.safetensors
-        if weights is None:
-            weights = args.onnx.with_suffix(".safetensors")
+        weights, weights_flag = args.safetensors, "--safetensors"
+        if weights is None:  # named after the graph, which is what the user typed
+            weights, weights_flag = (
+                args.onnx.with_suffix(".safetensors"),
+                "the weights beside --onnx,",
+            )
         # A model read from ONNX may keep its weights in files beside it.
         model_data = external_files(args.checkpoint) if is_onnx_file(str(args.checkpoint)) else []
         check_out_files(
-            [("--onnx", args.onnx), ("--safetensors", weights)],
+            [("--onnx", args.onnx), (weights_flag, weights)],
             reads=[
                 ("the checkpoint", args.checkpoint),
                 *(("the checkpoint's external data", path) for path in model_data),

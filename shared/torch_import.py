@@ -78,9 +78,10 @@ def _read_steps(module: Any, graph: Any, scaling: list[Any], where: str) -> list
     calls = functions()
     returned = next(n for n in graph.graph.nodes if n.op == "output").args[0]
     if isinstance(returned, tuple | list | dict):  # before its paths read as a block
+        kind = type(returned).__name__
         raise UsageError(
-            f"{where}: its forward returns {len(returned)} values; threefold's networks "
-            "return the logits alone"
+            f"{where}: its forward returns a {kind} of {len(returned)}; threefold's networks "
+            "return the logits alone (a tensor)"
         )
     current, steps, read = None, [], set(scaling)
     for node in graph.graph.nodes:

@@ -66,6 +66,8 @@ def _traced(module: Any, where: str):
     whose default is a plain value (`targets=None`) takes it; any other is refused."""
     import torch
 
+    if isinstance(module, torch.nn.DataParallel | torch.nn.parallel.DistributedDataParallel):
+        raise UsageError(f"{where}: a {type(module).__name__} wrapper; pass its .module")
     before = set(vars(module))
     parameters = list(inspect.signature(module.forward).parameters.values())
     if not parameters:

@@ -837,7 +837,8 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
         ([], "give --onnx FILE.onnx, --safetensors FILE or both"),
         (["--onnx", str(out / "missing" / "m.onnx")], "folder .* does not exist"),
         (["--safetensors", str(run / "checkpoint.npz")], "the same file as the checkpoint"),
-        (["--onnx", str(out / "w.safetensors")], "--safetensors .*: the same file as --onnx"),
+        # The weights' name follows the graph's; --safetensors was never typed.
+        (["--onnx", str(out / "w.safetensors")], "the weights beside --onnx, .*: the same file"),
         (["--onnx", str(out / "a.onnx"), "--safetensors", str(out / "a.onnx")], "same file"),
         (["--onnx", str(out / "b.onnx"), "--data-dir", str(tmp_path / "typo")], "typo"),
     ]:

@@ -581,7 +581,11 @@ REFUSED = {
     ),
     "a tuple returned": (
         Chain(lambda m, x: (m.fc(torch.flatten(x, 1)), x), fc=nn.Linear(784, 10)),
-        "its forward returns 2 values",  # was "joins two paths other than by adding them"
+        "its forward returns a tuple of 2",  # was "joins two paths other than by adding them"
+    ),
+    "a DataParallel wrapper": (
+        nn.DataParallel(nn.Sequential(nn.Flatten(), nn.Linear(784, 10))),
+        "a DataParallel wrapper; pass its .module",  # was "takes more than one input"
     ),
     "a result never used": (
         Chain(_result_never_used, conv=nn.Conv2d(1, 4, 3), fc=nn.Linear(HEAD, 10)),
