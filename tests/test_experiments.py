@@ -27,7 +27,7 @@ from shared.loop import train
 from shared.outputs import hold, prepare_out_dir
 from shared.spec import PRESETS, get_arch, param_shapes
 from tests.conftest import make_dataset_dir
-from tests.test_training import run_script
+from tests.test_training import ROOT, run_script
 
 
 def test_experiments_write_every_table_and_plot(tiny_data_dir, tmp_path, monkeypatch):
@@ -447,3 +447,22 @@ def test_a_grid_holds_the_folder_of_its_run_store(tmp_path):
     line = result.stderr.strip().splitlines()[-1]
     assert f"--out {out / 'experiments'}: in use by a run of process {os.getpid()}" in line
     assert [p.name for p in out.rglob("*")] == ["experiments"]  # nothing written in them
+
+
+def test_a_fresh_recheck_records_the_stored_runs_behind_the_tables(tiny_data_dir, tmp_path):
+    # Under --fresh no stored run counted as held, so the provenance named only the float64
+    # runs the recheck trained, not the runs behind every table.
+    saved = json.loads((ROOT / "docs" / "experiments" / "results.json").read_text())
+    figures = tmp_path / "experiments"
+    figures.mkdir()
+    (figures / "results.json").write_text(json.dumps(saved))
+    store = RunStore(figures / "runs.json", load_dataset(tiny_data_dir).content_sha256)
+    grid = experiments.plan_experiments(**experiments.QUICK).grid()
+    for config in grid:
+        store.add(config, {"summary": {"test_acc": 0.5}, "trained": "2026-12-01 abc1234"})
+    flags = ["--recheck-float64", "--fresh", "--quick", "--out", str(tmp_path)]
+    with pytest.MonkeyPatch.context() as patch:  # the float64 runs are not what is asked
+        patch.setattr(experiments, "recheck_in_float64", lambda *_, **__: {})
+        assert experiments.main([*flags, "--data-dir", str(tiny_data_dir)]) == 0
+    trained = json.loads((figures / "results.json").read_text())["trained"]
+    assert trained == {"2026-12-01 abc1234": len(grid)}

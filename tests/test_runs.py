@@ -161,6 +161,10 @@ def test_a_replaced_run_goes_only_once_its_replacement_has_finished(tmp_path, mo
     def files(folder: Path) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
+    def set_aside(folder: Path) -> list[Path]:
+        # Not by the name's last letter: mkdtemp's names end in an "x" one time in 37.
+        return [p for p in folder.glob(".replaced-*") if p.name != ".replaced-x"]
+
     # The new run fails before saving: the old run is put back as it was.
     folder = folder_with_the_old_run("restored")
     with pytest.raises(OutputError, match=r"^disk full$"), replacing_run(folder):
@@ -173,7 +177,7 @@ def test_a_replaced_run_goes_only_once_its_replacement_has_finished(tmp_path, mo
     with pytest.raises(Interrupted, match=kept_in), replacing_run(folder):
         (folder / "checkpoint.npz").write_bytes(b"new run, epoch 1")
         raise Interrupted("stopped in epoch 2")
-    aside = [p for p in folder.iterdir() if p.name.startswith(".replaced-") and p.name[-1] != "x"]
+    aside = set_aside(folder)
     assert len(aside) == 1 and files(aside[0]) == old
     # It fails before saving, and the folder refuses the old run back (made read-only
     # meanwhile): the old run stays aside, named; it was a second traceback, unnamed.
@@ -189,7 +193,7 @@ def test_a_replaced_run_goes_only_once_its_replacement_has_finished(tmp_path, mo
         monkeypatch.setattr(os, "replace", refusing_to_put_back)  # once set aside
         raise OutputError("disk full")
     monkeypatch.undo()
-    aside = [p for p in folder.iterdir() if p.name.startswith(".replaced-") and p.name[-1] != "x"]
+    aside = set_aside(folder)
     assert len(aside) == 1 and files(aside[0]) == old
     # It finishes: the old run is gone, the leftover of another process stays.
     folder = folder_with_the_old_run("finished")
