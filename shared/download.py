@@ -192,6 +192,8 @@ def _held(dest: Path, file: OfficialFile) -> bool:
     for path in held:
         if path.is_dir():
             raise DataError(f"{path}: a folder where the download puts its file")
+        if not path.is_file():  # a FIFO would wait for a writer; a dangling link
+            raise DataError(f"{path}: not a regular file where the download puts its file")
         # By its IDX content where that is pinned, which a recompressed copy keeps.
         pinned = file if file.content_sha256 is None else dataclasses.replace(file, gzip_md5=None)
         try:

@@ -995,6 +995,11 @@ def test_a_download_writes_over_no_other_data_and_fetches_nothing_twice(served_f
         with pytest.raises(DataError, match=r"is not the official .*writes over no file"):
             download_dataset(spec, folder, "http://127.0.0.1:9/", progress=False)
         assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    fifo = tmp_path / "fifo"  # read to be checked, it would wait for a writer
+    fifo.mkdir()
+    os.mkfifo(fifo / "t10k-labels-idx1-ubyte.gz")
+    with pytest.raises(DataError, match="not a regular file where the download puts"):
+        download_dataset(spec, fifo, "http://127.0.0.1:9/", progress=False)
 
 
 def test_a_dataset_without_checksums_is_not_downloaded(served_files, tmp_path):
