@@ -283,10 +283,17 @@ def check_saved_field(name: str, value: object, source: str) -> None:
     field (`source` names the file)."""
     problem = FIELDS[name].problem(value)
     if problem is not None:
-        raise CheckpointError(f"{source}: meta field config.{name} is {_shown(value)}, {problem}")
+        raise CheckpointError(f"{source}: meta field config.{name} is {shown(value)}, {problem}")
 
 
-def _shown(value: object) -> str:
+def setting_problem(name: str, value: object) -> str | None:
+    """Why a saved setting `name` (a grid's variant, its results' base) cannot be `value`, as
+    its flag would be refused, or that it is no setting; None if it can be."""
+    return FIELDS[name].problem(value) if name in FIELDS else "not a setting"
+
+
+def shown(value: object) -> str:
+    """`value` for a message, cut short (a saved file may hold anything)."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 

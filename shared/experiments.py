@@ -14,7 +14,7 @@ from typing import Any
 
 from shared.backend import IMPLEMENTATIONS
 from shared.cli import add_data_dir_flag, add_impl_flag, chosen_impls, path_type, run_cli
-from shared.config import DEEP_RECIPE, FIELDS, TrainConfig
+from shared.config import DEEP_RECIPE, TrainConfig, setting_problem
 from shared.data import Dataset, load_dataset
 from shared.errors import DataError, UsageError
 from shared.experiments_report import (
@@ -334,7 +334,7 @@ def _check_variants(saved: dict, path: Path) -> None:
         )
     for title, label in rows:
         for name, value in variants[title][label].items():
-            problem = FIELDS[name].problem(value) if name in FIELDS else "not a setting"
+            problem = setting_problem(name, value)
             if problem is not None:
                 raise DataError(
                     f"{path}: variants / {title} / {label}: {name} = {value!r}, {problem}"

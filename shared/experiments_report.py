@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 
 from shared.backend import IMPLEMENTATIONS
-from shared.config import DEEP_RECIPE, FIELDS, TrainConfig
+from shared.config import DEEP_RECIPE, TrainConfig, setting_problem, shown
 from shared.errors import DataError
 from shared.grid import a_curve, a_share, a_time
 from shared.io import read_json, write_text
@@ -100,20 +100,15 @@ def results_problem(saved: object) -> str | None:
     return next((p for p in problems if p is not None), None)
 
 
-def _shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _settings_problem(where: str, settings: object) -> str | None:
     """A configuration's settings (`base`) or a budget's (`short`, `deep`), each value
     checked as its flag is."""
     if not isinstance(settings, dict):
-        return f"{where} is {_shown(settings)}, not an object of settings"
+        return f"{where} is {shown(settings)}, not an object of settings"
     for name, value in settings.items():
-        problem = FIELDS[name].problem(value) if name in FIELDS else "not a setting"
+        problem = setting_problem(name, value)
         if problem is not None:
-            return f"{where} / {name} is {_shown(value)}, {problem}"
+            return f"{where} / {name} is {shown(value)}, {problem}"
     return None
 
 
@@ -121,20 +116,20 @@ def _comparisons_problem(comparisons: object) -> str | None:
     """Every row of every table: the same implementations, each with the figures a
     comparison reads (CURVES), valid; at least one table this version asks."""
     if not isinstance(comparisons, dict) or not comparisons:
-        return f"comparisons is {_shown(comparisons)}, not an object of tables"
+        return f"comparisons is {shown(comparisons)}, not an object of tables"
     if not comparisons.keys() & _titles_asked():
         return "comparisons holds none of the questions this version asks"
     impls = None
     for title, table in comparisons.items():
         if not isinstance(table, dict) or not table:
-            return f"comparisons / {title} is {_shown(table)}, not an object of rows"
+            return f"comparisons / {title} is {shown(table)}, not an object of rows"
         for label, by_impl in table.items():
             where = f"comparisons / {title} / {label}"
             if not isinstance(by_impl, dict) or not by_impl:
-                return f"{where} is {_shown(by_impl)}, not figures by implementation"
+                return f"{where} is {shown(by_impl)}, not figures by implementation"
             if not by_impl.keys() <= set(IMPLEMENTATIONS):
                 unknown = sorted(by_impl.keys() - set(IMPLEMENTATIONS))[0]
-                return f"{where} / {_shown(unknown)} is not an implementation"
+                return f"{where} / {shown(unknown)} is not an implementation"
             impls = impls or set(by_impl)
             if set(by_impl) != impls:
                 return f"{where} has other implementations than the first row ({sorted(impls)})"
@@ -142,7 +137,7 @@ def _comparisons_problem(comparisons: object) -> str | None:
                 for field, check in CURVES.items():
                     value = figures.get(field) if isinstance(figures, dict) else None
                     if not check(value):
-                        return f"{where} / {impl} / {field} is {_shown(value)}, {CHECKED[check]}"
+                        return f"{where} / {impl} / {field} is {shown(value)}, {CHECKED[check]}"
     return None
 
 
@@ -154,7 +149,7 @@ def _titles_asked() -> set[str]:
 def _shares_problem(where: str, table: object, nested: bool) -> str | None:
     """`seeds` ({"arch|impl": [accuracy, ...]}) or `float64` ({row: {impl: accuracy}})."""
     if not isinstance(table, dict):
-        return f"{where} is {_shown(table)}, not an object"
+        return f"{where} is {shown(table)}, not an object"
     for row, accs in table.items():
         if nested:
             held = isinstance(accs, dict) and accs.keys() <= set(IMPLEMENTATIONS)
@@ -163,20 +158,20 @@ def _shares_problem(where: str, table: object, nested: bool) -> str | None:
             held = isinstance(accs, list) and row.count("|") == 1
             called = "a list of accuracies"
         if not held or not accs:
-            return f"{where} / {row} is {_shown(accs)}, not {called}"
+            return f"{where} / {row} is {shown(accs)}, not {called}"
         bad = [a for a in (accs.values() if nested else accs) if not a_share(a)]
         if bad:
-            return f"{where} / {row} holds {_shown(bad[0])}, {CHECKED[a_share]}"
+            return f"{where} / {row} holds {shown(bad[0])}, {CHECKED[a_share]}"
     return None
 
 
 def _trained_problem(trained: object) -> str | None:
     """`trained`: runs by date and commit, each a count."""
     if not isinstance(trained, dict):
-        return f"trained is {_shown(trained)}, not an object"
+        return f"trained is {shown(trained)}, not an object"
     for when, count in trained.items():
         if type(count) is not int or count < 1:
-            return f"trained / {when} is {_shown(count)}, not a count of runs"
+            return f"trained / {when} is {shown(count)}, not a count of runs"
     return None
 
 

@@ -204,7 +204,7 @@ def _entry(entry, tensor, data_bytes: int, arch: Arch, where: str) -> tuple[np.d
     """(dtype, shape, first byte) of one header entry, checked against its tensor."""
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise UsageError(f"{where}: not an entry of dtype, shape and data_offsets")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    dtype, shape = entry["dtype"], entry["shape"]
     if dtype not in DTYPES:
         raise UsageError(f"{where}: dtype {str(dtype)[:20]!r}; threefold reads F32, F64 and I64")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
@@ -213,13 +213,10 @@ def _entry(entry, tensor, data_bytes: int, arch: Arch, where: str) -> tuple[np.d
     if problem:
         raise UsageError(f"{where} {problem}")
     nbytes = math.prod(shape) * DTYPES[dtype].itemsize
-    valid = isinstance(offsets, list) and len(offsets) == 2
-    valid = valid and all(type(o) is int for o in offsets)
-    if not valid or offsets[0] < 0 or offsets[1] - offsets[0] != nbytes or offsets[1] > data_bytes:
-        raise UsageError(
-            f"{where}: data_offsets {str(offsets)[:60]} are not its {nbytes} bytes within the file"
-        )
-    return DTYPES[dtype], tuple(shape), offsets[0]
+    begin, end = _span(entry, data_bytes, where)
+    if end - begin != nbytes:
+        raise UsageError(f"{where}: data_offsets [{begin}, {end}] are not its {nbytes} bytes")
+    return DTYPES[dtype], tuple(shape), begin
 
 
 def read_network_file(path: Path, where: str = "load"):
