@@ -64,6 +64,16 @@ class Network:
         """The module's state_dict names -> canonical names."""
         return {theirs: ours for m in self.mapping for theirs, ours in m.tensors}
 
+    @property
+    def copies(self) -> dict[str, list[str]]:
+        """Each source tensor fed to more than one layer (an ONNX initialiser two layers
+        share) -> the canonical names of the copies threefold trains apart."""
+        taken: dict[str, list[str]] = {}
+        for m in self.mapping:
+            for theirs, ours in m.tensors:
+                taken.setdefault(theirs, []).append(ours)
+        return {theirs: ours for theirs, ours in taken.items() if len(ours) > 1}
+
     def describe(self) -> str:
         """The mapping as a table: each source operation, the layer it became, its tensors."""
         rows = [("source", "operation", "threefold", "tensors")]

@@ -218,6 +218,13 @@ def _check_other_files(
         raise UsageError(f"{flag} {path}: one of the files of the run in {path.parent}")
     if _holds_runs(path) and not (store and _same_file(path, store)):
         raise UsageError(f"{flag} {path}: holds the finished runs of a grid or a speedrun")
+    # A grid's results beside its store (results.json, the report, the figures) are its own
+    # to rewrite; another command's file there would replace one of them.
+    if store is None and path.is_file() and _holds_runs(path.parent / STORE_NAME):
+        raise UsageError(
+            f"{flag} {path}: a result of the grid or speedrun whose finished runs are in "
+            f"{path.parent / STORE_NAME}; choose another name"
+        )
     if is_checkpoint(path):  # a run's, copied or renamed
         raise UsageError(f"{flag} {path}: a checkpoint of threefold's; choose another name")
 

@@ -268,6 +268,12 @@ def _start(args: argparse.Namespace, typed: set[str]) -> int:
             f"note: --arch {args.arch} scales its input as (x - {mean:.6g}) / {std:.6g}; "
             f"training feeds it --pixels {args.pixels} ({fed[args.pixels]}) instead"
         )
+    for theirs, ours in ({} if network is None else network.copies).items():
+        # ONNX cannot tell tied weights from equal ones an exporter merged (docs/EXPORT.md).
+        print(
+            f"note: --arch {args.arch} feeds {theirs} to {len(ours)} layers; each trains "
+            f"its own copy ({', '.join(ours)})"
+        )
     source, args.arch = args.arch, arch.name
     initial = None
     if args.weights_file is not None:

@@ -828,9 +828,12 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
     store.parent.mkdir()
     store.write_text('{"runs": {}}')
     (tmp_path / "grid" / "link.safetensors").symlink_to(store)
+    results = store.with_name("results.json")
+    results.write_text('{"comparisons": {}}')
     for args, message in [
         (["--safetensors", str(store)], "runs.json: holds the finished runs of a grid or a"),
         (["--safetensors", str(store.with_name("link.safetensors"))], "holds the finished runs"),
+        (["--safetensors", str(results)], "a result of the grid or speedrun whose finished"),
         (["--safetensors", str(other_run / "checkpoint.npz")], "one of the files of the run in"),
         (["--safetensors", str(other_run / "metrics.json")], "one of the files of the run in"),
         (["--onnx", str(other_run / "evaluation.json")], "one of the files of the run in"),
@@ -848,6 +851,7 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
         assert re.search(message, last) and "Traceback" not in bad.stderr
     assert (run / "checkpoint.npz").read_bytes() == checkpoint
     assert [p.name for p in other_run.iterdir()] == ["checkpoint.npz"]
+    assert results.read_text() == '{"comparisons": {}}'
     assert (other_run / "checkpoint.npz").read_bytes() == checkpoint
     assert store.read_text() == '{"runs": {}}'
     missing = subprocess.run(
@@ -972,6 +976,34 @@ def test_an_onnx_file_is_a_network_for_train_and_its_weights_a_start(tmp_path, t
             given = network.tensors[name]
             moved = np.abs(trained.params[name] - given).max()
             assert 0 < moved < np.abs(seeded[name] - given).max(), (start.name, name)
+
+
+def test_one_initialiser_fed_to_two_layers_becomes_two_copies_and_train_says_so(
+    tmp_path, tiny_data_dir
+):
+    """An exporter merges equal initialisers (two fresh BatchNorms' weights of ones): each
+    layer gets its own copy, which training then moves apart, and train.py says so."""
+    arch = get_arch("conv4-bn-relu-conv4-bn-relu-flatten-fc10")
+    model = onnx_model(arch, init_params(arch, TrainConfig().init, 0))
+    second = [n for n in model.graph.node if n.op_type == "BatchNormalization"][1]
+    second.input[1] = "bn1.weight"
+    del model.graph.initializer[[i.name for i in model.graph.initializer].index("bn2.weight")]
+    path = tmp_path / "merged.onnx"
+    onnx.save(model, path)
+    network = from_onnx(path)
+    assert network.copies == {"bn1.weight": ["bn1.weight", "bn2.weight"]}
+    assert np.array_equal(network.tensors["bn1.weight"], network.tensors["bn2.weight"])
+    flags = ["--impl", "numpy", "--epochs", "1", "--batch-size", "16", "--limit", "64"]
+    done = subprocess.run(
+        [sys.executable, "scripts/train.py", "--arch", str(path), *flags, "--weights", str(path),
+         "--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    note = f"note: --arch {path} feeds bn1.weight to 2 layers; each trains its own copy "
+    assert note + "(bn1.weight, bn2.weight)" in done.stdout
+    trained = load_checkpoint(tmp_path / "run" / "checkpoint.npz").params
+    assert not np.array_equal(trained["bn1.weight"], trained["bn2.weight"])
 
 
 def test_the_crosscheck_proves_a_graph_pytorchs_exporter_wrote_from_its_weights(tmp_path):
