@@ -52,6 +52,8 @@ def prepare_out_dir(folder: Path, flag: str = "--out") -> Path:
     written."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir's "File exists" would not say that it is no folder
+        raise UsageError(f"{flag} {folder}: exists and is not a folder") from None
     except OSError as e:
         raise UsageError(f"{flag} {folder}: cannot create folder ({e.strerror or e})") from None
     if not os.access(folder, os.W_OK | os.X_OK):

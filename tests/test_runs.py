@@ -1003,5 +1003,6 @@ def test_experiments_refuse_results_without_variants_and_a_file_for_their_folder
     out.mkdir()
     (out / "experiments").write_text("")  # a file where the folder goes
     result = run_script("experiments.py", "--quick", "--out", str(out))
-    assert result.returncode == 2 and "cannot create folder" in result.stderr, result.stderr
+    said = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and said.endswith("experiments: exists and is not a folder")
     assert "Traceback" not in result.stderr
