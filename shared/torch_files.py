@@ -119,13 +119,7 @@ def load_state_dict_file(
         raise UsageError(f"{label}: holds a {type(loaded).__name__}, not a state_dict of tensors")
     weights, names = {}, renamed(loaded, renames, expected, label, unread)
     for theirs, ours in names.items():
-        value = loaded[theirs]
-        shape = expected[ours].shape
-        if tuple(value.shape) != shape:
-            raise UsageError(
-                f"{label}: {theirs} has shape {tuple(value.shape)}, the network's {shape}"
-            )
-        weights[ours] = canonical_array(value, expected[ours], f"{label}: {theirs}")
+        weights[ours] = canonical_array(loaded[theirs], expected[ours], f"{label}: {theirs}")
     missing = sorted(set(expected) - set(weights))
     if missing:
         theirs = {ours: theirs for theirs, ours in renames.items()}.get(missing[0], missing[0])

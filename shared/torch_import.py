@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 
 from shared.checkpoint import value_problem
-from shared.errors import UsageError
+from shared.errors import USER_CODE_ERRORS, UsageError, first_line
 from shared.kinds import sliding, token
-from shared.layers import Layer, Tensor, show_shape
+from shared.layers import INPUT_SHAPE, Layer, Tensor, show_shape
+from shared.metrics import log_softmax
 from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
 from shared.spec import Entry, build_layers, get_arch, tensors
 from shared.torch_ops import (
@@ -450,13 +451,74 @@ def from_torch(module: Any, where: str = "module") -> Network:
         for name in expected:
             if not name.startswith(f"{layer.name}."):
                 continue
-            theirs = f"{step.module_path}.{name[len(layer.name) + 1 :]}"
-            canonical[name] = canonical_array(state[theirs], expected[name], f"{where}: {theirs}")
+            attribute = name[len(layer.name) + 1 :]
+            theirs = f"{step.module_path}.{attribute}"
+            canonical[name] = _tensor_read(module, step, attribute, expected[name], where)
             moved.append((theirs, name))
         written = token(layer, every=True)
         block = arch.layers[position[0]].name if len(position) > 1 else ""
         mapping.append(Mapped(step.source, step.what, written, tensors=tuple(moved), block=block))
-    return Network(arch, canonical, tuple(mapping), standardise, _unread(state, graph))
+    network = Network(arch, canonical, tuple(mapping), standardise, _unread(state, graph))
+    with left_as_it_was(module):
+        refuse_other_outputs(module, network, where)
+    return network
+
+
+# A float32 network rebuilt from a module's layers runs the same kernels, a few units of
+# round-off apart; a forward under autocast to bfloat16 is thousands.
+AGREEMENT = {np.float32: 2e-5, np.float64: 1e-10}
+
+
+def refuse_other_outputs(module: Any, network: Network, where: str) -> None:
+    """Refuse a module whose evaluation-mode outputs on 3 seeded random images differ from
+    the network read from it (threefold's PyTorch implementation), as log-probabilities (a
+    final LogSoftmax is dropped): what torch.fx did not record (a replaced __call__, autocast,
+    a size read from the batch) would otherwise be imported as something else."""
+    import torch
+
+    from shared.backend import make_backend
+
+    dtype = next(v.dtype for v in network.tensors.values() if v.dtype.kind == "f").type
+    images = np.random.default_rng(0).random((3, *INPUT_SHAPE)).astype(dtype)
+    try:
+        with torch.no_grad():
+            theirs = module.eval()(torch.from_numpy(images))
+    except USER_CODE_ERRORS as error:  # the user's forward: any error is theirs
+        raise UsageError(
+            f"{where}: its forward fails on a batch of 3 images in evaluation mode "
+            f"({first_line(error)})"
+        ) from None
+    if not isinstance(theirs, torch.Tensor) or tuple(theirs.shape) != (3, 10):
+        got = tuple(theirs.shape) if isinstance(theirs, torch.Tensor) else type(theirs).__name__
+        raise UsageError(f"{where}: gives {got} for 3 images, not (3, 10) logits")
+    mean, std = network.standardise or (0.0, 1.0)
+    backend = make_backend("torch", network.arch, dtype)
+    ours = backend.predict(backend.init_state(network.tensors), (images - mean) / std)
+    theirs, ours = (
+        log_softmax(z.astype(np.float64)) for z in (theirs.detach().double().numpy(), ours)
+    )
+    apart = float(np.abs(theirs - ours).max() / max(1.0, np.abs(theirs).max()))
+    if not apart <= AGREEMENT[dtype]:
+        raise UsageError(
+            f"{where}: its outputs differ from those of the layers read from it ({apart:.2g} "
+            "apart): its forward computes what torch.fx does not record (autocast, a replaced "
+            "__call__, a size read from the batch)"
+        )
+
+
+def _tensor_read(module: Any, step: _Step, attribute: str, tensor: Tensor, where: str):
+    """The tensor the submodule's forward reads (not the state_dict's, which a class may
+    rewrite): a parameter where training moves it, a buffer where not, of the shape its
+    settings give."""
+    import torch
+
+    value = getattr(module.get_submodule(step.module_path), attribute, None)
+    where = f"{where}: {step.module_path}.{attribute}"
+    if tensor.trainable and not isinstance(value, torch.nn.Parameter | type(None)):
+        raise UsageError(
+            f"{where}: a buffer, which the module never trains; threefold trains every weight"
+        )
+    return canonical_array(value, tensor, where, f"where {step.what} computes")
 
 
 def _unread(state: dict[str, Any], graph: Any) -> tuple[str, ...]:
@@ -466,12 +528,19 @@ def _unread(state: dict[str, Any], graph: Any) -> tuple[str, ...]:
     return tuple(name for name in state if not any(name.startswith(f"{path}.") for path in called))
 
 
-def canonical_array(value: Any, tensor: Tensor, where: str) -> np.ndarray:
-    """A torch tensor as a NumPy copy holding `tensor`: dense, float32 or float64 (int64 for a
-    counter), its values checked; anything else is refused, naming `where` (a complex or int8
-    weight was cast to int64, a bfloat16 or sparse one a traceback)."""
+def canonical_array(
+    value: Any, tensor: Tensor, where: str, whose: str = "the network's"
+) -> np.ndarray:
+    """A torch tensor as a NumPy copy holding `tensor`: dense, of its shape (`whose` names
+    where that shape comes from), float32 or float64 (int64 for a counter), its values
+    checked; anything else is refused, naming `where` (a complex or int8 weight was cast to
+    int64, a bfloat16 or sparse one a traceback)."""
     import torch
 
+    if not isinstance(value, torch.Tensor):  # an attribute set to None (running stats)
+        raise UsageError(f"{where}: a {type(value).__name__}, not a tensor")
+    if tuple(value.shape) != tensor.shape:
+        raise UsageError(f"{where} has shape {tuple(value.shape)}, {whose} {tensor.shape}")
     if value.is_quantized or value.is_meta or value.layout != torch.strided:
         form = "quantized" if value.is_quantized else "meta" if value.is_meta else value.layout
         raise UsageError(f"{where}: a {form} tensor; threefold reads dense tensors")

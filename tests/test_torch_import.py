@@ -444,6 +444,32 @@ def _altered(module: nn.Module, alter: Callable[[nn.Module], object]) -> nn.Modu
     return module
 
 
+class _Inverted(Chain):
+    """Its class's __call__, which torch.fx does not trace, inverts the images first."""
+
+    def __call__(self, x):
+        return super().__call__(1 - x)
+
+
+def _frozen_as_buffer(module: nn.Module) -> None:
+    """The conv's weight made a buffer: the module never trains it."""
+    weight = module[0].weight.detach().clone()
+    del module[0].weight
+    module[0].register_buffer("weight", weight)
+
+
+def _pruned_to_five(module: nn.Module) -> None:
+    """Linear(32, 10) cut to 5 outputs, its out_features left at 10: 32 -> 5 -> 10."""
+    module[3].weight = nn.Parameter(module[3].weight[:5].clone())
+    module[3].bias = nn.Parameter(module[3].bias[:5].clone())
+    module[4].weight = nn.Parameter(module[4].weight[:, :5].clone())
+
+
+def _autocast(m, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return m.fc(torch.flatten(F.relu(m.conv(x)), 1))
+
+
 def _tied() -> Chain:
     """Two convs holding one weight tensor."""
     module = Chain(
@@ -833,6 +859,44 @@ REFUSED = {
             lambda m: setattr(m[2], "running_mean", m[1].running_mean),
         ),
         "1.running_mean and 2.running_mean are one tensor (tied weights)",
+    ),
+    # Layers read from the module's settings, tensors from its attributes: the two must fit.
+    "a weight replaced by one of another shape": (
+        _altered(
+            nn.Sequential(
+                nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10), nn.Linear(10, 10)
+            ),
+            _pruned_to_five,
+        ),
+        "module: 3.weight has shape (5, 32), where Linear(in_features=32, out_features=10",
+    ),
+    "a weight as a buffer": (
+        _altered(nn.Sequential(nn.Conv2d(1, 4, 3), head()), _frozen_as_buffer),
+        "module: 0.weight: a buffer, which the module never trains",
+    ),
+    "no running statistics": (  # evaluation then normalises by the batch
+        _altered(
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), head(2)),
+            lambda m: setattr(m[1], "running_mean", None) or setattr(m[1], "running_var", None),
+        ),
+        "module: 1.running_mean: a NoneType, not a tensor",
+    ),
+    # What torch.fx does not record shows in the outputs.
+    "a replaced __call__": (
+        _Inverted(lambda m, x: m.fc(torch.flatten(x, 1)), fc=nn.Linear(784, 10)),
+        "module: its outputs differ from those of the layers read from it",
+    ),
+    "autocast": (
+        Chain(_autocast, conv=nn.Conv2d(1, 4, 3), fc=nn.Linear(4 * 26 * 26, 10)),
+        "module: its outputs differ from those of the layers read from it",
+    ),
+    "a size read from the batch": (  # a flatten for a batch as large as its channels only
+        Chain(
+            lambda m, x: m.fc((y := m.conv(x)).view(y.size(1), -1)),
+            conv=nn.Conv2d(1, 2, 3),
+            fc=nn.Linear(2 * 26 * 26, 10),
+        ),
+        "module: its forward fails on a batch of 3 images in evaluation mode (RuntimeError",
     ),
 }
 
