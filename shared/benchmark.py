@@ -22,7 +22,7 @@ import numpy as np
 
 from shared.ab import FIRST_COMMIT, REFERENCE, run_ab, run_paired
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import add_data_dir_flag, add_impl_flag, chosen_impls, number, path_type, run_cli
+from shared.cli import add_data_dir_flag, add_impl_flag, chosen_impls, number, run_cli
 from shared.cost import check_training_batch, network_cost
 from shared.data import DATA_DIR_ENV, load_dataset
 from shared.errors import Terminated, ThreefoldError, UsageError, interrupted, stop_on_signals
@@ -39,7 +39,7 @@ from shared.outputs import (
 )
 from shared.profile import WARMUP_SECONDS, cpu_name, timing_setup
 from shared.spec import Arch, get_arch, network_files
-from shared.typed import parse_once
+from shared.typed import parse_once, path_type
 
 EPOCH_IMAGES = 50_000
 # Every timed step takes a full batch of the 50,000 training images, so none can be larger.

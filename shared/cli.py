@@ -4,11 +4,11 @@ that turns the project's errors into one line and an exit status."""
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from shared.config import (
     ADAM_RATE,
@@ -20,8 +20,16 @@ from shared.config import (
     TrainConfig,
 )
 from shared.data import DATA_DIR_ENV, FASHION_MNIST
-from shared.errors import Interrupted, ThreefoldError, UsageError, interrupted, stop_on_signals
+from shared.errors import (
+    Interrupted,
+    ThreefoldError,
+    UsageError,
+    interrupted,
+    one_line,
+    stop_on_signals,
+)
 from shared.spec import presets
+from shared.typed import path_type
 
 
 def flag(bound: Bound) -> Callable[[str], object]:
@@ -42,13 +50,6 @@ def number(
 ) -> Callable[[str], object]:
     """An argparse type: a finite `kind` at least (or above) `minimum` and below `below`."""
     return flag(Bound(kind, minimum, inclusive, below))
-
-
-def path_type(text: str) -> Path:
-    """An argparse type for a file or folder: an empty one would be the current folder."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty path; name a file or folder")
-    return Path(text)
 
 
 positive_int = number(int, 0, inclusive=False)
@@ -171,12 +172,12 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[], int]) -> int:
         with stop_on_signals():
             return body()
     except UsageError as e:
-        parser.error(str(e))
+        parser.error(one_line(str(e)))
     except Interrupted as e:
-        print(f"\n{parser.prog}: {e}", file=sys.stderr)
+        print(f"\n{parser.prog}: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except ThreefoldError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {one_line(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:  # before a run had anything to keep
         stopped = interrupted(stop)
@@ -187,3 +188,7 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[], int]) -> int:
         # nowhere, quietly. 141: the shell's for SIGPIPE.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:  # which Python 3.11's Path.exists() raises
+            raise
+        parser.error(one_line(f"{e.filename}: a name in it is longer than the file system allows"))

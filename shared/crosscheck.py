@@ -22,7 +22,7 @@ import numpy as np
 from shared.backend import IMPLEMENTATIONS, make_backend
 from shared.batches import dropout_masks
 from shared.checkpoint import load_checkpoint
-from shared.cli import add_data_dir_flag, path_type, positive_int, run_cli, seed_type
+from shared.cli import add_data_dir_flag, positive_int, run_cli, seed_type
 from shared.config import DTYPES, FIELDS, Bound, TrainConfig, python_int
 from shared.cost import check_training_batch
 from shared.data import Dataset, data_files, load_dataset
@@ -62,7 +62,7 @@ from shared.spec import (
     is_model_file,
     network_files,
 )
-from shared.typed import parse_once
+from shared.typed import parse_once, path_type
 
 # How the options of check_batches are named to the caller: the command's flags, the API's
 # keyword arguments.

@@ -20,6 +20,20 @@ class ThreefoldError(Exception):
 USER_CODE_ERRORS = (Exception, SystemExit)
 
 
+# A command's error is one line however long its names are (a node's in a hostile ONNX file).
+MESSAGE_CHARACTERS = 1000
+
+
+def one_line(message: str) -> str:
+    """`message` as one line a terminal shows as it is: line breaks, colour codes and every
+    other character that is not printable escaped (names read from a file may hold any), at
+    most MESSAGE_CHARACTERS long."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    if len(shown) <= MESSAGE_CHARACTERS:
+        return shown
+    return f"{shown[: MESSAGE_CHARACTERS - 40]} ... ({len(shown):,} characters in all)"
+
+
 def first_line(error: BaseException) -> str:
     """The error's type and first line (200 characters at most, without a terminal's colour
     codes, which torch.load's messages hold): a user's error in one line."""

@@ -13,7 +13,7 @@ import numpy as np
 from shared import metrics
 from shared.backend import IMPLEMENTATIONS, batched_logits, make_backend
 from shared.checkpoint import Checkpoint, load_checkpoint
-from shared.cli import add_data_dir_flag, path_type, run_cli
+from shared.cli import add_data_dir_flag, run_cli
 from shared.config import averages_mirrors
 from shared.data import Dataset, load_test_set
 from shared.errors import CheckpointError, UsageError, act_on_signals, signals_held
@@ -23,7 +23,7 @@ from shared.loop import data_identity
 from shared.outputs import EVALUATION_FILES, check_out_files, hold, prepare_out_dir
 from shared.plots import plt, save_figure
 from shared.spec import get_arch
-from shared.typed import parse_once
+from shared.typed import parse_once, path_type
 
 
 def evaluate_checkpoint(

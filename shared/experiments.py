@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import add_data_dir_flag, add_impl_flag, chosen_impls, path_type, run_cli
+from shared.cli import add_data_dir_flag, add_impl_flag, chosen_impls, run_cli
 from shared.config import DEEP_RECIPE, TrainConfig, setting_problem
 from shared.data import Dataset, load_dataset
 from shared.errors import DataError, UsageError
@@ -46,7 +46,7 @@ from shared.lab_questions import (
 )
 from shared.loop import train
 from shared.outputs import STORE_NAME, check_out_files, hold, prepare_out_dir
-from shared.typed import parse_once
+from shared.typed import parse_once, path_type
 
 # --quick: a reduced run for tests, the same code path on 1,000 images (the questions asked on
 # a shorter or deeper run: 500 images, 1 epoch).

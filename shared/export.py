@@ -9,7 +9,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from shared.backend import batched_logits, make_backend
-from shared.cli import add_data_dir_flag, path_type, run_cli
+from shared.cli import add_data_dir_flag, run_cli
 from shared.data import data_files, load_dataset
 from shared.errors import CheckpointError, OutputError, UsageError
 from shared.io import staged
@@ -21,7 +21,7 @@ from shared.outputs import check_out_files
 from shared.proof.onnx_witness import onnx_logits
 from shared.proof.rows import TOLERANCES, compare
 from shared.spec import is_onnx_file
-from shared.typed import parse_once
+from shared.typed import parse_once, path_type
 from shared.weights_file import read_network_file
 
 

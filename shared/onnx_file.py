@@ -52,7 +52,33 @@ def read_graph(path: Path, label: str):
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"{label}: not a valid ONNX model ({first})") from None
+    _check_opset(model, label)
+    names = [node.name for node in graph.node if node.name]
+    if len(set(names)) != len(names):  # onnxruntime refuses such a model
+        twice = next(name for name in names if names.count(name) > 1)
+        raise UsageError(f"{label}: two nodes are named {twice[:80]!r}; ONNX names each once")
     return graph
+
+
+# Before opset 7, Dropout and BatchNormalization take `is_test`: 0 (the default) trains.
+FIRST_OPSET = 7
+
+
+def _check_opset(model, label: str) -> None:
+    """Refuse an opset no ONNX release defines yet, or one before FIRST_OPSET, whose
+    operators threefold does not read."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    own = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    version = own[0] if own else newest  # none: no node of ONNX's own, refused as such
+    if version > newest:
+        raise UsageError(f"{label}: opset {version}, newer than any this onnx defines ({newest})")
+    if version < FIRST_OPSET:
+        raise UsageError(
+            f"{label}: opset {version}; threefold reads opset {FIRST_OPSET} and later (before "
+            "it, Dropout and BatchNormalization train unless is_test=1)"
+        )
 
 
 def _bounded_model(path: Path, label: str) -> tuple[Any, bytes]:

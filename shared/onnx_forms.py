@@ -190,23 +190,28 @@ def gelus_written_out(nodes: list, constants: dict, outputs: set[str]) -> list:
     return [node for node in kept if node is not None]
 
 
-def _constant_float(name: str, constants: dict) -> float | None:
-    """A one-element floating constant's value, None otherwise."""
+def _values(name: str, constants: dict) -> np.ndarray | None:
+    """A constant's values; None where there is none, or where its data does not fill its
+    shape (the node that reads it is then read, or refused, on its own)."""
     from onnx import numpy_helper
 
+    try:
+        return numpy_helper.to_array(constants[name]) if name in constants else None
+    except (ValueError, TypeError):
+        return None
+
+
+def _constant_float(name: str, constants: dict) -> float | None:
+    """A one-element floating constant's value, None otherwise."""
     if name not in constants or math.prod(constants[name].dims) != 1:
         return None
-    value = numpy_helper.to_array(constants[name])
-    return float(value.reshape(())) if value.dtype.kind == "f" else None
+    value = _values(name, constants)
+    return float(value.reshape(())) if value is not None and value.dtype.kind == "f" else None
 
 
 def _constant_ints(name: str, constants: dict) -> list[int] | int | None:
     """A constant integer tensor's values (a list, or an int for a scalar), None otherwise."""
-    from onnx import numpy_helper
-
-    if name not in constants:
-        return None
-    value = numpy_helper.to_array(constants[name])
-    if value.dtype.kind not in "iu" or value.ndim > 1 or value.size > 8:
+    value = _values(name, constants)
+    if value is None or value.dtype.kind not in "iu" or value.ndim > 1 or value.size > 8:
         return None
     return int(value) if value.ndim == 0 else [int(v) for v in value]

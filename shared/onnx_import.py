@@ -25,7 +25,7 @@ from shared.layers import INPUT_SHAPE, Pool, show_shape
 from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
 from shared.onnx_file import read_graph
 from shared.onnx_forms import gelus_written_out, node_attributes, reshapes_by_image
-from shared.onnx_ops import TAKERS, initialiser, scalar
+from shared.onnx_ops import TAKERS, constant_array, initialiser, scalar
 from shared.spec import Arch, Entry, Params, build_layers, get_arch, tensors
 from shared.torch_ops import Refused
 
@@ -88,7 +88,9 @@ def from_onnx(path: str | Path, where: str = "") -> Network:
     _check_widths(layers, widths, label)
     arch = get_arch("-".join(token(layer) for layer in layers), label)
     params, mapping = _tensors(arch, steps, initialisers, label)
-    return Network(arch, params, tuple(mapping), standardise)
+    network = Network(arch, params, tuple(mapping), standardise)
+    network.check(label)  # one dtype (opset 15 lets a BatchNorm's differ from its input's)
+    return network
 
 
 def _constants(nodes: list, initialisers: dict, label: str) -> tuple[list, dict]:
@@ -186,7 +188,8 @@ def _steps(
                 raise UsageError(
                     f"{where}: its output {extra} is used; threefold's layers give one output"
                 )
-        last = index == len(nodes) - 1 and not chain
+        # Last where only identities follow (an exporter may end the graph with one).
+        last = all(n.op_type == "Identity" for n in nodes[index + 1 :]) and not chain
         if node.op_type == "MatMul":
             if index + 1 == len(nodes) or nodes[index + 1].op_type != "Add":
                 raise UsageError(f"{where}: no Add of a bias after it; threefold's fc has one")
@@ -416,7 +419,6 @@ def _fits_exactly(pool: Pool, shape: tuple[int, ...], where: str) -> None:
 def _array(tensor, expected, transposed: bool, where: str) -> np.ndarray:
     """One initialiser as the canonical tensor: its claimed shape and type checked first."""
     import onnx
-    from onnx import numpy_helper
 
     shape = tuple(reversed(tensor.dims)) if transposed else tuple(tensor.dims)
     if shape != expected.shape:
@@ -424,10 +426,7 @@ def _array(tensor, expected, transposed: bool, where: str) -> np.ndarray:
     if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
         kind = onnx.TensorProto.DataType.Name(tensor.data_type)
         raise UsageError(f"{where}: {kind}; float or double is needed")
-    try:
-        value = numpy_helper.to_array(tensor)
-    except (ValueError, TypeError) as error:
-        raise UsageError(f"{where}: its data does not match its shape ({error})") from None
+    value = constant_array(tensor, where)
     value = np.ascontiguousarray(value.T if transposed else value)
     problem = value_problem(expected, value)
     if problem:

@@ -14,16 +14,25 @@ from shared.onnx_export import ADAPTIVE, CHANNELWISE
 from shared.torch_ops import Refused
 
 
-def scalar(name: str, initialisers: dict, where: str) -> float:
-    """The value of a one-element initialiser."""
+def constant_array(tensor, where: str) -> np.ndarray:
+    """A constant's values, refused in one line where its data does not fill its shape
+    exactly (onnx.checker refuses too little data, not too much)."""
     from onnx import numpy_helper
 
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"{where}: its data does not match its shape ({error})") from None
+
+
+def scalar(name: str, initialisers: dict, where: str) -> float:
+    """The value of a one-element initialiser."""
     if name not in initialisers:
         raise UsageError(f"{where}: {name} is not a constant of the file")
     tensor = initialisers[name]
-    if math.prod(tensor.dims) != 1:
+    if math.prod(tensor.dims) != 1 or len(tensor.dims) > 4:  # a 5th would broadcast images
         raise UsageError(f"{where}: {name} has shape {tuple(tensor.dims)}; one number is needed")
-    value = float(numpy_helper.to_array(tensor).reshape(()))
+    value = float(constant_array(tensor, f"{where}: {name}").reshape(()))
     if not math.isfinite(value):
         raise UsageError(f"{where}: {name} is {value}")
     return _short(value)
@@ -129,6 +138,8 @@ def _pool(op: str):
 
 def _batch_norm(node, attributes, initialisers, last):
     _require(attributes, "training_mode", (0,), "an evaluation graph is needed")
+    # Opsets 7-8: spatial=0 keeps a mean and variance for each activation, not each channel.
+    _require(attributes, "spatial", (1,), "threefold's BatchNorm has one for each channel")
     if any(node.output[1:]):  # before opset 14, a node giving its statistics trains
         why = "it normalises with the batch's statistics; an evaluation graph is needed"
         raise Refused(f"outputs {', '.join(o for o in node.output[1:] if o)}", why)
@@ -178,10 +189,9 @@ def _gelu(node, attributes, initialisers, last):
 def _reduce_mean(node, attributes, initialisers, last):
     """The mean over each channel's plane, kept as (N, C, 1, 1): AdaptiveAvgPool2d(1) as
     torch.onnx.export's dynamo exporter writes it (axes an input since opset 18)."""
-    from onnx import numpy_helper
-
     if len(node.input) > 1 and node.input[1]:
-        axes = [int(a) for a in numpy_helper.to_array(initialiser(node, 1, initialisers)).ravel()]
+        values = constant_array(initialiser(node, 1, initialisers), node.input[1])
+        axes = [int(a) for a in values.ravel()]
     else:
         axes = list(attributes.get("axes", []))
     if sorted(a % 4 for a in axes) != [2, 3]:
@@ -196,12 +206,10 @@ def _flatten(node, attributes, initialisers, last):
 
 
 def _reshape(node, attributes, initialisers, last):
-    from onnx import numpy_helper
-
     shape = initialiser(node, 1, initialisers)
     if math.prod(shape.dims) != 2:
         raise Refused(f"shape {tuple(shape.dims)}", "threefold reshapes (N, C, H, W) to (N, -1)")
-    target = [int(v) for v in numpy_helper.to_array(shape)]
+    target = [int(v) for v in constant_array(shape, node.input[1])]
     if attributes.get("allowzero", 0) and 0 in target:  # a 0 is then a size, not a copy
         raise Refused(f"shape={target} with allowzero=1", "a dimension of 0 holds nothing")
     if target[0] not in (0, -1) or target[1] == 0:

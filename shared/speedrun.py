@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.backend import IMPLEMENTATIONS
-from shared.cli import add_data_dir_flag, add_impl_flag, chosen_impls, number, path_type, run_cli
+from shared.cli import add_data_dir_flag, add_impl_flag, chosen_impls, number, run_cli
 from shared.config import FAST_RECIPE, STRONG_FAST_RECIPE, TrainConfig
 from shared.data import Dataset, load_dataset
 from shared.grid import (
@@ -36,7 +36,7 @@ from shared.grid import (
 )
 from shared.loop import train
 from shared.outputs import STORE_NAME, check_out_files, hold, prepare_out_dir, write_results
-from shared.typed import parse_once
+from shared.typed import parse_once, path_type
 
 
 @dataclass(frozen=True)

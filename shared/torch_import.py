@@ -459,6 +459,7 @@ def from_torch(module: Any, where: str = "module") -> Network:
         block = arch.layers[position[0]].name if len(position) > 1 else ""
         mapping.append(Mapped(step.source, step.what, written, tensors=tuple(moved), block=block))
     network = Network(arch, canonical, tuple(mapping), standardise, _unread(state, graph))
+    network.check(where)
     with left_as_it_was(module):
         refuse_other_outputs(module, network, where)
     return network

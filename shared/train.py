@@ -8,7 +8,7 @@ import contextlib
 from pathlib import Path
 
 from shared.checkpoint import Checkpoint, load_checkpoint
-from shared.cli import add_training_flags, config_from_args, path_type, run_cli
+from shared.cli import add_training_flags, config_from_args, run_cli
 from shared.config import (
     RECIPES,
     TrainConfig,
@@ -49,7 +49,7 @@ from shared.spec import (
     is_model_file,
     is_onnx_file,
 )
-from shared.typed import given_flags, parse_once
+from shared.typed import given_flags, parse_once, path_type
 
 
 def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConfig, Checkpoint]:

@@ -1,10 +1,13 @@
 """What the user typed on a command line, beyond the values argparse keeps: which options were
-given at all, and none given twice where argparse would keep the last without a word."""
+given at all, and none given twice where argparse would keep the last without a word; and
+paths, each checked as a path the file system can take."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+from pathlib import Path
 
 # Options meant to be given more than once (--impl, --arch in crosscheck.py), or that end the
 # parse (--help).
@@ -48,3 +51,19 @@ def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[
     for action in probe._actions:
         action.default = argparse.SUPPRESS
     return set(vars(probe.parse_args(argv)))
+
+
+NAME_MAX = 255  # bytes in one name of a path: Linux's file systems' limit
+
+
+def path_type(text: str) -> Path:
+    """An argparse type for a file or folder: an empty one would be the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name a file or folder")
+    # Python 3.11's Path.exists() raises on such a name, where a command would ask.
+    longest = max(len(os.fsencode(part)) for part in Path(text).parts)
+    if longest > NAME_MAX:
+        raise argparse.ArgumentTypeError(
+            f"one of its names is {longest} bytes long, past the {NAME_MAX} a file system allows"
+        )
+    return Path(text)

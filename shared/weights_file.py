@@ -238,7 +238,9 @@ def read_network_file(path: Path, where: str = "load"):
     arch = get_arch(metadata[SPEC], f"{label} metadata {SPEC}", files=False)
     params, _ = read_safetensors(path, arch, where=where)
     standardise = _standardise(metadata.get(PIXELS, "none"), f"{label} metadata {PIXELS}")
-    return Network(arch, params, identity_mapping(arch), standardise)
+    network = Network(arch, params, identity_mapping(arch), standardise)
+    network.check(label)  # a std so small that pixels overflow, named here, not at export
+    return network
 
 
 def _standardise(text, where: str) -> tuple[float, float] | None:

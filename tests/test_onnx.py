@@ -38,6 +38,7 @@ from shared.kinds import KINDS, kind_of
 from shared.network import Network, load_weights
 from shared.onnx_export import check_model, onnx_model
 from shared.onnx_file import MAX_FIELDS, MAX_MESSAGES, MAX_NODES
+from shared.onnx_forms import node_attributes
 from shared.onnx_import import from_onnx
 from shared.proof.onnx_witness import WITNESSES, onnx_logits
 from shared.proof.rows import TOLERANCES, compare
@@ -511,6 +512,112 @@ def test_a_graph_that_breaks_onnx_s_rules_is_refused_by_the_checker(nodes, messa
         from_onnx(path)
 
 
+def _overlong(name: str, value: np.ndarray) -> TensorProto:
+    """A constant whose raw data holds one element more than its shape: onnx.checker refuses
+    too little data, not too much."""
+    tensor = numpy_helper.from_array(value, name)
+    tensor.raw_data += value.reshape(-1)[:1].tobytes()
+    return tensor
+
+
+@pytest.mark.parametrize(
+    ("node", "constant", "message"),
+    [
+        ("Sub", _overlong("mean", np.array([0.5], np.float32)), "sub \\(Sub\\): mean: its data"),
+        ("Reshape", _overlong("shape", np.array([-1, 784])), "to \\(Reshape\\): shape: its data"),
+        ("Gemm", _overlong("w", np.zeros((10, 784), np.float32)), "w: its data does not match"),
+    ],
+)
+def test_a_constant_whose_data_overruns_its_shape_is_one_line_naming_it(
+    node, constant, message, tmp_path
+):
+    """It raised numpy's ValueError ("cannot reshape array of size 2 into shape (1,)")."""
+    nodes, inits = fc_nodes()
+    if node == "Sub":
+        nodes = [
+            helper.make_node("Sub", ["x", "mean"], ["centred"], "sub"),
+            *fc_nodes("centred")[0],
+        ]
+    elif node == "Reshape":
+        nodes = [helper.make_node("Reshape", ["x", "shape"], ["flat"], "to"), nodes[1]]
+    inits = [constant, *(i for i in inits if i.name != constant.name)]
+    with pytest.raises(UsageError, match=f"{message}.*cannot reshape array"):
+        from_onnx(graph_file(tmp_path, nodes, inits))
+
+
+def _conv_bn(dtype=np.float32, **options) -> tuple[list, list]:
+    """Conv(1 -> 2) then BatchNormalization (its tensors in `dtype`, its `options`) and fc."""
+    conv = numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "cw")
+    stats = [numpy_helper.from_array(np.ones(2, dtype), n) for n in ("g", "h", "m", "v")]
+    nodes = [
+        helper.make_node("Conv", ["x", "cw"], ["c"], "conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "g", "h", "m", "v"], ["n"], "bn", **options),
+        helper.make_node("Flatten", ["n"], ["flat"], "flatten", axis=1),
+    ]
+    fc, weights = random_fc("flat", 2 * 784)
+    return [*nodes, *fc], [conv, *stats, *weights]
+
+
+def test_a_file_outside_onnx_s_rules_or_threefold_s_reading_is_one_line(tmp_path):
+    """Each was read (duplicate names, which onnxruntime refuses; an opset no ONNX defines;
+    opset 6, whose BatchNorm and Dropout train by default; a per-activation BatchNorm) or
+    read wrongly (a scaling constant of 5 dimensions, which broadcasts the images to 5; float64
+    BatchNorm tensors in a float32 graph, blamed on the output at export)."""
+    nodes, inits = fc_nodes()
+    named_twice = [helper.make_node(n.op_type, n.input, n.output, "n", **node_attributes(n))
+                   for n in nodes]  # fmt: skip
+    mean = numpy_helper.from_array(np.full((1, 1, 1, 1, 1), 0.5, np.float32), "mean")
+    centred = [helper.make_node("Sub", ["x", "mean"], ["centred"], "sub"), *fc_nodes("centred")[0]]
+    cases = [
+        (graph_file(tmp_path, named_twice, inits, "twice.onnx"), "two nodes are named 'n'"),
+        (graph_file(tmp_path, nodes, inits, "new.onnx", opset=99), "opset 99, newer than any"),
+        (graph_file(tmp_path, nodes, inits, "old.onnx", opset=6), "opset 6; threefold reads"),
+        (
+            graph_file(tmp_path, *_conv_bn(spatial=0), "spatial.onnx", opset=8),
+            "bn \\(BatchNormalization\\): spatial=0: threefold's BatchNorm has one for each",
+        ),
+        (
+            graph_file(tmp_path, centred, [mean, *inits], "rank5.onnx"),
+            "sub \\(Sub\\): mean has shape \\(1, 1, 1, 1, 1\\); one number is needed",
+        ),
+        (
+            graph_file(tmp_path, *_conv_bn(np.float64), "mixed.onnx"),
+            "mixed.onnx: tensor .* is float32 where others are float64",
+        ),
+    ]
+    for path, message in cases:
+        with pytest.raises(UsageError, match=message):
+            from_onnx(path)
+    assert from_onnx(graph_file(tmp_path, *_conv_bn(spatial=1), opset=8)).arch.name == (
+        "conv2b0-bn-flatten-fc10"
+    )
+
+
+def test_a_log_softmax_followed_by_identities_is_last(tmp_path):
+    nodes, inits = fc_nodes()
+    nodes += [
+        helper.make_node("LogSoftmax", ["logits"], ["logp"], "out", axis=1),
+        helper.make_node("Identity", ["logp"], ["y"], "copy"),
+    ]
+    assert from_onnx(graph_file(tmp_path, nodes, inits)).arch.name == "flatten-fc10"
+
+
+def test_names_in_a_file_reach_the_terminal_as_one_line_without_control_characters(tmp_path):
+    """A node named with a line break, a terminal's colour code and 5,000 characters."""
+    nodes, inits = fc_nodes()
+    nodes.append(helper.make_node("Erf", ["logits"], ["e"], "\x1b[31mred\nnext" + "n" * 5000))
+    path = graph_file(tmp_path, nodes, inits)
+    done = subprocess.run(
+        [sys.executable, "scripts/crosscheck.py", "--arch", str(path)],
+        capture_output=True, text=True, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    said = done.stderr.strip().splitlines()[-1]
+    assert said.startswith("crosscheck.py: error: --arch ")
+    assert "\x1b" not in done.stderr and "\\x1b[31mred\\nnext" in said
+    assert said.endswith("characters in all)") and len(said) < 1100
+
+
 def test_an_exporter_s_mark_is_read_only_as_written_and_a_constant_names_its_node(tmp_path):
     nodes, inits = fc_nodes("pooled")
     inits[0] = numpy_helper.from_array(np.zeros((10, 196), np.float32), "w")
@@ -754,6 +861,7 @@ REFUSE = """
 import sys, time
 from shared.errors import UsageError
 started = time.perf_counter()
+from shared.onnx_forms import node_attributes
 from shared.onnx_import import from_onnx
 try:
     from_onnx(sys.argv[1])
@@ -1294,8 +1402,8 @@ def test_a_matmul_and_its_bias_read_as_an_fc_whichever_side_of_the_add_the_bias_
     def matmul_add(start: str, out: str = "logits") -> list:
         added = ["bias", "product"] if bias_first else ["product", "bias"]
         return [
-            helper.make_node("MatMul", [start, "wt"], ["product"], "fc"),
-            helper.make_node("Add", added, [out], "fc_bias"),
+            helper.make_node("MatMul", [start, "wt"], ["product"], "linear"),
+            helper.make_node("Add", added, [out], "linear_bias"),
         ]
 
     flatten = helper.make_node("Flatten", ["x"], ["flat"], "flatten", axis=1)
@@ -1305,7 +1413,9 @@ def test_a_matmul_and_its_bias_read_as_an_fc_whichever_side_of_the_add_the_bias_
     gemm, gemm_weights = random_fc("rows", 280)
     nodes = [*matmul_add("x", "columns"), helper.make_node("Flatten", ["columns"], ["rows"]), *gemm]
     on_images = graph_file(tmp_path, nodes, [images, bias, *gemm_weights], "images.onnx")
-    with pytest.raises(UsageError, match=r"fc \+ fc_bias: MatMul \+ Add: its input is 1x28x28"):
+    with pytest.raises(
+        UsageError, match=r"linear \+ linear_bias: MatMul \+ Add: its input is 1x28x28"
+    ):
         from_onnx(on_images)
 
 
