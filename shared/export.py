@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.onnx is not None:
             require_onnx()
         weights, weights_flag = args.safetensors, "--safetensors"
+        if args.onnx is not None and not args.onnx.name:  # `.` or `/`: no name to follow
+            raise UsageError(f"--onnx {args.onnx}: is a folder; give a file name")
         if weights is None:  # named after the graph, which is what the user typed
             weights, weights_flag = (
                 args.onnx.with_suffix(".safetensors"),

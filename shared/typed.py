@@ -61,7 +61,7 @@ def path_type(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path; name a file or folder")
     # Python 3.11's Path.exists() raises on such a name, where a command would ask.
-    longest = max(len(os.fsencode(part)) for part in Path(text).parts)
+    longest = max((len(os.fsencode(part)) for part in Path(text).parts), default=0)
     if longest > NAME_MAX:
         raise argparse.ArgumentTypeError(
             f"one of its names is {longest} bytes long, past the {NAME_MAX} a file system allows"

@@ -947,6 +947,7 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
         (["--onnx", str(other_run / "evaluation.json")], "one of the files of the run in"),
         ([], "give --onnx FILE.onnx, --safetensors FILE or both"),
         (["--onnx", str(out / "missing" / "m.onnx")], "folder .* does not exist"),
+        (["--onnx", "."], "--onnx .: is a folder; give a file name"),  # once a ValueError
         (["--safetensors", str(run / "checkpoint.npz")], "the same file as the checkpoint"),
         # The weights' name follows the graph's; --safetensors was never typed.
         (["--onnx", str(out / "w.safetensors")], "the weights beside --onnx, .*: the same file"),
