@@ -166,10 +166,15 @@ def main(argv: list[str] | None = None) -> int:
             # another run's files (its own run's evaluation is where its report goes).
             if out.exists() and not out.is_dir():  # found only once it had evaluated
                 raise UsageError(f"{flag} {out}: is a file, not a folder")
-            if out.is_dir():
-                held.enter_context(hold(out, flag))
+
+            def take() -> None:  # held, then checked: no run can begin there in between
+                held.enter_context(hold(prepare_out_dir(out, flag), flag))
                 reads = [("checkpoint", args.checkpoint)]
                 check_out_files(outputs, reads, own_run=args.checkpoint.parent)
+
+            taken = out.is_dir()
+            if taken:
+                take()
             ckpt = load_checkpoint(args.checkpoint, dtype=np.float32)  # evaluated in float32
             dataset = ckpt.meta.get("dataset", "fashion-mnist")
             data = load_test_set(args.data_dir, dataset, ckpt.pixels)  # as it was trained
@@ -179,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 run.get("flip", False), run.get("tta") if args.tta is None else args.tta
             )
             result = evaluate_checkpoint(ckpt, args.impl, data, tta, str(args.checkpoint))
-            if not out.is_dir():
-                held.enter_context(hold(prepare_out_dir(out, flag), flag))
+            if not taken:  # made now, or by another command meanwhile
+                take()
             act_on_signals()  # a stop a library's callback dropped: nothing written
             with signals_held():  # the report's three files are one set
                 write_report(args.checkpoint, result, data, out)

@@ -1006,3 +1006,31 @@ def test_experiments_refuse_results_without_variants_and_a_file_for_their_folder
     said = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and said.endswith("experiments: exists and is not a folder")
     assert "Traceback" not in result.stderr
+
+
+def test_a_run_begun_in_evaluate_s_folder_while_it_evaluates_is_not_written_into(
+    finished_run, tiny_data_dir, tmp_path, monkeypatch, capsys
+):
+    """--out not yet a folder: evaluate.py held it and checked its files only when it
+    existed at the start, and wrote its report beside a run begun there meanwhile."""
+    import shared.evaluate
+
+    out = tmp_path / "later"
+    evaluated = shared.evaluate.evaluate_checkpoint
+
+    def a_run_begins_there(*args, **kwargs):
+        result = evaluated(*args, **kwargs)
+        out.mkdir()
+        (out / "metrics.json").write_text("{}")
+        return result
+
+    monkeypatch.setattr(shared.evaluate, "evaluate_checkpoint", a_run_begins_there)
+    checkpoint = str(finished_run / "checkpoint.npz")
+    flags = ["--out", str(out), "--data-dir", str(tiny_data_dir)]
+    with pytest.raises(SystemExit) as refused:
+        shared.evaluate.main([checkpoint, *flags])
+    assert refused.value.code == 2
+    assert (
+        f"--out {out / 'confusion.png'}: one of the files of the run in" in capsys.readouterr().err
+    )
+    assert [p.name for p in out.iterdir()] == ["metrics.json"]
