@@ -140,19 +140,23 @@ class RunStore:
     on (`data`, the dataset's content digest: runs on other files never stand in for these),
     in a JSON file beside the results; each says when, from which commit and on what
     processor and cores it trained. `fresh`: a run counts as stored only once this process
-    has trained it again; the other runs the file holds are kept in it. A file that cannot
-    be read or is not a store of runs is refused, `fresh` or not: writing over it would lose
-    the runs it holds."""
+    has trained it again; the other runs the file holds are kept in it, and those a fresh
+    grid set out to train again are marked stale in it (`redo`) until they are, so that a
+    fresh grid cut short leaves the rest to the same command without --fresh. A file that
+    cannot be read or is not a store of runs is refused, `fresh` or not: writing over it
+    would lose the runs it holds."""
 
     def __init__(self, path: Path | None, data: str, fresh: bool = False):
         self.path, self.data, self.fresh = path, data, fresh
         self.runs: dict[str, dict] = {}
         self.trained: set[str] = set()  # keys this process trained
         self.read: set[str] = set()  # keys whose runs this process read
+        self.stale: set[str] = set()  # kept runs a fresh grid has yet to train again
         if path is None or not path.exists():
             return
         try:
-            runs = read_json(path)["runs"]
+            stored = read_json(path)
+            runs, stale = stored["runs"], stored.get("stale", [])
         except OSError as e:
             raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
         except (ValueError, KeyError, TypeError, RecursionError) as e:
@@ -164,7 +168,10 @@ class RunStore:
                 raise TypeError("a run whose processor or cores are not a name and a count")
             if not all(isinstance(r["trained"], str) for r in runs.values()):
                 raise TypeError("a run whose date and commit are not a text")
+            if not (isinstance(stale, list) and all(key in runs for key in stale)):
+                raise TypeError("stale runs that are not runs of the store")
             self.runs = _current_keys(runs)
+            self.stale = set(_current_keys(dict.fromkeys(stale, None)))
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise _damaged(path, e) from None
 
@@ -173,7 +180,15 @@ class RunStore:
 
     def __contains__(self, config: TrainConfig) -> bool:
         key = self.key(config)
-        return key in self.runs and (not self.fresh or key in self.trained)
+        if self.fresh:
+            return key in self.trained
+        return key in self.runs and key not in self.stale
+
+    def redo(self, configs: list[TrainConfig]) -> None:
+        """Mark the kept runs of `configs`, which a fresh grid is about to train again, as
+        stale in the file: none of them counts as stored until it has been."""
+        self.stale |= {self.key(config) for config in configs} & set(self.runs)
+        self._write()
 
     def entry(self, config: TrainConfig) -> dict:
         """A stored run: its summary, and when, where and on how many cores it trained."""
@@ -196,8 +211,13 @@ class RunStore:
         """Keep a finished run (`run_here`'s result) and write the store at once."""
         self.runs[self.key(config)] = finished
         self.trained.add(self.key(config))
-        if self.path is not None:
-            write_json(self.path, {"runs": self.runs})
+        self.stale.discard(self.key(config))
+        self._write()
+
+    def _write(self) -> None:
+        if self.path is not None:  # "runs" first: a store is known by its first bytes
+            stale = {"stale": sorted(self.stale)} if self.stale else {}
+            write_json(self.path, {"runs": self.runs, **stale})
 
     @property
     def undated(self) -> int:
@@ -326,6 +346,8 @@ def run_grid(
     adding each to the store as it finishes. A failed run is reported by its label and does
     not stop the others; if any failed, GridFailed is raised once all have ended."""
     todo = [config for config in grid if config not in store]
+    if store.fresh:
+        store.redo(todo)
     todo.sort(key=lambda config: training_flops(config, data), reverse=True)
     if grid:
         undated = (

@@ -160,6 +160,35 @@ def test_a_fresh_store_trains_its_grid_again_and_keeps_every_other_run(tmp_path)
     assert kept.entry(this)["trained"] == "again" and kept.entry(other)["trained"] == "t"
 
 
+def test_a_fresh_grid_cut_short_leaves_the_rest_to_the_same_command_without_fresh(
+    tmp_path, tiny_data_dir
+):
+    """Its advice, the same command without --fresh, once found every old run stored and
+    trained nothing: the report mixed the runs it had asked to train again with new ones."""
+    path = tmp_path / "runs.json"
+    ran = {"summary": {"test_acc": 0.5}, "trained": "old", "cpu": "x", "cores": 1}
+    configs = {TrainConfig(impl="numpy", seed=seed): f"seed {seed}" for seed in range(3)}
+    other = TrainConfig(impl="numpy", seed=9)  # another grid's, in the same store
+    for config in (*configs, other):
+        RunStore(path, DATA).add(config, ran)
+
+    def stopped_after_one(config: TrainConfig, data) -> dict:
+        if config.seed == 1:
+            raise KeyboardInterrupt
+        return {"test_acc": 0.75}
+
+    data = load_dataset(tiny_data_dir)
+    with pytest.raises(Interrupted, match="the same command without --fresh trains the rest"):
+        run_grid(stopped_after_one, configs, data, RunStore(path, DATA, fresh=True))
+    store = RunStore(path, DATA)
+    assert [config.seed for config in configs if config in store] == [0]
+    assert other in store and len(store.runs) == 4  # the old runs kept until replaced
+    run_grid(lambda config, data: {"test_acc": 0.75}, configs, data, store)
+    store = RunStore(path, DATA)
+    assert all(store.entry(config)["summary"]["test_acc"] == 0.75 for config in configs)
+    assert "stale" not in json.loads(path.read_text())
+
+
 def test_a_run_counts_only_for_the_data_it_trained_on(tmp_path, tiny_data_dir):
     """Another dataset's runs, or runs stored before a store named the data, are kept in the
     file and never stand in for this data's: the speedrun once reported runs on a folder of
