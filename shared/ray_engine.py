@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -193,6 +194,19 @@ def run_pinned(run: Runner, task: Task, config: TrainConfig, data: Dataset, cpus
         return run(task, config, data)
 
 
+def _claims_folder() -> Path:
+    """The user's own folder of core claims in the temporary folder: one shared by every
+    user took the first one's permissions (the others' runs all failed), and files there
+    any user could replace by links."""
+    folder = Path(tempfile.gettempdir()) / f"threefold-cores-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    found = os.lstat(folder)
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid():
+        raise RuntimeError(f"{folder}: not a folder of this user's; move it away")
+    return folder
+
+
 @contextlib.contextmanager
 def claimed_cores(count: int) -> Iterator[list[int]]:
     """Pin this process to `count` cores of its affinity that no other process on the node
@@ -200,12 +214,11 @@ def claimed_cores(count: int) -> Iterator[list[int]]:
     (flock) on a file of its own, so a killed run frees its cores."""
     cores = sorted(os.sched_getaffinity(0))
     count = min(count, len(cores))
-    folder = Path(tempfile.gettempdir()) / "threefold-cores"
-    folder.mkdir(exist_ok=True)
+    folder = _claims_folder()
     held: list[tuple[int, int]] = []
     while len(held) < count:
         for core in cores:
-            fd = os.open(folder / f"cpu{core}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(folder / f"cpu{core}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import stat
 import statistics
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.ray_engine import claimed_cores
 from tests.conftest import clone_with_this_checkouts, make_dataset_dir
 from tests.test_training import ROOT, run_script
 
@@ -352,6 +355,23 @@ def test_claimed_cores_are_never_shared_and_a_killed_holder_frees_them(short_tmp
         for holder in holders:
             holder.kill()
             holder.wait()
+
+
+def test_core_claims_are_the_user_s_own_and_follow_no_link(short_tmp, monkeypatch):
+    """One folder for every user took the first one's permissions: another user's runs all
+    failed on its locks. It is now the user's own, and never followed through a link."""
+    monkeypatch.setattr(tempfile, "tempdir", short_tmp)
+    folder = Path(short_tmp) / f"threefold-cores-{os.getuid()}"
+    with claimed_cores(1) as (core,):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert stat.S_IMODE((folder / f"cpu{core}.lock").stat().st_mode) == 0o600
+    shutil.rmtree(folder)
+    folder.symlink_to(short_tmp)
+    with (
+        pytest.raises(RuntimeError, match="not a folder of this user's; move it away"),
+        claimed_cores(1),
+    ):
+        pass
 
 
 @pytest.mark.parametrize(
