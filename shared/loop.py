@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shlex
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from shared.outputs import (
 )
 from shared.plots import plot_curves
 from shared.spec import Arch, Params, cast_params, get_arch, init_params
+from shared.typed import typed_path
 
 
 class TrainingDiverged(ThreefoldError):
@@ -190,7 +190,7 @@ def _saved(out_dir: Path | None, last_epoch: int) -> str:
 
 def _resume_command(out_dir: Path, data: Dataset) -> str:
     """The command that continues the run, its paths quoted for the shell as needed."""
-    folders = f"--resume {shlex.quote(str(out_dir))} --data-dir {shlex.quote(str(data.source))}"
+    folders = f"--resume {typed_path(out_dir)} --data-dir {typed_path(data.source)}"
     return f"python scripts/train.py {folders}"
 
 

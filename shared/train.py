@@ -49,7 +49,7 @@ from shared.spec import (
     is_model_file,
     is_onnx_file,
 )
-from shared.typed import given_flags, parse_once, path_type
+from shared.typed import given_flags, parse_once, path_type, typed_path
 
 
 def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConfig, Checkpoint]:
@@ -186,7 +186,8 @@ def build_parser(defaults: TrainConfig) -> argparse.ArgumentParser:
 def _refuse_a_run_in(folder: Path) -> None:
     if holds_run(folder):
         raise UsageError(
-            f"--out {folder}: already holds a run; continue it with --resume {folder}, "
+            f"--out {folder}: already holds a run; continue it with --resume "
+            f"{typed_path(folder)}, "
             "replace it with --overwrite, or choose another folder"
         )
 

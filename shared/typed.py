@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import shlex
 from pathlib import Path
 
 # Options meant to be given more than once (--impl, --arch in crosscheck.py), or that end the
@@ -67,3 +68,10 @@ def path_type(text: str) -> Path:
             f"one of its names is {longest} bytes long, past the {NAME_MAX} a file system allows"
         )
     return Path(text)
+
+
+def typed_path(path: Path) -> str:
+    """`path` as a user would type it after a flag: quoted for the shell as needed, and a
+    path that starts with '-' (which argparse would take for a flag) written from `./`."""
+    text = str(path)
+    return shlex.quote(f"./{text}" if text.startswith("-") else text)

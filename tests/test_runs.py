@@ -1034,3 +1034,14 @@ def test_a_run_begun_in_evaluate_s_folder_while_it_evaluates_is_not_written_into
         f"--out {out / 'confusion.png'}: one of the files of the run in" in capsys.readouterr().err
     )
     assert [p.name for p in out.iterdir()] == ["metrics.json"]
+
+
+def test_the_command_a_message_gives_takes_a_folder_named_like_a_flag(tiny_data_dir, tmp_path):
+    """`--resume -run` is argparse's flag without its value: the folder is written from ./"""
+    flags = ["--out=-run", "--epochs", "1", "--data-dir", str(tiny_data_dir)]
+    assert run_script("train.py", *flags, cwd=tmp_path).returncode == 0
+    again = run_script("train.py", *flags, cwd=tmp_path)
+    said = again.stderr.strip().splitlines()[-1]
+    assert again.returncode == 2 and "continue it with --resume ./-run, replace it" in said
+    resumed = run_script("train.py", "--resume", "./-run", cwd=tmp_path)
+    assert resumed.returncode == 0 and "-run: the run is finished" in resumed.stdout
