@@ -66,6 +66,22 @@ class IdxContent(NamedTuple):
     sha256: str
 
 
+def is_idx_file(path: Path) -> bool:
+    """Whether `path` is an IDX file of bytes, raw or gzipped, under any name: its first 4
+    bytes (inflated from at most the file's first 64 KiB) are an IDX magic number."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(1 << 16)
+    except OSError:  # none there, or not a file to read
+        return False
+    if start.startswith(_GZIP_MAGIC):
+        try:
+            start = zlib.decompressobj(wbits=31).decompress(start, 4)
+        except zlib.error:
+            return False
+    return len(start) >= 4 and start[:3] == bytes([0, 0, _IDX_UBYTE]) and 1 <= start[3] <= 4
+
+
 def _shape(dims: tuple[int, ...]) -> str:
     return "x".join(map(str, dims))
 

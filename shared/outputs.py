@@ -18,6 +18,7 @@ from pathlib import Path
 
 from shared.checkpoint import is_checkpoint
 from shared.errors import OutputError, ThreefoldError, UsageError, interrupted
+from shared.idx import is_idx_file
 from shared.io import TEMPORARY_NAME_EXTRA, staged, write_json, write_text
 
 CHECKPOINT_NAME = "checkpoint.npz"
@@ -229,6 +230,8 @@ def _check_other_files(
         )
     if is_checkpoint(path):  # a run's, copied or renamed
         raise UsageError(f"{flag} {path}: a checkpoint of threefold's; choose another name")
+    if is_idx_file(path):  # a dataset's, in a folder the command does not read
+        raise UsageError(f"{flag} {path}: a dataset's IDX file; choose another name")
 
 
 def _holds_runs(path: Path) -> bool:

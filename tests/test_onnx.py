@@ -6,6 +6,7 @@ bugs by layer; hostile files refused in one line, within bounds."""
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import math
 import os
@@ -938,10 +939,14 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
     (tmp_path / "grid" / "link.safetensors").symlink_to(store)
     results = store.with_name("results.json")
     results.write_text('{"comparisons": {}}')
+    labels = tmp_path / "other-data" / "labels.gz"  # a folder the command does not read
+    labels.parent.mkdir()
+    labels.write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 1, 3])))
     for args, message in [
         (["--safetensors", str(store)], "runs.json: holds the finished runs of a grid or a"),
         (["--safetensors", str(store.with_name("link.safetensors"))], "holds the finished runs"),
         (["--safetensors", str(results)], "a result of the grid or speedrun whose finished"),
+        (["--safetensors", str(labels)], "a dataset's IDX file; choose another name"),
         (["--safetensors", str(other_run / "checkpoint.npz")], "one of the files of the run in"),
         (["--safetensors", str(other_run / "metrics.json")], "one of the files of the run in"),
         (["--onnx", str(other_run / "evaluation.json")], "one of the files of the run in"),
@@ -961,6 +966,7 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
     assert (run / "checkpoint.npz").read_bytes() == checkpoint
     assert [p.name for p in other_run.iterdir()] == ["checkpoint.npz"]
     assert results.read_text() == '{"comparisons": {}}'
+    assert gzip.decompress(labels.read_bytes()) == bytes([0, 0, 8, 1, 0, 0, 0, 1, 3])
     assert (other_run / "checkpoint.npz").read_bytes() == checkpoint
     assert store.read_text() == '{"runs": {}}'
     missing = subprocess.run(
