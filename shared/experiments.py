@@ -19,6 +19,7 @@ from shared.data import Dataset, load_dataset
 from shared.errors import DataError, UsageError
 from shared.experiments_report import (
     CURVES,
+    figure_name,
     load_results,
     plot_comparison,
     report_text,
@@ -160,9 +161,8 @@ def run_experiments(
             v.label: {i: store.summary(cells[comp.title, v.label, i][0], CURVES) for i in impls}
             for v in comp.variants
         }
-        slug = comp.title.lower().replace(" ", "-")
-        plot_comparison(comp.title, results, figures / f"{slug}.png")
-        tables.append((comp, results, f"experiments/{slug}.png"))
+        plot_comparison(comp.title, results, figures / figure_name(comp.title))
+        tables.append((comp, results, f"experiments/{figure_name(comp.title)}"))
     seeds_table = {
         (row, impl): [store.summary(c)["test_acc"] for c in configs]
         for (title, row, impl), configs in cells.items()
@@ -284,7 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         # Checked before any run trains, not found when the grid has ended.
         figures = out / "experiments"
         stored = ("results.json", STORE_NAME) if figures.is_dir() else ()
-        written = [out / "EXPERIMENTS.md", *(figures / name for name in stored)]
+        plotted = () if rerender else plan_experiments(**settings).comps
+        written = [
+            out / "EXPERIMENTS.md",
+            *(figures / name for name in stored),
+            *(figures / figure_name(comp.title) for comp in plotted),
+        ]
         check_out_files([("--out", path) for path in written], store=figures / STORE_NAME)
         # One grid at a time writes its report and, in its own folder, its run store (which a
         # speedrun given --out OUT/experiments would share).

@@ -175,6 +175,11 @@ def _trained_problem(trained: object) -> str | None:
     return None
 
 
+def figure_name(title: str) -> str:
+    """The file of a comparison's figure, in the experiments' folder."""
+    return f"{title.lower().replace(' ', '-')}.png"
+
+
 def report_text(saved: dict) -> str:
     """EXPERIMENTS.md from the saved results (out/experiments/results.json)."""
     base = TrainConfig(**saved["base"])
@@ -182,8 +187,8 @@ def report_text(saved: dict) -> str:
     budgets = saved.get("short", SHORT), saved.get("deep", DEEP_RECIPE)
     for comp in comparisons(base.epochs, (), 0, *budgets):
         if comp.title in saved["comparisons"]:  # results saved before a comparison existed
-            slug = comp.title.lower().replace(" ", "-")
-            tables.append((comp, saved["comparisons"][comp.title], f"experiments/{slug}.png"))
+            figure = f"experiments/{figure_name(comp.title)}"
+            tables.append((comp, saved["comparisons"][comp.title], figure))
     seeds_table = {tuple(k.split("|")): v for k, v in saved["seeds"].items()}
     impls = tuple(next(iter(tables[0][1].values())))
     float64 = saved.get("float64", {})

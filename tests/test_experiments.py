@@ -495,3 +495,16 @@ def test_a_fresh_recheck_records_the_stored_runs_behind_the_tables(tiny_data_dir
         assert experiments.main([*flags, "--data-dir", str(tiny_data_dir)]) == 0
     trained = json.loads((figures / "results.json").read_text())["trained"]
     assert trained == {"2026-12-01 abc1234": len(grid)}
+
+
+def test_a_figure_that_cannot_be_written_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    """A folder where a comparison's figure goes was found only once the grid had ended, and
+    the figures before it had been replaced while results.json stayed the old one."""
+    data_dir = make_dataset_dir(tmp_path / "data", n_train=1400, n_test=100)
+    (tmp_path / "out" / "experiments" / "initialisation.png").mkdir(parents=True)
+    monkeypatch.setattr(experiments, "run_grid", lambda *args: pytest.fail("a run began"))
+    with pytest.raises(SystemExit) as refused:
+        experiments.main(["--quick", "--data-dir", str(data_dir), "--out", str(tmp_path / "out")])
+    assert refused.value.code == 2
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.startswith("experiments.py: error: --out ") and "initialisation.png" in said
