@@ -30,9 +30,8 @@ from shared.ladder import loop_epoch_seconds
 from shared.outputs import (
     check_out_files,
     hold,
-    missing_folders,
     prepare_out_dir,
-    remove_if_empty,
+    removed_if_left_empty,
     result_files,
     write_results,
     written_at_the_end,
@@ -426,34 +425,34 @@ def main(argv: list[str] | None = None) -> int:
                     f"in {data.source}"
                 )
         folder = data.source
-        made = missing_folders(args.out)
-        out = prepare_out_dir(args.out)
         name, chart = RESULTS.get(chosen[0] if chosen else "", ("benchmark", True))
+        # A bad --against, say, leaves no empty folder behind.
         try:
-            reads = [("--arch", path) for path in network_files(args.arch)]  # not written over
-            outputs = [
-                ("--out", path)
-                for stopped in (False, True)
-                for path in result_files(out, name, chart, stopped)
-            ]
-            check_out_files(outputs, reads)
-            # One benchmark at a time writes its tables.
-            with hold(out), stop_on_signals(), _reading(folder):
-                if args.against:
-                    steps = args.steps or 40
-                    return run_ab(args.against, impls, arch.name, sizes, steps, args.timeout, out)
-                if args.paired:
-                    steps = args.steps or 40
-                    return run_paired(impls, arch.name, sizes, steps, args.timeout, out)
-                if args.profile:
-                    steps = args.steps or 50
-                    return run_profile(impls, arch.name, sizes, steps, args.timeout, out)
-                return run_benchmark(args, arch, sizes, impls, out)
-        except BaseException as stop:
-            remove_if_empty(made)  # a bad --against, say, leaves no empty folder behind
-            if isinstance(stop, Terminated):
-                raise interrupted(stop) from None
-            raise
+            with removed_if_left_empty(args.out):
+                out = prepare_out_dir(args.out)
+                reads = [("--arch", path) for path in network_files(args.arch)]  # kept
+                outputs = [
+                    ("--out", path)
+                    for stopped in (False, True)
+                    for path in result_files(out, name, chart, stopped)
+                ]
+                check_out_files(outputs, reads)
+                # One benchmark at a time writes its tables.
+                with hold(out), stop_on_signals(), _reading(folder):
+                    if args.against:
+                        steps = args.steps or 40
+                        return run_ab(
+                            args.against, impls, arch.name, sizes, steps, args.timeout, out
+                        )
+                    if args.paired:
+                        steps = args.steps or 40
+                        return run_paired(impls, arch.name, sizes, steps, args.timeout, out)
+                    if args.profile:
+                        steps = args.steps or 50
+                        return run_profile(impls, arch.name, sizes, steps, args.timeout, out)
+                    return run_benchmark(args, arch, sizes, impls, out)
+        except Terminated as stop:
+            raise interrupted(stop) from None
 
     return run_cli(parser, body)
 

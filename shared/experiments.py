@@ -46,7 +46,13 @@ from shared.lab_questions import (
     seed_row_label,
 )
 from shared.loop import train
-from shared.outputs import STORE_NAME, check_out_files, hold, prepare_out_dir
+from shared.outputs import (
+    STORE_NAME,
+    check_out_files,
+    hold,
+    prepare_out_dir,
+    removed_if_left_empty,
+)
 from shared.typed import parse_once, path_type
 
 # --quick: a reduced run for tests, the same code path on 1,000 images (the questions asked on
@@ -280,31 +286,33 @@ def main(argv: list[str] | None = None) -> int:
         settings = {"impls": chosen_impls(args), **(QUICK if args.quick else {})}
         if not rerender:
             check_fits(plan_experiments(**settings).grid(), data)
-        out = prepare_out_dir(out)
-        # Checked before any run trains, not found when the grid has ended.
-        figures = out / "experiments"
-        stored = ("results.json", STORE_NAME) if figures.is_dir() else ()
-        plotted = () if rerender else plan_experiments(**settings).comps
-        written = [
-            out / "EXPERIMENTS.md",
-            *(figures / name for name in stored),
-            *(figures / figure_name(comp.title) for comp in plotted),
-        ]
-        check_out_files([("--out", path) for path in written], store=figures / STORE_NAME)
-        # One grid at a time writes its report and, in its own folder, its run store (which a
-        # speedrun given --out OUT/experiments would share).
-        with hold(out), hold(prepare_out_dir(figures)):
-            if rerender:
-                return _rerender(args, out, data, engine, settings)
-            run_experiments(
-                data,
-                out,
-                command=command_of(args.quick, settings["impls"], engine),
-                fresh=args.fresh,
-                progress=_say,
-                engine=engine,
-                **settings,
-            )
+        # A cluster found missing or too small leaves no empty folder behind.
+        with removed_if_left_empty(out / "experiments"):
+            out = prepare_out_dir(out)
+            # Checked before any run trains, not found when the grid has ended.
+            figures = out / "experiments"
+            stored = ("results.json", STORE_NAME) if figures.is_dir() else ()
+            plotted = () if rerender or not stored else plan_experiments(**settings).comps
+            written = [
+                out / "EXPERIMENTS.md",
+                *(figures / name for name in stored),
+                *(figures / figure_name(comp.title) for comp in plotted),
+            ]
+            check_out_files([("--out", path) for path in written], store=figures / STORE_NAME)
+            # One grid at a time writes its report and, in its own folder, its run store (which a
+            # speedrun given --out OUT/experiments would share).
+            with hold(out), hold(prepare_out_dir(figures)):
+                if rerender:
+                    return _rerender(args, out, data, engine, settings)
+                run_experiments(
+                    data,
+                    out,
+                    command=command_of(args.quick, settings["impls"], engine),
+                    fresh=args.fresh,
+                    progress=_say,
+                    engine=engine,
+                    **settings,
+                )
         print(f"wrote {out / 'EXPERIMENTS.md'} and {out / 'experiments'}/")
         return 0
 

@@ -48,6 +48,18 @@ def remove_if_empty(folders: list[Path]) -> None:
             folder.rmdir()
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(folder: Path) -> Iterator[None]:
+    """For a block that makes `folder` (and its missing parents): those it made and left
+    empty are removed if it ends in an error (a bad flag found late, a cluster not there)."""
+    made = missing_folders(folder)
+    try:
+        yield
+    except BaseException:
+        remove_if_empty(made)
+        raise
+
+
 def prepare_out_dir(folder: Path, flag: str = "--out") -> Path:
     """Create `folder` (and its parents) if need be, or say in one line why it cannot be
     written."""

@@ -35,7 +35,14 @@ from shared.grid import (
     run_grid,
 )
 from shared.loop import train
-from shared.outputs import STORE_NAME, check_out_files, hold, prepare_out_dir, write_results
+from shared.outputs import (
+    STORE_NAME,
+    check_out_files,
+    hold,
+    prepare_out_dir,
+    removed_if_left_empty,
+    write_results,
+)
 from shared.typed import parse_once, path_type
 
 
@@ -371,21 +378,25 @@ def main(argv: list[str] | None = None) -> int:
         data = load_dataset(args.data_dir)
         impls = chosen_impls(args)
         check_fits(labelled(race_runs(race, impls, seeds, quick_images(data, args.quick))), data)
-        out = prepare_out_dir(args.out or Path(default_out))
-        # Checked before any run trains, not found when the race has ended.
-        check_out_files([("--out", out / name) for name in OUTPUT_FILES], store=out / STORE_NAME)
-        with hold(out):
-            run_speedrun(
-                race,
-                data,
-                out,
-                impls,
-                seeds,
-                args.quick,
-                progress=lambda line: print(line, flush=True),
-                engine=engine,
-                fresh=args.fresh,
-            )
+        out = args.out or Path(default_out)
+        # A cluster found missing or too small leaves no empty folder behind.
+        with removed_if_left_empty(out):
+            prepare_out_dir(out)
+            # Checked before any run trains, not found when the race has ended.
+            outputs = [("--out", out / name) for name in OUTPUT_FILES]
+            check_out_files(outputs, store=out / STORE_NAME)
+            with hold(out):
+                run_speedrun(
+                    race,
+                    data,
+                    out,
+                    impls,
+                    seeds,
+                    args.quick,
+                    progress=lambda line: print(line, flush=True),
+                    engine=engine,
+                    fresh=args.fresh,
+                )
         return 0
 
     return run_cli(parser, body)

@@ -392,6 +392,7 @@ def test_bad_engine_flags_are_one_line_errors(script, flags, message, grid_data,
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o").exists()  # a cluster not there left an empty folder tree
 
 
 LABEL_AFTER_AN_EDIT = """
