@@ -223,6 +223,7 @@ def recheck_in_float64(
         for row, configs in rows.items()
         for impl, config in configs.items()
     }
+    check_fits(grid, data)  # naming the row, not a --limit the user never typed
     run_grid(trained_summary, grid, data, store, engine, progress)
     return {
         row: {impl: store.summary(config)["test_acc"] for impl, config in configs.items()}
@@ -276,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         rerender = args.render_only or args.recheck_float64
         out = args.out or Path("runs/experiments-quick" if args.quick else "docs")
         results = out / "experiments" / "results.json"
+        if rerender and args.impl:  # the saved rows hold their own implementations
+            flag = "--render-only" if args.render_only else "--recheck-float64"
+            raise UsageError(f"--impl: not with {flag}, which takes the saved results' own")
         if rerender and not results.is_file():
             flag = "--render-only" if args.render_only else "--recheck-float64"
             raise UsageError(f"{flag}: no {results}; run without it first")

@@ -19,7 +19,7 @@ from shared import experiments
 from shared.backend import IMPLEMENTATIONS
 from shared.config import TrainConfig
 from shared.data import FASHION_MNIST, load_dataset
-from shared.errors import DataError, GridFailed, Interrupted
+from shared.errors import DataError, GridFailed, Interrupted, UsageError
 from shared.experiments import command_of, recheck_in_float64, run_experiments
 from shared.grid import LOCAL, Engine, RunStore, run_grid
 from shared.lab_questions import AGREEMENT, DEEP, STRONG, comparisons, seed_row_label
@@ -508,3 +508,21 @@ def test_a_figure_that_cannot_be_written_is_refused_before_any_run(tmp_path, mon
     assert refused.value.code == 2
     said = capsys.readouterr().err.strip().splitlines()[-1]
     assert said.startswith("experiments.py: error: --out ") and "initialisation.png" in said
+
+
+def test_a_recheck_the_data_cannot_serve_names_its_row(tiny_data_dir):
+    """It said "--limit 1000 exceeds the 100 training images", a flag nobody typed."""
+    saved = json.loads((ROOT / "docs" / "experiments" / "results.json").read_text())
+    saved["base"]["limit"] = 1000  # as --quick saves it
+    with pytest.raises(UsageError) as refused:
+        recheck_in_float64(load_dataset(tiny_data_dir), saved)
+    said = str(refused.value)
+    assert said.startswith("Agreement in float64: Training setup / the lab's setup | ")
+    assert said.endswith("exceeds the 100 training images; give more images with --data-dir")
+
+
+def test_a_rerender_refuses_impl_which_the_saved_results_decide(tmp_path, capsys):
+    for flag in ("--render-only", "--recheck-float64"):
+        with pytest.raises(SystemExit):
+            experiments.main([flag, "--impl", "numpy", "--out", str(tmp_path)])
+        assert f"--impl: not with {flag}, which takes" in capsys.readouterr().err
