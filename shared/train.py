@@ -108,8 +108,12 @@ def check_same_data(ckpt: Checkpoint, data: Dataset, run_dir: Path) -> None:
         raise UsageError(
             f"--resume {run_dir}: the run was trained on {trained_on.get('dataset')} in "
             f"{trained_on.get('folder')} (content {str(trained_on.get('sha256'))[:12]}), "
-            f"but {now['folder']} holds other data (content {now['sha256'][:12]}); pass "
-            f"--data-dir {trained_on.get('folder')}"
+            f"but {now['folder']} holds other data (content {now['sha256'][:12]}); "
+            + (  # the folder itself changed: naming it again would send the user round
+                "its files have changed since; put the run's data back there"
+                if now["folder"] == trained_on.get("folder")
+                else f"pass --data-dir {trained_on.get('folder')}"
+            )
         )
 
 

@@ -442,6 +442,15 @@ def test_resume_finds_its_data_and_refuses_other_data(finished_run, tmp_path):
     result = run_script("train.py", "--resume", str(finished_run), "--data-dir", str(other))
     assert result.returncode == 2 and "holds other data" in result.stderr
     assert "--data-dir" in result.stderr and "Traceback" not in result.stderr
+    # The run's own folder, its files changed: named again, it sent the user round.
+    trained_on = json.loads((finished_run / "metrics.json").read_text())
+    data_dir = Path(load_checkpoint(finished_run / "checkpoint.npz").meta["data"]["folder"])
+    make_dataset_dir(data_dir, seed=1)
+    result = run_script("train.py", "--resume", str(finished_run))
+    said = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "--data-dir" not in said, said
+    assert said.endswith("its files have changed since; put the run's data back there")
+    assert trained_on == json.loads((finished_run / "metrics.json").read_text())
 
 
 def test_a_resumed_download_leaves_the_run_s_own_data_alone(finished_run, tiny_data_dir):
