@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 from pathlib import Path
+from typing import Any
 
 from shared.checkpoint import Checkpoint, load_checkpoint
 from shared.cli import add_training_flags, config_from_args, run_cli
 from shared.config import (
     RECIPES,
     TrainConfig,
+    averages_mirrors,
     check_config,
     check_flags_used,
     config_from_saved,
@@ -52,6 +54,13 @@ from shared.spec import (
 from shared.typed import given_flags, parse_once, path_type, typed_path
 
 
+def _setting(name: str, typed: Any, config: TrainConfig) -> Any:
+    """The value setting `name` takes in the run of `config`, or typed as `typed` (None: as
+    the run has it): --tta as it applies (a run of None averages mirrors where it flips)."""
+    value = getattr(config, name) if typed is None else typed
+    return averages_mirrors(config.flip, value) if name == "tta" else value
+
+
 def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConfig, Checkpoint]:
     """The configuration and last checkpoint of the run in --resume DIR. Training flags typed
     beside it must agree with the run's: one that would change the run is refused, naming it."""
@@ -85,7 +94,7 @@ def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConf
     contradicting = [
         f"--{name.replace('_', '-')} {getattr(args, name)} (the run has {getattr(config, name)})"
         for name in sorted(typed & set(TrainConfig.__dataclass_fields__))
-        if getattr(args, name) != getattr(config, name)
+        if _setting(name, getattr(args, name), config) != _setting(name, None, config)
     ]
     if "epochs" in typed and args.epochs != config.epochs:
         raise UsageError(

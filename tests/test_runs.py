@@ -422,6 +422,11 @@ def test_resume_compares_the_flags_as_typed(finished_run, tiny_data_dir):
     assert result.returncode == 2
     assert "--arch pool (the run has lab)" in result.stderr
     assert "--lr 0.03 (the run has 0.02)" in result.stderr
+    # --tta as it applies: the run's None averages mirrors, as it trained with flips.
+    for flag, agrees in (("--tta", True), ("--no-tta", False)):
+        result = run_script("train.py", "--resume", str(finished_run), flag, *data)
+        assert (result.returncode == 0) == agrees, result.stderr
+        assert agrees or "--tta False (the run has None)" in result.stderr
     result = run_script("train.py", "--resume", str(finished_run), "--epochs", "15", *data)
     assert result.returncode == 2 and "--epochs 15" in result.stderr
     assert "planned for 2 epochs" in result.stderr and "start a new run" in result.stderr
