@@ -32,7 +32,16 @@ STORE_NAME = "runs.json"  # a grid's or a speedrun's finished runs (shared.grid.
 
 def holds_run(folder: Path) -> bool:
     """Whether `folder` holds (part of) a run: its checkpoint or its metrics."""
-    return any((folder / name).exists() for name in (CHECKPOINT_NAME, METRICS_NAME))
+    return any((folder / name).is_file() for name in (CHECKPOINT_NAME, METRICS_NAME))
+
+
+def refuse_odd_run_files(folder: Path, flag: str = "--out") -> None:
+    """Refuse a folder where a run's file (or its evaluation's) is a folder, a FIFO or a
+    dangling link: a run could not write it there, and --overwrite would delete what it is."""
+    for name in (*RUN_FILES, *EVALUATION_FILES):
+        path = folder / name
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            raise UsageError(f"{flag} {folder}: its {name} is not a file; move it away")
 
 
 def missing_folders(folder: Path) -> list[Path]:

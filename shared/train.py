@@ -39,6 +39,7 @@ from shared.outputs import (
     holds_run,
     missing_folders,
     prepare_out_dir,
+    refuse_odd_run_files,
     remove_if_empty,
     replacing_run,
 )
@@ -308,6 +309,8 @@ def _start(args: argparse.Namespace, typed: set[str]) -> int:
     if folder is not None:
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"--out {folder}: is a file, not a folder")
+        if folder.is_dir():
+            refuse_odd_run_files(folder)
         if not args.overwrite and folder.is_dir():
             _refuse_a_run_in(folder)
     data = _load_data(args, config, None)

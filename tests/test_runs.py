@@ -1059,3 +1059,19 @@ def test_the_command_a_message_gives_takes_a_folder_named_like_a_flag(tiny_data_
     assert again.returncode == 2 and "continue it with --resume ./-run, replace it" in said
     resumed = run_script("train.py", "--resume", "./-run", cwd=tmp_path)
     assert resumed.returncode == 0 and "-run: the run is finished" in resumed.stdout
+
+
+def test_a_folder_under_a_run_file_s_name_is_refused_not_deleted(tiny_data_dir, tmp_path):
+    """--overwrite moved a folder named metrics.json aside with the run and deleted it."""
+    notes = tmp_path / "ud" / "metrics.json" / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("mine")
+    flags = ["--out", str(tmp_path / "ud"), "--epochs", "1", "--data-dir", str(tiny_data_dir)]
+    for extra in ([], ["--overwrite"]):
+        done = run_script("train.py", *flags, *extra)
+        said = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 2 and said.endswith(
+            "its metrics.json is not a file; move it away"
+        )
+    assert notes.read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "ud").iterdir()) == ["metrics.json"]
