@@ -228,9 +228,14 @@ def _read(archive: zipfile.ZipFile, where: str, dtype: np.dtype | None, size: in
         raise CheckpointError(
             f"{where}: {size} bytes, more than a checkpoint of its network can be ({largest})"
         )
-    members = {_current_name(name): info for name, info in members.items()}
+    current = {_current_name(name): name for name in members}
+    if len(current) < len(members):  # a legacy member beside its current name
+        twice = next(n for n in members if _current_name(n) != n and _current_name(n) in members)
+        raise CheckpointError(f"{where}: members {_show(twice)} and its current name both hold it")
+    members = {name: members[old] for name, old in current.items()}
+    stored: dict[str, np.dtype] = {}  # each float tensor's dtype as stored: one for all
     read = {
-        key: _read_tensor(archive, info, key, tensor, arch.name, where, dtype)
+        key: _read_tensor(archive, info, key, tensor, arch.name, where, dtype, stored)
         for key, (info, tensor) in _tensor_members(members, arch, meta, where).items()
     }
     optimizer: dict[str, Params] = {}
@@ -238,8 +243,19 @@ def _read(archive: zipfile.ZipFile, where: str, dtype: np.dtype | None, size: in
         if key.startswith(_OPTIMIZER):
             buffer, param = key[len(_OPTIMIZER) :].split("/", 1)
             optimizer.setdefault(buffer, {})[param] = value
+    _check_steps(optimizer.get("step", {}), where)
     params = {k: v for k, v in read.items() if not k.startswith(_OPTIMIZER)}
     return Checkpoint(params, meta, optimizer or None)
+
+
+def _check_steps(steps: Params, where: str) -> None:
+    """Refuse Adam's step counts (one for each parameter, as PyTorch keeps them) that are not
+    one whole number: its bias correction divides by 1 - beta**step."""
+    values = {float(v) for v in steps.values()}
+    if len(values) > 1:
+        raise CheckpointError(f"{where}: Adam's step counts differ between parameters")
+    if values and not (next(iter(values)).is_integer() and next(iter(values)) <= MAX_COUNT):
+        raise CheckpointError(f"{where}: Adam's step count {values.pop()} is not a whole count")
 
 
 def _current_name(member: str) -> str:
@@ -275,7 +291,12 @@ def _expected(arch: Arch, optimizer: str) -> dict[str, Tensor]:
     the optimizer's buffers (as free as a trainable float; a step, 0-dimensional) for each
     trainable one."""
     state = {
-        f"{_OPTIMIZER}{buffer}/{name}": Tensor(() if buffer == "step" else shape, True, "zero")
+        f"{_OPTIMIZER}{buffer}/{name}": Tensor(
+            () if buffer == "step" else shape,
+            True,
+            "zero",
+            nonnegative=buffer in ("step", "exp_avg_sq"),  # a count, a mean of squares
+        )
         for buffer in OPTIMIZER_BUFFERS[optimizer]
         for name, shape in param_shapes(arch).items()
     }
@@ -361,7 +382,7 @@ def value_problem(tensor: Tensor, value: np.ndarray) -> str | None:
     if not np.isfinite(value).all():
         return "has NaN or inf values"
     if tensor.nonnegative and (value < 0).any():
-        return "has negative values, which it cannot hold (a variance)"
+        return "has negative values, which it cannot hold (a variance, a count)"
     return None
 
 
@@ -373,14 +394,24 @@ def _read_tensor(
     arch: str,
     where: str,
     dtype: np.dtype | None,
+    floats: dict[str, np.dtype],
 ) -> np.ndarray:
-    """`tensor`'s stored array, of its form and with values it can hold; a float cast to
-    `dtype` (if given) without overflow, a counter as int64."""
+    """`tensor`'s stored array, of its form and with values it can hold, its float dtype that
+    of the `floats` read before it (added to them); a float cast to `dtype` (if given)
+    without overflow, a counter as int64."""
 
     def check(stored: np.dtype, stored_shape: tuple[int, ...]) -> None:
         problem = form_problem(tensor, stored, stored_shape, arch)
         if problem is not None:
             raise CheckpointError(f"{where}: tensor {key} {problem}")
+        if not tensor.counter:
+            first = next(iter(floats.items()), (key, stored))
+            if first[1].newbyteorder("=") != stored.newbyteorder("="):
+                raise CheckpointError(
+                    f"{where}: tensor {key} is {stored.name} where {first[0]} is "
+                    f"{first[1].name}; a network computes in one dtype"
+                )
+            floats[key] = stored
 
     value = _read_npy(archive, info, f"tensor {key}", where, check)
     problem = value_problem(tensor, value)

@@ -399,6 +399,43 @@ def test_a_checkpoint_written_before_adam_loads_its_momentum(tmp_path):
     assert set(ckpt.optimizer["momentum"]) == set(ckpt.params)
 
 
+def adam_members(step: float = 3.0) -> dict[str, bytes]:
+    """A valid checkpoint of a run trained by Adam: its moments and one step count."""
+    tensors = init_params(get_arch("noconv"), "he", 0)
+    meta = {**META, "config": {**META["config"], "optimizer": "adam"}}
+    members = checkpoint_members(meta=meta, momentum=False)
+    for name, value in split_params(tensors, get_arch("noconv"))[0].items():
+        members[f"optimizer/exp_avg/{name}.npy"] = npy(value * 0.1)
+        members[f"optimizer/exp_avg_sq/{name}.npy"] = npy(value * value)
+        members[f"optimizer/step/{name}.npy"] = npy(np.array(step, np.float32))
+    return members
+
+
+def test_adam_s_state_that_cannot_mean_what_it_says_is_refused(tmp_path):
+    """A negative, fractional or uneven step count, or a negative mean of squares, resumed
+    with a traceback (a division by zero) or a different bias correction, or diverged."""
+    assert load_checkpoint(write_zip(tmp_path / "a.npz", adam_members().items())).optimizer
+    square = "optimizer/exp_avg_sq/fc1.bias.npy"
+    for members, problem in [
+        (adam_members(-1.0), "optimizer/step/fc1.weight has negative values"),
+        (adam_members(0.5), "Adam's step count 0.5 is not a whole count"),
+        (adam_members() | {"optimizer/step/fc2.bias.npy": npy(np.float32(4))}, "counts differ"),
+        (adam_members() | {square: npy(-np.ones(128, np.float32))}, "fc1.bias has negative"),
+    ]:
+        refused(write_zip(tmp_path / "c.npz", members.items()), problem)
+
+
+def test_a_legacy_member_beside_its_current_name_or_a_second_dtype_is_refused(tmp_path):
+    """Both loaded, one quietly winning; a float64 tensor among float32 ones was blamed on
+    export's output file."""
+    members = checkpoint_members()
+    legacy = members | {"velocity/fc2.bias.npy": members["optimizer/momentum/fc2.bias.npy"]}
+    refused(write_zip(tmp_path / "a.npz", legacy.items()), "'velocity/fc2.bias.npy' and its")
+    mixed = members | {"fc2.bias.npy": npy(np.zeros(10))}
+    path = write_zip(tmp_path / "b.npz", mixed.items())
+    refused(path, "tensor fc2.bias is float64 where fc1.weight is float32", dtype=np.float32)
+
+
 def test_only_stored_or_deflated_members_are_read(tmp_path):
     path = write_zip(tmp_path / "c.npz", checkpoint_members().items(), zipfile.ZIP_BZIP2)
     refused(path, "'meta.npy' uses compression method 12")
