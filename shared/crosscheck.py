@@ -264,7 +264,7 @@ def run_crosscheck(
             )
             tol = TOLERANCES[(dtype, "finite-diff")]
             results += [judge(row, dtype, arch.name, DEFAULTS, tol) for row in rows]
-    results += shared_code_checks(config, steps, seed)
+    results += shared_code_checks(config, steps, seed, impls)
     return results
 
 
@@ -292,12 +292,20 @@ def _head(masks: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     return {k: v[:n] for k, v in masks.items()}
 
 
-def shared_code_checks(config: TrainConfig, steps: int, seed: int) -> list[CheckResult]:
+# The library whose schedule and loss are the reference for each framework's implementation.
+REFERENCE_LIBRARY = {"jax": "optax", "torch": "torch"}
+
+
+def shared_code_checks(
+    config: TrainConfig, steps: int, seed: int, impls: tuple[str, ...] = IMPLEMENTATIONS
+) -> list[CheckResult]:
     """The code all three share (schedule, metrics) and NumPy's hand-written loss against the
-    frameworks' libraries. The loss layer is the same whatever the network: a NumPy backend
-    of the smallest preset computes it."""
+    libraries of the frameworks in `impls` (one left out may not be installed). The loss
+    layer is the same whatever the network: a NumPy backend of the smallest preset computes
+    it."""
     loss = make_backend("numpy", get_arch("noconv")).loss_and_dlogits
-    rows = reference_checks(config, steps, check_warmup(steps), seed, loss)
+    libraries = tuple(REFERENCE_LIBRARY[impl] for impl in impls if impl in REFERENCE_LIBRARY)
+    rows = reference_checks(config, steps, check_warmup(steps), seed, loss, libraries)
     return [judge(row, "any", "-", "shared code vs libraries", tolerance(row.a)) for row in rows]
 
 

@@ -1322,3 +1322,35 @@ def test_the_api_takes_numpy_integers_as_python_ints():
         "flatten-fc10", dtypes=("float64",), steps=np.int64(1), batch_size=np.int32(4), data=None
     )
     assert report.passed
+
+
+def test_the_api_s_crosscheck_names_its_pairs_as_usual_in_any_order_of_impls():
+    """impls in another order named its pairs torch-numpy, ..., which the report's summary and
+    worst_by_layer passed over: every row, a failure too, vanished from them."""
+    order = tuple(reversed(IMPLEMENTATIONS))
+    report = threefold.crosscheck(
+        "flatten-fc10", dtypes=("float64",), steps=1, batch_size=2, data=None, impls=order
+    )
+    assert set(report.worst_by_layer()) == {"flatten", "fc", "loss"}
+    assert {r.pair for r in report.results} >= {"numpy-jax", "numpy-torch", "jax-torch"}
+
+
+def test_the_api_s_crosscheck_of_two_implementations_needs_only_their_frameworks(monkeypatch):
+    """It ran every shared-code row against PyTorch's and optax's own functions: without
+    PyTorch, a check of NumPy and JAX ended in a traceback after all its work."""
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if it were not installed
+    report = threefold.crosscheck(
+        "flatten-fc10", dtypes=("float64",), steps=1, batch_size=2, data=None,
+        impls=("numpy", "jax"),
+    )  # fmt: skip
+    assert report.passed and not any("torch" in r.pair for r in report.results)
+    assert any(r.pair == "shared-optax" for r in report.results)
+
+
+def test_the_api_s_crosscheck_names_data_it_cannot_read_not_random_images(monkeypatch, tmp_path):
+    """A $THREEFOLD_DATA naming no folder was taken for Fashion-MNIST not installed."""
+    monkeypatch.setenv("THREEFOLD_DATA", str(tmp_path / "typo"))
+    with pytest.raises(UsageError, match="no fashion-mnist folder found .*typo"):
+        threefold.crosscheck("flatten-fc10", dtypes=("float64",), steps=1, batch_size=2)
+    with pytest.raises(UsageError, match="data=array"):
+        threefold.crosscheck("flatten-fc10", data=np.zeros(3))

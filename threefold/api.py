@@ -3,6 +3,7 @@ data, and the way back to PyTorch."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from shared.config import FIELDS, IMPLEMENTATIONS, PAIRS, python_int
-from shared.data import Dataset, load_dataset
-from shared.errors import ThreefoldError, UsageError
+from shared.data import DATA_DIR_ENV, Dataset, find_data_dir, load_dataset
+from shared.errors import UsageError
 from shared.io import a_path
 from shared.network import Network, identity_mapping, import_network, load_network
 from shared.proof.rows import CheckResult
@@ -255,6 +256,7 @@ def crosscheck(
     notes: list[str] = []
     images, dataset = _images(data)
     check_options([net.arch], dtypes, steps, batch_size, seed, impls, dataset)
+    impls = tuple(impl for impl in IMPLEMENTATIONS if impl in impls)  # pairs named as usual
     results = run_crosscheck(
         [net.arch],
         list(dtypes),
@@ -276,12 +278,16 @@ def _images(data: Dataset | str | None) -> tuple[str, Dataset | None]:
         return f"{data.spec.name} images", data
     if data is None:
         return "seeded random images", None
-    if data != "auto":
+    if not (isinstance(data, str) and data == "auto"):  # an array has no truth value
         raise UsageError(f"data={data!r}: a Dataset, 'auto' or None")
-    try:
-        dataset = load_dataset()
-    except ThreefoldError:
-        return "seeded random images (Fashion-MNIST not installed)", None
+    # Random images only where no folder is there at all: a $THREEFOLD_DATA that names none,
+    # or a damaged file, is an error, as in every command.
+    if not os.environ.get(DATA_DIR_ENV):
+        try:
+            find_data_dir()
+        except UsageError:
+            return "seeded random images (Fashion-MNIST not installed)", None
+    dataset = load_dataset()
     return f"{dataset.spec.name} images", dataset
 
 

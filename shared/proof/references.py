@@ -23,6 +23,9 @@ from shared.config import SCHEDULES, TrainConfig
 from shared.layers import NUM_CLASSES
 from shared.proof.rows import Compared
 
+Libraries = tuple[str, ...]
+LIBRARIES: Libraries = ("torch", "optax")  # every library the shared code has references in
+
 # logits (N, K), labels (N,), label smoothing -> mean loss (), dlogits (N, K)
 LossFn = Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndarray]]
 
@@ -117,12 +120,15 @@ def schedule_torch(config: TrainConfig, total_steps: int, warmup_steps: int) -> 
     return np.array(rates)
 
 
-def schedule_checks(config: TrainConfig, total_steps: int, warmup_steps: int) -> Iterator[Compared]:
-    """Our schedule of every step against optax's and PyTorch's."""
+def schedule_checks(
+    config: TrainConfig, total_steps: int, warmup_steps: int, libraries: Libraries = LIBRARIES
+) -> Iterator[Compared]:
+    """Our schedule of every step against each of `libraries`' (optax's, PyTorch's)."""
     check = f"schedule {config.schedule}, warm-up {warmup_steps} of {total_steps}"
     ours = schedule_ours(config, total_steps, warmup_steps)
-    yield Compared(check, "shared-optax", ours, schedule_optax(config, total_steps, warmup_steps))
-    yield Compared(check, "shared-torch", ours, schedule_torch(config, total_steps, warmup_steps))
+    for library in libraries:
+        theirs = SCHEDULES_OF[library](config, total_steps, warmup_steps)
+        yield Compared(check, f"shared-{library}", ours, theirs)
 
 
 def loss_batches(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -180,16 +186,25 @@ def loss_optax(
         return np.asarray(loss), np.asarray(grad)
 
 
-def loss_checks(ours: LossFn, smoothing: float, seed: int) -> Iterator[Compared]:
+# The libraries the shared code is checked against (LIBRARIES), by name: each one's schedule
+# and loss.
+SCHEDULES_OF = {"optax": schedule_optax, "torch": schedule_torch}
+LOSSES_OF = {"torch": loss_torch, "optax": loss_optax}
+
+
+def loss_checks(
+    ours: LossFn, smoothing: float, seed: int, libraries: Libraries = LIBRARIES
+) -> Iterator[Compared]:
     """A loss layer's loss and dlogits with label smoothing (`ours`: NumPy's, written by
-    hand), and shared.metrics.cross_entropy (no smoothing, float64), against PyTorch and
-    optax on each of `loss_batches`."""
+    hand), and shared.metrics.cross_entropy (no smoothing, float64), against each of
+    `libraries` (PyTorch, optax) on each of `loss_batches`."""
     for name, (logits, labels) in loss_batches(seed).items():
         loss, dlogits = ours(logits, labels, smoothing)
         # metrics.cross_entropy works in float64 whatever the logits, so its references do too.
         evaluated = np.array(metrics.cross_entropy(logits, labels))
         wide = logits.astype(np.float64)
-        for library, reference in (("torch", loss_torch), ("optax", loss_optax)):
+        for library in libraries:
+            reference = LOSSES_OF[library]
             their_loss, their_dlogits = reference(logits, labels, smoothing)
             pair = f"numpy-{library}"
             yield Compared(f"loss, smoothing {smoothing:g}, {name}", pair, loss, their_loss)
@@ -250,17 +265,23 @@ def metric_checks(seed: int) -> Iterator[Compared]:
 
 
 def reference_checks(
-    config: TrainConfig, total_steps: int, warmup_steps: int, seed: int, loss: LossFn
+    config: TrainConfig,
+    total_steps: int,
+    warmup_steps: int,
+    seed: int,
+    loss: LossFn,
+    libraries: Libraries = LIBRARIES,
 ) -> Iterator[Compared]:
     """Rows for every schedule (`config`'s first) over `total_steps` with `warmup_steps`, the
-    `loss` layer with `config.label_smoothing`, and the metrics; `seed` draws the batches.
-    Tolerances: `tolerance(row.a)`."""
+    `loss` layer with `config.label_smoothing`, and the metrics, against `libraries` (a
+    library not installed is left out by the caller); `seed` draws the batches. Tolerances:
+    `tolerance(row.a)`."""
     schedules = sorted(SCHEDULES, key=lambda s: s != config.schedule)
     return itertools.chain(
         *(
-            schedule_checks(replace(config, schedule=s), total_steps, warmup_steps)
+            schedule_checks(replace(config, schedule=s), total_steps, warmup_steps, libraries)
             for s in schedules
         ),
-        loss_checks(loss, config.label_smoothing, seed),
+        loss_checks(loss, config.label_smoothing, seed, libraries),
         metric_checks(seed),
     )
