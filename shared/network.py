@@ -113,9 +113,9 @@ class Network:
             raise UsageError(f"{where}: {extra[0]} is not a tensor of the network")
         for name, tensor in expected.items():
             value = self.tensors[name]
-            if not isinstance(value, np.ndarray):
+            if type(value) is not np.ndarray:  # a masked array hides NaN from isfinite
                 raise UsageError(
-                    f"{where}: tensor {name} is a {type(value).__name__}, not a NumPy array"
+                    f"{where}: tensor {name} is a {type(value).__name__}, not a plain NumPy array"
                 )
             if not value.dtype.isnative:  # torch.from_numpy refuses it; the kernels would swap
                 raise UsageError(
@@ -133,7 +133,8 @@ class Network:
                 f"{where}: tensor {other} is {floats[other]} where others are {most}; a "
                 "network computes in one dtype"
             )
-        _check_scaling(self.standardise, np.float64, where)
+        # In the network's own dtype: a std of 1e-40 makes float32 pixels inf.
+        _check_scaling(self.standardise, next(iter(floats.values()), np.float64).type, where)
 
     def to_onnx(self, path: str | Path) -> Path:
         """Write the network as an ONNX graph (float32, a dynamic batch axis, opset

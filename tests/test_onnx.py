@@ -1008,7 +1008,11 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
         (lambda t: {**t, "fc.bias": np.zeros(10, np.float16)}, "dtype float16"),
         (lambda t: {**t, "bn.running_var": -t["bn.running_var"]}, "running_var has negative"),
         (lambda t: {**t, "extra": t["fc.bias"]}, "extra is not a tensor of the network"),
-        (lambda t: {**t, "fc.bias": [0.0] * 10}, "tensor fc.bias is a list, not a NumPy array"),
+        (lambda t: {**t, "fc.bias": [0.0] * 10}, "fc.bias is a list, not a plain NumPy array"),
+        (  # a masked array hides its NaN from np.isfinite
+            lambda t: {**t, "fc.bias": np.ma.masked_invalid(t["fc.bias"] * np.nan)},
+            "tensor fc.bias is a MaskedArray, not a plain NumPy array",
+        ),
         (lambda t: None, "tensors is a NoneType, not a dict"),
         # NumPy's default dtype: the module PyTorch made from it failed on float32 images.
         (
@@ -1036,10 +1040,11 @@ def test_a_network_altered_by_hand_is_refused_before_a_file_is_written(alter, me
     with pytest.raises(UsageError, match=f"to_torch: .*{message}"):
         threefold.to_torch(network)
     scalings = ((0.5, 0.0), 0.5, (0.5,), ("a", "b"), (1e39, 1.0), (0.0, 1e-50), (0.0, 1e-40))
-    for standardise in scalings:
+    for standardise in scalings:  # the last three fit float64, not this network's float32
         scaled = dataclasses.replace(original, standardise=standardise)
-        with pytest.raises(UsageError, match="a finite mean and a positive std"):
-            scaled.to_onnx(tmp_path / "m")  # the last three fit float64, not the graph's float32
+        for write in (scaled.to_onnx, scaled.to_safetensors, threefold.to_torch):
+            with pytest.raises(UsageError, match="a finite mean and a positive std"):
+                write(scaled if write is threefold.to_torch else tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
 
 
