@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shared.data import DatasetSpec, OfficialFile, how_to_get
+from shared.data import DATA_DIR_ENV, DatasetSpec, OfficialFile, how_to_get
 from shared.errors import DataError, UsageError, first_line
 from shared.idx import read_idx_content
 from shared.outputs import missing_folders, remove_if_empty
@@ -147,7 +147,7 @@ def download_dataset(
     and only then move them into place: a failed or partial download leaves nothing that
     looks like data. A file `dest` already holds with the official content is not fetched
     again; one with other content is refused before any network access (see _held). Returns
-    `dest` (default: the dataset's user folder)."""
+    `dest` (default: $THREEFOLD_DATA where set, else the dataset's user folder)."""
     if not all(file.gzip_md5 or file.content_sha256 for file in spec.files):
         raise UsageError(
             f"--download: no checksums are known for {spec.name}'s files, and threefold "
@@ -158,7 +158,8 @@ def download_dataset(
         source = f"${DOWNLOAD_URL_ENV}" if from_env else "the source"
         base_url = from_env or spec.download_url
     base_url = _checked_address(base_url, source)
-    dest = Path(dest or spec.user_dir)
+    # Where every command then looks first: $THREEFOLD_DATA where it is set.
+    dest = Path(dest or os.environ.get(DATA_DIR_ENV) or spec.user_dir)
     wanted = [file for file in spec.files if not _held(dest, file)]
     if not wanted:
         return dest

@@ -831,6 +831,16 @@ def test_download_verifies_then_moves_into_place(served_files, tmp_path):
     assert len(load_dataset(dest).test) == 30
 
 
+def test_a_download_goes_where_every_command_then_looks(served_files, tmp_path, monkeypatch):
+    """With $THREEFOLD_DATA set, it went to the user folder, and the next command, which
+    reads $THREEFOLD_DATA, said to --download again."""
+    files, spec = served_files
+    monkeypatch.setenv("THREEFOLD_DATA", str(tmp_path / "env"))
+    with Server(files) as server:
+        assert download_dataset(spec, None, server.url, progress=False) == tmp_path / "env"
+    assert idx_files_in(tmp_path / "env") == sorted(files) and len(load_dataset().test) == 30
+
+
 @pytest.mark.parametrize(
     "fault",
     [

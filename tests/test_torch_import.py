@@ -1350,7 +1350,7 @@ def test_the_api_s_crosscheck_of_two_implementations_needs_only_their_frameworks
 def test_the_api_s_crosscheck_names_data_it_cannot_read_not_random_images(monkeypatch, tmp_path):
     """A $THREEFOLD_DATA naming no folder was taken for Fashion-MNIST not installed."""
     monkeypatch.setenv("THREEFOLD_DATA", str(tmp_path / "typo"))
-    with pytest.raises(UsageError, match="no fashion-mnist folder found .*typo"):
+    with pytest.raises(UsageError, match=r"no fashion-mnist folder found .*typo"):
         threefold.crosscheck("flatten-fc10", dtypes=("float64",), steps=1, batch_size=2)
     with pytest.raises(UsageError, match="data=array"):
         threefold.crosscheck("flatten-fc10", data=np.zeros(3))
