@@ -353,12 +353,22 @@ def check_config(config: TrainConfig) -> None:
     checked where it is parsed)."""
     used = [("--lr", config.lr), ("--weight-decay", config.weight_decay)]
     used += [("--eps", config.eps)] if config.optimizer != "sgd" else []
+    dtype = np.dtype(config.dtype).type
     for flag, value in used:
         with np.errstate(over="ignore"):
-            cast = float(np.dtype(config.dtype).type(value))
+            cast = float(dtype(value))
         if cast == 0.0 < value or not math.isfinite(cast):  # 1e-50 or 1e39 in float32
             became = "0" if cast == 0.0 else "inf"
             raise UsageError(f"{flag} {value:g} is {became} in {config.dtype}, which the run uses")
+        if 0.0 < cast < np.finfo(dtype).tiny:  # XLA flushes it to 0: JAX alone would differ
+            raise UsageError(
+                f"{flag} {value:g} is subnormal in {config.dtype}, which XLA takes for 0; "
+                f"give at least {np.finfo(dtype).tiny:.3g}"
+            )
+    betas = [("--beta1", config.beta1), ("--beta2", config.beta2)]
+    for flag, value in betas if config.optimizer != "sgd" else []:
+        if float(dtype(value)) == 1.0 != value:  # 1 - beta**t would be 0: JAX's optax divides
+            raise UsageError(f"{flag} {value!r} is 1 in {config.dtype}, which the run uses")
     if config.warmup is not None and config.warmup > config.epochs / 2:
         raise UsageError(
             f"--warmup {config.warmup:g} is more than half of --epochs {config.epochs}: the "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -706,6 +707,23 @@ def test_a_value_that_is_0_or_inf_in_the_run_s_dtype_is_refused(flag, value, bec
     field = flag[2:].replace("-", "_")
     check_config(TrainConfig(dtype="float64", **{field: float(value)}))  # float64 holds it
     check_config(TrainConfig(eps=float(value)))  # SGD, which never uses it: a run resumes
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "said"),
+    [
+        ("--eps", "1e-40", "--eps 1e-40 is subnormal in float32, which XLA takes for 0"),
+        ("--beta1", "0.99999999", "--beta1 0.99999999 is 1 in float32, which the run uses"),
+        ("--beta2", "0.9999999999", "--beta2 0.9999999999 is 1 in float32, which the run uses"),
+    ],
+)
+def test_a_value_only_jax_would_take_otherwise_is_refused(flag, value, said):
+    """NumPy and PyTorch trained; JAX's loss went to NaN, its message blaming --lr: XLA flushes
+    a subnormal eps to 0 (0/0 where a gradient is 0), and optax's bias correction 1 - beta**t
+    is 0 in float32 where beta rounds to 1."""
+    with pytest.raises(UsageError, match=re.escape(said)):
+        check_config(TrainConfig(optimizer="adam", **{flag[2:]: float(value)}))
+    check_config(TrainConfig(optimizer="adam", dtype="float64", **{flag[2:]: float(value)}))
 
 
 @pytest.mark.parametrize(
