@@ -32,13 +32,15 @@ def evaluate_checkpoint(
     """Test loss, accuracy, confusion matrix and per-class accuracy of a checkpoint, computed
     by `impl` whatever implementation wrote it (with `tta`, averaged over each image and its
     mirror image); also the logits (N, 10)."""
-    backend = make_backend(impl, get_arch(ckpt.meta["arch"], files=False))
+    # In the dtype it was trained in: a float64 run's own test loss, not float32's.
+    dtype = next(v.dtype for v in ckpt.params.values() if v.dtype.kind == "f")
+    backend = make_backend(impl, get_arch(ckpt.meta["arch"], files=False), dtype)
     with np.errstate(over="ignore", invalid="ignore"):  # refused below, in one line
         logits = batched_logits(backend, backend.init_state(ckpt.params), data.test.x, tta)
     if not np.isfinite(logits).all():
         raise CheckpointError(
             f"{source}: its weights give non-finite logits on the test images (beyond "
-            "float32's range); there is no loss or accuracy to report"
+            f"{dtype.name}'s range); there is no loss or accuracy to report"
         )
     cm = metrics.confusion_matrix(logits.argmax(axis=1), data.test.y, NUM_CLASSES)
     per_class = metrics.per_class_accuracy(cm)
@@ -49,6 +51,7 @@ def evaluate_checkpoint(
         # Which test set: a folder of ten images would otherwise report as the official one.
         "test_data": {**data_identity(data), "images": len(data.test)},
         "tta": tta,
+        "dtype": dtype.name,
         "loss": metrics.cross_entropy(logits, data.test.y),
         "acc": metrics.accuracy(logits, data.test.y),
         "confusion_matrix": cm.tolist(),
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             taken = out.is_dir()
             if taken:
                 take()
-            ckpt = load_checkpoint(args.checkpoint, dtype=np.float32)  # evaluated in float32
+            ckpt = load_checkpoint(args.checkpoint)  # evaluated in its own dtype
             dataset = ckpt.meta.get("dataset", "fashion-mnist")
             data = load_test_set(args.data_dir, dataset, ckpt.pixels)  # as it was trained
             # Runs from before test-time augmentation existed evaluated without it.

@@ -1102,3 +1102,19 @@ def test_a_folder_under_a_run_file_s_name_is_refused_not_deleted(tiny_data_dir, 
         )
     assert notes.read_text() == "mine"
     assert sorted(p.name for p in (tmp_path / "ud").iterdir()) == ["metrics.json"]
+
+
+def test_evaluate_scores_a_float64_run_in_float64(tiny_data_dir, tmp_path):
+    """It evaluated every checkpoint in float32: a float64 run's test loss agreed with its
+    own to 1e-8 only."""
+    run, data = tmp_path / "run", ["--data-dir", str(tiny_data_dir)]
+    flags = ["--dtype", "float64", "--arch", "noconv", "--epochs", "1", "--out", str(run)]
+    assert run_script("train.py", *flags, *data).returncode == 0
+    own = json.loads((run / "metrics.json").read_text())["test"]["loss"]
+    for impl in IMPLEMENTATIONS:
+        out = tmp_path / impl
+        done = run_script("evaluate.py", str(run / "checkpoint.npz"), "--impl", impl,
+                          "--out", str(out), *data)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        evaluated = json.loads((out / "evaluation.json").read_text())
+        assert evaluated["dtype"] == "float64" and abs(evaluated["loss"] - own) < 1e-12
