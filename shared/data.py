@@ -181,6 +181,18 @@ def find_data_dir(data_dir: str | Path | None = None, spec: DatasetSpec = FASHIO
     raise UsageError(f"no {spec.name} folder found (tried {tried}); {how_to_get(spec)}")
 
 
+def installed_data_dir(spec: DatasetSpec = FASHION_MNIST) -> Path | None:
+    """The folder the usual lookup reads, or None where none is there at all (and none is
+    named by $THREEFOLD_DATA, a folder missing there being an error): what checks that can
+    do with random images when the data is not installed ask first."""
+    if os.environ.get(DATA_DIR_ENV):
+        return find_data_dir(None, spec)
+    try:
+        return find_data_dir(None, spec)
+    except UsageError:
+        return None
+
+
 def data_files(
     data_dir: str | Path | None = None, spec: DatasetSpec = FASHION_MNIST
 ) -> list[tuple[str, Path]]:

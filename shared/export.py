@@ -10,7 +10,7 @@ import numpy as np
 
 from shared.backend import batched_logits, make_backend
 from shared.cli import add_data_dir_flag, run_cli
-from shared.data import data_files, load_dataset
+from shared.data import data_files, installed_data_dir, load_test_set
 from shared.errors import CheckpointError, OutputError, UsageError
 from shared.io import staged
 from shared.network import Network, load_network
@@ -29,14 +29,11 @@ def raw_test_images(data_dir: str | None) -> tuple[np.ndarray, str]:
     """(images (N, 1, 28, 28) as the exported graph takes them, what they are): the test set
     of --data-dir (whose problems are the user's to hear), else of the usual places where
     installed, else 256 seeded random images in [0, 1]."""
-    try:
-        data = load_dataset(data_dir, pixels="raw")
-        return data.test.x, f"{len(data.test.x):,} test images"
-    except UsageError:  # no folder found; a damaged file is the user's to hear
-        if data_dir is not None:
-            raise
+    if data_dir is None and installed_data_dir() is None:
         images = np.random.default_rng(0).random((256, 1, 28, 28), dtype=np.float32)
         return images, "256 seeded random images (the test set is not installed)"
+    data = load_test_set(data_dir, pixels="raw")  # the training files are not needed
+    return data.test.x, f"{len(data.test.x):,} test images"
 
 
 def reference_logits(network: Network, images: np.ndarray, source: str) -> np.ndarray:

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+import shared.export
 from impl_torch.model import as_module
 from shared.backend import IMPLEMENTATIONS, batched_logits, make_backend
 from shared.checkpoint import load_checkpoint
 from shared.config import TrainConfig
 from shared.data import DATA_DIR_ENV, load_dataset
-from shared.errors import DataError
+from shared.errors import DataError, UsageError
 from shared.export import raw_test_images
 from shared.layers import BatchNorm
 from shared.loop import train
@@ -117,11 +118,20 @@ def test_pytorch_fills_a_missing_batch_counter_even_when_strict():
 
 
 def test_export_checks_on_random_images_only_where_no_test_set_is_installed(tmp_path, monkeypatch):
-    # A damaged test set under $THREEFOLD_DATA was passed over for random images, unsaid.
-    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "nowhere"))
-    images, what = raw_test_images(None)
+    # A damaged test set under $THREEFOLD_DATA was passed over for random images, unsaid; a
+    # $THREEFOLD_DATA naming no folder is an error, as everywhere; a folder of the test files
+    # alone is enough (the training files were asked for).
+    with monkeypatch.context() as nowhere:  # as on a machine without the data
+        nowhere.setattr(shared.export, "installed_data_dir", lambda: None)
+        images, what = raw_test_images(None)
     assert images.shape == (256, 1, 28, 28) and "not installed" in what
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(UsageError, match="no fashion-mnist folder found"):
+        raw_test_images(None)
     folder = make_dataset_dir(tmp_path / "data")
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (folder / name).unlink()
+    assert raw_test_images(str(folder))[0].shape == (30, 1, 28, 28)
     test_images = folder / "t10k-images-idx3-ubyte.gz"
     test_images.write_bytes(test_images.read_bytes()[:-40])  # truncated
     monkeypatch.setenv(DATA_DIR_ENV, str(folder))

@@ -3,7 +3,6 @@ data, and the way back to PyTorch."""
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from shared.config import FIELDS, IMPLEMENTATIONS, PAIRS, python_int
-from shared.data import DATA_DIR_ENV, Dataset, find_data_dir, load_dataset
+from shared.data import Dataset, installed_data_dir, load_dataset
 from shared.errors import UsageError
 from shared.io import a_path
 from shared.network import Network, identity_mapping, import_network, load_network
@@ -282,11 +281,8 @@ def _images(data: Dataset | str | None) -> tuple[str, Dataset | None]:
         raise UsageError(f"data={data!r}: a Dataset, 'auto' or None")
     # Random images only where no folder is there at all: a $THREEFOLD_DATA that names none,
     # or a damaged file, is an error, as in every command.
-    if not os.environ.get(DATA_DIR_ENV):
-        try:
-            find_data_dir()
-        except UsageError:
-            return "seeded random images (Fashion-MNIST not installed)", None
+    if installed_data_dir() is None:
+        return "seeded random images (Fashion-MNIST not installed)", None
     dataset = load_dataset()
     return f"{dataset.spec.name} images", dataset
 
