@@ -203,6 +203,8 @@ def regular_file(path: Path, where: str, follow: bool = True) -> Iterator[IO[byt
         opened = _opened_regular(path, follow)
     except _NotRegular:
         raise UsageError(f"{where}: not a regular file") from None
+    except ValueError:  # os.open's answer to a NUL byte in the name
+        raise UsageError(f"{where}: a name holding a NUL byte is no file's") from None
     except OSError as e:
         if not follow and e.errno == errno.ELOOP:  # O_NOFOLLOW's answer to a symlink
             raise UsageError(f"{where}: a symlink, which is not followed") from None

@@ -78,7 +78,7 @@ class Network:
         """The mapping as a table: each source operation, the layer it became, its tensors."""
         rows = [("source", "operation", "threefold", "tensors")]
         if self.standardise is not None:
-            mean, std = self.standardise
+            mean, std = map(float, self.standardise)  # a Fraction has no format of its own
             rows.append(("(input)", f"(x - {mean:.6g}) / {std:.6g}", "standardise", ""))
         for m in self.mapping:
             moved = ", ".join(f"{a} -> {b}" if a != b else a for a, b in m.tensors)
@@ -104,6 +104,13 @@ class Network:
             )
         if not isinstance(self.tensors, dict):
             raise UsageError(f"{where}: tensors is a {type(self.tensors).__name__}, not a dict")
+        if not (
+            isinstance(self.mapping, tuple) and all(isinstance(m, Mapped) for m in self.mapping)
+        ):
+            raise UsageError(
+                f"{where}: mapping is a {type(self.mapping).__name__}, not a tuple of Mapped "
+                "(keep the one of the network it was made from)"
+            )
         expected = tensors(self.arch)
         missing = sorted(set(expected) - set(self.tensors))
         extra = sorted(set(self.tensors) - set(expected))

@@ -81,6 +81,7 @@ def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConf
     if not (
         isinstance(trained_on, dict)
         and all(isinstance(trained_on.get(k), str) for k in ("dataset", "folder", "sha256"))
+        and trained_on["folder"]  # "" would be the current folder
     ):
         raise CheckpointError(
             f"{path}: written by another version of threefold (no record of its data); "

@@ -18,6 +18,7 @@ import tempfile
 import time
 import types
 import warnings
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -1045,6 +1046,11 @@ def test_a_network_altered_by_hand_is_refused_before_a_file_is_written(alter, me
         for write in (scaled.to_onnx, scaled.to_safetensors, threefold.to_torch):
             with pytest.raises(UsageError, match="a finite mean and a positive std"):
                 write(scaled if write is threefold.to_torch else tmp_path / "m")
+    unmapped = dataclasses.replace(original, mapping=None)  # describe() raised a TypeError
+    with pytest.raises(UsageError, match="mapping is a NoneType, not a tuple of Mapped"):
+        unmapped.to_onnx(tmp_path / "m")
+    halves = dataclasses.replace(original, standardise=(Fraction(1, 2), Fraction(1, 4)))
+    assert "(x - 0.5) / 0.25" in halves.describe()  # a Fraction had no format of its own
     assert list(tmp_path.iterdir()) == []
 
 

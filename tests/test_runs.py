@@ -1118,3 +1118,18 @@ def test_evaluate_scores_a_float64_run_in_float64(tiny_data_dir, tmp_path):
         assert done.returncode == 0, done.stderr
         evaluated = json.loads((out / "evaluation.json").read_text())
         assert evaluated["dtype"] == "float64" and abs(evaluated["loss"] - own) < 1e-12
+
+
+def test_a_checkpoint_whose_data_folder_is_empty_is_not_resumed_from_here(finished_run):
+    """An empty folder name was the current folder: --resume read the data there."""
+    path = finished_run / "checkpoint.npz"
+    with np.load(path) as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["data"]["folder"] = ""
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+    done = run_script("train.py", "--resume", str(finished_run))
+    said = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert said.endswith("cannot check that it continues on the same data, start a new run")

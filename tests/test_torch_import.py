@@ -169,6 +169,7 @@ def test_the_api_s_crosscheck_refuses_an_option_as_the_command_does(options, mes
         ((None,), "network: None is not a spec"),
         (("lab", -1), "network: seed=-1: out of range"),
         (("lab", 0, "x"), "network: init='x': not one of"),
+        (("/tmp/a\0b.json",), "a name holding a NUL byte is no file's"),  # a ValueError
     ],
 )
 def test_the_api_s_network_refuses_what_its_flags_would(arguments, message):
