@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import http.client
+import io
 import os
 import shutil
+import socket
 import tempfile
 import time
 import urllib.error
@@ -24,9 +26,9 @@ from shared.outputs import missing_folders, remove_if_empty
 
 DOWNLOAD_URL_ENV = "THREEFOLD_DOWNLOAD_URL"
 TIMEOUT_SECONDS = 60  # for each read: a server that says nothing for this long has gone
-# A file's body may take TIMEOUT_SECONDS and the file's largest size (most_bytes) at this
-# rate: a server that trickles a byte every few seconds is stopped in minutes, not hours.
-# (Its headers are read under the per-read timeout alone.)
+# A file, its headers and body, may take TIMEOUT_SECONDS and the file's largest size
+# (most_bytes) at this rate: a server that trickles a byte every few seconds is stopped in
+# minutes, not months.
 SLOWEST_BYTES_PER_SECOND = 50_000
 
 
@@ -47,20 +49,77 @@ class _RedirectOverHttp(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-_OPENER = urllib.request.build_opener(_RedirectOverHttp)
+class _DeadlineReader(io.RawIOBase):
+    """A connection's socket read under a deadline: each read waits at most TIMEOUT_SECONDS
+    and never past `deadline` (time.monotonic()), so that headers trickled a byte at a
+    time end too (http.client reads them through the socket's file, read by read)."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        # The socket's own file: the socket stays open until it is closed too.
+        self.sock, self.file, self.deadline = sock, sock.makefile("rb", buffering=0), deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left > 0:
+            self.sock.settimeout(min(TIMEOUT_SECONDS, left))
+            try:
+                return self.file.readinto(buffer)
+            except TimeoutError:
+                if time.monotonic() < self.deadline:
+                    raise
+        raise TimeoutError("the server took longer than the file allows")
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+def _opener(deadline: float) -> urllib.request.OpenerDirector:
+    """urllib's opener whose connections read their replies under `deadline`."""
+
+    def under_deadline(connection: type) -> type:
+        class Connection(connection):
+            def connect(self):
+                super().connect()
+                sock, reader = self.sock, _DeadlineReader(self.sock, deadline)
+
+                class Timed:  # the socket, its replies read through `reader`
+                    def makefile(self, mode: str, *args, **kwargs):
+                        return io.BufferedReader(reader)
+
+                    def __getattr__(self, name: str):
+                        return getattr(sock, name)
+
+                self.sock = Timed()
+
+        return Connection
+
+    class Http(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(under_deadline(http.client.HTTPConnection), req)
+
+    class Https(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            connection = under_deadline(http.client.HTTPSConnection)
+            return self.do_open(connection, req, context=self._context)
+
+    return urllib.request.build_opener(_RedirectOverHttp, Http, Https)
 
 
 def _fetch(url: str, target: Path, progress: bool, limit: int) -> None:
     """Stream `url` into `target`, at most `limit` bytes; an HTTP error, a dropped connection,
     a body shorter than its Content-Length or longer than `limit` is a DataError naming the
     address."""
+    allowed = TIMEOUT_SECONDS + limit / SLOWEST_BYTES_PER_SECOND
+    received, deadline = 0, time.monotonic() + allowed
     try:
-        with _OPENER.open(url, timeout=TIMEOUT_SECONDS) as response:
+        with _opener(deadline).open(url, timeout=TIMEOUT_SECONDS) as response:
             total = _length(response.headers.get("Content-Length"), url)
             if total is not None and total > limit:
                 raise DataError(f"{url}: {total:,} bytes, more than the file can be ({limit:,})")
-            allowed = TIMEOUT_SECONDS + limit / SLOWEST_BYTES_PER_SECOND
-            received, deadline = 0, time.monotonic() + allowed
             with (
                 open(target, "wb") as f,
                 tqdm(

@@ -1037,3 +1037,34 @@ def test_download_flag_checks_the_official_checksums(served_files, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "differs from the published" in result.stderr
     assert idx_files_in(dest) == []
+
+
+def test_a_server_that_trickles_its_headers_is_stopped_by_the_file_s_deadline(
+    served_files, tmp_path, monkeypatch
+):
+    """Headers were read under the per-read timeout alone: a server that sent one byte of
+    them every few seconds kept a download going for months."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(1 << 16)
+            connection.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not stop.wait(0.1):
+                connection.sendall(b"X")  # one header that never ends
+
+    threading.Thread(target=trickle, daemon=True).start()
+    monkeypatch.setattr(shared.download, "TIMEOUT_SECONDS", 1)
+    monkeypatch.setattr(shared.download, "SLOWEST_BYTES_PER_SECOND", 10**12)  # 1 s a file
+    _, spec = served_files
+    started = time.monotonic()
+    try:
+        with pytest.raises(DataError, match="took longer than the file allows"):
+            download_dataset(spec, tmp_path / "dest", f"http://{listener.getsockname()[0]}:"
+                             f"{listener.getsockname()[1]}/", progress=False)  # fmt: skip
+    finally:
+        stop.set()
+        listener.close()
+    assert time.monotonic() - started < 10 and idx_files_in(tmp_path / "dest") == []
