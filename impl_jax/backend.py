@@ -40,6 +40,7 @@ def compiler_options(arch: Arch) -> dict[str, str]:
 class Backend(backend.Backend):
     name = "jax"
     compiles = True
+    reference_library = "optax"
     model, optim, ops = model, optim, layers
     augment, erase = staticmethod(augment), staticmethod(erase)
 

@@ -14,6 +14,7 @@ from shared import backend
 
 class Backend(backend.Backend):
     name = "torch"
+    reference_library = "torch"
     model, optim, ops = model, optim, layers
     augment, erase = staticmethod(augment), staticmethod(erase)
 

@@ -57,6 +57,9 @@ class Backend:
 
     name: str
     compiles = False  # whether the step is compiled before it first runs (see compile_step)
+    # The library whose schedule and loss the shared code is checked against for this
+    # implementation (shared/proof/references.py): its framework's own, where it has one.
+    reference_library: str | None = None
     model: ModuleType  # impl_*/model.py
     optim: ModuleType  # impl_*/optim.py
     ops: ModuleType  # impl_*/layers.py

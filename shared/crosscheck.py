@@ -292,10 +292,6 @@ def _head(masks: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     return {k: v[:n] for k, v in masks.items()}
 
 
-# The library whose schedule and loss are the reference for each framework's implementation.
-REFERENCE_LIBRARY = {"jax": "optax", "torch": "torch"}
-
-
 def shared_code_checks(
     config: TrainConfig, steps: int, seed: int, impls: tuple[str, ...] = IMPLEMENTATIONS
 ) -> list[CheckResult]:
@@ -303,8 +299,10 @@ def shared_code_checks(
     libraries of the frameworks in `impls` (one left out may not be installed). The loss
     layer is the same whatever the network: a NumPy backend of the smallest preset computes
     it."""
-    loss = make_backend("numpy", get_arch("noconv")).loss_and_dlogits
-    libraries = tuple(REFERENCE_LIBRARY[impl] for impl in impls if impl in REFERENCE_LIBRARY)
+    arch = get_arch("noconv")
+    loss = make_backend("numpy", arch).loss_and_dlogits
+    backends = [make_backend(impl, arch) for impl in impls]
+    libraries = tuple(b.reference_library for b in backends if b.reference_library)
     rows = reference_checks(config, steps, check_warmup(steps), seed, loss, libraries)
     return [judge(row, "any", "-", "shared code vs libraries", tolerance(row.a)) for row in rows]
 

@@ -49,6 +49,10 @@ class _RedirectOverHttp(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+class _TooSlow(TimeoutError):
+    """The file's deadline passed: its reply came slower than SLOWEST_BYTES_PER_SECOND."""
+
+
 class _DeadlineReader(io.RawIOBase):
     """A connection's socket read under a deadline: each read waits at most TIMEOUT_SECONDS
     and never past `deadline` (time.monotonic()), so that headers trickled a byte at a
@@ -70,7 +74,7 @@ class _DeadlineReader(io.RawIOBase):
             except TimeoutError:
                 if time.monotonic() < self.deadline:
                     raise
-        raise TimeoutError("the server took longer than the file allows")
+        raise _TooSlow()
 
     def close(self) -> None:
         self.file.close()
@@ -131,18 +135,18 @@ def _fetch(url: str, target: Path, progress: bool, limit: int) -> None:
                     leave=False,
                 ) as bar,
             ):
-                # read1: what has arrived, so that a trickle meets the deadline.
+                # read1: what has arrived, so that a trickle meets the deadline (the reader's).
                 while chunk := response.read1(1 << 16):
                     received += len(chunk)
                     if received > limit:  # a server that sends no length, or lies about it
                         raise DataError(f"{url}: more than the file can be ({limit:,} bytes)")
-                    if time.monotonic() > deadline:
-                        raise DataError(
-                            f"{url}: {received:,} bytes in {allowed:.0f} s, "
-                            f"slower than {SLOWEST_BYTES_PER_SECOND:,} bytes a second; stopped"
-                        )
                     f.write(chunk)
                     bar.update(len(chunk))
+    except _TooSlow:
+        raise DataError(
+            f"{url}: {received:,} bytes in {allowed:.0f} s, "
+            f"slower than {SLOWEST_BYTES_PER_SECOND:,} bytes a second; stopped"
+        ) from None
     except urllib.error.HTTPError as e:
         raise DataError(f"{url}: the server answered HTTP {e.code} ({e.reason})") from None
     except urllib.error.URLError as e:
