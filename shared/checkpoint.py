@@ -254,8 +254,11 @@ def _check_steps(steps: Params, where: str) -> None:
     values = {float(v) for v in steps.values()}
     if len(values) > 1:
         raise CheckpointError(f"{where}: Adam's step counts differ between parameters")
-    if values and not (next(iter(values)).is_integer() and next(iter(values)) <= MAX_COUNT):
-        raise CheckpointError(f"{where}: Adam's step count {values.pop()} is not a whole count")
+    step = values.pop() if values else 0.0
+    if not step.is_integer():
+        raise CheckpointError(f"{where}: Adam's step count {step} is not a whole count")
+    if step > MAX_COUNT:
+        raise CheckpointError(f"{where}: Adam's step count {step:g} is beyond {MAX_COUNT}")
 
 
 def _current_name(member: str) -> str:

@@ -191,4 +191,5 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[], int]) -> int:
     except OSError as e:
         if e.errno != errno.ENAMETOOLONG:  # which Python 3.11's Path.exists() raises
             raise
-        parser.error(one_line(f"{e.filename}: a name in it is longer than the file system allows"))
+        named = e.filename2 or e.filename  # os.replace's target is the second
+        parser.error(one_line(f"{named}: a name in it is longer than the file system allows"))

@@ -185,11 +185,11 @@ def installed_data_dir(spec: DatasetSpec = FASHION_MNIST) -> Path | None:
     """The folder the usual lookup reads, or None where none is there at all (and none is
     named by $THREEFOLD_DATA, a folder missing there being an error): what checks that can
     do with random images when the data is not installed ask first."""
-    if os.environ.get(DATA_DIR_ENV):
-        return find_data_dir(None, spec)
     try:
         return find_data_dir(None, spec)
     except UsageError:
+        if os.environ.get(DATA_DIR_ENV):
+            raise
         return None
 
 

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -65,7 +66,7 @@ class _DeadlineReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: memoryview) -> int:
         left = self.deadline - time.monotonic()
         if left > 0:
             self.sock.settimeout(min(TIMEOUT_SECONDS, left))
@@ -85,32 +86,40 @@ def _opener(deadline: float) -> urllib.request.OpenerDirector:
     """urllib's opener whose connections read their replies under `deadline`."""
 
     def under_deadline(connection: type) -> type:
+        """`connection` (http.client's) whose socket's replies go through a reader under
+        the deadline, once it is connected (over TLS too)."""
+
         class Connection(connection):
-            def connect(self):
+            def connect(self) -> None:
                 super().connect()
-                sock, reader = self.sock, _DeadlineReader(self.sock, deadline)
-
-                class Timed:  # the socket, its replies read through `reader`
-                    def makefile(self, mode: str, *args, **kwargs):
-                        return io.BufferedReader(reader)
-
-                    def __getattr__(self, name: str):
-                        return getattr(sock, name)
-
-                self.sock = Timed()
+                self.sock = _DeadlineSocket(self.sock, deadline)
 
         return Connection
 
     class Http(urllib.request.HTTPHandler):
-        def http_open(self, req):
+        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
             return self.do_open(under_deadline(http.client.HTTPConnection), req)
 
     class Https(urllib.request.HTTPSHandler):
-        def https_open(self, req):
+        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
             connection = under_deadline(http.client.HTTPSConnection)
             return self.do_open(connection, req, context=self._context)
 
     return urllib.request.build_opener(_RedirectOverHttp, Http, Https)
+
+
+class _DeadlineSocket:
+    """A connected socket whose replies http.client reads through a _DeadlineReader; all
+    else is the socket's own."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self._sock, self._deadline = sock, deadline
+
+    def makefile(self, mode: str, *args: Any, **kwargs: Any) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 def _fetch(url: str, target: Path, progress: bool, limit: int) -> None:

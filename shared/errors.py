@@ -6,6 +6,7 @@ import re
 import signal
 import sys
 import threading
+import unicodedata
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -25,13 +26,24 @@ MESSAGE_CHARACTERS = 1000
 
 
 def one_line(message: str) -> str:
-    """`message` as one line a terminal shows as it is: line breaks, colour codes and every
-    other character that is not printable escaped (names read from a file may hold any), at
-    most MESSAGE_CHARACTERS long."""
-    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    """`message` as one line a terminal shows as it is: control characters (line breaks,
+    colour codes) and the marks that reorder text escaped (names read from a file may hold
+    any); at most MESSAGE_CHARACTERS long, its start and its end (where the advice is) kept."""
+    shown = "".join(repr(c)[1:-1] if _hidden(c) else c for c in message)
     if len(shown) <= MESSAGE_CHARACTERS:
         return shown
-    return f"{shown[: MESSAGE_CHARACTERS - 40]} ... ({len(shown):,} characters in all)"
+    cut = f" ... ({len(shown):,} characters in all) ... "
+    head = (MESSAGE_CHARACTERS - len(cut)) * 3 // 5
+    return shown[:head] + cut + shown[-(MESSAGE_CHARACTERS - len(cut) - head) :]
+
+
+# Bidirectional controls: text after them shows in another order than it is.
+_BIDI_CONTROLS = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+
+
+def _hidden(c: str) -> bool:
+    """Whether a terminal would act on `c` rather than show it (a CJK or joiner stays)."""
+    return unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in _BIDI_CONTROLS
 
 
 def first_line(error: BaseException) -> str:

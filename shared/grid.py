@@ -187,8 +187,10 @@ class RunStore:
     def redo(self, configs: list[TrainConfig]) -> None:
         """Mark the kept runs of `configs`, which a fresh grid is about to train again, as
         stale in the file: none of them counts as stored until it has been."""
-        self.stale |= {self.key(config) for config in configs} & set(self.runs)
-        self._write()
+        stale = {self.key(config) for config in configs} & set(self.runs)
+        if not stale <= self.stale:  # nothing to mark: nothing written (no folder kept)
+            self.stale |= stale
+            self._write()
 
     def entry(self, config: TrainConfig) -> dict:
         """A stored run: its summary, and when, where and on how many cores it trained."""

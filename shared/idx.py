@@ -79,7 +79,12 @@ def is_idx_file(path: Path) -> bool:
             start = zlib.decompressobj(wbits=31).decompress(start, 4)
         except zlib.error:
             return False
-    return len(start) >= 4 and start[:3] == bytes([0, 0, _IDX_UBYTE]) and 1 <= start[3] <= 4
+    return _is_idx_magic(start[:4])
+
+
+def _is_idx_magic(magic: bytes) -> bool:
+    """Whether 4 bytes are an IDX magic number of unsigned bytes: 0x000008 then 1 to 4 dims."""
+    return len(magic) == 4 and magic[:3] == bytes([0, 0, _IDX_UBYTE]) and 1 <= magic[3] <= 4
 
 
 def _shape(dims: tuple[int, ...]) -> str:
@@ -91,7 +96,7 @@ def _read_header(stream: BinaryIO, name: str) -> IdxHeader:
     magic = stream.read(4)
     if len(magic) < 4:
         raise DataError(f"{name}: too short for an IDX header ({len(magic)} bytes)")
-    if magic[:2] != b"\0\0" or magic[2] != _IDX_UBYTE or not 1 <= magic[3] <= 4:
+    if not _is_idx_magic(magic):
         raise DataError(
             f"{name}: bad magic number 0x{magic.hex()} (expected 0x000008 followed by 01..04)"
         )

@@ -120,7 +120,8 @@ class Network:
             raise UsageError(f"{where}: {extra[0]} is not a tensor of the network")
         for name, tensor in expected.items():
             value = self.tensors[name]
-            if type(value) is not np.ndarray:  # a masked array hides NaN from isfinite
+            # A masked array hides its NaN from np.isfinite; a memmap is an array like any.
+            if not isinstance(value, np.ndarray) or isinstance(value, np.ma.MaskedArray):
                 raise UsageError(
                     f"{where}: tensor {name} is a {type(value).__name__}, not a plain NumPy array"
                 )
@@ -141,7 +142,8 @@ class Network:
                 "network computes in one dtype"
             )
         # In the network's own dtype: a std of 1e-40 makes float32 pixels inf.
-        _check_scaling(self.standardise, next(iter(floats.values()), np.float64).type, where)
+        dtype = next(iter(floats.values()), np.dtype(np.float64))
+        _check_scaling(self.standardise, dtype.type, where)
 
     def to_onnx(self, path: str | Path) -> Path:
         """Write the network as an ONNX graph (float32, a dynamic batch axis, opset

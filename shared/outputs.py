@@ -28,6 +28,8 @@ RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, CURVES_NAME)
 EVALUATION_FILES = ("confusion.png", "misclassified.png", "evaluation.json")  # evaluate.py's
 LOCK_NAME = ".lock"
 STORE_NAME = "runs.json"  # a grid's or a speedrun's finished runs (shared.grid.RunStore)
+# What the experiments' grid and a speedrun write beside their store, theirs alone to rewrite.
+STORE_RESULTS = ("results.json", "speedrun.md", "speedrun.json", "speedrun.png")
 
 
 def holds_run(folder: Path) -> bool:
@@ -242,9 +244,9 @@ def _check_other_files(
         raise UsageError(f"{flag} {path}: one of the files of the run in {path.parent}")
     if _holds_runs(path) and not (store and _same_file(path, store)):
         raise UsageError(f"{flag} {path}: holds the finished runs of a grid or a speedrun")
-    # A grid's results beside its store (results.json, the report, the figures) are its own
-    # to rewrite; another command's file there would replace one of them.
-    if store is None and path.is_file() and _holds_runs(path.parent / STORE_NAME):
+    # A grid's results beside its store are its own to rewrite.
+    beside = path.name in STORE_RESULTS and _holds_runs(path.parent / STORE_NAME)
+    if store is None and beside and path.is_file():
         raise UsageError(
             f"{flag} {path}: a result of the grid or speedrun whose finished runs are in "
             f"{path.parent / STORE_NAME}; choose another name"

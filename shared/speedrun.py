@@ -37,6 +37,7 @@ from shared.grid import (
 from shared.loop import train
 from shared.outputs import (
     STORE_NAME,
+    STORE_RESULTS,
     check_out_files,
     hold,
     prepare_out_dir,
@@ -75,7 +76,7 @@ RACES = {
     "strong": Race("strong", {"fast": STRONG_FAST_RECIPE}, 0.925, None, 3, "docs/speedrun-strong"),
 }
 # --quick: the same code on 2,000 images, for tests.
-OUTPUT_FILES = (STORE_NAME, "speedrun.md", "speedrun.json", "speedrun.png")
+OUTPUT_FILES = (STORE_NAME, *(name for name in STORE_RESULTS if name.startswith("speedrun")))
 
 # Every run of a race is planned (and listed in runs.json) before the first trains; each takes
 # minutes, so a thousand seeds is already weeks.

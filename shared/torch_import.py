@@ -481,9 +481,10 @@ def refuse_other_outputs(module: Any, network: Network, where: str) -> None:
 
     dtype = next(v.dtype for v in network.tensors.values() if v.dtype.kind == "f").type
     images = np.random.default_rng(0).random((3, *INPUT_SHAPE)).astype(dtype)
+    module.eval()  # not chained: a train() of the user's may return None
     try:
         with torch.no_grad():
-            theirs = module.eval()(torch.from_numpy(images))
+            theirs = module(torch.from_numpy(images))
     except USER_CODE_ERRORS as error:  # the user's forward: any error is theirs
         raise UsageError(
             f"{where}: its forward fails on a batch of 3 images in evaluation mode "
@@ -493,12 +494,17 @@ def refuse_other_outputs(module: Any, network: Network, where: str) -> None:
         got = tuple(theirs.shape) if isinstance(theirs, torch.Tensor) else type(theirs).__name__
         raise UsageError(f"{where}: gives {got} for 3 images, not (3, 10) logits")
     mean, std = network.standardise or (0.0, 1.0)
-    backend = make_backend("torch", network.arch, dtype)
-    ours = backend.predict(backend.init_state(network.tensors), (images - mean) / std)
-    theirs, ours = (
-        log_softmax(z.astype(np.float64)) for z in (theirs.detach().double().numpy(), ours)
-    )
-    apart = float(np.abs(theirs - ours).max() / max(1.0, np.abs(theirs).max()))
+    threads = torch.get_num_threads()  # impl_torch sets them on import: the caller's stay
+    try:
+        backend = make_backend("torch", network.arch, dtype)
+        ours = backend.predict(backend.init_state(network.tensors), (images - mean) / std)
+    finally:
+        torch.set_num_threads(threads)
+    logits = theirs.detach().double().numpy()
+    # Round-off grows with the logits, which log-probabilities hide (a shift of all of them).
+    scale = max(1.0, float(np.abs(logits).max()))
+    apart = float(np.abs(log_softmax(logits) - log_softmax(ours.astype(np.float64))).max())
+    apart /= scale
     if not apart <= AGREEMENT[dtype]:
         raise UsageError(
             f"{where}: its outputs differ from those of the layers read from it ({apart:.2g} "
@@ -507,7 +513,9 @@ def refuse_other_outputs(module: Any, network: Network, where: str) -> None:
         )
 
 
-def _tensor_read(module: Any, step: _Step, attribute: str, tensor: Tensor, where: str):
+def _tensor_read(
+    module: Any, step: _Step, attribute: str, tensor: Tensor, where: str
+) -> np.ndarray:
     """The tensor the submodule's forward reads (not the state_dict's, which a class may
     rewrite): a parameter where training moves it, a buffer where not, of the shape its
     settings give."""
@@ -517,7 +525,8 @@ def _tensor_read(module: Any, step: _Step, attribute: str, tensor: Tensor, where
     where = f"{where}: {step.module_path}.{attribute}"
     if tensor.trainable and not isinstance(value, torch.nn.Parameter | type(None)):
         raise UsageError(
-            f"{where}: a buffer, which the module never trains; threefold trains every weight"
+            f"{where}: not a parameter (a buffer, or a plain tensor), which the module never "
+            "trains; threefold trains every weight"
         )
     return canonical_array(value, tensor, where, f"where {step.what} computes")
 

@@ -55,10 +55,10 @@ from shared.spec import (
 from shared.typed import given_flags, parse_once, path_type, typed_path
 
 
-def _setting(name: str, typed: Any, config: TrainConfig) -> Any:
-    """The value setting `name` takes in the run of `config`, or typed as `typed` (None: as
-    the run has it): --tta as it applies (a run of None averages mirrors where it flips)."""
-    value = getattr(config, name) if typed is None else typed
+def _applied(name: str, value: Any, config: TrainConfig) -> Any:
+    """Setting `name` of value `value` as it applies in the run of `config`: --tta as the
+    run's flips make it (a tta of None averages mirrors where the run flips), any other as
+    it is."""
     return averages_mirrors(config.flip, value) if name == "tta" else value
 
 
@@ -94,9 +94,11 @@ def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConf
             f"{path}: history has {len(ckpt.meta['history'])} epochs for a run of {config.epochs}"
         )
     contradicting = [
-        f"--{name.replace('_', '-')} {getattr(args, name)} (the run has {getattr(config, name)})"
+        f"--{name.replace('_', '-')} {getattr(args, name)} (the run has "
+        f"{_applied(name, getattr(config, name), config)})"
         for name in sorted(typed & set(TrainConfig.__dataclass_fields__))
-        if _setting(name, getattr(args, name), config) != _setting(name, None, config)
+        if _applied(name, getattr(args, name), config)
+        != _applied(name, getattr(config, name), config)
     ]
     if "epochs" in typed and args.epochs != config.epochs:
         raise UsageError(
@@ -123,7 +125,7 @@ def check_same_data(ckpt: Checkpoint, data: Dataset, run_dir: Path) -> None:
             + (  # the folder itself changed: naming it again would send the user round
                 "its files have changed since; put the run's data back there"
                 if now["folder"] == trained_on.get("folder")
-                else f"pass --data-dir {trained_on.get('folder')}"
+                else f"pass --data-dir {typed_path(Path(trained_on['folder']))}"
             )
         )
 

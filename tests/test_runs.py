@@ -26,7 +26,7 @@ from shared.data import load_dataset
 from shared.errors import Interrupted, OutputError, UsageError
 from shared.io import remove_stale_temporaries, write_json
 from shared.loop import train
-from shared.outputs import fresh_run_dir, hold, replacing_run
+from shared.outputs import check_out_files, fresh_run_dir, hold, replacing_run
 from shared.spec import get_arch
 from tests.conftest import make_dataset_dir
 from tests.test_spec import usage_error
@@ -427,7 +427,7 @@ def test_resume_compares_the_flags_as_typed(finished_run, tiny_data_dir):
     for flag, agrees in (("--tta", True), ("--no-tta", False)):
         result = run_script("train.py", "--resume", str(finished_run), flag, *data)
         assert (result.returncode == 0) == agrees, result.stderr
-        assert agrees or "--tta False (the run has None)" in result.stderr
+        assert agrees or "--tta False (the run has True)" in result.stderr
     result = run_script("train.py", "--resume", str(finished_run), "--epochs", "15", *data)
     assert result.returncode == 2 and "--epochs 15" in result.stderr
     assert "planned for 2 epochs" in result.stderr and "start a new run" in result.stderr
@@ -1133,3 +1133,14 @@ def test_a_checkpoint_whose_data_folder_is_empty_is_not_resumed_from_here(finish
     said = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert said.endswith("cannot check that it continues on the same data, start a new run")
+
+
+def test_beside_a_store_only_its_own_results_are_refused(tmp_path):
+    """Any existing file beside a store was refused: a cross-check's --json there wrote once,
+    then never again."""
+    (tmp_path / "runs.json").write_text('{"runs": {}}')
+    for name in ("crosscheck.json", "results.json"):
+        (tmp_path / name).write_text("[]")
+    check_out_files([("--json", tmp_path / "crosscheck.json")])
+    with pytest.raises(UsageError, match="a result of the grid or speedrun whose finished runs"):
+        check_out_files([("--json", tmp_path / "results.json")])

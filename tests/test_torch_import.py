@@ -873,7 +873,7 @@ REFUSED = {
     ),
     "a weight as a buffer": (
         _altered(nn.Sequential(nn.Conv2d(1, 4, 3), head()), _frozen_as_buffer),
-        "module: 0.weight: a buffer, which the module never trains",
+        "module: 0.weight: not a parameter (a buffer, or a plain tensor), which the module",
     ),
     "no running statistics": (  # evaluation then normalises by the batch
         _altered(
@@ -1355,3 +1355,34 @@ def test_the_api_s_crosscheck_names_data_it_cannot_read_not_random_images(monkey
         threefold.crosscheck("flatten-fc10", dtypes=("float64",), steps=1, batch_size=2)
     with pytest.raises(UsageError, match="data=array"):
         threefold.crosscheck("flatten-fc10", data=np.zeros(3))
+
+
+class _TrainReturnsNothing(nn.Sequential):
+    def train(self, mode: bool = True):  # a common override that forgets `return self`
+        super().train(mode)
+
+
+def test_importing_keeps_the_caller_s_threads_and_takes_a_train_that_returns_nothing():
+    """The outputs' probe chained module.eval()(x), and made impl_torch's backend, whose import
+    set torch's threads for the whole process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        network = threefold.from_torch(_TrainReturnsNothing(nn.Flatten(), nn.Linear(784, 10)))
+        assert network.arch.name == "flatten-fc10" and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_module_whose_large_logits_differ_by_round_off_alone_is_read():
+    """Log-probabilities of large, close logits differ by round-off grown with the logits:
+    measured against log-probabilities' own size, an honest module was refused."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        fc = nn.Linear(64, 10)
+        module = nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(),
+                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc)  # fmt: skip
+        with torch.no_grad():
+            fc.weight.copy_(torch.ones(10, 64) + 1e-4 * torch.randn(10, 64))
+            module[0].weight.mul_(1000)
+    assert threefold.from_torch(module).arch.name.endswith("-fc10")
