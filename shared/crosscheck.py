@@ -292,6 +292,11 @@ def _head(masks: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     return {k: v[:n] for k, v in masks.items()}
 
 
+# The fewest steps the shared schedules are compared over: with 1 to 3, every step was
+# warm-up, and the cosine and linear parts were never met.
+SCHEDULE_STEPS = 20
+
+
 def shared_code_checks(
     config: TrainConfig, steps: int, seed: int, impls: tuple[str, ...] = IMPLEMENTATIONS
 ) -> list[CheckResult]:
@@ -303,6 +308,8 @@ def shared_code_checks(
     loss = make_backend("numpy", arch).loss_and_dlogits
     backends = [make_backend(impl, arch) for impl in impls]
     libraries = tuple(b.reference_library for b in backends if b.reference_library)
+    # The schedules over enough steps to leave their warm-up, however short the lockstep.
+    steps = max(steps, SCHEDULE_STEPS)
     rows = reference_checks(config, steps, check_warmup(steps), seed, loss, libraries)
     return [judge(row, "any", "-", "shared code vs libraries", tolerance(row.a)) for row in rows]
 

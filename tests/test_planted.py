@@ -242,6 +242,20 @@ def test_a_warm_up_one_step_late_is_caught_however_short_the_check(monkeypatch, 
     assert failed and all(check.startswith("schedule ") for check in failed)
 
 
+def test_a_schedule_wrong_after_its_warm_up_is_caught_in_a_one_step_check(monkeypatch):
+    """With --steps 1 every compared step was warm-up: a cosine or linear decay 1% off
+    passed, under rows named after it."""
+    on_time = shared.config.learning_rate
+
+    def off_after_warm_up(step, total_steps, base_lr, schedule, warmup_steps=0):
+        rate = on_time(step, total_steps, base_lr, schedule, warmup_steps)
+        return rate if step < warmup_steps else rate * 1.01
+
+    monkeypatch.setattr(shared.config, "learning_rate", off_after_warm_up)
+    failed = {r.check for r in crosscheck.shared_code_checks(TrainConfig(), 1, 0) if not r.passed}
+    assert {check.split(",")[0] for check in failed} >= {"schedule cosine", "schedule linear"}
+
+
 def test_an_erasing_box_one_row_too_tall_is_named_in_the_images(monkeypatch, jax_compiled_once):
     """It failed the lockstep's loss and tensors alone: no row named the augmentation."""
 
