@@ -22,7 +22,7 @@ from shared.layers import NUM_CLASSES
 from shared.loop import data_identity
 from shared.outputs import EVALUATION_FILES, check_out_files, hold, prepare_out_dir
 from shared.plots import plt, save_figure
-from shared.spec import get_arch
+from shared.spec import float_dtype, get_arch
 from shared.typed import parse_once, path_type
 
 
@@ -33,7 +33,7 @@ def evaluate_checkpoint(
     by `impl` whatever implementation wrote it (with `tta`, averaged over each image and its
     mirror image); also the logits (N, 10)."""
     # In the dtype it was trained in: a float64 run's own test loss, not float32's.
-    dtype = next(v.dtype for v in ckpt.params.values() if v.dtype.kind == "f")
+    dtype = float_dtype(ckpt.params)
     backend = make_backend(impl, get_arch(ckpt.meta["arch"], files=False), dtype)
     with np.errstate(over="ignore", invalid="ignore"):  # refused below, in one line
         logits = batched_logits(backend, backend.init_state(ckpt.params), data.test.x, tta)

@@ -21,7 +21,7 @@ from shared.io import a_path
 from shared.kinds import KINDS, kind_of, token
 from shared.layers import Residual
 from shared.outputs import check_nothing_kept
-from shared.spec import Arch, Params, cast_params, get_arch, is_onnx_file, tensors
+from shared.spec import Arch, Params, cast_params, float_dtype, get_arch, is_onnx_file, tensors
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,7 @@ class Network:
                 "network computes in one dtype"
             )
         # In the network's own dtype: a std of 1e-40 makes float32 pixels inf.
-        dtype = next(iter(floats.values()), np.dtype(np.float64))
-        _check_scaling(self.standardise, dtype.type, where)
+        _check_scaling(self.standardise, float_dtype(self.tensors).type, where)
 
     def to_onnx(self, path: str | Path) -> Path:
         """Write the network as an ONNX graph (float32, a dynamic batch axis, opset

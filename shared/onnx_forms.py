@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from shared.errors import UsageError
 from shared.layers import INPUT_SHAPE
+from shared.onnx_ops import constant_array
 
 
 def node_attributes(node) -> dict[str, Any]:
@@ -193,11 +195,9 @@ def gelus_written_out(nodes: list, constants: dict, outputs: set[str]) -> list:
 def _values(name: str, constants: dict) -> np.ndarray | None:
     """A constant's values; None where there is none, or where its data does not fill its
     shape (the node that reads it is then read, or refused, on its own)."""
-    from onnx import numpy_helper
-
     try:
-        return numpy_helper.to_array(constants[name]) if name in constants else None
-    except (ValueError, TypeError):
+        return constant_array(constants[name], name) if name in constants else None
+    except UsageError:
         return None
 
 

@@ -210,8 +210,8 @@ def _claims_folder() -> Path:
 @contextlib.contextmanager
 def claimed_cores(count: int) -> Iterator[list[int]]:
     """Pin this process to `count` cores of its affinity that no other process of this user
-    on the node has claimed, waiting until that many are free. Each core is claimed by a kernel lock
-    (flock) on a file of its own, so a killed run frees its cores."""
+    on the node has claimed, waiting until that many are free. Each core is claimed by a
+    kernel lock (flock) on a file of its own, so a killed run frees its cores."""
     cores = sorted(os.sched_getaffinity(0))
     count = min(count, len(cores))
     folder = _claims_folder()

@@ -478,6 +478,12 @@ def tensor_dtype(arch: Arch, name: str, dtype: Any) -> np.dtype:
     return np.dtype(np.int64) if name in arch.counters else np.dtype(dtype)
 
 
+def float_dtype(params: Params) -> np.dtype:
+    """The dtype a network's float tensors compute in (a checked network has one); float64
+    where it has none."""
+    return next((v.dtype for v in params.values() if v.dtype.kind == "f"), np.dtype(np.float64))
+
+
 def cast_params(params: Params, arch: Arch, dtype: Any) -> Params:
     """Canonical tensors in `dtype` (counters int64), copied; a UsageError naming a tensor
     whose finite values `dtype` cannot hold (a float64 weight of 1e300 in float32)."""

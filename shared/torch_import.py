@@ -25,7 +25,7 @@ from shared.kinds import sliding, token
 from shared.layers import INPUT_SHAPE, Layer, Tensor, show_shape
 from shared.metrics import log_softmax
 from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
-from shared.spec import Entry, build_layers, get_arch, tensors
+from shared.spec import Entry, build_layers, float_dtype, get_arch, tensors
 from shared.torch_ops import (
     DROP,
     METHODS,
@@ -453,7 +453,9 @@ def from_torch(module: Any, where: str = "module") -> Network:
                 continue
             attribute = name[len(layer.name) + 1 :]
             theirs = f"{step.module_path}.{attribute}"
-            canonical[name] = _tensor_read(module, step, attribute, expected[name], where)
+            canonical[name] = _tensor_read(
+                module, step, attribute, expected[name], f"{where}: {theirs}"
+            )
             moved.append((theirs, name))
         written = token(layer, every=True)
         block = arch.layers[position[0]].name if len(position) > 1 else ""
@@ -479,7 +481,7 @@ def refuse_other_outputs(module: Any, network: Network, where: str) -> None:
 
     from shared.backend import make_backend
 
-    dtype = next(v.dtype for v in network.tensors.values() if v.dtype.kind == "f").type
+    dtype = float_dtype(network.tensors).type
     images = np.random.default_rng(0).random((3, *INPUT_SHAPE)).astype(dtype)
     module.eval()  # not chained: a train() of the user's may return None
     try:
@@ -518,11 +520,10 @@ def _tensor_read(
 ) -> np.ndarray:
     """The tensor the submodule's forward reads (not the state_dict's, which a class may
     rewrite): a parameter where training moves it, a buffer where not, of the shape its
-    settings give."""
+    settings give; errors name `where` (the module and the tensor's name)."""
     import torch
 
     value = getattr(module.get_submodule(step.module_path), attribute, None)
-    where = f"{where}: {step.module_path}.{attribute}"
     if tensor.trainable and not isinstance(value, torch.nn.Parameter | type(None)):
         raise UsageError(
             f"{where}: not a parameter (a buffer, or a plain tensor), which the module never "

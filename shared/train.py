@@ -314,8 +314,8 @@ def _start(args: argparse.Namespace, typed: set[str]) -> int:
             raise UsageError(f"--out {folder}: is a file, not a folder")
         if folder.is_dir():
             refuse_odd_run_files(folder)
-        if not args.overwrite and folder.is_dir():
-            _refuse_a_run_in(folder)
+            if not args.overwrite:
+                _refuse_a_run_in(folder)
     data = _load_data(args, config, None)
     train_split(config, arch, data)  # --limit and --batch-size fit the data
     if folder is None:

@@ -17,7 +17,7 @@ from shared.errors import UsageError
 from shared.io import a_path
 from shared.network import Network, identity_mapping, import_network, load_network
 from shared.proof.rows import CheckResult
-from shared.spec import Arch, get_arch, init_params, is_model_file
+from shared.spec import Arch, float_dtype, get_arch, init_params, is_model_file
 from shared.torch_import import from_torch
 
 
@@ -90,7 +90,7 @@ def to_torch(subject: Network | str):
 
     net = _as_network(subject, "to_torch")
     module = as_module(net.arch, net.standardise)
-    if any(v.dtype == np.float64 for v in net.tensors.values()):
+    if float_dtype(net.tensors) == np.float64:
         module = module.double()  # a float64 network (from a .double() module) stays one
     state = {k: torch.from_numpy(np.array(v)) for k, v in net.tensors.items()}
     module.load_state_dict(state, strict=True)

@@ -126,9 +126,10 @@ def schedule_checks(
     """Our schedule of every step against each of `libraries`' (optax's, PyTorch's)."""
     check = f"schedule {config.schedule}, warm-up {warmup_steps} of {total_steps}"
     ours = schedule_ours(config, total_steps, warmup_steps)
-    for library in libraries:
-        theirs = SCHEDULES_OF[library](config, total_steps, warmup_steps)
-        yield Compared(check, f"shared-{library}", ours, theirs)
+    for library, schedule in SCHEDULES_OF.items():
+        if library in libraries:
+            theirs = schedule(config, total_steps, warmup_steps)
+            yield Compared(check, f"shared-{library}", ours, theirs)
 
 
 def loss_batches(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -203,8 +204,9 @@ def loss_checks(
         # metrics.cross_entropy works in float64 whatever the logits, so its references do too.
         evaluated = np.array(metrics.cross_entropy(logits, labels))
         wide = logits.astype(np.float64)
-        for library in libraries:
-            reference = LOSSES_OF[library]
+        for library, reference in LOSSES_OF.items():
+            if library not in libraries:
+                continue
             their_loss, their_dlogits = reference(logits, labels, smoothing)
             pair = f"numpy-{library}"
             yield Compared(f"loss, smoothing {smoothing:g}, {name}", pair, loss, their_loss)
