@@ -131,12 +131,6 @@ def _read_step(module: Any, node: Any, current: Any, calls: dict, where: str) ->
             f"{where}: {node.name} ({name_of(node)}): takes {takes}; threefold's networks "
             "are chains of layers and residual blocks, each taking the one before's output"
         )
-    if len(users(current)) > 1 and _writes_its_input(module, node, calls):
-        raise UsageError(
-            f"{where}: {node.name} ({name_of(node)}): in place on a value another path also "
-            "reads, which then reads the result; threefold's layers make new values (drop "
-            "inplace=True)"
-        )
     shape_in, shape_out = image_shape(current), image_shape(node)
     if shape_out is None:
         raise UsageError(f"{where}: {node.name} ({name_of(node)}): does not give a tensor")
@@ -158,6 +152,15 @@ def _writes_its_input(module: Any, node: Any, calls: dict) -> bool:
         except Refused:  # refused with its own message once read
             return False
     return False
+
+
+def _gives_its_input(taken: Taken) -> bool:
+    """Whether an operation read as `taken` may return its input, or a view of it: an
+    identity, a reshape, and a dropout (in evaluation mode). An operation in place after it
+    writes the value it was given."""
+    return (
+        taken is None or isinstance(taken, str) or taken[0] in ("flatten", "dropout", "dropout2d")
+    )
 
 
 def _is_add(node: Any) -> bool:
@@ -183,8 +186,16 @@ def _read_block(module: Any, fork: Any, calls: dict, where: str) -> tuple[_Block
     paths, ends, read = [], [], set()
     for user in takers:
         steps, previous, node = [], fork, user
+        aliased = True  # the fork's output itself, or a view of it
         while len(tensor_inputs(node)) < 2:  # up to the node joining the paths
+            if aliased and _writes_its_input(module, node, calls):
+                raise UsageError(
+                    f"{where}: {node.name} ({name_of(node)}): in place on a value another "
+                    "path also reads, which then reads the result; threefold's layers make "
+                    "new values (drop inplace=True)"
+                )
             steps.append(_read_step(module, node, previous, calls, where))
+            aliased = _gives_its_input(steps[-1].taken)
             read.add(node)
             following = users(node)
             if not following:
@@ -473,10 +484,11 @@ AGREEMENT = {np.float32: 2e-5, np.float64: 1e-10}
 
 
 def refuse_other_outputs(module: Any, network: Network, where: str) -> None:
-    """Refuse a module whose evaluation-mode outputs on 3 seeded random images differ from
-    the network read from it (threefold's PyTorch implementation), as log-probabilities (a
-    final LogSoftmax is dropped): what torch.fx did not record (a replaced __call__, autocast,
-    a size read from the batch) would otherwise be imported as something else."""
+    """Refuse a module whose evaluation-mode outputs on 3 seeded random images, or their
+    gradients with respect to the images, differ from those of the network read from it
+    (threefold's PyTorch implementation), as log-probabilities (a final LogSoftmax is
+    dropped): what torch.fx did not record (a replaced __call__, autocast, a size read from
+    the batch, a path under torch.no_grad) would otherwise be imported as something else."""
     import torch
 
     from shared.backend import make_backend
@@ -485,8 +497,7 @@ def refuse_other_outputs(module: Any, network: Network, where: str) -> None:
     images = np.random.default_rng(0).random((3, *INPUT_SHAPE)).astype(dtype)
     module.eval()  # not chained: a train() of the user's may return None
     try:
-        with torch.no_grad():
-            theirs = module(torch.from_numpy(images))
+        theirs, their_slope = _outputs_and_slope(module, images)
     except USER_CODE_ERRORS as error:  # the user's forward: any error is theirs
         raise UsageError(
             f"{where}: its forward fails on a batch of 3 images in evaluation mode "
@@ -495,24 +506,62 @@ def refuse_other_outputs(module: Any, network: Network, where: str) -> None:
     if not isinstance(theirs, torch.Tensor) or tuple(theirs.shape) != (3, 10):
         got = tuple(theirs.shape) if isinstance(theirs, torch.Tensor) else type(theirs).__name__
         raise UsageError(f"{where}: gives {got} for 3 images, not (3, 10) logits")
-    mean, std = network.standardise or (0.0, 1.0)
     threads = torch.get_num_threads()  # impl_torch sets them on import: the caller's stay
     try:
-        backend = make_backend("torch", network.arch, dtype)
-        ours = backend.predict(backend.init_state(network.tensors), (images - mean) / std)
+        ours_module = make_backend("torch", network.arch, dtype).model.as_module(
+            network.arch, network.standardise
+        )
     finally:
         torch.set_num_threads(threads)
+    ours_module.to(torch.float64 if dtype == np.float64 else torch.float32).load_state_dict(
+        {name: torch.from_numpy(np.array(value)) for name, value in network.tensors.items()}
+    )
+    ours, our_slope = _outputs_and_slope(ours_module.eval(), images)
     logits = theirs.detach().double().numpy()
     # Round-off grows with the logits, which log-probabilities hide (a shift of all of them).
     scale = max(1.0, float(np.abs(logits).max()))
-    apart = float(np.abs(log_softmax(logits) - log_softmax(ours.astype(np.float64))).max())
-    apart /= scale
+    ours = ours.detach().double().numpy()
+    apart = float(np.abs(log_softmax(logits) - log_softmax(ours)).max()) / scale
     if not apart <= AGREEMENT[dtype]:
         raise UsageError(
             f"{where}: its outputs differ from those of the layers read from it ({apart:.2g} "
             "apart): its forward computes what torch.fx does not record (autocast, a replaced "
             "__call__, a size read from the batch)"
         )
+    if their_slope is None or our_slope is None:
+        return
+    apart = float(np.abs(their_slope - our_slope).max()) / max(
+        float(np.abs(our_slope).max()), np.finfo(dtype).tiny
+    )
+    if not apart <= AGREEMENT[dtype]:
+        raise UsageError(
+            f"{where}: its gradients with respect to the images differ from those of the "
+            f"layers read from it ({apart:.2g} apart): part of its forward runs under "
+            "torch.no_grad or inference_mode, which torch.fx does not record"
+        )
+
+
+def _outputs_and_slope(module: Any, images: np.ndarray) -> tuple[Any, np.ndarray | None]:
+    """The module's outputs (N, 10) for images (N, 1, 28, 28), and the gradient (N, 1, 28,
+    28) of its log-probabilities in a seeded random direction with respect to the images, or
+    None where no gradient reaches its outputs (weights made under inference_mode, a forward
+    without gradients) or they are not (N, 10)."""
+    import torch
+
+    x = torch.from_numpy(images).requires_grad_()
+    # Inference tensors cannot be saved for a backward.
+    frozen = any(t.is_inference() for t in module.parameters())
+    with torch.inference_mode(False), torch.set_grad_enabled(not frozen):
+        out = module(x)
+        shaped = isinstance(out, torch.Tensor) and tuple(out.shape) == (len(images), 10)
+        # A forward wholly without gradients in evaluation mode (as `torch.set_grad_enabled(
+        # self.training)` makes it) is one an inference may run; training's are probed apart.
+        if not shaped or not out.requires_grad:
+            return out, None
+        direction = torch.from_numpy(np.random.default_rng(1).standard_normal(out.shape))
+        log_probabilities = torch.log_softmax(out.double(), dim=1)
+        (slope,) = torch.autograd.grad((log_probabilities * direction).sum(), x, allow_unused=True)
+    return out, np.zeros(images.shape) if slope is None else slope.double().numpy()
 
 
 def _tensor_read(

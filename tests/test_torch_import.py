@@ -512,6 +512,19 @@ def _in_place_fork(m, x):
     return m.fc(torch.flatten(F.relu(h, inplace=True) + h, 1))  # PyTorch adds relu(h) twice
 
 
+def _in_place_on_a_view_of_the_fork(m, x):
+    h = m.conv(x)
+    # Dropout in place on nn.Identity's output drops the shortcut's values too, in training.
+    return m.fc(torch.flatten(m.conv2(m.drop(m.same(h))) + h, 1))
+
+
+def _shortcut_under_no_grad(m, x):
+    h = torch.relu(m.conv(x))
+    with torch.no_grad():  # the shortcut sends no gradient back; torch.fx records a view
+        shortcut = h.view(h.size(0), 4, 26, 26)
+    return m.fc(torch.flatten(m.conv2(h) + shortcut, 1))
+
+
 def _result_never_used(m, x):
     h = m.conv(x)
     F.relu(h)
@@ -559,6 +572,26 @@ REFUSED = {
     "in place on a fork": (
         Chain(_in_place_fork, conv=nn.Conv2d(1, 4, 3), fc=nn.Linear(HEAD, 10)),
         "relu (relu): in place on a value another path also reads",
+    ),
+    "in place on a view of a fork": (
+        Chain(
+            _in_place_on_a_view_of_the_fork,
+            conv=nn.Conv2d(1, 4, 3),
+            same=nn.Identity(),
+            drop=nn.Dropout(0.5, inplace=True),
+            conv2=nn.Conv2d(4, 4, 3, padding=1),
+            fc=nn.Linear(HEAD, 10),
+        ),
+        "drop (drop): in place on a value another path also reads",  # passed every check
+    ),
+    "a shortcut under no_grad": (
+        Chain(
+            _shortcut_under_no_grad,
+            conv=nn.Conv2d(1, 4, 3),
+            conv2=nn.Conv2d(4, 4, 3, padding=1),
+            fc=nn.Linear(HEAD, 10),
+        ),
+        "module: its gradients with respect to the images differ from those of the layers",
     ),
     "an option by mode": (
         Chain(
