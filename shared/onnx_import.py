@@ -237,6 +237,12 @@ def _block(
             path.insert(0, node)
             value = node.input[0]
         paths.append(path)
+    shared = next((n for n in paths[0] if any(n is m for m in paths[1])), None)
+    if shared is not None:  # counted twice, it would hide a node on neither path
+        raise UsageError(
+            f"{label}: {shared.name} ({shared.op_type}): on both paths from {fork} to "
+            f"{add.name}; a residual block's two paths share no node"
+        )
     if len(paths[0]) + len(paths[1]) != len(inside):
         raise UsageError(
             f"{label}: {add.name} (Add): nodes between {fork} and it are on neither "

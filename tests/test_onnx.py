@@ -1472,8 +1472,23 @@ def test_what_the_reader_cannot_take_is_named_in_the_file_s_own_terms(tmp_path):
         helper.make_node("Add", ["x", "i"], ["a"]),
         helper.make_node("Flatten", ["a"], ["flat"], axis=1),
     ]
+    # A conv on both paths, a node reading x read by none: counted twice, the conv hid it,
+    # and the block was read with two convs where the file has one.
+    conv_weight = numpy_helper.from_array(np.ones((2, 1, 1, 1), np.float32), "cw")
+    wide_fc, wide_weights = random_fc("flat", 2 * 784)
+    on_both = [
+        helper.make_node("Conv", ["x", "cw"], ["c"], "conv", kernel_shape=[1, 1]),
+        helper.make_node("Sigmoid", ["x"], ["unread"], "unread"),
+        helper.make_node("Relu", ["c"], ["r"], "relu"),
+        helper.make_node("Add", ["r", "c"], ["a"], "add"),
+        helper.make_node("Flatten", ["a"], ["flat"], axis=1),
+    ]
     for path, message in [
         (tmp_path / "two.onnx", "two.onnx: 2 outputs; threefold's networks give one"),
+        (
+            graph_file(tmp_path, [*on_both, *wide_fc], [conv_weight, *wide_weights], "both.onnx"),
+            r"conv \(Conv\): on both paths from x to add",
+        ),
         (
             graph_file(tmp_path, [flatten, matmul], [wt], "mm.onnx"),
             r"node 1 \(MatMul\): no Add of a bias after it",
