@@ -317,8 +317,9 @@ Entry = tuple[str, str, dict[str, Any]]
 _BY_LENGTH = sorted(KINDS, key=len, reverse=True)
 
 
-def _tokens(text: str, where: str) -> list[Entry]:
-    """The entries of a compact spec such as `conv16-bn-relu-maxpool2-flatten-fc10`."""
+def _tokens(text: str, where: str, in_block: bool = False) -> list[Entry]:
+    """The entries of a compact spec such as `conv16-bn-relu-maxpool2-flatten-fc10`
+    (`in_block`: a block's layers)."""
     if not text.strip():
         raise UsageError(
             f"{where}: the spec is empty; write layers such as conv8-relu-flatten-fc10"
@@ -335,9 +336,13 @@ def _tokens(text: str, where: str) -> list[Entry]:
             )
         kind = KINDS[name]
         if kind.layer is Residual:
+            if in_block:  # refused before reading deeper: 500 nested blocks overflowed
+                raise UsageError(
+                    f"{where}: {label}: a block holds a chain of layers, not another block"
+                )
             if not (token.startswith(f"{name}(") and token.endswith(")")):
                 raise UsageError(f"{where}: {label} is malformed; write {kind.example}")
-            body = _tokens(token[len(name) + 1 : -1], f"{where} {name}(...)")
+            body = _tokens(token[len(name) + 1 : -1], f"{where} {name}(...)", in_block=True)
             body = [(f"{inner} in {label}", k, o) for inner, k, o in body]
             entries.append((label, name, {"body": body}))
             continue

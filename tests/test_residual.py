@@ -79,6 +79,8 @@ def test_a_file_writes_a_block_as_a_table_or_a_token(tmp_path):
         ("conv4-res()-flatten-fc10", ["spec is empty"]),
         ("conv4-res-flatten-fc10", ["token 'res'", "malformed", "res(L)"]),
         ("conv4-res(res(conv4))-flatten-fc10", ["a block holds a chain"]),
+        # 500 deep, 2,523 characters: a RecursionError's traceback
+        ("conv4-" + "res(" * 500 + "relu" + ")" * 500 + "-flatten-fc10", ["a block holds a chain"]),
         ("conv4-res(conv4-flatten)-fc10", ["end flat"]),
         ("conv4-res(conv8k3p0)-flatten-fc10", ["4x28x28 to 8x26x26", "1x1"]),
         ("conv4-res(fc10)-flatten-fc10", ["token 'fc10' in token 'res(fc10)'", "flatten"]),
