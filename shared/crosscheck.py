@@ -326,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NETWORK",
         help="network to check: a preset, a spec, a .json/.toml file, a PyTorch model "
         "FILE.py:NAME (the file is executed) or an ONNX FILE.onnx, as train.py --arch; a "
-        "model file is checked from its own weights (repeatable; default: lab and pool)",
+        "model file is checked from its own weights, a module's drawn from --seed "
+        "(repeatable; default: lab and pool)",
     )
     parser.add_argument(
         "--dtype",
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         # A model file is proven from its own weights; a spec or preset from seeded ones.
         archs, initial, named = [], {}, {}
         for text in args.arch or ["lab", "pool"]:
-            network = import_network(text) if is_model_file(text) else None
+            network = import_network(text, seed=args.seed) if is_model_file(text) else None
             arch = get_arch(text) if network is None else network.arch
             # Checked twice, or (two model files) both from the weights of one of them.
             if arch.name in named:

@@ -254,16 +254,16 @@ def identity_mapping(arch: Arch) -> tuple[Mapped, ...]:
     )
 
 
-def import_network(text: str, where: str = "--arch") -> Network:
-    """The network of a model file: a PyTorch FILE.py:NAME (the file is executed) or an ONNX
-    FILE.onnx, with the file's own weights."""
+def import_network(text: str, where: str = "--arch", seed: int = 0) -> Network:
+    """The network of a model file: a PyTorch FILE.py:NAME (the file is executed, torch's
+    random numbers seeded by `seed`) or an ONNX FILE.onnx, with the file's own weights."""
     if is_onnx_file(text):
         from shared.onnx_import import from_onnx
 
         return from_onnx(text, where)
     from shared.torch_files import import_file
 
-    return import_file(text, where)
+    return import_file(text, where, seed)
 
 
 def load_weights(

@@ -25,10 +25,19 @@ MAX_WEIGHTS_FILE_BYTES = 2**30
 ZIP_SLACK_BYTES = 2**20  # a state_dict zip's names, pickle and alignment, beyond the data
 
 
-def load_module_file(text: str, where: str = "--arch") -> tuple[Any, str]:
+def load_module_file(text: str, where: str = "--arch", seed: int = 0) -> tuple[Any, str]:
     """The module FILE.py:NAME builds (NAME a class or function called with no arguments, or
     a module itself: `Net = nn.Sequential(...)`), and the label naming it. The file is
-    executed, as importing it would."""
+    executed, as importing it would, with torch's random numbers seeded by `seed` (and the
+    caller's left as they were): the weights its layers draw are the same on every call."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _built_module(text, where)
+
+
+def _built_module(text: str, where: str) -> tuple[Any, str]:
     path_text, _, name = text.rpartition(":")
     path, label = Path(path_text), f"{where} {text}"
     if not path.is_file():
@@ -48,7 +57,7 @@ def load_module_file(text: str, where: str = "--arch") -> tuple[Any, str]:
         defined = sorted(k for k, v in vars(namespace).items() if callable(v) and k[0] != "_")
         raise UsageError(f"{label}: {path.name} defines no {name} (it has {', '.join(defined)})")
     built = getattr(namespace, name)
-    import torch  # the file has imported it, to build a module
+    import torch
 
     if isinstance(built, torch.nn.Module):  # called, it would run its forward on nothing
         return built, label
@@ -59,9 +68,9 @@ def load_module_file(text: str, where: str = "--arch") -> tuple[Any, str]:
     return module, label
 
 
-def import_file(text: str, where: str = "--arch") -> Network:
-    """The network of a model file FILE.py:NAME."""
-    module, label = load_module_file(text, where)
+def import_file(text: str, where: str = "--arch", seed: int = 0) -> Network:
+    """The network of a model file FILE.py:NAME, its weights drawn from `seed`."""
+    module, label = load_module_file(text, where, seed)
     return from_torch(module, label)
 
 

@@ -270,6 +270,18 @@ def test_a_model_file_may_name_a_module_built_at_its_top(tmp_path):
     assert import_file(f"{tmp_path / 'model.py'}:Net").spec == "flatten-fc10"
 
 
+def test_a_model_file_s_weights_are_drawn_from_the_seed_and_leave_the_caller_s_generator():
+    # They were drawn from the caller's generator: each call, and each cross-check, differed.
+    model = f"{MODELS / 'd2l_lenet.py'}:build"
+    torch.manual_seed(7)
+    expected = torch.rand(1)
+    torch.manual_seed(7)
+    first, again, other = (threefold.network(model, seed=s) for s in (0, 0, 1))
+    assert torch.rand(1) == expected
+    assert all(np.array_equal(first.tensors[k], again.tensors[k]) for k in first.tensors)
+    assert not np.array_equal(first.tensors["conv1.weight"], other.tensors["conv1.weight"])
+
+
 def test_the_crosscheck_command_takes_a_model_file():
     result = run(
         "scripts/crosscheck.py", "--arch", f"{MODELS / 'keras_simple_convnet.py'}:build",

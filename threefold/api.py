@@ -23,7 +23,8 @@ from shared.torch_import import from_torch
 
 def network(spec: str, seed: int = 0, init: str = "he") -> Network:
     """A network from a preset, a spec or a .json/.toml/FILE.py:NAME, with initial weights
-    drawn by `init` from `seed` (a model file's own weights for FILE.py:NAME)."""
+    drawn by `init` from `seed`; a model file's own weights for FILE.py:NAME (its layers'
+    draws from torch's generator seeded by `seed`) or FILE.onnx."""
     if not isinstance(spec, str):
         raise UsageError(f"network: {spec!r} is not a spec (a str)")
     seed = python_int(seed)
@@ -32,7 +33,7 @@ def network(spec: str, seed: int = 0, init: str = "he") -> Network:
         if problem is not None:
             raise UsageError(f"network: {name}={value!r}: {problem}")
     if is_model_file(spec):
-        return import_network(spec, "network")
+        return import_network(spec, "network", seed)
     arch = get_arch(spec, "network")
     return Network(
         arch, init_params(arch, init, seed, np.dtype(np.float32)), identity_mapping(arch)
