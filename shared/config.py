@@ -365,9 +365,15 @@ def check_config(config: TrainConfig) -> None:
                 f"{flag} {value:g} is subnormal in {config.dtype}, which XLA takes for 0; "
                 f"give at least {np.finfo(dtype).tiny:.3g}"
             )
-    betas = [("--beta1", config.beta1), ("--beta2", config.beta2)]
-    for flag, value in betas if config.optimizer != "sgd" else []:
-        if float(dtype(value)) == 1.0 != value:  # 1 - beta**t would be 0: JAX's optax divides
+    # Below 1 by their ranges: a beta of 1 makes 1 - beta**t 0, which JAX's optax divides by.
+    below_one = [("--label-smoothing", config.label_smoothing)]
+    below_one += (
+        [("--momentum", config.momentum)]
+        if config.optimizer == "sgd"
+        else [("--beta1", config.beta1), ("--beta2", config.beta2)]
+    )
+    for flag, value in below_one:
+        if float(dtype(value)) == 1.0 != value:
             raise UsageError(f"{flag} {value!r} is 1 in {config.dtype}, which the run uses")
     if config.warmup is not None and config.warmup > config.epochs / 2:
         raise UsageError(

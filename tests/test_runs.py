@@ -726,6 +726,15 @@ def test_a_value_only_jax_would_take_otherwise_is_refused(flag, value, said):
     check_config(TrainConfig(optimizer="adam", dtype="float64", **{flag[2:]: float(value)}))
 
 
+@pytest.mark.parametrize("flag", ["--momentum", "--label-smoothing"])
+def test_a_value_below_1_that_is_1_in_the_run_s_dtype_is_refused(flag):
+    # Both were taken as 1, which their ranges exclude.
+    field = flag[2:].replace("-", "_")
+    with pytest.raises(UsageError, match=re.escape(f"{flag} 0.999999999 is 1 in float32")):
+        check_config(TrainConfig(**{field: 0.999999999}))
+    check_config(TrainConfig(dtype="float64", **{field: 0.999999999}))
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
