@@ -49,7 +49,9 @@ TEMPORARY_NAME_EXTRA = len("..1234567.abcdefgh.tmp")
 def _temporary_beside(path: Path) -> tuple[int, str]:
     """A new hidden file in `path`'s folder, (its descriptor, its name), named
     `.NAME.PID.*.tmp`: the pid tells a later clean-up (remove_stale_temporaries) whether
-    the writer may still be alive."""
+    the writer may still be alive. Those a killed writer of `path` left go first: a killed
+    export.py left a copy of its graph that no later command removed."""
+    remove_stale_temporaries(path.parent, (path.name,))
     return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
 
 

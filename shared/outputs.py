@@ -182,11 +182,12 @@ def _check_writable(path: Path, flag: str) -> None:
         raise UsageError(f"{flag} {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: folder {folder} is not writable")
-    room = os.pathconf(folder, "PC_NAME_MAX") - TEMPORARY_NAME_EXTRA
+    # A file written with others (io.staged) is written under a temporary's temporary.
+    room = os.pathconf(folder, "PC_NAME_MAX") - 2 * TEMPORARY_NAME_EXTRA
     if len(os.fsencode(path.name)) > room:
         raise UsageError(
             f"{flag} {path}: a name of {len(os.fsencode(path.name))} bytes; at most {room} here "
-            "(the temporary written beside it adds to it)"
+            "(the temporaries written beside it add to it)"
         )
 
 

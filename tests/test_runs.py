@@ -24,7 +24,13 @@ from shared.checkpoint import load_checkpoint
 from shared.config import ADDED_FIELDS, FIELDS, TrainConfig, check_config
 from shared.data import load_dataset
 from shared.errors import Interrupted, OutputError, UsageError
-from shared.io import remove_stale_temporaries, write_json
+from shared.io import (
+    TEMPORARY_NAME_EXTRA,
+    remove_stale_temporaries,
+    staged,
+    write_json,
+    write_text,
+)
 from shared.loop import train
 from shared.outputs import check_out_files, fresh_run_dir, hold, replacing_run
 from shared.spec import get_arch
@@ -316,6 +322,30 @@ def test_start_up_clean_up_spares_live_writers_and_files_not_its_own(tmp_path):
         path.write_text("partial")
     remove_stale_temporaries(tmp_path, ("metrics.json", "checkpoint.npz"))
     assert mine.exists() and not dead.exists() and all(path.exists() for path in users)
+
+
+def test_a_write_removes_what_a_killed_writer_of_its_file_left(tmp_path):
+    # A killed export.py left its graph's temporary, which no later export removed.
+    target = tmp_path / "m.onnx"
+    dead = tmp_path / ".m.onnx.999999999.abcd1234.tmp"
+    mine = tmp_path / f".m.onnx.{os.getpid()}.abcd1234.tmp"  # a write in progress
+    for path in (dead, mine):
+        path.write_text("partial")
+    write_text(target, "graph")
+    assert target.read_text() == "graph" and mine.exists() and not dead.exists()
+
+
+def test_the_longest_name_an_output_may_take_is_written_with_another(tmp_path):
+    # Written with others, a file is written under a temporary's temporary: a name the
+    # check let through (room for one) failed after the command's work.
+    room = os.pathconf(tmp_path, "PC_NAME_MAX") - 2 * TEMPORARY_NAME_EXTRA
+    longest = tmp_path / ("g" * room)
+    check_out_files([("--onnx", longest)])
+    with staged(longest) as hidden:
+        write_text(hidden, "graph")
+    assert longest.read_text() == "graph"
+    with pytest.raises(UsageError, match=f"a name of {room + 1} bytes; at most {room} here"):
+        check_out_files([("--onnx", tmp_path / ("g" * (room + 1)))])
 
 
 # --- resume ---------------------------------------------------------------------------------
