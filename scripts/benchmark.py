@@ -1,7 +1,9 @@
 """Time the three implementations side by side: python scripts/benchmark.py [--help]."""
 
-from shared.benchmark import main
-from shared.errors import exit_process
+from shared.errors import exit_process, stopped_in_one_line
 
 if __name__ == "__main__":
-    exit_process(main())
+    with stopped_in_one_line():  # from the first heavy import on
+        from shared.benchmark import main
+
+        exit_process(main())

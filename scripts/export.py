@@ -1,7 +1,9 @@
 """Export a checkpoint: python scripts/export.py CHECKPOINT --onnx FILE.onnx."""
 
-from shared.errors import exit_process
-from shared.export import main
+from shared.errors import exit_process, stopped_in_one_line
 
 if __name__ == "__main__":
-    exit_process(main())
+    with stopped_in_one_line():  # from the first heavy import on
+        from shared.export import main
+
+        exit_process(main())

@@ -222,3 +222,15 @@ def exit_process(code: int) -> NoReturn:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+@contextlib.contextmanager
+def stopped_in_one_line() -> Iterator[None]:
+    """Around a script's start: Ctrl-C before the command's own handling is in place (during
+    its imports, a second at most) ends it as a stop does later, in one line with status 130,
+    not in a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        print(f"\n{os.path.basename(sys.argv[0])}: {interrupted(stop)}", file=sys.stderr)
+        exit_process(128 + signal.SIGINT)

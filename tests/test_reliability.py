@@ -475,6 +475,28 @@ def test_a_stopped_script_with_jax_loaded_leaves_without_python_s_clean_up(code,
     assert ("clean-up ran" in done.stdout) == cleaned
 
 
+# Ctrl-C during a script's imports, before run_cli handles stops.
+STOPPED_WHILE_IMPORTING = """
+import os, signal, sys, time
+from shared.errors import stopped_in_one_line
+sys.argv[0] = "train.py"
+with stopped_in_one_line():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+"""
+
+
+def test_ctrl_c_while_a_script_imports_is_one_line_and_130():
+    # A traceback of 17-36 lines, and the process killed by SIGINT (-2), in the first 0.5 s.
+    done = subprocess.run(
+        [sys.executable, "-c", STOPPED_WHILE_IMPORTING], capture_output=True, text=True, cwd=ROOT
+    )
+    assert (done.returncode, done.stderr.strip()) == (130, "train.py: interrupted")
+    for script in (ROOT / "scripts").glob("*.py"):  # each imports its command under the block
+        text = script.read_text()
+        assert text.index("with stopped_in_one_line():") < text.index(" import main"), script
+
+
 def test_ctrl_c_ignored_as_in_a_background_job_stays_ignored():
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
