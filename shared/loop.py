@@ -185,7 +185,14 @@ def compile_steps(
 def _saved(out_dir: Path | None, last_epoch: int) -> str:
     if out_dir is None or last_epoch < 1:
         return "no epoch was completed, so nothing was saved"
+    if not _kept(out_dir):
+        return f"{out_dir / CHECKPOINT_NAME}, of epoch {last_epoch}, is no longer there"
     return f"{out_dir / CHECKPOINT_NAME} holds epoch {last_epoch}, intact"
+
+
+def _kept(out_dir: Path) -> bool:
+    """Whether the run's checkpoint is still in its folder (not removed or moved meanwhile)."""
+    return (out_dir / CHECKPOINT_NAME).is_file()
 
 
 def _resume_command(out_dir: Path, data: Dataset) -> str:
@@ -390,7 +397,7 @@ def train_epochs(run: Run, log: Callable[[str], None]) -> None:
     except KeyboardInterrupt as stop:
         resume_hint = (
             f"; continue with: {_resume_command(run.out_dir, run.data)}"
-            if run.out_dir is not None and run.done
+            if run.out_dir is not None and run.done and _kept(run.out_dir)
             else ""
         )
         raise interrupted(

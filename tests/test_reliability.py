@@ -116,6 +116,23 @@ def test_the_command_that_continues_a_stopped_run_is_quoted_for_the_shell(tiny_d
     assert shlex.split(command)[2:] == ["--resume", str(out), "--data-dir", str(tiny_data_dir)]
 
 
+def test_a_stop_after_the_run_s_folder_was_removed_does_not_call_it_intact(tiny_data_dir, tmp_path):
+    # It said the checkpoint "holds epoch 1, intact", and how to continue from it.
+    out = tmp_path / "run"
+    out.mkdir()
+    config = TrainConfig(impl=IMPLS[0], epochs=2, batch_size=32)
+
+    def remove_then_stop(line: str) -> None:
+        if "Epoch:" in line:  # epoch 1 saved
+            shutil.rmtree(out)
+            raise KeyboardInterrupt
+
+    with pytest.raises(Exception, match="interrupted in epoch 2") as stopped:
+        train(config, load_dataset(tiny_data_dir), out, log=remove_then_stop)
+    said = str(stopped.value)
+    assert said.endswith(f"{out / 'checkpoint.npz'}, of epoch 1, is no longer there"), said
+
+
 @pytest.mark.parametrize("kind", ["fifo", "device", "too large"])
 def test_json_that_is_not_a_file_threefold_wrote_is_refused_not_waited_for(
     tmp_path, monkeypatch, kind
