@@ -275,17 +275,16 @@ def load_weights(
 ) -> tuple[Params, str]:
     """(the canonical tensors of `arch` from a weights file, the file's SHA-256): a
     state_dict saved by torch.save (.pt, .pth, read with weights_only=True), a .safetensors
-    file, or an ONNX file's initialisers (.onnx). `renames` maps the source's names to
-    canonical ones; names in `unread` (an unused module's) are passed over."""
+    file, an ONNX file's initialisers (.onnx) or a threefold checkpoint's weights (.npz).
+    `renames` maps the source's names to canonical ones; names in `unread` (an unused
+    module's) are passed over."""
     suffix = Path(path).suffix.lower()
     if suffix == ".safetensors":
         from shared.weights_file import read_safetensors
 
         return read_safetensors(Path(path), arch, renames, where, unread)
-    if suffix == ".onnx":
-        from shared.onnx_import import from_onnx
-
-        network = from_onnx(path, where)
+    if suffix in (".onnx", ".npz"):  # files that name their network too
+        network = load_network(Path(path), where)
         if network.arch.name != arch.name:
             raise UsageError(
                 f"{where} {path}: holds {network.arch.name[:80]}, not {arch.name[:80]}"
@@ -297,10 +296,17 @@ def load_weights(
     return load_state_dict_file(Path(path), arch, renames, where, unread)
 
 
+# torch.save's files of a state_dict: tensors by name, without the layers they are for.
+STATE_DICT_FILES = (".pt", ".pth")
+FROM_STATE_DICT = "load it into your module, then threefold.from_torch(module)"
+
+
 def load_network(path: Path, where: str) -> Network:
     """The network a file holds, with its weights and input scaling: a checkpoint (.npz), a
     .safetensors file threefold wrote (its metadata names the network) or an ONNX graph."""
     suffix = path.suffix.lower()
+    if suffix in STATE_DICT_FILES:
+        raise UsageError(f"{where}: {path}: a state_dict, which names no layers; {FROM_STATE_DICT}")
     if suffix == ".safetensors":
         from shared.weights_file import read_network_file
 

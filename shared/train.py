@@ -161,8 +161,9 @@ def build_parser(defaults: TrainConfig) -> argparse.ArgumentParser:
         metavar="FILE",
         dest="weights_file",
         help="start from these weights: a state_dict saved with torch.save (.pt, read with "
-        "torch.load(weights_only=True)), a .safetensors file or an ONNX graph's initialisers "
-        "(.onnx), named as the --arch model file names them (or canonically)",
+        "torch.load(weights_only=True)), a .safetensors file, an ONNX graph's initialisers "
+        "(.onnx) or a run's checkpoint.npz, named as the --arch model file names them (or "
+        "canonically)",
     )
     parser.add_argument(
         "--out",

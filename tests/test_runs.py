@@ -3,6 +3,7 @@ under misuse (issue 11)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -32,6 +33,7 @@ from shared.io import (
     write_text,
 )
 from shared.loop import train
+from shared.network import load_weights
 from shared.outputs import check_out_files, fresh_run_dir, hold, replacing_run
 from shared.spec import get_arch
 from tests.conftest import make_dataset_dir
@@ -915,6 +917,20 @@ def test_a_model_weight_that_float32_cannot_hold_is_refused_before_any_work(tmp_
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "a value of 1e+300 does not fit float32" in result.stderr.strip().splitlines()[-1]
     assert time.monotonic() - started < 60
+
+
+def test_a_checkpoint_s_weights_start_another_run_of_its_network(finished_run, tmp_path):
+    # --weights run/checkpoint.npz failed in torch.load's own words; a .pt given to
+    # threefold.load was "not a threefold checkpoint (.npz): a zip64 directory".
+    path = finished_run / "checkpoint.npz"
+    weights, digest = load_weights(path, get_arch("lab"), {})
+    assert all(np.array_equal(v, load_checkpoint(path).params[k]) for k, v in weights.items())
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()  # the run records it
+    with pytest.raises(UsageError, match=f"--weights {path}: holds lab, not pool"):
+        load_weights(path, get_arch("pool"), {})
+    torch.save(threefold.to_torch(threefold.load(path)).state_dict(), tmp_path / "lab.pt")
+    with pytest.raises(UsageError, match="a state_dict, which names no layers; load it into"):
+        threefold.load(tmp_path / "lab.pt")
 
 
 def test_weights_that_float32_cannot_hold_are_refused_naming_the_file(tmp_path):

@@ -15,7 +15,14 @@ from shared.config import FIELDS, IMPLEMENTATIONS, PAIRS, python_int
 from shared.data import Dataset, installed_data_dir, load_dataset
 from shared.errors import UsageError
 from shared.io import a_path
-from shared.network import Network, identity_mapping, import_network, load_network
+from shared.network import (
+    FROM_STATE_DICT,
+    STATE_DICT_FILES,
+    Network,
+    identity_mapping,
+    import_network,
+    load_network,
+)
 from shared.proof.rows import CheckResult
 from shared.spec import Arch, float_dtype, get_arch, init_params, is_model_file
 from shared.torch_import import from_torch
@@ -53,9 +60,7 @@ def load(path: str | Path) -> Network:
 WEIGHTS_FILES = {
     ".npz": "threefold.load reads it",
     ".safetensors": "threefold.load reads one threefold wrote",
-    ".pt": "load it into your module, then threefold.from_torch(module)",
-    ".pth": "load it into your module, then threefold.from_torch(module)",
-}
+} | dict.fromkeys(STATE_DICT_FILES, FROM_STATE_DICT)
 
 
 def _as_network(subject: Network | Any | str, where: str) -> Network:
