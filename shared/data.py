@@ -178,7 +178,14 @@ def find_data_dir(data_dir: str | Path | None = None, spec: DatasetSpec = FASHIO
     if found:
         return next((f for f in found if _holds_every_file(f, spec)), found[0])
     tried = ", ".join(f"{folder} ({source})" for folder, source in candidates)
-    raise UsageError(f"no {spec.name} folder found (tried {tried}); {how_to_get(spec)}")
+    # Set, it is the one folder read: installing the package would not help.
+    advice = (
+        f"fetch the files into it with 'train.py --download', or unset ${DATA_DIR_ENV} to read "
+        "the installed ones"
+        if candidates[0][1] == f"${DATA_DIR_ENV}"
+        else how_to_get(spec)
+    )
+    raise UsageError(f"no {spec.name} folder found (tried {tried}); {advice}")
 
 
 def installed_data_dir(spec: DatasetSpec = FASHION_MNIST) -> Path | None:

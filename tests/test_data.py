@@ -220,6 +220,9 @@ def test_missing_folder_and_file_say_how_to_get_the_data(tmp_path, monkeypatch):
         data.load_dataset(tmp_path / "nowhere")
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte.*missing"):
         data.load_dataset(tmp_path)
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "nowhere"))  # installing: no help
+    with pytest.raises(UsageError, match=r"\(\$THREEFOLD_DATA\)\); fetch the files into it with"):
+        data.load_dataset()
     (tmp_path / "train-images-idx3-ubyte.gz").mkdir()  # there, but not a file
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: not a regular file"):
         data.load_dataset(tmp_path)
