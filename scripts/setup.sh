@@ -15,6 +15,10 @@ fi
 
 python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null || python=python3
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+    echo "setup: $python is $("$python" -V 2>&1); threefold needs Python 3.11 or newer (PYTHON=...)" >&2
+    exit 1
+}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 echo "setup: installing the project into .venv"
 # torch is pinned to 2.13.0 (pyproject.toml), and PyPI's build of it is the multi-GB CUDA one:

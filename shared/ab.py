@@ -69,7 +69,9 @@ def extract_commit(rev: str, into: Path) -> str:
     failed = f"--against {rev}: git archive failed"
     try:
         with archive, tarfile.open(fileobj=archive.stdout, mode="r|") as tar:
-            tar.extractall(into, filter="data")
+            # git's archive of the user's own commit; the filter, where this Python has it
+            # (3.11.4 on; Debian 12's 3.11.2 has not), refuses links out of the folder too.
+            tar.extractall(into, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     except tarfile.TarError:  # git's stream ended short, or was no archive
         raise ThreefoldError(f"{failed} (exit {archive.wait()})") from None
     except OSError as e:  # a write refused: a full disk, say
