@@ -7,6 +7,7 @@ import argparse
 import errno
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -29,7 +30,7 @@ from shared.errors import (
     stop_on_signals,
 )
 from shared.spec import presets
-from shared.typed import path_type
+from shared.typed import path_type, shown_default
 
 
 def flag(bound: Bound) -> Callable[[str], object]:
@@ -136,20 +137,22 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
             checked = {"action": argparse.BooleanOptionalAction}
         else:
             checked = {"choices": bound.choices} if bound.choices else {"type": flag(bound)}
+        if default is not None and not re.search(r"[(;] default", help):  # what runs untyped
+            help += f" (default: {shown_default(default)})"
         parser.add_argument(f"--{field.replace('_', '-')}", default=default, help=help, **checked)
     add_data_dir_flag(parser)
 
 
-def add_data_dir_flag(parser: argparse.ArgumentParser, why: str = "") -> None:
-    """The --data-dir flag every command that reads the data takes (`why`: what for)."""
-    spec = FASHION_MNIST
-    parser.add_argument(
-        "--data-dir",
-        type=path_type,
-        default=None,
-        help=f"folder with the four IDX files{why} (default: ${DATA_DIR_ENV} where set, else "
-        f"{spec.default_dir}, then {spec.user_dir}, where train.py --download puts them)",
+def add_data_dir_flag(parser: argparse.ArgumentParser, why: str = "", test: bool = False) -> None:
+    """The --data-dir flag every command that reads the data takes (`why`: what for; `test`:
+    the test set's files alone)."""
+    files, spec = (
+        "the test set's IDX files (t10k-*)" if test else "the four IDX files",
+        FASHION_MNIST,
     )
+    where = f"${DATA_DIR_ENV} where set, else {spec.default_dir}, then {spec.user_dir}"
+    help = f"folder with {files}{why} (default: {where}, where train.py --download puts them)"
+    parser.add_argument("--data-dir", type=path_type, default=None, help=help)
 
 
 def config_from_args(args: argparse.Namespace, typed: set[str]) -> TrainConfig:

@@ -335,7 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=DTYPES,
         help="precision to check (repeatable; default: float64 and float32)",
     )
-    parser.add_argument("--steps", type=positive_int, default=20, help="SGD steps run in lockstep")
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=20,
+        help="optimizer steps run in lockstep, SGD's and Adam's (default: 20)",
+    )
     parser.add_argument(
         "--batch-size",
         type=positive_int,

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         help="folder for confusion.png, misclassified.png and evaluation.json "
         "(default: the checkpoint's folder)",
     )
-    add_data_dir_flag(parser)
+    add_data_dir_flag(parser, test=True)
     args = parse_once(parser, argv)
 
     def body() -> int:

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="write the weights here (default with --onnx: beside it, FILE.safetensors)",
     )
-    add_data_dir_flag(parser, ", whose test images verify the graph")
+    add_data_dir_flag(parser, ", which verify the graph", test=True)
     args = parse_once(parser, argv)
 
     def body() -> int:

@@ -190,7 +190,8 @@ def build_parser(defaults: TrainConfig) -> argparse.ArgumentParser:
         "--download",
         action="store_true",
         help="fetch the four official files first, verify their checksums and "
-        "put them in --data-dir (default: ~/.local/share/threefold/DATASET)",
+        "put them in --data-dir (default: $THREEFOLD_DATA where set, else "
+        "~/.local/share/threefold/DATASET)",
     )
     parser.add_argument(
         "--download-url",

@@ -75,3 +75,10 @@ def typed_path(path: Path) -> str:
     path that starts with '-' (which argparse would take for a flag) written from `./`."""
     text = str(path)
     return shlex.quote(f"./{text}" if text.startswith("-") else text)
+
+
+def shown_default(value: bool | float | int | str) -> str:
+    """A flag's default as --help says it: on or off, a float in its shortest form."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)

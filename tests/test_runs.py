@@ -681,6 +681,16 @@ def test_help_states_the_bounds():
     text = " ".join(run_script("train.py", "--help").stdout.split())  # as one line, unwrapped
     assert "N < 28" in text and "at most half of --epochs" in text
     assert "at most the number of training images" in text
+    # The defaults a run takes were said for --lr alone (--impl numpy, --epochs 15, ...).
+    for flag, said in [
+        ("--impl", "implementation to train (default: numpy)"),
+        ("--epochs", "1 to 1000 (default: 15)"),
+        ("--weight-decay", "decoupled for adamw) (default: 0.001)"),
+        ("--nesterov", "(default: on)"),
+        ("--init", "xavier-normal (Glorot's) (default: he)"),  # "PyTorch's default" hid it
+    ]:
+        assert said in text, flag
+    assert "(default: None)" not in text and "default 0.03, with Adam 0.001)" in text
 
 
 def test_a_diverging_run_names_the_flags_involved(tiny_data_dir, tmp_path):
