@@ -65,6 +65,9 @@ def reshapes_by_image(nodes: list, constants: dict, images: str, batch: int | No
                 sizes[node.output[0]] = _Sizes(first.value, first.axes | second.axes)
         elif op == "Unsqueeze" and (given[0] == BATCH or isinstance(given[0], _Sizes)):
             sizes[node.output[0]] = [given[0]]
+        elif op == "Unsqueeze" and isinstance(_constant_ints(node.input[0], constants), int):
+            # The -1 of x.view(x.size(0), -1), exported without folding its constants.
+            sizes[node.output[0]] = [_constant_ints(node.input[0], constants)]
         elif op == "Concat" and attributes.get("axis") == 0:
             parts = [
                 g if g is not None else _constant_ints(n, constants)

@@ -1531,13 +1531,19 @@ class _ViewNet(torch.nn.Module):
         return self.fc(h.view(h.size(0), -1))
 
 
+@pytest.mark.parametrize("folded", [True, False])
 @pytest.mark.parametrize("batch", ["dynamic", "static"])
-def test_a_view_by_the_batch_s_size_imports_whether_the_batch_is_fixed_or_not(batch, tmp_path):
+def test_a_view_by_the_batch_s_size_imports_whether_the_batch_is_fixed_or_not(
+    batch, folded, tmp_path
+):
     """Exported with a dynamic batch, its target was computed from the batch's size (Shape,
     Gather, Unsqueeze, Concat): "feeds several nodes that no Add joins". With a static one
-    it was the constant [2, -1]: "threefold flattens each image whole"."""
+    it was the constant [2, -1]: "threefold flattens each image whole". Unfolded, as a
+    ResNet is exported, the -1 is a Constant unsqueezed: "does not take the previous node's
+    output"."""
     path = tmp_path / "view.onnx"
-    module = export_module(_ViewNet().eval(), path, dynamic=batch == "dynamic")
+    dynamic = batch == "dynamic"
+    module = export_module(_ViewNet().eval(), path, dynamic, do_constant_folding=folded)
     network = from_onnx(path)
     assert network.arch.name == "conv4p0-relu-flatten-fc10"
     x = torch.rand(5, 1, 28, 28)  # any batch: the static file's too reshapes each image alike

@@ -1,7 +1,7 @@
-"""Users' PyTorch models in: six public models as their authors wrote them (tests/models/),
-each imported, exported back and compared with the original on real test images, proven in
-all three implementations and trained; and every construct threefold cannot compute the
-same way refused in one line naming the submodule."""
+"""Users' PyTorch models in: five public models as their authors wrote them and a ResNet
+(tests/models/), each imported, exported back and compared with the original on real test
+images, proven in all three implementations and trained; and every construct threefold
+cannot compute the same way refused in one line naming the submodule."""
 
 from __future__ import annotations
 

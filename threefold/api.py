@@ -86,10 +86,10 @@ def _is_module(subject: Any) -> bool:
 
 
 def to_torch(subject: Network | str):
-    """The network as a plain `torch.nn.Sequential` holding its weights (canonical state_dict
-    names, in their dtype), in evaluation mode; a network trained on standardised pixels
-    standardises raw [0, 1] pixels first (`Network.standardise`), so it predicts from the
-    images as they are."""
+    """The network as a plain `torch.nn.Sequential` (a residual block as impl_torch.model.Block)
+    holding its weights (canonical state_dict names, in their dtype), in evaluation mode; a
+    network trained on standardised pixels standardises raw [0, 1] pixels first
+    (`Network.standardise`), so it predicts from the images as they are."""
     import torch
 
     from impl_torch.model import as_module
