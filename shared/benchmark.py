@@ -326,7 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmark.py", description=__doc__)
     add_impl_flag(parser, "time")
     parser.add_argument(
-        "--arch", default="lab", metavar="NETWORK", help="a preset, spec or file, as train.py's"
+        "--arch",
+        default="lab",
+        metavar="NETWORK",
+        help="a preset, a spec, a .json/.toml file, a PyTorch FILE.py:NAME or an ONNX FILE.onnx, "
+        "as train.py's --arch",
     )
     parser.add_argument(
         "--batch-sizes",
