@@ -340,7 +340,7 @@ def _tokens(text: str, where: str, in_block: bool = False) -> list[Entry]:
                 raise UsageError(
                     f"{where}: {label}: a block holds a chain of layers, not another block"
                 )
-            if not (token.startswith(f"{name}(") and token.endswith(")")):
+            if not (token.startswith(f"{name}(") and _closes_at_the_end(token)):
                 raise UsageError(f"{where}: {label} is malformed; write {kind.example}")
             body = _tokens(token[len(name) + 1 : -1], f"{where} {name}(...)", in_block=True)
             body = [(f"{inner} in {label}", k, o) for inner, k, o in body]
@@ -356,6 +356,17 @@ def _tokens(text: str, where: str, in_block: bool = False) -> list[Entry]:
         }
         entries.append((label, name, options))
     return entries
+
+
+def _closes_at_the_end(token: str) -> bool:
+    """Whether a block's token `res(...)` ends where its first '(' closes: res(a)res(b) does
+    not (a '-' is missing)."""
+    depth = 0
+    for i, char in enumerate(token):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0 and char == ")":
+            return i == len(token) - 1
+    return False
 
 
 def _split(text: str, where: str) -> list[str]:

@@ -78,6 +78,8 @@ def test_a_file_writes_a_block_as_a_table_or_a_token(tmp_path):
         ("conv4-res(conv4))-flatten-fc10", ["')' at character 17 closes nothing"]),
         ("conv4-res()-flatten-fc10", ["spec is empty"]),
         ("conv4-res-flatten-fc10", ["token 'res'", "malformed", "res(L)"]),
+        # "a ')' at character 6 closes nothing", of the text between the two blocks
+        ("conv4-res(conv4)res(conv4)-flatten-fc10", ["'res(conv4)res(conv4)' is malformed"]),
         ("conv4-res(res(conv4))-flatten-fc10", ["a block holds a chain"]),
         # 500 deep, 2,523 characters: a RecursionError's traceback
         ("conv4-" + "res(" * 500 + "relu" + ")" * 500 + "-flatten-fc10", ["a block holds a chain"]),
