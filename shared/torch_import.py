@@ -548,11 +548,11 @@ def _outputs_and_slope(module: Any, images: np.ndarray) -> tuple[Any, np.ndarray
     without gradients) or they are not (N, 10)."""
     import torch
 
-    x = torch.from_numpy(images).requires_grad_()
+    leaf = torch.from_numpy(images.copy()).requires_grad_()
     # Inference tensors cannot be saved for a backward.
     frozen = any(t.is_inference() for t in module.parameters())
     with torch.inference_mode(False), torch.set_grad_enabled(not frozen):
-        out = module(x)
+        out = module(leaf.clone())  # a copy a forward may write in place, as it may its input
         shaped = isinstance(out, torch.Tensor) and tuple(out.shape) == (len(images), 10)
         # A forward wholly without gradients in evaluation mode (as `torch.set_grad_enabled(
         # self.training)` makes it) is one an inference may run; training's are probed apart.
@@ -560,7 +560,9 @@ def _outputs_and_slope(module: Any, images: np.ndarray) -> tuple[Any, np.ndarray
             return out, None
         direction = torch.from_numpy(np.random.default_rng(1).standard_normal(out.shape))
         log_probabilities = torch.log_softmax(out.double(), dim=1)
-        (slope,) = torch.autograd.grad((log_probabilities * direction).sum(), x, allow_unused=True)
+        (slope,) = torch.autograd.grad(
+            (log_probabilities * direction).sum(), leaf, allow_unused=True
+        )
     return out, np.zeros(images.shape) if slope is None else slope.double().numpy()
 
 

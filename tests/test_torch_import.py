@@ -1201,6 +1201,14 @@ def test_importing_runs_the_forward_and_leaves_the_module_and_the_generators_as_
     reads_as(_GradientsWhileTraining(), "conv4k3s1p0b1-relu-flatten-fc10")
 
 
+def test_a_forward_that_writes_its_input_in_place_is_read():
+    # The outputs probe gave it images that needed a gradient: "a leaf Variable that
+    # requires grad is being used in an in-place operation".
+    reads_as(
+        nn.Sequential(nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(784, 10)), "relu-flatten-fc10"
+    )
+
+
 class _StochasticDepth(nn.Module):
     """A residual block skipped at random in training, by a draw from a global generator."""
 
