@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import IO
 
 from shared.ab_worker import TIMED_STEPS, WARM_SECONDS
+from shared.config import PROJECT
 from shared.errors import ThreefoldError, UsageError
 from shared.outputs import write_results, written_at_the_end
 from shared.profile import WARMUP_SECONDS, cpu_name
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("ab_worker.py")
 SETTLE_SECONDS = 0.2
 REFERENCE = "torch"  # what --paired steps each implementation against: the targets' reference
@@ -44,7 +44,7 @@ TURN = (
 
 def extract_commit(rev: str, into: Path) -> str:
     """Write the files of commit `rev` of this repository under `into` -> its full hash."""
-    git = ["git", "-C", str(REPO)]
+    git = ["git", "-C", str(PROJECT)]
     try:
         found = subprocess.run(
             [*git, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"],
@@ -54,7 +54,7 @@ def extract_commit(rev: str, into: Path) -> str:
     except FileNotFoundError:
         raise UsageError(f"--against {rev}: needs git, which is not installed") from None
     if found.returncode != 0:
-        raise UsageError(f"--against {rev}: no such commit in {REPO}")
+        raise UsageError(f"--against {rev}: no such commit in {PROJECT}")
     commit = found.stdout.strip()
     older = subprocess.run(
         [*git, "merge-base", "--is-ancestor", FIRST_COMMIT, commit], capture_output=True
@@ -316,7 +316,7 @@ def run_ab(
 
         def sides(impl: str) -> dict[str, Code]:
             return {
-                "tree": Code(REPO, impl, "tree"),
+                "tree": Code(PROJECT, impl, "tree"),
                 "against": Code(Path(folder), impl, "against"),
             }
 
@@ -345,7 +345,7 @@ def run_paired(
     measured = [impl for impl in impls if impl != REFERENCE]
 
     def sides(impl: str) -> dict[str, Code]:
-        return {"impl": Code(REPO, impl), REFERENCE: Code(REPO, REFERENCE)}
+        return {"impl": Code(PROJECT, impl), REFERENCE: Code(PROJECT, REFERENCE)}
 
     about = (
         f"each implementation's training step against {REFERENCE}'s, both from the working "

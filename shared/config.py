@@ -8,6 +8,7 @@ import math
 import numbers
 import operator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -16,6 +17,8 @@ from shared.errors import CheckpointError, UsageError
 from shared.layers import INPUT_SHAPE
 from shared.spec import INITS
 
+# The checkout: scripts/, shared/ and the implementations.
+PROJECT = Path(__file__).resolve().parents[1]
 IMPLEMENTATIONS = ("numpy", "jax", "torch")
 # Every pair of implementations, as the cross-check names them: "numpy-jax", ...
 PAIRS = tuple(f"{a}-{b}" for a, b in itertools.combinations(IMPLEMENTATIONS, 2))

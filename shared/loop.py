@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from shared.backend import Backend, TrainState, batched_logits, make_backend
 from shared.batches import Batch, num_batches, training_batches
 from shared.checkpoint import Checkpoint, params_digest, save_checkpoint
 from shared.config import (
+    PROJECT,
     TrainConfig,
     averages_mirrors,
     check_config,
@@ -196,9 +199,15 @@ def _kept(out_dir: Path) -> bool:
 
 
 def _resume_command(out_dir: Path, data: Dataset) -> str:
-    """The command that continues the run, its paths quoted for the shell as needed."""
+    """The command that continues the run, its paths quoted for the shell as needed: this
+    Python (.venv's, which a bare `python` may not be) and train.py, from the current folder."""
+    here = Path.cwd()
+    python, script = (
+        os.path.relpath(path) if path.is_relative_to(here) else str(path)
+        for path in (Path(sys.executable).absolute(), PROJECT / "scripts" / "train.py")
+    )
     folders = f"--resume {typed_path(out_dir)} --data-dir {typed_path(data.source)}"
-    return f"python scripts/train.py {folders}"
+    return f"{typed_path(Path(python))} {typed_path(Path(script))} {folders}"
 
 
 def _finite(values: dict[str, Any], what: str, epoch: int, config: TrainConfig) -> None:

@@ -121,7 +121,7 @@ def test_paired_steps_each_implementation_against_pytorch_from_the_working_tree(
     assert shared.ab.run_paired(list(IMPLEMENTATIONS), "lab", [8, 16], 2, 1.0, tmp_path) == 0
     # Every side runs this tree's code; each pairing is an implementation and PyTorch, its two
     # halves in turn.
-    assert {code.root for _, code in starts} == {shared.ab.REPO}
+    assert {code.root for _, code in starts} == {shared.ab.PROJECT}
     assert all((label == "torch") == (code.impl == "torch") for label, code in starts)
     pairings = [{starts[i][1].impl, starts[i + 1][1].impl} for i in range(0, len(starts), 2)]
     assert pairings == [{impl, "torch"} for _ in (8, 16) for impl in measured for _ in (1, 2)]

@@ -114,6 +114,11 @@ def test_the_command_that_continues_a_stopped_run_is_quoted_for_the_shell(tiny_d
         train(config, load_dataset(tiny_data_dir), out, log=StopAfter(1))
     command = str(stopped.value).split("continue with: ")[1]
     assert shlex.split(command)[2:] == ["--resume", str(out), "--data-dir", str(tiny_data_dir)]
+    # This Python and train.py, from the folder the run started in: "python" may be another
+    # Python, without the project's packages.
+    python, script = shlex.split(command)[:2]
+    assert Path(python).resolve() == Path(sys.executable).resolve()
+    assert Path(script).resolve() == ROOT / "scripts" / "train.py"
 
 
 def test_a_stop_after_the_run_s_folder_was_removed_does_not_call_it_intact(tiny_data_dir, tmp_path):
