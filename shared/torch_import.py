@@ -195,7 +195,7 @@ def _read_block(module: Any, fork: Any, calls: dict, where: str) -> tuple[_Block
                     "new values (drop inplace=True)"
                 )
             steps.append(_read_step(module, node, previous, calls, where))
-            aliased = _gives_its_input(steps[-1].taken)
+            aliased = aliased and _gives_its_input(steps[-1].taken)
             read.add(node)
             following = users(node)
             if not following:
@@ -484,8 +484,8 @@ AGREEMENT = {np.float32: 2e-5, np.float64: 1e-10}
 
 
 def refuse_other_outputs(module: Any, network: Network, where: str) -> None:
-    """Refuse a module whose evaluation-mode outputs on 3 seeded random images, or their
-    gradients with respect to the images, differ from those of the network read from it
+    """Refuse a module whose evaluation-mode outputs on 3 seeded random images, or the
+    gradients of its weights there, differ from those of the network read from it
     (threefold's PyTorch implementation), as log-probabilities (a final LogSoftmax is
     dropped): what torch.fx did not record (a replaced __call__, autocast, a size read from
     the batch, a path under torch.no_grad) would otherwise be imported as something else."""
@@ -495,13 +495,16 @@ def refuse_other_outputs(module: Any, network: Network, where: str) -> None:
 
     dtype = float_dtype(network.tensors).type
     images = np.random.default_rng(0).random((3, *INPUT_SHAPE)).astype(dtype)
+    # Each trained tensor: (the module's name, the network's canonical one).
+    trained = tensors(network.arch)
+    pairs = [p for m in network.mapping for p in m.tensors if trained[p[1]].trainable]
     module.eval()  # not chained: a train() of the user's may return None
     try:
-        theirs, their_slope = _outputs_and_slope(module, images)
+        theirs, their_grads = _outputs_and_gradients(module, images, [t for t, _ in pairs])
     except USER_CODE_ERRORS as error:  # the user's forward: any error is theirs
         raise UsageError(
-            f"{where}: its forward fails on a batch of 3 images in evaluation mode "
-            f"({first_line(error)})"
+            f"{where}: its forward or backward fails on a batch of 3 images in evaluation "
+            f"mode ({first_line(error)})"
         ) from None
     if not isinstance(theirs, torch.Tensor) or tuple(theirs.shape) != (3, 10):
         got = tuple(theirs.shape) if isinstance(theirs, torch.Tensor) else type(theirs).__name__
@@ -516,7 +519,7 @@ def refuse_other_outputs(module: Any, network: Network, where: str) -> None:
     ours_module.to(torch.float64 if dtype == np.float64 else torch.float32).load_state_dict(
         {name: torch.from_numpy(np.array(value)) for name, value in network.tensors.items()}
     )
-    ours, our_slope = _outputs_and_slope(ours_module.eval(), images)
+    ours, our_grads = _outputs_and_gradients(ours_module.eval(), images, [c for _, c in pairs])
     logits = theirs.detach().double().numpy()
     # Round-off grows with the logits, which log-probabilities hide (a shift of all of them).
     scale = max(1.0, float(np.abs(logits).max()))
@@ -528,31 +531,34 @@ def refuse_other_outputs(module: Any, network: Network, where: str) -> None:
             "apart): its forward computes what torch.fx does not record (autocast, a replaced "
             "__call__, a size read from the batch)"
         )
-    if their_slope is None or our_slope is None:
+    if their_grads is None or our_grads is None:
         return
-    apart = float(np.abs(their_slope - our_slope).max()) / max(
-        float(np.abs(our_slope).max()), np.finfo(dtype).tiny
-    )
-    if not apart <= AGREEMENT[dtype]:
+    # Measured against the largest gradient: a weight's own may be round-off alone.
+    scale = max(max(float(np.abs(g).max()) for g in our_grads), np.finfo(dtype).tiny)
+    gaps = [float(np.abs(t - o).max()) / scale for t, o in zip(their_grads, our_grads, strict=True)]
+    worst = int(np.argmax(gaps)) if gaps else 0
+    if gaps and not gaps[worst] <= AGREEMENT[dtype]:
         raise UsageError(
-            f"{where}: its gradients with respect to the images differ from those of the "
-            f"layers read from it ({apart:.2g} apart): part of its forward runs under "
-            "torch.no_grad or inference_mode, which torch.fx does not record"
+            f"{where}: {pairs[worst][0]}: its gradient differs from that of the layer read from "
+            f"it ({gaps[worst]:.2g} apart): part of its forward runs under torch.no_grad or "
+            "inference_mode, which torch.fx does not record"
         )
 
 
-def _outputs_and_slope(module: Any, images: np.ndarray) -> tuple[Any, np.ndarray | None]:
-    """The module's outputs (N, 10) for images (N, 1, 28, 28), and the gradient (N, 1, 28,
-    28) of its log-probabilities in a seeded random direction with respect to the images, or
-    None where no gradient reaches its outputs (weights made under inference_mode, a forward
-    without gradients) or they are not (N, 10)."""
+def _outputs_and_gradients(
+    module: Any, images: np.ndarray, weights: list[str]
+) -> tuple[Any, list[np.ndarray] | None]:
+    """The module's outputs (N, 10) for images (N, 1, 28, 28), and the gradients of its
+    log-probabilities in a seeded random direction with respect to the named `weights`
+    (training's gradients, in evaluation mode), or None where no gradient reaches its outputs
+    (weights made under inference_mode, a forward without gradients) or they are not
+    (N, 10)."""
     import torch
 
-    leaf = torch.from_numpy(images.copy()).requires_grad_()
     # Inference tensors cannot be saved for a backward.
     frozen = any(t.is_inference() for t in module.parameters())
     with torch.inference_mode(False), torch.set_grad_enabled(not frozen):
-        out = module(leaf.clone())  # a copy a forward may write in place, as it may its input
+        out = module(torch.from_numpy(images.copy()))  # a copy it may write in place
         shaped = isinstance(out, torch.Tensor) and tuple(out.shape) == (len(images), 10)
         # A forward wholly without gradients in evaluation mode (as `torch.set_grad_enabled(
         # self.training)` makes it) is one an inference may run; training's are probed apart.
@@ -560,10 +566,14 @@ def _outputs_and_slope(module: Any, images: np.ndarray) -> tuple[Any, np.ndarray
             return out, None
         direction = torch.from_numpy(np.random.default_rng(1).standard_normal(out.shape))
         log_probabilities = torch.log_softmax(out.double(), dim=1)
-        (slope,) = torch.autograd.grad(
-            (log_probabilities * direction).sum(), leaf, allow_unused=True
+        tensors = [module.get_parameter(name) for name in weights]
+        grads = torch.autograd.grad(
+            (log_probabilities * direction).sum(), tensors, allow_unused=True
         )
-    return out, np.zeros(images.shape) if slope is None else slope.double().numpy()
+    return out, [
+        np.zeros(t.shape) if g is None else g.double().numpy()
+        for t, g in zip(tensors, grads, strict=True)
+    ]
 
 
 def _tensor_read(

@@ -26,13 +26,15 @@ def trace(module: Any, where: str):
 
     refuse_frozen(module, where)
     # Traced in training mode: a functional dropout's `training=self.training` is read
-    # at trace time, and a dropout is a layer whichever mode the module was left in.
-    module.train()
-    refuse_frozen(module, where)  # a train() of its own may keep some layers frozen
-    graph = _traced(module, where)
-    # A forward that branches on self.training computes two networks; one is read.
-    module.eval()
-    evaluated = _traced(module, where)
+    # at trace time, and a dropout is a layer whichever mode the module was left in. A
+    # forward that branches on self.training computes two networks; one is read.
+    graphs = []
+    for training in (True, False):
+        module.train() if training else module.eval()
+        refuse_frozen(module, where)  # a train() of its own may keep some layers frozen
+        graphs.append(_traced(module, where))
+        refuse_frozen(module, where)  # and so may the forward (self.bn.eval() in it)
+    graph, evaluated = graphs
     if _operations(evaluated) != _operations(graph):
         raise UsageError(
             f"{where}: its forward computes other operations, or with other options, in "

@@ -603,7 +603,7 @@ REFUSED = {
             conv2=nn.Conv2d(4, 4, 3, padding=1),
             fc=nn.Linear(HEAD, 10),
         ),
-        "module: its gradients with respect to the images differ from those of the layers",
+        "module: conv.weight: its gradient differs from that of the layer read from it",
     ),
     "an option by mode": (
         Chain(
@@ -942,7 +942,7 @@ REFUSED = {
             conv=nn.Conv2d(1, 2, 3),
             fc=nn.Linear(2 * 26 * 26, 10),
         ),
-        "module: its forward fails on a batch of 3 images in evaluation mode (RuntimeError",
+        "its forward or backward fails on a batch of 3 images in evaluation mode (RuntimeError",
     ),
 }
 
@@ -1199,6 +1199,66 @@ def test_importing_runs_the_forward_and_leaves_the_module_and_the_generators_as_
     assert (torch.rand(1), random.random()) == expected
     assert module.calls == 0 and module.seen.item() == 0
     reads_as(_GradientsWhileTraining(), "conv4k3s1p0b1-relu-flatten-fc10")
+
+
+class _BlockWithoutNorm(nn.Module):
+    """torchvision's BasicBlock with norm_layer=nn.Identity: an in-place ReLU after the
+    Identity writes conv1's output, not the block's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.Identity()
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.fc = nn.Linear(4 * 784, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        out = self.conv2(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(out + x, 1))
+
+
+class _ScaledWithoutGradients(nn.Module):
+    """Standardisation under no_grad: no gradient reaches the images, which training never
+    needs; every weight's is the module's."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x):
+        with torch.no_grad():
+            x = (x - 0.25) / 0.5
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_what_the_outputs_probe_refused_wrongly_is_read():
+    # Refused: "in place on a value another path also reads"; the gradients of the images
+    # compared; under the caller's inference_mode, the probe's images were inference tensors.
+    reads_as(
+        _BlockWithoutNorm(), "conv4k3s1p1b1-res(conv4k3s1p1b0-relu-conv4k3s1p1b0)-flatten-fc10"
+    )
+    assert threefold.from_torch(_ScaledWithoutGradients()).spec == "flatten-fc10"
+    with torch.inference_mode():
+        assert threefold.from_torch(_flat_fc()).spec == "flatten-fc10"
+
+
+class _FrozenInForward(nn.Module):
+    """BatchNorm frozen by the forward itself, as fine-tuning does: imported as training."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(HEAD, 10)
+
+    def forward(self, x):
+        self.bn.eval()
+        return self.fc(torch.flatten(self.bn(self.conv(x)), 1))
+
+
+def test_a_layer_the_forward_freezes_is_refused():
+    with pytest.raises(UsageError, match="module: bn: in evaluation mode while the module"):
+        threefold.from_torch(_FrozenInForward())
 
 
 def test_a_forward_that_writes_its_input_in_place_is_read():
