@@ -159,7 +159,7 @@ def run_experiments(
     plan = plan_experiments(**settings)
     impls, cells = plan.impls, plan.cells
     figures = prepare_out_dir(out / "experiments", "--out")
-    store = RunStore(figures / STORE_NAME, data.content_sha256, fresh)
+    store = RunStore(figures / STORE_NAME, data.content_sha256, fresh, "experiments")
     run_grid(trained_summary, plan.grid(), data, store, engine, progress)
     tables = []
     for comp in plan.comps:
@@ -367,7 +367,7 @@ def _rerender(
     saved, report = load_results(path)
     if args.recheck_float64:
         _check_variants(saved, path)
-        store = RunStore(path.parent / STORE_NAME, data.content_sha256, args.fresh)
+        store = RunStore(path.parent / STORE_NAME, data.content_sha256, args.fresh, "experiments")
         for config in plan_experiments(**settings).grid():  # behind the tables: provenance
             if store.key(config) in store.runs:  # read, not trained again, even with --fresh
                 store.entry(config)

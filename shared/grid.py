@@ -144,10 +144,12 @@ class RunStore:
     grid set out to train again are marked stale in it (`redo`) until they are, so that a
     fresh grid cut short leaves the rest to the same command without --fresh. A file that
     cannot be read or is not a store of runs is refused, `fresh` or not: writing over it
-    would lose the runs it holds."""
+    would lose the runs it holds; so is another command's store (`command` names the one
+    keeping it): a speedrun's "defaults" run is the experiments' lab row, summarised
+    otherwise, and a speedrun with --fresh wrote over it."""
 
-    def __init__(self, path: Path | None, data: str, fresh: bool = False):
-        self.path, self.data, self.fresh = path, data, fresh
+    def __init__(self, path: Path | None, data: str, fresh: bool = False, command: str = ""):
+        self.path, self.data, self.fresh, self.command = path, data, fresh, command
         self.runs: dict[str, dict] = {}
         self.trained: set[str] = set()  # keys this process trained
         self.read: set[str] = set()  # keys whose runs this process read
@@ -157,11 +159,19 @@ class RunStore:
         try:
             stored = read_json(path)
             runs, stale = stored["runs"], stored.get("stale", [])
+            owner = stored.get("command")  # none in a store of an older version
         except OSError as e:
             raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
         except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise _damaged(path, e) from None
         try:
+            if not isinstance(owner, str | None):
+                raise TypeError("a command that is not a name")
+            if owner and command and owner != command:
+                raise UsageError(
+                    f"{path}: the runs of {owner}.py, which {command}.py does not share; give "
+                    "another --out"
+                )
             if not all(a_share(r["summary"]["test_acc"]) for r in runs.values()):
                 raise TypeError("a run without a test accuracy")
             if not all(_machine_recorded(r) for r in runs.values()):
@@ -170,6 +180,7 @@ class RunStore:
                 raise TypeError("a run whose date and commit are not a text")
             if not (isinstance(stale, list) and all(key in runs for key in stale)):
                 raise TypeError("stale runs that are not runs of the store")
+            self.command = command or owner or ""
             self.runs = _current_keys(runs)
             self.stale = set(_current_keys(dict.fromkeys(stale, None)))
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
@@ -219,7 +230,8 @@ class RunStore:
     def _write(self) -> None:
         if self.path is not None:  # "runs" first: a store is known by its first bytes
             stale = {"stale": sorted(self.stale)} if self.stale else {}
-            write_json(self.path, {"runs": self.runs, **stale})
+            command = {"command": self.command} if self.command else {}
+            write_json(self.path, {"runs": self.runs, **command, **stale})
 
     @property
     def undated(self) -> int:

@@ -160,6 +160,19 @@ def test_a_fresh_store_trains_its_grid_again_and_keeps_every_other_run(tmp_path)
     assert kept.entry(this)["trained"] == "again" and kept.entry(other)["trained"] == "t"
 
 
+def test_a_store_is_its_command_s_alone(tmp_path):
+    # speedrun.py --out OUT/experiments read the experiments' store: its "defaults" run is the
+    # grid's lab row, summarised otherwise, and with --fresh it wrote over that finished run.
+    path = tmp_path / "runs.json"
+    ran = {"summary": {"test_acc": 0.5}, "trained": "t", "cpu": "x", "cores": 1}
+    RunStore(path, DATA, command="experiments").add(TrainConfig(impl="numpy"), ran)
+    with pytest.raises(UsageError, match=r"the runs of experiments\.py, which speedrun\.py does"):
+        RunStore(path, DATA, fresh=True, command="speedrun")
+    read = RunStore(path, DATA)  # a reader that names no command, as a tool's
+    read.add(TrainConfig(impl="jax"), ran)
+    assert json.loads(path.read_text())["command"] == "experiments" and len(read.runs) == 2
+
+
 def test_a_fresh_grid_cut_short_leaves_the_rest_to_the_same_command_without_fresh(
     tmp_path, tiny_data_dir
 ):
