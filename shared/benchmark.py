@@ -9,7 +9,6 @@ import contextlib
 import itertools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from shared.outputs import (
     write_results,
     written_at_the_end,
 )
-from shared.profile import WARMUP_SECONDS, cpu_name, timing_setup
+from shared.profile import WARMUP_SECONDS, cpu_name, peak_memory_mb, timing_setup
 from shared.spec import Arch, get_arch, network_files
 from shared.typed import parse_once, path_type
 
@@ -100,7 +99,7 @@ def measure(impl: str, arch_name: str, batch_size: int, steps: int) -> dict:
         "steps": steps,
         "first_step_seconds": first_step,
         "images_per_s": steps * batch_size / seconds,
-        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mb": peak_memory_mb(),
     }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import time
@@ -158,6 +159,20 @@ def layer_seconds(backend: Backend, timers: list[LayerTimer]) -> dict[str, float
         seconds[f"{t.name} forward"] = forward
         seconds[f"{t.name} backward"] = max(both - forward, 0.0)
     return seconds
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory in MB: its own memory's high-water mark (VmHWM).
+    Not ru_maxrss, which a process started by fork and exec carries over from its parent:
+    every benchmark worker reported benchmark.py's own 352 MB, one alone 74."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # in kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere than Linux
 
 
 def cpu_name() -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from shared.outputs import (
     removed_if_left_empty,
     write_results,
 )
+from shared.profile import peak_memory_mb
 from shared.typed import parse_once, path_type
 
 
@@ -128,7 +128,7 @@ def timed_run(config: TrainConfig, data: Dataset) -> dict[str, Any]:
         "config": dataclasses.asdict(config),
         "params_sha256": record["params_sha256"],
         # The peak of the process that trained it: with the local engine, of every run so far.
-        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mb": peak_memory_mb(),
     }
 
 

@@ -195,3 +195,23 @@ def test_a_commit_whose_files_cannot_be_written_is_one_line(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert "--against HEAD: cannot write its files into" in last and "File too large" in last
     assert not out.exists()
+
+
+# A parent that has touched 512 MB starts a process that reports its peak.
+PARENT_OF_A_SMALL_PROCESS = """
+import subprocess, sys
+import numpy as np
+touched = np.ones(64_000_000)
+code = "from shared.profile import peak_memory_mb; print(peak_memory_mb())"
+print(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout)
+"""
+
+
+def test_a_worker_s_peak_memory_is_its_own_not_its_parent_s():
+    # ru_maxrss carries over fork and exec: every benchmark worker reported the parent's
+    # 352 MB, whatever its implementation and batch.
+    done = subprocess.run(
+        [sys.executable, "-c", PARENT_OF_A_SMALL_PROCESS], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert 10 < float(done.stdout) < 400, done.stdout
