@@ -249,7 +249,8 @@ def run_profile(
     return 0
 
 
-def bar_chart(rows: list[dict], path: Path) -> None:
+def bar_chart(rows: list[dict], network: str, path: Path) -> None:
+    """Seconds per epoch by batch size, a bar for each implementation, of `network`."""
     from shared.plots import plt, save_figure
 
     sizes = sorted({r["batch_size"] for r in rows})
@@ -268,7 +269,7 @@ def bar_chart(rows: list[dict], path: Path) -> None:
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.set_xticks(np.arange(len(sizes)), [f"batch {b}" for b in sizes])
     ax.set_ylabel("seconds per 50,000-image epoch")
-    ax.set_title("training time, lab network, float32 (lower is better)")
+    ax.set_title(f"training time, {network[:60]}, float32 (lower is better)")
     ax.legend()
     save_figure(fig, path)
 
@@ -299,7 +300,7 @@ def run_benchmark(
             f"ceiling {ceiling:.1f} GFLOP/s; {flops / 1e6:.2f} MFLOP per image.\n\n"
         )
         payload = {"cpu": cpu, "ceiling_gflops": ceiling, "flops_per_image": flops, "rows": rows}
-        chart = partial(bar_chart, rows)
+        chart = partial(bar_chart, rows, arch.name)
         write_results(out, "benchmark", header + table, payload, chart, stopped=stopped)
         print("\n" + table)
 
