@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,9 @@ def run_experiments(
         },
         "seeds": {f"{a}|{i}": v for (a, i), v in seeds_table.items()},
         "float64": {},
+        # What a later --recheck-float64 must train on, and the runs behind the tables.
+        "data": data.content_sha256,
+        "tables_trained": store.provenance(),
     }
 
     def save() -> None:
@@ -304,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             check_out_files([("--out", path) for path in written], store=figures / STORE_NAME)
             # One grid at a time writes its report and, in its own folder, its run store (which a
-            # speedrun given --out OUT/experiments would share).
+            # speedrun given --out OUT/experiments refuses: RunStore's command).
             with hold(out), hold(prepare_out_dir(figures)):
                 if rerender:
                     return _rerender(args, out, data, engine, settings)
@@ -367,12 +371,19 @@ def _rerender(
     saved, report = load_results(path)
     if args.recheck_float64:
         _check_variants(saved, path)
+        if saved.get("data", data.content_sha256) != data.content_sha256:
+            raise UsageError(
+                f"--data-dir {data.source}: other data than the tables of {path} trained on; "
+                "recheck them on the same data"
+            )
         store = RunStore(path.parent / STORE_NAME, data.content_sha256, args.fresh, "experiments")
-        for config in plan_experiments(**settings).grid():  # behind the tables: provenance
-            if store.key(config) in store.runs:  # read, not trained again, even with --fresh
-                store.entry(config)
+        tables = saved.get("tables_trained")
+        if tables is None:  # saved by an older version: the runs this grid's flags plan
+            for config in plan_experiments(**settings).grid():
+                if store.key(config) in store.runs:  # read, not trained again, even with --fresh
+                    store.entry(config)
         saved["float64"] = recheck_in_float64(data, saved, _say, store, engine)
-        saved["trained"] = store.provenance()
+        saved["trained"] = dict(Counter(tables or {}) + Counter(store.provenance()))
         write_json(path, saved)
         report = report_text(saved)
     write_report(out, report)

@@ -96,6 +96,8 @@ def results_problem(saved: object) -> str | None:
         _shares_problem("seeds", saved["seeds"], nested=False),
         _shares_problem("float64", saved.get("float64", {}), nested=True),
         _trained_problem(saved.get("trained", {})),
+        _trained_problem(saved.get("tables_trained", {}), "tables_trained"),
+        None if isinstance(saved.get("data", ""), str) else "data is not a digest",
     ]
     return next((p for p in problems if p is not None), None)
 
@@ -165,13 +167,13 @@ def _shares_problem(where: str, table: object, nested: bool) -> str | None:
     return None
 
 
-def _trained_problem(trained: object) -> str | None:
-    """`trained`: runs by date and commit, each a count."""
+def _trained_problem(trained: object, name: str = "trained") -> str | None:
+    """`trained` (saved as `name`): runs by date and commit, each a count."""
     if not isinstance(trained, dict):
-        return f"trained is {shown(trained)}, not an object"
+        return f"{name} is {shown(trained)}, not an object"
     for when, count in trained.items():
         if type(count) is not int or count < 1:
-            return f"trained / {when} is {shown(count)}, not a count of runs"
+            return f"{name} / {when} is {shown(count)}, not a count of runs"
     return None
 
 

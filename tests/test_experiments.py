@@ -510,6 +510,31 @@ def test_a_fresh_recheck_records_the_stored_runs_behind_the_tables(tiny_data_dir
     assert trained == {"2026-12-01 abc1234": len(grid)}
 
 
+def test_a_recheck_trains_on_the_tables_data_and_counts_the_runs_behind_them(
+    tiny_data_dir, tmp_path, capsys
+):
+    # On other data it mixed float64 rows of those into the report; its provenance counted
+    # the runs today's flags plan (4 runs behind a report of 34, without --quick).
+    saved = json.loads((ROOT / "docs" / "experiments" / "results.json").read_text())
+    figures = tmp_path / "experiments"
+    figures.mkdir()
+    digest = load_dataset(tiny_data_dir).content_sha256
+    flags = ["--recheck-float64", "--out", str(tmp_path), "--data-dir", str(tiny_data_dir)]
+    (figures / "results.json").write_text(json.dumps({**saved, "data": "f" * 64}))
+    with pytest.raises(SystemExit) as refused:
+        experiments.main(flags)
+    assert refused.value.code == 2
+    assert "other data than the tables of" in capsys.readouterr().err
+    behind = {"2026-12-01 abc1234": 34}
+    (figures / "results.json").write_text(
+        json.dumps({**saved, "data": digest, "tables_trained": behind})
+    )
+    with pytest.MonkeyPatch.context() as patch:  # the float64 runs are not what is asked
+        patch.setattr(experiments, "recheck_in_float64", lambda *_, **__: {})
+        assert experiments.main(flags) == 0
+    assert json.loads((figures / "results.json").read_text())["trained"] == behind
+
+
 def test_a_figure_that_cannot_be_written_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
     """A folder where a comparison's figure goes was found only once the grid had ended, and
     the figures before it had been replaced while results.json stayed the old one."""
