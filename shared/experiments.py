@@ -290,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         # The data is read, and every run checked to fit it, before any folder is made (a
         # re-render needs none).
         rendered_only = args.render_only and not args.recheck_float64  # a recheck trains
+        unused = [("--fresh", args.fresh), ("--data-dir", args.data_dir is not None)]
+        unused += [(f"--engine {engine.name}", engine.name != "local")]
+        flag = next((flag for flag, given in unused if given and rendered_only), None)
+        if flag is not None:
+            raise UsageError(f"{flag}: --render-only trains nothing and reads no data")
         data = None if rendered_only else load_dataset(args.data_dir)
         settings = {"impls": chosen_impls(args), **(QUICK if args.quick else {})}
         if not rerender:

@@ -564,3 +564,18 @@ def test_a_rerender_refuses_impl_which_the_saved_results_decide(tmp_path, capsys
         with pytest.raises(SystemExit):
             experiments.main([flag, "--impl", "numpy", "--out", str(tmp_path)])
         assert f"--impl: not with {flag}, which takes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags", [["--fresh"], ["--data-dir", "/nonexistent"], ["--engine", "ray"]]
+)
+def test_a_render_only_refuses_what_it_would_not_use(flags, tmp_path, capsys):
+    # Each was accepted, and ignored, with exit 0.
+    saved = (ROOT / "docs" / "experiments" / "results.json").read_text()
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "results.json").write_text(saved)
+    with pytest.raises(SystemExit) as refused:
+        experiments.main(["--render-only", *flags, "--out", str(tmp_path)])
+    assert refused.value.code == 2
+    assert f"{flags[0]}" in capsys.readouterr().err.splitlines()[-1]
+    assert experiments.main(["--render-only", "--out", str(tmp_path)]) == 0
