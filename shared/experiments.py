@@ -338,7 +338,7 @@ def command_of(quick: bool, impls: tuple[str, ...], engine: Engine) -> str:
     command = "python scripts/experiments.py" + (" --quick" if quick else "")
     if impls != IMPLEMENTATIONS:
         command += "".join(f" --impl {impl}" for impl in impls)
-    return command + (f" --engine {engine.name}" if engine.name != "local" else "")
+    return command + engine.flags
 
 
 def _say(line: str) -> None:

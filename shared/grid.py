@@ -95,6 +95,13 @@ class Engine:
     def run_cpus(self) -> int:
         return self.cpus_per_run or len(os.sched_getaffinity(0))
 
+    @property
+    def flags(self) -> str:
+        """The flags a report's command names for where its runs trained and on how many
+        cores (the cluster's address left out)."""
+        cpus = f" --cpus-per-run {self.cpus_per_run}" if self.cpus_per_run else ""
+        return f" --engine {self.name}{cpus}" if self.name != "local" else ""
+
 
 LOCAL = Engine()
 

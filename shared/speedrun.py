@@ -328,7 +328,7 @@ def report(
     flags = (" --arch " + race.arch if race.arch != "lab" else "") + (" --quick" if quick else "")
     flags += "".join(f" --impl {impl}" for impl in impls) if impls != list(IMPLEMENTATIONS) else ""
     flags += f" --seeds {seeds}" if seeds != (QUICK["seeds"] if quick else race.seeds) else ""
-    flags += f" --engine {engine.name}" if engine.name != "local" else ""
+    flags += engine.flags
     where = "; ".join(f"{cpu}, {cores} core{'s' * (cores > 1)} a run" for cpu, cores in machines)
     header = f"`python scripts/speedrun.py{flags}` on {where}. Fast recipe: " + ", ".join(
         f"{k}={v}" for k, v in fast.items()

@@ -296,6 +296,9 @@ def test_the_report_names_the_command_that_made_its_tables():
     two = IMPLEMENTATIONS[:2]
     flags = f"--impl {two[0]} --impl {two[1]} --engine ray"
     assert command_of(False, two, ray).endswith(flags)
+    # The cores a run had change its times: a speedrun's report dropped --cpus-per-run.
+    one_core = dataclasses.replace(ray, cpus_per_run=1)
+    assert command_of(False, two, one_core).endswith(f"{flags} --cpus-per-run 1")
 
 
 def test_provenance_counts_the_runs_read_not_every_run_the_store_keeps(tmp_path):
