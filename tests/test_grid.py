@@ -115,8 +115,8 @@ def test_a_grid_on_ray_gives_what_a_local_grid_gives(grid_data, tmp_path, short_
         without_timing(json.loads((tmp_path / k / "experiments" / "results.json").read_text()))
         for k in ("local", "ray")
     ]
-    # The same results; the command that made them names its engine.
-    assert results[1].pop("command") == results[0].pop("command") + " --engine ray"
+    # The same results; the command that made them names its engine and the cores a run had.
+    assert results[1].pop("command") == results[0].pop("command") + " --engine ray --cpus-per-run 1"
     assert results[0] == results[1]
 
 
