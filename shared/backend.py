@@ -20,7 +20,7 @@ from shared.cost import evaluation_batch, largest_training_batch, network_cost
 from shared.errors import UsageError
 from shared.layers import Layer
 from shared.parallel import Total, alone
-from shared.spec import Arch, Params, split_params, tensor_dtype
+from shared.spec import Arch, Params, float_dtype, split_params, tensor_dtype
 
 TrainState = tuple[Any, Any]  # (canonical tensors, optimizer state), in the framework's form
 R = TypeVar("R")
@@ -392,6 +392,25 @@ def keep_freed_memory() -> None:
         return
     for parameter, value in MALLOC_SETTINGS.values():
         mallopt(parameter, value)
+
+
+def torch_module(arch: Arch, tensors: Params, standardise: tuple[float, float] | None) -> Any:
+    """The network as PyTorch's `nn.Sequential` (impl_torch.model.as_module, standardising raw
+    pixels first where `standardise` is given) holding `tensors` in their dtype, in evaluation
+    mode. Importing impl_torch leaves the caller's torch threads as they were."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        from impl_torch.model import as_module
+    finally:
+        torch.set_num_threads(threads)
+    module = as_module(arch, standardise)
+    if float_dtype(tensors) == np.float64:
+        module = module.double()  # a float64 network (from a .double() module) stays one
+    state = {name: torch.from_numpy(np.array(value)) for name, value in tensors.items()}
+    module.load_state_dict(state, strict=True)
+    return module.eval()
 
 
 def make_backend(

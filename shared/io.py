@@ -183,16 +183,23 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
     """Delete what `atomic_write` leaves when its process is killed mid-write: hidden
-    `.NAME.PID.*.tmp` files for each of `names` (the files a command writes in `folder`),
-    which never look like data but should not pile up. Files of a process still alive are
-    another writer's, in progress, and stay; files named otherwise are not ours, and stay."""
-    ours = re.compile(rf"\.(?:{'|'.join(map(re.escape, names))})\.(\d+)\.[a-z0-9_]+\.tmp")
+    `.NAME.PID.*.tmp` files for each of `names` (the files a command writes in `folder`), and
+    the temporaries written under those (`staged`'s), which never look like data but should
+    not pile up. Files of a process still alive are another writer's, in progress, and stay;
+    so do another user's (which a shared folder would not let us delete) and files named
+    otherwise. A file that cannot be deleted stays: the clean-up never fails a write."""
+    temporary = r"\.(\d+)\.[a-z0-9_]+\.tmp"
+    ours = re.compile(rf"\.\.?(?:{'|'.join(map(re.escape, names))}){temporary}(?:{temporary})?")
     for leftover in Path(folder).glob(".*.tmp"):
         match = ours.fullmatch(leftover.name)
-        if match is None or _alive(int(match[1])):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            leftover.unlink()
+        writers = [] if match is None else [int(pid) for pid in match.groups() if pid]
+        with contextlib.suppress(OSError):
+            if writers and not any(map(_alive, writers)) and _owned(leftover):
+                leftover.unlink()
+
+
+def _owned(path: Path) -> bool:
+    return path.lstat().st_uid == os.geteuid()
 
 
 @contextlib.contextmanager

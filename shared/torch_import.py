@@ -485,13 +485,13 @@ AGREEMENT = {np.float32: 2e-5, np.float64: 1e-10}
 
 def refuse_other_outputs(module: Any, network: Network, where: str) -> None:
     """Refuse a module whose evaluation-mode outputs on 3 seeded random images, or the
-    gradients of its weights there, differ from those of the network read from it
-    (threefold's PyTorch implementation), as log-probabilities (a final LogSoftmax is
-    dropped): what torch.fx did not record (a replaced __call__, autocast, a size read from
-    the batch, a path under torch.no_grad) would otherwise be imported as something else."""
+    gradients of its weights there, differ from those of the network read from it (as
+    threefold.to_torch exports it), as log-probabilities (a final LogSoftmax is dropped):
+    what torch.fx did not record (a replaced __call__, autocast, a size read from the batch,
+    a path under torch.no_grad) would otherwise be imported as something else."""
     import torch
 
-    from shared.backend import make_backend
+    from shared.backend import torch_module
 
     dtype = float_dtype(network.tensors).type
     images = np.random.default_rng(0).random((3, *INPUT_SHAPE)).astype(dtype)
@@ -509,17 +509,8 @@ def refuse_other_outputs(module: Any, network: Network, where: str) -> None:
     if not isinstance(theirs, torch.Tensor) or tuple(theirs.shape) != (3, 10):
         got = tuple(theirs.shape) if isinstance(theirs, torch.Tensor) else type(theirs).__name__
         raise UsageError(f"{where}: gives {got} for 3 images, not (3, 10) logits")
-    threads = torch.get_num_threads()  # impl_torch sets them on import: the caller's stay
-    try:
-        ours_module = make_backend("torch", network.arch, dtype).model.as_module(
-            network.arch, network.standardise
-        )
-    finally:
-        torch.set_num_threads(threads)
-    ours_module.to(torch.float64 if dtype == np.float64 else torch.float32).load_state_dict(
-        {name: torch.from_numpy(np.array(value)) for name, value in network.tensors.items()}
-    )
-    ours, our_grads = _outputs_and_gradients(ours_module.eval(), images, [c for _, c in pairs])
+    ours_module = torch_module(network.arch, network.tensors, network.standardise)
+    ours, our_grads = _outputs_and_gradients(ours_module, images, [c for _, c in pairs])
     logits = theirs.detach().double().numpy()
     # Round-off grows with the logits, which log-probabilities hide (a shift of all of them).
     scale = max(1.0, float(np.abs(logits).max()))
@@ -534,15 +525,16 @@ def refuse_other_outputs(module: Any, network: Network, where: str) -> None:
     if their_grads is None or our_grads is None:
         return
     # Measured against the largest gradient: a weight's own may be round-off alone.
-    scale = max(max(float(np.abs(g).max()) for g in our_grads), np.finfo(dtype).tiny)
-    gaps = [float(np.abs(t - o).max()) / scale for t, o in zip(their_grads, our_grads, strict=True)]
-    worst = int(np.argmax(gaps)) if gaps else 0
-    if gaps and not gaps[worst] <= AGREEMENT[dtype]:
-        raise UsageError(
-            f"{where}: {pairs[worst][0]}: its gradient differs from that of the layer read from "
-            f"it ({gaps[worst]:.2g} apart): part of its forward runs under torch.no_grad or "
-            "inference_mode, which torch.fx does not record"
-        )
+    largest = max((float(np.abs(g).max()) for g in our_grads), default=0.0)
+    scale = max(largest, np.finfo(dtype).tiny)
+    for (name, _), t, o in zip(pairs, their_grads, our_grads, strict=True):  # the first named
+        apart = float(np.abs(t - o).max()) / scale
+        if not apart <= AGREEMENT[dtype]:
+            raise UsageError(
+                f"{where}: {name}: its gradient differs from that of the layer read from it "
+                f"({apart:.2g} apart): part of its forward runs under torch.no_grad or "
+                "inference_mode, which torch.fx does not record"
+            )
 
 
 def _outputs_and_gradients(

@@ -330,11 +330,28 @@ def test_a_write_removes_what_a_killed_writer_of_its_file_left(tmp_path):
     # A killed export.py left its graph's temporary, which no later export removed.
     target = tmp_path / "m.onnx"
     dead = tmp_path / ".m.onnx.999999999.abcd1234.tmp"
+    # The graph itself, written under the temporary staged() holds the name with.
+    dead_staged = tmp_path / "..m.onnx.999999999.abcd1234.tmp.999999999.efgh5678.tmp"
     mine = tmp_path / f".m.onnx.{os.getpid()}.abcd1234.tmp"  # a write in progress
-    for path in (dead, mine):
+    for path in (dead, dead_staged, mine):
         path.write_text("partial")
-    write_text(target, "graph")
-    assert target.read_text() == "graph" and mine.exists() and not dead.exists()
+    with staged(target) as hidden:
+        write_text(hidden, "graph")
+    assert target.read_text() == "graph" and mine.exists()
+    assert not dead.exists() and not dead_staged.exists()
+
+
+def test_a_leftover_that_cannot_be_deleted_fails_no_write(tmp_path, monkeypatch):
+    # Another user's, in a sticky folder such as /tmp: the write failed, "Operation not
+    # permitted", on a file it could write.
+    (tmp_path / ".m.json.999999999.abcd1234.tmp").write_text("partial")
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    write_text(tmp_path / "m.json", "{}")
+    assert (tmp_path / "m.json").read_text() == "{}"
 
 
 def test_the_longest_name_an_output_may_take_is_written_with_another(tmp_path):

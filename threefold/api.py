@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from shared.backend import torch_module
 from shared.config import FIELDS, IMPLEMENTATIONS, PAIRS, python_int
 from shared.data import Dataset, installed_data_dir, load_dataset
 from shared.errors import UsageError
@@ -24,7 +25,7 @@ from shared.network import (
     load_network,
 )
 from shared.proof.rows import CheckResult
-from shared.spec import Arch, float_dtype, get_arch, init_params, is_model_file
+from shared.spec import Arch, get_arch, init_params, is_model_file
 from shared.torch_import import from_torch
 
 
@@ -90,17 +91,8 @@ def to_torch(subject: Network | str):
     holding its weights (canonical state_dict names, in their dtype), in evaluation mode; a
     network trained on standardised pixels standardises raw [0, 1] pixels first
     (`Network.standardise`), so it predicts from the images as they are."""
-    import torch
-
-    from impl_torch.model import as_module
-
     net = _as_network(subject, "to_torch")
-    module = as_module(net.arch, net.standardise)
-    if float_dtype(net.tensors) == np.float64:
-        module = module.double()  # a float64 network (from a .double() module) stays one
-    state = {k: torch.from_numpy(np.array(v)) for k, v in net.tensors.items()}
-    module.load_state_dict(state, strict=True)
-    return module.eval()
+    return torch_module(net.arch, net.tensors, net.standardise)
 
 
 @dataclass(frozen=True)
