@@ -134,6 +134,11 @@ def save_checkpoint(
     atomic_write(Path(path), lambda f: np.savez(f, **arrays))
 
 
+# torch.save's files of a state_dict: tensors by name, without the layers they are for.
+STATE_DICT_FILES = (".pt", ".pth")
+FROM_STATE_DICT = "load it into your module, then threefold.from_torch(module)"
+
+
 def load_checkpoint(path: Path, dtype: Any = None) -> Checkpoint:
     """Read and validate a checkpoint against the architecture its metadata names; with
     `dtype` (the run's), cast the tensors to it. Anything amiss is one CheckpointError that
@@ -141,6 +146,8 @@ def load_checkpoint(path: Path, dtype: Any = None) -> Checkpoint:
     where = str(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{where}: no such checkpoint")
+    if Path(path).suffix.lower() in STATE_DICT_FILES:  # read, "a zip64 directory" at best
+        raise CheckpointError(f"{where}: a state_dict, which names no layers; {FROM_STATE_DICT}")
     try:
         # A FIFO or a device would wait for a writer or never end (/dev/zero).
         with regular_file(path, where) as file:

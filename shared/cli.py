@@ -129,7 +129,7 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
         + "; ".join(f"{a.name}: {a.description}".replace("%", "%%") for a in presets().values())
         + "), a spec such as conv16-bn-relu-maxpool2-flatten-fc10, a .json/.toml file "
         "(grammar below), a PyTorch model FILE.py:NAME (the file is executed) or an ONNX "
-        "graph FILE.onnx",
+        f"graph FILE.onnx (default: {defaults.arch})",
     )
     for field, help in _help(defaults).items():
         bound, default = FIELDS[field], getattr(defaults, field)
@@ -137,7 +137,7 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
             checked = {"action": argparse.BooleanOptionalAction}
         else:
             checked = {"choices": bound.choices} if bound.choices else {"type": flag(bound)}
-        if default is not None and not re.search(r"[(;] default", help):  # what runs untyped
+        if default is not None and not re.search(r"[(;] ?default", help):  # what runs untyped
             help += f" (default: {shown_default(default)})"
         parser.add_argument(f"--{field.replace('_', '-')}", default=default, help=help, **checked)
     add_data_dir_flag(parser)
@@ -146,11 +146,9 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -
 def add_data_dir_flag(parser: argparse.ArgumentParser, why: str = "", test: bool = False) -> None:
     """The --data-dir flag every command that reads the data takes (`why`: what for; `test`:
     the test set's files alone)."""
-    files, spec = (
-        "the test set's IDX files (t10k-*)" if test else "the four IDX files",
-        FASHION_MNIST,
-    )
-    where = f"${DATA_DIR_ENV} where set, else {spec.default_dir}, then {spec.user_dir}"
+    files = "the test set's IDX files (t10k-*)" if test else "the four IDX files"
+    where = f"${DATA_DIR_ENV} where set, else {FASHION_MNIST.default_dir}, then "
+    where += str(FASHION_MNIST.user_dir)
     help = f"folder with {files}{why} (default: {where}, where train.py --download puts them)"
     parser.add_argument("--data-dir", type=path_type, default=None, help=help)
 

@@ -178,13 +178,10 @@ def find_data_dir(data_dir: str | Path | None = None, spec: DatasetSpec = FASHIO
     if found:
         return next((f for f in found if _holds_every_file(f, spec)), found[0])
     tried = ", ".join(f"{folder} ({source})" for folder, source in candidates)
-    # Set, it is the one folder read: installing the package would not help.
-    advice = (
-        f"fetch the files into it with 'train.py --download', or unset ${DATA_DIR_ENV} to read "
-        "the installed ones"
-        if candidates[0][1] == f"${DATA_DIR_ENV}"
-        else how_to_get(spec)
-    )
+    advice = how_to_get(spec)
+    if data_dir is None and os.environ.get(DATA_DIR_ENV):  # the one folder read: set it up
+        fetch = "fetch the files into it with 'train.py --download'" if spec.download_url else ""
+        advice = f"{fetch or 'put the four IDX files there'}, or unset ${DATA_DIR_ENV}"
     raise UsageError(f"no {spec.name} folder found (tried {tried}); {advice}")
 
 

@@ -232,5 +232,6 @@ def stopped_in_one_line() -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt as stop:
-        print(f"\n{os.path.basename(sys.argv[0])}: {interrupted(stop)}", file=sys.stderr)
-        exit_process(128 + signal.SIGINT)
+        stopped = interrupted(stop)
+        print(f"\n{os.path.basename(sys.argv[0])}: {stopped}", file=sys.stderr)
+        exit_process(stopped.exit_code)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -203,11 +204,11 @@ def _resume_command(out_dir: Path, data: Dataset) -> str:
     Python (.venv's, which a bare `python` may not be) and train.py, from the current folder."""
     here = Path.cwd()
     python, script = (
-        os.path.relpath(path) if path.is_relative_to(here) else str(path)
+        os.path.join(".", os.path.relpath(path)) if path.is_relative_to(here) else str(path)
         for path in (Path(sys.executable).absolute(), PROJECT / "scripts" / "train.py")
-    )
+    )  # ./python: a bare name would be looked up on the PATH
     folders = f"--resume {typed_path(out_dir)} --data-dir {typed_path(data.source)}"
-    return f"{typed_path(Path(python))} {typed_path(Path(script))} {folders}"
+    return f"{shlex.quote(python)} {shlex.quote(script)} {folders}"
 
 
 def _finite(values: dict[str, Any], what: str, epoch: int, config: TrainConfig) -> None:

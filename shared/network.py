@@ -16,7 +16,7 @@ import numpy as np
 from shared.checkpoint import load_checkpoint, tensor_problem
 from shared.config import real_number
 from shared.data import data_files, get_dataset_spec
-from shared.errors import UsageError
+from shared.errors import CheckpointError, UsageError
 from shared.io import a_path
 from shared.kinds import KINDS, kind_of, token
 from shared.layers import Residual
@@ -284,7 +284,10 @@ def load_weights(
 
         return read_safetensors(Path(path), arch, renames, where, unread)
     if suffix in (".onnx", ".npz"):  # files that name their network too
-        network = load_network(Path(path), where)
+        try:
+            network = load_network(Path(path), where)
+        except CheckpointError as e:  # which names the file alone
+            raise CheckpointError(f"{where} {e}") from None
         if network.arch.name != arch.name:
             raise UsageError(
                 f"{where} {path}: holds {network.arch.name[:80]}, not {arch.name[:80]}"
@@ -296,17 +299,10 @@ def load_weights(
     return load_state_dict_file(Path(path), arch, renames, where, unread)
 
 
-# torch.save's files of a state_dict: tensors by name, without the layers they are for.
-STATE_DICT_FILES = (".pt", ".pth")
-FROM_STATE_DICT = "load it into your module, then threefold.from_torch(module)"
-
-
 def load_network(path: Path, where: str) -> Network:
     """The network a file holds, with its weights and input scaling: a checkpoint (.npz), a
     .safetensors file threefold wrote (its metadata names the network) or an ONNX graph."""
     suffix = path.suffix.lower()
-    if suffix in STATE_DICT_FILES:
-        raise UsageError(f"{where}: {path}: a state_dict, which names no layers; {FROM_STATE_DICT}")
     if suffix == ".safetensors":
         from shared.weights_file import read_network_file
 

@@ -53,6 +53,9 @@ MAX_LAYER_OUTPUT = 1_000_000
 MAX_LAYERS = 64
 MAX_SPEC_FILE_BYTES = 2**20
 MAX_SPEC_CHARS = 4096
+# tomllib reads a dotted key in memory quadratic in its parts: an 80 KB key of 40,000 took
+# 6.3 GB; 4,096 take 77 MB. A spec's floats need a dot a layer.
+MAX_TOML_DOTS = 4096
 
 
 @dataclass(frozen=True)
@@ -398,11 +401,9 @@ def _file_entries(path: Path, where: str) -> list[Entry]:
         text = raw.decode("utf-8")
         if path.suffix.lower() == ".json":  # TOML refuses a key given twice; JSON keeps the last
             document = json.loads(text, object_pairs_hook=once_each)
-        elif text.count(".") > MAX_SPEC_CHARS:
-            # tomllib reads a dotted key in memory quadratic in its parts: an 80 KB key of
-            # 40,000 took 6.3 GB; 4,096 take 77 MB. A spec's floats need a dot per layer.
+        elif text.count(".") > MAX_TOML_DOTS:
             raise UsageError(
-                f"{where}: {text.count('.')} dots, more than {MAX_SPEC_CHARS}; not a network spec"
+                f"{where}: {text.count('.')} dots, more than {MAX_TOML_DOTS}; not a network spec"
             )
         else:
             document = tomllib.loads(text)

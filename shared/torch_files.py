@@ -30,20 +30,24 @@ def load_module_file(text: str, where: str = "--arch", seed: int = 0) -> tuple[A
     a module itself: `Net = nn.Sequential(...)`), and the label naming it. The file is
     executed, as importing it would, with torch's random numbers seeded by `seed` (and the
     caller's left as they were): the weights its layers draw are the same on every call."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _built_module(text, where)
-
-
-def _built_module(text: str, where: str) -> tuple[Any, str]:
     path_text, _, name = text.rpartition(":")
     path, label = Path(path_text), f"{where} {text}"
     if not path.is_file():
         raise UsageError(f"{label}: {path} is not a file")
     if path.stat().st_size > MAX_MODEL_FILE_BYTES:
         raise UsageError(f"{label}: {path} is larger than {MAX_MODEL_FILE_BYTES} bytes")
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _built_module(path, name, label), label
+
+
+def _built_module(path: Path, name: str, label: str) -> Any:
+    """What NAME is in the Python file `path` once executed: a module, or what calling it
+    gives; the user's errors in one UsageError naming `label`."""
+    import torch
+
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
     spec = importlib.util.spec_from_file_location(f"threefold_model_{digest}", path)
     if spec is None or spec.loader is None:
@@ -57,15 +61,12 @@ def _built_module(text: str, where: str) -> tuple[Any, str]:
         defined = sorted(k for k, v in vars(namespace).items() if callable(v) and k[0] != "_")
         raise UsageError(f"{label}: {path.name} defines no {name} (it has {', '.join(defined)})")
     built = getattr(namespace, name)
-    import torch
-
     if isinstance(built, torch.nn.Module):  # called, it would run its forward on nothing
-        return built, label
+        return built
     try:
-        module = built()
+        return built()
     except USER_CODE_ERRORS as error:
         raise UsageError(f"{label}: {name}() raised {first_line(error)}") from None
-    return module, label
 
 
 def import_file(text: str, where: str = "--arch", seed: int = 0) -> Network:

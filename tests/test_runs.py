@@ -24,7 +24,7 @@ from shared.backend import IMPLEMENTATIONS
 from shared.checkpoint import load_checkpoint
 from shared.config import ADDED_FIELDS, FIELDS, TrainConfig, check_config
 from shared.data import load_dataset
-from shared.errors import Interrupted, OutputError, UsageError
+from shared.errors import CheckpointError, Interrupted, OutputError, UsageError
 from shared.io import (
     TEMPORARY_NAME_EXTRA,
     remove_stale_temporaries,
@@ -956,8 +956,10 @@ def test_a_checkpoint_s_weights_start_another_run_of_its_network(finished_run, t
     with pytest.raises(UsageError, match=f"--weights {path}: holds lab, not pool"):
         load_weights(path, get_arch("pool"), {})
     torch.save(threefold.to_torch(threefold.load(path)).state_dict(), tmp_path / "lab.pt")
-    with pytest.raises(UsageError, match="a state_dict, which names no layers; load it into"):
+    with pytest.raises(CheckpointError, match="a state_dict, which names no layers; load it into"):
         threefold.load(tmp_path / "lab.pt")
+    with pytest.raises(CheckpointError, match=f"^--weights {tmp_path / 'none.npz'}: no such"):
+        load_weights(tmp_path / "none.npz", get_arch("lab"), {})  # named by its flag
 
 
 def test_weights_that_float32_cannot_hold_are_refused_naming_the_file(tmp_path):

@@ -23,6 +23,7 @@ from shared.spec import (
     MAX_LAYERS,
     MAX_SPEC_CHARS,
     MAX_SPEC_FILE_BYTES,
+    MAX_TOML_DOTS,
     PRESETS,
     get_arch,
     init_params,
@@ -542,7 +543,7 @@ def test_a_spec_file_too_big_or_missing_is_one_line(tmp_path):
     )
     dotted = tmp_path / "dotted.toml"  # one key of 40,000 parts took tomllib 6.3 GB
     dotted.write_text("a." * 40_000 + "a = 1\n")
-    refused(str(dotted), f"40000 dots, more than {MAX_SPEC_CHARS}", where=f"--arch {dotted}: ")
+    refused(str(dotted), f"40000 dots, more than {MAX_TOML_DOTS}", where=f"--arch {dotted}: ")
     missing = tmp_path / "none.toml"
     refused(str(missing), "cannot read it (No such file or directory)", where=f"--arch {missing}: ")
     folder = tmp_path / "folder.json"

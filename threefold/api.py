@@ -12,13 +12,12 @@ from typing import Any
 import numpy as np
 
 from shared.backend import torch_module
+from shared.checkpoint import FROM_STATE_DICT, STATE_DICT_FILES
 from shared.config import FIELDS, IMPLEMENTATIONS, PAIRS, python_int
 from shared.data import Dataset, installed_data_dir, load_dataset
 from shared.errors import UsageError
 from shared.io import a_path
 from shared.network import (
-    FROM_STATE_DICT,
-    STATE_DICT_FILES,
     Network,
     identity_mapping,
     import_network,
