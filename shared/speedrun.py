@@ -21,7 +21,6 @@ from shared.backend import IMPLEMENTATIONS
 from shared.cli import add_data_dir_flag, add_impl_flag, chosen_impls, number, run_cli
 from shared.config import FAST_RECIPE, STRONG_FAST_RECIPE, TrainConfig
 from shared.data import Dataset, load_dataset
-from shared.errors import DataError
 from shared.grid import (
     LOCAL,
     Engine,
@@ -272,14 +271,6 @@ def run_speedrun(
         }
         for config, recipe in recipes.items()
     ]
-    for impl in impls:  # an implementation's ratio divides its own runs' times
-        mixed = sorted({(r["cpu"], r["cores"]) for r in runs if r["impl"] == impl})
-        if len(mixed) > 1:
-            on = " and on ".join(f"{cpu}, {cores} cores" for cpu, cores in mixed)
-            raise DataError(
-                f"{store.path}: the stored {impl} runs trained on {on}, whose times do not "
-                "compare; pass --fresh to train them all on one"
-            )
     machines = sorted({(r["cpu"], r["cores"]) for r in runs})
     summary = [summarize(race, runs, impl) for impl in impls]
     payload = {
