@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from impl_torch import layers, model, optim
+from impl_torch import layers, model, optim, use_every_core
 from impl_torch.augment import augment, erase
 from shared import backend
 
@@ -17,6 +17,11 @@ class Backend(backend.Backend):
     reference_library = "torch"
     model, optim, ops = model, optim, layers
     augment, erase = staticmethod(augment), staticmethod(erase)
+
+    def __init__(self, *args, **kwargs):
+        # Again: threefold.to_torch may have imported impl_torch first, keeping the caller's.
+        use_every_core()
+        super().__init__(*args, **kwargs)
 
     @staticmethod
     def compile(fn: Callable, static_argnames: tuple[str, ...] = (), donate: bool = False):

@@ -13,12 +13,15 @@ if [ -z "${THREEFOLD_DATA:-}" ] && [ ! -f "$data/train-images-idx3-ubyte.gz" ]; 
     $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
 
-python=${PYTHON:-python3.11}
-command -v "$python" >/dev/null || python=python3
-[ -x .venv/bin/python ] && python=.venv/bin/python # an existing .venv is checked, and kept
-command -v "$python" >/dev/null || { echo "setup: no $python; threefold needs Python 3.11 or newer (PYTHON=...)" >&2; exit 1; }
+if [ -x .venv/bin/python ]; then
+    python=.venv/bin/python # an existing .venv is checked, and kept
+else
+    python=${PYTHON:-python3.11}
+    [ -n "${PYTHON:-}" ] || command -v "$python" >/dev/null || python=python3
+fi
+command -v "$python" >/dev/null || { echo "setup: no $python found; threefold needs Python 3.11 or newer (PYTHON=...)" >&2; exit 1; }
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
-    echo "setup: $python is $("$python" -V 2>&1); threefold needs Python 3.11 or newer (PYTHON=..., or remove .venv)" >&2
+    echo "setup: $python is $("$python" -V 2>&1); threefold needs Python 3.11 or newer (PYTHON=...$([ -x .venv/bin/python ] && echo ', after removing .venv'))" >&2
     exit 1
 }
 [ -x .venv/bin/python ] || "$python" -m venv .venv

@@ -179,9 +179,9 @@ def find_data_dir(data_dir: str | Path | None = None, spec: DatasetSpec = FASHIO
         return next((f for f in found if _holds_every_file(f, spec)), found[0])
     tried = ", ".join(f"{folder} ({source})" for folder, source in candidates)
     advice = how_to_get(spec)
-    if data_dir is None and os.environ.get(DATA_DIR_ENV):  # the one folder read: set it up
-        fetch = "fetch the files into it with 'train.py --download'" if spec.download_url else ""
-        advice = f"{fetch or 'put the four IDX files there'}, or unset ${DATA_DIR_ENV}"
+    if data_dir is None and os.environ.get(DATA_DIR_ENV) and spec.download_url:
+        # The one folder read: installing the package would not help.
+        advice = f"fetch the files into it with 'train.py --download', or unset ${DATA_DIR_ENV}"
     raise UsageError(f"no {spec.name} folder found (tried {tried}); {advice}")
 
 

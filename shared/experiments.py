@@ -277,7 +277,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_once(parser, argv)
 
     def body() -> int:
-        engine = engine_of(args)
         rerender = args.render_only or args.recheck_float64
         out = args.out or Path("runs/experiments-quick" if args.quick else "docs")
         results = out / "experiments" / "results.json"
@@ -291,10 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         # re-render needs none).
         rendered_only = args.render_only and not args.recheck_float64  # a recheck trains
         unused = [("--fresh", args.fresh), ("--data-dir", args.data_dir is not None)]
-        unused += [(f"--engine {engine.name}", engine.name != "local")]
+        unused += [(f"--engine {args.engine}", args.engine != "local")]
         flag = next((flag for flag, given in unused if given and rendered_only), None)
         if flag is not None:
             raise UsageError(f"{flag}: --render-only trains nothing and reads no data")
+        engine = engine_of(args)  # after: a cluster it would not use is not looked for
         data = None if rendered_only else load_dataset(args.data_dir)
         settings = {"impls": chosen_impls(args), **(QUICK if args.quick else {})}
         if not rerender:
@@ -378,8 +378,8 @@ def _rerender(
         _check_variants(saved, path)
         if saved.get("data", data.content_sha256) != data.content_sha256:
             raise UsageError(
-                f"--data-dir {data.source}: other data than the tables of {path} trained on; "
-                "recheck them on the same data"
+                f"{data.source}: other data than the tables of {path} trained on; recheck "
+                "them on the same data (--data-dir)"
             )
         store = RunStore(path.parent / STORE_NAME, data.content_sha256, args.fresh, "experiments")
         tables = saved.get("tables_trained")

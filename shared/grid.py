@@ -187,7 +187,8 @@ class RunStore:
                 raise TypeError("a run whose date and commit are not a text")
             if not (isinstance(stale, list) and all(key in runs for key in stale)):
                 raise TypeError("stale runs that are not runs of the store")
-            self.command = command or owner or ""
+            # An older version's store, holding runs, is no command's to claim.
+            self.command = owner or ("" if runs else command)
             self.runs = _current_keys(runs)
             self.stale = set(_current_keys(dict.fromkeys(stale, None)))
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:

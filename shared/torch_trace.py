@@ -30,7 +30,7 @@ def trace(module: Any, where: str):
     # forward that branches on self.training computes two networks; one is read.
     graphs = []
     for training in (True, False):
-        module.train(training)
+        module.train() if training else module.eval()  # as a user's code enters each
         refuse_frozen(module, where)  # a train() of its own may keep some layers frozen
         graphs.append(_traced(module, where))
         refuse_frozen(module, where)  # and so may the forward (self.bn.eval() in it)

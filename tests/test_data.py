@@ -223,6 +223,8 @@ def test_missing_folder_and_file_say_how_to_get_the_data(tmp_path, monkeypatch):
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "nowhere"))  # installing: no help
     with pytest.raises(UsageError, match=r"\(\$THREEFOLD_DATA\)\); fetch the files into it with"):
         data.load_dataset()
+    with pytest.raises(UsageError, match="pass --data-dir FOLDER holding the four mnist"):
+        data.load_dataset(None, "mnist")  # which has no download
     (tmp_path / "train-images-idx3-ubyte.gz").mkdir()  # there, but not a file
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: not a regular file"):
         data.load_dataset(tmp_path)

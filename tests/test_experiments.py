@@ -171,6 +171,14 @@ def test_a_store_is_its_command_s_alone(tmp_path):
     read = RunStore(path, DATA)  # a reader that names no command, as a tool's
     read.add(TrainConfig(impl="jax"), ran)
     assert json.loads(path.read_text())["command"] == "experiments" and len(read.runs) == 2
+    # An older version's store, which names none, stays no command's: the first to open it
+    # claimed it, and its owner was refused its own runs.
+    legacy = json.loads(path.read_text())
+    del legacy["command"]
+    path.write_text(json.dumps(legacy))
+    RunStore(path, DATA, fresh=True, command="speedrun").add(TrainConfig(impl="torch"), ran)
+    assert "command" not in json.loads(path.read_text())
+    assert len(RunStore(path, DATA, command="experiments").runs) == 3
 
 
 def test_a_fresh_grid_cut_short_leaves_the_rest_to_the_same_command_without_fresh(
@@ -580,5 +588,6 @@ def test_a_render_only_refuses_what_it_would_not_use(flags, tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:
         experiments.main(["--render-only", *flags, "--out", str(tmp_path)])
     assert refused.value.code == 2
-    assert f"{flags[0]}" in capsys.readouterr().err.splitlines()[-1]
+    said = capsys.readouterr().err.splitlines()[-1]
+    assert f"{flags[0]}" in said and "--render-only trains nothing and reads no data" in said
     assert experiments.main(["--render-only", "--out", str(tmp_path)]) == 0
