@@ -5,6 +5,7 @@ cannot compute the same way refused in one line naming the submodule."""
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import subprocess
@@ -22,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrizations, prune
 
 import threefold
+from shared.backend import make_backend
 from shared.checkpoint import load_checkpoint
 from shared.config import IMPLEMENTATIONS, PAIRS, TrainConfig
 from shared.data import load_dataset
@@ -1483,6 +1485,12 @@ def test_importing_keeps_the_caller_s_threads_and_takes_a_train_that_returns_not
     try:
         network = threefold.from_torch(_TrainReturnsNothing(nn.Flatten(), nn.Linear(784, 10)))
         assert network.arch.name == "flatten-fc10" and torch.get_num_threads() == 1
+        threefold.to_torch(network)
+        assert torch.get_num_threads() == 1
+        # A torch backend takes every core whatever came first: after a to_torch that had
+        # imported impl_torch and kept the caller's one thread, it trained on that one.
+        make_backend("torch", network.arch)
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
     finally:
         torch.set_num_threads(threads)
 
