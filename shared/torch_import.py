@@ -20,12 +20,11 @@ from typing import Any
 import numpy as np
 
 from shared.checkpoint import value_problem
-from shared.errors import USER_CODE_ERRORS, UsageError, first_line
+from shared.errors import UsageError
 from shared.kinds import sliding, token
-from shared.layers import INPUT_SHAPE, Layer, Tensor, show_shape
-from shared.metrics import log_softmax
+from shared.layers import Layer, Tensor, show_shape
 from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
-from shared.spec import Entry, build_layers, float_dtype, get_arch, tensors
+from shared.spec import Entry, build_layers, get_arch, tensors
 from shared.torch_ops import (
     DROP,
     METHODS,
@@ -41,6 +40,7 @@ from shared.torch_refusals import (
     left_as_it_was,
     refuse_cut_gradients,
     refuse_hidden_behaviour,
+    refuse_other_outputs,
     refuse_shared_weights,
 )
 from shared.torch_sizes import image_shape, size_source, tensor_inputs, users
@@ -476,96 +476,6 @@ def from_torch(module: Any, where: str = "module") -> Network:
     with left_as_it_was(module):
         refuse_other_outputs(module, network, where)
     return network
-
-
-# A float32 network rebuilt from a module's layers runs the same kernels, a few units of
-# round-off apart; a forward under autocast to bfloat16 is thousands.
-AGREEMENT = {np.float32: 2e-5, np.float64: 1e-10}
-
-
-def refuse_other_outputs(module: Any, network: Network, where: str) -> None:
-    """Refuse a module whose evaluation-mode outputs on 3 seeded random images, or the
-    gradients of its weights there, differ from those of the network read from it (as
-    threefold.to_torch exports it), as log-probabilities (a final LogSoftmax is dropped):
-    what torch.fx did not record (a replaced __call__, autocast, a size read from the batch,
-    a path under torch.no_grad) would otherwise be imported as something else."""
-    import torch
-
-    from shared.backend import torch_module
-
-    dtype = float_dtype(network.tensors).type
-    images = np.random.default_rng(0).random((3, *INPUT_SHAPE)).astype(dtype)
-    # Each trained tensor: (the module's name, the network's canonical one).
-    trained = tensors(network.arch)
-    pairs = [p for m in network.mapping for p in m.tensors if trained[p[1]].trainable]
-    module.eval()  # not chained: a train() of the user's may return None
-    try:
-        theirs, their_grads = _outputs_and_gradients(module, images, [t for t, _ in pairs])
-    except USER_CODE_ERRORS as error:  # the user's forward: any error is theirs
-        raise UsageError(
-            f"{where}: its forward or backward fails on a batch of 3 images in evaluation "
-            f"mode ({first_line(error)})"
-        ) from None
-    if not isinstance(theirs, torch.Tensor) or tuple(theirs.shape) != (3, 10):
-        got = tuple(theirs.shape) if isinstance(theirs, torch.Tensor) else type(theirs).__name__
-        raise UsageError(f"{where}: gives {got} for 3 images, not (3, 10) logits")
-    ours_module = torch_module(network.arch, network.tensors, network.standardise)
-    ours, our_grads = _outputs_and_gradients(ours_module, images, [c for _, c in pairs])
-    logits = theirs.detach().double().numpy()
-    # Round-off grows with the logits, which log-probabilities hide (a shift of all of them).
-    scale = max(1.0, float(np.abs(logits).max()))
-    ours = ours.detach().double().numpy()
-    apart = float(np.abs(log_softmax(logits) - log_softmax(ours)).max()) / scale
-    if not apart <= AGREEMENT[dtype]:
-        raise UsageError(
-            f"{where}: its outputs differ from those of the layers read from it ({apart:.2g} "
-            "apart): its forward computes what torch.fx does not record (autocast, a replaced "
-            "__call__, a size read from the batch)"
-        )
-    if their_grads is None or our_grads is None:
-        return
-    # Measured against the largest gradient: a weight's own may be round-off alone.
-    largest = max((float(np.abs(g).max()) for g in our_grads), default=0.0)
-    scale = max(largest, np.finfo(dtype).tiny)
-    for (name, _), t, o in zip(pairs, their_grads, our_grads, strict=True):  # the first named
-        apart = float(np.abs(t - o).max()) / scale
-        if not apart <= AGREEMENT[dtype]:
-            raise UsageError(
-                f"{where}: {name}: its gradient differs from that of the layer read from it "
-                f"({apart:.2g} apart): part of its forward runs under torch.no_grad or "
-                "inference_mode, which torch.fx does not record"
-            )
-
-
-def _outputs_and_gradients(
-    module: Any, images: np.ndarray, weights: list[str]
-) -> tuple[Any, list[np.ndarray] | None]:
-    """The module's outputs (N, 10) for images (N, 1, 28, 28), and the gradients of its
-    log-probabilities in a seeded random direction with respect to the named `weights`
-    (training's gradients, in evaluation mode), or None where no gradient reaches its outputs
-    (weights made under inference_mode, a forward without gradients) or they are not
-    (N, 10)."""
-    import torch
-
-    # Inference tensors cannot be saved for a backward.
-    frozen = any(t.is_inference() for t in module.parameters())
-    with torch.inference_mode(False), torch.set_grad_enabled(not frozen):
-        out = module(torch.from_numpy(images.copy()))  # a copy it may write in place
-        shaped = isinstance(out, torch.Tensor) and tuple(out.shape) == (len(images), 10)
-        # A forward wholly without gradients in evaluation mode (as `torch.set_grad_enabled(
-        # self.training)` makes it) is one an inference may run; training's are probed apart.
-        if not shaped or not out.requires_grad:
-            return out, None
-        direction = torch.from_numpy(np.random.default_rng(1).standard_normal(out.shape))
-        log_probabilities = torch.log_softmax(out.double(), dim=1)
-        tensors = [module.get_parameter(name) for name in weights]
-        grads = torch.autograd.grad(
-            (log_probabilities * direction).sum(), tensors, allow_unused=True
-        )
-    return out, [
-        np.zeros(t.shape) if g is None else g.double().numpy()
-        for t, g in zip(tensors, grads, strict=True)
-    ]
 
 
 def _tensor_read(
