@@ -418,11 +418,18 @@ def make_backend(
 ) -> Backend:
     """Import `impl_<impl>` and build its Backend (by default for plain SGD on plain
     cross-entropy, as evaluation needs); a missing framework affects that impl alone."""
+    return backend_class(impl)(arch, np.dtype(dtype), hyperparams or Hyperparams())
+
+
+def backend_class(impl: str) -> type[Backend]:
+    """`impl_<impl>`'s Backend class, imported, unbuilt (what its class says, such as its
+    reference_library, without a network); a UsageError where `impl` is none of ours or its
+    framework is not installed."""
     if impl not in IMPLEMENTATIONS:
         raise UsageError(
             f"unknown implementation {impl!r}; choose from {', '.join(IMPLEMENTATIONS)}"
         )
-    keep_freed_memory()
+    keep_freed_memory()  # before the framework's import starts its threads
     try:
         module = importlib.import_module(f"impl_{impl}.backend")
     except ModuleNotFoundError as e:
@@ -432,7 +439,7 @@ def make_backend(
                 "the other implementations still work"
             ) from None
         raise
-    return module.Backend(arch, np.dtype(dtype), hyperparams or Hyperparams())
+    return module.Backend
 
 
 def batched_logits(

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.backend import IMPLEMENTATIONS, make_backend
+from shared.backend import IMPLEMENTATIONS, backend_class, make_backend
 from shared.batches import dropout_masks
 from shared.checkpoint import load_checkpoint
 from shared.cli import add_data_dir_flag, positive_int, run_cli, seed_type
@@ -304,10 +304,9 @@ def shared_code_checks(
     libraries of the frameworks in `impls` (one left out may not be installed). The loss
     layer is the same whatever the network: a NumPy backend of the smallest preset computes
     it."""
-    arch = get_arch("noconv")
-    loss = make_backend("numpy", arch).loss_and_dlogits
-    backends = [make_backend(impl, arch) for impl in impls]
-    libraries = tuple(b.reference_library for b in backends if b.reference_library)
+    loss = make_backend("numpy", get_arch("noconv")).loss_and_dlogits
+    classes = [backend_class(impl) for impl in impls]
+    libraries = tuple(c.reference_library for c in classes if c.reference_library)
     # The schedules over enough steps to leave their warm-up, however short the lockstep.
     steps = max(steps, SCHEDULE_STEPS)
     rows = reference_checks(config, steps, check_warmup(steps), seed, loss, libraries)
