@@ -188,8 +188,9 @@ def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
     not pile up. Files of a process still alive are another writer's, in progress, and stay;
     so do another user's (which a shared folder would not let us delete) and files named
     otherwise. A file that cannot be deleted stays: the clean-up never fails a write."""
-    temporary = r"\.(\d+)\.[a-z0-9_]+\.tmp"
-    ours = re.compile(rf"\.\.?(?:{'|'.join(map(re.escape, names))}){temporary}(?:{temporary})?")
+    name, temporary = f"(?:{'|'.join(map(re.escape, names))})", r"\.(\d+)\.[a-z0-9_]+\.tmp"
+    # .NAME.PID.x.tmp, or its own temporary ..NAME.PID.x.tmp.PID.y.tmp
+    ours = re.compile(rf"\.{name}{temporary}|\.\.{name}{temporary}{temporary}")
     for leftover in Path(folder).glob(".*.tmp"):
         match = ours.fullmatch(leftover.name)
         writers = [] if match is None else [int(pid) for pid in match.groups() if pid]

@@ -17,12 +17,7 @@ from shared.config import FIELDS, IMPLEMENTATIONS, PAIRS, python_int
 from shared.data import Dataset, installed_data_dir, load_dataset
 from shared.errors import UsageError
 from shared.io import a_path
-from shared.network import (
-    Network,
-    identity_mapping,
-    import_network,
-    load_network,
-)
+from shared.network import Network, identity_mapping, import_network, load_network
 from shared.proof.rows import CheckResult
 from shared.spec import Arch, get_arch, init_params, is_model_file
 from shared.torch_import import from_torch
