@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
+import socket
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -42,17 +44,34 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise OutputError(f"{path}: cannot write it ({e.strerror or e}); nothing written") from None
 
 
-# What a temporary's name adds to its file's: ".NAME.PID.XXXXXXXX.tmp", a pid of 7 digits.
-TEMPORARY_NAME_EXTRA = len("..1234567.abcdefgh.tmp")
+def _pid_namespace() -> str:
+    with contextlib.suppress(OSError):
+        return os.readlink("/proc/self/ns/pid")
+    return ""
+
+
+# Whose pids a temporary's pid is: this host's and pid namespace's. A writer on another
+# machine sharing the folder (NFS), or in another container, has pids that mean nothing
+# here: its temporaries, in progress, were taken for a dead writer's and deleted.
+WRITER_HOST = hashlib.sha256(f"{socket.gethostname()} {_pid_namespace()}".encode()).hexdigest()[:8]
+
+# What a temporary's name adds to its file's: ".NAME.HOST.PID.XXXXXXXX.tmp", a pid of 7 digits.
+TEMPORARY_NAME_EXTRA = len("..abcd1234.1234567.abcdefgh.tmp")
+
+
+def temporary_prefix(name: str, pid: int) -> str:
+    """The start of the hidden name under which process `pid` of this host writes `name`."""
+    return f".{name}.{WRITER_HOST}.{pid}."
 
 
 def _temporary_beside(path: Path) -> tuple[int, str]:
     """A new hidden file in `path`'s folder, (its descriptor, its name), named
-    `.NAME.PID.*.tmp`: the pid tells a later clean-up (remove_stale_temporaries) whether
-    the writer may still be alive. Those a killed writer of `path` left go first: a killed
-    export.py left a copy of its graph that no later command removed."""
+    `.NAME.HOST.PID.*.tmp`: the host and pid tell a later clean-up (remove_stale_temporaries)
+    whether the writer may still be alive. Those a killed writer of `path` left go first: a
+    killed export.py left a copy of its graph that no later command removed."""
     remove_stale_temporaries(path.parent, (path.name,))
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    prefix = temporary_prefix(path.name, os.getpid())
+    return tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
 
 
 def _write_and_replace(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -183,13 +202,15 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
     """Delete what `atomic_write` leaves when its process is killed mid-write: hidden
-    `.NAME.PID.*.tmp` files for each of `names` (the files a command writes in `folder`), and
-    the temporaries written under those (`staged`'s), which never look like data but should
-    not pile up. Files of a process still alive are another writer's, in progress, and stay;
-    so do another user's (which a shared folder would not let us delete) and files named
+    `.NAME.HOST.PID.*.tmp` files for each of `names` (the files a command writes in
+    `folder`), and the temporaries written under those (`staged`'s), which never look like
+    data but should not pile up. Files of a process still alive are another writer's, in
+    progress, and stay; so do another host's or container's (whose pids cannot be looked up
+    here), another user's (which a shared folder would not let us delete) and files named
     otherwise. A file that cannot be deleted stays: the clean-up never fails a write."""
-    name, temporary = f"(?:{'|'.join(map(re.escape, names))})", r"\.(\d+)\.[a-z0-9_]+\.tmp"
-    # .NAME.PID.x.tmp, or its own temporary ..NAME.PID.x.tmp.PID.y.tmp
+    name = f"(?:{'|'.join(map(re.escape, names))})"
+    temporary = rf"\.{WRITER_HOST}\.(\d+)\.[a-z0-9_]+\.tmp"
+    # .NAME.HOST.PID.x.tmp, or its own temporary ..NAME.HOST.PID.x.tmp.HOST.PID.y.tmp
     ours = re.compile(rf"\.{name}{temporary}|\.\.{name}{temporary}{temporary}")
     for leftover in Path(folder).glob(".*.tmp"):
         match = ours.fullmatch(leftover.name)

@@ -29,6 +29,7 @@ from shared.io import (
     TEMPORARY_NAME_EXTRA,
     remove_stale_temporaries,
     staged,
+    temporary_prefix,
     write_json,
     write_text,
 )
@@ -316,10 +317,14 @@ def test_a_killed_holder_never_leaves_the_folder_locked(tmp_path):
 
 
 def test_start_up_clean_up_spares_live_writers_and_files_not_its_own(tmp_path):
-    mine = tmp_path / f".metrics.json.{os.getpid()}.abcd1234.tmp"
-    dead = tmp_path / ".metrics.json.999999999.abcd1234.tmp"
+    mine = tmp_path / f"{temporary_prefix('metrics.json', os.getpid())}abcd1234.tmp"
+    dead = tmp_path / f"{temporary_prefix('metrics.json', 999999999)}abcd1234.tmp"
     # The user's own hidden temporaries, and another file's, were deleted too.
-    users = [tmp_path / name for name in (".mywork.tmp", ".notes.txt.999999999.abcd1234.tmp")]
+    notes = f"{temporary_prefix('notes.txt', 999999999)}abcd1234.tmp"
+    # A writer's on another machine sharing the folder, or in another container: its pid,
+    # dead here, was taken for a dead writer's, and its write in progress deleted.
+    elsewhere = f".metrics.json.{'f' * 8}.999999999.abcd1234.tmp"
+    users = [tmp_path / name for name in (".mywork.tmp", notes, elsewhere)]
     for path in (mine, dead, *users):
         path.write_text("partial")
     remove_stale_temporaries(tmp_path, ("metrics.json", "checkpoint.npz"))
@@ -329,10 +334,10 @@ def test_start_up_clean_up_spares_live_writers_and_files_not_its_own(tmp_path):
 def test_a_write_removes_what_a_killed_writer_of_its_file_left(tmp_path):
     # A killed export.py left its graph's temporary, which no later export removed.
     target = tmp_path / "m.onnx"
-    dead = tmp_path / ".m.onnx.999999999.abcd1234.tmp"
+    dead = tmp_path / f"{temporary_prefix('m.onnx', 999999999)}abcd1234.tmp"
     # The graph itself, written under the temporary staged() holds the name with.
-    dead_staged = tmp_path / "..m.onnx.999999999.abcd1234.tmp.999999999.efgh5678.tmp"
-    mine = tmp_path / f".m.onnx.{os.getpid()}.abcd1234.tmp"  # a write in progress
+    dead_staged = tmp_path / f"{temporary_prefix(dead.name, 999999999)}efgh5678.tmp"
+    mine = tmp_path / f"{temporary_prefix('m.onnx', os.getpid())}abcd1234.tmp"  # in progress
     for path in (dead, dead_staged, mine):
         path.write_text("partial")
     with staged(target) as hidden:
@@ -344,7 +349,7 @@ def test_a_write_removes_what_a_killed_writer_of_its_file_left(tmp_path):
 def test_a_leftover_that_cannot_be_deleted_fails_no_write(tmp_path, monkeypatch):
     # Another user's, in a sticky folder such as /tmp: the write failed, "Operation not
     # permitted", on a file it could write.
-    (tmp_path / ".m.json.999999999.abcd1234.tmp").write_text("partial")
+    (tmp_path / f"{temporary_prefix('m.json', 999999999)}abcd1234.tmp").write_text("partial")
 
     def refused(path, *args, **kwargs):
         raise PermissionError(1, "Operation not permitted", str(path))
