@@ -94,6 +94,15 @@ def _opener(deadline: float) -> urllib.request.OpenerDirector:
                 super().connect()
                 self.sock = _DeadlineSocket(self.sock, deadline)
 
+            def _tunnel(self) -> None:
+                # A proxy's reply to CONNECT, read before TLS starts: a proxy that trickled it
+                # was read under the per-read timeout alone.
+                sock, self.sock = self.sock, _DeadlineSocket(self.sock, deadline)
+                try:
+                    super()._tunnel()
+                finally:
+                    self.sock = sock
+
         return Connection
 
     class Http(urllib.request.HTTPHandler):

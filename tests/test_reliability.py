@@ -1083,12 +1083,21 @@ def test_download_flag_checks_the_official_checksums(served_files, tmp_path):
     assert idx_files_in(dest) == []
 
 
+@pytest.mark.parametrize("through", ["server", "proxy"])
 def test_a_server_that_trickles_its_headers_is_stopped_by_the_file_s_deadline(
-    served_files, tmp_path, monkeypatch
+    served_files, tmp_path, monkeypatch, through
 ):
     """Headers were read under the per-read timeout alone: a server that sent one byte of
-    them every few seconds kept a download going for months."""
+    them every few seconds kept a download going for months; so did an HTTPS proxy's reply
+    to CONNECT, read before the connection is wrapped."""
     listener = socket.create_server(("127.0.0.1", 0))
+    address = f"http://{listener.getsockname()[0]}:{listener.getsockname()[1]}/"
+    url = address
+    if through == "proxy":
+        for name in ("no_proxy", "NO_PROXY", "HTTPS_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("https_proxy", address)
+        url = "https://threefold.invalid/"
     stop = threading.Event()
 
     def trickle() -> None:
@@ -1106,8 +1115,7 @@ def test_a_server_that_trickles_its_headers_is_stopped_by_the_file_s_deadline(
     started = time.monotonic()
     try:
         with pytest.raises(DataError, match="0 bytes in 1 s, slower than"):
-            download_dataset(spec, tmp_path / "dest", f"http://{listener.getsockname()[0]}:"
-                             f"{listener.getsockname()[1]}/", progress=False)  # fmt: skip
+            download_dataset(spec, tmp_path / "dest", url, progress=False)
     finally:
         stop.set()
         listener.close()
