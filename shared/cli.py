@@ -189,8 +189,11 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[], int]) -> int:
         # nowhere, quietly. 141: the shell's for SIGPIPE.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except OSError as e:
-        if e.errno != errno.ENAMETOOLONG:  # which Python 3.11's Path.exists() raises
-            raise
+    except OSError as e:  # a path's, which Python 3.11's Path.exists() raises unless missing
         named = e.filename2 or e.filename  # os.replace's target is the second
-        parser.error(one_line(f"{named}: a name in it is longer than the file system allows"))
+        if named is None:
+            raise
+        if e.errno == errno.ENAMETOOLONG:
+            parser.error(one_line(f"{named}: a name in it is longer than the file system allows"))
+        print(f"{parser.prog}: error: {one_line(f'{named}: {e.strerror or e}')}", file=sys.stderr)
+        return 1

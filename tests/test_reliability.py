@@ -49,6 +49,7 @@ from shared.errors import (
 )
 from shared.loop import TrainingDiverged, train
 from shared.outputs import EVALUATION_FILES
+from shared.train import main as train_main
 from tests.conftest import make_dataset_dir, write_idx
 from tests.test_runs import wait_for_line
 from tests.test_training import ROOT, run_script
@@ -536,6 +537,26 @@ def test_sigterm_before_a_run_has_anything_to_keep_exits_143(capsys):
 
     assert run_cli(argparse.ArgumentParser(prog="train.py"), body) == 143
     assert capsys.readouterr().err.strip() == "train.py: terminated (SIGTERM)"
+
+
+def test_a_data_folder_it_may_not_enter_is_one_line(tiny_data_dir, tmp_path, capsys, monkeypatch):
+    """Python 3.11's Path.is_file() raises where a folder may be listed but not entered
+    (mode 600): a traceback, for the data, --download's folder and --out. As root no mode
+    refuses, so the refusal is the file system's, made here."""
+    refused = tiny_data_dir.resolve()
+    is_file = Path.is_file
+
+    def no_entry(path: Path) -> bool:
+        if path.parent.resolve() == refused:
+            raise PermissionError(13, "Permission denied", str(path))
+        return is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", no_entry)
+    argv = ["--impl", "numpy", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "r")]
+    assert train_main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"train.py: error: {refused}/") and err.endswith(": Permission denied")
+    assert "\n" not in err and not (tmp_path / "r").exists()
 
 
 def test_killed_mid_write_never_leaves_a_corrupt_file(tiny_data_dir, tmp_path):
