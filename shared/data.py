@@ -72,8 +72,10 @@ class DatasetSpec:
     @property
     def user_dir(self) -> Path:
         """Where --download puts the files: $XDG_DATA_HOME/threefold/NAME."""
-        base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-        return Path(base) / "threefold" / self.name
+        base = Path(os.environ.get("XDG_DATA_HOME") or "")
+        if not base.is_absolute():  # unset, or relative: the XDG spec says to ignore it
+            base = Path.home() / ".local" / "share"
+        return base / "threefold" / self.name
 
 
 DATASETS = {
@@ -148,7 +150,12 @@ def get_dataset_spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
-def how_to_get(spec: DatasetSpec) -> str:
+def how_to_get(spec: DatasetSpec, folder: Path | None = None) -> str:
+    """What to do where the data is missing (from `folder`, if one was read)."""
+    named = os.environ.get(DATA_DIR_ENV)
+    if named and spec.download_url and folder in (None, Path(named)):
+        # The one folder read: installing the package would not help.
+        return f"fetch the files into it with 'train.py --download', or unset ${DATA_DIR_ENV}"
     if spec.name == "fashion-mnist":
         return (
             "install it with 'apt-get install dataset-fashion-mnist', fetch it with "
@@ -178,10 +185,7 @@ def find_data_dir(data_dir: str | Path | None = None, spec: DatasetSpec = FASHIO
     if found:
         return next((f for f in found if _holds_every_file(f, spec)), found[0])
     tried = ", ".join(f"{folder} ({source})" for folder, source in candidates)
-    advice = how_to_get(spec)
-    if data_dir is None and os.environ.get(DATA_DIR_ENV) and spec.download_url:
-        # The one folder read: installing the package would not help.
-        advice = f"fetch the files into it with 'train.py --download', or unset ${DATA_DIR_ENV}"
+    advice = how_to_get(spec, candidates[0][0] if data_dir is not None else None)
     raise UsageError(f"no {spec.name} folder found (tried {tried}); {advice}")
 
 
@@ -227,7 +231,7 @@ def _idx_path(folder: Path, stem: str, spec: DatasetSpec) -> Path:
     for candidate in _idx_candidates(folder, stem):
         if os.path.lexists(candidate):  # a folder, a FIFO, a link to nothing or a loop
             raise DataError(f"{candidate}: not a regular file")
-    raise DataError(f"{folder / stem}[.gz]: missing; {how_to_get(spec)}")
+    raise DataError(f"{folder / stem}[.gz]: missing; {how_to_get(spec, folder)}")
 
 
 def read_checked_idx(
@@ -246,13 +250,20 @@ def read_checked_idx(
             f"reinstall it ('apt-get install --reinstall dataset-fashion-mnist') or fetch "
             "it again with --download --data-dir FOLDER, then pass --data-dir FOLDER"
         )
-    # MNIST's files are not pinned, but Fashion-MNIST's are: its files are not MNIST's.
+    # MNIST's files are not pinned, but Fashion-MNIST's are: its files are not MNIST's, nor
+    # its test files its training files (a copy under the other's name trained on the test set).
     for other in DATASETS.values():
-        if other is not spec and any(f.content_sha256 == actual for f in other.files):
-            raise DataError(
-                f"{path}: the official {other.name} file, not {spec.name}'s; give --dataset "
-                f"{other.name} or the folder of {spec.name}'s files"
-            )
+        for pinned in other.files:
+            if pinned.content_sha256 == actual and (other, pinned.name) != (spec, file.name):
+                advice = (
+                    f"give --dataset {other.name} or the folder of {spec.name}'s files"
+                    if other is not spec
+                    else f"put the official {file.name} there"
+                )
+                raise DataError(
+                    f"{path}: the official {other.name} file {pinned.name}, not {spec.name}'s "
+                    f"{file.name}; {advice}"
+                )
     return array, actual, path
 
 
@@ -335,6 +346,11 @@ def load_dataset(
         folder, files.train_images, files.train_labels, spec
     )
     test, test_sha = _test_split(folder, spec, pixels)
+    if train_sha[0] == test_sha[0]:  # the test accuracy would be a training accuracy
+        raise DataError(
+            f"{folder}: the training images are the test images (the same bytes in "
+            f"{files.train_images.name} and {files.test_images.name}); nothing would be tested"
+        )
     n_val = round(len(train_labels) * VALIDATION_FRACTION) if validation else 0
     n_train = len(train_labels) - n_val
     if n_train < 1 or (validation and n_val < 1):

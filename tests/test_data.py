@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -223,11 +225,25 @@ def test_missing_folder_and_file_say_how_to_get_the_data(tmp_path, monkeypatch):
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "nowhere"))  # installing: no help
     with pytest.raises(UsageError, match=r"\(\$THREEFOLD_DATA\)\); fetch the files into it with"):
         data.load_dataset()
+    # The folder is there, its files are not: it said to install the package, which it hides.
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+    with pytest.raises(DataError, match=r"missing; fetch the files into it with 'train.py --"):
+        data.load_dataset()
+    monkeypatch.delenv(data.DATA_DIR_ENV)
     with pytest.raises(UsageError, match="pass --data-dir FOLDER holding the four mnist"):
         data.load_dataset(None, "mnist")  # which has no download
     (tmp_path / "train-images-idx3-ubyte.gz").mkdir()  # there, but not a file
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: not a regular file"):
         data.load_dataset(tmp_path)
+
+
+def test_a_relative_xdg_data_home_is_ignored(tmp_path, monkeypatch):
+    # The XDG spec's rule: a download went to ./rel/threefold, which no other folder finds.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_DATA_HOME", "rel")
+    assert data.FASHION_MNIST.user_dir == tmp_path / ".local/share/threefold/fashion-mnist"
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert data.FASHION_MNIST.user_dir == tmp_path / "xdg/threefold/fashion-mnist"
 
 
 def test_lookup_order(tmp_path, monkeypatch):
@@ -259,8 +275,42 @@ def test_real_split_sizes(real_data):
 
 def test_fashion_mnist_s_files_are_not_taken_for_mnist(real_data):
     # MNIST's files are not pinned: Fashion-MNIST's trained as digits, with MNIST's scaling.
-    with pytest.raises(DataError, match="the official fashion-mnist file, not mnist's"):
+    with pytest.raises(
+        DataError,
+        match="the official fashion-mnist file train-images-idx3-ubyte, not mnist's "
+        "train-images-idx3-ubyte; give --dataset fashion-mnist",
+    ):
         data.load_dataset(real_data.source, "mnist")
+
+
+def test_the_official_test_files_under_the_training_names_are_refused(real_data, tmp_path):
+    # It trained on the test set ("8333 train, 1667 validation, 10000 test images"), exit 0.
+    files = data.FASHION_MNIST.files
+    for slot, official in [
+        (files.train_images, files.test_images),
+        (files.train_labels, files.test_labels),
+        (files.test_images, files.test_images),
+        (files.test_labels, files.test_labels),
+    ]:
+        (tmp_path / f"{slot.name}.gz").symlink_to(real_data.source / f"{official.name}.gz")
+    with pytest.raises(
+        DataError,
+        match=re.escape(
+            "train-images-idx3-ubyte.gz: the official fashion-mnist file t10k-images-idx3-ubyte, "
+            "not fashion-mnist's train-images-idx3-ubyte; put the official"
+        ),
+    ):
+        data.load_dataset(tmp_path)
+
+
+def test_test_images_that_are_the_training_images_are_refused(tiny_data_dir):
+    # A folder of copies trained and tested on the same 120 images, exit 0.
+    for name in ("images-idx3", "labels-idx1"):
+        shutil.copy(
+            tiny_data_dir / f"train-{name}-ubyte.gz", tiny_data_dir / f"t10k-{name}-ubyte.gz"
+        )
+    with pytest.raises(DataError, match="the training images are the test images"):
+        data.load_dataset(tiny_data_dir)
 
 
 def test_normalisation_constants_match_the_training_images(real_data):
