@@ -3,11 +3,13 @@ official files, on request (--download), into the user's data folder."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import http.client
 import io
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -23,6 +25,7 @@ from tqdm import tqdm
 from shared.data import DATA_DIR_ENV, DatasetSpec, OfficialFile, how_to_get
 from shared.errors import DataError, UsageError, first_line
 from shared.idx import read_idx_content
+from shared.io import left_by_the_dead, temporary_prefix, writers_pid
 from shared.outputs import missing_folders, remove_if_empty
 
 DOWNLOAD_URL_ENV = "THREEFOLD_DOWNLOAD_URL"
@@ -160,14 +163,15 @@ def _fetch(url: str, target: Path, progress: bool, limit: int) -> None:
                         raise DataError(f"{url}: more than the file can be ({limit:,} bytes)")
                     f.write(chunk)
                     bar.update(len(chunk))
-    except _TooSlow:
-        raise DataError(
-            f"{url}: {received:,} bytes in {allowed:.0f} s, "
-            f"slower than {SLOWEST_BYTES_PER_SECOND:,} bytes a second; stopped"
-        ) from None
     except urllib.error.HTTPError as e:
         raise DataError(f"{url}: the server answered HTTP {e.code} ({e.reason})") from None
-    except urllib.error.URLError as e:
+    except (_TooSlow, urllib.error.URLError) as e:
+        # urllib hands on a deadline passed while it connects (a proxy's CONNECT) as a reason
+        if isinstance(e, _TooSlow) or isinstance(e.reason, _TooSlow):
+            raise DataError(
+                f"{url}: {received:,} bytes in {allowed:.0f} s, "
+                f"slower than {SLOWEST_BYTES_PER_SECOND:,} bytes a second; stopped"
+            ) from None
         raise DataError(f"{url}: download failed ({e.reason})") from None
     # A connection dropped mid-body (IncompleteRead), a reply that is not HTTP, a redirect to
     # an address urllib cannot take (ValueError, InvalidURL): each the server's doing.
@@ -248,7 +252,9 @@ def download_dataset(
     try:
         try:
             dest.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(dir=dest, prefix=".download-"))
+            _remove_stale_staging(dest)
+            prefix = temporary_prefix("download", os.getpid())
+            staging = Path(tempfile.mkdtemp(dir=dest, prefix=prefix))
         except OSError as e:
             raise UsageError(f"--download: cannot write to {dest} ({e.strerror or e})") from None
         names = [f"{file.name}.gz" for file in wanted]
@@ -263,6 +269,16 @@ def download_dataset(
             shutil.rmtree(staging, ignore_errors=True)
         remove_if_empty([] if done else made)  # a failed download leaves no folder it made
     return dest
+
+
+def _remove_stale_staging(dest: Path) -> None:
+    """Remove the staging folders that killed downloads into `dest` left (SIGKILL: they
+    stayed for good), not a live download's, another host's or another user's."""
+    for folder in dest.glob(".download.*"):
+        pid = writers_pid(folder.name, ".download")
+        with contextlib.suppress(OSError):
+            if pid is not None and left_by_the_dead(folder, [pid]):
+                shutil.rmtree(folder)
 
 
 def _held(dest: Path, file: OfficialFile) -> bool:
@@ -292,12 +308,15 @@ def _held(dest: Path, file: OfficialFile) -> bool:
 def _checked_address(base_url: str, source: str) -> str:
     """`base_url` if it is an http:// or https:// address with a host; else a one-line
     UsageError naming `source` (urllib's own errors for the rest are tracebacks)."""
-    shown = f"{source} {base_url[:80]!r}"
+    # A password in the address is not repeated in a message.
+    shown = f"{source} {re.sub(r'//[^/]*@', '//...@', base_url)[:80]!r}"
     try:
         parts = urllib.parse.urlsplit(base_url)
         parts.port  # noqa: B018 -- a port that is not a number raises here
     except ValueError as e:
         raise UsageError(f"{shown}: not an address ({e})") from None
+    if "@" in parts.netloc:  # urllib looked "user:password@host" up as a host name
+        raise UsageError(f"{shown}: an address with a user name or password; give none")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"{shown}: not an http:// or https:// address")
     if not base_url.isprintable() or " " in base_url:

@@ -64,6 +64,13 @@ def temporary_prefix(name: str, pid: int) -> str:
     return f".{name}.{WRITER_HOST}.{pid}."
 
 
+def writers_pid(name: str, prefix: str) -> int | None:
+    """The pid in `name` if it starts with `prefix` (before temporary_prefix's host) and
+    names a writer on this host, else None."""
+    match = re.fullmatch(rf"{re.escape(prefix)}\.{WRITER_HOST}\.(\d+)\..+", name)
+    return None if match is None else int(match[1])
+
+
 def _temporary_beside(path: Path) -> tuple[int, str]:
     """A new hidden file in `path`'s folder, (its descriptor, its name), named
     `.NAME.HOST.PID.*.tmp`: the host and pid tell a later clean-up (remove_stale_temporaries)
@@ -216,12 +223,14 @@ def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
         match = ours.fullmatch(leftover.name)
         writers = [] if match is None else [int(pid) for pid in match.groups() if pid]
         with contextlib.suppress(OSError):
-            if writers and not any(map(_alive, writers)) and _owned(leftover):
+            if left_by_the_dead(leftover, writers):
                 leftover.unlink()
 
 
-def _owned(path: Path) -> bool:
-    return path.lstat().st_uid == os.geteuid()
+def left_by_the_dead(path: Path, writers: list[int]) -> bool:
+    """Whether `path`, written by the processes `writers` (pids of this host), is left by
+    dead ones: none of them alive, and the file ours (another user's we may not delete)."""
+    return bool(writers) and not any(map(_alive, writers)) and path.lstat().st_uid == os.geteuid()
 
 
 @contextlib.contextmanager

@@ -47,6 +47,7 @@ from shared.errors import (
     signals_held,
     stop_on_signals,
 )
+from shared.io import temporary_prefix
 from shared.loop import TrainingDiverged, train
 from shared.outputs import EVALUATION_FILES
 from shared.train import main as train_main
@@ -944,7 +945,7 @@ def test_a_failed_download_leaves_nothing_that_looks_valid(served_files, tmp_pat
         pytest.raises(DataError) as err,
     ):
         download_dataset(spec, dest, server.url, progress=False)
-    assert "\n" not in str(err.value) and ".download-" not in str(err.value)
+    assert "\n" not in str(err.value) and ".download." not in str(err.value)
     if fault == "corrupt gzip":  # named by its address: the staging file is gone
         assert str(err.value).startswith(f"{server.url}train-labels-idx1-ubyte.gz: corrupt")
     if fault in ("endless", "too long"):
@@ -1039,6 +1040,32 @@ def test_a_download_address_that_is_not_one_is_refused_naming_the_flag(
     with pytest.raises(UsageError, match=re.escape(f"--download-url {address!r}: {message}")):
         download_dataset(spec, tmp_path / "dest", address, progress=False)
     assert not (tmp_path / "dest").exists()
+
+
+def test_an_address_with_a_password_is_refused_without_repeating_it(served_files, tmp_path):
+    # urllib looked "user:secret@127.0.0.1" up as a host, and the error printed the password.
+    _, spec = served_files
+    with pytest.raises(UsageError) as err:
+        download_dataset(spec, tmp_path / "dest", "http://user:secret@127.0.0.1:9/", progress=False)
+    assert str(err.value) == (
+        "--download-url 'http://...@127.0.0.1:9/': an address with a user name or password; "
+        "give none"
+    )
+
+
+def test_a_download_removes_what_killed_downloads_left(served_files, tmp_path):
+    # A download killed with SIGKILL left its staging folder, with a file in it, for good.
+    _, spec = served_files
+    dest = tmp_path / "dest"
+    dead = dest / f"{temporary_prefix('download', 999999999)}abcd1234"
+    alive = dest / f"{temporary_prefix('download', os.getpid())}abcd1234"  # in progress
+    elsewhere = dest / f".download.{'f' * 8}.999999999.abcd1234"  # another host's
+    for folder in (dead, alive, elsewhere):
+        folder.mkdir(parents=True)
+        (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"partial")
+    with Server(served_files[0]) as server:
+        download_dataset(spec, dest, server.url, progress=False)
+    assert not dead.exists() and alive.exists() and elsewhere.exists()
 
 
 def test_a_folder_in_a_file_s_place_is_refused_before_any_file_moves(served_files, tmp_path):
