@@ -11,7 +11,7 @@ import numpy as np
 from shared.backend import batched_logits, make_backend
 from shared.cli import add_data_dir_flag, run_cli
 from shared.data import data_files, installed_data_dir, load_test_set
-from shared.errors import CheckpointError, OutputError, UsageError
+from shared.errors import CheckpointError, OutputError, ThreefoldError, UsageError
 from shared.io import staged
 from shared.network import Network, load_network
 from shared.onnx_export import OPSET, require_onnx
@@ -70,6 +70,20 @@ def _check_read_back(read: Network, network: Network, path) -> None:
         raise OutputError(f"{path}: reads back other than was written; export again")
 
 
+def _refuse_other_weights(path) -> None:
+    """The weights beside --onnx, a name the user did not type, replace only a threefold
+    network's weights (an earlier export's): a file of the user's there was replaced."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    try:
+        read_network_file(path, "export.py")
+    except (ThreefoldError, OSError):
+        raise UsageError(
+            f"the weights beside --onnx, {path}: there already, and not a threefold network's "
+            "weights; move it away or give --safetensors FILE"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """scripts/export.py: write a checkpoint's network as ONNX and .safetensors."""
     parser = argparse.ArgumentParser(
@@ -104,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.onnx.with_suffix(".safetensors"),
                 "the weights beside --onnx,",
             )
+            _refuse_other_weights(weights)
         # A model read from ONNX may keep its weights in files beside it.
         model_data = external_files(args.checkpoint) if is_onnx_file(str(args.checkpoint)) else []
         check_out_files(

@@ -944,7 +944,12 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
     labels = tmp_path / "other-data" / "labels.gz"  # a folder the command does not read
     labels.parent.mkdir()
     labels.write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 1, 3])))
+    # The user's own weights under the name the graph's gives: replaced without a word.
+    theirs = tmp_path / "mine"
+    theirs.mkdir()
+    (theirs / "m.safetensors").write_bytes(b"the user's tensors")
     for args, message in [
+        (["--onnx", str(theirs / "m.onnx")], "m.safetensors: there already, and not a threefold"),
         (["--safetensors", str(store)], "runs.json: holds the finished runs of a grid or a"),
         (["--safetensors", str(store.with_name("link.safetensors"))], "holds the finished runs"),
         (["--safetensors", str(results)], "a result of the grid or speedrun whose finished"),
@@ -971,6 +976,8 @@ def test_export_writes_a_checked_graph_and_weights_and_checks_them(
     assert gzip.decompress(labels.read_bytes()) == bytes([0, 0, 8, 1, 0, 0, 0, 1, 3])
     assert (other_run / "checkpoint.npz").read_bytes() == checkpoint
     assert store.read_text() == '{"runs": {}}'
+    assert [p.name for p in theirs.iterdir()] == ["m.safetensors"]
+    assert (theirs / "m.safetensors").read_bytes() == b"the user's tensors"
     missing = subprocess.run(
         [
             sys.executable,
