@@ -152,7 +152,8 @@ def test_a_public_model_is_proven_in_all_three(name, real_data):
             "network flatten-fc10: a step of this network on 1000000000 images",
         ),
         ({"seed": -1}, "seed=-1: out of range"),
-        ({"data": "bogus"}, "data='bogus': a Dataset, 'auto' or None"),
+        ({"data": "bogus"}, "crosscheck: data: no fashion-mnist folder found \\(tried bogus"),
+        ({"data": 3}, "crosscheck: data= a int: 'auto', a folder, a Dataset or None"),
         # Random images are held in memory: 10**9 steps ran on, unbounded.
         ({"steps": 10**9}, "steps 1000000000 x batch_size 32 exceeds the 50000 random images"),
         ({"progress": 3}, "crosscheck: progress=3: a callable taking a str, or None"),
@@ -1468,8 +1469,16 @@ def test_the_api_s_crosscheck_names_data_it_cannot_read_not_random_images(monkey
     monkeypatch.setenv("THREEFOLD_DATA", str(tmp_path / "typo"))
     with pytest.raises(UsageError, match=r"no fashion-mnist folder found .*typo"):
         threefold.crosscheck("flatten-fc10", dtypes=("float64",), steps=1, batch_size=2)
-    with pytest.raises(UsageError, match="data=array"):
-        threefold.crosscheck("flatten-fc10", data=np.zeros(3))
+    with pytest.raises(UsageError, match="data= a ndarray: 'auto', a folder, a Dataset or None"):
+        threefold.crosscheck("flatten-fc10", data=np.zeros(3))  # its repr ran over 50 lines
+
+
+def test_the_api_s_crosscheck_reads_the_data_from_a_folder(tiny_data_dir):
+    # Only a Dataset was taken, which nothing public builds.
+    report = threefold.crosscheck(
+        "flatten-fc10", dtypes=("float64",), steps=1, batch_size=2, data=str(tiny_data_dir)
+    )
+    assert report.passed and report.images == f"fashion-mnist images from {tiny_data_dir}"
 
 
 class _TrainReturnsNothing(nn.Sequential):

@@ -3,6 +3,7 @@ data, and the way back to PyTorch."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -232,8 +233,8 @@ def crosscheck(
     gradient, a run in lockstep under the default, drawn and Adam settings, NumPy against
     finite differences; with `onnx`, the network exported to ONNX and run by onnxruntime
     against each implementation in evaluation mode, layer by layer. `data`: "auto"
-    (Fashion-MNIST where installed, else seeded random images), a Dataset, or None (random
-    images)."""
+    (Fashion-MNIST where installed, else seeded random images), the folder of its four IDX
+    files, a Dataset, or None (random images)."""
     from shared.crosscheck import check_options, run_crosscheck
     from shared.onnx_export import require_onnx
 
@@ -269,8 +270,17 @@ def _images(data: Dataset | str | None) -> tuple[str, Dataset | None]:
         return f"{data.spec.name} images", data
     if data is None:
         return "seeded random images", None
-    if not (isinstance(data, str) and data == "auto"):  # an array has no truth value
-        raise UsageError(f"data={data!r}: a Dataset, 'auto' or None")
+    if not isinstance(data, str | os.PathLike):  # an array's repr ran over 50 lines
+        raise UsageError(
+            f"crosscheck: data= a {type(data).__name__}: 'auto', a folder, a Dataset or None"
+        )
+    if data != "auto":
+        folder = a_path(data, "crosscheck: data")
+        try:
+            dataset = load_dataset(folder)
+        except UsageError as e:  # which names the folder
+            raise UsageError(f"crosscheck: data: {e}") from None
+        return f"{dataset.spec.name} images from {dataset.source}", dataset
     # Random images only where no folder is there at all: a $THREEFOLD_DATA that names none,
     # or a damaged file, is an error, as in every command.
     if installed_data_dir() is None:
