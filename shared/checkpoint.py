@@ -139,10 +139,12 @@ STATE_DICT_FILES = (".pt", ".pth")
 FROM_STATE_DICT = "load it into your module, then threefold.from_torch(module)"
 
 
-def load_checkpoint(path: Path, dtype: Any = None) -> Checkpoint:
+def load_checkpoint(path: Path, dtype: Any = None, with_tensors: bool = True) -> Checkpoint:
     """Read and validate a checkpoint against the architecture its metadata names; with
-    `dtype` (the run's), cast the tensors to it. Anything amiss is one CheckpointError that
-    names the file and the member, tensor or metadata field at fault."""
+    `dtype` (the run's), cast the tensors to it; without `with_tensors`, its metadata alone
+    (checked, as is the file's size against its network's), and no tensor read. Anything
+    amiss is one CheckpointError that names the file and the member, tensor or metadata
+    field at fault."""
     where = str(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{where}: no such checkpoint")
@@ -151,14 +153,16 @@ def load_checkpoint(path: Path, dtype: Any = None) -> Checkpoint:
     try:
         # A FIFO or a device would wait for a writer or never end (/dev/zero).
         with regular_file(path, where) as file:
-            return _read_file(file, where, None if dtype is None else np.dtype(dtype))
+            return _read_file(file, where, None if dtype is None else np.dtype(dtype), with_tensors)
     except UsageError as e:
         raise CheckpointError(str(e)) from None
     except OSError as e:
         raise CheckpointError(f"{where}: cannot read it ({e.strerror or e})") from None
 
 
-def _read_file(file: IO[bytes], where: str, dtype: np.dtype | None) -> Checkpoint:
+def _read_file(
+    file: IO[bytes], where: str, dtype: np.dtype | None, with_tensors: bool = True
+) -> Checkpoint:
     """The checkpoint in an open file, if it is an .npz no larger than any can be."""
     size = os.fstat(file.fileno()).st_size
     if size > _MAX_FILE_BYTES:
@@ -180,7 +184,7 @@ def _read_file(file: IO[bytes], where: str, dtype: np.dtype | None) -> Checkpoin
     except _ZIP_ERRORS:
         raise CheckpointError(f"{where}: not a threefold checkpoint (.npz)") from None
     with archive:
-        return _read(archive, where, dtype, size)
+        return _read(archive, where, dtype, size, with_tensors)
 
 
 def zip_directory_bytes(file: IO[bytes], zip64: bool = False) -> int | None:
@@ -220,8 +224,11 @@ def is_checkpoint(path: Path) -> bool:
         return False
 
 
-def _read(archive: zipfile.ZipFile, where: str, dtype: np.dtype | None, size: int) -> Checkpoint:
-    """The checkpoint in an open zip: its directory, then `meta`, then each tensor."""
+def _read(
+    archive: zipfile.ZipFile, where: str, dtype: np.dtype | None, size: int, with_tensors: bool
+) -> Checkpoint:
+    """The checkpoint in an open zip: its directory, then `meta`, then each tensor (none
+    without `with_tensors`)."""
     members = _directory(archive, where)
     if _META + ".npy" not in members:
         raise CheckpointError(f"{where}: not a threefold checkpoint (.npz): no {_META}.npy")
@@ -235,6 +242,8 @@ def _read(archive: zipfile.ZipFile, where: str, dtype: np.dtype | None, size: in
         raise CheckpointError(
             f"{where}: {size} bytes, more than a checkpoint of its network can be ({largest})"
         )
+    if not with_tensors:
+        return Checkpoint({}, meta, None)
     current = {_current_name(name): name for name in members}
     if len(current) < len(members):  # a legacy member beside its current name
         twice = next(n for n in members if _current_name(n) != n and _current_name(n) in members)

@@ -66,18 +66,20 @@ def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConf
     """The configuration and last checkpoint of the run in --resume DIR. Training flags typed
     beside it must agree with the run's: one that would change the run is refused, naming it."""
     path = args.resume / CHECKPOINT_NAME
-    ckpt = load_checkpoint(path)
-    if "history" not in ckpt.meta or "config" not in ckpt.meta or ckpt.optimizer is None:
+    # The metadata first: a flag typed wrong is refused before a tensor is read (a network of
+    # 24.6M parameters, read twice at once, took 1.37 GiB and 7.5 s to refuse one).
+    meta = load_checkpoint(path, with_tensors=False).meta
+    if "history" not in meta or "config" not in meta:
         raise CheckpointError(f"{path}: written without its run history; cannot resume")
-    config = config_from_saved(ckpt.meta["config"], str(path))
-    if config.arch != ckpt.meta["arch"]:
+    config = config_from_saved(meta["config"], str(path))
+    if config.arch != meta["arch"]:
         # The tensors are the network of field arch (checked on loading); the configuration
         # must name the same one, and never a file.
         raise CheckpointError(
             f"{path}: meta field config.arch {config.arch[:60]!r} is not the checkpoint's "
-            f"network {ckpt.meta['arch'][:60]!r}"
+            f"network {meta['arch'][:60]!r}"
         )
-    trained_on = ckpt.meta.get("data")
+    trained_on = meta.get("data")
     if not (
         isinstance(trained_on, dict)
         and all(isinstance(trained_on.get(k), str) for k in ("dataset", "folder", "sha256"))
@@ -87,11 +89,9 @@ def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConf
             f"{path}: written by another version of threefold (no record of its data); "
             "cannot check that it continues on the same data, start a new run"
         )
-    # Values that do not fit the run's dtype are refused rather than cast to inf.
-    ckpt = load_checkpoint(path, dtype=config.dtype)
-    if len(ckpt.meta["history"]) > config.epochs:
+    if len(meta["history"]) > config.epochs:
         raise CheckpointError(
-            f"{path}: history has {len(ckpt.meta['history'])} epochs for a run of {config.epochs}"
+            f"{path}: history has {len(meta['history'])} epochs for a run of {config.epochs}"
         )
     contradicting = [
         f"--{name.replace('_', '-')} {getattr(args, name)} (the run has "
@@ -111,6 +111,10 @@ def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConf
             f"--resume continues the run in {args.resume} as it was configured; these flags "
             f"contradict it: {', '.join(contradicting)}"
         )
+    # Values that do not fit the run's dtype are refused rather than cast to inf.
+    ckpt = load_checkpoint(path, dtype=config.dtype)
+    if ckpt.optimizer is None:
+        raise CheckpointError(f"{path}: written without its run history; cannot resume")
     return config, ckpt
 
 
