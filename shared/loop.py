@@ -410,9 +410,11 @@ def train_epochs(run: Run, log: Callable[[str], None]) -> None:
             if run.out_dir is not None and run.done and _kept(run.out_dir)
             else ""
         )
-        raise interrupted(
-            stop, f"in epoch {run.done + 1}; {_saved(run.out_dir, run.done)}{resume_hint}"
-        ) from None
+        # Stopped as the last epoch's checkpoint was written, or during the test after it.
+        when = (
+            f"in epoch {run.done + 1}" if run.done < run.config.epochs else "after the last epoch"
+        )
+        raise interrupted(stop, f"{when}; {_saved(run.out_dir, run.done)}{resume_hint}") from None
     except (TrainingDiverged, OutputError) as e:
         raise type(e)(f"{e}; {_saved(run.out_dir, run.done)}") from None
 

@@ -123,6 +123,13 @@ def test_the_command_that_continues_a_stopped_run_is_quoted_for_the_shell(tiny_d
     assert Path(script).resolve() == ROOT / "scripts" / "train.py"
 
 
+def test_a_stop_after_the_last_epoch_is_not_in_an_epoch_past_it(tiny_data_dir, tmp_path):
+    # A run of 2 epochs stopped as its last checkpoint was written said "in epoch 3".
+    config = TrainConfig(impl=IMPLS[0], epochs=2, batch_size=32)
+    with pytest.raises(Exception, match=r"interrupted after the last epoch; .* holds epoch 2"):
+        train(config, load_dataset(tiny_data_dir), tmp_path, log=StopAfter(2))
+
+
 def test_a_stop_after_the_run_s_folder_was_removed_does_not_call_it_intact(tiny_data_dir, tmp_path):
     # It said the checkpoint "holds epoch 1, intact", and how to continue from it.
     out = tmp_path / "run"
