@@ -255,8 +255,8 @@ def read_checked_idx(
     for other in DATASETS.values():
         for pinned in other.files:
             if pinned.content_sha256 == actual and (other, pinned.name) != (spec, file.name):
-                advice = (
-                    f"give --dataset {other.name} or the folder of {spec.name}'s files"
+                advice = (  # evaluate.py takes the dataset from the checkpoint: no flag
+                    f"give the folder of {spec.name}'s files (or train with --dataset {other.name})"
                     if other is not spec
                     else f"put the official {file.name} there"
                 )

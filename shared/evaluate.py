@@ -20,7 +20,13 @@ from shared.errors import CheckpointError, UsageError, act_on_signals, signals_h
 from shared.io import staged, write_json
 from shared.layers import NUM_CLASSES
 from shared.loop import data_identity
-from shared.outputs import EVALUATION_FILES, check_out_files, hold, prepare_out_dir
+from shared.outputs import (
+    CHECKPOINT_NAME,
+    EVALUATION_FILES,
+    check_out_files,
+    hold,
+    prepare_out_dir,
+)
 from shared.plots import plt, save_figure
 from shared.spec import float_dtype, get_arch
 from shared.typed import parse_once, path_type
@@ -173,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             def take() -> None:  # held, then checked: no run can begin there in between
                 held.enter_context(hold(prepare_out_dir(out, flag), flag))
                 reads = [("checkpoint", args.checkpoint)]
-                check_out_files(outputs, reads, own_run=args.checkpoint.parent)
+                # Another checkpoint put in a run's folder replaced that run's report.
+                own = args.checkpoint.name == CHECKPOINT_NAME
+                check_out_files(outputs, reads, own_run=args.checkpoint.parent if own else None)
 
             taken = out.is_dir()
             if taken:

@@ -289,8 +289,11 @@ def test_fashion_mnist_s_files_are_not_taken_for_mnist(real_data):
     # MNIST's files are not pinned: Fashion-MNIST's trained as digits, with MNIST's scaling.
     with pytest.raises(
         DataError,
-        match="the official fashion-mnist file train-images-idx3-ubyte, not mnist's "
-        "train-images-idx3-ubyte; give --dataset fashion-mnist",
+        match=re.escape(
+            "the official fashion-mnist file train-images-idx3-ubyte, not mnist's "
+            "train-images-idx3-ubyte; give the folder of mnist's files (or train with "
+            "--dataset fashion-mnist)"
+        ),
     ):
         data.load_dataset(real_data.source, "mnist")
 

@@ -628,6 +628,22 @@ def test_evaluate_refuses_an_out_that_is_a_file_before_it_evaluates(tiny_data_di
     assert metrics.read_bytes() == before
 
 
+def test_another_checkpoint_in_a_run_s_folder_does_not_replace_its_report(tiny_data_dir, tmp_path):
+    # candidate.npz's report (13.33%) replaced the run's own (73.33%), exit 0.
+    run = ("--impl", IMPLS[0], "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert run_script("train.py", *run, "--data-dir", str(tiny_data_dir)).returncode == 0
+    data = ("--data-dir", str(tiny_data_dir))
+    assert (
+        run_script("evaluate.py", str(tmp_path / "run" / "checkpoint.npz"), *data).returncode == 0
+    )
+    report = (tmp_path / "run" / "evaluation.json").read_bytes()
+    candidate = tmp_path / "run" / "candidate.npz"
+    shutil.copy(tmp_path / "run" / "checkpoint.npz", candidate)
+    done = run_script("evaluate.py", str(candidate), *data)
+    assert done.returncode == 2 and "one of the files of the run in" in done.stderr
+    assert (tmp_path / "run" / "evaluation.json").read_bytes() == report
+
+
 def test_evaluate_needs_the_test_files_alone(tiny_data_dir, tmp_path):
     # "train-images-idx3-ubyte[.gz]: missing": it read 60,000 training images it never used.
     run = ("--impl", IMPLS[0], "--epochs", "1", "--out", str(tmp_path / "run"))
