@@ -234,10 +234,14 @@ def check_shortcut(read: list, shown: str, block: Residual, where: str) -> None:
         wanted = "-".join(token(layer, every=True) for layer in block.shortcut) or "the identity"
         # As a token too: a source's own form (a Conv's attributes) need not show its bias.
         got = "-".join(KINDS[kind].written(options, every=True) for kind, options in layers)
+        rule = (  # the projection's rule, where the body needs one
+            ": a 1x1 conv with the body's stride, no bias, a BatchNorm where the body has one"
+            if block.shortcut
+            else ", as the body keeps its input's shape"
+        )
         raise UsageError(
             f"{where}: its shortcut ({shown or 'the identity'}: {got or 'the identity'}) is not "
-            f"the one threefold's blocks take for this body ({wanted}: a 1x1 conv with the "
-            "body's stride, no bias, a BatchNorm where the body has one)"
+            f"the one threefold's blocks take for this body ({wanted}{rule})"
         )
 
 

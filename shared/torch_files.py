@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
+import pickle
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -121,6 +122,12 @@ def load_state_dict_file(
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # whatever the file holds, one line
+        if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
+            # torch's own message runs on to "two options", cut off by its first line.
+            raise UsageError(
+                f"{label}: a pickle of objects, not tensors alone (a whole module saved?); "
+                "save module.state_dict() instead"
+            ) from None
         why = first_line(error)
         raise UsageError(f"{label}: not a state_dict torch.load can read ({why})") from None
     # A bare tensor's values() is a sparse tensor's method: the dict is asked first.

@@ -388,9 +388,12 @@ def test_a_weights_file_that_does_not_fit_is_one_line(tmp_path):
     (tmp_path / "object.pt").write_bytes(b"not a zip archive")
     with pytest.raises(UsageError, match=r"not a state_dict torch\.load can read"):
         load_weights(tmp_path / "object.pt", network.arch, network.renames, "--weights")
-    # A whole module pickled: torch's refusal holds a terminal's colour codes, left out.
+    # A whole module pickled: torch's refusal, cut at its first line, promised "two options"
+    # and gave none, in a terminal's colour codes.
     torch.save(nn.Linear(2, 2), tmp_path / "whole.pt")
-    with pytest.raises(UsageError, match="do those steps only if you trust the source") as whole:
+    with pytest.raises(
+        UsageError, match=r"a whole module saved\?\); save module.state_dict\(\)"
+    ) as whole:
         load_weights(tmp_path / "whole.pt", network.arch, network.renames, "--weights")
     assert "\x1b" not in str(whole.value)
     torch.save({"model": state}, tmp_path / "nested.pt")
@@ -583,6 +586,13 @@ def _frozen_batch_norm() -> nn.Module:
 
 
 HEAD = 4 * 26 * 26  # features of a 4-channel 3x3 conv's output, flattened
+
+
+def _projection_where_the_identity_serves(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    h = m.conv(x)
+    return m.fc(torch.flatten(m.conv2(h) + m.p(h), 1))
+
+
 REFUSED = {
     "in place on a fork": (
         Chain(_in_place_fork, conv=nn.Conv2d(1, 4, 3), fc=nn.Linear(HEAD, 10)),
@@ -633,6 +643,16 @@ REFUSED = {
             fc=nn.Linear(4 * 784, 10),
         ),
         "is not the one threefold's blocks take for this body",
+    ),
+    "a projection where the identity serves": (  # said "(the identity: a 1x1 conv with ...)"
+        Chain(
+            _projection_where_the_identity_serves,
+            conv=nn.Conv2d(1, 4, 3),
+            conv2=nn.Conv2d(4, 4, 3, padding=1),
+            p=nn.Conv2d(4, 4, 1, bias=False),
+            fc=nn.Linear(HEAD, 10),
+        ),
+        "for this body (the identity, as the body keeps its input's shape)",
     ),
     "features by the batch's size": (
         Chain(
