@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import math
 import pickle
+import re
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -122,11 +123,12 @@ def load_state_dict_file(
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # whatever the file holds, one line
-        if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
-            # torch's own message runs on to "two options", cut off by its first line.
+        # torch's own message runs on to "two options", which its first line cuts off.
+        unpickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if isinstance(error, pickle.UnpicklingError) and unpickled:
             raise UsageError(
-                f"{label}: a pickle of objects, not tensors alone (a whole module saved?); "
-                "save module.state_dict() instead"
+                f"{label}: a pickled {unpickled[1][-60:]}, which torch.load(weights_only=True) "
+                "does not run (a whole module saved?); save module.state_dict() instead"
             ) from None
         why = first_line(error)
         raise UsageError(f"{label}: not a state_dict torch.load can read ({why})") from None

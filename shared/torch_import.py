@@ -44,7 +44,7 @@ from shared.torch_refusals import (
     refuse_shared_weights,
 )
 from shared.torch_sizes import image_shape, size_source, tensor_inputs, users
-from shared.torch_trace import EVALUATION_CALL, name_of, trace
+from shared.torch_trace import EVALUATION_CALL, name_of, torch_layer_of, trace
 
 # --- the chain ----------------------------------------------------------------------------------
 
@@ -225,19 +225,19 @@ def _read_block(module: Any, fork: Any, calls: dict, where: str) -> tuple[_Block
 
 def _take(module: Any, node: Any, calls: dict, where: str):
     """(source, what, taken, tensors' prefix) for one node; refusals named by the node."""
-    import torch
 
     if node.op == "call_module":
         sub = module.get_submodule(node.target)
-        type_name = type(sub).__name__
-        if type_name not in MODULES:
+        type_name, layer = type(sub).__name__, torch_layer_of(sub)
+        if type_name not in MODULES and layer is None:
             raise UsageError(f"{where}: {node.target}: {type_name}: not a layer threefold has")
-        if type(sub) is not getattr(torch.nn, type_name):  # torch.fx keeps torch.ao's too
+        if layer is None:  # torch.fx keeps torch.ao's too
             raise UsageError(
                 f"{where}: {node.target}: {type(sub).__module__}.{type_name}: not torch.nn's "
                 f"{type_name}; it computes its own way (a quantization-aware Linear rounds "
                 "its weight)"
             )
+        type_name = layer.__name__
         names, mapper = MODULES[type_name]
         options = {name: _module_option(sub, name) for name in names}
         try:

@@ -14,7 +14,7 @@ from typing import Any
 
 from shared.errors import USER_CODE_ERRORS, UsageError, first_line
 from shared.layers import INPUT_SHAPE
-from shared.torch_ops import functions
+from shared.torch_ops import MODULES, functions
 from shared.torch_refusals import refuse_frozen
 
 
@@ -63,6 +63,38 @@ def trace(module: Any, where: str):
 EVALUATION_CALL = "threefold_evaluation_call"
 
 
+def torch_layer_of(module: Any) -> type | None:
+    """The torch.nn layer threefold reads that `module` computes as: its class, or the one a
+    subclass of it adds an __init__ alone to (`class Conv(nn.Conv2d)` that initialises its
+    weights its own way); None for any other, one whose methods compute otherwise included
+    (a quantization-aware Linear's forward rounds its weight)."""
+    import torch
+
+    for cls in type(module).__mro__:
+        if getattr(torch.nn, cls.__name__, None) is cls:
+            return cls if cls.__name__ in MODULES else None
+        own = {name for name, value in vars(cls).items() if _a_method(value)}
+        if own - {"__init__"}:
+            return None
+    return None
+
+
+def _a_method(value: Any) -> bool:
+    return callable(value) or isinstance(value, property | staticmethod | classmethod)
+
+
+def _tracer():
+    """torch.fx's tracer, taking a subclass of a layer that changes only its __init__ as the
+    layer: traced into, its weights were 'a tensor used directly in forward'."""
+    import torch
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, module: Any, name: str) -> bool:
+            return super().is_leaf_module(module, name) or torch_layer_of(module) is not None
+
+    return Tracer()
+
+
 def _traced(module: Any, where: str):
     """The module's forward traced by torch.fx, as `module(x)` calls it: an argument after x
     whose default is a plain value (`targets=None`) takes it; any other is refused."""
@@ -86,7 +118,9 @@ def _traced(module: Any, where: str):
     defaults = {p.name: p.default for p in parameters[1:]}
     drawn = _global_draws()
     try:
-        graph = torch.fx.symbolic_trace(module, concrete_args=defaults or None)
+        tracer = _tracer()
+        traced = tracer.trace(module, concrete_args=defaults or None)
+        graph = torch.fx.GraphModule(tracer.root, traced, type(module).__name__)
     except USER_CODE_ERRORS as error:  # tracing runs the user's forward: any error is theirs
         raise UsageError(
             f"{where}: torch.fx cannot trace its forward ({first_line(error)}); threefold "

@@ -392,7 +392,9 @@ def test_a_weights_file_that_does_not_fit_is_one_line(tmp_path):
     # and gave none, in a terminal's colour codes.
     torch.save(nn.Linear(2, 2), tmp_path / "whole.pt")
     with pytest.raises(
-        UsageError, match=r"a whole module saved\?\); save module.state_dict\(\)"
+        UsageError,
+        match=r"a pickled torch\.nn\.modules\.linear\.Linear, which torch\.load\(weights_only="
+        r"True\) does not run \(a whole module saved\?\); save module\.state_dict\(\)",
     ) as whole:
         load_weights(tmp_path / "whole.pt", network.arch, network.renames, "--weights")
     assert "\x1b" not in str(whole.value)
@@ -1108,6 +1110,32 @@ def test_what_pytorch_computes_the_same_either_way_is_read_not_refused():
     assert network.spec == "flatten-fc10" and "same loss" in network.mapping[-1].note
     got = torch.log_softmax(threefold.to_torch(network)(x), 1).detach().numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+class _ZeroBiasConv(nn.Conv2d):
+    """A layer initialised its own way, as people write one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        nn.init.zeros_(self.bias)
+
+
+class _StandardisedConv(nn.Conv2d):
+    """Weight standardisation, through a method Conv2d's forward calls."""
+
+    def _conv_forward(self, x, weight, bias):
+        weight = (weight - weight.mean((1, 2, 3), keepdim=True)) / weight.std()
+        return super()._conv_forward(x, weight, bias)
+
+
+def test_a_layer_s_subclass_that_changes_its_init_alone_is_the_layer():
+    # Traced into, its weights were "0.weight: a tensor used directly in forward".
+    module = nn.Sequential(_ZeroBiasConv(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(HEAD, 10))
+    reads_as(module, "conv4k3s1p0b1-relu-flatten-fc10")
+    # One whose methods compute otherwise is not.
+    module = nn.Sequential(_StandardisedConv(1, 4, 3), nn.Flatten(), nn.Linear(HEAD, 10))
+    with pytest.raises(UsageError, match=r"0\.weight: a tensor used directly in forward"):
+        threefold.from_torch(module)
 
 
 def test_an_elu_of_alpha_no_token_can_write_is_refused_naming_it():
