@@ -208,11 +208,23 @@ def build_parser(defaults: TrainConfig) -> argparse.ArgumentParser:
 
 def _refuse_a_run_in(folder: Path) -> None:
     if holds_run(folder):
-        raise UsageError(
-            f"--out {folder}: already holds a run; continue it with --resume "
-            f"{typed_path(folder)}, "
-            "replace it with --overwrite, or choose another folder"
+        resume = (
+            f"continue it with --resume {typed_path(folder)}, "
+            if (folder / CHECKPOINT_NAME).is_file()
+            else ""  # metrics alone: a run killed before its first checkpoint
         )
+        raise UsageError(
+            f"--out {folder}: already holds a run; {resume}replace it with --overwrite, or "
+            f"choose another folder{_set_aside(folder)}"
+        )
+
+
+def _set_aside(folder: Path) -> str:
+    """A note of the runs an --overwrite killed before it finished left aside in `folder`."""
+    aside = sorted(folder.glob(".replaced-*"))
+    if not aside:
+        return ""
+    return f" ({aside[0]} holds the run that an --overwrite, stopped before it finished, set aside)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,8 +252,12 @@ def _resume(args: argparse.Namespace, typed: set[str]) -> int:
     if args.recipe or args.weights_file is not None:
         flag = f"--recipe {args.recipe}" if args.recipe else "--weights"
         raise UsageError(f"{flag}: --resume continues the run as it was configured and trained")
+    if folder.name == CHECKPOINT_NAME and folder.is_file():
+        raise UsageError(f"--resume {folder}: give the run's folder, {folder.parent}")
     if not (folder / CHECKPOINT_NAME).is_file():
-        raise UsageError(f"--resume {folder}: no {CHECKPOINT_NAME} there to continue from")
+        raise UsageError(
+            f"--resume {folder}: no {CHECKPOINT_NAME} there to continue from{_set_aside(folder)}"
+        )
     if "arch" in typed:  # compared with the run's by its canonical name
         args.arch = get_arch(args.arch).name
     with hold(folder, "--resume"):

@@ -123,6 +123,28 @@ def test_the_command_that_continues_a_stopped_run_is_quoted_for_the_shell(tiny_d
     assert Path(script).resolve() == ROOT / "scripts" / "train.py"
 
 
+def test_a_run_an_overwrite_set_aside_is_named_where_a_command_refuses_the_folder(
+    tiny_data_dir, tmp_path
+):
+    # An --overwrite killed after moving the checkpoint aside left metrics.json and the old
+    # run in .replaced-*: --resume said "no checkpoint.npz there", --out to continue it.
+    out = tmp_path / "run"
+    aside = out / ".replaced-abcd1234"
+    aside.mkdir(parents=True)
+    (aside / "checkpoint.npz").write_bytes(b"the old run")
+    (out / "metrics.json").write_text("{}")
+    data = ("--data-dir", str(tiny_data_dir))
+    note = f"({aside} holds the run that an --overwrite, stopped before it finished, set aside)"
+    for flags in (("--resume", str(out)), ("--out", str(out))):
+        result = run_script("train.py", *flags, *data)
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and last.endswith(note) and "continue it" not in last
+    # A checkpoint for its folder: "no checkpoint.npz there", beside the file it named.
+    (out / "checkpoint.npz").write_bytes(b"")
+    result = run_script("train.py", "--resume", str(out / "checkpoint.npz"), *data)
+    assert f"give the run's folder, {out}" in result.stderr
+
+
 def test_a_stop_after_the_last_epoch_is_not_in_an_epoch_past_it(tiny_data_dir, tmp_path):
     # A run of 2 epochs stopped as its last checkpoint was written said "in epoch 3".
     config = TrainConfig(impl=IMPLS[0], epochs=2, batch_size=32)
