@@ -118,6 +118,13 @@ def _read_step(module: Any, node: Any, current: Any, calls: dict, where: str) ->
             f"{where}: {node.target}: a tensor used directly in forward; threefold reads "
             "layers (modules and functional calls)"
         )
+    if _adds(node) and len(tensor_inputs(node)) < 2 and current in node.args[:2]:
+        # Reached as a step, not as a block's join: "add: add: not an operation threefold has".
+        what = "a value to itself" if node.args[:2] == (current, current) else "a number"
+        raise UsageError(
+            f"{where}: {node.name} ({name_of(node)}): an add of {what}, not of two paths from "
+            "one value; threefold reads residual blocks, body(x) + shortcut(x)"
+        )
     inputs = tensor_inputs(node)  # a size read from any tensor is the batch's, a number
     read = node.all_input_nodes
     if read and not inputs and all(size_source(a) is not None for a in read):
@@ -165,10 +172,13 @@ def _gives_its_input(taken: Taken) -> bool:
 
 def _is_add(node: Any) -> bool:
     """x + y, torch.add(x, y) or x.add(y) of two tensors, with no scaling."""
+    return len(tensor_inputs(node)) == 2 and len(node.args) == 2 and not node.kwargs and _adds(node)
+
+
+def _adds(node: Any) -> bool:
+    """Whether `node` is an add (+, torch.add, x.add), of whatever."""
     import torch
 
-    if len(tensor_inputs(node)) != 2 or len(node.args) != 2 or node.kwargs:
-        return False
     if node.op == "call_function":
         return node.target in (operator.add, operator.iadd, torch.add)
     return node.op == "call_method" and node.target in ("add", "add_")

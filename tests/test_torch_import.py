@@ -637,6 +637,10 @@ REFUSED = {
         ),
         "a log_softmax before the last layer",
     ),
+    "a value added to itself": (  # "add: add: not an operation threefold has"
+        Chain(lambda m, x: m.fc(torch.flatten(x + x, 1)), fc=nn.Linear(784, 10)),
+        "add (add): an add of a value to itself, not of two paths from one value",
+    ),
     "two branches": (
         Chain(
             lambda m, x: m.fc(torch.flatten(m.a(x) + m.b(x), 1)),
