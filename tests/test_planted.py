@@ -370,7 +370,7 @@ def test_a_stride_that_changes_the_shape_fails_loudly(monkeypatch):
 def test_a_momentum_of_0_9_hard_coded_in_one_optimizer(monkeypatch, jax_compiled_once):
     # The defaults use 0.9 themselves: only drawn hyperparameters can expose the constant.
     assert ALL_ON.momentum == 0.9
-    drawn = drawn_setting(0, STEPS).config.momentum
+    drawn = drawn_setting(0, STEPS, False).config.momentum
     assert abs(drawn - 0.9) > 0.05
 
     def fixed_momentum(self, momentum, nesterov, weight_decay):
@@ -389,6 +389,22 @@ def test_a_momentum_of_0_9_hard_coded_in_one_optimizer(monkeypatch, jax_compiled
                 assert ("drawn", f"lockstep momentum {name}", pair) in failed
         assert ("drawn", f"lockstep loss x{STEPS}", pair) in failed
         assert ("drawn", "lockstep bn1.num_batches_tracked", pair) not in failed
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_a_nesterov_switch_hard_coded_in_one_optimizer(nesterov, monkeypatch, jax_compiled_once):
+    # The drawn setting took the defaults' Nesterov at seed 0: a hard-coded True passed.
+    def fixed_nesterov(self, momentum, _, weight_decay):
+        init(self, momentum, nesterov, weight_decay)
+
+    init = impl_torch.optim.SGD.__init__
+    monkeypatch.setattr(impl_torch.optim.SGD, "__init__", fixed_nesterov)
+    failed = failures(check(), "torch")
+    # Caught wherever the settings take the other switch: the drawn one, or the defaults'.
+    assert {setting for setting, _, _ in failed} == (
+        {"drawn"} if nesterov else {"defaults", "fast recipe"}
+    )
+    assert all(c.startswith("lockstep") for _, c, _ in failed)
 
 
 def test_a_float32_loss_computed_in_float64(monkeypatch, jax_compiled_once):
