@@ -25,7 +25,7 @@ from tqdm import tqdm
 from shared.data import DATA_DIR_ENV, DatasetSpec, OfficialFile, how_to_get
 from shared.errors import DataError, UsageError, first_line
 from shared.idx import read_idx_content
-from shared.io import left_by_the_dead, temporary_prefix, writers_pid
+from shared.io import WRITER_PATTERN, left_by_the_dead, temporary_prefix, writers
 from shared.outputs import missing_folders, remove_if_empty
 
 DOWNLOAD_URL_ENV = "THREEFOLD_DOWNLOAD_URL"
@@ -271,13 +271,18 @@ def download_dataset(
     return dest
 
 
+# A download's staging folder: .download.HOST.PID.x, or an older version's .download-x (whose
+# writer is unknown: taken for dead by its age alone, as another host's).
+_STAGING = re.compile(rf"\.download(?:{WRITER_PATTERN}|-)[a-z0-9_]+")
+
+
 def _remove_stale_staging(dest: Path) -> None:
     """Remove the staging folders that killed downloads into `dest` left (SIGKILL: they
     stayed for good), not a live download's, another host's or another user's."""
-    for folder in dest.glob(".download.*"):
-        pid = writers_pid(folder.name, ".download")
+    for folder in dest.glob(".download*"):
+        match = _STAGING.fullmatch(folder.name)
         with contextlib.suppress(OSError):
-            if pid is not None and left_by_the_dead(folder, [pid]):
+            if match is not None and left_by_the_dead(folder, writers(match) or [(None, None)]):
                 shutil.rmtree(folder)
 
 
@@ -308,15 +313,14 @@ def _held(dest: Path, file: OfficialFile) -> bool:
 def _checked_address(base_url: str, source: str) -> str:
     """`base_url` if it is an http:// or https:// address with a host; else a one-line
     UsageError naming `source` (urllib's own errors for the rest are tracebacks)."""
-    # A password in the address is not repeated in a message.
-    shown = f"{source} {re.sub(r'//[^/]*@', '//...@', base_url)[:80]!r}"
+    if "@" in base_url:  # urllib looked "user:password@host" up as a host name, and said so
+        raise UsageError(f"{source}: an address with a user name or password ('@'); give none")
+    shown = f"{source} {base_url[:80]!r}"
     try:
         parts = urllib.parse.urlsplit(base_url)
         parts.port  # noqa: B018 -- a port that is not a number raises here
     except ValueError as e:
         raise UsageError(f"{shown}: not an address ({e})") from None
-    if "@" in parts.netloc:  # urllib looked "user:password@host" up as a host name
-        raise UsageError(f"{shown}: an address with a user name or password; give none")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"{shown}: not an http:// or https:// address")
     if not base_url.isprintable() or " " in base_url:

@@ -11,6 +11,7 @@ import re
 import socket
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -64,11 +65,18 @@ def temporary_prefix(name: str, pid: int) -> str:
     return f".{name}.{WRITER_HOST}.{pid}."
 
 
-def writers_pid(name: str, prefix: str) -> int | None:
-    """The pid in `name` if it starts with `prefix` (before temporary_prefix's host) and
-    names a writer on this host, else None."""
-    match = re.fullmatch(rf"{re.escape(prefix)}\.{WRITER_HOST}\.(\d+)\..+", name)
-    return None if match is None else int(match[1])
+# The writer in a temporary's name: its host and pid, or (a name of an older version's) its pid.
+WRITER_PATTERN = r"\.(?:([0-9a-f]{8})\.)?(\d+)\."
+# A writer elsewhere (another machine, another container: a container per command has a pid
+# namespace of its own) is taken for dead once its temporary is this old, far longer than a
+# write takes: its pid means nothing here, and its leftovers piled up.
+ELSEWHERE_DEAD_AFTER_SECONDS = 3600
+
+
+def writers(match: re.Match) -> list[tuple[str | None, int]]:
+    """(host, pid) of each writer a match of WRITER_PATTERN's groups names."""
+    groups = match.groups()
+    return [(groups[i], int(groups[i + 1])) for i in range(0, len(groups), 2) if groups[i + 1]]
 
 
 def _temporary_beside(path: Path) -> tuple[int, str]:
@@ -216,21 +224,25 @@ def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
     here), another user's (which a shared folder would not let us delete) and files named
     otherwise. A file that cannot be deleted stays: the clean-up never fails a write."""
     name = f"(?:{'|'.join(map(re.escape, names))})"
-    temporary = rf"\.{WRITER_HOST}\.(\d+)\.[a-z0-9_]+\.tmp"
+    temporary = rf"{WRITER_PATTERN}[a-z0-9_]+\.tmp"
     # .NAME.HOST.PID.x.tmp, or its own temporary ..NAME.HOST.PID.x.tmp.HOST.PID.y.tmp
     ours = re.compile(rf"\.{name}{temporary}|\.\.{name}{temporary}{temporary}")
     for leftover in Path(folder).glob(".*.tmp"):
         match = ours.fullmatch(leftover.name)
-        writers = [] if match is None else [int(pid) for pid in match.groups() if pid]
         with contextlib.suppress(OSError):
-            if left_by_the_dead(leftover, writers):
+            if match is not None and left_by_the_dead(leftover, writers(match)):
                 leftover.unlink()
 
 
-def left_by_the_dead(path: Path, writers: list[int]) -> bool:
-    """Whether `path`, written by the processes `writers` (pids of this host), is left by
-    dead ones: none of them alive, and the file ours (another user's we may not delete)."""
-    return bool(writers) and not any(map(_alive, writers)) and path.lstat().st_uid == os.geteuid()
+def left_by_the_dead(path: Path, named: list[tuple[str | None, int | None]]) -> bool:
+    """Whether `path`, written by the writers `named` ((host, pid): temporary_prefix's host,
+    None for an older version's name), is left by dead ones, and ours to delete (another
+    user's we may not): a writer of this host is alive while its pid is; one elsewhere until
+    the file is ELSEWHERE_DEAD_AFTER_SECONDS old."""
+    status = path.lstat()
+    old = time.time() - status.st_mtime > ELSEWHERE_DEAD_AFTER_SECONDS
+    alive = [_alive(pid) if host == WRITER_HOST else not old for host, pid in named]
+    return bool(named) and not any(alive) and status.st_uid == os.geteuid()
 
 
 @contextlib.contextmanager

@@ -410,7 +410,7 @@ def train_epochs(run: Run, log: Callable[[str], None]) -> None:
             if run.out_dir is not None and run.done and _kept(run.out_dir)
             else ""
         )
-        # Stopped as the last epoch's checkpoint was written, or during the test after it.
+        # Stopped as the last epoch's checkpoint was written: no epoch is under way.
         when = (
             f"in epoch {run.done + 1}" if run.done < run.config.epochs else "after the last epoch"
         )

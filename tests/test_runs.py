@@ -27,6 +27,7 @@ from shared.config import ADDED_FIELDS, FIELDS, TrainConfig, check_config
 from shared.data import load_dataset
 from shared.errors import CheckpointError, Interrupted, OutputError, UsageError
 from shared.io import (
+    ELSEWHERE_DEAD_AFTER_SECONDS,
     TEMPORARY_NAME_EXTRA,
     remove_stale_temporaries,
     staged,
@@ -327,10 +328,18 @@ def test_start_up_clean_up_spares_live_writers_and_files_not_its_own(tmp_path):
     # dead here, was taken for a dead writer's, and its write in progress deleted.
     elsewhere = f".metrics.json.{'f' * 8}.999999999.abcd1234.tmp"
     users = [tmp_path / name for name in (".mywork.tmp", notes, elsewhere)]
-    for path in (mine, dead, *users):
+    # Untouched for longer than any write takes, another host's, and an older version's
+    # (named without a host), are taken for dead: a container per command never cleaned up.
+    old_elsewhere = tmp_path / f".checkpoint.npz.{'f' * 8}.999999999.abcd1234.tmp"
+    old_version = tmp_path / ".checkpoint.npz.999999999.abcd1234.tmp"
+    for path in (mine, dead, *users, old_elsewhere, old_version):
         path.write_text("partial")
+    long_ago = time.time() - ELSEWHERE_DEAD_AFTER_SECONDS - 60
+    for path in (old_elsewhere, old_version):
+        os.utime(path, (long_ago, long_ago))
     remove_stale_temporaries(tmp_path, ("metrics.json", "checkpoint.npz"))
     assert mine.exists() and not dead.exists() and all(path.exists() for path in users)
+    assert not old_elsewhere.exists() and not old_version.exists()
 
 
 def test_a_write_removes_what_a_killed_writer_of_its_file_left(tmp_path):

@@ -5,6 +5,7 @@ cannot compute the same way refused in one line naming the submodule."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import re
@@ -153,7 +154,7 @@ def test_a_public_model_is_proven_in_all_three(name, real_data):
         ),
         ({"seed": -1}, "seed=-1: out of range"),
         ({"data": "bogus"}, "crosscheck: data: no fashion-mnist folder found \\(tried bogus"),
-        ({"data": 3}, "crosscheck: data= a int: 'auto', a folder, a Dataset or None"),
+        ({"data": 3}, "crosscheck: data: an object of type int; 'auto', a folder, a Dataset or"),
         # Random images are held in memory: 10**9 steps ran on, unbounded.
         ({"steps": 10**9}, "steps 1000000000 x batch_size 32 exceeds the 50000 random images"),
         ({"progress": 3}, "crosscheck: progress=3: a callable taking a str, or None"),
@@ -394,10 +395,14 @@ def test_a_weights_file_that_does_not_fit_is_one_line(tmp_path):
     with pytest.raises(
         UsageError,
         match=r"a pickled torch\.nn\.modules\.linear\.Linear, which torch\.load\(weights_only="
-        r"True\) does not run \(a whole module saved\?\); save module\.state_dict\(\)",
+        r"True\) does not run; a whole module saved\? save module\.state_dict\(\) instead",
     ) as whole:
         load_weights(tmp_path / "whole.pt", network.arch, network.renames, "--weights")
     assert "\x1b" not in str(whole.value)
+    # A state_dict saved beside other objects is no whole module.
+    torch.save({"model": state, "args": argparse.Namespace()}, tmp_path / "beside.pt")
+    with pytest.raises(UsageError, match=r"argparse\.Namespace, .* save the state_dict alone"):
+        load_weights(tmp_path / "beside.pt", network.arch, network.renames, "--weights")
     torch.save({"model": state}, tmp_path / "nested.pt")
     with pytest.raises(UsageError, match="not a state_dict of tensors"):
         load_weights(tmp_path / "nested.pt", network.arch, network.renames, "--weights")
@@ -1521,7 +1526,7 @@ def test_the_api_s_crosscheck_names_data_it_cannot_read_not_random_images(monkey
     monkeypatch.setenv("THREEFOLD_DATA", str(tmp_path / "typo"))
     with pytest.raises(UsageError, match=r"no fashion-mnist folder found .*typo"):
         threefold.crosscheck("flatten-fc10", dtypes=("float64",), steps=1, batch_size=2)
-    with pytest.raises(UsageError, match="data= a ndarray: 'auto', a folder, a Dataset or None"):
+    with pytest.raises(UsageError, match="data: an object of type ndarray; 'auto', a folder"):
         threefold.crosscheck("flatten-fc10", data=np.zeros(3))  # its repr ran over 50 lines
 
 

@@ -272,7 +272,8 @@ def _images(data: Dataset | str | None) -> tuple[str, Dataset | None]:
         return "seeded random images", None
     if not isinstance(data, str | os.PathLike):  # an array's repr ran over 50 lines
         raise UsageError(
-            f"crosscheck: data= a {type(data).__name__}: 'auto', a folder, a Dataset or None"
+            f"crosscheck: data: an object of type {type(data).__name__}; 'auto', a folder, a "
+            "Dataset or None"
         )
     if data != "auto":
         folder = a_path(data, "crosscheck: data")
