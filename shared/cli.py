@@ -191,7 +191,7 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[], int]) -> int:
         return 141
     except OSError as e:  # a path's, which Python 3.11's Path.exists() raises unless missing
         named = e.filename2 or e.filename  # os.replace's target is the second
-        if named is None or e.errno not in (errno.ENAMETOOLONG, errno.EACCES, errno.EPERM):
+        if named is None or e.errno == errno.ENOENT:
             raise  # a missing file the code assumed there: a bug's traceback
         if e.errno == errno.ENAMETOOLONG:
             parser.error(one_line(f"{named}: a name in it is longer than the file system allows"))

@@ -252,9 +252,9 @@ def download_dataset(
     try:
         try:
             dest.mkdir(parents=True, exist_ok=True)
-            _remove_stale_staging(dest)
             prefix = temporary_prefix("download", os.getpid())
             staging = Path(tempfile.mkdtemp(dir=dest, prefix=prefix))
+            _remove_stale_staging(dest, staging.stat().st_mtime)  # by the folder's clock
         except OSError as e:
             raise UsageError(f"--download: cannot write to {dest} ({e.strerror or e})") from None
         names = [f"{file.name}.gz" for file in wanted]
@@ -272,17 +272,20 @@ def download_dataset(
 
 
 # A download's staging folder: .download.HOST.PID.x, or an older version's .download-x (whose
-# writer is unknown: taken for dead by its age alone, as another host's).
-_STAGING = re.compile(rf"\.download(?:{WRITER_PATTERN}|-)[a-z0-9_]+")
+# writer is unknown: taken for dead by its age alone, as another host's); x, mkdtemp's 8
+# characters: a user's .download-backup is not one.
+_STAGING = re.compile(rf"\.download(?:{WRITER_PATTERN}|-[a-z0-9_]{{8}})")
 
 
-def _remove_stale_staging(dest: Path) -> None:
+def _remove_stale_staging(dest: Path, now: float) -> None:
     """Remove the staging folders that killed downloads into `dest` left (SIGKILL: they
-    stayed for good), not a live download's, another host's or another user's."""
+    stayed for good): not a live download's nor another user's; another host's once an hour
+    old by `now`, the folder's clock (see io.left_by_the_dead)."""
     for folder in dest.glob(".download*"):
         match = _STAGING.fullmatch(folder.name)
+        named = [] if match is None else writers(match) or [(None, None)]
         with contextlib.suppress(OSError):
-            if match is not None and left_by_the_dead(folder, writers(match) or [(None, None)]):
+            if left_by_the_dead(folder, named, now):
                 shutil.rmtree(folder)
 
 
@@ -313,14 +316,19 @@ def _held(dest: Path, file: OfficialFile) -> bool:
 def _checked_address(base_url: str, source: str) -> str:
     """`base_url` if it is an http:// or https:// address with a host; else a one-line
     UsageError naming `source` (urllib's own errors for the rest are tracebacks)."""
-    if "@" in base_url:  # urllib looked "user:password@host" up as a host name, and said so
-        raise UsageError(f"{source}: an address with a user name or password ('@'); give none")
-    shown = f"{source} {base_url[:80]!r}"
+    # A password is not repeated: an address holding '@' is not shown, nor urllib's words on
+    # it ('user:pass/word@host' gave the port 'pass'). An '@' in the path is an address's own.
+    hidden = "@" in base_url
+    shown = (
+        f"{source} (an address holding '@', not shown)" if hidden else f"{source} {base_url[:80]!r}"
+    )
     try:
         parts = urllib.parse.urlsplit(base_url)
         parts.port  # noqa: B018 -- a port that is not a number raises here
     except ValueError as e:
-        raise UsageError(f"{shown}: not an address ({e})") from None
+        raise UsageError(f"{shown}: not an address" + ("" if hidden else f" ({e})")) from None
+    if "@" in parts.netloc:  # urllib looked "user:password@host" up as a host name
+        raise UsageError(f"{source}: an address with a user name or password; give none")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"{shown}: not an http:// or https:// address")
     if not base_url.isprintable() or " " in base_url:

@@ -11,7 +11,6 @@ import re
 import socket
 import stat
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -65,8 +64,9 @@ def temporary_prefix(name: str, pid: int) -> str:
     return f".{name}.{WRITER_HOST}.{pid}."
 
 
-# The writer in a temporary's name: its host and pid, or (a name of an older version's) its pid.
-WRITER_PATTERN = r"\.(?:([0-9a-f]{8})\.)?(\d+)\."
+# The writer in a temporary's name: its host and pid, or (a name of an older version's) its
+# pid; then mkstemp's 8 characters, and no name of a user's that differs.
+WRITER_PATTERN = r"\.(?:([0-9a-f]{8})\.)?(\d+)\.[a-z0-9_]{8}"
 # A writer elsewhere (another machine, another container: a container per command has a pid
 # namespace of its own) is taken for dead once its temporary is this old, far longer than a
 # write takes: its pid means nothing here, and its leftovers piled up.
@@ -84,9 +84,12 @@ def _temporary_beside(path: Path) -> tuple[int, str]:
     `.NAME.HOST.PID.*.tmp`: the host and pid tell a later clean-up (remove_stale_temporaries)
     whether the writer may still be alive. Those a killed writer of `path` left go first: a
     killed export.py left a copy of its graph that no later command removed."""
-    remove_stale_temporaries(path.parent, (path.name,))
     prefix = temporary_prefix(path.name, os.getpid())
-    return tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
+    with contextlib.suppress(OSError):  # a folder that cannot be listed: nothing to clean
+        # Ages by the clock that stamped this file: an NFS server's may be hours from ours.
+        remove_stale_temporaries(path.parent, (path.name,), os.fstat(fd).st_mtime)
+    return fd, tmp
 
 
 def _write_and_replace(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -215,34 +218,46 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
+def remove_stale_temporaries(
+    folder: Path, names: tuple[str, ...], now: float | None = None
+) -> None:
     """Delete what `atomic_write` leaves when its process is killed mid-write: hidden
     `.NAME.HOST.PID.*.tmp` files for each of `names` (the files a command writes in
     `folder`), and the temporaries written under those (`staged`'s), which never look like
     data but should not pile up. Files of a process still alive are another writer's, in
-    progress, and stay; so do another host's or container's (whose pids cannot be looked up
-    here), another user's (which a shared folder would not let us delete) and files named
-    otherwise. A file that cannot be deleted stays: the clean-up never fails a write."""
+    progress, and stay; so do another user's (which a shared folder would not let us delete)
+    and files named otherwise; another host's or container's, or an older version's, go once
+    ELSEWHERE_DEAD_AFTER_SECONDS old by `now` (the folder's clock: a file just made there),
+    and stay without it. A file that cannot be deleted stays: the clean-up never fails a
+    write."""
     name = f"(?:{'|'.join(map(re.escape, names))})"
-    temporary = rf"{WRITER_PATTERN}[a-z0-9_]+\.tmp"
+    temporary = rf"{WRITER_PATTERN}\.tmp"
     # .NAME.HOST.PID.x.tmp, or its own temporary ..NAME.HOST.PID.x.tmp.HOST.PID.y.tmp
     ours = re.compile(rf"\.{name}{temporary}|\.\.{name}{temporary}{temporary}")
     for leftover in Path(folder).glob(".*.tmp"):
         match = ours.fullmatch(leftover.name)
         with contextlib.suppress(OSError):
-            if match is not None and left_by_the_dead(leftover, writers(match)):
+            if match is not None and left_by_the_dead(leftover, writers(match), now):
                 leftover.unlink()
 
 
-def left_by_the_dead(path: Path, named: list[tuple[str | None, int | None]]) -> bool:
+def left_by_the_dead(
+    path: Path, named: list[tuple[str | None, int | None]], now: float | None
+) -> bool:
     """Whether `path`, written by the writers `named` ((host, pid): temporary_prefix's host,
     None for an older version's name), is left by dead ones, and ours to delete (another
     user's we may not): a writer of this host is alive while its pid is; one elsewhere until
-    the file is ELSEWHERE_DEAD_AFTER_SECONDS old."""
+    the file is ELSEWHERE_DEAD_AFTER_SECONDS old by `now` (the folder's clock; None: never
+    old); an older version's while either holds (it may be this host's, alive)."""
     status = path.lstat()
-    old = time.time() - status.st_mtime > ELSEWHERE_DEAD_AFTER_SECONDS
-    alive = [_alive(pid) if host == WRITER_HOST else not old for host, pid in named]
-    return bool(named) and not any(alive) and status.st_uid == os.geteuid()
+    old = now is not None and now - status.st_mtime > ELSEWHERE_DEAD_AFTER_SECONDS
+
+    def alive(host: str | None, pid: int | None) -> bool:
+        if host == WRITER_HOST:
+            return _alive(pid)
+        return not old or (host is None and pid is not None and _alive(pid))
+
+    return bool(named) and not any(alive(*w) for w in named) and status.st_uid == os.geteuid()
 
 
 @contextlib.contextmanager

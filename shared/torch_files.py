@@ -125,16 +125,11 @@ def load_state_dict_file(
     except Exception as error:  # whatever the file holds, one line
         # torch's own message runs on to "two options", which its first line cuts off.
         unpickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-        if isinstance(error, pickle.UnpicklingError) and unpickled:
-            whole = unpickled[1].startswith("torch.nn.")  # a module's class, not a state_dict's
+        if isinstance(error, pickle.UnpicklingError) and unpickled:  # a whole module, often
             raise UsageError(
                 f"{label}: a pickled {unpickled[1][-60:]}, which torch.load(weights_only=True) "
-                "does not run; "
-                + (
-                    "a whole module saved? save module.state_dict() instead"
-                    if whole
-                    else "save the state_dict alone, a dict of tensors"
-                )
+                "does not run; save the state_dict alone, a dict of tensors "
+                "(module.state_dict())"
             ) from None
         why = first_line(error)
         raise UsageError(f"{label}: not a state_dict torch.load can read ({why})") from None

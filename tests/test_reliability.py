@@ -559,6 +559,23 @@ def test_ctrl_c_ignored_as_in_a_background_job_stays_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_path_the_system_refuses_is_one_line_and_a_missing_one_a_bug_s_traceback(capsys):
+    # Python 3.11's Path.exists() raises every errno but a few: a stale NFS handle was a
+    # traceback. A file missing where the code assumed one is a bug, and shows as one.
+    def stale() -> int:
+        raise OSError(errno.ESTALE, "Stale file handle", "/data/train-images-idx3-ubyte.gz")
+
+    assert run_cli(argparse.ArgumentParser(prog="train.py"), stale) == 1
+    said = "train.py: error: /data/train-images-idx3-ubyte.gz: Stale file handle"
+    assert capsys.readouterr().err.strip() == said
+
+    def missing() -> int:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/assumed")
+
+    with pytest.raises(FileNotFoundError):
+        run_cli(argparse.ArgumentParser(prog="train.py"), missing)
+
+
 def test_sigterm_before_a_run_has_anything_to_keep_exits_143(capsys):
     """It said "interrupted" and exited 130, as for Ctrl-C."""
 
@@ -1090,12 +1107,19 @@ def test_a_download_address_that_is_not_one_is_refused_naming_the_flag(
 def test_an_address_with_a_password_is_refused_without_repeating_it(served_files, tmp_path):
     # urllib looked "user:secret@127.0.0.1" up as a host, and the error printed the password.
     _, spec = served_files
-    # A password holding '/' ran past the mask and into urllib's message about the port.
-    for address in ("http://user:secret@127.0.0.1:9/", "https://bob:s3c/r3t@example.org/f/"):
-        with pytest.raises(UsageError) as err:
-            download_dataset(spec, tmp_path / "dest", address, progress=False)
-        said = "--download-url: an address with a user name or password ('@'); give none"
-        assert str(err.value) == said
+    with pytest.raises(UsageError) as err:
+        download_dataset(spec, tmp_path / "dest", "http://user:secret@127.0.0.1:9/", progress=False)
+    assert str(err.value) == "--download-url: an address with a user name or password; give none"
+    # A password holding '/' ran past a mask and into urllib's message about the port.
+    with pytest.raises(UsageError) as err:
+        download_dataset(spec, tmp_path / "dest", "https://bob:s3c/r3t@x.org/f/", progress=False)
+    assert str(err.value) == "--download-url (an address holding '@', not shown): not an address"
+    # An '@' in the path is an address's own (jsDelivr's fashion-mnist@master): it was refused.
+    mirrored = {f"fashion-mnist@master/{name}": body for name, body in served_files[0].items()}
+    with Server(mirrored) as server:
+        address = f"{server.url}fashion-mnist@master/"
+        download_dataset(spec, tmp_path / "dest", address, progress=False)
+    assert len(idx_files_in(tmp_path / "dest")) == 4
 
 
 def test_a_download_removes_what_killed_downloads_left(served_files, tmp_path):
@@ -1108,16 +1132,18 @@ def test_a_download_removes_what_killed_downloads_left(served_files, tmp_path):
     # Another host's, and an older version's (which names no writer), long untouched.
     old_elsewhere = dest / f".download.{'f' * 8}.999999999.efgh5678"
     old_version = dest / ".download-abcd1234"
-    for folder in (dead, alive, elsewhere, old_elsewhere, old_version):
+    users = [dest / ".download-backup", dest / ".download.2024.jan"]  # a user's own
+    for folder in (dead, alive, elsewhere, old_elsewhere, old_version, *users):
         folder.mkdir(parents=True)
         (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"partial")
     long_ago = time.time() - ELSEWHERE_DEAD_AFTER_SECONDS - 60
-    for folder in (old_elsewhere, old_version):
+    for folder in (old_elsewhere, old_version, *users):
         os.utime(folder, (long_ago, long_ago))
     with Server(served_files[0]) as server:
         download_dataset(spec, dest, server.url, progress=False)
     assert not dead.exists() and alive.exists() and elsewhere.exists()
     assert not old_elsewhere.exists() and not old_version.exists()
+    assert all(folder.exists() for folder in users)
 
 
 def test_a_folder_in_a_file_s_place_is_refused_before_any_file_moves(served_files, tmp_path):

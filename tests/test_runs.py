@@ -334,12 +334,20 @@ def test_start_up_clean_up_spares_live_writers_and_files_not_its_own(tmp_path):
     old_version = tmp_path / ".checkpoint.npz.999999999.abcd1234.tmp"
     for path in (mine, dead, *users, old_elsewhere, old_version):
         path.write_text("partial")
+    # An older version's name of a live process of this host, untouched for long, is its.
+    old_but_alive = tmp_path / f".checkpoint.npz.{os.getpid()}.efgh5678.tmp"
+    old_but_alive.write_text("partial")
     long_ago = time.time() - ELSEWHERE_DEAD_AFTER_SECONDS - 60
-    for path in (old_elsewhere, old_version):
+    for path in (old_elsewhere, old_version, old_but_alive):
         os.utime(path, (long_ago, long_ago))
+    # Without the folder's clock, none is old: this host's may run hours ahead of an NFS
+    # server's, and another host's write a second old was deleted.
     remove_stale_temporaries(tmp_path, ("metrics.json", "checkpoint.npz"))
     assert mine.exists() and not dead.exists() and all(path.exists() for path in users)
-    assert not old_elsewhere.exists() and not old_version.exists()
+    assert old_elsewhere.exists() and old_version.exists()
+    remove_stale_temporaries(tmp_path, ("metrics.json", "checkpoint.npz"), time.time())
+    assert not old_elsewhere.exists() and not old_version.exists() and old_but_alive.exists()
+    assert all(path.exists() for path in users)
 
 
 def test_a_write_removes_what_a_killed_writer_of_its_file_left(tmp_path):

@@ -395,7 +395,8 @@ def test_a_weights_file_that_does_not_fit_is_one_line(tmp_path):
     with pytest.raises(
         UsageError,
         match=r"a pickled torch\.nn\.modules\.linear\.Linear, which torch\.load\(weights_only="
-        r"True\) does not run; a whole module saved\? save module\.state_dict\(\) instead",
+        r"True\) does not run; save the state_dict alone, a dict of tensors \(module\.state_"
+        r"dict\(\)\)",
     ) as whole:
         load_weights(tmp_path / "whole.pt", network.arch, network.renames, "--weights")
     assert "\x1b" not in str(whole.value)
