@@ -201,6 +201,10 @@ def _read_body(stream: BinaryIO, header: IdxHeader, name: str) -> IdxContent:
 _MOST_MEMBERS = 1024
 
 
+class _TooManyMembers(Exception):
+    """A gzip of more than _MOST_MEMBERS members: no damage, but no data file's either."""
+
+
 class _Gunzip(io.RawIOBase):
     """A gzip file's members inflated by zlib, headers included, at most a read's size at a
     time. Not Python's gzip, which reads a header's name field a byte at a time: a file of
@@ -225,7 +229,7 @@ class _Gunzip(io.RawIOBase):
                     rest = chunk.lstrip(b"\0")
                 self.members += 1
                 if self.members > _MOST_MEMBERS:
-                    raise zlib.error(f"more than {_MOST_MEMBERS:,} members, more than any data's")
+                    raise _TooManyMembers()
                 self.inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
                 data = rest
             else:
@@ -269,6 +273,10 @@ def read_idx_content(
             _check_file_size(label, stored, expect)
             stream = io.BufferedReader(_Gunzip(f), _CHUNK) if gzipped else f
             return _read_stream(stream, label, stored, gzipped, expect)
+    except _TooManyMembers:
+        raise DataError(
+            f"{label}: a gzip of more than {_MOST_MEMBERS:,} members, more than any data file's"
+        ) from None
     except (OSError, EOFError, zlib.error) as e:
         if gzipped:
             raise DataError(f"{label}: corrupt or truncated gzip stream ({e})") from None
