@@ -353,10 +353,12 @@ def start_run(
     train_data = backend.put_data(split.x, split.y)
     run = Run(config, arch, data, split, backend, state, train_data, record, out_dir, tta)
     if run.done < config.epochs:
-        # An epoch's time is then its steps' alone.
-        record["compile_seconds"] = compile_steps(
-            backend, state, train_data, len(split), config, data.background
-        )
+        try:  # an epoch's time is then its steps' alone
+            record["compile_seconds"] = compile_steps(
+                backend, state, train_data, len(split), config, data.background
+            )
+        except KeyboardInterrupt as stop:  # it said "interrupted" alone
+            raise interrupted(stop, f"while compiling; {_saved(out_dir, run.done)}") from None
     if out_dir is not None:
         remove_stale_temporaries(out_dir, RUN_FILES)
     return run

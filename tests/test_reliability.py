@@ -145,6 +145,19 @@ def test_a_run_an_overwrite_set_aside_is_named_where_a_command_refuses_the_folde
     assert f"give the run's folder, {out}" in result.stderr
 
 
+def test_a_stop_while_compiling_says_what_was_kept(tiny_data_dir, tmp_path, monkeypatch):
+    # Ctrl-C during JAX's first compile said "train.py: interrupted", and nothing more.
+    import shared.loop
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shared.loop, "compile_steps", stopped)
+    config = TrainConfig(impl=IMPLS[0], epochs=1, batch_size=32)
+    with pytest.raises(Interrupted, match=r"^interrupted while compiling; no epoch was completed"):
+        train(config, load_dataset(tiny_data_dir), tmp_path, log=lambda _: None)
+
+
 def test_a_stop_after_the_last_epoch_is_not_in_an_epoch_past_it(tiny_data_dir, tmp_path):
     # A run of 2 epochs stopped as its last checkpoint was written said "in epoch 3".
     config = TrainConfig(impl=IMPLS[0], epochs=2, batch_size=32)
