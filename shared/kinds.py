@@ -354,7 +354,7 @@ _KINDS = (
     _activation_kind("relu", "max(x, 0)", True, _ZERO_KINK),
     _activation_kind(
         "leakyrelu",
-        "x, or A x below 0 (A 0.01)",
+        "x, or A x below 0 (A 0.01, in [0, 1))",
         True,
         _ZERO_KINK,
         Option("slope", "", "A", float, default=0.01, low=0.0, high=1.0, example=0.2),
