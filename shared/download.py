@@ -3,7 +3,6 @@ official files, on request (--download), into the user's data folder."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import http.client
@@ -25,7 +24,7 @@ from tqdm import tqdm
 from shared.data import DATA_DIR_ENV, DatasetSpec, OfficialFile, how_to_get
 from shared.errors import DataError, UsageError, first_line
 from shared.idx import read_idx_content
-from shared.io import WRITER_PATTERN, left_by_the_dead, temporary_prefix, writers
+from shared.io import WRITER_PATTERN, remove_left_by_the_dead, temporary_prefix
 from shared.outputs import missing_folders, remove_if_empty
 
 DOWNLOAD_URL_ENV = "THREEFOLD_DOWNLOAD_URL"
@@ -281,12 +280,7 @@ def _remove_stale_staging(dest: Path, now: float) -> None:
     """Remove the staging folders that killed downloads into `dest` left (SIGKILL: they
     stayed for good): not a live download's nor another user's; another host's once an hour
     old by `now`, the folder's clock (see io.left_by_the_dead)."""
-    for folder in dest.glob(".download*"):
-        match = _STAGING.fullmatch(folder.name)
-        named = [] if match is None else writers(match) or [(None, None)]
-        with contextlib.suppress(OSError):
-            if left_by_the_dead(folder, named, now):
-                shutil.rmtree(folder)
+    remove_left_by_the_dead(dest, ".download*", _STAGING, shutil.rmtree, now)
 
 
 def _held(dest: Path, file: OfficialFile) -> bool:

@@ -234,11 +234,23 @@ def remove_stale_temporaries(
     temporary = rf"{WRITER_PATTERN}\.tmp"
     # .NAME.HOST.PID.x.tmp, or its own temporary ..NAME.HOST.PID.x.tmp.HOST.PID.y.tmp
     ours = re.compile(rf"\.{name}{temporary}|\.\.{name}{temporary}{temporary}")
-    for leftover in Path(folder).glob(".*.tmp"):
-        match = ours.fullmatch(leftover.name)
+    remove_left_by_the_dead(folder, ".*.tmp", ours, Path.unlink, now)
+
+
+def remove_left_by_the_dead(
+    folder: Path, glob: str, pattern: re.Pattern, remove: Callable[[Path], Any], now: float | None
+) -> None:
+    """remove() each entry of `folder` matching `glob`, whose name `pattern` (of
+    WRITER_PATTERN's groups) matches, left by dead writers (left_by_the_dead; a name that
+    gives no writer, an older version's, is judged by its age alone). One that cannot be
+    removed stays."""
+    for leftover in Path(folder).glob(glob):
+        match = pattern.fullmatch(leftover.name)
         with contextlib.suppress(OSError):
-            if match is not None and left_by_the_dead(leftover, writers(match), now):
-                leftover.unlink()
+            if match is not None and left_by_the_dead(
+                leftover, writers(match) or [(None, None)], now
+            ):
+                remove(leftover)
 
 
 def left_by_the_dead(
