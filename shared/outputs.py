@@ -85,6 +85,14 @@ def prepare_out_dir(folder: Path, flag: str = "--out") -> Path:
     return folder
 
 
+REPLACED_PREFIX = ".replaced-"  # the hidden folder an --overwrite sets the old run aside in
+
+
+def set_aside_runs(folder: Path) -> list[Path]:
+    """The runs in `folder` an --overwrite set aside and did not finish replacing."""
+    return sorted(folder.glob(f"{REPLACED_PREFIX}*"))
+
+
 @contextlib.contextmanager
 def replacing_run(folder: Path) -> Iterator[None]:
     """For a run that replaces the one in `folder` (--overwrite): the old run's files, and
@@ -98,7 +106,7 @@ def replacing_run(folder: Path) -> Iterator[None]:
         yield
         return
     try:
-        aside = Path(tempfile.mkdtemp(dir=folder, prefix=".replaced-"))
+        aside = Path(tempfile.mkdtemp(dir=folder, prefix=REPLACED_PREFIX))
     except OSError as e:
         raise OutputError(f"{folder}: cannot set the old run aside ({e.strerror or e})") from None
     moved = []
@@ -334,7 +342,7 @@ def hold(folder: Path, flag: str = "--out") -> Iterator[None]:
             os.write(fd, f"{os.getpid()}\n".encode())
         # Held, no --overwrite is under way here: one set aside is a run it did not finish
         # replacing (killed, or stopped after its first epoch), which only its folder keeps.
-        for aside in sorted(folder.glob(".replaced-*")):
+        for aside in set_aside_runs(folder):
             print(
                 f"note: {aside} holds the files of a run that an --overwrite did not finish "
                 "replacing; move them back to keep that run, or delete the folder",

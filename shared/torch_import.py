@@ -235,7 +235,6 @@ def _read_block(module: Any, fork: Any, calls: dict, where: str) -> tuple[_Block
 
 def _take(module: Any, node: Any, calls: dict, where: str):
     """(source, what, taken, tensors' prefix) for one node; refusals named by the node."""
-
     if node.op == "call_module":
         sub = module.get_submodule(node.target)
         type_name, layer = type(sub).__name__, torch_layer_of(sub)

@@ -42,6 +42,7 @@ from shared.outputs import (
     refuse_odd_run_files,
     remove_if_empty,
     replacing_run,
+    set_aside_runs,
 )
 from shared.spec import (
     GRAMMAR,
@@ -69,8 +70,9 @@ def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConf
     # The metadata first: a flag typed wrong is refused before a tensor is read (a network of
     # 24.6M parameters, read twice at once, took 1.37 GiB and 7.5 s to refuse one).
     meta = load_checkpoint(path, with_tensors=False).meta
+    no_history = CheckpointError(f"{path}: written without its run history; cannot resume")
     if "history" not in meta or "config" not in meta:
-        raise CheckpointError(f"{path}: written without its run history; cannot resume")
+        raise no_history
     config = config_from_saved(meta["config"], str(path))
     if config.arch != meta["arch"]:
         # The tensors are the network of field arch (checked on loading); the configuration
@@ -114,7 +116,7 @@ def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConf
     # Values that do not fit the run's dtype are refused rather than cast to inf.
     ckpt = load_checkpoint(path, dtype=config.dtype)
     if ckpt.optimizer is None:
-        raise CheckpointError(f"{path}: written without its run history; cannot resume")
+        raise no_history
     return config, ckpt
 
 
@@ -221,7 +223,7 @@ def _refuse_a_run_in(folder: Path) -> None:
 
 def _set_aside(folder: Path) -> str:
     """A note of the runs an --overwrite killed before it finished left aside in `folder`."""
-    aside = sorted(folder.glob(".replaced-*"))
+    aside = set_aside_runs(folder)
     if not aside:
         return ""
     return f" ({aside[0]} holds the run that an --overwrite, stopped before it finished, set aside)"
