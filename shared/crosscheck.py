@@ -26,7 +26,7 @@ from shared.cli import add_data_dir_flag, positive_int, run_cli, seed_type
 from shared.config import DTYPES, FIELDS, Bound, TrainConfig, python_int
 from shared.cost import check_training_batch
 from shared.data import Dataset, data_files, load_dataset
-from shared.errors import OutputError, UsageError
+from shared.errors import OutputError, UsageError, say
 from shared.io import write_json
 from shared.network import import_network
 from shared.onnx_export import require_onnx
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         if refused is not None:
             raise refused
         for written in filter(None, (args.json, args.plot)):
-            print(f"wrote {written}")
+            say(f"wrote {written}")
         return 1 if failed else 0
 
     return run_cli(parser, body)

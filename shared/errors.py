@@ -8,7 +8,7 @@ import sys
 import threading
 import unicodedata
 from collections.abc import Iterator
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 
 class ThreefoldError(Exception):
@@ -39,6 +39,13 @@ def one_line(message: str) -> str:
 
 # Bidirectional controls: text after them shows in another order than it is.
 _BIDI_CONTROLS = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+
+
+def say(line: str, file: TextIO | None = None) -> None:
+    """Print `line` as one line (see `one_line`) to `file` (stdout by default): the paths and
+    names a command reports back come from the user or from files and may hold line breaks
+    or colour codes."""
+    print(one_line(line), file=file, flush=True)
 
 
 def _hidden(c: str) -> bool:

@@ -16,7 +16,7 @@ from shared.checkpoint import Checkpoint, load_checkpoint
 from shared.cli import add_data_dir_flag, run_cli
 from shared.config import averages_mirrors
 from shared.data import Dataset, load_test_set
-from shared.errors import CheckpointError, UsageError, act_on_signals, signals_held
+from shared.errors import CheckpointError, UsageError, act_on_signals, say, signals_held
 from shared.io import staged, write_json
 from shared.layers import NUM_CLASSES
 from shared.loop import data_identity
@@ -112,12 +112,12 @@ def write_report(path: Path, result: dict[str, Any], data: Dataset, out: Path) -
     result = {"checkpoint": str(path), **result}
     logits = result.pop("logits")
     impl = result["evaluated_by"]
-    print(
+    say(
         f"{path} (arch {result['arch']}, written by {result['written_by']}, evaluated by "
         f"{impl}{', mirror images averaged in' if result['tta'] else ''})"
     )
     test = result["test_data"]
-    print(f"on {test['images']:,} test images of {test['dataset']} in {test['folder']}")
+    say(f"on {test['images']:,} test images of {test['dataset']} in {test['folder']}")
     print(f"test accuracy {100 * result['acc']:.2f}%, loss {result['loss']:.4f}")
     for name, acc in result["per_class_acc"].items():
         print(f"  {name:<12} " + ("no images" if acc is None else f"{100 * acc:6.2f}%"))
@@ -131,7 +131,7 @@ def write_report(path: Path, result: dict[str, Any], data: Dataset, out: Path) -
         plot_confusion(cm, data.spec.class_names, title, confusion)
         plot_misclassified(data, logits.argmax(axis=1), misclassified)
         write_json(evaluation, result)
-    print(f"wrote {', '.join(map(str, paths))}")
+    say(f"wrote {', '.join(map(str, paths))}")
 
 
 def main(argv: list[str] | None = None) -> int:

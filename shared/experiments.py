@@ -17,7 +17,7 @@ from shared.backend import IMPLEMENTATIONS
 from shared.cli import add_data_dir_flag, add_impl_flag, chosen_impls, run_cli
 from shared.config import DEEP_RECIPE, TrainConfig, setting_problem
 from shared.data import Dataset, load_dataset
-from shared.errors import DataError, UsageError
+from shared.errors import DataError, UsageError, say
 from shared.experiments_report import (
     CURVES,
     figure_name,
@@ -322,11 +322,11 @@ def main(argv: list[str] | None = None) -> int:
                     out,
                     command=command_of(args.quick, settings["impls"], engine),
                     fresh=args.fresh,
-                    progress=_say,
+                    progress=say,
                     engine=engine,
                     **settings,
                 )
-        print(f"wrote {out / 'EXPERIMENTS.md'} and {out / 'experiments'}/")
+        say(f"wrote {out / 'EXPERIMENTS.md'} and {out / 'experiments'}/")
         return 0
 
     return run_cli(parser, body)
@@ -339,10 +339,6 @@ def command_of(quick: bool, impls: tuple[str, ...], engine: Engine) -> str:
     if impls != IMPLEMENTATIONS:
         command += "".join(f" --impl {impl}" for impl in impls)
     return command + engine.flags
-
-
-def _say(line: str) -> None:
-    print(line, flush=True)
 
 
 def _check_variants(saved: dict, path: Path) -> None:
@@ -387,10 +383,10 @@ def _rerender(
             for config in plan_experiments(**settings).grid():
                 if store.key(config) in store.runs:  # read, not trained again, even with --fresh
                     store.entry(config)
-        saved["float64"] = recheck_in_float64(data, saved, _say, store, engine)
+        saved["float64"] = recheck_in_float64(data, saved, say, store, engine)
         saved["trained"] = dict(Counter(tables or {}) + Counter(store.provenance()))
         write_json(path, saved)
         report = report_text(saved)
     write_report(out, report)
-    print(f"wrote {out / 'EXPERIMENTS.md'}")
+    say(f"wrote {out / 'EXPERIMENTS.md'}")
     return 0

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 
 from shared.backend import batched_logits, make_backend
 from shared.cli import add_data_dir_flag, run_cli
 from shared.data import data_files, installed_data_dir, load_test_set
-from shared.errors import CheckpointError, OutputError, ThreefoldError, UsageError
+from shared.errors import CheckpointError, OutputError, ThreefoldError, UsageError, say
 from shared.io import staged
 from shared.network import Network, load_network
 from shared.onnx_export import OPSET, require_onnx
@@ -59,6 +60,22 @@ def verify(written: Network, images: np.ndarray, expected: np.ndarray) -> tuple[
     got = onnx_logits(written.arch, written.tensors, images, written.standardise)
     _, relative = compare(got, expected)
     return relative, int((got.argmax(1) != expected.argmax(1)).sum())
+
+
+def _verified(graph: Path, images: np.ndarray, expected: np.ndarray, label: str) -> str:
+    """How closely onnxruntime running `graph` on `images` (raw pixels) gives the `expected`
+    logits, as a line to print; a ThreefoldError naming `label` beyond float32's tolerance."""
+    relative, differ = verify(from_onnx(graph, "export.py"), images, expected)
+    tolerance = TOLERANCES[("float32", "pass")]
+    if not relative <= tolerance:
+        raise ThreefoldError(
+            f"{label}: onnxruntime's logits are {relative:.1e} from PyTorch's, over the "
+            f"tolerance {tolerance:.0e}, and {differ} predicted classes differ; nothing written"
+        )
+    return (
+        f"logits within {relative:.1e} of PyTorch's (tolerance {tolerance:.0e}), "
+        f"{differ} predicted classes differ"
+    )
 
 
 def _check_read_back(read: Network, network: Network, path) -> None:
@@ -135,25 +152,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.onnx is not None:  # so are the images the graph is verified on
             images, what = raw_test_images(args.data_dir)
             expected = reference_logits(network, images, str(args.checkpoint))
-        # A pair or nothing: the graph replaces an older one only once its weights are
-        # written, so a failure leaves both older files as they were.
+        # A pair or nothing: the graph replaces an older one only once it is verified and
+        # its weights are written, so a failure leaves both older files as they were.
         with staged(args.onnx) if args.onnx is not None else nullcontext() as graph:
             if graph is not None:
                 network.to_onnx(graph)
+                # The graph verified is the one written here, under its hidden name: an
+                # export racing this one to the same --onnx cannot swap it.
+                verified = _verified(graph, images, expected, f"--onnx {args.onnx}, on {what}")
             network.to_safetensors(weights)
         written = [] if args.onnx is None else [args.onnx]
         for path in [*written, weights]:
-            print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+            say(f"wrote {path} ({path.stat().st_size:,} bytes)")
         # Read back as what they are, whatever their names' suffixes.
         _check_read_back(read_network_file(weights, "export.py"), network, weights)
-        if args.onnx is None:
-            return 0
-        relative, differ = verify(from_onnx(args.onnx, "export.py"), images, expected)
-        tolerance = TOLERANCES[("float32", "pass")]
-        print(
-            f"onnxruntime on {what}, raw pixels: logits within {relative:.1e} of PyTorch's "
-            f"(tolerance {tolerance:.0e}), {differ} predicted classes differ"
-        )
-        return 0 if relative <= tolerance else 1
+        if args.onnx is not None:
+            say(f"onnxruntime on {what}, raw pixels: {verified}")
+        return 0
 
     return run_cli(parser, body)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from shared.checkpoint import is_checkpoint
-from shared.errors import OutputError, ThreefoldError, UsageError, interrupted
+from shared.errors import OutputError, ThreefoldError, UsageError, interrupted, say
 from shared.idx import is_idx_file
 from shared.io import TEMPORARY_NAME_EXTRA, staged, write_json, write_text
 
@@ -141,7 +141,7 @@ def _tell(error: BaseException, note: str) -> None:
     if isinstance(error, ThreefoldError) and error.args:
         error.args = (f"{error.args[0]}; {note}", *error.args[1:])
     else:
-        print(note, file=sys.stderr)
+        say(note, file=sys.stderr)
 
 
 def remove_evaluation(folder: Path) -> list[str]:
@@ -343,7 +343,7 @@ def hold(folder: Path, flag: str = "--out") -> Iterator[None]:
         # Held, no --overwrite is under way here: one set aside is a run it did not finish
         # replacing (killed, or stopped after its first epoch), which only its folder keeps.
         for aside in set_aside_runs(folder):
-            print(
+            say(
                 f"note: {aside} holds the files of a run that an --overwrite did not finish "
                 "replacing; move them back to keep that run, or delete the folder",
                 file=sys.stderr,
@@ -371,7 +371,7 @@ def write_results(
     text: str,
     payload: dict,
     chart: Callable[[Path], None] | None = None,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] = say,
     stopped: str = "",
 ) -> None:
     """A command's results in `out`: the table `text` as name.md, `payload` as name.json and,
@@ -393,7 +393,8 @@ def write_results(
         for path in result_files(out, name, chart is not None, stopped=True):
             with contextlib.suppress(OSError):  # none there; or not ours to remove (a folder)
                 path.unlink()
-    say(f"\nwrote {', '.join(map(str, paths))}")
+    say("")
+    say(f"wrote {', '.join(map(str, paths))}")
 
 
 @contextlib.contextmanager

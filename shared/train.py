@@ -8,7 +8,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from shared.checkpoint import Checkpoint, load_checkpoint
+from shared.checkpoint import Checkpoint, checkpoint_meta, load_checkpoint
 from shared.cli import add_training_flags, config_from_args, run_cli
 from shared.config import (
     RECIPES,
@@ -23,6 +23,7 @@ from shared.errors import (
     CheckpointError,
     UsageError,
     act_on_signals,
+    say,
     stop_on_signals,
 )
 from shared.io import read_json
@@ -69,7 +70,7 @@ def resumed_config(args: argparse.Namespace, typed: set[str]) -> tuple[TrainConf
     path = args.resume / CHECKPOINT_NAME
     # The metadata first: a flag typed wrong is refused before a tensor is read (a network of
     # 24.6M parameters, read twice at once, took 1.37 GiB and 7.5 s to refuse one).
-    meta = load_checkpoint(path, with_tensors=False).meta
+    meta = checkpoint_meta(path)
     no_history = CheckpointError(f"{path}: written without its run history; cannot resume")
     if "history" not in meta or "config" not in meta:
         raise no_history
@@ -273,7 +274,7 @@ def _resume(args: argparse.Namespace, typed: set[str]) -> int:
             raise CheckpointError(f"{folder / CHECKPOINT_NAME}: meta field config: {e}") from None
         if ckpt.meta["epoch"] >= config.epochs and _finished(folder):
             # Run again, its test and curves would be written anew over the ones it has.
-            print(f"{folder}: the run is finished (its test and curves are written); nothing to do")
+            say(f"{folder}: the run is finished (its test and curves are written); nothing to do")
             return 0
         return _run(config, arch, data, folder, ckpt)
 
@@ -298,7 +299,7 @@ def _start(args: argparse.Namespace, typed: set[str]) -> int:
         # A graph's weights are trained ones, and a module's constructor may load some:
         # a user may take them to be the start.
         add = args.arch if is_onnx_file(args.arch) else "FILE.pt, its state_dict saved,"
-        print(
+        say(
             f"note: --arch {args.arch} gives the layers; training starts from --init "
             f"{args.init}, not from its weights (add --weights {add} for those)"
         )
@@ -306,13 +307,13 @@ def _start(args: argparse.Namespace, typed: set[str]) -> int:
         # The network is trained on this run's pixels; its own scaling is not a layer.
         mean, std = network.standardise
         fed = {"standardised": "the training set's mean and std", "raw": "raw [0, 1] pixels"}
-        print(
+        say(
             f"note: --arch {args.arch} scales its input as (x - {mean:.6g}) / {std:.6g}; "
             f"training feeds it --pixels {args.pixels} ({fed[args.pixels]}) instead"
         )
     for theirs, ours in ({} if network is None else network.copies).items():
         # ONNX cannot tell tied weights from equal ones an exporter merged (docs/EXPORT.md).
-        print(
+        say(
             f"note: --arch {args.arch} feeds {theirs} to {len(ours)} layers; each trains "
             f"its own copy ({', '.join(ours)})"
         )
@@ -322,7 +323,7 @@ def _start(args: argparse.Namespace, typed: set[str]) -> int:
         renames, unread = ({}, ()) if network is None else (network.renames, network.unread)
         if unread:
             shown = ", ".join(unread[:3]) + (", ..." if len(unread) > 3 else "")
-            print(f"note: --weights passes over {shown}: --arch {source} never calls them")
+            say(f"note: --weights passes over {shown}: --arch {source} never calls them")
         initial, args.weights = load_weights(args.weights_file, arch, renames, "--weights", unread)
     config = config_from_args(args, typed)
     check_config(config)
@@ -374,7 +375,7 @@ def _load_data(args: argparse.Namespace, config: TrainConfig, ckpt: Checkpoint |
 
         spec = get_dataset_spec(config.dataset)
         data_dir = download_dataset(spec, data_dir, args.download_url)
-        print(f"{spec.name}: the official files, verified, in {data_dir}")
+        say(f"{spec.name}: the official files, verified, in {data_dir}")
     return load_dataset(data_dir, config.dataset, config.pixels, config.validation)
 
 
@@ -387,7 +388,7 @@ def _run(
     initial: Params | None = None,
 ) -> int:
     limited = "" if config.limit is None else f" (--limit; of {len(data.train)})"
-    print(
+    say(
         f"{config.impl} | {config.arch} | {config.limit or len(data.train)} train"
         f"{limited}, {len(data.val)} validation, {len(data.test)} test images from "
         f"{data.source} ({config.pixels} pixels) | writing to {folder}"
@@ -401,7 +402,7 @@ def _run(
     loss, accuracy = record["test"]["loss"], 100 * record["test"]["acc"]
     try:  # a stop while the output is blocked (a pager, Ctrl-S) finds the run whole
         print(f"{config.impl} | Test Loss: {loss:7.4f} | Test Acc: {accuracy:7.4f}")
-        print(f"wrote {folder / CHECKPOINT_NAME}, {folder / METRICS_NAME}, {folder / CURVES_NAME}")
+        say(f"wrote {folder / CHECKPOINT_NAME}, {folder / METRICS_NAME}, {folder / CURVES_NAME}")
         act_on_signals()
     except KeyboardInterrupt as stop:
         raise stopped_when_whole(stop, record, folder) from None

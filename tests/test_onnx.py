@@ -1066,6 +1066,33 @@ def test_a_network_altered_by_hand_is_refused_before_a_file_is_written(alter, me
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_graph_onnxruntime_computes_otherwise_replaces_nothing(
+    tmp_path, tiny_data_dir, monkeypatch, capsys
+):
+    """It was written, then verified, and left in place: exit 1, the user's older graph and
+    weights gone. And what was verified was the file at --onnx, which a second export racing
+    to the same name could have replaced."""
+    source = threefold.network("conv4-relu-flatten-fc10", seed=1).to_onnx(tmp_path / "src.onnx")
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [str(source), "--onnx", str(out / "m.onnx"), "--data-dir", str(tiny_data_dir)]
+    assert export_main(command) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["m.onnx", "m.safetensors"]
+    capsys.readouterr()
+    monkeypatch.setattr("shared.export.onnx_logits", lambda *args: onnx_logits(*args) + 1.0)
+    assert export_main(command) == 1
+    said = capsys.readouterr()
+    assert said.out == "" and len(said.err.strip().splitlines()) == 1
+    assert re.fullmatch(
+        r"export\.py: error: --onnx .*m\.onnx, on 30 test images: onnxruntime's logits are "
+        r"\S+ from PyTorch's, over the tolerance 1e-04, and \d+ predicted classes differ; "
+        r"nothing written",
+        said.err.strip(),
+    ), said.err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_an_onnx_file_is_a_network_for_train_and_its_weights_a_start(tmp_path, tiny_data_dir):
     network = with_statistics(threefold.network("conv4-bn-relu-maxpool2-flatten-fc10", seed=2))
     network = dataclasses.replace(network, standardise=(0.5, 0.25))

@@ -78,6 +78,22 @@ def test_a_limited_run_says_how_many_images_it_trains_on(tiny_data_dir, tmp_path
     assert "| 40 train (--limit; of 100), " in result.stdout.splitlines()[0]
 
 
+def test_a_folder_named_with_control_characters_is_reported_in_one_line(tiny_data_dir, tmp_path):
+    """The lines that name what a command wrote printed the name raw: a line break in it broke
+    the line, and a terminal acted on a colour code."""
+    out = tmp_path / "run\n\x1b[31mred"
+    trained = run_script("train.py", *QUICK, "--data-dir", str(tiny_data_dir), "--out", str(out))
+    assert trained.returncode == 0, trained.stderr
+    evaluated = run_script(
+        "evaluate.py", str(out / "checkpoint.npz"), "--data-dir", str(tiny_data_dir)
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    for said in (trained.stdout, evaluated.stdout):
+        assert "\x1b" not in said and "red" in said
+        assert all("red" not in line or "run\\n\\x1b[31mred" in line for line in said.splitlines())
+    assert (out / "evaluation.json").is_file()
+
+
 def test_fresh_run_dirs_are_distinct(tmp_path):
     folders = [fresh_run_dir(tmp_path / "runs" / "jax-lab") for _ in range(3)]
     assert [f.name for f in folders] == ["jax-lab", "jax-lab-2", "jax-lab-3"]
