@@ -3,7 +3,6 @@ official files, on request (--download), into the user's data folder."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import http.client
 import io
@@ -202,10 +201,11 @@ def _md5(path: Path) -> str:
 
 
 def verify_download(path: Path, file: OfficialFile, label: str) -> None:
-    """The published MD5 of the .gz, then its IDX header and body (read_idx_content), then
-    the SHA-256 of its IDX content; a checksum the row does not know is skipped. Errors name
-    `label` (the address a download came from: its staging file is gone by then)."""
-    expected_md5 = file.gzip_md5
+    """The IDX header and body (read_idx_content), then the SHA-256 of the IDX content where
+    it is pinned, else the published MD5 of the .gz: a mirror that recompressed the official
+    files (Debian's package does) holds the same content in other bytes. Errors name `label`
+    (the address a download came from: its staging file is gone by then)."""
+    expected_md5 = None if file.content_sha256 else file.gzip_md5
     if expected_md5 and (actual := _md5(path)) != expected_md5:
         raise DataError(
             f"{label}: MD5 {actual} differs from the published {expected_md5}; "
@@ -294,10 +294,8 @@ def _held(dest: Path, file: OfficialFile) -> bool:
             raise DataError(f"{path}: a folder where the download puts its file")
         if not path.is_file():  # a FIFO would wait for a writer; a dangling link
             raise DataError(f"{path}: not a regular file where the download puts its file")
-        # By its IDX content where that is pinned, which a recompressed copy keeps.
-        pinned = file if file.content_sha256 is None else dataclasses.replace(file, gzip_md5=None)
         try:
-            verify_download(path, pinned, str(path))
+            verify_download(path, file, str(path))
         except DataError:
             raise DataError(
                 f"--download: {path} is not the official {file.name} (other data, or "

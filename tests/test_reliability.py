@@ -972,6 +972,19 @@ def test_download_verifies_then_moves_into_place(served_files, tmp_path):
     assert len(load_dataset(dest).test) == 30
 
 
+def test_a_mirror_that_recompressed_the_files_is_verified_by_their_content(served_files, tmp_path):
+    """Debian's package recompresses the official files: their .gz MD5s differ from the
+    published ones, and a download from a copy of them was refused."""
+    files, spec = served_files
+    recompressed = {
+        name: gzip.compress(gzip.decompress(body), 1, mtime=1) for name, body in files.items()
+    }
+    assert all(recompressed[name] != body for name, body in files.items())
+    with Server(recompressed) as server:
+        download_dataset(spec, tmp_path / "dest", server.url, progress=False)
+    assert len(load_dataset(tmp_path / "dest").test) == 30
+
+
 def test_a_download_goes_where_every_command_then_looks(served_files, tmp_path, monkeypatch):
     """With $THREEFOLD_DATA set, it went to the user folder, and the next command, which
     reads $THREEFOLD_DATA, said to --download again."""
@@ -986,7 +999,8 @@ def test_a_download_goes_where_every_command_then_looks(served_files, tmp_path, 
     "fault",
     [
         "truncated",
-        "wrong checksum",
+        "wrong content",
+        "wrong MD5",
         "server error",
         "missing",
         "endless",
@@ -1002,8 +1016,11 @@ def test_a_failed_download_leaves_nothing_that_looks_valid(served_files, tmp_pat
         labels = dataclasses.replace(spec.files.train_labels, gzip_md5=None)
         spec = dataclasses.replace(spec, files=spec.files._replace(train_labels=labels))
         files = {**files, "train-labels-idx1-ubyte.gz": files["train-labels-idx1-ubyte.gz"][:-20]}
-    if fault == "wrong checksum":
-        test_images = dataclasses.replace(spec.files.test_images, gzip_md5="0" * 32)
+    if fault in ("wrong content", "wrong MD5"):  # the MD5 is checked where no SHA-256 is pinned
+        sums = {"content_sha256": "0" * 64} if fault == "wrong content" else {"gzip_md5": "0" * 32}
+        if fault == "wrong MD5":
+            sums["content_sha256"] = None
+        test_images = dataclasses.replace(spec.files.test_images, **sums)
         spec = dataclasses.replace(spec, files=spec.files._replace(test_images=test_images))
     if fault == "missing":
         files = {k: v for k, v in files.items() if not k.startswith("t10k-labels")}
@@ -1025,6 +1042,10 @@ def test_a_failed_download_leaves_nothing_that_looks_valid(served_files, tmp_pat
         assert str(err.value).startswith(f"{server.url}train-labels-idx1-ubyte.gz: corrupt")
     if fault in ("endless", "too long"):
         assert "more than the file can be" in str(err.value)
+    if fault == "wrong content":
+        assert "SHA-256 of the IDX content" in str(err.value)
+    if fault == "wrong MD5":
+        assert "differs from the published" in str(err.value)
     if fault == "bad length":
         assert "the server declared a length of '²', not a number" in str(err.value)
     assert not dest.exists()  # not the files that downloaded fine, nor the folder it made
@@ -1218,7 +1239,10 @@ def test_download_flag_checks_the_official_checksums(served_files, tmp_path):
             str(tmp_path / "run"),
         )
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "differs from the published" in result.stderr
+    assert (
+        "SHA-256 of the IDX content" in result.stderr
+        and "differs from the official" in result.stderr
+    )
     assert idx_files_in(dest) == []
 
 
