@@ -43,6 +43,7 @@ from shared.spec import (
     param_shapes,
     tensors,
 )
+from shared.tensor_checks import MAX_COUNT, cut, form_problem, tensor_problem, value_problem
 
 _OPTIMIZER = "optimizer/"  # optimizer/BUFFER/PARAMETER: optimizer/momentum/conv.weight, ...
 # Checkpoints written before Adam held SGD's momentum buffers as velocity/PARAMETER.
@@ -139,12 +140,22 @@ STATE_DICT_FILES = (".pt", ".pth")
 FROM_STATE_DICT = "load it into your module, then threefold.from_torch(module)"
 
 
-def load_checkpoint(path: Path, dtype: Any = None, with_tensors: bool = True) -> Checkpoint:
+def load_checkpoint(path: Path, dtype: Any = None) -> Checkpoint:
     """Read and validate a checkpoint against the architecture its metadata names; with
-    `dtype` (the run's), cast the tensors to it; without `with_tensors`, its metadata alone
-    (checked, as is the file's size against its network's), and no tensor read. Anything
-    amiss is one CheckpointError that names the file and the member, tensor or metadata
-    field at fault."""
+    `dtype` (the run's), cast the tensors to it. Anything amiss is one CheckpointError that
+    names the file and the member, tensor or metadata field at fault."""
+    return _load(path, dtype, with_tensors=True)
+
+
+def checkpoint_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's metadata alone, checked as `load_checkpoint` checks it (and the file's
+    size against its network's), without reading a tensor: what a command needs to refuse a
+    flag costs no copy of the weights."""
+    return _load(path, None, with_tensors=False).meta
+
+
+def _load(path: Path, dtype: Any, with_tensors: bool) -> Checkpoint:
+    """See load_checkpoint; without `with_tensors`, a Checkpoint of the metadata alone."""
     where = str(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{where}: no such checkpoint")
@@ -161,7 +172,7 @@ def load_checkpoint(path: Path, dtype: Any = None, with_tensors: bool = True) ->
 
 
 def _read_file(
-    file: IO[bytes], where: str, dtype: np.dtype | None, with_tensors: bool = True
+    file: IO[bytes], where: str, dtype: np.dtype | None, with_tensors: bool
 ) -> Checkpoint:
     """The checkpoint in an open file, if it is an .npz no larger than any can be."""
     size = os.fstat(file.fileno()).st_size
@@ -348,8 +359,8 @@ def _read_meta(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> A
     def check(dtype: np.dtype, shape: tuple[int, ...]) -> None:
         if dtype.kind != "U" or shape != () or dtype.itemsize == 0:
             raise CheckpointError(
-                f"{where}: meta is not a JSON string (dtype {_cut(str(dtype))}, "
-                f"shape {_cut(str(shape))})"
+                f"{where}: meta is not a JSON string (dtype {cut(str(dtype))}, "
+                f"shape {cut(str(shape))})"
             )
         if dtype.itemsize > _META_MAX_BYTES:
             raise CheckpointError(
@@ -364,45 +375,6 @@ def _read_meta(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> A
     except (ValueError, RecursionError) as e:
         # ValueError: invalid code points or JSON; RecursionError: JSON nested too deep.
         raise CheckpointError(f"{where}: meta is not valid JSON ({first_line(e)})") from None
-
-
-# A counter this close to int64's end would overflow within the life of any run.
-MAX_COUNT = 2**62
-
-
-def form_problem(tensor: Tensor, dtype: np.dtype, shape: tuple[int, ...], arch: str) -> str | None:
-    """Why a stored array of `dtype` and `shape` cannot be `tensor` of the network named
-    `arch` (None if it can)."""
-    if tensor.counter and (dtype.kind != "i" or dtype.itemsize != 8):
-        return f"has dtype {_cut(str(dtype))}, not int64"
-    if not tensor.counter and (dtype.kind != "f" or dtype.itemsize not in (4, 8)):
-        return f"has dtype {_cut(str(dtype))}, not float32 or float64"
-    if shape != tensor.shape:
-        return f"has shape {_cut(str(shape))}, arch {arch!r} expects {tensor.shape}"
-    return None
-
-
-def tensor_problem(tensor: Tensor, value: np.ndarray, arch: str) -> str | None:
-    """Why an array in hand cannot be `tensor` of the network named `arch`: its form, then its
-    values (None if it can be)."""
-    return form_problem(tensor, value.dtype, value.shape, arch) or value_problem(tensor, value)
-
-
-def value_problem(tensor: Tensor, value: np.ndarray) -> str | None:
-    """Why the values of `tensor` cannot be what they claim (None if they can): NaN or
-    infinity in a float, a negative counter or running variance, a counter about to
-    overflow."""
-    if tensor.counter:
-        if (value < 0).any():
-            return "is negative"
-        if (value > MAX_COUNT).any():
-            return f"is beyond {MAX_COUNT}: the step counter would overflow int64"
-        return None
-    if not np.isfinite(value).all():
-        return "has NaN or inf values"
-    if tensor.nonnegative and (value < 0).any():
-        return "has negative values, which it cannot hold (a variance, a count)"
-    return None
 
 
 def _read_tensor(
@@ -607,8 +579,4 @@ def _json_type(value: Any) -> str:
 
 def _show(text: str) -> str:
     """`text` quoted on one line and cut short, for a message."""
-    return _cut(repr(text))
-
-
-def _cut(text: str) -> str:
-    return text if len(text) <= 60 else text[:57] + "..."
+    return cut(repr(text))

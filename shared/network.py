@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.checkpoint import load_checkpoint, tensor_problem
+from shared.checkpoint import load_checkpoint
 from shared.config import real_number
 from shared.data import data_files, get_dataset_spec
 from shared.errors import CheckpointError, UsageError
@@ -22,6 +22,7 @@ from shared.kinds import KINDS, kind_of, token
 from shared.layers import Residual
 from shared.outputs import check_nothing_kept
 from shared.spec import Arch, Params, cast_params, float_dtype, get_arch, is_onnx_file, tensors
+from shared.tensor_checks import tensor_problem
 
 
 @dataclass(frozen=True)

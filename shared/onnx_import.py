@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from shared.checkpoint import value_problem
 from shared.errors import UsageError
 from shared.io import a_path
 from shared.kinds import output_shape, token
@@ -27,6 +26,7 @@ from shared.onnx_file import read_graph
 from shared.onnx_forms import gelus_written_out, node_attributes, reshapes_by_image
 from shared.onnx_ops import TAKERS, constant_array, initialiser, scalar
 from shared.spec import Arch, Entry, Params, build_layers, get_arch, tensors
+from shared.tensor_checks import value_problem
 from shared.torch_ops import Refused
 
 SCALING = ("Sub", "Div")

@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from shared.checkpoint import value_problem
 from shared.errors import UsageError
 from shared.kinds import sliding, token
 from shared.layers import Layer, Tensor, show_shape
 from shared.network import Mapped, Network, body_and_shortcut, check_shortcut
 from shared.spec import Entry, build_layers, get_arch, tensors
+from shared.tensor_checks import value_problem
 from shared.torch_ops import (
     DROP,
     METHODS,

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.checkpoint import form_problem, value_problem
 from shared.errors import UsageError
 from shared.io import atomic_write, once_each, regular_file
 from shared.spec import Arch, Params, get_arch, tensors
+from shared.tensor_checks import form_problem, value_problem
 
 DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8")}
 NAMES = {v: k for k, v in DTYPES.items()}
