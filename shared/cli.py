@@ -25,6 +25,7 @@ from shared.errors import (
     Interrupted,
     ThreefoldError,
     UsageError,
+    error_line,
     interrupted,
     one_line,
     stop_on_signals,
@@ -172,14 +173,13 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[], int]) -> int:
     try:
         with stop_on_signals():
             return body()
-    except UsageError as e:
-        parser.error(one_line(str(e)))
+    except UsageError as e:  # the value at fault named alone: argparse's usage would bury it
+        return error_line(parser.prog, str(e), 2)
     except Interrupted as e:
         print(f"\n{parser.prog}: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except ThreefoldError as e:
-        print(f"{parser.prog}: error: {one_line(str(e))}", file=sys.stderr)
-        return 1
+        return error_line(parser.prog, str(e), 1)
     except KeyboardInterrupt as stop:  # before a run had anything to keep
         stopped = interrupted(stop)
         print(f"\n{parser.prog}: {stopped}", file=sys.stderr)
@@ -194,6 +194,6 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[], int]) -> int:
         if named is None or e.errno == errno.ENOENT:
             raise  # a missing file the code assumed there: a bug's traceback
         if e.errno == errno.ENAMETOOLONG:
-            parser.error(one_line(f"{named}: a name in it is longer than the file system allows"))
-        print(f"{parser.prog}: error: {one_line(f'{named}: {e.strerror or e}')}", file=sys.stderr)
-        return 1
+            too_long = f"{named}: a name in it is longer than the file system allows"
+            return error_line(parser.prog, too_long, 2)
+        return error_line(parser.prog, f"{named}: {e.strerror or e}", 1)

@@ -48,6 +48,13 @@ def say(line: str, file: TextIO | None = None) -> None:
     print(one_line(line), file=file, flush=True)
 
 
+def error_line(prog: str, message: str, status: int) -> int:
+    """Print `prog: error: message` on stderr as one line -> `status`, the exit status to
+    return."""
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
+    return status
+
+
 def _hidden(c: str) -> bool:
     """Whether a terminal would act on `c` rather than show it (a CJK or joiner stays)."""
     return unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in _BIDI_CONTROLS

@@ -173,3 +173,16 @@ def pytest_unconfigure(config) -> None:
     for name in _MADE:
         os.environ.pop(name, None)
     _MADE.clear()
+
+
+def usage_error(result, prog: str = "train.py") -> str:
+    """The one error line of a usage error: exit status 2, then one line; argparse's usage
+    above it only where argparse itself refused the command line."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines and lines[-1].startswith(f"{prog}: error: "), result.stderr
+    if len(lines) > 1:
+        assert lines[0].startswith(f"usage: {prog} "), result.stderr
+        assert all(line.startswith(" ") for line in lines[1:-1]), result.stderr
+    return lines[-1]

@@ -40,8 +40,7 @@ from shared.network import load_weights
 from shared.outputs import check_out_files, fresh_run_dir, hold, replacing_run
 from shared.spec import get_arch
 from shared.train import main as train_main
-from tests.conftest import make_dataset_dir
-from tests.test_spec import usage_error
+from tests.conftest import make_dataset_dir, usage_error
 from tests.test_training import ROOT, run_script
 
 QUICK = ["--epochs", "1", "--batch-size", "16"]

@@ -31,7 +31,7 @@ from shared.spec import (
     presets,
     state_shapes,
 )
-from tests.conftest import make_dataset_dir
+from tests.conftest import make_dataset_dir, usage_error
 from tests.test_training import run_script
 
 # --- the presets --------------------------------------------------------------------------
@@ -587,18 +587,6 @@ def test_a_file_network_with_a_stride_past_its_bound_is_refused_in_one_line(tmp_
 
 
 # --- the command line ---------------------------------------------------------------------
-
-
-def usage_error(result, prog: str = "train.py") -> str:
-    """The one error line of a usage error: exit status 2, argparse's usage, then one line."""
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert lines and lines[0].startswith(f"usage: {prog} "), result.stderr
-    usage = [line for line in lines if line.startswith(("usage: ", " "))]
-    assert lines[: len(usage)] == usage and len(lines) == len(usage) + 1, result.stderr
-    assert lines[-1].startswith(f"{prog}: error: "), result.stderr
-    return lines[-1]
 
 
 @pytest.mark.parametrize(

@@ -12,15 +12,15 @@ import re
 import numpy as np
 import pytest
 
+import threefold
 from shared.checkpoint import load_checkpoint, save_checkpoint
-from shared.errors import DataError, UsageError
+from shared.errors import CheckpointError, DataError, UsageError
 from shared.grid import RunStore
 from shared.outputs import hold
 from shared.profile import cpu_name
 from shared.proof.rows import CheckResult
 from shared.spec import MAX_SPEC_CHARS, get_arch, state_shapes
-from tests.conftest import make_dataset_dir, run_measured
-from tests.test_spec import usage_error
+from tests.conftest import make_dataset_dir, run_measured, usage_error
 from tests.test_training import run_script
 
 LONG_LOCKSTEP = 200  # steps: a run that kept them all grew by about 35 MB a step
@@ -260,3 +260,18 @@ def test_render_only_into_a_mistyped_folder_creates_nothing(tmp_path):
     out = tmp_path / "typo" / "deeper"
     result = run_script("experiments.py", "--render-only", "--out", str(out))
     assert "no " in usage_error(result, "experiments.py") and not (tmp_path / "typo").exists()
+
+
+def test_load_names_every_kind_it_reads_for_a_file_of_another_kind(tmp_path):
+    """Its error named checkpoints alone, of a file the user may have taken for weights."""
+    for name in ("net.json", "weights"):
+        (tmp_path / name).write_text("{}")
+        with pytest.raises(CheckpointError) as refused:
+            threefold.load(tmp_path / name)
+        assert str(refused.value) == (
+            f"{tmp_path / name}: load reads a checkpoint (.npz), a .safetensors file threefold "
+            "wrote or an ONNX graph (.onnx); this is none of them"
+        )
+    (tmp_path / "run.npz").write_text("{}")  # a checkpoint by its name: what is wrong with it
+    with pytest.raises(CheckpointError, match=r"run\.npz: not a threefold checkpoint \(\.npz\)$"):
+        threefold.load(tmp_path / "run.npz")
