@@ -5,6 +5,7 @@ taken, and the input scaling it expects; and the ways out of it (PyTorch, ONNX, 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.checkpoint import load_checkpoint
+from shared.checkpoint import is_checkpoint, load_checkpoint
 from shared.config import real_number
 from shared.data import data_files, get_dataset_spec
 from shared.errors import CheckpointError, UsageError
@@ -316,7 +317,16 @@ def load_network(path: Path, where: str) -> Network:
         from shared.onnx_import import from_onnx
 
         return from_onnx(path, where)
-    ckpt = load_checkpoint(path)  # in the dtype its run trained in
+    try:
+        ckpt = load_checkpoint(path)  # in the dtype its run trained in
+    except CheckpointError:
+        if suffix == ".npz" or not os.path.isfile(path) or is_checkpoint(path):
+            raise
+        # Its error would name only checkpoints: a user gave a file of another kind.
+        raise CheckpointError(
+            f"{path}: {where} reads a checkpoint (.npz), a .safetensors file threefold wrote "
+            "or an ONNX graph (.onnx); this is none of them"
+        ) from None
     arch = get_arch(ckpt.meta["arch"], str(path), files=False)
     spec = get_dataset_spec(ckpt.meta.get("dataset", "fashion-mnist"))
     standardise = spec.standardisation("standardised") if ckpt.pixels == "standardised" else None

@@ -81,10 +81,11 @@ def _is_module(subject: Any) -> bool:
     return torch is not None and isinstance(subject, torch.nn.Module)
 
 
-def to_torch(subject: Network | str):
-    """The network as a plain `torch.nn.Sequential` (a residual block as impl_torch.model.Block)
-    holding its weights (canonical state_dict names, in their dtype), in evaluation mode; a
-    network trained on standardised pixels standardises raw [0, 1] pixels first
+def to_torch(subject: Network | Any | str):
+    """The network of `subject` (a Network, an nn.Module as `from_torch` reads it, or a spec)
+    as a plain `torch.nn.Sequential` (a residual block as impl_torch.model.Block) holding its
+    weights (canonical state_dict names, in their dtype), in evaluation mode; a network
+    trained on standardised pixels standardises raw [0, 1] pixels first
     (`Network.standardise`), so it predicts from the images as they are."""
     net = _as_network(subject, "to_torch")
     return torch_module(net.arch, net.tensors, net.standardise)
@@ -230,9 +231,12 @@ def crosscheck(
 ) -> Report:
     """Every comparison of the three implementations on `subject` (a Network, an nn.Module or
     a spec), starting from its own weights: each layer's activations, the loss, every
-    gradient, a run in lockstep under the default, drawn and Adam settings, NumPy against
-    finite differences; with `onnx`, the network exported to ONNX and run by onnxruntime
-    against each implementation in evaluation mode, layer by layer. `data`: "auto"
+    gradient, a run in lockstep under each setting (the defaults, speedrun.py's fast recipe,
+    drawn SGD, Adam and AdamW hyperparameters; single passes at huge logits and, where the
+    network keeps them exact, planted ReLU zeros and pooling ties), the code the three share
+    against the libraries', NumPy against finite differences; with `onnx`, the network
+    exported to ONNX and run by onnxruntime against each implementation in evaluation mode,
+    layer by layer. `data`: "auto"
     (Fashion-MNIST where installed, else seeded random images), the folder of its four IDX
     files, a Dataset, or None (random images)."""
     from shared.crosscheck import check_options, run_crosscheck
