@@ -153,10 +153,20 @@ class RunStore:
     cannot be read or is not a store of runs is refused, `fresh` or not: writing over it
     would lose the runs it holds; so is another command's store (`command` names the one
     keeping it): a speedrun's "defaults" run is the experiments' lab row, summarised
-    otherwise, and a speedrun with --fresh wrote over it."""
+    otherwise, and a speedrun with --fresh wrote over it. A stored run counts only where its
+    summary holds every field the command `reads` (one an older version stored may lack
+    one): one that does not is trained again, before the report would refuse it."""
 
-    def __init__(self, path: Path | None, data: str, fresh: bool = False, command: str = ""):
+    def __init__(
+        self,
+        path: Path | None,
+        data: str,
+        fresh: bool = False,
+        command: str = "",
+        reads: Fields | None = None,
+    ):
         self.path, self.data, self.fresh, self.command = path, data, fresh, command
+        self.reads = reads or {"test_acc": a_share}
         self.runs: dict[str, dict] = {}
         self.trained: set[str] = set()  # keys this process trained
         self.read: set[str] = set()  # keys whose runs this process read
@@ -201,7 +211,16 @@ class RunStore:
         key = self.key(config)
         if self.fresh:
             return key in self.trained
-        return key in self.runs and key not in self.stale
+        return key in self.runs and key not in self.stale and self._complete(key)
+
+    def incomplete(self, config: TrainConfig) -> bool:
+        """Whether the run of `config` is stored, not stale, but lacks a field `reads` names."""
+        key = self.key(config)
+        return key in self.runs and key not in self.stale and not self._complete(key)
+
+    def _complete(self, key: str) -> bool:
+        summary = self.runs[key]["summary"]
+        return all(check(summary.get(field)) for field, check in self.reads.items())
 
     def redo(self, configs: list[TrainConfig]) -> None:
         """Mark the kept runs of `configs`, which a fresh grid is about to train again, as
@@ -216,11 +235,11 @@ class RunStore:
         self.read.add(self.key(config))
         return self.runs[self.key(config)]
 
-    def summary(self, config: TrainConfig, reads: Fields | None = None) -> dict:
-        """A stored run's summary, refused in one line unless each field the caller `reads`
-        passes its check (a store written by hand or by an older version may lack it)."""
+    def summary(self, config: TrainConfig) -> dict:
+        """A stored run's summary, refused in one line unless each field the store `reads`
+        passes its check (a run trained by this process that did not write one)."""
         summary = self.entry(config)["summary"]
-        for field, check in (reads or {"test_acc": a_share}).items():
+        for field, check in self.reads.items():
             if not check(summary.get(field)):
                 raise DataError(
                     f"{self.path}: the stored {config.impl} run of seed {config.seed} has no "
@@ -372,12 +391,13 @@ def run_grid(
         store.redo(todo)
     todo.sort(key=lambda config: training_flops(config, data), reverse=True)
     if grid:
-        undated = (
-            f" ({store.undated} stored before runs named their data: kept, not reused)"
-            if store.undated
-            else ""
-        )
-        progress(f"{len(todo)} runs to train, {len(grid) - len(todo)} already stored{undated}")
+        notes = []
+        if incomplete := sum(map(store.incomplete, todo)):
+            notes.append(f"{incomplete} stored without a figure the report reads: trained again")
+        if store.undated:
+            notes.append(f"{store.undated} stored before runs named their data: kept, not reused")
+        said = f" ({'; '.join(notes)})" if notes else ""
+        progress(f"{len(todo)} runs to train, {len(grid) - len(todo)} already stored{said}")
     failures: list[str] = []
     ended = itertools.count(1)
 

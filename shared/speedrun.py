@@ -259,13 +259,13 @@ def run_speedrun(
     implementation on `engine`. Finished runs are kept in out/runs.json as they end, so an
     interrupted speedrun resumes with the runs it lacks (all again with `fresh`)."""
     recipes = race_runs(race, impls, seeds, quick_images(data, quick))
-    store = RunStore(out / STORE_NAME, data.content_sha256, fresh, "speedrun")
+    store = RunStore(out / STORE_NAME, data.content_sha256, fresh, "speedrun", TIMES)
     run_grid(timed_run, labelled(recipes), data, store, engine, progress)
     runs = [
         # The store's key, not the summary, says which implementation trained it.
         {
             "recipe": recipe,
-            **store.summary(config, TIMES),
+            **store.summary(config),
             "impl": config.impl,
             **machine_of(store.entry(config)),
         }

@@ -109,23 +109,31 @@ def test_experiments_write_every_table_and_plot(tiny_data_dir, tmp_path, monkeyp
     monkeypatch.setattr(experiments, "train", no_training)
     assert run_experiments(data, out, **setup)["seeds"] == results["seeds"]
     assert (out / "EXPERIMENTS.md").read_text() == report
-    # A comparison's stored run without its curve (an older version's, or edited) is refused in
-    # one line before anything is drawn, the report left as it was.
+    # A stored run without a figure the report reads (an older version's, or edited: its
+    # curve; its epoch time, a traceback or -5.00 s in the table) is trained again, alone,
+    # before anything is drawn. It was refused only once the rest of the grid had trained.
     path = out / "experiments" / "runs.json"
-    store = json.loads(path.read_text())
-    drawn = next(r for r in store["runs"].values() if r["summary"] == by_impl["numpy"])
-    del drawn["summary"]["val_curve"]
-    path.write_text(json.dumps(store))
-    with pytest.raises(DataError, match=r"runs\.json: the stored numpy run .*'val_curve'"):
-        run_experiments(data, out, **setup)
-    assert (out / "EXPERIMENTS.md").read_text() == report
-    # Its epoch time, which the report prints, too: a traceback, or -5.00 s in the table.
-    for seconds in (None, "fast", -5.0):
-        drawn["summary"] |= {"val_curve": [0.5], "epoch_seconds": seconds}
+    runs = json.loads(path.read_text())["runs"]
+    key = next(k for k, r in runs.items() if r["summary"] == by_impl["numpy"])
+    trained = []
+
+    def counted(config, *args, **kwargs):
+        trained.append(RunStore(None, data.content_sha256).key(config))
+        return train(config, *args, **kwargs)
+
+    monkeypatch.setattr(experiments, "train", counted)
+    again = "(1 stored without a figure the report reads: trained again)"
+    for fault in ({"val_curve": None}, *({"epoch_seconds": s} for s in (None, "fast", -5.0))):
+        store = json.loads(path.read_text())
+        store["runs"][key]["summary"] |= fault
         path.write_text(json.dumps(store))
-        with pytest.raises(DataError, match=r"the stored numpy run .*'epoch_seconds'"):
-            run_experiments(data, out, **setup)
-    assert (out / "EXPERIMENTS.md").read_text() == report
+        said, trained[:] = [], []
+        run_experiments(data, out, **{**setup, "progress": said.append})
+        assert (
+            trained == [key] and f"1 runs to train, {len(runs) - 1} already stored {again}" in said
+        )
+        summary = json.loads(path.read_text())["runs"][key]["summary"]
+        assert len(summary["val_curve"]) == 1 and summary["epoch_seconds"] > 0
 
 
 def test_runs_that_do_not_fit_the_data_are_refused_before_any_folder(tmp_path, tiny_data_dir):
@@ -552,9 +560,10 @@ def test_a_figure_that_cannot_be_written_is_refused_before_any_run(tmp_path, mon
     data_dir = make_dataset_dir(tmp_path / "data", n_train=1400, n_test=100)
     (tmp_path / "out" / "experiments" / "initialisation.png").mkdir(parents=True)
     monkeypatch.setattr(experiments, "run_grid", lambda *args: pytest.fail("a run began"))
-    with pytest.raises(SystemExit) as refused:
+    assert (
         experiments.main(["--quick", "--data-dir", str(data_dir), "--out", str(tmp_path / "out")])
-    assert refused.value.code == 2
+        == 2
+    )
     said = capsys.readouterr().err.strip().splitlines()[-1]
     assert said.startswith("experiments.py: error: --out ") and "initialisation.png" in said
 
@@ -572,8 +581,7 @@ def test_a_recheck_the_data_cannot_serve_names_its_row(tiny_data_dir):
 
 def test_a_rerender_refuses_impl_which_the_saved_results_decide(tmp_path, capsys):
     for flag in ("--render-only", "--recheck-float64"):
-        with pytest.raises(SystemExit):
-            experiments.main([flag, "--impl", "numpy", "--out", str(tmp_path)])
+        assert experiments.main([flag, "--impl", "numpy", "--out", str(tmp_path)]) == 2
         assert f"--impl: not with {flag}, which takes" in capsys.readouterr().err
 
 
@@ -585,9 +593,7 @@ def test_a_render_only_refuses_what_it_would_not_use(flags, tmp_path, capsys):
     saved = (ROOT / "docs" / "experiments" / "results.json").read_text()
     (tmp_path / "experiments").mkdir()
     (tmp_path / "experiments" / "results.json").write_text(saved)
-    with pytest.raises(SystemExit) as refused:
-        experiments.main(["--render-only", *flags, "--out", str(tmp_path)])
-    assert refused.value.code == 2
+    assert experiments.main(["--render-only", *flags, "--out", str(tmp_path)]) == 2
     said = capsys.readouterr().err.splitlines()[-1]
     assert f"{flags[0]}" in said and "--render-only trains nothing and reads no data" in said
     assert experiments.main(["--render-only", "--out", str(tmp_path)]) == 0
