@@ -112,6 +112,8 @@ def _join(ray: Any, engine: Engine) -> None:
                 tunables = ":".join(filter(None, (MALLOC_TUNABLES, own)))
                 with _environment(GLIBC_TUNABLES=tunables):
                     ray.init(
+                        # "local": not the cluster $RAY_ADDRESS or a `ray start` names.
+                        address="local",
                         num_cpus=len(os.sched_getaffinity(0)),
                         include_dashboard=False,
                         log_to_driver=False,
@@ -171,20 +173,48 @@ def wait_for(ray, pending: dict[Any, TrainConfig], finished: Callable) -> None:
             finished(config, result, None)
 
 
+# HTTP/2's client preface, then an empty SETTINGS frame: a gRPC server, as Ray's GCS and its
+# client server are, answers with a frame of its own SETTINGS.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_SETTINGS = 4
+
+
 def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Refuse, within `timeout` seconds, an --address no server answers at (Ray itself would
-    retry for minutes); "auto" (the cluster this machine belongs to) is left to Ray."""
+    """Refuse, within `timeout` seconds, an --address no server answers at, or whose server
+    does not speak gRPC's HTTP/2 (a web server, the dashboard's port): Ray itself would retry
+    for minutes. "auto" (the cluster this machine belongs to) is left to Ray, and so is a
+    cluster whose connections are TLS ($RAY_USE_TLS), which answers no plain preface."""
     if address == "auto":
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:  # an IPv6 host is written in brackets: [::1]:6379
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "false", ""):
+                sock.sendall(_HTTP2_PREFACE)
+                frame = _first_bytes(sock, 9)  # a frame's header: length, type, flags, stream
+                if len(frame) < 9 or frame[3] != _SETTINGS:
+                    raise UsageError(
+                        f"--address {address}: a server answers there, but not as a Ray "
+                        "cluster does (gRPC); give the address `ray start --head` printed"
+                    )
     except ValueError:
         raise UsageError(f"--address {address}: not HOST:PORT") from None
     except OSError as e:
         raise UsageError(
             f"--address {address}: no Ray cluster answers there ({e.strerror or e})"
         ) from None
+
+
+def _first_bytes(sock: socket.socket, count: int) -> bytes:
+    """Up to `count` bytes the peer sends first: fewer where it closes the connection or
+    falls silent past the socket's timeout."""
+    received = b""
+    try:
+        while len(received) < count and (chunk := sock.recv(count - len(received))):
+            received += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return received
 
 
 def run_pinned(run: Runner, task: Task, config: TrainConfig, data: Dataset, cpus: int) -> dict:

@@ -5,6 +5,7 @@ took 364 s, on one 147 s."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
@@ -16,12 +17,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from shared.ray_engine import claimed_cores
+from shared.errors import UsageError
+from shared.ray_engine import check_reachable, claimed_cores
 from tests.conftest import clone_with_this_checkouts, make_dataset_dir
 from tests.test_training import ROOT, run_script
 
@@ -44,13 +47,15 @@ def short_tmp():
         yield folder
 
 
-def start(program: str, *flags: str, cores: set[int], tmp: str) -> subprocess.Popen:
+def start(
+    program: str, *flags: str, cores: set[int], tmp: str, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """Run `program` (a path under the repository) on `cores` (this test's worker may hold one
-    core only)."""
+    core only), with `env` added to the environment."""
     return subprocess.Popen(
         [sys.executable, str(ROOT / program), *flags],
         cwd=ROOT,
-        env={**os.environ, "TMPDIR": tmp},
+        env={**os.environ, "TMPDIR": tmp, **(env or {})},
         preexec_fn=lambda: os.sched_setaffinity(0, cores),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -98,6 +103,9 @@ def test_a_grid_on_ray_gives_what_a_local_grid_gives(grid_data, tmp_path, short_
         "1",
         cores=OWN_CORE,
         tmp=short_tmp,
+        # As `ray job submit` sets it: ray.init joined it, or a cluster `ray start` left,
+        # where no --address asks for a cluster of this machine's cores.
+        env={"RAY_ADDRESS": "127.0.0.1:9"},
     )
     code, out, err = finish(on_ray)
     assert code == 0, err
@@ -393,6 +401,20 @@ def test_bad_engine_flags_are_one_line_errors(script, flags, message, grid_data,
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "o").exists()  # a cluster not there left an empty folder tree
+
+
+def test_an_address_whose_server_is_not_ray_is_refused_within_the_timeout():
+    """A web server there (a typo'd port, the dashboard's) passed the check, and ray.init
+    retried for minutes, printing Ray's warnings."""
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    with web, socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
+        for server in (web.server_address, silent.getsockname()):
+            started = time.monotonic()
+            with pytest.raises(UsageError, match="a server answers there, but not as a Ray"):
+                check_reachable(f"127.0.0.1:{server[1]}", timeout=1.0)
+            assert time.monotonic() - started < 5
+        web.shutdown()
 
 
 LABEL_AFTER_AN_EDIT = """
