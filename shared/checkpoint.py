@@ -229,9 +229,10 @@ def is_checkpoint(path: Path) -> bool:
     """Whether `path` is a threefold checkpoint under any name: a zip holding its metadata
     (the zip's directory, at its end, tells however large the file)."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with regular_file(path, str(path)) as file, zipfile.ZipFile(file) as archive:
             return _META + ".npy" in archive.namelist()
-    except (OSError, zipfile.BadZipFile, ValueError):  # none there, or not a zip
+    # None there, not a regular file (a FIFO would wait for a writer), or not a zip.
+    except (OSError, UsageError, zipfile.BadZipFile, ValueError):
         return False
 
 

@@ -19,6 +19,7 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 
 from shared.errors import DataError
+from shared.io import read_start
 
 _IDX_UBYTE = 0x08
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -68,10 +69,8 @@ class IdxContent(NamedTuple):
 def is_idx_file(path: Path) -> bool:
     """Whether `path` is an IDX file of bytes, raw or gzipped, under any name: its first 4
     bytes (inflated from at most the file's first 64 KiB) are an IDX magic number."""
-    try:
-        with open(path, "rb") as file:
-            start = file.read(1 << 16)
-    except OSError:  # none there, or not a file to read
+    start = read_start(path, 1 << 16)
+    if start is None:  # none there, or not a file to read
         return False
     if start.startswith(_GZIP_MAGIC):
         try:

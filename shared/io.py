@@ -292,6 +292,16 @@ def regular_file(path: Path, where: str, follow: bool = True) -> Iterator[IO[byt
         yield file
 
 
+def read_start(path: Path, size: int) -> bytes | None:
+    """The first `size` bytes of `path` (through any link), if it is a regular file that can
+    be read; None otherwise: a check of what a file is never waits on a FIFO or a device."""
+    try:
+        with _opened_regular(path) as file:
+            return file.read(size)
+    except (OSError, ValueError):  # none there, not a file, unreadable; a NUL in the name
+        return None
+
+
 class _NotRegular(OSError):
     """A folder, a FIFO, a device or a socket where a file was to be read."""
 

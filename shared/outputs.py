@@ -19,7 +19,7 @@ from pathlib import Path
 from shared.checkpoint import is_checkpoint
 from shared.errors import OutputError, ThreefoldError, UsageError, interrupted, say
 from shared.idx import is_idx_file
-from shared.io import TEMPORARY_NAME_EXTRA, staged, write_json, write_text
+from shared.io import TEMPORARY_NAME_EXTRA, read_start, staged, write_json, write_text
 
 CHECKPOINT_NAME = "checkpoint.npz"
 METRICS_NAME = "metrics.json"
@@ -269,12 +269,8 @@ def _check_other_files(
 def _holds_runs(path: Path) -> bool:
     """Whether `path` (through any link) is a store of finished runs, which RunStore writes as
     {"runs": ...} under whatever name: its first bytes tell, however large the file."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-    except OSError:  # none there yet, or a file no command could read back either
-        return False
-    return re.match(rb'\s*\{\s*"runs"\s*:', head) is not None
+    head = read_start(path, 64)  # None: none there yet, or no file a command reads back
+    return head is not None and re.match(rb'\s*\{\s*"runs"\s*:', head) is not None
 
 
 def _same_file(a: Path, b: Path) -> bool:
