@@ -52,7 +52,8 @@ from shared.errors import (
     stop_on_signals,
 )
 from shared.io import read_json, write_json
-from shared.loop import train_split
+from shared.loop import SETTING_NAMES, train_split
+from shared.parallel import requested_threads
 from shared.profile import cpu_name
 from shared.ray_engine import check_reachable, run_on_ray
 from shared.spec import PRESETS, get_arch
@@ -437,12 +438,13 @@ def run_grid(
             "the rest",
         ) from None
     if failures:
-        kept = f"kept in {store.path}" if store.path else "kept"
         named = "; ".join(failures[:3]) + (
             f"; {len(failures) - 3} more above" if failures[3:] else ""
         )
+        kept = f"the others are kept in {store.path}" if store.path else "the others are kept"
+        kept = "none finished" if len(failures) == len(todo) else kept
         raise GridFailed(
-            f"{len(failures)} of {len(todo)} runs failed ({named}); the others are {kept}: "
+            f"{len(failures)} of {len(todo)} runs failed ({named}); {kept}: "
             f"{_again(store)} trains the failed ones"
         )
 
@@ -455,11 +457,14 @@ def _again(store: RunStore) -> str:
 
 def check_fits(grid: dict[TrainConfig, str], data: Dataset) -> None:
     """Refuse, in one line before anything is written, a grid with a run that `data` cannot
-    serve (--limit or --batch-size beyond its images), naming the run by its label."""
+    serve (--limit or --batch-size beyond its images), naming the run by its label, or whose
+    NumPy runs $THREEFOLD_NUMPY_THREADS would fail one by one."""
+    if any(config.impl == "numpy" for config in grid):
+        requested_threads()
     arches = {name: get_arch(name) for name in {config.arch for config in grid}}
     for config, label in grid.items():
         try:
-            train_split(config, arches[config.arch], data)
+            train_split(config, arches[config.arch], data, SETTING_NAMES)
         except UsageError as e:
             raise UsageError(f"{label}: {e}; give more images with --data-dir") from None
 
@@ -469,5 +474,5 @@ def training_flops(config: TrainConfig, data: Dataset) -> int:
     first, so that on many machines no long run starts last. A configuration the data cannot
     serve is refused here, before any run."""
     arch = get_arch(config.arch)
-    images = len(train_split(config, arch, data))
+    images = len(train_split(config, arch, data, SETTING_NAMES))
     return config.epochs * images * network_cost(arch.layers).flops

@@ -81,39 +81,48 @@ def _smaller_step(config: TrainConfig) -> str:
     return f"a smaller step (lower --lr or {slower}, a longer --warmup) keeps it finite"
 
 
-def train_split(config: TrainConfig, arch: Arch, data: Dataset) -> Split:
-    """The images the run trains on; --limit and --batch-size must fit them, and a network of
-    `arch` that normalises across the batch must never get a batch of one."""
+# How a refusal names the settings it is about: train.py's flags, or a grid's row's settings.
+FLAG_NAMES = {"limit": "--limit", "batch_size": "--batch-size"}
+SETTING_NAMES = {"limit": "limit", "batch_size": "batch size"}
+
+
+def train_split(
+    config: TrainConfig, arch: Arch, data: Dataset, names: dict[str, str] = FLAG_NAMES
+) -> Split:
+    """The images the run trains on; --limit and --batch-size (as `names` calls them) must fit
+    them, and a network of `arch` that normalises across the batch must never get a batch of
+    one."""
+    limit, batch = f"{names['limit']} {config.limit}", f"{names['batch_size']} {config.batch_size}"
     if config.limit is not None and config.limit > len(data.train):
-        raise UsageError(f"--limit {config.limit} exceeds the {len(data.train)} training images")
+        raise UsageError(f"{limit} exceeds the {len(data.train)} training images")
     split = data.train if config.limit is None else data.train.head(config.limit)
     if config.batch_size > len(split):
-        raise UsageError(
-            f"--batch-size {config.batch_size} exceeds the {len(split)} training images"
-        )
+        raise UsageError(f"{batch} exceeds the {len(split)} training images")
     if arch.uses_batch_statistics:
-        check_batch_statistics(config.batch_size, len(split))
+        check_batch_statistics(config.batch_size, len(split), names)
     bn = arch.uses_batch_statistics
     check_training_batch(
         network_cost(arch.layers),
         config.batch_size,
         config.dtype,
-        f"--batch-size {config.batch_size}",
+        batch,
         least=2 if bn else 1,
         whole="its BatchNorm needs the whole batch at once" if bn else None,
     )
     return split
 
 
-def check_batch_statistics(batch_size: int, images: int) -> None:
+def check_batch_statistics(
+    batch_size: int, images: int, names: dict[str, str] = FLAG_NAMES
+) -> None:
     """Refuse to train a network that normalises across the batch on a batch of one: the
     whole batch, or the last of an epoch of `images`."""
     if batch_size == 1 or images % batch_size == 1:
         which = "each batch" if batch_size == 1 else "the last batch of each epoch"
         raise UsageError(
-            f"--batch-size {batch_size}: {which} would hold 1 of the {images} images, and "
-            "BatchNorm cannot take statistics of one image (PyTorch refuses it too); choose "
-            "another batch size or --limit"
+            f"{names['batch_size']} {batch_size}: {which} would hold 1 of the {images} images, "
+            "and BatchNorm cannot take statistics of one image (PyTorch refuses it too); "
+            f"choose another batch size or {names['limit']}"
         )
 
 

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import signal
+import stat
+import subprocess
 import sys
 import time
 import types
@@ -143,8 +145,9 @@ def test_runs_that_do_not_fit_the_data_are_refused_before_any_folder(tmp_path, t
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     error = result.stderr.strip().splitlines()[-1]
+    # The row's setting, not a flag: experiments.py has no --limit.
     assert error.endswith(
-        "--limit 1000 exceeds the 100 training images; give more images with --data-dir"
+        ": limit 1000 exceeds the 100 training images; give more images with --data-dir"
     )
     assert not out.exists()
 
@@ -268,6 +271,13 @@ def test_a_run_that_fails_outside_threefold_is_reported_and_the_others_go_on(
     assert any(
         line.endswith("seed 1: FAILED: RuntimeError: a framework's failure") for line in said
     )
+    # Every run failed: it said the others were kept in a store never written.
+    nothing = tmp_path / "none" / "runs.json"
+    with pytest.raises(GridFailed) as failed:
+        run_grid(trained, dict(itertools.islice(configs.items(), 2)), load_dataset(tiny_data_dir),
+                 RunStore(nothing, DATA), progress=said.append)  # fmt: skip
+    assert "2 of 2 runs failed (" in str(failed.value) and "); none finished: " in str(failed.value)
+    assert not nothing.exists()
 
 
 class _StoppedCluster(types.ModuleType):
@@ -540,9 +550,7 @@ def test_a_recheck_trains_on_the_tables_data_and_counts_the_runs_behind_them(
     digest = load_dataset(tiny_data_dir).content_sha256
     flags = ["--recheck-float64", "--out", str(tmp_path), "--data-dir", str(tiny_data_dir)]
     (figures / "results.json").write_text(json.dumps({**saved, "data": "f" * 64}))
-    with pytest.raises(SystemExit) as refused:
-        experiments.main(flags)
-    assert refused.value.code == 2
+    assert experiments.main(flags) == 2
     assert "other data than the tables of" in capsys.readouterr().err
     behind = {"2026-12-01 abc1234": 34}
     (figures / "results.json").write_text(
@@ -566,6 +574,49 @@ def test_a_figure_that_cannot_be_written_is_refused_before_any_run(tmp_path, mon
     )
     said = capsys.readouterr().err.strip().splitlines()[-1]
     assert said.startswith("experiments.py: error: --out ") and "initialisation.png" in said
+
+
+def test_a_fifo_under_the_store_s_name_is_refused_not_waited_on(tmp_path):
+    """Checking results.json, the command opened the store beside it to see whose it is, and
+    a FIFO there waited for a writer: the grid hung before its first run."""
+    data_dir = make_dataset_dir(tmp_path / "data", n_train=1400, n_test=100)
+    store = tmp_path / "out" / "experiments" / "runs.json"
+    store.parent.mkdir(parents=True)
+    os.mkfifo(store)
+    flags = ["--quick", "--impl", "numpy", "--data-dir", str(data_dir)]
+    flags += ["--out", str(store.parents[1])]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "experiments.py"), *flags],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"experiments.py: error: --out {store}: not a regular file"
+    )
+    assert stat.S_ISFIFO(os.stat(store).st_mode) and os.listdir(store.parent) == ["runs.json"]
+
+
+@pytest.mark.parametrize("script", ["experiments.py", "speedrun.py"])
+def test_a_numpy_thread_count_no_run_can_take_is_refused_before_any_run(script, tmp_path):
+    """Every NumPy run failed on it in turn, and the grid ended with exit 1."""
+    data_dir = make_dataset_dir(tmp_path / "data", n_train=1400, n_test=100)
+    flags = [
+        "--quick",
+        "--impl",
+        "numpy",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *flags],
+        env={**os.environ, "THREEFOLD_NUMPY_THREADS": "0"},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr == (
+        f"{script}: error: THREEFOLD_NUMPY_THREADS='0': expected a positive whole number\n"
+    )
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_recheck_the_data_cannot_serve_names_its_row(tiny_data_dir):

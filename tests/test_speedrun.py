@@ -189,7 +189,7 @@ def test_a_stored_run_without_what_the_report_reads_is_trained_again(field, stor
     [
         (["--seeds", "0"], "--seeds"),
         (["--impl", "fortran"], "--impl"),
-        ([], "--batch-size 128 exceeds the 100 training images"),
+        ([], "numpy fast seed 0: batch size 128 exceeds the 100 training images"),  # no flag
     ],
 )
 def test_bad_flags_are_one_line_errors(flags, message, tmp_path, tiny_data_dir):
