@@ -52,7 +52,10 @@ def run_on_ray(
     cores (run_pinned); results handed to `finished` in the order they end."""
     if not todo:
         return
-    import ray
+    # A stop while Ray imports left it half-initialised, and the exit hook it had registered
+    # then printed a traceback: the stop is acted on once the import is whole.
+    with signals_held():
+        import ray
 
     cpus = engine.run_cpus()
     pending: dict[Any, TrainConfig] = {}

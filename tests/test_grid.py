@@ -278,6 +278,39 @@ def test_sigterm_while_ray_starts_its_cluster_stops_the_grid_in_one_line(
     assert not (tmp_path / "runs.json").exists()
 
 
+STOPPED_WHILE_RAY_IMPORTS = """
+import atexit, os, signal, sys
+register = atexit.register
+
+def stop_once_ray_registers_its_exit(function, *args, **kwargs):
+    # Ray's module registers its shutdown halfway through its import: a stop lands there.
+    registered = register(function, *args, **kwargs)
+    if getattr(function, "__module__", "").startswith("ray"):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return registered
+
+atexit.register = stop_once_ray_registers_its_exit
+from shared.errors import exit_process
+from shared.speedrun import main
+exit_process(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_ray_imports_stops_the_grid_in_one_line(grid_data, tmp_path, short_tmp):
+    """Ray, half-imported, left an exit hook that printed a traceback below the line."""
+    flags = ["--quick", "--impl", "numpy", "--data-dir", str(grid_data), "--out", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, "-c", STOPPED_WHILE_RAY_IMPORTS, *flags, "--engine", "ray"],
+        cwd=ROOT, env={**os.environ, "TMPDIR": short_tmp}, capture_output=True, text=True,
+        timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "speedrun.py: terminated (SIGTERM) with 0 of 3 runs finished, kept; the same command "
+        "again trains the rest"
+    ]
+
+
 @pytest.fixture
 def ray_head(short_tmp):
     """An existing cluster, as a user starts one (`ray start --head`, token authentication on,
