@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.checkpoint import is_checkpoint, load_checkpoint
+from shared.checkpoint import STATE_DICT_FILES, is_checkpoint, load_checkpoint
 from shared.config import real_number
 from shared.data import data_files, get_dataset_spec
 from shared.errors import CheckpointError, UsageError
@@ -320,7 +320,8 @@ def load_network(path: Path, where: str) -> Network:
     try:
         ckpt = load_checkpoint(path)  # in the dtype its run trained in
     except CheckpointError:
-        if suffix == ".npz" or not os.path.isfile(path) or is_checkpoint(path):
+        named = suffix in (".npz", *STATE_DICT_FILES)  # its error says what is wrong with it
+        if named or not os.path.isfile(path) or is_checkpoint(path):
             raise
         # Its error would name only checkpoints: a user gave a file of another kind.
         raise CheckpointError(
