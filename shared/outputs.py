@@ -330,6 +330,12 @@ def hold(folder: Path, flag: str = "--out") -> Iterator[None]:
             if os.stat(lock).st_ino == os.fstat(fd).st_ino:
                 break
         os.close(fd)
+    if not _a_lock_of_ours(fd):  # a user's own file: it would be made a pid, then deleted
+        os.close(fd)
+        raise UsageError(
+            f"{flag} {folder}: its {LOCK_NAME} is a file of other text, not a lock threefold "
+            "left; move it away"
+        )
     try:
         # The holder's pid, for the message a second process gets; where the disk refuses
         # it, the lock holds all the same.
@@ -352,6 +358,13 @@ def hold(folder: Path, flag: str = "--out") -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.unlink(lock)
         os.close(fd)
+
+
+def _a_lock_of_ours(fd: int) -> bool:
+    """Whether the open lock file holds what `hold` writes in one: nothing, or a pid (what a
+    killed holder left)."""
+    size = os.fstat(fd).st_size
+    return size == 0 or (size <= 24 and re.fullmatch(rb"\d+\n?", os.pread(fd, size, 0)) is not None)
 
 
 def result_files(out: Path, name: str, chart: bool = True, stopped: bool = False) -> list[Path]:

@@ -287,6 +287,19 @@ def test_a_lock_the_folder_refuses_to_remove_does_not_fail_the_run(tmp_path, mon
         pass
 
 
+def test_a_file_of_the_user_s_under_the_lock_s_name_is_refused_and_kept(tmp_path):
+    """It was truncated, given a pid, and deleted when the command ended."""
+    (tmp_path / ".lock").write_text("my notes, not threefold's")
+    refused = pytest.raises(UsageError, match=r"^--out .*: its \.lock is a file of other text")
+    with refused, hold(tmp_path):
+        pass
+    assert (tmp_path / ".lock").read_text() == "my notes, not threefold's"
+    (tmp_path / ".lock").write_text("12345\n")  # what a killed holder leaves
+    with hold(tmp_path):
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    assert not (tmp_path / ".lock").exists()
+
+
 def test_a_lock_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path):
     """The pid was written through it, over the target's content."""
     target = tmp_path / "precious.txt"
