@@ -160,12 +160,14 @@ def run_experiments(
     plan = plan_experiments(**settings)
     impls, cells = plan.impls, plan.cells
     figures = prepare_out_dir(out / "experiments", "--out")
-    store = RunStore(figures / STORE_NAME, data.content_sha256, fresh, "experiments", CURVES)
-    run_grid(trained_summary, plan.grid(), data, store, engine, progress)
+    store = RunStore(figures / STORE_NAME, data.content_sha256, fresh, "experiments")
+    drawn = [cells[c.title, v.label, i][0] for c in plan.comps for v in c.variants for i in impls]
+    reads = dict.fromkeys(drawn, CURVES)  # a seed row's runs: their accuracies alone
+    run_grid(trained_summary, plan.grid(), data, store, engine, progress, reads)
     tables = []
     for comp in plan.comps:
         results = {
-            v.label: {i: store.summary(cells[comp.title, v.label, i][0]) for i in impls}
+            v.label: {i: store.summary(cells[comp.title, v.label, i][0], CURVES) for i in impls}
             for v in comp.variants
         }
         plot_comparison(comp.title, results, figures / figure_name(comp.title))

@@ -154,20 +154,10 @@ class RunStore:
     cannot be read or is not a store of runs is refused, `fresh` or not: writing over it
     would lose the runs it holds; so is another command's store (`command` names the one
     keeping it): a speedrun's "defaults" run is the experiments' lab row, summarised
-    otherwise, and a speedrun with --fresh wrote over it. A stored run counts only where its
-    summary holds every field the command `reads` (one an older version stored may lack
-    one): one that does not is trained again, before the report would refuse it."""
+    otherwise, and a speedrun with --fresh wrote over it."""
 
-    def __init__(
-        self,
-        path: Path | None,
-        data: str,
-        fresh: bool = False,
-        command: str = "",
-        reads: Fields | None = None,
-    ):
+    def __init__(self, path: Path | None, data: str, fresh: bool = False, command: str = ""):
         self.path, self.data, self.fresh, self.command = path, data, fresh, command
-        self.reads = reads or {"test_acc": a_share}
         self.runs: dict[str, dict] = {}
         self.trained: set[str] = set()  # keys this process trained
         self.read: set[str] = set()  # keys whose runs this process read
@@ -209,19 +199,24 @@ class RunStore:
         return _key({**_with_preset(dataclasses.asdict(config)), "data": self.data})
 
     def __contains__(self, config: TrainConfig) -> bool:
+        return self.holds(config, ACCURACY)
+
+    def holds(self, config: TrainConfig, reads: Fields) -> bool:
+        """Whether the run of `config` counts as stored for a report that `reads` these
+        fields of it: one stored without one of them (by an older version) does not."""
         key = self.key(config)
         if self.fresh:
             return key in self.trained
-        return key in self.runs and key not in self.stale and self._complete(key)
+        return key in self.runs and key not in self.stale and self._complete(key, reads)
 
-    def incomplete(self, config: TrainConfig) -> bool:
-        """Whether the run of `config` is stored, not stale, but lacks a field `reads` names."""
+    def incomplete(self, config: TrainConfig, reads: Fields) -> bool:
+        """Whether the run of `config` is stored, not stale, but lacks a field of `reads`."""
         key = self.key(config)
-        return key in self.runs and key not in self.stale and not self._complete(key)
+        return key in self.runs and key not in self.stale and not self._complete(key, reads)
 
-    def _complete(self, key: str) -> bool:
+    def _complete(self, key: str, reads: Fields) -> bool:
         summary = self.runs[key]["summary"]
-        return all(check(summary.get(field)) for field, check in self.reads.items())
+        return all(check(summary.get(field)) for field, check in reads.items())
 
     def redo(self, configs: list[TrainConfig]) -> None:
         """Mark the kept runs of `configs`, which a fresh grid is about to train again, as
@@ -236,15 +231,15 @@ class RunStore:
         self.read.add(self.key(config))
         return self.runs[self.key(config)]
 
-    def summary(self, config: TrainConfig) -> dict:
-        """A stored run's summary, refused in one line unless each field the store `reads`
-        passes its check (a run trained by this process that did not write one)."""
+    def summary(self, config: TrainConfig, reads: Fields | None = None) -> dict:
+        """A stored run's summary, refused in one line unless each field the caller `reads`
+        passes its check (a grid given other `reads` than its report's: a bug)."""
         summary = self.entry(config)["summary"]
-        for field, check in self.reads.items():
+        for field, check in (reads or ACCURACY).items():
             if not check(summary.get(field)):
                 raise DataError(
                     f"{self.path}: the stored {config.impl} run of seed {config.seed} has no "
-                    f"valid {field!r}; move the file away or pass --fresh"
+                    f"valid {field!r}"
                 )
         return summary
 
@@ -311,6 +306,10 @@ def _current_keys(runs: dict[str, dict]) -> dict[str, dict]:
 def a_share(value: object) -> bool:
     """Whether a stored accuracy is one: a finite float in [0, 1] (JSON may hold NaN)."""
     return isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+# What a report reads of a run by default: its test accuracy.
+ACCURACY: Fields = {"test_acc": a_share}
 
 
 def a_curve(value: object) -> bool:
@@ -383,17 +382,20 @@ def run_grid(
     store: RunStore,
     engine: Engine = LOCAL,
     progress: Callable[[str], None] = print,
+    reads: Mapping[TrainConfig, Fields] | None = None,
 ) -> None:
     """Train every configuration of `grid` (config -> label for progress) that `store` lacks,
-    adding each to the store as it finishes. A failed run is reported by its label and does
-    not stop the others; if any failed, GridFailed is raised once all have ended."""
-    todo = [config for config in grid if config not in store]
+    or holds without a field its report `reads` (config -> fields; by default its test
+    accuracy), adding each to the store as it finishes. A failed run is reported by its label
+    and does not stop the others; if any failed, GridFailed is raised once all have ended."""
+    needs = {config: (reads or {}).get(config, ACCURACY) for config in grid}
+    todo = [config for config in grid if not store.holds(config, needs[config])]
     if store.fresh:
         store.redo(todo)
     todo.sort(key=lambda config: training_flops(config, data), reverse=True)
     if grid:
         notes = []
-        if incomplete := sum(map(store.incomplete, todo)):
+        if incomplete := sum(store.incomplete(config, needs[config]) for config in todo):
             notes.append(f"{incomplete} stored without a figure the report reads: trained again")
         if store.undated:
             notes.append(f"{store.undated} stored before runs named their data: kept, not reused")

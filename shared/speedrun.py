@@ -259,13 +259,14 @@ def run_speedrun(
     implementation on `engine`. Finished runs are kept in out/runs.json as they end, so an
     interrupted speedrun resumes with the runs it lacks (all again with `fresh`)."""
     recipes = race_runs(race, impls, seeds, quick_images(data, quick))
-    store = RunStore(out / STORE_NAME, data.content_sha256, fresh, "speedrun", TIMES)
-    run_grid(timed_run, labelled(recipes), data, store, engine, progress)
+    store = RunStore(out / STORE_NAME, data.content_sha256, fresh, "speedrun")
+    reads = dict.fromkeys(recipes, TIMES)
+    run_grid(timed_run, labelled(recipes), data, store, engine, progress, reads)
     runs = [
         # The store's key, not the summary, says which implementation trained it.
         {
             "recipe": recipe,
-            **store.summary(config),
+            **store.summary(config, TIMES),
             "impl": config.impl,
             **machine_of(store.entry(config)),
         }
