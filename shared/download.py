@@ -201,10 +201,11 @@ def _md5(path: Path) -> str:
 
 
 def verify_download(path: Path, file: OfficialFile, label: str) -> None:
-    """The IDX header and body (read_idx_content), then the SHA-256 of the IDX content where
-    it is pinned, else the published MD5 of the .gz: a mirror that recompressed the official
-    files (Debian's package does) holds the same content in other bytes. Errors name `label`
-    (the address a download came from: its staging file is gone by then)."""
+    """Where the SHA-256 of the IDX content is pinned, the IDX header and body
+    (read_idx_content) and that digest; else the published MD5 of the .gz first. A mirror
+    that recompressed the official files (Debian's package does) holds the same content in
+    other bytes. Errors name `label` (the address a download came from: its staging file is
+    gone by then)."""
     expected_md5 = None if file.content_sha256 else file.gzip_md5
     if expected_md5 and (actual := _md5(path)) != expected_md5:
         raise DataError(

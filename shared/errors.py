@@ -25,11 +25,16 @@ USER_CODE_ERRORS = (Exception, SystemExit)
 MESSAGE_CHARACTERS = 1000
 
 
+def escaped(text: str) -> str:
+    """`text` as a terminal shows it: control characters (line breaks, colour codes) and the
+    marks that reorder text escaped (names read from a file may hold any)."""
+    return "".join(repr(c)[1:-1] if _hidden(c) else c for c in text)
+
+
 def one_line(message: str) -> str:
-    """`message` as one line a terminal shows as it is: control characters (line breaks,
-    colour codes) and the marks that reorder text escaped (names read from a file may hold
-    any); at most MESSAGE_CHARACTERS long, its start and its end (where the advice is) kept."""
-    shown = "".join(repr(c)[1:-1] if _hidden(c) else c for c in message)
+    """`message` escaped, at most MESSAGE_CHARACTERS long, its start and its end (where the
+    advice is) kept."""
+    shown = escaped(message)
     if len(shown) <= MESSAGE_CHARACTERS:
         return shown
     cut = f" ... ({len(shown):,} characters in all) ... "
@@ -42,10 +47,10 @@ _BIDI_CONTROLS = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A
 
 
 def say(line: str, file: TextIO | None = None) -> None:
-    """Print `line` as one line (see `one_line`) to `file` (stdout by default): the paths and
-    names a command reports back come from the user or from files and may hold line breaks
-    or colour codes."""
-    print(one_line(line), file=file, flush=True)
+    """Print `line` escaped, whole, to `file` (stdout by default): the paths and names a
+    command reports back come from the user or from files and may hold line breaks or colour
+    codes, and the user needs every path of a "wrote" line."""
+    print(escaped(line), file=file, flush=True)
 
 
 def error_line(prog: str, message: str, status: int) -> int:

@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         with staged(args.onnx) if args.onnx is not None else nullcontext() as graph:
             if graph is not None:
                 network.to_onnx(graph)
-                # The graph verified is the one written here, under its hidden name: an
-                # export racing this one to the same --onnx cannot swap it.
+                # The graph verified is the one read back from its hidden name: an export
+                # racing this one to the same --onnx cannot swap it.
                 verified = _verified(graph, images, expected, f"--onnx {args.onnx}, on {what}")
             network.to_safetensors(weights)
         written = [] if args.onnx is None else [args.onnx]

@@ -119,8 +119,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
         default=None,
-        help="with --engine ray: the Ray cluster to join, as `ray start` printed it "
-        "(default: start one on this machine's cores for the grid's length)",
+        help="with --engine ray: the Ray cluster to join, as `ray start` printed it, or auto "
+        "for the one $RAY_ADDRESS names (default: start one on this machine's cores for the "
+        "grid's length)",
     )
     parser.add_argument(
         "--cpus-per-run",
@@ -460,7 +461,8 @@ def _again(store: RunStore) -> str:
 def check_fits(grid: dict[TrainConfig, str], data: Dataset) -> None:
     """Refuse, in one line before anything is written, a grid with a run that `data` cannot
     serve (--limit or --batch-size beyond its images), naming the run by its label, or whose
-    NumPy runs $THREEFOLD_NUMPY_THREADS would fail one by one."""
+    NumPy runs this machine's $THREEFOLD_NUMPY_THREADS would fail one by one (a cluster's
+    other nodes run with their own)."""
     if any(config.impl == "numpy" for config in grid):
         requested_threads()
     arches = {name: get_arch(name) for name in {config.arch for config in grid}}

@@ -323,10 +323,12 @@ def load_network(path: Path, where: str) -> Network:
         named = suffix in (".npz", *STATE_DICT_FILES)  # its error says what is wrong with it
         if named or not os.path.isfile(path) or is_checkpoint(path):
             raise
-        # Its error would name only checkpoints: a user gave a file of another kind.
+        # Its error would name only checkpoints: a user gave a file of another kind, or one of
+        # the others under another name.
         raise CheckpointError(
-            f"{path}: {where} reads a checkpoint (.npz), a .safetensors file threefold wrote "
-            "or an ONNX graph (.onnx); this is none of them"
+            f"{path}: not a checkpoint (.npz); {where} reads a file by its name's suffix, "
+            ".onnx as an ONNX graph and .safetensors as weights threefold wrote, any other "
+            "as a checkpoint"
         ) from None
     arch = get_arch(ckpt.meta["arch"], str(path), files=False)
     spec = get_dataset_spec(ckpt.meta.get("dataset", "fashion-mnist"))

@@ -190,11 +190,13 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     if address == "auto":
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
+    deadline = time.monotonic() + timeout
     try:  # an IPv6 host is written in brackets: [::1]:6379
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
             if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "false", ""):
                 sock.sendall(_HTTP2_PREFACE)
-                frame = _first_bytes(sock, 9)  # a frame's header: length, type, flags, stream
+                # A frame's header: length, type, flags, stream.
+                frame = _first_bytes(sock, 9, deadline)
                 if len(frame) < 9 or frame[3] != _SETTINGS:
                     raise UsageError(
                         f"--address {address}: a server answers there, but not as a Ray "
@@ -208,12 +210,15 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-def _first_bytes(sock: socket.socket, count: int) -> bytes:
-    """Up to `count` bytes the peer sends first: fewer where it closes the connection or
-    falls silent past the socket's timeout."""
+def _first_bytes(sock: socket.socket, count: int, deadline: float) -> bytes:
+    """Up to `count` bytes the peer sends first: fewer where it closes the connection or has
+    not sent them by `deadline` (time.monotonic's), however it trickles them."""
     received = b""
     try:
-        while len(received) < count and (chunk := sock.recv(count - len(received))):
+        while len(received) < count and (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not (chunk := sock.recv(count - len(received))):
+                break
             received += chunk
     except (TimeoutError, ConnectionResetError):
         pass

@@ -21,6 +21,7 @@ from shared.backend import IMPLEMENTATIONS
 from shared.cli import add_data_dir_flag, add_impl_flag, chosen_impls, number, run_cli
 from shared.config import FAST_RECIPE, STRONG_FAST_RECIPE, TrainConfig
 from shared.data import Dataset, load_dataset
+from shared.errors import say
 from shared.grid import (
     LOCAL,
     Engine,
@@ -285,7 +286,8 @@ def run_speedrun(
         "runs": runs,
     }
     text = report(race, machines, quick_images(data, quick), seeds, summary, engine)
-    progress("\n" + text)
+    for line in ("\n" + text).splitlines():  # `progress` takes a line at a time
+        progress(line)
     title = f"{race.arch} network, time to accuracy ({'; '.join(cpu for cpu, _ in machines)})"
     write_results(
         out, "speedrun", text, payload, lambda path: plot(race, runs, path, title), progress
@@ -395,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                     impls,
                     seeds,
                     args.quick,
-                    progress=lambda line: print(line, flush=True),
+                    progress=say,
                     engine=engine,
                     fresh=args.fresh,
                 )

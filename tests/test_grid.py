@@ -5,6 +5,7 @@ took 364 s, on one 147 s."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -441,12 +442,22 @@ def test_an_address_whose_server_is_not_ray_is_refused_within_the_timeout():
     retried for minutes, printing Ray's warnings."""
     web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
     threading.Thread(target=web.serve_forever, daemon=True).start()
-    with web, socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
-        for server in (web.server_address, silent.getsockname()):
+    trickling = socket.create_server(("127.0.0.1", 0))  # a byte every 0.4 s: each recv waited
+
+    def trickle() -> None:
+        connection, _ = trickling.accept()
+        with connection, contextlib.suppress(OSError):
+            for _ in range(9):
+                time.sleep(0.4)
+                connection.sendall(b"x")
+
+    threading.Thread(target=trickle, daemon=True).start()
+    with web, trickling, socket.create_server(("127.0.0.1", 0)) as silent:  # never answers
+        for server in (web.server_address, silent.getsockname(), trickling.getsockname()):
             started = time.monotonic()
             with pytest.raises(UsageError, match="a server answers there, but not as a Ray"):
                 check_reachable(f"127.0.0.1:{server[1]}", timeout=1.0)
-            assert time.monotonic() - started < 5
+            assert time.monotonic() - started < 1.5  # the timeout is the whole check's
         web.shutdown()
 
 

@@ -214,3 +214,15 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_run(tmp_path, ca
     flags = ["--quick", "--impl", "numpy", "--out", str(out), "--data-dir", str(data_dir)]
     assert speedrun.main(flags) == 2 and "speedrun.png: is a folder" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["speedrun.png"]  # no run trained
+
+
+def test_a_folder_named_with_control_characters_is_reported_in_one_line(tmp_path, capsys):
+    """speedrun.py printed its "wrote" line raw: a line break broke it, a colour code acted."""
+    data_dir = make_dataset_dir(tmp_path / "data", n_train=400)
+    out = tmp_path / "run\n\x1b[31mzq"
+    flags = ["--quick", "--impl", "numpy", "--arch", "strong", "--seeds", "1"]
+    assert speedrun.main([*flags, "--out", str(out), "--data-dir", str(data_dir)]) == 0
+    said = capsys.readouterr().out
+    assert "\x1b" not in said and "wrote " in said
+    assert all("zq" not in line or "run\\n\\x1b[31mzq" in line for line in said.splitlines())
+    assert (out / "speedrun.md").is_file()

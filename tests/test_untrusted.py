@@ -269,8 +269,9 @@ def test_load_names_every_kind_it_reads_for_a_file_of_another_kind(tmp_path):
         with pytest.raises(CheckpointError) as refused:
             threefold.load(tmp_path / name)
         assert str(refused.value) == (
-            f"{tmp_path / name}: load reads a checkpoint (.npz), a .safetensors file threefold "
-            "wrote or an ONNX graph (.onnx); this is none of them"
+            f"{tmp_path / name}: not a checkpoint (.npz); load reads a file by its name's "
+            "suffix, .onnx as an ONNX graph and .safetensors as weights threefold wrote, any "
+            "other as a checkpoint"
         )
     (tmp_path / "run.npz").write_text("{}")  # a checkpoint by its name: what is wrong with it
     with pytest.raises(CheckpointError, match=r"run\.npz: not a threefold checkpoint \(\.npz\)$"):
