@@ -54,7 +54,11 @@ def extract_commit(rev: str, into: Path) -> str:
     except FileNotFoundError:
         raise UsageError(f"--against {rev}: needs git, which is not installed") from None
     if found.returncode != 0:
-        raise UsageError(f"--against {rev}: no such commit in {PROJECT}")
+        # --quiet silences a missing commit alone: git's own failure (no repository here, a
+        # checkout of another user's it distrusts) says why.
+        said = found.stderr.strip().splitlines()
+        reason = f"git: {said[0].removeprefix('fatal: ')}" if said else "no such commit"
+        raise UsageError(f"--against {rev}: {reason} in {PROJECT}")
     commit = found.stdout.strip()
     older = subprocess.run(
         [*git, "merge-base", "--is-ancestor", FIRST_COMMIT, commit], capture_output=True

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 import shared.ab
+from shared.ab import extract_commit
 from shared.backend import IMPLEMENTATIONS
+from shared.errors import UsageError
 from tests.conftest import clone_with_this_checkouts
 from tests.test_training import ROOT, run_script
 
@@ -188,3 +190,21 @@ def test_a_paired_run_that_cannot_work_is_refused_in_one_line(tmp_path, flags, m
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith(message)
     assert not out.exists()
+
+
+def test_git_s_own_failure_is_named_not_taken_for_a_missing_commit(tmp_path, monkeypatch):
+    """A checkout git distrusts (another user's) or no repository at all said "no such
+    commit"."""
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "no-repository"))
+    with pytest.raises(UsageError, match=r"^--against HEAD: git: not a git repository"):
+        extract_commit("HEAD", tmp_path / "tree")
+
+
+@pytest.mark.parametrize("mode", [["--paired", "--impl", "jax"], ["--against", "HEAD"]])
+def test_an_odd_number_of_pairs_is_refused(mode, tmp_path):
+    """One side was started first once more, and the report said each was for half."""
+    result = run_script("benchmark.py", *mode, "--steps", "3", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"benchmark.py: error: --steps 3: {mode[0]} takes an even number of pairs, each side "
+        "started first in half of them"
+    )
