@@ -341,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         "--steps",
         type=number(int, 1, below=MAX_STEPS + 1),
         default=None,
-        help="timed steps per repeat, or pairs with --against and --paired (default: one "
-        f"50,000-image epoch; at most {MAX_STEPS:,})",
+        help="timed steps per repeat, or pairs (an even number) with --against and --paired "
+        f"(default: one 50,000-image epoch; at most {MAX_STEPS:,})",
     )
     parser.add_argument(
         "--repeats",
@@ -402,6 +402,13 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [flag for flag, on in modes.items() if on]
         if len(chosen) > 1:
             raise UsageError(f"{' and '.join(chosen)}: choose one")
+        if chosen in (["--against"], ["--paired"]) and args.steps is not None and args.steps % 2:
+            # Odd, one side would be started first once more: the side started first runs
+            # slower (docs/PERFORMANCE.md, "Method"), and the report says each did for half.
+            raise UsageError(
+                f"--steps {args.steps}: {chosen[0]} takes an even number of pairs, each side "
+                "started first in half of them"
+            )
         impls = list(chosen_impls(args))
         if args.paired and set(impls) == {REFERENCE}:
             raise UsageError(f"--paired: name an implementation besides {REFERENCE} with --impl")
