@@ -370,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar="FILE",
         help="draw every compared tensor's worst relative difference per pair, float64 and "
-        "float32 side by side, against its tolerance (PNG)",
+        "float32 side by side, against its tolerance (PNG, or PDF or SVG by the name's "
+        "suffix)",
     )
     add_data_dir_flag(parser)
     parser.add_argument(

@@ -15,9 +15,12 @@ from shared.io import atomic_write
 
 
 def save_figure(fig, path: Path) -> None:
-    """Render to PNG in memory, then write atomically."""
+    """Render in memory in the format the name's suffix names where matplotlib writes it
+    (.pdf, .svg; a user's --plot), else PNG, then write atomically."""
+    suffix = Path(path).suffix.lower().removeprefix(".")
+    kind = suffix if suffix in fig.canvas.get_supported_filetypes() else "png"
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buffer, format=kind, dpi=110, bbox_inches="tight")
     plt.close(fig)
     atomic_write(Path(path), lambda f: f.write(buffer.getvalue()))
 

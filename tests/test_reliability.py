@@ -1283,3 +1283,20 @@ def test_a_server_that_trickles_its_headers_is_stopped_by_the_file_s_deadline(
         stop.set()
         listener.close()
     assert time.monotonic() - started < 10 and idx_files_in(tmp_path / "dest") == []
+
+
+def test_a_figure_is_written_in_the_format_its_name_names(tmp_path):
+    """crosscheck.py --plot figure.pdf wrote PNG bytes under the name, and said it wrote it."""
+    import matplotlib.pyplot as plt
+
+    from shared.plots import save_figure
+
+    for name, start in (
+        ("f.pdf", b"%PDF"),
+        ("f.svg", b"<?xml"),
+        ("f.png", b"\x89PNG"),
+        ("f", b"\x89PNG"),
+    ):
+        fig, _ = plt.subplots()
+        save_figure(fig, tmp_path / name)
+        assert (tmp_path / name).read_bytes().startswith(start), name
