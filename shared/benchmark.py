@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                     for stopped in (False, True)
                     for path in result_files(out, name, chart, stopped)
                 ]
-                check_out_files(outputs, reads)
+                check_out_files(outputs, reads, own_results=name)
                 # One benchmark at a time writes its tables.
                 with hold(out), stop_on_signals(), _reading(folder):
                     if args.against:

@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                 reads = [("checkpoint", args.checkpoint)]
                 # Another checkpoint put in a run's folder replaced that run's report.
                 own = args.checkpoint.name == CHECKPOINT_NAME
-                check_out_files(outputs, reads, own_run=args.checkpoint.parent if own else None)
+                own_run = args.checkpoint.parent if own else None
+                check_out_files(outputs, reads, own_run=own_run, own_results="evaluation")
 
             taken = out.is_dir()
             if taken:

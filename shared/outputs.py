@@ -30,6 +30,9 @@ LOCK_NAME = ".lock"
 STORE_NAME = "runs.json"  # a grid's or a speedrun's finished runs (shared.grid.RunStore)
 # What the experiments' grid and a speedrun write beside their store, theirs alone to rewrite.
 STORE_RESULTS = ("results.json", "speedrun.md", "speedrun.json", "speedrun.png")
+# What benchmark.py writes in its modes (NAME.md, .json, .png; NAME-stopped.* for rows of a
+# stopped one): measurements no other command may write over.
+MEASUREMENTS = ("benchmark", "ab", "paired", "profile")
 
 
 def holds_run(folder: Path) -> bool:
@@ -204,19 +207,21 @@ def check_out_files(
     reads: list[tuple[str, Path | None]] = (),
     store: Path | None = None,
     own_run: Path | None = None,
+    own_results: str | None = None,
 ) -> None:
     """check_out_file on each output given (flag, path; None where not given), and refuse an
     output that is a file the command reads, another output, a file of a run (its
     checkpoint, metrics, curves or evaluation) other than the evaluation of the run in
-    `own_run` (evaluate.py's, of its checkpoint), or a store of runs other than the
-    command's own `store`: writing it would destroy the input, what the command wrote a
-    moment before, or finished runs."""
+    `own_run` (evaluate.py's, of its checkpoint), a store of runs other than the command's
+    own `store`, or another command's results (an evaluation's, a benchmark's) than the kind
+    it writes itself (`own_results`, see _results_of): writing it would destroy the input,
+    what the command wrote a moment before, finished runs or measurements."""
     seen = [(flag, path) for flag, path in reads if path is not None]
     for flag, path in outputs:
         if path is None:
             continue
         check_out_file(path, flag)
-        check_nothing_kept(flag, path, seen, store, own_run)
+        check_nothing_kept(flag, path, seen, store, own_run, own_results)
         seen.append((flag, path))
 
 
@@ -226,11 +231,13 @@ def check_nothing_kept(
     seen: list[tuple[str, Path]],
     store: Path | None = None,
     own_run: Path | None = None,
+    own_results: str | None = None,
 ) -> None:
     """Refuse `path` as an output where it is a file read or written already (`seen`), a
-    run's file other than `own_run`'s evaluation, a checkpoint under another name, or a store
-    of runs other than `store`. A FIFO or a device is not opened, which would wait for a
-    writer: writing it is refused (check_out_file, atomic_write)."""
+    run's file other than `own_run`'s evaluation, a checkpoint under another name, a store
+    of runs other than `store`, or results of another kind than `own_results`. A FIFO or a
+    device is not opened, which would wait for a writer: writing it is refused
+    (check_out_file, atomic_write)."""
     try:
         special = path.exists() and not path.is_file()
     except OSError:  # a name the file system refuses (too long): no file is kept there
@@ -238,11 +245,16 @@ def check_nothing_kept(
     if special:
         return
     with _one_line(flag, path):  # a loop of symbolic links among the files read
-        _check_other_files(flag, path, seen, store, own_run)
+        _check_other_files(flag, path, seen, store, own_run, own_results)
 
 
 def _check_other_files(
-    flag: str, path: Path, seen: list, store: Path | None, own_run: Path | None
+    flag: str,
+    path: Path,
+    seen: list,
+    store: Path | None,
+    own_run: Path | None,
+    own_results: str | None,
 ) -> None:
     for other_flag, other in seen:
         if _same_file(path, other):
@@ -260,10 +272,31 @@ def _check_other_files(
             f"{flag} {path}: a result of the grid or speedrun whose finished runs are in "
             f"{path.parent / STORE_NAME}; choose another name"
         )
+    kind = _results_of(path)
+    if kind is not None and kind != own_results:  # there, or to join them
+        writer = "evaluate.py" if kind == "evaluation" else "benchmark.py"
+        raise UsageError(
+            f"{flag} {path}: one of the results {writer} wrote in {path.parent}; choose "
+            "another name"
+        )
     if is_checkpoint(path):  # a run's, copied or renamed
         raise UsageError(f"{flag} {path}: a checkpoint of threefold's; choose another name")
     if is_idx_file(path):  # a dataset's, in a folder the command does not read
         raise UsageError(f"{flag} {path}: a dataset's IDX file; choose another name")
+
+
+def _results_of(path: Path) -> str | None:
+    """The kind of a command's results `path` is named as, where the report it belongs with
+    is beside it: "evaluation" (evaluate.py's EVALUATION_FILES beside evaluation.json) or a
+    name of MEASUREMENTS (NAME.md, .json, .png beside NAME.json, or NAME-stopped.*); None
+    otherwise."""
+    if path.name in EVALUATION_FILES and (path.parent / "evaluation.json").is_file():
+        return "evaluation"
+    stem, _, suffix = path.name.rpartition(".")
+    stem = stem.removesuffix("-stopped")
+    written = suffix in ("md", "json", "png") and stem in MEASUREMENTS
+    reports = (path.parent / f"{stem}{end}.json" for end in ("", "-stopped"))
+    return stem if written and any(report.is_file() for report in reports) else None
 
 
 def _holds_runs(path: Path) -> bool:

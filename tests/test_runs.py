@@ -1289,3 +1289,33 @@ def test_beside_a_store_only_its_own_results_are_refused(tmp_path):
     check_out_files([("--json", tmp_path / "crosscheck.json")])
     with pytest.raises(UsageError, match="a result of the grid or speedrun whose finished runs"):
         check_out_files([("--json", tmp_path / "results.json")])
+
+
+def test_no_command_writes_over_a_benchmark_s_or_an_evaluation_s_results(tmp_path, capsys):
+    """crosscheck.py --json bench/benchmark.json replaced the measurements beside benchmark.md,
+    and --plot eval/confusion.png an evaluation's matrix, with exit 0."""
+    from shared.crosscheck import main as crosscheck_main
+
+    bench, evaluation = tmp_path / "bench", tmp_path / "eval"
+    bench.mkdir()
+    evaluation.mkdir()
+    for path in (bench / "benchmark.md", bench / "benchmark.json", bench / "ab-stopped.json"):
+        path.write_text("measured")
+    for name in ("evaluation.json", "confusion.png"):
+        (evaluation / name).write_text("evaluated")
+    for flag, path, writer in [
+        ("--json", bench / "benchmark.json", "benchmark.py"),
+        ("--plot", bench / "benchmark.png", "benchmark.py"),  # not there: it would join them
+        ("--json", bench / "ab-stopped.json", "benchmark.py"),
+        ("--plot", evaluation / "confusion.png", "evaluate.py"),
+    ]:
+        status = crosscheck_main(["--arch", "noconv", flag, str(path)])
+        assert status == 2 and capsys.readouterr().err.strip() == (
+            f"crosscheck.py: error: {flag} {path}: one of the results {writer} wrote in "
+            f"{path.parent}; choose another name"
+        )
+    assert (
+        all(p.read_text() == "measured" for p in bench.iterdir())
+        and len(list(bench.iterdir())) == 3
+    )
+    assert all(p.read_text() == "evaluated" for p in evaluation.iterdir())
