@@ -37,7 +37,7 @@ from shared.outputs import (
 )
 from shared.profile import WARMUP_SECONDS, cpu_name, peak_memory_mb, timing_setup
 from shared.spec import Arch, get_arch, network_files
-from shared.typed import parse_once, path_type
+from shared.typed import given_flags, parse_once, path_type
 
 EPOCH_IMAGES = 50_000
 # Every timed step takes a full batch of the 50,000 training images, so none can be larger.
@@ -420,6 +420,16 @@ def main(argv: list[str] | None = None) -> int:
         if twice:  # each would be timed twice, as a repeat of the other
             raise UsageError(f"--batch-sizes {args.batch_sizes}: {twice[0]} is named twice")
         arch = get_arch(args.arch)
+        # Flags a mode does not use were passed over with exit 0, as if they had counted.
+        typed = given_flags(parser, argv)
+        if chosen and "repeats" in typed:
+            raise UsageError(f"--repeats: not with {chosen[0]}, which times no repeats")
+        timed = "ladder_images" in typed and args.ladder_images
+        if timed and (chosen or arch.name != "lab"):
+            raise UsageError(
+                f"--ladder-images {args.ladder_images}: the lab's loops are timed beside a "
+                "benchmark of --arch lab alone, with none of --profile, --against, --paired"
+            )
         if arch.uses_batch_statistics and 1 in sizes:
             raise UsageError("--batch-sizes 1: BatchNorm cannot take statistics of one image")
         cost = network_cost(arch.layers)

@@ -47,6 +47,10 @@ def _older_commit() -> str:
         (["--against", "OLDER"], f"does not descend from {FIRST_COMMIT}"),
         # Timed twice, as one size's repeats, which the header still counted as one.
         (["--batch-sizes", "32,8,32"], "--batch-sizes 32,8,32: 32 is named twice"),
+        # Passed over with exit 0, as if they had counted.
+        (["--profile", "--repeats", "7"], "--repeats: not with --profile, which times no"),
+        (["--arch", "strong", "--ladder-images", "50"], "--ladder-images 50: the lab's loops"),
+        (["--paired", "--impl", "jax", "--ladder-images", "50"], "--arch lab alone, with none"),
     ],
 )
 def test_a_flag_that_cannot_work_is_one_line_before_anything_is_measured(flags, message, tmp_path):
@@ -190,7 +194,7 @@ def test_a_commit_whose_files_cannot_be_written_is_one_line(tmp_path):
     # Extracting the commit is the command's first write; its pictures are hundreds of KB.
     out = tmp_path / "out"
     done = with_full_disk("benchmark.py", 20_000, "--against", "HEAD", "--impl", "numpy",
-                          *SMALL, "--out", str(out))  # fmt: skip
+                          "--batch-sizes", "8", "--steps", "2", "--out", str(out))  # fmt: skip
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert "--against HEAD: cannot write its files into" in last and "File too large" in last
