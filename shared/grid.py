@@ -208,12 +208,16 @@ class RunStore:
         key = self.key(config)
         if self.fresh:
             return key in self.trained
-        return key in self.runs and key not in self.stale and self._complete(key, reads)
+        return self._kept(key) and self._complete(key, reads)
 
     def incomplete(self, config: TrainConfig, reads: Fields) -> bool:
         """Whether the run of `config` is stored, not stale, but lacks a field of `reads`."""
         key = self.key(config)
-        return key in self.runs and key not in self.stale and not self._complete(key, reads)
+        return self._kept(key) and not self._complete(key, reads)
+
+    def _kept(self, key: str) -> bool:
+        """Whether the run of `key` is stored and not marked for training again."""
+        return key in self.runs and key not in self.stale
 
     def _complete(self, key: str, reads: Fields) -> bool:
         summary = self.runs[key]["summary"]
